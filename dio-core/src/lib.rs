@@ -1,0 +1,1 @@
+//! dio-core (being written).
