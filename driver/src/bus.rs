@@ -1,0 +1,120 @@
+//! The bus seam: register access to BAR0 and DMA memory.
+//!
+//! Everything above this module (controller bring-up, queue pairs, the tools) talks to a device
+//! only through [`Bus`]. Two implementations exist: the VFIO backend ([`crate::vfio`]) which owns a
+//! real PCI function, and the built-in emulated controller ([`crate::emulated`]) which models an
+//! NVMe controller in the process. Both give out DMA memory through [`DmaMemory`]
+//! ([`crate::dma`]), whose chunks they supply through [`crate::dma::ChunkSource`].
+//!
+//! Registers are read and written by offset with 32-bit accesses (64-bit registers as two 32-bit
+//! halves, low first, which every controller accepts). The hot path does not go through a trait
+//! call per register: a queue pair asks once for a [`Doorbell`] and rings it directly.
+
+use core::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{Ordering, fence};
+
+use crate::dma::DmaMemory;
+
+/// PCI identity of the function behind a bus.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct PciId {
+    /// Vendor ID.
+    pub vendor: u16,
+    /// Device ID.
+    pub device: u16,
+    /// Subsystem vendor ID.
+    pub subsystem_vendor: u16,
+    /// Subsystem ID.
+    pub subsystem_device: u16,
+}
+
+/// Access to one NVMe controller's registers and to DMA memory the controller can reach.
+pub trait Bus: Send + Sync {
+    /// Where the controller is: a PCI address such as `0000:01:00.0`, or `emulated`.
+    fn location(&self) -> &str;
+    /// The function's PCI identity.
+    fn pci_id(&self) -> PciId;
+    /// Reads the 32-bit register at `offset` in BAR0. A removed device reads all ones.
+    fn read32(&self, offset: u32) -> u32;
+    /// Writes the 32-bit register at `offset` in BAR0.
+    fn write32(&self, offset: u32, value: u32);
+    /// Reads a 64-bit register as two 32-bit reads, low half first.
+    fn read64(&self, offset: u32) -> u64 {
+        let lo = self.read32(offset) as u64;
+        let hi = self.read32(offset + 4) as u64;
+        lo | hi << 32
+    }
+    /// Writes a 64-bit register as two 32-bit writes, low half first.
+    fn write64(&self, offset: u32, value: u64) {
+        self.write32(offset, value as u32);
+        self.write32(offset + 4, (value >> 32) as u32);
+    }
+    /// A handle that writes the doorbell register at `offset` without a trait call per write.
+    fn doorbell(&self, offset: u32) -> Doorbell;
+    /// The DMA memory of this bus.
+    fn dma(&self) -> &DmaMemory;
+}
+
+/// Something that takes doorbell writes in software (the emulated controller).
+pub trait DoorbellSink: Send + Sync {
+    /// The doorbell at `offset` was written with `value`.
+    fn ring(&self, offset: u32, value: u32);
+}
+
+enum DoorbellKind {
+    /// A register in a mapped BAR; `_keep` keeps the mapping alive.
+    Mmio {
+        reg: NonNull<u32>,
+        _keep: Arc<dyn Send + Sync>,
+    },
+    /// A software doorbell.
+    Sink {
+        sink: Arc<dyn DoorbellSink>,
+        offset: u32,
+    },
+}
+
+/// One doorbell register, rung from the owner of a queue.
+///
+/// Ringing publishes every earlier write to DMA memory (submission entries, PRP lists) before the
+/// device can see the new value: a release fence precedes the register write.
+pub struct Doorbell(DoorbellKind);
+
+// SAFETY: the register pointer refers to a BAR mapping kept alive by `_keep`; a doorbell write is
+// a single volatile 32-bit store that any thread may perform (the device serialises them).
+unsafe impl Send for Doorbell {}
+
+impl Doorbell {
+    /// A doorbell backed by a memory-mapped register.
+    ///
+    /// # Safety
+    /// `reg` must point to a 4-byte aligned doorbell register inside a device mapping that stays
+    /// mapped as long as `keep` is alive.
+    pub unsafe fn mmio(reg: NonNull<u32>, keep: Arc<dyn Send + Sync>) -> Doorbell {
+        Doorbell(DoorbellKind::Mmio { reg, _keep: keep })
+    }
+    /// A doorbell delivered to a software sink.
+    pub fn sink(sink: Arc<dyn DoorbellSink>, offset: u32) -> Doorbell {
+        Doorbell(DoorbellKind::Sink { sink, offset })
+    }
+    /// Writes `value` to the doorbell.
+    #[inline]
+    pub fn ring(&self, value: u32) {
+        fence(Ordering::Release);
+        match &self.0 {
+            // SAFETY: `reg` is a valid, aligned register in a live mapping (contract of `mmio`).
+            DoorbellKind::Mmio { reg, .. } => unsafe { reg.as_ptr().write_volatile(value) },
+            DoorbellKind::Sink { sink, offset } => sink.ring(*offset, value),
+        }
+    }
+}
+
+impl core::fmt::Debug for Doorbell {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match &self.0 {
+            DoorbellKind::Mmio { reg, .. } => write!(f, "Doorbell(mmio {:p})", reg.as_ptr()),
+            DoorbellKind::Sink { offset, .. } => write!(f, "Doorbell(sink {offset:#x})"),
+        }
+    }
+}
