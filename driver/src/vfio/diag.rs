@@ -651,7 +651,7 @@ mod tests {
             what: "open /dev/vfio/7",
         };
         let s = e.to_string();
-        assert!(s.contains("in use by another process"));
+        assert!(s.contains("already in use"));
         assert!(s.contains("EBUSY"));
         assert!(s.contains("fuser -v /dev/vfio/7"));
         let e = VfioError::DmaMap {

@@ -159,9 +159,9 @@ pub enum VfioError {
     },
     /// Another process has the group or the device open.
     #[error(
-        "{addr} (IOMMU group {group}) is in use by another process: {what} failed with EBUSY; \
-         find it with `fuser -v /dev/vfio/{group}` and stop it (one process owns a VFIO group \
-         at a time)"
+        "{addr} (IOMMU group {group}) is already in use: {what} failed with EBUSY; one process \
+         owns a VFIO group at a time, and opens it once: find the owner with `fuser -v \
+         /dev/vfio/{group}` and stop it, or share this process's open bus"
     )]
     Busy {
         /// The controller.
