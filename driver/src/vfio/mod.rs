@@ -156,10 +156,11 @@ impl Drop for DeviceGuard {
 
 /// A controller opened through VFIO: BAR0 and DMA memory behind the IOMMU.
 pub struct VfioBus {
-    // Drop order is teardown order: DMA memory, BAR0, device (and group), container.
+    // Drop order is teardown order: DMA memory, BAR0, device (and group), container. No Drop
+    // impl: the field order is the whole teardown.
     dma: DmaMemory,
     bar: Arc<bar::Bar0>,
-    device: DeviceGuard,
+    _device: DeviceGuard,
     _container: Arc<VfioContainer>,
     addr: String,
     group: u32,
@@ -362,7 +363,7 @@ impl VfioBus {
         Ok(Arc::new(VfioBus {
             dma: DmaMemory::new(Box::new(mem)),
             bar: Arc::new(bar),
-            device,
+            _device: device,
             _container: container,
             group: pre.group,
             addr,
@@ -399,14 +400,6 @@ impl VfioBus {
     /// True if DMA memory comes from 2 MiB hugepages.
     pub fn hugepages(&self) -> bool {
         self.hugepages
-    }
-}
-
-impl Drop for VfioBus {
-    fn drop(&mut self) {
-        // Nothing beyond the field order (see the module docs); the guard is explicit here so a
-        // reader sees where the device is closed.
-        let _ = &self.device;
     }
 }
 
