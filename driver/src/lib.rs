@@ -7,6 +7,7 @@ pub mod bus;
 pub mod dma;
 pub mod spec;
 pub mod types;
+pub mod vfio;
 
 pub use bus::{Bus, Doorbell, DoorbellSink, PciId};
 pub use dma::{ChunkSource, DmaBuffer, DmaChunk, DmaError, DmaMemory, DmaSlice};
