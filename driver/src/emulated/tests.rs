@@ -1,0 +1,579 @@
+//! End-to-end tests of the emulated controller, driven through the [`Bus`] with hand-built
+//! commands (not through the driver).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::dma::DmaBuffer;
+use crate::spec::identify::{IDENTIFY_LEN, IdentifyController, IdentifyNamespace, parse_ns_list};
+use crate::spec::regs::{cq_head_doorbell, offset, shn, shst, sq_tail_doorbell};
+use crate::spec::sqe::{admin, cns, fid, io};
+use crate::spec::status::{command_specific as cs, generic as g};
+use crate::spec::{Aqa, Cc, Cqe, Csts, Sct, Sqe};
+
+const P: usize = 4096;
+
+/// A host-side queue pair, as a minimal driver would keep it.
+struct Queue {
+    qid: u16,
+    size: u16,
+    sq: DmaBuffer,
+    cq: DmaBuffer,
+    tail: u16,
+    head: u16,
+    phase: bool,
+    sqdb: Doorbell,
+    cqdb: Doorbell,
+    next_cid: u16,
+}
+
+impl Queue {
+    fn new(bus: &dyn Bus, qid: u16, size: u16, dstrd: u8) -> Queue {
+        Queue {
+            qid,
+            size,
+            sq: bus.dma().alloc(size as usize * 64).unwrap(),
+            cq: bus.dma().alloc(size as usize * 16).unwrap(),
+            tail: 0,
+            head: 0,
+            phase: true,
+            sqdb: bus.doorbell(sq_tail_doorbell(qid, dstrd)),
+            cqdb: bus.doorbell(cq_head_doorbell(qid, dstrd)),
+            next_cid: 1,
+        }
+    }
+
+    /// Writes `sqe` at the tail without ringing; returns its command id.
+    fn push(&mut self, mut sqe: Sqe) -> u16 {
+        let cid = self.next_cid;
+        self.next_cid = self.next_cid.wrapping_add(1).max(1);
+        sqe.set_cid(cid);
+        // SAFETY: `tail < size`, and the SQ buffer holds `size` 64-byte entries; the device reads
+        // this entry only after the doorbell publishes it.
+        unsafe {
+            self.sq
+                .as_ptr()
+                .add(self.tail as usize * 64)
+                .cast::<Sqe>()
+                .write_volatile(sqe)
+        };
+        self.tail = (self.tail + 1) % self.size;
+        cid
+    }
+
+    fn ring(&self) {
+        self.sqdb.ring(self.tail as u32);
+    }
+
+    fn submit(&mut self, sqe: Sqe) -> u16 {
+        let cid = self.push(sqe);
+        self.ring();
+        cid
+    }
+
+    fn poll(&mut self) -> Option<Cqe> {
+        // SAFETY: `head < size`, inside the CQ buffer; DW3 is read with an acquire load (the
+        // device publishes it with a release store), the rest with a volatile read after it.
+        let cqe = unsafe {
+            let e = self.cq.as_ptr().add(self.head as usize * 16);
+            let dw3 = AtomicU32::from_ptr(e.add(12).cast::<u32>()).load(Ordering::Acquire);
+            if (dw3 >> 16) & 1 != self.phase as u32 {
+                return None;
+            }
+            e.cast::<Cqe>().read_volatile()
+        };
+        self.head += 1;
+        if self.head == self.size {
+            self.head = 0;
+            self.phase = !self.phase;
+        }
+        self.cqdb.ring(self.head as u32);
+        Some(cqe)
+    }
+
+    fn wait(&mut self) -> Cqe {
+        let t = Instant::now();
+        loop {
+            if let Some(c) = self.poll() {
+                return c;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no completion on queue {}",
+                self.qid
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    fn cmd(&mut self, sqe: Sqe) -> Cqe {
+        let cid = self.submit(sqe);
+        let c = self.wait();
+        assert_eq!(c.cid, cid);
+        c
+    }
+}
+
+struct Host {
+    ctrl: Arc<EmulatedController>,
+    admin: Queue,
+    dstrd: u8,
+}
+
+fn st(sct: Sct, sc: u8) -> (Sct, u8) {
+    (sct, sc)
+}
+fn code(c: &Cqe) -> (Sct, u8) {
+    let s = c.status();
+    (s.sct, s.sc)
+}
+const OK: (Sct, u8) = (Sct::Generic, g::SUCCESS);
+
+fn wait_csts(bus: &dyn Bus, f: impl Fn(Csts) -> bool) -> Csts {
+    let t = Instant::now();
+    loop {
+        let c = Csts(bus.read32(offset::CSTS));
+        if f(c) {
+            return c;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "CSTS {c:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn cc_ok() -> Cc {
+    Cc::default().with_iosqes(6).with_iocqes(4).with_en(true)
+}
+
+fn start(cfg: EmulatedConfig) -> Host {
+    let dstrd = cfg.dstrd;
+    let ctrl = EmulatedController::new(cfg).unwrap();
+    let bus: &dyn Bus = &*ctrl;
+    let admin = Queue::new(bus, 0, 32, dstrd);
+    bus.write32(offset::AQA, Aqa::new(32, 32).0);
+    bus.write64(offset::ASQ, admin.sq.iova().0);
+    bus.write64(offset::ACQ, admin.cq.iova().0);
+    bus.write32(offset::CC, cc_ok().0);
+    wait_csts(bus, |c| c.rdy());
+    Host { ctrl, admin, dstrd }
+}
+
+impl Host {
+    fn bus(&self) -> &dyn Bus {
+        &*self.ctrl
+    }
+    fn admin(&mut self, sqe: Sqe) -> Cqe {
+        self.admin.cmd(sqe)
+    }
+    fn io_pair(&mut self, qid: u16, size: u16) -> Queue {
+        let q = Queue::new(&*self.ctrl, qid, size, self.dstrd);
+        let c = self.admin(Sqe::create_io_cq(qid, size, q.cq.iova().0));
+        assert_eq!(code(&c), OK, "create cq {qid}");
+        let c = self.admin(Sqe::create_io_sq(qid, size, q.sq.iova().0, qid));
+        assert_eq!(code(&c), OK, "create sq {qid}");
+        q
+    }
+    fn identify(&mut self, cns: u32, nsid: u32) -> (Cqe, Box<[u8; IDENTIFY_LEN]>) {
+        let buf = self.bus().dma().alloc(IDENTIFY_LEN).unwrap();
+        let c = self.admin(Sqe::identify(cns, nsid, buf.iova().0));
+        let mut b = Box::new([0u8; IDENTIFY_LEN]);
+        b.copy_from_slice(buf.as_slice());
+        (c, b)
+    }
+}
+
+fn cfg_with(namespaces: Vec<NamespaceConfig>) -> EmulatedConfig {
+    EmulatedConfig {
+        namespaces,
+        ..EmulatedConfig::default()
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(2654435761)
+                .wrapping_add(seed as u32) as u8
+                ^ seed
+        })
+        .collect()
+}
+
+fn put_u64s(buf: &DmaBuffer, at: usize, v: &[u64]) {
+    for (i, e) in v.iter().enumerate() {
+        assert!(at + 8 * i + 8 <= buf.capacity());
+        // SAFETY: checked above to be inside the buffer, which no command is using.
+        unsafe {
+            buf.as_ptr()
+                .add(at + 8 * i)
+                .cast::<u64>()
+                .write_unaligned(e.to_le())
+        };
+    }
+}
+
+fn rw(op: u8, nsid: u32, slba: u64, blocks: u32, prp1: u64, prp2: u64) -> Sqe {
+    let mut s = Sqe::rw(op, nsid, slba, blocks, false);
+    s.prp1 = prp1;
+    s.prp2 = prp2;
+    s
+}
+
+// ------------------------------------------------------------------------ registers
+
+#[test]
+fn enable_disable_handshake_with_ready_delay() {
+    let ctrl = EmulatedController::new(EmulatedConfig {
+        ready_delay: Duration::from_millis(40),
+        dstrd: 2,
+        mqes: 255,
+        cap_to: 7,
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let bus: &dyn Bus = &*ctrl;
+    let cap = crate::spec::Cap(bus.read64(offset::CAP));
+    assert_eq!(
+        (cap.mqes(), cap.cqr(), cap.to(), cap.dstrd()),
+        (255, true, 7, 2)
+    );
+    assert_eq!(cap.css() & 1, 1);
+    assert_eq!(bus.read32(offset::VS), 0x0001_0400);
+    assert_eq!(bus.location(), "emulated");
+    assert_eq!(bus.pci_id().vendor, 0x1b36);
+    assert!(!Csts(bus.read32(offset::CSTS)).rdy());
+    let q = Queue::new(bus, 0, 8, 2);
+    bus.write32(offset::AQA, Aqa::new(8, 8).0);
+    bus.write64(offset::ASQ, q.sq.iova().0);
+    bus.write64(offset::ACQ, q.cq.iova().0);
+    assert_eq!(bus.read64(offset::ASQ), q.sq.iova().0);
+    let t = Instant::now();
+    bus.write32(offset::CC, cc_ok().0);
+    assert!(
+        !Csts(bus.read32(offset::CSTS)).rdy(),
+        "RDY waits for the delay"
+    );
+    wait_csts(bus, |c| c.rdy());
+    assert!(t.elapsed() >= Duration::from_millis(40));
+    // Shutdown notification.
+    bus.write32(offset::CC, cc_ok().with_shn(shn::NORMAL).0);
+    assert_eq!(Csts(bus.read32(offset::CSTS)).shst(), shst::COMPLETE);
+    // Disable: RDY follows after the delay too.
+    let t = Instant::now();
+    bus.write32(offset::CC, cc_ok().with_en(false).0);
+    assert!(Csts(bus.read32(offset::CSTS)).rdy());
+    let c = wait_csts(bus, |c| !c.rdy());
+    assert!(t.elapsed() >= Duration::from_millis(40));
+    assert_eq!(c.shst(), shst::NORMAL);
+    assert!(!c.cfs());
+}
+
+#[test]
+fn bad_configuration_sets_cfs_and_reset_clears_it() {
+    let ctrl = EmulatedController::new(EmulatedConfig::default()).unwrap();
+    let bus: &dyn Bus = &*ctrl;
+    let q = Queue::new(bus, 0, 8, 0);
+    bus.write32(offset::AQA, Aqa::new(8, 8).0);
+    bus.write64(offset::ASQ, q.sq.iova().0);
+    bus.write64(offset::ACQ, q.cq.iova().0);
+    let bad = [
+        cc_ok().with_iosqes(7),
+        cc_ok().with_iocqes(3),
+        cc_ok().with_mps(5),
+        cc_ok().with_css(1),
+    ];
+    for cc in bad {
+        bus.write32(offset::CC, cc.0);
+        let c = Csts(bus.read32(offset::CSTS));
+        assert!(c.cfs() && !c.rdy(), "{cc:?} gave {c:?}");
+        assert!(ctrl.fatal_reason().is_some());
+        bus.write32(offset::CC, 0);
+        assert!(!Csts(bus.read32(offset::CSTS)).cfs());
+    }
+    // Misaligned or unmapped admin queues.
+    bus.write64(offset::ASQ, q.sq.iova().0 + 64);
+    bus.write32(offset::CC, cc_ok().0);
+    assert!(Csts(bus.read32(offset::CSTS)).cfs());
+    bus.write32(offset::CC, 0);
+    bus.write64(offset::ASQ, q.sq.as_ptr() as u64 & !0xfff);
+    bus.write32(offset::CC, cc_ok().0);
+    assert!(Csts(bus.read32(offset::CSTS)).cfs());
+    assert_eq!(ctrl.stats().dma_faults, 1);
+    bus.write32(offset::CC, 0);
+    // And a good one works after all that.
+    bus.write64(offset::ASQ, q.sq.iova().0);
+    bus.write32(offset::CC, cc_ok().0);
+    assert!(wait_csts(bus, |c| c.rdy()).rdy());
+}
+
+// ------------------------------------------------------------------------ admin
+
+#[test]
+fn identify_pages() {
+    let mut h = start(EmulatedConfig {
+        namespaces: vec![
+            NamespaceConfig::memory(512, 1 << 20),
+            NamespaceConfig::null(4096, 1 << 18),
+            NamespaceConfig::memory(4096, 100),
+        ],
+        mdts: 6,
+        ..EmulatedConfig::default()
+    });
+    let (c, b) = h.identify(cns::CONTROLLER, 0);
+    assert_eq!(code(&c), OK);
+    let id = IdentifyController::from_bytes(&b);
+    assert_eq!((id.vid, id.mdts, id.nn), (0x1b36, 6, 3));
+    assert_eq!((id.sqes, id.cqes), (0x66, 0x44));
+    assert_eq!(id.sn, "DIOXIDE-EMU-0001");
+    assert_eq!(id.ver, 0x0001_0400);
+    assert_eq!(id.max_transfer_bytes(4096), Some(256 * 1024));
+    let (_, b) = h.identify(cns::NAMESPACE, 1);
+    let ns = IdentifyNamespace::from_bytes(&b);
+    assert_eq!((ns.nsze, ns.block_size(), ns.nlbaf), (1 << 20, 512, 1));
+    assert_eq!(ns.lbaf[1].block_size(), 4096);
+    let (_, b) = h.identify(cns::NAMESPACE, 2);
+    let ns = IdentifyNamespace::from_bytes(&b);
+    assert_eq!((ns.nsze, ns.block_size(), ns.flbas), (1 << 18, 4096, 1));
+    let (_, b) = h.identify(cns::ACTIVE_NAMESPACES, 0);
+    assert_eq!(parse_ns_list(&b), vec![1, 2, 3]);
+    let (_, b) = h.identify(cns::ACTIVE_NAMESPACES, 2);
+    assert_eq!(parse_ns_list(&b), vec![3]);
+    let (c, _) = h.identify(cns::NAMESPACE, 4);
+    assert_eq!(code(&c), st(Sct::Generic, g::INVALID_NAMESPACE));
+    assert!(c.status().dnr());
+    let (c, _) = h.identify(cns::NAMESPACE, 0);
+    assert_eq!(code(&c), st(Sct::Generic, g::INVALID_NAMESPACE));
+    let (c, _) = h.identify(0x55, 0);
+    assert_eq!(code(&c), st(Sct::Generic, g::INVALID_FIELD));
+    // Identify into a buffer with an offset: PRP1 + PRP2.
+    let buf = h.bus().dma().alloc(2 * P).unwrap();
+    let c = h.admin(Sqe {
+        prp2: buf.iova().0 + P as u64,
+        ..Sqe::identify(cns::CONTROLLER, 0, buf.iova().0 + 256)
+    });
+    assert_eq!(code(&c), OK);
+    assert_eq!(&buf.as_slice()[256..258], &[0x36, 0x1b]);
+    // Unknown admin opcode.
+    let c = h.admin(Sqe::new(0x7e));
+    assert_eq!(code(&c), st(Sct::Generic, g::INVALID_OPCODE));
+    assert_eq!(h.ctrl.stats().dma_faults, 0);
+}
+
+#[test]
+fn number_of_queues_and_queue_errors() {
+    let mut h = start(EmulatedConfig {
+        max_io_queues: 8,
+        mqes: 63,
+        ..EmulatedConfig::default()
+    });
+    let c = h.admin(Sqe::get_features(fid::NUMBER_OF_QUEUES));
+    assert_eq!(c.dw0, 7 | 7 << 16);
+    let c = h.admin(Sqe::set_number_of_queues(100, 2));
+    assert_eq!(code(&c), OK);
+    assert_eq!(c.dw0, 7 | 1 << 16, "min(requested, max) of each");
+    let c = h.admin(Sqe::set_features(fid::NUMBER_OF_QUEUES, 0xffff));
+    assert_eq!(code(&c), st(Sct::Generic, g::INVALID_FIELD));
+    let mem = h.bus().dma().alloc(64 * 64).unwrap();
+    let iova = mem.iova().0;
+    let bad = |c: &Cqe, sc| assert_eq!(code(c), st(Sct::CommandSpecific, sc));
+    // Queue size beyond MQES + 1, and a one-entry queue.
+    bad(
+        &h.admin(Sqe::create_io_cq(1, 65, iova)),
+        cs::INVALID_QUEUE_SIZE,
+    );
+    bad(
+        &h.admin(Sqe::create_io_cq(1, 1, iova)),
+        cs::INVALID_QUEUE_SIZE,
+    );
+    // Queue ids: 0, and beyond the 2 CQs allocated.
+    bad(
+        &h.admin(Sqe::create_io_cq(0, 64, iova)),
+        cs::INVALID_QUEUE_ID,
+    );
+    bad(
+        &h.admin(Sqe::create_io_cq(3, 64, iova)),
+        cs::INVALID_QUEUE_ID,
+    );
+    // A misaligned base, and one outside DMA memory.
+    let c = h.admin(Sqe::create_io_cq(1, 64, iova + 64));
+    assert_eq!(code(&c), st(Sct::Generic, g::PRP_OFFSET_INVALID));
+    let c = h.admin(Sqe::create_io_cq(1, 64, 0x1000));
+    assert_eq!(code(&c), st(Sct::Generic, g::DATA_TRANSFER_ERROR));
+    assert_eq!(h.ctrl.stats().dma_faults, 1);
+    // SQ on a CQ that does not exist.
+    bad(&h.admin(Sqe::create_io_sq(1, 64, iova, 1)), cs::CQ_INVALID);
+    let q = h.io_pair(1, 64);
+    // Creating it twice.
+    bad(
+        &h.admin(Sqe::create_io_cq(1, 64, iova)),
+        cs::INVALID_QUEUE_ID,
+    );
+    bad(
+        &h.admin(Sqe::create_io_sq(1, 64, iova, 1)),
+        cs::INVALID_QUEUE_ID,
+    );
+    // The allocation cannot change once queues exist.
+    let c = h.admin(Sqe::set_number_of_queues(4, 4));
+    assert_eq!(code(&c), st(Sct::Generic, g::COMMAND_SEQUENCE_ERROR));
+    // Deleting a CQ with an SQ on it; deleting queues that do not exist.
+    bad(&h.admin(Sqe::delete_io_cq(1)), cs::INVALID_QUEUE_DELETION);
+    bad(&h.admin(Sqe::delete_io_sq(2)), cs::INVALID_QUEUE_ID);
+    bad(&h.admin(Sqe::delete_io_sq(0)), cs::INVALID_QUEUE_ID);
+    bad(&h.admin(Sqe::delete_io_cq(2)), cs::INVALID_QUEUE_ID);
+    assert_eq!(code(&h.admin(Sqe::delete_io_sq(1))), OK);
+    assert_eq!(code(&h.admin(Sqe::delete_io_cq(1))), OK);
+    drop(q);
+    // A new pair with the same id works.
+    let _q = h.io_pair(1, 2);
+    // A controller reset deletes every I/O queue.
+    h.bus().write32(offset::CC, 0);
+    wait_csts(h.bus(), |c| !c.rdy());
+    assert_eq!(h.ctrl.stats().invalid_doorbell_writes, 0);
+}
+
+#[test]
+fn features() {
+    let mut h = start(EmulatedConfig::default());
+    let c = h.admin(Sqe::set_features(fid::VOLATILE_WRITE_CACHE, 0));
+    assert_eq!(code(&c), OK);
+    assert_eq!(h.admin(Sqe::get_features(fid::VOLATILE_WRITE_CACHE)).dw0, 0);
+    assert_eq!(
+        code(&h.admin(Sqe::set_features(fid::ARBITRATION, 0x0303))),
+        OK
+    );
+    assert_eq!(h.admin(Sqe::get_features(fid::ARBITRATION)).dw0, 0x0303);
+    let c = h.admin(Sqe::set_features(0x7d, 0));
+    assert_eq!(code(&c), st(Sct::Generic, g::INVALID_FIELD));
+    let c = h.admin(Sqe::get_features(0x7d));
+    assert_eq!(code(&c), st(Sct::Generic, g::INVALID_FIELD));
+    let mut keep = Sqe::new(admin::KEEP_ALIVE);
+    keep.cdw10 = 0;
+    assert_eq!(code(&h.admin(keep)), OK);
+}
+
+// ------------------------------------------------------------------------ I/O and PRPs
+
+/// Writes then reads back through each PRP alignment class, on namespace `nsid`.
+fn prp_round_trips(h: &mut Host, q: &mut Queue, nsid: u32, bs: usize) {
+    let dma = h.bus().dma().clone();
+    let data = dma.alloc(64 * P).unwrap();
+    let back = dma.alloc(64 * P).unwrap();
+    let list = dma.alloc(2 * P).unwrap();
+    let lba_per_page = (P / bs) as u64;
+    // (offset into the buffer, bytes)
+    let cases: [(usize, usize); 6] = [
+        (0, bs),          // one block at a page start
+        (P - bs, bs),     // one block at the end of a page
+        (0, P),           // one page
+        (P - bs, 2 * bs), // two pages (PRP2 a page pointer)
+        (bs, 2 * P - bs), // two pages, offset
+        (0, 2 * P),       // two full pages
+    ];
+    let mut lba = 8;
+    for (off, len) in cases {
+        if off % bs != 0 && bs == P {
+            continue;
+        }
+        let w = pattern(len, lba as u8);
+        // SAFETY: `off + len` is inside `data`, which no command is using.
+        unsafe { core::ptr::copy_nonoverlapping(w.as_ptr(), data.as_ptr().add(off), len) };
+        let first = P - off % P;
+        let prp2 = |b: &DmaBuffer| {
+            if len > first {
+                b.iova().0 + (off - off % P + P) as u64
+            } else {
+                0
+            }
+        };
+        let blocks = (len / bs) as u32;
+        let c = q.cmd(rw(
+            io::WRITE,
+            nsid,
+            lba,
+            blocks,
+            data.iova().0 + off as u64,
+            prp2(&data),
+        ));
+        assert_eq!(code(&c), OK, "write off {off} len {len}");
+        let c = q.cmd(rw(
+            io::READ,
+            nsid,
+            lba,
+            blocks,
+            back.iova().0 + off as u64,
+            prp2(&back),
+        ));
+        assert_eq!(code(&c), OK, "read off {off} len {len}");
+        assert!(
+            back.as_slice()[off..off + len] == w[..],
+            "data differs: off {off} len {len}"
+        );
+        lba += 2 * lba_per_page;
+    }
+    // A PRP list of 7 entries (8 pages, PRP1 with an offset of one block: 9 pages touched).
+    let len = 8 * P;
+    let off = bs;
+    let w = pattern(len, 3);
+    // SAFETY: inside `data`.
+    unsafe { core::ptr::copy_nonoverlapping(w.as_ptr(), data.as_ptr().add(off), len) };
+    let entries = |b: &DmaBuffer| {
+        (1..9)
+            .map(|i| b.iova().0 + (i * P) as u64)
+            .collect::<Vec<_>>()
+    };
+    put_u64s(&list, 0, &entries(&data));
+    let c = q.cmd(rw(
+        io::WRITE,
+        nsid,
+        1000,
+        (len / bs) as u32,
+        data.iova().0 + off as u64,
+        list.iova().0,
+    ));
+    assert_eq!(code(&c), OK);
+    // Read it back scattered: out of order pages, list with an offset, chained from a list that
+    // starts two entries before the end of its page.
+    let order = [5usize, 2, 7, 1, 8, 3, 6, 4];
+    let mut pages: Vec<u64> = order
+        .iter()
+        .map(|&i| back.iova().0 + (i * 4 * P) as u64 % (60 * P) as u64)
+        .collect();
+    pages.dedup();
+    assert_eq!(pages.len(), 8);
+    let read_list_at = P - 16;
+    put_u64s(&list, read_list_at, &[pages[0], list.iova().0 + P as u64]);
+    put_u64s(&list, P, &pages[1..]);
+    let prp1_off = 512;
+    let c = q.cmd(rw(
+        io::READ,
+        nsid,
+        1000,
+        (len / bs) as u32,
+        back.iova().0 + prp1_off as u64 + (60 * P) as u64,
+        list.iova().0 + read_list_at as u64,
+    ));
+    assert_eq!(code(&c), OK);
+    let mut got = Vec::new();
+    got.extend_from_slice(&back.as_slice()[60 * P + prp1_off..61 * P]);
+    for p in &pages {
+        let o = (p - back.iova().0) as usize;
+        got.extend_from_slice(&back.as_slice()[o..o + P]);
+    }
+    assert!(got[..len] == w[..], "chained list read back differs");
+}
+
+#[test]
+fn read_write_round_trip_memory_both_block_sizes() {
+    let mut h = start(cfg_with(vec![
+        NamespaceConfig::memory(512, 1 << 16),
+        NamespaceConfig::memory(4096, 1 << 13),
+    ]));
+    let mut q = h.io_pair(1, 16);
+    prp_round_trips(&mut h, &mut q, 1, 512);
+    prp_round_trips(&mut h, &mut q, 2, 4096);
+    let s = h.ctrl.stats();
+    assert_eq!(s.dma_faults, 0);
+    assert!(s.commands_with(1, io::WRITE) >= 14);
+}
