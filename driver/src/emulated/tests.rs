@@ -577,3 +577,426 @@ fn read_write_round_trip_memory_both_block_sizes() {
     assert_eq!(s.dma_faults, 0);
     assert!(s.commands_with(1, io::WRITE) >= 14);
 }
+
+#[test]
+fn io_status_rules() {
+    let mut h = start(EmulatedConfig {
+        namespaces: vec![NamespaceConfig::memory(512, 1000)],
+        mdts: 2, // 16 KiB
+        ..EmulatedConfig::default()
+    });
+    let mut q = h.io_pair(1, 8);
+    let buf = h.bus().dma().alloc(8 * P).unwrap();
+    let list = h.bus().dma().alloc(P).unwrap();
+    let b = buf.iova().0;
+    let expect = |q: &mut Queue, s: Sqe, want: (Sct, u8)| {
+        let c = q.cmd(s);
+        assert_eq!(code(&c), want, "{s:?}");
+    };
+    // LBA range: the last block is fine, one past is not; so is an overflowing range.
+    expect(&mut q, rw(io::WRITE, 1, 999, 1, b, 0), OK);
+    expect(
+        &mut q,
+        rw(io::READ, 1, 999, 2, b, 0),
+        st(Sct::Generic, g::LBA_OUT_OF_RANGE),
+    );
+    expect(
+        &mut q,
+        rw(io::READ, 1, u64::MAX, 1, b, 0),
+        st(Sct::Generic, g::LBA_OUT_OF_RANGE),
+    );
+    // MDTS: 32 blocks (16 KiB) pass, 33 do not.
+    put_u64s(
+        &list,
+        0,
+        &[b + P as u64, b + 2 * P as u64, b + 3 * P as u64],
+    );
+    expect(&mut q, rw(io::READ, 1, 0, 32, b, list.iova().0), OK);
+    expect(
+        &mut q,
+        rw(io::READ, 1, 0, 33, b, list.iova().0),
+        st(Sct::Generic, g::INVALID_FIELD),
+    );
+    // Namespaces.
+    expect(
+        &mut q,
+        rw(io::READ, 0, 0, 1, b, 0),
+        st(Sct::Generic, g::INVALID_NAMESPACE),
+    );
+    expect(
+        &mut q,
+        rw(io::READ, 2, 0, 1, b, 0),
+        st(Sct::Generic, g::INVALID_NAMESPACE),
+    );
+    // Opcodes.
+    let mut s = Sqe::new(0x7f);
+    s.nsid = 1;
+    expect(&mut q, s, st(Sct::Generic, g::INVALID_OPCODE));
+    // PRPs: misaligned PRP1, PRP2 with an offset, a list entry with an offset, SGL requested.
+    expect(
+        &mut q,
+        rw(io::READ, 1, 0, 1, b + 2, 0),
+        st(Sct::Generic, g::INVALID_FIELD),
+    );
+    expect(
+        &mut q,
+        rw(io::READ, 1, 0, 2, b + P as u64 - 512, b + 8),
+        st(Sct::Generic, g::PRP_OFFSET_INVALID),
+    );
+    put_u64s(&list, 0, &[b + P as u64, b + 2 * P as u64 + 512]);
+    expect(
+        &mut q,
+        rw(io::READ, 1, 0, 24, b, list.iova().0),
+        st(Sct::Generic, g::PRP_OFFSET_INVALID),
+    );
+    expect(
+        &mut q,
+        rw(io::READ, 1, 0, 24, b, list.iova().0 + 4),
+        st(Sct::Generic, g::PRP_OFFSET_INVALID),
+    );
+    let mut sgl = rw(io::READ, 1, 0, 1, b, 0);
+    sgl.cdw0 |= 1 << 14;
+    expect(&mut q, sgl, st(Sct::Generic, g::INVALID_FIELD));
+    assert_eq!(h.ctrl.stats().dma_faults, 0);
+    // Unmapped memory: a virtual address, IOVA 0, a list pointing outside, and the guard gap
+    // just past the chunk.
+    let dte = st(Sct::Generic, g::DATA_TRANSFER_ERROR);
+    expect(&mut q, rw(io::READ, 1, 0, 1, buf.as_ptr() as u64, 0), dte);
+    expect(&mut q, rw(io::WRITE, 1, 0, 1, 0, 0), dte);
+    put_u64s(&list, 0, &[b + P as u64, 0x4000]);
+    expect(&mut q, rw(io::READ, 1, 0, 24, b, list.iova().0), dte);
+    let chunk_end = IOVA_BASE + GRANULE as u64;
+    expect(
+        &mut q,
+        rw(io::READ, 1, 0, 2, chunk_end - 512, chunk_end),
+        dte,
+    );
+    assert_eq!(h.ctrl.stats().dma_faults, 4);
+    // Flush, Write Zeroes and FUA writes.
+    let mut f = Sqe::flush(1);
+    expect(&mut q, f, OK);
+    f.nsid = 0xffff_ffff;
+    expect(&mut q, f, OK);
+    let mut fua = Sqe::rw(io::WRITE, 1, 5, 1, true);
+    fua.prp1 = b;
+    expect(&mut q, fua, OK);
+    expect(
+        &mut q,
+        Sqe::write_zeroes(1, 999, 2, false),
+        st(Sct::Generic, g::LBA_OUT_OF_RANGE),
+    );
+}
+
+#[test]
+fn write_zeroes_and_deallocate_read_back_zeroes() {
+    let mut h = start(cfg_with(vec![NamespaceConfig::memory(4096, 256)]));
+    let mut q = h.io_pair(1, 8);
+    let mut buf = h.bus().dma().alloc(4 * P).unwrap();
+    buf.as_mut_slice().fill(0x5a);
+    let list = h.bus().dma().alloc(P).unwrap();
+    put_u64s(
+        &list,
+        0,
+        &[
+            buf.iova().0 + P as u64,
+            buf.iova().0 + 2 * P as u64,
+            buf.iova().0 + 3 * P as u64,
+        ],
+    );
+    assert_eq!(
+        code(&q.cmd(rw(io::WRITE, 1, 10, 4, buf.iova().0, list.iova().0))),
+        OK
+    );
+    assert_eq!(code(&q.cmd(Sqe::write_zeroes(1, 11, 1, false))), OK);
+    // DSM deallocate of block 13 (and a zero-length range).
+    let ranges = h.bus().dma().alloc(P).unwrap();
+    // SAFETY: two 16-byte ranges inside `ranges`, which no command is using.
+    unsafe {
+        let r = ranges.as_ptr();
+        r.add(4).cast::<u32>().write_unaligned(1u32.to_le());
+        r.add(8).cast::<u64>().write_unaligned(13u64.to_le());
+        r.add(24).cast::<u64>().write_unaligned(0u64.to_le());
+    }
+    let c = q.cmd(Sqe::dsm_deallocate(1, 2, ranges.iova().0));
+    assert_eq!(code(&c), OK);
+    let c = q.cmd(rw(io::READ, 1, 10, 4, buf.iova().0, list.iova().0));
+    assert_eq!(code(&c), OK);
+    let s = buf.as_slice();
+    assert!(s[..P].iter().all(|&b| b == 0x5a));
+    assert!(s[P..2 * P].iter().all(|&b| b == 0));
+    assert!(s[2 * P..3 * P].iter().all(|&b| b == 0x5a));
+    assert!(s[3 * P..].iter().all(|&b| b == 0));
+    // A range past the end fails the whole command.
+    // SAFETY: inside `ranges`.
+    unsafe {
+        ranges
+            .as_ptr()
+            .add(8)
+            .cast::<u64>()
+            .write_unaligned(255u64.to_le())
+    };
+    // SAFETY: inside `ranges`.
+    unsafe {
+        ranges
+            .as_ptr()
+            .add(4)
+            .cast::<u32>()
+            .write_unaligned(2u32.to_le())
+    };
+    let c = q.cmd(Sqe::dsm_deallocate(1, 1, ranges.iova().0));
+    assert_eq!(code(&c), st(Sct::Generic, g::LBA_OUT_OF_RANGE));
+}
+
+#[test]
+fn file_and_null_backings_both_block_sizes() {
+    let dir = std::env::temp_dir().join(format!("dioxide-emu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f512 = dir.join("ns512.img");
+    let f4k = dir.join("ns4k.img");
+    let mut h = start(cfg_with(vec![
+        NamespaceConfig::file(&f512, 512, 1 << 14),
+        NamespaceConfig::file(&f4k, 4096, 1 << 11),
+        NamespaceConfig::null(512, 1 << 30),
+        NamespaceConfig::null(4096, 1 << 20),
+    ]));
+    assert_eq!(std::fs::metadata(&f512).unwrap().len(), 512 << 14);
+    let mut q = h.io_pair(1, 16);
+    prp_round_trips(&mut h, &mut q, 1, 512);
+    prp_round_trips(&mut h, &mut q, 2, 4096);
+    // The data is in the files, at block offsets.
+    let mut buf = h.bus().dma().alloc(P).unwrap();
+    buf.as_mut_slice().fill(0xc3);
+    assert_eq!(code(&q.cmd(rw(io::WRITE, 2, 7, 1, buf.iova().0, 0))), OK);
+    let img = std::fs::read(&f4k).unwrap();
+    assert!(img[7 * P..8 * P].iter().all(|&b| b == 0xc3));
+    assert_eq!(code(&q.cmd(Sqe::flush(2))), OK);
+    // Null: reads leave the buffer untouched, writes are discarded, ranges are still checked,
+    // and PRPs are still validated.
+    for (nsid, bs) in [(3u32, 512usize), (4, 4096)] {
+        buf.as_mut_slice().fill(0x11);
+        assert_eq!(
+            code(&q.cmd(rw(io::WRITE, nsid, 0, (P / bs) as u32, buf.iova().0, 0))),
+            OK
+        );
+        buf.as_mut_slice().fill(0x22);
+        assert_eq!(
+            code(&q.cmd(rw(io::READ, nsid, 0, (P / bs) as u32, buf.iova().0, 0))),
+            OK
+        );
+        assert!(buf.as_slice().iter().all(|&b| b == 0x22));
+        let blocks = if bs == 512 { 1u64 << 30 } else { 1 << 20 };
+        let c = q.cmd(rw(io::READ, nsid, blocks, 1, buf.iova().0, 0));
+        assert_eq!(code(&c), st(Sct::Generic, g::LBA_OUT_OF_RANGE));
+        let c = q.cmd(rw(io::READ, nsid, 0, 1, 0x1000, 0));
+        assert_eq!(code(&c), st(Sct::Generic, g::DATA_TRANSFER_ERROR));
+    }
+    drop(q);
+    drop(h);
+    // A file namespace keeps its data across controllers.
+    let mut h = start(cfg_with(vec![NamespaceConfig::file(&f4k, 4096, 1 << 11)]));
+    let mut q = h.io_pair(1, 4);
+    let buf = h.bus().dma().alloc(P).unwrap();
+    assert_eq!(code(&q.cmd(rw(io::READ, 1, 7, 1, buf.iova().0, 0))), OK);
+    assert!(buf.as_slice().iter().all(|&b| b == 0xc3));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sparse_one_tib_namespace_stays_small() {
+    let blocks = (1u64 << 40) / 512;
+    let mut h = start(cfg_with(vec![NamespaceConfig::memory(512, blocks)]));
+    let before = h.ctrl.resident_bytes(1).unwrap();
+    assert!(before <= 512 << 10, "{before}");
+    let mut q = h.io_pair(1, 4);
+    let mut buf = h.bus().dma().alloc(P).unwrap();
+    buf.as_mut_slice().copy_from_slice(&pattern(P, 9));
+    assert_eq!(
+        code(&q.cmd(rw(io::WRITE, 1, blocks - 8, 8, buf.iova().0, 0))),
+        OK
+    );
+    buf.as_mut_slice().fill(0);
+    assert_eq!(
+        code(&q.cmd(rw(io::READ, 1, blocks - 8, 8, buf.iova().0, 0))),
+        OK
+    );
+    assert!(buf.as_slice() == &pattern(P, 9)[..]);
+    assert_eq!(
+        code(&q.cmd(rw(io::READ, 1, blocks / 2, 8, buf.iova().0, 0))),
+        OK
+    );
+    assert!(buf.as_slice().iter().all(|&b| b == 0));
+    let after = h.ctrl.resident_bytes(1).unwrap();
+    assert!(
+        after - before <= 128 << 10,
+        "one write costs one piece: {before} -> {after}"
+    );
+}
+
+#[test]
+fn cq_phase_wraps_and_full_cq_holds_completions() {
+    let mut h = start(EmulatedConfig::default());
+    // A 4-entry CQ under an 16-entry SQ: the CQ fills, completions wait in the controller.
+    let q0 = Queue::new(h.bus(), 1, 16, 0);
+    let cq = h.bus().dma().alloc(4 * 16).unwrap();
+    assert_eq!(code(&h.admin(Sqe::create_io_cq(1, 4, cq.iova().0))), OK);
+    assert_eq!(
+        code(&h.admin(Sqe::create_io_sq(1, 16, q0.sq.iova().0, 1))),
+        OK
+    );
+    let mut q = Queue { size: 16, cq, ..q0 };
+    // Keep our CQ view consistent: the CQ has 4 entries.
+    let cq_size = 4u16;
+    let buf = h.bus().dma().alloc(P).unwrap();
+    let mut seen = Vec::new();
+    let mut head = 0u16;
+    let mut phase = true;
+    for round in 0..5 {
+        let cids: Vec<u16> = (0..10)
+            .map(|_| q.push(rw(io::READ, 1, round, 1, buf.iova().0, 0)))
+            .collect();
+        q.ring();
+        let mut got = Vec::new();
+        let t = Instant::now();
+        while got.len() < cids.len() {
+            // SAFETY: `head < 4`, inside the 4-entry CQ buffer.
+            let cqe = unsafe {
+                let e = q.cq.as_ptr().add(head as usize * 16);
+                let dw3 = AtomicU32::from_ptr(e.add(12).cast::<u32>()).load(Ordering::Acquire);
+                if (dw3 >> 16) & 1 != phase as u32 {
+                    assert!(t.elapsed() < Duration::from_secs(5));
+                    continue;
+                }
+                e.cast::<Cqe>().read_volatile()
+            };
+            head += 1;
+            if head == cq_size {
+                head = 0;
+                phase = !phase;
+            }
+            q.cqdb.ring(head as u32);
+            assert_eq!(code(&cqe), OK);
+            got.push(cqe.cid);
+        }
+        assert_eq!(got, cids, "completions in order after the CQ filled");
+        seen.extend(got);
+    }
+    assert_eq!(seen.len(), 50);
+    assert_eq!(h.ctrl.stats().invalid_doorbell_writes, 0);
+}
+
+#[test]
+fn invalid_doorbells_are_ignored_and_reported() {
+    let mut h = start(EmulatedConfig {
+        dstrd: 1,
+        ..EmulatedConfig::default()
+    });
+    let aer = h.admin.submit(Sqe::new(admin::ASYNC_EVENT_REQUEST));
+    assert!(h.admin.poll().is_none(), "an AER is held");
+    let mut q = h.io_pair(1, 8);
+    // A tail beyond the queue.
+    h.bus().write32(sq_tail_doorbell(1, 1), 8);
+    let c = h.admin.wait();
+    assert_eq!(c.cid, aer);
+    assert_eq!(c.dw0 & 0x7, 0, "error event");
+    assert_eq!((c.dw0 >> 8) & 0xff, 1, "invalid doorbell write value");
+    assert_eq!((c.dw0 >> 16) & 0xff, 1, "error log page");
+    // Doorbells of queues that do not exist, and an offset between doorbells.
+    h.bus().write32(sq_tail_doorbell(2, 1), 1);
+    h.bus().write32(cq_head_doorbell(3, 1), 0);
+    h.bus().write32(sq_tail_doorbell(1, 1) + 4, 0);
+    h.bus().write32(sq_tail_doorbell(100, 1), 0);
+    let s = h.ctrl.stats();
+    assert_eq!(s.invalid_doorbell_writes, 5);
+    // Queued events are delivered to the next AER.
+    let c = h.admin(Sqe::new(admin::ASYNC_EVENT_REQUEST));
+    assert_eq!((c.dw0 >> 8) & 0xff, 0, "write to invalid doorbell register");
+    // The queue still works.
+    let buf = h.bus().dma().alloc(P).unwrap();
+    assert_eq!(code(&q.cmd(rw(io::READ, 1, 0, 1, buf.iova().0, 0))), OK);
+    // The AER limit is 4.
+    for _ in 0..4 {
+        h.admin.submit(Sqe::new(admin::ASYNC_EVENT_REQUEST));
+    }
+    // 3 events are still queued: each of these 4 AERs takes one and completes, the 4th is held.
+    for _ in 0..3 {
+        assert_eq!(code(&h.admin.wait()), OK);
+    }
+    for _ in 0..3 {
+        h.admin.submit(Sqe::new(admin::ASYNC_EVENT_REQUEST));
+    }
+    let c = h.admin(Sqe::new(admin::ASYNC_EVENT_REQUEST));
+    assert_eq!(code(&c), st(Sct::CommandSpecific, 0x05));
+}
+
+// ------------------------------------------------------------------------ logs
+
+#[test]
+fn log_pages() {
+    let mut h = start(cfg_with(vec![NamespaceConfig::memory(512, 1 << 20)]));
+    let mut q = h.io_pair(1, 8);
+    let buf = h.bus().dma().alloc(32 * 1024).unwrap();
+    let list = h.bus().dma().alloc(P).unwrap();
+    let entries: Vec<u64> = (1..8).map(|i| buf.iova().0 + (i * P) as u64).collect();
+    put_u64s(&list, 0, &entries);
+    for _ in 0..3 {
+        assert_eq!(
+            code(&q.cmd(rw(io::WRITE, 1, 0, 64, buf.iova().0, list.iova().0))),
+            OK
+        );
+    }
+    assert_eq!(code(&q.cmd(rw(io::READ, 1, 0, 8, buf.iova().0, 0))), OK);
+    assert_eq!(
+        code(&q.cmd(rw(io::READ, 1, 1 << 20, 1, buf.iova().0, 0))),
+        st(Sct::Generic, g::LBA_OUT_OF_RANGE)
+    );
+    let page = h.bus().dma().alloc(P).unwrap();
+    let c = h.admin(Sqe::get_log_page(
+        crate::spec::sqe::lid::SMART,
+        u32::MAX,
+        512,
+        page.iova().0,
+        0,
+    ));
+    assert_eq!(code(&c), OK);
+    let smart = crate::spec::SmartLog::from_bytes(page.as_slice()[..512].try_into().unwrap());
+    assert_eq!(smart.host_write_commands, 3);
+    assert_eq!(smart.host_read_commands, 1);
+    assert_eq!(
+        smart.data_units_written, 1,
+        "192 units of 512 bytes round up to 1"
+    );
+    assert_eq!(smart.data_units_read, 1);
+    assert_eq!(smart.num_err_log_entries, 1);
+    let c = h.admin(Sqe::get_log_page(
+        crate::spec::sqe::lid::ERROR,
+        0,
+        64,
+        page.iova().0,
+        0,
+    ));
+    assert_eq!(code(&c), OK);
+    let e = crate::spec::identify::ErrorLogEntry::from_bytes(&page.as_slice()[..64]);
+    assert_eq!((e.error_count, e.sqid, e.lba, e.nsid), (1, 1, 1 << 20, 1));
+    assert_eq!(
+        crate::spec::Status::from_field(e.status).sc,
+        g::LBA_OUT_OF_RANGE
+    );
+    let c = h.admin(Sqe::get_log_page(
+        crate::spec::sqe::lid::FIRMWARE_SLOT,
+        0,
+        512,
+        page.iova().0,
+        0,
+    ));
+    assert_eq!(code(&c), OK);
+    let fw = crate::spec::identify::FirmwareSlotLog::from_bytes(
+        page.as_slice()[..512].try_into().unwrap(),
+    );
+    assert_eq!((fw.afi, fw.frs[0].as_str()), (1, "1.0"));
+    let c = h.admin(Sqe::get_log_page(0x7f, 0, 512, page.iova().0, 0));
+    assert_eq!(code(&c), st(Sct::CommandSpecific, cs::INVALID_LOG_PAGE));
+    // An offset past the page.
+    let mut s = Sqe::get_log_page(crate::spec::sqe::lid::SMART, 0, 512, page.iova().0, 0);
+    s.cdw12 = 512;
+    assert_eq!(code(&h.admin(s)), st(Sct::Generic, g::INVALID_FIELD));
+}
