@@ -599,6 +599,9 @@ impl Device {
         if !status.is_success() {
             self.record_error(qid, sqe, status);
         }
+        if self.removed.load(Ordering::Acquire) {
+            return;
+        }
         self.cqs[cqid as usize].post(Completion {
             dw0,
             sq_head: head as u16,
@@ -610,6 +613,9 @@ impl Device {
 
     /// Posts a held completion now, with the current SQ head.
     pub(crate) fn post_held(&self, h: Held) {
+        if self.removed.load(Ordering::Acquire) {
+            return;
+        }
         let mut c = h.completion;
         c.sq_head = self.sqs[c.sqid as usize].head.load(Ordering::Relaxed) as u16;
         self.cqs[h.cqid as usize].post(c);
