@@ -5,6 +5,7 @@
 
 pub mod bus;
 pub mod dma;
+pub mod emulated;
 pub mod spec;
 pub mod types;
 pub mod vfio;
