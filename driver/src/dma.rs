@@ -383,7 +383,7 @@ unsafe impl Sync for DmaSlice {}
 pub mod anon {
     use core::ptr::NonNull;
 
-    /// Maps `len` bytes of zeroed anonymous memory, locked in RAM when `lock` is set.
+    /// Maps `len` bytes of zeroed anonymous memory, from the hugepage pool when `hugetlb` is set.
     pub fn map(len: usize, hugetlb: bool) -> std::io::Result<NonNull<u8>> {
         let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
         if hugetlb {

@@ -232,9 +232,9 @@ impl Sqe {
             (sqs - 1) as u32 | ((cqs - 1) as u32) << 16,
         )
     }
-    /// Get Log Page of `bytes` bytes (a multiple of 4) into `prp1`/`prp2`.
+    /// Get Log Page of `bytes` bytes (a multiple of 4; at least 4) into `prp1`/`prp2`.
     pub const fn get_log_page(lid: u8, nsid: u32, bytes: u32, prp1: u64, prp2: u64) -> Sqe {
-        let numd = bytes / 4 - 1;
+        let numd = (bytes / 4).saturating_sub(1);
         let mut s = Sqe::new(admin::GET_LOG_PAGE);
         s.nsid = nsid;
         s.prp1 = prp1;
