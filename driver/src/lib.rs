@@ -7,6 +7,7 @@ pub mod admin;
 pub mod bus;
 pub mod controller;
 pub mod dma;
+pub mod emulated;
 pub mod error;
 pub mod prp;
 pub mod qpair;
