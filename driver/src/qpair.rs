@@ -805,6 +805,13 @@ impl<T> QueuePair<T> {
         if self.done_head != NIL && !self.defer {
             delivered += self.deliver_done(f);
         }
+        if self.died {
+            // The queue is gone on the device (or the device is): nothing it posts is trusted.
+            return match (delivered, self.dead) {
+                (0, Some(reason)) => Err(self.dead_error(reason)),
+                _ => Ok(delivered),
+            };
+        }
         if self.unrung != 0 {
             self.ring_sq();
         }

@@ -156,7 +156,7 @@ fn four_times_mdts_completes_once_with_all_data() {
             let w = pattern_buffer(c, 4 * mdts, 44);
             q.write(&ns, Lba(1000), (w, 1)).unwrap();
             let mut done = Vec::new();
-            while done.len() < 1 {
+            while done.is_empty() {
                 q.poll(64, |(b, tag), r| done.push((b, tag, r))).unwrap();
             }
             let (w, tag, r) = done.pop().unwrap();
