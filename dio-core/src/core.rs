@@ -1,0 +1,294 @@
+//! `DioCore::submit`: validate, walk the request in extents, submit bios, and decide, in one
+//! place, between `Queued` and waiting (§3.4).
+
+use crate::bio::{Bio, BioOp};
+use crate::completion::Completion;
+use crate::dio::{DioShared, Payload, RefCounting, Wait, Walk};
+use crate::error::DioError;
+use crate::hooks::{BioSink, Deferral, EndIo, Extent, Mapper, Rejected};
+use crate::request::{DioRequest, Dir, IoBuf, Mode, Outcome};
+use crate::sync::Arc;
+
+/// What to do when the device's request pool is exhausted (§3.10).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum QueueFullPolicy {
+    /// If this request has bios in flight, wait until one of them completes and retry; with
+    /// none in flight, fail with `QueueFull`.
+    #[default]
+    Throttle,
+    /// Fail with `QueueFull` at once (after draining what is in flight).
+    Error,
+}
+
+/// Configuration of a [`DioCore`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Alignment in bytes (a power of two, normally the logical block size) of offsets, read
+    /// lengths and direct write lengths.
+    pub align: u64,
+    /// Queue-full policy.
+    pub queue_full: QueueFullPolicy,
+    /// How the submitter waits.
+    pub wait: Wait,
+    /// Reference-counting implementation.
+    pub refcount: RefCounting,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            align: 512,
+            queue_full: QueueFullPolicy::Throttle,
+            wait: Wait::Park,
+            refcount: RefCounting::Locked,
+        }
+    }
+}
+
+/// The direct-I/O core for one file (or one device, with an identity mapper).
+pub struct DioCore<B: IoBuf> {
+    sink: std::sync::Arc<dyn BioSink<B>>,
+    mapper: std::sync::Arc<dyn Mapper>,
+    end_io: Option<std::sync::Arc<dyn EndIo>>,
+    deferral: Option<std::sync::Arc<dyn Deferral>>,
+    cfg: Config,
+}
+
+impl<B: IoBuf> DioCore<B> {
+    /// A core submitting to `sink` with the block map `mapper`.
+    ///
+    /// # Panics
+    /// If `cfg.align` is not a power of two.
+    pub fn new(
+        sink: std::sync::Arc<dyn BioSink<B>>,
+        mapper: std::sync::Arc<dyn Mapper>,
+        cfg: Config,
+    ) -> Self {
+        assert!(
+            cfg.align.is_power_of_two(),
+            "alignment must be a power of two"
+        );
+        DioCore {
+            sink,
+            mapper,
+            end_io: None,
+            deferral: None,
+            cfg,
+        }
+    }
+
+    /// Install the filesystem end-io hook.
+    pub fn with_end_io(mut self, hook: std::sync::Arc<dyn EndIo>) -> Self {
+        self.end_io = Some(hook);
+        self
+    }
+
+    /// Run final completions through `deferral` instead of inline.
+    pub fn with_deferral(mut self, deferral: std::sync::Arc<dyn Deferral>) -> Self {
+        self.deferral = Some(deferral);
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The deferral hook, if any.
+    pub fn deferral(&self) -> Option<&std::sync::Arc<dyn Deferral>> {
+        self.deferral.as_ref()
+    }
+
+    /// Submit one request. `i_size` is the file size now (snapshot for the EOF clamp and the
+    /// extending-write test). `completion` stays inside the request if the outcome is
+    /// `Queued` (dio-core then runs it exactly once) and is handed back otherwise.
+    pub fn submit(&self, req: DioRequest<B>, i_size: u64, completion: Completion<B>) -> Outcome<B> {
+        let DioRequest {
+            dir,
+            offset,
+            len,
+            mut buf,
+            mode,
+            force_wait,
+        } = req;
+        let align = self.cfg.align;
+        // 1. Validate before any state.
+        let Some(end) = offset.checked_add(len) else {
+            return Outcome::Done {
+                result: Err(DioError::Invalid),
+                buf,
+                completion,
+            };
+        };
+        if offset % align != 0 || len > buf.len() || (dir == Dir::Read && len % align != 0) {
+            return Outcome::Done {
+                result: Err(DioError::Invalid),
+                buf,
+                completion,
+            };
+        }
+        // 2. Nothing to do.
+        if len == 0 || (dir == Dir::Read && offset >= i_size) {
+            return Outcome::Done {
+                result: Ok(0),
+                buf,
+                completion,
+            };
+        }
+        // 3. Extending writes are forced synchronous (§3.8).
+        let extending = dir == Dir::Write && end > i_size;
+        let async_ok = mode == Mode::Async && !extending && !force_wait;
+        // 4. The request, with the submitter's reference.
+        let dio = Arc::new(DioShared::new(
+            dir,
+            offset,
+            i_size,
+            self.end_io.clone(),
+            self.deferral.clone(),
+            self.cfg.refcount,
+        ));
+        // 5. Walk. Reads stop at EOF; a write's unaligned tail is left to the buffered path.
+        let walk_end = match dir {
+            Dir::Read => end.min(i_size.div_ceil(align).saturating_mul(align)),
+            Dir::Write => offset + (len & !(align - 1)),
+        };
+        let mut w = Walk::default();
+        let mut pos = offset;
+        while pos < walk_end && w.submit_err.is_none() {
+            let want = walk_end - pos;
+            let may_alloc = dir == Dir::Write && pos >= i_size;
+            let extent = match self.mapper.map(pos, want, dir, may_alloc) {
+                Ok(e) => e,
+                Err(e) => {
+                    w.submit_err = Some(e);
+                    break;
+                }
+            };
+            match extent {
+                Extent::Mapped {
+                    lba,
+                    len: elen,
+                    fresh,
+                } => {
+                    let n = elen.min(want);
+                    if n == 0 {
+                        w.submit_err = Some(DioError::Invalid);
+                        break;
+                    }
+                    let seg = match buf.dma_map(pos - offset, n, dir) {
+                        Ok(seg) => Some(seg),
+                        Err(e) if dir == Dir::Write && fresh => {
+                            // Deferred error (§3.6): never expose the stale content of blocks
+                            // this request allocated.
+                            let zero = self.bio(&dio, BioOp::WriteZeroes, lba, pos, n, None);
+                            if self.issue(&dio, zero, &mut w) {
+                                w.deferred_err = Some(e);
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            w.submit_err = Some(e);
+                            break;
+                        }
+                    };
+                    let op = if dir == Dir::Read {
+                        BioOp::Read
+                    } else {
+                        BioOp::Write
+                    };
+                    if !self.issue(&dio, self.bio(&dio, op, lba, pos, n, seg), &mut w) {
+                        break;
+                    }
+                    w.handled += n;
+                    pos += n;
+                }
+                Extent::Hole { len: elen } if dir == Dir::Read => {
+                    let n = elen.min(want);
+                    if n == 0 {
+                        w.submit_err = Some(DioError::Invalid);
+                        break;
+                    }
+                    buf.zero_fill(pos - offset, n);
+                    w.handled += n;
+                    pos += n;
+                }
+                // A write into a hole, or anything the mapper wants buffered: stop here (the
+                // buffered path takes the rest of a write; a read ends short).
+                Extent::Hole { .. } | Extent::NeedBuffered => break,
+            }
+        }
+        // 6. Decide: the only place that can produce `Queued`.
+        let queued = async_ok
+            && w.submit_err.is_none()
+            && w.deferred_err.is_none()
+            && w.handled > 0
+            && (dir == Dir::Read || w.handled == len);
+        // 7–8. Drain unless queued; final drop.
+        let payload = Payload { buf, completion };
+        let Some((dio, fin)) = DioShared::submitter_done(dio, queued, w, payload, &self.cfg.wait)
+        else {
+            return Outcome::Queued;
+        };
+        let handled = fin.walk.handled;
+        let (result, p) = dio.resolve(fin);
+        if dir == Dir::Write && result.is_ok() && handled < len {
+            Outcome::Fallback {
+                done: handled,
+                buf: p.buf,
+                completion: p.completion,
+            }
+        } else {
+            Outcome::Done {
+                result,
+                buf: p.buf,
+                completion: p.completion,
+            }
+        }
+    }
+
+    fn bio(
+        &self,
+        dio: &Arc<DioShared<B>>,
+        op: BioOp,
+        lba: u64,
+        file_offset: u64,
+        len: u64,
+        seg: Option<B::Seg>,
+    ) -> Bio<B> {
+        Bio {
+            dio: Arc::clone(dio),
+            op,
+            lba,
+            file_offset,
+            len,
+            seg,
+        }
+    }
+
+    /// Submit one bio, taking its reference first; throttle on `QueueFull` if allowed.
+    /// Returns false (with `submit_err` set) if the device refused it for good.
+    fn issue(&self, dio: &DioShared<B>, mut bio: Bio<B>, w: &mut Walk) -> bool {
+        loop {
+            let before = dio.get_ref();
+            let Err(Rejected { bio: back, why }) = self.sink.submit(bio) else {
+                return true;
+            };
+            let in_flight = dio.undo_ref();
+            if why == DioError::QueueFull
+                && self.cfg.queue_full == QueueFullPolicy::Throttle
+                && before > 0
+            {
+                // Some of our own bios were in flight when the pool was found empty: once one
+                // of them has completed (possibly already), a slot was freed: retry.
+                if in_flight >= before {
+                    dio.wait_in_flight(before - 1, &self.cfg.wait);
+                }
+                bio = back;
+                continue;
+            }
+            back.abandon();
+            w.submit_err = Some(why);
+            return false;
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The upper layer (the "aio core", §3.7): turns an [`Outcome`] into a returned value or
+//! exactly one callback, updates the file size before a write's completion, and runs the
+//! buffered remainder of a partial direct write.
+
+use std::ops::Range;
+
+use crate::completion::Completion;
+use crate::core::DioCore;
+use crate::error::{DioError, DioResult};
+use crate::request::{DioRequest, Dir, IoBuf, Mode, Outcome};
+
+/// The file as the upper layer needs it. Implemented by the driver integration (and by test
+/// doubles).
+pub trait File<B>: Send + Sync {
+    /// Current size in bytes.
+    fn size(&self) -> u64;
+    /// Raise the size to `new_size` if it is larger (never moves EOF backwards).
+    fn extend_to(&self, new_size: u64);
+    /// Write `buf[buf_range]` at `file_offset` through the buffered path, write-through: when
+    /// it returns, the range is on the device and no cached page overlapping it is stale.
+    /// Returns the bytes written.
+    fn write_buffered(&self, file_offset: u64, buf: &B, buf_range: Range<u64>) -> DioResult;
+}
+
+/// How a submission-class error of `submit_async` is reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SubmitErrorDelivery {
+    /// Returned as `Err`; the callback never runs (SPDK's contract, the default).
+    #[default]
+    Return,
+    /// Delivered through the callback, like Linux `aio_rw_done`; `submit_async` returns `Ok`.
+    Callback,
+}
+
+/// How `submit_async` ended when it returned `Ok`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Submitted {
+    /// In flight; the callback runs later, from the completion path.
+    Queued,
+    /// Finished synchronously; the callback has run (or has been handed to the deferral hook).
+    Completed,
+}
+
+/// The user-facing API over a [`DioCore`] and a [`File`].
+pub struct IoCtx<B: IoBuf, F: File<B>> {
+    core: DioCore<B>,
+    file: F,
+    delivery: SubmitErrorDelivery,
+}
+
+impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
+    /// A context with [`SubmitErrorDelivery::Return`].
+    pub fn new(core: DioCore<B>, file: F) -> Self {
+        IoCtx {
+            core,
+            file,
+            delivery: SubmitErrorDelivery::Return,
+        }
+    }
+
+    /// Choose how submission errors are delivered.
+    pub fn with_delivery(mut self, delivery: SubmitErrorDelivery) -> Self {
+        self.delivery = delivery;
+        self
+    }
+
+    /// The file.
+    pub fn file(&self) -> &F {
+        &self.file
+    }
+
+    /// The core.
+    pub fn core(&self) -> &DioCore<B> {
+        &self.core
+    }
+
+    /// Submit asynchronously. `Err((e, buf))`: `cb` never runs. `Ok(())`: `cb` runs exactly
+    /// once (I-CB-3).
+    pub fn submit_async(
+        &self,
+        req: DioRequest<B>,
+        cb: impl FnOnce(DioResult, B) + Send + 'static,
+    ) -> Result<(), (DioError, B)> {
+        self.submit_async_traced(req, cb).map(|_| ())
+    }
+
+    /// [`submit_async`](Self::submit_async), also telling whether the request was queued.
+    pub fn submit_async_traced(
+        &self,
+        req: DioRequest<B>,
+        cb: impl FnOnce(DioResult, B) + Send + 'static,
+    ) -> Result<Submitted, (DioError, B)> {
+        let (dir, offset, len) = (req.dir, req.offset, req.len);
+        match self.core.submit(req, self.file.size(), Completion::new(cb)) {
+            Outcome::Queued => Ok(Submitted::Queued),
+            Outcome::Done {
+                result: Err(e),
+                buf,
+                completion,
+            } if e.is_submission_class() && self.delivery == SubmitErrorDelivery::Return => {
+                completion.discard();
+                Err((e, buf))
+            }
+            other => {
+                let (result, buf, completion) = self.finish(dir, offset, len, other);
+                self.deliver(completion, result, buf);
+                Ok(Submitted::Completed)
+            }
+        }
+    }
+
+    /// Submit and wait: the same steps, returning the value instead of calling back.
+    pub fn submit_sync(&self, mut req: DioRequest<B>) -> (DioResult, B) {
+        req.mode = Mode::Sync;
+        let (dir, offset, len) = (req.dir, req.offset, req.len);
+        let outcome = self.core.submit(req, self.file.size(), Completion::noop());
+        let (result, buf, completion) = self.finish(dir, offset, len, outcome);
+        completion.discard();
+        (result, buf)
+    }
+
+    /// Steps 4(a) and 5: buffered remainder, then the size update, before anyone is told.
+    fn finish(
+        &self,
+        dir: Dir,
+        offset: u64,
+        len: u64,
+        outcome: Outcome<B>,
+    ) -> (DioResult, B, Completion<B>) {
+        let (result, buf, completion) = match outcome {
+            Outcome::Queued => unreachable!("a synchronous request was queued"),
+            Outcome::Done {
+                result,
+                buf,
+                completion,
+            } => (result, buf, completion),
+            Outcome::Fallback {
+                done,
+                buf,
+                completion,
+            } => {
+                let result = match self.file.write_buffered(offset + done, &buf, done..len) {
+                    Ok(n) => Ok(done + n),
+                    Err(_) if done > 0 => Ok(done),
+                    Err(e) => Err(e),
+                };
+                (result, buf, completion)
+            }
+        };
+        if let (Dir::Write, Ok(n)) = (dir, result) {
+            if n > 0 && offset + n > self.file.size() {
+                self.file.extend_to(offset + n);
+            }
+        }
+        (result, buf, completion)
+    }
+
+    /// Step 4(b): run the callback, through the deferral hook if one is configured, so that
+    /// no callback runs on the submitter's stack (I-CB-6).
+    fn deliver(&self, completion: Completion<B>, result: DioResult, buf: B) {
+        match self.core.deferral() {
+            Some(d) => d.defer(Box::new(move || completion.complete(result, buf))),
+            None => completion.complete(result, buf),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The baseline reference counting (§3.3): `refs`, `waiter`, the first device error, the
+//! published payload and the poison flag live under one lock, the `bio_lock`.
+//!
+//! Lock rules: every read and write of this state is under the lock (L1); a completion
+//! decrements, tests and wakes in one critical section (L2); nothing external runs under the
+//! lock (L3); whoever brings `refs` to 0 sets `released` and takes the payload in that same
+//! critical section, and nobody touches the state afterwards (L4, checked at every lock).
+
+use crate::dio::{Final, Payload, Wait, Walk};
+use crate::error::DioError;
+use crate::sync::{Condvar, Mutex, MutexGuard, invariant, lock};
+
+struct State<B> {
+    /// 1 (the submitter, until its final drop) + accepted bios not yet completed.
+    refs: u32,
+    /// `Some(t)`: the submitter sleeps until `refs <= t`.
+    waiter: Option<u32>,
+    /// First completion-class error, in lock order.
+    io_error: Option<DioError>,
+    /// Published by the submitter in the critical section of its final decrement.
+    published: Option<(Walk, Payload<B>)>,
+    /// Poison flag: `refs` reached 0.
+    released: bool,
+}
+
+pub(crate) struct LockedRefs<B> {
+    st: Mutex<State<B>>,
+    cv: Condvar,
+}
+
+impl<B> LockedRefs<B> {
+    pub fn new() -> Self {
+        LockedRefs {
+            st: Mutex::new(State {
+                refs: 1,
+                waiter: None,
+                io_error: None,
+                published: None,
+                released: false,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Every acquisition checks the poison flag (I-LT-1).
+    fn lock(&self) -> MutexGuard<'_, State<B>> {
+        let g = lock(&self.st);
+        invariant!(!g.released, "touched a released Dio");
+        g
+    }
+
+    pub fn get_ref(&self) -> u32 {
+        let mut g = self.lock();
+        g.refs += 1;
+        g.refs - 2
+    }
+
+    pub fn undo_ref(&self) -> u32 {
+        let mut g = self.lock();
+        g.refs -= 1;
+        invariant!(
+            g.refs >= 1,
+            "undo of a rejected bio dropped the submitter's reference"
+        );
+        g.refs - 1
+    }
+
+    /// Wait until `refs <= target`. The submitter holds its reference throughout.
+    pub fn wait_refs(&self, target: u32, wait: &Wait) {
+        match wait {
+            Wait::Park => {
+                let mut g = self.lock();
+                while g.refs > target {
+                    g.waiter = Some(target);
+                    g = match self.cv.wait(g) {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                    invariant!(!g.released, "touched a released Dio");
+                }
+                g.waiter = None;
+            }
+            Wait::PollInPlace(poller) => loop {
+                if self.lock().refs <= target {
+                    break;
+                }
+                // Never with the lock held: completions may run right here (L3).
+                poller.poll_once();
+            },
+        }
+    }
+
+    pub fn submitter_done(
+        &self,
+        queued: bool,
+        walk: Walk,
+        payload: Payload<B>,
+        wait: &Wait,
+    ) -> Option<Final<B>> {
+        if !queued {
+            self.wait_refs(1, wait);
+        }
+        let mut g = self.lock();
+        g.refs -= 1;
+        if g.refs == 0 {
+            g.released = true;
+            let io_error = g.io_error;
+            drop(g);
+            Some(Final {
+                walk,
+                io_error,
+                payload,
+            })
+        } else {
+            invariant!(
+                queued,
+                "the submitter left bios in flight without returning Queued"
+            );
+            g.published = Some((walk, payload));
+            None
+        }
+    }
+
+    pub fn bio_done(&self, err: Option<DioError>) -> Option<Final<B>> {
+        let mut g = self.lock();
+        if let Some(e) = err {
+            if g.io_error.is_none() {
+                g.io_error = Some(e);
+            }
+        }
+        g.refs -= 1;
+        let r = g.refs;
+        if let Some(t) = g.waiter {
+            if r <= t {
+                self.cv.notify_one();
+            }
+        }
+        if r > 0 {
+            return None;
+        }
+        g.released = true;
+        let Some((walk, payload)) = g.published.take() else {
+            panic!("the last reference was a bio's but the submitter published nothing (I-CB-5)");
+        };
+        let io_error = g.io_error;
+        drop(g);
+        Some(Final {
+            walk,
+            io_error,
+            payload,
+        })
+    }
+}

@@ -1,0 +1,431 @@
+//! Deterministic tests (no threads): the `Queued`/wait decision, result precedence, the EOF
+//! clamp, validation, the unaligned write tail, deferral, and delivery options. The device is a
+//! `QueueDev` completed by polling in place.
+#![cfg(not(loom))]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use dio_core::result::{Errors, precedence, transferred};
+use dio_core::sync::Mutex;
+use dio_core::{
+    Completion, Config, Deferral, DeviceStatus, DioCore, DioError, DioRequest, DioResult, Dir,
+    IoCtx, Mode, Outcome, RefCounting, SubmitErrorDelivery, Submitted, Wait,
+};
+
+struct Rig {
+    dev: Arc<QueueDev>,
+    probe: Arc<Probe>,
+    file: FileRef,
+    hook: Arc<Hook>,
+}
+
+fn rig(
+    exts: Vec<(u64, Kind)>,
+    i_size: u64,
+    align: u64,
+    counting: RefCounting,
+) -> (Rig, DioCore<TBuf>) {
+    let probe = Probe::new();
+    let core = Arc::new(DevCore::new(vec![], vec![], probe.clone()));
+    let dev = Arc::new(QueueDev::new(core, 64));
+    let cfg = Config {
+        align,
+        wait: Wait::PollInPlace(dev.clone()),
+        refcount: counting,
+        ..Config::default()
+    };
+    let hook = Arc::new(Hook {
+        calls: Mutex::new(vec![]),
+        fail: None,
+    });
+    let dio = DioCore::new(dev.clone(), Arc::new(LayoutMapper { base: 0, exts }), cfg)
+        .with_end_io(hook.clone());
+    let file = TFile::shared(i_size, probe.clone());
+    (
+        Rig {
+            dev,
+            probe,
+            file,
+            hook,
+        },
+        dio,
+    )
+}
+
+fn buf(r: &Rig, len: u64) -> TBuf {
+    TBuf {
+        len,
+        fault_at: None,
+        probe: r.probe.clone(),
+    }
+}
+
+fn drain(r: &Rig) {
+    while !lock(&r.dev.queue).is_empty() {
+        dio_core::Poller::poll_once(&*r.dev);
+    }
+}
+
+fn kind<B>(o: &Outcome<B>) -> String {
+    format!("{o:?}")
+}
+
+fn finish<B>(o: Outcome<B>) -> String {
+    let k = kind(&o);
+    match o {
+        Outcome::Queued => {}
+        Outcome::Done { completion, .. } | Outcome::Fallback { completion, .. } => {
+            completion.discard()
+        }
+    }
+    k
+}
+
+#[test]
+fn decision_table() {
+    for counting in [RefCounting::Locked, RefCounting::Atomic] {
+        let m = vec![(4, Kind::Mapped); 4];
+        let cases: Vec<(Dir, Mode, bool, u64, u64, &str)> = vec![
+            // dir, mode, force_wait, len, i_size, expected
+            (Dir::Read, Mode::Async, false, 8, 100, "Queued"),
+            (
+                Dir::Read,
+                Mode::Sync,
+                false,
+                8,
+                100,
+                "Done { result: Ok(8) }",
+            ),
+            (
+                Dir::Read,
+                Mode::Async,
+                true,
+                8,
+                100,
+                "Done { result: Ok(8) }",
+            ),
+            (Dir::Write, Mode::Async, false, 8, 100, "Queued"),
+            (
+                Dir::Write,
+                Mode::Async,
+                false,
+                8,
+                4,
+                "Done { result: Ok(8) }",
+            ), // extending
+            (
+                Dir::Write,
+                Mode::Async,
+                false,
+                20,
+                100,
+                "Fallback { done: 16 }",
+            ), // layout ends
+            (Dir::Read, Mode::Async, false, 20, 100, "Queued"), // partial read
+            (Dir::Read, Mode::Async, false, 8, 6, "Queued"),    // crosses EOF
+            (Dir::Read, Mode::Async, false, 8, 8, "Queued"),
+            (
+                Dir::Read,
+                Mode::Async,
+                false,
+                8,
+                0,
+                "Done { result: Ok(0) }",
+            ), // at EOF
+        ];
+        for (dir, mode, force_wait, len, i_size, want) in cases {
+            let (r, dio) = rig(m.clone(), i_size, 1, counting);
+            let (res, cb) = (Arc::new(Mutex::new(None)), Completion::noop());
+            let mut req = DioRequest::new(dir, 0, len, buf(&r, len), mode);
+            req.force_wait = force_wait;
+            let cb = if want == "Queued" {
+                cb.discard();
+                let res = res.clone();
+                Completion::new(move |x: DioResult, _| *lock(&res) = Some(x))
+            } else {
+                cb
+            };
+            let got = finish(dio.submit(req, i_size, cb));
+            assert_eq!(
+                got, want,
+                "{dir:?} {mode:?} force_wait={force_wait} len={len} i_size={i_size}"
+            );
+            drain(&r);
+            if want == "Queued" {
+                let want_n = if dir == Dir::Read {
+                    len.min(16).min(i_size)
+                } else {
+                    len
+                };
+                assert_eq!(*lock(&res), Some(Ok(want_n)));
+            }
+        }
+    }
+}
+
+#[test]
+fn precedence_every_subset() {
+    let s = DioError::QueueFull;
+    let d = DioError::Fault;
+    let io = DioError::Io(DeviceStatus::new(0, 4));
+    let h = DioError::EndIo(3);
+    for mask in 0u8..16 {
+        let errs = Errors {
+            submit: (mask & 1 != 0).then_some(s),
+            deferred: (mask & 2 != 0).then_some(d),
+            io: (mask & 4 != 0).then_some(io),
+        };
+        let hook = (mask & 8 != 0).then_some(h);
+        let want = if mask & 1 != 0 {
+            Err(s)
+        } else if mask & 2 != 0 {
+            Err(d)
+        } else if mask & 4 != 0 {
+            Err(io)
+        } else if mask & 8 != 0 {
+            Err(h)
+        } else {
+            Ok(7)
+        };
+        assert_eq!(precedence(errs, hook, 7), want, "mask {mask:04b}");
+    }
+}
+
+#[test]
+fn eof_clamp_arithmetic() {
+    assert_eq!(transferred(Dir::Read, 0, 6, 8), 6);
+    assert_eq!(transferred(Dir::Read, 4, 6, 8), 2);
+    assert_eq!(transferred(Dir::Read, 0, 100, 8), 8);
+    assert_eq!(transferred(Dir::Read, 10, 6, 8), 0); // offset beyond EOF: saturates
+    assert_eq!(transferred(Dir::Read, 10, 6, 0), 0);
+    assert_eq!(transferred(Dir::Read, u64::MAX - 1, 6, 8), 0);
+    assert_eq!(transferred(Dir::Write, 0, 6, 8), 8); // writes are never clamped
+}
+
+#[test]
+fn zero_length_and_read_at_eof_issue_nothing() {
+    let (r, dio) = rig(vec![(4, Kind::Mapped); 2], 100, 1, RefCounting::Locked);
+    assert_eq!(
+        finish(dio.submit(
+            DioRequest::new(Dir::Write, 0, 0, buf(&r, 8), Mode::Async),
+            100,
+            Completion::noop()
+        )),
+        "Done { result: Ok(0) }"
+    );
+    assert_eq!(
+        finish(dio.submit(
+            DioRequest::new(Dir::Read, 100, 8, buf(&r, 8), Mode::Async),
+            100,
+            Completion::noop()
+        )),
+        "Done { result: Ok(0) }"
+    );
+    assert_eq!(
+        r.dev.core.calls.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert!(lock(&r.hook.calls).is_empty());
+}
+
+#[test]
+fn invalid_requests_are_submission_errors() {
+    let (r, dio) = rig(vec![(512, Kind::Mapped); 4], 4096, 512, RefCounting::Locked);
+    let ctx = IoCtx::new(dio, r.file.clone());
+    let called = Arc::new(Mutex::new(0));
+    for (dir, off, len, blen) in [
+        (Dir::Read, 100, 512, 512),               // misaligned offset
+        (Dir::Read, 0, 100, 512),                 // misaligned read length
+        (Dir::Write, 0, 1024, 512),               // longer than the buffer
+        (Dir::Write, u64::MAX - 511, 1024, 1024), // overflow
+    ] {
+        let c = called.clone();
+        let res = ctx.submit_async(
+            DioRequest::new(dir, off, len, buf(&r, blen), Mode::Async),
+            move |_, _| *lock(&c) += 1,
+        );
+        assert_eq!(res.err().map(|e| e.0), Some(DioError::Invalid));
+    }
+    assert_eq!(*lock(&called), 0);
+    assert_eq!(
+        r.dev.core.calls.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[test]
+fn unaligned_write_tail_goes_buffered() {
+    for counting in [RefCounting::Locked, RefCounting::Atomic] {
+        let (r, dio) = rig(vec![(4, Kind::Mapped); 4], 100, 4, counting);
+        let ctx = IoCtx::new(dio, r.file.clone());
+        let (res, _) = ctx.submit_sync(DioRequest::new(Dir::Write, 0, 10, buf(&r, 10), Mode::Sync));
+        assert_eq!(res, Ok(10));
+        assert_eq!(*lock(&r.file.0.buffered), vec![(8, 10)]);
+        assert_eq!(
+            r.dev
+                .core
+                .accepted
+                .load(std::sync::atomic::Ordering::SeqCst),
+            2
+        );
+    }
+}
+
+#[test]
+fn extending_write_updates_size_before_callback() {
+    let (r, dio) = rig(vec![(4, Kind::Mapped); 4], 2, 1, RefCounting::Locked);
+    let ctx = IoCtx::new(dio, r.file.clone());
+    let seen = Arc::new(Mutex::new(None));
+    let (s, f) = (seen.clone(), r.file.clone());
+    let res = ctx.submit_async_traced(
+        DioRequest::new(Dir::Write, 0, 8, buf(&r, 8), Mode::Async),
+        move |x, _| *lock(&s) = Some((x, f.0.size())),
+    );
+    assert_eq!(res.ok(), Some(Submitted::Completed));
+    assert_eq!(*lock(&seen), Some((Ok(8), 8)));
+}
+
+struct Later(Mutex<Vec<Box<dyn FnOnce() + Send>>>);
+impl Deferral for Later {
+    fn defer(&self, job: Box<dyn FnOnce() + Send>) {
+        lock(&self.0).push(job);
+    }
+}
+
+#[test]
+fn deferral_keeps_callbacks_off_the_submitter_stack() {
+    for (dir, i_size) in [(Dir::Read, 100), (Dir::Write, 0)] {
+        let (r, dio) = rig(vec![(4, Kind::Mapped); 2], i_size, 1, RefCounting::Locked);
+        let later = Arc::new(Later(Mutex::new(vec![])));
+        let ctx = IoCtx::new(dio.with_deferral(later.clone()), r.file.clone());
+        let got: Arc<Mutex<Vec<DioResult>>> = Arc::new(Mutex::new(vec![]));
+        let g = got.clone();
+        ctx.submit_async(
+            DioRequest::new(dir, 0, 8, buf(&r, 8), Mode::Async),
+            move |x, _| lock(&g).push(x),
+        )
+        .map_err(|e| e.0)
+        .unwrap();
+        drain(&r);
+        assert!(
+            lock(&got).is_empty(),
+            "a callback ran before the deferred job"
+        );
+        let jobs: Vec<_> = std::mem::take(&mut *lock(&later.0));
+        assert_eq!(jobs.len(), 1);
+        for j in jobs {
+            j();
+        }
+        assert_eq!(*lock(&got), vec![Ok(8)]);
+    }
+}
+
+#[test]
+fn submission_error_through_callback_option() {
+    let (r, dio) = rig(
+        vec![(4, Kind::Mapped), (4, Kind::MapErr(DioError::Fault))],
+        100,
+        1,
+        RefCounting::Locked,
+    );
+    let ctx = IoCtx::new(dio, r.file.clone()).with_delivery(SubmitErrorDelivery::Callback);
+    let got = Arc::new(Mutex::new(vec![]));
+    let g = got.clone();
+    let res = ctx.submit_async(
+        DioRequest::new(Dir::Read, 0, 8, buf(&r, 8), Mode::Async),
+        move |x, _| lock(&g).push(x),
+    );
+    assert!(res.is_ok());
+    assert_eq!(*lock(&got), vec![Err(DioError::Fault)]);
+}
+
+#[test]
+fn buffered_failure_keeps_direct_bytes() {
+    let probe = Probe::new();
+    let core = Arc::new(DevCore::new(vec![], vec![], probe.clone()));
+    let dev = Arc::new(QueueDev::new(core, 64));
+    let cfg = Config {
+        align: 1,
+        wait: Wait::PollInPlace(dev.clone()),
+        ..Config::default()
+    };
+    let exts = vec![(4, Kind::Mapped), (4, Kind::NeedBuffered)];
+    let file = FileRef(Arc::new(TFile {
+        size: Mutex::new(100),
+        buffered: Mutex::new(vec![]),
+        fail_buffered: true,
+        probe: probe.clone(),
+    }));
+    let ctx = IoCtx::new(
+        DioCore::new(dev, Arc::new(LayoutMapper { base: 0, exts }), cfg),
+        file,
+    );
+    let b = TBuf {
+        len: 8,
+        fault_at: None,
+        probe: probe.clone(),
+    };
+    assert_eq!(
+        ctx.submit_sync(DioRequest::new(Dir::Write, 0, 8, b, Mode::Sync))
+            .0,
+        Ok(4)
+    );
+    let exts = vec![(4, Kind::NeedBuffered)];
+    let core = Arc::new(DevCore::new(vec![], vec![], probe.clone()));
+    let dev = Arc::new(QueueDev::new(core, 64));
+    let cfg = Config {
+        align: 1,
+        wait: Wait::PollInPlace(dev.clone()),
+        ..Config::default()
+    };
+    let file = FileRef(Arc::new(TFile {
+        size: Mutex::new(100),
+        buffered: Mutex::new(vec![]),
+        fail_buffered: true,
+        probe: probe.clone(),
+    }));
+    let ctx = IoCtx::new(
+        DioCore::new(dev, Arc::new(LayoutMapper { base: 0, exts }), cfg),
+        file,
+    );
+    let b = TBuf {
+        len: 8,
+        fault_at: None,
+        probe,
+    };
+    assert_eq!(
+        ctx.submit_sync(DioRequest::new(Dir::Write, 0, 8, b, Mode::Sync))
+            .0,
+        Err(DioError::Fault)
+    );
+}
+
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "dropped without being run or discarded")]
+fn lost_completion_is_caught() {
+    let c: Completion<u8> = Completion::new(|_, _| {});
+    drop(c);
+}
+
+#[test]
+fn error_messages() {
+    assert_eq!(
+        DioError::Fault.to_string(),
+        "buffer segment cannot be mapped for DMA"
+    );
+    assert_eq!(
+        DioError::Io(DeviceStatus {
+            sct: 0,
+            sc: 0x81,
+            lba: Some(42)
+        })
+        .to_string(),
+        "device error: status code type 0x0, status code 0x81, first failing LBA 42"
+    );
+    assert!(DioError::QueueFull.is_submission_class());
+    assert!(!DioError::EndIo(1).is_submission_class());
+}
