@@ -10,15 +10,19 @@
 //! - [`clock`]: the tick source (TSC where it is invariant, else `CLOCK_MONOTONIC_RAW`).
 //! - [`stats`]: per namespace per core counters and a latency histogram.
 //! - [`report`]: SPDK's text report: the table, `-L` percentiles, `-LL` histogram, warnings.
+//! - [`engine`]: the per-core worker loop (submit, ring once per batch, poll, resubmit).
+//! - [`verify`]: the `verify` workload's self-identifying block pattern.
 //! - [`json`]: the `--json` report, a documented schema.
 //! - [`plot`]: the `--plot FILE.svg` latency percentile chart.
 #![warn(missing_docs)]
 
 pub mod cli;
 pub mod clock;
+pub mod engine;
 pub mod json;
 pub mod plot;
 pub mod report;
 pub mod stats;
 pub mod trid;
+pub mod verify;
 pub mod workload;
