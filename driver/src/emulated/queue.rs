@@ -1,0 +1,248 @@
+//! Submission and completion queues as the device sees them.
+//!
+//! Each queue id has a slot that lives as long as the controller: the doorbell value (an atomic
+//! the driver's doorbell writes store into), the queue size (0 while the queue does not exist),
+//! per-queue counters, and the queue state behind one mutex, taken by whoever processes the
+//! queue (the ringing thread in inline mode, the device thread in threaded mode) and, rarely, by
+//! admin commands that create or delete it. The queue rings are reached only through raw
+//! pointers: SQ entries are read with a volatile read, CQ entries written with volatile writes
+//! of DW0..DW2 and a release store of DW3 (command id, status, phase tag).
+
+use core::ptr::NonNull;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use super::prp::Seg;
+use crate::spec::{Cqe, Sqe, Status};
+
+/// Locks a mutex, ignoring poisoning (a panicking test thread must not wedge the device).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A completion waiting to be posted.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Completion {
+    pub dw0: u32,
+    pub sq_head: u16,
+    pub sqid: u16,
+    pub cid: u16,
+    pub status: Status,
+}
+
+/// A submission queue.
+pub(crate) struct Sq {
+    base: NonNull<u8>,
+    size: u32,
+    pub head: u32,
+    pub cqid: u16,
+    /// Scratch list of data segments, reused by every command (grows to the largest transfer
+    /// once, then never allocates).
+    pub segs: Vec<Seg>,
+}
+
+// SAFETY: `base` points into DMA memory kept mapped by the device's `DmaMemory` for the life of
+// the device; the queue is only used under its slot's mutex.
+unsafe impl Send for Sq {}
+
+impl Sq {
+    /// A queue of `size` entries at `base`, which must be 64-byte aligned with `size * 64`
+    /// bytes of DMA memory (checked by the caller through `DmaMemory::ptr_of`).
+    pub(crate) fn new(base: NonNull<u8>, size: u32, cqid: u16, max_segs: usize) -> Sq {
+        Sq {
+            base,
+            size,
+            head: 0,
+            cqid,
+            segs: Vec::with_capacity(max_segs),
+        }
+    }
+
+    /// Reads the entry at the head and advances the head.
+    pub(crate) fn fetch(&mut self) -> Sqe {
+        // SAFETY: `head < size` and the queue memory holds `size` 64-byte aligned entries (`new`);
+        // the host wrote this entry before publishing the tail with a release store that the
+        // caller observed with an acquire load. A volatile read makes no reference.
+        let sqe = unsafe {
+            self.base
+                .as_ptr()
+                .add(self.head as usize * size_of::<Sqe>())
+                .cast::<Sqe>()
+                .read_volatile()
+        };
+        self.head += 1;
+        if self.head == self.size {
+            self.head = 0;
+        }
+        sqe
+    }
+}
+
+/// A completion queue.
+pub(crate) struct Cq {
+    base: NonNull<u8>,
+    size: u32,
+    tail: u32,
+    phase: bool,
+    /// Completions that found the queue full, posted in order as the host frees entries.
+    backlog: VecDeque<Completion>,
+}
+
+// SAFETY: as for `Sq`: `base` points into DMA memory that outlives the queue, used under a mutex.
+unsafe impl Send for Cq {}
+
+impl Cq {
+    /// A queue of `size` 16-byte entries at `base` (page aligned, `size * 16` bytes of DMA
+    /// memory, checked by the caller).
+    pub(crate) fn new(base: NonNull<u8>, size: u32) -> Cq {
+        Cq {
+            base,
+            size,
+            tail: 0,
+            phase: true,
+            backlog: VecDeque::with_capacity(size as usize),
+        }
+    }
+
+    fn try_post(&mut self, head: u32, c: &Completion) -> bool {
+        let next = if self.tail + 1 == self.size {
+            0
+        } else {
+            self.tail + 1
+        };
+        if next == head {
+            return false;
+        }
+        // SAFETY: `tail < size`, so the 16-byte entry lies in the queue memory (`new`); the host
+        // does not write a completion queue. DW0..DW2 are written first with volatile stores;
+        // DW3, which carries the phase tag the host polls, is published with a release store so
+        // a host that sees the new phase with an acquire load sees the whole entry.
+        unsafe {
+            let e = self
+                .base
+                .as_ptr()
+                .add(self.tail as usize * size_of::<Cqe>());
+            e.cast::<u32>().write_volatile(c.dw0);
+            e.add(4).cast::<u32>().write_volatile(0);
+            e.add(8)
+                .cast::<u32>()
+                .write_volatile(c.sq_head as u32 | (c.sqid as u32) << 16);
+            AtomicU32::from_ptr(e.add(12).cast::<u32>())
+                .store(Cqe::dw3(c.cid, c.status, self.phase), Ordering::Release);
+        }
+        self.tail = next;
+        if next == 0 {
+            self.phase = !self.phase;
+        }
+        true
+    }
+
+    /// Posts `c`, or queues it behind earlier completions if the queue is full. Returns true if
+    /// completions remain queued.
+    pub(crate) fn post(&mut self, head: u32, c: Completion) -> bool {
+        if self.backlog.is_empty() && self.try_post(head, &c) {
+            return false;
+        }
+        self.backlog.push_back(c);
+        self.flush(head)
+    }
+
+    /// Posts queued completions while there is room. Returns true if some remain.
+    pub(crate) fn flush(&mut self, head: u32) -> bool {
+        while let Some(c) = self.backlog.front() {
+            let c = *c;
+            if !self.try_post(head, &c) {
+                return true;
+            }
+            self.backlog.pop_front();
+        }
+        false
+    }
+}
+
+/// Per-queue-id state of submission queue `qid`.
+pub(crate) struct SqSlot {
+    /// Last tail doorbell value.
+    pub doorbell: AtomicU32,
+    /// Entries, or 0 while the queue does not exist.
+    pub size: AtomicU32,
+    /// Head as last advanced by the processor (reported in completions released later).
+    pub head: AtomicU32,
+    pub state: Mutex<Option<Sq>>,
+    /// Commands fetched, by opcode.
+    pub commands: Box<[AtomicU64]>,
+    pub doorbells: AtomicU64,
+    pub read_cmds: AtomicU64,
+    pub write_cmds: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+}
+
+impl SqSlot {
+    pub(crate) fn new() -> SqSlot {
+        SqSlot {
+            doorbell: AtomicU32::new(0),
+            size: AtomicU32::new(0),
+            head: AtomicU32::new(0),
+            state: Mutex::new(None),
+            commands: (0..256).map(|_| AtomicU64::new(0)).collect(),
+            doorbells: AtomicU64::new(0),
+            read_cmds: AtomicU64::new(0),
+            write_cmds: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            write_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// True if the host has submitted entries the device has not fetched yet.
+    pub(crate) fn has_work(&self) -> bool {
+        self.size.load(Ordering::Acquire) != 0
+            && self.doorbell.load(Ordering::Acquire) != self.head.load(Ordering::Relaxed)
+    }
+}
+
+/// Per-queue-id state of completion queue `qid`.
+pub(crate) struct CqSlot {
+    /// Last head doorbell value.
+    pub doorbell: AtomicU32,
+    /// Entries, or 0 while the queue does not exist.
+    pub size: AtomicU32,
+    pub state: Mutex<Option<Cq>>,
+    /// Completions are waiting for room.
+    pub backlog: AtomicBool,
+    pub doorbells: AtomicU64,
+}
+
+impl CqSlot {
+    pub(crate) fn new() -> CqSlot {
+        CqSlot {
+            doorbell: AtomicU32::new(0),
+            size: AtomicU32::new(0),
+            state: Mutex::new(None),
+            backlog: AtomicBool::new(false),
+            doorbells: AtomicU64::new(0),
+        }
+    }
+
+    /// Posts a completion (dropped if the queue no longer exists).
+    pub(crate) fn post(&self, c: Completion) {
+        let mut g = lock(&self.state);
+        if let Some(cq) = g.as_mut() {
+            let head = self.doorbell.load(Ordering::Acquire);
+            if cq.post(head, c) {
+                self.backlog.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Posts backlogged completions that now fit.
+    pub(crate) fn flush(&self) {
+        let mut g = lock(&self.state);
+        if let Some(cq) = g.as_mut() {
+            let head = self.doorbell.load(Ordering::Acquire);
+            let left = cq.flush(head);
+            self.backlog.store(left, Ordering::Release);
+        }
+    }
+}
