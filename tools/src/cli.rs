@@ -182,11 +182,6 @@ impl EmulatedArgs {
                 ));
             }
         };
-        if verify && backing == Backing::Null {
-            return err(
-                "-w verify needs data kept: use --emulated-backing memory (the default for verify)",
-            );
-        }
         let size_bytes = match self.size.as_deref() {
             None if backing == Backing::Null => 1 << 40,
             None => 256 << 20,
@@ -628,6 +623,12 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
         }
     };
     let emulated = a.emulated.shape(workload == Workload::Verify)?;
+    if workload == Workload::Verify && emulated.backing == Backing::Null {
+        warnings.push(
+            "WARNING: -w verify on a null-backed emulated namespace: reads return no data, so every block will mismatch"
+                .to_string(),
+        );
+    }
     let cfg = PerfConfig {
         queue_depth,
         io_size,
@@ -913,7 +914,8 @@ mod tests {
             perf_err("-q 1 -o 512 -w read -t 1 --emulated-size 1000")
                 .contains("multiple of the block size")
         );
-        assert!(perf_err("-q 1 -o 512 -w verify -t 1 --emulated-backing null").contains("memory"));
+        let c = perf("-q 1 -o 512 -w verify -t 1 --emulated-backing null").unwrap();
+        assert!(c.warnings[0].contains("every block will mismatch"));
         // clap's own errors are one line too.
         assert_eq!(
             perf_err("-q 1 -o 512 -w read -t 1 -x"),

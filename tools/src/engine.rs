@@ -30,6 +30,8 @@ pub trait IoQueue {
     type Buf: IoBuf;
     /// A failure to submit or poll.
     type Error: fmt::Display;
+    /// Why one command failed.
+    type IoErr: fmt::Display;
 
     /// Queues a read (`read`) or write of `blocks` blocks at `lba` of namespace `nsid` into or
     /// from `buf`, to complete with `tag`. The doorbell is not rung.
@@ -52,11 +54,18 @@ pub trait IoQueue {
 
     /// Reaps up to `max` completions (0: all available), calling `done(tag, status)` for each;
     /// returns how many.
-    fn poll<F: FnMut(u64, Result<(), Status>)>(
+    fn poll<F: FnMut(u64, Result<(), Self::IoErr>)>(
         &mut self,
         max: u32,
         done: F,
     ) -> Result<u32, Self::Error>;
+
+    /// The NVMe status of a failed command, if the device gave one.
+    fn status(e: &Self::IoErr) -> Option<Status>;
+
+    /// Whether a failed command's buffer must never be used again (the device may still
+    /// write it, e.g. after a timeout).
+    fn retire(e: &Self::IoErr) -> bool;
 }
 
 /// A data buffer the CPU may use while no command holds it.
@@ -137,6 +146,9 @@ struct Slot {
 }
 
 /// One namespace on one core: its queues, buffers, slots and statistics.
+///
+/// The queue pairs are declared before the buffers so they are dropped first: a queue pair
+/// deletes its queues on the device before the memory its commands used is freed.
 pub struct Job<Q: IoQueue> {
     /// What to run.
     pub spec: JobSpec,
@@ -156,7 +168,7 @@ pub struct Job<Q: IoQueue> {
     pub verify: VerifyStats,
     draining: bool,
     inflight: u32,
-    done: Vec<(u64, Result<(), Status>)>,
+    done: Vec<(u64, Result<(), Q::IoErr>)>,
     retry: Vec<u32>,
     generation: u64,
     errors_logged: u64,
@@ -348,9 +360,9 @@ impl<Q: IoQueue> Job<Q> {
                 return 0;
             }
         }
-        let n = self.done.len();
-        for i in 0..n {
-            let (tag, st) = self.done[i];
+        let mut done = std::mem::take(&mut self.done);
+        let n = done.len();
+        for (tag, st) in done.drain(..) {
             let now = clock.now();
             let Some(slot) = self.slots.get_mut(tag as usize) else {
                 let msg = format!("{}: completion with unknown tag {tag}", self.spec.name);
@@ -382,19 +394,27 @@ impl<Q: IoQueue> Job<Q> {
                         }
                     }
                 }
-                Err(status) => {
+                Err(e) => {
                     slot.read_back = false;
                     self.stats.io_errors += 1;
                     let what = if read { "Read" } else { "Write" };
-                    let (sct, sc) = (status.sct.bits(), status.sc);
-                    self.log_error(
-                        s,
-                        format_args!("{what} completed with error (sct={sct}, sc={sc}): {status}"),
-                    );
+                    match Q::status(&e) {
+                        Some(st) => {
+                            let (sct, sc) = (st.sct.bits(), st.sc);
+                            let m = format_args!(
+                                "{what} completed with error (sct={sct}, sc={sc}): {e}"
+                            );
+                            self.log_error(s, m);
+                        }
+                        None => self.log_error(s, format_args!("{what} failed: {e}")),
+                    }
                     if s.continue_on_error.is_none() {
-                        let msg =
-                            format!("{}: {what} completed with error: {status}", self.spec.name);
+                        let msg = format!("{}: {what} completed with error: {e}", self.spec.name);
                         self.fail(msg);
+                    }
+                    if Q::retire(&e) {
+                        // Never resubmitted: the device may still write its buffer.
+                        continue;
                     }
                 }
             }
@@ -402,7 +422,7 @@ impl<Q: IoQueue> Job<Q> {
                 self.submit_slot(tag as u32, s, clock);
             }
         }
-        self.done.clear();
+        self.done = done;
         self.ring_all();
         n as u32
     }
@@ -590,6 +610,13 @@ pub(crate) mod mock {
     impl IoQueue for MockQueue {
         type Buf = MockBuf;
         type Error = String;
+        type IoErr = Status;
+        fn status(e: &Status) -> Option<Status> {
+            Some(*e)
+        }
+        fn retire(_: &Status) -> bool {
+            false
+        }
         unsafe fn submit(
             &mut self,
             read: bool,

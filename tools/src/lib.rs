@@ -18,8 +18,10 @@
 
 pub mod cli;
 pub mod clock;
+pub mod device;
 pub mod engine;
 pub mod json;
+pub mod perf;
 pub mod plot;
 pub mod report;
 pub mod stats;
