@@ -152,8 +152,7 @@ fn latency_summary_and_histogram() {
     assert!(out.contains("       Range in us     Cumulative    IO count\n"));
     let last = out
         .lines()
-        .filter(|l| l.contains("%  ("))
-        .last()
+        .rfind(|l| l.contains("%  ("))
         .expect("histogram rows");
     assert!(last.contains("100.0000%"), "{last}");
     let count: u64 = out
