@@ -20,6 +20,7 @@ pub mod cli;
 pub mod clock;
 pub mod device;
 pub mod engine;
+pub mod identify;
 pub mod json;
 pub mod perf;
 pub mod plot;
