@@ -1,6 +1,70 @@
-//! Dioxide: a polled-mode userspace NVMe driver.
+//! Dioxide: a polled-mode userspace NVMe driver, in the spirit of SPDK's `lib/nvme` and ixy.rs.
 //!
-//! (Crate documentation is completed as the layers land.)
+//! # Layers
+//! Bottom up, one module per job:
+//! * [`spec`]: the NVMe specification as values (registers, the 64-byte [`spec::Sqe`] and
+//!   16-byte [`spec::Cqe`], identify pages, status codes with their names). Nothing there
+//!   touches a device.
+//! * [`bus`] and [`dma`]: **the seam**. A [`Bus`] gives 32/64-bit access to BAR0 registers,
+//!   [`Doorbell`] handles, and the [`DmaMemory`] the controller can reach. Two implementations:
+//!   VFIO (a real PCI function) and [`emulated`] (an in-process NVMe controller for tests and for
+//!   measuring the driver's own cost). Nothing above the seam knows which one it talks to.
+//! * [`controller`]: bring-up as an explicit state machine with a time limit per state
+//!   ([`InitState`]), namespaces ([`Namespace`]), queue-pair creation, shutdown on drop
+//!   (CC.SHN), [`Controller::reset`] (CC.EN = 0 deletes every queue; no Delete SQ/CQ first).
+//! * [`admin`]: the admin queue (one command at a time behind a `Mutex`, polled with a
+//!   timeout) and typed admin commands: identify, features, log pages, abort.
+//! * [`qpair`]: one I/O queue pair, the per-I/O path, top to bottom in one file; [`prp`]
+//!   builds the PRP entries it needs.
+//! * [`error`]: [`Error`] for what a call returns, [`IoError`] for how a request ended.
+//!
+//! # What runs where
+//! Bring-up, admin commands, queue creation and deletion run on the caller's thread, under the
+//! controller's admin lock; they allocate and may sleep. A [`QueuePair`] belongs to one thread
+//! (`Send`, not `Sync`) and its per-I/O path takes no lock, allocates nothing and makes no
+//! system call: submission pops a slot from a fixed pool, writes the PRP list into the slot's
+//! own page and the 64-byte command into the SQ with volatile stores; [`QueuePair::poll`]
+//! consumes completions by phase tag and writes each doorbell at most once per call. The clock
+//! is read only every few thousand polls (or every 64 empty ones) for timeouts and health
+//! checks. With the emulated controller in inline mode, the "device" runs inside the doorbell
+//! write on the same thread; in threaded mode it runs on its own thread.
+//!
+//! # DMA memory ownership
+//! Queue memory (SQ, CQ, PRP list pages) is shared with the device for the queue's whole life
+//! and accessed only with volatile or atomic operations. Data buffers come from
+//! [`DmaMemory::alloc`] ([`Controller::alloc`]); a buffer belongs to the CPU while no command uses
+//! it and to the device while one does. The API enforces this three ways:
+//! * **blocking** calls ([`QueuePair::read_blocking`], ...) borrow a slice of DMA memory for the
+//!   duration of the call, and return only once the device has let go of it (even after a
+//!   timeout);
+//! * **owned** calls ([`QueuePair::read`], [`QueuePair::write`]) take a context that owns its
+//!   buffer ([`DmaOwner`]: a [`DmaBuffer`], or `(DmaBuffer, C)`) and hand it back with the
+//!   result;
+//! * **raw** calls ([`QueuePair::read_raw`], ...) take a [`DmaSlice`] under an `unsafe`
+//!   contract: perf's submit-N / ring-once / poll-all path with a `u64` tag.
+//!
+//! # Trusting nothing
+//! Registers that read all ones mean the device is gone; CSTS.CFS means it failed; a completion
+//! naming a command that is not in flight, another SQ, or an SQ head outside the queue is
+//! counted and reported ([`ProtocolError`]) and never followed. A command that does not complete
+//! in time is reported once as [`IoError::Timeout`], aborted, and its command id quarantined until
+//! the device gives it back.
+//!
+//! # Example
+//! ```
+//! use dioxide::emulated::{EmulatedConfig, EmulatedController};
+//! use dioxide::{Controller, Lba, QueueOptions};
+//!
+//! let emu = EmulatedController::new(EmulatedConfig::default())?;
+//! let ctrl = Controller::new(emu)?;
+//! let ns = ctrl.namespaces().remove(0);
+//! let mut q = ctrl.create_qpair::<u64>(QueueOptions::default())?;
+//! let mut buf = ctrl.alloc(4096)?;
+//! buf.as_mut_slice().fill(0xab);
+//! q.write_blocking(&ns, Lba(0), buf.as_slice())?;
+//! q.read_blocking(&ns, Lba(0), buf.as_mut_slice())?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![warn(missing_docs)]
 
 pub mod admin;

@@ -143,6 +143,7 @@ pub(crate) struct Device {
     pub invalid_doorbells: AtomicU64,
     pub stray_doorbells: AtomicU64,
     pub media_errors: AtomicU64,
+    pub idle_sleeps: AtomicU64,
     pub stop: AtomicBool,
 }
 
@@ -183,6 +184,7 @@ impl Device {
             invalid_doorbells: AtomicU64::new(0),
             stray_doorbells: AtomicU64::new(0),
             media_errors: AtomicU64::new(0),
+            idle_sleeps: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             props,
         }
@@ -597,6 +599,9 @@ impl Device {
         if !status.is_success() {
             self.record_error(qid, sqe, status);
         }
+        if self.removed.load(Ordering::Acquire) {
+            return;
+        }
         self.cqs[cqid as usize].post(Completion {
             dw0,
             sq_head: head as u16,
@@ -608,6 +613,9 @@ impl Device {
 
     /// Posts a held completion now, with the current SQ head.
     pub(crate) fn post_held(&self, h: Held) {
+        if self.removed.load(Ordering::Acquire) {
+            return;
+        }
         let mut c = h.completion;
         c.sq_head = self.sqs[c.sqid as usize].head.load(Ordering::Relaxed) as u16;
         self.cqs[h.cqid as usize].post(c);
@@ -710,10 +718,10 @@ impl Device {
                 core::hint::spin_loop();
             } else if idle < 256 {
                 std::thread::yield_now();
-            } else if idle < 4096 {
-                std::thread::sleep(Duration::from_micros(20));
             } else {
-                std::thread::sleep(Duration::from_micros(500));
+                self.idle_sleeps.fetch_add(1, Ordering::Relaxed);
+                let nap = if idle < 4096 { 20 } else { 500 };
+                std::thread::sleep(Duration::from_micros(nap));
             }
         }
     }

@@ -339,6 +339,7 @@ impl EmulatedController {
             invalid_doorbell_writes: d.invalid_doorbells.load(Ordering::Relaxed),
             faults_fired: d.faults.fired.load(Ordering::Relaxed),
             held: d.pending.len(),
+            idle_sleeps: d.idle_sleeps.load(Ordering::Relaxed),
             doorbell_writes: d.stray_doorbells.load(Ordering::Relaxed),
             ..Stats::default()
         };

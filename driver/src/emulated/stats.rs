@@ -17,6 +17,8 @@ pub struct Stats {
     pub faults_fired: u64,
     /// Commands whose completion is currently held (delayed or never-completing).
     pub held: usize,
+    /// Times the threaded-mode device thread slept because it had been idle.
+    pub idle_sleeps: u64,
 }
 
 impl Stats {

@@ -10,7 +10,7 @@ use crate::spec::identify::{IDENTIFY_LEN, IdentifyController, IdentifyNamespace,
 use crate::spec::regs::{cq_head_doorbell, offset, shn, shst, sq_tail_doorbell};
 use crate::spec::sqe::{admin, cns, fid, io};
 use crate::spec::status::{command_specific as cs, generic as g};
-use crate::spec::{Aqa, Cc, Cqe, Csts, Sct, Sqe};
+use crate::spec::{Aqa, Cc, Cqe, Csts, Sct, Sqe, Status};
 
 const P: usize = 4096;
 
@@ -999,4 +999,336 @@ fn log_pages() {
     let mut s = Sqe::get_log_page(crate::spec::sqe::lid::SMART, 0, 512, page.iova().0, 0);
     s.cdw12 = 512;
     assert_eq!(code(&h.admin(s)), st(Sct::Generic, g::INVALID_FIELD));
+}
+
+// ------------------------------------------------------------------------ faults
+
+fn read1(nsid: u32, lba: u64, buf: &DmaBuffer) -> Sqe {
+    rw(io::READ, nsid, lba, 1, buf.iova().0, 0)
+}
+
+#[test]
+fn fault_status_on_nth_command_and_lba_range() {
+    use crate::spec::status::media;
+    let mut h = start(cfg_with(vec![NamespaceConfig::memory(512, 1 << 16)]));
+    let mut q = h.io_pair(1, 8);
+    let mut buf = h.bus().dma().alloc(P).unwrap();
+    let ure = Status::new(Sct::Media, media::UNRECOVERED_READ_ERROR);
+    h.ctrl.inject(Fault::once(
+        Trigger::NthCommand {
+            qid: Some(1),
+            opcode: Some(io::READ),
+            n: 2,
+        },
+        Action::Status(ure),
+    ));
+    let mut w = rw(io::WRITE, 1, 0, 1, buf.iova().0, 0);
+    assert_eq!(code(&q.cmd(w)), OK, "writes do not count");
+    assert_eq!(code(&q.cmd(read1(1, 0, &buf))), OK);
+    assert_eq!(q.cmd(read1(1, 0, &buf)).status(), ure);
+    assert_eq!(code(&q.cmd(read1(1, 0, &buf))), OK, "fired once");
+    // An LBA range, writes only, always.
+    let wf = Status::new(Sct::Media, media::WRITE_FAULT);
+    let id = h.ctrl.inject(Fault::always(
+        Trigger::LbaRange {
+            nsid: 1,
+            start: 100,
+            end: 200,
+            opcode: Some(io::WRITE),
+        },
+        Action::Status(wf),
+    ));
+    w.cdw10 = 99;
+    assert_eq!(code(&q.cmd(w)), OK);
+    buf.as_mut_slice().fill(0xee);
+    w.cdw12 = 1; // two blocks: 99..=100
+    assert_eq!(q.cmd(w).status(), wf);
+    w.cdw10 = 199;
+    w.cdw12 = 0;
+    assert_eq!(q.cmd(w).status(), wf);
+    w.cdw10 = 200;
+    assert_eq!(code(&q.cmd(w)), OK);
+    assert_eq!(code(&q.cmd(read1(1, 150, &buf))), OK);
+    assert!(
+        buf.as_slice()[..512].iter().all(|&b| b == 0),
+        "the failed write wrote nothing"
+    );
+    assert!(h.ctrl.remove_fault(id));
+    w.cdw10 = 150;
+    assert_eq!(code(&q.cmd(w)), OK);
+    // An admin command.
+    h.ctrl.inject(Fault::once(
+        Trigger::NthCommand {
+            qid: Some(0),
+            opcode: Some(admin::CREATE_IO_SQ),
+            n: 1,
+        },
+        Action::Status(Status::new(Sct::Generic, g::INTERNAL_ERROR)),
+    ));
+    let q2 = Queue::new(h.bus(), 2, 4, 0);
+    assert_eq!(code(&h.admin(Sqe::create_io_cq(2, 4, q2.cq.iova().0))), OK);
+    let c = h.admin(Sqe::create_io_sq(2, 4, q2.sq.iova().0, 2));
+    assert_eq!(code(&c), st(Sct::Generic, g::INTERNAL_ERROR));
+    let s = h.ctrl.stats();
+    assert_eq!(s.faults_fired, 4);
+    assert_eq!(s.commands_with(1, io::READ), 4);
+    let page = h.bus().dma().alloc(P).unwrap();
+    h.admin(Sqe::get_log_page(
+        crate::spec::sqe::lid::SMART,
+        0,
+        512,
+        page.iova().0,
+        0,
+    ));
+    let smart = crate::spec::SmartLog::from_bytes(page.as_slice()[..512].try_into().unwrap());
+    assert_eq!(smart.media_errors, 3);
+    h.ctrl.clear_faults();
+}
+
+#[test]
+fn inline_delays_by_command_count_time_and_release() {
+    let mut h = start(EmulatedConfig::default());
+    let mut q = h.io_pair(1, 8);
+    let buf = h.bus().dma().alloc(P).unwrap();
+    let any_read = Trigger::NthCommand {
+        qid: None,
+        opcode: Some(io::READ),
+        n: 1,
+    };
+    h.ctrl
+        .inject(Fault::once(any_read, Action::DelayCommands(2)));
+    let a = q.submit(read1(1, 0, &buf));
+    assert!(q.poll().is_none());
+    assert_eq!(h.ctrl.stats().held, 1);
+    let b = q.submit(Sqe::flush(1));
+    assert_eq!(q.wait().cid, b);
+    assert!(q.poll().is_none());
+    let c = q.submit(Sqe::flush(1));
+    assert_eq!(q.wait().cid, a, "released at the second further command");
+    assert_eq!(q.wait().cid, c);
+    // Released explicitly.
+    h.ctrl
+        .inject(Fault::once(any_read, Action::DelayCommands(1000)));
+    let a = q.submit(read1(1, 0, &buf));
+    assert!(q.poll().is_none());
+    h.ctrl.release_delayed();
+    let cqe = q.wait();
+    assert_eq!((cqe.cid, code(&cqe)), (a, OK));
+    // By wall time: checked at the next doorbell write.
+    h.ctrl.inject(Fault::once(
+        any_read,
+        Action::Delay(Duration::from_millis(20)),
+    ));
+    let a = q.submit(read1(1, 0, &buf));
+    q.cqdb.ring(q.head as u32);
+    assert!(q.poll().is_none());
+    std::thread::sleep(Duration::from_millis(25));
+    q.cqdb.ring(q.head as u32);
+    assert_eq!(q.wait().cid, a);
+    assert_eq!(h.ctrl.stats().held, 0);
+}
+
+#[test]
+fn never_complete_abort_deletion_and_reset() {
+    let mut h = start(EmulatedConfig::default());
+    let mut q = h.io_pair(1, 8);
+    let buf = h.bus().dma().alloc(P).unwrap();
+    let hold = Fault::once(
+        Trigger::NthCommand {
+            qid: Some(1),
+            opcode: None,
+            n: 1,
+        },
+        Action::NeverComplete,
+    );
+    h.ctrl.inject(hold);
+    let a = q.submit(read1(1, 0, &buf));
+    let b = q.submit(read1(1, 0, &buf));
+    assert_eq!(q.wait().cid, b);
+    assert!(q.poll().is_none());
+    assert_eq!(h.ctrl.stats().held, 1);
+    // Abort of a completed command: not aborted.
+    assert_eq!(h.admin(Sqe::abort(1, b)).dw0 & 1, 1);
+    // Abort of the held one.
+    let c = h.admin(Sqe::abort(1, a));
+    assert_eq!((code(&c), c.dw0 & 1), (OK, 0));
+    let cqe = q.wait();
+    assert_eq!(cqe.cid, a);
+    assert_eq!(code(&cqe), st(Sct::Generic, g::ABORT_REQUESTED));
+    // Held until the SQ is deleted.
+    h.ctrl.inject(hold);
+    let a = q.submit(read1(1, 0, &buf));
+    assert!(q.poll().is_none());
+    assert_eq!(code(&h.admin(Sqe::delete_io_sq(1))), OK);
+    let cqe = q.wait();
+    assert_eq!(cqe.cid, a);
+    assert_eq!(code(&cqe), st(Sct::Generic, g::ABORTED_SQ_DELETION));
+    assert_eq!(code(&h.admin(Sqe::delete_io_cq(1))), OK);
+    // Held until a reset, which drops it.
+    let mut q = h.io_pair(1, 8);
+    h.ctrl.inject(hold);
+    q.submit(read1(1, 0, &buf));
+    assert_eq!(h.ctrl.stats().held, 1);
+    h.bus().write32(offset::CC, 0);
+    assert_eq!(h.ctrl.stats().held, 0);
+    assert!(q.poll().is_none());
+}
+
+#[test]
+fn fatal_status_stops_processing_until_reset() {
+    let mut h = start(EmulatedConfig::default());
+    let mut q = h.io_pair(1, 8);
+    let buf = h.bus().dma().alloc(P).unwrap();
+    h.ctrl.set_fatal();
+    assert!(Csts(h.bus().read32(offset::CSTS)).cfs());
+    q.submit(read1(1, 0, &buf));
+    assert!(q.poll().is_none());
+    assert_eq!(h.ctrl.stats().commands_with(1, io::READ), 0);
+    // Reset and bring up again.
+    h.bus().write32(offset::CC, 0);
+    let c = wait_csts(h.bus(), |c| !c.rdy());
+    assert!(!c.cfs());
+    let admin = Queue::new(h.bus(), 0, 8, 0);
+    h.bus().write32(offset::AQA, Aqa::new(8, 8).0);
+    h.bus().write64(offset::ASQ, admin.sq.iova().0);
+    h.bus().write64(offset::ACQ, admin.cq.iova().0);
+    h.bus().write32(offset::CC, cc_ok().0);
+    wait_csts(h.bus(), |c| c.rdy());
+    h.admin = admin;
+    let mut q = h.io_pair(1, 8);
+    assert_eq!(code(&q.cmd(read1(1, 0, &buf))), OK);
+}
+
+#[test]
+fn surprise_removal() {
+    let mut h = start(EmulatedConfig::default());
+    let mut q = h.io_pair(1, 8);
+    let buf = h.bus().dma().alloc(P).unwrap();
+    h.ctrl.surprise_remove();
+    for off in [offset::CAP, offset::VS, offset::CC, offset::CSTS, 0x1000] {
+        assert_eq!(h.bus().read32(off), u32::MAX);
+    }
+    assert!(Csts(h.bus().read32(offset::CSTS)).is_all_ones());
+    let before = h.ctrl.stats();
+    q.submit(read1(1, 0, &buf));
+    h.bus().write32(offset::CC, 0);
+    assert!(q.poll().is_none());
+    assert_eq!(h.bus().read32(offset::CSTS), u32::MAX);
+    assert_eq!(h.ctrl.stats(), before, "nothing processed, nothing counted");
+}
+
+// ------------------------------------------------------------------------ threaded
+
+fn threaded(namespaces: Vec<NamespaceConfig>) -> EmulatedConfig {
+    EmulatedConfig {
+        mode: Mode::Threaded,
+        namespaces,
+        ready_delay: Duration::from_millis(5),
+        ..EmulatedConfig::default()
+    }
+}
+
+#[test]
+fn threaded_concurrent_submitters_with_faults_added_while_running() {
+    let mut h = start(threaded(vec![NamespaceConfig::memory(512, 1 << 16)]));
+    let queues: Vec<Queue> = (1..=3).map(|i| h.io_pair(i, 32)).collect();
+    let bus: Arc<dyn Bus> = h.ctrl.clone();
+    let injected = h.ctrl.inject(Fault {
+        trigger: Trigger::NthCommand {
+            qid: None,
+            opcode: Some(io::FLUSH),
+            n: 1,
+        },
+        action: Action::Status(Status::new(Sct::Generic, g::INTERNAL_ERROR)),
+        times: None,
+    });
+    let workers: Vec<_> = queues
+        .into_iter()
+        .map(|mut q| {
+            let bus = bus.clone();
+            std::thread::spawn(move || {
+                let depth = 8;
+                let base = q.qid as u64 * 4096;
+                let mut bufs: Vec<DmaBuffer> =
+                    (0..depth).map(|_| bus.dma().alloc(P).unwrap()).collect();
+                let mut errors = 0;
+                for round in 0..30u64 {
+                    for (i, b) in bufs.iter_mut().enumerate() {
+                        b.as_mut_slice()
+                            .copy_from_slice(&pattern(P, (round + i as u64) as u8));
+                        q.push(rw(io::WRITE, 1, base + 8 * i as u64, 8, b.iova().0, 0));
+                    }
+                    q.push(Sqe::flush(1));
+                    q.ring();
+                    for _ in 0..=depth {
+                        let c = q.wait();
+                        if code(&c) != OK {
+                            errors += 1;
+                        }
+                    }
+                    for b in bufs.iter_mut() {
+                        b.as_mut_slice().fill(0);
+                    }
+                    for (i, b) in bufs.iter().enumerate() {
+                        q.push(rw(io::READ, 1, base + 8 * i as u64, 8, b.iova().0, 0));
+                    }
+                    q.ring();
+                    for _ in 0..depth {
+                        assert_eq!(code(&q.wait()), OK);
+                    }
+                    for (i, b) in bufs.iter().enumerate() {
+                        assert!(b.as_slice() == &pattern(P, (round + i as u64) as u8)[..]);
+                    }
+                }
+                errors
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(5));
+    h.ctrl.remove_fault(injected);
+    let errors: u32 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    let s = h.ctrl.stats();
+    assert_eq!(
+        errors as u64, s.faults_fired,
+        "only the injected flushes failed"
+    );
+    assert_eq!(s.dma_faults, 0);
+    assert_eq!(s.io_commands(), 3 * 30 * 17);
+    for qid in 1..=3 {
+        assert_eq!(s.commands_with(qid, io::WRITE), 240);
+    }
+}
+
+#[test]
+fn threaded_delay_and_idle_backoff() {
+    let mut h = start(threaded(vec![NamespaceConfig::null(4096, 1 << 20)]));
+    let mut q = h.io_pair(1, 8);
+    let buf = h.bus().dma().alloc(P).unwrap();
+    h.ctrl.inject(Fault::once(
+        Trigger::NthCommand {
+            qid: Some(1),
+            opcode: None,
+            n: 1,
+        },
+        Action::Delay(Duration::from_millis(30)),
+    ));
+    let t = Instant::now();
+    assert_eq!(code(&q.cmd(read1(1, 0, &buf))), OK);
+    assert!(t.elapsed() >= Duration::from_millis(30));
+    let t = Instant::now();
+    assert_eq!(code(&q.cmd(read1(1, 0, &buf))), OK);
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // Idle: the device thread sleeps instead of spinning.
+    let before = h.ctrl.stats().idle_sleeps;
+    let t = Instant::now();
+    while h.ctrl.stats().idle_sleeps - before < 5 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the idle device thread does not sleep"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // And stops when the controller is dropped (the join in Drop would hang otherwise).
+    drop(q);
+    drop(h);
 }
