@@ -1,1 +1,5 @@
-fn main() {}
+//! `identify`: controller and namespace data, like spdk_nvme_identify.
+
+fn main() -> std::process::ExitCode {
+    dioxide_tools::identify::main(std::env::args())
+}

@@ -1,1 +1,5 @@
-fn main() {}
+//! `perf`: spdk_nvme_perf's options and report, on Dioxide.
+
+fn main() -> std::process::ExitCode {
+    dioxide_tools::perf::main(std::env::args())
+}

@@ -1,0 +1,909 @@
+//! The per-core worker loop of `perf`: submit, ring, poll, record, resubmit.
+//!
+//! The loop is written against [`IoQueue`], the three operations a queue pair offers (submit a
+//! command with a `u64` tag, ring the SQ doorbell, poll completions), so it is tested here with
+//! an in-memory queue and runs on the driver's `QueuePair` through a thin adapter.
+//!
+//! Per namespace on a core (a [`Job`]): `-q` slots, each with its own data buffer allocated up
+//! front; a slot's index is its command's tag. Nothing is allocated while I/O runs: completions
+//! are gathered into a vector of capacity `-q`, then each finished slot is resubmitted and the
+//! doorbell of every queue that got a command is rung once (`--doorbell per-batch`, the
+//! default) or after each command (`per-command`). Latency is the tick count from just before
+//! submission to the moment the completion is seen.
+//!
+//! `verify`: each slot owns a stripe of the namespace range (`slot, slot + q, slot + 2q, ...`),
+//! so no two I/Os in flight touch the same block. A slot writes the [`crate::verify`] pattern
+//! with a fresh generation, reads the same blocks back into a poisoned buffer, checks every
+//! byte, then moves on to its next stripe offset.
+
+use crate::clock::Clock;
+use crate::stats::NsStats;
+use crate::verify;
+use crate::workload::{Mix, Offsets, Workload, XorShift64};
+use dioxide::spec::Status;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// What `perf` needs from a queue pair.
+pub trait IoQueue {
+    /// A data buffer the device can reach.
+    type Buf: IoBuf;
+    /// A failure to submit or poll.
+    type Error: fmt::Display;
+    /// Why one command failed.
+    type IoErr: fmt::Display;
+
+    /// Queues a read (`read`) or write of `blocks` blocks at `lba` of namespace `nsid` into or
+    /// from `buf`, to complete with `tag`. The doorbell is not rung.
+    ///
+    /// # Safety
+    /// `buf` must stay alive, and must be neither read nor written by the CPU, until the
+    /// completion carrying `tag` has been returned by [`IoQueue::poll`].
+    unsafe fn submit(
+        &mut self,
+        read: bool,
+        nsid: u32,
+        lba: u64,
+        blocks: u32,
+        buf: &Self::Buf,
+        tag: u64,
+    ) -> Result<(), Self::Error>;
+
+    /// Writes the SQ tail doorbell for everything queued since the last ring.
+    fn ring(&mut self);
+
+    /// Reaps up to `max` completions (0: all available), calling `done(tag, status)` for each;
+    /// returns how many.
+    fn poll<F: FnMut(u64, Result<(), Self::IoErr>)>(
+        &mut self,
+        max: u32,
+        done: F,
+    ) -> Result<u32, Self::Error>;
+
+    /// The NVMe status of a failed command, if the device gave one.
+    fn status(e: &Self::IoErr) -> Option<Status>;
+
+    /// Whether a failed command's buffer must never be used again (the device may still
+    /// write it, e.g. after a timeout).
+    fn retire(e: &Self::IoErr) -> bool;
+}
+
+/// A data buffer the CPU may use while no command holds it.
+pub trait IoBuf {
+    /// The bytes.
+    fn bytes(&mut self) -> &mut [u8];
+}
+
+/// The run's settings, shared by every worker.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `-q`.
+    pub queue_depth: u32,
+    /// `-w`.
+    pub workload: Workload,
+    /// The read/write mix from `-w` and `-M`.
+    pub mix: Mix,
+    /// `-t` in ticks.
+    pub time_ticks: u64,
+    /// `-a` in ticks (0: none).
+    pub warmup_ticks: u64,
+    /// `-d` (0: unlimited).
+    pub number_ios: u64,
+    /// `-C` (0: unlimited).
+    pub max_completions: u32,
+    /// `--doorbell per-command`.
+    pub doorbell_per_command: bool,
+    /// `-Q N`.
+    pub continue_on_error: Option<u32>,
+    /// Keep a latency histogram.
+    pub track_latency: bool,
+    /// Give up on I/Os still outstanding this long after the run (ticks).
+    pub drain_timeout_ticks: u64,
+}
+
+/// One namespace on one core: what to run.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// Name in the report, e.g. `EMULATED (inline) NSID 1`.
+    pub name: String,
+    /// Namespace ID.
+    pub nsid: u32,
+    /// Core.
+    pub core: u32,
+    /// LBA size.
+    pub block_size: u32,
+    /// Blocks per I/O (`-o` / block size).
+    pub io_blocks: u32,
+    /// First I/O-sized slot of the range this job uses.
+    pub first_io: u64,
+    /// Number of I/O-sized slots in the range.
+    pub ios: u64,
+    /// Random seed.
+    pub seed: u64,
+}
+
+/// What `verify` found in one job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyStats {
+    /// Blocks read back and checked.
+    pub blocks_checked: u64,
+    /// Blocks with a wrong byte.
+    pub bad_blocks: u64,
+    /// The first wrong byte.
+    pub first: Option<verify::BadByte>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    submit_tick: u64,
+    lba: u64,
+    read: bool,
+    /// verify: the next I/O of this slot reads back what it wrote.
+    read_back: bool,
+    /// verify: the next stripe offset (relative to `first_io`).
+    next_io: u64,
+    generation: u64,
+}
+
+/// One namespace on one core: its queues, buffers, slots and statistics.
+///
+/// The queue pairs are declared before the buffers so they are dropped first: a queue pair
+/// deletes its queues on the device before the memory its commands used is freed.
+pub struct Job<Q: IoQueue> {
+    /// What to run.
+    pub spec: JobSpec,
+    qps: Vec<Q>,
+    unrung: Vec<bool>,
+    next_qp: usize,
+    bufs: Vec<Q::Buf>,
+    slots: Vec<Slot>,
+    depth: u32,
+    offsets: Offsets,
+    rng: XorShift64,
+    /// Statistics (reset after the warm-up).
+    pub stats: NsStats,
+    /// Completions over the whole run, for the progress line.
+    pub lifetime_completed: u64,
+    /// `verify` results.
+    pub verify: VerifyStats,
+    draining: bool,
+    inflight: u32,
+    done: Vec<(u64, Result<(), Q::IoErr>)>,
+    retry: Vec<u32>,
+    generation: u64,
+    errors_logged: u64,
+    /// Why the job failed, if it did (an I/O error without `-Q`, a queue failure).
+    pub failure: Option<String>,
+}
+
+impl<Q: IoQueue> Job<Q> {
+    /// A job over `qps` (at least one) with one buffer of `io_blocks * block_size` bytes per
+    /// slot in `bufs` (at least `-q`).
+    pub fn new(spec: JobSpec, qps: Vec<Q>, bufs: Vec<Q::Buf>, s: &Settings, hz: u64) -> Job<Q> {
+        assert!(!qps.is_empty(), "a job needs a queue pair");
+        let verify = s.workload == Workload::Verify;
+        let depth = if verify {
+            (s.queue_depth as u64).min(spec.ios).max(1) as u32
+        } else {
+            s.queue_depth
+        };
+        assert!(bufs.len() >= depth as usize, "a buffer per slot");
+        let slots = (0..depth)
+            .map(|k| Slot {
+                next_io: k as u64,
+                ..Slot::default()
+            })
+            .collect();
+        Job {
+            offsets: Offsets::new(spec.ios, s.workload.is_random(), 0),
+            rng: XorShift64::new(spec.seed),
+            unrung: vec![false; qps.len()],
+            qps,
+            next_qp: 0,
+            bufs,
+            slots,
+            depth,
+            stats: NsStats::new(hz, s.track_latency),
+            lifetime_completed: 0,
+            verify: VerifyStats::default(),
+            draining: false,
+            inflight: 0,
+            done: Vec::with_capacity(depth as usize),
+            retry: Vec::with_capacity(depth as usize),
+            generation: spec.seed.rotate_left(17) | 1,
+            errors_logged: 0,
+            failure: None,
+            spec,
+        }
+    }
+
+    /// I/Os in flight.
+    pub fn inflight(&self) -> u32 {
+        self.inflight
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.failure.is_none() {
+            self.failure = Some(why);
+        }
+        self.draining = true;
+    }
+
+    fn log_error(&mut self, s: &Settings, msg: fmt::Arguments<'_>) {
+        // SPDK's RATELIMIT_LOG: print every Nth, saying how many were suppressed.
+        let quiet = s.continue_on_error.unwrap_or(1).max(1) as u64;
+        if self.errors_logged % quiet == 0 {
+            if self.errors_logged > 0 && quiet > 1 {
+                eprint!("Message suppressed {} times: ", quiet - 1);
+            }
+            eprintln!("{msg}");
+        }
+        self.errors_logged += 1;
+    }
+
+    /// Submits slot `k`'s next I/O.
+    #[inline]
+    fn submit_slot(&mut self, k: u32, s: &Settings, clock: &Clock) {
+        let bs = self.spec.block_size as usize;
+        let io_blocks = self.spec.io_blocks as u64;
+        let slot = &mut self.slots[k as usize];
+        if s.workload == Workload::Verify {
+            let buf = self.bufs[k as usize].bytes();
+            if slot.read_back {
+                slot.read = true;
+                verify::poison(buf);
+            } else {
+                slot.lba = (self.spec.first_io + slot.next_io) * io_blocks;
+                slot.next_io += self.depth as u64;
+                if slot.next_io >= self.spec.ios {
+                    slot.next_io = k as u64;
+                }
+                slot.generation = self.generation;
+                self.generation = self.generation.wrapping_add(1);
+                slot.read = false;
+                verify::fill(buf, slot.lba, bs, slot.generation);
+            }
+        } else {
+            slot.lba = (self.spec.first_io + self.offsets.next(&mut self.rng)) * io_blocks;
+            slot.read = s.mix.is_read(&mut self.rng);
+        }
+        let q = self.next_qp;
+        self.next_qp += 1;
+        if self.next_qp == self.qps.len() {
+            self.next_qp = 0;
+        }
+        slot.submit_tick = clock.now();
+        let (read, lba) = (slot.read, slot.lba);
+        // SAFETY: slot k's buffer is not touched again until its completion (tag k) is polled:
+        // the slot is only resubmitted, and its buffer only filled or checked, from the
+        // completion path, and the job outlives every queue it submits to (drained before
+        // being dropped).
+        let r = unsafe {
+            self.qps[q].submit(
+                read,
+                self.spec.nsid,
+                lba,
+                self.spec.io_blocks,
+                &self.bufs[k as usize],
+                k as u64,
+            )
+        };
+        match r {
+            Ok(()) => {
+                self.inflight += 1;
+                self.stats.io_submitted += 1;
+                if s.doorbell_per_command {
+                    self.qps[q].ring();
+                } else {
+                    self.unrung[q] = true;
+                }
+                if s.number_ios != 0 && self.stats.io_submitted >= s.number_ios {
+                    self.draining = true;
+                }
+            }
+            Err(e) => {
+                if s.continue_on_error.is_some() {
+                    // Retried on the next pass, as SPDK queues it.
+                    self.retry.push(k);
+                } else {
+                    let msg = format!("starting I/O failed: {e}");
+                    self.log_error(s, format_args!("{msg}"));
+                    self.fail(format!("{}: {msg}", self.spec.name));
+                }
+            }
+        }
+    }
+
+    fn ring_all(&mut self) {
+        for (q, unrung) in self.qps.iter_mut().zip(self.unrung.iter_mut()) {
+            if *unrung {
+                q.ring();
+                *unrung = false;
+            }
+        }
+    }
+
+    /// Submits the first `-q` I/Os.
+    pub fn start(&mut self, s: &Settings, clock: &Clock) {
+        for k in 0..self.depth {
+            if self.draining {
+                break;
+            }
+            self.submit_slot(k, s, clock);
+        }
+        self.ring_all();
+    }
+
+    /// Polls every queue once, handles the completions and resubmits; returns how many
+    /// completed.
+    pub fn poll(&mut self, s: &Settings, clock: &Clock) -> u32 {
+        if !self.retry.is_empty() && !self.draining {
+            let n = self.retry.len();
+            for i in 0..n {
+                let k = self.retry[i];
+                self.submit_slot(k, s, clock);
+            }
+            self.retry.drain(..n);
+        }
+        for q in 0..self.qps.len() {
+            let done = &mut self.done;
+            if let Err(e) = self.qps[q].poll(s.max_completions, |tag, st| done.push((tag, st))) {
+                let msg = format!(
+                    "{}: NVMe io qpair process completion error: {e}",
+                    self.spec.name
+                );
+                eprintln!("{msg}");
+                self.fail(msg);
+                // Nothing more will complete on a queue that failed.
+                self.inflight = 0;
+                self.done.clear();
+                return 0;
+            }
+        }
+        let mut done = std::mem::take(&mut self.done);
+        let n = done.len();
+        for (tag, st) in done.drain(..) {
+            let now = clock.now();
+            let Some(slot) = self.slots.get_mut(tag as usize) else {
+                let msg = format!("{}: completion with unknown tag {tag}", self.spec.name);
+                self.fail(msg);
+                continue;
+            };
+            self.stats.record(now.saturating_sub(slot.submit_tick));
+            self.lifetime_completed += 1;
+            self.inflight = self.inflight.saturating_sub(1);
+            let read = slot.read;
+            match st {
+                Ok(()) => {
+                    if s.workload == Workload::Verify {
+                        if read {
+                            let (lba, generation) = (slot.lba, slot.generation);
+                            slot.read_back = false;
+                            let bs = self.spec.block_size as usize;
+                            let (bad, first) =
+                                verify::check(self.bufs[tag as usize].bytes(), lba, bs, generation);
+                            self.verify.blocks_checked += self.spec.io_blocks as u64;
+                            if bad > 0 {
+                                self.verify.bad_blocks += bad;
+                                if self.verify.first.is_none() {
+                                    self.verify.first = first;
+                                }
+                            }
+                        } else {
+                            slot.read_back = true;
+                        }
+                    }
+                }
+                Err(e) => {
+                    slot.read_back = false;
+                    self.stats.io_errors += 1;
+                    let what = if read { "Read" } else { "Write" };
+                    match Q::status(&e) {
+                        Some(st) => {
+                            let (sct, sc) = (st.sct.bits(), st.sc);
+                            let m = format_args!(
+                                "{what} completed with error (sct={sct}, sc={sc}): {e}"
+                            );
+                            self.log_error(s, m);
+                        }
+                        None => self.log_error(s, format_args!("{what} failed: {e}")),
+                    }
+                    if s.continue_on_error.is_none() {
+                        let msg = format!("{}: {what} completed with error: {e}", self.spec.name);
+                        self.fail(msg);
+                    }
+                    if Q::retire(&e) {
+                        // Never resubmitted: the device may still write its buffer.
+                        continue;
+                    }
+                }
+            }
+            if !self.draining {
+                self.submit_slot(tag as u32, s, clock);
+            }
+        }
+        self.done = done;
+        self.ring_all();
+        n as u32
+    }
+}
+
+/// What a worker publishes for the progress line, updated every few milliseconds.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Completions so far (never reset).
+    pub completed: AtomicU64,
+    /// Polling ticks that found completions.
+    pub busy: AtomicU64,
+    /// Polling ticks that found none.
+    pub idle: AtomicU64,
+    /// Still warming up.
+    pub warmup: AtomicBool,
+    /// The worker has finished its run (draining or done).
+    pub finished: AtomicBool,
+}
+
+/// How a worker's run went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerResult {
+    /// Ticks from the start of measurement (after any warm-up) to the end of the run.
+    pub elapsed_ticks: u64,
+}
+
+/// Runs `jobs` on this thread until `-t` (after `-a`) passes, every job has done `-d` I/Os,
+/// or `stop` is set; then drains. Busy/idle ticks are counted per job as SPDK does (`-m`).
+pub fn run<Q: IoQueue>(
+    jobs: &mut [Job<Q>],
+    s: &Settings,
+    clock: &Clock,
+    progress: &Progress,
+    stop: &AtomicBool,
+) -> WorkerResult {
+    let mut start = clock.now();
+    let mut warmup = s.warmup_ticks > 0;
+    progress.warmup.store(warmup, Ordering::Relaxed);
+    let mut end = start + if warmup { s.warmup_ticks } else { s.time_ticks };
+    let publish_every = clock.hz() / 100;
+    let mut next_publish = start + publish_every;
+    let mut last = vec![start; jobs.len()];
+    for j in jobs.iter_mut() {
+        j.start(s, clock);
+    }
+    let mut now;
+    loop {
+        let mut all_draining = true;
+        for (j, last) in jobs.iter_mut().zip(last.iter_mut()) {
+            let t = clock.now();
+            let n = j.poll(s, clock);
+            if n > 0 {
+                j.stats.busy_ticks += t - *last;
+            } else {
+                j.stats.idle_ticks += t - *last;
+            }
+            *last = t;
+            if !j.draining {
+                all_draining = false;
+            }
+        }
+        now = clock.now();
+        if all_draining {
+            break;
+        }
+        if now > next_publish {
+            next_publish = now + publish_every;
+            publish(jobs, progress);
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+        if now > end {
+            if warmup {
+                for j in jobs.iter_mut() {
+                    j.stats.reset();
+                }
+                start = clock.now();
+                end = start + s.time_ticks;
+                warmup = false;
+                progress.warmup.store(false, Ordering::Relaxed);
+            } else {
+                break;
+            }
+        }
+    }
+    let elapsed_ticks = now - start;
+    // Drain in round robin, as SPDK does, giving up after the drain timeout.
+    let give_up = clock.now() + s.drain_timeout_ticks;
+    for j in jobs.iter_mut() {
+        j.draining = true;
+    }
+    loop {
+        let mut left = 0;
+        for j in jobs.iter_mut() {
+            if j.inflight > 0 {
+                j.poll(s, clock);
+                left += j.inflight;
+            }
+        }
+        if left == 0 {
+            break;
+        }
+        if clock.now() > give_up {
+            for j in jobs.iter_mut().filter(|j| j.inflight > 0) {
+                let msg = format!("{}: {} I/Os did not complete", j.spec.name, j.inflight);
+                j.fail(msg);
+            }
+            break;
+        }
+    }
+    publish(jobs, progress);
+    progress.finished.store(true, Ordering::Relaxed);
+    WorkerResult { elapsed_ticks }
+}
+
+fn publish<Q: IoQueue>(jobs: &[Job<Q>], p: &Progress) {
+    let (mut c, mut b, mut i) = (0, 0, 0);
+    for j in jobs {
+        c += j.lifetime_completed;
+        b += j.stats.busy_ticks;
+        i += j.stats.idle_ticks;
+    }
+    p.completed.store(c, Ordering::Relaxed);
+    p.busy.store(b, Ordering::Relaxed);
+    p.idle.store(i, Ordering::Relaxed);
+}
+
+/// An in-memory queue for tests: completes commands when the doorbell is rung.
+#[cfg(test)]
+pub(crate) mod mock {
+    use super::*;
+    use std::cell::{RefCell, UnsafeCell};
+    use std::collections::HashMap;
+    use std::rc::Rc;
+
+    pub struct MockBuf(pub UnsafeCell<Vec<u8>>);
+    impl IoBuf for MockBuf {
+        fn bytes(&mut self) -> &mut [u8] {
+            self.0.get_mut()
+        }
+    }
+    pub fn bufs(n: usize, len: usize) -> Vec<MockBuf> {
+        (0..n)
+            .map(|_| MockBuf(UnsafeCell::new(vec![0; len])))
+            .collect()
+    }
+
+    #[derive(Default)]
+    pub struct Media {
+        pub blocks: HashMap<u64, Vec<u8>>,
+        pub commands: u64,
+        pub rings: u64,
+    }
+
+    pub struct MockQueue {
+        pub media: Rc<RefCell<Media>>,
+        pub block_size: usize,
+        pub null: bool,
+        /// Complete the n-th command (1-based) with an error.
+        pub fail_nth: Option<u64>,
+        /// Flip a bit in what the n-th read returns.
+        pub corrupt_nth_read: Option<u64>,
+        pub queued: Vec<(u64, Result<(), Status>)>,
+        pub ready: Vec<(u64, Result<(), Status>)>,
+        pub reads: u64,
+    }
+
+    impl MockQueue {
+        pub fn new(media: Rc<RefCell<Media>>, block_size: usize) -> MockQueue {
+            MockQueue {
+                media,
+                block_size,
+                null: false,
+                fail_nth: None,
+                corrupt_nth_read: None,
+                queued: Vec::new(),
+                ready: Vec::new(),
+                reads: 0,
+            }
+        }
+    }
+
+    impl IoQueue for MockQueue {
+        type Buf = MockBuf;
+        type Error = String;
+        type IoErr = Status;
+        fn status(e: &Status) -> Option<Status> {
+            Some(*e)
+        }
+        fn retire(_: &Status) -> bool {
+            false
+        }
+        unsafe fn submit(
+            &mut self,
+            read: bool,
+            _nsid: u32,
+            lba: u64,
+            blocks: u32,
+            buf: &MockBuf,
+            tag: u64,
+        ) -> Result<(), String> {
+            // SAFETY: the caller does not touch the buffer while the command is in flight.
+            let data = unsafe { &mut *buf.0.get() };
+            let bs = self.block_size;
+            assert_eq!(data.len(), blocks as usize * bs);
+            let mut m = self.media.borrow_mut();
+            m.commands += 1;
+            if Some(m.commands) == self.fail_nth {
+                let st = Status::new(dioxide::spec::Sct::Media, 0x81);
+                self.queued.push((tag, Err(st)));
+                return Ok(());
+            }
+            if read {
+                self.reads += 1;
+                if !self.null {
+                    for b in 0..blocks as usize {
+                        let src = m
+                            .blocks
+                            .get(&(lba + b as u64))
+                            .cloned()
+                            .unwrap_or(vec![0; bs]);
+                        data[b * bs..(b + 1) * bs].copy_from_slice(&src);
+                    }
+                }
+                if Some(self.reads) == self.corrupt_nth_read {
+                    data[bs + 17] ^= 0x40;
+                }
+            } else if !self.null {
+                for b in 0..blocks as usize {
+                    m.blocks
+                        .insert(lba + b as u64, data[b * bs..(b + 1) * bs].to_vec());
+                }
+            }
+            self.queued.push((tag, Ok(())));
+            Ok(())
+        }
+        fn ring(&mut self) {
+            self.media.borrow_mut().rings += 1;
+            self.ready.append(&mut self.queued);
+        }
+        fn poll<F: FnMut(u64, Result<(), Status>)>(
+            &mut self,
+            max: u32,
+            mut done: F,
+        ) -> Result<u32, String> {
+            let n = if max == 0 {
+                self.ready.len()
+            } else {
+                self.ready.len().min(max as usize)
+            };
+            for (tag, st) in self.ready.drain(..n) {
+                done(tag, st);
+            }
+            Ok(n as u32)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mock::*;
+    use super::*;
+    use crate::clock::Source;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    fn settings(workload: Workload, q: u32, number_ios: u64) -> Settings {
+        Settings {
+            queue_depth: q,
+            workload,
+            mix: Mix::new(workload, Some(50)),
+            time_ticks: 10_000_000_000,
+            warmup_ticks: 0,
+            number_ios,
+            max_completions: 0,
+            doorbell_per_command: false,
+            continue_on_error: None,
+            track_latency: true,
+            drain_timeout_ticks: 1_000_000_000,
+        }
+    }
+
+    fn job(s: &Settings, qps: Vec<MockQueue>, ios: u64) -> Job<MockQueue> {
+        let spec = JobSpec {
+            name: "MOCK NSID 1".into(),
+            nsid: 1,
+            core: 0,
+            block_size: 512,
+            io_blocks: 2,
+            first_io: 0,
+            ios,
+            seed: 1234,
+        };
+        Job::new(
+            spec,
+            qps,
+            bufs(s.queue_depth as usize, 1024),
+            s,
+            1_000_000_000,
+        )
+    }
+
+    fn go(jobs: &mut [Job<MockQueue>], s: &Settings) -> WorkerResult {
+        let clock = Clock::with_hz(Source::MonotonicRaw, 1_000_000_000);
+        run(
+            jobs,
+            s,
+            &clock,
+            &Progress::default(),
+            &AtomicBool::new(false),
+        )
+    }
+
+    #[test]
+    fn number_ios_stops_and_drains() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::RandRw, 8, 1000);
+        let mut jobs = [job(&s, vec![MockQueue::new(media.clone(), 512)], 1 << 20)];
+        go(&mut jobs, &s);
+        let j = &jobs[0];
+        assert_eq!(j.stats.io_submitted, 1000);
+        assert_eq!(j.stats.io_completed, 1000);
+        assert_eq!(j.inflight(), 0);
+        assert!(j.failure.is_none());
+        assert_eq!(j.stats.histogram.as_ref().unwrap().len(), 1000);
+        // Batched doorbells: far fewer rings than commands.
+        let m = media.borrow();
+        assert_eq!(m.commands, 1000);
+        assert!(m.rings < 1000 / 4, "{} rings", m.rings);
+    }
+
+    #[test]
+    fn per_command_doorbell_rings_each_command() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let mut s = settings(Workload::Write, 4, 100);
+        s.doorbell_per_command = true;
+        let mut jobs = [job(&s, vec![MockQueue::new(media.clone(), 512)], 1 << 20)];
+        go(&mut jobs, &s);
+        assert_eq!(media.borrow().rings, 100);
+    }
+
+    #[test]
+    fn queue_pairs_share_the_load_and_c_limits_polls() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let mut s = settings(Workload::Read, 16, 1600);
+        s.max_completions = 3;
+        let qps = (0..4).map(|_| MockQueue::new(media.clone(), 512)).collect();
+        let mut jobs = [job(&s, qps, 1 << 20)];
+        go(&mut jobs, &s);
+        assert_eq!(jobs[0].stats.io_completed, 1600);
+    }
+
+    #[test]
+    fn sequential_offsets_cover_the_range() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::Write, 4, 40);
+        let mut jobs = [job(&s, vec![MockQueue::new(media.clone(), 512)], 10)];
+        go(&mut jobs, &s);
+        // 10 I/Os of 2 blocks: LBAs 0..20 all written.
+        let m = media.borrow();
+        assert_eq!(m.blocks.len(), 20);
+        assert!((0..20).all(|l| m.blocks.contains_key(&l)));
+    }
+
+    #[test]
+    fn time_limit_and_warmup() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let mut s = settings(Workload::RandRead, 4, 0);
+        s.time_ticks = 20_000_000; // 20 ms
+        s.warmup_ticks = 10_000_000;
+        let mut jobs = [job(&s, vec![MockQueue::new(media.clone(), 512)], 1 << 20)];
+        let r = go(&mut jobs, &s);
+        assert!(
+            r.elapsed_ticks >= 20_000_000 && r.elapsed_ticks < 2_000_000_000,
+            "{r:?}"
+        );
+        let j = &jobs[0];
+        assert!(j.stats.io_completed > 0);
+        // The warm-up's I/Os are not in the statistics.
+        assert!(j.lifetime_completed > j.stats.io_completed);
+    }
+
+    #[test]
+    fn verify_passes_on_good_media() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::Verify, 8, 2000);
+        let mut jobs = [job(&s, vec![MockQueue::new(media.clone(), 512)], 50)];
+        go(&mut jobs, &s);
+        let j = &jobs[0];
+        assert_eq!(j.verify.bad_blocks, 0, "{:?}", j.verify.first);
+        assert_eq!(j.verify.blocks_checked, 2000);
+        assert!(j.failure.is_none());
+    }
+
+    #[test]
+    fn verify_catches_a_flipped_bit() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::Verify, 4, 400);
+        let mut q = MockQueue::new(media.clone(), 512);
+        q.corrupt_nth_read = Some(10);
+        let mut jobs = [job(&s, vec![q], 50)];
+        go(&mut jobs, &s);
+        let v = &jobs[0].verify;
+        assert_eq!(v.bad_blocks, 1);
+        let f = v.first.unwrap();
+        assert_eq!(f.offset, 17);
+        assert_eq!(f.got, f.expected ^ 0x40);
+        assert_eq!(f.lba % 2, 1, "the second block of the I/O");
+    }
+
+    #[test]
+    fn verify_catches_a_device_that_moves_no_data() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::Verify, 4, 100);
+        let mut q = MockQueue::new(media.clone(), 512);
+        q.null = true;
+        let mut jobs = [job(&s, vec![q], 50)];
+        go(&mut jobs, &s);
+        let v = &jobs[0].verify;
+        assert_eq!(v.bad_blocks, v.blocks_checked);
+        assert_eq!(v.first.unwrap().got, verify::POISON);
+    }
+
+    #[test]
+    fn verify_slots_never_overlap() {
+        // More slots than the range: only as many slots as I/O-sized offsets are used.
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::Verify, 16, 200);
+        let mut jobs = [job(&s, vec![MockQueue::new(media.clone(), 512)], 5)];
+        go(&mut jobs, &s);
+        assert_eq!(jobs[0].verify.bad_blocks, 0);
+        assert_eq!(jobs[0].verify.blocks_checked, 200);
+    }
+
+    #[test]
+    fn error_stops_without_q_and_continues_with_q() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::RandRead, 4, 100);
+        let mut q = MockQueue::new(media.clone(), 512);
+        q.fail_nth = Some(10);
+        let mut jobs = [job(&s, vec![q], 1 << 20)];
+        go(&mut jobs, &s);
+        let j = &jobs[0];
+        assert_eq!(j.stats.io_errors, 1);
+        assert!(
+            j.failure
+                .as_deref()
+                .unwrap()
+                .contains("Read completed with error"),
+            "{:?}",
+            j.failure
+        );
+        assert!(j.stats.io_completed < 100);
+
+        let media = Rc::new(RefCell::new(Media::default()));
+        let mut s = settings(Workload::RandRead, 4, 100);
+        s.continue_on_error = Some(5);
+        let mut q = MockQueue::new(media.clone(), 512);
+        q.fail_nth = Some(10);
+        let mut jobs = [job(&s, vec![q], 1 << 20)];
+        go(&mut jobs, &s);
+        let j = &jobs[0];
+        assert_eq!((j.stats.io_errors, j.stats.io_completed), (1, 100));
+        assert!(j.failure.is_none());
+    }
+
+    #[test]
+    fn stop_flag_ends_the_run() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::RandRead, 4, 0);
+        let mut jobs = [job(&s, vec![MockQueue::new(media.clone(), 512)], 1 << 20)];
+        let clock = Clock::with_hz(Source::MonotonicRaw, 1_000_000_000);
+        let r = run(
+            &mut jobs,
+            &s,
+            &clock,
+            &Progress::default(),
+            &AtomicBool::new(true),
+        );
+        assert!(r.elapsed_ticks < 1_000_000_000);
+    }
+}

@@ -1,0 +1,343 @@
+//! `perf --json`: the same figures as the text report, for machines.
+//!
+//! # Schema (`"schema": "dioxide-perf/1"`)
+//!
+//! ```text
+//! {
+//!   "schema": "dioxide-perf/1",
+//!   "target": "EMULATED (inline)" | "PCIE (0000:01:00.0)" ...,   // controllers, comma-separated
+//!   "config": {
+//!     "queue_depth": 128, "io_size": 4096, "workload": "randread",
+//!     "rwmixread": null | 0..100, "time_secs": 10.0, "warmup_secs": 0.0,
+//!     "cores": [0], "qpairs_per_ns": 1, "number_ios": 0,
+//!     "doorbell": "per-batch" | "per-command", "seed": 123
+//!   },
+//!   "clock": { "source": "tsc" | "monotonic_raw", "hz": 2999999000 },
+//!   "elapsed_us": 10000012.0,
+//!   "devices": [                                  // one per namespace per core
+//!     { "name": "PCIE (0000:01:00.0) NSID 1", "nsid": 1, "core": 0,
+//!       "io_completed": 1234, "io_errors": 0,
+//!       "iops": 123.4, "mib_s": 0.48,
+//!       "latency_us": { "avg": 1.0, "min": 0.5, "max": 9.0,
+//!                       "percentiles": [ { "percentile": 1.0, "us": 0.6 }, ... ] },
+//!       "busy_pct": 99.5 }                        // null unless measured (-m)
+//!   ],
+//!   "total": null | { "io_completed": ..., "io_errors": ..., "iops": ..., "mib_s": ...,
+//!                     "latency_us": { ...over all devices, percentiles from the merged
+//!                                     histogram... } },
+//!   "verify": null | { "blocks_checked": 100, "mismatches": 0,
+//!                      "first_mismatch": null | { "name": ..., "nsid": 1, "lba": 7,
+//!                                                 "offset": 12, "expected": 3, "got": 0 } },
+//!   "warnings": [ "WARNING: ..." ]
+//! }
+//! ```
+//!
+//! `percentile` is in percent (SPDK's cut-offs, 1 to 99.99999); latencies are microseconds.
+//! Fields are only ever added, never renamed, within one schema version.
+
+use crate::report::{self, Row};
+use crate::stats::NsStats;
+use serde::{Deserialize, Serialize};
+
+/// The schema name and version of [`PerfReport`].
+pub const PERF_SCHEMA: &str = "dioxide-perf/1";
+
+/// One latency percentile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Percentile {
+    /// The cut-off, in percent.
+    pub percentile: f64,
+    /// Latency at the cut-off, µs.
+    pub us: f64,
+}
+
+/// Latency figures, µs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// Average.
+    pub avg: f64,
+    /// Minimum.
+    pub min: f64,
+    /// Maximum.
+    pub max: f64,
+    /// At SPDK's cut-offs (empty without a histogram).
+    pub percentiles: Vec<Percentile>,
+}
+
+/// One namespace on one core.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    /// Name as in the text report.
+    pub name: String,
+    /// Namespace ID.
+    pub nsid: u32,
+    /// Core.
+    pub core: u32,
+    /// I/Os completed.
+    pub io_completed: u64,
+    /// I/Os completed with an error.
+    pub io_errors: u64,
+    /// I/Os per second.
+    pub iops: f64,
+    /// MiB per second.
+    pub mib_s: f64,
+    /// Latency.
+    pub latency_us: Latency,
+    /// Busy share of polling time, percent (`-m`).
+    pub busy_pct: Option<f64>,
+}
+
+/// The sum over devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Total {
+    /// I/Os completed.
+    pub io_completed: u64,
+    /// I/Os completed with an error.
+    pub io_errors: u64,
+    /// I/Os per second.
+    pub iops: f64,
+    /// MiB per second.
+    pub mib_s: f64,
+    /// Latency over all devices (percentiles from the merged histogram).
+    pub latency_us: Latency,
+}
+
+/// The run's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// `-q`.
+    pub queue_depth: u32,
+    /// `-o`.
+    pub io_size: u64,
+    /// `-w`.
+    pub workload: crate::workload::Workload,
+    /// `-M`.
+    pub rwmixread: Option<u8>,
+    /// `-t`.
+    pub time_secs: f64,
+    /// `-a`.
+    pub warmup_secs: f64,
+    /// `-c`.
+    pub cores: Vec<u32>,
+    /// `-P`.
+    pub qpairs_per_ns: u32,
+    /// `-d`.
+    pub number_ios: u64,
+    /// `--doorbell`.
+    pub doorbell: crate::cli::DoorbellMode,
+    /// The random seed used.
+    pub seed: u64,
+}
+
+/// The tick source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClockInfo {
+    /// `tsc` or `monotonic_raw`.
+    pub source: String,
+    /// Ticks per second.
+    pub hz: u64,
+}
+
+/// The first mismatch `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mismatch {
+    /// Namespace name.
+    pub name: String,
+    /// Namespace ID.
+    pub nsid: u32,
+    /// Logical block address of the block.
+    pub lba: u64,
+    /// Byte offset within the block.
+    pub offset: u32,
+    /// The byte written.
+    pub expected: u8,
+    /// The byte read back.
+    pub got: u8,
+}
+
+/// `verify`'s result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verify {
+    /// Blocks read back and compared.
+    pub blocks_checked: u64,
+    /// Blocks with at least one wrong byte.
+    pub mismatches: u64,
+    /// The first one.
+    pub first_mismatch: Option<Mismatch>,
+}
+
+/// The whole `--json` document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PerfReport {
+    /// [`PERF_SCHEMA`].
+    pub schema: String,
+    /// The controllers, as named in the report.
+    pub target: String,
+    /// The configuration.
+    pub config: Config,
+    /// The tick source.
+    pub clock: ClockInfo,
+    /// Measured time, µs.
+    pub elapsed_us: f64,
+    /// Per namespace per core.
+    pub devices: Vec<Device>,
+    /// Sum, or `null` when nothing completed.
+    pub total: Option<Total>,
+    /// `verify` only.
+    pub verify: Option<Verify>,
+    /// Warnings printed (or that would have been) during the run.
+    pub warnings: Vec<String>,
+}
+
+fn latency(s: &NsStats, hz: u64) -> Latency {
+    let empty = s.io_completed == 0;
+    Latency {
+        avg: report::us(s.avg_ticks(), hz),
+        min: if empty {
+            0.0
+        } else {
+            report::us(s.min_ticks as f64, hz)
+        },
+        max: report::us(s.max_ticks as f64, hz),
+        percentiles: report::percentiles(s, hz)
+            .into_iter()
+            .map(|(c, us)| Percentile {
+                percentile: report::percent(c),
+                us,
+            })
+            .collect(),
+    }
+}
+
+/// The per-device entries and the total for `rows`; `busy` gives a row's busy percentage.
+pub fn devices(
+    rows: &[Row<'_>],
+    elapsed_us: f64,
+    io_size: u64,
+    hz: u64,
+    with_busy: bool,
+) -> (Vec<Device>, Option<Total>) {
+    let devices = rows
+        .iter()
+        .map(|r| {
+            let f = report::figures(r.stats, elapsed_us, io_size, hz);
+            Device {
+                name: r.name.to_string(),
+                nsid: r.nsid,
+                core: r.core,
+                io_completed: r.stats.io_completed,
+                io_errors: r.stats.io_errors,
+                iops: f.map_or(0.0, |f| f.iops),
+                mib_s: f.map_or(0.0, |f| f.mib_s),
+                latency_us: latency(r.stats, hz),
+                busy_pct: with_busy
+                    .then(|| report::busy_pct(r.stats.busy_ticks, r.stats.idle_ticks)),
+            }
+        })
+        .collect();
+    let total = report::total(rows, elapsed_us, io_size, hz).map(|t| {
+        let mut merged = NsStats::new(hz, false);
+        for r in rows {
+            merged.merge(r.stats);
+        }
+        let mut lat = latency(&merged, hz);
+        lat.avg = t.avg_us;
+        Total {
+            io_completed: merged.io_completed,
+            io_errors: merged.io_errors,
+            iops: t.iops,
+            mib_s: t.mib_s,
+            latency_us: lat,
+        }
+    });
+    (devices, total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::DoorbellMode;
+    use crate::workload::Workload;
+
+    fn sample() -> PerfReport {
+        let hz = 1_000_000_000;
+        let mut a = NsStats::new(hz, true);
+        for i in 1..=100 {
+            a.record(i * 1000);
+        }
+        a.busy_ticks = 3;
+        a.idle_ticks = 1;
+        let rows = [Row {
+            name: "EMULATED (inline) NSID 1",
+            nsid: 1,
+            core: 0,
+            stats: &a,
+        }];
+        let (devices, total) = devices(&rows, 1e6, 4096, hz, true);
+        PerfReport {
+            schema: PERF_SCHEMA.to_string(),
+            target: "EMULATED (inline)".to_string(),
+            config: Config {
+                queue_depth: 4,
+                io_size: 4096,
+                workload: Workload::RandRw,
+                rwmixread: Some(70),
+                time_secs: 1.0,
+                warmup_secs: 0.0,
+                cores: vec![0],
+                qpairs_per_ns: 1,
+                number_ios: 0,
+                doorbell: DoorbellMode::PerBatch,
+                seed: 42,
+            },
+            clock: ClockInfo {
+                source: "tsc".to_string(),
+                hz,
+            },
+            elapsed_us: 1e6,
+            devices,
+            total,
+            verify: Some(Verify {
+                blocks_checked: 10,
+                mismatches: 1,
+                first_mismatch: Some(Mismatch {
+                    name: "EMULATED (inline) NSID 1".to_string(),
+                    nsid: 1,
+                    lba: 7,
+                    offset: 12,
+                    expected: 3,
+                    got: 0,
+                }),
+            }),
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let r = sample();
+        let text = serde_json::to_string_pretty(&r).unwrap();
+        let back: PerfReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn schema_fields() {
+        let v: serde_json::Value = serde_json::to_value(sample()).unwrap();
+        assert_eq!(v["schema"], "dioxide-perf/1");
+        assert_eq!(v["config"]["workload"], "randrw");
+        assert_eq!(v["config"]["doorbell"], "per-batch");
+        let d = &v["devices"][0];
+        assert_eq!(d["io_completed"], 100);
+        assert_eq!(d["iops"], 100.0);
+        assert_eq!(d["busy_pct"], 75.0);
+        assert_eq!(d["latency_us"]["min"], 1.0);
+        assert_eq!(d["latency_us"]["max"], 100.0);
+        assert_eq!(d["latency_us"]["avg"], 50.5);
+        let p = d["latency_us"]["percentiles"].as_array().unwrap();
+        assert_eq!(p.len(), 15);
+        assert_eq!(p[3]["percentile"], 50.0);
+        assert_eq!(v["total"]["io_completed"], 100);
+        assert_eq!(v["verify"]["first_mismatch"]["lba"], 7);
+    }
+}

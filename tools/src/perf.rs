@@ -1,0 +1,604 @@
+//! `perf`'s program: open controllers, register namespaces, start one pinned worker per core,
+//! print SPDK's report.
+
+use crate::cli::{self, DoorbellMode, Parsed, PerfConfig};
+use crate::clock::{Clock, Source};
+use crate::device::{self, DriverBuf, DriverQueue, Opened};
+use crate::engine::{self, Job, JobSpec, Progress, Settings, VerifyStats};
+use crate::json;
+use crate::plot;
+use crate::report::{self, Row};
+use crate::stats::NsStats;
+use crate::trid::Target;
+use crate::workload::{Mix, Workload};
+use dioxide::{Namespace, Nsid, QueueOptions};
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Barrier, Mutex};
+use std::time::Duration;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; the cast is
+        // how libc's signal() takes a handler address.
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+/// The cores this process may run on.
+pub fn allowed_cores() -> Vec<u32> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as u32)
+        // SAFETY: `i` is below CPU_SETSIZE.
+        .filter(|&i| unsafe { libc::CPU_ISSET(i as usize, &set) })
+        .collect()
+}
+
+/// Pins the calling thread to `core`.
+pub fn pin_to(core: u32) -> std::io::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `core` is below CPU_SETSIZE (checked by the caller against the allowed set).
+    unsafe { libc::CPU_SET(core as usize, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// One namespace registered for the test.
+struct NsEntry {
+    ctrl: usize,
+    ns: Namespace,
+    name: String,
+}
+
+/// A job's outcome, gathered from its worker.
+struct Outcome {
+    name: String,
+    nsid: u32,
+    core: u32,
+    stats: NsStats,
+    verify: VerifyStats,
+    failure: Option<String>,
+}
+
+fn ranges(cores: &[u32], nss: usize, every_core: bool) -> Vec<(u32, usize)> {
+    // SPDK's association: every namespace on every core with --use-every-core; otherwise
+    // namespaces and cores paired round robin until both are used up.
+    if every_core {
+        return cores
+            .iter()
+            .flat_map(|&c| (0..nss).map(move |n| (c, n)))
+            .collect();
+    }
+    let count = nss.max(cores.len());
+    (0..count)
+        .map(|i| (cores[i % cores.len()], i % nss))
+        .collect()
+}
+
+fn human_out(cfg: &PerfConfig, s: &str) {
+    // With --json, stdout is the JSON document only; the narrative goes to stderr.
+    if cfg.json {
+        eprint!("{s}");
+    } else {
+        print!("{s}");
+    }
+}
+
+/// `perf`'s main: returns the exit code.
+pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
+    let cfg = match cli::parse_perf(args) {
+        Ok(Parsed::Help(h)) => {
+            print!("{h}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Run(c)) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(&cfg) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cfg: &PerfConfig) -> Result<bool, String> {
+    for w in &cfg.warnings {
+        eprintln!("{w}");
+    }
+    let allowed = allowed_cores();
+    if let Some(c) = cfg.cores.iter().find(|c| !allowed.contains(c)) {
+        return Err(format!(
+            "-c (--core-mask): core {c} is not available to this process (available: {})",
+            allowed
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    if cfg.trids.is_empty() {
+        human_out(
+            cfg,
+            &format!(
+                "Using the built-in emulated NVMe controller ({}): no device was named with -r\n",
+                cfg.emulated.describe()
+            ),
+        );
+    }
+    human_out(cfg, "Initializing NVMe Controllers\n");
+
+    // Open each controller once; remember which namespaces each -r asked for.
+    let mut ctrls: Vec<Opened> = Vec::new();
+    let mut wanted: Vec<(usize, Option<u32>)> = Vec::new();
+    let targets: Vec<(Target, Option<u32>)> = if cfg.trids.is_empty() {
+        vec![(Target::Emulated, None)]
+    } else {
+        cfg.trids.iter().map(|t| (t.target, t.nsid)).collect()
+    };
+    let mut keys: Vec<Target> = Vec::new();
+    let dma_bytes = cfg.io_size * cfg.queue_depth as u64 * cfg.cores.len() as u64 * 2 + (8 << 20);
+    for (target, nsid) in &targets {
+        let idx = match keys.iter().position(|k| k == target) {
+            Some(i) => i,
+            None => {
+                let opened = match target {
+                    Target::Emulated => device::open_emulated(&cfg.emulated)?,
+                    Target::Pcie(addr) => device::open_pcie(&addr.to_string(), dma_bytes)?,
+                };
+                human_out(
+                    cfg,
+                    &report::attached(&opened.addr, opened.pci.vendor, opened.pci.device),
+                );
+                keys.push(*target);
+                ctrls.push(opened);
+                ctrls.len() - 1
+            }
+        };
+        wanted.push((idx, *nsid));
+    }
+
+    // Register namespaces as SPDK's register_ns does.
+    let mut warnings = Vec::new();
+    let mut entries: Vec<NsEntry> = Vec::new();
+    let mut skipped = false;
+    for (ci, nsid) in wanted {
+        let c = &ctrls[ci];
+        let nss = match nsid {
+            Some(n) => vec![c.ctrl.namespace(Nsid(n)).map_err(|e| e.to_string())?],
+            None => c.ctrl.namespaces(),
+        };
+        let id = c.ctrl.identify();
+        for ns in nss {
+            if entries
+                .iter()
+                .any(|e| e.ctrl == ci && e.ns.nsid() == ns.nsid())
+            {
+                continue;
+            }
+            let n = ns.nsid().0;
+            let bs = ns.block_size();
+            if ns.size_bytes() < cfg.io_size || bs as u64 > cfg.io_size {
+                let w =
+                    report::ns_size_warning(&id.mn, &id.sn, n, ns.size_bytes(), bs, cfg.io_size);
+                human_out(cfg, &w);
+                warnings.push(w.trim_end().to_string());
+                skipped = true;
+                continue;
+            }
+            let max_transfer = c.ctrl.max_transfer() as u64;
+            let queue_size = queue_entries(cfg, c);
+            if let Some(w) =
+                report::queue_size_warning(cfg.queue_depth, cfg.io_size, max_transfer, queue_size)
+            {
+                human_out(cfg, &w);
+                warnings.push(w.trim_end().replace('\n', " "));
+            }
+            if cfg.io_size % bs as u64 != 0 {
+                let w = report::io_size_warning(cfg.io_size, n, bs);
+                human_out(cfg, &w);
+                warnings.push(w.trim_end().to_string());
+                skipped = true;
+                continue;
+            }
+            let name = format!("{} NSID {n}", c.label);
+            entries.push(NsEntry { ctrl: ci, ns, name });
+        }
+    }
+    if skipped {
+        human_out(cfg, report::SKIPPED);
+        warnings.push(report::SKIPPED.trim_end().to_string());
+    }
+    if entries.is_empty() {
+        return Err("No valid namespaces to test (see the warnings above)".to_string());
+    }
+
+    let clock = Clock::new();
+    let seed = cfg
+        .seed
+        .unwrap_or_else(|| crate::clock::monotonic_raw_ns() ^ std::process::id() as u64);
+    let settings = Settings {
+        queue_depth: cfg.queue_depth,
+        workload: cfg.workload,
+        mix: Mix::new(cfg.workload, cfg.rwmixread),
+        time_ticks: clock.secs_to_ticks(cfg.time_secs),
+        warmup_ticks: clock.secs_to_ticks(cfg.warmup_secs),
+        number_ios: cfg.number_ios,
+        max_completions: cfg.max_completions,
+        doorbell_per_command: cfg.doorbell == DoorbellMode::PerCommand,
+        continue_on_error: cfg.continue_on_error,
+        track_latency: cfg.track_latency(),
+        drain_timeout_ticks: clock.secs_to_ticks(60.0),
+    };
+
+    // Associate namespaces with cores; for verify, split each namespace among its jobs.
+    let pairs = ranges(&cfg.cores, entries.len(), cfg.use_every_core);
+    let mut specs: Vec<(usize, JobSpec)> = Vec::new();
+    for (i, &(core, e)) in pairs.iter().enumerate() {
+        let ent = &entries[e];
+        human_out(cfg, &report::associating(&ent.name, core));
+        let io_blocks = (cfg.io_size / ent.ns.block_size() as u64) as u32;
+        let size_in_ios = ent.ns.size_bytes() / cfg.io_size;
+        let (first_io, ios) = if cfg.workload == Workload::Verify {
+            let sharers = pairs.iter().filter(|p| p.1 == e).count() as u64;
+            let index = pairs[..i].iter().filter(|p| p.1 == e).count() as u64;
+            let per = size_in_ios / sharers;
+            (index * per, per.max(1))
+        } else {
+            (0, size_in_ios)
+        };
+        let spec = JobSpec {
+            name: ent.name.clone(),
+            nsid: ent.ns.nsid().0,
+            core,
+            block_size: ent.ns.block_size(),
+            io_blocks,
+            first_io,
+            ios,
+            seed: seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        };
+        specs.push((e, spec));
+    }
+    human_out(cfg, "Initialization complete. Launching workers.\n");
+
+    install_signal_handlers();
+    let workers: Vec<u32> = cfg
+        .cores
+        .iter()
+        .copied()
+        .filter(|c| specs.iter().any(|s| s.1.core == *c))
+        .collect();
+    let progress: Vec<Progress> = workers.iter().map(|_| Progress::default()).collect();
+    let barrier = Barrier::new(workers.len());
+    let outcomes: Mutex<Vec<(usize, Outcome)>> = Mutex::new(Vec::new());
+    let elapsed: Mutex<Vec<(u32, u64)>> = Mutex::new(Vec::new());
+    let setup_errors: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let setup_failed = AtomicBool::new(false);
+    let tty = !cfg.json && report::stdout_is_tty();
+
+    std::thread::scope(|scope| {
+        for (w, &core) in workers.iter().enumerate() {
+            let my: Vec<(usize, JobSpec)> = specs
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.1.core == core)
+                .map(|(i, s)| (i, s.1.clone()))
+                .collect();
+            let (entries, ctrls, settings, barrier, progress) =
+                (&entries, &ctrls, &settings, &barrier, &progress[w]);
+            let (outcomes, elapsed, setup_errors, setup_failed) =
+                (&outcomes, &elapsed, &setup_errors, &setup_failed);
+            let specs_e: Vec<usize> = my.iter().map(|(i, _)| specs[*i].0).collect();
+            scope.spawn(move || {
+                if let Err(e) = pin_to(core) {
+                    setup_errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("failed to pin a worker to core {core}: {e}"));
+                    setup_failed.store(true, Ordering::Relaxed);
+                }
+                let mut jobs = Vec::new();
+                for ((idx, spec), e) in my.into_iter().zip(specs_e) {
+                    match make_job(
+                        cfg,
+                        &ctrls[entries[e].ctrl],
+                        &entries[e].ns,
+                        spec,
+                        settings,
+                        clock.hz(),
+                    ) {
+                        Ok(j) => jobs.push((idx, j)),
+                        Err(msg) => {
+                            setup_errors.lock().unwrap().push(msg);
+                            setup_failed.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                barrier.wait();
+                if setup_failed.load(Ordering::Relaxed) {
+                    progress.finished.store(true, Ordering::Relaxed);
+                    return;
+                }
+                let (idxs, mut js): (Vec<usize>, Vec<Job<DriverQueue>>) = jobs.into_iter().unzip();
+                let r = engine::run(&mut js, settings, &clock, progress, &STOP);
+                elapsed.lock().unwrap().push((core, r.elapsed_ticks));
+                let mut out = outcomes.lock().unwrap();
+                for (idx, j) in idxs.into_iter().zip(js) {
+                    out.push((
+                        idx,
+                        Outcome {
+                            name: j.spec.name.clone(),
+                            nsid: j.spec.nsid,
+                            core: j.spec.core,
+                            stats: j.stats.clone(),
+                            verify: j.verify.clone(),
+                            failure: j.failure.clone(),
+                        },
+                    ));
+                }
+            });
+        }
+        // The progress line, once a second, on a terminal only.
+        let mut last = 0u64;
+        let mut last_busy = (0u64, 0u64);
+        let mut tick = 0u32;
+        while !progress.iter().all(|p| p.finished.load(Ordering::Relaxed)) {
+            std::thread::sleep(Duration::from_millis(50));
+            tick += 1;
+            if tty && tick % 20 == 0 {
+                let done: u64 = progress
+                    .iter()
+                    .map(|p| p.completed.load(Ordering::Relaxed))
+                    .sum();
+                let busy: u64 = progress
+                    .iter()
+                    .map(|p| p.busy.load(Ordering::Relaxed))
+                    .sum();
+                let idle: u64 = progress
+                    .iter()
+                    .map(|p| p.idle.load(Ordering::Relaxed))
+                    .sum();
+                let warm = progress.iter().any(|p| p.warmup.load(Ordering::Relaxed));
+                let b = cfg.cpu_usage.then(|| {
+                    (
+                        workers.len(),
+                        report::busy_pct(busy - last_busy.0, idle.saturating_sub(last_busy.1)),
+                    )
+                });
+                print!("{}\r", report::progress(warm, done - last, cfg.io_size, b));
+                let _ = std::io::stdout().flush();
+                last = done;
+                last_busy = (busy, idle);
+            }
+        }
+        if tty && tick >= 20 {
+            // Erase the progress line.
+            print!("\x1b[2K");
+        }
+    });
+
+    let errors = setup_errors.into_inner().unwrap();
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
+    }
+    let mut outcomes = outcomes.into_inner().unwrap();
+    outcomes.sort_by_key(|o| o.0);
+    let elapsed = elapsed.into_inner().unwrap();
+    let main_core = workers[0];
+    let elapsed_ticks = elapsed.iter().find(|e| e.0 == main_core).map_or(0, |e| e.1);
+    let elapsed_us = clock.ticks_to_us(elapsed_ticks);
+    let rows: Vec<Row<'_>> = outcomes
+        .iter()
+        .map(|(_, o)| Row {
+            name: &o.name,
+            nsid: o.nsid,
+            core: o.core,
+            stats: &o.stats,
+        })
+        .collect();
+    let hz = clock.hz();
+
+    // verify: totals and the first mismatch.
+    let verify = (cfg.workload == Workload::Verify).then(|| {
+        let mut v = json::Verify {
+            blocks_checked: 0,
+            mismatches: 0,
+            first_mismatch: None,
+        };
+        for (_, o) in &outcomes {
+            v.blocks_checked += o.verify.blocks_checked;
+            v.mismatches += o.verify.bad_blocks;
+            if v.first_mismatch.is_none() {
+                v.first_mismatch = o.verify.first.map(|b| json::Mismatch {
+                    name: o.name.clone(),
+                    nsid: o.nsid,
+                    lba: b.lba,
+                    offset: b.offset,
+                    expected: b.expected,
+                    got: b.got,
+                });
+            }
+        }
+        v
+    });
+    let failures: Vec<&str> = outcomes
+        .iter()
+        .filter_map(|(_, o)| o.failure.as_deref())
+        .collect();
+
+    if cfg.json {
+        let (devices, total) = json::devices(&rows, elapsed_us, cfg.io_size, hz, cfg.cpu_usage);
+        let doc = json::PerfReport {
+            schema: json::PERF_SCHEMA.to_string(),
+            target: ctrls
+                .iter()
+                .map(|c| c.label.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+            config: json::Config {
+                queue_depth: cfg.queue_depth,
+                io_size: cfg.io_size,
+                workload: cfg.workload,
+                rwmixread: cfg.rwmixread,
+                time_secs: cfg.time_secs,
+                warmup_secs: cfg.warmup_secs,
+                cores: cfg.cores.clone(),
+                qpairs_per_ns: cfg.qpairs_per_ns,
+                number_ios: cfg.number_ios,
+                doorbell: cfg.doorbell,
+                seed,
+            },
+            clock: json::ClockInfo {
+                source: match clock.source() {
+                    Source::Tsc => "tsc",
+                    Source::MonotonicRaw => "monotonic_raw",
+                }
+                .to_string(),
+                hz,
+            },
+            elapsed_us,
+            devices,
+            total,
+            verify: verify.clone(),
+            warnings,
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!(
+            "{}",
+            report::full(&rows, elapsed_us, cfg.io_size, hz, cfg.latency_level)
+        );
+        if cfg.cpu_usage {
+            for &core in &workers {
+                let (b, i) = outcomes
+                    .iter()
+                    .filter(|(_, o)| o.core == core)
+                    .fold((0, 0), |(b, i), (_, o)| {
+                        (b + o.stats.busy_ticks, i + o.stats.idle_ticks)
+                    });
+                println!("Core {core:2}: {:6.2}% Busy", report::busy_pct(b, i));
+            }
+        }
+        if let Some(v) = &verify {
+            println!(
+                "Verify: {} blocks checked, {} mismatched",
+                v.blocks_checked, v.mismatches
+            );
+        }
+    }
+    if let Some(path) = &cfg.plot {
+        let series: Vec<plot::Series> = rows
+            .iter()
+            .filter_map(|r| plot::series(&format!("{}, core {}", r.name, r.core), r.stats, hz))
+            .collect();
+        let mix = cfg
+            .rwmixread
+            .map(|m| format!(" -M {m}"))
+            .unwrap_or_default();
+        let title = format!(
+            "{}{mix} -q {} -o {}: latency by percentile",
+            cfg.workload, cfg.queue_depth, cfg.io_size
+        );
+        std::fs::write(path, plot::svg(&title, &series))
+            .map_err(|e| format!("failed to write the plot to {}: {e}", path.display()))?;
+    }
+    let mut ok = true;
+    for f in &failures {
+        eprintln!("{f}");
+        ok = false;
+    }
+    if let Some(v) = &verify {
+        if let Some(m) = &v.first_mismatch {
+            eprintln!(
+                "verify FAILED: {} of {} blocks mismatched; first: {} LBA {} offset {}: expected {:#04x}, got {:#04x}",
+                v.mismatches, v.blocks_checked, m.name, m.lba, m.offset, m.expected, m.got
+            );
+            ok = false;
+        }
+    }
+    if STOP.load(Ordering::Relaxed) {
+        eprintln!("perf: interrupted");
+    }
+    Ok(ok)
+}
+
+/// The I/O queue size: `--io-queue-size`, at most the controller's MQES + 1.
+fn queue_entries(cfg: &PerfConfig, c: &Opened) -> u32 {
+    let max = c.ctrl.cap().mqes() as u32 + 1;
+    cfg.io_queue_size.map_or(max, |q| q.min(max)).min(65535)
+}
+
+fn make_job(
+    cfg: &PerfConfig,
+    c: &Opened,
+    ns: &Namespace,
+    spec: JobSpec,
+    s: &Settings,
+    hz: u64,
+) -> Result<Job<DriverQueue>, String> {
+    let entries = queue_entries(cfg, c) as u16;
+    let mt = c.ctrl.max_transfer() as u64;
+    let per_io = if cfg.io_size > mt {
+        cfg.io_size.div_ceil(mt) + 1
+    } else {
+        1
+    };
+    let requests = (cfg.queue_depth as u64 * per_io).clamp(1, 65534) as u16;
+    let doorbell = match cfg.doorbell {
+        DoorbellMode::PerBatch => dioxide::DoorbellMode::PerBatch,
+        DoorbellMode::PerCommand => dioxide::DoorbellMode::PerCommand,
+    };
+    let mut qps = Vec::new();
+    for _ in 0..cfg.qpairs_per_ns {
+        let opts = QueueOptions::default()
+            .with_entries(entries)
+            .with_requests(requests)
+            .with_doorbell(doorbell);
+        let qp = c.ctrl.create_qpair::<u64>(opts).map_err(|e| {
+            format!(
+                "ERROR: failed to create an I/O queue pair for {} on core {}: {e}",
+                spec.name, spec.core
+            )
+        })?;
+        qps.push(DriverQueue { qp, ns: ns.clone() });
+    }
+    let mut bufs = Vec::with_capacity(cfg.queue_depth as usize);
+    for _ in 0..cfg.queue_depth {
+        let b = c
+            .ctrl
+            .alloc(cfg.io_size as usize)
+            .map_err(|e| format!("ERROR: {}: {e}", spec.name))?;
+        bufs.push(DriverBuf(b));
+    }
+    Ok(Job::new(spec, qps, bufs, s, hz))
+}
