@@ -197,7 +197,9 @@ pub(crate) enum EngineRef {
 }
 
 /// Registry of open extents, to refuse overlapping files.
-pub(crate) type Extents = Arc<Mutex<Vec<(u64, usize, u32, Range<u64>)>>>;
+pub(crate) type ExtentList = Mutex<Vec<(u64, usize, u32, Range<u64>)>>;
+/// Shared handle of the registry.
+pub(crate) type Extents = Arc<ExtentList>;
 
 /// Device access of the page cache: a dio-core used synchronously, with the EOF at the capacity
 /// (a cache page is read whole, whatever `len` is).
@@ -310,7 +312,7 @@ struct Inner {
     block: u64,
     capacity: u64,
     writable: bool,
-    extents: Weak<Mutex<Vec<(u64, usize, u32, Range<u64>)>>>,
+    extents: Weak<ExtentList>,
 }
 
 impl Drop for Inner {
@@ -569,7 +571,7 @@ impl BlockFile {
         &self,
         req: Request,
         cb: impl FnOnce(Completed) + Send + 'static,
-    ) -> Result<(), Refused> {
+    ) -> Result<(), Box<Refused>> {
         match self.run(
             req.op,
             req.offset,
@@ -579,7 +581,7 @@ impl BlockFile {
             None,
         ) {
             None => Ok(()),
-            Some((Err(error), buf)) => Err(Refused { error, buf }),
+            Some((Err(error), buf)) => Err(Box::new(Refused { error, buf })),
             Some((Ok(_), _)) => {
                 unreachable!("an asynchronous request reports through its callback")
             }

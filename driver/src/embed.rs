@@ -39,9 +39,11 @@ impl std::fmt::Debug for Completions {
     }
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
 /// A thread of the appliance's that runs deferred completions in order.
 pub struct CompletionThread {
-    tx: Mutex<Option<Sender<Box<dyn FnOnce() + Send>>>>,
+    tx: Mutex<Option<Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 

@@ -324,12 +324,9 @@ impl Client {
         if sync {
             let r = match (is_write, dma) {
                 (true, false) => self.file.write_at(&buf.as_slice()[..len as usize], off),
-                (false, false) => {
-                    let r = self
-                        .file
-                        .read_at(&mut buf.as_mut_slice()[..len as usize], off);
-                    r
-                }
+                (false, false) => self
+                    .file
+                    .read_at(&mut buf.as_mut_slice()[..len as usize], off),
                 (true, true) => {
                     self.file
                         .write(buf.as_slice().to_vec(), off, len as usize)
