@@ -65,25 +65,93 @@
 //! q.read_blocking(&ns, Lba(0), buf.as_mut_slice())?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! # Embedding: pollers, files, dio-core
+//! An appliance embeds Dioxide through [`Dioxide`] (no `unsafe` on its side):
+//! * [`Dioxide::builder`] takes controllers and the cores of the **pollers** ([`poller`]):
+//!   threads pinned with `sched_setaffinity` (a core that does not exist is
+//!   [`EmbedError::Pin`]), each owning one queue pair per controller. Other threads hand them
+//!   bios through a bounded lock-free ring per poller; idle pollers park on a crossbeam-utils
+//!   `Parker` and are unparked by new work. [`Builder::run_to_completion`] instead lets the
+//!   building thread own the queue pairs and poll them while it waits (dio-core
+//!   `Wait::PollInPlace`).
+//! * [`Dioxide::open_file`] gives a [`BlockFile`] on an LBA range of a namespace: a logical
+//!   size (`len`) and a capacity. [`BlockFile::read_at`]/[`BlockFile::write_at`] take any slice;
+//!   [`BlockFile::read`]/[`BlockFile::write`] and [`BlockFile::submit`] take an [`IoBuffer`]:
+//!   a [`DmaBuffer`] (zero copy for the block-aligned part) or a `Vec<u8>` (through the page
+//!   cache). `submit` returns `Ok` and its callback runs exactly once, or returns the error and
+//!   the callback never runs. Reads stop at `len`; writes past it extend it (synchronously, with
+//!   an [`FileOptions::on_extend`] hook to persist it).
+//! * The buffered path is a write-through [`PageCache`] in DMA memory (4 KiB pages, CLOCK);
+//!   direct writes invalidate the pages they overlap; a per-file range lock serialises
+//!   requests touching a common page (see [`blockfile`] for the exact "latest data" rule).
+//! * Callbacks run on the poller by default, or on a thread of the appliance's
+//!   ([`Completions::Deferred`], [`CompletionThread`]).
+//!
+//! ```
+//! use dioxide::emulated::{EmulatedConfig, EmulatedController, Mode, NamespaceConfig};
+//! use dioxide::{Controller, Dioxide, FileOptions, Nsid, Request};
+//!
+//! let emu = EmulatedController::new(EmulatedConfig {
+//!     mode: Mode::Threaded,
+//!     namespaces: vec![NamespaceConfig::memory(512, 8192)],
+//!     ..EmulatedConfig::default()
+//! })?;
+//! let dx = Dioxide::builder()
+//!     .controller(Controller::new(emu)?)
+//!     .pollers([None, None])
+//!     .build()?;
+//! let file = dx.open_file(0, Nsid(1), FileOptions::new(0, 4096))?;
+//! // Any memory, any offset: unaligned parts go through the page cache.
+//! assert_eq!(file.write_at(b"hello, dioxide", 100)?, 14);
+//! assert_eq!(file.len(), 114);
+//! let mut back = [0u8; 14];
+//! assert_eq!(file.read_at(&mut back, 100)?, 14);
+//! assert_eq!(&back, b"hello, dioxide");
+//! // Zero copy and asynchronous: a DMA buffer, block aligned.
+//! let mut buf = file.alloc(4096)?;
+//! buf.as_mut_slice().fill(7);
+//! let (tx, rx) = std::sync::mpsc::channel();
+//! file.submit(Request::write(4096, buf), move |done| tx.send(done).unwrap())
+//!     .map_err(|r| r.error)?;
+//! let done = rx.recv()?;
+//! assert_eq!(done.result?, 4096);
+//! assert_eq!(file.len(), 8192);
+//! dx.shutdown();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod blockfile;
 pub mod bus;
+pub mod cache;
 pub mod controller;
 pub mod dma;
+pub mod embed;
+pub mod embed_error;
 pub mod emulated;
 pub mod error;
+pub mod iobuf;
+pub mod poller;
 pub mod prp;
 pub mod qpair;
+pub(crate) mod rangelock;
 pub mod spec;
 pub mod types;
 pub mod vfio;
 
 pub use admin::AbortOutcome;
+pub use blockfile::{BlockFile, Completed, ExtendHook, FileOptions, Refused, Request};
 pub use bus::{Bus, Doorbell, DoorbellSink, PciId};
+pub use cache::{CacheStats, PageCache};
 pub use controller::{Controller, ControllerOptions, InitState, Namespace};
 pub use dma::{ChunkSource, DmaBuffer, DmaChunk, DmaError, DmaMemory, DmaSlice};
+pub use embed::{Builder, CompletionThread, Completions, Dioxide};
+pub use embed_error::{EmbedError, EmbedResult, Op};
 pub use error::{DeadReason, Error, IoError, ProtocolError, Result};
+pub use iobuf::IoBuffer;
+pub use poller::PollerStats;
 pub use qpair::{
     DmaOwner, DoorbellMode, IoDone, IoFlags, IoOp, IoResult, QueueOptions, QueuePair, QueueStats,
     Rejected,
