@@ -20,6 +20,11 @@
 //! [`dioxide::QueuePair`] or a clone of the controller past its `Device` keeps the device open;
 //! none does.
 //!
+//! # Never writing without permission
+//! Without `NVME_HIL_ALLOW_WRITE=1` tests skip their writes (saying so); on top of that, every
+//! [`Device`] on such a controller reads the SMART log's Host Write Commands when it opens and
+//! again when it is dropped, and fails the test if the count moved.
+//!
 //! # Output that is always shown
 //! libtest captures what a passing test prints with `println!`; [`note`] writes straight to the
 //! process's stderr, so skipped parts and emulator-only tests are visible in every run.
@@ -132,8 +137,40 @@ pub struct Device {
     pub writable: bool,
     /// The PCI address when this is a real controller opened through VFIO.
     pub pci_addr: Option<String>,
+    // Read-only hardware: checks on drop that the test wrote nothing.
+    _no_writes: Option<NoWritesCheck>,
     // Declared last, so dropped last: the controller is shut down and the device closed first.
     _lock: Option<DeviceLock>,
+}
+
+/// On a real controller opened without `NVME_HIL_ALLOW_WRITE=1`: the SMART log's Host Write
+/// Commands when the test opened it, compared when the test's [`Device`] is dropped, so a test
+/// (or a driver bug) that writes anyway fails instead of passing quietly.
+struct NoWritesCheck {
+    ctrl: Controller,
+    host_writes: u128,
+}
+
+impl Drop for NoWritesCheck {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let now = match self.ctrl.smart_log() {
+            Ok(s) => s.host_write_commands,
+            Err(e) => panic!(
+                "{}: SMART log at the end of the test: {e}",
+                self.ctrl.location()
+            ),
+        };
+        assert_eq!(
+            now,
+            self.host_writes,
+            "{}: Host Write Commands changed during a test without {ALLOW_WRITE_VAR}=1: the \
+             test wrote to the device",
+            self.ctrl.location()
+        );
+    }
 }
 
 impl Device {
@@ -211,6 +248,7 @@ pub fn controller_under_test(cfg: EmulatedConfig) -> Device {
                 emu: Some(emu),
                 writable: true,
                 pci_addr: None,
+                _no_writes: None,
                 _lock: None,
             }
         }
@@ -228,6 +266,7 @@ pub fn reopen(emu: Option<Arc<EmulatedController>>) -> Device {
                 emu: Some(emu),
                 writable: true,
                 pci_addr: None,
+                _no_writes: None,
                 _lock: None,
             }
         }
@@ -258,11 +297,19 @@ fn open_hardware(addr: &str) -> Device {
         Ok(c) => c,
         Err(e) => panic!("bring-up of {addr} failed: {e}"),
     };
+    let no_writes = (!writable).then(|| NoWritesCheck {
+        ctrl: ctrl.clone(),
+        host_writes: ctrl
+            .smart_log()
+            .unwrap_or_else(|e| panic!("{addr}: SMART log: {e}"))
+            .host_write_commands,
+    });
     Device {
         ctrl,
         emu: None,
         writable,
         pci_addr: Some(addr.to_string()),
+        _no_writes: no_writes,
         _lock: Some(lock),
     }
 }
