@@ -1,6 +1,11 @@
 //! Emulator-only tests: injected faults, fatal status, surprise removal, shutdown, reset.
 //! Each affected request must complete exactly once with the right status, and the others be
 //! unaffected.
+//!
+//! They need the emulated controller (fault injection, registers read back through it), not
+//! hardware: with `NVME_PCI_ADDR` set they still run, on the emulator, and each says so (the
+//! device-independent tests in `io.rs` are the ones that run on the real controller, including
+//! reset and shutdown on drop).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -22,6 +27,14 @@ fn each_mode(f: impl Fn(Mode)) {
     for m in MODES {
         f(m);
     }
+}
+
+/// Every test here starts with this: on hardware, a note that it runs on the emulator.
+fn emulator(test: &str) {
+    emulator_only(
+        &format!("faults::{test}"),
+        "fault injection needs the emulated controller",
+    );
 }
 
 fn short_timeout() -> QueueOptions {
@@ -63,6 +76,7 @@ fn reads(
 
 #[test]
 fn status_on_the_nth_command() {
+    emulator("status_on_the_nth_command");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
@@ -110,6 +124,7 @@ fn status_on_the_nth_command() {
 /// once, with the child's index and LBA.
 #[test]
 fn status_on_an_lba_range_inside_a_split_request() {
+    emulator("status_on_an_lba_range_inside_a_split_request");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
@@ -163,6 +178,7 @@ fn status_on_an_lba_range_inside_a_split_request() {
 
 #[test]
 fn delayed_completion_completes_once_and_others_are_unaffected() {
+    emulator("delayed_completion_completes_once_and_others_are_unaffected");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
@@ -199,6 +215,7 @@ fn delayed_completion_completes_once_and_others_are_unaffected() {
 /// commands are unaffected.
 #[test]
 fn never_completed_command_times_out_and_is_aborted() {
+    emulator("never_completed_command_times_out_and_is_aborted");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
@@ -262,6 +279,7 @@ fn never_completed_command_times_out_and_is_aborted() {
 /// returns the timeout only after the aborted completion arrived.
 #[test]
 fn blocking_call_times_out_after_the_device_lets_go() {
+    emulator("blocking_call_times_out_after_the_device_lets_go");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
@@ -295,6 +313,7 @@ fn blocking_call_times_out_after_the_device_lets_go() {
 /// timeout later, and the owned buffer comes back with the timeout.
 #[test]
 fn owned_buffer_comes_back_once_when_abort_fails() {
+    emulator("owned_buffer_comes_back_once_when_abort_fails");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
@@ -356,6 +375,7 @@ fn owned_buffer_comes_back_once_when_abort_fails() {
 
 #[test]
 fn controller_fatal_status_fails_requests_once_and_reset_recovers() {
+    emulator("controller_fatal_status_fails_requests_once_and_reset_recovers");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
@@ -402,6 +422,7 @@ fn controller_fatal_status_fails_requests_once_and_reset_recovers() {
 
 #[test]
 fn surprise_removal_fails_requests_once_and_calls_fail_clearly() {
+    emulator("surprise_removal_fails_requests_once_and_calls_fail_clearly");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
@@ -454,6 +475,7 @@ fn surprise_removal_fails_requests_once_and_calls_fail_clearly() {
 
 #[test]
 fn shutdown_on_drop_sets_shn_and_waits_for_shst() {
+    emulator("shutdown_on_drop_sets_shn_and_waits_for_shst");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
@@ -480,6 +502,7 @@ fn shutdown_on_drop_sets_shn_and_waits_for_shst() {
 
 #[test]
 fn reset_makes_old_queue_pairs_fail_and_new_ones_work() {
+    emulator("reset_makes_old_queue_pairs_fail_and_new_ones_work");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
@@ -524,6 +547,7 @@ fn reset_makes_old_queue_pairs_fail_and_new_ones_work() {
 
 #[test]
 fn admin_errors_are_typed() {
+    emulator("admin_errors_are_typed");
     let (c, emu) = emulated(config(Mode::Inline, &[NS]));
     emu.inject(Fault::once(
         Trigger::NthCommand {
@@ -580,6 +604,7 @@ fn admin_errors_are_typed() {
 
 #[test]
 fn bring_up_handles_an_enabled_controller_and_a_missing_one() {
+    emulator("bring_up_handles_an_enabled_controller_and_a_missing_one");
     let emu = EmulatedController::new(config(Mode::Inline, &[NS])).unwrap();
     let c = Controller::new(emu.clone()).unwrap();
     // Bring-up again over an enabled controller: it is disabled first.
