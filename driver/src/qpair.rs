@@ -289,9 +289,10 @@ const TIMEOUT_EPOCHS: u32 = 5;
 struct Slot<T> {
     state: u8,
     flags: u8,
-    opcode: u8,
-    next: u16,
+    /// The parent of a child, else `NIL` (always `NIL` while the slot is free).
     parent: u16,
+    next: u16,
+    opcode: u8,
     nsid: u32,
     epoch: u32,
     cdw12: u32,
@@ -912,8 +913,8 @@ impl<T> QueuePair<T> {
     // Submission internals.
 
     /// The per-I/O submission. The common case (a live queue, `1..=max_transfer` bytes in whole
-    /// blocks inside the namespace, a dword-aligned buffer, a free slot) is checked with one
-    /// branch per condition and no call; anything else, including every error, takes
+    /// blocks inside the namespace, a dword-aligned buffer, a free slot) is checked and issued
+    /// inline, without a call; anything else, including every error, takes
     /// [`submit_data_general`](Self::submit_data_general), which checks again in the documented
     /// order and reports the first error or splits the request.
     #[inline(always)]
@@ -931,13 +932,15 @@ impl<T> QueuePair<T> {
     ) -> core::result::Result<(), (Error, Option<T>)> {
         let shift = ns.block_shift();
         let blocks = (len >> shift) as u64;
+        let ns_blocks = ns.blocks();
         // `len - 1 < max_transfer` is `1 <= len <= max_transfer`; `blocks << shift == len`
-        // is "a whole number of blocks"; `max_transfer` is far below 2^64 blocks, so the
-        // sum cannot overflow unless `lba` is bogus, which `checked_add` catches.
+        // is "a whole number of blocks"; `lba < ns_blocks && blocks <= ns_blocks - lba` is
+        // `lba + blocks <= ns_blocks` without overflow.
         if self.dead.is_some()
             || len.wrapping_sub(1) >= self.max_transfer
             || (blocks << shift) as usize != len
-            || !matches!(lba.0.checked_add(blocks), Some(end) if end <= ns.blocks())
+            || lba.0 >= ns_blocks
+            || blocks > ns_blocks - lba.0
             || iova.0 & 3 != 0
             || self.free_head == NIL
         {
@@ -1014,7 +1017,6 @@ impl<T> QueuePair<T> {
         let s = self.slot(idx);
         s.opcode = opcode;
         s.flags = flags;
-        s.parent = NIL;
         s.nsid = nsid.0;
         s.cdw10_11 = lba.0;
         if let Some(c) = ctx {
@@ -1086,7 +1088,6 @@ impl<T> QueuePair<T> {
             p.state = PARENT;
             p.opcode = opcode;
             p.flags = flags;
-            p.parent = NIL;
             p.nsid = ns.nsid().0;
             p.cdw10_11 = lba.0;
             p.count = children as u16;
@@ -1163,7 +1164,6 @@ impl<T> QueuePair<T> {
         let s = self.slot(idx);
         s.opcode = opcode;
         s.flags = flags;
-        s.parent = NIL;
         s.nsid = nsid.0;
         s.cdw10_11 = cdw10_11;
         if let Some(c) = ctx {
@@ -1825,7 +1825,9 @@ impl<T> QueuePair<T> {
         if idx == NIL {
             return None;
         }
-        self.free_head = self.slot(idx).next;
+        let s = self.slot(idx);
+        debug_assert!(s.state == FREE && s.parent == NIL);
+        self.free_head = s.next;
         self.free_count -= 1;
         Some(idx)
     }
@@ -1836,6 +1838,7 @@ impl<T> QueuePair<T> {
         let s = self.slot(idx);
         s.state = FREE;
         s.flags = 0;
+        s.parent = NIL;
         s.next = head;
         self.free_head = idx;
         self.free_count += 1;
