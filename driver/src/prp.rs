@@ -44,17 +44,18 @@ pub const fn pages_touched(iova: u64, len: usize) -> usize {
 #[inline]
 pub unsafe fn build(iova: u64, len: usize, list: *mut u64, list_iova: u64) -> (u64, u64) {
     debug_assert!((1..=MAX_TRANSFER).contains(&len) && iova & 3 == 0);
-    let first = PAGE - (iova & PAGE_MASK);
-    let len = len as u64;
-    if len <= first {
+    // Where the transfer ends, counted from the start of its first page (no overflow:
+    // `len <= MAX_TRANSFER`).
+    let end = (iova & PAGE_MASK) + len as u64;
+    if end <= PAGE {
         return (iova, 0);
     }
-    let next = (iova + first) & !PAGE_MASK;
-    if len <= first + PAGE {
+    let next = (iova & !PAGE_MASK) + PAGE;
+    if end <= 2 * PAGE {
         return (iova, next);
     }
-    let rest = len - first;
-    let n = rest.div_ceil(PAGE) as usize;
+    // Pages after the first.
+    let n = (end.div_ceil(PAGE) - 1) as usize;
     debug_assert!(n <= LIST_ENTRIES);
     for i in 0..n {
         // SAFETY: `i < n <= LIST_ENTRIES`, inside the list page (contract of this function).

@@ -57,7 +57,7 @@ use crate::spec::regs::{cq_head_doorbell, sq_tail_doorbell};
 use crate::spec::sqe::DsmRange;
 use crate::spec::sqe::{DSM_AD, RW_FUA, io};
 use crate::spec::{Sqe, Status};
-use crate::types::{Cid, Lba, Nsid, QueueId};
+use crate::types::{Cid, Iova, Lba, Nsid, QueueId};
 
 /// When the SQ tail doorbell is written.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -271,6 +271,11 @@ const F_CTX: u8 = 8;
 /// A parent one of whose children was leaked: leak the parent too.
 const F_LEAK: u8 = 16;
 
+/// Status code and status code type in completion dword 3 (zero: success).
+const STATUS_MASK: u32 = 0x7ff << 17;
+/// The phase tag in completion dword 3.
+const PHASE_BIT: u32 = 1 << 16;
+
 /// Polls between clock reads while completions keep arriving; an empty poll counts 64.
 const COUNTDOWN: i32 = 4096;
 const IDLE_WEIGHT: i32 = 64;
@@ -278,15 +283,16 @@ const HEALTH_INTERVAL: Duration = Duration::from_millis(10);
 /// Epochs (quarter timeouts) after which a command has timed out.
 const TIMEOUT_EPOCHS: u32 = 5;
 
-/// One request: the command's fields (kept while it waits and for error reports), its links,
-/// and the user's context. Hot fields first.
+/// One request: the command's fields for error reports (opcode, nsid, LBA; `cdw12` and the PRPs
+/// only while it waits to be issued), its links, and the user's context. Hot fields first.
 #[repr(C)]
 struct Slot<T> {
     state: u8,
     flags: u8,
-    opcode: u8,
-    next: u16,
+    /// The parent of a child, else `NIL` (always `NIL` while the slot is free).
     parent: u16,
+    next: u16,
+    opcode: u8,
     nsid: u32,
     epoch: u32,
     cdw12: u32,
@@ -299,6 +305,17 @@ struct Slot<T> {
     ctx: MaybeUninit<T>,
     /// Parent: first error. Done: the result's error.
     err: Option<IoError>,
+}
+
+/// The fields of a command's submission entry that vary, on their way to the SQ.
+#[derive(Clone, Copy)]
+struct Cmd {
+    opcode: u8,
+    nsid: u32,
+    prp1: u64,
+    prp2: u64,
+    cdw10_11: u64,
+    cdw12: u32,
 }
 
 /// One NVMe I/O queue pair (SQ + CQ) with its request pool, owned by one thread.
@@ -315,6 +332,8 @@ pub struct QueuePair<T> {
     sq_tail: u16,
     cq_head: u16,
     entries: u16,
+    /// `qid << 16`: completion dword 2 of this queue, less the SQ head.
+    cqe_sq_base: u32,
     phase: bool,
     per_command: bool,
     inflight: u16,
@@ -452,6 +471,7 @@ impl<T> QueuePair<T> {
             sq_tail: 0,
             cq_head: 0,
             entries,
+            cqe_sq_base: (qid.0 as u32) << 16,
             phase: true,
             per_command: opts.doorbell == DoorbellMode::PerCommand,
             inflight: 0,
@@ -592,7 +612,7 @@ impl<T> QueuePair<T> {
         buf: DmaSlice,
         ctx: T,
     ) -> core::result::Result<(), Rejected<T>> {
-        self.submit_data(io::READ, ns, lba, buf, 0, 0, Some(ctx))
+        self.submit_data(io::READ, ns, lba, buf.iova, buf.len, 0, 0, Some(ctx))
             .map_err(rejected)
     }
 
@@ -610,7 +630,7 @@ impl<T> QueuePair<T> {
         buf: DmaSlice,
         ctx: T,
     ) -> core::result::Result<(), Rejected<T>> {
-        self.submit_data(io::WRITE, ns, lba, buf, 0, 0, Some(ctx))
+        self.submit_data(io::WRITE, ns, lba, buf.iova, buf.len, 0, 0, Some(ctx))
             .map_err(rejected)
     }
 
@@ -630,7 +650,7 @@ impl<T> QueuePair<T> {
         ctx: T,
     ) -> core::result::Result<(), Rejected<T>> {
         let cdw12 = if flags.fua { RW_FUA } else { 0 };
-        self.submit_data(op.opcode(), ns, lba, buf, cdw12, 0, Some(ctx))
+        self.submit_data(op.opcode(), ns, lba, buf.iova, buf.len, cdw12, 0, Some(ctx))
             .map_err(rejected)
     }
 
@@ -675,7 +695,18 @@ impl<T> QueuePair<T> {
     /// other requests that arrive meanwhile are handed out by the next [`poll`](Self::poll).
     pub fn read_blocking(&mut self, ns: &Namespace, lba: Lba, buf: &mut [u8]) -> Result<IoDone> {
         let slice = self.dma_slice_of(buf.as_mut_ptr(), buf.len())?;
-        self.run_blocking(|q| q.submit_data(io::READ, ns, lba, slice, 0, F_SYNC | F_HOLDS, None))
+        self.run_blocking(|q| {
+            q.submit_data(
+                io::READ,
+                ns,
+                lba,
+                slice.iova,
+                slice.len,
+                0,
+                F_SYNC | F_HOLDS,
+                None,
+            )
+        })
     }
 
     /// Writes `buf` at `lba` and waits for the completion. See
@@ -695,7 +726,16 @@ impl<T> QueuePair<T> {
         let slice = self.dma_slice_of(buf.as_ptr() as *mut u8, buf.len())?;
         let cdw12 = if flags.fua { RW_FUA } else { 0 };
         self.run_blocking(|q| {
-            q.submit_data(io::WRITE, ns, lba, slice, cdw12, F_SYNC | F_HOLDS, None)
+            q.submit_data(
+                io::WRITE,
+                ns,
+                lba,
+                slice.iova,
+                slice.len,
+                cdw12,
+                F_SYNC | F_HOLDS,
+                None,
+            )
         })
     }
 
@@ -815,24 +855,27 @@ impl<T> QueuePair<T> {
         if self.unrung != 0 {
             self.ring_sq();
         }
+        let cq = self.cq;
+        let entries = self.entries;
         let mut head = self.cq_head;
-        let mut phase = self.phase as u32;
+        // The phase tag expected, in place in dword 3.
+        let mut phase = if self.phase { PHASE_BIT } else { 0 };
         let mut consumed = 0usize;
         while consumed < max {
             // SAFETY: `head < entries`: the 16-byte entry lies in the CQ buffer we own.
-            let e = unsafe { self.cq.add(head as usize * 4) };
+            let e = unsafe { cq.add(head as usize * 4) };
             // SAFETY: dword 3 of the entry, 4-byte aligned; the device writes it concurrently, so
             // it is read atomically, with acquire so the other dwords are read after it.
             let dw3 = unsafe { AtomicU32::from_ptr(e.add(3) as *mut u32) }.load(Ordering::Acquire);
-            if (dw3 >> 16) & 1 != phase {
+            if dw3 & PHASE_BIT != phase {
                 break;
             }
             // SAFETY: dwords 0 and 2 of the same entry, complete once the phase matched.
             let (dw0, dw2) = unsafe { (e.read_volatile(), e.add(2).read_volatile()) };
             head += 1;
-            if head == self.entries {
+            if head == entries {
                 head = 0;
-                phase ^= 1;
+                phase ^= PHASE_BIT;
             }
             consumed += 1;
             delivered += self.complete(dw0, dw2, dw3, f);
@@ -869,14 +912,55 @@ impl<T> QueuePair<T> {
     // ---------------------------------------------------------------------------------------
     // Submission internals.
 
-    #[inline]
+    /// The per-I/O submission. The common case (a live queue, `1..=max_transfer` bytes in whole
+    /// blocks inside the namespace, a dword-aligned buffer, a free slot) is checked and issued
+    /// inline, without a call; anything else, including every error, takes
+    /// [`submit_data_general`](Self::submit_data_general), which checks again in the documented
+    /// order and reports the first error or splits the request.
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn submit_data(
         &mut self,
         opcode: u8,
         ns: &Namespace,
         lba: Lba,
-        buf: DmaSlice,
+        iova: Iova,
+        len: usize,
+        cdw12: u32,
+        flags: u8,
+        ctx: Option<T>,
+    ) -> core::result::Result<(), (Error, Option<T>)> {
+        let shift = ns.block_shift();
+        let blocks = (len >> shift) as u64;
+        let ns_blocks = ns.blocks();
+        // `len - 1 < max_transfer` is `1 <= len <= max_transfer`; `blocks << shift == len`
+        // is "a whole number of blocks"; `lba < ns_blocks && blocks <= ns_blocks - lba` is
+        // `lba + blocks <= ns_blocks` without overflow.
+        if self.dead.is_some()
+            || len.wrapping_sub(1) >= self.max_transfer
+            || (blocks << shift) as usize != len
+            || lba.0 >= ns_blocks
+            || blocks > ns_blocks - lba.0
+            || iova.0 & 3 != 0
+            || self.free_head == NIL
+        {
+            return self.submit_data_general(opcode, ns, lba, iova, len, cdw12, flags, ctx);
+        }
+        self.start_data(opcode, ns.nsid(), lba, iova, len, blocks, cdw12, flags, ctx);
+        Ok(())
+    }
+
+    /// [`submit_data`](Self::submit_data) off the fast path: errors, splits.
+    #[cold]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_data_general(
+        &mut self,
+        opcode: u8,
+        ns: &Namespace,
+        lba: Lba,
+        iova: Iova,
+        len: usize,
         cdw12: u32,
         flags: u8,
         ctx: Option<T>,
@@ -884,7 +968,6 @@ impl<T> QueuePair<T> {
         if let Some(reason) = self.dead {
             return Err((self.dead_error(reason), ctx));
         }
-        let len = buf.len;
         let shift = ns.block_shift();
         if len & ((1usize << shift) - 1) != 0 || len == 0 {
             return Err((bad_length(ns, len), ctx));
@@ -894,34 +977,64 @@ impl<T> QueuePair<T> {
             Some(end) if end <= ns.blocks() => {}
             _ => return Err((out_of_range(ns, lba, blocks), ctx)),
         }
-        if buf.iova.0 & 3 != 0 {
-            return Err((Error::Unaligned { iova: buf.iova }, ctx));
+        if iova.0 & 3 != 0 {
+            return Err((Error::Unaligned { iova }, ctx));
         }
         if len > self.max_transfer {
-            return self.submit_split(opcode, ns, lba, buf, cdw12, flags, ctx);
+            return self.submit_split(opcode, ns, lba, iova, len, cdw12, flags, ctx);
         }
-        let Some(idx) = self.pop_free() else {
+        if self.free_head == NIL {
             return Err((self.exhausted(1), ctx));
+        }
+        self.start_data(opcode, ns.nsid(), lba, iova, len, blocks, cdw12, flags, ctx);
+        Ok(())
+    }
+
+    /// Takes a free slot for a checked data command of `blocks` blocks (`1 <= len <=
+    /// max_transfer`, dword-aligned IOVA; a free slot exists) and issues or queues it.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn start_data(
+        &mut self,
+        opcode: u8,
+        nsid: Nsid,
+        lba: Lba,
+        iova: Iova,
+        len: usize,
+        blocks: u64,
+        cdw12: u32,
+        flags: u8,
+        ctx: Option<T>,
+    ) {
+        debug_assert!(len >= 1 && len <= self.max_transfer && iova.0 & 3 == 0);
+        let Some(idx) = self.pop_free() else {
+            unreachable!("the caller checked for a free slot")
         };
-        // SAFETY: the slot was free, so no command uses its PRP page; `len <= MAX_TRANSFER`.
+        // SAFETY: the slot was free, so no command uses its PRP page; `len <= max_transfer <=
+        // MAX_TRANSFER` and the IOVA is dword aligned (checked by the caller).
         let (prp1, prp2) =
-            unsafe { prp::build(buf.iova.0, len, self.prp_list(idx), self.prp_list_iova(idx)) };
+            unsafe { prp::build(iova.0, len, self.prp_list(idx), self.prp_list_iova(idx)) };
         let s = self.slot(idx);
         s.opcode = opcode;
         s.flags = flags;
-        s.parent = NIL;
-        s.nsid = ns.nsid().0;
+        s.nsid = nsid.0;
         s.cdw10_11 = lba.0;
-        s.cdw12 = (blocks - 1) as u32 | cdw12;
-        s.prp1 = prp1;
-        s.prp2 = prp2;
         if let Some(c) = ctx {
             s.ctx.write(c);
             s.flags |= F_CTX;
         }
         self.stats.submitted += 1;
-        self.enqueue(idx);
-        Ok(())
+        self.enqueue(
+            idx,
+            Cmd {
+                opcode,
+                nsid: nsid.0,
+                prp1,
+                prp2,
+                cdw10_11: lba.0,
+                cdw12: (blocks - 1) as u32 | cdw12,
+            },
+        );
     }
 
     #[inline(never)]
@@ -931,7 +1044,8 @@ impl<T> QueuePair<T> {
         opcode: u8,
         ns: &Namespace,
         lba: Lba,
-        buf: DmaSlice,
+        iova: Iova,
+        total: usize,
         cdw12: u32,
         flags: u8,
         ctx: Option<T>,
@@ -950,13 +1064,13 @@ impl<T> QueuePair<T> {
                 ctx,
             ));
         }
-        let children = buf.len.div_ceil(per_child);
+        let children = total.div_ceil(per_child);
         let needed = children + 1;
         if needed > self.slots.len() || children > u16::MAX as usize {
             return Err((
                 Error::RequestTooLarge {
                     qid: self.qid,
-                    bytes: buf.len,
+                    bytes: total,
                     children,
                     max_transfer: per_child,
                     needed,
@@ -974,7 +1088,6 @@ impl<T> QueuePair<T> {
             p.state = PARENT;
             p.opcode = opcode;
             p.flags = flags;
-            p.parent = NIL;
             p.nsid = ns.nsid().0;
             p.cdw10_11 = lba.0;
             p.count = children as u16;
@@ -988,8 +1101,8 @@ impl<T> QueuePair<T> {
         let shift = ns.block_shift();
         for i in 0..children {
             let off = i * per_child;
-            let len = per_child.min(buf.len - off);
-            let iova = buf.iova.0 + off as u64;
+            let len = per_child.min(total - off);
+            let iova = iova.0 + off as u64;
             let idx = self.pop_free().expect("counted");
             // SAFETY: the slot was free; `len <= per_child <= MAX_TRANSFER`.
             let (prp1, prp2) =
@@ -1001,10 +1114,15 @@ impl<T> QueuePair<T> {
             s.count = i as u16;
             s.nsid = ns.nsid().0;
             s.cdw10_11 = lba.0 + (off >> shift) as u64;
-            s.cdw12 = ((len >> shift) - 1) as u32 | cdw12;
-            s.prp1 = prp1;
-            s.prp2 = prp2;
-            self.enqueue(idx);
+            let cmd = Cmd {
+                opcode,
+                nsid: s.nsid,
+                prp1,
+                prp2,
+                cdw10_11: s.cdw10_11,
+                cdw12: ((len >> shift) - 1) as u32 | cdw12,
+            };
+            self.enqueue(idx, cmd);
         }
         self.stats.submitted += 1;
         self.stats.split_children += children as u64;
@@ -1046,18 +1164,22 @@ impl<T> QueuePair<T> {
         let s = self.slot(idx);
         s.opcode = opcode;
         s.flags = flags;
-        s.parent = NIL;
         s.nsid = nsid.0;
         s.cdw10_11 = cdw10_11;
-        s.cdw12 = cdw12;
-        s.prp1 = prp1;
-        s.prp2 = 0;
         if let Some(c) = ctx {
             s.ctx.write(c);
             s.flags |= F_CTX;
         }
         self.stats.submitted += 1;
-        self.enqueue(idx);
+        let cmd = Cmd {
+            opcode,
+            nsid: nsid.0,
+            prp1,
+            prp2: 0,
+            cdw10_11,
+            cdw12,
+        };
+        self.enqueue(idx, cmd);
         Ok(())
     }
 
@@ -1118,32 +1240,44 @@ impl<T> QueuePair<T> {
         )
     }
 
-    /// Puts a filled slot on the device, or at the back of the waiting queue.
-    #[inline]
-    fn enqueue(&mut self, idx: u16) {
+    /// Puts a filled slot on the device, or at the back of the waiting queue (which keeps the
+    /// command's remaining fields in the slot until it is issued).
+    #[inline(always)]
+    fn enqueue(&mut self, idx: u16, cmd: Cmd) {
         if self.wait_head == NIL && self.inflight < self.max_inflight {
-            self.issue(idx);
+            self.issue(idx, cmd);
             if self.per_command {
                 self.ring_sq();
             }
         } else {
-            self.stats.waited += 1;
             let s = self.slot(idx);
-            s.state = WAITING;
-            s.next = NIL;
-            if self.wait_tail == NIL {
-                self.wait_head = idx;
-            } else {
-                let t = self.wait_tail;
-                self.slot(t).next = idx;
-            }
-            self.wait_tail = idx;
+            s.cdw12 = cmd.cdw12;
+            s.prp1 = cmd.prp1;
+            s.prp2 = cmd.prp2;
+            self.wait(idx);
         }
     }
 
-    /// Copies the slot's command into the SQ at the tail.
-    #[inline]
-    fn issue(&mut self, idx: u16) {
+    /// Appends slot `idx` to the waiting queue.
+    #[inline(never)]
+    fn wait(&mut self, idx: u16) {
+        self.stats.waited += 1;
+        let s = self.slot(idx);
+        s.state = WAITING;
+        s.next = NIL;
+        if self.wait_tail == NIL {
+            self.wait_head = idx;
+        } else {
+            let t = self.wait_tail;
+            self.slot(t).next = idx;
+        }
+        self.wait_tail = idx;
+    }
+
+    /// Copies the command of slot `idx` into the SQ at the tail: eight volatile 64-bit stores of
+    /// words built in registers.
+    #[inline(always)]
+    fn issue(&mut self, idx: u16, cmd: Cmd) {
         let epoch = self.epoch;
         let tail = self.sq_tail as usize;
         let sq = self.sq;
@@ -1151,13 +1285,13 @@ impl<T> QueuePair<T> {
         s.state = IN_FLIGHT;
         s.epoch = epoch;
         let words = [
-            s.opcode as u64 | (idx as u64) << 16 | (s.nsid as u64) << 32,
+            cmd.opcode as u64 | (idx as u64) << 16 | (cmd.nsid as u64) << 32,
             0,
             0,
-            s.prp1,
-            s.prp2,
-            s.cdw10_11,
-            s.cdw12 as u64,
+            cmd.prp1,
+            cmd.prp2,
+            cmd.cdw10_11,
+            cmd.cdw12 as u64,
             0,
         ];
         // SAFETY: `tail < entries`, so the 64-byte entry lies in the SQ buffer we own; fewer than
@@ -1183,7 +1317,16 @@ impl<T> QueuePair<T> {
             if self.wait_head == NIL {
                 self.wait_tail = NIL;
             }
-            self.issue(idx);
+            let s = self.slot(idx);
+            let cmd = Cmd {
+                opcode: s.opcode,
+                nsid: s.nsid,
+                prp1: s.prp1,
+                prp2: s.prp2,
+                cdw10_11: s.cdw10_11,
+                cdw12: s.cdw12,
+            };
+            self.issue(idx, cmd);
             if self.per_command {
                 self.ring_sq();
             }
@@ -1193,8 +1336,48 @@ impl<T> QueuePair<T> {
     // ---------------------------------------------------------------------------------------
     // Completion internals.
 
-    #[inline]
+    /// One completion entry. The common case (our SQ id, an SQ head in range, a known CID whose
+    /// command is in flight and owns a context, success, no blocking call deferring delivery)
+    /// is handled here; everything else, valid or not, by
+    /// [`complete_general`](Self::complete_general).
+    #[inline(always)]
     fn complete<F: FnMut(T, IoResult)>(
+        &mut self,
+        dw0: u32,
+        dw2: u32,
+        dw3: u32,
+        f: &mut F,
+    ) -> usize {
+        let cid = dw3 as u16;
+        // DW2 is `sq_head | sq_id << 16`: it is ours with a head in range exactly when
+        // `dw2 - (qid << 16) < entries`.
+        if dw2.wrapping_sub(self.cqe_sq_base) < self.entries as u32
+            && (cid as usize) < self.slots.len()
+        {
+            let defer = self.defer;
+            let s = self.slot(cid);
+            // A slot with a context is never a child (children carry none), so it needs no
+            // parent bookkeeping.
+            if s.state == IN_FLIGHT && s.flags & F_CTX != 0 && dw3 & STATUS_MASK == 0 && !defer {
+                debug_assert!(s.parent == NIL && s.flags & F_SYNC == 0);
+                // SAFETY: F_CTX says the context is initialised; the slot is freed (F_CTX
+                // cleared with the other flags) so it is read once.
+                let ctx = unsafe { s.ctx.assume_init_read() };
+                self.push_free(cid);
+                self.sq_head = dw2 as u16;
+                self.inflight -= 1;
+                self.stats.completed += 1;
+                f(ctx, Ok(IoDone { dw0 }));
+                return 1;
+            }
+        }
+        self.complete_general(dw0, dw2, dw3, f)
+    }
+
+    /// [`complete`](Self::complete) for everything but the common case: children, blocking
+    /// calls, errors, late and invalid completions.
+    #[inline(never)]
+    fn complete_general<F: FnMut(T, IoResult)>(
         &mut self,
         dw0: u32,
         dw2: u32,
@@ -1223,7 +1406,7 @@ impl<T> QueuePair<T> {
             return self.complete_unusual(cid, f);
         }
         self.inflight -= 1;
-        let ok = (dw3 >> 17) & 0x7ff == 0;
+        let ok = dw3 & STATUS_MASK == 0;
         let parent = self.slot(cid).parent;
         if parent == NIL {
             let res = if ok {
@@ -1642,7 +1825,9 @@ impl<T> QueuePair<T> {
         if idx == NIL {
             return None;
         }
-        self.free_head = self.slot(idx).next;
+        let s = self.slot(idx);
+        debug_assert!(s.state == FREE && s.parent == NIL);
+        self.free_head = s.next;
         self.free_count -= 1;
         Some(idx)
     }
@@ -1653,6 +1838,7 @@ impl<T> QueuePair<T> {
         let s = self.slot(idx);
         s.state = FREE;
         s.flags = 0;
+        s.parent = NIL;
         s.next = head;
         self.free_head = idx;
         self.free_count += 1;
@@ -1749,8 +1935,17 @@ impl<T: DmaOwner> QueuePair<T> {
             }
         }
         let cdw12 = if flags.fua { RW_FUA } else { 0 };
-        self.submit_data(op.opcode(), ns, lba, buf, cdw12, F_HOLDS, Some(ctx))
-            .map_err(rejected)
+        self.submit_data(
+            op.opcode(),
+            ns,
+            lba,
+            buf.iova,
+            buf.len,
+            cdw12,
+            F_HOLDS,
+            Some(ctx),
+        )
+        .map_err(rejected)
     }
 }
 
