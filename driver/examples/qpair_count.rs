@@ -25,7 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ctrl = Controller::new(emu)?;
     let ns = ctrl.namespace(dioxide::Nsid(1))?;
     let mut q = ctrl.create_qpair::<u64>(QueueOptions::default())?;
-    let bufs = (0..QD).map(|_| ctrl.alloc(4096)).collect::<Result<Vec<_>, _>>()?;
+    let bufs = (0..QD)
+        .map(|_| ctrl.alloc(4096))
+        .collect::<Result<Vec<_>, _>>()?;
     // 4 KiB-aligned random LBAs from xorshift64, masked to the namespace (a power of two).
     let mask = (ns.blocks() / 8 - 1) * 8;
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
