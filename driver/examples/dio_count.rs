@@ -1,15 +1,43 @@
-//! N 4 KiB reads at QD1 on the inline emulated controller with a null namespace, through the
-//! raw queue pair (`raw`) or the dio path (`dio`, run to completion), for instruction counts:
-//! `valgrind --tool=callgrind target/release/examples/dio_count dio 100000`; the difference
-//! between two N gives instructions per I/O.
+//! N 4 KiB reads at QD1 on the inline emulated controller with a null namespace.
+//!
+//! * `raw` / `dio`: through the raw queue pair or the dio path (run to completion), for
+//!   instruction counts: `valgrind --tool=callgrind target/release/examples/dio_count dio
+//!   100000`; the difference between two N gives instructions per I/O.
+//! * `pollers`: `BlockFile::read` through one (unpinned) poller thread, timing every request;
+//!   prints the median, p90, p99 and mean latency in µs (the hand-over and wake-up cost):
+//!   `cargo run --release -p dioxide --example dio_count -- pollers 20000 [think_us]`; with
+//!   `think_us` the client computes (spins) that long between requests, as an application
+//!   that is not I/O bound does (the poller may have parked meanwhile). Two more optional
+//!   arguments set `Builder::poller_idle` and `Builder::wait_spin` in µs.
+
+use std::time::{Duration, Instant};
 
 use dioxide::emulated::{EmulatedConfig, EmulatedController, Mode, NamespaceConfig};
 use dioxide::{Controller, Dioxide, FileOptions, IoBuffer, Lba, Nsid, QueueOptions};
+
+fn report(label: &str, mut lat: Vec<Duration>) {
+    lat.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let pick = |q: f64| us(lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)]);
+    let mean = us(lat.iter().sum::<Duration>()) / lat.len() as f64;
+    println!(
+        "{label}: n {} median {:.2} us, p90 {:.2} us, p99 {:.2} us, mean {:.2} us",
+        lat.len(),
+        pick(0.5),
+        pick(0.9),
+        pick(0.99),
+        mean
+    );
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut a = std::env::args().skip(1);
     let path = a.next().unwrap_or_else(|| "dio".into());
     let n: u64 = a.next().map_or(Ok(10_000), |s| s.parse())?;
+    let think = Duration::from_micros(a.next().map_or(Ok(0), |s| s.parse())?);
+    // Optional: the poller's idle spin and the client's completion spin, in µs.
+    let idle: Option<u64> = a.next().map(|s| s.parse()).transpose()?;
+    let wait_spin: Option<u64> = a.next().map(|s| s.parse()).transpose()?;
     let emu = EmulatedController::new(EmulatedConfig {
         mode: Mode::Inline,
         namespaces: vec![NamespaceConfig::null(512, 1 << 21)],
@@ -24,6 +52,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for _ in 0..n {
                 q.read_blocking(&ns, Lba(8), b.as_mut_slice())?;
             }
+        }
+        "pollers" => {
+            let mut b = Dioxide::builder().controller(ctrl).pollers([None]);
+            if let Some(us) = idle {
+                b = b.poller_idle(Duration::from_micros(us));
+            }
+            if let Some(us) = wait_spin {
+                b = b.wait_spin(Duration::from_micros(us));
+            }
+            let dx = b.build()?;
+            let f = dx.open_file(0, Nsid(1), FileOptions::new(0, 1 << 20).with_len(1 << 29))?;
+            let mut buf = IoBuffer::Dma(f.alloc(4096)?);
+            let mut lat = Vec::with_capacity(n as usize);
+            for i in 0..n + n / 10 {
+                let t = Instant::now();
+                while t.elapsed() < think {
+                    std::hint::spin_loop();
+                }
+                let t = Instant::now();
+                let (r, b) = f.read(buf, 4096, 4096);
+                let d = t.elapsed();
+                r?;
+                buf = b;
+                if i >= n / 10 {
+                    lat.push(d);
+                }
+            }
+            report(
+                &format!("qd1 read 4 KiB via 1 poller, think {think:?}"),
+                lat,
+            );
+            let parks: u64 = dx.poller_stats().iter().map(|s| s.parks).sum();
+            println!("poller parks: {parks}");
         }
         _ => {
             let dx = Dioxide::builder()

@@ -432,7 +432,7 @@ impl BlockFile {
                     pollers: p.clone(),
                     target,
                 }),
-                dio_core::Wait::Park,
+                p.wait(),
             ),
             EngineRef::Local(l) => (
                 Arc::new(crate::poller::LocalSink {

@@ -4,6 +4,7 @@
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use dio_core::Deferral;
 
@@ -111,6 +112,8 @@ pub struct Builder {
     run_to_completion: bool,
     ring: usize,
     spin: u32,
+    idle: Duration,
+    wait_spin: Duration,
     queue: QueueOptions,
     cache_pages: usize,
     completions: Completions,
@@ -139,9 +142,25 @@ impl Builder {
         self.ring = entries;
         self
     }
-    /// Empty polls before an idle poller parks (default 2000).
+    /// Empty polls before an idle poller parks (default 2000); see also
+    /// [`poller_idle`](Self::poller_idle).
     pub fn spin(mut self, polls: u32) -> Self {
         self.spin = polls;
+        self
+    }
+    /// How long an idle poller (nothing in flight, nothing queued) keeps polling before it
+    /// parks (default 1 ms). A client that submits within that time finds it awake, so the
+    /// hand-over costs no system call and no wake-up; a parked poller is unparked by the next
+    /// submission. `Duration::ZERO`: park after [`spin`](Self::spin) empty polls.
+    pub fn poller_idle(mut self, d: Duration) -> Self {
+        self.idle = d;
+        self
+    }
+    /// How long a client thread waiting for its own request (a synchronous call, a page-cache
+    /// fill) spins for the completion before it parks (default 20 µs). The poller wakes a
+    /// parked client only if it really parked. `Duration::ZERO`: park at once.
+    pub fn wait_spin(mut self, d: Duration) -> Self {
+        self.wait_spin = d;
         self
     }
     /// Options of every queue pair.
@@ -203,6 +222,8 @@ impl Builder {
                 cores: self.cores.clone(),
                 ring: self.ring,
                 spin: self.spin,
+                idle: self.idle,
+                wait_spin: self.wait_spin,
                 queue: self.queue.clone(),
             };
             let p = Pollers::start(&self.ctrls, &targets, &cfg).map_err(|e| match e {
@@ -265,6 +286,8 @@ impl Dioxide {
             run_to_completion: false,
             ring: 1024,
             spin: 2000,
+            idle: Duration::from_millis(1),
+            wait_spin: Duration::from_micros(20),
             queue: QueueOptions::default(),
             cache_pages: 1024,
             completions: Completions::OnPoller,

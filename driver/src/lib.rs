@@ -71,8 +71,10 @@
 //! * [`Dioxide::builder`] takes controllers and the cores of the **pollers** ([`poller`]):
 //!   threads pinned with `sched_setaffinity` (a core that does not exist is
 //!   [`EmbedError::Pin`]), each owning one queue pair per controller. Other threads hand them
-//!   bios through a bounded lock-free ring per poller; idle pollers park on a crossbeam-utils
-//!   `Parker` and are unparked by new work. [`Builder::run_to_completion`] instead lets the
+//!   bios through a bounded lock-free ring per poller; idle pollers poll on for a bounded time
+//!   ([`Builder::poller_idle`]), then park on a crossbeam-utils `Parker` and are unparked by new
+//!   work. A client waiting for its completion spins briefly ([`Builder::wait_spin`]), then
+//!   parks; the poller wakes it only if it parked. [`Builder::run_to_completion`] instead lets the
 //!   building thread own the queue pairs and poll them while it waits (dio-core
 //!   `Wait::PollInPlace`).
 //! * [`Dioxide::open_file`] gives a [`BlockFile`] on an LBA range of a namespace: a logical

@@ -7,10 +7,26 @@
 //! poller thread (a completion callback that issues I/O) goes to a thread-local queue of that
 //! poller instead, which never fills. The poller submits what it received, rings each doorbell
 //! once per batch, polls every queue pair, and completes each finished bio into dio-core on its
-//! own thread. With nothing in flight and nothing queued it spins a little, then parks on a
-//! crossbeam-utils `Parker`; a submitter that finds it parked unparks it (a Dekker handshake on
-//! `sleeping` with SeqCst fences, so no wake-up is lost). A full ring makes a submitter on
+//! own thread. With nothing in flight and nothing queued it keeps polling for a bounded time
+//! (`Builder::poller_idle`, default 1 ms, yielding the CPU between rounds), then parks on a
+//! crossbeam-utils `Parker`; a submitter unparks it only if it really parked (a Dekker handshake
+//! on `sleeping` with SeqCst fences, so no wake-up is lost). A full ring makes a submitter on
 //! another thread back off until the poller drains it.
+//!
+//! A client thread waiting for its own bios (a synchronous call, a page-cache fill, dio-core's
+//! throttle) waits in dio-core's `Wait::PollInPlace` loop with [`SpinThenPark`]: every bio
+//! carries the submitting thread's [`Waiter`]; the poller completes the bio into dio-core, then
+//! sets the waiter's flag and unparks the thread only if it parked. The client spins on the
+//! flag for `Builder::wait_spin` (default 20 µs; the first 2 µs without yielding), then parks.
+//! dio-core re-checks the request under its own lock after each wake-up, so a wake-up for
+//! another request of the same thread costs one check; its condition variable is not used.
+//!
+//! Allocation on the I/O path: none in the pollers (the ring, the thread-local queue and the
+//! failed list keep their capacity; run to completion reuses its list of reaped bios). Per
+//! request there remain dio-core's request state (one `Arc`), and for asynchronous requests
+//! the boxed callback (`Box<dyn FnOnce>`) and dio-core's boxed `Completion` wrapping it; a
+//! deferred completion adds the boxed job (and, amortised, a block of the completion thread's
+//! channel every 31 jobs).
 //!
 //! **Run to completion** ([`Local`]): the caller's thread owns the queue pair (kept in a
 //! thread-local slot) and polls it itself while it waits: dio-core's `Wait::PollInPlace`.
@@ -23,6 +39,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::sync::{Parker, Unparker};
@@ -37,8 +54,22 @@ use crate::qpair::{DmaOwner, IoFlags, IoResult, QueueOptions, QueuePair};
 use crate::spec::status::generic;
 use crate::types::{Iova, Lba};
 
-/// The context of one bio on a queue pair.
-pub(crate) struct BioCtx(Bio<Window>);
+/// The context of one bio on a queue pair: the bio, and the waiter of the thread that
+/// submitted it (pooled mode), woken once the bio has been completed into dio-core.
+pub(crate) struct BioCtx(Bio<Window>, Option<Arc<Waiter>>);
+
+impl BioCtx {
+    /// Complete the bio into dio-core (its reference drop, and the request's completion if it
+    /// was the last), then wake its submitter's waiter. The waiter is a per-thread object held
+    /// by this context, not part of the request, so touching it after the drop is fine.
+    fn complete(self, status: Result<(), DeviceStatus>) {
+        let BioCtx(bio, waiter) = self;
+        bio.complete(status);
+        if let Some(w) = waiter {
+            w.wake();
+        }
+    }
+}
 
 // SAFETY: the slice is the DMA segment dio-core mapped from the request's `Window`, i.e. a
 // sub-range of a `DmaBuffer` (`IoBuffer::Dma`) that lies in this controller's DMA memory (the
@@ -66,6 +97,7 @@ unsafe impl DmaOwner for BioCtx {
 pub(crate) struct Work {
     target: u32,
     bio: Bio<Window>,
+    waiter: Option<Arc<Waiter>>,
 }
 
 /// The namespaces an engine serves: `(controller index, namespace)`.
@@ -107,30 +139,136 @@ fn submit_one(
     qpairs: &mut [QueuePair<BioCtx>],
     targets: &Targets,
     w: Work,
-    failed: &mut Vec<(Bio<Window>, DeviceStatus)>,
+    failed: &mut Vec<(BioCtx, DeviceStatus)>,
 ) -> Result<(), Work> {
-    let target = w.target;
+    let Work {
+        target,
+        bio,
+        waiter,
+    } = w;
     let (qi, ns) = &targets[target as usize];
     let q = &mut qpairs[*qi];
-    let lba = Lba(w.bio.lba());
-    let r = match w.bio.op() {
-        BioOp::Read => q.read(ns, lba, BioCtx(w.bio)),
-        BioOp::Write => q.write(ns, lba, BioCtx(w.bio)),
+    let lba = Lba(bio.lba());
+    let r = match bio.op() {
+        BioOp::Read => q.read(ns, lba, BioCtx(bio, waiter)),
+        BioOp::Write => q.write(ns, lba, BioCtx(bio, waiter)),
         BioOp::WriteZeroes => {
-            let blocks = (w.bio.len() >> ns.block_shift()) as u32;
-            q.write_zeroes(ns, lba, blocks, IoFlags::NONE, BioCtx(w.bio))
+            let blocks = (bio.len() >> ns.block_shift()) as u32;
+            q.write_zeroes(ns, lba, blocks, IoFlags::NONE, BioCtx(bio, waiter))
         }
     };
     match r {
         Ok(()) => Ok(()),
-        Err(rej) if matches!(rej.error, Error::PoolExhausted { .. }) => Err(Work {
-            target,
-            bio: rej.ctx.0,
-        }),
+        Err(rej) if matches!(rej.error, Error::PoolExhausted { .. }) => {
+            let BioCtx(bio, waiter) = rej.ctx;
+            Err(Work {
+                target,
+                bio,
+                waiter,
+            })
+        }
         Err(rej) => {
-            failed.push((rej.ctx.0, driver_status(&rej.error)));
+            failed.push((rej.ctx, driver_status(&rej.error)));
             Ok(())
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting for one's own bios (pooled mode): spin, then park.
+
+/// The waiter of one client thread (one per thread, allocated on its first request). Every
+/// bio it submits carries a clone; the poller completes the bio into dio-core, then calls
+/// [`wake`](Waiter::wake). The thread waits in dio-core's `Wait::PollInPlace` loop through
+/// [`SpinThenPark`]: dio-core re-checks the request's reference count (under its lock) between
+/// calls, so a wake-up that was for another request only costs one more check.
+pub(crate) struct Waiter {
+    /// A bio of this thread completed since the last check.
+    woken: AtomicBool,
+    /// The thread is parked or about to park (Dekker handshake with `woken`, SeqCst).
+    sleeping: AtomicBool,
+    unparker: Unparker,
+}
+
+impl Waiter {
+    fn wake(&self) {
+        self.woken.store(true, Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.unparker.unpark();
+        }
+    }
+}
+
+struct WaitSlot {
+    parker: Parker,
+    waiter: Arc<Waiter>,
+}
+
+impl WaitSlot {
+    fn new() -> Self {
+        let parker = Parker::new();
+        let waiter = Arc::new(Waiter {
+            woken: AtomicBool::new(false),
+            sleeping: AtomicBool::new(false),
+            unparker: parker.unparker().clone(),
+        });
+        WaitSlot { parker, waiter }
+    }
+}
+
+/// The waiter of the calling thread.
+fn my_waiter() -> Arc<Waiter> {
+    WAIT_SLOT.with(|w| Arc::clone(&w.waiter))
+}
+
+/// How long a waiting client spins without yielding the CPU.
+const PURE_SPIN: Duration = Duration::from_micros(2);
+
+/// dio-core's wait hook in pooled mode (`Wait::PollInPlace`): spin up to `spin` for a bio of
+/// this thread to complete, then park until the poller wakes us.
+pub(crate) struct SpinThenPark {
+    pub spin: Duration,
+}
+
+impl Poller for SpinThenPark {
+    fn poll_once(&self) {
+        WAIT_SLOT.with(|slot| {
+            let w = &*slot.waiter;
+            if w.woken.swap(false, Ordering::AcqRel) {
+                return;
+            }
+            if !self.spin.is_zero() {
+                let start = Instant::now();
+                let mut i = 0u32;
+                let mut yielding = false;
+                loop {
+                    if yielding {
+                        // Past the first microseconds, give the CPU to whoever is runnable
+                        // here (on a small machine: the poller we just woke up) between checks.
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                    if w.woken.load(Ordering::Relaxed) && w.woken.swap(false, Ordering::AcqRel) {
+                        return;
+                    }
+                    i = i.wrapping_add(1);
+                    if yielding || i % 32 == 0 {
+                        let t = start.elapsed();
+                        if t >= self.spin {
+                            break;
+                        }
+                        yielding = t >= PURE_SPIN;
+                    }
+                }
+            }
+            w.sleeping.store(true, Ordering::SeqCst);
+            while !w.woken.load(Ordering::SeqCst) {
+                slot.parker.park();
+            }
+            w.sleeping.store(false, Ordering::SeqCst);
+            w.woken.store(false, Ordering::SeqCst);
+        });
     }
 }
 
@@ -144,6 +282,8 @@ thread_local! {
     static OWN_QUEUE: RefCell<VecDeque<Work>> = const { RefCell::new(VecDeque::new()) };
     /// A per-thread number choosing the poller a client thread hands its bios to.
     static HOME: Cell<usize> = const { Cell::new(usize::MAX) };
+    /// The waiter of this thread (see [`SpinThenPark`]).
+    static WAIT_SLOT: WaitSlot = WaitSlot::new();
 }
 
 static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
@@ -179,6 +319,10 @@ pub(crate) struct PollerConfig {
     pub cores: Vec<Option<usize>>,
     pub ring: usize,
     pub spin: u32,
+    /// Minimum time an idle poller keeps polling before it parks.
+    pub idle: Duration,
+    /// How long a client thread spins for its completion before it parks.
+    pub wait_spin: Duration,
     pub queue: QueueOptions,
 }
 
@@ -187,6 +331,7 @@ pub(crate) struct Pollers {
     id: u64,
     shared: Vec<CachePadded<Arc<PollerShared>>>,
     stop: AtomicBool,
+    wait_spin: Duration,
     /// Requests between their start and the end of their submission (shutdown waits for 0).
     active: AtomicUsize,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -253,6 +398,7 @@ impl Pollers {
             id,
             shared,
             stop: AtomicBool::new(false),
+            wait_spin: cfg.wait_spin,
             active: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
         });
@@ -260,7 +406,7 @@ impl Pollers {
         for (i, (parker, qpairs)) in parts.into_iter().enumerate() {
             let core = cfg.cores[i];
             let p = Arc::clone(&pollers);
-            let (tx, targets, spin) = (tx.clone(), targets.clone(), cfg.spin);
+            let (tx, targets, spin) = (tx.clone(), targets.clone(), (cfg.spin, cfg.idle));
             let t = std::thread::Builder::new()
                 .name(format!("dioxide-poller-{i}"))
                 .spawn(move || {
@@ -302,6 +448,13 @@ impl Pollers {
 
     fn lock_threads(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
         self.threads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// dio-core's wait strategy for requests served by these pollers.
+    pub(crate) fn wait(&self) -> dio_core::Wait {
+        dio_core::Wait::PollInPlace(Arc::new(SpinThenPark {
+            spin: self.wait_spin,
+        }))
     }
 
     /// Number of pollers.
@@ -359,13 +512,23 @@ impl Pollers {
     }
 
     /// Hand a bio to a poller (see the module docs).
-    fn push(&self, w: Work) {
+    fn push(&self, target: u32, bio: Bio<Window>) {
         if let Some((id, _)) = ON_POLLER.with(Cell::get) {
             if id == self.id {
+                let w = Work {
+                    target,
+                    bio,
+                    waiter: None,
+                };
                 OWN_QUEUE.with(|q| q.borrow_mut().push_back(w));
                 return;
             }
         }
+        let w = Work {
+            target,
+            bio,
+            waiter: Some(my_waiter()),
+        };
         let home = HOME.with(|h| {
             if h.get() == usize::MAX {
                 h.set(NEXT_HOME.fetch_add(1, Ordering::Relaxed));
@@ -401,13 +564,14 @@ impl Pollers {
         mut qpairs: Vec<QueuePair<BioCtx>>,
         targets: Targets,
         parker: Parker,
-        spin: u32,
+        (spin, idle_time): (u32, Duration),
     ) {
         ON_POLLER.with(|p| p.set(Some((self.id, index))));
         let s = Arc::clone(&self.shared[index]);
         let mut stalled: Option<Work> = None;
-        let mut failed: Vec<(Bio<Window>, DeviceStatus)> = Vec::new();
+        let mut failed: Vec<(BioCtx, DeviceStatus)> = Vec::new();
         let mut idle = 0u32;
+        let mut idle_since = Instant::now();
         loop {
             let mut progress = 0u64;
             // 1. Submit what was handed over, in order, until the pool runs out.
@@ -435,12 +599,12 @@ impl Pollers {
             }
             // 2. Poll every queue pair; complete into dio-core here, on this thread.
             let mut done = 0u64;
-            for (bio, st) in failed.drain(..) {
-                bio.complete(Err(st));
+            for (ctx, st) in failed.drain(..) {
+                ctx.complete(Err(st));
                 done += 1;
             }
             for q in qpairs.iter_mut() {
-                if let Ok(n) = q.poll(usize::MAX, |ctx, r| ctx.0.complete(status_of(r))) {
+                if let Ok(n) = q.poll(usize::MAX, |ctx, r| ctx.complete(status_of(r))) {
                     done += n as u64;
                 }
             }
@@ -452,6 +616,9 @@ impl Pollers {
                 continue;
             }
             idle = idle.saturating_add(1);
+            if idle == 1 {
+                idle_since = Instant::now();
+            }
             let busy = stalled.is_some() || qpairs.iter().any(|q| q.outstanding() > 0);
             if busy {
                 // Commands on the device: keep polling, but let other threads (an emulated
@@ -468,8 +635,16 @@ impl Pollers {
             {
                 break;
             }
-            if idle < spin {
+            // Idle: keep polling for at least `spin` polls and `idle_time` (the clock is read
+            // every 64 polls), so that a client that submits again right after its completion
+            // finds the poller awake: no unpark, no wake-up latency.
+            if idle < spin || (!idle_time.is_zero() && idle % 64 != 0) {
                 std::hint::spin_loop();
+                continue;
+            }
+            if !idle_time.is_zero() && idle_since.elapsed() < idle_time {
+                // Let a runnable client on this CPU go first (a small or busy machine).
+                std::thread::yield_now();
                 continue;
             }
             // 3. Nothing in flight, nothing queued: park until a submitter unparks us.
@@ -498,10 +673,7 @@ pub(crate) struct PollerSink {
 
 impl BioSink<Window> for PollerSink {
     fn submit(&self, bio: Bio<Window>) -> Result<(), Rejected<Window>> {
-        self.pollers.push(Work {
-            target: self.target,
-            bio,
-        });
+        self.pollers.push(self.target, bio);
         Ok(())
     }
 }
@@ -513,7 +685,10 @@ struct LocalState {
     id: u64,
     qpairs: Vec<QueuePair<BioCtx>>,
     targets: Targets,
-    failed: Vec<(Bio<Window>, DeviceStatus)>,
+    failed: Vec<(BioCtx, DeviceStatus)>,
+    /// What one poll reaped, completed after the state is released (kept for its capacity:
+    /// a poll allocates nothing once it has grown to the queue depth).
+    reaped: Vec<(BioCtx, Result<(), DeviceStatus>)>,
 }
 
 thread_local! {
@@ -545,6 +720,7 @@ impl Local {
                 qpairs,
                 targets: targets.clone(),
                 failed: Vec::new(),
+                reaped: Vec::new(),
             })
         });
         Ok(Local {
@@ -567,21 +743,30 @@ impl Local {
     }
 
     /// Poll every queue pair once, then complete what finished (outside the borrow, so the
-    /// completions may submit again).
+    /// completions may submit again, and even poll: a nested poll reaps into a fresh list).
     pub(crate) fn poll_once(&self) -> usize {
-        let mut done: Vec<(Bio<Window>, Result<(), DeviceStatus>)> = Vec::new();
-        self.with(|st| {
-            for (bio, s) in st.failed.drain(..) {
-                done.push((bio, Err(s)));
+        let Some(mut done) = self.with(|st| {
+            let mut done = std::mem::take(&mut st.reaped);
+            for (ctx, s) in st.failed.drain(..) {
+                done.push((ctx, Err(s)));
             }
             for q in st.qpairs.iter_mut() {
-                let _ = q.poll(usize::MAX, |ctx, r| done.push((ctx.0, status_of(r))));
+                let _ = q.poll(usize::MAX, |ctx, r| done.push((ctx, status_of(r))));
+            }
+            done
+        }) else {
+            return 0;
+        };
+        let n = done.len();
+        for (ctx, s) in done.drain(..) {
+            ctx.complete(s);
+        }
+        // Give the (empty) list back for the next poll, unless a nested poll already did.
+        self.with(|st| {
+            if st.reaped.capacity() < done.capacity() {
+                st.reaped = done;
             }
         });
-        let n = done.len();
-        for (bio, s) in done {
-            bio.complete(s);
-        }
         n
     }
 
@@ -615,6 +800,7 @@ impl BioSink<Window> for LocalSink {
             let w = Work {
                 target: self.target,
                 bio,
+                waiter: None,
             };
             let LocalState {
                 qpairs,

@@ -1,0 +1,329 @@
+//! End-to-end paths of the embedding API that the stress test does not pin down:
+//!
+//! * deferred completions: every callback runs on the appliance's [`CompletionThread`], never on
+//!   a poller and never inside `submit`, whatever path the request took (queued on the device,
+//!   finished synchronously through the page cache, an extending write);
+//! * a callback on the poller that resubmits (chains of requests issued from the poller
+//!   thread): no deadlock, every request gets its own completion exactly once, and what would
+//!   block on the poller is refused with `WouldBlockOnPoller`;
+//! * two controllers served by the same pollers: files on each, clients issuing to both, the
+//!   data landing on the right controller.
+//!
+//! Emulated controllers only (they build their own), so they also run in the hardware suite.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dioxide::emulated::Mode;
+use dioxide::{
+    BlockFile, Completed, CompletionThread, Dioxide, EmbedError, FileOptions, IoBuffer, Nsid,
+    Request,
+};
+use dioxide_tests::*;
+
+const PAGE: usize = 4096;
+/// Generous: a lost completion or a deadlock fails the test instead of hanging it.
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn thread_name() -> String {
+    std::thread::current().name().unwrap_or("").to_string()
+}
+
+#[test]
+fn deferred_callbacks_run_on_the_completion_thread_only() {
+    for mode in MODES {
+        let (ctrl, _emu) = emulated(config(mode, &[(512, 1 << 14)]));
+        let ct = CompletionThread::spawn("dx-completions").unwrap();
+        let dx = Dioxide::builder()
+            .controller(ctrl)
+            .pollers([None, None])
+            .deferred_completions(ct.clone())
+            .build()
+            .unwrap();
+        let file = dx.open_file(0, Nsid(1), FileOptions::new(0, 2048)).unwrap();
+        // Prefill 256 KiB so that most writes below are queued (not extending).
+        let prefill = pattern(64 * PAGE, 1);
+        assert_eq!(file.write_at(&prefill, 0).unwrap(), prefill.len());
+        let in_submit = Arc::new(AtomicBool::new(false));
+        let runs = Arc::new(Mutex::new(Vec::<(usize, String)>::new()));
+        let (tx, rx) = channel::<(usize, Completed)>();
+        let mut expect = Vec::new();
+        let mut rng = Rng(7);
+        for i in 0..200usize {
+            let off = rng.range(0, 64) * PAGE as u64;
+            let kind = i % 5;
+            let req = match kind {
+                // Queued on the device: aligned DMA read.
+                0 | 1 => Request::read(off, IoBuffer::Dma(file.alloc(PAGE).unwrap())),
+                // Queued on the device: aligned DMA write inside the file.
+                2 => {
+                    let mut b = file.alloc(PAGE).unwrap();
+                    fill(b.as_mut_slice(), 1000 + i as u64);
+                    Request::write(off, IoBuffer::Dma(b))
+                }
+                // Finished synchronously through the page cache: unaligned heap read.
+                3 => Request::read(off + 100, IoBuffer::Heap(vec![0; 1000])),
+                // Finished synchronously: an extending write (forced synchronous).
+                _ => {
+                    let at = file.len() + 512;
+                    let mut b = file.alloc(PAGE).unwrap();
+                    fill(b.as_mut_slice(), 5000 + i as u64);
+                    Request::write(at, IoBuffer::Dma(b))
+                }
+            };
+            expect.push(kind);
+            let (tx, runs, flag) = (tx.clone(), runs.clone(), in_submit.clone());
+            in_submit.store(true, Ordering::SeqCst);
+            let submitter = std::thread::current().id();
+            file.submit(req, move |done| {
+                assert!(
+                    !flag.load(Ordering::SeqCst) || std::thread::current().id() != submitter,
+                    "a callback ran inside submit"
+                );
+                runs.lock().unwrap().push((i, thread_name()));
+                tx.send((i, done)).unwrap();
+            })
+            .unwrap_or_else(|r| panic!("request {i} refused: {}", r.error));
+            in_submit.store(false, Ordering::SeqCst);
+            // Keep the queue shallow now and then, so both queued and drained paths occur.
+            if i % 16 == 15 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        drop(tx);
+        let mut seen = HashSet::new();
+        for _ in 0..expect.len() {
+            let (i, done) = rx.recv_timeout(LIMIT).expect("a completion is missing");
+            assert!(seen.insert(i), "request {i} completed twice");
+            let n = done
+                .result
+                .unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+            match expect[i] {
+                3 => assert_eq!(n, 1000),
+                _ => assert_eq!(n, PAGE),
+            }
+        }
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+        for (i, name) in runs.lock().unwrap().iter() {
+            assert_eq!(
+                name, "dx-completions",
+                "callback of request {i} ran on {name:?} ({mode:?})"
+            );
+        }
+        drop(file);
+        dx.shutdown();
+        ct.stop();
+    }
+}
+
+/// One chain: a read whose callback, on the poller, submits the next read of the chain.
+struct Chain {
+    file: BlockFile,
+    id: usize,
+    left: AtomicU32,
+    counts: Vec<AtomicU32>,
+    done: std::sync::mpsc::Sender<usize>,
+    refused_sync: AtomicU32,
+}
+
+fn issue(chain: Arc<Chain>, step: u32, buf: IoBuffer) -> Result<(), Box<dioxide::Refused>> {
+    let off = (step as u64 % 32) * PAGE as u64;
+    let c = chain.clone();
+    chain.file.submit(Request::read(off, buf), move |done| {
+        // Step 0 was submitted by a client thread: if the poller completed it before
+        // `submit` dropped its own reference, the request finished synchronously and its
+        // callback ran on that thread (documented). Every later step is submitted on a poller.
+        assert!(
+            step == 0 || thread_name().starts_with("dioxide-poller-"),
+            "an on-poller callback ran on {:?}",
+            thread_name()
+        );
+        let n = done.result.expect("read");
+        assert_eq!(n, PAGE);
+        // The data is the prefill pattern of that page.
+        let want = pattern(PAGE, 100 + step as u64 % 32);
+        assert!(
+            done.buf.as_slice() == &want[..],
+            "chain {} step {step}",
+            c.id
+        );
+        assert_eq!(
+            c.counts[step as usize].fetch_add(1, Ordering::SeqCst),
+            0,
+            "chain {} step {step} completed twice",
+            c.id
+        );
+        // Anything that would block is refused on the poller, not deadlocked.
+        if step % 10 == 0 && step > 0 {
+            let mut b = [0u8; 10];
+            match c.file.read_at(&mut b, 3) {
+                Err(EmbedError::WouldBlockOnPoller { .. }) => {
+                    c.refused_sync.fetch_add(1, Ordering::SeqCst);
+                }
+                other => panic!("a synchronous call on the poller returned {other:?}"),
+            }
+        }
+        if c.left.fetch_sub(1, Ordering::SeqCst) > 1 {
+            issue(c.clone(), step + 1, done.buf).expect("resubmission from the poller");
+        } else {
+            c.done.send(c.id).unwrap();
+        }
+    })
+}
+
+#[test]
+fn callbacks_on_the_poller_resubmit_without_deadlock() {
+    const STEPS: u32 = 300;
+    const CHAINS: usize = 6;
+    for mode in MODES {
+        let (ctrl, _emu) = emulated(config(mode, &[(512, 1 << 14)]));
+        let dx = Dioxide::builder()
+            .controller(ctrl)
+            .pollers([None, None])
+            .build()
+            .unwrap();
+        let file = dx.open_file(0, Nsid(1), FileOptions::new(0, 2048)).unwrap();
+        for p in 0..32u64 {
+            let b = pattern(PAGE, 100 + p);
+            assert_eq!(file.write_at(&b, p * PAGE as u64).unwrap(), PAGE);
+        }
+        let (tx, rx) = channel();
+        let chains: Vec<Arc<Chain>> = (0..CHAINS)
+            .map(|id| {
+                Arc::new(Chain {
+                    file: file.clone(),
+                    id,
+                    left: AtomicU32::new(STEPS),
+                    counts: (0..STEPS).map(|_| AtomicU32::new(0)).collect(),
+                    done: tx.clone(),
+                    refused_sync: AtomicU32::new(0),
+                })
+            })
+            .collect();
+        drop(tx);
+        // Start the chains from several client threads (so both pollers get some).
+        let starters: Vec<_> = chains
+            .iter()
+            .map(|c| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let buf = IoBuffer::Dma(c.file.alloc(PAGE).unwrap());
+                    issue(c, 0, buf).expect("first submission");
+                })
+            })
+            .collect();
+        for s in starters {
+            s.join().unwrap();
+        }
+        let mut finished = HashSet::new();
+        for _ in 0..CHAINS {
+            let id = rx.recv_timeout(LIMIT).unwrap_or_else(|_| {
+                panic!("a chain stalled ({mode:?}): deadlock or lost completion")
+            });
+            assert!(finished.insert(id));
+        }
+        for c in &chains {
+            for (s, n) in c.counts.iter().enumerate() {
+                assert_eq!(n.load(Ordering::SeqCst), 1, "chain {} step {s}", c.id);
+            }
+            assert_eq!(c.refused_sync.load(Ordering::SeqCst), (STEPS - 1) / 10);
+        }
+        let stats = dx.poller_stats();
+        let completed: u64 = stats.iter().map(|s| s.completed).sum();
+        assert!(completed >= (CHAINS as u64) * STEPS as u64, "{stats:?}");
+        drop(chains);
+        drop(file);
+        dx.shutdown();
+    }
+}
+
+#[test]
+fn two_controllers_share_the_pollers() {
+    let (c0, emu0) = emulated(config(Mode::Threaded, &[(512, 1 << 13)]));
+    let (c1, emu1) = emulated(config(Mode::Inline, &[(4096, 1 << 10)]));
+    let dx = Dioxide::builder()
+        .controller(c0)
+        .controller(c1)
+        .pollers([None, None])
+        .build()
+        .unwrap();
+    assert_eq!(dx.namespaces().len(), 2);
+    // The same byte range on both controllers, different data.
+    let f0 = dx.open_file(0, Nsid(1), FileOptions::new(0, 1024)).unwrap();
+    let f1 = dx.open_file(1, Nsid(1), FileOptions::new(0, 128)).unwrap();
+    assert_eq!(f0.capacity(), f1.capacity());
+    let cap = f0.capacity();
+    let clients: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (f0, f1) = (f0.clone(), f1.clone());
+            std::thread::spawn(move || {
+                // Each client owns pages t, t + 4, ... of both files.
+                let mut rng = Rng(t + 11);
+                for round in 0..60u64 {
+                    let page = t + 4 * rng.range(0, cap / PAGE as u64 / 4);
+                    let off = page * PAGE as u64;
+                    let seed = |ctrl: u64| ctrl << 40 | page << 20 | round;
+                    for (ci, f) in [(0u64, &f0), (1, &f1)] {
+                        if round % 2 == 0 {
+                            // Zero copy, asynchronous.
+                            let mut b = f.alloc(PAGE).unwrap();
+                            fill(b.as_mut_slice(), seed(ci));
+                            let (tx, rx) = channel();
+                            f.submit(Request::write(off, b), move |d| tx.send(d).unwrap())
+                                .map_err(|r| r.error)
+                                .unwrap();
+                            let d = rx.recv_timeout(LIMIT).expect("completion");
+                            assert_eq!(d.result.unwrap(), PAGE);
+                        } else {
+                            // Synchronous, through the cache, unaligned.
+                            let data = pattern(PAGE - 7, seed(ci));
+                            assert_eq!(f.write_at(&data, off + 7).unwrap(), PAGE - 7);
+                            let mut back = vec![0; PAGE - 7];
+                            assert_eq!(f.read_at(&mut back, off + 7).unwrap(), PAGE - 7);
+                            assert!(back == data, "ctrl {ci} page {page}");
+                        }
+                    }
+                    // Read both back (zero copy) and check each has its own data.
+                    for (ci, f) in [(0u64, &f0), (1, &f1)] {
+                        let (r, b) = f.read(f.alloc(PAGE).unwrap(), off, PAGE);
+                        assert_eq!(r.unwrap(), PAGE);
+                        let want = if round % 2 == 0 {
+                            pattern(PAGE, seed(ci))
+                        } else {
+                            pattern(PAGE - 7, seed(ci))
+                        };
+                        let at = if round % 2 == 0 { 0 } else { 7 };
+                        assert!(
+                            b.as_slice()[at..] == want[..],
+                            "ctrl {ci} page {page} round {round}: data of the wrong controller"
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    // Every client thread issued to both controllers through its one home poller, so a
+    // poller served queue pairs of both; every poller owns one I/O queue pair on each.
+    let stats = dx.poller_stats();
+    assert_eq!(stats.len(), 2);
+    let submitted: u64 = stats.iter().map(|s| s.submitted).sum();
+    assert!(submitted >= 4 * 60 * 4, "{stats:?}");
+    for (i, emu) in [&emu0, &emu1].into_iter().enumerate() {
+        let st = emu.stats();
+        const CREATE_IO_SQ: u8 = 0x01;
+        assert_eq!(
+            st.commands_with(0, CREATE_IO_SQ),
+            2,
+            "controller {i}: {st:?}"
+        );
+        assert!(st.io_commands() >= 4 * 60 * 2, "controller {i}: {st:?}");
+    }
+    drop((f0, f1));
+    dx.shutdown();
+}
