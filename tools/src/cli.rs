@@ -464,6 +464,36 @@ pub enum Parsed<T> {
     Run(T),
 }
 
+impl<T> Parsed<T> {
+    /// A tool's `main` around parsing: help goes to stdout with exit 0, a parse error is one line
+    /// on stderr with exit 1, and a configuration is handed to `run`, whose `Ok(false)` (the run
+    /// itself found a failure, e.g. a verify mismatch) or error message also exit 1.
+    pub fn run_main<E: std::fmt::Display>(
+        parsed: Result<Parsed<T>, E>,
+        run: impl FnOnce(&T) -> Result<bool, String>,
+    ) -> std::process::ExitCode {
+        use std::process::ExitCode;
+        match parsed {
+            Ok(Parsed::Help(h)) => {
+                print!("{h}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+            Ok(Parsed::Run(cfg)) => match run(&cfg) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    }
+}
+
 /// clap's error as one line (its first), or the help text.
 fn clap_result<T: Parser>(args: impl IntoIterator<Item = String>) -> Result<Parsed<T>, CliError> {
     match T::try_parse_from(args) {

@@ -666,24 +666,7 @@ pub fn render(c: &ControllerInfo) -> String {
 
 /// `identify`'s main: returns the exit code.
 pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
-    let cfg = match cli::parse_identify(args) {
-        Ok(Parsed::Help(h)) => {
-            print!("{h}");
-            return ExitCode::SUCCESS;
-        }
-        Ok(Parsed::Run(c)) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(&cfg) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    Parsed::run_main(cli::parse_identify(args), |cfg| run(cfg).map(|()| true))
 }
 
 fn run(cfg: &IdentifyConfig) -> Result<(), String> {

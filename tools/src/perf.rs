@@ -108,25 +108,7 @@ fn human_out(cfg: &PerfConfig, s: &str) {
 
 /// `perf`'s main: returns the exit code.
 pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
-    let cfg = match cli::parse_perf(args) {
-        Ok(Parsed::Help(h)) => {
-            print!("{h}");
-            return ExitCode::SUCCESS;
-        }
-        Ok(Parsed::Run(c)) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(&cfg) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    Parsed::run_main(cli::parse_perf(args), run)
 }
 
 fn run(cfg: &PerfConfig) -> Result<bool, String> {
