@@ -1,5 +1,6 @@
 //! Admin commands.
 
+use core::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
 use super::device::{AER_LIMIT, Device, ERROR_LOG_ENTRIES, Outcome, generic, specific};
@@ -189,10 +190,24 @@ impl Device {
         }
     }
 
-    /// Validates a queue size (CDW10 31:16, 0's based) against CAP.MQES.
-    fn queue_size(&self, cdw10: u32) -> Option<u32> {
-        let size = (cdw10 >> 16) + 1;
-        (size >= 2 && size <= self.props.mqes as u32 + 1).then_some(size)
+    /// The memory and size of a queue being created: the size (CDW10 31:16, 0's based) within
+    /// CAP.MQES, physically contiguous (CDW11 bit 0; CAP.CQR), page aligned, and mapped for
+    /// `size` entries of `entry_bytes`. Otherwise the failure to post.
+    fn queue_memory(&self, sqe: &Sqe, entry_bytes: usize) -> Result<(NonNull<u8>, u32), Outcome> {
+        let size = (sqe.cdw10 >> 16) + 1;
+        if size < 2 || size > self.props.mqes as u32 + 1 {
+            return Err(fail(specific(cs::INVALID_QUEUE_SIZE)));
+        }
+        if sqe.cdw11 & 1 == 0 {
+            return Err(fail(generic(g::INVALID_FIELD)));
+        }
+        if sqe.prp1 & (self.page_size() as u64 - 1) != 0 {
+            return Err(fail(generic(g::PRP_OFFSET_INVALID)));
+        }
+        match self.dma.ptr_of(Iova(sqe.prp1), size as usize * entry_bytes) {
+            Some(base) => Ok((base, size)),
+            None => Err(fail(self.dma_fault())),
+        }
     }
 
     fn create_cq(&self, sqe: &Sqe) -> Outcome {
@@ -201,18 +216,9 @@ impl Device {
         if qid == 0 || qid > ncq || self.cqs[qid as usize].size.load(Ordering::Acquire) != 0 {
             return fail(specific(cs::INVALID_QUEUE_ID));
         }
-        let Some(size) = self.queue_size(sqe.cdw10) else {
-            return fail(specific(cs::INVALID_QUEUE_SIZE));
-        };
-        if sqe.cdw11 & 1 == 0 {
-            // CAP.CQR: queues must be physically contiguous.
-            return fail(generic(g::INVALID_FIELD));
-        }
-        if sqe.prp1 & (self.page_size() as u64 - 1) != 0 {
-            return fail(generic(g::PRP_OFFSET_INVALID));
-        }
-        let Some(base) = self.dma.ptr_of(Iova(sqe.prp1), size as usize * 16) else {
-            return fail(self.dma_fault());
+        let (base, size) = match self.queue_memory(sqe, 16) {
+            Ok(m) => m,
+            Err(e) => return e,
         };
         let slot = &self.cqs[qid as usize];
         *lock(&slot.state) = Some(Cq::new(base, size));
@@ -235,17 +241,9 @@ impl Device {
         {
             return fail(specific(cs::CQ_INVALID));
         }
-        let Some(size) = self.queue_size(sqe.cdw10) else {
-            return fail(specific(cs::INVALID_QUEUE_SIZE));
-        };
-        if sqe.cdw11 & 1 == 0 {
-            return fail(generic(g::INVALID_FIELD));
-        }
-        if sqe.prp1 & (self.page_size() as u64 - 1) != 0 {
-            return fail(generic(g::PRP_OFFSET_INVALID));
-        }
-        let Some(base) = self.dma.ptr_of(Iova(sqe.prp1), size as usize * 64) else {
-            return fail(self.dma_fault());
+        let (base, size) = match self.queue_memory(sqe, 64) {
+            Ok(m) => m,
+            Err(e) => return e,
         };
         let max_segs = match self.max_transfer() {
             Some(m) => (m as usize / self.page_size()) + 1,

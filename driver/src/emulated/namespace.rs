@@ -41,6 +41,38 @@ fn zeroed_box<T>() -> *mut T {
     p.cast()
 }
 
+/// The table entry in `slot`; when it is empty and `create` is set, a zeroed one is allocated,
+/// published with a release compare-exchange (a racing loser frees its own), and `count`ed.
+/// Only for `Leaf` and `Piece`, whose all-zero bit pattern is valid.
+fn get_or_create<'a, T>(slot: &'a AtomicPtr<T>, create: bool, count: &AtomicU64) -> Option<&'a T> {
+    let mut p = slot.load(Ordering::Acquire);
+    if p.is_null() {
+        if !create {
+            return None;
+        }
+        let new = zeroed_box::<T>();
+        p = match slot.compare_exchange(
+            core::ptr::null_mut(),
+            new,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                count.fetch_add(1, Ordering::Relaxed);
+                new
+            }
+            Err(current) => {
+                // SAFETY: `new` came from `zeroed_box::<T>` and was never shared.
+                unsafe { dealloc(new.cast(), Layout::new::<T>()) };
+                current
+            }
+        };
+    }
+    // SAFETY: entries are published with release stores and freed only when the `Sparse` that
+    // owns the table is dropped, which outlives the borrow of `slot`.
+    Some(unsafe { &*p })
+}
+
 /// Sparse memory storage.
 pub(crate) struct Sparse {
     top: Box<[AtomicPtr<Leaf>]>,
@@ -62,58 +94,8 @@ impl Sparse {
 
     /// The piece `idx`, allocated if `create` is set.
     fn piece(&self, idx: usize, create: bool) -> Option<&Piece> {
-        let slot = &self.top[idx / LEAF];
-        let mut leaf = slot.load(Ordering::Acquire);
-        if leaf.is_null() {
-            if !create {
-                return None;
-            }
-            let new = zeroed_box::<Leaf>();
-            match slot.compare_exchange(
-                core::ptr::null_mut(),
-                new,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    self.leaves.fetch_add(1, Ordering::Relaxed);
-                    leaf = new;
-                }
-                Err(cur) => {
-                    // SAFETY: `new` came from `zeroed_box::<Leaf>` and was never shared.
-                    unsafe { dealloc(new.cast(), Layout::new::<Leaf>()) };
-                    leaf = cur;
-                }
-            }
-        }
-        // SAFETY: leaves are published with release stores, never freed before `self`.
-        let leaf = unsafe { &*leaf };
-        let slot = &leaf.0[idx % LEAF];
-        let mut piece = slot.load(Ordering::Acquire);
-        if piece.is_null() {
-            if !create {
-                return None;
-            }
-            let new = zeroed_box::<Piece>();
-            match slot.compare_exchange(
-                core::ptr::null_mut(),
-                new,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    self.pieces.fetch_add(1, Ordering::Relaxed);
-                    piece = new;
-                }
-                Err(cur) => {
-                    // SAFETY: `new` came from `zeroed_box::<Piece>` and was never shared.
-                    unsafe { dealloc(new.cast(), Layout::new::<Piece>()) };
-                    piece = cur;
-                }
-            }
-        }
-        // SAFETY: pieces are published with release stores and never freed before `self`.
-        Some(unsafe { &*piece })
+        let leaf = get_or_create(&self.top[idx / LEAF], create, &self.leaves)?;
+        get_or_create(&leaf.0[idx % LEAF], create, &self.pieces)
     }
 
     /// Splits `[pos, pos + len)` at piece boundaries: `f(piece index, offset in piece, length)`.
