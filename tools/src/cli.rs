@@ -62,6 +62,9 @@ pub struct EmulatedShape {
     pub size_bytes: u64,
     /// Null or memory.
     pub backing: Backing,
+    /// `--emulated-fail-lba START:COUNT`: I/Os touching these blocks of every namespace
+    /// complete with Unrecovered Read Error.
+    pub fail_lba: Option<(u64, u64)>,
 }
 
 /// Bytes as the largest binary unit that divides them exactly: `1 TiB`, `256 MiB`, `512 B`.
@@ -127,6 +130,10 @@ pub struct EmulatedArgs {
     /// `-w verify`.
     #[arg(long = "emulated-backing", value_name = "null|memory")]
     pub backing: Option<String>,
+    /// Inject a media error: every I/O touching blocks START..START+COUNT of each emulated
+    /// namespace completes with Unrecovered Read Error (to exercise -Q).
+    #[arg(long = "emulated-fail-lba", value_name = "START:COUNT")]
+    pub fail_lba: Option<String>,
 }
 
 impl EmulatedArgs {
@@ -136,6 +143,7 @@ impl EmulatedArgs {
             || self.namespaces.is_some()
             || self.size.is_some()
             || self.backing.is_some()
+            || self.fail_lba.is_some()
     }
 
     /// The shape, with `verify` choosing memory backing by default.
@@ -194,7 +202,22 @@ impl EmulatedArgs {
                 }
             },
         };
+        let fail_lba = match self.fail_lba.as_deref() {
+            None => None,
+            Some(v) => match v
+                .split_once(':')
+                .and_then(|(a, b)| Some((parse_capacity(a)?, parse_capacity(b)?)))
+            {
+                Some((start, count)) if count > 0 => Some((start, count)),
+                _ => {
+                    return err(format!(
+                        "--emulated-fail-lba must be START:COUNT with COUNT > 0, not '{v}'"
+                    ));
+                }
+            },
+        };
         Ok(EmulatedShape {
+            fail_lba,
             mode,
             block_size,
             namespaces,

@@ -3,8 +3,10 @@
 
 use crate::cli::{Backing, EmuMode, EmulatedShape};
 use crate::engine::{IoBuf, IoQueue};
-use dioxide::emulated::{EmulatedConfig, EmulatedController, Mode, NamespaceConfig};
-use dioxide::spec::Status;
+use dioxide::emulated::{
+    Action, EmulatedConfig, EmulatedController, Fault, Mode, NamespaceConfig, Trigger,
+};
+use dioxide::spec::{Sct, Status, status::media};
 use dioxide::vfio::{VfioBus, VfioOptions};
 use dioxide::{
     Bus, Controller, DmaBuffer, IoError, IoFlags, IoOp, Lba, Namespace, PciId, QueuePair,
@@ -44,6 +46,19 @@ pub fn emulated_config(shape: &EmulatedShape) -> EmulatedConfig {
 /// Brings up the built-in emulated controller of `shape`.
 pub fn open_emulated(shape: &EmulatedShape) -> Result<Opened, String> {
     let emu = EmulatedController::new(emulated_config(shape)).map_err(|e| e.to_string())?;
+    if let Some((start, count)) = shape.fail_lba {
+        for nsid in 1..=shape.namespaces {
+            emu.inject(Fault::always(
+                Trigger::LbaRange {
+                    nsid,
+                    start,
+                    end: start.saturating_add(count),
+                    opcode: None,
+                },
+                Action::Status(Status::new(Sct::Media, media::UNRECOVERED_READ_ERROR)),
+            ));
+        }
+    }
     let bus: Arc<dyn Bus> = emu.clone();
     let pci = bus.pci_id();
     let ctrl = Controller::new(bus).map_err(|e| format!("emulated controller: {e}"))?;

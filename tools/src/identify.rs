@@ -717,6 +717,7 @@ mod tests {
             namespaces: 2,
             size_bytes: 1 << 30,
             backing: Backing::Null,
+            fail_lba: None,
         }
     }
 

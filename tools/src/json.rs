@@ -28,7 +28,12 @@
 //!   "verify": null | { "blocks_checked": 100, "mismatches": 0,
 //!                      "first_mismatch": null | { "name": ..., "nsid": 1, "lba": 7,
 //!                                                 "offset": 12, "expected": 3, "got": 0 } },
-//!   "warnings": [ "WARNING: ..." ]
+//!   "warnings": [ "WARNING: ..." ],
+//!   "queues": [                                   // the I/O queue pairs each device used
+//!     { "name": "... NSID 1", "core": 0, "qid": 1, "entries": 256,
+//!       "commands": null | 1234 }                 // commands the emulated controller saw
+//!   ],
+//!   "emulated": null | { "doorbell_writes": 1000, "io_commands": 4000, "faults_fired": 0 }
 //! }
 //! ```
 //!
@@ -187,6 +192,38 @@ pub struct PerfReport {
     pub verify: Option<Verify>,
     /// Warnings printed (or that would have been) during the run.
     pub warnings: Vec<String>,
+    /// The I/O queue pairs used, per device (`-P` of them each).
+    #[serde(default)]
+    pub queues: Vec<QueueInfo>,
+    /// The emulated controller's counters (`null` on hardware).
+    #[serde(default)]
+    pub emulated: Option<EmulatedCounters>,
+}
+
+/// One I/O queue pair a device used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueInfo {
+    /// Device name, as in `devices`.
+    pub name: String,
+    /// Core.
+    pub core: u32,
+    /// Queue ID.
+    pub qid: u16,
+    /// Entries of the submission queue (`--io-queue-size`, at most the controller's).
+    pub entries: u16,
+    /// Commands the emulated controller received on this queue (`null` on hardware).
+    pub commands: Option<u64>,
+}
+
+/// Counters of the built-in emulated controller over the whole run (warm-up included).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmulatedCounters {
+    /// SQ and CQ doorbell writes.
+    pub doorbell_writes: u64,
+    /// I/O commands received.
+    pub io_commands: u64,
+    /// Injected faults that fired.
+    pub faults_fired: u64,
 }
 
 fn latency(s: &NsStats, hz: u64) -> Latency {
@@ -310,6 +347,18 @@ mod tests {
                 }),
             }),
             warnings: vec![],
+            queues: vec![QueueInfo {
+                name: "EMULATED (inline) NSID 1".to_string(),
+                core: 0,
+                qid: 1,
+                entries: 256,
+                commands: Some(100),
+            }],
+            emulated: Some(EmulatedCounters {
+                doorbell_writes: 200,
+                io_commands: 100,
+                faults_fired: 0,
+            }),
         }
     }
 

@@ -80,6 +80,8 @@ struct Outcome {
     stats: NsStats,
     verify: VerifyStats,
     failure: Option<String>,
+    /// (qid, entries) of the job's queue pairs.
+    queues: QueueList,
 }
 
 fn ranges(cores: &[u32], nss: usize, every_core: bool) -> Vec<(u32, usize)> {
@@ -316,7 +318,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                         settings,
                         clock.hz(),
                     ) {
-                        Ok(j) => jobs.push((idx, j)),
+                        Ok((j, q)) => jobs.push((idx, j, q)),
                         Err(msg) => {
                             setup_errors.lock().unwrap().push(msg);
                             setup_failed.store(true, Ordering::Relaxed);
@@ -328,11 +330,18 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                     progress.finished.store(true, Ordering::Relaxed);
                     return;
                 }
-                let (idxs, mut js): (Vec<usize>, Vec<Job<DriverQueue>>) = jobs.into_iter().unzip();
+                let mut idxs = Vec::new();
+                let mut js: Vec<Job<DriverQueue>> = Vec::new();
+                let mut qs = Vec::new();
+                for (i, j, q) in jobs {
+                    idxs.push(i);
+                    js.push(j);
+                    qs.push(q);
+                }
                 let r = engine::run(&mut js, settings, &clock, progress, &STOP);
                 elapsed.lock().unwrap().push((core, r.elapsed_ticks));
                 let mut out = outcomes.lock().unwrap();
-                for (idx, j) in idxs.into_iter().zip(js) {
+                for ((idx, j), queues) in idxs.into_iter().zip(js).zip(qs) {
                     out.push((
                         idx,
                         Outcome {
@@ -342,6 +351,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                             stats: j.stats.clone(),
                             verify: j.verify.clone(),
                             failure: j.failure.clone(),
+                            queues,
                         },
                     ));
                 }
@@ -437,7 +447,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
 
     if cfg.json {
         let (devices, total) = json::devices(&rows, elapsed_us, cfg.io_size, hz, cfg.cpu_usage);
-        let doc = json::PerfReport {
+        let mut doc = json::PerfReport {
             schema: json::PERF_SCHEMA.to_string(),
             target: ctrls
                 .iter()
@@ -470,7 +480,35 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
             total,
             verify: verify.clone(),
             warnings,
+            queues: Vec::new(),
+            emulated: None,
         };
+        let emu_stats: Vec<_> = ctrls
+            .iter()
+            .filter_map(|c| c.emulated.as_ref().map(|e| (c.label.as_str(), e.stats())))
+            .collect();
+        for (_, o) in &outcomes {
+            let stats = emu_stats
+                .iter()
+                .find(|(l, _)| o.name.starts_with(&format!("{l} NSID ")))
+                .map(|(_, st)| st);
+            for &(qid, entries) in &o.queues {
+                doc.queues.push(json::QueueInfo {
+                    name: o.name.clone(),
+                    core: o.core,
+                    qid,
+                    entries,
+                    commands: stats.map(|st| st.queue_commands(qid)),
+                });
+            }
+        }
+        if !emu_stats.is_empty() {
+            doc.emulated = Some(json::EmulatedCounters {
+                doorbell_writes: emu_stats.iter().map(|s| s.1.doorbell_writes).sum(),
+                io_commands: emu_stats.iter().map(|s| s.1.io_commands()).sum(),
+                faults_fired: emu_stats.iter().map(|s| s.1.faults_fired).sum(),
+            });
+        }
         println!(
             "{}",
             serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
@@ -540,6 +578,9 @@ fn queue_entries(cfg: &PerfConfig, c: &Opened) -> u32 {
     cfg.io_queue_size.map_or(max, |q| q.min(max)).min(65535)
 }
 
+/// (qid, entries) of a job's queue pairs.
+type QueueList = Vec<(u16, u16)>;
+
 fn make_job(
     cfg: &PerfConfig,
     c: &Opened,
@@ -547,7 +588,7 @@ fn make_job(
     spec: JobSpec,
     s: &Settings,
     hz: u64,
-) -> Result<Job<DriverQueue>, String> {
+) -> Result<(Job<DriverQueue>, QueueList), String> {
     let entries = queue_entries(cfg, c) as u16;
     let mt = c.ctrl.max_transfer() as u64;
     let per_io = if cfg.io_size > mt {
@@ -582,5 +623,6 @@ fn make_job(
             .map_err(|e| format!("ERROR: {}: {e}", spec.name))?;
         bufs.push(DriverBuf(b));
     }
-    Ok(Job::new(spec, qps, bufs, s, hz))
+    let queues = qps.iter().map(|q| (q.qp.qid().0, q.qp.entries())).collect();
+    Ok((Job::new(spec, qps, bufs, s, hz), queues))
 }

@@ -1,5 +1,6 @@
 //! End-to-end tests of the `perf` binary on the built-in emulated controller.
 
+use dioxide_tools::cli::DoorbellMode;
 use dioxide_tools::json::PerfReport;
 use std::process::{Command, Output};
 
@@ -8,6 +9,22 @@ fn perf(args: &str) -> Output {
         .args(args.split_whitespace())
         .output()
         .expect("run perf")
+}
+
+/// The JSON report of a run that must succeed.
+fn perf_json(args: &str) -> PerfReport {
+    let o = perf(&format!("{args} --json"));
+    assert!(o.status.success(), "{args}: {}", text(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("stdout is the JSON document")
+}
+
+/// This project's CI machines have 2 cores: a multi-core test must not pass by skipping.
+fn require_two_cores() {
+    let cores = dioxide_tools::perf::allowed_cores();
+    assert!(
+        cores.len() >= 2 && cores[..2] == [0, 1],
+        "this test needs cores 0 and 1 (the CI machines have 2); available: {cores:?}"
+    );
 }
 
 fn text(b: &[u8]) -> String {
@@ -103,12 +120,9 @@ fn every_workload_runs() {
 
 #[test]
 fn two_cores_two_namespaces_total_is_the_sum() {
+    require_two_cores();
     let o = perf("-q 4 -o 512 -w randread -t 10 -d 3000 -c 0x3 --emulated-namespaces 2 -m");
     let out = text(&o.stdout);
-    if !o.status.success() && text(&o.stderr).contains("is not available to this process") {
-        eprintln!("skipped: fewer than 2 cores");
-        return;
-    }
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(
         out.contains("EMULATED (inline) NSID 1 from core  0:"),
@@ -247,8 +261,31 @@ fn threaded_emulator() {
 
 #[test]
 fn per_command_doorbell_and_queue_pairs() {
-    let o = perf("-q 16 -o 4096 -w randread -t 10 -d 2000 -P 4 -C 2 --doorbell per-command");
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    let r = perf_json("-q 16 -o 4096 -w randread -t 10 -d 2000 -P 4 -C 2 --doorbell per-command");
+    assert_eq!(r.config.qpairs_per_ns, 4);
+    assert_eq!(r.config.doorbell, DoorbellMode::PerCommand);
+    // Four distinct queue pairs for the one namespace, and the I/O spread over all of them.
+    assert_eq!(r.queues.len(), 4, "{:?}", r.queues);
+    let mut qids: Vec<u16> = r.queues.iter().map(|q| q.qid).collect();
+    qids.sort();
+    qids.dedup();
+    assert_eq!(qids.len(), 4, "{:?}", r.queues);
+    for q in &r.queues {
+        assert_eq!((q.name.as_str(), q.core), ("EMULATED (inline) NSID 1", 0));
+        assert!(q.commands.unwrap() > 0, "unused queue pair: {q:?}");
+    }
+    let sent: u64 = r.queues.iter().map(|q| q.commands.unwrap()).sum();
+    assert_eq!(sent, 2000);
+    assert_eq!(r.total.unwrap().io_completed, 2000);
+    // One SQ doorbell per command, versus one per batch.
+    let emu = r.emulated.unwrap();
+    assert!(emu.doorbell_writes > 2000, "{emu:?}");
+    let batch = perf_json("-q 16 -o 4096 -w randread -t 10 -d 2000 -P 4 -C 2 --doorbell per-batch");
+    assert_eq!(batch.config.doorbell, DoorbellMode::PerBatch);
+    assert!(
+        batch.emulated.unwrap().doorbell_writes < emu.doorbell_writes,
+        "per-batch should ring fewer doorbells than per-command"
+    );
 }
 
 #[test]
@@ -259,6 +296,105 @@ fn small_queue_warns_like_spdk() {
     assert!(out.contains(
         "Controller IO queue size 64, less than required.\nConsider using lower queue depth or smaller IO size, because IO requests may be queued at the NVMe driver.\n"
     ), "{out}");
+}
+
+#[test]
+fn io_queue_size_sets_the_queue_entries() {
+    let r = perf_json("-q 32 -o 4096 -w randread -t 10 -d 1000 --io-queue-size 16");
+    assert_eq!(r.queues.len(), 1);
+    assert_eq!(r.queues[0].entries, 16, "{:?}", r.queues);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.starts_with("Controller IO queue size 16, less than required.")),
+        "{:?}",
+        r.warnings
+    );
+    // More in flight than the queue holds: still every I/O completes.
+    assert_eq!(r.total.unwrap().io_completed, 1000);
+    // Without the option: the controller's maximum, and no warning.
+    let r = perf_json("-q 32 -o 4096 -w randread -t 10 -d 1000");
+    assert!(r.queues[0].entries > 32, "{:?}", r.queues);
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+}
+
+#[test]
+fn warmup_is_excluded_from_the_measurement() {
+    let r = perf_json("-q 4 -o 4096 -w randread -t 0.4 -a 0.4");
+    assert_eq!(r.config.warmup_secs, 0.4);
+    // The measured time is -t, not -t plus the warm-up.
+    let secs = r.elapsed_us / 1e6;
+    assert!((0.38..0.7).contains(&secs), "elapsed {secs} s");
+    // The device saw the warm-up I/O too; the report counts only the measured ones.
+    let measured = r.total.unwrap().io_completed;
+    let sent = r.emulated.unwrap().io_commands;
+    assert!(measured > 0);
+    assert!(
+        sent > measured + measured / 4,
+        "warm-up I/O counted: {measured} measured of {sent} sent"
+    );
+}
+
+#[test]
+fn use_every_core_runs_each_namespace_on_each_core() {
+    require_two_cores();
+    let r = perf_json("-q 4 -o 512 -w randread -t 10 -d 1000 -c 0x3 --use-every-core");
+    assert_eq!(r.config.cores, [0, 1]);
+    let mut rows: Vec<(u32, u32, u64)> = r
+        .devices
+        .iter()
+        .map(|d| (d.nsid, d.core, d.io_completed))
+        .collect();
+    rows.sort();
+    assert_eq!(rows, [(1, 0, 1000), (1, 1, 1000)]);
+    assert_eq!(r.total.unwrap().io_completed, 2000);
+    // Each core has its own queue pair.
+    assert_eq!(r.queues.len(), 2);
+    assert_ne!(r.queues[0].qid, r.queues[1].qid);
+}
+
+#[test]
+fn media_errors_fail_the_run_unless_continue_on_error() {
+    let args = "-q 4 -o 4096 -w randread -t 10 -d 400 --emulated-size 1m --emulated-fail-lba 0:64";
+    let o = perf(args);
+    assert!(!o.status.success(), "an I/O error must fail the run");
+    let err = text(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.lines().any(
+            |l| l.starts_with("EMULATED (inline) NSID 1: Read completed with error: ")
+                && l.ends_with("failed: Unrecovered Read Error (sct 0x2, sc 0x81)")
+        ),
+        "{err}"
+    );
+
+    let o = perf(&format!("{args} -Q 1 --json"));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let r: PerfReport = serde_json::from_slice(&o.stdout).expect("JSON");
+    let t = r.total.unwrap();
+    let d = &r.devices[0];
+    assert!(d.io_errors > 0 && t.io_errors == d.io_errors, "{d:?}");
+    assert!(t.io_errors < t.io_completed, "only LBAs 0..64 fail: {t:?}");
+    assert_eq!(r.emulated.unwrap().faults_fired, t.io_errors);
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("Read completed with error (sct=2, sc=129)"),
+        "{err}"
+    );
+    assert!(!err.contains(": Read completed with error: "), "{err}");
+}
+
+#[test]
+fn continue_on_error_rate_limits_the_log() {
+    let o = perf(
+        "-q 4 -o 4096 -w randread -t 10 -d 400 --emulated-size 1m --emulated-fail-lba 0:64 -Q 1000",
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let logged = text(&o.stderr)
+        .lines()
+        .filter(|l| l.contains("completed with error"))
+        .count();
+    assert_eq!(logged, 1, "-Q 1000 logs the first error only");
 }
 
 #[test]
@@ -317,6 +453,10 @@ fn bad_input_is_one_line_and_fails() {
             "is not available to this process",
         ),
         (
+            "-q 1 -o 4096 -w read -t 1 --emulated-fail-lba 5",
+            "--emulated-fail-lba must be START:COUNT",
+        ),
+        (
             "-q 1 -o 4096 -w read -t 1 --bogus",
             "unexpected argument '--bogus'",
         ),
@@ -339,5 +479,7 @@ fn bad_input_is_one_line_and_fails() {
 fn help_exits_zero() {
     let o = perf("--help");
     assert!(o.status.success());
-    assert!(text(&o.stdout).contains("--io-depth"));
+    let out = text(&o.stdout);
+    assert!(out.contains("--io-depth"));
+    assert!(out.contains("--emulated-fail-lba <START:COUNT>"), "{out}");
 }
