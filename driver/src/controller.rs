@@ -85,9 +85,15 @@ pub struct Namespace {
 }
 
 impl Namespace {
+    /// The namespace, or `None` if it cannot be used: an invalid LBA format (block size 0,
+    /// LBADS out of range), a zero size (NSZE 0) or a size in bytes beyond 64 bits.
     fn new(nsid: Nsid, identify: IdentifyNamespace) -> Option<Namespace> {
         let block_size = identify.block_size();
-        (block_size.is_power_of_two() && block_size >= 512).then(|| Namespace {
+        let usable = block_size.is_power_of_two()
+            && block_size >= 512
+            && identify.nsze != 0
+            && identify.nsze.checked_mul(block_size as u64).is_some();
+        usable.then(|| Namespace {
             nsid,
             block_size,
             block_shift: block_size.trailing_zeros(),
@@ -328,8 +334,9 @@ impl Shared {
                     namespaces.clear();
                     for &n in &nsids {
                         let id = q.identify_namespace(self, Nsid(n))?;
-                        // A namespace with an unusable format (metadata-only, zero size) is
-                        // skipped rather than failing the controller.
+                        // A namespace with an unusable format (invalid LBADS, metadata-only)
+                        // or a zero or overflowing size is skipped rather than failing the
+                        // controller; Controller::namespace then reports it as not active.
                         namespaces.extend(Namespace::new(Nsid(n), id));
                     }
                     InitState::SetNumberOfQueues
@@ -612,5 +619,44 @@ impl Controller {
 
     fn data(&self) -> std::sync::RwLockReadGuard<'_, CtrlData> {
         self.shared.data.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(nsze: u64, lbads: u8) -> IdentifyNamespace {
+        IdentifyNamespace {
+            nsze,
+            ncap: nsze,
+            lbaf: vec![LbaFormat {
+                ms: 0,
+                lbads,
+                rp: 0,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hostile_namespaces_are_skipped() {
+        let ok = Namespace::new(Nsid(1), ns(8, 12)).expect("usable");
+        assert_eq!(
+            (ok.block_size(), ok.blocks(), ok.size_bytes()),
+            (4096, 8, 32768)
+        );
+        // NSZE 0.
+        assert!(Namespace::new(Nsid(1), ns(0, 12)).is_none());
+        // LBADS out of range (a shift of 255 would panic in `1 << lbads`).
+        for lbads in [0, 8, 17, 32, 255] {
+            assert!(
+                Namespace::new(Nsid(1), ns(8, lbads)).is_none(),
+                "lbads {lbads}"
+            );
+        }
+        // A size in bytes beyond 64 bits.
+        assert!(Namespace::new(Nsid(1), ns(u64::MAX, 9)).is_none());
+        assert!(Namespace::new(Nsid(1), ns(u64::MAX >> 9, 9)).is_some());
     }
 }

@@ -53,7 +53,7 @@ use crate::controller::{Namespace, Shared};
 use crate::dma::{DmaBuffer, DmaMemory, DmaSlice};
 use crate::error::{DeadReason, Error, IoError, ProtocolError, Result};
 use crate::prp;
-use crate::spec::regs::{cq_head_doorbell, sq_tail_doorbell};
+use crate::spec::regs::{checked_cq_head_doorbell, checked_sq_tail_doorbell};
 use crate::spec::sqe::DsmRange;
 use crate::spec::sqe::{DSM_AD, RW_FUA, io};
 use crate::spec::{Sqe, Status};
@@ -432,6 +432,18 @@ impl<T> QueuePair<T> {
             .unwrap_or_else(|e| e.into_inner())
             .max_transfer;
         let qid = shared.alloc_qid()?;
+        let dstrd = shared.cap.dstrd();
+        let (Some(sq_db), Some(cq_db)) = (
+            checked_sq_tail_doorbell(qid.0, dstrd),
+            checked_cq_head_doorbell(qid.0, dstrd),
+        ) else {
+            shared.free_qid(qid, generation);
+            return Err(Error::DoorbellOutOfRange {
+                location: shared.location.clone(),
+                qid,
+                dstrd,
+            });
+        };
         let made = Self::create_queues(&shared, qid, entries, requests);
         let (sq_mem, cq_mem, prp_mem) = match made {
             Ok(m) => m,
@@ -440,7 +452,6 @@ impl<T> QueuePair<T> {
                 return Err(e);
             }
         };
-        let dstrd = shared.cap.dstrd();
         let slots: Box<[Slot<T>]> = (0..requests)
             .map(|i| Slot {
                 state: FREE,
@@ -487,8 +498,8 @@ impl<T> QueuePair<T> {
             countdown: COUNTDOWN,
             epoch: 0,
             max_transfer,
-            sq_db: shared.bus.doorbell(sq_tail_doorbell(qid.0, dstrd)),
-            cq_db: shared.bus.doorbell(cq_head_doorbell(qid.0, dstrd)),
+            sq_db: shared.bus.doorbell(sq_db),
+            cq_db: shared.bus.doorbell(cq_db),
             stats: QueueStats::default(),
             dead: None,
             died: false,
