@@ -240,10 +240,24 @@ pub struct QueueStats {
     pub aborts: u64,
     /// Abort commands that failed or were refused.
     pub aborts_failed: u64,
+    /// Timed-out commands no Abort was sent for: the admin queue was busy (another thread held
+    /// it), this scan's budget of ACL + 1 Aborts was used up, or an earlier Abort of the scan
+    /// timed out or found the admin queue full or the controller unusable.
+    pub aborts_skipped: u64,
     /// Completions rejected as invalid (unknown CID, bad SQ id or head).
     pub protocol_errors: u64,
     /// Contexts never handed back because the device could not be stopped.
     pub leaked: u64,
+}
+
+/// What [`QueuePair::send_abort`] did.
+enum AbortSent {
+    /// Sent, and the controller answered.
+    Sent,
+    /// Not sent: another thread holds the admin queue.
+    Busy,
+    /// Sent and failed in a way later Aborts would repeat (timeout, queue full, device gone).
+    Stop,
 }
 
 const NIL: u16 = u16::MAX;
@@ -349,6 +363,8 @@ pub struct QueuePair<T> {
     countdown: i32,
     epoch: u32,
     max_transfer: usize,
+    /// Aborts one timeout scan may send: ACL + 1.
+    abort_limit: u16,
     sq_db: Doorbell,
     cq_db: Doorbell,
     stats: QueueStats,
@@ -426,11 +442,11 @@ impl<T> QueuePair<T> {
             });
         }
         let generation = shared.generation.load(Ordering::Acquire);
-        let max_transfer = shared
-            .data
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .max_transfer;
+        let (max_transfer, abort_limit) = {
+            let d = shared.data.read().unwrap_or_else(|e| e.into_inner());
+            // ACL is 0's based: the controller takes ACL + 1 concurrent Aborts.
+            (d.max_transfer, d.identify.acl as u16 + 1)
+        };
         let qid = shared.alloc_qid()?;
         let dstrd = shared.cap.dstrd();
         let (Some(sq_db), Some(cq_db)) = (
@@ -498,6 +514,7 @@ impl<T> QueuePair<T> {
             countdown: COUNTDOWN,
             epoch: 0,
             max_transfer,
+            abort_limit,
             sq_db: shared.bus.doorbell(sq_db),
             cq_db: shared.bus.doorbell(cq_db),
             stats: QueueStats::default(),
@@ -1643,8 +1660,14 @@ impl<T> QueuePair<T> {
         delivered
     }
 
+    /// Quarantines and reports the commands that timed out, sending an Abort for each while
+    /// the budget lasts: at most ACL + 1 Aborts per scan, none once one of them timed out or
+    /// found the admin queue full or the controller unusable, and none while another thread
+    /// holds the admin queue. Each Abort waits for its completion (up to the admin timeout)
+    /// from inside `poll`, so the budget bounds how long a hung device can stall the poll.
     fn scan_timeouts<F: FnMut(T, IoResult)>(&mut self, f: &mut F) -> usize {
         let mut delivered = 0;
+        let mut aborts_left = self.abort_limit;
         let mut unrecoverable = false;
         for idx in 0..self.slots.len() as u16 {
             let epoch = self.epoch;
@@ -1675,7 +1698,15 @@ impl<T> QueuePair<T> {
             }
             self.quarantined += 1;
             self.stats.timeouts += 1;
-            self.send_abort(idx);
+            if aborts_left == 0 {
+                self.stats.aborts_skipped += 1;
+            } else {
+                match self.send_abort(idx) {
+                    AbortSent::Sent => aborts_left -= 1,
+                    AbortSent::Busy => self.stats.aborts_skipped += 1,
+                    AbortSent::Stop => aborts_left = 0,
+                }
+            }
             if !holds {
                 delivered += self.report_timeout(idx, false, f);
             }
@@ -1686,18 +1717,30 @@ impl<T> QueuePair<T> {
         delivered
     }
 
-    fn send_abort(&mut self, idx: u16) {
+    /// Sends an Abort for slot `idx` unless another thread holds the admin queue.
+    fn send_abort(&mut self, idx: u16) -> AbortSent {
         let sh = &*self.shared;
-        let mut guard = sh.lock_admin();
+        let mut guard = match sh.admin.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return AbortSent::Busy,
+        };
         let res = match guard.as_mut() {
             Some(q) if sh.not_ready().is_none() => {
                 crate::admin::abort_with(q, sh, self.qid, Cid(idx))
             }
             _ => Err(sh.gone()),
         };
+        drop(guard);
         match res {
             Ok(crate::admin::AbortOutcome::Aborted) => self.stats.aborts += 1,
             _ => self.stats.aborts_failed += 1,
+        }
+        match res {
+            // The controller answered: further Aborts may work too.
+            Ok(_) | Err(Error::AdminStatus { .. }) => AbortSent::Sent,
+            // Admin timeout, admin queue full, device gone or not ready: do not wait again.
+            Err(_) => AbortSent::Stop,
         }
     }
 
