@@ -163,7 +163,49 @@ pub(crate) struct Shared {
     /// Bumped by every reset: queue pairs of an older generation are dead.
     pub(crate) generation: AtomicU64,
     pub(crate) health: AtomicU8,
-    qids: Mutex<Vec<bool>>,
+    qids: Mutex<QidTable>,
+}
+
+/// I/O queue ids in use, by queue pairs of any generation.
+///
+/// A reset deletes every I/O queue on the device, but an id stays reserved until the queue pair
+/// that held it is dropped: a stale queue pair may still write its doorbells (the CQ head after
+/// consuming an entry posted before the reset), and with its id reserved those writes hit a
+/// queue that does not exist on the device rather than a new queue pair's.
+#[derive(Default)]
+struct QidTable {
+    /// `used[i]`: queue id `i + 1` is held. May extend past `granted` with ids held by queue
+    /// pairs from before a reset that granted fewer queues.
+    used: Vec<bool>,
+    /// Queues granted by the last bring-up: ids `1..=granted` can be handed out.
+    granted: u16,
+}
+
+impl QidTable {
+    /// After a bring-up that granted `granted` queues: ids still held stay held.
+    fn regrant(&mut self, granted: u16) {
+        self.granted = granted;
+        if self.used.len() < granted as usize {
+            self.used.resize(granted as usize, false);
+        }
+        while self.used.len() > granted as usize && self.used.last() == Some(&false) {
+            self.used.pop();
+        }
+    }
+    fn alloc(&mut self) -> Option<QueueId> {
+        let i = self.used[..self.granted as usize].iter().position(|u| !u)?;
+        self.used[i] = true;
+        Some(QueueId(i as u16 + 1))
+    }
+    fn free(&mut self, qid: QueueId) {
+        if let Some(u) = (qid.0 as usize)
+            .checked_sub(1)
+            .and_then(|i| self.used.get_mut(i))
+        {
+            *u = false;
+        }
+        self.regrant(self.granted);
+    }
 }
 
 impl Shared {
@@ -363,8 +405,10 @@ impl Shared {
                         granted,
                         max_transfer: mdts.min(crate::prp::MAX_TRANSFER),
                     };
-                    *self.qids.lock().unwrap_or_else(|e| e.into_inner()) =
-                        vec![false; granted as usize];
+                    self.qids
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .regrant(granted);
                     InitState::Ready
                 }
                 InitState::Ready => break,
@@ -380,27 +424,19 @@ impl Shared {
 
     pub(crate) fn alloc_qid(&self) -> Result<QueueId> {
         let mut q = self.qids.lock().unwrap_or_else(|e| e.into_inner());
-        let granted = q.len() as u16;
-        match q.iter().position(|u| !u) {
-            Some(i) => {
-                q[i] = true;
-                Ok(QueueId(i as u16 + 1))
-            }
-            None => Err(Error::NoQueueIds {
-                location: self.location.clone(),
-                granted,
-            }),
-        }
+        q.alloc().ok_or_else(|| Error::NoQueueIds {
+            location: self.location.clone(),
+            granted: q.granted,
+        })
     }
 
-    pub(crate) fn free_qid(&self, qid: QueueId, generation: u64) {
-        if self.generation.load(Ordering::Acquire) != generation {
-            return; // the reset already freed every id
-        }
-        let mut q = self.qids.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(u) = q.get_mut(qid.0 as usize - 1) {
-            *u = false;
-        }
+    /// Frees a queue id when its queue pair is dropped, whatever its generation: ids held
+    /// across a reset stay reserved until then (see [`QidTable`]).
+    pub(crate) fn free_qid(&self, qid: QueueId) {
+        self.qids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .free(qid);
     }
 
     /// Clears CC.EN and waits for RDY = 0: the device stops every command and forgets every
@@ -528,7 +564,7 @@ impl Controller {
             }),
             generation: AtomicU64::new(0),
             health: AtomicU8::new(FAILED),
-            qids: Mutex::new(Vec::new()),
+            qids: Mutex::new(QidTable::default()),
         });
         shared.initialize()?;
         Ok(Controller { shared })
@@ -637,6 +673,28 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn queue_ids_held_across_a_reset_stay_reserved() {
+        let mut t = QidTable::default();
+        t.regrant(3);
+        let ids: Vec<_> = (0..3).map(|_| t.alloc().unwrap().0).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert_eq!(t.alloc(), None);
+        t.free(QueueId(2));
+        // A reset granting 2 queues: ids 1 and 3 are still held by old queue pairs.
+        t.regrant(2);
+        assert_eq!(t.alloc(), Some(QueueId(2)));
+        assert_eq!(t.alloc(), None);
+        t.free(QueueId(3));
+        assert_eq!(t.used.len(), 2);
+        t.free(QueueId(1));
+        assert_eq!(t.alloc(), Some(QueueId(1)));
+        // Out-of-range frees are ignored.
+        t.free(QueueId(0));
+        t.free(QueueId(100));
+        assert_eq!(t.used, [true, true]);
     }
 
     #[test]

@@ -453,7 +453,7 @@ impl<T> QueuePair<T> {
             checked_sq_tail_doorbell(qid.0, dstrd),
             checked_cq_head_doorbell(qid.0, dstrd),
         ) else {
-            shared.free_qid(qid, generation);
+            shared.free_qid(qid);
             return Err(Error::DoorbellOutOfRange {
                 location: shared.location.clone(),
                 qid,
@@ -464,7 +464,7 @@ impl<T> QueuePair<T> {
         let (sq_mem, cq_mem, prp_mem) = match made {
             Ok(m) => m,
             Err(e) => {
-                shared.free_qid(qid, generation);
+                shared.free_qid(qid);
                 return Err(e);
             }
         };
@@ -844,8 +844,9 @@ impl<T> QueuePair<T> {
 
     #[inline]
     fn ring_sq(&mut self) {
-        // A reset deletes the queue on the device and may give its id to a new queue pair: a
-        // stale queue pair must never ring that doorbell.
+        // A reset deletes the queue on the device. Its id stays reserved until this pair is
+        // dropped (so no new queue pair shares the doorbell), but a stale pair fails early
+        // rather than ring a doorbell of a queue the device no longer has.
         if self.shared.generation.load(Ordering::Relaxed) != self.generation {
             self.dead.get_or_insert(DeadReason::ControllerReset);
             self.countdown = 0; // fail the requests at the end of this poll
@@ -2039,7 +2040,7 @@ impl<T> Drop for QueuePair<T> {
             }
         }
         // Otherwise the queue memory is leaked: the device may still write it.
-        self.shared.free_qid(self.qid, self.generation);
+        self.shared.free_qid(self.qid);
     }
 }
 

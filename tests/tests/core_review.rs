@@ -94,3 +94,51 @@ fn a_hung_admin_queue_does_not_stall_poll_with_one_abort_per_timeout() {
         drop(c);
     }
 }
+
+#[test]
+fn a_stale_queue_pair_cannot_touch_a_new_queue_pair_after_reset() {
+    emulator("a_stale_queue_pair_cannot_touch_a_new_queue_pair_after_reset");
+    for mode in MODES {
+        let (c, emu) = emulated(config(mode, &[NS]));
+        let ns = c.namespaces().remove(0);
+        let buf = c.alloc(64 * 512).unwrap();
+        let mut old = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        let old_qid = old.qid();
+        // Completions posted to the old CQ and not consumed before the reset.
+        reads(&mut old, &ns, &buf, 0..8);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while emu.stats().queue_commands(old_qid.0) < 8 {
+            assert!(Instant::now() < deadline, "{mode:?}: old reads not fetched");
+            std::thread::yield_now();
+        }
+        std::thread::sleep(Duration::from_millis(50)); // and completed
+        c.reset().unwrap();
+        let mut new = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        assert_ne!(
+            new.qid(),
+            old_qid,
+            "{mode:?}: the stale pair's id was handed out"
+        );
+        reads(&mut new, &ns, &buf, 100..108);
+        // The stale pair consumes its entries (and may ring its CQ head doorbell) while the new
+        // pair has completions outstanding.
+        for _ in 0..4 {
+            let _ = old.poll(usize::MAX, |_, _| {});
+        }
+        let mut got = std::collections::HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got.len() < 8 {
+            assert!(Instant::now() < deadline, "{mode:?}: only {}", got.len());
+            let _ = new.poll(usize::MAX, |t, r| {
+                assert!(got.insert(t, r).is_none(), "tag {t} twice");
+            });
+        }
+        assert!(got.values().all(|r| r.is_ok()), "{mode:?}: {got:?}");
+        // Dropping the stale pair frees its id for the next queue pair.
+        drop(old);
+        let again = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        assert_eq!(again.qid(), old_qid, "{mode:?}");
+        drop((again, new));
+        assert_eq!(emu.stats().dma_faults, 0);
+    }
+}
