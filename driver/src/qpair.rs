@@ -372,7 +372,6 @@ pub struct QueuePair<T> {
     // Cold state.
     died: bool,
     stopped: bool,
-    sq_head: u16,
     quarantined: u16,
     protocol: Option<ProtocolError>,
     sync: Option<IoResult>,
@@ -521,7 +520,6 @@ impl<T> QueuePair<T> {
             dead: None,
             died: false,
             stopped: false,
-            sq_head: 0,
             quarantined: 0,
             protocol: None,
             sync: None,
@@ -1393,7 +1391,6 @@ impl<T> QueuePair<T> {
                 // cleared with the other flags) so it is read once.
                 let ctx = unsafe { s.ctx.assume_init_read() };
                 self.push_free(cid);
-                self.sq_head = dw2 as u16;
                 self.inflight -= 1;
                 self.stats.completed += 1;
                 f(ctx, Ok(IoDone { dw0 }));
@@ -1419,9 +1416,9 @@ impl<T> QueuePair<T> {
             self.bad(ProtocolError::WrongSqId((dw2 >> 16) as u16));
             return 0;
         }
-        if sq_head < self.entries {
-            self.sq_head = sq_head;
-        } else {
+        // The SQ head itself is not needed (room on the SQ is counted by `inflight`), but a
+        // head out of range is a device bug worth reporting.
+        if sq_head >= self.entries {
             self.bad(ProtocolError::SqHeadOutOfRange {
                 sq_head,
                 entries: self.entries,
