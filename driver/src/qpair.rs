@@ -1010,11 +1010,9 @@ impl<T> QueuePair<T> {
         if len > self.max_transfer {
             return self.submit_split(opcode, ns, lba, iova, len, cdw12, flags, ctx);
         }
-        if self.free_head == NIL {
-            return Err((self.exhausted(1), ctx));
-        }
-        self.start_data(opcode, ns.nsid(), lba, iova, len, blocks, cdw12, flags, ctx);
-        Ok(())
+        // Every other reason the fast path declined was checked above: the pool is empty.
+        debug_assert_eq!(self.free_head, NIL);
+        Err((self.exhausted(1), ctx))
     }
 
     /// Takes a free slot for a checked data command of `blocks` blocks (`1 <= len <=
