@@ -158,6 +158,12 @@ impl IoFlags {
     pub const NONE: IoFlags = IoFlags { fua: false };
     /// Force Unit Access.
     pub const FUA: IoFlags = IoFlags { fua: true };
+
+    /// The bits these flags set in CDW12 of a Read, Write or Write Zeroes.
+    #[inline]
+    pub const fn cdw12(self) -> u32 {
+        if self.fua { RW_FUA } else { 0 }
+    }
 }
 
 /// A submission that was refused: the error, and the context handed back.
@@ -675,7 +681,7 @@ impl<T> QueuePair<T> {
         flags: IoFlags,
         ctx: T,
     ) -> core::result::Result<(), Rejected<T>> {
-        let cdw12 = if flags.fua { RW_FUA } else { 0 };
+        let cdw12 = flags.cdw12();
         self.submit_data(op.opcode(), ns, lba, buf.iova, buf.len, cdw12, 0, Some(ctx))
             .map_err(rejected)
     }
@@ -750,7 +756,7 @@ impl<T> QueuePair<T> {
         flags: IoFlags,
     ) -> Result<IoDone> {
         let slice = self.dma_slice_of(buf.as_ptr() as *mut u8, buf.len())?;
-        let cdw12 = if flags.fua { RW_FUA } else { 0 };
+        let cdw12 = flags.cdw12();
         self.run_blocking(|q| {
             q.submit_data(
                 io::WRITE,
@@ -1233,7 +1239,7 @@ impl<T> QueuePair<T> {
             Some(end) if end <= ns.blocks() => {}
             _ => return Err((out_of_range(ns, lba, blocks as u64), ctx)),
         }
-        let cdw12 = (blocks - 1) | if flags.fua { RW_FUA } else { 0 };
+        let cdw12 = (blocks - 1) | flags.cdw12();
         self.submit_simple(io::WRITE_ZEROES, ns.nsid(), lba.0, cdw12, None, ctx, sflags)
     }
 
@@ -1984,7 +1990,7 @@ impl<T: DmaOwner> QueuePair<T> {
                 });
             }
         }
-        let cdw12 = if flags.fua { RW_FUA } else { 0 };
+        let cdw12 = flags.cdw12();
         self.submit_data(
             op.opcode(),
             ns,
