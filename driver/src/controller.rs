@@ -209,6 +209,14 @@ impl QidTable {
 }
 
 impl Shared {
+    /// Allocates a zeroed DMA buffer of `len` bytes; `what` names it in the error.
+    pub(crate) fn alloc(&self, len: usize, what: &'static str) -> Result<DmaBuffer> {
+        self.bus
+            .dma()
+            .alloc(len)
+            .map_err(|source| Error::Dma { what, source })
+    }
+
     pub(crate) fn lock_admin(&self) -> MutexGuard<'_, Option<AdminQueue>> {
         self.admin.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -337,7 +345,7 @@ impl Shared {
                 InitState::ConfigureAdminQueue => {
                     // The controller is disabled: the old admin queue memory is no longer used.
                     *admin = None;
-                    let q = AdminQueue::new(&*self.bus, self.opts.admin_entries, dstrd)?;
+                    let q = AdminQueue::new(self, self.opts.admin_entries, dstrd)?;
                     let (asq, acq, aqa) = q.registers();
                     self.bus.write32(offset::AQA, aqa.0);
                     self.bus.write64(offset::ASQ, asq.0);
@@ -606,10 +614,7 @@ impl Controller {
     }
     /// Allocates a zeroed DMA buffer of `len` bytes for I/O on this controller.
     pub fn alloc(&self, len: usize) -> Result<DmaBuffer> {
-        self.dma().alloc(len).map_err(|source| Error::Dma {
-            what: "an I/O buffer",
-            source,
-        })
+        self.shared.alloc(len, "an I/O buffer")
     }
     /// CAP.
     pub fn cap(&self) -> Cap {

@@ -550,11 +550,9 @@ impl<T> QueuePair<T> {
         entries: u16,
         requests: u16,
     ) -> Result<(DmaBuffer, DmaBuffer, DmaBuffer)> {
-        let dma = shared.bus.dma();
-        let alloc = |len, what| dma.alloc(len).map_err(|source| Error::Dma { what, source });
-        let sq = alloc(entries as usize * 64, "an I/O submission queue")?;
-        let cq = alloc(entries as usize * 16, "an I/O completion queue")?;
-        let prps = alloc(requests as usize * prp::PAGE as usize, "PRP list pages")?;
+        let sq = shared.alloc(entries as usize * 64, "an I/O submission queue")?;
+        let cq = shared.alloc(entries as usize * 16, "an I/O completion queue")?;
+        let prps = shared.alloc(requests as usize * prp::PAGE as usize, "PRP list pages")?;
         let mut guard = shared.lock_admin();
         if let Some(e) = shared.not_ready() {
             return Err(e);
