@@ -274,6 +274,8 @@ impl Shared {
         })
     }
 
+    /// Polls CSTS until `done`, all ones (device gone), CFS (if `fail_on_cfs`) or `limit`
+    /// after `entered` ([`Error::InitTimeout`] in `state`).
     fn wait_csts(
         &self,
         state: InitState,
@@ -482,22 +484,15 @@ impl Shared {
         // Hold the admin lock so no admin command races the shutdown.
         let _admin = self.lock_admin();
         self.bus.write32(offset::CC, cc.with_shn(shn::NORMAL).0);
-        let start = Instant::now();
-        loop {
-            let csts = Csts(self.bus.read32(offset::CSTS));
-            if csts.is_all_ones() {
-                return Err(self.gone());
-            }
-            if csts.shst() == shst::COMPLETE {
-                return Ok(());
-            }
-            if start.elapsed() > self.opts.shutdown_timeout {
-                return Err(Error::ShutdownTimeout {
-                    location: self.location.clone(),
-                    waited: start.elapsed(),
-                });
-            }
-            std::thread::sleep(Duration::from_micros(200));
+        let limit = self.opts.shutdown_timeout;
+        // The state only names an InitTimeout, which is turned into a ShutdownTimeout.
+        let state = InitState::Disable;
+        let done = |c: Csts| c.shst() == shst::COMPLETE;
+        match self.wait_csts(state, Instant::now(), limit, done, false) {
+            Err(Error::InitTimeout {
+                location, waited, ..
+            }) => Err(Error::ShutdownTimeout { location, waited }),
+            other => other,
         }
     }
 }
