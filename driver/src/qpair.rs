@@ -383,7 +383,7 @@ pub struct QueuePair<T> {
     sync: Option<IoResult>,
     qid: QueueId,
     generation: u64,
-    timeout: Option<Duration>,
+    /// An epoch: a quarter of the timeout, or `Duration::MAX` without a timeout (never ends).
     tick: Duration,
     tick_start: Instant,
     next_health: Instant,
@@ -531,7 +531,6 @@ impl<T> QueuePair<T> {
             sync: None,
             qid,
             generation,
-            timeout,
             tick: timeout.map_or(Duration::MAX, |t| t / 4),
             tick_start: now,
             next_health: now,
@@ -1640,7 +1639,7 @@ impl<T> QueuePair<T> {
         let now = Instant::now();
         let mut delivered = 0;
         let mut check_health = idle && now >= self.next_health;
-        if self.timeout.is_some() && now.duration_since(self.tick_start) >= self.tick {
+        if now.duration_since(self.tick_start) >= self.tick {
             self.epoch = self.epoch.wrapping_add(1);
             self.tick_start = now;
             check_health = true;
