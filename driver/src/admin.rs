@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::bus::{Bus, Doorbell};
+use crate::bus::Doorbell;
 use crate::controller::{Controller, Shared};
 use crate::dma::DmaBuffer;
 use crate::error::{Error, Result};
@@ -66,15 +66,11 @@ fn name_of(opcode: u8) -> &'static str {
 }
 
 impl AdminQueue {
-    pub(crate) fn new(bus: &dyn Bus, entries: u16, dstrd: u8) -> Result<AdminQueue> {
-        let alloc = |len, what| {
-            bus.dma()
-                .alloc(len)
-                .map_err(|source| Error::Dma { what, source })
-        };
+    pub(crate) fn new(sh: &Shared, entries: u16, dstrd: u8) -> Result<AdminQueue> {
+        let bus = &*sh.bus;
         Ok(AdminQueue {
-            sq: alloc(entries as usize * 64, "the admin submission queue")?,
-            cq: alloc(entries as usize * 16, "the admin completion queue")?,
+            sq: sh.alloc(entries as usize * 64, "the admin submission queue")?,
+            cq: sh.alloc(entries as usize * 16, "the admin completion queue")?,
             entries,
             tail: 0,
             head: 0,
@@ -212,10 +208,7 @@ impl AdminQueue {
         mut sqe: Sqe,
         len: usize,
     ) -> Result<DmaBuffer> {
-        let buf = sh.bus.dma().alloc(len).map_err(|source| Error::Dma {
-            what: "an admin data page",
-            source,
-        })?;
+        let buf = sh.alloc(len, "an admin data page")?;
         sqe.prp1 = buf.iova().0;
         if len > crate::prp::PAGE as usize {
             sqe.prp2 = buf.iova().0 + crate::prp::PAGE;

@@ -85,9 +85,15 @@ pub struct Namespace {
 }
 
 impl Namespace {
+    /// The namespace, or `None` if it cannot be used: an invalid LBA format (block size 0,
+    /// LBADS out of range), a zero size (NSZE 0) or a size in bytes beyond 64 bits.
     fn new(nsid: Nsid, identify: IdentifyNamespace) -> Option<Namespace> {
         let block_size = identify.block_size();
-        (block_size.is_power_of_two() && block_size >= 512).then(|| Namespace {
+        let usable = block_size.is_power_of_two()
+            && block_size >= 512
+            && identify.nsze != 0
+            && identify.nsze.checked_mul(block_size as u64).is_some();
+        usable.then(|| Namespace {
             nsid,
             block_size,
             block_shift: block_size.trailing_zeros(),
@@ -157,10 +163,60 @@ pub(crate) struct Shared {
     /// Bumped by every reset: queue pairs of an older generation are dead.
     pub(crate) generation: AtomicU64,
     pub(crate) health: AtomicU8,
-    qids: Mutex<Vec<bool>>,
+    qids: Mutex<QidTable>,
+}
+
+/// I/O queue ids in use, by queue pairs of any generation.
+///
+/// A reset deletes every I/O queue on the device, but an id stays reserved until the queue pair
+/// that held it is dropped: a stale queue pair may still write its doorbells (the CQ head after
+/// consuming an entry posted before the reset), and with its id reserved those writes hit a
+/// queue that does not exist on the device rather than a new queue pair's.
+#[derive(Default)]
+struct QidTable {
+    /// `used[i]`: queue id `i + 1` is held. May extend past `granted` with ids held by queue
+    /// pairs from before a reset that granted fewer queues.
+    used: Vec<bool>,
+    /// Queues granted by the last bring-up: ids `1..=granted` can be handed out.
+    granted: u16,
+}
+
+impl QidTable {
+    /// After a bring-up that granted `granted` queues: ids still held stay held.
+    fn regrant(&mut self, granted: u16) {
+        self.granted = granted;
+        if self.used.len() < granted as usize {
+            self.used.resize(granted as usize, false);
+        }
+        while self.used.len() > granted as usize && self.used.last() == Some(&false) {
+            self.used.pop();
+        }
+    }
+    fn alloc(&mut self) -> Option<QueueId> {
+        let i = self.used[..self.granted as usize].iter().position(|u| !u)?;
+        self.used[i] = true;
+        Some(QueueId(i as u16 + 1))
+    }
+    fn free(&mut self, qid: QueueId) {
+        if let Some(u) = (qid.0 as usize)
+            .checked_sub(1)
+            .and_then(|i| self.used.get_mut(i))
+        {
+            *u = false;
+        }
+        self.regrant(self.granted);
+    }
 }
 
 impl Shared {
+    /// Allocates a zeroed DMA buffer of `len` bytes; `what` names it in the error.
+    pub(crate) fn alloc(&self, len: usize, what: &'static str) -> Result<DmaBuffer> {
+        self.bus
+            .dma()
+            .alloc(len)
+            .map_err(|source| Error::Dma { what, source })
+    }
+
     pub(crate) fn lock_admin(&self) -> MutexGuard<'_, Option<AdminQueue>> {
         self.admin.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -218,6 +274,8 @@ impl Shared {
         })
     }
 
+    /// Polls CSTS until `done`, all ones (device gone), CFS (if `fail_on_cfs`) or `limit`
+    /// after `entered` ([`Error::InitTimeout`] in `state`).
     fn wait_csts(
         &self,
         state: InitState,
@@ -289,7 +347,7 @@ impl Shared {
                 InitState::ConfigureAdminQueue => {
                     // The controller is disabled: the old admin queue memory is no longer used.
                     *admin = None;
-                    let q = AdminQueue::new(&*self.bus, self.opts.admin_entries, dstrd)?;
+                    let q = AdminQueue::new(self, self.opts.admin_entries, dstrd)?;
                     let (asq, acq, aqa) = q.registers();
                     self.bus.write32(offset::AQA, aqa.0);
                     self.bus.write64(offset::ASQ, asq.0);
@@ -328,8 +386,9 @@ impl Shared {
                     namespaces.clear();
                     for &n in &nsids {
                         let id = q.identify_namespace(self, Nsid(n))?;
-                        // A namespace with an unusable format (metadata-only, zero size) is
-                        // skipped rather than failing the controller.
+                        // A namespace with an unusable format (invalid LBADS, metadata-only)
+                        // or a zero or overflowing size is skipped rather than failing the
+                        // controller; Controller::namespace then reports it as not active.
                         namespaces.extend(Namespace::new(Nsid(n), id));
                     }
                     InitState::SetNumberOfQueues
@@ -356,8 +415,10 @@ impl Shared {
                         granted,
                         max_transfer: mdts.min(crate::prp::MAX_TRANSFER),
                     };
-                    *self.qids.lock().unwrap_or_else(|e| e.into_inner()) =
-                        vec![false; granted as usize];
+                    self.qids
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .regrant(granted);
                     InitState::Ready
                 }
                 InitState::Ready => break,
@@ -373,27 +434,19 @@ impl Shared {
 
     pub(crate) fn alloc_qid(&self) -> Result<QueueId> {
         let mut q = self.qids.lock().unwrap_or_else(|e| e.into_inner());
-        let granted = q.len() as u16;
-        match q.iter().position(|u| !u) {
-            Some(i) => {
-                q[i] = true;
-                Ok(QueueId(i as u16 + 1))
-            }
-            None => Err(Error::NoQueueIds {
-                location: self.location.clone(),
-                granted,
-            }),
-        }
+        q.alloc().ok_or_else(|| Error::NoQueueIds {
+            location: self.location.clone(),
+            granted: q.granted,
+        })
     }
 
-    pub(crate) fn free_qid(&self, qid: QueueId, generation: u64) {
-        if self.generation.load(Ordering::Acquire) != generation {
-            return; // the reset already freed every id
-        }
-        let mut q = self.qids.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(u) = q.get_mut(qid.0 as usize - 1) {
-            *u = false;
-        }
+    /// Frees a queue id when its queue pair is dropped, whatever its generation: ids held
+    /// across a reset stay reserved until then (see [`QidTable`]).
+    pub(crate) fn free_qid(&self, qid: QueueId) {
+        self.qids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .free(qid);
     }
 
     /// Clears CC.EN and waits for RDY = 0: the device stops every command and forgets every
@@ -431,22 +484,15 @@ impl Shared {
         // Hold the admin lock so no admin command races the shutdown.
         let _admin = self.lock_admin();
         self.bus.write32(offset::CC, cc.with_shn(shn::NORMAL).0);
-        let start = Instant::now();
-        loop {
-            let csts = Csts(self.bus.read32(offset::CSTS));
-            if csts.is_all_ones() {
-                return Err(self.gone());
-            }
-            if csts.shst() == shst::COMPLETE {
-                return Ok(());
-            }
-            if start.elapsed() > self.opts.shutdown_timeout {
-                return Err(Error::ShutdownTimeout {
-                    location: self.location.clone(),
-                    waited: start.elapsed(),
-                });
-            }
-            std::thread::sleep(Duration::from_micros(200));
+        let limit = self.opts.shutdown_timeout;
+        // The state only names an InitTimeout, which is turned into a ShutdownTimeout.
+        let state = InitState::Disable;
+        let done = |c: Csts| c.shst() == shst::COMPLETE;
+        match self.wait_csts(state, Instant::now(), limit, done, false) {
+            Err(Error::InitTimeout {
+                location, waited, ..
+            }) => Err(Error::ShutdownTimeout { location, waited }),
+            other => other,
         }
     }
 }
@@ -521,7 +567,7 @@ impl Controller {
             }),
             generation: AtomicU64::new(0),
             health: AtomicU8::new(FAILED),
-            qids: Mutex::new(Vec::new()),
+            qids: Mutex::new(QidTable::default()),
         });
         shared.initialize()?;
         Ok(Controller { shared })
@@ -563,10 +609,7 @@ impl Controller {
     }
     /// Allocates a zeroed DMA buffer of `len` bytes for I/O on this controller.
     pub fn alloc(&self, len: usize) -> Result<DmaBuffer> {
-        self.dma().alloc(len).map_err(|source| Error::Dma {
-            what: "an I/O buffer",
-            source,
-        })
+        self.shared.alloc(len, "an I/O buffer")
     }
     /// CAP.
     pub fn cap(&self) -> Cap {
@@ -612,5 +655,66 @@ impl Controller {
 
     fn data(&self) -> std::sync::RwLockReadGuard<'_, CtrlData> {
         self.shared.data.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(nsze: u64, lbads: u8) -> IdentifyNamespace {
+        IdentifyNamespace {
+            nsze,
+            ncap: nsze,
+            lbaf: vec![LbaFormat {
+                ms: 0,
+                lbads,
+                rp: 0,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn queue_ids_held_across_a_reset_stay_reserved() {
+        let mut t = QidTable::default();
+        t.regrant(3);
+        let ids: Vec<_> = (0..3).map(|_| t.alloc().unwrap().0).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert_eq!(t.alloc(), None);
+        t.free(QueueId(2));
+        // A reset granting 2 queues: ids 1 and 3 are still held by old queue pairs.
+        t.regrant(2);
+        assert_eq!(t.alloc(), Some(QueueId(2)));
+        assert_eq!(t.alloc(), None);
+        t.free(QueueId(3));
+        assert_eq!(t.used.len(), 2);
+        t.free(QueueId(1));
+        assert_eq!(t.alloc(), Some(QueueId(1)));
+        // Out-of-range frees are ignored.
+        t.free(QueueId(0));
+        t.free(QueueId(100));
+        assert_eq!(t.used, [true, true]);
+    }
+
+    #[test]
+    fn hostile_namespaces_are_skipped() {
+        let ok = Namespace::new(Nsid(1), ns(8, 12)).expect("usable");
+        assert_eq!(
+            (ok.block_size(), ok.blocks(), ok.size_bytes()),
+            (4096, 8, 32768)
+        );
+        // NSZE 0.
+        assert!(Namespace::new(Nsid(1), ns(0, 12)).is_none());
+        // LBADS out of range (a shift of 255 would panic in `1 << lbads`).
+        for lbads in [0, 8, 17, 32, 255] {
+            assert!(
+                Namespace::new(Nsid(1), ns(8, lbads)).is_none(),
+                "lbads {lbads}"
+            );
+        }
+        // A size in bytes beyond 64 bits.
+        assert!(Namespace::new(Nsid(1), ns(u64::MAX, 9)).is_none());
+        assert!(Namespace::new(Nsid(1), ns(u64::MAX >> 9, 9)).is_some());
     }
 }

@@ -133,6 +133,20 @@ pub enum Error {
         /// Queues granted by Set Features / Number of Queues.
         granted: u16,
     },
+    /// The doorbells of a queue id lie beyond the 32-bit register space for the controller's
+    /// doorbell stride (CAP.DSTRD), so the queue cannot be created.
+    #[error(
+        "controller {location}: the doorbells of I/O queue {qid} do not fit in 32-bit register \
+         offsets with CAP.DSTRD = {dstrd}; ask for fewer queues with ControllerOptions::io_queues"
+    )]
+    DoorbellOutOfRange {
+        /// PCI location.
+        location: String,
+        /// The queue id.
+        qid: QueueId,
+        /// CAP.DSTRD (doorbell stride exponent).
+        dstrd: u8,
+    },
     /// An option is out of range.
     #[error("invalid option {name}: {reason}")]
     InvalidOption {

@@ -53,7 +53,7 @@ use crate::controller::{Namespace, Shared};
 use crate::dma::{DmaBuffer, DmaMemory, DmaSlice};
 use crate::error::{DeadReason, Error, IoError, ProtocolError, Result};
 use crate::prp;
-use crate::spec::regs::{cq_head_doorbell, sq_tail_doorbell};
+use crate::spec::regs::{checked_cq_head_doorbell, checked_sq_tail_doorbell};
 use crate::spec::sqe::DsmRange;
 use crate::spec::sqe::{DSM_AD, RW_FUA, io};
 use crate::spec::{Sqe, Status};
@@ -158,6 +158,12 @@ impl IoFlags {
     pub const NONE: IoFlags = IoFlags { fua: false };
     /// Force Unit Access.
     pub const FUA: IoFlags = IoFlags { fua: true };
+
+    /// The bits these flags set in CDW12 of a Read, Write or Write Zeroes.
+    #[inline]
+    pub const fn cdw12(self) -> u32 {
+        if self.fua { RW_FUA } else { 0 }
+    }
 }
 
 /// A submission that was refused: the error, and the context handed back.
@@ -240,10 +246,24 @@ pub struct QueueStats {
     pub aborts: u64,
     /// Abort commands that failed or were refused.
     pub aborts_failed: u64,
+    /// Timed-out commands no Abort was sent for: the admin queue was busy (another thread held
+    /// it), this scan's budget of ACL + 1 Aborts was used up, or an earlier Abort of the scan
+    /// timed out or found the admin queue full or the controller unusable.
+    pub aborts_skipped: u64,
     /// Completions rejected as invalid (unknown CID, bad SQ id or head).
     pub protocol_errors: u64,
     /// Contexts never handed back because the device could not be stopped.
     pub leaked: u64,
+}
+
+/// What [`QueuePair::send_abort`] did.
+enum AbortSent {
+    /// Sent, and the controller answered.
+    Sent,
+    /// Not sent: another thread holds the admin queue.
+    Busy,
+    /// Sent and failed in a way later Aborts would repeat (timeout, queue full, device gone).
+    Stop,
 }
 
 const NIL: u16 = u16::MAX;
@@ -349,6 +369,8 @@ pub struct QueuePair<T> {
     countdown: i32,
     epoch: u32,
     max_transfer: usize,
+    /// Aborts one timeout scan may send: ACL + 1.
+    abort_limit: u16,
     sq_db: Doorbell,
     cq_db: Doorbell,
     stats: QueueStats,
@@ -356,13 +378,12 @@ pub struct QueuePair<T> {
     // Cold state.
     died: bool,
     stopped: bool,
-    sq_head: u16,
     quarantined: u16,
     protocol: Option<ProtocolError>,
     sync: Option<IoResult>,
     qid: QueueId,
     generation: u64,
-    timeout: Option<Duration>,
+    /// An epoch: a quarter of the timeout, or `Duration::MAX` without a timeout (never ends).
     tick: Duration,
     tick_start: Instant,
     next_health: Instant,
@@ -426,21 +447,32 @@ impl<T> QueuePair<T> {
             });
         }
         let generation = shared.generation.load(Ordering::Acquire);
-        let max_transfer = shared
-            .data
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .max_transfer;
+        let (max_transfer, abort_limit) = {
+            let d = shared.data.read().unwrap_or_else(|e| e.into_inner());
+            // ACL is 0's based: the controller takes ACL + 1 concurrent Aborts.
+            (d.max_transfer, d.identify.acl as u16 + 1)
+        };
         let qid = shared.alloc_qid()?;
+        let dstrd = shared.cap.dstrd();
+        let (Some(sq_db), Some(cq_db)) = (
+            checked_sq_tail_doorbell(qid.0, dstrd),
+            checked_cq_head_doorbell(qid.0, dstrd),
+        ) else {
+            shared.free_qid(qid);
+            return Err(Error::DoorbellOutOfRange {
+                location: shared.location.clone(),
+                qid,
+                dstrd,
+            });
+        };
         let made = Self::create_queues(&shared, qid, entries, requests);
         let (sq_mem, cq_mem, prp_mem) = match made {
             Ok(m) => m,
             Err(e) => {
-                shared.free_qid(qid, generation);
+                shared.free_qid(qid);
                 return Err(e);
             }
         };
-        let dstrd = shared.cap.dstrd();
         let slots: Box<[Slot<T>]> = (0..requests)
             .map(|i| Slot {
                 state: FREE,
@@ -487,19 +519,18 @@ impl<T> QueuePair<T> {
             countdown: COUNTDOWN,
             epoch: 0,
             max_transfer,
-            sq_db: shared.bus.doorbell(sq_tail_doorbell(qid.0, dstrd)),
-            cq_db: shared.bus.doorbell(cq_head_doorbell(qid.0, dstrd)),
+            abort_limit,
+            sq_db: shared.bus.doorbell(sq_db),
+            cq_db: shared.bus.doorbell(cq_db),
             stats: QueueStats::default(),
             dead: None,
             died: false,
             stopped: false,
-            sq_head: 0,
             quarantined: 0,
             protocol: None,
             sync: None,
             qid,
             generation,
-            timeout,
             tick: timeout.map_or(Duration::MAX, |t| t / 4),
             tick_start: now,
             next_health: now,
@@ -518,11 +549,9 @@ impl<T> QueuePair<T> {
         entries: u16,
         requests: u16,
     ) -> Result<(DmaBuffer, DmaBuffer, DmaBuffer)> {
-        let dma = shared.bus.dma();
-        let alloc = |len, what| dma.alloc(len).map_err(|source| Error::Dma { what, source });
-        let sq = alloc(entries as usize * 64, "an I/O submission queue")?;
-        let cq = alloc(entries as usize * 16, "an I/O completion queue")?;
-        let prps = alloc(requests as usize * prp::PAGE as usize, "PRP list pages")?;
+        let sq = shared.alloc(entries as usize * 64, "an I/O submission queue")?;
+        let cq = shared.alloc(entries as usize * 16, "an I/O completion queue")?;
+        let prps = shared.alloc(requests as usize * prp::PAGE as usize, "PRP list pages")?;
         let mut guard = shared.lock_admin();
         if let Some(e) = shared.not_ready() {
             return Err(e);
@@ -649,7 +678,7 @@ impl<T> QueuePair<T> {
         flags: IoFlags,
         ctx: T,
     ) -> core::result::Result<(), Rejected<T>> {
-        let cdw12 = if flags.fua { RW_FUA } else { 0 };
+        let cdw12 = flags.cdw12();
         self.submit_data(op.opcode(), ns, lba, buf.iova, buf.len, cdw12, 0, Some(ctx))
             .map_err(rejected)
     }
@@ -724,7 +753,7 @@ impl<T> QueuePair<T> {
         flags: IoFlags,
     ) -> Result<IoDone> {
         let slice = self.dma_slice_of(buf.as_ptr() as *mut u8, buf.len())?;
-        let cdw12 = if flags.fua { RW_FUA } else { 0 };
+        let cdw12 = flags.cdw12();
         self.run_blocking(|q| {
             q.submit_data(
                 io::WRITE,
@@ -816,8 +845,9 @@ impl<T> QueuePair<T> {
 
     #[inline]
     fn ring_sq(&mut self) {
-        // A reset deletes the queue on the device and may give its id to a new queue pair: a
-        // stale queue pair must never ring that doorbell.
+        // A reset deletes the queue on the device. Its id stays reserved until this pair is
+        // dropped (so no new queue pair shares the doorbell), but a stale pair fails early
+        // rather than ring a doorbell of a queue the device no longer has.
         if self.shared.generation.load(Ordering::Relaxed) != self.generation {
             self.dead.get_or_insert(DeadReason::ControllerReset);
             self.countdown = 0; // fail the requests at the end of this poll
@@ -983,11 +1013,9 @@ impl<T> QueuePair<T> {
         if len > self.max_transfer {
             return self.submit_split(opcode, ns, lba, iova, len, cdw12, flags, ctx);
         }
-        if self.free_head == NIL {
-            return Err((self.exhausted(1), ctx));
-        }
-        self.start_data(opcode, ns.nsid(), lba, iova, len, blocks, cdw12, flags, ctx);
-        Ok(())
+        // Every other reason the fast path declined was checked above: the pool is empty.
+        debug_assert_eq!(self.free_head, NIL);
+        Err((self.exhausted(1), ctx))
     }
 
     /// Takes a free slot for a checked data command of `blocks` blocks (`1 <= len <=
@@ -1208,7 +1236,7 @@ impl<T> QueuePair<T> {
             Some(end) if end <= ns.blocks() => {}
             _ => return Err((out_of_range(ns, lba, blocks as u64), ctx)),
         }
-        let cdw12 = (blocks - 1) | if flags.fua { RW_FUA } else { 0 };
+        let cdw12 = (blocks - 1) | flags.cdw12();
         self.submit_simple(io::WRITE_ZEROES, ns.nsid(), lba.0, cdw12, None, ctx, sflags)
     }
 
@@ -1364,7 +1392,6 @@ impl<T> QueuePair<T> {
                 // cleared with the other flags) so it is read once.
                 let ctx = unsafe { s.ctx.assume_init_read() };
                 self.push_free(cid);
-                self.sq_head = dw2 as u16;
                 self.inflight -= 1;
                 self.stats.completed += 1;
                 f(ctx, Ok(IoDone { dw0 }));
@@ -1390,9 +1417,9 @@ impl<T> QueuePair<T> {
             self.bad(ProtocolError::WrongSqId((dw2 >> 16) as u16));
             return 0;
         }
-        if sq_head < self.entries {
-            self.sq_head = sq_head;
-        } else {
+        // The SQ head itself is not needed (room on the SQ is counted by `inflight`), but a
+        // head out of range is a device bug worth reporting.
+        if sq_head >= self.entries {
             self.bad(ProtocolError::SqHeadOutOfRange {
                 sq_head,
                 entries: self.entries,
@@ -1612,7 +1639,7 @@ impl<T> QueuePair<T> {
         let now = Instant::now();
         let mut delivered = 0;
         let mut check_health = idle && now >= self.next_health;
-        if self.timeout.is_some() && now.duration_since(self.tick_start) >= self.tick {
+        if now.duration_since(self.tick_start) >= self.tick {
             self.epoch = self.epoch.wrapping_add(1);
             self.tick_start = now;
             check_health = true;
@@ -1632,8 +1659,14 @@ impl<T> QueuePair<T> {
         delivered
     }
 
+    /// Quarantines and reports the commands that timed out, sending an Abort for each while
+    /// the budget lasts: at most ACL + 1 Aborts per scan, none once one of them timed out or
+    /// found the admin queue full or the controller unusable, and none while another thread
+    /// holds the admin queue. Each Abort waits for its completion (up to the admin timeout)
+    /// from inside `poll`, so the budget bounds how long a hung device can stall the poll.
     fn scan_timeouts<F: FnMut(T, IoResult)>(&mut self, f: &mut F) -> usize {
         let mut delivered = 0;
+        let mut aborts_left = self.abort_limit;
         let mut unrecoverable = false;
         for idx in 0..self.slots.len() as u16 {
             let epoch = self.epoch;
@@ -1664,7 +1697,15 @@ impl<T> QueuePair<T> {
             }
             self.quarantined += 1;
             self.stats.timeouts += 1;
-            self.send_abort(idx);
+            if aborts_left == 0 {
+                self.stats.aborts_skipped += 1;
+            } else {
+                match self.send_abort(idx) {
+                    AbortSent::Sent => aborts_left -= 1,
+                    AbortSent::Busy => self.stats.aborts_skipped += 1,
+                    AbortSent::Stop => aborts_left = 0,
+                }
+            }
             if !holds {
                 delivered += self.report_timeout(idx, false, f);
             }
@@ -1675,18 +1716,30 @@ impl<T> QueuePair<T> {
         delivered
     }
 
-    fn send_abort(&mut self, idx: u16) {
+    /// Sends an Abort for slot `idx` unless another thread holds the admin queue.
+    fn send_abort(&mut self, idx: u16) -> AbortSent {
         let sh = &*self.shared;
-        let mut guard = sh.lock_admin();
+        let mut guard = match sh.admin.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return AbortSent::Busy,
+        };
         let res = match guard.as_mut() {
             Some(q) if sh.not_ready().is_none() => {
                 crate::admin::abort_with(q, sh, self.qid, Cid(idx))
             }
             _ => Err(sh.gone()),
         };
+        drop(guard);
         match res {
             Ok(crate::admin::AbortOutcome::Aborted) => self.stats.aborts += 1,
             _ => self.stats.aborts_failed += 1,
+        }
+        match res {
+            // The controller answered: further Aborts may work too.
+            Ok(_) | Err(Error::AdminStatus { .. }) => AbortSent::Sent,
+            // Admin timeout, admin queue full, device gone or not ready: do not wait again.
+            Err(_) => AbortSent::Stop,
         }
     }
 
@@ -1934,7 +1987,7 @@ impl<T: DmaOwner> QueuePair<T> {
                 });
             }
         }
-        let cdw12 = if flags.fua { RW_FUA } else { 0 };
+        let cdw12 = flags.cdw12();
         self.submit_data(
             op.opcode(),
             ns,
@@ -1985,7 +2038,7 @@ impl<T> Drop for QueuePair<T> {
             }
         }
         // Otherwise the queue memory is leaked: the device may still write it.
-        self.shared.free_qid(self.qid, self.generation);
+        self.shared.free_qid(self.qid);
     }
 }
 

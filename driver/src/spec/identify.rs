@@ -268,8 +268,16 @@ impl IdentifyController {
     }
 
     /// Maximum data transfer size in bytes for a minimum page size, or `None` for no limit.
+    ///
+    /// MDTS comes from the device: a value whose size does not fit a `usize` (MDTS 64 with
+    /// 4 KiB pages, say) is a limit no transfer can reach, so it is treated as no limit too.
     pub fn max_transfer_bytes(&self, min_page_size: usize) -> Option<usize> {
-        (self.mdts != 0).then(|| min_page_size << self.mdts)
+        if self.mdts == 0 {
+            return None;
+        }
+        1usize
+            .checked_shl(self.mdts as u32)
+            .and_then(|m| m.checked_mul(min_page_size))
     }
 }
 
@@ -285,9 +293,20 @@ pub struct LbaFormat {
 }
 
 impl LbaFormat {
-    /// The logical block size in bytes (0 if the format is unused, LBADS < 9).
+    /// Smallest valid LBADS (512 B blocks).
+    pub const MIN_LBADS: u8 = 9;
+    /// Largest LBADS Dioxide accepts (64 KiB blocks); larger values come from a broken or
+    /// hostile device and are treated as an invalid format.
+    pub const MAX_LBADS: u8 = 16;
+
+    /// The logical block size in bytes (0 if the format is unused or invalid: LBADS outside
+    /// [`MIN_LBADS`](Self::MIN_LBADS)..=[`MAX_LBADS`](Self::MAX_LBADS)).
     pub const fn block_size(self) -> u32 {
-        if self.lbads < 9 { 0 } else { 1 << self.lbads }
+        if self.lbads < Self::MIN_LBADS || self.lbads > Self::MAX_LBADS {
+            0
+        } else {
+            1 << self.lbads
+        }
     }
     fn from_u32(v: u32) -> LbaFormat {
         LbaFormat {
@@ -648,6 +667,51 @@ mod tests {
         let back = IdentifyNamespace::from_bytes(&b);
         assert_eq!(back, n);
         assert_eq!(back.block_size(), 4096);
+    }
+
+    #[test]
+    fn hostile_mdts_is_no_limit_not_a_panic() {
+        let mut c = IdentifyController::default();
+        assert_eq!(c.max_transfer_bytes(4096), None);
+        for (mdts, want) in [(1, Some(8192)), (20, Some(4096 << 20))] {
+            c.mdts = mdts;
+            assert_eq!(c.max_transfer_bytes(4096), want);
+        }
+        // 4096 << 52 overflows 64 bits; a shift of 64 or more is not even defined.
+        for mdts in [52, 63, 64, 200, 255] {
+            c.mdts = mdts;
+            assert_eq!(c.max_transfer_bytes(4096), None, "mdts {mdts}");
+        }
+    }
+
+    #[test]
+    fn hostile_lbads_is_an_invalid_format_not_a_panic() {
+        for (lbads, want) in [(0, 0), (8, 0), (9, 512), (12, 4096), (16, 65536), (17, 0)] {
+            let f = LbaFormat {
+                ms: 0,
+                lbads,
+                rp: 0,
+            };
+            assert_eq!(f.block_size(), want, "lbads {lbads}");
+        }
+        for lbads in [31, 32, 63, 64, 255] {
+            let f = LbaFormat {
+                ms: 0,
+                lbads,
+                rp: 0,
+            };
+            assert_eq!(f.block_size(), 0, "lbads {lbads}");
+        }
+        let n = IdentifyNamespace {
+            nsze: 8,
+            lbaf: vec![LbaFormat {
+                ms: 0,
+                lbads: 255,
+                rp: 0,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(n.block_size(), 0);
     }
 
     #[test]

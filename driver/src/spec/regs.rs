@@ -34,16 +34,59 @@ pub mod offset {
     pub const DOORBELLS: u32 = 0x1000;
 }
 
+/// Offset of doorbell number `index` (2 × qid for an SQ tail, 2 × qid + 1 for a CQ head) for a
+/// doorbell stride `CAP.DSTRD`, or `None` if it does not fit the 32-bit register space (a large
+/// stride times a large queue id) or the stride is not a 4-bit CAP.DSTRD value.
+#[inline]
+const fn checked_doorbell(index: u32, dstrd: u8) -> Option<u32> {
+    if dstrd > 15 {
+        return None;
+    }
+    match index.checked_mul(4 << dstrd) {
+        Some(o) => o.checked_add(offset::DOORBELLS),
+        None => None,
+    }
+}
+
+/// Offset of the submission queue `qid` tail doorbell, for a doorbell stride `CAP.DSTRD`, or
+/// `None` if it overflows (see [`checked_cq_head_doorbell`]).
+#[inline]
+pub const fn checked_sq_tail_doorbell(qid: u16, dstrd: u8) -> Option<u32> {
+    checked_doorbell(2 * qid as u32, dstrd)
+}
+
+/// Offset of the completion queue `qid` head doorbell, for a doorbell stride `CAP.DSTRD`, or
+/// `None` if it does not fit in 32 bits: CAP.DSTRD comes from the device, and a queue whose
+/// doorbell cannot be addressed must not be created.
+#[inline]
+pub const fn checked_cq_head_doorbell(qid: u16, dstrd: u8) -> Option<u32> {
+    checked_doorbell(2 * qid as u32 + 1, dstrd)
+}
+
 /// Offset of the submission queue `qid` tail doorbell, for a doorbell stride `CAP.DSTRD`.
+///
+/// # Panics
+///
+/// If the offset overflows 32 bits; use [`checked_sq_tail_doorbell`] for device-supplied values.
 #[inline]
 pub const fn sq_tail_doorbell(qid: u16, dstrd: u8) -> u32 {
-    offset::DOORBELLS + (2 * qid as u32) * (4 << dstrd)
+    match checked_sq_tail_doorbell(qid, dstrd) {
+        Some(o) => o,
+        None => panic!("SQ tail doorbell offset overflows 32 bits"),
+    }
 }
 
 /// Offset of the completion queue `qid` head doorbell, for a doorbell stride `CAP.DSTRD`.
+///
+/// # Panics
+///
+/// If the offset overflows 32 bits; use [`checked_cq_head_doorbell`] for device-supplied values.
 #[inline]
 pub const fn cq_head_doorbell(qid: u16, dstrd: u8) -> u32 {
-    offset::DOORBELLS + (2 * qid as u32 + 1) * (4 << dstrd)
+    match checked_cq_head_doorbell(qid, dstrd) {
+        Some(o) => o,
+        None => panic!("CQ head doorbell offset overflows 32 bits"),
+    }
 }
 
 #[inline]
@@ -357,6 +400,27 @@ mod tests {
         assert_eq!(cq_head_doorbell(1, 0), 0x100c);
         assert_eq!(sq_tail_doorbell(1, 2), 0x1000 + 2 * 16);
         assert_eq!(cq_head_doorbell(3, 1), 0x1000 + 7 * 8);
+    }
+
+    #[test]
+    fn hostile_stride_and_qid_overflow_is_none_not_a_panic() {
+        // DSTRD 15 (128 KiB stride): qid 16383 still fits, qid 16384 and up do not.
+        assert_eq!(
+            checked_sq_tail_doorbell(1, 15),
+            Some(0x1000 + 2 * (4 << 15))
+        );
+        assert_eq!(
+            checked_cq_head_doorbell(16383, 15),
+            Some(0x1000 + (2 * 16383 + 1) * (4 << 15))
+        );
+        assert_eq!(checked_sq_tail_doorbell(16384, 15), None);
+        assert_eq!(checked_cq_head_doorbell(u16::MAX, 15), None);
+        assert_eq!(checked_sq_tail_doorbell(u16::MAX, 15), None);
+        // Small strides never overflow for any qid.
+        assert!(checked_cq_head_doorbell(u16::MAX, 0).is_some());
+        // A stride wider than CAP.DSTRD's 4 bits is refused, not shifted out.
+        assert_eq!(checked_sq_tail_doorbell(1, 16), None);
+        assert_eq!(checked_sq_tail_doorbell(1, 255), None);
     }
 
     #[test]
