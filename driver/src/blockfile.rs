@@ -782,13 +782,15 @@ impl BlockFile {
         };
         match reply {
             Reply::Sync => {
-                let (r, w) = self.dio_sync(req);
+                let (r, mut w) = self.dio_sync(req);
                 drop(guard);
+                zero_short_read(op, &r, pre, want, &mut w.buf);
                 Some((result(r), w.buf))
             }
             Reply::Async(cb) => {
-                let r = self.inner.io.submit_async(req, move |r, w: Window| {
+                let r = self.inner.io.submit_async(req, move |r, mut w: Window| {
                     drop(guard);
+                    zero_short_read(op, &r, pre, want, &mut w.buf);
                     cb(Completed {
                         result: result(r),
                         buf: w.buf,
@@ -828,7 +830,20 @@ impl BlockFile {
         } else {
             0
         };
-        let (a, b) = (offset + h, round_down(end, bs).max(offset + h));
+        // An unaligned tail that the request's block-aligned span still covers (the file ends
+        // inside its last block) is read directly too: dio-core clamps the count at EOF, and no
+        // cache read runs (a cache miss would wait for the device, which on a poller thread is
+        // its own queue: a hang).
+        let tail_end = round_up(end, bs);
+        let b = if end % bs != 0
+            && tail_end <= offset + len
+            && tail_end as usize - offset as usize <= buf.len()
+        {
+            tail_end
+        } else {
+            round_down(end, bs)
+        };
+        let (a, b) = (offset + h, b.max(offset + h));
         let direct = slice.is_none()
             && b > a
             && buf.is_dma()
@@ -846,7 +861,10 @@ impl BlockFile {
         }
         // Head and tail through the cache first, then the middle directly.
         let out = buf.as_mut_slice();
-        let mut r = cache.read(id, store, offset, &mut out[..h as usize]);
+        let mut r = Ok(());
+        if h > 0 {
+            r = cache.read(id, store, offset, &mut out[..h as usize]);
+        }
         if r.is_ok() && end > b {
             let at = (b - offset) as usize;
             r = cache.read(id, store, b, &mut out[at..n as usize]);
@@ -930,6 +948,21 @@ impl BlockFile {
             mode,
         );
         self.direct(Op::Write, req, h, len, (offset, len), reply, guard)
+    }
+}
+
+/// A direct read clamped at EOF leaves device bytes past `len` in its last block: zero them
+/// (bytes at or past `len` are never returned).
+fn zero_short_read(op: Op, r: &DioResult, pre: u64, want: u64, buf: &mut IoBuffer) {
+    if let (Op::Read, Ok(m)) = (op, r) {
+        if *m < want {
+            let (from, to) = ((pre + m) as usize, (pre + want) as usize);
+            let s = buf.as_mut_slice();
+            let to = to.min(s.len());
+            if from < to {
+                s[from..to].fill(0);
+            }
+        }
     }
 }
 
