@@ -572,14 +572,24 @@ impl BlockFile {
         req: Request,
         cb: impl FnOnce(Completed) + Send + 'static,
     ) -> Result<(), Box<Refused>> {
-        match self.run(
-            req.op,
-            req.offset,
-            req.len,
-            req.buf,
-            Reply::Async(Box::new(cb)),
-            None,
-        ) {
+        let (op, offset, len) = (req.op, req.offset, req.len);
+        // A panicking callback must not kill the poller it runs on (its bios in flight would
+        // never complete): caught here, reported, and the request counts as completed.
+        let cb = move |c: Completed| {
+            let run = std::panic::AssertUnwindSafe(move || cb(c));
+            if let Err(p) = std::panic::catch_unwind(run) {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(not a string)".into());
+                eprintln!(
+                    "dioxide: the completion callback of the {op} of {len} bytes at offset \
+                     {offset} panicked ({msg}); the panic was caught, the poller goes on"
+                );
+            }
+        };
+        match self.run(op, offset, len, req.buf, Reply::Async(Box::new(cb)), None) {
             None => Ok(()),
             Some((Err(error), buf)) => Err(Box::new(Refused { error, buf })),
             Some((Ok(_), _)) => {

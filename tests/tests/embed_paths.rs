@@ -7,7 +7,9 @@
 //!   thread): no deadlock, every request gets its own completion exactly once, and what would
 //!   block on the poller is refused with `WouldBlockOnPoller`;
 //! * two controllers served by the same pollers: files on each, clients issuing to both, the
-//!   data landing on the right controller.
+//!   data landing on the right controller;
+//! * a block-aligned read past an odd `len` issued on the poller, and a panicking callback on
+//!   the poller: neither stops the poller.
 //!
 //! Emulated controllers only (they build their own), so they also run in the hardware suite.
 
@@ -395,5 +397,64 @@ fn an_aligned_read_past_an_odd_len_on_the_poller_completes() {
             drop(file);
             dx.shutdown();
         }
+    }
+}
+
+/// A callback that panics on the poller: the panic is caught and reported, the poller lives on,
+/// later requests on it complete and shutdown is clean.
+#[test]
+fn a_panicking_callback_does_not_kill_the_poller() {
+    for mode in MODES {
+        let (ctrl, _emu) = emulated(config(mode, &[(512, 1 << 14)]));
+        let dx = Dioxide::builder()
+            .controller(ctrl)
+            .pollers([None])
+            .build()
+            .unwrap();
+        let file = dx.open_file(0, Nsid(1), FileOptions::new(0, 256)).unwrap();
+        assert_eq!(file.write_at(&pattern(8 * PAGE, 3), 0).unwrap(), 8 * PAGE);
+        let (tx, rx) = channel::<String>();
+        fn panic_on_poller(file: BlockFile, tx: std::sync::mpsc::Sender<String>, tries: u32) {
+            let f = file.clone();
+            let buf = IoBuffer::Dma(file.alloc(PAGE).unwrap());
+            file.submit(Request::read(0, buf), move |d| {
+                d.result.expect("read");
+                let name = thread_name();
+                tx.send(name.clone()).unwrap();
+                if name.starts_with("dioxide-poller-") || tries == 0 {
+                    panic!("planted panic in a completion callback");
+                }
+                panic_on_poller(f, tx, tries - 1);
+            })
+            .unwrap_or_else(|r| panic!("refused: {}", r.error));
+        }
+        panic_on_poller(file.clone(), tx, 100);
+        let mut on_poller = false;
+        while let Ok(name) = rx.recv_timeout(LIMIT) {
+            if name.starts_with("dioxide-poller-") {
+                on_poller = true;
+                break;
+            }
+        }
+        assert!(on_poller, "no callback ran on the poller ({mode:?})");
+        // The same (only) poller still serves requests, synchronous and asynchronous.
+        for i in 0..50u64 {
+            let off = (i % 8) * PAGE as u64;
+            let (tx, rx) = channel();
+            let b = IoBuffer::Dma(file.alloc(PAGE).unwrap());
+            file.submit(Request::read(off, b), move |d| tx.send(d).unwrap())
+                .unwrap_or_else(|r| panic!("refused: {}", r.error));
+            let Ok(d) = rx.recv_timeout(LIMIT) else {
+                std::mem::forget(file);
+                std::mem::forget(dx);
+                panic!("request {i} after the panic never completed ({mode:?})");
+            };
+            assert_eq!(d.result.unwrap(), PAGE);
+            assert!(d.buf.as_slice() == &pattern(8 * PAGE, 3)[off as usize..][..PAGE]);
+        }
+        let mut back = vec![0; 100];
+        assert_eq!(file.read_at(&mut back, 7).unwrap(), 100);
+        drop(file);
+        dx.shutdown();
     }
 }
