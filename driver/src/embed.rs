@@ -341,9 +341,9 @@ impl Dioxide {
         }
     }
 
-    /// Counters of the page cache of controller `ctrl`.
-    pub fn cache_stats(&self, ctrl: usize) -> CacheStats {
-        self.caches[ctrl].stats()
+    /// Counters of the page cache of controller `ctrl` (`None`: no such controller).
+    pub fn cache_stats(&self, ctrl: usize) -> Option<CacheStats> {
+        self.caches.get(ctrl).map(|c| c.stats())
     }
 
     /// Run-to-completion mode: reap completions now (callbacks of asynchronous requests run

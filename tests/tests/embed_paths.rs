@@ -253,6 +253,9 @@ fn two_controllers_share_the_pollers() {
         .build()
         .unwrap();
     assert_eq!(dx.namespaces().len(), 2);
+    // Per-controller counters: a controller index that does not exist is `None`, not a panic.
+    assert!(dx.cache_stats(0).is_some() && dx.cache_stats(1).is_some());
+    assert_eq!(dx.cache_stats(2), None);
     // The same byte range on both controllers, different data.
     let f0 = dx.open_file(0, Nsid(1), FileOptions::new(0, 1024)).unwrap();
     let f1 = dx.open_file(1, Nsid(1), FileOptions::new(0, 128)).unwrap();

@@ -500,7 +500,7 @@ fn stress(secs: f64, threads: usize) {
         model.errors.load(Ordering::Relaxed),
         file.len(),
         dx.poller_stats(),
-        dx.cache_stats(0),
+        dx.cache_stats(0).unwrap_or_default(),
     );
     assert!(model.reads_checked.load(Ordering::Relaxed) > 0);
     drop(file);
