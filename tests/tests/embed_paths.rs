@@ -9,7 +9,8 @@
 //! * two controllers served by the same pollers: files on each, clients issuing to both, the
 //!   data landing on the right controller;
 //! * a block-aligned read past an odd `len` issued on the poller, and a panicking callback on
-//!   the poller: neither stops the poller.
+//!   the poller: neither stops the poller;
+//! * the `on_extend` hook: every new length, growing, each before its write completes.
 //!
 //! Emulated controllers only (they build their own), so they also run in the hardware suite.
 
@@ -457,6 +458,101 @@ fn a_panicking_callback_does_not_kill_the_poller() {
         }
         let mut back = vec![0; 100];
         assert_eq!(file.read_at(&mut back, 7).unwrap(), 100);
+        drop(file);
+        dx.shutdown();
+    }
+}
+
+/// `FileOptions::on_extend`: called with the new length whenever a write raises `len` (and only
+/// then), lengths only grow, the last one is `file.len()`, and each arrives before the
+/// completion of the write that caused it (sync return or async callback).
+#[test]
+fn the_extend_hook_sees_each_new_length_before_its_write_completes() {
+    #[derive(Debug, PartialEq)]
+    enum Ev {
+        Extend(u64),
+        Done(usize),
+    }
+    for mode in MODES {
+        let (ctrl, _emu) = emulated(config(mode, &[(512, 1 << 14)]));
+        let dx = Dioxide::builder()
+            .controller(ctrl)
+            .pollers([None, None])
+            .build()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::<Ev>::new()));
+        let l = log.clone();
+        let opts =
+            FileOptions::new(0, 512).on_extend(move |n| l.lock().unwrap().push(Ev::Extend(n)));
+        let file = dx.open_file(0, Nsid(1), opts).unwrap();
+        // (offset, len, dma, sync): extending, with gaps, unaligned, and some inside the file.
+        let writes: [(u64, usize, bool, bool); 10] = [
+            (0, 1000, false, false),
+            (1000, 24, false, true),
+            (4096, 4096, true, false),
+            (100, 50, false, false),
+            (9000, 333, false, false),
+            (12288, 8192, true, true),
+            (4096, 512, true, false),
+            (20480, 4096, true, false),
+            (30000, 7, false, true),
+            (0, 4096, true, false),
+        ];
+        let mut ends = Vec::new();
+        let mut len = 0u64;
+        for (i, &(off, n, dma, sync)) in writes.iter().enumerate() {
+            let data = pattern(n, i as u64);
+            let end = off + n as u64;
+            if end > len {
+                ends.push(end);
+                len = end;
+            }
+            if sync {
+                assert_eq!(file.write_at(&data, off).unwrap(), n);
+                log.lock().unwrap().push(Ev::Done(i));
+                continue;
+            }
+            let buf = if dma {
+                let mut b = file.alloc(n).unwrap();
+                b.as_mut_slice().copy_from_slice(&data);
+                IoBuffer::Dma(b)
+            } else {
+                IoBuffer::Heap(data)
+            };
+            let (tx, rx) = channel();
+            let l = log.clone();
+            file.submit(Request::write(off, buf), move |d| {
+                l.lock().unwrap().push(Ev::Done(i));
+                tx.send(d).unwrap();
+            })
+            .unwrap_or_else(|r| panic!("write {i} refused: {}", r.error));
+            let d = rx.recv_timeout(LIMIT).expect("completion");
+            assert_eq!(d.result.unwrap(), n, "write {i}");
+        }
+        assert_eq!(file.len(), len);
+        let log = log.lock().unwrap();
+        let hooks: Vec<u64> = log
+            .iter()
+            .filter_map(|e| match e {
+                Ev::Extend(n) => Some(*n),
+                Ev::Done(_) => None,
+            })
+            .collect();
+        assert_eq!(hooks, ends, "{mode:?}: {log:?}");
+        assert!(hooks.windows(2).all(|w| w[0] < w[1]), "{log:?}");
+        assert_eq!(hooks.last().copied(), Some(file.len()));
+        // Each extension is logged right before the completion of the write that caused it.
+        let mut expect = Vec::new();
+        let mut len = 0u64;
+        for (i, &(off, n, _, _)) in writes.iter().enumerate() {
+            let end = off + n as u64;
+            if end > len {
+                expect.push(Ev::Extend(end));
+                len = end;
+            }
+            expect.push(Ev::Done(i));
+        }
+        assert_eq!(*log, expect, "{mode:?}");
         drop(file);
         dx.shutdown();
     }

@@ -250,6 +250,10 @@ impl Client {
         if r.range(0, 2) == 0 {
             off = off / 512 * 512;
         }
+        // Now and then aim at the poisoned page, so the injected media errors surely fire.
+        if self.faults && r.range(0, 16) == 0 {
+            return (POISON.start, PAGE);
+        }
         (off, len)
     }
 
@@ -503,6 +507,15 @@ fn stress(secs: f64, threads: usize) {
         dx.cache_stats(0).unwrap_or_default(),
     );
     assert!(model.reads_checked.load(Ordering::Relaxed) > 0);
+    if faults {
+        // The faults were really injected, and requests really saw them.
+        let st = dev.emu.as_ref().unwrap().stats();
+        assert!(st.faults_fired > 0, "no injected fault fired: {st:?}");
+        assert!(
+            model.errors.load(Ordering::Relaxed) > 0,
+            "no request saw an injected error: {st:?}"
+        );
+    }
     drop(file);
     dx.shutdown();
     dev.finish();
