@@ -498,11 +498,6 @@ impl BlockFile {
     pub fn alloc(&self, len: usize) -> EmbedResult<DmaBuffer> {
         Ok(self.inner.ctrl.alloc(len)?)
     }
-    /// Pages of this file in the page cache.
-    pub fn cached_pages(&self) -> usize {
-        let s = self.inner.state();
-        s.cache.cached(s.id)
-    }
 
     /// Read into `buf` at `offset`, synchronously; returns the bytes read (short at `len`).
     /// Any memory: copied through the page cache. For zero copy, use [`read`](Self::read) with

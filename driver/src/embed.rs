@@ -142,16 +142,10 @@ impl Builder {
         self.ring = entries;
         self
     }
-    /// Empty polls before an idle poller parks (default 2000); see also
-    /// [`poller_idle`](Self::poller_idle).
-    pub fn spin(mut self, polls: u32) -> Self {
-        self.spin = polls;
-        self
-    }
     /// How long an idle poller (nothing in flight, nothing queued) keeps polling before it
     /// parks (default 1 ms). A client that submits within that time finds it awake, so the
     /// hand-over costs no system call and no wake-up; a parked poller is unparked by the next
-    /// submission. `Duration::ZERO`: park after [`spin`](Self::spin) empty polls.
+    /// submission. `Duration::ZERO`: park after a short burst of empty polls (2000).
     pub fn poller_idle(mut self, d: Duration) -> Self {
         self.idle = d;
         self
@@ -297,11 +291,6 @@ impl Dioxide {
     /// `(controller index, namespace)` of every namespace served.
     pub fn namespaces(&self) -> Vec<(usize, Namespace)> {
         self.targets.clone()
-    }
-
-    /// The controllers, in builder order.
-    pub fn controllers(&self) -> &[Controller] {
-        &self.ctrls
     }
 
     /// Open a file on namespace `nsid` of controller `ctrl`.
