@@ -221,12 +221,8 @@ impl Builder {
                 queue: self.queue.clone(),
             };
             let p = Pollers::start(&self.ctrls, &targets, &cfg).map_err(|e| match e {
-                StartError::Pin(core, source) => EmbedError::Pin {
-                    poller: self
-                        .cores
-                        .iter()
-                        .position(|c| *c == Some(core))
-                        .unwrap_or(0),
+                StartError::Pin(poller, core, source) => EmbedError::Pin {
+                    poller,
                     core,
                     source,
                 },

@@ -545,6 +545,40 @@ fn pinning_to_a_missing_core_is_a_typed_error() {
         .unwrap_err();
     assert!(matches!(e, EmbedError::Pin { core: 100_000, .. }), "{e}");
     assert!(e.to_string().contains("core 100000"), "{e}");
+    // The error names the poller that failed, by its index.
+    let e = Dioxide::builder()
+        .controller(dev.ctrl.clone())
+        .pollers([None, Some(100_000)])
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EmbedError::Pin {
+                poller: 1,
+                core: 100_000,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A core given twice: whichever of the two failed first, named by its own index.
+    let e = Dioxide::builder()
+        .controller(dev.ctrl.clone())
+        .pollers([None, Some(100_000), Some(100_000)])
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EmbedError::Pin {
+                poller: 1 | 2,
+                core: 100_000,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
