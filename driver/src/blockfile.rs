@@ -9,7 +9,9 @@
 //! 2. **Split**: a heap buffer (or a DMA address that is not dword aligned) goes wholly through
 //!    the page cache. Otherwise an unaligned head goes through the cache, the block-aligned
 //!    middle directly to the device through dio-core, and the unaligned tail through the cache
-//!    (a read) or dio-core's `Fallback` (a write: only the remainder is written buffered).
+//!    (a read) or dio-core's `Fallback` (a write: only the remainder is written buffered). A
+//!    read whose buffer covers the whole block where the file ends reads that block directly
+//!    too: dio-core clamps the count at `len` and the bytes past it are zeroed.
 //! 3. **Coherency**: a direct write first invalidates the cached pages it overlaps (the cache is
 //!    write-through, so there is nothing to write back); buffered writes reach the device before
 //!    they return. Whatever path each request takes, the device holds the latest data.
