@@ -305,7 +305,7 @@ fn main() -> Result<(), Failure> {
         file.len(),
         persisted_len.load(Ordering::Relaxed),
         dx.poller_stats(),
-        dx.cache_stats(0),
+        dx.cache_stats(0).unwrap_or_default(),
     );
     if let Some(e) = failure {
         return Err(e);

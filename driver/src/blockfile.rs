@@ -9,7 +9,9 @@
 //! 2. **Split**: a heap buffer (or a DMA address that is not dword aligned) goes wholly through
 //!    the page cache. Otherwise an unaligned head goes through the cache, the block-aligned
 //!    middle directly to the device through dio-core, and the unaligned tail through the cache
-//!    (a read) or dio-core's `Fallback` (a write: only the remainder is written buffered).
+//!    (a read) or dio-core's `Fallback` (a write: only the remainder is written buffered). A
+//!    read whose buffer covers the whole block where the file ends reads that block directly
+//!    too: dio-core clamps the count at `len` and the bytes past it are zeroed.
 //! 3. **Coherency**: a direct write first invalidates the cached pages it overlaps (the cache is
 //!    write-through, so there is nothing to write back); buffered writes reach the device before
 //!    they return. Whatever path each request takes, the device holds the latest data.
@@ -498,11 +500,6 @@ impl BlockFile {
     pub fn alloc(&self, len: usize) -> EmbedResult<DmaBuffer> {
         Ok(self.inner.ctrl.alloc(len)?)
     }
-    /// Pages of this file in the page cache.
-    pub fn cached_pages(&self) -> usize {
-        let s = self.inner.state();
-        s.cache.cached(s.id)
-    }
 
     /// Read into `buf` at `offset`, synchronously; returns the bytes read (short at `len`).
     /// Any memory: copied through the page cache. For zero copy, use [`read`](Self::read) with
@@ -572,14 +569,24 @@ impl BlockFile {
         req: Request,
         cb: impl FnOnce(Completed) + Send + 'static,
     ) -> Result<(), Box<Refused>> {
-        match self.run(
-            req.op,
-            req.offset,
-            req.len,
-            req.buf,
-            Reply::Async(Box::new(cb)),
-            None,
-        ) {
+        let (op, offset, len) = (req.op, req.offset, req.len);
+        // A panicking callback must not kill the poller it runs on (its bios in flight would
+        // never complete): caught here, reported, and the request counts as completed.
+        let cb = move |c: Completed| {
+            let run = std::panic::AssertUnwindSafe(move || cb(c));
+            if let Err(p) = std::panic::catch_unwind(run) {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(not a string)".into());
+                eprintln!(
+                    "dioxide: the completion callback of the {op} of {len} bytes at offset \
+                     {offset} panicked ({msg}); the panic was caught, the poller goes on"
+                );
+            }
+        };
+        match self.run(op, offset, len, req.buf, Reply::Async(Box::new(cb)), None) {
             None => Ok(()),
             Some((Err(error), buf)) => Err(Box::new(Refused { error, buf })),
             Some((Ok(_), _)) => {
@@ -782,13 +789,15 @@ impl BlockFile {
         };
         match reply {
             Reply::Sync => {
-                let (r, w) = self.dio_sync(req);
+                let (r, mut w) = self.dio_sync(req);
                 drop(guard);
+                zero_short_read(op, &r, pre, want, &mut w.buf);
                 Some((result(r), w.buf))
             }
             Reply::Async(cb) => {
-                let r = self.inner.io.submit_async(req, move |r, w: Window| {
+                let r = self.inner.io.submit_async(req, move |r, mut w: Window| {
                     drop(guard);
+                    zero_short_read(op, &r, pre, want, &mut w.buf);
                     cb(Completed {
                         result: result(r),
                         buf: w.buf,
@@ -828,7 +837,20 @@ impl BlockFile {
         } else {
             0
         };
-        let (a, b) = (offset + h, round_down(end, bs).max(offset + h));
+        // An unaligned tail that the request's block-aligned span still covers (the file ends
+        // inside its last block) is read directly too: dio-core clamps the count at EOF, and no
+        // cache read runs (a cache miss would wait for the device, which on a poller thread is
+        // its own queue: a hang).
+        let tail_end = round_up(end, bs);
+        let b = if end % bs != 0
+            && tail_end <= offset + len
+            && tail_end as usize - offset as usize <= buf.len()
+        {
+            tail_end
+        } else {
+            round_down(end, bs)
+        };
+        let (a, b) = (offset + h, b.max(offset + h));
         let direct = slice.is_none()
             && b > a
             && buf.is_dma()
@@ -846,7 +868,10 @@ impl BlockFile {
         }
         // Head and tail through the cache first, then the middle directly.
         let out = buf.as_mut_slice();
-        let mut r = cache.read(id, store, offset, &mut out[..h as usize]);
+        let mut r = Ok(());
+        if h > 0 {
+            r = cache.read(id, store, offset, &mut out[..h as usize]);
+        }
         if r.is_ok() && end > b {
             let at = (b - offset) as usize;
             r = cache.read(id, store, b, &mut out[at..n as usize]);
@@ -930,6 +955,21 @@ impl BlockFile {
             mode,
         );
         self.direct(Op::Write, req, h, len, (offset, len), reply, guard)
+    }
+}
+
+/// A direct read clamped at EOF leaves device bytes past `len` in its last block: zero them
+/// (bytes at or past `len` are never returned).
+fn zero_short_read(op: Op, r: &DioResult, pre: u64, want: u64, buf: &mut IoBuffer) {
+    if let (Op::Read, Ok(m)) = (op, r) {
+        if *m < want {
+            let (from, to) = ((pre + m) as usize, (pre + want) as usize);
+            let s = buf.as_mut_slice();
+            let to = to.min(s.len());
+            if from < to {
+                s[from..to].fill(0);
+            }
+        }
     }
 }
 

@@ -107,17 +107,13 @@ impl PageCache {
         })
     }
 
-    /// Number of pages.
-    pub fn pages(&self) -> usize {
-        self.frames.len()
-    }
-
     /// Counters.
     pub fn stats(&self) -> CacheStats {
         lock(&self.dir).stats
     }
 
     /// Pages of `file` currently cached.
+    #[cfg(test)]
     pub(crate) fn cached(&self, file: u64) -> usize {
         lock(&self.dir).map.keys().filter(|k| k.0 == file).count()
     }

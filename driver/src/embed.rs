@@ -142,16 +142,10 @@ impl Builder {
         self.ring = entries;
         self
     }
-    /// Empty polls before an idle poller parks (default 2000); see also
-    /// [`poller_idle`](Self::poller_idle).
-    pub fn spin(mut self, polls: u32) -> Self {
-        self.spin = polls;
-        self
-    }
     /// How long an idle poller (nothing in flight, nothing queued) keeps polling before it
     /// parks (default 1 ms). A client that submits within that time finds it awake, so the
     /// hand-over costs no system call and no wake-up; a parked poller is unparked by the next
-    /// submission. `Duration::ZERO`: park after [`spin`](Self::spin) empty polls.
+    /// submission. `Duration::ZERO`: park after a short burst of empty polls (2000).
     pub fn poller_idle(mut self, d: Duration) -> Self {
         self.idle = d;
         self
@@ -227,12 +221,8 @@ impl Builder {
                 queue: self.queue.clone(),
             };
             let p = Pollers::start(&self.ctrls, &targets, &cfg).map_err(|e| match e {
-                StartError::Pin(core, source) => EmbedError::Pin {
-                    poller: self
-                        .cores
-                        .iter()
-                        .position(|c| *c == Some(core))
-                        .unwrap_or(0),
+                StartError::Pin(poller, core, source) => EmbedError::Pin {
+                    poller,
                     core,
                     source,
                 },
@@ -299,11 +289,6 @@ impl Dioxide {
         self.targets.clone()
     }
 
-    /// The controllers, in builder order.
-    pub fn controllers(&self) -> &[Controller] {
-        &self.ctrls
-    }
-
     /// Open a file on namespace `nsid` of controller `ctrl`.
     pub fn open_file(&self, ctrl: usize, nsid: Nsid, opts: FileOptions) -> EmbedResult<BlockFile> {
         let Some(target) = self
@@ -341,9 +326,9 @@ impl Dioxide {
         }
     }
 
-    /// Counters of the page cache of controller `ctrl`.
-    pub fn cache_stats(&self, ctrl: usize) -> CacheStats {
-        self.caches[ctrl].stats()
+    /// Counters of the page cache of controller `ctrl` (`None`: no such controller).
+    pub fn cache_stats(&self, ctrl: usize) -> Option<CacheStats> {
+        self.caches.get(ctrl).map(|c| c.stats())
     }
 
     /// Run-to-completion mode: reap completions now (callbacks of asynchronous requests run

@@ -211,12 +211,4 @@ impl EmbedError {
             },
         }
     }
-
-    /// The device status, for a device error.
-    pub fn device_status(&self) -> Option<DeviceStatus> {
-        match self {
-            EmbedError::Device { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
 }

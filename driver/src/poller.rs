@@ -340,7 +340,8 @@ pub(crate) struct Pollers {
 /// Why a poller could not start.
 #[derive(Debug)]
 pub(crate) enum StartError {
-    Pin(usize, std::io::Error),
+    /// Poller index, core, error.
+    Pin(usize, usize, std::io::Error),
     Spawn(std::io::Error),
     Queue(Error),
 }
@@ -412,7 +413,7 @@ impl Pollers {
                 .spawn(move || {
                     if let Some(core) = core {
                         if let Err(e) = pin_current_thread(core) {
-                            let _ = tx.send(Err(StartError::Pin(core, e)));
+                            let _ = tx.send(Err(StartError::Pin(i, core, e)));
                             return;
                         }
                     }

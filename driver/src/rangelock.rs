@@ -6,7 +6,11 @@
 //! on return for a synchronous call, just before the callback for an asynchronous one. Two
 //! requests touching a common page therefore run one after the other, in the order they got
 //! the lock; requests on disjoint pages run in parallel. The lock is taken once per request, not
-//! per bio, and never on a poller's I/O path.
+//! per bio. A poller thread does touch it: it drops the guard of an asynchronous request when
+//! the request completes (a short critical section on the lock's mutex, and an unpark of the
+//! waiters it overlapped), and a request a callback issues on the poller only *tries* the lock
+//! (refused with `WouldBlockOnPoller` rather than waiting). A poller never waits for a range to
+//! be released, only, briefly, for the internal mutex.
 //!
 //! A waiter parks on a crossbeam-utils [`Parker`]; an unlock wakes the waiters whose range it
 //! overlapped. A waiter that must not sleep (a run-to-completion caller that polls its own queue

@@ -7,7 +7,10 @@
 //!   thread): no deadlock, every request gets its own completion exactly once, and what would
 //!   block on the poller is refused with `WouldBlockOnPoller`;
 //! * two controllers served by the same pollers: files on each, clients issuing to both, the
-//!   data landing on the right controller.
+//!   data landing on the right controller;
+//! * a block-aligned read past an odd `len` issued on the poller, and a panicking callback on
+//!   the poller: neither stops the poller;
+//! * the `on_extend` hook: every new length, growing, each before its write completes.
 //!
 //! Emulated controllers only (they build their own), so they also run in the hardware suite.
 
@@ -251,6 +254,9 @@ fn two_controllers_share_the_pollers() {
         .build()
         .unwrap();
     assert_eq!(dx.namespaces().len(), 2);
+    // Per-controller counters: a controller index that does not exist is `None`, not a panic.
+    assert!(dx.cache_stats(0).is_some() && dx.cache_stats(1).is_some());
+    assert_eq!(dx.cache_stats(2), None);
     // The same byte range on both controllers, different data.
     let f0 = dx.open_file(0, Nsid(1), FileOptions::new(0, 1024)).unwrap();
     let f1 = dx.open_file(1, Nsid(1), FileOptions::new(0, 128)).unwrap();
@@ -326,4 +332,228 @@ fn two_controllers_share_the_pollers() {
     }
     drop((f0, f1));
     dx.shutdown();
+}
+
+/// A block-aligned DMA read issued from a poller callback that runs past an odd `len`: the
+/// tail block is read directly and clamped at EOF (never a page-cache miss on the poller, which
+/// would park the poller on its own bio forever).
+#[test]
+fn an_aligned_read_past_an_odd_len_on_the_poller_completes() {
+    const ODD: u64 = PAGE as u64 + 100;
+    for mode in MODES {
+        for bs in [512u32, 4096] {
+            let (ctrl, _emu) = emulated(config(mode, &[(bs, 1 << 14)]));
+            let dx = Dioxide::builder()
+                .controller(ctrl)
+                .pollers([None])
+                .build()
+                .unwrap();
+            let blocks = 4 * PAGE as u64 / bs as u64;
+            // Known data on the device, then a fresh file (nothing cached) with an odd length.
+            let data = pattern(2 * PAGE, 77);
+            {
+                let f = dx
+                    .open_file(0, Nsid(1), FileOptions::new(0, blocks))
+                    .unwrap();
+                let mut b = f.alloc(2 * PAGE).unwrap();
+                b.as_mut_slice().copy_from_slice(&data);
+                let (r, _) = f.write(b, 0, 2 * PAGE);
+                assert_eq!(r.unwrap(), 2 * PAGE);
+            }
+            let file = dx
+                .open_file(0, Nsid(1), FileOptions::new(0, blocks).with_len(ODD))
+                .unwrap();
+            let (tx, rx) = channel::<Completed>();
+            fn from_poller(file: BlockFile, tx: std::sync::mpsc::Sender<Completed>, tries: u32) {
+                let f = file.clone();
+                let first = IoBuffer::Dma(file.alloc(PAGE).unwrap());
+                file.submit(Request::read(0, first), move |d| {
+                    d.result.expect("first read");
+                    if !thread_name().starts_with("dioxide-poller-") && tries > 0 {
+                        // Finished inside submit: try again until a callback runs on the poller.
+                        return from_poller(f, tx, tries - 1);
+                    }
+                    let buf = IoBuffer::Dma(f.alloc(2 * PAGE).unwrap());
+                    let tx2 = tx.clone();
+                    if let Err(r) = f.submit(Request::read(0, buf), move |d| tx2.send(d).unwrap()) {
+                        panic!("refused on the poller: {}", r.error);
+                    }
+                })
+                .unwrap_or_else(|r| panic!("refused: {}", r.error));
+            }
+            from_poller(file.clone(), tx, 100);
+            let Ok(d) = rx.recv_timeout(Duration::from_secs(5)) else {
+                // The poller is stuck: leak the instance rather than hang in shutdown.
+                std::mem::forget(file);
+                std::mem::forget(dx);
+                panic!("the read past an odd len hung the poller ({mode:?}, block {bs})");
+            };
+            assert_eq!(d.result.unwrap(), ODD as usize);
+            let got = d.buf.as_slice();
+            assert!(
+                got[..ODD as usize] == data[..ODD as usize],
+                "{mode:?} block {bs}"
+            );
+            assert!(
+                got[ODD as usize..].iter().all(|&x| x == 0),
+                "bytes past len were returned ({mode:?}, block {bs})"
+            );
+            drop(file);
+            dx.shutdown();
+        }
+    }
+}
+
+/// A callback that panics on the poller: the panic is caught and reported, the poller lives on,
+/// later requests on it complete and shutdown is clean.
+#[test]
+fn a_panicking_callback_does_not_kill_the_poller() {
+    for mode in MODES {
+        let (ctrl, _emu) = emulated(config(mode, &[(512, 1 << 14)]));
+        let dx = Dioxide::builder()
+            .controller(ctrl)
+            .pollers([None])
+            .build()
+            .unwrap();
+        let file = dx.open_file(0, Nsid(1), FileOptions::new(0, 256)).unwrap();
+        assert_eq!(file.write_at(&pattern(8 * PAGE, 3), 0).unwrap(), 8 * PAGE);
+        let (tx, rx) = channel::<String>();
+        fn panic_on_poller(file: BlockFile, tx: std::sync::mpsc::Sender<String>, tries: u32) {
+            let f = file.clone();
+            let buf = IoBuffer::Dma(file.alloc(PAGE).unwrap());
+            file.submit(Request::read(0, buf), move |d| {
+                d.result.expect("read");
+                let name = thread_name();
+                tx.send(name.clone()).unwrap();
+                if name.starts_with("dioxide-poller-") || tries == 0 {
+                    panic!("planted panic in a completion callback");
+                }
+                panic_on_poller(f, tx, tries - 1);
+            })
+            .unwrap_or_else(|r| panic!("refused: {}", r.error));
+        }
+        panic_on_poller(file.clone(), tx, 100);
+        let mut on_poller = false;
+        while let Ok(name) = rx.recv_timeout(LIMIT) {
+            if name.starts_with("dioxide-poller-") {
+                on_poller = true;
+                break;
+            }
+        }
+        assert!(on_poller, "no callback ran on the poller ({mode:?})");
+        // The same (only) poller still serves requests, synchronous and asynchronous.
+        for i in 0..50u64 {
+            let off = (i % 8) * PAGE as u64;
+            let (tx, rx) = channel();
+            let b = IoBuffer::Dma(file.alloc(PAGE).unwrap());
+            file.submit(Request::read(off, b), move |d| tx.send(d).unwrap())
+                .unwrap_or_else(|r| panic!("refused: {}", r.error));
+            let Ok(d) = rx.recv_timeout(LIMIT) else {
+                std::mem::forget(file);
+                std::mem::forget(dx);
+                panic!("request {i} after the panic never completed ({mode:?})");
+            };
+            assert_eq!(d.result.unwrap(), PAGE);
+            assert!(d.buf.as_slice() == &pattern(8 * PAGE, 3)[off as usize..][..PAGE]);
+        }
+        let mut back = vec![0; 100];
+        assert_eq!(file.read_at(&mut back, 7).unwrap(), 100);
+        drop(file);
+        dx.shutdown();
+    }
+}
+
+/// `FileOptions::on_extend`: called with the new length whenever a write raises `len` (and only
+/// then), lengths only grow, the last one is `file.len()`, and each arrives before the
+/// completion of the write that caused it (sync return or async callback).
+#[test]
+fn the_extend_hook_sees_each_new_length_before_its_write_completes() {
+    #[derive(Debug, PartialEq)]
+    enum Ev {
+        Extend(u64),
+        Done(usize),
+    }
+    for mode in MODES {
+        let (ctrl, _emu) = emulated(config(mode, &[(512, 1 << 14)]));
+        let dx = Dioxide::builder()
+            .controller(ctrl)
+            .pollers([None, None])
+            .build()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::<Ev>::new()));
+        let l = log.clone();
+        let opts =
+            FileOptions::new(0, 512).on_extend(move |n| l.lock().unwrap().push(Ev::Extend(n)));
+        let file = dx.open_file(0, Nsid(1), opts).unwrap();
+        // (offset, len, dma, sync): extending, with gaps, unaligned, and some inside the file.
+        let writes: [(u64, usize, bool, bool); 10] = [
+            (0, 1000, false, false),
+            (1000, 24, false, true),
+            (4096, 4096, true, false),
+            (100, 50, false, false),
+            (9000, 333, false, false),
+            (12288, 8192, true, true),
+            (4096, 512, true, false),
+            (20480, 4096, true, false),
+            (30000, 7, false, true),
+            (0, 4096, true, false),
+        ];
+        let mut ends = Vec::new();
+        let mut len = 0u64;
+        for (i, &(off, n, dma, sync)) in writes.iter().enumerate() {
+            let data = pattern(n, i as u64);
+            let end = off + n as u64;
+            if end > len {
+                ends.push(end);
+                len = end;
+            }
+            if sync {
+                assert_eq!(file.write_at(&data, off).unwrap(), n);
+                log.lock().unwrap().push(Ev::Done(i));
+                continue;
+            }
+            let buf = if dma {
+                let mut b = file.alloc(n).unwrap();
+                b.as_mut_slice().copy_from_slice(&data);
+                IoBuffer::Dma(b)
+            } else {
+                IoBuffer::Heap(data)
+            };
+            let (tx, rx) = channel();
+            let l = log.clone();
+            file.submit(Request::write(off, buf), move |d| {
+                l.lock().unwrap().push(Ev::Done(i));
+                tx.send(d).unwrap();
+            })
+            .unwrap_or_else(|r| panic!("write {i} refused: {}", r.error));
+            let d = rx.recv_timeout(LIMIT).expect("completion");
+            assert_eq!(d.result.unwrap(), n, "write {i}");
+        }
+        assert_eq!(file.len(), len);
+        let log = log.lock().unwrap();
+        let hooks: Vec<u64> = log
+            .iter()
+            .filter_map(|e| match e {
+                Ev::Extend(n) => Some(*n),
+                Ev::Done(_) => None,
+            })
+            .collect();
+        assert_eq!(hooks, ends, "{mode:?}: {log:?}");
+        assert!(hooks.windows(2).all(|w| w[0] < w[1]), "{log:?}");
+        assert_eq!(hooks.last().copied(), Some(file.len()));
+        // Each extension is logged right before the completion of the write that caused it.
+        let mut expect = Vec::new();
+        let mut len = 0u64;
+        for (i, &(off, n, _, _)) in writes.iter().enumerate() {
+            let end = off + n as u64;
+            if end > len {
+                expect.push(Ev::Extend(end));
+                len = end;
+            }
+            expect.push(Ev::Done(i));
+        }
+        assert_eq!(*log, expect, "{mode:?}");
+        drop(file);
+        dx.shutdown();
+    }
 }

@@ -250,6 +250,10 @@ impl Client {
         if r.range(0, 2) == 0 {
             off = off / 512 * 512;
         }
+        // Now and then aim at the poisoned page, so the injected media errors surely fire.
+        if self.faults && r.range(0, 16) == 0 {
+            return (POISON.start, PAGE);
+        }
         (off, len)
     }
 
@@ -500,9 +504,18 @@ fn stress(secs: f64, threads: usize) {
         model.errors.load(Ordering::Relaxed),
         file.len(),
         dx.poller_stats(),
-        dx.cache_stats(0),
+        dx.cache_stats(0).unwrap_or_default(),
     );
     assert!(model.reads_checked.load(Ordering::Relaxed) > 0);
+    if faults {
+        // The faults were really injected, and requests really saw them.
+        let st = dev.emu.as_ref().unwrap().stats();
+        assert!(st.faults_fired > 0, "no injected fault fired: {st:?}");
+        assert!(
+            model.errors.load(Ordering::Relaxed) > 0,
+            "no request saw an injected error: {st:?}"
+        );
+    }
     drop(file);
     dx.shutdown();
     dev.finish();
@@ -532,6 +545,40 @@ fn pinning_to_a_missing_core_is_a_typed_error() {
         .unwrap_err();
     assert!(matches!(e, EmbedError::Pin { core: 100_000, .. }), "{e}");
     assert!(e.to_string().contains("core 100000"), "{e}");
+    // The error names the poller that failed, by its index.
+    let e = Dioxide::builder()
+        .controller(dev.ctrl.clone())
+        .pollers([None, Some(100_000)])
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EmbedError::Pin {
+                poller: 1,
+                core: 100_000,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A core given twice: whichever of the two failed first, named by its own index.
+    let e = Dioxide::builder()
+        .controller(dev.ctrl.clone())
+        .pollers([None, Some(100_000), Some(100_000)])
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EmbedError::Pin {
+                poller: 1 | 2,
+                core: 100_000,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
