@@ -1085,7 +1085,7 @@ fn reset_with_commands_in_flight() {
         let (mut ok, mut aborted) = (0, 0);
         let deadline = Instant::now() + Duration::from_secs(10);
         while ok + aborted < n && Instant::now() < deadline {
-            let _ = q.poll(usize::MAX, |(b, i), r| {
+            let polled = q.poll(usize::MAX, |(b, i), r| {
                 assert_eq!(b.len(), len, "the buffer comes back");
                 seen[i as usize] += 1;
                 match r {
@@ -1097,6 +1097,15 @@ fn reset_with_commands_in_flight() {
                     Err(e) => panic!("request {i}: {e}"),
                 }
             });
+            // The reset killed the queue: only that death is expected.
+            match polled {
+                Ok(_)
+                | Err(Error::QueueDead {
+                    reason: DeadReason::ControllerReset,
+                    ..
+                }) => {}
+                Err(e) => panic!("poll after reset: {e}"),
+            }
         }
         assert!(seen.iter().all(|&s| s == 1), "each exactly once: {seen:?}");
         assert!(
