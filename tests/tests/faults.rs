@@ -37,13 +37,25 @@ fn emulator(test: &str) {
     );
 }
 
-fn short_timeout() -> QueueOptions {
-    QueueOptions::default().with_timeout(Some(Duration::from_millis(100)))
+/// The command timeout for tests that inject a fault: short in Inline mode, where the emulator
+/// runs only when the test polls, so nothing but the faulted command can be late; 2 s in Threaded
+/// mode, where the device thread competes for the (possibly two, busy) CPUs of a CI runner and a
+/// healthy command could otherwise time out.
+fn timeout(mode: Mode) -> Duration {
+    match mode {
+        Mode::Inline => Duration::from_millis(100),
+        Mode::Threaded => Duration::from_secs(2),
+    }
+}
+
+fn short_timeout(mode: Mode) -> QueueOptions {
+    QueueOptions::default().with_timeout(Some(timeout(mode)))
 }
 
 /// Polls until `n` completions arrived (10 s limit), recording each by tag; fails on a tag
-/// seen twice.
-fn collect(q: &mut QueuePair<u64>, n: usize) -> HashMap<u64, IoResult> {
+/// seen twice. A poll error is tolerated only if it is `QueueDead` for the `dead` reason (the
+/// queue died on purpose and the remaining completions are being delivered); any other fails.
+fn collect(q: &mut QueuePair<u64>, n: usize, dead: Option<DeadReason>) -> HashMap<u64, IoResult> {
     let mut got = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while got.len() < n {
@@ -52,9 +64,13 @@ fn collect(q: &mut QueuePair<u64>, n: usize) -> HashMap<u64, IoResult> {
             "only {} of {n} completions",
             got.len()
         );
-        let _ = q.poll(usize::MAX, |t, r| {
+        match q.poll(usize::MAX, |t, r| {
             assert!(got.insert(t, r).is_none(), "tag {t} completed twice");
-        });
+        }) {
+            Ok(_) => {}
+            Err(Error::QueueDead { reason, .. }) if Some(reason) == dead => {}
+            Err(e) => panic!("poll (expected queue death: {dead:?}): {e}"),
+        }
     }
     got
 }
@@ -92,7 +108,7 @@ fn status_on_the_nth_command() {
             Action::Status(st),
         ));
         reads(&mut q, &ns, &buf, 0..8);
-        let got = collect(&mut q, 8);
+        let got = collect(&mut q, 8, None);
         for (t, r) in &got {
             if *t == 2 {
                 match r {
@@ -182,7 +198,7 @@ fn delayed_completion_completes_once_and_others_are_unaffected() {
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
-        let mut q = c.create_qpair::<u64>(short_timeout()).unwrap();
+        let mut q = c.create_qpair::<u64>(short_timeout(mode)).unwrap();
         let buf = c.alloc(64 * 512).unwrap();
         let action = match mode {
             Mode::Inline => Action::DelayCommands(3),
@@ -202,7 +218,7 @@ fn delayed_completion_completes_once_and_others_are_unaffected() {
             q.poll(8, |t, _| panic!("tag {t} completed early")).unwrap();
         }
         reads(&mut q, &ns, &buf, 1..6);
-        let got = collect(&mut q, 6);
+        let got = collect(&mut q, 6, None);
         assert!(got.values().all(|r| r.is_ok()), "{got:?}");
         assert_eq!(q.stats().timeouts, 0);
         drop(q);
@@ -219,7 +235,7 @@ fn never_completed_command_times_out_and_is_aborted() {
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
-        let mut q = c.create_qpair::<u64>(short_timeout()).unwrap();
+        let mut q = c.create_qpair::<u64>(short_timeout(mode)).unwrap();
         let buf = c.alloc(64 * 512).unwrap();
         emu.inject(Fault::once(
             Trigger::NthCommand {
@@ -231,12 +247,9 @@ fn never_completed_command_times_out_and_is_aborted() {
         ));
         let start = Instant::now();
         reads(&mut q, &ns, &buf, 0..5);
-        let got = collect(&mut q, 5);
+        let got = collect(&mut q, 5, None);
         let waited = start.elapsed();
-        assert!(
-            waited >= Duration::from_millis(100),
-            "timed out too early: {waited:?}"
-        );
+        assert!(waited >= timeout(mode), "timed out too early: {waited:?}");
         for (t, r) in &got {
             if *t == 1 {
                 assert!(
@@ -269,7 +282,7 @@ fn never_completed_command_times_out_and_is_aborted() {
         assert_eq!(q.outstanding(), 0);
         // The queue goes on working.
         reads(&mut q, &ns, &buf, 10..20);
-        assert!(collect(&mut q, 10).values().all(|r| r.is_ok()));
+        assert!(collect(&mut q, 10, None).values().all(|r| r.is_ok()));
         drop(q);
         assert_eq!(emu.stats().dma_faults, 0);
     });
@@ -283,7 +296,7 @@ fn blocking_call_times_out_after_the_device_lets_go() {
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
-        let mut q = c.create_qpair::<u64>(short_timeout()).unwrap();
+        let mut q = c.create_qpair::<u64>(short_timeout(mode)).unwrap();
         emu.inject(Fault::once(
             Trigger::NthCommand {
                 qid: Some(q.qid().0),
@@ -317,7 +330,9 @@ fn owned_buffer_comes_back_once_when_abort_fails() {
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
-        let mut q = c.create_qpair::<(DmaBuffer, u64)>(short_timeout()).unwrap();
+        let mut q = c
+            .create_qpair::<(DmaBuffer, u64)>(short_timeout(mode))
+            .unwrap();
         // The Abort itself fails, so only deleting the queue releases the command.
         emu.inject(Fault::always(
             Trigger::NthCommand {
@@ -379,13 +394,13 @@ fn controller_fatal_status_fails_requests_once_and_reset_recovers() {
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
-        let mut q = c.create_qpair::<u64>(short_timeout()).unwrap();
+        let mut q = c.create_qpair::<u64>(short_timeout(mode)).unwrap();
         let buf = c.alloc(64 * 512).unwrap();
         reads(&mut q, &ns, &buf, 0..4);
-        assert!(collect(&mut q, 4).values().all(|r| r.is_ok()));
+        assert!(collect(&mut q, 4, None).values().all(|r| r.is_ok()));
         emu.set_fatal();
         reads(&mut q, &ns, &buf, 4..8);
-        let got = collect(&mut q, 4);
+        let got = collect(&mut q, 4, Some(DeadReason::ControllerFatal));
         for r in got.values() {
             assert!(
                 matches!(
@@ -414,7 +429,7 @@ fn controller_fatal_status_fails_requests_once_and_reset_recovers() {
         c.reset().unwrap();
         let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
         reads(&mut q, &ns, &buf, 0..4);
-        assert!(collect(&mut q, 4).values().all(|r| r.is_ok()));
+        assert!(collect(&mut q, 4, None).values().all(|r| r.is_ok()));
         drop(q);
         assert_eq!(emu.stats().dma_faults, 0);
     });
@@ -426,13 +441,13 @@ fn surprise_removal_fails_requests_once_and_calls_fail_clearly() {
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
-        let mut q = c.create_qpair::<u64>(short_timeout()).unwrap();
+        let mut q = c.create_qpair::<u64>(short_timeout(mode)).unwrap();
         let buf = c.alloc(64 * 512).unwrap();
         reads(&mut q, &ns, &buf, 0..4);
-        assert!(collect(&mut q, 4).values().all(|r| r.is_ok()));
+        assert!(collect(&mut q, 4, None).values().all(|r| r.is_ok()));
         emu.surprise_remove();
         reads(&mut q, &ns, &buf, 4..10);
-        let got = collect(&mut q, 6);
+        let got = collect(&mut q, 6, Some(DeadReason::DeviceGone));
         for r in got.values() {
             assert!(
                 matches!(
@@ -506,7 +521,7 @@ fn reset_makes_old_queue_pairs_fail_and_new_ones_work() {
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
-        let mut old = c.create_qpair::<u64>(short_timeout()).unwrap();
+        let mut old = c.create_qpair::<u64>(short_timeout(mode)).unwrap();
         let buf = c.alloc(64 * 512).unwrap();
         emu.inject(Fault::once(
             Trigger::NthCommand {
@@ -519,10 +534,10 @@ fn reset_makes_old_queue_pairs_fail_and_new_ones_work() {
         reads(&mut old, &ns, &buf, 0..1);
         let deadline = Instant::now() + Duration::from_secs(5);
         while emu.stats().held == 0 && Instant::now() < deadline {
-            let _ = old.poll(8, |_, _| panic!("held"));
+            old.poll(8, |_, _| panic!("held")).unwrap();
         }
         c.reset().unwrap();
-        let got = collect(&mut old, 1);
+        let got = collect(&mut old, 1, Some(DeadReason::ControllerReset));
         assert!(
             matches!(
                 got[&0],
@@ -536,7 +551,7 @@ fn reset_makes_old_queue_pairs_fail_and_new_ones_work() {
         );
         let mut new = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
         reads(&mut new, &ns, &buf, 0..8);
-        assert!(collect(&mut new, 8).values().all(|r| r.is_ok()));
+        assert!(collect(&mut new, 8, None).values().all(|r| r.is_ok()));
         // No Delete SQ/CQ was sent for the old queue: the reset deleted it.
         drop(old);
         assert_eq!(emu.stats().commands_with(0, admin::DELETE_IO_SQ), 0);

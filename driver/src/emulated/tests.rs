@@ -1233,19 +1233,15 @@ fn threaded_concurrent_submitters_with_faults_added_while_running() {
     let mut h = start(threaded(vec![NamespaceConfig::memory(512, 1 << 16)]));
     let queues: Vec<Queue> = (1..=3).map(|i| h.io_pair(i, 32)).collect();
     let bus: Arc<dyn Bus> = h.ctrl.clone();
-    let injected = h.ctrl.inject(Fault {
-        trigger: Trigger::NthCommand {
-            qid: None,
-            opcode: Some(io::FLUSH),
-            n: 1,
-        },
-        action: Action::Status(Status::new(Sct::Generic, g::INTERNAL_ERROR)),
-        times: None,
-    });
+    // Every worker finishes round 0 fault-free, then waits at the barrier while the fault is
+    // added (the device thread is running); the fault is removed once it has fired, while the
+    // workers go on submitting.
+    let barrier = Arc::new(std::sync::Barrier::new(4));
     let workers: Vec<_> = queues
         .into_iter()
         .map(|mut q| {
             let bus = bus.clone();
+            let barrier = barrier.clone();
             std::thread::spawn(move || {
                 let depth = 8;
                 let base = q.qid as u64 * 4096;
@@ -1253,6 +1249,10 @@ fn threaded_concurrent_submitters_with_faults_added_while_running() {
                     (0..depth).map(|_| bus.dma().alloc(P).unwrap()).collect();
                 let mut errors = 0;
                 for round in 0..30u64 {
+                    if round == 1 {
+                        barrier.wait(); // round 0 done
+                        barrier.wait(); // the fault is in
+                    }
                     for (i, b) in bufs.iter_mut().enumerate() {
                         b.as_mut_slice()
                             .copy_from_slice(&pattern(P, (round + i as u64) as u8));
@@ -1284,10 +1284,34 @@ fn threaded_concurrent_submitters_with_faults_added_while_running() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(5));
+    barrier.wait();
+    assert_eq!(
+        h.ctrl.stats().faults_fired,
+        0,
+        "round 0 ran without the fault"
+    );
+    let injected = h.ctrl.inject(Fault {
+        trigger: Trigger::NthCommand {
+            qid: None,
+            opcode: Some(io::FLUSH),
+            n: 1,
+        },
+        action: Action::Status(Status::new(Sct::Generic, g::INTERNAL_ERROR)),
+        times: None,
+    });
+    barrier.wait();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.ctrl.stats().faults_fired == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fault never fired"
+        );
+        std::thread::sleep(Duration::from_micros(100));
+    }
     h.ctrl.remove_fault(injected);
     let errors: u32 = workers.into_iter().map(|w| w.join().unwrap()).sum();
     let s = h.ctrl.stats();
+    assert!(s.faults_fired > 0, "{s:?}");
     assert_eq!(
         errors as u64, s.faults_fired,
         "only the injected flushes failed"
