@@ -1,8 +1,14 @@
-//! The user completion: a boxed `FnOnce`, consumed when run, so "at most once" is a type fact.
+//! The user completion, consumed when run, so "at most once" is a type fact. Two shapes:
+//! SPDK's `cb_fn` (a plain function; its `cb_arg` is the request's buffer `B`, which the upper
+//! layer makes carry whatever per-request context it needs), which costs no allocation, and a
+//! boxed closure for callers that prefer one.
 
 use crate::error::DioResult;
 
-type Callback<B> = Box<dyn FnOnce(DioResult, B) + Send>;
+enum Callback<B> {
+    Fn(fn(DioResult, B)),
+    Boxed(Box<dyn FnOnce(DioResult, B) + Send>),
+}
 
 /// The user's completion callback. [`complete`](Completion::complete) consumes it, so it runs
 /// at most once. In debug builds, dropping one that was neither completed nor
@@ -11,9 +17,14 @@ type Callback<B> = Box<dyn FnOnce(DioResult, B) + Send>;
 pub struct Completion<B>(Option<Callback<B>>);
 
 impl<B> Completion<B> {
-    /// Wrap a callback.
+    /// Wrap a closure (one allocation).
     pub fn new(f: impl FnOnce(DioResult, B) + Send + 'static) -> Self {
-        Completion(Some(Box::new(f)))
+        Completion(Some(Callback::Boxed(Box::new(f))))
+    }
+
+    /// A plain function (no allocation): the request's context travels in its buffer `B`.
+    pub fn from_fn(f: fn(DioResult, B)) -> Self {
+        Completion(Some(Callback::Fn(f)))
     }
 
     /// A completion with nothing to run (the synchronous API). Dropping it is fine.
@@ -23,8 +34,10 @@ impl<B> Completion<B> {
 
     /// Run the callback.
     pub fn complete(mut self, result: DioResult, buf: B) {
-        if let Some(f) = self.0.take() {
-            f(result, buf);
+        match self.0.take() {
+            Some(Callback::Fn(f)) => f(result, buf),
+            Some(Callback::Boxed(f)) => f(result, buf),
+            None => {}
         }
     }
 

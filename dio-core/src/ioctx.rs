@@ -90,8 +90,26 @@ impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
         req: DioRequest<B>,
         cb: impl FnOnce(DioResult, B) + Send + 'static,
     ) -> Result<Submitted, (DioError, B)> {
+        self.submit_async_with(req, Completion::new(cb))
+    }
+
+    /// [`submit_async_traced`](Self::submit_async_traced) with SPDK's callback shape: a plain
+    /// function, no allocation; the request's context travels in its buffer.
+    pub fn submit_async_fn(
+        &self,
+        req: DioRequest<B>,
+        cb: fn(DioResult, B),
+    ) -> Result<Submitted, (DioError, B)> {
+        self.submit_async_with(req, Completion::from_fn(cb))
+    }
+
+    fn submit_async_with(
+        &self,
+        req: DioRequest<B>,
+        completion: Completion<B>,
+    ) -> Result<Submitted, (DioError, B)> {
         let (dir, offset, len) = (req.dir, req.offset, req.len);
-        match self.core.submit(req, self.file.size(), Completion::new(cb)) {
+        match self.core.submit(req, self.file.size(), completion) {
             Outcome::Queued => Ok(Submitted::Queued),
             Outcome::Done {
                 result: Err(e),
