@@ -135,6 +135,7 @@ pub mod embed_error;
 pub mod emulated;
 pub mod error;
 pub mod iobuf;
+pub mod nvmf;
 pub mod poller;
 pub mod prp;
 pub mod qpair;

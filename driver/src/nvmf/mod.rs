@@ -1,0 +1,4 @@
+//! NVMe over Fabrics on TCP: the NVMe/TCP transport binding (TP 8000).
+//!
+//! * [`pdu`]: the PDUs, their validation and digests, and the incremental decoder.
+pub mod pdu;
