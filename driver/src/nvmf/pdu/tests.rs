@@ -74,11 +74,7 @@ fn wire(pdu: &Pdu, data: &[u8], d: Digests, pda: u8) -> Vec<u8> {
 type Decoded = (Pdu, Vec<u8>, bool);
 
 /// Decodes every PDU of a stream: (pdu, data, digest_ok) or the first error.
-fn decode_all(
-    cfg: RecvConfig,
-    bytes: Vec<u8>,
-    chunk: usize,
-) -> (Vec<Decoded>, Option<RecvError>) {
+fn decode_all(cfg: RecvConfig, bytes: Vec<u8>, chunk: usize) -> (Vec<Decoded>, Option<RecvError>) {
     let mut r = PduReader::new(cfg);
     let mut rx = RxBuf::new(256);
     let mut src = Trickle::new(bytes, chunk);
