@@ -6,3 +6,6 @@ pub mod fabrics;
 pub mod host;
 pub mod pdu;
 pub mod target;
+
+#[cfg(test)]
+mod tests;

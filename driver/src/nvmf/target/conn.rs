@@ -701,7 +701,9 @@ impl Connection {
                     match data {
                         Some(mut d) if status.is_success() && want > 0 => {
                             d.truncate(want);
-                            self.slots[slot as usize].buf = Some(IoBuffer::Heap(d));
+                            let s = &mut self.slots[slot as usize];
+                            s.len = d.len() as u32;
+                            s.buf = Some(IoBuffer::Heap(d));
                             self.respond_with_data(slot, dw0);
                         }
                         _ => self.respond(slot, status, dw0),
@@ -1068,11 +1070,7 @@ impl Connection {
     fn respond_with_data(&mut self, slot: u16, dw0: u32) {
         let s = &self.slots[slot as usize];
         let cid = s.sqe.cid();
-        let total = match &s.buf {
-            Some(b) if s.sqe.opcode() == opc::READ => (s.len as usize).min(b.len()),
-            Some(b) => b.len(),
-            None => 0,
-        } as u32;
+        let total = s.buf.as_ref().map_or(0, |b| (s.len as usize).min(b.len())) as u32;
         let chunk = self.target.options().max_c2h_data.max(4096);
         let mut off = 0;
         while off < total {

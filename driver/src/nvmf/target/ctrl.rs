@@ -24,8 +24,9 @@ use crate::spec::{
 pub const AERL: u8 = 3;
 /// AEC bit 8: Namespace Attribute Notices.
 const AEC_NS_ATTR: u32 = 1 << 8;
-/// Async event: type Notice (2), info Namespace Attribute Changed (0), log page 04h.
-const AEN_NS_CHANGED: u32 = 2 | 0 << 8 | (flid::CHANGED_NS_LIST as u32) << 16;
+/// Async event: type Notice (2), info Namespace Attribute Changed (00h in bits 15:8), log
+/// page 04h.
+const AEN_NS_CHANGED: u32 = 2 | (flid::CHANGED_NS_LIST as u32) << 16;
 /// Status: Asynchronous Event Request Limit Exceeded (command specific).
 const AER_LIMIT_EXCEEDED: u8 = 0x05;
 
