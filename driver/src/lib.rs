@@ -135,7 +135,6 @@ pub mod embed_error;
 pub mod emulated;
 pub mod error;
 pub mod iobuf;
-pub mod nvmf;
 pub mod poller;
 pub mod prp;
 pub mod qpair;
@@ -143,6 +142,9 @@ pub(crate) mod rangelock;
 pub mod spec;
 pub mod types;
 pub mod vfio;
+
+// NVMe over TCP (target and host): a private module, its API re-exported below.
+mod nvmf;
 
 pub use admin::AbortOutcome;
 pub use blockfile::{BlockFile, Completed, ExtendHook, FileOptions, Refused, Request};
@@ -160,3 +162,13 @@ pub use qpair::{
     Rejected,
 };
 pub use types::{Cid, Iova, Lba, Nsid, QueueId};
+
+pub use nvmf::{
+    Backend as NvmfBackend, BackendIo as NvmfIo, BackendOp as NvmfOp, ClosedLog as NvmfClosedLog,
+    ConnStats as NvmfConnStats, Digests as NvmfDigests, FileBackend as NvmfFileBackend,
+    HostCompletion as NvmfHostCompletion, HostController as NvmfHost, HostData as NvmfHostData,
+    HostError as NvmfHostError, HostOptions as NvmfHostOptions, HostQueue as NvmfHostQueue,
+    Inbox as NvmfInbox, IoCompletion as NvmfCompletion, MemBackend as NvmfMemBackend,
+    NsInfo as NvmfNamespace, PollGroup as NvmfPollGroup, Subsystem as NvmfSubsystem,
+    Target as NvmfTarget, TargetOptions as NvmfTargetOptions,
+};

@@ -91,7 +91,7 @@ pub struct IoCompletion {
 
 impl IoCompletion {
     /// A completion handle for a command slot.
-    pub fn new(queue: CompletionQueue, slot: u16, generation: u32) -> IoCompletion {
+    pub(crate) fn new(queue: CompletionQueue, slot: u16, generation: u32) -> IoCompletion {
         IoCompletion {
             queue: Some(queue),
             slot,

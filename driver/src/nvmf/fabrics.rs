@@ -2,8 +2,8 @@
 //! codes, the SGL descriptors NVMe/TCP commands carry, the fabrics fields of Identify
 //! Controller, and the discovery log page.
 
+use crate::spec::Sqe;
 use crate::spec::sqe::admin;
-use crate::spec::{Sct, Sqe, Status};
 
 /// Opcode of every Fabrics command.
 pub const OPCODE: u8 = 0x7f;
@@ -41,8 +41,6 @@ pub mod sc {
     pub const CONTROLLER_BUSY: u8 = 0x81;
     /// Command specific (SCT 1): Connect Invalid Parameters.
     pub const CONNECT_INVALID_PARAMETERS: u8 = 0x82;
-    /// Command specific (SCT 1): Connect Restart Discovery.
-    pub const RESTART_DISCOVERY: u8 = 0x83;
     /// Command specific (SCT 1): Connect Invalid Host.
     pub const CONNECT_INVALID_HOST: u8 = 0x84;
     /// Generic (SCT 0): Transient Transport Error.
@@ -53,11 +51,6 @@ pub mod sc {
     pub const SGL_DESCRIPTOR_TYPE_INVALID: u8 = 0x11;
     /// Generic (SCT 0): SGL Offset Invalid.
     pub const SGL_OFFSET_INVALID: u8 = 0x16;
-}
-
-/// A status with DNR set.
-pub const fn dnr(sct: Sct, sc: u8) -> Status {
-    Status::new(sct, sc).with_dnr(true)
 }
 
 /// Property offsets.
@@ -99,7 +92,7 @@ impl Connect {
         }
     }
     /// The command (the SGL is the caller's: see [`Sgl`]).
-    pub const fn to_sqe(&self) -> Sqe {
+    pub const fn to_sqe(self) -> Sqe {
         let mut s = fabrics_sqe(fctype::CONNECT);
         s.cdw10 = self.recfmt as u32 | (self.qid as u32) << 16;
         s.cdw11 = self.sqsize as u32 | (self.cattr as u32) << 16;
@@ -177,10 +170,10 @@ pub const fn invalid_param_in_cmd(offset: u16) -> u32 {
     offset as u32
 }
 
-/// An NQN field: NUL-terminated UTF-8, or `None` when it is not (no NUL in 256 bytes, or
-/// not UTF-8).
+/// An NQN field: NUL-terminated UTF-8 of at most [`NQN_MAX`] bytes, or `None` when it is
+/// not.
 fn nqn_field(b: &[u8]) -> Option<String> {
-    let end = b.iter().position(|&c| c == 0)?;
+    let end = b.iter().position(|&c| c == 0).filter(|&e| e <= NQN_MAX)?;
     core::str::from_utf8(&b[..end]).ok().map(str::to_owned)
 }
 
@@ -354,8 +347,6 @@ pub mod cns {
 
 /// Namespace identification descriptor types (NIDT).
 pub mod nidt {
-    /// IEEE EUI-64 (8 bytes).
-    pub const EUI64: u8 = 1;
     /// NGUID (16 bytes).
     pub const NGUID: u8 = 2;
     /// UUID (16 bytes).
@@ -420,8 +411,6 @@ pub const ADRFAM_IPV4: u8 = 1;
 pub const ADRFAM_IPV6: u8 = 2;
 /// Subsystem type: NVM subsystem.
 pub const SUBTYPE_NVME: u8 = 2;
-/// Subsystem type: the discovery subsystem itself.
-pub const SUBTYPE_CURRENT_DISCOVERY: u8 = 3;
 /// Transport requirements: secure channel not required.
 pub const TREQ_NOT_REQUIRED: u8 = 2;
 
@@ -502,12 +491,6 @@ pub fn parse_discovery_log(b: &[u8]) -> Option<(u64, u64, Vec<DiscoveryEntry>)> 
         out.push(DiscoveryEntry::from_bytes(rec));
     }
     Some((genctr, numrec, out))
-}
-
-/// The status of a command completion as an `Sct` and code, for matching in tests and
-/// callers.
-pub fn is(st: Status, sct: Sct, code: u8) -> bool {
-    st.sct == sct && st.sc == code
 }
 
 #[cfg(test)]

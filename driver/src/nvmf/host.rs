@@ -28,7 +28,7 @@ use super::pdu::{
 };
 use crate::spec::identify::IDENTIFY_LEN;
 use crate::spec::sqe::{cns, io as opc};
-use crate::spec::{Cap, Cc, Cqe, Csts, IdentifyController, Sct, Sqe, Status};
+use crate::spec::{Cap, Cc, Cqe, Csts, IdentifyController, Sqe, Status};
 
 /// How a host connects.
 #[derive(Clone, Debug)]
@@ -933,9 +933,4 @@ impl HostController {
             .run("Disconnect", fabrics::disconnect(), HostData::None);
         Ok(())
     }
-}
-
-/// True if `e` is a command status of this type and code.
-pub fn is_status(e: &HostError, sct: Sct, sc: u8) -> bool {
-    matches!(e, HostError::Status { status, .. } if status.sct == sct && status.sc == sc)
 }

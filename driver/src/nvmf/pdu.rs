@@ -447,6 +447,7 @@ impl EncodedHdr {
         &self.bytes[..self.len]
     }
     /// Mutable bytes (tests corrupt headers with it).
+    #[cfg(test)]
     pub fn as_mut_bytes(&mut self) -> &mut [u8] {
         &mut self.bytes[..self.len]
     }
@@ -962,10 +963,6 @@ impl RxBuf {
             end: 0,
         }
     }
-    /// Bytes staged and not consumed yet.
-    pub fn staged(&self) -> usize {
-        self.end - self.start
-    }
     /// Reads into `dst` (at most `dst.len()` bytes, at least one unless the source has none).
     /// `Ok(0)` means the peer closed the stream; `WouldBlock` is passed through.
     pub fn read_into<R: Read + ?Sized>(
@@ -1075,16 +1072,12 @@ impl PduReader {
     }
 
     /// Data length of the PDU whose header was delivered last (0 between PDUs).
+    #[cfg(test)]
     pub fn data_len(&self) -> u32 {
         match (self.phase, self.ch) {
             (Phase::Data, Some(ch)) => ch.data_len,
             _ => 0,
         }
-    }
-
-    /// True between PDUs (no header bytes collected, no data pending).
-    pub fn idle(&self) -> bool {
-        self.phase == Phase::Common && self.got == 0
     }
 
     fn fail(&mut self, e: FatalError) -> RecvError {

@@ -295,8 +295,9 @@ impl Ctrl {
             oncs: Oncs(oncs),
             // Bit 0: present; bits 2:1 = 10b: Flush with NSID FFFFFFFFh not supported.
             vwc: if vwc { 0b101 } else { 0 },
-            // Bit 0: SGLs supported (no alignment requirement); bit 20: SGL Offset...
-            sgls: 1 | 1 << 2 | 1 << 20,
+            // Bit 0: SGLs supported (no alignment requirement); bit 20: the address of a Data
+            // Block descriptor may be an offset (in-capsule data).
+            sgls: 1 | 1 << 20,
             subnqn: self.subsys.nqn().into(),
             ..IdentifyController::default()
         };

@@ -3,8 +3,8 @@
 //!
 //! [`PollGroup::poll`] never blocks: it accepts what the listener has, adopts connections
 //! handed to it, polls each connection once, drops the closed ones, and returns the work done
-//! (0: idle, the caller may back off). Who calls it (a pinned Dioxide poller, or [`serve`] on a
-//! thread of its own) is the caller's choice.
+//! (0: idle, the caller may back off). Who calls it (a pinned Dioxide poller, or
+//! [`PollGroup::run_until`] on a thread of its own) is the caller's choice.
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
@@ -99,6 +99,17 @@ impl PollGroup {
         &self.closed
     }
 
+    /// Polls on the calling thread until `stop`; an idle round sleeps `idle_sleep`, a busy one
+    /// goes straight on. (A pinned Dioxide poller calls [`poll`](Self::poll) in its own loop
+    /// instead.)
+    pub fn run_until(&mut self, stop: &AtomicBool, idle_sleep: Duration) {
+        while !stop.load(Ordering::Relaxed) {
+            if self.poll() == 0 {
+                std::thread::sleep(idle_sleep);
+            }
+        }
+    }
+
     /// One round: accept, adopt, poll every connection, reap the closed ones.
     pub fn poll(&mut self) -> usize {
         let mut work = 0;
@@ -145,21 +156,11 @@ impl PollGroup {
                 if closed.reasons.len() >= 32 {
                     closed.reasons.remove(0);
                 }
-                closed.reasons.push(r.to_owned());
+                let q = c.qid().map_or("-".into(), |q| q.to_string());
+                closed.reasons.push(format!("{} qid {q}: {r}", c.peer()));
             }
             false
         });
         work
     }
-}
-
-/// Polls `group` on the calling thread until `stop`; an idle round sleeps briefly
-/// (`idle_sleep`), a busy one goes straight on. Returns the group (its closed log).
-pub fn serve(mut group: PollGroup, stop: Arc<AtomicBool>, idle_sleep: Duration) -> PollGroup {
-    while !stop.load(Ordering::Relaxed) {
-        if group.poll() == 0 {
-            std::thread::sleep(idle_sleep);
-        }
-    }
-    group
 }

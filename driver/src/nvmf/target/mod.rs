@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-pub use conn::{ConnStats, Connection};
+pub use conn::ConnStats;
 pub use ctrl::Ctrl;
-pub use group::{PollGroup, serve};
+pub use group::PollGroup;
 
 use super::backend::Backend;
 use super::fabrics::{CNTLID_MAX, DISCOVERY_NQN};

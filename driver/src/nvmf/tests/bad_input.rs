@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use super::super::fabrics::{self, Sgl, sc as fsc};
-use super::super::host::{HostData, HostError, HostQueue, is_status};
+use super::super::host::{HostData, HostError, HostQueue};
 use super::super::pdu::{self, DataHdr, Fes, Pdu, field, pdu_type};
 use super::super::target::{Subsystem, Target, TargetOptions};
 use super::*;

@@ -117,7 +117,7 @@ fn identify_fields_the_linux_host_checks_and_stable_ids() {
                 .admin()
                 .run("vendor", Sqe::new(0xc1), HostData::None)
                 .unwrap_err();
-            assert!(super::super::host::is_status(
+            assert!(is_status(
                 &e,
                 crate::spec::Sct::Generic,
                 crate::spec::status::generic::INVALID_OPCODE

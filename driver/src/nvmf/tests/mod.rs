@@ -15,7 +15,7 @@ use std::time::Duration;
 use super::backend::{Backend, MemBackend};
 use super::host::{HostController, HostOptions};
 use super::pdu::Digests;
-use super::target::{PollGroup, Subsystem, Target, TargetOptions, serve};
+use super::target::{PollGroup, Subsystem, Target, TargetOptions};
 
 pub(super) const SUBNQN: &str = "nqn.2026-12.io.dioxide:test";
 pub(super) const HOSTNQN: &str = "nqn.2026-12.io.dioxide:host-a";
@@ -71,7 +71,11 @@ impl TestTarget {
                 let stop = stop.clone();
                 std::thread::Builder::new()
                     .name(format!("nvmf-group-{i}"))
-                    .spawn(move || serve(g, stop, Duration::from_micros(100)))
+                    .spawn(move || {
+                        let mut g = g;
+                        g.run_until(&stop, Duration::from_micros(100));
+                        g
+                    })
                     .expect("spawn a poll group")
             })
             .collect();
@@ -131,6 +135,11 @@ pub(super) fn host_opts(d: Digests) -> HostOptions {
 
 pub(super) fn connect(t: &TestTarget, d: Digests) -> HostController {
     HostController::connect(t.addr, host_opts(d)).expect("connect the admin queue")
+}
+
+/// True if `e` is a command status of this type and code.
+pub(super) fn is_status(e: &super::host::HostError, sct: crate::spec::Sct, sc: u8) -> bool {
+    matches!(e, super::host::HostError::Status { status, .. } if status.sct == sct && status.sc == sc)
 }
 
 /// A deterministic pattern for (seed, length).
