@@ -337,6 +337,29 @@ fn embed_status(e: &crate::EmbedError) -> Status {
     }
 }
 
+/// Write Zeroes on a [`BlockFile`]: writes of zeroed DMA buffers (zeroed at allocation) of at
+/// most [`ZERO_CHUNK`] bytes, one after the other, the next submitted from the completion of
+/// the previous; `done` completes after the last (or the first failure).
+fn write_zeroes(file: BlockFile, offset: u64, left: usize, done: IoCompletion) {
+    let n = left.min(ZERO_CHUNK);
+    let buf = match file.alloc(n) {
+        Ok(b) => b,
+        Err(_) => return done.complete(status(generic::INTERNAL_ERROR), None),
+    };
+    let next = file.clone();
+    let r = file.submit(Request::write(offset, buf).with_len(n), move |c| match c.result {
+        Ok(k) if k == n && left > n => write_zeroes(next, offset + n as u64, left - n, done),
+        Ok(k) if k == n => done.complete(Status::SUCCESS, None),
+        Ok(_) => done.complete(status(generic::DATA_TRANSFER_ERROR), None),
+        Err(e) => done.complete(embed_status(&e), None),
+    });
+    // Refused: `done` was dropped with the callback, completing the command with Internal Error.
+    drop(r);
+}
+
+/// Largest zeroed buffer of a Write Zeroes on a [`FileBackend`].
+const ZERO_CHUNK: usize = 128 * 1024;
+
 impl Backend for FileBackend {
     fn namespaces(&self) -> Vec<NsInfo> {
         self.files.iter().map(|(n, _)| n.clone()).collect()
@@ -365,14 +388,10 @@ impl Backend for FileBackend {
                     Request::write(offset, buf).with_len(len)
                 }
             }
-            BackendOp::WriteZeroes => match file.alloc(len) {
-                // DMA buffers are zeroed at allocation.
-                Ok(z) => Request::write(offset, z).with_len(len),
-                Err(_) => {
-                    done.complete(status(generic::INTERNAL_ERROR), io.buf);
-                    return;
-                }
-            },
+            BackendOp::WriteZeroes => {
+                write_zeroes(file.clone(), offset, len, done);
+                return;
+            }
             // BlockFile writes are write-through to the device and complete only once the
             // device completed them; the backend reports no volatile write cache, so Flush
             // has nothing left to make durable.

@@ -97,8 +97,8 @@ impl core::fmt::Debug for Subsystem {
 }
 
 impl Subsystem {
-    /// An NVM subsystem serving `backend`, open to any host until [`allow_host`]
-    /// (Self::allow_host) restricts it.
+    /// An NVM subsystem serving `backend`, open to any host until
+    /// [`allow_host`](Self::allow_host) restricts it.
     pub fn new(nqn: impl Into<String>, backend: Arc<dyn Backend>) -> Subsystem {
         let nqn = nqn.into();
         let serial = format!("{:016x}", fold64(nqn.as_bytes()));
