@@ -347,11 +347,13 @@ fn write_zeroes(file: BlockFile, offset: u64, left: usize, done: IoCompletion) {
         Err(_) => return done.complete(status(generic::INTERNAL_ERROR), None),
     };
     let next = file.clone();
-    let r = file.submit(Request::write(offset, buf).with_len(n), move |c| match c.result {
-        Ok(k) if k == n && left > n => write_zeroes(next, offset + n as u64, left - n, done),
-        Ok(k) if k == n => done.complete(Status::SUCCESS, None),
-        Ok(_) => done.complete(status(generic::DATA_TRANSFER_ERROR), None),
-        Err(e) => done.complete(embed_status(&e), None),
+    let r = file.submit(Request::write(offset, buf).with_len(n), move |c| {
+        match c.result {
+            Ok(k) if k == n && left > n => write_zeroes(next, offset + n as u64, left - n, done),
+            Ok(k) if k == n => done.complete(Status::SUCCESS, None),
+            Ok(_) => done.complete(status(generic::DATA_TRANSFER_ERROR), None),
+            Err(e) => done.complete(embed_status(&e), None),
+        }
     });
     // Refused: `done` was dropped with the callback, completing the command with Internal Error.
     drop(r);

@@ -415,6 +415,26 @@ fn host_vanishing_mid_transfer_writes_nothing() {
 }
 
 #[test]
+fn more_commands_than_sqsize_get_a_c2h_term_req() {
+    watchdog("more_commands_than_sqsize_get_a_c2h_term_req", 60, || {
+        let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
+        let mut by = Bystander::new(&t);
+        let c = connect(&t, Digests::default());
+        // An 8-entry queue (SQSIZE 7): eight writes wait for their data, the ninth is one too
+        // many.
+        let mut s = raw(&t, Digests::default(), Some((c.cntlid(), 1)));
+        for cid in 0..9u16 {
+            let sqe = write_sqe(cid as u64 * 32, 32, Sgl::transport(16384), cid);
+            s.write_all(&cmd_bytes(sqe, &[], Digests::default()))
+                .expect("send");
+        }
+        assert_eq!(expect_term(&mut s).0, Fes::SequenceError);
+        by.check();
+        t.stop();
+    })
+}
+
+#[test]
 fn bad_commands_get_the_named_status() {
     watchdog("bad_commands_get_the_named_status", 60, || {
         let mem = mem_backend();

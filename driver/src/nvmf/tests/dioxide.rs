@@ -66,18 +66,18 @@ fn target_on_blockfiles_of_the_emulated_controller() {
                     assert_eq!(&z[4096..], &b[4096..8192]);
                 }
                 // A Write Zeroes larger than one zeroed buffer (512 KiB: four chained writes).
-            let q = &mut qs[1];
-            q.write(1, 4096, pattern(77, 16384), 512).expect("write");
-            q.run(
-                "large Write Zeroes",
-                Sqe::write_zeroes(1, 4096 - 1000, 1024, false),
-                HostData::None,
-            )
-            .expect("large write zeroes");
-            let z = q.read(1, 4096, 32, 512).expect("read");
-            assert!(z[..24 * 512].iter().all(|&x| x == 0));
-            assert_eq!(&z[24 * 512..], &pattern(77, 16384)[24 * 512..]);
-            // Several commands in flight on one queue.
+                let q = &mut qs[1];
+                q.write(1, 4096, pattern(77, 16384), 512).expect("write");
+                q.run(
+                    "large Write Zeroes",
+                    Sqe::write_zeroes(1, 4096 - 1000, 1024, false),
+                    HostData::None,
+                )
+                .expect("large write zeroes");
+                let z = q.read(1, 4096, 32, 512).expect("read");
+                assert!(z[..24 * 512].iter().all(|&x| x == 0));
+                assert_eq!(&z[24 * 512..], &pattern(77, 16384)[24 * 512..]);
+                // Several commands in flight on one queue.
                 let q = &mut qs[0];
                 for k in 0..16u64 {
                     let sqe = Sqe::rw(opc::WRITE, 1, 8192 + k * 16, 16, false);

@@ -365,3 +365,40 @@ fn keep_alive_timeout_tears_the_association_down() {
         );
     })
 }
+
+#[test]
+fn writes_wait_their_turn_for_an_r2t() {
+    watchdog("writes_wait_their_turn_for_an_r2t", 60, || {
+        let mem = mem_backend();
+        let opts = TargetOptions {
+            max_r2t_per_conn: 2,
+            ..small_pdus()
+        };
+        let t = TestTarget::with_backend(mem.clone(), opts, 1);
+        let mut c = connect(&t, Digests::default());
+        let mut q = c.io_queue(32).expect("I/O queue");
+        // 24 writes of 32 KiB in flight, two R2Ts at a time.
+        for k in 0..24u64 {
+            let sqe = Sqe::rw(opc::WRITE, 1, k * 64, 64, false);
+            q.submit(sqe, HostData::Out(pattern(500 + k, 32768)), k)
+                .expect("submit");
+        }
+        let mut n = 0;
+        while n < 24 {
+            q.poll().expect("poll");
+            while let Some(d) = q.pop() {
+                let cqe = d.result.expect("write");
+                assert!(cqe.status().is_success());
+                n += 1;
+            }
+        }
+        let snap = mem.snapshot(Nsid(1));
+        for k in 0..24usize {
+            assert_eq!(
+                &snap[k * 32768..(k + 1) * 32768],
+                &pattern(500 + k as u64, 32768)[..]
+            );
+        }
+        t.stop();
+    })
+}

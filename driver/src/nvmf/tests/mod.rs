@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod dioxide;
+mod host;
 mod io;
 
 use std::net::{SocketAddr, TcpListener};
