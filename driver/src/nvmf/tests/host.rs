@@ -124,7 +124,7 @@ fn c2h_term_req_and_a_vanished_target_fail_outstanding_commands_once() {
             q.poll().expect("send the AER");
             let mut bad = pdu::encode(&Pdu::CapsuleCmd(Sqe::flush(1), 0), 0, Digests::default(), 0);
             bad.as_mut_bytes()[2] = 99;
-            (&*q.socket()).write_all(bad.as_bytes()).expect("send");
+            q.socket().write_all(bad.as_bytes()).expect("send");
             let e = loop {
                 match q.poll() {
                     Err(e) => break e,
