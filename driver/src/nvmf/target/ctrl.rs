@@ -197,8 +197,9 @@ impl Ctrl {
         })
     }
 
-    /// Property Set (CC only): CC.EN 0→1 makes the controller ready, 1→0 resets it (its I/O
-    /// queues go), CC.SHN reports shutdown complete.
+    /// Property Set (CC only): CC.EN 0→1 makes the controller ready (if CC asks for what it
+    /// supports: NVM command set, 4 KiB pages, 64/16-byte queue entries), 1→0 resets it (its
+    /// I/O queues go), CC.SHN reports shutdown complete.
     pub fn property_set(&self, offset: u32, eight: bool, value: u64) -> Result<(), Status> {
         if offset != prop::CC || eight {
             return Err(invalid_field());
@@ -220,9 +221,9 @@ impl Ctrl {
             self.reset_gen.fetch_add(1, Ordering::AcqRel);
         }
         if new.shn() != 0 && old.shn() == 0 {
+            // Nothing is cached: shutdown completes at once. The host disconnects the queues
+            // itself (the Linux host quiesces and closes them after CSTS.SHST says complete).
             s.csts = Csts::build(s.csts.rdy(), false, shst::COMPLETE);
-            s.io_qids.clear();
-            self.reset_gen.fetch_add(1, Ordering::AcqRel);
         } else if new.shn() == 0 && s.csts.shst() == shst::COMPLETE && new.en() && !old.en() {
             s.csts = Csts::build(true, false, shst::NORMAL);
         }

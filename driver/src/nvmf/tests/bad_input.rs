@@ -234,6 +234,20 @@ fn malformed_headers_get_the_named_c2h_term_req() {
             assert!(!hdr.is_empty(), "{what}");
             by.check();
         }
+        // An H2CTermReq: the target closes without answering.
+        let mut s = raw(&t, d, None);
+        let term = pdu::encode(
+            &Pdu::H2cTermReq(pdu::TermReq {
+                fes: Fes::HeaderDigest,
+                fei: 0,
+            }),
+            0,
+            d,
+            0,
+        );
+        s.write_all(term.as_bytes()).expect("send");
+        assert!(read_pdu(&mut s).is_none());
+        by.check();
         // A PDU before ICReq.
         let mut s = TcpStream::connect(t.addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10)))

@@ -112,6 +112,46 @@ fn identify_fields_the_linux_host_checks_and_stable_ids() {
             assert!(a.io_queue_count() >= 1);
             let smart = a.log_page(2, 0xffff_ffff, 512, 0).expect("SMART log");
             assert_eq!(smart, SmartLog::default().to_bytes().to_vec());
+            // Abort: the command is not aborted (DW0 bit 0), Get Features echoes what was set.
+            let (cqe, _) = a
+                .admin()
+                .run("Abort", Sqe::abort(1, 3), HostData::None)
+                .expect("abort");
+            assert_eq!(cqe.dw0 & 1, 1);
+            a.admin()
+                .run(
+                    "Set KATO",
+                    Sqe::set_features(fabrics::fid::KEEP_ALIVE_TIMER, 30_000),
+                    HostData::None,
+                )
+                .expect("set KATO");
+            let (cqe, _) = a
+                .admin()
+                .run(
+                    "Get KATO",
+                    Sqe::get_features(fabrics::fid::KEEP_ALIVE_TIMER),
+                    HostData::None,
+                )
+                .expect("get KATO");
+            assert_eq!(cqe.dw0, 30_000);
+            let (cqe, _) = a
+                .admin()
+                .run(
+                    "Get Number of Queues",
+                    Sqe::get_features(crate::spec::sqe::fid::NUMBER_OF_QUEUES),
+                    HostData::None,
+                )
+                .expect("get queues");
+            assert_eq!(cqe.dw0 & 0xffff, a.io_queue_count() as u32 - 1);
+            let (cqe, _) = a
+                .admin()
+                .run(
+                    "Set VWC",
+                    Sqe::set_features(crate::spec::sqe::fid::VOLATILE_WRITE_CACHE, 0),
+                    HostData::None,
+                )
+                .expect("set VWC");
+            assert!(cqe.status().is_success());
             // An unknown admin opcode.
             let e = a
                 .admin()
@@ -401,4 +441,53 @@ fn writes_wait_their_turn_for_an_r2t() {
         }
         t.stop();
     })
+}
+
+#[test]
+fn controller_reset_closes_io_queues_and_reconnect_works() {
+    watchdog(
+        "controller_reset_closes_io_queues_and_reconnect_works",
+        60,
+        || {
+            let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 2);
+            let mut c = connect(&t, Digests::default());
+            let mut q = c.io_queue(8).expect("I/O queue");
+            q.write(1, 5, pattern(3, 1024), 512).expect("write");
+            let prop = |c: &mut HostController, sqe| {
+                c.admin()
+                    .run("property", sqe, HostData::None)
+                    .expect("property")
+                    .0
+            };
+            let cc = prop(&mut c, fabrics::property_get(fabrics::prop::CC, false)).dw0;
+            assert_eq!(cc & 1, 1);
+            // CC.EN = 0: CSTS.RDY drops, the I/O queue goes.
+            prop(
+                &mut c,
+                fabrics::property_set(fabrics::prop::CC, false, (cc & !1) as u64),
+            );
+            let csts = prop(&mut c, fabrics::property_get(fabrics::prop::CSTS, false)).dw0;
+            assert_eq!(csts & 1, 0);
+            let e = loop {
+                match q.poll() {
+                    Err(e) => break e,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            assert!(matches!(e, HostError::Closed | HostError::Io(_)), "{e}");
+            // I/O queues cannot connect while the controller is disabled.
+            assert!(c.io_queue(8).is_err());
+            // CC.EN = 1 again: new I/O queues, the data is still there.
+            prop(
+                &mut c,
+                fabrics::property_set(fabrics::prop::CC, false, cc as u64),
+            );
+            let csts = prop(&mut c, fabrics::property_get(fabrics::prop::CSTS, false)).dw0;
+            assert_eq!(csts & 1, 1);
+            let mut q = c.io_queue(8).expect("I/O queue after the reset");
+            assert_eq!(q.read(1, 5, 2, 512).expect("read"), pattern(3, 1024));
+            c.shutdown().expect("shutdown");
+            t.stop();
+        },
+    )
 }
