@@ -377,6 +377,14 @@ fn h2c_data_for_an_unknown_tag_or_past_the_command() {
             s.write_all(&h2c(3, 0xfff0, 0, &[1u8; 4096], false))
                 .expect("send");
             assert_eq!(expect_term(&mut s).1, field::TTAG);
+            // Out of order: the first PDU must start at offset 0.
+            let mut s = raw(&t, d, Some((c.cntlid(), 4)));
+            let ttag = write_wanting_r2t(&mut s, 100, 16384, 6);
+            let pdu = h2c(6, ttag, 4096, &[3u8; 4096], false);
+            s.write_all(&pdu).expect("send");
+            let (fes, fei, hdr) = expect_term(&mut s);
+            assert_eq!((fes, fei), (Fes::InvalidHeaderField, field::DATAO));
+            assert_eq!(&hdr[..], &pdu[..24]);
             // Past the command's length.
             let mut s = raw(&t, d, Some((c.cntlid(), 3)));
             let ttag = write_wanting_r2t(&mut s, 100, 16384, 4);
@@ -512,6 +520,20 @@ fn bad_commands_get_the_named_status() {
             }
             e => panic!("{e}"),
         }
+        // SQSIZE 0, and SQSIZE beyond MAXCMD: Invalid Parameters, SQSIZE in the command.
+        for entries in [1u16, 1024] {
+            let mut q = HostQueue::open(t.addr, &opts, 8).expect("ICReq");
+            match q
+                .connect(&opts, 0, entries, fabrics::CNTLID_DYNAMIC)
+                .unwrap_err()
+            {
+                HostError::Status { status, dw0, .. } => {
+                    assert_eq!(status.sc, fsc::CONNECT_INVALID_PARAMETERS);
+                    assert_eq!(dw0, fabrics::invalid_param_in_cmd(44));
+                }
+                e => panic!("{e}"),
+            }
+        }
         // An I/O queue ID beyond the queues granted.
         let c = connect(&t, Digests::default());
         let mut q = HostQueue::open(t.addr, &opts, 8).expect("ICReq");
@@ -558,6 +580,67 @@ fn bad_commands_get_the_named_status() {
         assert!(mem.snapshot(Nsid(1)).iter().all(|&x| x == 0));
         by.check();
         ok.keep_alive().expect("the allowed host still works");
+        t.stop();
+    })
+}
+
+#[test]
+fn c2h_data_honours_the_host_pdu_data_alignment() {
+    watchdog("c2h_data_honours_the_host_pdu_data_alignment", 30, || {
+        let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
+        let d = Digests {
+            header: true,
+            data: false,
+        };
+        let mut s = TcpStream::connect(t.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        // HPDA 7: C2HData must start 32-byte aligned.
+        let ic = pdu::IcReq {
+            pfv: 0,
+            hpda: 7,
+            digests: d,
+            maxr2t: 0,
+        };
+        s.write_all(pdu::encode(&Pdu::IcReq(ic), 0, d, 0).as_bytes())
+            .expect("ICReq");
+        let resp = read_pdu(&mut s).expect("ICResp");
+        assert_eq!(
+            (resp[0], resp[10], resp[11]),
+            (pdu_type::IC_RESP, 0, d.bits())
+        );
+        let mut sqe = fabrics::Connect {
+            recfmt: 0,
+            qid: 0,
+            sqsize: 31,
+            cattr: 0,
+            kato: 0,
+        }
+        .to_sqe();
+        sqe.set_cid(1);
+        Sgl::incapsule(1024).set(&mut sqe);
+        let data = fabrics::ConnectData {
+            hostid: [1; 16],
+            cntlid: fabrics::CNTLID_DYNAMIC,
+            subnqn: SUBNQN.into(),
+            hostnqn: HOSTNQN.into(),
+        }
+        .to_bytes();
+        s.write_all(&cmd_bytes(sqe, &data, d)).expect("Connect");
+        let p = read_pdu(&mut s).expect("Connect response");
+        assert_eq!(p[0], pdu_type::CAPSULE_RESP);
+        assert!(pdu::cqe_from_bytes(&p[8..24]).status().is_success());
+        let mut id = Sqe::identify(1, 0, 0);
+        id.set_cid(2);
+        Sgl::transport(4096).set(&mut id);
+        s.write_all(&cmd_bytes(id, &[], d)).expect("Identify");
+        let p = read_pdu(&mut s).expect("C2HData");
+        assert_eq!(p[0], pdu_type::C2H_DATA);
+        assert_eq!(p[3], 32, "PDO: 24-byte header, 4-byte digest, padded to 32");
+        assert_eq!(p.len(), 32 + 4096);
+        assert_eq!(&p[32 + 768..32 + 768 + SUBNQN.len()], SUBNQN.as_bytes());
+        let r = read_pdu(&mut s).expect("response");
+        assert_eq!(r[0], pdu_type::CAPSULE_RESP);
         t.stop();
     })
 }
