@@ -371,7 +371,7 @@ fn keep_alive_timeout_tears_the_association_down() {
         let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
         // A host that keeps the association alive with Keep Alive.
         let mut o = host_opts(Digests::default());
-        o.kato_ms = 2000;
+        o.kato_ms = 10_000;
         let mut alive = HostController::connect(t.addr, o.clone()).expect("connect");
         let mut alive_q = alive.io_queue(8).expect("I/O queue");
         // A silent host.

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod dioxide;
+mod fuzz;
 mod host;
 mod io;
 
