@@ -2,7 +2,7 @@
 //! async, aligned and unaligned, heap and DMA buffers, overlapping ranges and extending writes,
 //! with faults injected (emulator only). A shadow model checks every read.
 //!
-//! **The model** (the definition of "latest data" in `dioxide::blockfile`): requests touching
+//! **The model** (the definition of "latest data" in `embed/blockfile.rs`): requests touching
 //! a common page are serialised, so for every byte a read returns the value of a write to it
 //! that is not *superseded*: a write W is superseded for the read R when another successful
 //! write W2 covering that byte started after W ended and ended before R started. A never

@@ -1,20 +1,26 @@
 //! The bus seam: register access to BAR0 and DMA memory.
 //!
 //! Everything above this module (controller bring-up, queue pairs, the tools) talks to a device
-//! only through [`Bus`]. Two implementations exist: the VFIO backend ([`crate::vfio`]) which owns a
-//! real PCI function, and the built-in emulated controller ([`crate::emulated`]) which models an
+//! only through [`Bus`]. Two implementations exist: the VFIO backend ([`crate::bus::vfio`]) which owns a
+//! real PCI function, and the built-in emulated controller ([`crate::bus::emulated`]) which models an
 //! NVMe controller in the process. Both give out DMA memory through [`DmaMemory`]
-//! ([`crate::dma`]), whose chunks they supply through [`crate::dma::ChunkSource`].
+//! ([`crate::bus::dma`]), whose chunks they supply through [`crate::bus::dma::ChunkSource`].
 //!
 //! Registers are read and written by offset with 32-bit accesses (64-bit registers as two 32-bit
 //! halves, low first, which every controller accepts). The hot path does not go through a trait
 //! call per register: a queue pair asks once for a [`Doorbell`] and rings it directly.
 
+pub(crate) mod dma;
+#[cfg(feature = "emulated")]
+pub mod emulated;
+#[cfg(feature = "vfio")]
+pub mod vfio;
+
 use core::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{Ordering, fence};
 
-use crate::dma::DmaMemory;
+use crate::bus::dma::DmaMemory;
 
 /// PCI identity of the function behind a bus.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]

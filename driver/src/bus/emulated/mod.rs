@@ -62,8 +62,8 @@ pub use chunks::{EmulatedChunkSource, GRANULE, GUARD, IOVA_BASE};
 pub use faults::{Action, Fault, FaultId, Trigger};
 pub use stats::Stats;
 
+use crate::bus::dma::DmaMemory;
 use crate::bus::{Bus, Doorbell, PciId};
-use crate::dma::DmaMemory;
 use crate::spec::Cap;
 use device::{Device, Props};
 use namespace::Namespace;

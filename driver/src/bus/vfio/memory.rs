@@ -20,7 +20,7 @@ use vfio_ioctls::VfioContainer;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestMemoryRegion, GuestRegionMmap};
 
-use crate::dma::{ChunkSource, DmaChunk};
+use crate::bus::dma::{ChunkSource, DmaChunk};
 use crate::types::Iova;
 
 use super::diag::{self, SysRoots};
@@ -124,7 +124,7 @@ impl VfioMemory {
                 })?;
         // SAFETY: `[ptr, ptr + len)` is a fresh private mapping owned by `region`, which we keep
         // in `st.regions` until `unmap_chunk` has unmapped the IOVA range; no Rust reference to it
-        // exists now, and afterwards the DMA-memory ownership rules (crate::dma) decide who may
+        // exists now, and afterwards the DMA-memory ownership rules (crate::bus::dma) decide who may
         // touch which bytes: buffers are borrowed by the CPU only while no command uses them,
         // queue memory only with volatile accesses.
         let mapped = unsafe { self.container.vfio_dma_map(iova, len, ptr.as_ptr()) };

@@ -6,7 +6,7 @@
 //! of DMA memory for a PRP list (or Dataset Management ranges).
 //!
 //! **Submit.** Validate (range, block multiple, alignment), pop a free slot, build PRP1/PRP2
-//! (see [`crate::prp`]), and if fewer than `entries - 1` commands are on the device and nobody
+//! (see [`crate::nvme::prp`]), and if fewer than `entries - 1` commands are on the device and nobody
 //! is waiting, copy the 64-byte entry into the submission queue with eight volatile 64-bit
 //! stores. Otherwise the slot joins the *waiting queue* (intrusive FIFO through the slots) and is
 //! issued, in order, as completions make room. The CQ has as many entries as the SQ, so capping
@@ -49,10 +49,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bus::Doorbell;
-use crate::controller::{Namespace, Shared};
-use crate::dma::{DmaBuffer, DmaMemory, DmaSlice};
-use crate::error::{DeadReason, Error, IoError, ProtocolError, Result};
-use crate::prp;
+use crate::bus::dma::{DmaBuffer, DmaMemory, DmaSlice};
+use crate::nvme::controller::Shared;
+use crate::nvme::error::{DeadReason, Error, IoError, ProtocolError, Result};
+use crate::nvme::namespace::Namespace;
+use crate::nvme::prp;
 use crate::spec::regs::{checked_cq_head_doorbell, checked_sq_tail_doorbell};
 use crate::spec::sqe::DsmRange;
 use crate::spec::sqe::{DSM_AD, RW_FUA, io};
@@ -1726,13 +1727,13 @@ impl<T> QueuePair<T> {
         };
         let res = match guard.as_mut() {
             Some(q) if sh.not_ready().is_none() => {
-                crate::admin::abort_with(q, sh, self.qid, Cid(idx))
+                crate::nvme::admin::abort_with(q, sh, self.qid, Cid(idx))
             }
             _ => Err(sh.gone()),
         };
         drop(guard);
         match res {
-            Ok(crate::admin::AbortOutcome::Aborted) => self.stats.aborts += 1,
+            Ok(crate::nvme::admin::AbortOutcome::Aborted) => self.stats.aborts += 1,
             _ => self.stats.aborts_failed += 1,
         }
         match res {
@@ -2084,8 +2085,8 @@ fn out_of_range(ns: &Namespace, lba: Lba, blocks: u64) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::Controller;
-    use crate::emulated::{EmulatedConfig, EmulatedController, NamespaceConfig};
+    use crate::bus::emulated::{EmulatedConfig, EmulatedController, NamespaceConfig};
+    use crate::nvme::controller::Controller;
 
     fn setup(entries: u16, requests: u16) -> (Controller, Arc<EmulatedController>, QueuePair<u64>) {
         let emu = EmulatedController::new(EmulatedConfig {

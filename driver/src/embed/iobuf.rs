@@ -13,7 +13,7 @@
 
 use dio_core::{DioError, Dir, DmaSegment, IoBuf};
 
-use crate::dma::{DmaBuffer, DmaSlice};
+use crate::bus::dma::{DmaBuffer, DmaSlice};
 
 /// A buffer owned by a request: DMA memory (zero copy) or heap memory (copied through the page
 /// cache).

@@ -46,8 +46,9 @@ fn kib(bytes: u64) -> String {
 
 /// Why the VFIO backend could not open a controller or supply DMA memory.
 ///
-/// The checks that produce most of these run before anything is opened (see
-/// [`super::diag`]); the rest map the kernel's answer to the first call that failed.
+/// The checks that produce most of these run before anything is opened (step 1, "Diagnose
+/// before touching anything", of the module documentation); the rest map the kernel's answer to
+/// the first call that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioError {
     /// The PCI address is not `domain:bus:device.function`.

@@ -5,7 +5,7 @@
 //! # How a request runs
 //! 1. **Range lock** on the 4 KiB pages it touches (writes exclusive, reads shared); a write at
 //!    or past `len` locks from `len` on, since it also zeroes the gap. See
-//!    [`rangelock`](crate::rangelock).
+//!    [`rangelock`](crate::embed::rangelock).
 //! 2. **Split**: a heap buffer (or a DMA address that is not dword aligned) goes wholly through
 //!    the page cache. Otherwise an unaligned head goes through the cache, the block-aligned
 //!    middle directly to the device through dio-core, and the unaligned tail through the cache
@@ -40,13 +40,14 @@ use dio_core::{
     Completion, DioCore, DioError, DioRequest, DioResult, Dir, Extent, IoCtx, Mapper, Mode, Outcome,
 };
 
-use crate::cache::{PAGE, PageCache, PageIo};
-use crate::controller::{Controller, Namespace};
-use crate::dma::DmaBuffer;
-use crate::embed_error::{EmbedError, EmbedResult, Op};
-use crate::iobuf::{IoBuffer, Window};
-use crate::poller::{Local, Pollers};
-use crate::rangelock::{LockWait, RangeGuard, RangeLock};
+use crate::bus::dma::DmaBuffer;
+use crate::embed::cache::{PAGE, PageCache, PageIo};
+use crate::embed::error::{EmbedError, EmbedResult, Op};
+use crate::embed::iobuf::{IoBuffer, Window};
+use crate::embed::poller::{Local, Pollers};
+use crate::embed::rangelock::{LockWait, RangeGuard, RangeLock};
+use crate::nvme::controller::Controller;
+use crate::nvme::namespace::Namespace;
 
 /// Called with the new length after a write raised it (before the write is reported done).
 pub type ExtendHook = Arc<dyn Fn(u64) + Send + Sync>;
@@ -430,18 +431,18 @@ impl BlockFile {
         });
         let (sink, wait): (Arc<dyn dio_core::BioSink<Window>>, dio_core::Wait) = match &engine {
             EngineRef::Pooled(p) => (
-                Arc::new(crate::poller::PollerSink {
+                Arc::new(crate::embed::poller::PollerSink {
                     pollers: p.clone(),
                     target,
                 }),
                 p.wait(),
             ),
             EngineRef::Local(l) => (
-                Arc::new(crate::poller::LocalSink {
+                Arc::new(crate::embed::poller::LocalSink {
                     local: l.clone(),
                     target,
                 }),
-                dio_core::Wait::PollInPlace(Arc::new(crate::poller::LocalPoller(l.clone()))),
+                dio_core::Wait::PollInPlace(Arc::new(crate::embed::poller::LocalPoller(l.clone()))),
             ),
         };
         let cfg = dio_core::Config {

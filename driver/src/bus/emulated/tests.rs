@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::dma::DmaBuffer;
+use crate::bus::dma::DmaBuffer;
 use crate::spec::identify::{IDENTIFY_LEN, IdentifyController, IdentifyNamespace, parse_ns_list};
 use crate::spec::regs::{cq_head_doorbell, offset, shn, shst, sq_tail_doorbell};
 use crate::spec::sqe::{admin, cns, fid, io};

@@ -2,12 +2,12 @@
 //!
 //! Chunks get IOVAs from [`IOVA_BASE`] upwards with a [`GUARD`] gap between them, far from where
 //! Linux places user mappings, so a driver that puts a virtual address (or an address just past a
-//! buffer) into a PRP is caught by [`crate::dma::DmaMemory::ptr_of`] as a DMA fault instead of
+//! buffer) into a PRP is caught by [`crate::bus::dma::DmaMemory::ptr_of`] as a DMA fault instead of
 //! silently working.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::dma::{ChunkSource, DmaChunk, anon};
+use crate::bus::dma::{ChunkSource, DmaChunk, anon};
 use crate::types::Iova;
 
 /// IOVA of the first chunk.

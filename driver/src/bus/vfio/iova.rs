@@ -246,11 +246,6 @@ impl IovaAllocator {
         self.allocated
     }
 
-    /// The usable space (after clipping), for messages.
-    pub fn usable(&self) -> &[IovaRange] {
-        &self.usable
-    }
-
     /// The usable space as text.
     pub fn describe(&self) -> String {
         let v: Vec<String> = self.usable.iter().map(ToString::to_string).collect();
@@ -293,7 +288,7 @@ mod tests {
     fn default_space_starts_at_base_and_skips_msi_window() {
         let a = IovaAllocator::new(None, DEFAULT_BASE, 39);
         assert_eq!(
-            a.usable(),
+            a.usable,
             &[
                 IovaRange {
                     start: DEFAULT_BASE,
@@ -349,10 +344,9 @@ mod tests {
         ];
         let mut a = IovaAllocator::new(Some(&ranges), 0x1000, 64);
         // Our own MSI carve-out also removes 0xfef00000..=0xfeffffff.
-        assert_eq!(a.usable()[1].start, 0xff00_0000);
+        assert_eq!(a.usable[1].start, 0xff00_0000);
         assert_eq!(
-            a.usable()[1].end,
-            0x7f_ffff_ffff,
+            a.usable[1].end, 0x7f_ffff_ffff,
             "the reported width is kept"
         );
         assert_eq!(a.alloc(4096, 4096), Some(0x1000));

@@ -1,6 +1,13 @@
 //! The embedding facade: [`Dioxide`] ties controllers, pollers, page caches and files together
 //! for an appliance, with no `unsafe` on its side.
 
+pub(crate) mod blockfile;
+pub(crate) mod cache;
+pub(crate) mod error;
+pub(crate) mod iobuf;
+pub(crate) mod poller;
+pub(crate) mod rangelock;
+
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -8,14 +15,15 @@ use std::time::Duration;
 
 use dio_core::Deferral;
 
-use crate::blockfile::{BlockFile, EngineRef, Extents, FileOptions};
-use crate::cache::{CacheStats, PageCache};
-use crate::controller::{Controller, Namespace};
-use crate::dma::DmaBuffer;
-use crate::embed_error::{EmbedError, EmbedResult};
-use crate::error::Error;
-use crate::poller::{Local, PollerConfig, PollerStats, Pollers, StartError, Targets};
-use crate::qpair::QueueOptions;
+use crate::bus::dma::DmaBuffer;
+use crate::embed::blockfile::{BlockFile, EngineRef, Extents, FileOptions};
+use crate::embed::cache::{CacheStats, PageCache};
+use crate::embed::error::{EmbedError, EmbedResult};
+use crate::embed::poller::{Local, PollerConfig, PollerStats, Pollers, StartError, Targets};
+use crate::nvme::controller::Controller;
+use crate::nvme::error::Error;
+use crate::nvme::namespace::Namespace;
+use crate::nvme::qpair::QueueOptions;
 use crate::types::Nsid;
 
 /// Where completion callbacks run.

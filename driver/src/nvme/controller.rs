@@ -15,13 +15,14 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::admin::AdminQueue;
 use crate::bus::Bus;
-use crate::dma::{DmaBuffer, DmaMemory};
-use crate::error::{DeadReason, Error, Result};
-use crate::qpair::{QueueOptions, QueuePair};
+use crate::bus::dma::{DmaBuffer, DmaMemory};
+use crate::nvme::admin::AdminQueue;
+use crate::nvme::error::{DeadReason, Error, Result};
+use crate::nvme::namespace::Namespace;
+use crate::nvme::qpair::{QueueOptions, QueuePair};
 use crate::spec::regs::{offset, shn, shst};
-use crate::spec::{Cap, Cc, Csts, IdentifyController, IdentifyNamespace, LbaFormat, Vs};
+use crate::spec::{Cap, Cc, Csts, IdentifyController, Vs};
 use crate::types::{Nsid, QueueId};
 
 /// Options for opening a controller.
@@ -72,71 +73,6 @@ pub enum InitState {
     SetNumberOfQueues,
     /// Done.
     Ready,
-}
-
-/// One active namespace: its id, size and format, and the identify data it came from.
-#[derive(Clone, Debug)]
-pub struct Namespace {
-    nsid: Nsid,
-    block_size: u32,
-    block_shift: u32,
-    blocks: u64,
-    identify: IdentifyNamespace,
-}
-
-impl Namespace {
-    /// The namespace, or `None` if it cannot be used: an invalid LBA format (block size 0,
-    /// LBADS out of range), a zero size (NSZE 0) or a size in bytes beyond 64 bits.
-    fn new(nsid: Nsid, identify: IdentifyNamespace) -> Option<Namespace> {
-        let block_size = identify.block_size();
-        let usable = block_size.is_power_of_two()
-            && block_size >= 512
-            && identify.nsze != 0
-            && identify.nsze.checked_mul(block_size as u64).is_some();
-        usable.then(|| Namespace {
-            nsid,
-            block_size,
-            block_shift: block_size.trailing_zeros(),
-            blocks: identify.nsze,
-            identify,
-        })
-    }
-    /// The namespace id.
-    #[inline]
-    pub fn nsid(&self) -> Nsid {
-        self.nsid
-    }
-    /// Logical block size in bytes.
-    #[inline]
-    pub fn block_size(&self) -> u32 {
-        self.block_size
-    }
-    /// log2 of the block size.
-    #[inline]
-    pub fn block_shift(&self) -> u32 {
-        self.block_shift
-    }
-    /// Size in logical blocks (NSZE).
-    #[inline]
-    pub fn blocks(&self) -> u64 {
-        self.blocks
-    }
-    /// Size in bytes.
-    pub fn size_bytes(&self) -> u64 {
-        self.blocks << self.block_shift
-    }
-    /// The LBA formats the namespace supports.
-    pub fn lba_formats(&self) -> &[LbaFormat] {
-        &self.identify.lbaf
-    }
-    /// Index of the LBA format in use.
-    pub fn lba_format_index(&self) -> usize {
-        self.identify.flbas_index()
-    }
-    /// The Identify Namespace data.
-    pub fn identify(&self) -> &IdentifyNamespace {
-        &self.identify
-    }
 }
 
 pub(crate) const LIVE: u8 = 0;
@@ -413,7 +349,7 @@ impl Shared {
                         identify: id,
                         namespaces: core::mem::take(&mut namespaces),
                         granted,
-                        max_transfer: mdts.min(crate::prp::MAX_TRANSFER),
+                        max_transfer: mdts.min(crate::nvme::prp::MAX_TRANSFER),
                     };
                     self.qids
                         .lock()
@@ -563,7 +499,7 @@ impl Controller {
                 identify: IdentifyController::default(),
                 namespaces: Vec::new(),
                 granted: 0,
-                max_transfer: crate::prp::PAGE as usize,
+                max_transfer: crate::nvme::prp::PAGE as usize,
             }),
             generation: AtomicU64::new(0),
             health: AtomicU8::new(FAILED),
@@ -644,12 +580,12 @@ impl Controller {
         let d = self.data();
         d.namespaces
             .iter()
-            .find(|n| n.nsid == nsid)
+            .find(|n| n.nsid() == nsid)
             .cloned()
             .ok_or_else(|| Error::NoSuchNamespace {
                 location: self.shared.location.clone(),
                 nsid,
-                active: d.namespaces.iter().map(|n| n.nsid.0).collect(),
+                active: d.namespaces.iter().map(|n| n.nsid().0).collect(),
             })
     }
 
@@ -661,19 +597,6 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ns(nsze: u64, lbads: u8) -> IdentifyNamespace {
-        IdentifyNamespace {
-            nsze,
-            ncap: nsze,
-            lbaf: vec![LbaFormat {
-                ms: 0,
-                lbads,
-                rp: 0,
-            }],
-            ..Default::default()
-        }
-    }
 
     #[test]
     fn queue_ids_held_across_a_reset_stay_reserved() {
@@ -695,26 +618,5 @@ mod tests {
         t.free(QueueId(0));
         t.free(QueueId(100));
         assert_eq!(t.used, [true, true]);
-    }
-
-    #[test]
-    fn hostile_namespaces_are_skipped() {
-        let ok = Namespace::new(Nsid(1), ns(8, 12)).expect("usable");
-        assert_eq!(
-            (ok.block_size(), ok.blocks(), ok.size_bytes()),
-            (4096, 8, 32768)
-        );
-        // NSZE 0.
-        assert!(Namespace::new(Nsid(1), ns(0, 12)).is_none());
-        // LBADS out of range (a shift of 255 would panic in `1 << lbads`).
-        for lbads in [0, 8, 17, 32, 255] {
-            assert!(
-                Namespace::new(Nsid(1), ns(8, lbads)).is_none(),
-                "lbads {lbads}"
-            );
-        }
-        // A size in bytes beyond 64 bits.
-        assert!(Namespace::new(Nsid(1), ns(u64::MAX, 9)).is_none());
-        assert!(Namespace::new(Nsid(1), ns(u64::MAX >> 9, 9)).is_some());
     }
 }

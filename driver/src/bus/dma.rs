@@ -55,7 +55,7 @@ pub struct DmaChunk {
     pub vaddr: NonNull<u8>,
     /// Address the device uses.
     pub iova: Iova,
-    /// Length in bytes (a multiple of [`DMA_PAGE`]).
+    /// Length in bytes (a multiple of `DMA_PAGE`, 4 KiB).
     pub len: usize,
 }
 
@@ -379,8 +379,9 @@ unsafe impl Send for DmaSlice {}
 unsafe impl Sync for DmaSlice {}
 
 /// Anonymous, page-aligned memory from `mmap`, optionally with hugepages; used by the emulated
-/// controller's chunk source and as the VFIO backend's 4 KiB fallback.
-pub mod anon {
+/// controller's chunk source (the VFIO backend maps its chunks through vm-memory).
+#[cfg(any(test, feature = "emulated"))]
+pub(crate) mod anon {
     use core::ptr::NonNull;
 
     /// Maps `len` bytes of zeroed anonymous memory, from the hugepage pool when `hugetlb` is set.

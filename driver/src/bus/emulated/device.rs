@@ -15,7 +15,7 @@ use super::faults::{Action, FaultTable, Held, Pending, Release};
 use super::namespace::Namespace;
 use super::queue::{Completion, Cq, CqSlot, Sq, SqSlot, lock};
 use crate::bus::DoorbellSink;
-use crate::dma::DmaMemory;
+use crate::bus::dma::DmaMemory;
 use crate::spec::identify::ErrorLogEntry;
 use crate::spec::regs::{offset, shn, shst};
 use crate::spec::sqe::{io, lid};

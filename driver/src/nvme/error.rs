@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use crate::controller::InitState;
-use crate::dma::DmaError;
+use crate::bus::dma::DmaError;
+use crate::nvme::controller::InitState;
 use crate::spec::Status;
 use crate::types::{Cid, Iova, Lba, Nsid, QueueId};
 

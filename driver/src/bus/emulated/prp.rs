@@ -7,7 +7,7 @@
 
 use core::ptr::NonNull;
 
-use crate::dma::DmaMemory;
+use crate::bus::dma::DmaMemory;
 use crate::types::Iova;
 
 /// One contiguous piece of a command's data buffer in host memory.
@@ -176,11 +176,11 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emulated::chunks::EmulatedChunkSource;
+    use crate::bus::emulated::chunks::EmulatedChunkSource;
 
     const P: usize = 4096;
 
-    fn put_list(buf: &crate::dma::DmaBuffer, at: usize, entries: &[u64]) {
+    fn put_list(buf: &crate::bus::dma::DmaBuffer, at: usize, entries: &[u64]) {
         for (i, e) in entries.iter().enumerate() {
             // SAFETY: the test keeps `at + 8 * i + 8` within the buffer.
             unsafe {

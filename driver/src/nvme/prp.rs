@@ -13,7 +13,7 @@
 //! fixed at one page, at the cost of one extra command per 2 MiB on controllers whose MDTS is
 //! larger (rare: most report 128 KiB to 2 MiB).
 //!
-//! The buffers come from [`crate::dma::DmaMemory`], which is IOVA-contiguous within an
+//! The buffers come from [`crate::bus::dma::DmaMemory`], which is IOVA-contiguous within an
 //! allocation, so the list is plain page arithmetic from the first IOVA.
 
 /// The memory page size the driver configures.
@@ -24,14 +24,6 @@ pub const LIST_ENTRIES: usize = 512;
 /// The largest transfer one command carries: 512 pages, describable with one list page at any
 /// start offset.
 pub const MAX_TRANSFER: usize = LIST_ENTRIES * PAGE as usize;
-
-/// Number of memory pages `[iova, iova + len)` touches (`len >= 1`).
-#[inline]
-pub const fn pages_touched(iova: u64, len: usize) -> usize {
-    let first = iova & !PAGE_MASK;
-    let last = (iova + len as u64 - 1) & !PAGE_MASK;
-    ((last - first) / PAGE) as usize + 1
-}
 
 /// Builds PRP1 and PRP2 for `len` bytes at `iova`, writing a PRP list at `list` (whose IOVA is
 /// `list_iova`) when the transfer touches more than two pages. Returns `(prp1, prp2)`.
@@ -67,6 +59,14 @@ pub unsafe fn build(iova: u64, len: usize, list: *mut u64, list_iova: u64) -> (u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Number of memory pages `[iova, iova + len)` touches (`len >= 1`): the oracle for
+    /// `build`.
+    const fn pages_touched(iova: u64, len: usize) -> usize {
+        let first = iova & !PAGE_MASK;
+        let last = (iova + len as u64 - 1) & !PAGE_MASK;
+        ((last - first) / PAGE) as usize + 1
+    }
 
     const LIST_IOVA: u64 = 0xdead_0000;
 

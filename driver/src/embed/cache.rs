@@ -20,7 +20,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use dio_core::DioError;
 
-use crate::dma::{DmaBuffer, DmaMemory};
+use crate::bus::dma::{DmaBuffer, DmaMemory};
 
 /// Size of a cache page.
 pub const PAGE: u64 = 4096;
@@ -91,7 +91,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl PageCache {
     /// A cache of `pages` pages (at least 2) allocated from `mem`.
-    pub(crate) fn new(mem: &DmaMemory, pages: usize) -> Result<PageCache, crate::dma::DmaError> {
+    pub(crate) fn new(
+        mem: &DmaMemory,
+        pages: usize,
+    ) -> Result<PageCache, crate::bus::dma::DmaError> {
         let pages = pages.max(2);
         let frames = (0..pages)
             .map(|_| mem.alloc(PAGE as usize).map(|b| Mutex::new(Some(b))))
@@ -312,7 +315,7 @@ impl PageCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emulated::EmulatedChunkSource;
+    use crate::bus::emulated::EmulatedChunkSource;
     use std::cell::RefCell;
 
     /// A device of 64 pages in a Vec, counting its reads and writes.

@@ -2,7 +2,7 @@
 
 use dio_core::{DeviceStatus, DioError};
 
-use crate::error::Error;
+use crate::nvme::error::Error;
 use crate::types::Nsid;
 
 /// Result of the embedding API.

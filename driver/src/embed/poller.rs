@@ -46,11 +46,12 @@ use crossbeam_utils::sync::{Parker, Unparker};
 use crossbeam_utils::{Backoff, CachePadded};
 use dio_core::{Bio, BioOp, BioSink, DeviceStatus, DioError, Poller, Rejected};
 
-use crate::controller::{Controller, Namespace};
-use crate::dma::DmaSlice;
-use crate::error::{Error, IoError};
-use crate::iobuf::Window;
-use crate::qpair::{DmaOwner, IoFlags, IoResult, QueueOptions, QueuePair};
+use crate::bus::dma::DmaSlice;
+use crate::embed::iobuf::Window;
+use crate::nvme::controller::Controller;
+use crate::nvme::error::{Error, IoError};
+use crate::nvme::namespace::Namespace;
+use crate::nvme::qpair::{DmaOwner, IoFlags, IoResult, QueueOptions, QueuePair};
 use crate::spec::status::generic;
 use crate::types::{Iova, Lba};
 

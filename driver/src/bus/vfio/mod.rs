@@ -11,7 +11,7 @@
 //! ```
 //!
 //! # Set-up, in order
-//! 1. **Diagnose before touching anything** ([`diag`]): the address parses, the device exists,
+//! 1. **Diagnose before touching anything** (`diag`): the address parses, the device exists,
 //!    the IOMMU is on, the device has an IOMMU group, it is bound to vfio-pci, every other
 //!    device of its group is bound to vfio-pci or unbound (the group is *viable*), the VFIO
 //!    files exist and open, the locked-memory limit covers the DMA memory, the hugepage pool has
@@ -20,12 +20,12 @@
 //!    attached to the container, which then gets the type1v2 IOMMU; **device** fd from the group
 //!    by its PCI address (opening it resets the function). vfio-ioctls does these three steps.
 //! 3. **IOMMU facts** (`VFIO_IOMMU_GET_INFO`): page sizes and the usable IOVA ranges, which
-//!    seed our IOVA allocator ([`iova`]).
+//!    seed our IOVA allocator (`iova`).
 //! 4. **PCI command register** through the config region: memory space and bus master on,
 //!    INTx off. Nothing else: the driver polls, no interrupt is ever set up.
-//! 5. **BAR0** ([`bar`]): mapped where VFIO allows mmap (the whole BAR, or the areas of its
+//! 5. **BAR0** (`bar`): mapped where VFIO allows mmap (the whole BAR, or the areas of its
 //!    sparse-mmap capability), with `pread`/`pwrite` on the region for registers outside them.
-//! 6. **DMA memory** ([`memory`]): chunks of 2 MiB hugepages (or 4 KiB pages), each pinned and
+//! 6. **DMA memory** (`memory`): chunks of 2 MiB hugepages (or 4 KiB pages), each pinned and
 //!    mapped once with `VFIO_IOMMU_MAP_DMA`, handed to [`DmaMemory`] for sub-allocation.
 //!
 //! # Why IOVAs are not virtual addresses
@@ -48,11 +48,11 @@
 //! platforms raise SIGBUS on an access to a BAR whose device is gone, which no userspace driver
 //! can recover from: the process dies.
 
-pub mod bar;
-pub mod diag;
-pub mod error;
-pub mod iova;
-pub mod memory;
+mod bar;
+mod diag;
+mod error;
+mod iova;
+mod memory;
 mod sys;
 
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -64,8 +64,8 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 
+use crate::bus::dma::DmaMemory;
 use crate::bus::{Bus, Doorbell, PciId};
-use crate::dma::DmaMemory;
 
 pub use diag::{HostFacts, SysRoots};
 pub use error::{GroupMember, Result, VfioError};

@@ -13,9 +13,9 @@
 use std::time::{Duration, Instant};
 
 use crate::bus::Doorbell;
-use crate::controller::{Controller, Shared};
-use crate::dma::DmaBuffer;
-use crate::error::{Error, Result};
+use crate::bus::dma::DmaBuffer;
+use crate::nvme::controller::{Controller, Shared};
+use crate::nvme::error::{Error, Result};
 use crate::spec::identify::{
     ERROR_LOG_ENTRY_LEN, ErrorLogEntry, FIRMWARE_SLOT_LOG_LEN, FirmwareSlotLog, IDENTIFY_LEN,
     SMART_LOG_LEN, parse_ns_list,
@@ -210,8 +210,8 @@ impl AdminQueue {
     ) -> Result<DmaBuffer> {
         let buf = sh.alloc(len, "an admin data page")?;
         sqe.prp1 = buf.iova().0;
-        if len > crate::prp::PAGE as usize {
-            sqe.prp2 = buf.iova().0 + crate::prp::PAGE;
+        if len > crate::nvme::prp::PAGE as usize {
+            sqe.prp2 = buf.iova().0 + crate::nvme::prp::PAGE;
         }
         match self.execute_checked(sh, name, sqe) {
             Ok(_) => Ok(buf),
@@ -330,7 +330,7 @@ impl Controller {
     /// Get Log Page `lid` for `nsid` (`0xffff_ffff` for the controller), `len` bytes (a multiple
     /// of 4, at most 8 KiB).
     pub fn get_log_page(&self, lid: u8, nsid: u32, len: usize) -> Result<Vec<u8>> {
-        if len == 0 || len % 4 != 0 || len > 2 * crate::prp::PAGE as usize {
+        if len == 0 || len % 4 != 0 || len > 2 * crate::nvme::prp::PAGE as usize {
             return Err(Error::InvalidOption {
                 name: "log page length",
                 reason: format!("{len} is not a multiple of 4 in 4..=8192"),
