@@ -169,7 +169,6 @@ fn decision_table() {
 
 #[test]
 fn precedence_every_subset() {
-    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let s = DioError::QueueFull;
     let d = DioError::Fault;
     let io = DioError::Io(DeviceStatus::new(0, 4));

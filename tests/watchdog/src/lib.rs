@@ -42,6 +42,10 @@
 //! guest under TCG, where I/O is about 100 times slower, or a large value to keep a test alive
 //! under a debugger.
 //!
+//! Two outer limits back these bounds up: `tests/run` bounds each test step as a whole (and
+//! names the step), and the QEMU suite (`tests/hil`) bounds each test binary in the guest,
+//! where libtest runs one test at a time and prints its name before it starts.
+//!
 //! # Child processes
 //! [`output_within`] is `Command::output` with a deadline: on overrun it kills the child and
 //! fails the test with a panic naming the test and the command line.
