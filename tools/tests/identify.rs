@@ -4,10 +4,12 @@ use dioxide_tools::identify::ControllerInfo;
 use std::process::{Command, Output};
 
 fn identify(args: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_identify"))
-        .args(args.split_whitespace())
-        .output()
-        .expect("run identify")
+    // A hung run is killed and fails the test, naming it and the command line.
+    test_watchdog::output_within(
+        Command::new(env!("CARGO_BIN_EXE_identify")).args(args.split_whitespace()),
+        test_watchdog::PROCESS,
+    )
+    .expect("run identify")
 }
 
 fn text(b: &[u8]) -> String {
@@ -16,6 +18,7 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn text_report_has_the_fields() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = identify("--emulated-namespaces 2 --emulated-block-size 4096 --emulated-size 1g");
     let out = text(&o.stdout);
     assert!(o.status.success(), "{}", text(&o.stderr));
@@ -65,6 +68,7 @@ fn text_report_has_the_fields() {
 
 #[test]
 fn json_report() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = identify("--json -r trtype:emulated,ns:1");
     assert!(o.status.success(), "{}", text(&o.stderr));
     let v: Vec<ControllerInfo> = serde_json::from_slice(&o.stdout).expect("JSON on stdout");
@@ -80,6 +84,7 @@ fn json_report() {
 
 #[test]
 fn bad_input_is_one_line_and_fails() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     for (args, want) in [
         ("-r trtype:emulated,ns:5", "namespace 5 does not exist"),
         ("-r tradr:0000:01:00.0", "unknown transport ID key 'tradr'"),

@@ -2129,6 +2129,7 @@ mod tests {
 
     #[test]
     fn pool_cids_and_waiting_fifo() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
         let (c, _emu, mut q) = setup(2, 6);
         let ns = c.namespaces().remove(0);
         let buf = c.alloc(6 * 512).unwrap();
@@ -2164,6 +2165,7 @@ mod tests {
 
     #[test]
     fn bogus_completions_are_counted_not_trusted() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
         let (c, emu, mut q) = setup(8, 8);
         let ns = c.namespaces().remove(0);
         let mut buf = c.alloc(512).unwrap();
@@ -2221,6 +2223,7 @@ mod tests {
 
     #[test]
     fn split_uses_one_slot_per_child_plus_parent() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
         let (c, _emu, mut q) = setup(4, 16);
         let ns = c.namespaces().remove(0);
         let mt = q.max_transfer();
