@@ -376,6 +376,8 @@ pub struct QueuePair<T> {
     protocol: Option<ProtocolError>,
     sync: Option<IoResult>,
     qid: QueueId,
+    /// The controller's location, for [`Error::QueueDead`] without a copy per error.
+    location: Arc<str>,
     generation: u64,
     /// An epoch: a quarter of the timeout, or `Duration::MAX` without a timeout (never ends).
     tick: Duration,
@@ -529,6 +531,7 @@ impl<T> QueuePair<T> {
             protocol: None,
             sync: None,
             qid,
+            location: shared.location.as_str().into(),
             generation,
             tick: timeout.map_or(Duration::MAX, |t| t / 4),
             tick_start: now,
@@ -913,7 +916,7 @@ impl<T> QueuePair<T> {
     #[cold]
     fn dead_error(&self, reason: DeadReason) -> Error {
         Error::QueueDead {
-            location: self.shared.location.clone(),
+            location: self.location.clone(),
             qid: self.qid,
             reason,
         }

@@ -163,3 +163,31 @@ fn split_uses_one_slot_per_child_plus_parent() {
     }
     assert_eq!(q.outstanding(), 0);
 }
+
+#[test]
+fn a_dead_queue_rejects_without_copying_the_location() {
+    let (c, _emu, mut q) = setup(4, 4);
+    let ns = c.namespaces().remove(0);
+    let buf = c.alloc(512).unwrap();
+    q.dead = Some(DeadReason::ShutDown);
+    let mut locations = Vec::new();
+    for tag in 0..2 {
+        // SAFETY: rejected before the device sees it.
+        let rej = unsafe { q.read_raw(&ns, Lba(0), buf.as_dma_slice(), tag) }.unwrap_err();
+        assert_eq!(rej.ctx, tag, "the context comes back");
+        match rej.error {
+            Error::QueueDead {
+                location, reason, ..
+            } => {
+                assert_eq!(reason, DeadReason::ShutDown);
+                assert_eq!(&*location, "emulated");
+                locations.push(location);
+            }
+            e => panic!("{e}"),
+        }
+    }
+    assert!(
+        Arc::ptr_eq(&locations[0], &locations[1]),
+        "every rejection shares the queue pair's one copy of the location"
+    );
+}
