@@ -40,7 +40,10 @@
 //! **Buffers.** Three ways to give memory to a command: the *blocking* calls borrow a slice of
 //! DMA memory for the duration of the call; the *owned* calls take a context that owns its
 //! buffer ([`DmaOwner`], e.g. a [`DmaBuffer`] or `(DmaBuffer, C)`) and give it back on
-//! completion; the *raw* calls take a [`DmaSlice`] under an `unsafe` contract (perf).
+//! completion; the *raw* calls take a [`DmaSlice`] under an `unsafe` contract (perf). The owned
+//! calls check that the buffer lies in this controller's DMA memory; the queue pair remembers
+//! the DMA chunk of the last buffer, so that check reads no table while buffers come from one
+//! chunk.
 //!
 //! **Files.** This module holds the queue pair's state, its options and counters and the
 //! public API; `submit` the submission path (checks, splitting, the waiting queue, the SQ
@@ -61,7 +64,7 @@ use core::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::bus::dma::{DmaBuffer, DmaMemory, DmaSlice};
+use crate::bus::dma::{ChunkCache, DmaBuffer, DmaMemory, DmaSlice};
 use crate::nvme::controller::Shared;
 use crate::nvme::error::{DeadReason, Error, IoError, ProtocolError, Result};
 use crate::nvme::namespace::Namespace;
@@ -367,6 +370,8 @@ pub struct QueuePair<T> {
     max_transfer: usize,
     /// Aborts one timeout scan may send: ACL + 1.
     abort_limit: u16,
+    /// The DMA chunk of the last owned buffer submitted.
+    chunk_cache: ChunkCache,
     stats: QueueStats,
     dead: Option<DeadReason>,
     // Cold state.
@@ -523,6 +528,7 @@ impl<T> QueuePair<T> {
             epoch: 0,
             max_transfer,
             abort_limit,
+            chunk_cache: ChunkCache::default(),
             stats: QueueStats::default(),
             dead: None,
             died: false,
@@ -970,7 +976,8 @@ impl<T: DmaOwner> QueuePair<T> {
         ctx: T,
     ) -> core::result::Result<(), Rejected<T>> {
         let buf = ctx.dma_slice();
-        match self.dma.translate(buf.ptr.as_ptr(), buf.len) {
+        let cache = &mut self.chunk_cache;
+        match self.dma.translate_cached(cache, buf.ptr.as_ptr(), buf.len) {
             Some(iova) if iova == buf.iova => {}
             _ => {
                 return Err(Rejected {

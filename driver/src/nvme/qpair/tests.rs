@@ -191,3 +191,48 @@ fn a_dead_queue_rejects_without_copying_the_location() {
         "every rejection shares the queue pair's one copy of the location"
     );
 }
+
+#[test]
+fn owned_buffers_from_several_chunks_are_translated_right() {
+    use crate::bus::emulated::GRANULE;
+    let (c, emu, mut q) = setup(8, 8);
+    let ns = c.namespaces().remove(0);
+    let mut owned = c
+        .create_qpair::<DmaBuffer>(QueueOptions::default())
+        .unwrap();
+    // Each buffer fills a chunk of its own, so consecutive submissions change chunks.
+    let before = c.dma().chunk_count();
+    let mut bufs: Vec<_> = (0..3).map(|_| c.alloc(GRANULE).unwrap()).collect();
+    assert_eq!(c.dma().chunk_count(), before + 3);
+    for (i, b) in bufs.iter_mut().enumerate() {
+        b.as_mut_slice().fill(i as u8 + 1);
+    }
+    let blocks = (GRANULE / 512) as u64;
+    let mut written = Vec::new();
+    for round in 0..2u64 {
+        for (i, b) in bufs.drain(..).enumerate() {
+            let lba = (round * 3 + i as u64) * blocks;
+            written.push((lba, b.as_slice()[0]));
+            owned.write(&ns, Lba(lba), b).map_err(|r| r.error).unwrap();
+        }
+        assert_ne!(owned.chunk_cache, ChunkCache::default());
+        while bufs.len() < 3 {
+            owned
+                .poll(8, |b, r| {
+                    r.unwrap();
+                    bufs.push(b)
+                })
+                .unwrap();
+        }
+    }
+    // Each write put its own buffer's bytes on the device.
+    let mut back = c.alloc(512).unwrap();
+    for (lba, byte) in written {
+        for at in [lba, lba + blocks - 1] {
+            q.read_blocking(&ns, Lba(at), back.as_mut_slice()).unwrap();
+            assert!(back.as_slice().iter().all(|&x| x == byte), "lba {at}");
+        }
+    }
+    drop((owned, q));
+    assert_eq!(emu.stats().dma_faults, 0);
+}
