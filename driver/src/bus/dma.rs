@@ -241,6 +241,40 @@ impl DmaMemory {
         })
     }
 
+    /// [`translate`](Self::translate) that looks in the chunk `cache` remembers first, and
+    /// remembers the chunk it found otherwise: no table scan while ranges come from one chunk.
+    /// `cache` must only ever be used with this memory (chunks stay mapped as long as it lives).
+    #[inline]
+    pub(crate) fn translate_cached(
+        &self,
+        cache: &mut ChunkCache,
+        ptr: *const u8,
+        len: usize,
+    ) -> Option<Iova> {
+        let a = ptr as usize;
+        let end = a.checked_add(len)?;
+        if a >= cache.base && end <= cache.end {
+            return Some(Iova(cache.iova + (a - cache.base) as u64));
+        }
+        self.translate_miss(cache, a, end)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn translate_miss(&self, cache: &mut ChunkCache, a: usize, end: usize) -> Option<Iova> {
+        let c = self.chunks().find(|c| {
+            let base = c.vaddr.as_ptr() as usize;
+            a >= base && end <= base + c.len
+        })?;
+        let base = c.vaddr.as_ptr() as usize;
+        *cache = ChunkCache {
+            base,
+            end: base + c.len,
+            iova: c.iova.0,
+        };
+        Some(Iova(c.iova.0 + (a - base) as u64))
+    }
+
     /// The process address of `[iova, iova + len)` if the whole range lies in one chunk.
     ///
     /// This is how the emulated controller reaches host memory, like an IOMMU translating a
@@ -265,6 +299,26 @@ impl DmaMemory {
             iova,
             len,
         })
+    }
+}
+
+/// The address range and IOVA of the chunk of the last translation
+/// ([`DmaMemory::translate_cached`]); empty at first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ChunkCache {
+    base: usize,
+    end: usize,
+    iova: u64,
+}
+
+impl Default for ChunkCache {
+    fn default() -> Self {
+        // `base > end`: no range lies inside.
+        ChunkCache {
+            base: usize::MAX,
+            end: 0,
+            iova: 0,
+        }
     }
 }
 
@@ -506,6 +560,50 @@ mod tests {
             2,
             "every chunk unmapped once at teardown"
         );
+    }
+
+    #[test]
+    fn cached_translation_agrees_with_the_table_and_follows_the_last_chunk() {
+        let m = mem(Arc::new(AtomicUsize::new(0)));
+        // Three chunks: the granule is 64 KiB, so each of these gets its own.
+        let bufs: Vec<_> = (0..3).map(|_| m.alloc(64 * 1024).unwrap()).collect();
+        assert_eq!(m.chunk_count(), 3);
+        let heap = [0u8; 64];
+        let mut cache = ChunkCache::default();
+        // Probes: inside each chunk, its last byte, a range straddling its end, the whole chunk,
+        // and memory outside every chunk.
+        let mut probes = vec![(heap.as_ptr(), 64), (core::ptr::null(), 1)];
+        for b in &bufs {
+            let p = b.as_ptr().cast_const();
+            // SAFETY: both offsets are within the buffer's 64 KiB.
+            let (mid, last) = unsafe { (p.add(4096), p.add(65535)) };
+            probes.extend([(p, 512), (mid, 4096), (last, 1), (last, 2), (p, 65536)]);
+        }
+        for round in 0..2 {
+            for (i, &(p, len)) in probes.iter().enumerate() {
+                let before = cache;
+                let got = m.translate_cached(&mut cache, p, len);
+                assert_eq!(got, m.translate(p, len), "round {round} probe {i}");
+                if got.is_none() {
+                    assert_eq!(cache, before, "a miss leaves the cache alone");
+                } else {
+                    // The cache now names the chunk of that range, and a hit needs no table.
+                    assert!(cache.base <= p as usize && p as usize + len <= cache.end);
+                    assert_eq!(cache.end - cache.base, 64 * 1024);
+                }
+            }
+        }
+        // A hit is answered from the cache alone: a cache naming made-up memory is believed.
+        let fake = ChunkCache {
+            base: heap.as_ptr() as usize,
+            end: heap.as_ptr() as usize + 64,
+            iova: 0x4000,
+        };
+        cache = fake;
+        // SAFETY: offset 8 is inside `heap`.
+        let p = unsafe { heap.as_ptr().add(8) };
+        assert_eq!(m.translate_cached(&mut cache, p, 8), Some(Iova(0x4008)));
+        assert_eq!(cache, fake);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Every variant names the controller (PCI location) or queue, and the command, namespace and
 //! LBA where they are known; messages say what went wrong and what to do about it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bus::dma::DmaError;
@@ -168,8 +169,8 @@ pub enum Error {
     /// The queue pair cannot take requests any more.
     #[error("queue {qid} on controller {location} is dead: {reason}")]
     QueueDead {
-        /// PCI location.
-        location: String,
+        /// PCI location (shared: a dead queue pair returns this error for every request).
+        location: Arc<str>,
         /// Queue id.
         qid: QueueId,
         /// Why.
