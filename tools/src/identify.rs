@@ -718,6 +718,7 @@ mod tests {
             size_bytes: 1 << 30,
             backing: Backing::Null,
             fail_lba: None,
+            metadata_ns: None,
         }
     }
 

@@ -408,6 +408,11 @@ impl IdentifyNamespace {
     pub fn flbas_index(&self) -> usize {
         (self.flbas & 0xf) as usize
     }
+    /// Whether metadata is transferred at the end of each logical block (FLBAS bit 4, "extended
+    /// LBA") rather than in a separate buffer.
+    pub fn metadata_extended(&self) -> bool {
+        self.flbas & 0x10 != 0
+    }
     /// The LBA format in use, if the index is valid.
     pub fn lba_format(&self) -> Option<LbaFormat> {
         self.lbaf.get(self.flbas_index()).copied()

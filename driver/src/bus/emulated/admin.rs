@@ -164,9 +164,18 @@ impl Device {
             ncap: ns.blocks,
             nuse: ns.blocks,
             nsfeat: 0,
-            nlbaf: 1,
-            flbas: if ns.shift == 12 { 1 } else { 0 },
-            mc: 0,
+            nlbaf: if ns.metadata != 0 { 2 } else { 1 },
+            flbas: match (ns.metadata, ns.shift) {
+                (0, 12) => 1,
+                (0, _) => 0,
+                _ => 2 | if ns.metadata_extended { 0x10 } else { 0 },
+            },
+            // Metadata as part of an extended LBA (bit 0) or in a separate buffer (bit 1).
+            mc: match (ns.metadata, ns.metadata_extended) {
+                (0, _) => 0,
+                (_, true) => 1,
+                (_, false) => 2,
+            },
             dpc: 0,
             dps: 0,
             nmic: 0,
@@ -186,7 +195,14 @@ impl Device {
                     lbads: 12,
                     rp: 0,
                 },
-            ],
+            ]
+            .into_iter()
+            .chain((ns.metadata != 0).then_some(LbaFormat {
+                ms: ns.metadata,
+                lbads: ns.shift as u8,
+                rp: 0,
+            }))
+            .collect(),
         }
     }
 
