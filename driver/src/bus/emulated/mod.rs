@@ -391,7 +391,7 @@ impl Drop for EmulatedController {
         self.dev.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
-                eprintln!("dioxide: the emulated controller's device thread panicked");
+                log::error!("the emulated controller's device thread panicked");
             }
         }
     }

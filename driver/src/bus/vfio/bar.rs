@@ -175,7 +175,7 @@ impl Drop for Bar0 {
             // SAFETY: each area is one whole mapping made in `map`; doorbells and the bus that
             // could still reach it hold this `Bar0`, which is being dropped.
             if let Err(e) = unsafe { sys::munmap(a.ptr, a.len) } {
-                eprintln!("dioxide: vfio: munmap of BAR0 area failed: {e}");
+                log::error!("vfio: munmap of BAR0 area failed: {e}");
             }
         }
     }

@@ -176,19 +176,17 @@ impl ChunkSource for VfioMemory {
             .iter()
             .position(|r| r.start_addr().0 == chunk.iova.0)
         else {
-            eprintln!(
-                "dioxide: vfio: unmap of unknown DMA chunk at iova {}",
-                chunk.iova
-            );
+            log::error!("vfio: unmap of unknown DMA chunk at iova {}", chunk.iova);
             return;
         };
         let region = st.regions.swap_remove(i);
         // First the IOMMU mapping (the device loses access), then the memory.
         if !self.detached.load(Ordering::Acquire) {
             if let Err(e) = self.container.vfio_dma_unmap(chunk.iova.0, chunk.len) {
-                eprintln!(
-                    "dioxide: vfio: VFIO_IOMMU_UNMAP_DMA of iova {} ({} bytes) failed: {e}",
-                    chunk.iova, chunk.len
+                log::error!(
+                    "vfio: VFIO_IOMMU_UNMAP_DMA of iova {} ({} bytes) failed: {e}",
+                    chunk.iova,
+                    chunk.len
                 );
             }
         }
