@@ -120,7 +120,7 @@ impl Device {
             ver: Vs::V1_4.0,
             oaes: 0,
             ctratt: 0,
-            oacs: Oacs(0),
+            oacs: Oacs::empty(),
             acl: 3,
             aerl: (AER_LIMIT - 1) as u8,
             frmw: 0x03, // one slot, slot 1 read-only
@@ -139,7 +139,7 @@ impl Device {
             cqes: 0x44,
             maxcmd: 0,
             nn: self.namespaces.len() as u32,
-            oncs: Oncs(Oncs::DSM | Oncs::WRITE_ZEROES),
+            oncs: Oncs::DSM | Oncs::WRITE_ZEROES,
             fuses: 0,
             fna: 0,
             vwc: 1,
