@@ -12,7 +12,7 @@ use crate::spec::sqe::{admin, cns, fid, io};
 use crate::spec::status::{command_specific as cs, generic as g};
 use crate::spec::{Aqa, Cc, Cqe, Csts, Sct, Sqe, Status};
 
-const P: usize = 4096;
+const P: usize = crate::spec::PAGE_SIZE;
 
 /// A host-side queue pair, as a minimal driver would keep it.
 struct Queue {

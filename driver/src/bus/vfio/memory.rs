@@ -59,7 +59,11 @@ impl VfioMemory {
         detached: Arc<AtomicBool>,
         roots: SysRoots,
     ) -> VfioMemory {
-        let page = if hugepages { HUGEPAGE } else { 4096 };
+        let page = if hugepages {
+            HUGEPAGE
+        } else {
+            crate::spec::PAGE_SIZE
+        };
         let granule = granule.max(page).next_multiple_of(page);
         VfioMemory {
             container,
