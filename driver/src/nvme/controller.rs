@@ -571,7 +571,8 @@ impl Controller {
     pub fn io_queues(&self) -> u16 {
         self.data().granted
     }
-    /// The active namespaces found at bring-up.
+    /// The active namespaces found at bring-up, including those formatted with metadata, which
+    /// are listed with their format but refused for I/O ([`Namespace::check_io`]).
     pub fn namespaces(&self) -> Vec<Namespace> {
         self.data().namespaces.clone()
     }
