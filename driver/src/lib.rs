@@ -127,9 +127,14 @@
 //! ```
 #![warn(missing_docs)]
 
+// The library logs through the `log` crate and never prints (`embed` is not covered yet: it
+// still prints from a poller thread).
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 mod bus;
 mod embed;
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 mod nvme;
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 pub mod spec;
 mod types;
 

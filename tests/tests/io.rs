@@ -96,7 +96,7 @@ fn bring_up_identifies_controller_and_namespaces() {
                 id.fr.trim(),
                 mdts / 1024,
                 c.io_queues(),
-                id.oncs.0,
+                id.oncs.bits(),
                 ns.iter()
                     .map(|n| format!("{}: {} x {} B", n.nsid(), n.blocks(), n.block_size()))
                     .collect::<Vec<_>>()
@@ -590,8 +590,8 @@ fn flush_fua_write_zeroes_deallocate() {
         }
         let c = &dev.ctrl;
         let oncs = c.identify().oncs;
-        let wz = oncs.has(Oncs::WRITE_ZEROES);
-        let dsm = oncs.has(Oncs::DSM);
+        let wz = oncs.contains(Oncs::WRITE_ZEROES);
+        let dsm = oncs.contains(Oncs::DSM);
         // The emulator and QEMU's controller (the HIL guest's) have both: there, a missing bit is
         // a bug (of ONCS decoding or of the harness), not a device that lacks them.
         let qemu = c.identify().mn.contains("QEMU");
@@ -600,7 +600,7 @@ fn flush_fua_write_zeroes_deallocate() {
                 wz && dsm,
                 "{}: ONCS {:#x} lacks Write Zeroes or Dataset Management",
                 dev.name(),
-                oncs.0
+                oncs.bits()
             );
         }
         for (what, have) in [("Write Zeroes", wz), ("Dataset Management", dsm)] {
@@ -608,7 +608,7 @@ fn flush_fua_write_zeroes_deallocate() {
                 note(format!(
                     "{}: ONCS {:#x} lacks {what}: not tested",
                     dev.name(),
-                    oncs.0
+                    oncs.bits()
                 ));
             }
         }

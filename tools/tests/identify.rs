@@ -100,3 +100,20 @@ fn bad_input_is_one_line_and_fails() {
         assert!(err.contains(want), "{args}: {err}");
     }
 }
+
+#[test]
+fn a_namespace_with_metadata_shows_its_format() {
+    let o = identify("--emulated-namespaces 2 --emulated-metadata 2");
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let ns2 = &out[out.find("Namespace ID:2").expect("namespace 2 is listed")..];
+    for key in [
+        "Metadata Transferred as:               Extended Data LBA",
+        "Current LBA Format:                    LBA Format #02",
+        "LBA Format #02: Data Size:   512  Metadata Size:     8  (in use)",
+    ] {
+        assert!(ns2.contains(key), "missing {key}:\n{out}");
+    }
+    let ns1 = &out[out.find("Namespace ID:1").unwrap()..out.find("Namespace ID:2").unwrap()];
+    assert!(ns1.contains("Metadata Size:     0  (in use)"), "{out}");
+}

@@ -504,3 +504,28 @@ fn help_exits_zero() {
     assert!(out.contains("--io-depth"));
     assert!(out.contains("--emulated-fail-lba <START:COUNT>"), "{out}");
 }
+
+#[test]
+fn a_namespace_with_metadata_is_skipped_with_the_reason() {
+    // Namespace 2 is 512+8: perf runs on namespace 1 and says why namespace 2 is left out.
+    let o =
+        perf("-q 4 -o 4096 -w randread -t 10 -d 200 --emulated-namespaces 2 --emulated-metadata 2");
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        out.contains("WARNING: namespace 2 is formatted with metadata (LBA format 2: 512+8 bytes, extended LBA)"),
+        "{out}"
+    );
+    assert!(out.contains("--lbaf=0"), "{out}");
+    assert!(out.contains("NSID 1"), "{out}");
+    // The only namespace is 512+8: a clear error, no panic.
+    let o = perf("-q 4 -o 4096 -w randread -t 10 -d 200 --emulated-metadata 1");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let all = text(&o.stdout) + &text(&o.stderr);
+    assert!(all.contains("No valid namespaces to test"), "{all}");
+    assert!(
+        all.contains("namespace 1 is formatted with metadata"),
+        "{all}"
+    );
+    assert!(!all.contains("panicked"), "{all}");
+}

@@ -17,10 +17,9 @@ use core::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::spec::PAGE_SIZE;
 use crate::types::Iova;
 
-/// Granularity of sub-allocation and alignment of every [`DmaBuffer`].
-pub const DMA_PAGE: usize = 4096;
 /// Most chunks one [`DmaMemory`] can hold.
 pub const MAX_CHUNKS: usize = 1024;
 
@@ -55,7 +54,7 @@ pub struct DmaChunk {
     pub vaddr: NonNull<u8>,
     /// Address the device uses.
     pub iova: Iova,
-    /// Length in bytes (a multiple of `DMA_PAGE`, 4 KiB).
+    /// Length in bytes (a multiple of `PAGE_SIZE`, 4 KiB).
     pub len: usize,
 }
 
@@ -142,7 +141,7 @@ impl DmaMemory {
         if len == 0 {
             return Err(DmaError::ZeroLength);
         }
-        let pages = len.div_ceil(DMA_PAGE);
+        let pages = len.div_ceil(PAGE_SIZE);
         let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         let found = state.iter_mut().enumerate().find_map(|(ci, c)| {
             let run = c.free.iter().position(|&(_, n)| n >= pages)?;
@@ -164,13 +163,13 @@ impl DmaMemory {
                 let chunk = self
                     .inner
                     .source
-                    .map_chunk(pages * DMA_PAGE)
+                    .map_chunk(pages * PAGE_SIZE)
                     .map_err(|source| DmaError::Source {
-                        len: pages * DMA_PAGE,
+                        len: pages * PAGE_SIZE,
                         source_name: self.inner.source.name(),
                         source,
                     })?;
-                let total = chunk.len / DMA_PAGE;
+                let total = chunk.len / PAGE_SIZE;
                 debug_assert!(total >= pages, "chunk source returned a short chunk");
                 let _ = self.inner.table[idx].set(chunk);
                 self.inner.count.store(idx + 1, Ordering::Release);
@@ -185,11 +184,11 @@ impl DmaMemory {
         };
         drop(state);
         let chunk = self.chunk(ci).expect("chunk index was just allocated");
-        let off = first * DMA_PAGE;
-        // SAFETY: `off + pages * DMA_PAGE <= chunk.len`, so the pointer stays inside the chunk.
+        let off = first * PAGE_SIZE;
+        // SAFETY: `off + pages * PAGE_SIZE <= chunk.len`, so the pointer stays inside the chunk.
         let ptr = unsafe { NonNull::new_unchecked(chunk.vaddr.as_ptr().add(off)) };
         // SAFETY: the pages were free: no other buffer and no device command refers to them.
-        unsafe { ptr.as_ptr().write_bytes(0, pages * DMA_PAGE) };
+        unsafe { ptr.as_ptr().write_bytes(0, pages * PAGE_SIZE) };
         Ok(DmaBuffer {
             mem: self.clone(),
             ptr,
@@ -349,7 +348,7 @@ impl DmaBuffer {
     }
     /// Bytes actually reserved (a multiple of 4 KiB).
     pub fn capacity(&self) -> usize {
-        self.pages * DMA_PAGE
+        self.pages * PAGE_SIZE
     }
     /// IOVA of the first byte.
     pub fn iova(&self) -> Iova {
@@ -519,10 +518,10 @@ mod tests {
         let m = mem(unmapped.clone());
         assert!(matches!(m.alloc(0), Err(DmaError::ZeroLength)));
         let mut a = m.alloc(100).unwrap();
-        let b = m.alloc(3 * DMA_PAGE).unwrap();
+        let b = m.alloc(3 * PAGE_SIZE).unwrap();
         assert_eq!(m.chunk_count(), 1);
-        assert_eq!(a.iova().0 % DMA_PAGE as u64, 0);
-        assert_eq!(b.iova().0, a.iova().0 + DMA_PAGE as u64);
+        assert_eq!(a.iova().0 % PAGE_SIZE as u64, 0);
+        assert_eq!(b.iova().0, a.iova().0 + PAGE_SIZE as u64);
         assert!(a.as_slice().iter().all(|&x| x == 0));
         a.as_mut_slice().fill(0xab);
         // Translation in both directions, and rejection outside the memory.
@@ -544,14 +543,14 @@ mod tests {
         let a_iova = a.iova();
         drop(a);
         drop(b);
-        let c = m.alloc(4 * DMA_PAGE).unwrap();
+        let c = m.alloc(4 * PAGE_SIZE).unwrap();
         assert_eq!(c.iova(), a_iova, "the freed runs merged into one");
         assert!(c.as_slice().iter().all(|&x| x == 0));
         assert_eq!(
-            c.slice(DMA_PAGE, 8).unwrap().iova.0,
-            c.iova().0 + DMA_PAGE as u64
+            c.slice(PAGE_SIZE, 8).unwrap().iova.0,
+            c.iova().0 + PAGE_SIZE as u64
         );
-        assert!(c.slice(4 * DMA_PAGE - 1, 2).is_none());
+        assert!(c.slice(4 * PAGE_SIZE - 1, 2).is_none());
         drop((c, big));
         assert_eq!(unmapped.load(Ordering::Relaxed), 0);
         drop(m);

@@ -12,7 +12,7 @@ use crate::spec::sqe::{admin, cns, fid, io};
 use crate::spec::status::{command_specific as cs, generic as g};
 use crate::spec::{Aqa, Cc, Cqe, Csts, Sct, Sqe, Status};
 
-const P: usize = 4096;
+const P: usize = crate::spec::PAGE_SIZE;
 
 /// A host-side queue pair, as a minimal driver would keep it.
 struct Queue {
@@ -582,6 +582,32 @@ fn read_write_round_trip_memory_both_block_sizes() {
     let s = h.ctrl.stats();
     assert_eq!(s.dma_faults, 0);
     assert!(s.commands_with(1, io::WRITE) >= 14);
+}
+
+#[test]
+fn a_namespace_with_metadata_reports_its_format_and_moves_no_data() {
+    let mut h = start(cfg_with(vec![
+        NamespaceConfig::memory(512, 64).with_metadata(8, true),
+        NamespaceConfig::null(4096, 64).with_metadata(16, false),
+    ]));
+    let (_, b) = h.identify(cns::NAMESPACE, 1);
+    let ns = IdentifyNamespace::from_bytes(&b);
+    assert_eq!((ns.nlbaf, ns.flbas_index(), ns.mc), (2, 2, 1));
+    assert!(ns.metadata_extended());
+    let f = ns.lba_format().unwrap();
+    assert_eq!((f.block_size(), f.ms), (512, 8));
+    assert_eq!((ns.lbaf[0].ms, ns.lbaf[1].ms), (0, 0));
+    let (_, b) = h.identify(cns::NAMESPACE, 2);
+    let ns = IdentifyNamespace::from_bytes(&b);
+    assert_eq!((ns.flbas, ns.mc, ns.block_size()), (2, 2, 4096));
+    assert_eq!(ns.lba_format().unwrap().ms, 16);
+    let mut q = h.io_pair(1, 8);
+    let buf = h.bus().dma().alloc(2 * P).unwrap();
+    for (nsid, op) in [(1, io::READ), (1, io::WRITE), (2, io::READ)] {
+        let c = q.cmd(rw(op, nsid, 0, 1, buf.iova().0, 0));
+        assert_eq!(code(&c), st(Sct::Generic, g::INVALID_FIELD), "{nsid} {op}");
+    }
+    assert!(buf.as_slice().iter().all(|&b| b == 0));
 }
 
 #[test]

@@ -50,7 +50,7 @@ impl<T> QueuePair<T> {
     ) -> core::result::Result<(), (Error, Option<T>)> {
         let shift = ns.block_shift();
         let blocks = (len >> shift) as u64;
-        let ns_blocks = ns.blocks();
+        let ns_blocks = ns.io_blocks();
         // `len - 1 < max_transfer` is `1 <= len <= max_transfer`; `blocks << shift == len`
         // is "a whole number of blocks"; `lba < ns_blocks && blocks <= ns_blocks - lba` is
         // `lba + blocks <= ns_blocks` without overflow.
@@ -92,7 +92,7 @@ impl<T> QueuePair<T> {
         }
         let blocks = (len >> shift) as u64;
         match lba.0.checked_add(blocks) {
-            Some(end) if end <= ns.blocks() => {}
+            Some(end) if end <= ns.io_blocks() => {}
             _ => return Err((out_of_range(ns, lba, blocks), ctx)),
         }
         if iova.0 & 3 != 0 {
@@ -321,7 +321,7 @@ impl<T> QueuePair<T> {
             ));
         }
         match lba.0.checked_add(blocks as u64) {
-            Some(end) if end <= ns.blocks() => {}
+            Some(end) if end <= ns.io_blocks() => {}
             _ => return Err((out_of_range(ns, lba, blocks as u64), ctx)),
         }
         let cdw12 = (blocks - 1) | flags.cdw12();
@@ -340,7 +340,7 @@ impl<T> QueuePair<T> {
         }
         for &(lba, n) in ranges {
             match lba.0.checked_add(n as u64) {
-                Some(end) if end <= ns.blocks() => {}
+                Some(end) if end <= ns.io_blocks() => {}
                 _ => return Err((out_of_range(ns, lba, n as u64), ctx)),
             }
         }
@@ -455,6 +455,10 @@ fn bad_length(ns: &Namespace, len: usize) -> Error {
 
 #[cold]
 fn out_of_range(ns: &Namespace, lba: Lba, blocks: u64) -> Error {
+    // A namespace refused for I/O has no addressable blocks (`io_blocks` 0): say why.
+    if let Err(refused) = ns.check_io() {
+        return refused;
+    }
     Error::LbaOutOfRange {
         nsid: ns.nsid(),
         lba,
