@@ -440,6 +440,8 @@ proptest! {
 
     #[test]
     fn random_requests(c in case()) {
+        // One guard per case: a case that loses a completion fails within the bound.
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
         check(&c)?;
     }
 }

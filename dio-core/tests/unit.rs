@@ -86,6 +86,7 @@ fn finish<B>(o: Outcome<B>) -> String {
 
 #[test]
 fn decision_table() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     for counting in [RefCounting::Locked, RefCounting::Atomic] {
         let m = vec![(4, Kind::Mapped); 4];
         let cases: Vec<(Dir, Mode, bool, u64, u64, &str)> = vec![
@@ -207,6 +208,7 @@ fn eof_clamp_arithmetic() {
 
 #[test]
 fn zero_length_and_read_at_eof_issue_nothing() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let (r, dio) = rig(vec![(4, Kind::Mapped); 2], 100, 1, RefCounting::Locked);
     assert_eq!(
         finish(dio.submit(
@@ -233,6 +235,7 @@ fn zero_length_and_read_at_eof_issue_nothing() {
 
 #[test]
 fn invalid_requests_are_submission_errors() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let (r, dio) = rig(vec![(512, Kind::Mapped); 4], 4096, 512, RefCounting::Locked);
     let ctx = IoCtx::new(dio, r.file.clone());
     let called = Arc::new(Mutex::new(0));
@@ -258,6 +261,7 @@ fn invalid_requests_are_submission_errors() {
 
 #[test]
 fn unaligned_write_tail_goes_buffered() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     for counting in [RefCounting::Locked, RefCounting::Atomic] {
         let (r, dio) = rig(vec![(4, Kind::Mapped); 4], 100, 4, counting);
         let ctx = IoCtx::new(dio, r.file.clone());
@@ -276,6 +280,7 @@ fn unaligned_write_tail_goes_buffered() {
 
 #[test]
 fn extending_write_updates_size_before_callback() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let (r, dio) = rig(vec![(4, Kind::Mapped); 4], 2, 1, RefCounting::Locked);
     let ctx = IoCtx::new(dio, r.file.clone());
     let seen = Arc::new(Mutex::new(None));
@@ -297,6 +302,7 @@ impl Deferral for Later {
 
 #[test]
 fn deferral_keeps_callbacks_off_the_submitter_stack() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     for (dir, i_size) in [(Dir::Read, 100), (Dir::Write, 0)] {
         let (r, dio) = rig(vec![(4, Kind::Mapped); 2], i_size, 1, RefCounting::Locked);
         let later = Arc::new(Later(Mutex::new(vec![])));
@@ -325,6 +331,7 @@ fn deferral_keeps_callbacks_off_the_submitter_stack() {
 
 #[test]
 fn submission_error_through_callback_option() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let (r, dio) = rig(
         vec![(4, Kind::Mapped), (4, Kind::MapErr(DioError::Fault))],
         100,
@@ -344,6 +351,7 @@ fn submission_error_through_callback_option() {
 
 #[test]
 fn buffered_failure_keeps_direct_bytes() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let probe = Probe::new();
     let core = Arc::new(DevCore::new(vec![], vec![], probe.clone()));
     let dev = Arc::new(QueueDev::new(core, 64));

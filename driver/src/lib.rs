@@ -1,22 +1,25 @@
 //! Dioxide: a polled-mode userspace NVMe driver, in the spirit of SPDK's `lib/nvme` and ixy.rs.
 //!
 //! # Layers
-//! Bottom up, one module per job:
-//! * [`spec`]: the NVMe specification as values (registers, the 64-byte [`spec::Sqe`] and
-//!   16-byte [`spec::Cqe`], identify pages, status codes with their names). Nothing there
-//!   touches a device.
-//! * [`bus`] and [`dma`]: **the seam**. A [`Bus`] gives 32/64-bit access to BAR0 registers,
-//!   [`Doorbell`] handles, and the [`DmaMemory`] the controller can reach. Two implementations:
-//!   VFIO (a real PCI function) and [`emulated`] (an in-process NVMe controller for tests and for
-//!   measuring the driver's own cost). Nothing above the seam knows which one it talks to.
-//! * [`controller`]: bring-up as an explicit state machine with a time limit per state
-//!   ([`InitState`]), namespaces ([`Namespace`]), queue-pair creation, shutdown on drop
-//!   (CC.SHN), [`Controller::reset`] (CC.EN = 0 deletes every queue; no Delete SQ/CQ first).
-//! * [`admin`]: the admin queue (one command at a time behind a `Mutex`, polled with a
-//!   timeout) and typed admin commands: identify, features, log pages, abort.
-//! * [`qpair`]: one I/O queue pair, the per-I/O path, top to bottom in one file; [`prp`]
-//!   builds the PRP entries it needs.
-//! * [`error`]: [`Error`] for what a call returns, [`IoError`] for how a request ended.
+//! Bottom up; the source tree has one folder per layer, and every module but [`spec`] is private:
+//! what an application may use is re-exported here, at the crate root.
+//! * `spec/`, the public module [`spec`]: the NVMe specification as values (registers, the
+//!   64-byte [`spec::Sqe`] and 16-byte [`spec::Cqe`], identify pages, status codes with their
+//!   names). Nothing there touches a device.
+//! * `bus/`: **the seam**. A [`Bus`] gives 32/64-bit access to BAR0 registers, [`Doorbell`]
+//!   handles, and the [`DmaMemory`] the controller can reach. Two backends, each behind a cargo
+//!   feature of the same name (both on by default): [`vfio`] (a real PCI function) and
+//!   [`emulated`] (an in-process NVMe controller for tests and for measuring the driver's own
+//!   cost). Nothing above the seam knows which one it talks to.
+//! * `nvme/`: the NVMe core.
+//!   * the controller: bring-up as an explicit state machine with a time limit per state
+//!     ([`InitState`]), namespaces ([`Namespace`]), queue-pair creation, shutdown on drop
+//!     (CC.SHN), [`Controller::reset`] (CC.EN = 0 deletes every queue; no Delete SQ/CQ first);
+//!   * the admin queue (one command at a time behind a `Mutex`, polled with a timeout) and typed
+//!     admin commands: identify, features, log pages, abort ([`AbortOutcome`]);
+//!   * [`QueuePair`]: one I/O queue pair, the per-I/O path, and the PRP entries it needs;
+//!   * [`Error`] for what a call returns, [`IoError`] for how a request ended.
+//! * `embed/`: the embedding layer ([`Dioxide`], pollers, [`BlockFile`], [`PageCache`]), below.
 //!
 //! # What runs where
 //! Bring-up, admin commands, queue creation and deletion run on the caller's thread, under the
@@ -68,7 +71,7 @@
 //!
 //! # Embedding: pollers, files, dio-core
 //! An appliance embeds Dioxide through [`Dioxide`] (no `unsafe` on its side):
-//! * [`Dioxide::builder`] takes controllers and the cores of the **pollers** ([`poller`]):
+//! * [`Dioxide::builder`] takes controllers and the cores of the **pollers** ([`PollerStats`]):
 //!   threads pinned with `sched_setaffinity` (a core that does not exist is
 //!   [`EmbedError::Pin`]), each owning one queue pair per controller. Other threads hand them
 //!   bios through a bounded lock-free ring per poller; idle pollers poll on for a bounded time
@@ -86,7 +89,7 @@
 //!   an [`FileOptions::on_extend`] hook to persist it).
 //! * The buffered path is a write-through [`PageCache`] in DMA memory (4 KiB pages, CLOCK);
 //!   direct writes invalidate the pages they overlap; a per-file range lock serialises
-//!   requests touching a common page (see [`blockfile`] for the exact "latest data" rule).
+//!   requests touching a common page (see `embed/blockfile.rs` for the exact "latest data" rule).
 //! * Callbacks run on the poller by default, or on a thread of the appliance's
 //!   ([`Completions::Deferred`], [`CompletionThread`]).
 //!
@@ -124,40 +127,39 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod admin;
-pub mod blockfile;
-pub mod bus;
-pub mod cache;
-pub mod controller;
-pub mod dma;
-pub mod embed;
-pub mod embed_error;
-pub mod emulated;
-pub mod error;
-pub mod iobuf;
-pub mod poller;
-pub mod prp;
-pub mod qpair;
-pub(crate) mod rangelock;
+// The library logs through the `log` crate and never prints (`embed` is not covered yet: it
+// still prints from a poller thread).
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
+mod bus;
+mod embed;
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
+mod nvme;
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 pub mod spec;
-pub mod types;
-pub mod vfio;
+mod types;
 
 // NVMe over TCP (target and host): a private module, its API re-exported below.
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 mod nvmf;
 
-pub use admin::AbortOutcome;
-pub use blockfile::{BlockFile, Completed, ExtendHook, FileOptions, Refused, Request};
+#[cfg(feature = "emulated")]
+pub use bus::emulated;
+#[cfg(feature = "vfio")]
+pub use bus::vfio;
+
+pub use bus::dma::{ChunkSource, DmaBuffer, DmaChunk, DmaError, DmaMemory, DmaSlice};
 pub use bus::{Bus, Doorbell, DoorbellSink, PciId};
-pub use cache::{CacheStats, PageCache};
-pub use controller::{Controller, ControllerOptions, InitState, Namespace};
-pub use dma::{ChunkSource, DmaBuffer, DmaChunk, DmaError, DmaMemory, DmaSlice};
+pub use embed::blockfile::{BlockFile, Completed, ExtendHook, FileOptions, Refused, Request};
+pub use embed::cache::{CacheStats, PageCache};
+pub use embed::error::{EmbedError, EmbedResult, Op};
+pub use embed::iobuf::IoBuffer;
+pub use embed::poller::PollerStats;
 pub use embed::{Builder, CompletionThread, Completions, Dioxide};
-pub use embed_error::{EmbedError, EmbedResult, Op};
-pub use error::{DeadReason, Error, IoError, ProtocolError, Result};
-pub use iobuf::IoBuffer;
-pub use poller::PollerStats;
-pub use qpair::{
+pub use nvme::admin::AbortOutcome;
+pub use nvme::controller::{Controller, ControllerOptions, InitState};
+pub use nvme::error::{DeadReason, Error, IoError, ProtocolError, Result};
+pub use nvme::namespace::Namespace;
+pub use nvme::qpair::{
     DmaOwner, DoorbellMode, IoDone, IoFlags, IoOp, IoResult, QueueOptions, QueuePair, QueueStats,
     Rejected,
 };

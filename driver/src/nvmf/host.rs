@@ -396,6 +396,7 @@ impl HostQueue {
                     self.send_term(*f);
                 }
                 let why = e.to_string();
+                log::warn!("nvmf host: queue {} lost: {why}", self.qid);
                 self.fail_all(&why);
                 self.dead = Some(why);
                 let _ = self.sock.shutdown(std::net::Shutdown::Both);

@@ -278,6 +278,11 @@ impl Connection {
         if let Some(b) = &self.queue {
             let now = self.target.now_ms();
             if b.qid == 0 && b.ctrl.keep_alive_expired(now) {
+                log::warn!(
+                    "nvmf: controller {} of {}: keep alive timeout expired, association torn down",
+                    b.ctrl.cntlid,
+                    b.ctrl.hostnqn
+                );
                 self.why = Some("keep alive timeout expired".into());
                 self.target.remove_ctrl(&b.ctrl);
                 self.close_now();
@@ -332,6 +337,7 @@ impl Connection {
 
     /// Sends a C2HTermReq for `e` (with the offending header) and closes.
     fn fatal(&mut self, e: FatalError) {
+        log::warn!("nvmf: {}: sending C2HTermReq and closing: {e}", self.peer);
         self.why = Some(e.to_string());
         let mut data = self.reader.raw_header().to_vec();
         data.truncate(pdu::MAX_TERM_DATA);

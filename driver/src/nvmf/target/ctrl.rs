@@ -268,7 +268,7 @@ impl Ctrl {
                 .subsys
                 .backend()
                 .is_some_and(|b| b.volatile_write_cache());
-        let mut oncs = 0;
+        let mut oncs = Oncs::empty();
         if nss.iter().any(|n| n.write_zeroes) {
             oncs |= Oncs::WRITE_ZEROES;
         }
@@ -293,7 +293,7 @@ impl Ctrl {
             cqes: if disc { 0 } else { 0x44 },
             maxcmd: self.max_qd,
             nn: nss.iter().map(|n| n.nsid.0).max().unwrap_or(0),
-            oncs: Oncs(oncs),
+            oncs,
             // Bit 0: present; bits 2:1 = 10b: Flush with NSID FFFFFFFFh not supported.
             vwc: if vwc { 0b101 } else { 0 },
             // Bit 0: SGLs supported (no alignment requirement); bit 20: the address of a Data

@@ -152,6 +152,11 @@ impl PollGroup {
             closed.stats.commands += s.commands;
             closed.stats.errors += s.errors;
             closed.stats.term_sent += s.term_sent;
+            log::debug!(
+                "nvmf: {} closed ({})",
+                c.peer(),
+                c.close_reason().unwrap_or("the host left")
+            );
             if let Some(r) = c.close_reason() {
                 if closed.reasons.len() >= 32 {
                     closed.reasons.remove(0);

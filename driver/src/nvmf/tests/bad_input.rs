@@ -123,163 +123,167 @@ impl Bystander {
 
 #[test]
 fn malformed_headers_get_the_named_c2h_term_req() {
-    watchdog("malformed_headers_get_the_named_c2h_term_req", 60, || {
-        let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 2);
-        let mut by = Bystander::new(&t);
-        let d = Digests::default();
-        let good = cmd_bytes(Sqe::flush(1), &[], d);
-        let cases: Vec<(&str, Vec<u8>, Fes, u32)> = vec![
-            (
-                "unknown type",
-                {
-                    let mut b = good.clone();
-                    b[0] = 0x0a;
-                    b
-                },
-                Fes::InvalidHeaderField,
-                field::TYPE,
-            ),
-            (
-                "a C2H type from the host",
-                {
-                    let mut b = good.clone();
-                    b[0] = pdu_type::R2T;
-                    b
-                },
-                Fes::InvalidHeaderField,
-                field::TYPE,
-            ),
-            (
-                "wrong HLEN",
-                {
-                    let mut b = good.clone();
-                    b[2] = 64;
-                    b
-                },
-                Fes::InvalidHeaderField,
-                field::HLEN,
-            ),
-            (
-                "PDO without data",
-                {
-                    let mut b = good.clone();
-                    b[3] = 72;
-                    b
-                },
-                Fes::InvalidHeaderField,
-                field::PDO,
-            ),
-            (
-                "PLEN short",
-                {
-                    let mut b = good.clone();
-                    b[4] = 40;
-                    b
-                },
-                Fes::InvalidHeaderField,
-                field::PLEN,
-            ),
-            (
-                "reserved flag",
-                {
-                    let mut b = good.clone();
-                    b[1] = 0x10;
-                    b
-                },
-                Fes::InvalidHeaderField,
-                field::FLAGS,
-            ),
-            (
-                "digest flag not negotiated",
-                {
-                    let mut b = good.clone();
-                    b[1] = 1;
-                    b
-                },
-                Fes::InvalidHeaderField,
-                field::FLAGS,
-            ),
-            (
-                "in-capsule data beyond 8 KiB",
-                cmd_bytes(write_sqe(0, 24, Sgl::incapsule(12288), 1), &[0u8; 12288], d),
-                Fes::DataLimitExceeded,
-                field::PLEN,
-            ),
-            (
-                "a second ICReq",
-                pdu::encode(
-                    &Pdu::IcReq(pdu::IcReq {
-                        pfv: 0,
-                        hpda: 0,
-                        digests: d,
-                        maxr2t: 0,
-                    }),
+    watchdog(
+        "malformed_headers_get_the_named_c2h_term_req",
+        test_watchdog::INTEGRATION,
+        || {
+            let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 2);
+            let mut by = Bystander::new(&t);
+            let d = Digests::default();
+            let good = cmd_bytes(Sqe::flush(1), &[], d);
+            let cases: Vec<(&str, Vec<u8>, Fes, u32)> = vec![
+                (
+                    "unknown type",
+                    {
+                        let mut b = good.clone();
+                        b[0] = 0x0a;
+                        b
+                    },
+                    Fes::InvalidHeaderField,
+                    field::TYPE,
+                ),
+                (
+                    "a C2H type from the host",
+                    {
+                        let mut b = good.clone();
+                        b[0] = pdu_type::R2T;
+                        b
+                    },
+                    Fes::InvalidHeaderField,
+                    field::TYPE,
+                ),
+                (
+                    "wrong HLEN",
+                    {
+                        let mut b = good.clone();
+                        b[2] = 64;
+                        b
+                    },
+                    Fes::InvalidHeaderField,
+                    field::HLEN,
+                ),
+                (
+                    "PDO without data",
+                    {
+                        let mut b = good.clone();
+                        b[3] = 72;
+                        b
+                    },
+                    Fes::InvalidHeaderField,
+                    field::PDO,
+                ),
+                (
+                    "PLEN short",
+                    {
+                        let mut b = good.clone();
+                        b[4] = 40;
+                        b
+                    },
+                    Fes::InvalidHeaderField,
+                    field::PLEN,
+                ),
+                (
+                    "reserved flag",
+                    {
+                        let mut b = good.clone();
+                        b[1] = 0x10;
+                        b
+                    },
+                    Fes::InvalidHeaderField,
+                    field::FLAGS,
+                ),
+                (
+                    "digest flag not negotiated",
+                    {
+                        let mut b = good.clone();
+                        b[1] = 1;
+                        b
+                    },
+                    Fes::InvalidHeaderField,
+                    field::FLAGS,
+                ),
+                (
+                    "in-capsule data beyond 8 KiB",
+                    cmd_bytes(write_sqe(0, 24, Sgl::incapsule(12288), 1), &[0u8; 12288], d),
+                    Fes::DataLimitExceeded,
+                    field::PLEN,
+                ),
+                (
+                    "a second ICReq",
+                    pdu::encode(
+                        &Pdu::IcReq(pdu::IcReq {
+                            pfv: 0,
+                            hpda: 0,
+                            digests: d,
+                            maxr2t: 0,
+                        }),
+                        0,
+                        d,
+                        0,
+                    )
+                    .as_bytes()
+                    .to_vec(),
+                    Fes::SequenceError,
                     0,
-                    d,
-                    0,
-                )
-                .as_bytes()
-                .to_vec(),
-                Fes::SequenceError,
-                0,
-            ),
-        ];
-        for (what, bytes, fes, fei) in cases {
+                ),
+            ];
+            for (what, bytes, fes, fei) in cases {
+                let mut s = raw(&t, d, None);
+                s.write_all(&bytes).expect("send");
+                let (got_fes, got_fei, hdr) = expect_term(&mut s);
+                assert_eq!((got_fes, got_fei), (fes, fei), "{what}");
+                // The TermReq carries the offending header back.
+                assert_eq!(&hdr[..], &bytes[..hdr.len()], "{what}");
+                assert!(!hdr.is_empty(), "{what}");
+                by.check();
+            }
+            // An H2CTermReq: the target closes without answering.
             let mut s = raw(&t, d, None);
-            s.write_all(&bytes).expect("send");
-            let (got_fes, got_fei, hdr) = expect_term(&mut s);
-            assert_eq!((got_fes, got_fei), (fes, fei), "{what}");
-            // The TermReq carries the offending header back.
-            assert_eq!(&hdr[..], &bytes[..hdr.len()], "{what}");
-            assert!(!hdr.is_empty(), "{what}");
+            let term = pdu::encode(
+                &Pdu::H2cTermReq(pdu::TermReq {
+                    fes: Fes::HeaderDigest,
+                    fei: 0,
+                }),
+                0,
+                d,
+                0,
+            );
+            s.write_all(term.as_bytes()).expect("send");
+            assert!(read_pdu(&mut s).is_none());
             by.check();
-        }
-        // An H2CTermReq: the target closes without answering.
-        let mut s = raw(&t, d, None);
-        let term = pdu::encode(
-            &Pdu::H2cTermReq(pdu::TermReq {
-                fes: Fes::HeaderDigest,
-                fei: 0,
-            }),
-            0,
-            d,
-            0,
-        );
-        s.write_all(term.as_bytes()).expect("send");
-        assert!(read_pdu(&mut s).is_none());
-        by.check();
-        // A PDU before ICReq.
-        let mut s = TcpStream::connect(t.addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        s.write_all(&good).expect("send");
-        assert_eq!(expect_term(&mut s).0, Fes::SequenceError);
-        // ICReq with an unsupported PFV.
-        let mut s = TcpStream::connect(t.addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut ic = pdu::encode(
-            &Pdu::IcReq(pdu::IcReq {
-                pfv: 0,
-                hpda: 0,
-                digests: d,
-                maxr2t: 0,
-            }),
-            0,
-            d,
-            0,
-        );
-        ic.as_mut_bytes()[8] = 1;
-        s.write_all(ic.as_bytes()).expect("send");
-        assert_eq!(expect_term(&mut s).0, Fes::UnsupportedParameter);
-        by.check();
-        t.stop();
-    })
+            // A PDU before ICReq.
+            let mut s = TcpStream::connect(t.addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            s.write_all(&good).expect("send");
+            assert_eq!(expect_term(&mut s).0, Fes::SequenceError);
+            // ICReq with an unsupported PFV.
+            let mut s = TcpStream::connect(t.addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut ic = pdu::encode(
+                &Pdu::IcReq(pdu::IcReq {
+                    pfv: 0,
+                    hpda: 0,
+                    digests: d,
+                    maxr2t: 0,
+                }),
+                0,
+                d,
+                0,
+            );
+            ic.as_mut_bytes()[8] = 1;
+            s.write_all(ic.as_bytes()).expect("send");
+            assert_eq!(expect_term(&mut s).0, Fes::UnsupportedParameter);
+            by.check();
+            t.stop();
+        },
+    )
 }
 
 #[test]
 fn digest_errors() {
-    watchdog("digest_errors", 60, || {
+    watchdog("digest_errors", test_watchdog::INTEGRATION, || {
         let mem = mem_backend();
         let t = TestTarget::with_backend(mem.clone(), TargetOptions::default(), 1);
         let mut by = Bystander::new(&t);
@@ -357,7 +361,7 @@ fn h2c(cid: u16, ttag: u16, offset: u32, data: &[u8], last: bool) -> Vec<u8> {
 fn h2c_data_for_an_unknown_tag_or_past_the_command() {
     watchdog(
         "h2c_data_for_an_unknown_tag_or_past_the_command",
-        60,
+        test_watchdog::INTEGRATION,
         || {
             let mem = mem_backend();
             let t = TestTarget::with_backend(mem.clone(), TargetOptions::default(), 1);
@@ -407,240 +411,257 @@ fn h2c_data_for_an_unknown_tag_or_past_the_command() {
 
 #[test]
 fn host_vanishing_mid_transfer_writes_nothing() {
-    watchdog("host_vanishing_mid_transfer_writes_nothing", 60, || {
-        let mem = mem_backend();
-        let t = TestTarget::with_backend(mem.clone(), TargetOptions::default(), 2);
-        let mut by = Bystander::new(&t);
-        let mut c = connect(&t, Digests::default());
-        let mut s = raw(&t, Digests::default(), Some((c.cntlid(), 1)));
-        let ttag = write_wanting_r2t(&mut s, 300, 65536, 5);
-        s.write_all(&h2c(5, ttag, 0, &[0xee; 16384], false))
-            .expect("send");
-        // Half a PDU, then gone.
-        let mut half = h2c(5, ttag, 16384, &[0xee; 16384], false);
-        half.truncate(5000);
-        s.write_all(&half).expect("send");
-        drop(s);
-        by.check();
-        // The association goes on on its other queues; nothing of the write landed.
-        let mut q = c.io_queue(8).expect("another I/O queue");
-        assert!(
-            q.read(1, 300, 128, 512)
-                .expect("read")
-                .iter()
-                .all(|&x| x == 0)
-        );
-        assert!(mem.snapshot(Nsid(1)).iter().all(|&x| x == 0));
-        c.keep_alive().expect("keep alive");
-        t.stop();
-    })
+    watchdog(
+        "host_vanishing_mid_transfer_writes_nothing",
+        test_watchdog::INTEGRATION,
+        || {
+            let mem = mem_backend();
+            let t = TestTarget::with_backend(mem.clone(), TargetOptions::default(), 2);
+            let mut by = Bystander::new(&t);
+            let mut c = connect(&t, Digests::default());
+            let mut s = raw(&t, Digests::default(), Some((c.cntlid(), 1)));
+            let ttag = write_wanting_r2t(&mut s, 300, 65536, 5);
+            s.write_all(&h2c(5, ttag, 0, &[0xee; 16384], false))
+                .expect("send");
+            // Half a PDU, then gone.
+            let mut half = h2c(5, ttag, 16384, &[0xee; 16384], false);
+            half.truncate(5000);
+            s.write_all(&half).expect("send");
+            drop(s);
+            by.check();
+            // The association goes on on its other queues; nothing of the write landed.
+            let mut q = c.io_queue(8).expect("another I/O queue");
+            assert!(
+                q.read(1, 300, 128, 512)
+                    .expect("read")
+                    .iter()
+                    .all(|&x| x == 0)
+            );
+            assert!(mem.snapshot(Nsid(1)).iter().all(|&x| x == 0));
+            c.keep_alive().expect("keep alive");
+            t.stop();
+        },
+    )
 }
 
 #[test]
 fn more_commands_than_sqsize_get_a_c2h_term_req() {
-    watchdog("more_commands_than_sqsize_get_a_c2h_term_req", 60, || {
-        let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
-        let mut by = Bystander::new(&t);
-        let c = connect(&t, Digests::default());
-        // An 8-entry queue (SQSIZE 7): eight writes wait for their data, the ninth is one too
-        // many.
-        let mut s = raw(&t, Digests::default(), Some((c.cntlid(), 1)));
-        for cid in 0..9u16 {
-            let sqe = write_sqe(cid as u64 * 32, 32, Sgl::transport(16384), cid);
-            s.write_all(&cmd_bytes(sqe, &[], Digests::default()))
-                .expect("send");
-        }
-        assert_eq!(expect_term(&mut s).0, Fes::SequenceError);
-        by.check();
-        t.stop();
-    })
+    watchdog(
+        "more_commands_than_sqsize_get_a_c2h_term_req",
+        test_watchdog::INTEGRATION,
+        || {
+            let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
+            let mut by = Bystander::new(&t);
+            let c = connect(&t, Digests::default());
+            // An 8-entry queue (SQSIZE 7): eight writes wait for their data, the ninth is one too
+            // many.
+            let mut s = raw(&t, Digests::default(), Some((c.cntlid(), 1)));
+            for cid in 0..9u16 {
+                let sqe = write_sqe(cid as u64 * 32, 32, Sgl::transport(16384), cid);
+                s.write_all(&cmd_bytes(sqe, &[], Digests::default()))
+                    .expect("send");
+            }
+            assert_eq!(expect_term(&mut s).0, Fes::SequenceError);
+            by.check();
+            t.stop();
+        },
+    )
 }
 
 #[test]
 fn bad_commands_get_the_named_status() {
-    watchdog("bad_commands_get_the_named_status", 60, || {
-        let mem = mem_backend();
-        let target = Target::new(TargetOptions::default());
-        target.add_subsystem(Subsystem::new(SUBNQN, mem.clone()));
-        target.add_subsystem(
-            Subsystem::new("nqn.2026-12.io.dioxide:locked", mem_backend())
-                .allow_host("nqn.2026-12.io.dioxide:the-one"),
-        );
-        let t = TestTarget::start(target, 1);
-        let mut by = Bystander::new(&t);
-        let opts = host_opts(Digests::default());
-        // I/O before Connect: Command Sequence Error.
-        let mut q = HostQueue::open(t.addr, &opts, 8).expect("ICReq");
-        let e = q.read(1, 0, 1, 512).unwrap_err();
-        assert!(
-            is_status(&e, Sct::Generic, generic::COMMAND_SEQUENCE_ERROR),
-            "{e}"
-        );
-        // Connect to a subsystem that does not exist: Invalid Parameters, SUBNQN in the data.
-        let mut o = opts.clone();
-        o.subnqn = "nqn.2026-12.io.dioxide:nope".into();
-        let mut q = HostQueue::open(t.addr, &o, 8).expect("ICReq");
-        match q.connect(&o, 0, 8, fabrics::CNTLID_DYNAMIC).unwrap_err() {
-            HostError::Status { status, dw0, .. } => {
-                assert_eq!(
-                    (status.sct, status.sc),
-                    (Sct::CommandSpecific, fsc::CONNECT_INVALID_PARAMETERS)
-                );
-                assert_eq!(
-                    dw0,
-                    fabrics::invalid_param_in_data(fabrics::connect_data::SUBNQN)
-                );
-            }
-            e => panic!("{e}"),
-        }
-        // A host not allowed: Connect Invalid Host.
-        let mut o = opts.clone();
-        o.subnqn = "nqn.2026-12.io.dioxide:locked".into();
-        let mut q = HostQueue::open(t.addr, &o, 8).expect("ICReq");
-        let e = q.connect(&o, 0, 8, fabrics::CNTLID_DYNAMIC).unwrap_err();
-        assert!(
-            is_status(&e, Sct::CommandSpecific, fsc::CONNECT_INVALID_HOST),
-            "{e}"
-        );
-        // ... and the allowed one gets in.
-        o.hostnqn = "nqn.2026-12.io.dioxide:the-one".into();
-        let mut ok = super::super::host::HostController::connect(t.addr, o).expect("allowed host");
-        // A stale controller ID: the association is gone.
-        let c = connect(&t, Digests::default());
-        let stale = c.cntlid();
-        c.shutdown().expect("shutdown");
-        let mut q = HostQueue::open(t.addr, &opts, 8).expect("ICReq");
-        match q.connect(&opts, 1, 8, stale).unwrap_err() {
-            HostError::Status { status, dw0, .. } => {
-                assert_eq!(status.sc, fsc::CONNECT_INVALID_PARAMETERS);
-                assert_eq!(
-                    dw0,
-                    fabrics::invalid_param_in_data(fabrics::connect_data::CNTLID)
-                );
-            }
-            e => panic!("{e}"),
-        }
-        // SQSIZE 0, and SQSIZE beyond MAXCMD: Invalid Parameters, SQSIZE in the command.
-        for entries in [1u16, 1024] {
+    watchdog(
+        "bad_commands_get_the_named_status",
+        test_watchdog::INTEGRATION,
+        || {
+            let mem = mem_backend();
+            let target = Target::new(TargetOptions::default());
+            target.add_subsystem(Subsystem::new(SUBNQN, mem.clone()));
+            target.add_subsystem(
+                Subsystem::new("nqn.2026-12.io.dioxide:locked", mem_backend())
+                    .allow_host("nqn.2026-12.io.dioxide:the-one"),
+            );
+            let t = TestTarget::start(target, 1);
+            let mut by = Bystander::new(&t);
+            let opts = host_opts(Digests::default());
+            // I/O before Connect: Command Sequence Error.
             let mut q = HostQueue::open(t.addr, &opts, 8).expect("ICReq");
-            match q
-                .connect(&opts, 0, entries, fabrics::CNTLID_DYNAMIC)
-                .unwrap_err()
-            {
+            let e = q.read(1, 0, 1, 512).unwrap_err();
+            assert!(
+                is_status(&e, Sct::Generic, generic::COMMAND_SEQUENCE_ERROR),
+                "{e}"
+            );
+            // Connect to a subsystem that does not exist: Invalid Parameters, SUBNQN in the data.
+            let mut o = opts.clone();
+            o.subnqn = "nqn.2026-12.io.dioxide:nope".into();
+            let mut q = HostQueue::open(t.addr, &o, 8).expect("ICReq");
+            match q.connect(&o, 0, 8, fabrics::CNTLID_DYNAMIC).unwrap_err() {
                 HostError::Status { status, dw0, .. } => {
-                    assert_eq!(status.sc, fsc::CONNECT_INVALID_PARAMETERS);
-                    assert_eq!(dw0, fabrics::invalid_param_in_cmd(44));
+                    assert_eq!(
+                        (status.sct, status.sc),
+                        (Sct::CommandSpecific, fsc::CONNECT_INVALID_PARAMETERS)
+                    );
+                    assert_eq!(
+                        dw0,
+                        fabrics::invalid_param_in_data(fabrics::connect_data::SUBNQN)
+                    );
                 }
                 e => panic!("{e}"),
             }
-        }
-        // An I/O queue ID beyond the queues granted.
-        let c = connect(&t, Digests::default());
-        let mut q = HostQueue::open(t.addr, &opts, 8).expect("ICReq");
-        let e = q.connect(&opts, 1000, 8, c.cntlid()).unwrap_err();
-        assert!(
-            is_status(&e, Sct::CommandSpecific, fsc::CONNECT_INVALID_PARAMETERS),
-            "{e}"
-        );
-        // LBA past the namespace, an unknown namespace, a transfer above MDTS.
-        let mut c = connect(&t, Digests::default());
-        let mut q = c.io_queue(8).expect("I/O queue");
-        let e = q.write(1, 8190, vec![0xaa; 2048], 512).unwrap_err();
-        assert!(
-            is_status(&e, Sct::Generic, generic::LBA_OUT_OF_RANGE),
-            "{e}"
-        );
-        let e = q.write(1, 8100, vec![0xaa; 65536], 512).unwrap_err();
-        assert!(
-            is_status(&e, Sct::Generic, generic::LBA_OUT_OF_RANGE),
-            "{e}"
-        );
-        let e = q.read(1, 8191, 2, 512).unwrap_err();
-        assert!(
-            is_status(&e, Sct::Generic, generic::LBA_OUT_OF_RANGE),
-            "{e}"
-        );
-        let e = q.read(9, 0, 1, 512).unwrap_err();
-        assert!(
-            is_status(&e, Sct::Generic, generic::INVALID_NAMESPACE),
-            "{e}"
-        );
-        let e = q.read(1, 0, 512, 512).unwrap_err();
-        assert!(is_status(&e, Sct::Generic, generic::INVALID_FIELD), "{e}");
-        // A write whose SGL length disagrees with its block count.
-        let sqe = Sqe::rw(opc::WRITE, 1, 0, 2, false);
-        let e = q
-            .run("short SGL", sqe, HostData::Out(vec![1; 512]))
-            .unwrap_err();
-        assert!(
-            is_status(&e, Sct::Generic, fsc::DATA_SGL_LENGTH_INVALID),
-            "{e}"
-        );
-        // Nothing was written anywhere.
-        assert!(mem.snapshot(Nsid(1)).iter().all(|&x| x == 0));
-        by.check();
-        ok.keep_alive().expect("the allowed host still works");
-        t.stop();
-    })
+            // A host not allowed: Connect Invalid Host.
+            let mut o = opts.clone();
+            o.subnqn = "nqn.2026-12.io.dioxide:locked".into();
+            let mut q = HostQueue::open(t.addr, &o, 8).expect("ICReq");
+            let e = q.connect(&o, 0, 8, fabrics::CNTLID_DYNAMIC).unwrap_err();
+            assert!(
+                is_status(&e, Sct::CommandSpecific, fsc::CONNECT_INVALID_HOST),
+                "{e}"
+            );
+            // ... and the allowed one gets in.
+            o.hostnqn = "nqn.2026-12.io.dioxide:the-one".into();
+            let mut ok =
+                super::super::host::HostController::connect(t.addr, o).expect("allowed host");
+            // A stale controller ID: the association is gone.
+            let c = connect(&t, Digests::default());
+            let stale = c.cntlid();
+            c.shutdown().expect("shutdown");
+            let mut q = HostQueue::open(t.addr, &opts, 8).expect("ICReq");
+            match q.connect(&opts, 1, 8, stale).unwrap_err() {
+                HostError::Status { status, dw0, .. } => {
+                    assert_eq!(status.sc, fsc::CONNECT_INVALID_PARAMETERS);
+                    assert_eq!(
+                        dw0,
+                        fabrics::invalid_param_in_data(fabrics::connect_data::CNTLID)
+                    );
+                }
+                e => panic!("{e}"),
+            }
+            // SQSIZE 0, and SQSIZE beyond MAXCMD: Invalid Parameters, SQSIZE in the command.
+            for entries in [1u16, 1024] {
+                let mut q = HostQueue::open(t.addr, &opts, 8).expect("ICReq");
+                match q
+                    .connect(&opts, 0, entries, fabrics::CNTLID_DYNAMIC)
+                    .unwrap_err()
+                {
+                    HostError::Status { status, dw0, .. } => {
+                        assert_eq!(status.sc, fsc::CONNECT_INVALID_PARAMETERS);
+                        assert_eq!(dw0, fabrics::invalid_param_in_cmd(44));
+                    }
+                    e => panic!("{e}"),
+                }
+            }
+            // An I/O queue ID beyond the queues granted.
+            let c = connect(&t, Digests::default());
+            let mut q = HostQueue::open(t.addr, &opts, 8).expect("ICReq");
+            let e = q.connect(&opts, 1000, 8, c.cntlid()).unwrap_err();
+            assert!(
+                is_status(&e, Sct::CommandSpecific, fsc::CONNECT_INVALID_PARAMETERS),
+                "{e}"
+            );
+            // LBA past the namespace, an unknown namespace, a transfer above MDTS.
+            let mut c = connect(&t, Digests::default());
+            let mut q = c.io_queue(8).expect("I/O queue");
+            let e = q.write(1, 8190, vec![0xaa; 2048], 512).unwrap_err();
+            assert!(
+                is_status(&e, Sct::Generic, generic::LBA_OUT_OF_RANGE),
+                "{e}"
+            );
+            let e = q.write(1, 8100, vec![0xaa; 65536], 512).unwrap_err();
+            assert!(
+                is_status(&e, Sct::Generic, generic::LBA_OUT_OF_RANGE),
+                "{e}"
+            );
+            let e = q.read(1, 8191, 2, 512).unwrap_err();
+            assert!(
+                is_status(&e, Sct::Generic, generic::LBA_OUT_OF_RANGE),
+                "{e}"
+            );
+            let e = q.read(9, 0, 1, 512).unwrap_err();
+            assert!(
+                is_status(&e, Sct::Generic, generic::INVALID_NAMESPACE),
+                "{e}"
+            );
+            let e = q.read(1, 0, 512, 512).unwrap_err();
+            assert!(is_status(&e, Sct::Generic, generic::INVALID_FIELD), "{e}");
+            // A write whose SGL length disagrees with its block count.
+            let sqe = Sqe::rw(opc::WRITE, 1, 0, 2, false);
+            let e = q
+                .run("short SGL", sqe, HostData::Out(vec![1; 512]))
+                .unwrap_err();
+            assert!(
+                is_status(&e, Sct::Generic, fsc::DATA_SGL_LENGTH_INVALID),
+                "{e}"
+            );
+            // Nothing was written anywhere.
+            assert!(mem.snapshot(Nsid(1)).iter().all(|&x| x == 0));
+            by.check();
+            ok.keep_alive().expect("the allowed host still works");
+            t.stop();
+        },
+    )
 }
 
 #[test]
 fn c2h_data_honours_the_host_pdu_data_alignment() {
-    watchdog("c2h_data_honours_the_host_pdu_data_alignment", 30, || {
-        let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
-        let d = Digests {
-            header: true,
-            data: false,
-        };
-        let mut s = TcpStream::connect(t.addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        // HPDA 7: C2HData must start 32-byte aligned.
-        let ic = pdu::IcReq {
-            pfv: 0,
-            hpda: 7,
-            digests: d,
-            maxr2t: 0,
-        };
-        s.write_all(pdu::encode(&Pdu::IcReq(ic), 0, d, 0).as_bytes())
-            .expect("ICReq");
-        let resp = read_pdu(&mut s).expect("ICResp");
-        assert_eq!(
-            (resp[0], resp[10], resp[11]),
-            (pdu_type::IC_RESP, 0, d.bits())
-        );
-        let mut sqe = fabrics::Connect {
-            recfmt: 0,
-            qid: 0,
-            sqsize: 31,
-            cattr: 0,
-            kato: 0,
-        }
-        .to_sqe();
-        sqe.set_cid(1);
-        Sgl::incapsule(1024).set(&mut sqe);
-        let data = fabrics::ConnectData {
-            hostid: [1; 16],
-            cntlid: fabrics::CNTLID_DYNAMIC,
-            subnqn: SUBNQN.into(),
-            hostnqn: HOSTNQN.into(),
-        }
-        .to_bytes();
-        s.write_all(&cmd_bytes(sqe, &data, d)).expect("Connect");
-        let p = read_pdu(&mut s).expect("Connect response");
-        assert_eq!(p[0], pdu_type::CAPSULE_RESP);
-        assert!(pdu::cqe_from_bytes(&p[8..24]).status().is_success());
-        let mut id = Sqe::identify(1, 0, 0);
-        id.set_cid(2);
-        Sgl::transport(4096).set(&mut id);
-        s.write_all(&cmd_bytes(id, &[], d)).expect("Identify");
-        let p = read_pdu(&mut s).expect("C2HData");
-        assert_eq!(p[0], pdu_type::C2H_DATA);
-        assert_eq!(p[3], 32, "PDO: 24-byte header, 4-byte digest, padded to 32");
-        assert_eq!(p.len(), 32 + 4096);
-        assert_eq!(&p[32 + 768..32 + 768 + SUBNQN.len()], SUBNQN.as_bytes());
-        let r = read_pdu(&mut s).expect("response");
-        assert_eq!(r[0], pdu_type::CAPSULE_RESP);
-        t.stop();
-    })
+    watchdog(
+        "c2h_data_honours_the_host_pdu_data_alignment",
+        test_watchdog::INTEGRATION,
+        || {
+            let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
+            let d = Digests {
+                header: true,
+                data: false,
+            };
+            let mut s = TcpStream::connect(t.addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            // HPDA 7: C2HData must start 32-byte aligned.
+            let ic = pdu::IcReq {
+                pfv: 0,
+                hpda: 7,
+                digests: d,
+                maxr2t: 0,
+            };
+            s.write_all(pdu::encode(&Pdu::IcReq(ic), 0, d, 0).as_bytes())
+                .expect("ICReq");
+            let resp = read_pdu(&mut s).expect("ICResp");
+            assert_eq!(
+                (resp[0], resp[10], resp[11]),
+                (pdu_type::IC_RESP, 0, d.bits())
+            );
+            let mut sqe = fabrics::Connect {
+                recfmt: 0,
+                qid: 0,
+                sqsize: 31,
+                cattr: 0,
+                kato: 0,
+            }
+            .to_sqe();
+            sqe.set_cid(1);
+            Sgl::incapsule(1024).set(&mut sqe);
+            let data = fabrics::ConnectData {
+                hostid: [1; 16],
+                cntlid: fabrics::CNTLID_DYNAMIC,
+                subnqn: SUBNQN.into(),
+                hostnqn: HOSTNQN.into(),
+            }
+            .to_bytes();
+            s.write_all(&cmd_bytes(sqe, &data, d)).expect("Connect");
+            let p = read_pdu(&mut s).expect("Connect response");
+            assert_eq!(p[0], pdu_type::CAPSULE_RESP);
+            assert!(pdu::cqe_from_bytes(&p[8..24]).status().is_success());
+            let mut id = Sqe::identify(1, 0, 0);
+            id.set_cid(2);
+            Sgl::transport(4096).set(&mut id);
+            s.write_all(&cmd_bytes(id, &[], d)).expect("Identify");
+            let p = read_pdu(&mut s).expect("C2HData");
+            assert_eq!(p[0], pdu_type::C2H_DATA);
+            assert_eq!(p[3], 32, "PDO: 24-byte header, 4-byte digest, padded to 32");
+            assert_eq!(p.len(), 32 + 4096);
+            assert_eq!(&p[32 + 768..32 + 768 + SUBNQN.len()], SUBNQN.as_bytes());
+            let r = read_pdu(&mut s).expect("response");
+            assert_eq!(r[0], pdu_type::CAPSULE_RESP);
+            t.stop();
+        },
+    )
 }

@@ -30,7 +30,7 @@ fn dioxide() -> Dioxide {
 fn target_on_blockfiles_of_the_emulated_controller() {
     watchdog(
         "target_on_blockfiles_of_the_emulated_controller",
-        120,
+        test_watchdog::STRESS,
         || {
             let dx = dioxide();
             let backend = Arc::new(FileBackend::new(&dx, 0).expect("file backend"));

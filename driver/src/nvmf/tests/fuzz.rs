@@ -127,6 +127,7 @@ proptest! {
         steps in proptest::collection::vec(step(), 1..24),
         queue in 0u8..3,
     ) {
+        let _w = test_watchdog::arm(test_watchdog::STRESS);
         let mem = Arc::new(MemBackend::new(&[(512, 1024), (4096, 64)]));
         let target = Target::new(TargetOptions {
             max_queue_depth: 8,

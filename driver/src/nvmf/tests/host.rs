@@ -57,63 +57,67 @@ fn fake_target(echo: bool, then: Vec<u8>) -> (SocketAddr, mpsc::Receiver<Option<
 
 #[test]
 fn transport_failures_are_named() {
-    watchdog("transport_failures_are_named", 60, || {
-        // Refused connection.
-        let addr = {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr")
-        };
-        let e = HostQueue::open(addr, &host_opts(Digests::default()), 8).unwrap_err();
-        assert!(matches!(e, HostError::Connect { .. }), "{e}");
-        assert!(e.to_string().contains("is the target listening"));
+    watchdog(
+        "transport_failures_are_named",
+        test_watchdog::INTEGRATION,
+        || {
+            // Refused connection.
+            let addr = {
+                let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+                l.local_addr().expect("addr")
+            };
+            let e = HostQueue::open(addr, &host_opts(Digests::default()), 8).unwrap_err();
+            assert!(matches!(e, HostError::Connect { .. }), "{e}");
+            assert!(e.to_string().contains("is the target listening"));
 
-        // ICResp that does not echo the digests asked for.
-        let (addr, _) = fake_target(false, Vec::new());
-        let d = Digests {
-            header: true,
-            data: false,
-        };
-        let e = HostQueue::open(addr, &host_opts(d), 8).unwrap_err();
-        assert!(matches!(e, HostError::IcResp(_)), "{e}");
+            // ICResp that does not echo the digests asked for.
+            let (addr, _) = fake_target(false, Vec::new());
+            let d = Digests {
+                header: true,
+                data: false,
+            };
+            let e = HostQueue::open(addr, &host_opts(d), 8).unwrap_err();
+            assert!(matches!(e, HostError::IcResp(_)), "{e}");
 
-        // A target that answers garbage: the host names it and sends an H2CTermReq.
-        let mut garbage = vec![0x0au8, 0, 24, 0];
-        garbage.extend_from_slice(&24u32.to_le_bytes());
-        garbage.resize(24, 0xee);
-        let (addr, seen) = fake_target(true, garbage);
-        let mut q = HostQueue::open(addr, &host_opts(Digests::default()), 8).expect("open");
-        q.submit(Sqe::flush(1), HostData::None, 1).expect("submit");
-        let e = loop {
-            match q.poll() {
-                Err(e) => break e,
-                Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+            // A target that answers garbage: the host names it and sends an H2CTermReq.
+            let mut garbage = vec![0x0au8, 0, 24, 0];
+            garbage.extend_from_slice(&24u32.to_le_bytes());
+            garbage.resize(24, 0xee);
+            let (addr, seen) = fake_target(true, garbage);
+            let mut q = HostQueue::open(addr, &host_opts(Digests::default()), 8).expect("open");
+            q.submit(Sqe::flush(1), HostData::None, 1).expect("submit");
+            let e = loop {
+                match q.poll() {
+                    Err(e) => break e,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            match e {
+                HostError::Protocol(f) => assert_eq!(f.fes, Fes::InvalidHeaderField),
+                e => panic!("{e}"),
             }
-        };
-        match e {
-            HostError::Protocol(f) => assert_eq!(f.fes, Fes::InvalidHeaderField),
-            e => panic!("{e}"),
-        }
-        let lost = q.pop().expect("the outstanding command completes");
-        assert_eq!(lost.tag, 1);
-        assert!(matches!(lost.result, Err(HostError::Lost(_))));
-        assert!(q.pop().is_none(), "exactly once");
-        assert!(matches!(
-            q.submit(Sqe::flush(1), HostData::None, 2),
-            Err(HostError::Lost(_))
-        ));
-        assert_eq!(
-            seen.recv_timeout(Duration::from_secs(10))
-                .expect("fake target"),
-            Some(pdu_type::H2C_TERM_REQ)
-        );
-    })
+            let lost = q.pop().expect("the outstanding command completes");
+            assert_eq!(lost.tag, 1);
+            assert!(matches!(lost.result, Err(HostError::Lost(_))));
+            assert!(q.pop().is_none(), "exactly once");
+            assert!(matches!(
+                q.submit(Sqe::flush(1), HostData::None, 2),
+                Err(HostError::Lost(_))
+            ));
+            assert_eq!(
+                seen.recv_timeout(Duration::from_secs(10))
+                    .expect("fake target"),
+                Some(pdu_type::H2C_TERM_REQ)
+            );
+        },
+    )
 }
 
 #[test]
 fn c2h_term_req_and_a_vanished_target_fail_outstanding_commands_once() {
     watchdog(
         "c2h_term_req_and_a_vanished_target_fail_outstanding_commands_once",
-        60,
+        test_watchdog::INTEGRATION,
         || {
             let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
             // C2HTermReq: an AER is outstanding when the host sends a malformed PDU.

@@ -1,8 +1,9 @@
 //! Loopback tests: the target on 127.0.0.1 (ephemeral port, poll groups on threads) and the
-//! host of this module, over real TCP sockets. Every test runs under a watchdog: a hang fails
-//! the test by name instead of stalling the suite.
+//! host of this module, over real TCP sockets. Every test runs under the project's test
+//! watchdog: a hang fails the test binary, naming the test, instead of stalling the suite.
 
 mod bad_input;
+#[cfg(feature = "emulated")]
 mod dioxide;
 mod fuzz;
 mod host;
@@ -22,30 +23,10 @@ use super::target::{PollGroup, Subsystem, Target, TargetOptions};
 pub(super) const SUBNQN: &str = "nqn.2026-12.io.dioxide:test";
 pub(super) const HOSTNQN: &str = "nqn.2026-12.io.dioxide:host-a";
 
-/// Runs `f` on a thread; fails the test by name if it takes longer than `secs`.
-pub(super) fn watchdog<T: Send + 'static>(
-    name: &str,
-    secs: u64,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            let r = f();
-            let _ = tx.send(());
-            r
-        })
-        .expect("spawn the test thread");
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match h.join() {
-            Ok(v) => v,
-            Err(p) => std::panic::resume_unwind(p),
-        },
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            panic!("test {name} hung: no result after {secs} s")
-        }
-    }
+/// Runs `f` under the project's test watchdog: a hang ends the test binary naming the test.
+pub(super) fn watchdog<T>(name: &str, bound: Duration, f: impl FnOnce() -> T) -> T {
+    let _w = test_watchdog::arm_named(name, bound);
+    f()
 }
 
 /// A target serving on 127.0.0.1 with `groups` poll groups on their own threads.

@@ -1,0 +1,424 @@
+//! The built-in emulated NVMe controller: an in-process NVMe 1.4 controller model behind the
+//! [`Bus`] seam.
+//!
+//! The driver sees exactly what it would see over VFIO: BAR0 registers (CAP, VS, CC, CSTS, AQA,
+//! ASQ, ACQ, doorbells with the configured stride), submission queues it fills and completion
+//! queues whose phase tags it polls, and DMA memory reached by IOVA. The model reads SQEs, walks
+//! PRPs and writes CQEs only through raw pointers into that DMA memory, translating every IOVA
+//! through [`DmaMemory::ptr_of`] like an IOMMU: an address outside DMA memory is a DMA fault,
+//! completed with Data Transfer Error and counted in [`Stats::dma_faults`] (where QEMU would
+//! silently succeed).
+//!
+//! # Modes
+//! * [`Mode::Inline`]: a command is processed synchronously inside the SQ tail doorbell write,
+//!   on the ringing thread. Deterministic, and the way to measure the driver's own cost: with the
+//!   memory or null backing a command costs one uncontended lock of its SQ and one of its CQ, no
+//!   allocation and no system call.
+//! * [`Mode::Threaded`]: a device thread polls the doorbell values (atomics, read with acquire)
+//!   beside the driver, so the driver's ordering and barriers are exercised. After a while idle
+//!   it backs off (spin, yield, then short sleeps); it stops when the controller is dropped.
+//!
+//! # Behaviour a driver can observe
+//! * Enable (CC.EN 0 to 1) validates CC (IOSQES = 6, IOCQES = 4, MPS within CAP, CSS = NVM,
+//!   AMS = round robin) and AQA/ASQ/ACQ (sizes of at least 2, page aligned, in DMA memory); a bad
+//!   configuration sets CSTS.CFS, as a real controller does ([`EmulatedController::fatal_reason`]
+//!   says why). CSTS.RDY follows CC.EN after [`EmulatedConfig::ready_delay`] (both ways).
+//!   CC.EN 1 to 0 resets: all queues deleted, held commands dropped, features back to defaults,
+//!   CFS cleared. CC.SHN sets CSTS.SHST to complete at once.
+//! * Invalid doorbell writes (a value not below the queue size, a doorbell of a queue that does
+//!   not exist, or an offset that is not a doorbell of the stride) are ignored, counted in
+//!   [`Stats::invalid_doorbell_writes`], recorded in the Error Information log, and reported by
+//!   an Asynchronous Event (type Error, information 00h Write to Invalid Doorbell Register or
+//!   01h Invalid Doorbell Write Value, log page 01h) as NVMe 1.4 section 5.2 describes; they do
+//!   not set CFS. Overflow/underflow checks (a tail overtaking the head) are not made.
+//! * A CQ that is full holds further completions inside the controller and posts them as the
+//!   host frees entries (the SQ keeps being fetched).
+//! * Abort completes; DW0 bit 0 is 1 ("not aborted") unless the target is a held command
+//!   (never-completing or delayed by a fault), which then completes with Command Abort Requested.
+//! * Asynchronous Event Requests (up to 4) are held until an event occurs.
+//! * Null namespaces move no data but still check the NSID, LBA range, MDTS and the PRPs
+//!   (walked and translated), so PRP bugs are caught while measuring.
+//!
+//! See [`faults`](Fault) for fault injection and how delays work in inline mode.
+
+mod admin;
+mod chunks;
+mod device;
+mod faults;
+mod io;
+mod namespace;
+mod prp;
+mod queue;
+mod stats;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+pub use chunks::{EmulatedChunkSource, GRANULE, GUARD, IOVA_BASE};
+pub use faults::{Action, Fault, FaultId, Trigger};
+pub use stats::Stats;
+
+use crate::bus::dma::DmaMemory;
+use crate::bus::{Bus, Doorbell, PciId};
+use crate::spec::Cap;
+use device::{Device, Props};
+use namespace::Namespace;
+
+/// How the emulated controller runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Commands are processed inside the SQ tail doorbell write, on the ringing thread.
+    #[default]
+    Inline,
+    /// A device thread polls the doorbells and processes commands.
+    Threaded,
+}
+
+/// What a namespace stores its blocks in.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// Sparse memory: 64 KiB pieces allocated on first write; unwritten blocks read as zeroes.
+    #[default]
+    Memory,
+    /// A file, created if needed and extended to the namespace size.
+    File(PathBuf),
+    /// No storage: reads leave the buffer untouched, writes are discarded.
+    Null,
+}
+
+/// One namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceConfig {
+    /// Logical block size: 512 or 4096.
+    pub block_size: u32,
+    /// Size in logical blocks.
+    pub blocks: u64,
+    /// Storage.
+    pub backing: Backing,
+    /// Metadata bytes per block of the LBA format in use (0: none). A namespace with metadata
+    /// reports the format (`block_size`+`metadata`, as an extra LBA format 2) but moves no
+    /// metadata: reads and writes there fail with Invalid Field in Command. It exists to check
+    /// that a driver refuses such a namespace before sending it I/O.
+    pub metadata: u16,
+    /// With `metadata`: at the end of each block (extended LBA, FLBAS bit 4) rather than in a
+    /// separate buffer.
+    pub metadata_extended: bool,
+}
+
+impl NamespaceConfig {
+    /// A (sparse) memory namespace.
+    pub fn memory(block_size: u32, blocks: u64) -> Self {
+        NamespaceConfig {
+            block_size,
+            blocks,
+            backing: Backing::Memory,
+            metadata: 0,
+            metadata_extended: false,
+        }
+    }
+    /// A null namespace.
+    pub fn null(block_size: u32, blocks: u64) -> Self {
+        NamespaceConfig {
+            block_size,
+            blocks,
+            backing: Backing::Null,
+            metadata: 0,
+            metadata_extended: false,
+        }
+    }
+    /// The same namespace formatted with `bytes` of metadata per block, at the end of each
+    /// block (`extended`) or in a separate buffer: e.g. `memory(512, n).with_metadata(8, true)`
+    /// is a 512+8 extended-LBA namespace.
+    pub fn with_metadata(self, bytes: u16, extended: bool) -> Self {
+        NamespaceConfig {
+            metadata: bytes,
+            metadata_extended: extended,
+            ..self
+        }
+    }
+    /// A namespace backed by the file at `path`.
+    pub fn file(path: impl Into<PathBuf>, block_size: u32, blocks: u64) -> Self {
+        NamespaceConfig {
+            block_size,
+            blocks,
+            backing: Backing::File(path.into()),
+            metadata: 0,
+            metadata_extended: false,
+        }
+    }
+}
+
+/// Configuration of an emulated controller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmulatedConfig {
+    /// Inline or threaded.
+    pub mode: Mode,
+    /// Namespaces, NSID 1 first.
+    pub namespaces: Vec<NamespaceConfig>,
+    /// CAP.MQES: largest I/O queue, 0's based (at least 1).
+    pub mqes: u16,
+    /// MDTS: largest transfer is 4 KiB << mdts; 0 = no limit.
+    pub mdts: u8,
+    /// Most I/O queue pairs (Number of Queues allocates at most this many).
+    pub max_io_queues: u16,
+    /// CAP.DSTRD: doorbell stride is 4 << dstrd bytes.
+    pub dstrd: u8,
+    /// CAP.TO in 500 ms units.
+    pub cap_to: u8,
+    /// Time CSTS.RDY takes to follow CC.EN.
+    pub ready_delay: Duration,
+    /// Serial number (Identify Controller).
+    pub serial: String,
+    /// Model number.
+    pub model: String,
+    /// Firmware revision.
+    pub firmware: String,
+}
+
+impl Default for EmulatedConfig {
+    /// Inline, one 1 GiB memory namespace of 512-byte blocks, 1024-entry queues, 128 KiB MDTS,
+    /// 64 I/O queues, stride 0, CAP.TO 10 s, no ready delay.
+    fn default() -> Self {
+        EmulatedConfig {
+            mode: Mode::Inline,
+            namespaces: vec![NamespaceConfig::memory(512, (1 << 30) / 512)],
+            mqes: 1023,
+            mdts: 5,
+            max_io_queues: 64,
+            dstrd: 0,
+            cap_to: 20,
+            ready_delay: Duration::ZERO,
+            serial: "DIOXIDE-EMU-0001".into(),
+            model: "Dioxide Emulated NVMe Controller".into(),
+            firmware: "1.0".into(),
+        }
+    }
+}
+
+/// Errors creating an emulated controller.
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatedError {
+    /// The configuration is not usable.
+    #[error("invalid emulated controller configuration: {0}")]
+    InvalidConfig(String),
+    /// A namespace backing file could not be opened or sized.
+    #[error("failed to open namespace backing file {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device thread could not be started.
+    #[error("failed to start the emulated device thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// The emulated NVMe controller. Use it through [`Bus`]; the inherent methods are for tests.
+pub struct EmulatedController {
+    dev: Arc<Device>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl core::fmt::Debug for EmulatedController {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("EmulatedController")
+            .field("threaded", &self.dev.props.threaded)
+            .field("namespaces", &self.dev.namespaces.len())
+            .finish()
+    }
+}
+
+impl EmulatedController {
+    /// Builds the controller (disabled, as after power-on) and, in threaded mode, starts its
+    /// device thread.
+    pub fn new(config: EmulatedConfig) -> Result<Arc<EmulatedController>, EmulatedError> {
+        let bad = |m: String| Err(EmulatedError::InvalidConfig(m));
+        if config.mqes == 0 {
+            return bad("mqes must be at least 1 (queues of 2 entries)".into());
+        }
+        if config.max_io_queues == 0 || config.max_io_queues > 4096 {
+            return bad(format!(
+                "max_io_queues {} is not within 1..=4096",
+                config.max_io_queues
+            ));
+        }
+        if config.dstrd > 15 {
+            return bad(format!("dstrd {} does not fit CAP.DSTRD", config.dstrd));
+        }
+        if config.mdts > 16 {
+            return bad(format!("mdts {} is larger than 16", config.mdts));
+        }
+        let mut namespaces = Vec::with_capacity(config.namespaces.len());
+        for (i, n) in config.namespaces.iter().enumerate() {
+            if n.block_size != 512 && n.block_size != 4096 {
+                return bad(format!(
+                    "namespace {} has block size {}; only 512 and 4096 are supported",
+                    i + 1,
+                    n.block_size
+                ));
+            }
+            if n.blocks == 0 || n.blocks.checked_mul(n.block_size as u64).is_none() {
+                return bad(format!("namespace {} has {} blocks", i + 1, n.blocks));
+            }
+            let mut ns = match &n.backing {
+                Backing::Memory => Namespace::sparse(n.block_size, n.blocks),
+                Backing::Null => Namespace::null(n.block_size, n.blocks),
+                Backing::File(p) => {
+                    Namespace::file(p, n.block_size, n.blocks).map_err(|source| {
+                        EmulatedError::File {
+                            path: p.clone(),
+                            source,
+                        }
+                    })?
+                }
+            };
+            ns.metadata = n.metadata;
+            ns.metadata_extended = n.metadata_extended;
+            namespaces.push(ns);
+        }
+        let threaded = config.mode == Mode::Threaded;
+        let props = Props {
+            threaded,
+            cap: Cap::build(config.mqes, true, config.cap_to, config.dstrd, 0, 4),
+            dstrd: config.dstrd,
+            mqes: config.mqes,
+            mdts: config.mdts,
+            max_io_queues: config.max_io_queues,
+            ready_delay: config.ready_delay,
+            serial: config.serial,
+            model: config.model,
+            firmware: config.firmware,
+        };
+        let dma = DmaMemory::new(Box::new(EmulatedChunkSource::new()));
+        let dev = Arc::new(Device::new(dma, props, namespaces));
+        let thread = if threaded {
+            let d = dev.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("nvme-emu".into())
+                    .spawn(move || d.run())
+                    .map_err(EmulatedError::Thread)?,
+            )
+        } else {
+            None
+        };
+        Ok(Arc::new(EmulatedController { dev, thread }))
+    }
+
+    /// Installs a fault; it applies to commands fetched from now on.
+    pub fn inject(&self, fault: Fault) -> FaultId {
+        self.dev.faults.add(fault)
+    }
+
+    /// Removes one fault. Returns false if it had already fired its last time.
+    pub fn remove_fault(&self, id: FaultId) -> bool {
+        self.dev.faults.remove(id)
+    }
+
+    /// Removes every fault (held commands stay held).
+    pub fn clear_faults(&self) {
+        self.dev.faults.clear();
+    }
+
+    /// Controller fatal status: CSTS.CFS = 1 and nothing more is processed until a reset.
+    pub fn set_fatal(&self) {
+        self.dev.set_fatal("set_fatal() called");
+    }
+
+    /// Surprise removal: every register reads all ones, writes and doorbells are ignored and
+    /// nothing more is processed or posted. Permanent.
+    pub fn surprise_remove(&self) {
+        self.dev.removed.store(true, Ordering::Release);
+    }
+
+    /// Posts every delayed completion now (never-completing commands stay held).
+    pub fn release_delayed(&self) {
+        self.dev.release_delayed();
+    }
+
+    /// Why CSTS.CFS is set, if it is.
+    pub fn fatal_reason(&self) -> Option<String> {
+        if self.dev.fatal.load(Ordering::Acquire) {
+            self.dev.fatal_reason()
+        } else {
+            None
+        }
+    }
+
+    /// Memory held by namespace `nsid`'s storage (sparse memory; 0 for other backings), or
+    /// `None` if there is no such namespace.
+    pub fn resident_bytes(&self, nsid: u32) -> Option<u64> {
+        let i = (nsid as usize).checked_sub(1)?;
+        self.dev.namespaces.get(i).map(|n| n.resident_bytes())
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        let d = &self.dev;
+        let mut s = Stats {
+            dma_faults: d.dma_faults.load(Ordering::Relaxed),
+            invalid_doorbell_writes: d.invalid_doorbells.load(Ordering::Relaxed),
+            faults_fired: d.faults.fired.load(Ordering::Relaxed),
+            held: d.pending.len(),
+            idle_sleeps: d.idle_sleeps.load(Ordering::Relaxed),
+            doorbell_writes: d.stray_doorbells.load(Ordering::Relaxed),
+            ..Stats::default()
+        };
+        for (q, slot) in d.sqs.iter().enumerate() {
+            s.doorbell_writes += slot.doorbells.load(Ordering::Relaxed);
+            for (op, n) in slot.commands.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n != 0 {
+                    s.commands.insert((q as u16, op as u8), n);
+                }
+            }
+        }
+        for slot in d.cqs.iter() {
+            s.doorbell_writes += slot.doorbells.load(Ordering::Relaxed);
+        }
+        s
+    }
+}
+
+impl Drop for EmulatedController {
+    fn drop(&mut self) {
+        self.dev.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("the emulated controller's device thread panicked");
+            }
+        }
+    }
+}
+
+impl Bus for EmulatedController {
+    fn location(&self) -> &str {
+        "emulated"
+    }
+    fn pci_id(&self) -> PciId {
+        PciId {
+            vendor: admin::VENDOR,
+            device: 0x0010,
+            subsystem_vendor: admin::SUBSYSTEM_VENDOR,
+            subsystem_device: 0x1100,
+        }
+    }
+    fn read32(&self, offset: u32) -> u32 {
+        self.dev.read32(offset)
+    }
+    fn write32(&self, offset: u32, value: u32) {
+        self.dev.write32(offset, value);
+    }
+    fn doorbell(&self, offset: u32) -> Doorbell {
+        Doorbell::sink(self.dev.clone(), offset)
+    }
+    fn dma(&self) -> &DmaMemory {
+        &self.dev.dma
+    }
+}

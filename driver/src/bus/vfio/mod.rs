@@ -1,0 +1,432 @@
+//! The VFIO backend: a real NVMe controller owned by this process through Linux VFIO.
+//!
+//! [`VfioBus::open`] is the one call a user needs:
+//!
+//! ```no_run
+//! use dioxide::Bus;
+//! use dioxide::vfio::{VfioBus, VfioOptions};
+//! let bus = VfioBus::open("0000:01:00.0", VfioOptions::default())?;
+//! println!("{} CAP {:#x}", bus.location(), bus.read64(0));
+//! # Ok::<(), dioxide::vfio::VfioError>(())
+//! ```
+//!
+//! # Set-up, in order
+//! 1. **Diagnose before touching anything** (`diag`): the address parses, the device exists,
+//!    the IOMMU is on, the device has an IOMMU group, it is bound to vfio-pci, every other
+//!    device of its group is bound to vfio-pci or unbound (the group is *viable*), the VFIO
+//!    files exist and open, the locked-memory limit covers the DMA memory, the hugepage pool has
+//!    enough free pages. Each failure is a [`VfioError`] variant whose message says how to fix it.
+//! 2. **Container** (`/dev/vfio/vfio`): one IOMMU address space; **group** (`/dev/vfio/<n>`):
+//!    attached to the container, which then gets the type1v2 IOMMU; **device** fd from the group
+//!    by its PCI address (opening it resets the function). vfio-ioctls does these three steps.
+//! 3. **IOMMU facts** (`VFIO_IOMMU_GET_INFO`): page sizes and the usable IOVA ranges, which
+//!    seed our IOVA allocator (`iova`).
+//! 4. **PCI command register** through the config region: memory space and bus master on,
+//!    INTx off. Nothing else: the driver polls, no interrupt is ever set up.
+//! 5. **BAR0** (`bar`): mapped where VFIO allows mmap (the whole BAR, or the areas of its
+//!    sparse-mmap capability), with `pread`/`pwrite` on the region for registers outside them.
+//! 6. **DMA memory** (`memory`): chunks of 2 MiB hugepages (or 4 KiB pages), each pinned and
+//!    mapped once with `VFIO_IOMMU_MAP_DMA`, handed to [`DmaMemory`] for sub-allocation.
+//!
+//! # Why IOVAs are not virtual addresses
+//! The device sees IOVAs, translated by the IOMMU. We pick them from the IOMMU's usable ranges,
+//! from a low nonzero base, skipping the MSI window, and below the IOMMU's address width; a
+//! process's virtual addresses satisfy none of these reliably. [`DmaMemory`] translates between
+//! the two for every buffer.
+//!
+//! # Teardown, in order (Drop)
+//! Fields drop in declaration order: DMA memory first (each chunk `VFIO_IOMMU_UNMAP_DMA`, then
+//! its memory freed), then BAR0 unmapped, then the device closed (vfio-ioctls then detaches the
+//! group from the container), then the container closed. The controller layer must have shut
+//! the controller down (CC.SHN) and dropped its queues, buffers and doorbells first. Buffers
+//! that outlive the bus keep their chunks (and the container fd) alive; when the device has
+//! already been closed the kernel has removed the IOMMU mappings itself, so only the memory is
+//! freed then. A doorbell that outlives the bus keeps BAR0 mapped and so the device file open.
+//!
+//! # Surprise removal
+//! A removed device reads all ones; the driver checks registers and completions for that. Some
+//! platforms raise SIGBUS on an access to a BAR whose device is gone, which no userspace driver
+//! can recover from: the process dies.
+
+mod bar;
+mod diag;
+mod error;
+mod iova;
+mod memory;
+mod sys;
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
+
+use crate::bus::dma::DmaMemory;
+use crate::bus::{Bus, Doorbell, PciId};
+
+pub use diag::{HostFacts, SysRoots};
+pub use error::{GroupMember, Result, VfioError};
+pub use iova::{IommuInfo, IovaRange};
+
+/// PCI command register bits.
+mod pci_cmd {
+    /// Memory space enable.
+    pub const MEMORY: u16 = 1 << 1;
+    /// Bus master enable.
+    pub const BUS_MASTER: u16 = 1 << 2;
+    /// INTx emulation disable.
+    pub const INTX_DISABLE: u16 = 1 << 10;
+}
+
+/// Options of [`VfioBus::open`].
+#[derive(Clone, Debug)]
+pub struct VfioOptions {
+    /// DMA memory from 2 MiB hugepages (default) or, when false, from 4 KiB pages (no hugepage
+    /// pool needed; more IOMMU and TLB entries).
+    pub hugepages: bool,
+    /// DMA memory the caller expects to pin, checked against the hugepage pool and the
+    /// locked-memory limit before anything is opened (default 4 MiB).
+    pub dma_bytes: u64,
+    /// Size of each DMA chunk mapped into the IOMMU (rounded up to the page size; default 2 MiB).
+    /// A larger buffer gets a chunk of its own size.
+    pub chunk_bytes: usize,
+    /// Lowest IOVA handed out (default 2 MiB).
+    pub iova_base: u64,
+    /// Where `/sys`, `/dev` and `/proc` are (for the diagnostics).
+    pub roots: SysRoots,
+}
+
+impl Default for VfioOptions {
+    fn default() -> VfioOptions {
+        VfioOptions {
+            hugepages: true,
+            dma_bytes: 4 << 20,
+            chunk_bytes: memory::HUGEPAGE,
+            iova_base: iova::DEFAULT_BASE,
+            roots: SysRoots::default(),
+        }
+    }
+}
+
+impl VfioOptions {
+    /// With hugepages on or off.
+    pub fn with_hugepages(mut self, on: bool) -> VfioOptions {
+        self.hugepages = on;
+        self
+    }
+    /// With the expected DMA memory size.
+    pub fn with_dma_bytes(mut self, bytes: u64) -> VfioOptions {
+        self.dma_bytes = bytes;
+        self
+    }
+    /// With the chunk size.
+    pub fn with_chunk_bytes(mut self, bytes: usize) -> VfioOptions {
+        self.chunk_bytes = bytes;
+        self
+    }
+    /// With other sysfs/devfs/procfs roots.
+    pub fn with_roots(mut self, roots: SysRoots) -> VfioOptions {
+        self.roots = roots;
+        self
+    }
+}
+
+/// Closes the device, and records that the group has left the container.
+struct DeviceGuard {
+    device: Option<VfioDevice>,
+    detached: Arc<AtomicBool>,
+}
+
+impl Drop for DeviceGuard {
+    fn drop(&mut self) {
+        if let Some(d) = self.device.take() {
+            // vfio-ioctls' Drop unwraps the sysfs lookup of the group, which fails if the device
+            // was hot-removed; a panic must not escape a destructor.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(d)));
+            if r.is_err() {
+                log::error!("vfio: closing the device panicked (device removed?)");
+            }
+        }
+        self.detached.store(true, Ordering::Release);
+    }
+}
+
+/// A controller opened through VFIO: BAR0 and DMA memory behind the IOMMU.
+pub struct VfioBus {
+    // Drop order is teardown order: DMA memory, BAR0, device (and group), container. No Drop
+    // impl: the field order is the whole teardown.
+    dma: DmaMemory,
+    bar: Arc<bar::Bar0>,
+    _device: DeviceGuard,
+    _container: Arc<VfioContainer>,
+    addr: String,
+    group: u32,
+    id: PciId,
+    command: u16,
+    iommu: IommuInfo,
+    hugepages: bool,
+}
+
+impl core::fmt::Debug for VfioBus {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("VfioBus")
+            .field("addr", &self.addr)
+            .field("group", &self.group)
+            .field("id", &self.id)
+            .field("dma", &self.dma)
+            .finish_non_exhaustive()
+    }
+}
+
+fn vfio_err(addr: &str, step: &'static str, source: vfio_ioctls::VfioError) -> VfioError {
+    VfioError::Vfio {
+        addr: addr.to_string(),
+        step,
+        source,
+    }
+}
+
+fn io_err(addr: &str, step: impl Into<String>, source: std::io::Error) -> VfioError {
+    VfioError::Io {
+        addr: addr.to_string(),
+        step: step.into(),
+        source,
+    }
+}
+
+/// Maps vfio-ioctls' answer while opening container, group and device to our diagnosis.
+fn open_error(pre: &diag::Preflight, roots: &SysRoots, e: vfio_ioctls::VfioError) -> VfioError {
+    use vfio_ioctls::VfioError as E;
+    let (addr, group) = (pre.addr.clone(), pre.group);
+    let errno = error::errno_of(&e);
+    match (&e, errno) {
+        (E::OpenContainer(_) | E::OpenGroup(..), Some(libc::EACCES | libc::EPERM)) => {
+            let path = match e {
+                E::OpenContainer(_) => roots.devfs.join("vfio/vfio"),
+                _ => roots.group_file(group),
+            };
+            VfioError::Permission {
+                addr,
+                group,
+                path,
+                source: std::io::Error::from_raw_os_error(errno.unwrap_or(libc::EACCES)),
+            }
+        }
+        (E::OpenContainer(_), Some(libc::ENOENT)) => VfioError::VfioMissing {
+            path: roots.devfs.join("vfio/vfio"),
+        },
+        (E::OpenGroup(..), Some(libc::EBUSY)) => VfioError::Busy {
+            addr,
+            group,
+            what: "open of the group file",
+        },
+        (E::GroupGetDeviceFD(_), Some(libc::EBUSY)) => VfioError::Busy {
+            addr,
+            group,
+            what: "VFIO_GROUP_GET_DEVICE_FD",
+        },
+        (E::GroupSetContainer, _) => VfioError::Busy {
+            addr,
+            group,
+            what: "VFIO_GROUP_SET_CONTAINER",
+        },
+        (E::GroupViable, _) => VfioError::GroupNotViable {
+            others: diag::group_members(roots, group, &addr),
+            addr,
+            group,
+        },
+        (E::ContainerSetIOMMU(_), Some(libc::EPERM)) => {
+            VfioError::NoInterruptRemapping { addr, source: e }
+        }
+        (E::OpenContainer(_) | E::VfioApiVersion | E::VfioExtension, _) => {
+            vfio_err(&addr, "open the VFIO container (type1v2 IOMMU)", e)
+        }
+        _ => vfio_err(&addr, "open the device through VFIO", e),
+    }
+}
+
+impl VfioBus {
+    /// Opens the controller at PCI address `addr` (`0000:01:00.0`; `01:00.0` means domain 0).
+    ///
+    /// Runs every diagnostic first, then sets the device up (see the module docs). The
+    /// controller is left as the device reset left it: the controller layer disables and
+    /// enables it.
+    pub fn open(addr: &str, opts: VfioOptions) -> Result<Arc<VfioBus>> {
+        Self::open_with(addr, opts, &HostFacts::current())
+    }
+
+    /// [`VfioBus::open`] with injected host facts (tests, tools that know better).
+    pub fn open_with(addr: &str, opts: VfioOptions, facts: &HostFacts<'_>) -> Result<Arc<VfioBus>> {
+        let roots = &opts.roots;
+        let pre = diag::preflight(roots, facts, addr, opts.dma_bytes, opts.hugepages)?;
+        let addr = pre.addr.clone();
+
+        let container = Arc::new(VfioContainer::new(None).map_err(|e| open_error(&pre, roots, e))?);
+        let ops: Arc<dyn VfioOps> = container.clone();
+        let device =
+            VfioDevice::new(&pre.sysfs_dir, ops, false).map_err(|e| open_error(&pre, roots, e))?;
+        let detached = Arc::new(AtomicBool::new(false));
+        let device = DeviceGuard {
+            device: Some(device),
+            detached: detached.clone(),
+        };
+        let dev = device.device.as_ref().expect("just opened");
+
+        // IOMMU facts.
+        let raw = sys::iommu_get_info(container.as_raw_fd())
+            .map_err(|e| io_err(&addr, "query the IOMMU (VFIO_IOMMU_GET_INFO)", e))?;
+        let iommu = iova::parse_iommu_info(&raw).ok_or_else(|| {
+            io_err(
+                &addr,
+                "parse VFIO_IOMMU_GET_INFO",
+                std::io::Error::other("malformed capability chain"),
+            )
+        })?;
+        let allocator = iova::IovaAllocator::new(
+            iommu.ranges.as_deref(),
+            opts.iova_base.max(iommu.min_page_size()),
+            iova::DEFAULT_ADDRESS_BITS,
+        );
+
+        // Config space: identity, then memory space + bus master on, INTx off.
+        let fd = dev.as_raw_fd();
+        let cfg = dev.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX);
+        let mut hdr = [0u8; 0x30];
+        sys::pread_exact(fd, &mut hdr, cfg)
+            .map_err(|e| io_err(&addr, "read PCI config space", e))?;
+        let le16 = |o: usize| u16::from_le_bytes([hdr[o], hdr[o + 1]]);
+        let id = PciId {
+            vendor: le16(0),
+            device: le16(2),
+            subsystem_vendor: le16(0x2c),
+            subsystem_device: le16(0x2e),
+        };
+        let want = le16(4) | pci_cmd::MEMORY | pci_cmd::BUS_MASTER | pci_cmd::INTX_DISABLE;
+        sys::pwrite_all(fd, &want.to_le_bytes(), cfg + 4)
+            .map_err(|e| io_err(&addr, "write the PCI command register", e))?;
+        let mut b = [0u8; 2];
+        sys::pread_exact(fd, &mut b, cfg + 4)
+            .map_err(|e| io_err(&addr, "read the PCI command register", e))?;
+        let command = u16::from_le_bytes(b);
+        if command & (pci_cmd::MEMORY | pci_cmd::BUS_MASTER)
+            != pci_cmd::MEMORY | pci_cmd::BUS_MASTER
+        {
+            return Err(VfioError::Bar {
+                addr,
+                reason: format!(
+                    "PCI command register reads {command:#06x} after enabling memory space and \
+                     bus master"
+                ),
+            });
+        }
+
+        // BAR0.
+        let i = VFIO_PCI_BAR0_REGION_INDEX;
+        let (size, flags) = (dev.get_region_size(i), dev.get_region_flags(i));
+        if size < 0x1010 {
+            return Err(VfioError::Bar {
+                addr,
+                reason: format!("BAR0 is {size:#x} bytes, too small for NVMe registers"),
+            });
+        }
+        let sparse: Option<Vec<(u64, u64)>> =
+            dev.get_region_caps(i).into_iter().find_map(|c| match c {
+                VfioRegionInfoCap::SparseMmap(s) => {
+                    Some(s.areas.iter().map(|a| (a.offset, a.size)).collect())
+                }
+                _ => None,
+            });
+        let areas = bar::mmap_areas(
+            size,
+            flags & VFIO_REGION_INFO_FLAG_MMAP != 0,
+            sparse.as_deref(),
+        );
+        // SAFETY: `fd` is the device fd owned by `dev`, open for this whole block.
+        let own = unsafe { BorrowedFd::borrow_raw(fd) }
+            .try_clone_to_owned()
+            .map_err(|e| io_err(&addr, "duplicate the device fd", e))?;
+        let bar = bar::Bar0::map(own, dev.get_region_offset(i), size, &areas)
+            .map_err(|e| io_err(&addr, "mmap BAR0", e))?;
+
+        let mem = memory::VfioMemory::new(
+            container.clone(),
+            allocator,
+            opts.hugepages,
+            opts.chunk_bytes,
+            iommu.min_page_size(),
+            detached,
+            opts.roots.clone(),
+        );
+        Ok(Arc::new(VfioBus {
+            dma: DmaMemory::new(Box::new(mem)),
+            bar: Arc::new(bar),
+            _device: device,
+            _container: container,
+            group: pre.group,
+            addr,
+            id,
+            command,
+            iommu,
+            hugepages: opts.hugepages,
+        }))
+    }
+
+    /// The IOMMU group number.
+    pub fn group(&self) -> u32 {
+        self.group
+    }
+    /// What the IOMMU reported.
+    pub fn iommu(&self) -> &IommuInfo {
+        &self.iommu
+    }
+    /// The PCI command register after set-up.
+    pub fn pci_command(&self) -> u16 {
+        self.command
+    }
+    /// Size of BAR0 and its mmapped areas `(offset, len)`.
+    pub fn bar0_layout(&self) -> (u64, Vec<(u64, usize)>) {
+        (
+            self.bar.size(),
+            self.bar.areas().iter().map(|a| (a.offset, a.len)).collect(),
+        )
+    }
+    /// Register accesses that failed on the `pread`/`pwrite` path (read as all ones).
+    pub fn register_io_errors(&self) -> u64 {
+        self.bar.io_errors()
+    }
+    /// True if DMA memory comes from 2 MiB hugepages.
+    pub fn hugepages(&self) -> bool {
+        self.hugepages
+    }
+}
+
+impl Bus for VfioBus {
+    fn location(&self) -> &str {
+        &self.addr
+    }
+    fn pci_id(&self) -> PciId {
+        self.id
+    }
+    #[inline]
+    fn read32(&self, offset: u32) -> u32 {
+        self.bar.read32(offset)
+    }
+    #[inline]
+    fn write32(&self, offset: u32, value: u32) {
+        self.bar.write32(offset, value)
+    }
+    fn doorbell(&self, offset: u32) -> Doorbell {
+        match self.bar.reg_ptr(offset) {
+            // SAFETY: `reg` is an aligned register inside a BAR0 mapping, which the `Arc<Bar0>`
+            // given as keep-alive holds mapped.
+            Some(reg) => unsafe { Doorbell::mmio(reg, self.bar.clone()) },
+            None => Doorbell::sink(self.bar.clone(), offset),
+        }
+    }
+    fn dma(&self) -> &DmaMemory {
+        &self.dma
+    }
+}

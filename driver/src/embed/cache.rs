@@ -1,0 +1,439 @@
+//! The page cache of the buffered path: 4 KiB pages in DMA memory, bounded, write-through,
+//! CLOCK eviction.
+//!
+//! It serves what direct I/O cannot: a heap buffer, an unaligned head or tail, the remainder
+//! of a partial direct write, and the zeroes a file extension writes over a gap. *Write-through*:
+//! a write copies into the page and writes the blocks it touched to the device before it
+//! returns, so no page is ever dirty and the device always holds the latest data; a direct write
+//! only has to *invalidate* the pages it overlaps (nothing to write back). A device error on a
+//! write drops the page, so the next read goes to the device.
+//!
+//! Concurrency: the directory (page key to frame, reference bits, pins) is one mutex taken for
+//! a few instructions per page; each frame's data has its own mutex. The cache does not order
+//! overlapping requests: the file's range lock does (a page is touched only by requests holding
+//! a lock on it, writers exclusively), so a frame is never filled while a direct write to its
+//! page is in flight. A frame in use is pinned and never evicted.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Mutex, MutexGuard};
+
+use dio_core::DioError;
+
+use crate::bus::dma::{DmaBuffer, DmaMemory};
+
+/// Size of a cache page.
+pub const PAGE: u64 = 4096;
+
+/// Device access the cache needs, implemented by the file over its dio-core.
+pub(crate) trait PageIo {
+    /// Read the whole page at file offset `off` into `buf` (4 KiB).
+    fn read_page(&self, off: u64, buf: DmaBuffer) -> (Result<(), DioError>, DmaBuffer);
+    /// Write `buf[range]` (block aligned) at file offset `off + range.start`.
+    fn write_blocks(
+        &self,
+        off: u64,
+        buf: DmaBuffer,
+        range: Range<usize>,
+    ) -> (Result<(), DioError>, DmaBuffer);
+    /// Logical block size.
+    fn block(&self) -> u64;
+}
+
+type Key = (u64, u64);
+
+#[derive(Clone, Copy, Default)]
+struct Meta {
+    key: Option<Key>,
+    referenced: bool,
+    pins: u32,
+}
+
+struct Directory {
+    map: HashMap<Key, usize>,
+    meta: Vec<Meta>,
+    hand: usize,
+    stats: CacheStats,
+}
+
+/// Counters of the page cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Page lookups that found the page.
+    pub hits: u64,
+    /// Page lookups that did not.
+    pub misses: u64,
+    /// Pages read from the device.
+    pub fills: u64,
+    /// Valid pages evicted to make room.
+    pub evictions: u64,
+    /// Pages dropped by a direct write (or a failed write).
+    pub invalidations: u64,
+    /// Write-through device writes.
+    pub writes: u64,
+}
+
+/// A bounded page cache shared by the files of one controller.
+pub struct PageCache {
+    dir: Mutex<Directory>,
+    frames: Vec<Mutex<Option<DmaBuffer>>>,
+}
+
+impl std::fmt::Debug for PageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageCache({} pages)", self.frames.len())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PageCache {
+    /// A cache of `pages` pages (at least 2) allocated from `mem`.
+    pub(crate) fn new(
+        mem: &DmaMemory,
+        pages: usize,
+    ) -> Result<PageCache, crate::bus::dma::DmaError> {
+        let pages = pages.max(2);
+        let frames = (0..pages)
+            .map(|_| mem.alloc(PAGE as usize).map(|b| Mutex::new(Some(b))))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PageCache {
+            dir: Mutex::new(Directory {
+                map: HashMap::new(),
+                meta: vec![Meta::default(); pages],
+                hand: 0,
+                stats: CacheStats::default(),
+            }),
+            frames,
+        })
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> CacheStats {
+        lock(&self.dir).stats
+    }
+
+    /// Pages of `file` currently cached.
+    #[cfg(test)]
+    pub(crate) fn cached(&self, file: u64) -> usize {
+        lock(&self.dir).map.keys().filter(|k| k.0 == file).count()
+    }
+
+    /// Pin the frame of `key`, or a victim frame for it (`false`: not valid yet).
+    fn pin(&self, key: Key) -> (usize, bool) {
+        loop {
+            let mut d = lock(&self.dir);
+            if let Some(&f) = d.map.get(&key) {
+                d.meta[f].pins += 1;
+                d.meta[f].referenced = true;
+                d.stats.hits += 1;
+                return (f, true);
+            }
+            // CLOCK: two sweeps at most; pinned frames are skipped.
+            let n = d.meta.len();
+            for _ in 0..2 * n {
+                let h = d.hand;
+                d.hand = (h + 1) % n;
+                let m = d.meta[h];
+                if m.pins > 0 {
+                    continue;
+                }
+                if m.referenced {
+                    d.meta[h].referenced = false;
+                    continue;
+                }
+                if let Some(old) = m.key {
+                    d.map.remove(&old);
+                    d.stats.evictions += 1;
+                }
+                d.stats.misses += 1;
+                d.meta[h] = Meta {
+                    key: None,
+                    referenced: false,
+                    pins: 1,
+                };
+                return (h, false);
+            }
+            // Every frame is pinned by a request in progress: wait for one.
+            drop(d);
+            std::thread::yield_now();
+        }
+    }
+
+    /// Publish a freshly filled frame (unless another request published the page first).
+    fn publish(&self, key: Key, f: usize) {
+        let mut d = lock(&self.dir);
+        if let std::collections::hash_map::Entry::Vacant(e) = d.map.entry(key) {
+            e.insert(f);
+            d.meta[f].key = Some(key);
+            d.meta[f].referenced = true;
+        }
+    }
+
+    fn unpin(&self, f: usize, drop_page: bool) {
+        let mut d = lock(&self.dir);
+        d.meta[f].pins -= 1;
+        if drop_page {
+            if let Some(k) = d.meta[f].key.take() {
+                d.map.remove(&k);
+                d.stats.invalidations += 1;
+            }
+            d.meta[f].referenced = false;
+        }
+    }
+
+    /// Run `f` on the data of page `page` of `file`, filling it from the device first when it
+    /// is not cached and `fill` is true. `f` returns whether the page must be dropped.
+    fn with_page<R>(
+        &self,
+        file: u64,
+        page: u64,
+        fill: bool,
+        io: &dyn PageIo,
+        f: impl FnOnce(&mut Option<DmaBuffer>) -> (R, bool),
+    ) -> Result<R, DioError> {
+        let key = (file, page);
+        let (fi, valid) = self.pin(key);
+        let mut data = lock(&self.frames[fi]);
+        if !valid {
+            if fill {
+                let buf = data.take().expect("frame buffer present");
+                let (r, buf) = io.read_page(page * PAGE, buf);
+                *data = Some(buf);
+                lock(&self.dir).stats.fills += 1;
+                if let Err(e) = r {
+                    drop(data);
+                    self.unpin(fi, false);
+                    return Err(e);
+                }
+            }
+            self.publish(key, fi);
+        }
+        let (r, drop_page) = f(&mut data);
+        drop(data);
+        self.unpin(fi, drop_page);
+        Ok(r)
+    }
+
+    /// Copy `[off, off + out.len())` of `file` into `out`.
+    pub(crate) fn read(
+        &self,
+        file: u64,
+        io: &dyn PageIo,
+        off: u64,
+        out: &mut [u8],
+    ) -> Result<(), DioError> {
+        let mut done = 0usize;
+        while done < out.len() {
+            let pos = off + done as u64;
+            let page = pos / PAGE;
+            let in_page = (pos % PAGE) as usize;
+            let n = (PAGE as usize - in_page).min(out.len() - done);
+            self.with_page(file, page, true, io, |d| {
+                let b = d.as_ref().expect("frame buffer present");
+                out[done..done + n].copy_from_slice(&b.as_slice()[in_page..in_page + n]);
+                ((), false)
+            })?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `off` of `file`: into the cached pages, and through to the device (the
+    /// whole blocks it touches) before returning.
+    pub(crate) fn write(
+        &self,
+        file: u64,
+        io: &dyn PageIo,
+        off: u64,
+        data: &[u8],
+    ) -> Result<(), DioError> {
+        let bs = io.block() as usize;
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = off + done as u64;
+            let page = pos / PAGE;
+            let in_page = (pos % PAGE) as usize;
+            let n = (PAGE as usize - in_page).min(data.len() - done);
+            let whole = n == PAGE as usize;
+            let wr = self.with_page(file, page, !whole, io, |d| {
+                let mut b = d.take().expect("frame buffer present");
+                b.as_mut_slice()[in_page..in_page + n].copy_from_slice(&data[done..done + n]);
+                let blocks = (in_page / bs * bs)..(in_page + n).div_ceil(bs) * bs;
+                let (r, b) = io.write_blocks(page * PAGE, b, blocks);
+                *d = Some(b);
+                let failed = r.is_err();
+                (r, failed)
+            })?;
+            lock(&self.dir).stats.writes += 1;
+            wr?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Drop every cached page of `file` overlapping `range` (before a direct write to it).
+    pub(crate) fn invalidate(&self, file: u64, range: Range<u64>) {
+        if range.is_empty() {
+            return;
+        }
+        let mut d = lock(&self.dir);
+        if d.map.is_empty() {
+            return;
+        }
+        let (first, last) = (range.start / PAGE, (range.end - 1) / PAGE);
+        let mut dropped = 0;
+        if last - first < d.map.len() as u64 {
+            for p in first..=last {
+                if let Some(f) = d.map.remove(&(file, p)) {
+                    d.meta[f].key = None;
+                    d.meta[f].referenced = false;
+                    dropped += 1;
+                }
+            }
+        } else {
+            let keys: Vec<Key> = d
+                .map
+                .keys()
+                .filter(|k| k.0 == file && k.1 >= first && k.1 <= last)
+                .copied()
+                .collect();
+            for k in keys {
+                if let Some(f) = d.map.remove(&k) {
+                    d.meta[f].key = None;
+                    d.meta[f].referenced = false;
+                    dropped += 1;
+                }
+            }
+        }
+        d.stats.invalidations += dropped;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::emulated::EmulatedChunkSource;
+    use std::cell::RefCell;
+
+    /// A device of 64 pages in a Vec, counting its reads and writes.
+    struct FakeIo {
+        disk: RefCell<Vec<u8>>,
+        reads: RefCell<u64>,
+        writes: RefCell<Vec<(u64, usize)>>,
+        fail_write: RefCell<bool>,
+    }
+
+    impl FakeIo {
+        fn new() -> Self {
+            FakeIo {
+                disk: RefCell::new(vec![0; 64 * PAGE as usize]),
+                reads: RefCell::new(0),
+                writes: RefCell::new(Vec::new()),
+                fail_write: RefCell::new(false),
+            }
+        }
+    }
+
+    impl PageIo for FakeIo {
+        fn read_page(&self, off: u64, mut buf: DmaBuffer) -> (Result<(), DioError>, DmaBuffer) {
+            *self.reads.borrow_mut() += 1;
+            let o = off as usize;
+            buf.as_mut_slice()
+                .copy_from_slice(&self.disk.borrow()[o..o + PAGE as usize]);
+            (Ok(()), buf)
+        }
+        fn write_blocks(
+            &self,
+            off: u64,
+            buf: DmaBuffer,
+            range: Range<usize>,
+        ) -> (Result<(), DioError>, DmaBuffer) {
+            if *self.fail_write.borrow() {
+                return (Err(DioError::Io(dio_core::DeviceStatus::new(2, 0x80))), buf);
+            }
+            let o = off as usize + range.start;
+            self.disk.borrow_mut()[o..o + range.len()]
+                .copy_from_slice(&buf.as_slice()[range.clone()]);
+            self.writes
+                .borrow_mut()
+                .push((off + range.start as u64, range.len()));
+            (Ok(()), buf)
+        }
+        fn block(&self) -> u64 {
+            512
+        }
+    }
+
+    fn cache(pages: usize) -> PageCache {
+        let mem = DmaMemory::new(Box::new(EmulatedChunkSource::new()));
+        PageCache::new(&mem, pages).unwrap()
+    }
+
+    #[test]
+    fn write_through_writes_only_the_touched_blocks() {
+        let (c, io) = (cache(4), FakeIo::new());
+        c.write(1, &io, 1000, &[7; 100]).unwrap();
+        assert_eq!(*io.writes.borrow(), vec![(512, 1024)]);
+        assert_eq!(&io.disk.borrow()[1000..1100], &[7; 100]);
+        // The page was filled first (a partial write), and is now cached: reads hit.
+        assert_eq!(*io.reads.borrow(), 1);
+        let mut out = [0u8; 100];
+        c.read(1, &io, 1000, &mut out).unwrap();
+        assert_eq!(out, [7; 100]);
+        assert_eq!(*io.reads.borrow(), 1);
+        // A whole-page write needs no fill.
+        c.write(1, &io, PAGE, &[9; PAGE as usize]).unwrap();
+        assert_eq!(*io.reads.borrow(), 1);
+    }
+
+    #[test]
+    fn clock_evicts_unreferenced_pages_and_keeps_the_bound() {
+        let (c, io) = (cache(2), FakeIo::new());
+        let mut b = [0u8; 1];
+        for p in 0..5 {
+            c.read(1, &io, p * PAGE, &mut b).unwrap();
+        }
+        assert_eq!(c.cached(1), 2);
+        let s = c.stats();
+        assert_eq!((s.misses, s.fills, s.evictions), (5, 5, 3));
+        // Page 4 was just used: reading it again hits.
+        c.read(1, &io, 4 * PAGE, &mut b).unwrap();
+        assert_eq!(c.stats().hits, 1);
+    }
+
+    #[test]
+    fn invalidation_drops_overlapping_pages_only() {
+        let (c, io) = (cache(8), FakeIo::new());
+        let mut b = [0u8; 1];
+        for p in 0..4 {
+            c.read(1, &io, p * PAGE, &mut b).unwrap();
+        }
+        c.read(2, &io, PAGE, &mut b).unwrap();
+        c.invalidate(1, PAGE + 10..2 * PAGE + 1);
+        assert_eq!(c.cached(1), 2);
+        assert_eq!(c.cached(2), 1);
+        // The device changed behind the cache (a direct write): the next read sees it.
+        io.disk.borrow_mut()[PAGE as usize] = 42;
+        c.read(1, &io, PAGE, &mut b).unwrap();
+        assert_eq!(b[0], 42);
+    }
+
+    #[test]
+    fn a_failed_write_drops_the_page() {
+        let (c, io) = (cache(4), FakeIo::new());
+        let mut b = [0u8; 1];
+        c.read(1, &io, 0, &mut b).unwrap();
+        *io.fail_write.borrow_mut() = true;
+        assert!(c.write(1, &io, 0, &[5; 10]).is_err());
+        assert_eq!(c.cached(1), 0);
+        *io.fail_write.borrow_mut() = false;
+        c.read(1, &io, 0, &mut b).unwrap();
+        assert_eq!(
+            b[0], 0,
+            "the failed write's bytes must not be served from the cache"
+        );
+    }
+}

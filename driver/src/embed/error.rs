@@ -1,0 +1,214 @@
+//! Errors of the embedding API ([`Dioxide`](crate::Dioxide), [`BlockFile`](crate::BlockFile)).
+
+use dio_core::{DeviceStatus, DioError};
+
+use crate::nvme::error::Error;
+use crate::types::Nsid;
+
+/// Result of the embedding API.
+pub type EmbedResult<T> = core::result::Result<T, EmbedError>;
+
+/// Read or write, for error messages and requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Device to buffer.
+    Read,
+    /// Buffer to device.
+    Write,
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Op::Read => "read",
+            Op::Write => "write",
+        })
+    }
+}
+
+/// What went wrong, where, and what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EmbedError {
+    /// A poller thread could not be pinned to its core.
+    #[error(
+        "failed to pin poller {poller} to core {core}: {source}; give cores that exist and that \
+         this process may use (see `nproc` and `taskset -p $$`), or `None` to leave it unpinned"
+    )]
+    Pin {
+        /// Poller index.
+        poller: usize,
+        /// The core asked for.
+        core: usize,
+        /// The system error (EINVAL for a core that does not exist).
+        #[source]
+        source: std::io::Error,
+    },
+    /// A poller thread could not be started.
+    #[error("failed to start a poller thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// The builder was given no controller or no poller.
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
+    /// The driver failed (bring-up, queue creation, DMA allocation).
+    #[error("driver: {0}")]
+    Driver(#[from] Error),
+    /// No controller or namespace with this index / id.
+    #[error("controller {ctrl} has no namespace {nsid}; list them with Dioxide::namespaces")]
+    NoSuchNamespace {
+        /// Controller index (order given to the builder).
+        ctrl: usize,
+        /// The id asked for.
+        nsid: Nsid,
+    },
+    /// The file's extent does not fit its namespace or is not whole pages.
+    #[error(
+        "file extent LBA {first_lba} + {blocks} blocks is not usable on namespace {nsid} \
+         ({ns_blocks} blocks of {block_size} bytes): {why}"
+    )]
+    BadExtent {
+        /// Namespace.
+        nsid: Nsid,
+        /// First LBA asked for.
+        first_lba: u64,
+        /// Blocks asked for.
+        blocks: u64,
+        /// Namespace size in blocks.
+        ns_blocks: u64,
+        /// Block size.
+        block_size: u32,
+        /// What is wrong and how to fix it.
+        why: &'static str,
+    },
+    /// The file's extent overlaps a file already open.
+    #[error(
+        "file extent LBA {first_lba} + {blocks} blocks on namespace {nsid} overlaps a file that \
+         is already open; give each file its own LBA range"
+    )]
+    ExtentInUse {
+        /// Namespace.
+        nsid: Nsid,
+        /// First LBA asked for.
+        first_lba: u64,
+        /// Blocks asked for.
+        blocks: u64,
+    },
+    /// A request reaches past the file's capacity.
+    #[error(
+        "{op} of {len} bytes at offset {offset} runs past the file's capacity of {capacity} \
+         bytes; open the file with a larger extent"
+    )]
+    BeyondCapacity {
+        /// Operation.
+        op: Op,
+        /// File offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Capacity in bytes.
+        capacity: u64,
+    },
+    /// The buffer is shorter than the length asked for.
+    #[error("{op} of {len} bytes at offset {offset} given a buffer of only {buf_len} bytes")]
+    ShortBuffer {
+        /// Operation.
+        op: Op,
+        /// File offset.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// Buffer length.
+        buf_len: usize,
+    },
+    /// The device completed a command of the request with an error status.
+    #[error("{op} of {len} bytes at offset {offset} failed on the device: {status}")]
+    Device {
+        /// Operation.
+        op: Op,
+        /// File offset of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// Status (type, code, first failing LBA when known).
+        status: DeviceStatus,
+    },
+    /// dio-core refused the request (pool exhausted, DMA fault, invalid, end-io hook).
+    #[error(
+        "{op} of {len} bytes at offset {offset} failed: {source}{}",
+        hint(source)
+    )]
+    Dio {
+        /// Operation.
+        op: Op,
+        /// File offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// dio-core's error.
+        #[source]
+        source: DioError,
+    },
+    /// A request that would have to wait was issued on a poller thread (from a callback).
+    #[error(
+        "{op} at offset {offset} cannot run on a poller thread without waiting ({why}); enable \
+         deferred completions (Builder::deferred_completions) so callbacks run on a thread of \
+         yours, or issue asynchronous, block-aligned, non-extending requests with a DMA buffer"
+    )]
+    WouldBlockOnPoller {
+        /// Operation.
+        op: Op,
+        /// File offset.
+        offset: u64,
+        /// What would have waited.
+        why: &'static str,
+    },
+    /// A write to a file opened read-only.
+    #[error(
+        "write at offset {offset}: the file was opened read-only; open it with \
+         FileOptions::writable (on real hardware only with --allow-write or \
+         NVME_HIL_ALLOW_WRITE=1)"
+    )]
+    ReadOnly {
+        /// File offset.
+        offset: u64,
+    },
+    /// The instance is shutting down.
+    #[error("Dioxide is shut down or shutting down; no new requests are accepted")]
+    ShutDown,
+    /// A run-to-completion file used from a thread that does not own its queue pair.
+    #[error(
+        "this run-to-completion instance belongs to the thread that built it (it polls its own \
+         queue pair); use it from that thread, or build with pollers for multi-threaded use"
+    )]
+    WrongThread,
+}
+
+fn hint(e: &DioError) -> &'static str {
+    match e {
+        DioError::QueueFull => {
+            "; poll for completions and resubmit, or raise QueueOptions::requests"
+        }
+        DioError::Invalid => "; offsets and lengths of direct I/O must be block aligned",
+        _ => "",
+    }
+}
+
+impl EmbedError {
+    /// The error of a request from dio-core's error.
+    pub(crate) fn from_dio(e: DioError, op: Op, offset: u64, len: u64) -> EmbedError {
+        match e {
+            DioError::Io(status) => EmbedError::Device {
+                op,
+                offset,
+                len,
+                status,
+            },
+            source => EmbedError::Dio {
+                op,
+                offset,
+                len,
+                source,
+            },
+        }
+    }
+}

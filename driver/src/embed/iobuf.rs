@@ -1,0 +1,147 @@
+//! Buffers of the embedding API: [`IoBuffer`] (what the user owns) and the window of it that
+//! dio-core sees ([`Window`], an [`IoBuf`]).
+//!
+//! * [`IoBuffer::Dma`]: a [`DmaBuffer`] from [`Controller::alloc`](crate::Controller::alloc) or
+//!   [`Dioxide::alloc`](crate::Dioxide::alloc): 4 KiB aligned, in the controller's DMA memory.
+//!   The block-aligned part of a request goes straight to the device (zero copy).
+//! * [`IoBuffer::Heap`]: any `Vec<u8>`. The device cannot reach it, so the whole request goes
+//!   through the page cache (the buffered path), which copies.
+//!
+//! dio-core sees a [`Window`]: the buffer plus the byte of it where the direct part starts (an
+//! unaligned head is done through the cache first). [`IoBuf::dma_map`] answers `Fault` for a
+//! heap buffer or a segment whose address is not dword aligned (NVMe PRP rule).
+
+use dio_core::{DioError, Dir, DmaSegment, IoBuf};
+
+use crate::bus::dma::{DmaBuffer, DmaSlice};
+
+/// A buffer owned by a request: DMA memory (zero copy) or heap memory (copied through the page
+/// cache).
+#[derive(Debug)]
+pub enum IoBuffer {
+    /// DMA memory: the block-aligned part of a request is transferred in place.
+    Dma(DmaBuffer),
+    /// Heap memory: transferred through the page cache.
+    Heap(Vec<u8>),
+}
+
+impl IoBuffer {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            IoBuffer::Dma(b) => b.len(),
+            IoBuffer::Heap(v) => v.len(),
+        }
+    }
+    /// True for an empty buffer.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            IoBuffer::Dma(b) => b.as_slice(),
+            IoBuffer::Heap(v) => v,
+        }
+    }
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            IoBuffer::Dma(b) => b.as_mut_slice(),
+            IoBuffer::Heap(v) => v,
+        }
+    }
+    /// True for DMA memory.
+    pub fn is_dma(&self) -> bool {
+        matches!(self, IoBuffer::Dma(_))
+    }
+    /// The DMA buffer, if it is one.
+    pub fn into_dma(self) -> Option<DmaBuffer> {
+        match self {
+            IoBuffer::Dma(b) => Some(b),
+            IoBuffer::Heap(_) => None,
+        }
+    }
+    /// The heap vector, if it is one.
+    pub fn into_vec(self) -> Option<Vec<u8>> {
+        match self {
+            IoBuffer::Heap(v) => Some(v),
+            IoBuffer::Dma(_) => None,
+        }
+    }
+}
+
+impl From<DmaBuffer> for IoBuffer {
+    fn from(b: DmaBuffer) -> Self {
+        IoBuffer::Dma(b)
+    }
+}
+
+impl From<Vec<u8>> for IoBuffer {
+    fn from(v: Vec<u8>) -> Self {
+        IoBuffer::Heap(v)
+    }
+}
+
+/// The part of an [`IoBuffer`] a dio-core request covers: `buf[start..]`.
+#[derive(Debug)]
+pub struct Window {
+    pub(crate) buf: IoBuffer,
+    pub(crate) start: usize,
+}
+
+impl Window {
+    pub(crate) fn new(buf: IoBuffer, start: usize) -> Self {
+        Window { buf, start }
+    }
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.buf.as_slice()[self.start..]
+    }
+}
+
+/// One DMA-mapped segment of a [`Window`], carried by a bio to the poller.
+#[derive(Debug)]
+pub struct Seg(pub(crate) DmaSlice);
+
+impl DmaSegment for Seg {
+    fn unmap(self) {
+        // Nothing to undo: the memory was registered with the device once, at allocation.
+    }
+}
+
+impl IoBuf for Window {
+    type Seg = Seg;
+
+    fn len(&self) -> u64 {
+        (self.buf.len() - self.start) as u64
+    }
+
+    fn dma_map(&self, off: u64, len: u64, _dir: Dir) -> Result<Seg, DioError> {
+        let IoBuffer::Dma(b) = &self.buf else {
+            return Err(DioError::Fault);
+        };
+        let at = self.start + off as usize;
+        match b.slice(at, len as usize) {
+            Some(s) if (b.as_ptr() as usize + at) % 4 == 0 => Ok(Seg(s)),
+            _ => Err(DioError::Fault),
+        }
+    }
+
+    fn zero_fill(&mut self, off: u64, len: u64) {
+        let at = self.start + off as usize;
+        self.buf.as_mut_slice()[at..at + len as usize].fill(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heap_windows_are_not_dma_mappable() {
+        let w = Window::new(IoBuffer::Heap(vec![1; 4096]), 100);
+        assert_eq!(w.len(), 3996);
+        assert_eq!(w.dma_map(0, 512, Dir::Read).unwrap_err(), DioError::Fault);
+        assert_eq!(w.bytes()[0], 1);
+    }
+}

@@ -1,0 +1,367 @@
+//! The embedding facade: [`Dioxide`] ties controllers, pollers, page caches and files together
+//! for an appliance, with no `unsafe` on its side.
+
+pub(crate) mod blockfile;
+pub(crate) mod cache;
+pub(crate) mod error;
+pub(crate) mod iobuf;
+pub(crate) mod poller;
+pub(crate) mod rangelock;
+
+use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dio_core::Deferral;
+
+use crate::bus::dma::DmaBuffer;
+use crate::embed::blockfile::{BlockFile, EngineRef, Extents, FileOptions};
+use crate::embed::cache::{CacheStats, PageCache};
+use crate::embed::error::{EmbedError, EmbedResult};
+use crate::embed::poller::{Local, PollerConfig, PollerStats, Pollers, StartError, Targets};
+use crate::nvme::controller::Controller;
+use crate::nvme::error::Error;
+use crate::nvme::namespace::Namespace;
+use crate::nvme::qpair::QueueOptions;
+use crate::types::Nsid;
+
+/// Where completion callbacks run.
+#[derive(Clone, Default)]
+pub enum Completions {
+    /// On the poller thread that reaped the last command of the request (lowest latency).
+    /// Callbacks must not block; from a callback only requests that can be queued at once are
+    /// accepted (see [`EmbedError::WouldBlockOnPoller`]).
+    #[default]
+    OnPoller,
+    /// Through this deferral hook (dio-core's `Deferral`), e.g. a [`CompletionThread`]: the
+    /// callback may block and may issue any request.
+    Deferred(Arc<dyn Deferral>),
+}
+
+impl std::fmt::Debug for Completions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Completions::OnPoller => "OnPoller",
+            Completions::Deferred(_) => "Deferred",
+        })
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread of the appliance's that runs deferred completions in order.
+pub struct CompletionThread {
+    tx: Mutex<Option<Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for CompletionThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CompletionThread")
+    }
+}
+
+impl CompletionThread {
+    /// Start the thread.
+    pub fn spawn(name: &str) -> EmbedResult<Arc<CompletionThread>> {
+        let (tx, rx) = channel::<Box<dyn FnOnce() + Send>>();
+        let t = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .map_err(EmbedError::Spawn)?;
+        Ok(Arc::new(CompletionThread {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(t)),
+        }))
+    }
+
+    /// Run what is queued, then stop the thread.
+    pub fn stop(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Deferral for CompletionThread {
+    fn defer(&self, job: Box<dyn FnOnce() + Send>) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match tx {
+            Some(tx) => {
+                if let Err(back) = tx.send(job) {
+                    (back.0)();
+                }
+            }
+            // Stopped: run it here rather than lose a completion.
+            None => job(),
+        }
+    }
+}
+
+impl Drop for CompletionThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Builds a [`Dioxide`].
+#[derive(Debug)]
+pub struct Builder {
+    ctrls: Vec<Controller>,
+    cores: Vec<Option<usize>>,
+    run_to_completion: bool,
+    ring: usize,
+    spin: u32,
+    idle: Duration,
+    wait_spin: Duration,
+    queue: QueueOptions,
+    cache_pages: usize,
+    completions: Completions,
+}
+
+impl Builder {
+    /// Serve this controller (index = order of the calls).
+    pub fn controller(mut self, ctrl: Controller) -> Self {
+        self.ctrls.push(ctrl);
+        self
+    }
+    /// One poller per entry, pinned to that core (`None`: not pinned). Default: one unpinned.
+    pub fn pollers(mut self, cores: impl IntoIterator<Item = Option<usize>>) -> Self {
+        self.cores = cores.into_iter().collect();
+        self
+    }
+    /// No poller threads: the thread that calls [`build`](Self::build) owns the queue pairs and
+    /// polls them itself while it waits (run to completion, dio-core `Wait::PollInPlace`). The
+    /// instance and its files are then usable from that thread only.
+    pub fn run_to_completion(mut self) -> Self {
+        self.run_to_completion = true;
+        self
+    }
+    /// Entries of each poller's hand-over ring (default 1024).
+    pub fn ring(mut self, entries: usize) -> Self {
+        self.ring = entries;
+        self
+    }
+    /// How long an idle poller (nothing in flight, nothing queued) keeps polling before it
+    /// parks (default 1 ms). A client that submits within that time finds it awake, so the
+    /// hand-over costs no system call and no wake-up; a parked poller is unparked by the next
+    /// submission. `Duration::ZERO`: park after a short burst of empty polls (2000).
+    pub fn poller_idle(mut self, d: Duration) -> Self {
+        self.idle = d;
+        self
+    }
+    /// How long a client thread waiting for its own request (a synchronous call, a page-cache
+    /// fill) spins for the completion before it parks (default 20 µs). The poller wakes a
+    /// parked client only if it really parked. `Duration::ZERO`: park at once.
+    pub fn wait_spin(mut self, d: Duration) -> Self {
+        self.wait_spin = d;
+        self
+    }
+    /// Options of every queue pair.
+    pub fn queue(mut self, opts: QueueOptions) -> Self {
+        self.queue = opts;
+        self
+    }
+    /// Pages (4 KiB) of the page cache of each controller (default 1024 = 4 MiB).
+    pub fn cache_pages(mut self, pages: usize) -> Self {
+        self.cache_pages = pages;
+        self
+    }
+    /// Where callbacks run (default: on the poller).
+    pub fn completions(mut self, c: Completions) -> Self {
+        self.completions = c;
+        self
+    }
+    /// Shorthand: run callbacks on `thread`.
+    pub fn deferred_completions(self, thread: Arc<CompletionThread>) -> Self {
+        self.completions(Completions::Deferred(thread))
+    }
+
+    /// Create the queue pairs, start (and pin) the pollers, allocate the page caches.
+    pub fn build(self) -> EmbedResult<Dioxide> {
+        if self.ctrls.is_empty() {
+            return Err(EmbedError::Config(
+                "no controller; add one with Builder::controller",
+            ));
+        }
+        if !self.run_to_completion && self.cores.is_empty() {
+            return Err(EmbedError::Config(
+                "no poller; give at least one core with Builder::pollers",
+            ));
+        }
+        let mut targets: Targets = Vec::new();
+        for (ci, c) in self.ctrls.iter().enumerate() {
+            for ns in c.namespaces() {
+                targets.push((ci, ns));
+            }
+        }
+        let caches = self
+            .ctrls
+            .iter()
+            .map(|c| {
+                PageCache::new(c.dma(), self.cache_pages)
+                    .map(Arc::new)
+                    .map_err(|source| {
+                        EmbedError::Driver(Error::Dma {
+                            what: "the page cache",
+                            source,
+                        })
+                    })
+            })
+            .collect::<EmbedResult<Vec<_>>>()?;
+        let engine = if self.run_to_completion {
+            EngineRef::Local(Arc::new(Local::new(&self.ctrls, &targets, &self.queue)?))
+        } else {
+            let cfg = PollerConfig {
+                cores: self.cores.clone(),
+                ring: self.ring,
+                spin: self.spin,
+                idle: self.idle,
+                wait_spin: self.wait_spin,
+                queue: self.queue.clone(),
+            };
+            let p = Pollers::start(&self.ctrls, &targets, &cfg).map_err(|e| match e {
+                StartError::Pin(poller, core, source) => EmbedError::Pin {
+                    poller,
+                    core,
+                    source,
+                },
+                StartError::Spawn(e) => EmbedError::Spawn(e),
+                StartError::Queue(e) => EmbedError::Driver(e),
+            })?;
+            EngineRef::Pooled(p)
+        };
+        let deferral = match self.completions {
+            Completions::OnPoller => None,
+            Completions::Deferred(d) => Some(d),
+        };
+        Ok(Dioxide {
+            ctrls: self.ctrls,
+            targets,
+            caches,
+            engine,
+            deferral,
+            extents: Arc::default(),
+        })
+    }
+}
+
+/// A running instance: controllers, their pollers and page caches, and the files opened on
+/// them. Dropping it (or [`shutdown`](Self::shutdown)) lets the pollers finish what is in
+/// flight and joins them.
+pub struct Dioxide {
+    ctrls: Vec<Controller>,
+    targets: Targets,
+    caches: Vec<Arc<PageCache>>,
+    engine: EngineRef,
+    deferral: Option<Arc<dyn Deferral>>,
+    extents: Extents,
+}
+
+impl std::fmt::Debug for Dioxide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dioxide")
+            .field("controllers", &self.ctrls.len())
+            .field("namespaces", &self.targets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dioxide {
+    /// A builder with defaults (one unpinned poller, callbacks on the poller).
+    pub fn builder() -> Builder {
+        Builder {
+            ctrls: Vec::new(),
+            cores: vec![None],
+            run_to_completion: false,
+            ring: 1024,
+            spin: 2000,
+            idle: Duration::from_millis(1),
+            wait_spin: Duration::from_micros(20),
+            queue: QueueOptions::default(),
+            cache_pages: 1024,
+            completions: Completions::OnPoller,
+        }
+    }
+
+    /// `(controller index, namespace)` of every namespace served.
+    pub fn namespaces(&self) -> Vec<(usize, Namespace)> {
+        self.targets.clone()
+    }
+
+    /// Open a file on namespace `nsid` of controller `ctrl`.
+    pub fn open_file(&self, ctrl: usize, nsid: Nsid, opts: FileOptions) -> EmbedResult<BlockFile> {
+        let Some(target) = self
+            .targets
+            .iter()
+            .position(|(c, ns)| *c == ctrl && ns.nsid() == nsid)
+        else {
+            return Err(EmbedError::NoSuchNamespace { ctrl, nsid });
+        };
+        let ns = &self.targets[target].1;
+        BlockFile::open(
+            self.ctrls[ctrl].clone(),
+            ns,
+            ctrl,
+            target as u32,
+            self.engine.clone(),
+            self.caches[ctrl].clone(),
+            self.deferral.clone(),
+            &self.extents,
+            opts,
+        )
+    }
+
+    /// A zero-copy buffer in the DMA memory of controller 0 (use [`BlockFile::alloc`] for a
+    /// file on another controller).
+    pub fn alloc(&self, len: usize) -> EmbedResult<DmaBuffer> {
+        Ok(self.ctrls[0].alloc(len)?)
+    }
+
+    /// Counters of each poller (empty in run-to-completion mode).
+    pub fn poller_stats(&self) -> Vec<PollerStats> {
+        match &self.engine {
+            EngineRef::Pooled(p) => (0..p.len()).map(|i| p.stats(i)).collect(),
+            EngineRef::Local(_) => Vec::new(),
+        }
+    }
+
+    /// Counters of the page cache of controller `ctrl` (`None`: no such controller).
+    pub fn cache_stats(&self, ctrl: usize) -> Option<CacheStats> {
+        self.caches.get(ctrl).map(|c| c.stats())
+    }
+
+    /// Run-to-completion mode: reap completions now (callbacks of asynchronous requests run
+    /// here). Returns the bios completed. Pooled mode: 0.
+    pub fn poll(&self) -> usize {
+        match &self.engine {
+            EngineRef::Local(l) => l.poll_once(),
+            EngineRef::Pooled(_) => 0,
+        }
+    }
+
+    /// Refuse new requests, let the pollers finish every request in flight, join them.
+    pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Dioxide {
+    fn drop(&mut self) {
+        match &self.engine {
+            EngineRef::Pooled(p) => p.shutdown(),
+            EngineRef::Local(l) => {
+                while l.on_owner() && l.poll_once() > 0 {}
+                l.close();
+            }
+        }
+    }
+}

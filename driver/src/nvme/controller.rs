@@ -1,0 +1,709 @@
+//! Controller bring-up, shutdown, reset, namespaces and queue-pair creation.
+//!
+//! Bring-up is an explicit state machine ([`InitState`]); each state has a time limit (CAP.TO
+//! for register handshakes, [`ControllerOptions::admin_timeout`] for admin commands) and a
+//! timeout names the state it happened in. The same machine re-initialises the controller in
+//! [`Controller::reset`] (after CSTS.CFS, for example): clearing CC.EN deletes every I/O queue
+//! on the device, so the driver never sends Delete SQ/CQ before a reset; queue pairs created
+//! before the reset notice it and fail their requests with [`DeadReason::ControllerReset`].
+//!
+//! A [`Controller`] is a cheap handle (`Clone`, `Send`, `Sync`); the controller is shut down
+//! (CC.SHN normal, waiting for CSTS.SHST complete) when the last handle and the last queue pair
+//! are dropped.
+
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::bus::Bus;
+use crate::bus::dma::{DmaBuffer, DmaMemory};
+use crate::nvme::admin::AdminQueue;
+use crate::nvme::error::{DeadReason, Error, Result};
+use crate::nvme::namespace::Namespace;
+use crate::nvme::qpair::{QueueOptions, QueuePair};
+use crate::spec::regs::{offset, shn, shst};
+use crate::spec::{Cap, Cc, Csts, IdentifyController, Vs};
+use crate::types::{Nsid, QueueId};
+
+/// Options for opening a controller.
+#[derive(Clone, Debug)]
+pub struct ControllerOptions {
+    /// I/O queue pairs to ask for with Set Features / Number of Queues (the controller may grant
+    /// fewer). Default 64.
+    pub io_queues: u16,
+    /// Admin queue entries (2..=4096). Default 32.
+    pub admin_entries: u16,
+    /// Time limit of one admin command. Default 5 s.
+    pub admin_timeout: Duration,
+    /// Time limit of the shutdown handshake on drop. Default 10 s.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ControllerOptions {
+    fn default() -> Self {
+        ControllerOptions {
+            io_queues: 64,
+            admin_entries: 32,
+            admin_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The states of controller bring-up, in order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum InitState {
+    /// Clear CC.EN if it is set.
+    Disable,
+    /// Wait for CSTS.RDY = 0 (limit CAP.TO).
+    WaitForNotReady,
+    /// Allocate the admin queues and program AQA, ASQ, ACQ.
+    ConfigureAdminQueue,
+    /// Write CC (IOSQES 6, IOCQES 4, MPS 0, CSS NVM) with EN = 1.
+    Enable,
+    /// Wait for CSTS.RDY = 1 (limit CAP.TO).
+    WaitForReady,
+    /// Identify Controller.
+    IdentifyController,
+    /// Active namespace ID list (CNS 02h), paging past 1024 entries.
+    ActiveNamespaces,
+    /// Identify Namespace for each active namespace.
+    IdentifyNamespaces,
+    /// Set Features / Number of Queues.
+    SetNumberOfQueues,
+    /// Done.
+    Ready,
+}
+
+pub(crate) const LIVE: u8 = 0;
+pub(crate) const FATAL: u8 = 1;
+pub(crate) const GONE: u8 = 2;
+pub(crate) const SHUT_DOWN: u8 = 3;
+pub(crate) const FAILED: u8 = 4;
+
+pub(crate) struct CtrlData {
+    pub(crate) identify: IdentifyController,
+    pub(crate) namespaces: Vec<Namespace>,
+    pub(crate) granted: u16,
+    pub(crate) max_transfer: usize,
+}
+
+/// State shared by the controller handles and its queue pairs.
+pub(crate) struct Shared {
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) location: String,
+    pub(crate) cap: Cap,
+    pub(crate) opts: ControllerOptions,
+    pub(crate) admin: Mutex<Option<AdminQueue>>,
+    pub(crate) data: RwLock<CtrlData>,
+    /// Bumped by every reset: queue pairs of an older generation are dead.
+    pub(crate) generation: AtomicU64,
+    pub(crate) health: AtomicU8,
+    qids: Mutex<QidTable>,
+}
+
+/// I/O queue ids in use, by queue pairs of any generation.
+///
+/// A reset deletes every I/O queue on the device, but an id stays reserved until the queue pair
+/// that held it is dropped: a stale queue pair may still write its doorbells (the CQ head after
+/// consuming an entry posted before the reset), and with its id reserved those writes hit a
+/// queue that does not exist on the device rather than a new queue pair's.
+#[derive(Default)]
+struct QidTable {
+    /// `used[i]`: queue id `i + 1` is held. May extend past `granted` with ids held by queue
+    /// pairs from before a reset that granted fewer queues.
+    used: Vec<bool>,
+    /// Queues granted by the last bring-up: ids `1..=granted` can be handed out.
+    granted: u16,
+}
+
+impl QidTable {
+    /// After a bring-up that granted `granted` queues: ids still held stay held.
+    fn regrant(&mut self, granted: u16) {
+        self.granted = granted;
+        if self.used.len() < granted as usize {
+            self.used.resize(granted as usize, false);
+        }
+        while self.used.len() > granted as usize && self.used.last() == Some(&false) {
+            self.used.pop();
+        }
+    }
+    fn alloc(&mut self) -> Option<QueueId> {
+        let i = self.used[..self.granted as usize].iter().position(|u| !u)?;
+        self.used[i] = true;
+        Some(QueueId(i as u16 + 1))
+    }
+    fn free(&mut self, qid: QueueId) {
+        if let Some(u) = (qid.0 as usize)
+            .checked_sub(1)
+            .and_then(|i| self.used.get_mut(i))
+        {
+            *u = false;
+        }
+        self.regrant(self.granted);
+    }
+}
+
+impl Shared {
+    /// Allocates a zeroed DMA buffer of `len` bytes; `what` names it in the error.
+    pub(crate) fn alloc(&self, len: usize, what: &'static str) -> Result<DmaBuffer> {
+        self.bus
+            .dma()
+            .alloc(len)
+            .map_err(|source| Error::Dma { what, source })
+    }
+
+    pub(crate) fn lock_admin(&self) -> MutexGuard<'_, Option<AdminQueue>> {
+        self.admin.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads CSTS and turns all ones and CFS into errors (updating the health state).
+    pub(crate) fn check_csts(&self) -> Result<Csts> {
+        let csts = Csts(self.bus.read32(offset::CSTS));
+        if csts.is_all_ones() {
+            self.health.store(GONE, Ordering::Release);
+            return Err(self.gone());
+        }
+        if csts.cfs() {
+            let _ = self
+                .health
+                .compare_exchange(LIVE, FATAL, Ordering::AcqRel, Ordering::Acquire);
+            return Err(Error::ControllerFatal {
+                location: self.location.clone(),
+            });
+        }
+        Ok(csts)
+    }
+
+    pub(crate) fn gone(&self) -> Error {
+        Error::DeviceGone {
+            location: self.location.clone(),
+        }
+    }
+
+    /// Why queue pairs of generation `generation` can no longer work, if they cannot.
+    pub(crate) fn dead_reason(&self, generation: u64) -> Option<DeadReason> {
+        match self.health.load(Ordering::Acquire) {
+            FATAL => Some(DeadReason::ControllerFatal),
+            GONE => Some(DeadReason::DeviceGone),
+            SHUT_DOWN => Some(DeadReason::ShutDown),
+            _ if self.generation.load(Ordering::Acquire) != generation => {
+                Some(DeadReason::ControllerReset)
+            }
+            LIVE => None,
+            _ => Some(DeadReason::ControllerReset),
+        }
+    }
+
+    pub(crate) fn not_ready(&self) -> Option<Error> {
+        let (state, hint) = match self.health.load(Ordering::Acquire) {
+            LIVE => return None,
+            FATAL => ("in fatal status (CSTS.CFS)", "call Controller::reset"),
+            GONE => ("gone (registers read all ones)", "the device was removed"),
+            SHUT_DOWN => ("shut down", "open the controller again"),
+            _ => ("failed", "call Controller::reset"),
+        };
+        Some(Error::NotReady {
+            location: self.location.clone(),
+            state,
+            hint,
+        })
+    }
+
+    /// Polls CSTS until `done`, all ones (device gone), CFS (if `fail_on_cfs`) or `limit`
+    /// after `entered` ([`Error::InitTimeout`] in `state`).
+    fn wait_csts(
+        &self,
+        state: InitState,
+        entered: Instant,
+        limit: Duration,
+        done: impl Fn(Csts) -> bool,
+        fail_on_cfs: bool,
+    ) -> Result<()> {
+        let mut spins = 0u32;
+        loop {
+            let csts = Csts(self.bus.read32(offset::CSTS));
+            if csts.is_all_ones() {
+                self.health.store(GONE, Ordering::Release);
+                return Err(self.gone());
+            }
+            if fail_on_cfs && csts.cfs() {
+                return Err(Error::ControllerFatal {
+                    location: self.location.clone(),
+                });
+            }
+            if done(csts) {
+                return Ok(());
+            }
+            let waited = entered.elapsed();
+            if waited > limit {
+                return Err(Error::InitTimeout {
+                    location: self.location.clone(),
+                    state,
+                    waited,
+                });
+            }
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    /// Runs the bring-up state machine. Holds the admin lock throughout.
+    fn initialize(&self) -> Result<()> {
+        let mut admin = self.lock_admin();
+        let limit = Duration::from_millis(self.cap.timeout_ms().max(500));
+        let dstrd = self.cap.dstrd();
+        let mut identify = None;
+        let mut nsids = Vec::new();
+        let mut namespaces = Vec::new();
+        let mut state = InitState::Disable;
+        let mut entered = Instant::now();
+        loop {
+            let next = match state {
+                InitState::Disable => {
+                    let cc = Cc(self.bus.read32(offset::CC));
+                    if Csts(self.bus.read32(offset::CSTS)).is_all_ones() {
+                        self.health.store(GONE, Ordering::Release);
+                        return Err(self.gone());
+                    }
+                    if cc.en() {
+                        self.bus.write32(offset::CC, cc.with_en(false).0);
+                    }
+                    InitState::WaitForNotReady
+                }
+                InitState::WaitForNotReady => {
+                    // CFS may be set here; disabling is how we recover from it.
+                    self.wait_csts(state, entered, limit, |c| !c.rdy(), false)?;
+                    InitState::ConfigureAdminQueue
+                }
+                InitState::ConfigureAdminQueue => {
+                    // The controller is disabled: the old admin queue memory is no longer used.
+                    *admin = None;
+                    let q = AdminQueue::new(self, self.opts.admin_entries, dstrd)?;
+                    let (asq, acq, aqa) = q.registers();
+                    self.bus.write32(offset::AQA, aqa.0);
+                    self.bus.write64(offset::ASQ, asq.0);
+                    self.bus.write64(offset::ACQ, acq.0);
+                    *admin = Some(q);
+                    InitState::Enable
+                }
+                InitState::Enable => {
+                    let cc = Cc::default()
+                        .with_iosqes(crate::spec::SQES)
+                        .with_iocqes(crate::spec::CQES)
+                        .with_mps(0)
+                        .with_css(0)
+                        .with_ams(0)
+                        .with_shn(shn::NONE)
+                        .with_en(true);
+                    self.bus.write32(offset::CC, cc.0);
+                    InitState::WaitForReady
+                }
+                InitState::WaitForReady => {
+                    self.wait_csts(state, entered, limit, |c| c.rdy(), true)?;
+                    InitState::IdentifyController
+                }
+                InitState::IdentifyController => {
+                    let q = admin.as_mut().expect("admin queue configured");
+                    identify = Some(q.identify_controller(self)?);
+                    InitState::ActiveNamespaces
+                }
+                InitState::ActiveNamespaces => {
+                    let q = admin.as_mut().expect("admin queue configured");
+                    nsids = q.active_namespaces(self)?;
+                    InitState::IdentifyNamespaces
+                }
+                InitState::IdentifyNamespaces => {
+                    let q = admin.as_mut().expect("admin queue configured");
+                    namespaces.clear();
+                    for &n in &nsids {
+                        let id = q.identify_namespace(self, Nsid(n))?;
+                        // A namespace with an unusable format (invalid LBADS, metadata-only)
+                        // or a zero or overflowing size is skipped rather than failing the
+                        // controller; Controller::namespace then reports it as not active.
+                        namespaces.extend(Namespace::new(Nsid(n), id));
+                    }
+                    InitState::SetNumberOfQueues
+                }
+                InitState::SetNumberOfQueues => {
+                    let q = admin.as_mut().expect("admin queue configured");
+                    let want = self.opts.io_queues.clamp(1, 65534);
+                    let dw0 = q.execute_checked(
+                        self,
+                        "Set Features (Number of Queues)",
+                        crate::spec::Sqe::set_number_of_queues(want, want),
+                    )?;
+                    let nsqa = (dw0 & 0xffff) as u16;
+                    let ncqa = (dw0 >> 16) as u16;
+                    let granted = nsqa.min(ncqa).saturating_add(1).min(want);
+                    let id = identify.take().expect("identified");
+                    let mdts = id
+                        .max_transfer_bytes(self.cap.min_page_size())
+                        .unwrap_or(usize::MAX);
+                    let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+                    *data = CtrlData {
+                        identify: id,
+                        namespaces: core::mem::take(&mut namespaces),
+                        granted,
+                        max_transfer: mdts.min(crate::nvme::prp::MAX_TRANSFER),
+                    };
+                    self.qids
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .regrant(granted);
+                    InitState::Ready
+                }
+                InitState::Ready => break,
+            };
+            if next != state {
+                state = next;
+                entered = Instant::now();
+            }
+        }
+        self.health.store(LIVE, Ordering::Release);
+        Ok(())
+    }
+
+    pub(crate) fn alloc_qid(&self) -> Result<QueueId> {
+        let mut q = self.qids.lock().unwrap_or_else(|e| e.into_inner());
+        q.alloc().ok_or_else(|| Error::NoQueueIds {
+            location: self.location.clone(),
+            granted: q.granted,
+        })
+    }
+
+    /// Frees a queue id when its queue pair is dropped, whatever its generation: ids held
+    /// across a reset stay reserved until then (see [`QidTable`]).
+    pub(crate) fn free_qid(&self, qid: QueueId) {
+        self.qids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .free(qid);
+    }
+
+    /// Clears CC.EN and waits for RDY = 0: the device stops every command and forgets every
+    /// queue. Used when a command cannot be reclaimed any other way. Queue pairs become dead.
+    pub(crate) fn disable(&self) -> Result<()> {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let _ = self
+            .health
+            .compare_exchange(LIVE, FAILED, Ordering::AcqRel, Ordering::Acquire);
+        let cc = Cc(self.bus.read32(offset::CC));
+        self.bus.write32(offset::CC, cc.with_en(false).0);
+        let limit = Duration::from_millis(self.cap.timeout_ms().max(500));
+        self.wait_csts(
+            InitState::WaitForNotReady,
+            Instant::now(),
+            limit,
+            |c| !c.rdy(),
+            false,
+        )
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        let prev = self.health.swap(SHUT_DOWN, Ordering::AcqRel);
+        if prev == SHUT_DOWN || prev == GONE {
+            return Ok(());
+        }
+        let csts = Csts(self.bus.read32(offset::CSTS));
+        if csts.is_all_ones() {
+            return Err(self.gone());
+        }
+        let cc = Cc(self.bus.read32(offset::CC));
+        if !cc.en() {
+            return Ok(());
+        }
+        // Hold the admin lock so no admin command races the shutdown.
+        let _admin = self.lock_admin();
+        self.bus.write32(offset::CC, cc.with_shn(shn::NORMAL).0);
+        let limit = self.opts.shutdown_timeout;
+        // The state only names an InitTimeout, which is turned into a ShutdownTimeout.
+        let state = InitState::Disable;
+        let done = |c: Csts| c.shst() == shst::COMPLETE;
+        match self.wait_csts(state, Instant::now(), limit, done, false) {
+            Err(Error::InitTimeout {
+                location, waited, ..
+            }) => Err(Error::ShutdownTimeout { location, waited }),
+            other => other,
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Errors cannot be returned from drop; a failed shutdown leaves the controller to the
+        // next owner's reset, which is what an unclean shutdown means anyway.
+        let _ = self.shutdown();
+    }
+}
+
+/// An NVMe controller owned through a [`Bus`].
+#[derive(Clone)]
+pub struct Controller {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl core::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Controller({})", self.shared.location)
+    }
+}
+
+impl Controller {
+    /// Brings up the controller behind `bus` with default options.
+    pub fn new(bus: Arc<dyn Bus>) -> Result<Controller> {
+        Controller::with_options(bus, ControllerOptions::default())
+    }
+
+    /// Brings up the controller behind `bus`: disable, admin queue, enable, identify, active
+    /// namespaces, number of queues.
+    pub fn with_options(bus: Arc<dyn Bus>, opts: ControllerOptions) -> Result<Controller> {
+        if !(2..=4096).contains(&opts.admin_entries) {
+            return Err(Error::InvalidOption {
+                name: "admin_entries",
+                reason: format!("{} is not in 2..=4096", opts.admin_entries),
+            });
+        }
+        let location = bus.location().to_string();
+        let cap = Cap(bus.read64(offset::CAP));
+        if cap.0 == u64::MAX {
+            return Err(Error::DeviceGone { location });
+        }
+        if cap.css() & 1 == 0 {
+            return Err(Error::Unsupported {
+                location,
+                what: "the NVM command set (CAP.CSS bit 0 clear)".into(),
+            });
+        }
+        if cap.mpsmin() != 0 {
+            return Err(Error::Unsupported {
+                location,
+                what: format!(
+                    "4 KiB memory pages (CAP.MPSMIN = {} means at least {} bytes)",
+                    cap.mpsmin(),
+                    cap.min_page_size()
+                ),
+            });
+        }
+        let shared = Arc::new(Shared {
+            bus,
+            location,
+            cap,
+            opts,
+            admin: Mutex::new(None),
+            data: RwLock::new(CtrlData {
+                identify: IdentifyController::default(),
+                namespaces: Vec::new(),
+                granted: 0,
+                max_transfer: crate::nvme::prp::PAGE as usize,
+            }),
+            generation: AtomicU64::new(0),
+            health: AtomicU8::new(FAILED),
+            qids: Mutex::new(QidTable::default()),
+        });
+        shared.initialize()?;
+        Ok(Controller { shared })
+    }
+
+    /// Re-initialises the controller: disable (which deletes every I/O queue on the device),
+    /// admin queue, enable, identify, number of queues. Use it after CSTS.CFS or a timeout the
+    /// device did not recover from. Queue pairs created before fail their requests with
+    /// [`DeadReason::ControllerReset`] and refuse new ones; create new queue pairs.
+    pub fn reset(&self) -> Result<()> {
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        self.shared.health.store(FAILED, Ordering::Release);
+        self.shared.initialize()
+    }
+
+    /// Shuts the controller down now (CC.SHN normal, waiting for CSTS.SHST complete). Queue
+    /// pairs fail afterwards. Dropping the last handle does this too.
+    pub fn shutdown(&self) -> Result<()> {
+        self.shared.shutdown()
+    }
+
+    /// Creates an I/O queue pair (Create I/O CQ, then Create I/O SQ) whose requests carry a
+    /// context of type `T`.
+    pub fn create_qpair<T>(&self, opts: QueueOptions) -> Result<QueuePair<T>> {
+        QueuePair::create(self.shared.clone(), opts)
+    }
+
+    /// Where the controller is (PCI address, or `emulated`).
+    pub fn location(&self) -> &str {
+        &self.shared.location
+    }
+    /// The bus the controller sits on.
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.shared.bus
+    }
+    /// The DMA memory of the controller's bus.
+    pub fn dma(&self) -> &DmaMemory {
+        self.shared.bus.dma()
+    }
+    /// Allocates a zeroed DMA buffer of `len` bytes for I/O on this controller.
+    pub fn alloc(&self, len: usize) -> Result<DmaBuffer> {
+        self.shared.alloc(len, "an I/O buffer")
+    }
+    /// CAP.
+    pub fn cap(&self) -> Cap {
+        self.shared.cap
+    }
+    /// VS.
+    pub fn version(&self) -> Vs {
+        Vs(self.shared.bus.read32(offset::VS))
+    }
+    /// CSTS, with all ones (removal) and CFS reported as errors.
+    pub fn csts(&self) -> Result<Csts> {
+        self.shared.check_csts()
+    }
+    /// The Identify Controller data read at bring-up.
+    pub fn identify(&self) -> IdentifyController {
+        self.data().identify.clone()
+    }
+    /// Largest transfer of one command in bytes: `min(MDTS, 2 MiB)`. Larger requests are split.
+    pub fn max_transfer(&self) -> usize {
+        self.data().max_transfer
+    }
+    /// I/O queue pairs granted by the controller.
+    pub fn io_queues(&self) -> u16 {
+        self.data().granted
+    }
+    /// The active namespaces found at bring-up, including those formatted with metadata, which
+    /// are listed with their format but refused for I/O ([`Namespace::check_io`]).
+    pub fn namespaces(&self) -> Vec<Namespace> {
+        self.data().namespaces.clone()
+    }
+    /// The active namespace `nsid`.
+    pub fn namespace(&self, nsid: Nsid) -> Result<Namespace> {
+        let d = self.data();
+        d.namespaces
+            .iter()
+            .find(|n| n.nsid() == nsid)
+            .cloned()
+            .ok_or_else(|| Error::NoSuchNamespace {
+                location: self.shared.location.clone(),
+                nsid,
+                active: d.namespaces.iter().map(|n| n.nsid().0).collect(),
+            })
+    }
+
+    fn data(&self) -> std::sync::RwLockReadGuard<'_, CtrlData> {
+        self.shared.data.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A controller with a 512+8 namespace between two plain ones: the metadata namespace is
+    /// listed with its format and refused for every LBA-addressed command before anything
+    /// reaches the device; the others work.
+    #[cfg(feature = "emulated")]
+    #[test]
+    fn a_namespace_with_metadata_is_listed_but_refused_for_io() {
+        use crate::bus::emulated::{EmulatedConfig, EmulatedController, NamespaceConfig};
+        use crate::spec::sqe::io;
+        use crate::types::Lba;
+
+        for extended in [true, false] {
+            let emu = EmulatedController::new(EmulatedConfig {
+                namespaces: vec![
+                    NamespaceConfig::memory(512, 64),
+                    NamespaceConfig::memory(512, 64).with_metadata(8, extended),
+                    NamespaceConfig::memory(4096, 64),
+                ],
+                ..EmulatedConfig::default()
+            })
+            .unwrap();
+            let ctrl = Controller::new(emu.clone()).unwrap();
+            let all = ctrl.namespaces();
+            assert_eq!(
+                all.iter().map(|n| n.nsid().0).collect::<Vec<_>>(),
+                [1, 2, 3]
+            );
+            let md = ctrl.namespace(Nsid(2)).unwrap();
+            assert_eq!((md.block_size(), md.blocks()), (512, 64));
+            assert_eq!((md.metadata_size(), md.metadata_extended()), (8, extended));
+            assert_eq!(md.lba_formats()[md.lba_format_index()].ms, 8);
+
+            let mut q = ctrl.create_qpair::<u64>(QueueOptions::default()).unwrap();
+            let mut buf = ctrl.alloc(4096).unwrap();
+            let refused = |e: Error| {
+                assert!(
+                    matches!(
+                        e,
+                        Error::NamespaceHasMetadata {
+                            nsid: Nsid(2),
+                            block_size: 512,
+                            metadata: 8,
+                            without: Some(0),
+                            ..
+                        }
+                    ),
+                    "{e:?}"
+                );
+                assert!(e.to_string().contains("--lbaf=0"), "{e}");
+            };
+            refused(
+                q.read_blocking(&md, Lba(0), buf.as_mut_slice())
+                    .unwrap_err(),
+            );
+            refused(q.write_blocking(&md, Lba(0), buf.as_slice()).unwrap_err());
+            refused(
+                q.write_zeroes_blocking(&md, Lba(0), 1, crate::IoFlags::NONE)
+                    .unwrap_err(),
+            );
+            refused(q.deallocate_blocking(&md, &[(Lba(0), 1)]).unwrap_err());
+            // SAFETY: the buffer stays allocated and untouched; the call is refused anyway.
+            let r = unsafe { q.read_raw(&md, Lba(0), buf.as_dma_slice(), 7) };
+            let rejected = r.unwrap_err();
+            assert_eq!(rejected.ctx, 7);
+            refused(rejected.error);
+            assert!(md.check_io().is_err());
+            let stats = emu.stats();
+            assert_eq!(
+                stats.io_commands(),
+                0,
+                "nothing reached the device: {stats:?}"
+            );
+
+            // The other namespaces of the same controller work.
+            for nsid in [1, 3] {
+                let ns = ctrl.namespace(Nsid(nsid)).unwrap();
+                ns.check_io().unwrap();
+                buf.as_mut_slice().fill(nsid as u8);
+                q.write_blocking(&ns, Lba(1), buf.as_slice()).unwrap();
+                buf.as_mut_slice().fill(0);
+                q.read_blocking(&ns, Lba(1), buf.as_mut_slice()).unwrap();
+                assert!(buf.as_slice().iter().all(|&b| b == nsid as u8));
+            }
+            assert_eq!(emu.stats().commands_with(1, io::READ), 2);
+        }
+    }
+
+    #[test]
+    fn queue_ids_held_across_a_reset_stay_reserved() {
+        let mut t = QidTable::default();
+        t.regrant(3);
+        let ids: Vec<_> = (0..3).map(|_| t.alloc().unwrap().0).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert_eq!(t.alloc(), None);
+        t.free(QueueId(2));
+        // A reset granting 2 queues: ids 1 and 3 are still held by old queue pairs.
+        t.regrant(2);
+        assert_eq!(t.alloc(), Some(QueueId(2)));
+        assert_eq!(t.alloc(), None);
+        t.free(QueueId(3));
+        assert_eq!(t.used.len(), 2);
+        t.free(QueueId(1));
+        assert_eq!(t.alloc(), Some(QueueId(1)));
+        // Out-of-range frees are ignored.
+        t.free(QueueId(0));
+        t.free(QueueId(100));
+        assert_eq!(t.used, [true, true]);
+    }
+}
