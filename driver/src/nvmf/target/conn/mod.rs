@@ -20,18 +20,19 @@
 //! vanishes mid-transfer leaves nothing half written.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Write};
+use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 
-use super::super::backend::{BackendIo, BackendOp, CompletionQueue, IoCompletion, NsInfo};
-use super::super::fabrics::{
-    self, CNTLID_DYNAMIC, CONNECT_DATA_LEN, Connect, ConnectData, SGL_INCAPSULE, SGL_TRANSPORT,
-    Sgl, connect_data, fctype, sc as fsc,
-};
+mod fabrics_cmd;
+mod io_cmd;
+mod send;
+
+use super::super::backend::{CompletionQueue, NsInfo};
+use super::super::fabrics::{self, SGL_INCAPSULE, SGL_TRANSPORT, Sgl, sc as fsc};
 use super::super::pdu::{
     self, DataHdr, Digests, EncodedHdr, FatalError, Fes, IcResp, Pdu, PduReader, R2t, RecvConfig,
     RecvError, Role, RxBuf, TermReq, field,
@@ -39,9 +40,9 @@ use super::super::pdu::{
 use super::Target;
 use super::ctrl::{AERL, AdminOut, Ctrl};
 use crate::IoBuffer;
-use crate::spec::sqe::{DSM_AD, RW_FUA, io as opc};
+use crate::spec::sqe::io as opc;
 use crate::spec::status::generic;
-use crate::spec::{Cqe, Sct, Sqe, Status};
+use crate::spec::{Sct, Sqe, Status};
 
 /// In-capsule data limit of an admin queue (and of a queue before Connect): 8 KiB, as the
 /// Linux host assumes.
@@ -305,7 +306,6 @@ impl Connection {
         if let State::Closing(deadline) = self.state
             && (self.tx.is_empty() || Instant::now() > deadline)
         {
-            let _ = self.sock.flush();
             let _ = self.sock.shutdown(std::net::Shutdown::Both);
             self.close_now();
             work += 1;
@@ -729,158 +729,6 @@ impl Connection {
         self.io(slot, &sqe);
     }
 
-    fn ns(&self, nsid: u32) -> Option<&NsInfo> {
-        self.nss.iter().find(|n| n.nsid.0 == nsid)
-    }
-
-    /// Checks an I/O command against the namespace: `(blocks, bytes)`.
-    fn check_io(&self, sqe: &Sqe) -> Result<(u32, u32), Status> {
-        let Some(b) = &self.queue else {
-            return Err(dnr(generic::COMMAND_SEQUENCE_ERROR));
-        };
-        if !b.ctrl.ready() {
-            return Err(dnr(generic::COMMAND_SEQUENCE_ERROR));
-        }
-        let Some(ns) = self.ns(sqe.nsid) else {
-            return Err(dnr(generic::INVALID_NAMESPACE));
-        };
-        match sqe.opcode() {
-            opc::READ | opc::WRITE | opc::WRITE_ZEROES => {
-                let blocks = sqe.nlb() as u32 + 1;
-                if sqe
-                    .slba()
-                    .checked_add(blocks as u64)
-                    .is_none_or(|e| e > ns.blocks)
-                {
-                    return Err(dnr(generic::LBA_OUT_OF_RANGE));
-                }
-                if sqe.opcode() == opc::WRITE_ZEROES {
-                    if !ns.write_zeroes {
-                        return Err(dnr(generic::INVALID_OPCODE));
-                    }
-                    return Ok((blocks, 0));
-                }
-                let bytes = blocks as u64 * ns.block_size as u64;
-                if bytes > self.target.options().max_transfer as u64 {
-                    return Err(dnr(generic::INVALID_FIELD));
-                }
-                if Sgl::of(sqe).len as u64 != bytes {
-                    return Err(dnr(fsc::DATA_SGL_LENGTH_INVALID));
-                }
-                Ok((blocks, bytes as u32))
-            }
-            opc::FLUSH => Ok((0, 0)),
-            opc::DATASET_MANAGEMENT => {
-                if !ns.deallocate {
-                    return Err(dnr(generic::INVALID_OPCODE));
-                }
-                let nr = (sqe.cdw10 & 0xff) + 1;
-                if Sgl::of(sqe).len < nr * 16 {
-                    return Err(dnr(fsc::DATA_SGL_LENGTH_INVALID));
-                }
-                Ok((0, nr * 16))
-            }
-            _ => Err(dnr(generic::INVALID_OPCODE)),
-        }
-    }
-
-    fn io(&mut self, slot: u16, sqe: &Sqe) {
-        let (blocks, bytes) = match self.check_io(sqe) {
-            Ok(v) => v,
-            Err(e) => return self.respond(slot, e, 0),
-        };
-        let Some(backend) = self
-            .queue
-            .as_ref()
-            .and_then(|b| b.ctrl.subsys.backend().cloned())
-        else {
-            return self.respond(slot, dnr(generic::INVALID_OPCODE), 0);
-        };
-        let nsb = self.ns(sqe.nsid).map_or(0, |n| n.blocks);
-        let s = &mut self.slots[slot as usize];
-        let op = match sqe.opcode() {
-            opc::READ => {
-                if s.buf.is_none() {
-                    match backend.alloc(bytes as usize) {
-                        Some(b) => s.buf = Some(b),
-                        None => return self.respond(slot, st(generic::INTERNAL_ERROR), 0),
-                    }
-                }
-                s.len = bytes;
-                BackendOp::Read
-            }
-            opc::WRITE => BackendOp::Write,
-            opc::FLUSH => BackendOp::Flush,
-            opc::WRITE_ZEROES => BackendOp::WriteZeroes,
-            opc::DATASET_MANAGEMENT => {
-                if sqe.cdw11 & DSM_AD == 0 {
-                    // Only hints: nothing to do.
-                    return self.respond(slot, Status::SUCCESS, 0);
-                }
-                let Some(b) = s.buf.as_ref() else {
-                    return self.respond(slot, dnr(fsc::DATA_SGL_LENGTH_INVALID), 0);
-                };
-                let d = b.as_slice();
-                let nr = ((sqe.cdw10 & 0xff) + 1) as usize;
-                let mut ranges = Vec::with_capacity(nr);
-                for i in 0..nr {
-                    let r = &d[16 * i..16 * i + 16];
-                    let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]);
-                    let slba = u64::from_le_bytes(r[8..16].try_into().unwrap_or([0xff; 8]));
-                    if slba.checked_add(nlb as u64).is_none_or(|e| e > nsb) {
-                        return self.respond(slot, dnr(generic::LBA_OUT_OF_RANGE), 0);
-                    }
-                    if nlb > 0 {
-                        ranges.push((slba, nlb));
-                    }
-                }
-                BackendOp::Deallocate(ranges)
-            }
-            _ => return self.respond(slot, dnr(generic::INVALID_OPCODE), 0),
-        };
-        let s = &mut self.slots[slot as usize];
-        let buf = if matches!(op, BackendOp::Read | BackendOp::Write) {
-            s.buf.take()
-        } else {
-            None
-        };
-        s.phase = Phase::Executing;
-        let io = BackendIo {
-            op,
-            nsid: crate::Nsid(sqe.nsid),
-            slba: sqe.slba(),
-            blocks,
-            fua: sqe.cdw12 & RW_FUA != 0,
-            buf,
-        };
-        let done = IoCompletion::new(self.cq.clone(), slot, s.generation);
-        backend.submit(io, done);
-    }
-
-    fn drain_completions(&mut self) -> usize {
-        let mut n = 0;
-        while let Some(d) = self.cq.pop() {
-            n += 1;
-            let Some(s) = self.slots.get_mut(d.slot as usize) else {
-                continue;
-            };
-            if s.phase != Phase::Executing || s.generation != d.generation {
-                continue;
-            }
-            s.buf = d.buf;
-            let read = s.sqe.opcode() == opc::READ;
-            if d.status.is_success()
-                && read
-                && s.buf.as_ref().is_some_and(|b| b.len() >= s.len as usize)
-            {
-                self.respond_with_data(d.slot, 0);
-            } else {
-                self.respond(d.slot, d.status, 0);
-            }
-        }
-        n
-    }
-
     fn deliver_events(&mut self) -> usize {
         let Some(b) = &self.queue else { return 0 };
         if b.qid != 0 {
@@ -894,299 +742,6 @@ impl Connection {
         };
         self.respond(slot as u16, Status::SUCCESS, ev);
         1
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // Fabrics commands.
-
-    fn fabrics(&mut self, slot: u16, sqe: &Sqe) {
-        match fabrics::fctype_of(sqe) {
-            fctype::CONNECT => self.connect(slot, sqe),
-            fctype::PROPERTY_GET | fctype::PROPERTY_SET => {
-                let Some(b) = self.queue.as_ref().filter(|b| b.qid == 0) else {
-                    return self.respond(slot, dnr(generic::COMMAND_SEQUENCE_ERROR), 0);
-                };
-                let (ofs, eight) = (sqe.cdw11, sqe.cdw10 & 1 != 0);
-                if fabrics::fctype_of(sqe) == fctype::PROPERTY_GET {
-                    match b.ctrl.property_get(ofs, eight) {
-                        Ok(v) => self.respond2(slot, Status::SUCCESS, v as u32, (v >> 32) as u32),
-                        Err(e) => self.respond(slot, e, 0),
-                    }
-                } else {
-                    let v = sqe.cdw12 as u64 | (sqe.cdw13 as u64) << 32;
-                    match b.ctrl.property_set(ofs, eight, v) {
-                        Ok(()) => self.respond(slot, Status::SUCCESS, 0),
-                        Err(e) => self.respond(slot, e, 0),
-                    }
-                }
-            }
-            fctype::DISCONNECT => {
-                if self.queue.is_none() {
-                    return self.respond(slot, dnr(generic::COMMAND_SEQUENCE_ERROR), 0);
-                }
-                self.respond(slot, Status::SUCCESS, 0);
-                if let Some(t) = self.tx.back_mut() {
-                    t.close_after = true;
-                }
-            }
-            _ => self.respond(slot, dnr(generic::INVALID_OPCODE), 0),
-        }
-    }
-
-    fn connect(&mut self, slot: u16, sqe: &Sqe) {
-        let c = Connect::from_sqe(sqe);
-        let invalid = |dw0: u32| (cs_dnr(fsc::CONNECT_INVALID_PARAMETERS), dw0);
-        let r: Result<(Arc<Ctrl>, u16), (Status, u32)> = (|| {
-            if self.queue.is_some() {
-                return Err((dnr(generic::COMMAND_SEQUENCE_ERROR), 0));
-            }
-            if c.recfmt != 0 {
-                return Err((cs_dnr(fsc::INCOMPATIBLE_FORMAT), 0));
-            }
-            let data = self.slots[slot as usize]
-                .buf
-                .as_ref()
-                .map(|b| b.as_slice())
-                .filter(|d| d.len() >= CONNECT_DATA_LEN)
-                .ok_or((dnr(fsc::DATA_SGL_LENGTH_INVALID), 0))?;
-            let cd = ConnectData::from_bytes(data)
-                .map_err(|ofs| invalid(fabrics::invalid_param_in_data(ofs)))?;
-            let Some(subsys) = self.target.subsystem(&cd.subnqn) else {
-                return Err(invalid(fabrics::invalid_param_in_data(
-                    connect_data::SUBNQN,
-                )));
-            };
-            if !subsys.allows(&cd.hostnqn) {
-                return Err((
-                    cs_dnr(fsc::CONNECT_INVALID_HOST),
-                    fabrics::invalid_param_in_data(connect_data::HOSTNQN),
-                ));
-            }
-            if c.sqsize == 0 || c.sqsize >= self.target.options().max_queue_depth {
-                return Err(invalid(fabrics::invalid_param_in_cmd(44)));
-            }
-            if c.qid == 0 {
-                if cd.cntlid != CNTLID_DYNAMIC {
-                    return Err(invalid(fabrics::invalid_param_in_data(
-                        connect_data::CNTLID,
-                    )));
-                }
-                let ctrl = self
-                    .target
-                    .new_ctrl(subsys, cd.hostnqn, cd.hostid, c.kato)
-                    .ok_or((cs_dnr(fsc::CONTROLLER_BUSY), 0))?;
-                return Ok((ctrl, 0));
-            }
-            if subsys.is_discovery() {
-                return Err(invalid(fabrics::invalid_param_in_cmd(42)));
-            }
-            let ctrl = self
-                .target
-                .controller(cd.cntlid)
-                .filter(|c| {
-                    !c.is_dead() && c.subsys.nqn() == subsys.nqn() && c.hostnqn == cd.hostnqn
-                })
-                .ok_or(invalid(fabrics::invalid_param_in_data(
-                    connect_data::CNTLID,
-                )))?;
-            if !ctrl.ready() {
-                return Err((dnr(generic::COMMAND_SEQUENCE_ERROR), 0));
-            }
-            if !ctrl.attach_io_queue(c.qid) {
-                return Err(invalid(fabrics::invalid_param_in_cmd(42)));
-            }
-            Ok((ctrl, c.qid))
-        })();
-        match r {
-            Ok((ctrl, qid)) => {
-                let cntlid = ctrl.cntlid;
-                if qid != 0 {
-                    self.reader.cfg.max_incapsule = self.target.options().in_capsule;
-                    self.nss = ctrl
-                        .subsys
-                        .backend()
-                        .map(|b| b.namespaces())
-                        .unwrap_or_default();
-                }
-                self.sq_head = 1 % (c.sqsize + 1);
-                self.queue = Some(Binding {
-                    generation: ctrl.reset_generation(),
-                    ctrl,
-                    qid,
-                    sqsize: c.sqsize,
-                });
-                self.respond(slot, Status::SUCCESS, cntlid as u32);
-            }
-            Err((status, dw0)) => self.respond(slot, status, dw0),
-        }
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // Send.
-
-    fn push(&mut self, hdr: EncodedHdr, data: TxData, release: Option<u16>) {
-        let ddgst = match &data {
-            TxData::Slot { slot, off, len } if self.digests.data && *len > 0 => {
-                let b = self.slots[*slot as usize].buf.as_ref();
-                let d = b.map_or(&[][..], |b| {
-                    &b.as_slice()[*off as usize..(*off + *len) as usize]
-                });
-                Some(pdu::crc32c(d).to_le_bytes())
-            }
-            _ => None,
-        };
-        self.stats.pdus_out += 1;
-        self.tx.push_back(TxItem {
-            hdr,
-            data,
-            ddgst,
-            sent: 0,
-            release,
-            close_after: false,
-        });
-    }
-
-    fn respond(&mut self, slot: u16, status: Status, dw0: u32) {
-        self.respond2(slot, status, dw0, 0);
-    }
-
-    fn respond2(&mut self, slot: u16, status: Status, dw0: u32, dw1: u32) {
-        let s = &mut self.slots[slot as usize];
-        if s.phase == Phase::WaitR2t {
-            self.r2t_wait.retain(|&x| x != slot);
-        }
-        s.phase = Phase::Responding;
-        self.stats.commands += 1;
-        if !status.is_success() {
-            self.stats.errors += 1;
-        }
-        let cqe = Cqe {
-            dw0,
-            dw1,
-            sq_head: self.sq_head,
-            sq_id: self.queue.as_ref().map_or(0, |b| b.qid),
-            cid: s.sqe.cid(),
-            status: status.to_field() << 1,
-        };
-        let hdr = pdu::encode(&Pdu::CapsuleResp(cqe), 0, self.digests, self.hpda);
-        self.push(hdr, TxData::None, Some(slot));
-    }
-
-    /// C2HData PDUs of at most `max_c2h_data` bytes from the slot's buffer, then the response.
-    fn respond_with_data(&mut self, slot: u16, dw0: u32) {
-        let s = &self.slots[slot as usize];
-        let cid = s.sqe.cid();
-        let total = s.buf.as_ref().map_or(0, |b| (s.len as usize).min(b.len())) as u32;
-        let chunk = self.target.options().max_c2h_data.max(4096);
-        let mut off = 0;
-        while off < total {
-            let len = chunk.min(total - off);
-            let last = off + len == total;
-            let hdr = pdu::encode(
-                &Pdu::C2hData(DataHdr {
-                    cccid: cid,
-                    ttag: 0,
-                    offset: off,
-                    len,
-                    last,
-                    success: false,
-                }),
-                len,
-                self.digests,
-                self.hpda,
-            );
-            self.push(hdr, TxData::Slot { slot, off, len }, None);
-            off += len;
-        }
-        self.respond(slot, Status::SUCCESS, dw0);
-    }
-
-    fn release(&mut self, slot: u16) {
-        let s = &mut self.slots[slot as usize];
-        if s.phase == Phase::Free {
-            return;
-        }
-        s.phase = Phase::Free;
-        s.buf = None;
-        self.free.push(slot);
-        self.outstanding -= 1;
-    }
-
-    /// Writes what the socket takes; returns the PDUs completed.
-    fn flush(&mut self) -> usize {
-        let mut done = 0;
-        if matches!(self.state, State::Closed) {
-            return 0;
-        }
-        while !self.tx.is_empty() {
-            let mut iov = [IoSlice::new(&[]); 48];
-            let mut n = 0;
-            for t in self.tx.iter().take(16) {
-                let data: &[u8] = match &t.data {
-                    TxData::None => &[],
-                    TxData::Owned(v) => v,
-                    TxData::Slot { slot, off, len } => self.slots[*slot as usize]
-                        .buf
-                        .as_ref()
-                        .map_or(&[][..], |b| {
-                            &b.as_slice()[*off as usize..(*off + *len) as usize]
-                        }),
-                };
-                let dg: &[u8] = t.ddgst.as_ref().map_or(&[], |d| &d[..]);
-                let mut skip = t.sent;
-                for seg in [t.hdr.as_bytes(), data, dg] {
-                    if skip >= seg.len() {
-                        skip -= seg.len();
-                        continue;
-                    }
-                    iov[n] = IoSlice::new(&seg[skip..]);
-                    skip = 0;
-                    n += 1;
-                }
-            }
-            let wrote = match self.sock.write_vectored(&iov[..n]) {
-                Ok(0) => {
-                    self.close_now();
-                    return done;
-                }
-                Ok(w) => w,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return done,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.why = Some(format!("socket error: {e}"));
-                    self.close_now();
-                    return done;
-                }
-            };
-            let mut left = wrote;
-            while left > 0 {
-                let Some(t) = self.tx.front_mut() else { break };
-                let total = t.hdr.as_bytes().len()
-                    + match &t.data {
-                        TxData::None => 0,
-                        TxData::Owned(v) => v.len(),
-                        TxData::Slot { len, .. } => *len as usize,
-                    }
-                    + t.ddgst.map_or(0, |d| d.len());
-                let take = left.min(total - t.sent);
-                t.sent += take;
-                left -= take;
-                if t.sent == total {
-                    let t = self.tx.pop_front().expect("front exists");
-                    done += 1;
-                    if let Some(s) = t.release {
-                        self.release(s);
-                    }
-                    if t.close_after {
-                        self.closing();
-                        self.tx.clear();
-                        let _ = self.sock.shutdown(std::net::Shutdown::Write);
-                        return done;
-                    }
-                }
-            }
-        }
-        done
     }
 }
 
