@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::super::backend::NsInfo;
-use super::super::fabrics::{
+use super::{Subsystem, Target, TargetOptions, fold64};
+use crate::nvmf::backend::NsInfo;
+use crate::nvmf::fabrics::{
     self, ADRFAM_IPV4, ADRFAM_IPV6, DiscoveryEntry, FabricsIdentify, SUBTYPE_NVME,
     TREQ_NOT_REQUIRED, TRTYPE_TCP, cns as fcns, fid as ffid, lid as flid, nidt, prop,
 };
-use super::{Subsystem, Target, TargetOptions, fold64};
 use crate::spec::identify::{IDENTIFY_LEN, build_ns_list};
 use crate::spec::regs::shst;
 use crate::spec::sqe::{admin, cns, fid, lid};

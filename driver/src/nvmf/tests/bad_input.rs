@@ -6,12 +6,12 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use super::super::fabrics::{self, Sgl, sc as fsc};
-use super::super::host::{HostData, HostError, HostQueue};
-use super::super::pdu::{self, DataHdr, Fes, Pdu, field, pdu_type};
-use super::super::target::{Subsystem, Target, TargetOptions};
 use super::*;
 use crate::Nsid;
+use crate::nvmf::fabrics::{self, Sgl, sc as fsc};
+use crate::nvmf::host::{HostData, HostError, HostQueue};
+use crate::nvmf::pdu::{self, DataHdr, Fes, Pdu, field, pdu_type};
+use crate::nvmf::target::{Subsystem, Target, TargetOptions};
 use crate::spec::sqe::io as opc;
 use crate::spec::status::generic;
 use crate::spec::{Sct, Sqe};
@@ -100,7 +100,7 @@ fn write_sqe(lba: u64, blocks: u32, sgl: Sgl, cid: u16) -> Sqe {
 
 /// A connected host that must keep working through every bad input.
 struct Bystander {
-    _c: super::super::host::HostController,
+    _c: crate::nvmf::host::HostController,
     q: HostQueue,
     round: u64,
 }
@@ -520,7 +520,7 @@ fn bad_commands_get_the_named_status() {
             // ... and the allowed one gets in.
             o.hostnqn = "nqn.2026-12.io.dioxide:the-one".into();
             let mut ok =
-                super::super::host::HostController::connect(t.addr, o).expect("allowed host");
+                crate::nvmf::host::HostController::connect(t.addr, o).expect("allowed host");
             // A stale controller ID: the association is gone.
             let c = connect(&t, Digests::default());
             let stale = c.cntlid();

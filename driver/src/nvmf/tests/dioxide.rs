@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use super::super::backend::FileBackend;
-use super::super::host::HostData;
-use super::super::target::TargetOptions;
 use super::*;
 use crate::emulated::{EmulatedConfig, EmulatedController, Mode, NamespaceConfig};
+use crate::nvmf::backend::FileBackend;
+use crate::nvmf::host::HostData;
+use crate::nvmf::target::TargetOptions;
 use crate::spec::Sqe;
 use crate::spec::sqe::io as opc;
 use crate::{Controller, Dioxide, FileOptions, Nsid};

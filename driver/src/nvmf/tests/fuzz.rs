@@ -9,13 +9,13 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
-use super::super::backend::MemBackend;
-use super::super::fabrics::{self, Sgl};
-use super::super::pdu::{self, DataHdr, Digests, IcReq, Pdu};
-use super::super::target::conn::Connection;
-use super::super::target::{Subsystem, Target, TargetOptions};
 use super::{HOSTNQN, SUBNQN};
 use crate::Nsid;
+use crate::nvmf::backend::MemBackend;
+use crate::nvmf::fabrics::{self, Sgl};
+use crate::nvmf::pdu::{self, DataHdr, Digests, IcReq, Pdu};
+use crate::nvmf::target::conn::Connection;
+use crate::nvmf::target::{Subsystem, Target, TargetOptions};
 use crate::spec::Sqe;
 
 #[derive(Clone, Debug)]

@@ -5,10 +5,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc;
 
-use super::super::host::{HostData, HostError, HostQueue};
-use super::super::pdu::{self, Fes, IcResp, Pdu, pdu_type};
-use super::super::target::TargetOptions;
 use super::*;
+use crate::nvmf::host::{HostData, HostError, HostQueue};
+use crate::nvmf::pdu::{self, Fes, IcResp, Pdu, pdu_type};
+use crate::nvmf::target::TargetOptions;
 use crate::spec::Sqe;
 use crate::spec::sqe::admin;
 

@@ -3,11 +3,11 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::super::fabrics::{self, DISCOVERY_NQN, lid as flid};
-use super::super::host::{HostController, HostData, HostError};
-use super::super::target::{Subsystem, Target, TargetOptions};
 use super::*;
 use crate::Nsid;
+use crate::nvmf::fabrics::{self, DISCOVERY_NQN, lid as flid};
+use crate::nvmf::host::{HostController, HostData, HostError};
+use crate::nvmf::target::{Subsystem, Target, TargetOptions};
 use crate::spec::sqe::{admin, io as opc};
 use crate::spec::{SmartLog, Sqe};
 

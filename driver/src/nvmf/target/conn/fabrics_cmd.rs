@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use super::super::super::fabrics::{
+use super::{Binding, Connection, cs_dnr, dnr};
+use crate::nvmf::fabrics::{
     self, CNTLID_DYNAMIC, CONNECT_DATA_LEN, Connect, ConnectData, connect_data, fctype, sc as fsc,
 };
-use super::super::ctrl::Ctrl;
-use super::{Binding, Connection, cs_dnr, dnr};
+use crate::nvmf::target::ctrl::Ctrl;
 use crate::spec::status::generic;
 use crate::spec::{Sqe, Status};
 

@@ -1,9 +1,9 @@
 //! I/O commands of a connection: checked against the namespace, submitted to the backend,
 //! completed from the connection's completion queue.
 
-use super::super::super::backend::{BackendIo, BackendOp, IoCompletion, NsInfo};
-use super::super::super::fabrics::{Sgl, sc as fsc};
 use super::{Connection, Phase, dnr, st};
+use crate::nvmf::backend::{BackendIo, BackendOp, IoCompletion, NsInfo};
+use crate::nvmf::fabrics::{Sgl, sc as fsc};
 use crate::spec::sqe::{DSM_AD, RW_FUA, io as opc};
 use crate::spec::status::generic;
 use crate::spec::{Sqe, Status};

@@ -13,7 +13,7 @@
 //! R2Ts; the send queue is bounded (reading stops while it is full), so one client can make the
 //! target hold at most `max_queue_depth × max_transfer` bytes of data.
 //!
-//! **Errors.** A malformed PDU (see [`super::super::pdu`]) gets a C2HTermReq carrying its header
+//! **Errors.** A malformed PDU (see [`crate::nvmf::pdu`]) gets a C2HTermReq carrying its header
 //! and the connection closes; a bad command gets the status the specification names, and the
 //! connection goes on. A data digest error fails the command with Transient Transport Error.
 //! Nothing is submitted to the backend before all of a write's data arrived, so a host that
@@ -31,15 +31,15 @@ mod fabrics_cmd;
 mod io_cmd;
 mod send;
 
-use super::super::backend::{CompletionQueue, NsInfo};
-use super::super::fabrics::{self, SGL_INCAPSULE, SGL_TRANSPORT, Sgl, sc as fsc};
-use super::super::pdu::{
-    self, DataHdr, Digests, EncodedHdr, FatalError, Fes, IcResp, Pdu, PduReader, R2t, RecvConfig,
-    RecvError, Role, RxBuf, TermReq, field,
-};
 use super::Target;
 use super::ctrl::{AERL, AdminOut, Ctrl};
 use crate::IoBuffer;
+use crate::nvmf::backend::{CompletionQueue, NsInfo};
+use crate::nvmf::fabrics::{self, SGL_INCAPSULE, SGL_TRANSPORT, Sgl, sc as fsc};
+use crate::nvmf::pdu::{
+    self, DataHdr, Digests, EncodedHdr, FatalError, Fes, IcResp, Pdu, PduReader, R2t, RecvConfig,
+    RecvError, Role, RxBuf, TermReq, field,
+};
 use crate::spec::sqe::io as opc;
 use crate::spec::status::generic;
 use crate::spec::{Sct, Sqe, Status};

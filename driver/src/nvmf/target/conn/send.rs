@@ -3,8 +3,8 @@
 
 use std::io::{self, IoSlice, Write};
 
-use super::super::super::pdu::{self, DataHdr, EncodedHdr, Pdu};
 use super::{Connection, Phase, State, TxData, TxItem};
+use crate::nvmf::pdu::{self, DataHdr, EncodedHdr, Pdu};
 use crate::spec::{Cqe, Status};
 
 impl Connection {
