@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
 
+use super::target::wait::Notifier;
 use crate::spec::status::generic;
 use crate::spec::{Sct, SmartLog, Status};
 use crate::{BlockFile, Dioxide, FileOptions, IoBuffer, Nsid, Request};
@@ -87,15 +88,22 @@ pub struct IoCompletion {
     queue: Option<CompletionQueue>,
     slot: u16,
     generation: u32,
+    notifier: Option<Arc<Notifier>>,
 }
 
 impl IoCompletion {
     /// A completion handle for a command slot.
-    pub(crate) fn new(queue: CompletionQueue, slot: u16, generation: u32) -> IoCompletion {
+    pub(crate) fn new(
+        queue: CompletionQueue,
+        slot: u16,
+        generation: u32,
+        notifier: Option<Arc<Notifier>>,
+    ) -> IoCompletion {
         IoCompletion {
             queue: Some(queue),
             slot,
             generation,
+            notifier,
         }
     }
 
@@ -115,6 +123,9 @@ impl IoCompletion {
             // The queue holds one entry per command slot and a slot has at most one I/O in
             // flight, so it is never full; if it were, dropping the entry is the only option.
             let _ = q.push(done);
+            if let Some(n) = &self.notifier {
+                n.notify();
+            }
         }
     }
 }

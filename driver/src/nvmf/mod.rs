@@ -22,7 +22,8 @@
 //! only state shared between connections is the controller of an association (admin queue and
 //! I/O queues may sit on different groups), behind a mutex taken on admin commands and
 //! atomics on the I/O path. Backend completions arrive from any thread through a bounded
-//! lock-free queue per connection.
+//! lock-free queue per connection, and wake the group if it sleeps in
+//! [`PollGroup::wait`].
 //!
 //! # Memory a host can make the target hold
 //! Per connection: `max_queue_depth` command slots, each with at most one data buffer of at

@@ -2,12 +2,16 @@
 //! listener and spread accepted connections over every group round-robin.
 //!
 //! [`PollGroup::poll`] never blocks: it accepts what the listener has, adopts connections
-//! handed to it, polls each connection once, drops the closed ones, and returns the work done
-//! (0: idle, the caller may back off). Who calls it (a pinned Dioxide poller, or
-//! [`PollGroup::run_until`] on a thread of its own) is the caller's choice.
+//! handed to it, polls each connection once, drops the closed ones, and returns the work done.
+//! After a round with nothing done, [`PollGroup::wait`] sleeps in `poll(2)` on the group's
+//! sockets, its listener and an eventfd that backend completions and new connections ring, so
+//! an idle group costs no CPU (the QD1 case on a shared core) and wakes as soon as there is
+//! work. Who calls them (a pinned Dioxide poller, or [`PollGroup::run_until`] on a thread of
+//! its own) is the caller's choice.
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -16,15 +20,26 @@ use crossbeam_queue::SegQueue;
 
 use super::Target;
 use super::conn::{ConnStats, Connection};
+use super::wait::{Interest, Notifier};
 
 /// Where other groups (the listener's) hand this group new connections.
-#[derive(Clone, Debug, Default)]
-pub struct Inbox(Arc<SegQueue<TcpStream>>);
+#[derive(Clone, Debug)]
+pub struct Inbox {
+    queue: Arc<SegQueue<TcpStream>>,
+    notifier: Option<Arc<Notifier>>,
+}
 
 impl Inbox {
-    /// Hands a connection to the group.
+    /// Hands a connection to the group (and wakes it if it sleeps).
     pub fn push(&self, s: TcpStream) {
-        self.0.push(s);
+        self.queue.push(s);
+        self.wake();
+    }
+    /// Wakes the group if it sleeps in [`PollGroup::wait`] (to stop it, say).
+    pub fn wake(&self) {
+        if let Some(n) = &self.notifier {
+            n.notify();
+        }
     }
 }
 
@@ -38,6 +53,9 @@ pub struct PollGroup {
     inbox: Inbox,
     conns: Vec<Connection>,
     closed: ClosedLog,
+    notifier: Option<Arc<Notifier>>,
+    interests: Vec<Interest>,
+    pollfds: Vec<libc::pollfd>,
 }
 
 /// Totals of the connections a group closed.
@@ -52,16 +70,24 @@ pub struct ClosedLog {
 }
 
 impl PollGroup {
-    /// An empty group.
+    /// An empty group. (If no eventfd can be made, [`wait`](Self::wait) falls back to short
+    /// sleeps.)
     pub fn new(target: Arc<Target>) -> PollGroup {
+        let notifier = Notifier::new().ok().map(Arc::new);
         PollGroup {
             target,
             listener: None,
             peers: Vec::new(),
             next_peer: 0,
-            inbox: Inbox::default(),
+            inbox: Inbox {
+                queue: Arc::new(SegQueue::new()),
+                notifier: notifier.clone(),
+            },
             conns: Vec::new(),
             closed: ClosedLog::default(),
+            notifier,
+            interests: Vec::new(),
+            pollfds: Vec::new(),
         }
     }
 
@@ -81,7 +107,7 @@ impl PollGroup {
 
     /// Adds an accepted connection.
     pub fn add(&mut self, sock: TcpStream) -> io::Result<()> {
-        let c = Connection::new(self.target.clone(), sock)?;
+        let c = Connection::new(self.target.clone(), sock, self.notifier.clone())?;
         self.conns.push(c);
         Ok(())
     }
@@ -99,15 +125,52 @@ impl PollGroup {
         &self.closed
     }
 
-    /// Polls on the calling thread until `stop`; an idle round sleeps `idle_sleep`, a busy one
-    /// goes straight on. (A pinned Dioxide poller calls [`poll`](Self::poll) in its own loop
-    /// instead.)
-    pub fn run_until(&mut self, stop: &AtomicBool, idle_sleep: Duration) {
+    /// Polls on the calling thread until `stop`; after an idle round it [`wait`](Self::wait)s
+    /// at most `idle_wait` (which bounds how late `stop`, keep-alive expiry and events from
+    /// other threads are seen). A pinned Dioxide poller calls [`poll`](Self::poll) and
+    /// [`wait`](Self::wait) in its own loop instead.
+    pub fn run_until(&mut self, stop: &AtomicBool, idle_wait: Duration) {
         while !stop.load(Ordering::Relaxed) {
             if self.poll() == 0 {
-                std::thread::sleep(idle_sleep);
+                self.wait(idle_wait);
             }
         }
+    }
+
+    /// Sleeps until a socket of the group is readable (or writable with PDUs waiting), a
+    /// connection arrives, a backend completion is posted, or `timeout` passes. Call it after
+    /// a [`poll`](Self::poll) that did nothing: the group then costs no CPU while idle.
+    pub fn wait(&mut self, timeout: Duration) {
+        let Some(n) = self.notifier.clone() else {
+            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+            return;
+        };
+        // Raise the flag first, then look once more: a completion posted after this look rings
+        // the eventfd, so it cannot be missed.
+        n.sleeping(true);
+        if !self.inbox.queue.is_empty() || self.conns.iter().any(|c| c.has_completions()) {
+            n.sleeping(false);
+            return;
+        }
+        self.interests.clear();
+        self.interests.push(Interest {
+            fd: n.raw_fd(),
+            write: false,
+        });
+        if let Some(l) = &self.listener {
+            self.interests.push(Interest {
+                fd: l.as_raw_fd(),
+                write: false,
+            });
+        }
+        self.interests
+            .extend(self.conns.iter().filter_map(|c| c.interest()));
+        // A failed poll(2) (ENOMEM) is a short nap: the next round polls everything anyway.
+        if super::wait::wait(&self.interests, &mut self.pollfds, timeout).is_err() {
+            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+        }
+        n.sleeping(false);
+        n.drain();
     }
 
     /// One round: accept, adopt, poll every connection, reap the closed ones.
@@ -132,7 +195,7 @@ impl PollGroup {
                 }
             }
         }
-        while let Some(s) = self.inbox.0.pop() {
+        while let Some(s) = self.inbox.queue.pop() {
             work += 1;
             // A socket that cannot be configured is dropped (the host sees the close).
             let _ = self.add(s);

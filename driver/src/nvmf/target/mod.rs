@@ -15,6 +15,7 @@
 pub mod conn;
 pub mod ctrl;
 pub mod group;
+pub mod wait;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -137,7 +137,7 @@ proptest! {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let mut client = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
         let (server, _) = l.accept().expect("accept");
-        let mut conn = Connection::new(target.clone(), server).expect("connection");
+        let mut conn = Connection::new(target.clone(), server, None).expect("connection");
         client.set_nonblocking(true).expect("non-blocking");
         let d = Digests::default();
         let ic = Pdu::IcReq(IcReq { pfv: 0, hpda: 0, digests: d, maxr2t: 0 });

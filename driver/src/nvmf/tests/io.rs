@@ -515,3 +515,33 @@ fn controller_reset_closes_io_queues_and_reconnect_works() {
         },
     )
 }
+
+#[test]
+fn idle_groups_sleep_and_wake_on_sockets_completions_and_connections() {
+    watchdog(
+        "idle_groups_sleep_and_wake_on_sockets_completions_and_connections",
+        test_watchdog::INTEGRATION,
+        || {
+            // Groups that wait an hour when idle: every wake-up must come from a socket, a
+            // backend completion (the memory backend completes on its own thread) or a
+            // connection handed over by the listener's group; a missed one hangs the test.
+            let mem = mem_backend();
+            let target = Target::new(small_pdus());
+            target.add_subsystem(Subsystem::new(SUBNQN, mem.clone()));
+            let t = TestTarget::start_waiting(target, 2, Duration::from_secs(3600));
+            for round in 0..3u64 {
+                let mut c = connect(&t, Digests::default());
+                let mut q = c.io_queue(8).expect("I/O queue");
+                for k in 0..8u64 {
+                    let data = pattern(round * 10 + k, 16384);
+                    q.write(1, k * 32, data.clone(), 512).expect("write");
+                    assert_eq!(q.read(1, k * 32, 32, 512).expect("read"), data);
+                    // Let the groups fall asleep between commands.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                c.shutdown().expect("shutdown");
+            }
+            t.stop();
+        },
+    )
+}

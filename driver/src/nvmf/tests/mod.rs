@@ -18,6 +18,7 @@ use std::time::Duration;
 use super::backend::{Backend, MemBackend};
 use super::host::{HostController, HostOptions};
 use super::pdu::Digests;
+use super::target::group::Inbox;
 use super::target::{PollGroup, Subsystem, Target, TargetOptions};
 
 pub(super) const SUBNQN: &str = "nqn.2026-12.io.dioxide:test";
@@ -35,10 +36,16 @@ pub(super) struct TestTarget {
     pub target: Arc<Target>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<PollGroup>>,
+    wakers: Vec<Inbox>,
 }
 
 impl TestTarget {
     pub fn start(target: Arc<Target>, groups: usize) -> TestTarget {
+        TestTarget::start_waiting(target, groups, Duration::from_millis(20))
+    }
+
+    /// Like [`start`](Self::start), the groups waiting up to `idle_wait` when idle.
+    pub fn start_waiting(target: Arc<Target>, groups: usize, idle_wait: Duration) -> TestTarget {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local address");
         let stop = Arc::new(AtomicBool::new(false));
@@ -46,6 +53,7 @@ impl TestTarget {
             .map(|_| PollGroup::new(target.clone()))
             .collect();
         let peers = all[1..].iter().map(|g| g.inbox()).collect();
+        let wakers = all.iter().map(|g| g.inbox()).collect();
         all[0].listen(listener, peers).expect("listen");
         let threads = all
             .into_iter()
@@ -56,7 +64,7 @@ impl TestTarget {
                     .name(format!("nvmf-group-{i}"))
                     .spawn(move || {
                         let mut g = g;
-                        g.run_until(&stop, Duration::from_micros(100));
+                        g.run_until(&stop, idle_wait);
                         g
                     })
                     .expect("spawn a poll group")
@@ -67,6 +75,7 @@ impl TestTarget {
             target,
             stop,
             threads,
+            wakers,
         }
     }
 
@@ -84,6 +93,7 @@ impl TestTarget {
     /// Stops the groups; returns why their connections closed.
     pub fn stop(mut self) -> Vec<String> {
         self.stop.store(true, Ordering::Relaxed);
+        self.wakers.iter().for_each(Inbox::wake);
         let mut reasons = Vec::new();
         for t in self.threads.drain(..) {
             if let Ok(g) = t.join() {
@@ -97,6 +107,7 @@ impl TestTarget {
 impl Drop for TestTarget {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.wakers.iter().for_each(Inbox::wake);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

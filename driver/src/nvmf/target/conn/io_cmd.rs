@@ -133,7 +133,7 @@ impl Connection {
             fua: sqe.cdw12 & RW_FUA != 0,
             buf,
         };
-        let done = IoCompletion::new(self.cq.clone(), slot, s.generation);
+        let done = IoCompletion::new(self.cq.clone(), slot, s.generation, self.notifier.clone());
         backend.submit(io, done);
     }
 

@@ -22,6 +22,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,7 @@ mod send;
 
 use super::Target;
 use super::ctrl::{AERL, AdminOut, Ctrl};
+use super::wait::{Interest, Notifier};
 use crate::IoBuffer;
 use crate::nvmf::backend::{CompletionQueue, NsInfo};
 use crate::nvmf::fabrics::{self, SGL_INCAPSULE, SGL_TRANSPORT, Sgl, sc as fsc};
@@ -167,6 +169,7 @@ pub struct Connection {
     nss: Vec<NsInfo>,
     stats: ConnStats,
     why: Option<String>,
+    notifier: Option<Arc<Notifier>>,
 }
 
 impl core::fmt::Debug for Connection {
@@ -201,8 +204,13 @@ fn data_in(sqe: &Sqe) -> bool {
 }
 
 impl Connection {
-    /// Takes an accepted socket (made non-blocking here, Nagle off).
-    pub fn new(target: Arc<Target>, sock: TcpStream) -> io::Result<Connection> {
+    /// Takes an accepted socket (made non-blocking here, Nagle off); backend completions ring
+    /// `notifier` (the poll group's, to wake it from [`wait`](super::PollGroup::wait)).
+    pub fn new(
+        target: Arc<Target>,
+        sock: TcpStream,
+        notifier: Option<Arc<Notifier>>,
+    ) -> io::Result<Connection> {
         sock.set_nonblocking(true)?;
         sock.set_nodelay(true)?;
         let local = sock.local_addr()?;
@@ -246,6 +254,7 @@ impl Connection {
             nss: Vec::new(),
             stats: ConnStats::default(),
             why: None,
+            notifier,
         })
     }
 
@@ -264,6 +273,18 @@ impl Connection {
     /// Why the connection closed, if it did for a reason other than the host leaving.
     pub fn close_reason(&self) -> Option<&str> {
         self.why.as_deref()
+    }
+    /// What to wait for while idle: the socket, readable (and writable while PDUs wait to
+    /// be sent); `None` once closed.
+    pub(crate) fn interest(&self) -> Option<Interest> {
+        (self.state != State::Closed).then(|| Interest {
+            fd: self.sock.as_raw_fd(),
+            write: !self.tx.is_empty(),
+        })
+    }
+    /// True if backend completions wait to be handled.
+    pub(crate) fn has_completions(&self) -> bool {
+        !self.cq.is_empty()
     }
     /// Queue ID after Connect.
     pub fn qid(&self) -> Option<u16> {
