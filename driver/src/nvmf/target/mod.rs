@@ -53,6 +53,30 @@ pub struct TargetOptions {
     pub rx_staging: usize,
 }
 
+impl TargetOptions {
+    /// The options brought into what the protocol allows: queue depth 2..=1024, I/O queues
+    /// 1..=1024, in-capsule size a multiple of 16 up to 1 MiB, MAXH2CDATA and the C2HData size
+    /// multiples of 4 of at least 4096, the transfer size a power of two of 4 KiB..=16 MiB, at
+    /// least one R2T, KAS at least 1, a staging buffer of at least 4 KiB.
+    pub fn normalized(mut self) -> TargetOptions {
+        self.max_queue_depth = self.max_queue_depth.clamp(2, 1024);
+        self.max_io_queues = self.max_io_queues.clamp(1, 1024);
+        self.in_capsule = (self.in_capsule & !15).min(1 << 20);
+        self.max_h2c_data = (self.max_h2c_data & !3).max(4096);
+        self.max_c2h_data = (self.max_c2h_data & !3).max(4096);
+        self.max_transfer = self
+            .max_transfer
+            .clamp(4096, 16 << 20)
+            .checked_next_power_of_two()
+            .unwrap_or(16 << 20)
+            .min(16 << 20);
+        self.max_r2t_per_conn = self.max_r2t_per_conn.max(1);
+        self.kas = self.kas.max(1);
+        self.rx_staging = self.rx_staging.max(4096);
+        self
+    }
+}
+
 impl Default for TargetOptions {
     fn default() -> Self {
         TargetOptions {
@@ -181,10 +205,11 @@ impl core::fmt::Debug for Target {
 }
 
 impl Target {
-    /// A target with no subsystem but the discovery subsystem.
+    /// A target with no subsystem but the discovery subsystem. Options out of range are
+    /// brought into it (see [`TargetOptions::normalized`]).
     pub fn new(opts: TargetOptions) -> Arc<Target> {
         Arc::new(Target {
-            opts,
+            opts: opts.normalized(),
             subsystems: RwLock::new(Vec::new()),
             discovery: Arc::new(Subsystem::discovery()),
             ctrls: Mutex::new(CtrlTable {
@@ -318,5 +343,34 @@ impl Target {
         for c in ctrls {
             c.namespaces_changed(nsids);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TargetOptions;
+
+    #[test]
+    fn options_are_brought_into_range() {
+        let o = TargetOptions {
+            max_queue_depth: 0,
+            max_io_queues: 0,
+            in_capsule: 8199,
+            max_h2c_data: 4098,
+            max_c2h_data: 10,
+            max_transfer: 100_000,
+            max_r2t_per_conn: 0,
+            kas: 0,
+            rx_staging: 0,
+        }
+        .normalized();
+        assert_eq!((o.max_queue_depth, o.max_io_queues), (2, 1));
+        assert_eq!(o.in_capsule, 8192);
+        assert_eq!((o.max_h2c_data, o.max_c2h_data), (4096, 4096));
+        assert_eq!(o.max_transfer, 128 * 1024);
+        assert_eq!((o.max_r2t_per_conn, o.kas, o.rx_staging), (1, 1, 4096));
+        let d = TargetOptions::default();
+        assert_eq!(d.clone().normalized().max_transfer, d.max_transfer);
+        assert_eq!(d.clone().normalized().max_h2c_data, d.max_h2c_data);
     }
 }

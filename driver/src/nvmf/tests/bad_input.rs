@@ -308,6 +308,8 @@ fn digest_errors() {
         s.write_all(&b).expect("send");
         let cqe = expect_resp(&mut s);
         assert_eq!(cqe.cid, 9);
+        // SQ head: Connect was entry 0, this write entry 1.
+        assert_eq!(cqe.sq_head, 2);
         assert_eq!(cqe.status().sc, fsc::TRANSIENT_TRANSPORT_ERROR);
         assert!(
             mem.snapshot(Nsid(1))[77 * 512..78 * 512]
@@ -321,7 +323,9 @@ fn digest_errors() {
             d,
         ))
         .expect("send");
-        assert!(expect_resp(&mut s).status().is_success());
+        let cqe = expect_resp(&mut s);
+        assert!(cqe.status().is_success());
+        assert_eq!(cqe.sq_head, 3);
         assert_eq!(&mem.snapshot(Nsid(1))[77 * 512..78 * 512], &data[..]);
         by.check();
         let _ = c.keep_alive();
