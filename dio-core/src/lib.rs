@@ -63,6 +63,7 @@ mod error;
 mod hooks;
 mod ioctx;
 mod locked;
+mod pool;
 mod request;
 pub mod result;
 #[doc(hidden)]
@@ -71,7 +72,7 @@ pub mod sync;
 pub use crate::bio::{Bio, BioOp};
 pub use crate::completion::Completion;
 pub use crate::core::{Config, DioCore, QueueFullPolicy};
-pub use crate::dio::{RefCounting, Wait};
+pub use crate::dio::{Deferred, RefCounting, Wait};
 pub use crate::error::{DeviceStatus, DioError, DioResult};
 pub use crate::hooks::{BioSink, Deferral, EndIo, Extent, Mapper, Poller, Rejected};
 pub use crate::ioctx::{File, IoCtx, SubmitErrorDelivery, Submitted};
