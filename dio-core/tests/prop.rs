@@ -315,6 +315,7 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
         queue_full: c.policy,
         wait: Wait::PollInPlace(dev.clone()),
         refcount: c.counting,
+        ..Config::default()
     };
     let ctx = IoCtx::new(
         DioCore::new(dev.clone(), mapper, cfg).with_end_io(hook.clone()),
