@@ -1,4 +1,4 @@
-//! Loom model checking of scenarios L1–L13 (DIO-CORE.md §5.2), for both reference-counting
+//! Loom model checking of scenarios L1–L13 (dio-core/DESIGN.md §5.2), for both reference-counting
 //! implementations and, where it applies, both wait strategies.
 //!
 //! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test -p dio-core --release --test loom`
