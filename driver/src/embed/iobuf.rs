@@ -8,12 +8,15 @@
 //!   through the page cache (the buffered path), which copies.
 //!
 //! dio-core sees a [`Window`]: the buffer plus the byte of it where the direct part starts (an
-//! unaligned head is done through the cache first). [`IoBuf::dma_map`] answers `Fault` for a
+//! unaligned head is done through the cache first), and, for an asynchronous request, its
+//! context (range guard, byte accounting, the user's callback), which dio-core hands back to
+//! the completion function with the buffer. [`IoBuf::dma_map`] answers `Fault` for a
 //! heap buffer or a segment whose address is not dword aligned (NVMe PRP rule).
 
 use dio_core::{DioError, Dir, DmaSegment, IoBuf};
 
 use crate::bus::dma::{DmaBuffer, DmaSlice};
+use crate::embed::blockfile::ReqCtx;
 
 /// A buffer owned by a request: DMA memory (zero copy) or heap memory (copied through the page
 /// cache).
@@ -83,16 +86,22 @@ impl From<Vec<u8>> for IoBuffer {
     }
 }
 
-/// The part of an [`IoBuffer`] a dio-core request covers: `buf[start..]`.
+/// The part of an [`IoBuffer`] a dio-core request covers: `buf[start..]`, and the context of
+/// an asynchronous request (dio-core's `cb_arg`: the request travels with it, no allocation).
 #[derive(Debug)]
 pub struct Window {
     pub(crate) buf: IoBuffer,
     pub(crate) start: usize,
+    pub(crate) ctx: Option<ReqCtx>,
 }
 
 impl Window {
     pub(crate) fn new(buf: IoBuffer, start: usize) -> Self {
-        Window { buf, start }
+        Window {
+            buf,
+            start,
+            ctx: None,
+        }
     }
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.buf.as_slice()[self.start..]
