@@ -166,7 +166,11 @@ impl Load<'_> {
 fn check(engine: &str, dx: &Dioxide, reap: &dyn Fn()) -> Vec<String> {
     // 256 KiB file, all of it written once so reads are not clamped.
     let file = dx
-        .open_file(0, Nsid(1), FileOptions::new(0, 1 << 12).with_len(64 * BS as u64))
+        .open_file(
+            0,
+            Nsid(1),
+            FileOptions::new(0, 1 << 12).with_len(64 * BS as u64),
+        )
         .unwrap();
     let mut load = Load {
         file: &file,
@@ -182,9 +186,13 @@ fn check(engine: &str, dx: &Dioxide, reap: &dyn Fn()) -> Vec<String> {
         load.async_submits();
     }
     let mut failures = Vec::new();
-    for (k, name) in ["synchronous reads", "synchronous writes", "asynchronous submits"]
-        .into_iter()
-        .enumerate()
+    for (k, name) in [
+        "synchronous reads",
+        "synchronous writes",
+        "asynchronous submits",
+    ]
+    .into_iter()
+    .enumerate()
     {
         let (n, bytes, sizes) = count(|| match k {
             0 => load.sync_reads(),
