@@ -27,8 +27,9 @@
 //! 5. **Completion**: [`BlockFile::submit`] returns `Ok` and the callback runs exactly once, or
 //!    returns the error and the callback never runs (`dio-core/DESIGN.md §3.7`). The range lock
 //!    is released just before the callback. An asynchronous direct request allocates nothing:
-//!    its context (range guard, byte accounting, the user's callback stored inline) travels in
-//!    its [`Window`] through dio-core's pooled request state to a plain completion function.
+//!    its context (held range, byte accounting, the user's callback stored inline) is a pooled
+//!    box whose pointer travels in its [`Window`] through dio-core's pooled request state to a
+//!    plain completion function.
 //!
 //! # "Latest data"
 //! Requests that touch a common 4 KiB page are serialised by the range lock in the order they
@@ -52,14 +53,13 @@ use crate::embed::cache::{CacheFile, PAGE, PageCache, PageIo};
 use crate::embed::error::{EmbedError, EmbedResult, Op};
 use crate::embed::iobuf::{IoBuffer, Window};
 use crate::embed::poller::{Local, Pollers};
-use crate::embed::rangelock::RangeLock;
 
 mod callback;
 mod path;
 
 use crate::nvme::controller::Controller;
 use crate::nvme::namespace::Namespace;
-pub(crate) use path::ReqCtx;
+pub(crate) use path::Context;
 
 /// Called with the new length after a write raised it (before the write is reported done).
 pub type ExtendHook = Arc<dyn Fn(u64) + Send + Sync>;
@@ -321,7 +321,7 @@ impl dio_core::File<Window> for FileState {
 
 struct Inner {
     io: IoCtx<Window, FileState>,
-    locks: Arc<RangeLock>,
+    shared: Arc<path::Shared>,
     engine: EngineRef,
     deferral: Option<Arc<dyn dio_core::Deferral>>,
     ctrl: Controller,
@@ -460,7 +460,7 @@ impl BlockFile {
         Ok(BlockFile {
             inner: Arc::new(Inner {
                 io: IoCtx::new(core, state),
-                locks: Arc::new(RangeLock::new(capacity)),
+                shared: Arc::new(path::Shared::new(capacity)),
                 engine,
                 deferral,
                 ctrl,

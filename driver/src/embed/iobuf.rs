@@ -8,15 +8,16 @@
 //!   through the page cache (the buffered path), which copies.
 //!
 //! dio-core sees a [`Window`]: the buffer plus the byte of it where the direct part starts (an
-//! unaligned head is done through the cache first), and, for an asynchronous request, its
-//! context (range guard, byte accounting, the user's callback), which dio-core hands back to
-//! the completion function with the buffer. [`IoBuf::dma_map`] answers `Fault` for a
-//! heap buffer or a segment whose address is not dword aligned (NVMe PRP rule).
+//! unaligned head is done through the cache first), and, for an asynchronous request, a pointer
+//! to its pooled context (held range, byte accounting, the user's callback), which dio-core
+//! hands back to the completion function with the buffer (its `cb_arg`). [`IoBuf::dma_map`]
+//! answers `Fault` for a heap buffer or a segment whose address is not dword aligned (NVMe PRP
+//! rule).
 
 use dio_core::{DioError, Dir, DmaSegment, IoBuf};
 
 use crate::bus::dma::{DmaBuffer, DmaSlice};
-use crate::embed::blockfile::ReqCtx;
+use crate::embed::blockfile::Context;
 
 /// A buffer owned by a request: DMA memory (zero copy) or heap memory (copied through the page
 /// cache).
@@ -87,12 +88,13 @@ impl From<Vec<u8>> for IoBuffer {
 }
 
 /// The part of an [`IoBuffer`] a dio-core request covers: `buf[start..]`, and the context of
-/// an asynchronous request (dio-core's `cb_arg`: the request travels with it, no allocation).
+/// an asynchronous request (dio-core's `cb_arg`; a pooled box, so the window stays small: it is
+/// moved by value several times per request).
 #[derive(Debug)]
 pub struct Window {
     pub(crate) buf: IoBuffer,
     pub(crate) start: usize,
-    pub(crate) ctx: Option<ReqCtx>,
+    pub(crate) ctx: Option<Box<Context>>,
 }
 
 impl Window {

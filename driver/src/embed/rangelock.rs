@@ -41,7 +41,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use crossbeam_utils::sync::{Parker, Unparker};
 
@@ -74,14 +74,16 @@ pub(crate) struct RangeLock {
     waiters: Mutex<Vec<(usize, Unparker)>>,
 }
 
-/// A held range; unlocks on drop.
-pub(crate) struct RangeGuard {
-    lock: Arc<RangeLock>,
+/// A held range, detached from its lock (an asynchronous request carries it to its
+/// completion, which gives it back with [`RangeLock::unlock`]). Small and free of references:
+/// which stripes, and how.
+#[must_use = "a held range must be given back with RangeLock::unlock"]
+pub(crate) struct Held {
     span: Span,
     exclusive: bool,
 }
 
-impl std::fmt::Debug for RangeGuard {
+impl std::fmt::Debug for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (l, h) = (self.span.low, self.span.high);
         let mode = if self.exclusive {
@@ -89,11 +91,30 @@ impl std::fmt::Debug for RangeGuard {
         } else {
             "shared"
         };
-        write!(
-            f,
-            "RangeGuard(stripes {}..{} {}..{}, {mode})",
-            l.0, l.1, h.0, h.1
-        )
+        write!(f, "Held(stripes {}..{} {}..{}, {mode})", l.0, l.1, h.0, h.1)
+    }
+}
+
+/// A held range borrowing its lock; unlocks on drop (or is detached with
+/// [`into_held`](RangeGuard::into_held)).
+pub(crate) struct RangeGuard<'a> {
+    lock: &'a RangeLock,
+    /// `None` only once detached.
+    held: Option<Held>,
+}
+
+impl RangeGuard<'_> {
+    /// Detach the range from the guard: the caller gives it back with [`RangeLock::unlock`].
+    pub(crate) fn into_held(mut self) -> Option<Held> {
+        self.held.take()
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.held.take() {
+            self.lock.unlock(h);
+        }
     }
 }
 
@@ -137,6 +158,7 @@ impl RangeLock {
     }
 
     /// The stripes covering the pages of `range` (byte offsets, rounded out to pages).
+    #[inline]
     fn span(&self, range: &Range<u64>) -> Span {
         let first = range.start / PAGE;
         let end = range.end.div_ceil(PAGE).max(first + 1);
@@ -156,6 +178,7 @@ impl RangeLock {
     }
 
     /// One attempt at stripe `i`: true when we got it.
+    #[inline]
     fn attempt(&self, i: usize, exclusive: bool) -> bool {
         let s = &self.stripes[i];
         let mut w = s.load(Ordering::Relaxed);
@@ -178,6 +201,7 @@ impl RangeLock {
     }
 
     /// Release stripe `i`; wake its waiters when it became free and someone waits.
+    #[inline]
     fn release(&self, i: usize, exclusive: bool) {
         let s = &self.stripes[i];
         // Release: our writes are visible to the next holder (its Acquire above).
@@ -194,6 +218,7 @@ impl RangeLock {
 
     /// Wake every parked waiter of stripe `i` and clear its `WAITERS` bit (under the list's
     /// mutex, so no registration is lost: see the module docs).
+    #[cold]
     fn wake(&self, i: usize) {
         let mut list = lock_list(&self.waiters);
         self.stripes[i].fetch_and(!WAITERS, Ordering::Relaxed);
@@ -227,36 +252,60 @@ impl RangeLock {
     }
 
     /// Lock `range` if nothing conflicting is held (never waits).
-    pub(crate) fn try_lock(
-        self: &Arc<Self>,
-        range: Range<u64>,
-        exclusive: bool,
-    ) -> Option<RangeGuard> {
+    #[inline]
+    pub(crate) fn try_lock(&self, range: Range<u64>, exclusive: bool) -> Option<RangeGuard<'_>> {
         let span = self.span(&range);
-        for (got, i) in span.iter().enumerate() {
-            if !self.attempt(i, exclusive) {
-                // Give back what we got on the way (a release wakes whoever parked meanwhile).
-                for j in span.iter().take(got) {
-                    self.release(j, exclusive);
-                }
-                return None;
-            }
-        }
-        Some(RangeGuard {
-            lock: Arc::clone(self),
-            span,
-            exclusive,
-        })
+        self.try_span(span, exclusive)
+            .then(|| self.guard(span, exclusive))
     }
 
     /// Lock `range`, waiting as told while a conflicting range is held.
+    #[inline]
     pub(crate) fn lock(
-        self: &Arc<Self>,
+        &self,
         range: Range<u64>,
         exclusive: bool,
         wait: LockWait<'_>,
-    ) -> RangeGuard {
+    ) -> RangeGuard<'_> {
         let span = self.span(&range);
+        if !self.try_span(span, exclusive) {
+            self.wait_span(span, exclusive, wait);
+        }
+        self.guard(span, exclusive)
+    }
+
+    /// Take every stripe of `span` without waiting, or none.
+    #[inline]
+    fn try_span(&self, span: Span, exclusive: bool) -> bool {
+        let (low, high) = (
+            span.low.0 as usize..span.low.1 as usize,
+            span.high.0..span.high.1,
+        );
+        for i in low.clone() {
+            if !self.attempt(i, exclusive) {
+                // Give back what we got on the way (a release wakes whoever parked meanwhile).
+                for j in low.start..i {
+                    self.release(j, exclusive);
+                }
+                return false;
+            }
+        }
+        for i in high.clone() {
+            if !self.attempt(i as usize, exclusive) {
+                for j in low.chain(high.start as usize..i as usize) {
+                    self.release(j, exclusive);
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The slow path of [`lock`](Self::lock): take the stripes in ascending order, waiting for
+    /// each as told.
+    #[cold]
+    #[inline(never)]
+    fn wait_span(&self, span: Span, exclusive: bool, wait: LockWait<'_>) {
         let mut parker: Option<Parker> = None;
         for i in span.iter() {
             while !self.attempt(i, exclusive) {
@@ -271,10 +320,20 @@ impl RangeLock {
                 }
             }
         }
+    }
+
+    fn guard(&self, span: Span, exclusive: bool) -> RangeGuard<'_> {
         RangeGuard {
-            lock: Arc::clone(self),
-            span,
-            exclusive,
+            lock: self,
+            held: Some(Held { span, exclusive }),
+        }
+    }
+
+    /// Give back a range held on this lock (in descending stripe order).
+    #[inline]
+    pub(crate) fn unlock(&self, held: Held) {
+        for i in held.span.iter().rev() {
+            self.release(i, held.exclusive);
         }
     }
 
@@ -292,17 +351,10 @@ impl RangeLock {
     }
 }
 
-impl Drop for RangeGuard {
-    fn drop(&mut self) {
-        for i in self.span.iter().rev() {
-            self.lock.release(i, self.exclusive);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize};
 
     const P: u64 = PAGE;
@@ -499,6 +551,29 @@ mod tests {
         for s in l.stripes.iter() {
             assert_eq!(s.load(Ordering::Relaxed), 0);
         }
+    }
+
+    #[test]
+    fn a_try_lock_failing_past_the_wrap_gives_everything_back() {
+        let l = RangeLock::new(16 * P);
+        let g = l.try_lock(15 * P..16 * P, true).unwrap();
+        // Pages 14..18 are stripes 0, 1 then 14, 15: fails at 15 holding 0, 1 and 14.
+        assert!(l.try_lock(14 * P..18 * P, false).is_none());
+        assert_eq!(l.held(), 1);
+        drop(g);
+        assert!(l.try_lock(14 * P..18 * P, true).is_some());
+        assert_eq!(l.held(), 0);
+    }
+
+    #[test]
+    fn a_detached_range_stays_held_until_unlocked() {
+        let l = RangeLock::new(64 * P);
+        let held = l.lock(0..2 * P, true, LockWait::Park).into_held().unwrap();
+        assert!(l.try_lock(P..P + 1, false).is_none());
+        assert_eq!(l.held(), 2);
+        l.unlock(held);
+        assert_eq!(l.held(), 0);
+        assert!(l.try_lock(0..2 * P, true).is_some());
     }
 
     #[test]
