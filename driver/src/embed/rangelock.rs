@@ -34,10 +34,15 @@
 //!   registers concurrently either sees the freed word in its re-check or is woken). Woken
 //!   waiters retry; one that loses the race re-registers.
 //!
-//! A poller thread never waits: it drops the guard of an asynchronous request when the request
-//! completes (a few atomic operations, plus the waiter list when someone waits), and a request
-//! a callback issues on the poller only *tries* the lock ([`RangeLock::try_lock`], which gives
-//! back what it got and fails rather than wait; refused with `WouldBlockOnPoller`).
+//! # Guards
+//! A synchronous request holds a [`RangeGuard`] borrowing the lock (no reference count): it
+//! unlocks on drop. An asynchronous request detaches the range ([`RangeGuard::into_held`]: a
+//! [`Held`], which stripes and how, no reference) into its context, and its completion gives it
+//! back with [`RangeLock::unlock`]. A poller thread never waits: it unlocks the range of an
+//! asynchronous request when the request completes (a few atomic operations, plus the waiter
+//! list when someone waits), and a request a callback issues on the poller only *tries* the
+//! lock ([`RangeLock::try_lock`], which gives back what it got and fails rather than wait;
+//! refused with `WouldBlockOnPoller`).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
