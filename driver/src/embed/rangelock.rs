@@ -12,9 +12,11 @@
 //! The file's pages are striped over a table of atomic words: page `p` is guarded by stripe
 //! `p % stripes` (`stripes` is a power of two, at most [`MAX_STRIPES`], and at least the file's
 //! page count when that is smaller, so a small file has one stripe per page). A request takes
-//! the stripes of its pages, each shared (a read) or exclusive (a write), **in ascending stripe
-//! order**, and releases them all when it is done. Since every request waits only for a stripe
-//! above all the stripes it holds, no cycle of waiters can form: no deadlock. A stripe word is
+//! the stripes of its pages, each shared (a read) or exclusive (a write), in ascending stripe
+//! order, **all or none**, and releases them all when it is done. A request never waits while
+//! holding a stripe (see below), so no cycle of waiters can form: no deadlock, even when the
+//! waiter's own poll runs a callback that issues an overlapping request (run to completion). A
+//! stripe word is
 //! `WRITER | WAITERS | readers`; taking and releasing it is one compare-and-swap (or one
 //! `fetch_sub`), with no mutex: two requests on disjoint pages touch different words (unless
 //! their pages alias the same stripe, which only serialises them, never breaks exclusion).
@@ -23,10 +25,10 @@
 //! lock this replaces: a stream of overlapping readers can hold off a writer.
 //!
 //! # Waiting
-//! A request that finds a stripe taken waits as told by [`LockWait`], still holding the lower
-//! stripes it got:
+//! A request that finds a stripe taken gives back the stripes it got, waits as told by
+//! [`LockWait`] for that stripe, and tries its whole span again:
 //! * [`LockWait::Poll`]: call the poll function (a run-to-completion caller polls its own queue
-//!   pair, which is what completes the conflicting request) and retry.
+//!   pair, which is what completes the conflicting request).
 //! * [`LockWait::Park`]: register in the file's waiter list, set the stripe's `WAITERS` bit,
 //!   re-check the stripe, and park. The list is a mutex, but it is only touched on contention:
 //!   by a waiter, and by the release that frees a stripe whose `WAITERS` bit is set, which wakes
@@ -261,7 +263,8 @@ impl RangeLock {
     pub(crate) fn try_lock(&self, range: Range<u64>, exclusive: bool) -> Option<RangeGuard<'_>> {
         let span = self.span(&range);
         self.try_span(span, exclusive)
-            .then(|| self.guard(span, exclusive))
+            .ok()
+            .map(|()| self.guard(span, exclusive))
     }
 
     /// Lock `range`, waiting as told while a conflicting range is held.
@@ -273,18 +276,18 @@ impl RangeLock {
         wait: LockWait<'_>,
     ) -> RangeGuard<'_> {
         let span = self.span(&range);
-        if !self.try_span(span, exclusive) {
-            self.wait_span(span, exclusive, wait);
+        if let Err(busy) = self.try_span(span, exclusive) {
+            self.wait_span(span, exclusive, wait, busy);
         }
         self.guard(span, exclusive)
     }
 
-    /// Take every stripe of `span` without waiting, or none.
+    /// Take every stripe of `span` without waiting, or none (`Err`: the first busy stripe).
     #[inline]
-    fn try_span(&self, span: Span, exclusive: bool) -> bool {
+    fn try_span(&self, span: Span, exclusive: bool) -> Result<(), usize> {
         let (low, high) = (
             span.low.0 as usize..span.low.1 as usize,
-            span.high.0..span.high.1,
+            span.high.0 as usize..span.high.1 as usize,
         );
         for i in low.clone() {
             if !self.attempt(i, exclusive) {
@@ -292,37 +295,39 @@ impl RangeLock {
                 for j in low.start..i {
                     self.release(j, exclusive);
                 }
-                return false;
+                return Err(i);
             }
         }
         for i in high.clone() {
-            if !self.attempt(i as usize, exclusive) {
-                for j in low.chain(high.start as usize..i as usize) {
+            if !self.attempt(i, exclusive) {
+                for j in low.chain(high.start..i) {
                     self.release(j, exclusive);
                 }
-                return false;
+                return Err(i);
             }
         }
-        true
+        Ok(())
     }
 
-    /// The slow path of [`lock`](Self::lock): take the stripes in ascending order, waiting for
-    /// each as told.
+    /// The slow path of [`lock`](Self::lock): wait as told for the stripe that was busy,
+    /// holding nothing, then try the whole span again.
     #[cold]
     #[inline(never)]
-    fn wait_span(&self, span: Span, exclusive: bool, wait: LockWait<'_>) {
+    fn wait_span(&self, span: Span, exclusive: bool, wait: LockWait<'_>, mut busy: usize) {
         let mut parker: Option<Parker> = None;
-        for i in span.iter() {
-            while !self.attempt(i, exclusive) {
-                match &wait {
-                    LockWait::Poll(poll) => poll(),
-                    LockWait::Park => {
-                        let p = parker.get_or_insert_with(Parker::new);
-                        if self.register(i, exclusive, p) {
-                            p.park();
-                        }
+        loop {
+            match &wait {
+                LockWait::Poll(poll) => poll(),
+                LockWait::Park => {
+                    let p = parker.get_or_insert_with(Parker::new);
+                    if self.register(busy, exclusive, p) {
+                        p.park();
                     }
                 }
+            }
+            match self.try_span(span, exclusive) {
+                Ok(()) => return,
+                Err(i) => busy = i,
             }
         }
     }
@@ -501,7 +506,7 @@ mod tests {
                         x ^= x << 17;
                         x
                     };
-                    for _ in 0..3000 {
+                    for _ in 0..20_000 {
                         let first = rnd() % PAGES;
                         let n = 1 + rnd() % 20;
                         let end = (first + n).min(PAGES);
@@ -567,6 +572,28 @@ mod tests {
         assert_eq!(l.held(), 1);
         drop(g);
         assert!(l.try_lock(14 * P..18 * P, true).is_some());
+        assert_eq!(l.held(), 0);
+    }
+
+    /// Run to completion, a waiter's poll runs callbacks, which may issue requests of their
+    /// own: one overlapping the waiter's span must not find part of it held by the waiter (it
+    /// would wait forever for a frame below it on the same stack).
+    #[test]
+    fn a_waiter_holds_nothing_while_it_polls() {
+        let l = RangeLock::new(64 * P);
+        // An asynchronous request in flight on page 1.
+        let in_flight = std::cell::RefCell::new(Some(l.try_lock(P..2 * P, true).unwrap()));
+        let nested = std::cell::Cell::new(false);
+        let poll = || {
+            // A callback run by the poll locks page 0, which the waiter also wants.
+            let g = l.try_lock(0..P, true);
+            nested.set(g.is_some());
+            drop(g);
+            in_flight.borrow_mut().take();
+        };
+        let g = l.lock(0..2 * P, true, LockWait::Poll(&poll));
+        assert!(nested.get(), "the waiter held page 0 while it polled");
+        drop(g);
         assert_eq!(l.held(), 0);
     }
 
