@@ -214,6 +214,7 @@ fn check(engine: &str, dx: &Dioxide, reap: &dyn Fn()) -> Vec<String> {
 /// One test (the counter is process-wide: a second test running in parallel would pollute it).
 #[test]
 fn the_direct_path_allocates_nothing() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let dx = Dioxide::builder()
         .controller(ctrl())
         .run_to_completion()

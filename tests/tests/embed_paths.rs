@@ -573,6 +573,7 @@ fn the_extend_hook_sees_each_new_length_before_its_write_completes() {
 /// applies again.
 #[test]
 fn a_direct_write_with_nothing_cached_skips_the_cache_directory() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let (ctrl, _emu) = emulated(config(Mode::Inline, &[(512, 1 << 14)]));
     let dx = Dioxide::builder()
         .controller(ctrl)
@@ -631,6 +632,7 @@ fn a_direct_write_with_nothing_cached_skips_the_cache_directory() {
 /// request completes exactly once with its own data, and the file still works after.
 #[test]
 fn more_requests_in_flight_than_the_context_pool_keeps() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     const N: usize = 600;
     let (ctrl, _emu) = emulated(config(Mode::Threaded, &[(512, 1 << 14)]));
     let dx = Dioxide::builder()

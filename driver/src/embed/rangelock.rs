@@ -419,6 +419,7 @@ mod tests {
 
     #[test]
     fn a_parked_waiter_is_woken_by_the_overlapping_unlock() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
         let l = Arc::new(RangeLock::new(64 * P));
         let g = l.try_lock(0..P, true).unwrap();
         let got = Arc::new(AtomicBool::new(false));
@@ -446,6 +447,7 @@ mod tests {
 
     #[test]
     fn a_writer_parked_behind_two_readers_waits_for_the_last() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
         let l = Arc::new(RangeLock::new(64 * P));
         let r1 = l.try_lock(0..P, false).unwrap();
         let r2 = l.try_lock(0..P, false).unwrap();
@@ -471,6 +473,7 @@ mod tests {
 
     #[test]
     fn a_polling_waiter_polls_until_free() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
         let l = Arc::new(RangeLock::new(64 * P));
         let g = std::cell::RefCell::new(Some(l.try_lock(0..P, true).unwrap()));
         let polls = std::cell::Cell::new(0);
@@ -490,6 +493,7 @@ mod tests {
     /// else at once. The table is small and the ranges wrap around it, so stripes alias.
     #[test]
     fn stress_exclusion_against_a_shadow_table() {
+        let _w = test_watchdog::arm(test_watchdog::STRESS);
         const PAGES: u64 = 64;
         let l = Arc::new(RangeLock::new(16 * P));
         // Per page: readers inside, or -1 for a writer.
@@ -580,6 +584,7 @@ mod tests {
     /// would wait forever for a frame below it on the same stack).
     #[test]
     fn a_waiter_holds_nothing_while_it_polls() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
         let l = RangeLock::new(64 * P);
         // An asynchronous request in flight on page 1.
         let in_flight = std::cell::RefCell::new(Some(l.try_lock(P..2 * P, true).unwrap()));
