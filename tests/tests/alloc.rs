@@ -203,8 +203,8 @@ fn check(engine: &str, dx: &Dioxide, reap: &dyn Fn()) -> Vec<String> {
         if n > 0 {
             failures.push(format!(
                 "{engine}: {N} {name} allocated {n} times ({bytes} bytes; first sizes {sizes:?}); \
-                 the direct path must not allocate per request (before the pooled dio-core is \
-                 merged, dio-core's request state is one allocation per request)"
+                 the direct path must not allocate per request (dio-core's request states, the \
+                 request contexts of the file and small callbacks are all reused or inline)"
             ));
         }
     }

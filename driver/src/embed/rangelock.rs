@@ -118,6 +118,7 @@ impl RangeGuard<'_> {
 }
 
 impl Drop for RangeGuard<'_> {
+    #[inline(always)]
     fn drop(&mut self) {
         if let Some(h) = self.held.take() {
             self.lock.unlock(h);
@@ -141,6 +142,7 @@ impl Span {
             high: (0, 0),
         }
     }
+    #[inline(always)]
     fn iter(self) -> impl DoubleEndedIterator<Item = usize> {
         (self.low.0..self.low.1)
             .chain(self.high.0..self.high.1)
@@ -165,7 +167,7 @@ impl RangeLock {
     }
 
     /// The stripes covering the pages of `range` (byte offsets, rounded out to pages).
-    #[inline]
+    #[inline(always)]
     fn span(&self, range: &Range<u64>) -> Span {
         let first = range.start / PAGE;
         let end = range.end.div_ceil(PAGE).max(first + 1);
@@ -185,7 +187,7 @@ impl RangeLock {
     }
 
     /// One attempt at stripe `i`: true when we got it.
-    #[inline]
+    #[inline(always)]
     fn attempt(&self, i: usize, exclusive: bool) -> bool {
         let s = &self.stripes[i];
         let mut w = s.load(Ordering::Relaxed);
@@ -208,7 +210,7 @@ impl RangeLock {
     }
 
     /// Release stripe `i`; wake its waiters when it became free and someone waits.
-    #[inline]
+    #[inline(always)]
     fn release(&self, i: usize, exclusive: bool) {
         let s = &self.stripes[i];
         // Release: our writes are visible to the next holder (its Acquire above).
@@ -259,7 +261,7 @@ impl RangeLock {
     }
 
     /// Lock `range` if nothing conflicting is held (never waits).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn try_lock(&self, range: Range<u64>, exclusive: bool) -> Option<RangeGuard<'_>> {
         let span = self.span(&range);
         self.try_span(span, exclusive)
@@ -268,7 +270,7 @@ impl RangeLock {
     }
 
     /// Lock `range`, waiting as told while a conflicting range is held.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn lock(
         &self,
         range: Range<u64>,
@@ -283,7 +285,7 @@ impl RangeLock {
     }
 
     /// Take every stripe of `span` without waiting, or none (`Err`: the first busy stripe).
-    #[inline]
+    #[inline(always)]
     fn try_span(&self, span: Span, exclusive: bool) -> Result<(), usize> {
         let (low, high) = (
             span.low.0 as usize..span.low.1 as usize,
@@ -332,6 +334,7 @@ impl RangeLock {
         }
     }
 
+    #[inline(always)]
     fn guard(&self, span: Span, exclusive: bool) -> RangeGuard<'_> {
         RangeGuard {
             lock: self,
@@ -340,7 +343,7 @@ impl RangeLock {
     }
 
     /// Give back a range held on this lock (in descending stripe order).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn unlock(&self, held: Held) {
         for i in held.span.iter().rev() {
             self.release(i, held.exclusive);
