@@ -257,7 +257,7 @@ impl Store {
             }
             Outcome::Queued => unreachable!("a synchronous request was queued"),
         };
-        let buf = w.buf.into_dma().expect("a cache page is DMA memory");
+        let buf = w.into_buf().into_dma().expect("a cache page is DMA memory");
         match r {
             Ok(n) if n == len => (Ok(()), buf),
             Ok(_) => (Err(DioError::Invalid), buf),

@@ -32,7 +32,8 @@
 //! pooled box rather than the context inline in the `Window`: dio-core moves the `Window` by
 //! value a dozen times per request, and the context (about 150 bytes) made each move a call to
 //! `memcpy`: measured, +470 instructions per synchronous read, more than the allocations it
-//! saved. No step takes a lock shared by client threads when the request overlaps no other
+//! saved. For the same reason the box's pointer shares one word with the window's `start`
+//! (see [`Window`]): the window stays the size it had without a context. No step takes a lock shared by client threads when the request overlaps no other
 //! request and no cached page: the range lock is per-stripe atomics, the page cache is skipped
 //! when the file has nothing cached, and the context pool is a lock-free queue (per file). An
 //! asynchronous request does touch two per-file atomics besides its stripes: the pool's queue
@@ -530,7 +531,11 @@ impl Shared {
 /// part (to unlock, and to give the context back). It lives in a pooled box whose pointer is
 /// all the request's [`Window`] carries through dio-core (a large context in the window itself
 /// would be copied at every move of the window, a dozen per request).
-pub(crate) struct Context(Option<Pending>);
+pub(crate) struct Context {
+    /// The window's `start` while the context is attached to it (see [`Window`]).
+    start: usize,
+    pending: Option<Pending>,
+}
 
 struct Pending {
     shared: Arc<Shared>,
@@ -553,7 +558,7 @@ impl Drop for Pending {
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
+        match &self.pending {
             Some(p) => f
                 .debug_struct("Context")
                 .field("held", &p.held)
@@ -569,16 +574,28 @@ impl Context {
     fn new(pending: Pending) -> Box<Context> {
         match pending.shared.contexts.pop() {
             Some(mut b) => {
-                b.0 = Some(pending);
+                b.pending = Some(pending);
                 b
             }
-            None => Box::new(Context(Some(pending))),
+            None => Box::new(Context {
+                start: 0,
+                pending: Some(pending),
+            }),
         }
+    }
+
+    /// The window's start (see [`Window`]).
+    pub(crate) fn start(&self) -> usize {
+        self.start
+    }
+
+    pub(crate) fn set_start(&mut self, start: usize) {
+        self.start = start;
     }
 
     /// Empty the context, give it back to the pool of `shared`, and return what it held.
     fn recycle(mut self: Box<Self>) -> Option<Pending> {
-        let p = self.0.take()?;
+        let p = self.pending.take()?;
         // Full: dropped (more requests were in flight than the pool keeps).
         let _ = p.shared.contexts.push(self);
         Some(p)
@@ -605,10 +622,10 @@ impl BlockFile {
                 let (r, mut w) = self.dio_sync(req);
                 drop(guard);
                 acct.zero_short_read(&r, &mut w.buf);
-                Some((acct.result(r), w.buf))
+                Some((acct.result(r), w.into_buf()))
             }
             Reply::Async(cb) => {
-                w.ctx = Some(Context::new(Pending {
+                w.attach(Context::new(Pending {
                     shared: Arc::clone(&self.inner.shared),
                     held: guard.into_held(),
                     acct,
@@ -620,8 +637,8 @@ impl BlockFile {
                     Err((e, mut w)) => {
                         // Refused: the range is given back and the callback dropped unrun
                         // (`Pending`'s drop).
-                        drop(w.ctx.take().and_then(Context::recycle));
-                        Some((Err(acct.error(e)), w.buf))
+                        drop(w.detach().and_then(Context::recycle));
+                        Some((Err(acct.error(e)), w.into_buf()))
                     }
                 }
             }
@@ -660,7 +677,7 @@ impl BlockFile {
 /// window's context): on the poller, the deferral thread, or the submitter's stack.
 fn direct_done(r: DioResult, mut w: Window) {
     // Give the context back to the pool first: the callback may submit again.
-    let Some(mut p) = w.ctx.take().and_then(Context::recycle) else {
+    let Some(mut p) = w.detach().and_then(Context::recycle) else {
         log::error!("a direct request completed without its context; its callback is lost");
         return;
     };
@@ -672,7 +689,7 @@ fn direct_done(r: DioResult, mut w: Window) {
     acct.zero_short_read(&r, &mut w.buf);
     let c = Completed {
         result: acct.result(r),
-        buf: w.buf,
+        buf: w.into_buf(),
     };
     if let Some(cb) = cb {
         run_callback(cb, c, acct.op, acct.offset, acct.len);
@@ -721,5 +738,63 @@ fn run_callback(cb: Callback, c: Completed, op: Op, offset: u64, len: u64) {
             "the completion callback of the {op} of {len} bytes at offset {offset} panicked \
              ({msg}); the panic was caught, the poller goes on"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A context attached to a window: the window still knows its start, detaching gives it
+    /// back once, and a window dropped with its context attached gives the range back and drops
+    /// the callback unrun.
+    #[test]
+    fn a_window_owns_its_attached_context() {
+        let shared = Arc::new(Shared::new(64 * PAGE));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let pending = |shared: &Arc<Shared>, runs: &Arc<AtomicUsize>| {
+            let held = shared.locks.try_lock(0..PAGE, true).unwrap().into_held();
+            let runs = Arc::clone(runs);
+            Pending {
+                shared: Arc::clone(shared),
+                held,
+                acct: Accounting {
+                    op: Op::Read,
+                    offset: 0,
+                    len: 10,
+                    pre: 0,
+                    want: 10,
+                    total: 10,
+                },
+                cb: Some(Callback::new(move |_c: Completed| {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                })),
+            }
+        };
+        let mut w = Window::new(IoBuffer::Heap(vec![7; 300]), 100);
+        w.attach(Context::new(pending(&shared, &runs)));
+        assert_eq!(w.start(), 100);
+        assert_eq!(w.bytes().len(), 200);
+        assert!(
+            shared.locks.try_lock(0..1, false).is_none(),
+            "the range is held"
+        );
+        let ctx = w.detach().expect("attached");
+        assert!(w.detach().is_none(), "detached once");
+        assert_eq!(w.start(), 100);
+        drop(ctx.recycle());
+        assert!(shared.locks.try_lock(0..1, false).is_some(), "given back");
+        // Dropped while attached (a context taken from the pool this time).
+        let mut w = Window::new(IoBuffer::Heap(vec![7; 300]), 3);
+        w.attach(Context::new(pending(&shared, &runs)));
+        drop(w);
+        assert!(
+            shared.locks.try_lock(0..1, true).is_some(),
+            "given back on drop"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "no callback ran");
+        assert_eq!(Arc::strong_count(&runs), 1, "both callbacks were dropped");
+        assert_eq!(Arc::strong_count(&shared), 1, "no context holds the file");
     }
 }
