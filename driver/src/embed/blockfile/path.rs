@@ -33,8 +33,10 @@
 //! value a dozen times per request, and the context (about 150 bytes) made each move a call to
 //! `memcpy`: measured, +470 instructions per synchronous read, more than the allocations it
 //! saved. For the same reason the box's pointer shares one word with the window's `start`
-//! (see [`Window`]): the window stays the size it had without a context. No step takes a lock shared by client threads when the request overlaps no other
-//! request and no cached page: the range lock is per-stripe atomics, the page cache is skipped
+//! (see [`Window`]): the window stays the size it had without a context.
+//!
+//! No step takes a lock shared by client threads when the request overlaps no other request
+//! and no cached page: the range lock is per-stripe atomics, the page cache is skipped
 //! when the file has nothing cached, and the context pool is a lock-free queue (per file). An
 //! asynchronous request does touch two per-file atomics besides its stripes: the pool's queue
 //! and the `Arc` count of [`Shared`] (the file may be dropped while the request is in flight).
