@@ -7,9 +7,9 @@
 //! functions, monomorphised for the closure's type, that run it or drop it: a hand-made
 //! `dyn FnOnce` whose storage is the request's context itself (a pooled box whose pointer
 //! travels in the request's `Window` through dio-core). A closure capturing an `Arc` and an
-//! index, or a channel sender and a tag, fits. A larger (or over-aligned) closure is boxed and the box,
-//! one pointer, is stored inline: correct, one allocation. Which of the two applies is decided
-//! at compile time for each closure type.
+//! index, or a channel sender and a tag, fits. A larger (or over-aligned) closure is boxed and
+//! the box, one pointer, is stored inline: correct, one allocation. Which of the two applies is
+//! decided at compile time for each closure type.
 
 use std::marker::PhantomData;
 use std::mem::{ManuallyDrop, MaybeUninit, align_of, size_of};
