@@ -125,20 +125,32 @@ struct RawHandoff {
 }
 
 impl RawHandoff {
-    fn start() -> RawHandoff {
+    /// Serve reads of buffers in the DMA memory of `c` (the queue pair must be on the
+    /// controller that owns the buffers).
+    fn start(c: Controller) -> RawHandoff {
         let ring = Arc::new(ArrayQueue::<Tagged>::new(1024));
         let stop = Arc::new(AtomicBool::new(false));
         let (r, s) = (ring.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let _ = dioxide_pin(poller_core());
-            let c = ctrl();
             let ns = c.namespaces().remove(0);
             let mut q = c.create_qpair::<Tagged>(QueueOptions::default()).unwrap();
+            // A read the request pool could not take yet (as a poller keeps it).
+            let mut stalled: Option<Tagged> = None;
             let mut idle = 0u32;
-            while !s.load(Ordering::Relaxed) || q.outstanding() > 0 {
+            while !s.load(Ordering::Relaxed) || q.outstanding() > 0 || stalled.is_some() {
                 let mut work = 0;
-                while let Some(t) = r.pop() {
-                    q.read(&ns, Lba(8 * t.slot as u64), t).unwrap();
+                while let Some(t) = stalled.take().or_else(|| r.pop()) {
+                    let lba = Lba(8 * t.slot as u64);
+                    if let Err(rej) = q.read(&ns, lba, t) {
+                        assert!(
+                            matches!(rej.error, dioxide::Error::PoolExhausted { .. }),
+                            "{}",
+                            rej.error
+                        );
+                        stalled = Some(rej.ctx);
+                        break;
+                    }
                     work += 1;
                 }
                 work += q
@@ -177,6 +189,21 @@ impl Drop for RawHandoff {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
+        }
+    }
+}
+
+/// How a client waits for another thread's completions (both sides of the poller benches):
+/// spin, yielding the CPU every 64 checks, as the dio path's own waiters do: a client that
+/// never yields can starve the thread it waits for on a small machine.
+fn relax() -> impl FnMut() {
+    let mut i = 0u32;
+    move || {
+        i = i.wrapping_add(1);
+        if i % 64 == 0 {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
         }
     }
 }
@@ -247,7 +274,7 @@ fn run_clients(clients: &[Client], iters: u64) -> Duration {
 }
 
 /// One QD32 round of a dio client: 32 asynchronous reads, then wait for their completions.
-fn dio_round(file: &BlockFile, slots: &'static Slots<IoBuffer>, poll: impl Fn()) {
+fn dio_round(file: &BlockFile, slots: &'static Slots<IoBuffer>, poll: impl FnMut()) {
     for i in 0..QD {
         let buf = slots.take(i);
         file.submit(Request::read(4096 * i as u64, buf), move |d| {
@@ -269,7 +296,7 @@ fn raw_round(h: &RawHandoff, slots: &'static Slots<DmaBuffer>) {
             slot: i,
         });
     }
-    slots.wait(QD, std::hint::spin_loop);
+    slots.wait(QD, relax());
 }
 
 fn bench(c: &mut Criterion) {
@@ -337,7 +364,7 @@ fn bench(c: &mut Criterion) {
 
     // Through a pinned poller thread, and the raw hand-off baseline.
     g.throughput(Throughput::Elements(1));
-    let handoff = RawHandoff::start();
+    let handoff = RawHandoff::start(raw.clone());
     let one_slot = Slots::new([raw.alloc(4096).unwrap()]);
     g.bench_function("qd1_sync_pollers/raw_handoff", |b| {
         b.iter(|| {
@@ -346,7 +373,7 @@ fn bench(c: &mut Criterion) {
                 slots: one_slot,
                 slot: 0,
             });
-            one_slot.wait(1, std::hint::spin_loop);
+            one_slot.wait(1, relax());
         })
     });
     let dxp = Dioxide::builder()
@@ -384,7 +411,7 @@ fn bench(c: &mut Criterion) {
         .map(|_| {
             let f = filep.clone();
             let slots = Slots::new((0..QD).map(|_| IoBuffer::Dma(f.alloc(4096).unwrap())));
-            Client::spawn(move || dio_round(&f, slots, std::hint::spin_loop))
+            Client::spawn(move || dio_round(&f, slots, relax()))
         })
         .collect();
     g.bench_function("qd32_pollers_2clients/dio_file", |b| {

@@ -541,8 +541,12 @@ struct Tasks {
 impl Tasks {
     /// Apply the changes waiting in the inbox.
     fn take_inbox(&mut self, s: &PollerShared) {
-        // Swap first: a change pushed after it leaves the flag set for the next round.
-        if !s.inbox_pending.swap(false, Ordering::AcqRel) {
+        // A plain load each round (the line stays shared with the submitters that read the
+        // ring's fields next to it); then swap before taking the changes: a change pushed
+        // after the swap leaves the flag set for the next round.
+        if !s.inbox_pending.load(Ordering::Relaxed)
+            || !s.inbox_pending.swap(false, Ordering::AcqRel)
+        {
             return;
         }
         let ops: Vec<TaskOp> =
