@@ -127,11 +127,20 @@
 //! ```
 #![warn(missing_docs)]
 
+// The library logs through the `log` crate and never prints (`embed` is not covered yet: it
+// still prints from a poller thread).
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 mod bus;
 mod embed;
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 mod nvme;
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 pub mod spec;
 mod types;
+
+// NVMe over TCP (target and host): a private module, its API re-exported below.
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
+mod nvmf;
 
 #[cfg(feature = "emulated")]
 pub use bus::emulated;
@@ -155,3 +164,13 @@ pub use nvme::qpair::{
     Rejected,
 };
 pub use types::{Cid, Iova, Lba, Nsid, QueueId};
+
+pub use nvmf::{
+    Backend as NvmfBackend, BackendIo as NvmfIo, BackendOp as NvmfOp, ClosedLog as NvmfClosedLog,
+    ConnStats as NvmfConnStats, Digests as NvmfDigests, FileBackend as NvmfFileBackend,
+    HostCompletion as NvmfHostCompletion, HostController as NvmfHost, HostData as NvmfHostData,
+    HostError as NvmfHostError, HostOptions as NvmfHostOptions, HostQueue as NvmfHostQueue,
+    Inbox as NvmfInbox, IoCompletion as NvmfCompletion, MemBackend as NvmfMemBackend,
+    NsInfo as NvmfNamespace, PollGroup as NvmfPollGroup, Subsystem as NvmfSubsystem,
+    Target as NvmfTarget, TargetOptions as NvmfTargetOptions,
+};

@@ -33,6 +33,7 @@ fn reads(
 
 #[test]
 fn a_hung_admin_queue_does_not_stall_poll_with_one_abort_per_timeout() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("a_hung_admin_queue_does_not_stall_poll_with_one_abort_per_timeout");
     for mode in MODES {
         let admin_timeout = Duration::from_millis(200);
@@ -97,6 +98,7 @@ fn a_hung_admin_queue_does_not_stall_poll_with_one_abort_per_timeout() {
 
 #[test]
 fn a_stale_queue_pair_cannot_touch_a_new_queue_pair_after_reset() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("a_stale_queue_pair_cannot_touch_a_new_queue_pair_after_reset");
     for mode in MODES {
         let (c, emu) = emulated(config(mode, &[NS]));

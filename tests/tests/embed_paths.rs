@@ -37,6 +37,7 @@ fn thread_name() -> String {
 
 #[test]
 fn deferred_callbacks_run_on_the_completion_thread_only() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     for mode in MODES {
         let (ctrl, _emu) = emulated(config(mode, &[(512, 1 << 14)]));
         let ct = CompletionThread::spawn("dx-completions").unwrap();
@@ -179,6 +180,7 @@ fn issue(chain: Arc<Chain>, step: u32, buf: IoBuffer) -> Result<(), Box<dioxide:
 
 #[test]
 fn callbacks_on_the_poller_resubmit_without_deadlock() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     const STEPS: u32 = 300;
     const CHAINS: usize = 6;
     for mode in MODES {
@@ -245,6 +247,7 @@ fn callbacks_on_the_poller_resubmit_without_deadlock() {
 
 #[test]
 fn two_controllers_share_the_pollers() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let (c0, emu0) = emulated(config(Mode::Threaded, &[(512, 1 << 13)]));
     let (c1, emu1) = emulated(config(Mode::Inline, &[(4096, 1 << 10)]));
     let dx = Dioxide::builder()
@@ -339,6 +342,7 @@ fn two_controllers_share_the_pollers() {
 /// would park the poller on its own bio forever).
 #[test]
 fn an_aligned_read_past_an_odd_len_on_the_poller_completes() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     const ODD: u64 = PAGE as u64 + 100;
     for mode in MODES {
         for bs in [512u32, 4096] {
@@ -408,6 +412,7 @@ fn an_aligned_read_past_an_odd_len_on_the_poller_completes() {
 /// later requests on it complete and shutdown is clean.
 #[test]
 fn a_panicking_callback_does_not_kill_the_poller() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     for mode in MODES {
         let (ctrl, _emu) = emulated(config(mode, &[(512, 1 << 14)]));
         let dx = Dioxide::builder()
@@ -468,6 +473,7 @@ fn a_panicking_callback_does_not_kill_the_poller() {
 /// completion of the write that caused it (sync return or async callback).
 #[test]
 fn the_extend_hook_sees_each_new_length_before_its_write_completes() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     #[derive(Debug, PartialEq)]
     enum Ev {
         Extend(u64),

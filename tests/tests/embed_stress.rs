@@ -531,12 +531,15 @@ fn env_or(name: &str, default: f64) -> f64 {
 #[test]
 fn embed_stress() {
     let secs = env_or("EMBED_STRESS_SECS", 2.0);
+    // The bound grows with a longer run asked for (a soak test).
+    let _w = test_watchdog::arm(test_watchdog::STRESS + Duration::from_secs_f64(secs));
     let threads = env_or("EMBED_STRESS_THREADS", 4.0) as usize;
     stress(secs, threads);
 }
 
 #[test]
 fn pinning_to_a_missing_core_is_a_typed_error() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let dev = controller_under_test(config(Mode::Inline, &[(512, 4096)]));
     let e = Dioxide::builder()
         .controller(dev.ctrl.clone())
@@ -583,6 +586,7 @@ fn pinning_to_a_missing_core_is_a_typed_error() {
 
 #[test]
 fn refused_requests_never_call_back() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let dev = controller_under_test(config(Mode::Threaded, &[(512, 4096)]));
     let dx = Dioxide::builder()
         .controller(dev.ctrl.clone())

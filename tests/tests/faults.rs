@@ -92,6 +92,7 @@ fn reads(
 
 #[test]
 fn status_on_the_nth_command() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("status_on_the_nth_command");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
@@ -140,6 +141,7 @@ fn status_on_the_nth_command() {
 /// once, with the child's index and LBA.
 #[test]
 fn status_on_an_lba_range_inside_a_split_request() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("status_on_an_lba_range_inside_a_split_request");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
@@ -194,6 +196,7 @@ fn status_on_an_lba_range_inside_a_split_request() {
 
 #[test]
 fn delayed_completion_completes_once_and_others_are_unaffected() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("delayed_completion_completes_once_and_others_are_unaffected");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
@@ -231,6 +234,7 @@ fn delayed_completion_completes_once_and_others_are_unaffected() {
 /// commands are unaffected.
 #[test]
 fn never_completed_command_times_out_and_is_aborted() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("never_completed_command_times_out_and_is_aborted");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
@@ -292,6 +296,7 @@ fn never_completed_command_times_out_and_is_aborted() {
 /// returns the timeout only after the aborted completion arrived.
 #[test]
 fn blocking_call_times_out_after_the_device_lets_go() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("blocking_call_times_out_after_the_device_lets_go");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
@@ -326,6 +331,7 @@ fn blocking_call_times_out_after_the_device_lets_go() {
 /// timeout later, and the owned buffer comes back with the timeout.
 #[test]
 fn owned_buffer_comes_back_once_when_abort_fails() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("owned_buffer_comes_back_once_when_abort_fails");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
@@ -390,6 +396,7 @@ fn owned_buffer_comes_back_once_when_abort_fails() {
 
 #[test]
 fn controller_fatal_status_fails_requests_once_and_reset_recovers() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("controller_fatal_status_fails_requests_once_and_reset_recovers");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
@@ -437,6 +444,7 @@ fn controller_fatal_status_fails_requests_once_and_reset_recovers() {
 
 #[test]
 fn surprise_removal_fails_requests_once_and_calls_fail_clearly() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("surprise_removal_fails_requests_once_and_calls_fail_clearly");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
@@ -490,6 +498,7 @@ fn surprise_removal_fails_requests_once_and_calls_fail_clearly() {
 
 #[test]
 fn shutdown_on_drop_sets_shn_and_waits_for_shst() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("shutdown_on_drop_sets_shn_and_waits_for_shst");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
@@ -517,6 +526,7 @@ fn shutdown_on_drop_sets_shn_and_waits_for_shst() {
 
 #[test]
 fn reset_makes_old_queue_pairs_fail_and_new_ones_work() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("reset_makes_old_queue_pairs_fail_and_new_ones_work");
     each_mode(|mode| {
         let (c, emu) = emulated(config(mode, &[NS]));
@@ -562,6 +572,7 @@ fn reset_makes_old_queue_pairs_fail_and_new_ones_work() {
 
 #[test]
 fn admin_errors_are_typed() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("admin_errors_are_typed");
     let (c, emu) = emulated(config(Mode::Inline, &[NS]));
     emu.inject(Fault::once(
@@ -619,6 +630,7 @@ fn admin_errors_are_typed() {
 
 #[test]
 fn bring_up_handles_an_enabled_controller_and_a_missing_one() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     emulator("bring_up_handles_an_enabled_controller_and_a_missing_one");
     let emu = EmulatedController::new(config(Mode::Inline, &[NS])).unwrap();
     let c = Controller::new(emu.clone()).unwrap();

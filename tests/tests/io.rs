@@ -55,6 +55,7 @@ fn drain<T>(q: &mut QueuePair<T>, n: usize) -> Vec<T> {
 
 #[test]
 fn bring_up_identifies_controller_and_namespaces() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         let dev = controller_under_test(config(mode, &[NS_512, NS_4K, (512, 4096)]));
         let c = &dev.ctrl;
@@ -95,7 +96,7 @@ fn bring_up_identifies_controller_and_namespaces() {
                 id.fr.trim(),
                 mdts / 1024,
                 c.io_queues(),
-                id.oncs.0,
+                id.oncs.bits(),
                 ns.iter()
                     .map(|n| format!("{}: {} x {} B", n.nsid(), n.blocks(), n.block_size()))
                     .collect::<Vec<_>>()
@@ -120,6 +121,7 @@ fn bring_up_identifies_controller_and_namespaces() {
 /// the device when the id is sent to it anyway (Identify Namespace).
 #[test]
 fn namespace_out_of_range_is_a_typed_error() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let dev = controller_under_test(config(Mode::Inline, &[NS_512]));
     let c = &dev.ctrl;
     let active: Vec<u32> = c.namespaces().iter().map(|n| n.nsid().0).collect();
@@ -155,6 +157,7 @@ fn namespace_out_of_range_is_a_typed_error() {
 /// the blocking API; then everything read back in one pass compares equal.
 #[test]
 fn round_trip_random_offsets_and_lengths() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         let dev = controller_under_test(config(mode, &[NS_512, NS_4K]));
         if dev.skip_writes("round_trip_random_offsets_and_lengths") {
@@ -219,6 +222,7 @@ fn round_trip_random_offsets_and_lengths() {
 /// whichever queue pair wrote or read it.
 #[test]
 fn several_namespaces_and_queue_pairs() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         let dev = controller_under_test(config(mode, &[NS_512, NS_4K, NS_512]));
         let c = &dev.ctrl;
@@ -276,6 +280,7 @@ fn several_namespaces_and_queue_pairs() {
 /// the owned-buffer API.
 #[test]
 fn four_times_mdts_completes_once_with_all_data() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         let dev = controller_under_test(config(mode, &[NS_512, NS_4K]));
         let c = &dev.ctrl;
@@ -332,6 +337,7 @@ fn four_times_mdts_completes_once_with_all_data() {
 /// requests wait for room, and every one completes exactly once.
 #[test]
 fn phase_wrap_and_queue_depth() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         let dev = controller_under_test(config(mode, &[NS_4K]));
         let c = &dev.ctrl;
@@ -385,6 +391,7 @@ fn phase_wrap_and_queue_depth() {
 /// writes of different data to one LBA leave the last one.
 #[test]
 fn waiting_requests_are_issued_in_order() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         let dev = controller_under_test(config(mode, &[NS_512]));
         if dev.skip_writes("waiting_requests_are_issued_in_order") {
@@ -421,6 +428,7 @@ fn waiting_requests_are_issued_in_order() {
 
 #[test]
 fn pool_exhaustion_and_oversized_requests_are_typed_errors() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         let dev = controller_under_test(config(mode, &[NS_512]));
         let c = &dev.ctrl;
@@ -490,6 +498,7 @@ fn pool_exhaustion_and_oversized_requests_are_typed_errors() {
 /// misalignment, bad range counts, bad queue options.
 #[test]
 fn bad_inputs_are_typed_errors() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         let dev = controller_under_test(config(mode, &[NS_512, NS_4K]));
         let c = &dev.ctrl;
@@ -573,6 +582,7 @@ fn bad_inputs_are_typed_errors() {
 /// Deallocate, blocking and asynchronous.
 #[test]
 fn flush_fua_write_zeroes_deallocate() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         let dev = controller_under_test(config(mode, &[NS_4K]));
         if dev.skip_writes("flush_fua_write_zeroes_deallocate") {
@@ -580,8 +590,8 @@ fn flush_fua_write_zeroes_deallocate() {
         }
         let c = &dev.ctrl;
         let oncs = c.identify().oncs;
-        let wz = oncs.has(Oncs::WRITE_ZEROES);
-        let dsm = oncs.has(Oncs::DSM);
+        let wz = oncs.contains(Oncs::WRITE_ZEROES);
+        let dsm = oncs.contains(Oncs::DSM);
         // The emulator and QEMU's controller (the HIL guest's) have both: there, a missing bit is
         // a bug (of ONCS decoding or of the harness), not a device that lacks them.
         let qemu = c.identify().mn.contains("QEMU");
@@ -590,7 +600,7 @@ fn flush_fua_write_zeroes_deallocate() {
                 wz && dsm,
                 "{}: ONCS {:#x} lacks Write Zeroes or Dataset Management",
                 dev.name(),
-                oncs.0
+                oncs.bits()
             );
         }
         for (what, have) in [("Write Zeroes", wz), ("Dataset Management", dsm)] {
@@ -598,7 +608,7 @@ fn flush_fua_write_zeroes_deallocate() {
                 note(format!(
                     "{}: ONCS {:#x} lacks {what}: not tested",
                     dev.name(),
-                    oncs.0
+                    oncs.bits()
                 ));
             }
         }
@@ -703,6 +713,7 @@ fn flush_fua_write_zeroes_deallocate() {
 /// fewer when the controller's queues are smaller (CAP.MQES).
 #[test]
 fn batch_submit_ring_once_poll_all() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         for db in [DoorbellMode::PerBatch, DoorbellMode::PerCommand] {
             let dev = controller_under_test(config(mode, &[NS_512]));
@@ -764,6 +775,7 @@ fn batch_submit_ring_once_poll_all() {
 /// that count to prove they wrote nothing. Asserted on QEMU's controller, reported elsewhere.
 #[test]
 fn smart_log_counts_host_writes() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let dev = controller_under_test(config(Mode::Inline, &[NS_512]));
     if !dev.is_hardware() {
         dev.finish();
@@ -802,6 +814,7 @@ fn smart_log_counts_host_writes() {
 /// Dropping a queue pair frees its queue id for the next one (and deletes its queues).
 #[test]
 fn queue_ids_are_reused_after_drop() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let dev = controller_under_test(config(Mode::Inline, &[NS_512]));
     let c = &dev.ctrl;
     let q1 = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
@@ -818,6 +831,7 @@ fn queue_ids_are_reused_after_drop() {
 /// once) and plain heap memory.
 #[test]
 fn owned_api_rejects_foreign_memory() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let dev = controller_under_test(config(Mode::Inline, &[NS_512]));
     let (other, _other_emu) = emulated(config(Mode::Inline, &[NS_512]));
     let ns = first_namespace(&dev.ctrl);
@@ -868,6 +882,7 @@ fn is_reset_error(e: &Error) -> bool {
 /// without Delete SQ/CQ; new ones work, the namespaces are the same, and data survives.
 #[test]
 fn reset_reinitialises_and_old_queue_pairs_fail() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         let dev = controller_under_test(config(mode, &[NS_512, NS_4K]));
         let c = &dev.ctrl;
@@ -939,6 +954,7 @@ fn reset_reinitialises_and_old_queue_pairs_fail() {
 /// (on VFIO: the device is closed and re-opened) and the data written before is there.
 #[test]
 fn shutdown_on_drop_then_reopen() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let _exclusive = device_lock();
     for &mode in device_modes() {
         let dev = controller_under_test(config(mode, &[NS_512]));
@@ -1023,6 +1039,7 @@ fn shutdown_on_drop_then_reopen() {
 /// then all dropped and created again.
 #[test]
 fn many_queue_pairs() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         let dev = controller_under_test(config(mode, &[NS_512]));
         let c = &dev.ctrl;
@@ -1083,6 +1100,7 @@ fn many_queue_pairs() {
 /// astray (the IOMMU logs a fault for any transfer to memory that was unmapped).
 #[test]
 fn reset_with_commands_in_flight() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     each_mode(|mode| {
         let dev = controller_under_test(config(mode, &[NS_512]));
         let c = &dev.ctrl;

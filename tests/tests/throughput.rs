@@ -11,6 +11,7 @@ use dioxide_tests::*;
 #[test]
 #[ignore = "timing; run in release"]
 fn inline_null_4k_randread_qd128() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     // The driver's own cost on the inline emulator: never a real device (perf measures those).
     emulator_only(
         "inline_null_4k_randread_qd128",

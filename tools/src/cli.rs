@@ -65,6 +65,10 @@ pub struct EmulatedShape {
     /// `--emulated-fail-lba START:COUNT`: I/Os touching these blocks of every namespace
     /// complete with Unrecovered Read Error.
     pub fail_lba: Option<(u64, u64)>,
+    /// `--emulated-metadata NSID`: namespace NSID is formatted with 8 bytes of metadata per
+    /// block (extended LBA), which Dioxide lists but refuses for I/O.
+    #[serde(default)]
+    pub metadata_ns: Option<u32>,
 }
 
 /// Bytes as the largest binary unit that divides them exactly: `1 TiB`, `256 MiB`, `512 B`.
@@ -100,7 +104,11 @@ impl EmulatedShape {
                 human_bytes(self.size_bytes)
             )
         };
-        format!("{mode}, {ns}, {} B blocks", self.block_size)
+        let md = match self.metadata_ns {
+            Some(n) => format!(", namespace {n} with {}+8 B blocks", self.block_size),
+            None => String::new(),
+        };
+        format!("{mode}, {ns}, {} B blocks{md}", self.block_size)
     }
 
     /// Blocks per namespace.
@@ -134,6 +142,10 @@ pub struct EmulatedArgs {
     /// namespace completes with Unrecovered Read Error (to exercise -Q).
     #[arg(long = "emulated-fail-lba", value_name = "START:COUNT")]
     pub fail_lba: Option<String>,
+    /// Format emulated namespace NSID with 8 bytes of metadata per block (extended LBA), to see
+    /// how the tools treat a namespace Dioxide refuses for I/O.
+    #[arg(long = "emulated-metadata", value_name = "NSID")]
+    pub metadata_ns: Option<String>,
 }
 
 impl EmulatedArgs {
@@ -144,6 +156,7 @@ impl EmulatedArgs {
             || self.size.is_some()
             || self.backing.is_some()
             || self.fail_lba.is_some()
+            || self.metadata_ns.is_some()
     }
 
     /// The shape, with `verify` choosing memory backing by default.
@@ -216,8 +229,20 @@ impl EmulatedArgs {
                 }
             },
         };
+        let metadata_ns = match self.metadata_ns.as_deref() {
+            None => None,
+            Some(s) => match s.parse::<u32>() {
+                Ok(n) if n >= 1 && n <= namespaces => Some(n),
+                _ => {
+                    return err(format!(
+                        "--emulated-metadata must be a namespace ID from 1 to {namespaces}, not '{s}'"
+                    ));
+                }
+            },
+        };
         Ok(EmulatedShape {
             fail_lba,
+            metadata_ns,
             mode,
             block_size,
             namespaces,

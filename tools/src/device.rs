@@ -29,9 +29,16 @@ pub struct Opened {
 
 /// The emulated controller configuration of `shape`.
 pub fn emulated_config(shape: &EmulatedShape) -> EmulatedConfig {
-    let ns = |_| match shape.backing {
-        Backing::Null => NamespaceConfig::null(shape.block_size, shape.blocks()),
-        Backing::Memory => NamespaceConfig::memory(shape.block_size, shape.blocks()),
+    let ns = |i: u32| {
+        let ns = match shape.backing {
+            Backing::Null => NamespaceConfig::null(shape.block_size, shape.blocks()),
+            Backing::Memory => NamespaceConfig::memory(shape.block_size, shape.blocks()),
+        };
+        if shape.metadata_ns == Some(i + 1) {
+            ns.with_metadata(8, true)
+        } else {
+            ns
+        }
     };
     EmulatedConfig {
         mode: match shape.mode {

@@ -14,6 +14,7 @@
 //! - [`verify`]: the `verify` workload's self-identifying block pattern.
 //! - [`json`]: the `--json` report, a documented schema.
 //! - [`plot`]: the `--plot FILE.svg` latency percentile chart.
+//! - [`logger`]: prints the driver's `log` warnings and errors on stderr.
 #![warn(missing_docs)]
 
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod device;
 pub mod engine;
 pub mod identify;
 pub mod json;
+pub mod logger;
 pub mod perf;
 pub mod plot;
 pub mod report;

@@ -189,6 +189,13 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
             }
             let n = ns.nsid().0;
             let bs = ns.block_size();
+            if let Err(e) = ns.check_io() {
+                let w = report::ns_refused_warning(&e);
+                human_out(cfg, &w);
+                warnings.push(w.trim_end().to_string());
+                skipped = true;
+                continue;
+            }
             if ns.size_bytes() < cfg.io_size || bs as u64 > cfg.io_size {
                 let w =
                     report::ns_size_warning(&id.mn, &id.sn, n, ns.size_bytes(), bs, cfg.io_size);

@@ -276,6 +276,11 @@ pub fn io_size_warning(io_size: u64, nsid: u32, block_size: u32) -> String {
     )
 }
 
+/// The warning for a namespace the driver refuses for I/O (formatted with metadata).
+pub fn ns_refused_warning(why: &dioxide::Error) -> String {
+    format!("WARNING: {why}. Removing this ns from test\n")
+}
+
 /// SPDK's warning for a namespace smaller than one I/O or with blocks larger than the I/O.
 pub fn ns_size_warning(
     model: &str,

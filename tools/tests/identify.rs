@@ -4,10 +4,12 @@ use dioxide_tools::identify::ControllerInfo;
 use std::process::{Command, Output};
 
 fn identify(args: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_identify"))
-        .args(args.split_whitespace())
-        .output()
-        .expect("run identify")
+    // A hung run is killed and fails the test, naming it and the command line.
+    test_watchdog::output_within(
+        Command::new(env!("CARGO_BIN_EXE_identify")).args(args.split_whitespace()),
+        test_watchdog::PROCESS,
+    )
+    .expect("run identify")
 }
 
 fn text(b: &[u8]) -> String {
@@ -16,6 +18,7 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn text_report_has_the_fields() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = identify("--emulated-namespaces 2 --emulated-block-size 4096 --emulated-size 1g");
     let out = text(&o.stdout);
     assert!(o.status.success(), "{}", text(&o.stderr));
@@ -65,6 +68,7 @@ fn text_report_has_the_fields() {
 
 #[test]
 fn json_report() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = identify("--json -r trtype:emulated,ns:1");
     assert!(o.status.success(), "{}", text(&o.stderr));
     let v: Vec<ControllerInfo> = serde_json::from_slice(&o.stdout).expect("JSON on stdout");
@@ -80,6 +84,7 @@ fn json_report() {
 
 #[test]
 fn bad_input_is_one_line_and_fails() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     for (args, want) in [
         ("-r trtype:emulated,ns:5", "namespace 5 does not exist"),
         ("-r tradr:0000:01:00.0", "unknown transport ID key 'tradr'"),
@@ -94,4 +99,21 @@ fn bad_input_is_one_line_and_fails() {
         assert_eq!(err.trim_end().lines().count(), 1, "{args}:\n{err}");
         assert!(err.contains(want), "{args}: {err}");
     }
+}
+
+#[test]
+fn a_namespace_with_metadata_shows_its_format() {
+    let o = identify("--emulated-namespaces 2 --emulated-metadata 2");
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let ns2 = &out[out.find("Namespace ID:2").expect("namespace 2 is listed")..];
+    for key in [
+        "Metadata Transferred as:               Extended Data LBA",
+        "Current LBA Format:                    LBA Format #02",
+        "LBA Format #02: Data Size:   512  Metadata Size:     8  (in use)",
+    ] {
+        assert!(ns2.contains(key), "missing {key}:\n{out}");
+    }
+    let ns1 = &out[out.find("Namespace ID:1").unwrap()..out.find("Namespace ID:2").unwrap()];
+    assert!(ns1.contains("Metadata Size:     0  (in use)"), "{out}");
 }

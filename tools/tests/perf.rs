@@ -5,10 +5,12 @@ use dioxide_tools::json::PerfReport;
 use std::process::{Command, Output};
 
 fn perf(args: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_perf"))
-        .args(args.split_whitespace())
-        .output()
-        .expect("run perf")
+    // A hung run is killed and fails the test, naming it and the command line.
+    test_watchdog::output_within(
+        Command::new(env!("CARGO_BIN_EXE_perf")).args(args.split_whitespace()),
+        test_watchdog::PROCESS,
+    )
+    .expect("run perf")
 }
 
 /// The JSON report of a run that must succeed.
@@ -80,6 +82,7 @@ fn check_total(rows: &[[f64; 5]], total: &[f64; 5]) {
 
 #[test]
 fn every_workload_runs() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     for w in [
         "read",
         "write",
@@ -120,6 +123,7 @@ fn every_workload_runs() {
 
 #[test]
 fn two_cores_two_namespaces_total_is_the_sum() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     require_two_cores();
     let o = perf("-q 4 -o 512 -w randread -t 10 -d 3000 -c 0x3 --emulated-namespaces 2 -m");
     let out = text(&o.stdout);
@@ -140,6 +144,7 @@ fn two_cores_two_namespaces_total_is_the_sum() {
 
 #[test]
 fn latency_summary_and_histogram() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = perf("-q 16 -o 4096 -w randread -t 10 -d 5000 -LL");
     let out = text(&o.stdout);
     assert!(o.status.success(), "{}", text(&o.stderr));
@@ -184,6 +189,7 @@ fn latency_summary_and_histogram() {
 
 #[test]
 fn json_report() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = perf("-q 8 -o 4096 -w randrw -M 70 -t 10 -d 4000 --json --seed 7");
     assert!(o.status.success(), "{}", text(&o.stderr));
     let r: PerfReport = serde_json::from_slice(&o.stdout).expect("stdout is the JSON document");
@@ -208,6 +214,7 @@ fn json_report() {
 
 #[test]
 fn plot_is_written() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let path = std::env::temp_dir().join(format!("dioxide-perf-plot-{}.svg", std::process::id()));
     let o = perf(&format!(
         "-q 8 -o 4096 -w randread -t 10 -d 2000 --plot {}",
@@ -224,6 +231,7 @@ fn plot_is_written() {
 
 #[test]
 fn verify_passes_on_memory_and_fails_on_a_null_device() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = perf("-q 4 -o 8192 -w verify -t 10 -d 1000 --emulated-block-size 4096");
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(text(&o.stdout).contains("Verify: 1000 blocks checked, 0 mismatched"));
@@ -249,6 +257,7 @@ fn verify_passes_on_memory_and_fails_on_a_null_device() {
 
 #[test]
 fn threaded_emulator() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = perf("-q 8 -o 4096 -w randwrite -t 10 -d 2000 --emulated-mode threaded");
     let out = text(&o.stdout);
     assert!(o.status.success(), "{}", text(&o.stderr));
@@ -261,6 +270,7 @@ fn threaded_emulator() {
 
 #[test]
 fn per_command_doorbell_and_queue_pairs() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let r = perf_json("-q 16 -o 4096 -w randread -t 10 -d 2000 -P 4 -C 2 --doorbell per-command");
     assert_eq!(r.config.qpairs_per_ns, 4);
     assert_eq!(r.config.doorbell, DoorbellMode::PerCommand);
@@ -290,6 +300,7 @@ fn per_command_doorbell_and_queue_pairs() {
 
 #[test]
 fn small_queue_warns_like_spdk() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = perf("-q 64 -o 4096 -w randread -t 10 -d 1000 --io-queue-size 64");
     let out = text(&o.stdout);
     assert!(o.status.success(), "{}", text(&o.stderr));
@@ -300,6 +311,7 @@ fn small_queue_warns_like_spdk() {
 
 #[test]
 fn io_queue_size_sets_the_queue_entries() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let r = perf_json("-q 32 -o 4096 -w randread -t 10 -d 1000 --io-queue-size 16");
     assert_eq!(r.queues.len(), 1);
     assert_eq!(r.queues[0].entries, 16, "{:?}", r.queues);
@@ -320,6 +332,7 @@ fn io_queue_size_sets_the_queue_entries() {
 
 #[test]
 fn warmup_is_excluded_from_the_measurement() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     // A warm-up five times the measurement, so the two are told apart with a wide margin even
     // on a loaded machine.
     let r = perf_json("-q 4 -o 4096 -w randread -t 0.4 -a 2");
@@ -339,6 +352,7 @@ fn warmup_is_excluded_from_the_measurement() {
 
 #[test]
 fn use_every_core_runs_each_namespace_on_each_core() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     require_two_cores();
     let r = perf_json("-q 4 -o 512 -w randread -t 10 -d 1000 -c 0x3 --use-every-core");
     assert_eq!(r.config.cores, [0, 1]);
@@ -357,6 +371,7 @@ fn use_every_core_runs_each_namespace_on_each_core() {
 
 #[test]
 fn media_errors_fail_the_run_unless_continue_on_error() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let args = "-q 4 -o 4096 -w randread -t 10 -d 400 --emulated-size 1m --emulated-fail-lba 0:64";
     let o = perf(args);
     assert!(!o.status.success(), "an I/O error must fail the run");
@@ -388,6 +403,7 @@ fn media_errors_fail_the_run_unless_continue_on_error() {
 
 #[test]
 fn continue_on_error_rate_limits_the_log() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = perf(
         "-q 4 -o 4096 -w randread -t 10 -d 400 --emulated-size 1m --emulated-fail-lba 0:64 -Q 1000",
     );
@@ -401,6 +417,7 @@ fn continue_on_error_rate_limits_the_log() {
 
 #[test]
 fn io_size_not_a_block_multiple_skips_the_namespace() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = perf("-q 4 -o 1000 -w read -t 1");
     assert!(!o.status.success());
     let out = text(&o.stdout);
@@ -414,6 +431,7 @@ fn io_size_not_a_block_multiple_skips_the_namespace() {
 
 #[test]
 fn bad_input_is_one_line_and_fails() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let cases = [
         ("-o 4096 -w read -t 1", "missing -q (--io-depth) operand"),
         ("-q 1 -w read -t 1", "missing -o (--io-size) operand"),
@@ -479,9 +497,35 @@ fn bad_input_is_one_line_and_fails() {
 
 #[test]
 fn help_exits_zero() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = perf("--help");
     assert!(o.status.success());
     let out = text(&o.stdout);
     assert!(out.contains("--io-depth"));
     assert!(out.contains("--emulated-fail-lba <START:COUNT>"), "{out}");
+}
+
+#[test]
+fn a_namespace_with_metadata_is_skipped_with_the_reason() {
+    // Namespace 2 is 512+8: perf runs on namespace 1 and says why namespace 2 is left out.
+    let o =
+        perf("-q 4 -o 4096 -w randread -t 10 -d 200 --emulated-namespaces 2 --emulated-metadata 2");
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        out.contains("WARNING: namespace 2 is formatted with metadata (LBA format 2: 512+8 bytes, extended LBA)"),
+        "{out}"
+    );
+    assert!(out.contains("--lbaf=0"), "{out}");
+    assert!(out.contains("NSID 1"), "{out}");
+    // The only namespace is 512+8: a clear error, no panic.
+    let o = perf("-q 4 -o 4096 -w randread -t 10 -d 200 --emulated-metadata 1");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    let all = text(&o.stdout) + &text(&o.stderr);
+    assert!(all.contains("No valid namespaces to test"), "{all}");
+    assert!(
+        all.contains("namespace 1 is formatted with metadata"),
+        "{all}"
+    );
+    assert!(!all.contains("panicked"), "{all}");
 }

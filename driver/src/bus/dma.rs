@@ -17,10 +17,9 @@ use core::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::spec::PAGE_SIZE;
 use crate::types::Iova;
 
-/// Granularity of sub-allocation and alignment of every [`DmaBuffer`].
-pub const DMA_PAGE: usize = 4096;
 /// Most chunks one [`DmaMemory`] can hold.
 pub const MAX_CHUNKS: usize = 1024;
 
@@ -55,7 +54,7 @@ pub struct DmaChunk {
     pub vaddr: NonNull<u8>,
     /// Address the device uses.
     pub iova: Iova,
-    /// Length in bytes (a multiple of `DMA_PAGE`, 4 KiB).
+    /// Length in bytes (a multiple of `PAGE_SIZE`, 4 KiB).
     pub len: usize,
 }
 
@@ -142,7 +141,7 @@ impl DmaMemory {
         if len == 0 {
             return Err(DmaError::ZeroLength);
         }
-        let pages = len.div_ceil(DMA_PAGE);
+        let pages = len.div_ceil(PAGE_SIZE);
         let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         let found = state.iter_mut().enumerate().find_map(|(ci, c)| {
             let run = c.free.iter().position(|&(_, n)| n >= pages)?;
@@ -164,13 +163,13 @@ impl DmaMemory {
                 let chunk = self
                     .inner
                     .source
-                    .map_chunk(pages * DMA_PAGE)
+                    .map_chunk(pages * PAGE_SIZE)
                     .map_err(|source| DmaError::Source {
-                        len: pages * DMA_PAGE,
+                        len: pages * PAGE_SIZE,
                         source_name: self.inner.source.name(),
                         source,
                     })?;
-                let total = chunk.len / DMA_PAGE;
+                let total = chunk.len / PAGE_SIZE;
                 debug_assert!(total >= pages, "chunk source returned a short chunk");
                 let _ = self.inner.table[idx].set(chunk);
                 self.inner.count.store(idx + 1, Ordering::Release);
@@ -185,11 +184,11 @@ impl DmaMemory {
         };
         drop(state);
         let chunk = self.chunk(ci).expect("chunk index was just allocated");
-        let off = first * DMA_PAGE;
-        // SAFETY: `off + pages * DMA_PAGE <= chunk.len`, so the pointer stays inside the chunk.
+        let off = first * PAGE_SIZE;
+        // SAFETY: `off + pages * PAGE_SIZE <= chunk.len`, so the pointer stays inside the chunk.
         let ptr = unsafe { NonNull::new_unchecked(chunk.vaddr.as_ptr().add(off)) };
         // SAFETY: the pages were free: no other buffer and no device command refers to them.
-        unsafe { ptr.as_ptr().write_bytes(0, pages * DMA_PAGE) };
+        unsafe { ptr.as_ptr().write_bytes(0, pages * PAGE_SIZE) };
         Ok(DmaBuffer {
             mem: self.clone(),
             ptr,
@@ -241,6 +240,40 @@ impl DmaMemory {
         })
     }
 
+    /// [`translate`](Self::translate) that looks in the chunk `cache` remembers first, and
+    /// remembers the chunk it found otherwise: no table scan while ranges come from one chunk.
+    /// `cache` must only ever be used with this memory (chunks stay mapped as long as it lives).
+    #[inline]
+    pub(crate) fn translate_cached(
+        &self,
+        cache: &mut ChunkCache,
+        ptr: *const u8,
+        len: usize,
+    ) -> Option<Iova> {
+        let a = ptr as usize;
+        let end = a.checked_add(len)?;
+        if a >= cache.base && end <= cache.end {
+            return Some(Iova(cache.iova + (a - cache.base) as u64));
+        }
+        self.translate_miss(cache, a, end)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn translate_miss(&self, cache: &mut ChunkCache, a: usize, end: usize) -> Option<Iova> {
+        let c = self.chunks().find(|c| {
+            let base = c.vaddr.as_ptr() as usize;
+            a >= base && end <= base + c.len
+        })?;
+        let base = c.vaddr.as_ptr() as usize;
+        *cache = ChunkCache {
+            base,
+            end: base + c.len,
+            iova: c.iova.0,
+        };
+        Some(Iova(c.iova.0 + (a - base) as u64))
+    }
+
     /// The process address of `[iova, iova + len)` if the whole range lies in one chunk.
     ///
     /// This is how the emulated controller reaches host memory, like an IOMMU translating a
@@ -265,6 +298,26 @@ impl DmaMemory {
             iova,
             len,
         })
+    }
+}
+
+/// The address range and IOVA of the chunk of the last translation
+/// ([`DmaMemory::translate_cached`]); empty at first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ChunkCache {
+    base: usize,
+    end: usize,
+    iova: u64,
+}
+
+impl Default for ChunkCache {
+    fn default() -> Self {
+        // `base > end`: no range lies inside.
+        ChunkCache {
+            base: usize::MAX,
+            end: 0,
+            iova: 0,
+        }
     }
 }
 
@@ -295,7 +348,7 @@ impl DmaBuffer {
     }
     /// Bytes actually reserved (a multiple of 4 KiB).
     pub fn capacity(&self) -> usize {
-        self.pages * DMA_PAGE
+        self.pages * PAGE_SIZE
     }
     /// IOVA of the first byte.
     pub fn iova(&self) -> Iova {
@@ -465,10 +518,10 @@ mod tests {
         let m = mem(unmapped.clone());
         assert!(matches!(m.alloc(0), Err(DmaError::ZeroLength)));
         let mut a = m.alloc(100).unwrap();
-        let b = m.alloc(3 * DMA_PAGE).unwrap();
+        let b = m.alloc(3 * PAGE_SIZE).unwrap();
         assert_eq!(m.chunk_count(), 1);
-        assert_eq!(a.iova().0 % DMA_PAGE as u64, 0);
-        assert_eq!(b.iova().0, a.iova().0 + DMA_PAGE as u64);
+        assert_eq!(a.iova().0 % PAGE_SIZE as u64, 0);
+        assert_eq!(b.iova().0, a.iova().0 + PAGE_SIZE as u64);
         assert!(a.as_slice().iter().all(|&x| x == 0));
         a.as_mut_slice().fill(0xab);
         // Translation in both directions, and rejection outside the memory.
@@ -490,14 +543,14 @@ mod tests {
         let a_iova = a.iova();
         drop(a);
         drop(b);
-        let c = m.alloc(4 * DMA_PAGE).unwrap();
+        let c = m.alloc(4 * PAGE_SIZE).unwrap();
         assert_eq!(c.iova(), a_iova, "the freed runs merged into one");
         assert!(c.as_slice().iter().all(|&x| x == 0));
         assert_eq!(
-            c.slice(DMA_PAGE, 8).unwrap().iova.0,
-            c.iova().0 + DMA_PAGE as u64
+            c.slice(PAGE_SIZE, 8).unwrap().iova.0,
+            c.iova().0 + PAGE_SIZE as u64
         );
-        assert!(c.slice(4 * DMA_PAGE - 1, 2).is_none());
+        assert!(c.slice(4 * PAGE_SIZE - 1, 2).is_none());
         drop((c, big));
         assert_eq!(unmapped.load(Ordering::Relaxed), 0);
         drop(m);
@@ -506,6 +559,50 @@ mod tests {
             2,
             "every chunk unmapped once at teardown"
         );
+    }
+
+    #[test]
+    fn cached_translation_agrees_with_the_table_and_follows_the_last_chunk() {
+        let m = mem(Arc::new(AtomicUsize::new(0)));
+        // Three chunks: the granule is 64 KiB, so each of these gets its own.
+        let bufs: Vec<_> = (0..3).map(|_| m.alloc(64 * 1024).unwrap()).collect();
+        assert_eq!(m.chunk_count(), 3);
+        let heap = [0u8; 64];
+        let mut cache = ChunkCache::default();
+        // Probes: inside each chunk, its last byte, a range straddling its end, the whole chunk,
+        // and memory outside every chunk.
+        let mut probes = vec![(heap.as_ptr(), 64), (core::ptr::null(), 1)];
+        for b in &bufs {
+            let p = b.as_ptr().cast_const();
+            // SAFETY: both offsets are within the buffer's 64 KiB.
+            let (mid, last) = unsafe { (p.add(4096), p.add(65535)) };
+            probes.extend([(p, 512), (mid, 4096), (last, 1), (last, 2), (p, 65536)]);
+        }
+        for round in 0..2 {
+            for (i, &(p, len)) in probes.iter().enumerate() {
+                let before = cache;
+                let got = m.translate_cached(&mut cache, p, len);
+                assert_eq!(got, m.translate(p, len), "round {round} probe {i}");
+                if got.is_none() {
+                    assert_eq!(cache, before, "a miss leaves the cache alone");
+                } else {
+                    // The cache now names the chunk of that range, and a hit needs no table.
+                    assert!(cache.base <= p as usize && p as usize + len <= cache.end);
+                    assert_eq!(cache.end - cache.base, 64 * 1024);
+                }
+            }
+        }
+        // A hit is answered from the cache alone: a cache naming made-up memory is believed.
+        let fake = ChunkCache {
+            base: heap.as_ptr() as usize,
+            end: heap.as_ptr() as usize + 64,
+            iova: 0x4000,
+        };
+        cache = fake;
+        // SAFETY: offset 8 is inside `heap`.
+        let p = unsafe { heap.as_ptr().add(8) };
+        assert_eq!(m.translate_cached(&mut cache, p, 8), Some(Iova(0x4008)));
+        assert_eq!(cache, fake);
     }
 
     #[test]

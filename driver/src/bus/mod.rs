@@ -9,6 +9,21 @@
 //! Registers are read and written by offset with 32-bit accesses (64-bit registers as two 32-bit
 //! halves, low first, which every controller accepts). The hot path does not go through a trait
 //! call per register: a queue pair asks once for a [`Doorbell`] and rings it directly.
+//!
+//! # Ordering DMA memory against the device
+//! * **Submission**: the stores that fill a submission entry and its PRP list (ordinary
+//!   cacheable memory) must reach the device before the doorbell store (uncached MMIO) that
+//!   tells it to fetch them. [`Doorbell::ring`] and the VFIO backend's register writes issue
+//!   [`dma_wmb`] first: Linux's `wmb()`, `dsb st` on aarch64 (`dmb ish`, what
+//!   `fence(Release)` compiles to, orders the stores only among the CPUs of the inner
+//!   shareable domain, not towards the device); on x86-64 the CPU keeps stores in program order
+//!   and a store to uncached memory is not reordered with earlier ones, so a compiler fence is
+//!   enough. Other architectures do not build (a `compile_error!` says so) until their barrier
+//!   is added here.
+//! * **Completion**: the driver reads completion dword 3 (the phase tag) with an acquire load
+//!   before it reads the entry's other dwords. That is Linux's `dma_rmb()` after the phase
+//!   check: on x86-64 loads are not reordered with older loads; on aarch64 the load-acquire
+//!   (`ldar`) orders every later load after it, for all observers, the device included.
 
 pub(crate) mod dma;
 #[cfg(feature = "emulated")]
@@ -18,9 +33,35 @@ pub mod vfio;
 
 use core::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::{Ordering, compiler_fence, fence};
 
 use crate::bus::dma::DmaMemory;
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!(
+    "Dioxide orders DMA memory before doorbell writes only on x86_64 and aarch64: add this \
+     architecture's store barrier (Linux wmb()) to dioxide's bus::dma_wmb before using it"
+);
+
+/// Makes every store to DMA memory issued before it visible to the device before any MMIO store
+/// issued after it (Linux `wmb()`); see the module documentation.
+#[inline(always)]
+pub(crate) fn dma_wmb() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // x86-64 (Intel SDM vol. 3, 9.2.2): stores are not reordered with other stores, and a
+        // store to uncached memory (BAR0 is mapped UC by VFIO) is not reordered with earlier
+        // write-back stores; only non-temporal stores could pass it, and Dioxide issues none.
+        // What remains is the compiler, which this fence stops from moving stores across.
+        compiler_fence(Ordering::SeqCst);
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: `dsb st` only waits for earlier stores to complete; it reads and writes no memory
+    // or register the program sees. Without `nomem` the asm block is also a compiler barrier.
+    unsafe {
+        core::arch::asm!("dsb st", options(nostack, preserves_flags));
+    }
+}
 
 /// PCI identity of the function behind a bus.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -84,7 +125,8 @@ enum DoorbellKind {
 /// One doorbell register, rung from the owner of a queue.
 ///
 /// Ringing publishes every earlier write to DMA memory (submission entries, PRP lists) before the
-/// device can see the new value: a release fence precedes the register write.
+/// device can see the new value: [`dma_wmb`] (a register) or a release fence (a software sink,
+/// whose device thread reads the queue memory after an acquire) precedes the write.
 pub struct Doorbell(DoorbellKind);
 
 // SAFETY: the register pointer refers to a BAR mapping kept alive by `_keep`; a doorbell write is
@@ -107,11 +149,17 @@ impl Doorbell {
     /// Writes `value` to the doorbell.
     #[inline]
     pub fn ring(&self, value: u32) {
-        fence(Ordering::Release);
         match &self.0 {
-            // SAFETY: `reg` is a valid, aligned register in a live mapping (contract of `mmio`).
-            DoorbellKind::Mmio { reg, .. } => unsafe { reg.as_ptr().write_volatile(value) },
-            DoorbellKind::Sink { sink, offset } => sink.ring(*offset, value),
+            DoorbellKind::Mmio { reg, .. } => {
+                dma_wmb();
+                // SAFETY: `reg` is a valid, aligned register in a live mapping (contract of
+                // `mmio`).
+                unsafe { reg.as_ptr().write_volatile(value) }
+            }
+            DoorbellKind::Sink { sink, offset } => {
+                fence(Ordering::Release);
+                sink.ring(*offset, value)
+            }
         }
     }
 }

@@ -12,10 +12,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::bus::Doorbell;
 use crate::bus::dma::DmaBuffer;
 use crate::nvme::controller::{Controller, Shared};
 use crate::nvme::error::{Error, Result};
+use crate::nvme::ring::Ring;
 use crate::spec::identify::{
     ERROR_LOG_ENTRY_LEN, ErrorLogEntry, FIRMWARE_SLOT_LOG_LEN, FirmwareSlotLog, IDENTIFY_LEN,
     SMART_LOG_LEN, parse_ns_list,
@@ -27,16 +27,13 @@ use crate::types::{Cid, Iova, Nsid, QueueId};
 
 /// The admin submission and completion queues.
 pub(crate) struct AdminQueue {
+    /// Tail, head, phase and doorbells over `sq` and `cq`.
+    ring: Ring,
     sq: DmaBuffer,
     cq: DmaBuffer,
-    entries: u16,
-    tail: u16,
-    head: u16,
+    /// The SQ head the device last reported: the SQ is full when the tail would reach it.
     sq_head: u16,
-    phase: bool,
     next_cid: u16,
-    sq_db: Doorbell,
-    cq_db: Doorbell,
     /// Completions dropped because their command id was not the one waited for.
     pub(crate) stale: u64,
 }
@@ -68,17 +65,27 @@ fn name_of(opcode: u8) -> &'static str {
 impl AdminQueue {
     pub(crate) fn new(sh: &Shared, entries: u16, dstrd: u8) -> Result<AdminQueue> {
         let bus = &*sh.bus;
+        let sq = sh.alloc(entries as usize * 64, "the admin submission queue")?;
+        let cq = sh.alloc(entries as usize * 16, "the admin completion queue")?;
+        // SAFETY: the buffers hold `entries` entries each, are page aligned, move with the
+        // queue (a `DmaBuffer` does not move its memory) and live as long as the ring; the
+        // controller is given them empty (ASQ/ACQ at bring-up), and only the ring writes the SQ
+        // and moves the CQ head.
+        let ring = unsafe {
+            Ring::new(
+                sq.as_ptr(),
+                cq.as_ptr(),
+                entries,
+                bus.doorbell(sq_tail_doorbell(0, dstrd)),
+                bus.doorbell(cq_head_doorbell(0, dstrd)),
+            )
+        };
         Ok(AdminQueue {
-            sq: sh.alloc(entries as usize * 64, "the admin submission queue")?,
-            cq: sh.alloc(entries as usize * 16, "the admin completion queue")?,
-            entries,
-            tail: 0,
-            head: 0,
+            ring,
+            sq,
+            cq,
             sq_head: 0,
-            phase: true,
             next_cid: 0,
-            sq_db: bus.doorbell(sq_tail_doorbell(0, dstrd)),
-            cq_db: bus.doorbell(cq_head_doorbell(0, dstrd)),
             stale: 0,
         })
     }
@@ -88,19 +95,14 @@ impl AdminQueue {
         (
             self.sq.iova(),
             self.cq.iova(),
-            Aqa::new(self.entries, self.entries),
+            Aqa::new(self.ring.entries(), self.ring.entries()),
         )
     }
 
     /// Submits `sqe` and waits for its completion. Returns the CQE whatever its status.
     pub(crate) fn execute(&mut self, sh: &Shared, mut sqe: Sqe, timeout: Duration) -> Result<Cqe> {
         let name = name_of(sqe.opcode());
-        let next_tail = if self.tail + 1 == self.entries {
-            0
-        } else {
-            self.tail + 1
-        };
-        if next_tail == self.sq_head {
+        if self.ring.next_tail() == self.sq_head {
             return Err(Error::AdminQueueFull {
                 location: sh.location.clone(),
             });
@@ -108,40 +110,18 @@ impl AdminQueue {
         let cid = self.next_cid;
         self.next_cid = self.next_cid.wrapping_add(1);
         sqe.set_cid(cid);
-        // SAFETY: `tail < entries`, so the 64-byte entry lies inside the SQ buffer; the slot is
-        // free (the SQ is not full) so the device does not read it concurrently.
-        unsafe {
-            self.sq
-                .as_ptr()
-                .cast::<Sqe>()
-                .add(self.tail as usize)
-                .write_volatile(sqe)
-        };
-        self.tail = next_tail;
-        self.sq_db.ring(self.tail as u32);
+        // SAFETY: the SQ is not full (the tail does not reach the SQ head the device reported),
+        // so the device is not reading the entry at the tail.
+        unsafe { self.ring.push_sqe(sqe) };
+        self.ring.ring_sq();
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            // SAFETY: `head < entries`, inside the CQ buffer; 16-byte entries are 4-byte aligned.
-            let e = unsafe { self.cq.as_ptr().cast::<u32>().add(self.head as usize * 4) };
-            // SAFETY: `e + 3` is in the entry; the device writes it, so read it atomically.
-            let dw3 = unsafe { core::sync::atomic::AtomicU32::from_ptr(e.add(3)) }
-                .load(core::sync::atomic::Ordering::Acquire);
-            if (dw3 >> 16) & 1 == self.phase as u32 {
-                // SAFETY: the entry is complete (phase seen with acquire); plain volatile reads.
-                let (dw0, dw1, dw2) = unsafe {
-                    (
-                        e.read_volatile(),
-                        e.add(1).read_volatile(),
-                        e.add(2).read_volatile(),
-                    )
-                };
-                self.head += 1;
-                if self.head == self.entries {
-                    self.head = 0;
-                    self.phase = !self.phase;
-                }
-                self.cq_db.ring(self.head as u32);
+            let mut at = self.ring.cq_cursor();
+            if let Some(e) = at.peek() {
+                let (dw0, dw1, dw2, dw3) = (e.dw0(), e.dw1(), e.dw2(), e.dw3);
+                at.advance();
+                self.ring.consumed(at);
                 let cqe = Cqe {
                     dw0,
                     dw1,
@@ -150,7 +130,7 @@ impl AdminQueue {
                     cid: dw3 as u16,
                     status: (dw3 >> 16) as u16,
                 };
-                if cqe.sq_head < self.entries {
+                if cqe.sq_head < self.ring.entries() {
                     self.sq_head = cqe.sq_head;
                 }
                 if cqe.cid == cid {

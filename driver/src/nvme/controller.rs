@@ -571,7 +571,8 @@ impl Controller {
     pub fn io_queues(&self) -> u16 {
         self.data().granted
     }
-    /// The active namespaces found at bring-up.
+    /// The active namespaces found at bring-up, including those formatted with metadata, which
+    /// are listed with their format but refused for I/O ([`Namespace::check_io`]).
     pub fn namespaces(&self) -> Vec<Namespace> {
         self.data().namespaces.clone()
     }
@@ -597,6 +598,92 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A controller with a 512+8 namespace between two plain ones: the metadata namespace is
+    /// listed with its format and refused for every LBA-addressed command before anything
+    /// reaches the device; the others work.
+    #[cfg(feature = "emulated")]
+    #[test]
+    fn a_namespace_with_metadata_is_listed_but_refused_for_io() {
+        use crate::bus::emulated::{EmulatedConfig, EmulatedController, NamespaceConfig};
+        use crate::spec::sqe::io;
+        use crate::types::Lba;
+
+        for extended in [true, false] {
+            let emu = EmulatedController::new(EmulatedConfig {
+                namespaces: vec![
+                    NamespaceConfig::memory(512, 64),
+                    NamespaceConfig::memory(512, 64).with_metadata(8, extended),
+                    NamespaceConfig::memory(4096, 64),
+                ],
+                ..EmulatedConfig::default()
+            })
+            .unwrap();
+            let ctrl = Controller::new(emu.clone()).unwrap();
+            let all = ctrl.namespaces();
+            assert_eq!(
+                all.iter().map(|n| n.nsid().0).collect::<Vec<_>>(),
+                [1, 2, 3]
+            );
+            let md = ctrl.namespace(Nsid(2)).unwrap();
+            assert_eq!((md.block_size(), md.blocks()), (512, 64));
+            assert_eq!((md.metadata_size(), md.metadata_extended()), (8, extended));
+            assert_eq!(md.lba_formats()[md.lba_format_index()].ms, 8);
+
+            let mut q = ctrl.create_qpair::<u64>(QueueOptions::default()).unwrap();
+            let mut buf = ctrl.alloc(4096).unwrap();
+            let refused = |e: Error| {
+                assert!(
+                    matches!(
+                        e,
+                        Error::NamespaceHasMetadata {
+                            nsid: Nsid(2),
+                            block_size: 512,
+                            metadata: 8,
+                            without: Some(0),
+                            ..
+                        }
+                    ),
+                    "{e:?}"
+                );
+                assert!(e.to_string().contains("--lbaf=0"), "{e}");
+            };
+            refused(
+                q.read_blocking(&md, Lba(0), buf.as_mut_slice())
+                    .unwrap_err(),
+            );
+            refused(q.write_blocking(&md, Lba(0), buf.as_slice()).unwrap_err());
+            refused(
+                q.write_zeroes_blocking(&md, Lba(0), 1, crate::IoFlags::NONE)
+                    .unwrap_err(),
+            );
+            refused(q.deallocate_blocking(&md, &[(Lba(0), 1)]).unwrap_err());
+            // SAFETY: the buffer stays allocated and untouched; the call is refused anyway.
+            let r = unsafe { q.read_raw(&md, Lba(0), buf.as_dma_slice(), 7) };
+            let rejected = r.unwrap_err();
+            assert_eq!(rejected.ctx, 7);
+            refused(rejected.error);
+            assert!(md.check_io().is_err());
+            let stats = emu.stats();
+            assert_eq!(
+                stats.io_commands(),
+                0,
+                "nothing reached the device: {stats:?}"
+            );
+
+            // The other namespaces of the same controller work.
+            for nsid in [1, 3] {
+                let ns = ctrl.namespace(Nsid(nsid)).unwrap();
+                ns.check_io().unwrap();
+                buf.as_mut_slice().fill(nsid as u8);
+                q.write_blocking(&ns, Lba(1), buf.as_slice()).unwrap();
+                buf.as_mut_slice().fill(0);
+                q.read_blocking(&ns, Lba(1), buf.as_mut_slice()).unwrap();
+                assert!(buf.as_slice().iter().all(|&b| b == nsid as u8));
+            }
+            assert_eq!(emu.stats().commands_with(1, io::READ), 2);
+        }
+    }
 
     #[test]
     fn queue_ids_held_across_a_reset_stay_reserved() {

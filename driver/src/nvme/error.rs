@@ -3,12 +3,26 @@
 //! Every variant names the controller (PCI location) or queue, and the command, namespace and
 //! LBA where they are known; messages say what went wrong and what to do about it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bus::dma::DmaError;
 use crate::nvme::controller::InitState;
 use crate::spec::Status;
 use crate::types::{Cid, Iova, Lba, Nsid, QueueId};
+
+/// The fix named by [`Error::NamespaceHasMetadata`].
+fn metadata_fix(without: Option<usize>) -> String {
+    match without {
+        Some(n) => format!(
+            "`nvme format /dev/nvmeXnY --lbaf={n}` (LBA format {n} has none; this erases the \
+             namespace)"
+        ),
+        None => "the namespace lists no LBA format without metadata; recreate it with one \
+                 (nvme create-ns --flbas)"
+            .to_string(),
+    }
+}
 
 /// Result of a driver call.
 pub type Result<T, E = Error> = core::result::Result<T, E>;
@@ -168,8 +182,8 @@ pub enum Error {
     /// The queue pair cannot take requests any more.
     #[error("queue {qid} on controller {location} is dead: {reason}")]
     QueueDead {
-        /// PCI location.
-        location: String,
+        /// PCI location (shared: a dead queue pair returns this error for every request).
+        location: Arc<str>,
         /// Queue id.
         qid: QueueId,
         /// Why.
@@ -213,6 +227,34 @@ pub enum Error {
         len: usize,
         /// Block size.
         block_size: u32,
+    },
+    /// The namespace's LBA format in use carries metadata, which Dioxide does not transfer: a
+    /// read would make the device write `blocks * (block_size + metadata)` bytes into a buffer
+    /// of `blocks * block_size` (extended LBA), or metadata to a pointer the driver never set
+    /// (separate buffer). The namespace is listed by [`Controller::namespaces`] (with its
+    /// format) but refused for I/O.
+    ///
+    /// [`Controller::namespaces`]: crate::Controller::namespaces
+    #[error(
+        "namespace {nsid} is formatted with metadata (LBA format {lbaf}: {block_size}+{metadata} \
+         bytes, {}); Dioxide transfers no metadata, so I/O on it is refused; reformat it \
+         without metadata: {}",
+        if *extended { "extended LBA" } else { "separate metadata buffer" },
+        metadata_fix(*without)
+    )]
+    NamespaceHasMetadata {
+        /// Namespace.
+        nsid: Nsid,
+        /// Index of the LBA format in use (FLBAS).
+        lbaf: usize,
+        /// Logical block (data) size in bytes.
+        block_size: u32,
+        /// Metadata bytes per block (LBAF.MS).
+        metadata: u16,
+        /// Metadata at the end of each block (FLBAS bit 4) rather than in a separate buffer.
+        extended: bool,
+        /// A format of the namespace without metadata (same block size first), if any.
+        without: Option<usize>,
     },
     /// A zero-length I/O.
     #[error("namespace {nsid}: zero-length I/O; give at least one block")]

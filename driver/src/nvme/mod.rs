@@ -8,3 +8,4 @@ pub(crate) mod error;
 pub(crate) mod namespace;
 pub(crate) mod prp;
 pub(crate) mod qpair;
+pub(crate) mod ring;

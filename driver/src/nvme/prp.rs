@@ -16,8 +16,8 @@
 //! The buffers come from [`crate::bus::dma::DmaMemory`], which is IOVA-contiguous within an
 //! allocation, so the list is plain page arithmetic from the first IOVA.
 
-/// The memory page size the driver configures.
-pub const PAGE: u64 = 4096;
+/// [`PAGE_SIZE`](crate::spec::PAGE_SIZE) as a `u64`, for IOVA arithmetic.
+pub const PAGE: u64 = crate::spec::PAGE_SIZE as u64;
 const PAGE_MASK: u64 = PAGE - 1;
 /// Entries of one PRP list page.
 pub const LIST_ENTRIES: usize = 512;

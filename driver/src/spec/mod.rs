@@ -19,5 +19,7 @@ pub use status::{Sct, Status};
 pub const SQES: u32 = 6;
 /// Size of a completion queue entry as a power of two (16 bytes).
 pub const CQES: u32 = 4;
-/// The memory page size this driver configures (CC.MPS = 0): 4 KiB.
+/// The page size, 4 KiB, and the only definition of it in Dioxide: the memory page size the driver
+/// configures (CC.MPS = 0, so PRP entries describe 4 KiB pages and MDTS counts them), the
+/// granularity and alignment of DMA memory, and the page of the page cache.
 pub const PAGE_SIZE: usize = 4096;

@@ -168,7 +168,7 @@ impl Cap {
     }
     /// Minimum memory page size in bytes.
     pub const fn min_page_size(self) -> usize {
-        1usize << (12 + self.mpsmin() as u32)
+        super::PAGE_SIZE << self.mpsmin()
     }
     /// Builds a CAP value from its fields (used by the emulated controller).
     pub const fn build(mqes: u16, cqr: bool, to: u8, dstrd: u8, mpsmin: u8, mpsmax: u8) -> Cap {

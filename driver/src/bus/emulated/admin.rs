@@ -120,7 +120,7 @@ impl Device {
             ver: Vs::V1_4.0,
             oaes: 0,
             ctratt: 0,
-            oacs: Oacs(0),
+            oacs: Oacs::empty(),
             acl: 3,
             aerl: (AER_LIMIT - 1) as u8,
             frmw: 0x03, // one slot, slot 1 read-only
@@ -139,7 +139,7 @@ impl Device {
             cqes: 0x44,
             maxcmd: 0,
             nn: self.namespaces.len() as u32,
-            oncs: Oncs(Oncs::DSM | Oncs::WRITE_ZEROES),
+            oncs: Oncs::DSM | Oncs::WRITE_ZEROES,
             fuses: 0,
             fna: 0,
             vwc: 1,
@@ -164,9 +164,18 @@ impl Device {
             ncap: ns.blocks,
             nuse: ns.blocks,
             nsfeat: 0,
-            nlbaf: 1,
-            flbas: if ns.shift == 12 { 1 } else { 0 },
-            mc: 0,
+            nlbaf: if ns.metadata != 0 { 2 } else { 1 },
+            flbas: match (ns.metadata, ns.shift) {
+                (0, 12) => 1,
+                (0, _) => 0,
+                _ => 2 | if ns.metadata_extended { 0x10 } else { 0 },
+            },
+            // Metadata as part of an extended LBA (bit 0) or in a separate buffer (bit 1).
+            mc: match (ns.metadata, ns.metadata_extended) {
+                (0, _) => 0,
+                (_, true) => 1,
+                (_, false) => 2,
+            },
             dpc: 0,
             dps: 0,
             nmic: 0,
@@ -186,7 +195,14 @@ impl Device {
                     lbads: 12,
                     rp: 0,
                 },
-            ],
+            ]
+            .into_iter()
+            .chain((ns.metadata != 0).then_some(LbaFormat {
+                ms: ns.metadata,
+                lbads: ns.shift as u8,
+                rp: 0,
+            }))
+            .collect(),
         }
     }
 

@@ -16,6 +16,7 @@ use super::namespace::Namespace;
 use super::queue::{Completion, Cq, CqSlot, Sq, SqSlot, lock};
 use crate::bus::DoorbellSink;
 use crate::bus::dma::DmaMemory;
+use crate::spec::PAGE_SIZE;
 use crate::spec::identify::ErrorLogEntry;
 use crate::spec::regs::{offset, shn, shst};
 use crate::spec::sqe::{io, lid};
@@ -202,7 +203,7 @@ impl Device {
 
     /// Largest data transfer in bytes (MDTS, in units of CAP.MPSMIN = 4 KiB), if limited.
     pub(crate) fn max_transfer(&self) -> Option<u64> {
-        (self.props.mdts != 0).then(|| 4096u64 << self.props.mdts)
+        (self.props.mdts != 0).then(|| (PAGE_SIZE as u64) << self.props.mdts)
     }
 
     /// True while commands may be processed: enabled, RDY reached, not fatal, not removed.
@@ -362,7 +363,7 @@ impl Device {
         if asqs == 0 || acqs == 0 {
             return Err(format!("AQA {:#x} has an admin queue of one entry", r.aqa));
         }
-        let mask = (4096u64 << cc.mps()) - 1;
+        let mask = ((PAGE_SIZE as u64) << cc.mps()) - 1;
         if r.asq & mask != 0 || r.acq & mask != 0 {
             return Err(format!(
                 "ASQ {:#x} or ACQ {:#x} is not page aligned",

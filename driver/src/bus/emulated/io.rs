@@ -47,6 +47,10 @@ impl Device {
         let ns = &self.namespaces[nsid as usize - 1];
         match op {
             io::READ | io::WRITE => {
+                if ns.metadata != 0 {
+                    // The format is modelled, not the metadata transfer (see NamespaceConfig).
+                    return done(generic(g::INVALID_FIELD));
+                }
                 let blocks = sqe.nlb() as u64 + 1;
                 let bytes = blocks << ns.shift;
                 if self.max_transfer().is_some_and(|m| bytes > m) {

@@ -99,6 +99,14 @@ pub struct NamespaceConfig {
     pub blocks: u64,
     /// Storage.
     pub backing: Backing,
+    /// Metadata bytes per block of the LBA format in use (0: none). A namespace with metadata
+    /// reports the format (`block_size`+`metadata`, as an extra LBA format 2) but moves no
+    /// metadata: reads and writes there fail with Invalid Field in Command. It exists to check
+    /// that a driver refuses such a namespace before sending it I/O.
+    pub metadata: u16,
+    /// With `metadata`: at the end of each block (extended LBA, FLBAS bit 4) rather than in a
+    /// separate buffer.
+    pub metadata_extended: bool,
 }
 
 impl NamespaceConfig {
@@ -108,6 +116,8 @@ impl NamespaceConfig {
             block_size,
             blocks,
             backing: Backing::Memory,
+            metadata: 0,
+            metadata_extended: false,
         }
     }
     /// A null namespace.
@@ -116,6 +126,18 @@ impl NamespaceConfig {
             block_size,
             blocks,
             backing: Backing::Null,
+            metadata: 0,
+            metadata_extended: false,
+        }
+    }
+    /// The same namespace formatted with `bytes` of metadata per block, at the end of each
+    /// block (`extended`) or in a separate buffer: e.g. `memory(512, n).with_metadata(8, true)`
+    /// is a 512+8 extended-LBA namespace.
+    pub fn with_metadata(self, bytes: u16, extended: bool) -> Self {
+        NamespaceConfig {
+            metadata: bytes,
+            metadata_extended: extended,
+            ..self
         }
     }
     /// A namespace backed by the file at `path`.
@@ -124,6 +146,8 @@ impl NamespaceConfig {
             block_size,
             blocks,
             backing: Backing::File(path.into()),
+            metadata: 0,
+            metadata_extended: false,
         }
     }
 }
@@ -242,7 +266,7 @@ impl EmulatedController {
             if n.blocks == 0 || n.blocks.checked_mul(n.block_size as u64).is_none() {
                 return bad(format!("namespace {} has {} blocks", i + 1, n.blocks));
             }
-            namespaces.push(match &n.backing {
+            let mut ns = match &n.backing {
                 Backing::Memory => Namespace::sparse(n.block_size, n.blocks),
                 Backing::Null => Namespace::null(n.block_size, n.blocks),
                 Backing::File(p) => {
@@ -253,7 +277,10 @@ impl EmulatedController {
                         }
                     })?
                 }
-            });
+            };
+            ns.metadata = n.metadata;
+            ns.metadata_extended = n.metadata_extended;
+            namespaces.push(ns);
         }
         let threaded = config.mode == Mode::Threaded;
         let props = Props {
@@ -364,7 +391,7 @@ impl Drop for EmulatedController {
         self.dev.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
-                eprintln!("dioxide: the emulated controller's device thread panicked");
+                log::error!("the emulated controller's device thread panicked");
             }
         }
     }

@@ -202,6 +202,10 @@ pub(crate) struct Namespace {
     pub shift: u32,
     /// Size in blocks.
     pub blocks: u64,
+    /// Metadata bytes per block of the format in use (0: none); never transferred.
+    pub metadata: u16,
+    /// Metadata at the end of each block (FLBAS bit 4).
+    pub metadata_extended: bool,
     pub store: Store,
 }
 
@@ -210,6 +214,8 @@ impl Namespace {
         Namespace {
             shift: block_size.trailing_zeros(),
             blocks,
+            metadata: 0,
+            metadata_extended: false,
             store: Store::Sparse(Sparse::new(blocks * block_size as u64)),
         }
     }
@@ -218,6 +224,8 @@ impl Namespace {
         Namespace {
             shift: block_size.trailing_zeros(),
             blocks,
+            metadata: 0,
+            metadata_extended: false,
             store: Store::Null,
         }
     }
@@ -236,6 +244,8 @@ impl Namespace {
         Ok(Namespace {
             shift: block_size.trailing_zeros(),
             blocks,
+            metadata: 0,
+            metadata_extended: false,
             store: Store::File(f),
         })
     }

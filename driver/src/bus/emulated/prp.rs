@@ -178,7 +178,7 @@ mod tests {
     use super::*;
     use crate::bus::emulated::chunks::EmulatedChunkSource;
 
-    const P: usize = 4096;
+    const P: usize = crate::spec::PAGE_SIZE;
 
     fn put_list(buf: &crate::bus::dma::DmaBuffer, at: usize, entries: &[u64]) {
         for (i, e) in entries.iter().enumerate() {

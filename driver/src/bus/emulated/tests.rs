@@ -12,7 +12,7 @@ use crate::spec::sqe::{admin, cns, fid, io};
 use crate::spec::status::{command_specific as cs, generic as g};
 use crate::spec::{Aqa, Cc, Cqe, Csts, Sct, Sqe, Status};
 
-const P: usize = 4096;
+const P: usize = crate::spec::PAGE_SIZE;
 
 /// A host-side queue pair, as a minimal driver would keep it.
 struct Queue {
@@ -225,6 +225,7 @@ fn rw(op: u8, nsid: u32, slba: u64, blocks: u32, prp1: u64, prp2: u64) -> Sqe {
 
 #[test]
 fn enable_disable_handshake_with_ready_delay() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let ctrl = EmulatedController::new(EmulatedConfig {
         ready_delay: Duration::from_millis(40),
         dstrd: 2,
@@ -272,6 +273,7 @@ fn enable_disable_handshake_with_ready_delay() {
 
 #[test]
 fn bad_configuration_sets_cfs_and_reset_clears_it() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let ctrl = EmulatedController::new(EmulatedConfig::default()).unwrap();
     let bus: &dyn Bus = &*ctrl;
     let q = Queue::new(bus, 0, 8, 0);
@@ -312,6 +314,7 @@ fn bad_configuration_sets_cfs_and_reset_clears_it() {
 
 #[test]
 fn identify_pages() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(EmulatedConfig {
         namespaces: vec![
             NamespaceConfig::memory(512, 1 << 20),
@@ -363,6 +366,7 @@ fn identify_pages() {
 
 #[test]
 fn number_of_queues_and_queue_errors() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(EmulatedConfig {
         max_io_queues: 8,
         mqes: 63,
@@ -435,6 +439,7 @@ fn number_of_queues_and_queue_errors() {
 
 #[test]
 fn features() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(EmulatedConfig::default());
     let c = h.admin(Sqe::set_features(fid::VOLATILE_WRITE_CACHE, 0));
     assert_eq!(code(&c), OK);
@@ -566,6 +571,7 @@ fn prp_round_trips(h: &mut Host, q: &mut Queue, nsid: u32, bs: usize) {
 
 #[test]
 fn read_write_round_trip_memory_both_block_sizes() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(cfg_with(vec![
         NamespaceConfig::memory(512, 1 << 16),
         NamespaceConfig::memory(4096, 1 << 13),
@@ -579,7 +585,34 @@ fn read_write_round_trip_memory_both_block_sizes() {
 }
 
 #[test]
+fn a_namespace_with_metadata_reports_its_format_and_moves_no_data() {
+    let mut h = start(cfg_with(vec![
+        NamespaceConfig::memory(512, 64).with_metadata(8, true),
+        NamespaceConfig::null(4096, 64).with_metadata(16, false),
+    ]));
+    let (_, b) = h.identify(cns::NAMESPACE, 1);
+    let ns = IdentifyNamespace::from_bytes(&b);
+    assert_eq!((ns.nlbaf, ns.flbas_index(), ns.mc), (2, 2, 1));
+    assert!(ns.metadata_extended());
+    let f = ns.lba_format().unwrap();
+    assert_eq!((f.block_size(), f.ms), (512, 8));
+    assert_eq!((ns.lbaf[0].ms, ns.lbaf[1].ms), (0, 0));
+    let (_, b) = h.identify(cns::NAMESPACE, 2);
+    let ns = IdentifyNamespace::from_bytes(&b);
+    assert_eq!((ns.flbas, ns.mc, ns.block_size()), (2, 2, 4096));
+    assert_eq!(ns.lba_format().unwrap().ms, 16);
+    let mut q = h.io_pair(1, 8);
+    let buf = h.bus().dma().alloc(2 * P).unwrap();
+    for (nsid, op) in [(1, io::READ), (1, io::WRITE), (2, io::READ)] {
+        let c = q.cmd(rw(op, nsid, 0, 1, buf.iova().0, 0));
+        assert_eq!(code(&c), st(Sct::Generic, g::INVALID_FIELD), "{nsid} {op}");
+    }
+    assert!(buf.as_slice().iter().all(|&b| b == 0));
+}
+
+#[test]
 fn io_status_rules() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(EmulatedConfig {
         namespaces: vec![NamespaceConfig::memory(512, 1000)],
         mdts: 2, // 16 KiB
@@ -689,6 +722,7 @@ fn io_status_rules() {
 
 #[test]
 fn write_zeroes_and_deallocate_read_back_zeroes() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(cfg_with(vec![NamespaceConfig::memory(4096, 256)]));
     let mut q = h.io_pair(1, 8);
     let mut buf = h.bus().dma().alloc(4 * P).unwrap();
@@ -749,6 +783,7 @@ fn write_zeroes_and_deallocate_read_back_zeroes() {
 
 #[test]
 fn file_and_null_backings_both_block_sizes() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let dir = std::env::temp_dir().join(format!("dioxide-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let f512 = dir.join("ns512.img");
@@ -803,6 +838,7 @@ fn file_and_null_backings_both_block_sizes() {
 
 #[test]
 fn sparse_one_tib_namespace_stays_small() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let blocks = (1u64 << 40) / 512;
     let mut h = start(cfg_with(vec![NamespaceConfig::memory(512, blocks)]));
     let before = h.ctrl.resident_bytes(1).unwrap();
@@ -834,6 +870,7 @@ fn sparse_one_tib_namespace_stays_small() {
 
 #[test]
 fn cq_phase_wraps_and_full_cq_holds_completions() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(EmulatedConfig::default());
     // A 4-entry CQ under an 16-entry SQ: the CQ fills, completions wait in the controller.
     let q0 = Queue::new(h.bus(), 1, 16, 0);
@@ -886,6 +923,7 @@ fn cq_phase_wraps_and_full_cq_holds_completions() {
 
 #[test]
 fn invalid_doorbells_are_ignored_and_reported() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(EmulatedConfig {
         dstrd: 1,
         ..EmulatedConfig::default()
@@ -932,6 +970,7 @@ fn invalid_doorbells_are_ignored_and_reported() {
 
 #[test]
 fn log_pages() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(cfg_with(vec![NamespaceConfig::memory(512, 1 << 20)]));
     let mut q = h.io_pair(1, 8);
     let buf = h.bus().dma().alloc(32 * 1024).unwrap();
@@ -1009,6 +1048,7 @@ fn read1(nsid: u32, lba: u64, buf: &DmaBuffer) -> Sqe {
 
 #[test]
 fn fault_status_on_nth_command_and_lba_range() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     use crate::spec::status::media;
     let mut h = start(cfg_with(vec![NamespaceConfig::memory(512, 1 << 16)]));
     let mut q = h.io_pair(1, 8);
@@ -1087,6 +1127,7 @@ fn fault_status_on_nth_command_and_lba_range() {
 
 #[test]
 fn inline_delays_by_command_count_time_and_release() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(EmulatedConfig::default());
     let mut q = h.io_pair(1, 8);
     let buf = h.bus().dma().alloc(P).unwrap();
@@ -1130,6 +1171,7 @@ fn inline_delays_by_command_count_time_and_release() {
 
 #[test]
 fn never_complete_abort_deletion_and_reset() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(EmulatedConfig::default());
     let mut q = h.io_pair(1, 8);
     let buf = h.bus().dma().alloc(P).unwrap();
@@ -1176,6 +1218,7 @@ fn never_complete_abort_deletion_and_reset() {
 
 #[test]
 fn fatal_status_stops_processing_until_reset() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(EmulatedConfig::default());
     let mut q = h.io_pair(1, 8);
     let buf = h.bus().dma().alloc(P).unwrap();
@@ -1201,6 +1244,7 @@ fn fatal_status_stops_processing_until_reset() {
 
 #[test]
 fn surprise_removal() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(EmulatedConfig::default());
     let mut q = h.io_pair(1, 8);
     let buf = h.bus().dma().alloc(P).unwrap();
@@ -1230,6 +1274,7 @@ fn threaded(namespaces: Vec<NamespaceConfig>) -> EmulatedConfig {
 
 #[test]
 fn threaded_concurrent_submitters_with_faults_added_while_running() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(threaded(vec![NamespaceConfig::memory(512, 1 << 16)]));
     let queues: Vec<Queue> = (1..=3).map(|i| h.io_pair(i, 32)).collect();
     let bus: Arc<dyn Bus> = h.ctrl.clone();
@@ -1325,6 +1370,7 @@ fn threaded_concurrent_submitters_with_faults_added_while_running() {
 
 #[test]
 fn threaded_delay_and_idle_backoff() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
     let mut h = start(threaded(vec![NamespaceConfig::null(4096, 1 << 20)]));
     let mut q = h.io_pair(1, 8);
     let buf = h.bus().dma().alloc(P).unwrap();

@@ -130,10 +130,12 @@ impl Bar0 {
         u32::from_le_bytes(b)
     }
 
-    /// Writes the 32-bit register at `offset`.
+    /// Writes the 32-bit register at `offset`, after every earlier store to DMA memory (the
+    /// admin queue memory before CC.EN, for example) is visible to the device.
     #[inline]
     pub fn write32(&self, offset: u32, value: u32) {
         if let Some(p) = self.reg_ptr(offset) {
+            crate::bus::dma_wmb();
             // SAFETY: `p` is an aligned register inside a live mapping of BAR0.
             unsafe { p.as_ptr().write_volatile(value) };
             return;
@@ -173,7 +175,7 @@ impl Drop for Bar0 {
             // SAFETY: each area is one whole mapping made in `map`; doorbells and the bus that
             // could still reach it hold this `Bar0`, which is being dropped.
             if let Err(e) = unsafe { sys::munmap(a.ptr, a.len) } {
-                eprintln!("dioxide: vfio: munmap of BAR0 area failed: {e}");
+                log::error!("vfio: munmap of BAR0 area failed: {e}");
             }
         }
     }

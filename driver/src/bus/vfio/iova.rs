@@ -75,7 +75,7 @@ impl IommuInfo {
     /// The smallest IOMMU page size (4 KiB if not reported).
     pub fn min_page_size(&self) -> u64 {
         if self.page_sizes == 0 {
-            4096
+            crate::spec::PAGE_SIZE as u64
         } else {
             1 << self.page_sizes.trailing_zeros()
         }

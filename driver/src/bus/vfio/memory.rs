@@ -59,7 +59,11 @@ impl VfioMemory {
         detached: Arc<AtomicBool>,
         roots: SysRoots,
     ) -> VfioMemory {
-        let page = if hugepages { HUGEPAGE } else { 4096 };
+        let page = if hugepages {
+            HUGEPAGE
+        } else {
+            crate::spec::PAGE_SIZE
+        };
         let granule = granule.max(page).next_multiple_of(page);
         VfioMemory {
             container,
@@ -176,19 +180,17 @@ impl ChunkSource for VfioMemory {
             .iter()
             .position(|r| r.start_addr().0 == chunk.iova.0)
         else {
-            eprintln!(
-                "dioxide: vfio: unmap of unknown DMA chunk at iova {}",
-                chunk.iova
-            );
+            log::error!("vfio: unmap of unknown DMA chunk at iova {}", chunk.iova);
             return;
         };
         let region = st.regions.swap_remove(i);
         // First the IOMMU mapping (the device loses access), then the memory.
         if !self.detached.load(Ordering::Acquire) {
             if let Err(e) = self.container.vfio_dma_unmap(chunk.iova.0, chunk.len) {
-                eprintln!(
-                    "dioxide: vfio: VFIO_IOMMU_UNMAP_DMA of iova {} ({} bytes) failed: {e}",
-                    chunk.iova, chunk.len
+                log::error!(
+                    "vfio: VFIO_IOMMU_UNMAP_DMA of iova {} ({} bytes) failed: {e}",
+                    chunk.iova,
+                    chunk.len
                 );
             }
         }

@@ -147,7 +147,7 @@ impl Drop for DeviceGuard {
             // was hot-removed; a panic must not escape a destructor.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(d)));
             if r.is_err() {
-                eprintln!("dioxide: vfio: closing the device panicked (device removed?)");
+                log::error!("vfio: closing the device panicked (device removed?)");
             }
         }
         self.detached.store(true, Ordering::Release);

@@ -1,0 +1,369 @@
+//! When things go wrong: timeouts (epochs, the CID quarantine, Abort on the admin queue),
+//! late completions of quarantined commands, health checks (CSTS, controller reset), a dead
+//! queue failing every request exactly once, and teardown, which makes sure the device no
+//! longer uses the queue's memory before it is reused (or leaks it).
+
+use std::mem::ManuallyDrop;
+use std::time::Instant;
+
+use super::{
+    COUNTDOWN, F_CTX, F_DEFERRED, F_HOLDS, F_LEAK, F_SYNC, HEALTH_INTERVAL, IN_FLIGHT, IoResult,
+    LEAKED, NIL, PARENT, QUARANTINED, QueuePair, TIMEOUT_EPOCHS, WAITING, lba_of,
+};
+use crate::nvme::admin::{AbortOutcome, abort_with};
+use crate::nvme::error::{DeadReason, Error, IoError, ProtocolError};
+use crate::spec::Sqe;
+use crate::types::{Cid, Lba, Nsid};
+
+/// What [`QueuePair::send_abort`] did.
+enum AbortSent {
+    /// Sent, and the controller answered.
+    Sent,
+    /// Not sent: another thread holds the admin queue.
+    Busy,
+    /// Sent and failed in a way later Aborts would repeat (timeout, queue full, device gone).
+    Stop,
+}
+
+impl<T> QueuePair<T> {
+    /// A completion for a quarantined command (late), or for no command at all.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn complete_unusual<F: FnMut(T, IoResult)>(&mut self, cid: u16, f: &mut F) -> usize {
+        if self.slot(cid).state != QUARANTINED {
+            self.bad(ProtocolError::UnknownCid(Cid(cid)));
+            return 0;
+        }
+        self.inflight -= 1;
+        self.quarantined -= 1;
+        self.stats.late_completions += 1;
+        if self.slot(cid).flags & F_DEFERRED != 0 {
+            // The memory was kept from the caller until now: report the timeout.
+            return self.report_timeout(cid, true, f);
+        }
+        self.push_free(cid);
+        0
+    }
+
+    fn timeout_error(&mut self, idx: u16) -> IoError {
+        let qid = self.qid;
+        let s = self.slot(idx);
+        IoError::Timeout {
+            qid,
+            cid: Cid(idx),
+            opcode: s.opcode,
+            nsid: Nsid(s.nsid),
+            lba: Lba(lba_of(s)),
+            child: (s.parent != NIL).then_some(s.count),
+        }
+    }
+
+    /// Reports the timeout of quarantined command `idx` to its request. With `free`, the slot
+    /// is released too (the device has let go of it).
+    fn report_timeout<F: FnMut(T, IoResult)>(&mut self, idx: u16, free: bool, f: &mut F) -> usize {
+        let e = self.timeout_error(idx);
+        let s = self.slot(idx);
+        s.flags &= !F_DEFERRED;
+        let parent = s.parent;
+        if parent != NIL {
+            self.slot(parent).err.get_or_insert(e);
+            if free {
+                self.push_free(idx);
+            }
+            return self.child_done(parent, f);
+        }
+        if free {
+            return self.deliver_and_free(idx, Err(e), f);
+        }
+        // Keep the slot (quarantined); hand back the context now.
+        if s.flags & F_SYNC != 0 {
+            self.sync = Some(Err(e));
+            return 0;
+        }
+        if s.flags & F_CTX == 0 {
+            return 0;
+        }
+        s.flags &= !F_CTX;
+        // SAFETY: F_CTX says the context is initialised; cleared so it is read once.
+        let ctx = unsafe { s.ctx.assume_init_read() };
+        self.stats.completed += 1;
+        f(ctx, Err(e));
+        1
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Time, health and failure.
+
+    #[cold]
+    #[inline(never)]
+    pub(super) fn housekeeping<F: FnMut(T, IoResult)>(&mut self, idle: bool, f: &mut F) -> usize {
+        self.countdown = COUNTDOWN;
+        if let Some(reason) = self.dead {
+            return if self.died { 0 } else { self.die(reason, f) };
+        }
+        if self.outstanding() == 0 {
+            return 0;
+        }
+        let now = Instant::now();
+        let mut delivered = 0;
+        let mut check_health = idle && now >= self.next_health;
+        if now.duration_since(self.tick_start) >= self.tick {
+            self.epoch = self.epoch.wrapping_add(1);
+            self.tick_start = now;
+            check_health = true;
+            delivered += self.scan_timeouts(f);
+        }
+        if check_health && self.dead.is_none() {
+            self.next_health = now + HEALTH_INTERVAL;
+            let reason = match self.shared.check_csts() {
+                Err(Error::DeviceGone { .. }) => Some(DeadReason::DeviceGone),
+                Err(_) => Some(DeadReason::ControllerFatal),
+                Ok(_) => self.shared.dead_reason(self.generation),
+            };
+            if let Some(r) = reason {
+                delivered += self.die(r, f);
+            }
+        }
+        delivered
+    }
+
+    /// Quarantines and reports the commands that timed out, sending an Abort for each while
+    /// the budget lasts: at most ACL + 1 Aborts per scan, none once one of them timed out or
+    /// found the admin queue full or the controller unusable, and none while another thread
+    /// holds the admin queue. Each Abort waits for its completion (up to the admin timeout)
+    /// from inside `poll`, so the budget bounds how long a hung device can stall the poll.
+    fn scan_timeouts<F: FnMut(T, IoResult)>(&mut self, f: &mut F) -> usize {
+        let mut delivered = 0;
+        let mut aborts_left = self.abort_limit;
+        let mut unrecoverable = false;
+        for idx in 0..self.slots.len() as u16 {
+            let epoch = self.epoch;
+            let defer = self.defer;
+            let s = self.slot(idx);
+            let age = epoch.wrapping_sub(s.epoch);
+            if age < TIMEOUT_EPOCHS {
+                continue;
+            }
+            if s.state == QUARANTINED && s.flags & F_DEFERRED != 0 {
+                // Abort did not make the device give the command back within another timeout.
+                unrecoverable = true;
+                continue;
+            }
+            if s.state != IN_FLIGHT {
+                continue;
+            }
+            if defer && s.flags & F_SYNC == 0 {
+                // A blocking call is polling and cannot hand contexts out: the next ordinary
+                // poll reports these.
+                continue;
+            }
+            s.state = QUARANTINED;
+            s.epoch = epoch;
+            let holds = s.flags & F_HOLDS != 0;
+            if holds {
+                s.flags |= F_DEFERRED;
+            }
+            self.quarantined += 1;
+            self.stats.timeouts += 1;
+            if aborts_left == 0 {
+                self.stats.aborts_skipped += 1;
+            } else {
+                match self.send_abort(idx) {
+                    AbortSent::Sent => aborts_left -= 1,
+                    AbortSent::Busy => self.stats.aborts_skipped += 1,
+                    AbortSent::Stop => aborts_left = 0,
+                }
+            }
+            if !holds {
+                delivered += self.report_timeout(idx, false, f);
+            }
+        }
+        if unrecoverable {
+            delivered += self.die(DeadReason::Unrecoverable, f);
+        }
+        delivered
+    }
+
+    /// Sends an Abort for slot `idx` unless another thread holds the admin queue.
+    fn send_abort(&mut self, idx: u16) -> AbortSent {
+        let sh = &*self.shared;
+        let mut guard = match sh.admin.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return AbortSent::Busy,
+        };
+        let res = match guard.as_mut() {
+            Some(q) if sh.not_ready().is_none() => abort_with(q, sh, self.qid, Cid(idx)),
+            _ => Err(sh.gone()),
+        };
+        drop(guard);
+        match res {
+            Ok(AbortOutcome::Aborted) => self.stats.aborts += 1,
+            _ => self.stats.aborts_failed += 1,
+        }
+        match res {
+            // The controller answered: further Aborts may work too.
+            Ok(_) | Err(Error::AdminStatus { .. }) => AbortSent::Sent,
+            // Admin timeout, admin queue full, device gone or not ready: do not wait again.
+            Err(_) => AbortSent::Stop,
+        }
+    }
+
+    /// Deletes the SQ then the CQ on the device. True if both were deleted.
+    fn delete_queues(&self) -> bool {
+        let sh = &*self.shared;
+        let mut guard = sh.lock_admin();
+        let Some(q) = guard.as_mut() else {
+            return false;
+        };
+        if sh.not_ready().is_some() {
+            return false;
+        }
+        q.execute_checked(
+            sh,
+            "Delete I/O Submission Queue",
+            Sqe::delete_io_sq(self.qid.0),
+        )
+        .is_ok()
+            && q.execute_checked(
+                sh,
+                "Delete I/O Completion Queue",
+                Sqe::delete_io_cq(self.qid.0),
+            )
+            .is_ok()
+    }
+
+    /// Stops the queue: makes sure the device no longer uses its memory (or leaks what it may
+    /// still use), and completes every request exactly once.
+    #[cold]
+    fn die<F: FnMut(T, IoResult)>(&mut self, reason: DeadReason, f: &mut F) -> usize {
+        self.dead = Some(reason);
+        self.died = true;
+        let stopped = self.stop_device(reason);
+        self.stopped = stopped;
+        let mut delivered = 0;
+        let aborted = IoError::Aborted {
+            qid: self.qid,
+            reason,
+        };
+        // Children first, so parents see every child resolved.
+        for pass in 0..2 {
+            for idx in 0..self.slots.len() as u16 {
+                let s = self.slot(idx);
+                let is_child = s.parent != NIL;
+                if (pass == 0) != is_child {
+                    continue;
+                }
+                let state = s.state;
+                let deferred = s.flags & F_DEFERRED != 0;
+                match state {
+                    WAITING => {
+                        if is_child {
+                            let p = s.parent;
+                            self.slot(p).err.get_or_insert(aborted);
+                            self.push_free(idx);
+                            delivered += self.child_done(p, f);
+                        } else {
+                            delivered += self.deliver_and_free(idx, Err(aborted), f);
+                        }
+                    }
+                    IN_FLIGHT | QUARANTINED => {
+                        self.inflight -= 1;
+                        if state == QUARANTINED {
+                            self.quarantined -= 1;
+                        }
+                        if !stopped {
+                            if state == IN_FLIGHT || deferred {
+                                if is_child {
+                                    let p = self.slot(idx).parent;
+                                    self.slot(p).flags |= F_LEAK;
+                                    self.slot(idx).state = LEAKED;
+                                    delivered += self.child_done(p, f);
+                                } else {
+                                    self.leak(idx);
+                                }
+                            } else {
+                                self.slot(idx).state = LEAKED;
+                            }
+                            continue;
+                        }
+                        if deferred {
+                            delivered += self.report_timeout(idx, true, f);
+                        } else if state == QUARANTINED {
+                            self.push_free(idx);
+                        } else if is_child {
+                            let p = self.slot(idx).parent;
+                            self.slot(p).err.get_or_insert(aborted);
+                            self.push_free(idx);
+                            delivered += self.child_done(p, f);
+                        } else {
+                            delivered += self.deliver_and_free(idx, Err(aborted), f);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.wait_head = NIL;
+        self.wait_tail = NIL;
+        delivered
+    }
+
+    /// Makes sure the device no longer touches this queue's memory. True if it is known to.
+    fn stop_device(&self, reason: DeadReason) -> bool {
+        match reason {
+            DeadReason::DeviceGone | DeadReason::ControllerReset | DeadReason::ShutDown => true,
+            DeadReason::ControllerFatal => self.shared.disable().is_ok(),
+            DeadReason::Unrecoverable => self.delete_queues() || self.shared.disable().is_ok(),
+        }
+    }
+
+    /// Gives up on a request the device may still use: its context is never dropped or handed
+    /// back, so memory it owns is never reused.
+    pub(super) fn leak(&mut self, idx: u16) {
+        let s = self.slot(idx);
+        s.state = LEAKED;
+        s.flags &= !F_CTX;
+        self.stats.leaked += 1;
+    }
+}
+
+impl<T> Drop for QueuePair<T> {
+    fn drop(&mut self) {
+        let issued = self.inflight != 0 || self.quarantined != 0;
+        // Can the memory the device was given be reused? Only once the device no longer
+        // touches it: the queue deleted, the controller disabled, reset or gone.
+        let stopped = if self.died {
+            self.stopped
+        } else {
+            match self.shared.dead_reason(self.generation).or(self.dead) {
+                Some(r) => self.stop_device(r),
+                None => self.delete_queues() || (issued && self.shared.disable().is_ok()),
+            }
+        };
+        let safe = stopped || (!self.died && !issued);
+        for i in 0..self.slots.len() {
+            let s = &mut self.slots[i];
+            if s.flags & F_CTX != 0 {
+                let on_device = s.state == IN_FLIGHT || s.state == QUARANTINED || s.state == PARENT;
+                if safe || !on_device {
+                    s.flags &= !F_CTX;
+                    // SAFETY: F_CTX says the context is initialised; dropped once.
+                    unsafe { s.ctx.assume_init_drop() };
+                } else {
+                    self.stats.leaked += 1;
+                }
+            }
+        }
+        if safe {
+            // SAFETY: dropped once, here; the device no longer uses the queues.
+            unsafe {
+                ManuallyDrop::drop(&mut self.sq_mem);
+                ManuallyDrop::drop(&mut self.cq_mem);
+                ManuallyDrop::drop(&mut self.prp_mem);
+            }
+        }
+        // Otherwise the queue memory is leaked: the device may still write it.
+        self.shared.free_qid(self.qid);
+    }
+}

@@ -1,0 +1,243 @@
+//! Unit tests of the queue pair's internals: the slot pool and CIDs, the waiting queue,
+//! splitting, and completions a device should never post.
+
+use core::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use super::*;
+use crate::bus::emulated::{EmulatedConfig, EmulatedController, NamespaceConfig};
+use crate::nvme::controller::Controller;
+use crate::types::Cid;
+
+fn setup(entries: u16, requests: u16) -> (Controller, Arc<EmulatedController>, QueuePair<u64>) {
+    let emu = EmulatedController::new(EmulatedConfig {
+        namespaces: vec![NamespaceConfig::memory(512, 1 << 16)],
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let c = Controller::new(emu.clone()).unwrap();
+    let opts = QueueOptions::default()
+        .with_entries(entries)
+        .with_requests(requests);
+    let q = c.create_qpair::<u64>(opts).unwrap();
+    (c, emu, q)
+}
+
+fn list(q: &QueuePair<u64>, mut at: u16) -> Vec<u16> {
+    let mut v = Vec::new();
+    while at != NIL {
+        v.push(at);
+        at = q.slots[at as usize].next;
+    }
+    v
+}
+
+/// Writes a completion entry into the CQ at the driver's head, as a device would.
+fn post(q: &mut QueuePair<u64>, cid: u16, sq_head: u16, sqid: u16) {
+    let at = q.ring.cq_cursor();
+    let e = at.entry_ptr();
+    let phase = at.phase() as u32;
+    // SAFETY: the entry at the head is inside our CQ; the device posts nothing meanwhile
+    // (inline mode, no command outstanding).
+    unsafe {
+        e.write_volatile(0);
+        e.add(1).write_volatile(0);
+        e.add(2)
+            .write_volatile(sq_head as u32 | (sqid as u32) << 16);
+        AtomicU32::from_ptr(e.add(3)).store(cid as u32 | phase << 16, Ordering::Release);
+    }
+}
+
+#[test]
+fn pool_cids_and_waiting_fifo() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let (c, _emu, mut q) = setup(2, 6);
+    let ns = c.namespaces().remove(0);
+    let buf = c.alloc(6 * 512).unwrap();
+    assert_eq!(list(&q, q.free_head), vec![0, 1, 2, 3, 4, 5]);
+    for t in 0..5u64 {
+        let s = buf.slice(t as usize * 512, 512).unwrap();
+        // SAFETY: `buf` outlives the requests, one slice each.
+        unsafe { q.read_raw(&ns, Lba(t), s, t) }.unwrap();
+    }
+    // One command fits on a 2-entry queue; the rest wait, in submission order.
+    assert_eq!(q.in_flight(), 1);
+    assert_eq!(q.slot(0).state, IN_FLIGHT);
+    assert_eq!(list(&q, q.wait_head), vec![1, 2, 3, 4]);
+    assert_eq!(list(&q, q.free_head), vec![5]);
+    // The CID in the SQ entry is the slot index.
+    // SAFETY: entry 0 of our SQ, written by `issue`.
+    let sqe0 = unsafe { q.ring.sq_ptr().read_volatile() };
+    assert_eq!((sqe0 >> 16) as u16, 0);
+    let mut order = Vec::new();
+    while order.len() < 5 {
+        q.poll(8, |t, r| {
+            r.unwrap();
+            order.push(t)
+        })
+        .unwrap();
+    }
+    assert_eq!(order, vec![0, 1, 2, 3, 4]);
+    assert_eq!(q.outstanding(), 0);
+    assert_eq!(q.wait_head, NIL);
+    assert_eq!(list(&q, q.free_head).len(), 6);
+    assert_eq!(q.stats().waited, 4);
+}
+
+#[test]
+fn bogus_completions_are_counted_not_trusted() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let (c, emu, mut q) = setup(8, 8);
+    let ns = c.namespaces().remove(0);
+    let mut buf = c.alloc(512).unwrap();
+    q.read_blocking(&ns, Lba(0), buf.as_mut_slice()).unwrap();
+    let qid = q.qid().0;
+    // A CID outside the pool.
+    post(&mut q, 999, 0, qid);
+    let e = q.poll(8, |_, _| panic!("delivered")).unwrap_err();
+    assert!(matches!(
+        e,
+        Error::Protocol {
+            error: ProtocolError::UnknownCid(Cid(999)),
+            ..
+        }
+    ));
+    // A CID already completed (slot 0 was the blocking read).
+    post(&mut q, 0, 1, qid);
+    let e = q.poll(8, |_, _| panic!("delivered")).unwrap_err();
+    assert!(matches!(
+        e,
+        Error::Protocol {
+            error: ProtocolError::UnknownCid(Cid(0)),
+            ..
+        }
+    ));
+    // An SQ head out of range, and a wrong SQ id.
+    post(&mut q, 3, 200, qid);
+    let e = q.poll(8, |_, _| panic!("delivered")).unwrap_err();
+    assert!(matches!(
+        e,
+        Error::Protocol {
+            error: ProtocolError::SqHeadOutOfRange { sq_head: 200, .. },
+            ..
+        }
+    ));
+    post(&mut q, 1, 0, qid + 5);
+    let e = q.poll(8, |_, _| panic!("delivered")).unwrap_err();
+    assert!(matches!(
+        e,
+        Error::Protocol {
+            error: ProtocolError::WrongSqId(_),
+            ..
+        }
+    ));
+    assert_eq!(
+        q.stats().protocol_errors,
+        5,
+        "the bad head and the free CID"
+    );
+    assert_eq!(q.outstanding(), 0, "nothing was freed twice or lost");
+    assert_eq!(list(&q, q.free_head).len(), 8);
+    drop(q);
+    assert_eq!(emu.stats().dma_faults, 0);
+}
+
+#[test]
+fn split_uses_one_slot_per_child_plus_parent() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let (c, _emu, mut q) = setup(4, 16);
+    let ns = c.namespaces().remove(0);
+    let mt = q.max_transfer();
+    let buf = c.alloc(3 * mt + 512).unwrap();
+    // SAFETY: `buf` outlives the request.
+    unsafe { q.write_raw(&ns, Lba(0), buf.as_dma_slice(), 7) }.unwrap();
+    // Parent + 4 children taken; 3 children on the device, 1 waiting.
+    assert_eq!(q.outstanding(), 5);
+    assert_eq!(q.slot(0).state, PARENT);
+    assert_eq!(q.slot(0).count, 4);
+    assert_eq!(list(&q, q.wait_head), vec![4]);
+    assert_eq!(q.slot(4).cdw10_11, 3 * mt as u64 / 512);
+    assert_eq!(q.slot(4).cdw12 & 0xffff, 0, "the last child is one block");
+    let mut calls = 0;
+    while calls == 0 {
+        calls += q
+            .poll(8, |t, r| assert_eq!((t, r), (7, Ok(IoDone { dw0: 0 }))))
+            .unwrap();
+    }
+    assert_eq!(q.outstanding(), 0);
+}
+
+#[test]
+fn a_dead_queue_rejects_without_copying_the_location() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let (c, _emu, mut q) = setup(4, 4);
+    let ns = c.namespaces().remove(0);
+    let buf = c.alloc(512).unwrap();
+    q.dead = Some(DeadReason::ShutDown);
+    let mut locations = Vec::new();
+    for tag in 0..2 {
+        // SAFETY: rejected before the device sees it.
+        let rej = unsafe { q.read_raw(&ns, Lba(0), buf.as_dma_slice(), tag) }.unwrap_err();
+        assert_eq!(rej.ctx, tag, "the context comes back");
+        match rej.error {
+            Error::QueueDead {
+                location, reason, ..
+            } => {
+                assert_eq!(reason, DeadReason::ShutDown);
+                assert_eq!(&*location, "emulated");
+                locations.push(location);
+            }
+            e => panic!("{e}"),
+        }
+    }
+    assert!(
+        Arc::ptr_eq(&locations[0], &locations[1]),
+        "every rejection shares the queue pair's one copy of the location"
+    );
+}
+
+#[test]
+fn owned_buffers_from_several_chunks_are_translated_right() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    use crate::bus::emulated::GRANULE;
+    let (c, emu, mut q) = setup(8, 8);
+    let ns = c.namespaces().remove(0);
+    let mut owned = c
+        .create_qpair::<DmaBuffer>(QueueOptions::default())
+        .unwrap();
+    // Each buffer fills a chunk of its own, so consecutive submissions change chunks.
+    let before = c.dma().chunk_count();
+    let mut bufs: Vec<_> = (0..3).map(|_| c.alloc(GRANULE).unwrap()).collect();
+    assert_eq!(c.dma().chunk_count(), before + 3);
+    for (i, b) in bufs.iter_mut().enumerate() {
+        b.as_mut_slice().fill(i as u8 + 1);
+    }
+    let blocks = (GRANULE / 512) as u64;
+    let mut written = Vec::new();
+    for round in 0..2u64 {
+        for (i, b) in bufs.drain(..).enumerate() {
+            let lba = (round * 3 + i as u64) * blocks;
+            written.push((lba, b.as_slice()[0]));
+            owned.write(&ns, Lba(lba), b).map_err(|r| r.error).unwrap();
+        }
+        assert_ne!(owned.chunk_cache, ChunkCache::default());
+        while bufs.len() < 3 {
+            owned
+                .poll(8, |b, r| {
+                    r.unwrap();
+                    bufs.push(b)
+                })
+                .unwrap();
+        }
+    }
+    // Each write put its own buffer's bytes on the device.
+    let mut back = c.alloc(512).unwrap();
+    for (lba, byte) in written {
+        for at in [lba, lba + blocks - 1] {
+            q.read_blocking(&ns, Lba(at), back.as_mut_slice()).unwrap();
+            assert!(back.as_slice().iter().all(|&x| x == byte), "lba {at}");
+        }
+    }
+    drop((owned, q));
+    assert_eq!(emu.stats().dma_faults, 0);
+}

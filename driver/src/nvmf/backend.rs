@@ -1,0 +1,433 @@
+//! What the target serves: the [`Backend`] trait (namespaces, data buffers, asynchronous
+//! I/O), a memory-backed implementation for tests, and one over the embedding API
+//! ([`BlockFile`] on a [`Dioxide`]).
+//!
+//! I/O is asynchronous: [`Backend::submit`] starts the operation and returns; the backend
+//! finishes it later, from any thread, with [`IoCompletion::complete`], which puts the result
+//! on the owning connection's completion queue (a bounded lock-free queue the connection
+//! drains in its `poll`). Dropping an [`IoCompletion`] without completing it completes it with
+//! Internal Error, so a buggy backend cannot lose a command. Data buffers come from
+//! [`Backend::alloc`] (DMA memory for a device backend) and the connection receives socket
+//! data straight into them.
+
+use std::sync::Arc;
+
+use crossbeam_queue::ArrayQueue;
+
+use super::target::wait::Notifier;
+use crate::spec::status::generic;
+use crate::spec::{Sct, SmartLog, Status};
+use crate::{BlockFile, Dioxide, FileOptions, IoBuffer, Nsid, Request};
+
+/// One namespace a backend serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NsInfo {
+    /// Namespace ID (1-based).
+    pub nsid: Nsid,
+    /// Logical block size (a power of two, at least 512).
+    pub block_size: u32,
+    /// Size in logical blocks.
+    pub blocks: u64,
+    /// Write Zeroes is supported.
+    pub write_zeroes: bool,
+    /// Dataset Management (deallocate) is supported.
+    pub deallocate: bool,
+}
+
+/// An operation on a namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendOp {
+    /// Read `blocks` blocks into the buffer.
+    Read,
+    /// Write `blocks` blocks from the buffer.
+    Write,
+    /// Make completed writes durable.
+    Flush,
+    /// Write zeroes to `blocks` blocks.
+    WriteZeroes,
+    /// Deallocate these ranges (first LBA, blocks).
+    Deallocate(Vec<(u64, u32)>),
+}
+
+/// An I/O request (already checked against the namespace's size).
+#[derive(Debug)]
+pub struct BackendIo {
+    /// What to do.
+    pub op: BackendOp,
+    /// Namespace.
+    pub nsid: Nsid,
+    /// First LBA.
+    pub slba: u64,
+    /// Blocks (1-based).
+    pub blocks: u32,
+    /// Force Unit Access.
+    pub fua: bool,
+    /// The data buffer of a Read or Write (exactly `blocks × block size` long or longer).
+    pub buf: Option<IoBuffer>,
+}
+
+/// A finished I/O, as the connection drains it.
+#[derive(Debug)]
+pub struct Done {
+    /// Command slot of the connection.
+    pub slot: u16,
+    /// Generation of the slot when the command was submitted.
+    pub generation: u32,
+    /// Status.
+    pub status: Status,
+    /// The buffer, handed back.
+    pub buf: Option<IoBuffer>,
+}
+
+/// A connection's completion queue (bounded by its queue depth).
+pub type CompletionQueue = Arc<ArrayQueue<Done>>;
+
+/// Completes one I/O exactly once.
+#[derive(Debug)]
+pub struct IoCompletion {
+    queue: Option<CompletionQueue>,
+    slot: u16,
+    generation: u32,
+    notifier: Option<Arc<Notifier>>,
+}
+
+impl IoCompletion {
+    /// A completion handle for a command slot.
+    pub(crate) fn new(
+        queue: CompletionQueue,
+        slot: u16,
+        generation: u32,
+        notifier: Option<Arc<Notifier>>,
+    ) -> IoCompletion {
+        IoCompletion {
+            queue: Some(queue),
+            slot,
+            generation,
+            notifier,
+        }
+    }
+
+    /// Finishes the I/O with `status`, handing the buffer back.
+    pub fn complete(mut self, status: Status, buf: Option<IoBuffer>) {
+        self.push(status, buf);
+    }
+
+    fn push(&mut self, status: Status, buf: Option<IoBuffer>) {
+        if let Some(q) = self.queue.take() {
+            let done = Done {
+                slot: self.slot,
+                generation: self.generation,
+                status,
+                buf,
+            };
+            // The queue holds one entry per command slot and a slot has at most one I/O in
+            // flight, so it is never full; if it were, dropping the entry is the only option.
+            let _ = q.push(done);
+            if let Some(n) = &self.notifier {
+                n.notify();
+            }
+        }
+    }
+}
+
+impl Drop for IoCompletion {
+    fn drop(&mut self) {
+        self.push(Status::new(Sct::Generic, generic::INTERNAL_ERROR), None);
+    }
+}
+
+/// Storage behind a subsystem.
+pub trait Backend: Send + Sync {
+    /// The namespaces, in NSID order.
+    fn namespaces(&self) -> Vec<NsInfo>;
+    /// A data buffer of at least `len` bytes (DMA memory for a device backend), or `None` when
+    /// none is available now.
+    fn alloc(&self, len: usize) -> Option<IoBuffer>;
+    /// Starts `io`; `done` is completed exactly once, now or later, from any thread.
+    fn submit(&self, io: BackendIo, done: IoCompletion);
+    /// The SMART / Health Information log (the backing controller's, when there is one).
+    fn smart_log(&self) -> SmartLog {
+        SmartLog::default()
+    }
+    /// True if the backend has a volatile write cache (Flush matters).
+    fn volatile_write_cache(&self) -> bool {
+        false
+    }
+}
+
+fn status(sc: u8) -> Status {
+    Status::new(Sct::Generic, sc)
+}
+
+/// A memory-backed backend (tests and examples): namespaces in heap memory, I/O completed
+/// inline or, with [`MemBackend::deferred`], on a worker thread.
+#[derive(Debug)]
+pub struct MemBackend {
+    namespaces: Vec<(NsInfo, std::sync::Mutex<Vec<u8>>)>,
+    worker: Option<std::sync::mpsc::SyncSender<Box<dyn FnOnce() + Send>>>,
+    /// Flushes seen (tests check Flush reaches the backend).
+    pub flushes: std::sync::atomic::AtomicU64,
+}
+
+impl MemBackend {
+    /// Namespaces of `(block_size, blocks)`, NSIDs from 1, completing I/O inline.
+    pub fn new(spec: &[(u32, u64)]) -> MemBackend {
+        let namespaces = spec
+            .iter()
+            .enumerate()
+            .map(|(i, &(bs, blocks))| {
+                (
+                    NsInfo {
+                        nsid: Nsid(i as u32 + 1),
+                        block_size: bs,
+                        blocks,
+                        write_zeroes: true,
+                        deallocate: true,
+                    },
+                    std::sync::Mutex::new(vec![0u8; (bs as u64 * blocks) as usize]),
+                )
+            })
+            .collect();
+        MemBackend {
+            namespaces,
+            worker: None,
+            flushes: Default::default(),
+        }
+    }
+
+    /// Completes I/O on a worker thread (the asynchronous shape of a device).
+    pub fn deferred(mut self) -> Arc<MemBackend> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Box<dyn FnOnce() + Send>>(1024);
+        std::thread::Builder::new()
+            .name("mem-backend".into())
+            .spawn(move || {
+                while let Ok(f) = rx.recv() {
+                    f();
+                }
+            })
+            .expect("spawn the memory backend's worker");
+        self.worker = Some(tx);
+        Arc::new(self)
+    }
+
+    /// A copy of a namespace's bytes (tests verify what was written).
+    pub fn snapshot(&self, nsid: Nsid) -> Vec<u8> {
+        self.namespaces
+            .iter()
+            .find(|(n, _)| n.nsid == nsid)
+            .map(|(_, m)| m.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_default()
+    }
+
+    fn run(&self, mut io: BackendIo) -> (Status, Option<IoBuffer>) {
+        let Some((ns, mem)) = self.namespaces.iter().find(|(n, _)| n.nsid == io.nsid) else {
+            return (status(generic::INVALID_NAMESPACE), io.buf);
+        };
+        let bs = ns.block_size as u64;
+        let mut mem = mem.lock().unwrap_or_else(|e| e.into_inner());
+        let span = |slba: u64, blocks: u64| -> Option<std::ops::Range<usize>> {
+            let end = slba.checked_add(blocks)?;
+            (end <= ns.blocks).then(|| (slba * bs) as usize..(end * bs) as usize)
+        };
+        match &io.op {
+            BackendOp::Read | BackendOp::Write | BackendOp::WriteZeroes => {
+                let Some(r) = span(io.slba, io.blocks as u64) else {
+                    return (status(generic::LBA_OUT_OF_RANGE), io.buf);
+                };
+                match (&io.op, io.buf.as_mut()) {
+                    (BackendOp::Read, Some(b)) if b.len() >= r.len() => {
+                        let n = r.len();
+                        b.as_mut_slice()[..n].copy_from_slice(&mem[r]);
+                    }
+                    (BackendOp::Write, Some(b)) if b.len() >= r.len() => {
+                        let n = r.len();
+                        mem[r].copy_from_slice(&b.as_slice()[..n]);
+                    }
+                    (BackendOp::WriteZeroes, _) => mem[r].fill(0),
+                    _ => return (status(generic::DATA_TRANSFER_ERROR), io.buf),
+                }
+            }
+            BackendOp::Flush => {
+                self.flushes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            BackendOp::Deallocate(ranges) => {
+                for &(slba, blocks) in ranges {
+                    match span(slba, blocks as u64) {
+                        Some(r) => mem[r].fill(0),
+                        None => return (status(generic::LBA_OUT_OF_RANGE), io.buf),
+                    }
+                }
+            }
+        }
+        (Status::SUCCESS, io.buf)
+    }
+}
+
+impl Backend for MemBackend {
+    fn namespaces(&self) -> Vec<NsInfo> {
+        self.namespaces.iter().map(|(n, _)| n.clone()).collect()
+    }
+    fn alloc(&self, len: usize) -> Option<IoBuffer> {
+        Some(IoBuffer::Heap(vec![0u8; len]))
+    }
+    fn submit(&self, io: BackendIo, done: IoCompletion) {
+        match &self.worker {
+            None => {
+                let (st, buf) = self.run(io);
+                done.complete(st, buf);
+            }
+            Some(w) => {
+                // The worker needs the backend: run the data movement now (it is memory), and
+                // let the worker deliver the completion later, as a device would.
+                let (st, buf) = self.run(io);
+                let job: Box<dyn FnOnce() + Send> = Box::new(move || done.complete(st, buf));
+                if let Err(e) = w.send(job) {
+                    (e.0)();
+                }
+            }
+        }
+    }
+    fn volatile_write_cache(&self) -> bool {
+        true
+    }
+}
+
+/// A backend over the embedding API: one [`BlockFile`] spanning each namespace of a
+/// controller of a [`Dioxide`]. Buffers are DMA memory of the controller, so reads and writes
+/// are zero copy between the socket and the device.
+pub struct FileBackend {
+    files: Vec<(NsInfo, BlockFile)>,
+}
+
+impl core::fmt::Debug for FileBackend {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("FileBackend")
+            .field("namespaces", &self.files.len())
+            .finish()
+    }
+}
+
+impl FileBackend {
+    /// Serves every namespace of controller `ctrl` of `dx`.
+    pub fn new(dx: &Dioxide, ctrl: usize) -> crate::EmbedResult<FileBackend> {
+        let mut files = Vec::new();
+        for (c, ns) in dx.namespaces() {
+            if c != ctrl {
+                continue;
+            }
+            let cap = ns.blocks() * ns.block_size() as u64;
+            let file = dx.open_file(
+                ctrl,
+                ns.nsid(),
+                FileOptions::new(0, ns.blocks()).with_len(cap),
+            )?;
+            files.push((
+                NsInfo {
+                    nsid: ns.nsid(),
+                    block_size: ns.block_size(),
+                    blocks: ns.blocks(),
+                    // Written as a write of a zeroed buffer.
+                    write_zeroes: true,
+                    deallocate: false,
+                },
+                file,
+            ));
+        }
+        Ok(FileBackend { files })
+    }
+}
+
+fn embed_status(e: &crate::EmbedError) -> Status {
+    match e {
+        crate::EmbedError::Device { status, .. } => {
+            Status::new(Sct::from_bits(status.sct), status.sc)
+        }
+        crate::EmbedError::BeyondCapacity { .. } => status(generic::LBA_OUT_OF_RANGE),
+        _ => status(generic::INTERNAL_ERROR),
+    }
+}
+
+/// Write Zeroes on a [`BlockFile`]: writes of zeroed DMA buffers (zeroed at allocation) of at
+/// most [`ZERO_CHUNK`] bytes, one after the other, the next submitted from the completion of
+/// the previous; `done` completes after the last (or the first failure).
+fn write_zeroes(file: BlockFile, offset: u64, left: usize, done: IoCompletion) {
+    let n = left.min(ZERO_CHUNK);
+    let buf = match file.alloc(n) {
+        Ok(b) => b,
+        Err(_) => return done.complete(status(generic::INTERNAL_ERROR), None),
+    };
+    let next = file.clone();
+    let r = file.submit(Request::write(offset, buf).with_len(n), move |c| {
+        match c.result {
+            Ok(k) if k == n && left > n => write_zeroes(next, offset + n as u64, left - n, done),
+            Ok(k) if k == n => done.complete(Status::SUCCESS, None),
+            Ok(_) => done.complete(status(generic::DATA_TRANSFER_ERROR), None),
+            Err(e) => done.complete(embed_status(&e), None),
+        }
+    });
+    // Refused: `done` was dropped with the callback, completing the command with Internal Error.
+    drop(r);
+}
+
+/// Largest zeroed buffer of a Write Zeroes on a [`FileBackend`].
+const ZERO_CHUNK: usize = 128 * 1024;
+
+impl Backend for FileBackend {
+    fn namespaces(&self) -> Vec<NsInfo> {
+        self.files.iter().map(|(n, _)| n.clone()).collect()
+    }
+    fn alloc(&self, len: usize) -> Option<IoBuffer> {
+        let (_, f) = self.files.first()?;
+        f.alloc(len).ok().map(IoBuffer::Dma)
+    }
+    fn submit(&self, io: BackendIo, done: IoCompletion) {
+        let Some((ns, file)) = self.files.iter().find(|(n, _)| n.nsid == io.nsid) else {
+            done.complete(status(generic::INVALID_NAMESPACE), io.buf);
+            return;
+        };
+        let bs = ns.block_size as u64;
+        let offset = io.slba * bs;
+        let len = io.blocks as usize * bs as usize;
+        let req = match io.op {
+            BackendOp::Read | BackendOp::Write => {
+                let Some(buf) = io.buf else {
+                    done.complete(status(generic::DATA_TRANSFER_ERROR), None);
+                    return;
+                };
+                if io.op == BackendOp::Read {
+                    Request::read(offset, buf).with_len(len)
+                } else {
+                    Request::write(offset, buf).with_len(len)
+                }
+            }
+            BackendOp::WriteZeroes => {
+                write_zeroes(file.clone(), offset, len, done);
+                return;
+            }
+            // BlockFile writes are write-through to the device and complete only once the
+            // device completed them; the backend reports no volatile write cache, so Flush
+            // has nothing left to make durable.
+            BackendOp::Flush => {
+                done.complete(Status::SUCCESS, io.buf);
+                return;
+            }
+            BackendOp::Deallocate(_) => {
+                done.complete(status(generic::INVALID_OPCODE), io.buf);
+                return;
+            }
+        };
+        let keep = matches!(io.op, BackendOp::Read | BackendOp::Write);
+        let r = file.submit(req, move |c| {
+            let st = match &c.result {
+                Ok(n) if *n == len => Status::SUCCESS,
+                Ok(_) => status(generic::DATA_TRANSFER_ERROR),
+                Err(e) => embed_status(e),
+            };
+            done.complete(st, keep.then_some(c.buf));
+        });
+        // Refused: the callback (and `done` in it) was dropped unrun, which completed the
+        // command with Internal Error; the buffer comes back in `Refused` and is freed here.
+        drop(r);
+    }
+}

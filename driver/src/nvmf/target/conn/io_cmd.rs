@@ -1,0 +1,163 @@
+//! I/O commands of a connection: checked against the namespace, submitted to the backend,
+//! completed from the connection's completion queue.
+
+use super::{Connection, Phase, dnr, st};
+use crate::nvmf::backend::{BackendIo, BackendOp, IoCompletion, NsInfo};
+use crate::nvmf::fabrics::{Sgl, sc as fsc};
+use crate::spec::sqe::{DSM_AD, RW_FUA, io as opc};
+use crate::spec::status::generic;
+use crate::spec::{Sqe, Status};
+
+impl Connection {
+    pub(super) fn ns(&self, nsid: u32) -> Option<&NsInfo> {
+        self.nss.iter().find(|n| n.nsid.0 == nsid)
+    }
+
+    /// Checks an I/O command against the namespace: `(blocks, bytes)`.
+    pub(super) fn check_io(&self, sqe: &Sqe) -> Result<(u32, u32), Status> {
+        let Some(b) = &self.queue else {
+            return Err(dnr(generic::COMMAND_SEQUENCE_ERROR));
+        };
+        if !b.ctrl.ready() {
+            return Err(dnr(generic::COMMAND_SEQUENCE_ERROR));
+        }
+        let Some(ns) = self.ns(sqe.nsid) else {
+            return Err(dnr(generic::INVALID_NAMESPACE));
+        };
+        match sqe.opcode() {
+            opc::READ | opc::WRITE | opc::WRITE_ZEROES => {
+                let blocks = sqe.nlb() as u32 + 1;
+                if sqe
+                    .slba()
+                    .checked_add(blocks as u64)
+                    .is_none_or(|e| e > ns.blocks)
+                {
+                    return Err(dnr(generic::LBA_OUT_OF_RANGE));
+                }
+                if sqe.opcode() == opc::WRITE_ZEROES {
+                    if !ns.write_zeroes {
+                        return Err(dnr(generic::INVALID_OPCODE));
+                    }
+                    return Ok((blocks, 0));
+                }
+                let bytes = blocks as u64 * ns.block_size as u64;
+                if bytes > self.target.options().max_transfer as u64 {
+                    return Err(dnr(generic::INVALID_FIELD));
+                }
+                if Sgl::of(sqe).len as u64 != bytes {
+                    return Err(dnr(fsc::DATA_SGL_LENGTH_INVALID));
+                }
+                Ok((blocks, bytes as u32))
+            }
+            opc::FLUSH => Ok((0, 0)),
+            opc::DATASET_MANAGEMENT => {
+                if !ns.deallocate {
+                    return Err(dnr(generic::INVALID_OPCODE));
+                }
+                let nr = (sqe.cdw10 & 0xff) + 1;
+                if Sgl::of(sqe).len < nr * 16 {
+                    return Err(dnr(fsc::DATA_SGL_LENGTH_INVALID));
+                }
+                Ok((0, nr * 16))
+            }
+            _ => Err(dnr(generic::INVALID_OPCODE)),
+        }
+    }
+
+    pub(super) fn io(&mut self, slot: u16, sqe: &Sqe) {
+        let (blocks, bytes) = match self.check_io(sqe) {
+            Ok(v) => v,
+            Err(e) => return self.respond(slot, e, 0),
+        };
+        let Some(backend) = self
+            .queue
+            .as_ref()
+            .and_then(|b| b.ctrl.subsys.backend().cloned())
+        else {
+            return self.respond(slot, dnr(generic::INVALID_OPCODE), 0);
+        };
+        let nsb = self.ns(sqe.nsid).map_or(0, |n| n.blocks);
+        let s = &mut self.slots[slot as usize];
+        let op = match sqe.opcode() {
+            opc::READ => {
+                if s.buf.is_none() {
+                    match backend.alloc(bytes as usize) {
+                        Some(b) => s.buf = Some(b),
+                        None => return self.respond(slot, st(generic::INTERNAL_ERROR), 0),
+                    }
+                }
+                s.len = bytes;
+                BackendOp::Read
+            }
+            opc::WRITE => BackendOp::Write,
+            opc::FLUSH => BackendOp::Flush,
+            opc::WRITE_ZEROES => BackendOp::WriteZeroes,
+            opc::DATASET_MANAGEMENT => {
+                if sqe.cdw11 & DSM_AD == 0 {
+                    // Only hints: nothing to do.
+                    return self.respond(slot, Status::SUCCESS, 0);
+                }
+                let Some(b) = s.buf.as_ref() else {
+                    return self.respond(slot, dnr(fsc::DATA_SGL_LENGTH_INVALID), 0);
+                };
+                let d = b.as_slice();
+                let nr = ((sqe.cdw10 & 0xff) + 1) as usize;
+                let mut ranges = Vec::with_capacity(nr);
+                for i in 0..nr {
+                    let r = &d[16 * i..16 * i + 16];
+                    let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]);
+                    let slba = u64::from_le_bytes(r[8..16].try_into().unwrap_or([0xff; 8]));
+                    if slba.checked_add(nlb as u64).is_none_or(|e| e > nsb) {
+                        return self.respond(slot, dnr(generic::LBA_OUT_OF_RANGE), 0);
+                    }
+                    if nlb > 0 {
+                        ranges.push((slba, nlb));
+                    }
+                }
+                BackendOp::Deallocate(ranges)
+            }
+            _ => return self.respond(slot, dnr(generic::INVALID_OPCODE), 0),
+        };
+        let s = &mut self.slots[slot as usize];
+        let buf = if matches!(op, BackendOp::Read | BackendOp::Write) {
+            s.buf.take()
+        } else {
+            None
+        };
+        s.phase = Phase::Executing;
+        let io = BackendIo {
+            op,
+            nsid: crate::Nsid(sqe.nsid),
+            slba: sqe.slba(),
+            blocks,
+            fua: sqe.cdw12 & RW_FUA != 0,
+            buf,
+        };
+        let done = IoCompletion::new(self.cq.clone(), slot, s.generation, self.notifier.clone());
+        backend.submit(io, done);
+    }
+
+    pub(super) fn drain_completions(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(d) = self.cq.pop() {
+            n += 1;
+            let Some(s) = self.slots.get_mut(d.slot as usize) else {
+                continue;
+            };
+            if s.phase != Phase::Executing || s.generation != d.generation {
+                continue;
+            }
+            s.buf = d.buf;
+            let read = s.sqe.opcode() == opc::READ;
+            if d.status.is_success()
+                && read
+                && s.buf.as_ref().is_some_and(|b| b.len() >= s.len as usize)
+            {
+                self.respond_with_data(d.slot, 0);
+            } else {
+                self.respond(d.slot, d.status, 0);
+            }
+        }
+        n
+    }
+}

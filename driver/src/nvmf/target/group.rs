@@ -1,0 +1,234 @@
+//! Poll groups (SPDK's model): each owns connections and polls them; one may also own the
+//! listener and spread accepted connections over every group round-robin.
+//!
+//! [`PollGroup::poll`] never blocks: it accepts what the listener has, adopts connections
+//! handed to it, polls each connection once, drops the closed ones, and returns the work done.
+//! After a round with nothing done, [`PollGroup::wait`] sleeps in `poll(2)` on the group's
+//! sockets, its listener and an eventfd that backend completions and new connections ring, so
+//! an idle group costs no CPU (the QD1 case on a shared core) and wakes as soon as there is
+//! work. Who calls them (a pinned Dioxide poller, or [`PollGroup::run_until`] on a thread of
+//! its own) is the caller's choice.
+
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crossbeam_queue::SegQueue;
+
+use super::Target;
+use super::conn::{ConnStats, Connection};
+use super::wait::{Interest, Notifier};
+
+/// Where other groups (the listener's) hand this group new connections.
+#[derive(Clone, Debug)]
+pub struct Inbox {
+    queue: Arc<SegQueue<TcpStream>>,
+    notifier: Option<Arc<Notifier>>,
+}
+
+impl Inbox {
+    /// Hands a connection to the group (and wakes it if it sleeps).
+    pub fn push(&self, s: TcpStream) {
+        self.queue.push(s);
+        self.wake();
+    }
+    /// Wakes the group if it sleeps in [`PollGroup::wait`] (to stop it, say).
+    pub fn wake(&self) {
+        if let Some(n) = &self.notifier {
+            n.notify();
+        }
+    }
+}
+
+/// A set of connections polled together.
+#[derive(Debug)]
+pub struct PollGroup {
+    target: Arc<Target>,
+    listener: Option<TcpListener>,
+    peers: Vec<Inbox>,
+    next_peer: usize,
+    inbox: Inbox,
+    conns: Vec<Connection>,
+    closed: ClosedLog,
+    notifier: Option<Arc<Notifier>>,
+    interests: Vec<Interest>,
+    pollfds: Vec<libc::pollfd>,
+}
+
+/// Totals of the connections a group closed.
+#[derive(Clone, Debug, Default)]
+pub struct ClosedLog {
+    /// Connections closed.
+    pub count: usize,
+    /// Summed counters.
+    pub stats: ConnStats,
+    /// The last few reasons (newest last).
+    pub reasons: Vec<String>,
+}
+
+impl PollGroup {
+    /// An empty group. (If no eventfd can be made, [`wait`](Self::wait) falls back to short
+    /// sleeps.)
+    pub fn new(target: Arc<Target>) -> PollGroup {
+        let notifier = Notifier::new().ok().map(Arc::new);
+        PollGroup {
+            target,
+            listener: None,
+            peers: Vec::new(),
+            next_peer: 0,
+            inbox: Inbox {
+                queue: Arc::new(SegQueue::new()),
+                notifier: notifier.clone(),
+            },
+            conns: Vec::new(),
+            closed: ClosedLog::default(),
+            notifier,
+            interests: Vec::new(),
+            pollfds: Vec::new(),
+        }
+    }
+
+    /// Accepts on `listener` (made non-blocking); accepted connections go to this group and
+    /// the `peers` round-robin.
+    pub fn listen(&mut self, listener: TcpListener, peers: Vec<Inbox>) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        self.listener = Some(listener);
+        self.peers = peers;
+        Ok(())
+    }
+
+    /// The inbox other groups hand connections to.
+    pub fn inbox(&self) -> Inbox {
+        self.inbox.clone()
+    }
+
+    /// Adds an accepted connection.
+    pub fn add(&mut self, sock: TcpStream) -> io::Result<()> {
+        let c = Connection::new(self.target.clone(), sock, self.notifier.clone())?;
+        self.conns.push(c);
+        Ok(())
+    }
+
+    /// Live connections.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+    /// True with no connection.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+    /// What the closed connections did and why they closed.
+    pub fn closed(&self) -> &ClosedLog {
+        &self.closed
+    }
+
+    /// Polls on the calling thread until `stop`; after an idle round it [`wait`](Self::wait)s
+    /// at most `idle_wait` (which bounds how late `stop`, keep-alive expiry and events from
+    /// other threads are seen). A pinned Dioxide poller calls [`poll`](Self::poll) and
+    /// [`wait`](Self::wait) in its own loop instead.
+    pub fn run_until(&mut self, stop: &AtomicBool, idle_wait: Duration) {
+        while !stop.load(Ordering::Relaxed) {
+            if self.poll() == 0 {
+                self.wait(idle_wait);
+            }
+        }
+    }
+
+    /// Sleeps until a socket of the group is readable (or writable with PDUs waiting), a
+    /// connection arrives, a backend completion is posted, or `timeout` passes. Call it after
+    /// a [`poll`](Self::poll) that did nothing: the group then costs no CPU while idle.
+    pub fn wait(&mut self, timeout: Duration) {
+        let Some(n) = self.notifier.clone() else {
+            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+            return;
+        };
+        // Raise the flag first, then look once more: a completion posted after this look rings
+        // the eventfd, so it cannot be missed.
+        n.sleeping(true);
+        if !self.inbox.queue.is_empty() || self.conns.iter().any(|c| c.has_completions()) {
+            n.sleeping(false);
+            return;
+        }
+        self.interests.clear();
+        self.interests.push(Interest {
+            fd: n.raw_fd(),
+            write: false,
+        });
+        if let Some(l) = &self.listener {
+            self.interests.push(Interest {
+                fd: l.as_raw_fd(),
+                write: false,
+            });
+        }
+        self.interests
+            .extend(self.conns.iter().filter_map(|c| c.interest()));
+        // A failed poll(2) (ENOMEM) is a short nap: the next round polls everything anyway.
+        if super::wait::wait(&self.interests, &mut self.pollfds, timeout).is_err() {
+            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+        }
+        n.sleeping(false);
+        n.drain();
+    }
+
+    /// One round: accept, adopt, poll every connection, reap the closed ones.
+    pub fn poll(&mut self) -> usize {
+        let mut work = 0;
+        if let Some(l) = &self.listener {
+            for _ in 0..16 {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        work += 1;
+                        let n = self.peers.len() + 1;
+                        let i = self.next_peer % n;
+                        self.next_peer = self.next_peer.wrapping_add(1);
+                        if i == 0 {
+                            self.inbox.push(s);
+                        } else {
+                            self.peers[i - 1].push(s);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => break,
+                }
+            }
+        }
+        while let Some(s) = self.inbox.queue.pop() {
+            work += 1;
+            // A socket that cannot be configured is dropped (the host sees the close).
+            let _ = self.add(s);
+        }
+        for c in &mut self.conns {
+            work += c.poll();
+        }
+        let closed = &mut self.closed;
+        self.conns.retain(|c| {
+            if !c.is_closed() {
+                return true;
+            }
+            closed.count += 1;
+            let s = c.stats();
+            closed.stats.pdus_in += s.pdus_in;
+            closed.stats.pdus_out += s.pdus_out;
+            closed.stats.commands += s.commands;
+            closed.stats.errors += s.errors;
+            closed.stats.term_sent += s.term_sent;
+            log::debug!(
+                "nvmf: {} closed ({})",
+                c.peer(),
+                c.close_reason().unwrap_or("the host left")
+            );
+            if let Some(r) = c.close_reason() {
+                if closed.reasons.len() >= 32 {
+                    closed.reasons.remove(0);
+                }
+                let q = c.qid().map_or("-".into(), |q| q.to_string());
+                closed.reasons.push(format!("{} qid {q}: {r}", c.peer()));
+            }
+            false
+        });
+        work
+    }
+}

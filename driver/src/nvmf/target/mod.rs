@@ -1,0 +1,376 @@
+//! The NVMe/TCP target: subsystems, controllers (one per association), connections (one per
+//! queue) and the poll groups that drive them.
+//!
+//! * [`Target`]: the subsystems it serves (each an NQN, the hosts allowed in, and a
+//!   [`Backend`]), the discovery subsystem, the controllers of the live associations, and the
+//!   limits every connection gets ([`TargetOptions`]).
+//! * [`ctrl`]: a controller: properties (CC.EN / CC.SHN to CSTS.RDY / CSTS.SHST), features,
+//!   Keep Alive Timeout, asynchronous events, and the admin commands (Identify, Get Log Page,
+//!   ...). Shared by the admin queue and the I/O queues of one association.
+//! * [`conn`]: one TCP connection = one NVMe queue: ICReq/ICResp, capsules, R2T/H2CData,
+//!   C2HData, TermReqs, digests, the command slots, and the I/O it submits to the backend.
+//! * [`group`]: a [`PollGroup`] owns connections (and optionally a listener) and polls them;
+//!   it never blocks, so a pinned poller can call it in its loop.
+
+pub mod conn;
+pub mod ctrl;
+pub mod group;
+pub mod wait;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+pub use conn::ConnStats;
+pub use ctrl::Ctrl;
+pub use group::PollGroup;
+
+use super::backend::Backend;
+use super::fabrics::{CNTLID_MAX, DISCOVERY_NQN};
+
+/// Limits and sizes every connection of a target gets.
+#[derive(Clone, Debug)]
+pub struct TargetOptions {
+    /// Largest queue depth a host may ask for in Connect (SQSIZE + 1); also CAP.MQES + 1 and
+    /// MAXCMD.
+    pub max_queue_depth: u16,
+    /// Largest number of I/O queues per controller (Set Features Number of Queues).
+    pub max_io_queues: u16,
+    /// In-capsule data of an I/O queue command capsule (IOCCSZ × 16 − 64), a multiple of 16.
+    pub in_capsule: u32,
+    /// MAXH2CDATA: the largest H2CData PDU the target accepts (a multiple of 4, ≥ 4096).
+    pub max_h2c_data: u32,
+    /// Largest C2HData PDU the target sends (reads larger than this are split).
+    pub max_c2h_data: u32,
+    /// Largest data transfer of one command (MDTS), a power of two ≥ 4096.
+    pub max_transfer: u32,
+    /// Outstanding R2Ts per connection (the rest of the writes wait their turn).
+    pub max_r2t_per_conn: u16,
+    /// Keep Alive Support granularity reported in Identify (KAS, 100 ms units).
+    pub kas: u16,
+    /// Staging buffer per connection for headers and small data.
+    pub rx_staging: usize,
+}
+
+impl TargetOptions {
+    /// The options brought into what the protocol allows: queue depth 2..=1024, I/O queues
+    /// 1..=1024, in-capsule size a multiple of 16 up to 1 MiB, MAXH2CDATA and the C2HData size
+    /// multiples of 4 of at least 4096, the transfer size a power of two of 4 KiB..=16 MiB, at
+    /// least one R2T, KAS at least 1, a staging buffer of at least 4 KiB.
+    pub fn normalized(mut self) -> TargetOptions {
+        self.max_queue_depth = self.max_queue_depth.clamp(2, 1024);
+        self.max_io_queues = self.max_io_queues.clamp(1, 1024);
+        self.in_capsule = (self.in_capsule & !15).min(1 << 20);
+        self.max_h2c_data = (self.max_h2c_data & !3).max(4096);
+        self.max_c2h_data = (self.max_c2h_data & !3).max(4096);
+        self.max_transfer = self
+            .max_transfer
+            .clamp(4096, 16 << 20)
+            .checked_next_power_of_two()
+            .unwrap_or(16 << 20)
+            .min(16 << 20);
+        self.max_r2t_per_conn = self.max_r2t_per_conn.max(1);
+        self.kas = self.kas.max(1);
+        self.rx_staging = self.rx_staging.max(4096);
+        self
+    }
+}
+
+impl Default for TargetOptions {
+    fn default() -> Self {
+        TargetOptions {
+            max_queue_depth: 128,
+            max_io_queues: 64,
+            in_capsule: 8192,
+            max_h2c_data: 128 * 1024,
+            max_c2h_data: 128 * 1024,
+            max_transfer: 128 * 1024,
+            max_r2t_per_conn: 16,
+            kas: 1,
+            rx_staging: 16 * 1024,
+        }
+    }
+}
+
+/// What kind of subsystem.
+#[derive(Clone)]
+pub(crate) enum Kind {
+    /// An NVM subsystem and its storage.
+    Nvm(Arc<dyn Backend>),
+    /// The discovery subsystem.
+    Discovery,
+}
+
+/// A subsystem: an NQN, the hosts allowed to connect, and (for an NVM subsystem) the backend.
+pub struct Subsystem {
+    nqn: String,
+    kind: Kind,
+    hosts: Vec<String>,
+    any_host: bool,
+    serial: String,
+}
+
+impl core::fmt::Debug for Subsystem {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Subsystem")
+            .field("nqn", &self.nqn)
+            .field("hosts", &self.hosts)
+            .field("any_host", &self.any_host)
+            .finish()
+    }
+}
+
+impl Subsystem {
+    /// An NVM subsystem serving `backend`, open to any host until
+    /// [`allow_host`](Self::allow_host) restricts it.
+    pub fn new(nqn: impl Into<String>, backend: Arc<dyn Backend>) -> Subsystem {
+        let nqn = nqn.into();
+        let serial = format!("{:016x}", fold64(nqn.as_bytes()));
+        Subsystem {
+            nqn,
+            kind: Kind::Nvm(backend),
+            hosts: Vec::new(),
+            any_host: true,
+            serial,
+        }
+    }
+    fn discovery() -> Subsystem {
+        Subsystem {
+            nqn: DISCOVERY_NQN.into(),
+            kind: Kind::Discovery,
+            hosts: Vec::new(),
+            any_host: true,
+            serial: "discovery".into(),
+        }
+    }
+    /// Lets host `nqn` connect (and no host not listed).
+    pub fn allow_host(mut self, nqn: impl Into<String>) -> Subsystem {
+        self.hosts.push(nqn.into());
+        self.any_host = false;
+        self
+    }
+    /// The NQN.
+    pub fn nqn(&self) -> &str {
+        &self.nqn
+    }
+    /// True if `hostnqn` may connect.
+    pub fn allows(&self, hostnqn: &str) -> bool {
+        self.any_host || self.hosts.iter().any(|h| h == hostnqn)
+    }
+    /// The backend of an NVM subsystem.
+    pub fn backend(&self) -> Option<&Arc<dyn Backend>> {
+        match &self.kind {
+            Kind::Nvm(b) => Some(b),
+            Kind::Discovery => None,
+        }
+    }
+    /// True for the discovery subsystem.
+    pub fn is_discovery(&self) -> bool {
+        matches!(self.kind, Kind::Discovery)
+    }
+    pub(crate) fn serial(&self) -> &str {
+        &self.serial
+    }
+}
+
+/// A 64-bit fold of bytes (two CRC-32Cs): stable across runs and builds, for serial numbers
+/// and namespace identifiers.
+pub(crate) fn fold64(b: &[u8]) -> u64 {
+    let lo = super::pdu::crc32c(b);
+    let hi = super::pdu::crc32c_append(lo ^ 0x5bd1_e995, b);
+    (hi as u64) << 32 | lo as u64
+}
+
+#[derive(Default)]
+struct CtrlTable {
+    ctrls: HashMap<u16, Arc<Ctrl>>,
+    next: u16,
+}
+
+/// An NVMe/TCP target: subsystems, live controllers and the connection limits.
+pub struct Target {
+    opts: TargetOptions,
+    subsystems: RwLock<Vec<Arc<Subsystem>>>,
+    discovery: Arc<Subsystem>,
+    ctrls: Mutex<CtrlTable>,
+    epoch: Instant,
+    genctr: AtomicU64,
+}
+
+impl core::fmt::Debug for Target {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Target").field("opts", &self.opts).finish()
+    }
+}
+
+impl Target {
+    /// A target with no subsystem but the discovery subsystem. Options out of range are
+    /// brought into it (see [`TargetOptions::normalized`]).
+    pub fn new(opts: TargetOptions) -> Arc<Target> {
+        Arc::new(Target {
+            opts: opts.normalized(),
+            subsystems: RwLock::new(Vec::new()),
+            discovery: Arc::new(Subsystem::discovery()),
+            ctrls: Mutex::new(CtrlTable {
+                ctrls: HashMap::new(),
+                next: 1,
+            }),
+            epoch: Instant::now(),
+            genctr: AtomicU64::new(1),
+        })
+    }
+
+    /// The options.
+    pub fn options(&self) -> &TargetOptions {
+        &self.opts
+    }
+
+    /// Serves a subsystem (replacing one of the same NQN).
+    pub fn add_subsystem(&self, s: Subsystem) -> Arc<Subsystem> {
+        let s = Arc::new(s);
+        let mut v = self.subsystems.write().unwrap_or_else(|e| e.into_inner());
+        v.retain(|o| o.nqn != s.nqn);
+        v.push(s.clone());
+        self.genctr.fetch_add(1, Ordering::Relaxed);
+        s
+    }
+
+    /// The subsystem of an NQN (the discovery subsystem included).
+    pub fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
+        if nqn == DISCOVERY_NQN {
+            return Some(self.discovery.clone());
+        }
+        self.subsystems
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|s| s.nqn == nqn)
+            .cloned()
+    }
+
+    /// The NVM subsystems.
+    pub fn subsystems(&self) -> Vec<Arc<Subsystem>> {
+        self.subsystems
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Discovery log generation counter.
+    pub(crate) fn genctr(&self) -> u64 {
+        self.genctr.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the target started (the keep-alive clock).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Live controllers.
+    pub fn controller_count(&self) -> usize {
+        self.ctrls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ctrls
+            .len()
+    }
+
+    /// A controller by CNTLID.
+    pub fn controller(&self, cntlid: u16) -> Option<Arc<Ctrl>> {
+        self.ctrls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ctrls
+            .get(&cntlid)
+            .cloned()
+    }
+
+    /// Creates a controller for a new association; `None` when every CNTLID is taken.
+    pub(crate) fn new_ctrl(
+        &self,
+        subsys: Arc<Subsystem>,
+        hostnqn: String,
+        hostid: [u8; 16],
+        kato_ms: u32,
+    ) -> Option<Arc<Ctrl>> {
+        let mut t = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..CNTLID_MAX {
+            let id = t.next;
+            t.next = if t.next >= CNTLID_MAX { 1 } else { t.next + 1 };
+            if let std::collections::hash_map::Entry::Vacant(v) = t.ctrls.entry(id) {
+                let c = Arc::new(Ctrl::new(
+                    id,
+                    subsys,
+                    hostnqn,
+                    hostid,
+                    kato_ms,
+                    self.now_ms(),
+                    &self.opts,
+                ));
+                v.insert(c.clone());
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Ends an association: its controller is gone, its I/O queues close.
+    pub(crate) fn remove_ctrl(&self, c: &Ctrl) {
+        c.kill();
+        let mut t = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
+        if t.ctrls
+            .get(&c.cntlid)
+            .is_some_and(|o| std::ptr::eq(&**o, c))
+        {
+            t.ctrls.remove(&c.cntlid);
+        }
+    }
+
+    /// Tells the controllers of subsystem `nqn` that these namespaces changed (attributes,
+    /// size, added or removed): Changed Namespace List and a Namespace Attribute Changed
+    /// event for the hosts that enabled it.
+    pub fn namespaces_changed(&self, nqn: &str, nsids: &[u32]) {
+        let ctrls: Vec<_> = self
+            .ctrls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ctrls
+            .values()
+            .filter(|c| c.subsys.nqn == nqn)
+            .cloned()
+            .collect();
+        for c in ctrls {
+            c.namespaces_changed(nsids);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TargetOptions;
+
+    #[test]
+    fn options_are_brought_into_range() {
+        let o = TargetOptions {
+            max_queue_depth: 0,
+            max_io_queues: 0,
+            in_capsule: 8199,
+            max_h2c_data: 4098,
+            max_c2h_data: 10,
+            max_transfer: 100_000,
+            max_r2t_per_conn: 0,
+            kas: 0,
+            rx_staging: 0,
+        }
+        .normalized();
+        assert_eq!((o.max_queue_depth, o.max_io_queues), (2, 1));
+        assert_eq!(o.in_capsule, 8192);
+        assert_eq!((o.max_h2c_data, o.max_c2h_data), (4096, 4096));
+        assert_eq!(o.max_transfer, 128 * 1024);
+        assert_eq!((o.max_r2t_per_conn, o.kas, o.rx_staging), (1, 1, 4096));
+        let d = TargetOptions::default();
+        assert_eq!(d.clone().normalized().max_transfer, d.max_transfer);
+        assert_eq!(d.clone().normalized().max_h2c_data, d.max_h2c_data);
+    }
+}

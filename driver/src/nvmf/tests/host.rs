@@ -1,0 +1,167 @@
+//! The host's errors: every transport failure is named, every outstanding command ends exactly
+//! once.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::mpsc;
+
+use super::*;
+use crate::nvmf::host::{HostData, HostError, HostQueue};
+use crate::nvmf::pdu::{self, Fes, IcResp, Pdu, pdu_type};
+use crate::nvmf::target::TargetOptions;
+use crate::spec::Sqe;
+use crate::spec::sqe::admin;
+
+/// A fake target: answers the ICReq with `icresp` (with its digests replaced by the request's
+/// if `echo`), then sends `then`, then reports the first PDU type the host sends back.
+fn fake_target(echo: bool, then: Vec<u8>) -> (SocketAddr, mpsc::Receiver<Option<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut req = [0u8; 128];
+        s.read_exact(&mut req).expect("ICReq");
+        let digests = if echo {
+            pdu::Digests::from_bits(req[11])
+        } else {
+            pdu::Digests::default()
+        };
+        let resp = Pdu::IcResp(IcResp {
+            pfv: 0,
+            cpda: 0,
+            digests,
+            maxh2cdata: 65536,
+        });
+        s.write_all(pdu::encode(&resp, 0, pdu::Digests::default(), 0).as_bytes())
+            .expect("ICResp");
+        s.write_all(&then).expect("garbage");
+        let mut b = [0u8; 1];
+        let got = loop {
+            match s.read(&mut b) {
+                Ok(1) if b[0] == pdu_type::CAPSULE_CMD => {
+                    // Skip the rest of the command capsule.
+                    let mut rest = [0u8; 71];
+                    let _ = s.read_exact(&mut rest);
+                }
+                Ok(1) => break Some(b[0]),
+                _ => break None,
+            }
+        };
+        let _ = tx.send(got);
+    });
+    (addr, rx)
+}
+
+#[test]
+fn transport_failures_are_named() {
+    watchdog(
+        "transport_failures_are_named",
+        test_watchdog::INTEGRATION,
+        || {
+            // Refused connection.
+            let addr = {
+                let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+                l.local_addr().expect("addr")
+            };
+            let e = HostQueue::open(addr, &host_opts(Digests::default()), 8).unwrap_err();
+            assert!(matches!(e, HostError::Connect { .. }), "{e}");
+            assert!(e.to_string().contains("is the target listening"));
+
+            // ICResp that does not echo the digests asked for.
+            let (addr, _) = fake_target(false, Vec::new());
+            let d = Digests {
+                header: true,
+                data: false,
+            };
+            let e = HostQueue::open(addr, &host_opts(d), 8).unwrap_err();
+            assert!(matches!(e, HostError::IcResp(_)), "{e}");
+
+            // A target that answers garbage: the host names it and sends an H2CTermReq.
+            let mut garbage = vec![0x0au8, 0, 24, 0];
+            garbage.extend_from_slice(&24u32.to_le_bytes());
+            garbage.resize(24, 0xee);
+            let (addr, seen) = fake_target(true, garbage);
+            let mut q = HostQueue::open(addr, &host_opts(Digests::default()), 8).expect("open");
+            q.submit(Sqe::flush(1), HostData::None, 1).expect("submit");
+            let e = loop {
+                match q.poll() {
+                    Err(e) => break e,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            match e {
+                HostError::Protocol(f) => assert_eq!(f.fes, Fes::InvalidHeaderField),
+                e => panic!("{e}"),
+            }
+            let lost = q.pop().expect("the outstanding command completes");
+            assert_eq!(lost.tag, 1);
+            assert!(matches!(lost.result, Err(HostError::Lost(_))));
+            assert!(q.pop().is_none(), "exactly once");
+            assert!(matches!(
+                q.submit(Sqe::flush(1), HostData::None, 2),
+                Err(HostError::Lost(_))
+            ));
+            assert_eq!(
+                seen.recv_timeout(Duration::from_secs(10))
+                    .expect("fake target"),
+                Some(pdu_type::H2C_TERM_REQ)
+            );
+        },
+    )
+}
+
+#[test]
+fn c2h_term_req_and_a_vanished_target_fail_outstanding_commands_once() {
+    watchdog(
+        "c2h_term_req_and_a_vanished_target_fail_outstanding_commands_once",
+        test_watchdog::INTEGRATION,
+        || {
+            let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
+            // C2HTermReq: an AER is outstanding when the host sends a malformed PDU.
+            let mut c = connect(&t, Digests::default());
+            let q = c.admin();
+            q.submit(Sqe::new(admin::ASYNC_EVENT_REQUEST), HostData::None, 5)
+                .expect("AER");
+            q.poll().expect("send the AER");
+            let mut bad = pdu::encode(&Pdu::CapsuleCmd(Sqe::flush(1), 0), 0, Digests::default(), 0);
+            bad.as_mut_bytes()[2] = 99;
+            q.socket().write_all(bad.as_bytes()).expect("send");
+            let e = loop {
+                match q.poll() {
+                    Err(e) => break e,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            match e {
+                HostError::Terminated { fes, fei } => {
+                    assert_eq!((fes, fei), (Fes::InvalidHeaderField, pdu::field::HLEN))
+                }
+                e => panic!("{e}"),
+            }
+            let lost = q.pop().expect("the AER completes");
+            assert_eq!(lost.tag, 5);
+            assert!(matches!(lost.result, Err(HostError::Lost(_))));
+            assert!(q.pop().is_none());
+            // The target goes away with an AER outstanding.
+            let mut c = connect(&t, Digests::default());
+            let q = c.admin();
+            q.submit(Sqe::new(admin::ASYNC_EVENT_REQUEST), HostData::None, 6)
+                .expect("AER");
+            q.poll().expect("send the AER");
+            drop(t);
+            let e = loop {
+                match q.poll() {
+                    Err(e) => break e,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            assert!(matches!(e, HostError::Closed | HostError::Io(_)), "{e}");
+            let lost = q.pop().expect("the AER completes");
+            assert!(matches!(lost.result, Err(HostError::Lost(_))));
+            assert!(q.pop().is_none());
+        },
+    )
+}
