@@ -576,8 +576,8 @@ impl Tasks {
                     i += 1;
                 }
                 Err(_) => {
-                    bump(&s.counters.task_panics, 1);
                     drop_task(self.list.remove(i).1);
+                    bump(&s.counters.task_panics, 1);
                 }
             }
         }
