@@ -29,25 +29,27 @@
 //! unparks the poller (the `Parker` keeps the token if the unpark comes before `park`), or it
 //! comes before it, and then so does the compare-exchange that published the bio (program
 //! order), so the poller's `is_empty` sees the bio and it does not park. A push thus costs the
-//! ring's own compare-exchange and one load, no fence and no write to a shared line while the
+//! ring's own compare-exchange and one load: no fence, and no write beyond the ring's while the
 //! poller is awake. The argument relies on `push` and `is_empty` being SeqCst (crossbeam-queue
 //! 0.3, pinned by `Cargo.lock`; on x86 every locked instruction is a full barrier anyway). The
 //! test `no_wake_up_is_lost` parks the poller and the clients after every request, under a
 //! watchdog that fails it instead of hanging.
 //!
-//! *Shutdown protocol.* A request counts itself, for its submission phase, in the `active`
-//! counter of its home poller ([`Pollers::enter`], [`Pollers::leave`]); all its bios go to that
-//! poller (a request submitted on a poller thread counts on, and queues to, that poller). Each
-//! counter sits on its own cache line, written only by the clients of that poller: no counter
-//! shared by every client thread. `enter` increments the counter (SeqCst) then reads `stop`
+//! *Shutdown protocol.* A request counts itself, for its submission phase, in one of the
+//! engine's striped `active` counters ([`Pollers::enter`], [`Pollers::leave`]): the stripe of
+//! its thread's number (the one that also picks its home poller), each stripe on its own cache
+//! line, so client threads do not share a counter (up to [`STRIPES`] of them, or one per
+//! poller if there are more pollers). `enter` increments the stripe (SeqCst) then reads `stop`
 //! (SeqCst); `shutdown` stores `stop` (SeqCst) then unparks every poller; a poller exits once it
-//! has read `stop`, then its counter at 0, then its ring and thread-local queue empty and no
-//! command in flight. Dekker again: a request that read `stop == false` was counted before the
-//! poller read the counter, so the poller waits for it; its bios were pushed before its `leave`
-//! (a release decrement), hence are seen by the ring check that follows the poller's read of the
-//! decrement. A request that read `stop == true` is refused at once (`EmbedError::ShutDown`), so
-//! no request is refused after it was accepted, and none accepted is lost. The last `leave`
-//! after `stop` unparks its poller (which also re-checks every millisecond while it waits).
+//! has read `stop`, then every stripe at 0, then its ring and thread-local queue empty and no
+//! command in flight (a request submitted on a poller thread queues to that poller, which is
+//! busy running it). Dekker again: a request that read `stop == false` was counted before the
+//! poller read its stripe, so the poller waits for it; its bios were pushed before its `leave`
+//! (a release decrement), hence are seen by the ring check that follows the poller's read of
+//! the decrement. A request that read `stop == true` is refused at once
+//! (`EmbedError::ShutDown`), so no request is refused after it was accepted, and none accepted
+//! is lost. A `leave` that empties its stripe after `stop` unparks every poller (which also
+//! re-check every millisecond while they wait).
 //!
 //! *Waiting for one's own bios.* A client thread waiting for its own bios (a synchronous call, a
 //! page-cache fill, dio-core's throttle) waits in dio-core's `Wait::PollInPlace` loop
@@ -380,6 +382,10 @@ static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
 static NEXT_HOME: AtomicUsize = AtomicUsize::new(0);
 static NEXT_TASK: AtomicU64 = AtomicU64::new(1);
 
+/// Stripes of the `active` counters of an engine (at least one per poller): client threads
+/// beyond this many share stripes.
+pub(crate) const STRIPES: usize = 16;
+
 /// Counters of one poller.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PollerStats {
@@ -448,15 +454,13 @@ fn bump(c: &AtomicU64, n: u64) {
 
 /// What a poller shares with the other threads. Each group its own cache line(s): what the
 /// submitters read on every push (`sleeping`) is written by the poller only when it parks,
-/// away from the counters it writes every round and from the clients' `active` counter.
+/// away from the counters it writes every round.
 pub(crate) struct PollerShared {
     /// The hand-over ring (head and tail on their own lines, inside crossbeam).
     ring: ArrayQueue<Work>,
     /// The poller is parked or about to park (see the wake-up protocol).
     sleeping: CachePadded<AtomicBool>,
     unparker: Unparker,
-    /// Requests of this poller's client threads in their submission phase (shutdown).
-    active: CachePadded<AtomicUsize>,
     /// Times a submitter found the ring full (written by submitters, rarely).
     ring_full: CachePadded<AtomicU64>,
     counters: CachePadded<Counters>,
@@ -491,6 +495,8 @@ pub(crate) struct PollerConfig {
 pub(crate) struct Pollers {
     id: u64,
     shared: Box<[CachePadded<PollerShared>]>,
+    /// Requests in their submission phase, striped by thread (see the shutdown protocol).
+    active: Box<[CachePadded<AtomicUsize>]>,
     stop: CachePadded<AtomicBool>,
     wait_spin: Duration,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -626,7 +632,6 @@ impl Pollers {
                 ring: ArrayQueue::new(cfg.ring.max(1)),
                 sleeping: CachePadded::new(AtomicBool::new(false)),
                 unparker: parker.unparker().clone(),
-                active: CachePadded::new(AtomicUsize::new(0)),
                 ring_full: CachePadded::new(AtomicU64::new(0)),
                 counters: CachePadded::new(Counters::default()),
                 inbox: Mutex::new(Vec::new()),
@@ -634,9 +639,13 @@ impl Pollers {
             }));
             parts.push((parker, qpairs));
         }
+        let stripes = STRIPES.max(shared.len());
         let pollers = Arc::new(Pollers {
             id,
             shared: shared.into_boxed_slice(),
+            active: (0..stripes)
+                .map(|_| CachePadded::new(AtomicUsize::new(0)))
+                .collect(),
             stop: CachePadded::new(AtomicBool::new(false)),
             wait_spin: cfg.wait_spin,
             threads: Mutex::new(Vec::new()),
@@ -718,10 +727,11 @@ impl Pollers {
         }
     }
 
-    /// The poller the calling thread's requests go to: its own on a poller thread of this
-    /// engine, else the thread's home (numbered round robin at its first request).
-    fn home(&self) -> &PollerShared {
-        let i = ROLE.with(|r| match r.on_poller.get() {
+    /// The number of the calling thread for this engine: its poller index on a poller thread
+    /// of this engine, else the thread's home number (drawn round robin at its first request).
+    /// It picks the thread's home poller and its `active` stripe.
+    fn thread_home(&self) -> usize {
+        ROLE.with(|r| match r.on_poller.get() {
             Some((id, i)) if id == self.id => i,
             _ => {
                 let mut h = r.home.get();
@@ -731,15 +741,23 @@ impl Pollers {
                 }
                 h
             }
-        });
-        &self.shared[i % self.shared.len()]
+        })
+    }
+
+    /// The poller the calling thread's requests go to.
+    fn home(&self) -> &PollerShared {
+        &self.shared[self.thread_home() % self.shared.len()]
+    }
+
+    /// The `active` stripe of the calling thread.
+    fn stripe(&self) -> &AtomicUsize {
+        &self.active[self.thread_home() % self.active.len()]
     }
 
     /// A request starts: false once shutdown has begun (the request must be refused). Counts
-    /// on the home poller only (see the shutdown protocol in the module docs).
+    /// on the thread's stripe (see the shutdown protocol in the module docs).
     pub(crate) fn enter(&self) -> bool {
-        let s = self.home();
-        s.active.fetch_add(1, Ordering::SeqCst);
+        self.stripe().fetch_add(1, Ordering::SeqCst);
         if self.stop.load(Ordering::SeqCst) {
             self.leave();
             return false;
@@ -749,10 +767,14 @@ impl Pollers {
 
     /// A request's submission phase ended.
     pub(crate) fn leave(&self) {
-        let s = self.home();
-        if s.active.fetch_sub(1, Ordering::SeqCst) == 1 && self.stop.load(Ordering::SeqCst) {
-            s.unparker.unpark();
+        if self.stripe().fetch_sub(1, Ordering::SeqCst) == 1 && self.stop.load(Ordering::SeqCst) {
+            self.wake_all();
         }
+    }
+
+    /// No request is in its submission phase (read after `stop`: see the shutdown protocol).
+    fn quiescent(&self) -> bool {
+        self.active.iter().all(|a| a.load(Ordering::SeqCst) == 0)
     }
 
     fn wake_all(&self) {
@@ -928,12 +950,9 @@ impl Pollers {
                     continue;
                 }
             }
-            // Shutdown: `stop`, then this poller's clients' counter, then the ring (in this
+            // Shutdown: `stop`, then the `active` stripes, then the ring (in this
             // order: see the shutdown protocol in the module docs).
-            if self.stop.load(Ordering::SeqCst)
-                && s.active.load(Ordering::SeqCst) == 0
-                && s.ring.is_empty()
-            {
+            if self.stop.load(Ordering::SeqCst) && self.quiescent() && s.ring.is_empty() {
                 break;
             }
             if task_busy {

@@ -101,8 +101,22 @@ fn no_wake_up_is_lost() {
 #[test]
 fn shutdown_during_submissions_loses_and_refuses_nothing_accepted() {
     let _w = test_watchdog::arm(test_watchdog::UNIT);
-    for mode in [Mode::Inline, Mode::Threaded] {
-        let dx = eager_parking(mode, 2);
+    // Awake pollers (they see `stop` at once, while clients are mid-submission) and eagerly
+    // parking ones.
+    let awake = |mode| {
+        Dioxide::builder()
+            .controller(ctrl(mode))
+            .pollers([None, None])
+            .build()
+            .unwrap()
+    };
+    for round in 0..40 {
+        let mode = [Mode::Inline, Mode::Threaded][round % 2];
+        let dx = if round < 36 {
+            awake(mode)
+        } else {
+            eager_parking(mode, 2)
+        };
         let f = file(&dx);
         let accepted = Arc::new(AtomicU64::new(0));
         let called = Arc::new(AtomicU64::new(0));
@@ -388,4 +402,35 @@ fn a_closed_local_engine_never_reaches_the_one_that_reuses_its_slot() {
         .unwrap()
         .unwrap_err();
     assert!(matches!(e, EmbedError::WrongThread), "{e}");
+}
+
+#[test]
+fn shutdown_waits_for_a_request_in_its_submission_phase() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let dx = Dioxide::builder()
+        .controller(ctrl(Mode::Inline))
+        .pollers([None])
+        .build()
+        .unwrap();
+    let polls = Arc::new(AtomicUsize::new(0));
+    let idle = Idle {
+        busy: Arc::new(AtomicBool::new(false)),
+        polls: polls.clone(),
+    };
+    dx.add_poller_task(0, idle).unwrap();
+    let crate::embed::blockfile::EngineRef::Pooled(p) = &dx.engine else {
+        unreachable!("pooled")
+    };
+    let p = p.clone();
+    // A request accepted before the shutdown, still submitting.
+    assert!(p.enter());
+    let shutdown = std::thread::spawn(move || dx.shutdown());
+    wait_until(|| p.stop.load(Ordering::SeqCst));
+    // The poller keeps running its rounds (a poller that left would hang this wait)...
+    let n = polls.load(Ordering::SeqCst);
+    wait_until(|| polls.load(Ordering::SeqCst) > n + 20);
+    // ...while a request that starts now is refused.
+    assert!(!p.enter());
+    p.leave();
+    shutdown.join().unwrap();
 }
