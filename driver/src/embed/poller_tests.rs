@@ -72,7 +72,8 @@ fn no_wake_up_is_lost() {
                 std::thread::spawn(move || {
                     let mut buf = IoBuffer::Dma(f.alloc(4096).unwrap());
                     for i in 0..400u64 {
-                        let off = (k * 400 + i) % 1024 * 4096;
+                        // Each client on its own 256 pages: a read sees its own write.
+                        let off = (k * 256 + i % 256) * 4096;
                         buf.as_mut_slice()[..8].copy_from_slice(&(k * 1_000_000 + i).to_le_bytes());
                         let (r, b) = f.write(buf, off, 4096);
                         assert_eq!(r.unwrap(), 4096);
