@@ -127,10 +127,10 @@
 //! ```
 #![warn(missing_docs)]
 
-// The library logs through the `log` crate and never prints (`embed` is not covered yet: it
-// still prints from a poller thread).
+// The library logs through the `log` crate and never prints.
 #[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 mod bus;
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 mod embed;
 #[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 mod nvme;

@@ -373,6 +373,8 @@ impl BlockFile {
         extents: &Extents,
         opts: FileOptions,
     ) -> EmbedResult<BlockFile> {
+        // A namespace formatted with metadata is refused here, with the fix in the message.
+        ns.check_io()?;
         let bs = ns.block_size() as u64;
         let bad = |why| EmbedError::BadExtent {
             nsid: ns.nsid(),

@@ -31,7 +31,7 @@ use dio_core::DioError;
 use crate::bus::dma::{DmaBuffer, DmaMemory};
 
 /// Size of a cache page.
-pub const PAGE: u64 = 4096;
+pub const PAGE: u64 = crate::spec::PAGE_SIZE as u64;
 
 /// Device access the cache needs, implemented by the file over its dio-core.
 pub(crate) trait PageIo {

@@ -53,7 +53,7 @@ use std::sync::{Mutex, MutexGuard};
 use crossbeam_utils::sync::{Parker, Unparker};
 
 /// Granule of the lock: one stripe per 4 KiB page.
-const PAGE: u64 = 4096;
+const PAGE: u64 = crate::spec::PAGE_SIZE as u64;
 /// Most stripes of one file (16 KiB of words): a file of at most 16 MiB has one per page.
 pub(crate) const MAX_STRIPES: usize = 4096;
 
