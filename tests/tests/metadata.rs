@@ -20,6 +20,7 @@ fn is_refusal(e: &EmbedError) -> bool {
 
 #[test]
 fn files_on_a_namespace_with_metadata_fail_clearly() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     for mode in MODES {
         let mut cfg = config(mode, &[(512, 1 << 12)]);
         cfg.namespaces

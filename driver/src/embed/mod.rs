@@ -399,7 +399,11 @@ impl Drop for Dioxide {
         match &self.engine {
             EngineRef::Pooled(p) => p.shutdown(),
             EngineRef::Local(l) => {
-                while l.on_owner() && l.poll_once() > 0 {}
+                // Every accepted request completes before the queue pairs go: poll until
+                // nothing is in flight (each command's timeout bounds the wait).
+                while l.on_owner() && (l.poll_once() > 0 || l.in_flight()) {
+                    std::thread::yield_now();
+                }
                 l.close();
             }
         }

@@ -1125,6 +1125,20 @@ impl Local {
         n
     }
 
+    /// True while a request is on a live queue pair or waits in the failed list: shutdown polls
+    /// until this is false, so every accepted request completes (a dead queue completes nothing
+    /// more and does not hold shutdown up).
+    pub(crate) fn in_flight(&self) -> bool {
+        self.with(|st| {
+            !st.failed.is_empty()
+                || st
+                    .qpairs
+                    .iter()
+                    .any(|q| q.outstanding() > 0 && q.dead_reason().is_none())
+        })
+        .unwrap_or(false)
+    }
+
     /// Drop the queue pairs (on the owner thread; elsewhere they go with the thread).
     pub(crate) fn close(&self) {
         let st = LOCAL.with(|l| {

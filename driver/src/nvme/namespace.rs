@@ -25,14 +25,18 @@ pub struct Namespace {
     identify: IdentifyNamespace,
 }
 
+/// A logical block size Dioxide can address: a power of two, at least 512 bytes.
+fn usable_block_size(block_size: u32) -> bool {
+    block_size.is_power_of_two() && block_size >= 512
+}
+
 impl Namespace {
     /// The namespace, or `None` if it cannot be used: an invalid LBA format (block size 0,
     /// LBADS out of range), a zero size (NSZE 0) or a size in bytes beyond 64 bits. A format
     /// with metadata gives a namespace refused for I/O (see [`check_io`](Self::check_io)).
     pub(crate) fn new(nsid: Nsid, identify: IdentifyNamespace) -> Option<Namespace> {
         let block_size = identify.block_size();
-        let usable = block_size.is_power_of_two()
-            && block_size >= 512
+        let usable = usable_block_size(block_size)
             && identify.nsze != 0
             && identify.nsze.checked_mul(block_size as u64).is_some();
         usable.then(|| Namespace {
@@ -97,7 +101,8 @@ impl Namespace {
             return Ok(());
         }
         let lbaf = self.lba_format_index();
-        let usable = |f: &LbaFormat| f.ms == 0 && f.block_size() != 0;
+        // Suggest only a format `new` would accept: no metadata and a usable block size.
+        let usable = |f: &LbaFormat| f.ms == 0 && usable_block_size(f.block_size());
         let formats = &self.identify.lbaf;
         let without = formats
             .iter()
