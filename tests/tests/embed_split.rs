@@ -1,21 +1,25 @@
-//! Reads around the end of a file whose length is not block aligned: every unaligned and
-//! aligned offset near `len`, lengths shorter and longer than a block, buffers exactly the
-//! request's length and larger, synchronous and asynchronous, with DMA buffers (so that the
-//! split into a cached head, a direct middle and a cached or direct tail is exercised).
+//! Edges of the split of a request into a cached head, a direct middle and a cached tail.
 //!
-//! Each read must succeed, return `min(len, file len − offset)` bytes equal to the file's data,
-//! and never hand back a byte the device holds at or past the file's length.
+//! * Reads around the end of a file whose length is not block aligned: every unaligned and
+//!   aligned offset near `len`, lengths shorter and longer than a block, buffers exactly the
+//!   request's length and larger, synchronous and asynchronous, with DMA buffers. Each read
+//!   must succeed, return `min(len, file len − offset)` bytes equal to the file's data, and
+//!   never hand back a byte the device holds at or past the file's length. In particular: an
+//!   unaligned request whose first block holds the end of the file while the buffer covers that
+//!   whole block. Its head is the whole answer; there is no block-aligned middle. (It once
+//!   produced a direct read at the unaligned end of file, refused by dio-core as misaligned.)
+//! * A write whose direct middle succeeds and whose buffered tail fails (a media error on the
+//!   tail's page) ends short: it reports the bytes written (dio-core's rule for a partial
+//!   direct write), synchronously and asynchronously, and those bytes read back.
 //!
-//! In particular: an unaligned request whose first block holds the end of the file (the file
-//! ends before the request's first block boundary) while the buffer covers that whole block.
-//! Its head is the whole answer; there is no block-aligned middle. (It once produced a direct
-//! read at the unaligned end of file, refused by dio-core as misaligned.)
-//!
-//! Emulated controllers only (they build their own), so they also run in the hardware suite.
+//! Emulated controllers only (they build their own).
 
 use std::sync::mpsc::channel;
 use std::time::Duration;
 
+use dioxide::emulated::{Action, Fault, Trigger};
+use dioxide::spec::status::media;
+use dioxide::spec::{Sct, Status};
 use dioxide::{BlockFile, Completed, Dioxide, FileOptions, Nsid, Request};
 use dioxide_tests::*;
 
@@ -127,6 +131,70 @@ fn reads_around_an_unaligned_end_of_file() {
                 }
             }
             note(format!("{mode:?}, block {bs}: {reads} reads checked"));
+            drop(file);
+            dx.shutdown();
+        }
+    }
+}
+
+#[test]
+fn a_write_whose_buffered_tail_fails_ends_short() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    // The tail's page: 4 KiB at 8 KiB. The write: the two pages before it directly, then 100
+    // bytes into it through the cache.
+    const BAD: u64 = 2 * PAGE;
+    const LEN: usize = BAD as usize + 100;
+    for mode in MODES {
+        for sync in [true, false] {
+            let (ctrl, emu) = emulated(config(mode, &[(512, 1 << 14)]));
+            let dx = Dioxide::builder()
+                .controller(ctrl)
+                .pollers([None])
+                .build()
+                .unwrap();
+            let file = dx
+                .open_file(0, Nsid(1), FileOptions::new(0, CAP / 512))
+                .unwrap();
+            // The whole capacity written first: the write below does not extend the file.
+            let old = pattern(CAP as usize, 5);
+            assert_eq!(file.write_at(&old, 0).unwrap(), CAP as usize);
+            emu.inject(Fault {
+                trigger: Trigger::LbaRange {
+                    nsid: 1,
+                    start: BAD / 512,
+                    end: (BAD + PAGE) / 512,
+                    opcode: None,
+                },
+                action: Action::Status(Status::new(Sct::Media, media::UNRECOVERED_READ_ERROR)),
+                times: None,
+            });
+            let data = pattern(LEN, 6);
+            let mut b = file.alloc(LEN).unwrap();
+            b.as_mut_slice().copy_from_slice(&data);
+            let what = format!("{mode:?}, {}", if sync { "sync" } else { "async" });
+            let r = if sync {
+                file.write(b, 0, LEN).0
+            } else {
+                let (tx, rx) = channel();
+                if let Err(r) = file.submit(Request::write(0, b), move |c| tx.send(c).unwrap()) {
+                    panic!("{what}: refused: {}", r.error);
+                }
+                rx.recv_timeout(LIMIT)
+                    .expect("the write never completed")
+                    .result
+            };
+            let n = r.unwrap_or_else(|e| panic!("{what}: the direct bytes were lost: {e}"));
+            assert_eq!(
+                n, BAD as usize,
+                "{what}: the bytes written before the bad page"
+            );
+            emu.clear_faults();
+            let mut got = vec![0; BAD as usize];
+            assert_eq!(file.read_at(&mut got, 0).unwrap(), got.len());
+            assert!(
+                got == data[..BAD as usize],
+                "{what}: the direct part reads back"
+            );
             drop(file);
             dx.shutdown();
         }
