@@ -14,8 +14,10 @@
 //!    the page cache. Otherwise an unaligned head goes through the cache, the block-aligned
 //!    middle directly to the device through dio-core, and the unaligned tail through the cache
 //!    (a read) or dio-core's `Fallback` (a write: only the remainder is written buffered). A
-//!    read whose buffer covers the whole block where the file ends reads that block directly
-//!    too: dio-core clamps the count at `len` and the bytes past it are zeroed.
+//!    read whose buffer covers the whole block where the file ends, a block that starts inside
+//!    the request, reads that block directly too: dio-core clamps the count at `len` and the
+//!    bytes past it are zeroed. (When the file ends in the request's unaligned first block,
+//!    that block is the head: the whole read goes through the cache.)
 //! 3. **Coherency**: a direct write first invalidates the cached pages it overlaps (the cache is
 //!    write-through, so there is nothing to write back), skipping the cache's directory lock when
 //!    the file has no page cached; buffered writes reach the device before they return.

@@ -338,9 +338,12 @@ impl BlockFile {
         // An unaligned tail that the request's block-aligned span still covers (the file ends
         // inside its last block) is read directly too: dio-core clamps the count at EOF, and no
         // cache read runs (a cache miss would wait for the device, which on a poller thread is
-        // its own queue: a hang).
+        // its own queue: a hang). Only if that block starts inside the request: when the file
+        // ends in the request's first block, that block is the head (read from the cache), and
+        // there is no direct part (its start, `offset + h` = `end`, would not be aligned).
         let tail_end = round_up(end, bs);
         let b = if end % bs != 0
+            && round_down(end, bs) >= offset
             && tail_end <= offset + len
             && tail_end as usize - offset as usize <= buf.len()
         {
@@ -353,6 +356,10 @@ impl BlockFile {
             && b > a
             && buf.is_dma()
             && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
+        debug_assert!(
+            !direct || (a % bs == 0 && b % bs == 0),
+            "direct span {a}..{b}"
+        );
         if !direct {
             let out: &mut [u8] = match slice {
                 Some(Slice::Read(s)) => &mut s[..n as usize],
