@@ -20,7 +20,7 @@ use std::time::Duration;
 use dioxide::emulated::{Action, Fault, Trigger};
 use dioxide::spec::status::media;
 use dioxide::spec::{Sct, Status};
-use dioxide::{BlockFile, Completed, Dioxide, FileOptions, Nsid, Request};
+use dioxide::{BlockFile, Completed, Dioxide, EmbedError, FileOptions, Nsid, Request};
 use dioxide_tests::*;
 
 const PAGE: u64 = 4096;
@@ -198,5 +198,40 @@ fn a_write_whose_buffered_tail_fails_ends_short() {
             drop(file);
             dx.shutdown();
         }
+    }
+}
+
+/// Reads at offsets past the capacity, up to `u64::MAX`, end at once with 0 bytes (no page
+/// rounding overflow, no panic; an end past `u64::MAX` is `BeyondCapacity`), and a read that starts inside the file and runs past the
+/// capacity stops at `len`.
+#[test]
+fn reads_far_past_the_capacity_return_nothing() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    for mode in MODES {
+        let (ctrl, _emu) = emulated(config(mode, &[(512, 1 << 12)]));
+        let dx = Dioxide::builder()
+            .controller(ctrl)
+            .pollers([None])
+            .build()
+            .unwrap();
+        let file = dx
+            .open_file(0, Nsid(1), FileOptions::new(0, 16).with_len(8192))
+            .unwrap();
+        assert_eq!(file.write_at(&[7u8; 8192], 0).unwrap(), 8192);
+        let mut small = [0u8; 5];
+        for off in [8192, 1 << 40, u64::MAX - 10, u64::MAX - 5] {
+            assert_eq!(file.read_at(&mut small, off).unwrap(), 0, "offset {off}");
+        }
+        // An end past `u64::MAX` is a clear error, not a wrap.
+        for off in [u64::MAX - 4, u64::MAX] {
+            let e = file.read_at(&mut small, off).unwrap_err();
+            assert!(matches!(e, EmbedError::BeyondCapacity { .. }), "{e:?}");
+        }
+        let (r, _) = file.read(file.alloc(4096).unwrap(), u64::MAX - 8191, 4096);
+        assert_eq!(r.unwrap(), 0);
+        let mut big = vec![0u8; 1 << 20];
+        assert_eq!(file.read_at(&mut big, 8000).unwrap(), 192);
+        assert!(big[..192].iter().all(|&b| b == 7));
+        dx.shutdown();
     }
 }

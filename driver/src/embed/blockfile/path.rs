@@ -241,6 +241,12 @@ impl BlockFile {
                 return refuse(beyond, buf);
             }
         }
+        // A read stops at `len`, which never exceeds the capacity: nothing past it is read,
+        // locked or rounded (an offset near `u64::MAX` must not overflow the page rounding).
+        if op == Op::Read && offset >= inner.capacity {
+            return self.finish(reply, None, Ok(0), buf, (op, offset, len64));
+        }
+        let end = end.min(inner.capacity);
         let bs = inner.block;
         let size = inner.state().size_now();
         // On a poller thread nothing may wait: only what dio-core can queue at once.
