@@ -155,6 +155,7 @@ impl<B: IoBuf> DioCore<B> {
     /// Submit one request. `i_size` is the file size now (snapshot for the EOF clamp and the
     /// extending-write test). `completion` stays inside the request if the outcome is
     /// `Queued` (dio-core then runs it exactly once) and is handed back otherwise.
+    #[inline(always)]
     pub fn submit(&self, req: DioRequest<B>, i_size: u64, completion: Completion<B>) -> Outcome<B> {
         let DioRequest {
             dir,
