@@ -611,7 +611,7 @@ impl Context {
 
     /// Give the range back, empty the context, return it to the pool of its file, and return
     /// the accounting and the callback (`None` if the context was not held by a request).
-    #[inline]
+    #[inline(always)]
     fn recycle(mut self: Box<Self>) -> Option<Taken> {
         let shared = self.shared.take()?;
         if let Some(h) = self.held.take() {
@@ -743,6 +743,7 @@ impl BlockFile {
 
 /// Run the user's callback. A panic must not kill the poller it runs on (its bios in flight
 /// would never complete): it is caught and logged, and the request counts as completed.
+#[inline(always)]
 fn run_callback(cb: Callback, c: Completed, op: Op, offset: u64, len: u64) {
     if let Err(p) = catch_unwind(AssertUnwindSafe(move || cb.call(c))) {
         let msg = p
