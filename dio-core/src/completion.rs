@@ -33,6 +33,7 @@ impl<B> Completion<B> {
     }
 
     /// Run the callback.
+    #[inline(always)]
     pub fn complete(mut self, result: DioResult, buf: B) {
         match self.0.take() {
             Some(Callback::Fn(f)) => f(result, buf),

@@ -132,6 +132,7 @@ impl<B: IoBuf> DioCore<B> {
 
     /// A request state: an idle one from the pool that nobody else holds any more, or a new
     /// one (warm-up, or the pool is empty).
+    #[inline(always)]
     fn state(&self, dir: Dir, offset: u64, i_size: u64) -> Arc<DioShared<B>> {
         if let Some(mut dio) = self.pool.pop() {
             if let Some(d) = Arc::get_mut(&mut dio) {
@@ -155,6 +156,7 @@ impl<B: IoBuf> DioCore<B> {
     /// Submit one request. `i_size` is the file size now (snapshot for the EOF clamp and the
     /// extending-write test). `completion` stays inside the request if the outcome is
     /// `Queued` (dio-core then runs it exactly once) and is handed back otherwise.
+    #[inline(always)]
     pub fn submit(&self, req: DioRequest<B>, i_size: u64, completion: Completion<B>) -> Outcome<B> {
         let DioRequest {
             dir,
@@ -295,6 +297,7 @@ impl<B: IoBuf> DioCore<B> {
 
     /// Submit one bio, taking its reference first; throttle on `QueueFull` if allowed.
     /// Returns false (with `submit_err` set) if the device refused it for good.
+    #[inline(always)]
     fn issue(&self, dio: &mut Arc<DioShared<B>>, bio: BioParts<B>, w: &mut Walk) -> bool {
         // The reference before the bio's `Arc` clone, so that a request's first one is taken
         // without the lock (the state is not shared yet).

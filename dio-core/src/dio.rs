@@ -181,6 +181,7 @@ impl<B: Send + 'static> DioShared<B> {
     /// §3.4 steps 7–8: drain unless queued, then drop the submitter's reference. `Some` when
     /// the submitter held the last reference (it owns the request again); `None` means
     /// `Queued`, and `self` has been dropped: no further access (B8).
+    #[inline(always)]
     pub fn submitter_done(
         this: Arc<Self>,
         queued: bool,
@@ -197,6 +198,7 @@ impl<B: Send + 'static> DioShared<B> {
     }
 
     /// §3.5 steps 2–4: drop a bio's reference; if it was the last one, complete the request.
+    #[inline(always)]
     pub fn bio_done(this: Arc<Self>, status: Result<(), DeviceStatus>) {
         let err = status.err().map(DioError::Io);
         let fin = match &this.refs {
@@ -211,6 +213,7 @@ impl<B: Send + 'static> DioShared<B> {
 
     /// The only call site of the user completion inside dio-core: the last reference was a
     /// bio's, so the submitter returned `Queued`.
+    #[inline(always)]
     fn complete_queued(dio: Arc<Self>, fin: Final<B>) {
         match dio.deferral.clone() {
             Some(d) => d.defer_completion(Deferred::new(dio, Handoff::Resolve(fin))),
@@ -220,6 +223,7 @@ impl<B: Send + 'static> DioShared<B> {
 
     /// Resolve if needed, recycle the state, then run the completion (after the recycling,
     /// so that a completion that submits again finds the state in the pool).
+    #[inline(always)]
     pub(crate) fn finish(dio: Arc<Self>, h: Handoff<B>) {
         let (res, payload) = match h {
             Handoff::Resolve(fin) => dio.resolve(fin),
@@ -232,6 +236,7 @@ impl<B: Send + 'static> DioShared<B> {
     }
 
     /// `dio_complete`: EOF clamp, end-io hook (only if bytes were handled), precedence.
+    #[inline(always)]
     pub fn resolve(&self, fin: Final<B>) -> (DioResult, Payload<B>) {
         let Final {
             walk,

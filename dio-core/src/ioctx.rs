@@ -95,6 +95,7 @@ impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
 
     /// [`submit_async_traced`](Self::submit_async_traced) with SPDK's callback shape: a plain
     /// function, no allocation; the request's context travels in its buffer.
+    #[inline]
     pub fn submit_async_fn(
         &self,
         req: DioRequest<B>,
@@ -103,6 +104,7 @@ impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
         self.submit_async_with(req, Completion::from_fn(cb))
     }
 
+    #[inline(always)]
     fn submit_async_with(
         &self,
         req: DioRequest<B>,
@@ -128,6 +130,7 @@ impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
     }
 
     /// Submit and wait: the same steps, returning the value instead of calling back.
+    #[inline(always)]
     pub fn submit_sync(&self, mut req: DioRequest<B>) -> (DioResult, B) {
         req.mode = Mode::Sync;
         let (dir, offset, len) = (req.dir, req.offset, req.len);
@@ -138,6 +141,7 @@ impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
     }
 
     /// Steps 4(a) and 5: buffered remainder, then the size update, before anyone is told.
+    #[inline(always)]
     fn finish(
         &self,
         dir: Dir,

@@ -98,6 +98,7 @@ impl<B> LockedRefs<B> {
 
     /// Wait until `refs <= target` and return with the lock held, so that the submitter's
     /// final drop can follow in the same critical section as its last check.
+    #[inline(always)]
     fn wait_locked(&self, target: u32, wait: &Wait) -> MutexGuard<'_, State<B>> {
         match wait {
             Wait::Park => {
@@ -127,6 +128,7 @@ impl<B> LockedRefs<B> {
 
     /// §3.4 steps 7–8. One critical section when nothing is left in flight: the drain's last
     /// check and the final decrement (and for `Queued`, the decrement alone).
+    #[inline(always)]
     pub fn submitter_done(
         &self,
         queued: bool,
@@ -159,6 +161,7 @@ impl<B> LockedRefs<B> {
         }
     }
 
+    #[inline(always)]
     pub fn bio_done(&self, err: Option<DioError>) -> Option<Final<B>> {
         let mut g = self.lock();
         if let Some(e) = err {

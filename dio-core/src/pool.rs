@@ -27,11 +27,13 @@ impl<T> Pool<T> {
     }
 
     /// An idle state, if any.
+    #[inline]
     pub fn pop(&self) -> Option<T> {
         self.free.pop()
     }
 
     /// Keep `t` for reuse; dropped if the pool is full or closed.
+    #[inline]
     pub fn push(&self, t: T) {
         use std::sync::atomic::{Ordering, fence};
         if self.free.push(t).is_err() {

@@ -114,6 +114,7 @@ impl BioCtx {
     /// Complete the bio into dio-core (its reference drop, and the request's completion if it
     /// was the last), then wake its submitter's waiter. The waiter is a per-thread object that
     /// is never freed, not part of the request, so touching it after the drop is fine.
+    #[inline(always)]
     fn complete(self, status: Result<(), DeviceStatus>) {
         let BioCtx(bio, waiter) = self;
         bio.complete(status);
@@ -187,6 +188,7 @@ pub(crate) fn status_of(r: IoResult) -> Result<(), DeviceStatus> {
 
 /// Submit one bio to its queue pair. `Err(work)`: the request pool is exhausted, retry after
 /// a poll. Other refusals go to `failed`, completed by the next poll.
+#[inline(always)]
 fn submit_one(
     qpairs: &mut [QueuePair<BioCtx>],
     targets: &Targets,
@@ -1089,6 +1091,7 @@ impl Local {
     }
 
     /// The engine's state, on its owner thread, unless it is already borrowed there.
+    #[inline(always)]
     fn with<R>(&self, f: impl FnOnce(&mut LocalState) -> R) -> Option<R> {
         LOCAL.with(|l| {
             let mut l = l.try_borrow_mut().ok()?;

@@ -549,11 +549,8 @@ impl Shared {
 pub(crate) struct Context {
     /// The window's `start` while the context is attached to it (see [`Window`]).
     start: usize,
-    pending: Option<Pending>,
-}
-
-struct Pending {
-    shared: Arc<Shared>,
+    /// The file's shared part while a request holds the context (`None` in the pool).
+    shared: Option<Arc<Shared>>,
     /// `None` once given back.
     held: Option<Held>,
     acct: Accounting,
@@ -561,40 +558,57 @@ struct Pending {
     cb: Option<Callback>,
 }
 
-impl Drop for Pending {
+impl Drop for Context {
     /// A request refused by dio-core (or a context lost by mistake) still gives its range back;
     /// its callback, if still here, is dropped unrun.
     fn drop(&mut self) {
-        if let Some(h) = self.held.take() {
-            self.shared.locks.unlock(h);
+        if let (Some(s), Some(h)) = (&self.shared, self.held.take()) {
+            s.locks.unlock(h);
         }
     }
 }
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.pending {
-            Some(p) => f
+        match &self.shared {
+            Some(_) => f
                 .debug_struct("Context")
-                .field("held", &p.held)
-                .field("acct", &p.acct)
+                .field("held", &self.held)
+                .field("acct", &self.acct)
                 .finish_non_exhaustive(),
             None => f.write_str("Context(free)"),
         }
     }
 }
 
+/// What a finished request's context held: its byte accounting and the user's callback.
+type Taken = (Accounting, Option<Callback>);
+
 impl Context {
-    /// A context for `pending`, from the file's pool (allocated only when the pool is empty).
-    fn new(pending: Pending) -> Box<Context> {
-        match pending.shared.contexts.pop() {
+    /// A context for a request, from the file's pool (allocated only when the pool is empty).
+    /// Filled field by field in place: the context is larger than a few words, and every move
+    /// of it by value is a call to `memcpy`.
+    #[inline]
+    fn new(
+        shared: Arc<Shared>,
+        held: Option<Held>,
+        acct: Accounting,
+        cb: Callback,
+    ) -> Box<Context> {
+        match shared.contexts.pop() {
             Some(mut b) => {
-                b.pending = Some(pending);
+                b.held = held;
+                b.acct = acct;
+                b.cb = Some(cb);
+                b.shared = Some(shared);
                 b
             }
             None => Box::new(Context {
                 start: 0,
-                pending: Some(pending),
+                shared: Some(shared),
+                held,
+                acct,
+                cb: Some(cb),
             }),
         }
     }
@@ -608,12 +622,18 @@ impl Context {
         self.start = start;
     }
 
-    /// Empty the context, give it back to the pool of `shared`, and return what it held.
-    fn recycle(mut self: Box<Self>) -> Option<Pending> {
-        let p = self.pending.take()?;
+    /// Give the range back, empty the context, return it to the pool of its file, and return
+    /// the accounting and the callback (`None` if the context was not held by a request).
+    #[inline(always)]
+    fn recycle(mut self: Box<Self>) -> Option<Taken> {
+        let shared = self.shared.take()?;
+        if let Some(h) = self.held.take() {
+            shared.locks.unlock(h);
+        }
+        let taken = (self.acct, self.cb.take());
         // Full: dropped (more requests were in flight than the pool keeps).
-        let _ = p.shared.contexts.push(self);
-        Some(p)
+        let _ = shared.contexts.push(self);
+        Some(taken)
     }
 }
 
@@ -640,18 +660,17 @@ impl BlockFile {
                 Some((acct.result(r), w.into_buf()))
             }
             Reply::Async(cb) => {
-                w.attach(Context::new(Pending {
-                    shared: Arc::clone(&self.inner.shared),
-                    held: guard.into_held(),
+                w.attach(Context::new(
+                    Arc::clone(&self.inner.shared),
+                    guard.into_held(),
                     acct,
-                    cb: Some(cb),
-                }));
+                    cb,
+                ));
                 let req = DioRequest::new(dir, at, acct.want, w, Mode::Async);
                 match self.inner.io.submit_async_fn(req, direct_done) {
                     Ok(Submitted::Queued | Submitted::Completed) => None,
                     Err((e, mut w)) => {
-                        // Refused: the range is given back and the callback dropped unrun
-                        // (`Pending`'s drop).
+                        // Refused: the range is given back and the callback dropped unrun.
                         drop(w.detach().and_then(Context::recycle));
                         Some((Err(acct.error(e)), w.into_buf()))
                     }
@@ -692,15 +711,10 @@ impl BlockFile {
 /// window's context): on the poller, the deferral thread, or the submitter's stack.
 fn direct_done(r: DioResult, mut w: Window) {
     // Give the context back to the pool first: the callback may submit again.
-    let Some(mut p) = w.detach().and_then(Context::recycle) else {
+    let Some((acct, cb)) = w.detach().and_then(Context::recycle) else {
         log::error!("a direct request completed without its context; its callback is lost");
         return;
     };
-    if let Some(h) = p.held.take() {
-        p.shared.locks.unlock(h);
-    }
-    let (acct, cb) = (p.acct, p.cb.take());
-    drop(p);
     acct.zero_short_read(&r, &mut w.buf);
     let c = Completed {
         result: acct.result(r),
@@ -742,6 +756,7 @@ impl BlockFile {
 
 /// Run the user's callback. A panic must not kill the poller it runs on (its bios in flight
 /// would never complete): it is caught and logged, and the request counts as completed.
+#[inline(always)]
 fn run_callback(cb: Callback, c: Completed, op: Op, offset: u64, len: u64) {
     if let Err(p) = catch_unwind(AssertUnwindSafe(move || cb.call(c))) {
         let msg = p
@@ -771,24 +786,21 @@ mod tests {
         let pending = |shared: &Arc<Shared>, runs: &Arc<AtomicUsize>| {
             let held = shared.locks.try_lock(0..PAGE, true).unwrap().into_held();
             let runs = Arc::clone(runs);
-            Pending {
-                shared: Arc::clone(shared),
-                held,
-                acct: Accounting {
-                    op: Op::Read,
-                    offset: 0,
-                    len: 10,
-                    pre: 0,
-                    want: 10,
-                    total: 10,
-                },
-                cb: Some(Callback::new(move |_c: Completed| {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                })),
-            }
+            let acct = Accounting {
+                op: Op::Read,
+                offset: 0,
+                len: 10,
+                pre: 0,
+                want: 10,
+                total: 10,
+            };
+            let cb = Callback::new(move |_c: Completed| {
+                runs.fetch_add(1, Ordering::SeqCst);
+            });
+            Context::new(Arc::clone(shared), held, acct, cb)
         };
         let mut w = Window::new(IoBuffer::Heap(vec![7; 300]), 100);
-        w.attach(Context::new(pending(&shared, &runs)));
+        w.attach(pending(&shared, &runs));
         assert_eq!(w.start(), 100);
         assert_eq!(w.bytes().len(), 200);
         assert!(
@@ -802,7 +814,7 @@ mod tests {
         assert!(shared.locks.try_lock(0..1, false).is_some(), "given back");
         // Dropped while attached (a context taken from the pool this time).
         let mut w = Window::new(IoBuffer::Heap(vec![7; 300]), 3);
-        w.attach(Context::new(pending(&shared, &runs)));
+        w.attach(pending(&shared, &runs));
         drop(w);
         assert!(
             shared.locks.try_lock(0..1, true).is_some(),
