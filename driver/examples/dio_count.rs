@@ -1,8 +1,12 @@
-//! N 4 KiB reads at QD1 on the inline emulated controller with a null namespace.
+//! N 4 KiB reads on the inline emulated controller with a null namespace.
 //!
-//! * `raw` / `dio`: through the raw queue pair or the dio path (run to completion), for
-//!   instruction counts: `valgrind --tool=callgrind target/release/examples/dio_count dio
-//!   100000`; the difference between two N gives instructions per I/O.
+//! * `raw` / `dio`: N reads at QD1 through the raw queue pair (`read_blocking`) or the dio path
+//!   (`BlockFile::read`, run to completion), for instruction counts:
+//!   `valgrind --tool=callgrind target/release/examples/dio_count dio 100000`; the difference
+//!   between two N gives instructions per I/O.
+//! * `raw32` / `dio32`: the same at QD32 asynchronous: rounds of 32 `QueuePair::read` (owned
+//!   buffers) or 32 `BlockFile::submit`, then poll until the 32 completed. The completions of
+//!   both put their buffer back into a slot of a preallocated array and bump a counter.
 //! * `pollers`: `BlockFile::read` through one (unpinned) poller thread, timing every request;
 //!   prints the median, p90, p99 and mean latency in µs (the hand-over and wake-up cost):
 //!   `cargo run --release -p dioxide --example dio_count -- pollers 20000 [think_us]`; with
@@ -10,10 +14,38 @@
 //!   that is not I/O bound does (the poller may have parked meanwhile). Two more optional
 //!   arguments set `Builder::poller_idle` and `Builder::wait_spin` in µs.
 
+use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
 use dioxide::emulated::{EmulatedConfig, EmulatedController, Mode, NamespaceConfig};
-use dioxide::{Controller, Dioxide, FileOptions, IoBuffer, Lba, Nsid, QueueOptions};
+use dioxide::{
+    Controller, Dioxide, DmaBuffer, FileOptions, IoBuffer, Lba, Nsid, QueueOptions, Request,
+};
+
+/// Requests in flight in the `raw32` and `dio32` modes.
+const QD: usize = 32;
+
+thread_local! {
+    /// Where the asynchronous completions of `raw32` and `dio32` put their buffer back (one
+    /// slot per request in flight; they run on the submitting thread) and count themselves.
+    static RAW_SLOTS: RefCell<Vec<Option<DmaBuffer>>> = const { RefCell::new(Vec::new()) };
+    static DIO_SLOTS: RefCell<Vec<Option<IoBuffer>>> = const { RefCell::new(Vec::new()) };
+    static DONE: Cell<usize> = const { Cell::new(0) };
+}
+
+fn take<T>(slots: &'static std::thread::LocalKey<RefCell<Vec<Option<T>>>>, i: usize) -> T {
+    slots.with(|s| s.borrow_mut()[i].take().expect("slot filled"))
+}
+
+fn put<T>(slots: &'static std::thread::LocalKey<RefCell<Vec<Option<T>>>>, i: usize, v: T) {
+    slots.with(|s| s.borrow_mut()[i] = Some(v));
+    DONE.with(|d| d.set(d.get() + 1));
+}
+
+/// Completions counted since the count was last reset.
+fn done() -> usize {
+    DONE.with(|d| d.get())
+}
 
 fn report(label: &str, mut lat: Vec<Duration>) {
     lat.sort_unstable();
@@ -51,6 +83,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut b = ctrl.alloc(4096)?;
             for _ in 0..n {
                 q.read_blocking(&ns, Lba(8), b.as_mut_slice())?;
+            }
+        }
+        "raw32" => {
+            let ns = ctrl.namespaces().remove(0);
+            let mut q = ctrl.create_qpair::<(DmaBuffer, usize)>(QueueOptions::default())?;
+            for _ in 0..QD {
+                let b = ctrl.alloc(4096)?;
+                RAW_SLOTS.with(|s| s.borrow_mut().push(Some(b)));
+            }
+            for _ in 0..n / QD as u64 {
+                for i in 0..QD {
+                    q.read(&ns, Lba(8 * i as u64), (take(&RAW_SLOTS, i), i))?;
+                }
+                while done() < QD {
+                    q.poll(usize::MAX, |(b, i), r| {
+                        r.expect("read");
+                        put(&RAW_SLOTS, i, b);
+                    })?;
+                }
+                DONE.with(|d| d.set(0));
+            }
+        }
+        "dio32" => {
+            let dx = Dioxide::builder()
+                .controller(ctrl)
+                .run_to_completion()
+                .build()?;
+            let f = dx.open_file(0, Nsid(1), FileOptions::new(0, 1 << 20).with_len(1 << 29))?;
+            for _ in 0..QD {
+                let b = IoBuffer::Dma(f.alloc(4096)?);
+                DIO_SLOTS.with(|s| s.borrow_mut().push(Some(b)));
+            }
+            for _ in 0..n / QD as u64 {
+                for i in 0..QD {
+                    let req = Request::read(4096 * i as u64, take(&DIO_SLOTS, i));
+                    f.submit(req, move |d| {
+                        assert_eq!(d.result.expect("read"), 4096);
+                        put(&DIO_SLOTS, i, d.buf);
+                    })?;
+                }
+                while done() < QD {
+                    dx.poll();
+                }
+                DONE.with(|d| d.set(0));
             }
         }
         "pollers" => {

@@ -153,7 +153,7 @@ pub use embed::blockfile::{BlockFile, Completed, ExtendHook, FileOptions, Refuse
 pub use embed::cache::{CacheStats, PageCache};
 pub use embed::error::{EmbedError, EmbedResult, Op};
 pub use embed::iobuf::IoBuffer;
-pub use embed::poller::PollerStats;
+pub use embed::poller::{PollerStats, PollerTask, PollerTaskId};
 pub use embed::{Builder, CompletionThread, Completions, Dioxide};
 pub use nvme::admin::AbortOutcome;
 pub use nvme::controller::{Controller, ControllerOptions, InitState};

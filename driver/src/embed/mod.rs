@@ -1,5 +1,9 @@
 //! The embedding facade: [`Dioxide`] ties controllers, pollers, page caches and files together
 //! for an appliance, with no `unsafe` on its side.
+//!
+//! The engine below dio-core's `BioSink` (pooled pollers, run to completion, poller tasks, the
+//! wake-up and shutdown protocols) is described in the `poller` module; the per-request path
+//! above it in `blockfile`.
 
 pub(crate) mod blockfile;
 pub(crate) mod cache;
@@ -19,7 +23,10 @@ use crate::bus::dma::DmaBuffer;
 use crate::embed::blockfile::{BlockFile, EngineRef, Extents, FileOptions};
 use crate::embed::cache::{CacheStats, PageCache};
 use crate::embed::error::{EmbedError, EmbedResult};
-use crate::embed::poller::{Local, PollerConfig, PollerStats, Pollers, StartError, Targets};
+use crate::embed::poller::{
+    Local, PollerConfig, PollerStats, PollerTask, PollerTaskId, Pollers, StartError, Targets,
+    TaskError,
+};
 use crate::nvme::controller::Controller;
 use crate::nvme::error::Error;
 use crate::nvme::namespace::Namespace;
@@ -331,6 +338,39 @@ impl Dioxide {
         match &self.engine {
             EngineRef::Pooled(p) => (0..p.len()).map(|i| p.stats(i)).collect(),
             EngineRef::Local(_) => Vec::new(),
+        }
+    }
+
+    /// Run `task` on poller `poller` (an index into [`Builder::pollers`]), once per round of
+    /// that poller's loop, on its thread, until it is removed or the instance shuts down (it is
+    /// then dropped on that thread, after the poller's last I/O completed). What the task
+    /// submits from there goes to that poller's own queue and completes on that thread, as
+    /// from a completion callback; a busy task keeps the poller from parking (see
+    /// [`PollerTask`]). Errors: [`EmbedError::Config`] in run-to-completion mode or when there
+    /// is no such poller.
+    pub fn add_poller_task(
+        &self,
+        poller: usize,
+        task: impl PollerTask,
+    ) -> EmbedResult<PollerTaskId> {
+        let EngineRef::Pooled(p) = &self.engine else {
+            return Err(EmbedError::Config(
+                "add_poller_task: a run-to-completion instance has no poller; use Builder::pollers",
+            ));
+        };
+        p.add_task(poller, Box::new(task)).map_err(|e| match e {
+            TaskError::NoSuchPoller => EmbedError::Config(
+                "add_poller_task: no poller with that index; Builder::pollers sets how many run",
+            ),
+            TaskError::Stopped => EmbedError::ShutDown,
+        })
+    }
+
+    /// Remove a task: it is dropped on its poller's thread at the start of that poller's next
+    /// round (its `Drop` tells when). A task already removed: nothing happens.
+    pub fn remove_poller_task(&self, id: PollerTaskId) {
+        if let EngineRef::Pooled(p) = &self.engine {
+            p.remove_task(id);
         }
     }
 

@@ -1,41 +1,90 @@
 //! Pollers: the threads that own the queue pairs, and the two ways bios reach a queue pair.
 //!
 //! **Pooled** ([`Pollers`]): N threads, each pinned to a core (`sched_setaffinity`), each
-//! owning one [`QueuePair`] per controller. Any thread hands a poller a bio through that
-//! poller's bounded ring (crossbeam's lock-free `ArrayQueue`: a multi-producer ring whose only
-//! consumer is the poller, so the poller's I/O path takes no lock). A bio submitted *by* a
-//! poller thread (a completion callback that issues I/O) goes to a thread-local queue of that
-//! poller instead, which never fills. The poller submits what it received, rings each doorbell
-//! once per batch, polls every queue pair, and completes each finished bio into dio-core on its
-//! own thread. With nothing in flight and nothing queued it keeps polling for a bounded time
+//! owning one [`QueuePair`] per controller. A client thread hands its bios to its *home*
+//! poller (one per thread, chosen round robin at its first request) through that poller's
+//! bounded ring (crossbeam's lock-free `ArrayQueue`: many producers, the poller its only
+//! consumer, so the poller's I/O path takes no lock). A bio submitted *by* a poller thread (a
+//! completion callback or a [`PollerTask`] that issues I/O) goes to a thread-local queue of that
+//! poller instead, which never fills. Each round the poller submits what it received (ringing
+//! each doorbell once per batch), polls every queue pair, completes each finished bio into
+//! dio-core on its own thread (`dio-core/DESIGN.md §3.5`), then runs its tasks. With nothing in
+//! flight, nothing queued and no busy task it keeps polling for a bounded time
 //! (`Builder::poller_idle`, default 1 ms, yielding the CPU between rounds), then parks on a
-//! crossbeam-utils `Parker`; a submitter unparks it only if it really parked (a Dekker handshake
-//! on `sleeping` with SeqCst fences, so no wake-up is lost). A full ring makes a submitter on
-//! another thread back off until the poller drains it.
+//! crossbeam-utils `Parker`. A full ring makes a submitter back off until the poller drains it;
+//! a poller that finds the request pool of a queue pair exhausted keeps the bio and retries after
+//! its next poll (`dio-core/DESIGN.md §3.10`).
 //!
-//! A client thread waiting for its own bios (a synchronous call, a page-cache fill, dio-core's
-//! throttle) waits in dio-core's `Wait::PollInPlace` loop with [`SpinThenPark`]: every bio
-//! carries the submitting thread's [`Waiter`]; the poller completes the bio into dio-core, then
-//! sets the waiter's flag and unparks the thread only if it parked. The client spins on the
-//! flag for `Builder::wait_spin` (default 20 µs; the first 2 µs without yielding), then parks.
-//! dio-core re-checks the request under its own lock after each wake-up, so a wake-up for
-//! another request of the same thread costs one check; its condition variable is not used.
+//! *Wake-up protocol (no lost wake-up, no fence per push).* The only word a submitter reads to
+//! decide whether to wake its poller is the poller's `sleeping` flag, on a cache line of its own
+//! that the poller writes only when it parks and when it wakes up, so while the poller is awake
+//! the line stays shared in every submitter's cache. The handshake is Dekker's, with sequentially
+//! consistent (SeqCst) operations on both sides. A submitter publishes its bio with the ring's
+//! SeqCst compare-exchange of the tail (crossbeam-queue's `ArrayQueue::push`), then loads
+//! `sleeping` (SeqCst; a plain load on x86), and unparks the poller only if it is set. The
+//! poller, before it parks, stores `sleeping = true` (SeqCst), issues a SeqCst fence, then
+//! checks the ring (`ArrayQueue::is_empty`: SeqCst loads of head and tail), its task inbox and
+//! the stop flag, and parks only if there is nothing. In the single total order of SeqCst
+//! operations either the submitter's load of `sleeping` comes after the poller's store, and it
+//! unparks the poller (the `Parker` keeps the token if the unpark comes before `park`), or it
+//! comes before it, and then so does the compare-exchange that published the bio (program
+//! order), so the poller's `is_empty` sees the bio and it does not park. A push thus costs the
+//! ring's own compare-exchange and one load, no fence and no write to a shared line while the
+//! poller is awake. The argument relies on `push` and `is_empty` being SeqCst (crossbeam-queue
+//! 0.3, pinned by `Cargo.lock`; on x86 every locked instruction is a full barrier anyway). The
+//! test `no_wake_up_is_lost` parks the poller and the clients after every request, under a
+//! watchdog that fails it instead of hanging.
 //!
-//! Allocation on the I/O path: none in the pollers (the ring, the thread-local queue and the
-//! failed list keep their capacity; run to completion reuses its list of reaped bios). Per
-//! request there remain dio-core's request state (one `Arc`), and for asynchronous requests
-//! the boxed callback (`Box<dyn FnOnce>`) and dio-core's boxed `Completion` wrapping it; a
-//! deferred completion adds the boxed job (and, amortised, a block of the completion thread's
-//! channel every 31 jobs).
+//! *Shutdown protocol.* A request counts itself, for its submission phase, in the `active`
+//! counter of its home poller ([`Pollers::enter`], [`Pollers::leave`]); all its bios go to that
+//! poller (a request submitted on a poller thread counts on, and queues to, that poller). Each
+//! counter sits on its own cache line, written only by the clients of that poller: no counter
+//! shared by every client thread. `enter` increments the counter (SeqCst) then reads `stop`
+//! (SeqCst); `shutdown` stores `stop` (SeqCst) then unparks every poller; a poller exits once it
+//! has read `stop`, then its counter at 0, then its ring and thread-local queue empty and no
+//! command in flight. Dekker again: a request that read `stop == false` was counted before the
+//! poller read the counter, so the poller waits for it; its bios were pushed before its `leave`
+//! (a release decrement), hence are seen by the ring check that follows the poller's read of the
+//! decrement. A request that read `stop == true` is refused at once (`EmbedError::ShutDown`), so
+//! no request is refused after it was accepted, and none accepted is lost. The last `leave`
+//! after `stop` unparks its poller (which also re-checks every millisecond while it waits).
 //!
-//! **Run to completion** ([`Local`]): the caller's thread owns the queue pair (kept in a
-//! thread-local slot) and polls it itself while it waits: dio-core's `Wait::PollInPlace`.
+//! *Waiting for one's own bios.* A client thread waiting for its own bios (a synchronous call, a
+//! page-cache fill, dio-core's throttle) waits in dio-core's `Wait::PollInPlace` loop
+//! (`dio-core/DESIGN.md §3.12`) with [`SpinThenPark`]: every bio carries a plain `&'static`
+//! reference to the submitting thread's [`Waiter`], taken at the thread's first request from a
+//! global pool and given back when the thread exits; waiters are never freed, so a late
+//! completion can always touch its waiter (at worst it wakes the waiter's next owner once,
+//! spuriously). The poller completes the bio into dio-core, then sets the waiter's flag and
+//! unparks the thread only if it parked (the same handshake, on the waiter's own line). The
+//! client spins on the flag for `Builder::wait_spin` (default 20 µs; the first 2 µs without
+//! yielding), then parks. dio-core re-checks the request under its own lock after each wake-up,
+//! so a wake-up for another request of the same thread costs one check; its condition variable
+//! is not used.
+//!
+//! *Tasks.* A [`PollerTask`] (a connection of the NVMe/TCP target, as in SPDK's poll groups)
+//! runs on the thread of the poller it was added to, once per round after the I/O. The I/O it
+//! submits goes to that poller's own queue and its completions run on that thread. A task that
+//! reports itself busy keeps the poller from parking (a task that waits for outside events,
+//! such as sockets, stays busy while it must be polled). Tasks arrive and leave through a small
+//! inbox (a mutex taken only then, and a flag the poller reads each round); a task is dropped on
+//! its poller's thread when removed, or at shutdown once the poller's last I/O has completed. A
+//! panicking task is dropped and counted ([`PollerStats::task_panics`]); the poller goes on.
+//!
+//! Allocation on the I/O path: none here (the ring, the thread-local queue and the failed list
+//! keep their capacity; run to completion reuses its list of reaped bios); what dio-core and the
+//! file layer allocate per request is theirs.
+//!
+//! **Run to completion** ([`Local`]): the caller's thread owns the queue pairs, kept in a slot of
+//! a thread-local table whose index the engine keeps (O(1) access, no search), and polls them
+//! itself while it waits: dio-core's `Wait::PollInPlace`.
 //!
 //! Errors a queue pair reports at submission (a dead queue, a bad range) complete the bio with
 //! an error status on the next poll, never inside `BioSink::submit` (dio-core's rule).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -57,12 +106,12 @@ use crate::types::{Iova, Lba};
 
 /// The context of one bio on a queue pair: the bio, and the waiter of the thread that
 /// submitted it (pooled mode), woken once the bio has been completed into dio-core.
-pub(crate) struct BioCtx(Bio<Window>, Option<Arc<Waiter>>);
+pub(crate) struct BioCtx(Bio<Window>, Option<&'static Waiter>);
 
 impl BioCtx {
     /// Complete the bio into dio-core (its reference drop, and the request's completion if it
-    /// was the last), then wake its submitter's waiter. The waiter is a per-thread object held
-    /// by this context, not part of the request, so touching it after the drop is fine.
+    /// was the last), then wake its submitter's waiter. The waiter is a per-thread object that
+    /// is never freed, not part of the request, so touching it after the drop is fine.
     fn complete(self, status: Result<(), DeviceStatus>) {
         let BioCtx(bio, waiter) = self;
         bio.complete(status);
@@ -98,7 +147,7 @@ unsafe impl DmaOwner for BioCtx {
 pub(crate) struct Work {
     target: u32,
     bio: Bio<Window>,
-    waiter: Option<Arc<Waiter>>,
+    waiter: Option<&'static Waiter>,
 }
 
 /// The namespaces an engine serves: `(controller index, namespace)`.
@@ -178,11 +227,11 @@ fn submit_one(
 // ---------------------------------------------------------------------------------------------
 // Waiting for one's own bios (pooled mode): spin, then park.
 
-/// The waiter of one client thread (one per thread, allocated on its first request). Every
-/// bio it submits carries a clone; the poller completes the bio into dio-core, then calls
-/// [`wake`](Waiter::wake). The thread waits in dio-core's `Wait::PollInPlace` loop through
-/// [`SpinThenPark`]: dio-core re-checks the request's reference count (under its lock) between
-/// calls, so a wake-up that was for another request only costs one more check.
+/// The waiter of one client thread (see the module docs): its bios carry a `&'static` to it;
+/// the poller completes the bio into dio-core, then calls [`wake`](Waiter::wake). The thread
+/// waits in dio-core's `Wait::PollInPlace` loop through [`SpinThenPark`]: dio-core re-checks
+/// the request's reference count (under its lock) between calls, so a wake-up that was for
+/// another request only costs one more check.
 pub(crate) struct Waiter {
     /// A bio of this thread completed since the last check.
     woken: AtomicBool,
@@ -200,26 +249,54 @@ impl Waiter {
     }
 }
 
+/// A waiter and the parker it unparks, owned by one thread at a time.
 struct WaitSlot {
     parker: Parker,
-    waiter: Arc<Waiter>,
+    waiter: &'static Waiter,
 }
 
-impl WaitSlot {
-    fn new() -> Self {
-        let parker = Parker::new();
-        let waiter = Arc::new(Waiter {
-            woken: AtomicBool::new(false),
-            sleeping: AtomicBool::new(false),
-            unparker: parker.unparker().clone(),
-        });
-        WaitSlot { parker, waiter }
+/// Waiters of threads that exited, for the next threads (a waiter is never freed: a bio
+/// completed late may still hold a reference to it).
+static SPARE_WAITERS: Mutex<Vec<WaitSlot>> = Mutex::new(Vec::new());
+
+/// The calling thread's [`WaitSlot`], given back to [`SPARE_WAITERS`] when the thread exits.
+struct ThreadWaiter(Option<WaitSlot>);
+
+impl ThreadWaiter {
+    fn take() -> ThreadWaiter {
+        let spare = SPARE_WAITERS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        ThreadWaiter(Some(spare.unwrap_or_else(|| {
+            let parker = Parker::new();
+            let waiter = Box::leak(Box::new(CachePadded::new(Waiter {
+                woken: AtomicBool::new(false),
+                sleeping: AtomicBool::new(false),
+                unparker: parker.unparker().clone(),
+            })));
+            WaitSlot { parker, waiter }
+        })))
+    }
+
+    fn slot(&self) -> &WaitSlot {
+        self.0.as_ref().expect("taken until the thread exits")
     }
 }
 
-/// The waiter of the calling thread.
-fn my_waiter() -> Arc<Waiter> {
-    WAIT_SLOT.with(|w| Arc::clone(&w.waiter))
+impl Drop for ThreadWaiter {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            // A late completion may still set `woken`: the next owner then returns from one
+            // wait early, and dio-core re-checks its request.
+            slot.waiter.woken.store(false, Ordering::Relaxed);
+            slot.waiter.sleeping.store(false, Ordering::Relaxed);
+            SPARE_WAITERS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(slot);
+        }
+    }
 }
 
 /// How long a waiting client spins without yielding the CPU.
@@ -233,8 +310,9 @@ pub(crate) struct SpinThenPark {
 
 impl Poller for SpinThenPark {
     fn poll_once(&self) {
-        WAIT_SLOT.with(|slot| {
-            let w = &*slot.waiter;
+        WAIT_SLOT.with(|tw| {
+            let slot = tw.slot();
+            let w = slot.waiter;
             if w.woken.swap(false, Ordering::AcqRel) {
                 return;
             }
@@ -263,12 +341,13 @@ impl Poller for SpinThenPark {
                     }
                 }
             }
+            // Dekker with `Waiter::wake`: announce the park, then re-check. The swap consumes
+            // the wake-up it reads; one that comes later stays set for the next call.
             w.sleeping.store(true, Ordering::SeqCst);
-            while !w.woken.load(Ordering::SeqCst) {
+            while !w.woken.swap(false, Ordering::SeqCst) {
                 slot.parker.park();
             }
-            w.sleeping.store(false, Ordering::SeqCst);
-            w.woken.store(false, Ordering::SeqCst);
+            w.sleeping.store(false, Ordering::Relaxed);
         });
     }
 }
@@ -276,19 +355,30 @@ impl Poller for SpinThenPark {
 // ---------------------------------------------------------------------------------------------
 // Pooled pollers.
 
-thread_local! {
+/// What a thread is to the engines: a poller of one, and the home poller of its requests.
+struct Role {
     /// `(engine id, poller index)` when this thread is a poller.
-    static ON_POLLER: Cell<Option<(u64, usize)>> = const { Cell::new(None) };
-    /// Bios submitted by this poller thread itself (from completion callbacks).
-    static OWN_QUEUE: RefCell<VecDeque<Work>> = const { RefCell::new(VecDeque::new()) };
+    on_poller: Cell<Option<(u64, usize)>>,
     /// A per-thread number choosing the poller a client thread hands its bios to.
-    static HOME: Cell<usize> = const { Cell::new(usize::MAX) };
+    home: Cell<usize>,
+}
+
+thread_local! {
+    static ROLE: Role = const {
+        Role {
+            on_poller: Cell::new(None),
+            home: Cell::new(usize::MAX),
+        }
+    };
+    /// Bios submitted by this poller thread itself (completion callbacks, tasks).
+    static OWN_QUEUE: RefCell<VecDeque<Work>> = const { RefCell::new(VecDeque::new()) };
     /// The waiter of this thread (see [`SpinThenPark`]).
-    static WAIT_SLOT: WaitSlot = WaitSlot::new();
+    static WAIT_SLOT: ThreadWaiter = ThreadWaiter::take();
 }
 
 static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
 static NEXT_HOME: AtomicUsize = AtomicUsize::new(0);
+static NEXT_TASK: AtomicU64 = AtomicU64::new(1);
 
 /// Counters of one poller.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -301,17 +391,87 @@ pub struct PollerStats {
     pub parks: u64,
     /// Times a submitter found the ring full and backed off.
     pub ring_full: u64,
+    /// Tasks dropped because their `poll` panicked.
+    pub task_panics: u64,
 }
 
-/// What a poller shares with submitters.
-pub(crate) struct PollerShared {
-    ring: ArrayQueue<Work>,
-    sleeping: AtomicBool,
-    unparker: Unparker,
+/// Work a poller runs on its own thread, once per round after its I/O (see the module docs):
+/// for instance the connections of an NVMe/TCP target (SPDK's poll groups), which poll their
+/// sockets and submit asynchronous [`BlockFile`](crate::BlockFile) requests from the poller.
+/// Such requests go to this poller's own queue and complete on this thread; what would block
+/// is refused with [`EmbedError::WouldBlockOnPoller`](crate::EmbedError::WouldBlockOnPoller).
+/// Added with [`Dioxide::add_poller_task`](crate::Dioxide::add_poller_task); dropped on the
+/// poller thread when removed or at shutdown.
+pub trait PollerTask: Send + 'static {
+    /// Do what is ready, without blocking; returns how much work was done (0: none). A poller
+    /// that did no work in a round counts towards parking.
+    fn poll(&mut self) -> usize;
+    /// True while the task must keep being polled even when it does no work (it waits for
+    /// events from outside: sockets, another thread): the poller does not park meanwhile.
+    fn is_busy(&self) -> bool {
+        false
+    }
+}
+
+/// The handle of a task added to a poller, to remove it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PollerTaskId {
+    poller: usize,
+    id: u64,
+}
+
+impl PollerTaskId {
+    /// The index of the poller that runs the task.
+    pub fn poller(&self) -> usize {
+        self.poller
+    }
+}
+
+/// A change to a poller's tasks.
+enum TaskOp {
+    Add(u64, Box<dyn PollerTask>),
+    Remove(u64),
+}
+
+/// Counters of a poller, written by the poller only (single writer: plain load and store).
+#[derive(Default)]
+struct Counters {
     submitted: AtomicU64,
     completed: AtomicU64,
     parks: AtomicU64,
-    ring_full: AtomicU64,
+    task_panics: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+}
+
+/// What a poller shares with the other threads. Each group its own cache line(s): what the
+/// submitters read on every push (`sleeping`) is written by the poller only when it parks,
+/// away from the counters it writes every round and from the clients' `active` counter.
+pub(crate) struct PollerShared {
+    /// The hand-over ring (head and tail on their own lines, inside crossbeam).
+    ring: ArrayQueue<Work>,
+    /// The poller is parked or about to park (see the wake-up protocol).
+    sleeping: CachePadded<AtomicBool>,
+    unparker: Unparker,
+    /// Requests of this poller's client threads in their submission phase (shutdown).
+    active: CachePadded<AtomicUsize>,
+    /// Times a submitter found the ring full (written by submitters, rarely).
+    ring_full: CachePadded<AtomicU64>,
+    counters: CachePadded<Counters>,
+    /// Task changes for the poller; `inbox_pending` says there are some.
+    inbox: Mutex<Vec<TaskOp>>,
+    inbox_pending: AtomicBool,
+}
+
+impl PollerShared {
+    /// Unpark the poller if it is parked or about to park (after a SeqCst publication).
+    fn kick(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.unparker.unpark();
+        }
+    }
 }
 
 /// Options of the pooled pollers.
@@ -330,11 +490,9 @@ pub(crate) struct PollerConfig {
 /// The running pollers of an engine.
 pub(crate) struct Pollers {
     id: u64,
-    shared: Vec<CachePadded<Arc<PollerShared>>>,
-    stop: AtomicBool,
+    shared: Box<[CachePadded<PollerShared>]>,
+    stop: CachePadded<AtomicBool>,
     wait_spin: Duration,
-    /// Requests between their start and the end of their submission (shutdown waits for 0).
-    active: AtomicUsize,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -345,6 +503,15 @@ pub(crate) enum StartError {
     Pin(usize, usize, std::io::Error),
     Spawn(std::io::Error),
     Queue(Error),
+}
+
+/// Why a task could not be added.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum TaskError {
+    /// No poller with that index.
+    NoSuchPoller,
+    /// The pollers are shutting down.
+    Stopped,
 }
 
 /// Pin the calling thread to `core`.
@@ -366,6 +533,72 @@ pub(crate) fn pin_current_thread(core: usize) -> std::io::Result<()> {
     }
 }
 
+/// A poller's tasks, on its thread.
+struct Tasks {
+    list: Vec<(u64, Box<dyn PollerTask>)>,
+}
+
+impl Tasks {
+    /// Apply the changes waiting in the inbox.
+    fn take_inbox(&mut self, s: &PollerShared) {
+        // Swap first: a change pushed after it leaves the flag set for the next round.
+        if !s.inbox_pending.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let ops: Vec<TaskOp> =
+            std::mem::take(&mut *s.inbox.lock().unwrap_or_else(|p| p.into_inner()));
+        for op in ops {
+            match op {
+                TaskOp::Add(id, t) => self.list.push((id, t)),
+                TaskOp::Remove(id) => {
+                    if let Some(i) = self.list.iter().position(|(x, _)| *x == id) {
+                        drop_task(self.list.remove(i).1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Poll every task once: (work done, some task is busy).
+    fn poll(&mut self, s: &PollerShared) -> (usize, bool) {
+        let (mut work, mut busy) = (0usize, false);
+        let mut i = 0;
+        while i < self.list.len() {
+            let t = &mut self.list[i].1;
+            match catch_unwind(AssertUnwindSafe(|| (t.poll(), t.is_busy()))) {
+                Ok((n, b)) => {
+                    work = work.saturating_add(n);
+                    busy |= b;
+                    i += 1;
+                }
+                Err(_) => {
+                    bump(&s.counters.task_panics, 1);
+                    drop_task(self.list.remove(i).1);
+                }
+            }
+        }
+        (work, busy)
+    }
+
+    /// Drop every task, and those still in the inbox (shutdown).
+    fn clear(&mut self, s: &PollerShared) {
+        for (_, t) in self.list.drain(..) {
+            drop_task(t);
+        }
+        let ops = std::mem::take(&mut *s.inbox.lock().unwrap_or_else(|p| p.into_inner()));
+        for op in ops {
+            if let TaskOp::Add(_, t) = op {
+                drop_task(t);
+            }
+        }
+    }
+}
+
+/// Drop a task; a panic in its `Drop` must not kill the poller either.
+fn drop_task(t: Box<dyn PollerTask>) {
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(t)));
+}
+
 impl Pollers {
     /// Start one poller per entry of `cfg.cores`, each with a queue pair on every controller.
     pub(crate) fn start(
@@ -385,23 +618,23 @@ impl Pollers {
                         .map_err(StartError::Queue)?,
                 );
             }
-            shared.push(CachePadded::new(Arc::new(PollerShared {
+            shared.push(CachePadded::new(PollerShared {
                 ring: ArrayQueue::new(cfg.ring.max(1)),
-                sleeping: AtomicBool::new(false),
+                sleeping: CachePadded::new(AtomicBool::new(false)),
                 unparker: parker.unparker().clone(),
-                submitted: AtomicU64::new(0),
-                completed: AtomicU64::new(0),
-                parks: AtomicU64::new(0),
-                ring_full: AtomicU64::new(0),
-            })));
+                active: CachePadded::new(AtomicUsize::new(0)),
+                ring_full: CachePadded::new(AtomicU64::new(0)),
+                counters: CachePadded::new(Counters::default()),
+                inbox: Mutex::new(Vec::new()),
+                inbox_pending: AtomicBool::new(false),
+            }));
             parts.push((parker, qpairs));
         }
         let pollers = Arc::new(Pollers {
             id,
-            shared,
-            stop: AtomicBool::new(false),
+            shared: shared.into_boxed_slice(),
+            stop: CachePadded::new(AtomicBool::new(false)),
             wait_spin: cfg.wait_spin,
-            active: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -466,23 +699,43 @@ impl Pollers {
 
     /// True on a poller thread of this engine.
     pub(crate) fn on_poller(&self) -> bool {
-        ON_POLLER.with(|p| p.get().is_some_and(|(id, _)| id == self.id))
+        ROLE.with(|r| r.on_poller.get().is_some_and(|(id, _)| id == self.id))
     }
 
     /// Counters of poller `i`.
     pub(crate) fn stats(&self, i: usize) -> PollerStats {
         let s = &self.shared[i];
         PollerStats {
-            submitted: s.submitted.load(Ordering::Relaxed),
-            completed: s.completed.load(Ordering::Relaxed),
-            parks: s.parks.load(Ordering::Relaxed),
+            submitted: s.counters.submitted.load(Ordering::Relaxed),
+            completed: s.counters.completed.load(Ordering::Relaxed),
+            parks: s.counters.parks.load(Ordering::Relaxed),
             ring_full: s.ring_full.load(Ordering::Relaxed),
+            task_panics: s.counters.task_panics.load(Ordering::Relaxed),
         }
     }
 
-    /// A request starts: false once shutdown has begun (the request must be refused).
+    /// The poller the calling thread's requests go to: its own on a poller thread of this
+    /// engine, else the thread's home (numbered round robin at its first request).
+    fn home(&self) -> &PollerShared {
+        let i = ROLE.with(|r| match r.on_poller.get() {
+            Some((id, i)) if id == self.id => i,
+            _ => {
+                let mut h = r.home.get();
+                if h == usize::MAX {
+                    h = NEXT_HOME.fetch_add(1, Ordering::Relaxed);
+                    r.home.set(h);
+                }
+                h
+            }
+        });
+        &self.shared[i % self.shared.len()]
+    }
+
+    /// A request starts: false once shutdown has begun (the request must be refused). Counts
+    /// on the home poller only (see the shutdown protocol in the module docs).
     pub(crate) fn enter(&self) -> bool {
-        self.active.fetch_add(1, Ordering::SeqCst);
+        let s = self.home();
+        s.active.fetch_add(1, Ordering::SeqCst);
         if self.stop.load(Ordering::SeqCst) {
             self.leave();
             return false;
@@ -492,30 +745,66 @@ impl Pollers {
 
     /// A request's submission phase ended.
     pub(crate) fn leave(&self) {
-        if self.active.fetch_sub(1, Ordering::SeqCst) == 1 && self.stop.load(Ordering::SeqCst) {
-            self.wake_all();
-        }
-    }
-
-    fn wake_all(&self) {
-        for s in &self.shared {
+        let s = self.home();
+        if s.active.fetch_sub(1, Ordering::SeqCst) == 1 && self.stop.load(Ordering::SeqCst) {
             s.unparker.unpark();
         }
     }
 
-    /// Stop accepting requests, let the pollers finish everything in flight, join them.
+    fn wake_all(&self) {
+        for s in self.shared.iter() {
+            s.unparker.unpark();
+        }
+    }
+
+    /// Stop accepting requests, let the pollers finish everything in flight, drop their tasks,
+    /// join them.
     pub(crate) fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake_all();
         let threads: Vec<_> = self.lock_threads().drain(..).collect();
         for t in threads {
-            let _ = t.join();
+            // A task or a callback that drops the last handle of the engine runs this on a
+            // poller thread: that thread cannot join itself (it ends after this round).
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
+    }
+
+    /// Run `task` on poller `poller` from its next round on.
+    pub(crate) fn add_task(
+        &self,
+        poller: usize,
+        task: Box<dyn PollerTask>,
+    ) -> Result<PollerTaskId, TaskError> {
+        let s = self.shared.get(poller).ok_or(TaskError::NoSuchPoller)?;
+        if self.stop.load(Ordering::SeqCst) {
+            return Err(TaskError::Stopped);
+        }
+        let id = NEXT_TASK.fetch_add(1, Ordering::Relaxed);
+        self.send_task_op(s, TaskOp::Add(id, task));
+        Ok(PollerTaskId { poller, id })
+    }
+
+    /// Drop task `id` on its poller's thread, at the start of that poller's next round (a
+    /// task already removed, or dropped at shutdown: nothing happens).
+    pub(crate) fn remove_task(&self, id: PollerTaskId) {
+        if let Some(s) = self.shared.get(id.poller) {
+            self.send_task_op(s, TaskOp::Remove(id.id));
+        }
+    }
+
+    fn send_task_op(&self, s: &PollerShared, op: TaskOp) {
+        s.inbox.lock().unwrap_or_else(|p| p.into_inner()).push(op);
+        s.inbox_pending.store(true, Ordering::SeqCst);
+        s.kick();
     }
 
     /// Hand a bio to a poller (see the module docs).
     fn push(&self, target: u32, bio: Bio<Window>) {
-        if let Some((id, _)) = ON_POLLER.with(Cell::get) {
+        let role = ROLE.with(|r| r.on_poller.get());
+        if let Some((id, _)) = role {
             if id == self.id {
                 let w = Work {
                     target,
@@ -526,21 +815,16 @@ impl Pollers {
                 return;
             }
         }
-        let w = Work {
+        let mut w = Work {
             target,
             bio,
-            waiter: Some(my_waiter()),
+            waiter: Some(WAIT_SLOT.with(|tw| tw.slot().waiter)),
         };
-        let home = HOME.with(|h| {
-            if h.get() == usize::MAX {
-                h.set(NEXT_HOME.fetch_add(1, Ordering::Relaxed));
-            }
-            h.get()
-        });
-        let s = &self.shared[home % self.shared.len()];
-        let mut w = w;
+        let s = self.home();
         let backoff = Backoff::new();
         loop {
+            // The SeqCst compare-exchange of the ring's tail publishes the bio (wake-up
+            // protocol, first half).
             match s.ring.push(w) {
                 Ok(()) => break,
                 Err(back) => {
@@ -554,10 +838,8 @@ impl Pollers {
                 }
             }
         }
-        fence(Ordering::SeqCst);
-        if s.sleeping.load(Ordering::SeqCst) {
-            s.unparker.unpark();
-        }
+        // Second half: a SeqCst load, no fence (see the module docs).
+        s.kick();
     }
 
     fn run(
@@ -568,13 +850,15 @@ impl Pollers {
         parker: Parker,
         (spin, idle_time): (u32, Duration),
     ) {
-        ON_POLLER.with(|p| p.set(Some((self.id, index))));
-        let s = Arc::clone(&self.shared[index]);
+        ROLE.with(|r| r.on_poller.set(Some((self.id, index))));
+        let s = &*self.shared[index];
+        let mut tasks = Tasks { list: Vec::new() };
         let mut stalled: Option<Work> = None;
         let mut failed: Vec<(BioCtx, DeviceStatus)> = Vec::new();
         let mut idle = 0u32;
         let mut idle_since = Instant::now();
         loop {
+            tasks.take_inbox(s);
             let mut progress = 0u64;
             // 1. Submit what was handed over, in order, until the pool runs out.
             loop {
@@ -597,7 +881,7 @@ impl Pollers {
                 }
             }
             if progress > 0 {
-                s.submitted.fetch_add(progress, Ordering::Relaxed);
+                bump(&s.counters.submitted, progress);
             }
             // 2. Poll every queue pair; complete into dio-core here, on this thread.
             let mut done = 0u64;
@@ -611,9 +895,15 @@ impl Pollers {
                 }
             }
             if done > 0 {
-                s.completed.fetch_add(done, Ordering::Relaxed);
+                bump(&s.counters.completed, done);
             }
-            if progress + done > 0 {
+            // 3. The tasks.
+            let (task_work, task_busy) = if tasks.list.is_empty() {
+                (0, false)
+            } else {
+                tasks.poll(s)
+            };
+            if progress + done > 0 || task_work > 0 {
                 idle = 0;
                 continue;
             }
@@ -621,21 +911,29 @@ impl Pollers {
             if idle == 1 {
                 idle_since = Instant::now();
             }
-            let busy = stalled.is_some() || qpairs.iter().any(|q| q.outstanding() > 0);
-            if busy {
-                // Commands on the device: keep polling, but let other threads (an emulated
-                // device, the clients) run on a small machine.
+            let io_busy = stalled.is_some()
+                || !OWN_QUEUE.with(|q| q.borrow().is_empty())
+                || qpairs.iter().any(|q| q.outstanding() > 0);
+            if io_busy || task_busy {
+                // Commands on the device or a busy task: keep polling, but let other threads
+                // (an emulated device, the clients) run on a small machine.
                 if idle > 32 {
                     std::thread::yield_now();
                 }
-                continue;
+                if io_busy {
+                    continue;
+                }
             }
+            // Shutdown: `stop`, then this poller's clients' counter, then the ring (in this
+            // order: see the shutdown protocol in the module docs).
             if self.stop.load(Ordering::SeqCst)
-                && self.active.load(Ordering::SeqCst) == 0
+                && s.active.load(Ordering::SeqCst) == 0
                 && s.ring.is_empty()
-                && OWN_QUEUE.with(|q| q.borrow().is_empty())
             {
                 break;
+            }
+            if task_busy {
+                continue;
             }
             // Idle: keep polling for at least `spin` polls and `idle_time` (the clock is read
             // every 64 polls), so that a client that submits again right after its completion
@@ -649,20 +947,23 @@ impl Pollers {
                 std::thread::yield_now();
                 continue;
             }
-            // 3. Nothing in flight, nothing queued: park until a submitter unparks us.
+            // 4. Nothing in flight, nothing queued: park until a submitter unparks us (the
+            // wake-up protocol: announce, fence, re-check everything a submitter publishes).
             s.sleeping.store(true, Ordering::SeqCst);
             fence(Ordering::SeqCst);
-            if s.ring.is_empty() && !self.stop.load(Ordering::SeqCst) {
-                s.parks.fetch_add(1, Ordering::Relaxed);
-                parker.park();
-            } else if self.stop.load(Ordering::SeqCst) {
+            let stop = self.stop.load(Ordering::SeqCst);
+            if stop {
                 // Waiting for the last requests to leave: a short sleep, woken by `leave`.
-                parker.park_timeout(std::time::Duration::from_millis(1));
+                parker.park_timeout(Duration::from_millis(1));
+            } else if s.ring.is_empty() && !s.inbox_pending.load(Ordering::SeqCst) {
+                bump(&s.counters.parks, 1);
+                parker.park();
             }
-            s.sleeping.store(false, Ordering::SeqCst);
+            s.sleeping.store(false, Ordering::Relaxed);
             idle = 0;
         }
-        ON_POLLER.with(|p| p.set(None));
+        tasks.clear(s);
+        ROLE.with(|r| r.on_poller.set(None));
         // Dropping the queue pairs deletes them on the device.
     }
 }
@@ -694,14 +995,30 @@ struct LocalState {
 }
 
 thread_local! {
-    static LOCAL: RefCell<Vec<LocalState>> = const { RefCell::new(Vec::new()) };
+    /// The run-to-completion engines of this thread, by slot (a closed engine leaves `None`).
+    static LOCAL: RefCell<Vec<Option<LocalState>>> = const { RefCell::new(Vec::new()) };
+    /// A number of this thread, unique for the process (0: not drawn yet).
+    static THREAD_NO: Cell<u64> = const { Cell::new(0) };
 }
 
-/// A run-to-completion engine: its queue pairs live in a thread-local slot of the thread that
-/// created it, which submits and polls them itself.
+static NEXT_THREAD_NO: AtomicU64 = AtomicU64::new(1);
+
+/// The calling thread's number (cheaper than `std::thread::current().id()`).
+fn thread_no() -> u64 {
+    THREAD_NO.with(|c| {
+        if c.get() == 0 {
+            c.set(NEXT_THREAD_NO.fetch_add(1, Ordering::Relaxed));
+        }
+        c.get()
+    })
+}
+
+/// A run-to-completion engine: its queue pairs live in slot `slot` of a thread-local table of
+/// the thread that created it, which submits and polls them itself.
 pub(crate) struct Local {
     id: u64,
-    owner: std::thread::ThreadId,
+    slot: usize,
+    owner: u64,
 }
 
 impl Local {
@@ -716,31 +1033,44 @@ impl Local {
         for c in ctrls {
             qpairs.push(c.create_qpair::<BioCtx>(queue.clone())?);
         }
-        LOCAL.with(|l| {
-            l.borrow_mut().push(LocalState {
-                id,
-                qpairs,
-                targets: targets.clone(),
-                failed: Vec::new(),
-                reaped: Vec::new(),
-            })
+        let st = LocalState {
+            id,
+            qpairs,
+            targets: targets.clone(),
+            failed: Vec::new(),
+            reaped: Vec::new(),
+        };
+        let slot = LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            match l.iter().position(Option::is_none) {
+                Some(i) => {
+                    l[i] = Some(st);
+                    i
+                }
+                None => {
+                    l.push(Some(st));
+                    l.len() - 1
+                }
+            }
         });
         Ok(Local {
             id,
-            owner: std::thread::current().id(),
+            slot,
+            owner: thread_no(),
         })
     }
 
     /// True on the thread that owns the queue pairs.
     pub(crate) fn on_owner(&self) -> bool {
-        std::thread::current().id() == self.owner
+        thread_no() == self.owner
     }
 
+    /// The engine's state, on its owner thread, unless it is already borrowed there.
     fn with<R>(&self, f: impl FnOnce(&mut LocalState) -> R) -> Option<R> {
         LOCAL.with(|l| {
             let mut l = l.try_borrow_mut().ok()?;
-            let st = l.iter_mut().find(|s| s.id == self.id)?;
-            Some(f(st))
+            let st = l.get_mut(self.slot)?.as_mut()?;
+            (st.id == self.id).then(|| f(st))
         })
     }
 
@@ -774,11 +1104,16 @@ impl Local {
 
     /// Drop the queue pairs (on the owner thread; elsewhere they go with the thread).
     pub(crate) fn close(&self) {
-        LOCAL.with(|l| {
-            if let Ok(mut l) = l.try_borrow_mut() {
-                l.retain(|s| s.id != self.id);
+        let st = LOCAL.with(|l| {
+            let mut l = l.try_borrow_mut().ok()?;
+            let slot = l.get_mut(self.slot)?;
+            if slot.as_ref().is_some_and(|s| s.id == self.id) {
+                slot.take()
+            } else {
+                None
             }
         });
+        drop(st);
     }
 }
 
@@ -790,12 +1125,7 @@ pub(crate) struct LocalSink {
 
 impl BioSink<Window> for LocalSink {
     fn submit(&self, bio: Bio<Window>) -> Result<(), Rejected<Window>> {
-        if !self.local.on_owner() {
-            return Err(Rejected {
-                bio,
-                why: DioError::Fault,
-            });
-        }
+        // Only the owner thread's table holds this engine's id: elsewhere `with` finds nothing.
         let mut slot = Some(bio);
         let r = self.local.with(|st| {
             let bio = slot.take().expect("taken once");
@@ -836,24 +1166,5 @@ impl Poller for LocalPoller {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pinning_to_a_core_that_does_not_exist_is_an_error() {
-        let e = std::thread::spawn(|| pin_current_thread(100_000))
-            .join()
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
-        let e = std::thread::spawn(|| pin_current_thread(1000))
-            .join()
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
-        std::thread::spawn(|| pin_current_thread(0))
-            .join()
-            .unwrap()
-            .unwrap();
-    }
-}
+#[path = "poller_tests.rs"]
+mod tests;
