@@ -11,6 +11,7 @@ pub(crate) mod error;
 pub(crate) mod iobuf;
 pub(crate) mod poller;
 pub(crate) mod rangelock;
+pub(crate) mod sleep;
 
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex};
