@@ -208,6 +208,7 @@ pub struct Target {
     ctrls: Mutex<CtrlTable>,
     epoch: Instant,
     genctr: AtomicU64,
+    portal: Mutex<Option<std::net::SocketAddr>>,
 }
 
 impl core::fmt::Debug for Target {
@@ -230,7 +231,20 @@ impl Target {
             }),
             epoch: Instant::now(),
             genctr: AtomicU64::new(1),
+            portal: Mutex::new(None),
         })
+    }
+
+    /// The address the discovery log page gives for the NVM subsystems (by default the local
+    /// address of the connection that asks, right unless discovery has a listener of its own).
+    pub fn advertise(&self, addr: std::net::SocketAddr) {
+        *self.portal.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+        self.genctr.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What [`advertise`](Self::advertise) set.
+    pub(crate) fn portal(&self) -> Option<std::net::SocketAddr> {
+        *self.portal.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The options.
