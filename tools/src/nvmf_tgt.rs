@@ -71,6 +71,10 @@ pub struct TgtArgs {
     /// Largest I/O (MDTS; a power of two, 4k to 16m). Default: 128k
     #[arg(long = "max-io-size", value_name = "BYTES")]
     pub max_io_size: Option<String>,
+    /// Largest C2HData PDU (reads larger than this are split; a multiple of 4, at least 4k).
+    /// Default: the max I/O size
+    #[arg(long = "max-c2h-data", value_name = "BYTES")]
+    pub max_c2h_data: Option<String>,
     /// Outstanding R2Ts per connection (1 to 1024). Default: 16
     #[arg(long = "max-r2t", value_name = "N")]
     pub max_r2t: Option<String>,
@@ -213,6 +217,13 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         Some(n) => n as u32,
         None => d.max_transfer,
     };
+    let max_c2h = match number("--max-c2h-data", a.max_c2h_data.as_deref(), 4096..=16 << 20)? {
+        Some(n) if n % 4 != 0 => {
+            return err(format!("--max-c2h-data must be a multiple of 4, not {n}"));
+        }
+        Some(n) => n as u32,
+        None => max_io,
+    };
     let max_r2t = number("--max-r2t", a.max_r2t.as_deref(), 1..=1024)?
         .map_or(d.max_r2t_per_conn, |n| n as u16);
     let dma_bytes = number("--dma-size", a.dma_size.as_deref(), 4 << 20..=1 << 40)?
@@ -228,7 +239,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         max_io_queues,
         in_capsule,
         max_h2c_data: max_io,
-        max_c2h_data: max_io,
+        max_c2h_data: max_c2h,
         max_transfer: max_io,
         max_r2t_per_conn: max_r2t,
         ..d
@@ -437,8 +448,13 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
     }
     for r in &reports {
         println!(
-            "nvmf_tgt: poller {}: {} connection(s), {} command(s), {} error status(es)",
-            r.poller, r.connections, r.stats.commands, r.stats.errors
+            "nvmf_tgt: poller {}: {} connection(s), {} command(s), {} error status(es), {} PDUs in, {} PDUs out",
+            r.poller,
+            r.connections,
+            r.stats.commands,
+            r.stats.errors,
+            r.stats.pdus_in,
+            r.stats.pdus_out
         );
     }
     dx.shutdown();
@@ -483,7 +499,7 @@ mod tests {
 
     #[test]
     fn options() {
-        let c = cfg("--listen 127.0.0.1:0 -m 0x3 --allow-host nqn.2014-08.org.a:h --allow-host nqn.x:y --queue-depth 64 --in-capsule 4096 --max-io-size 64k --max-r2t 4 --nqn nqn.2026-12.io.t:s").unwrap();
+        let c = cfg("--listen 127.0.0.1:0 -m 0x3 --allow-host nqn.2014-08.org.a:h --allow-host nqn.x:y --queue-depth 64 --in-capsule 4096 --max-io-size 64k --max-c2h-data 8k --max-r2t 4 --nqn nqn.2026-12.io.t:s").unwrap();
         assert_eq!(c.cores, Some(vec![0, 1]));
         assert_eq!(c.hosts, ["nqn.2014-08.org.a:h", "nqn.x:y"]);
         assert_eq!(
@@ -495,6 +511,7 @@ mod tests {
             ),
             (64, 4096, 65536, 4)
         );
+        assert_eq!(c.opts.max_c2h_data, 8192);
         assert_eq!(c.nqn, "nqn.2026-12.io.t:s");
     }
 
