@@ -186,7 +186,10 @@ impl PollGroup {
             return true;
         };
         n.sleeping(true);
-        if !self.inbox.queue.is_empty() || self.conns.iter().any(|c| c.has_completions()) {
+        if !self.inbox.queue.is_empty()
+            || self.conns.iter().any(|c| c.has_completions())
+            || crate::nvmf::backend::has_pending()
+        {
             n.sleeping(false);
             return false;
         }
@@ -213,7 +216,8 @@ impl PollGroup {
 
     /// One round: accept, adopt, poll every connection, reap the closed ones.
     pub fn poll(&mut self) -> usize {
-        let mut work = 0;
+        // Requests a poller could not start (they overlapped one in flight) go first.
+        let mut work = crate::nvmf::backend::retry_pending();
         if let Some(l) = &self.listener {
             for _ in 0..16 {
                 match l.accept() {
