@@ -54,6 +54,11 @@ impl<B> AtomicRefs<B> {
         }
     }
 
+    /// A recycled state starts over (`&mut`: nobody else can reach it).
+    pub fn reuse(&mut self) {
+        *self = AtomicRefs::new();
+    }
+
     fn slots(&self) -> MutexGuard<'_, Slots<B>> {
         let g = lock(&self.slots);
         invariant!(!g.released, "touched a released Dio");

@@ -3,9 +3,10 @@
 
 use crate::bio::{Bio, BioOp};
 use crate::completion::Completion;
-use crate::dio::{DioShared, Payload, RefCounting, Wait, Walk};
-use crate::error::DioError;
+use crate::dio::{Deferred, DioShared, Handoff, Payload, RefCounting, StatePool, Wait, Walk};
+use crate::error::{DioError, DioResult};
 use crate::hooks::{BioSink, Deferral, EndIo, Extent, Mapper, Rejected};
+use crate::pool::Pool;
 use crate::request::{DioRequest, Dir, IoBuf, Mode, Outcome};
 use crate::sync::Arc;
 
@@ -32,6 +33,11 @@ pub struct Config {
     pub wait: Wait,
     /// Reference-counting implementation.
     pub refcount: RefCounting,
+    /// How many idle request states the core keeps for reuse (at least 1). A request takes
+    /// one from this pool and allocates only when it is empty, so in the steady state a core
+    /// allocates nothing as long as no more than this many requests end between two
+    /// submissions.
+    pub pool: usize,
 }
 
 impl Default for Config {
@@ -41,6 +47,7 @@ impl Default for Config {
             queue_full: QueueFullPolicy::Throttle,
             wait: Wait::Park,
             refcount: RefCounting::Locked,
+            pool: 1024,
         }
     }
 }
@@ -52,6 +59,15 @@ pub struct DioCore<B: IoBuf> {
     end_io: Option<std::sync::Arc<dyn EndIo>>,
     deferral: Option<std::sync::Arc<dyn Deferral>>,
     cfg: Config,
+    pool: std::sync::Arc<StatePool<B>>,
+}
+
+impl<B: IoBuf> Drop for DioCore<B> {
+    /// Idle states point back at the pool: empty it so that they, and it, are freed. A state
+    /// whose request is still in flight is freed when that request ends.
+    fn drop(&mut self) {
+        self.pool.close();
+    }
 }
 
 impl<B: IoBuf> DioCore<B> {
@@ -73,6 +89,7 @@ impl<B: IoBuf> DioCore<B> {
             mapper,
             end_io: None,
             deferral: None,
+            pool: std::sync::Arc::new(Pool::new(cfg.pool)),
             cfg,
         }
     }
@@ -97,6 +114,42 @@ impl<B: IoBuf> DioCore<B> {
     /// The deferral hook, if any.
     pub fn deferral(&self) -> Option<&std::sync::Arc<dyn Deferral>> {
         self.deferral.as_ref()
+    }
+
+    /// Run `completion(result, buf)` through the deferral hook (inline without one), carried
+    /// by a pooled request state rather than a boxed closure: the upper layer's way to keep a
+    /// synchronously finished request's callback off the submitter's stack (I-CB-6).
+    pub fn defer_completion(&self, completion: Completion<B>, result: DioResult, buf: B) {
+        match &self.deferral {
+            Some(d) => {
+                let carrier = self.state(Dir::Read, 0, 0);
+                let h = Handoff::Ready(result, Payload { buf, completion });
+                d.defer_completion(Deferred::new(carrier, h));
+            }
+            None => completion.complete(result, buf),
+        }
+    }
+
+    /// A request state: an idle one from the pool that nobody else holds any more, or a new
+    /// one (warm-up, or the pool is empty).
+    fn state(&self, dir: Dir, offset: u64, i_size: u64) -> Arc<DioShared<B>> {
+        if let Some(mut dio) = self.pool.pop() {
+            if let Some(d) = Arc::get_mut(&mut dio) {
+                d.reuse(dir, offset, i_size);
+                return dio;
+            }
+            // A completer has dropped its count but not yet its `Arc`: keep the state for
+            // later rather than wait.
+            DioShared::recycle(dio, &self.pool);
+        }
+        let mut d = DioShared::new(
+            self.end_io.clone(),
+            self.deferral.clone(),
+            self.pool.clone(),
+            self.cfg.refcount,
+        );
+        d.reuse(dir, offset, i_size);
+        Arc::new(d)
     }
 
     /// Submit one request. `i_size` is the file size now (snapshot for the EOF clamp and the
@@ -138,15 +191,8 @@ impl<B: IoBuf> DioCore<B> {
         // 3. Extending writes are forced synchronous (§3.8).
         let extending = dir == Dir::Write && end > i_size;
         let async_ok = mode == Mode::Async && !extending && !force_wait;
-        // 4. The request, with the submitter's reference.
-        let dio = Arc::new(DioShared::new(
-            dir,
-            offset,
-            i_size,
-            self.end_io.clone(),
-            self.deferral.clone(),
-            self.cfg.refcount,
-        ));
+        // 4. The request, with the submitter's reference (a recycled state if possible).
+        let mut dio = self.state(dir, offset, i_size);
         // 5. Walk. Reads stop at EOF; a write's unaligned tail is left to the buffered path.
         let walk_end = match dir {
             Dir::Read => end.min(i_size.div_ceil(align).saturating_mul(align)),
@@ -180,8 +226,8 @@ impl<B: IoBuf> DioCore<B> {
                         Err(e) if dir == Dir::Write && fresh => {
                             // Deferred error (§3.6): never expose the stale content of blocks
                             // this request allocated.
-                            let zero = self.bio(&dio, BioOp::WriteZeroes, lba, pos, n, None);
-                            if self.issue(&dio, zero, &mut w) {
+                            let zero = (BioOp::WriteZeroes, lba, pos, n, None);
+                            if self.issue(&mut dio, zero, &mut w) {
                                 w.deferred_err = Some(e);
                             }
                             break;
@@ -196,7 +242,7 @@ impl<B: IoBuf> DioCore<B> {
                     } else {
                         BioOp::Write
                     };
-                    if !self.issue(&dio, self.bio(&dio, op, lba, pos, n, seg), &mut w) {
+                    if !self.issue(&mut dio, (op, lba, pos, n, seg), &mut w) {
                         break;
                     }
                     w.handled += n;
@@ -231,6 +277,7 @@ impl<B: IoBuf> DioCore<B> {
         };
         let handled = fin.walk.handled;
         let (result, p) = dio.resolve(fin);
+        DioShared::recycle(dio, &self.pool);
         if dir == Dir::Write && result.is_ok() && handled < len {
             Outcome::Fallback {
                 done: handled,
@@ -246,30 +293,22 @@ impl<B: IoBuf> DioCore<B> {
         }
     }
 
-    fn bio(
-        &self,
-        dio: &Arc<DioShared<B>>,
-        op: BioOp,
-        lba: u64,
-        file_offset: u64,
-        len: u64,
-        seg: Option<B::Seg>,
-    ) -> Bio<B> {
-        Bio {
+    /// Submit one bio, taking its reference first; throttle on `QueueFull` if allowed.
+    /// Returns false (with `submit_err` set) if the device refused it for good.
+    fn issue(&self, dio: &mut Arc<DioShared<B>>, bio: BioParts<B>, w: &mut Walk) -> bool {
+        // The reference before the bio's `Arc` clone, so that a request's first one is taken
+        // without the lock (the state is not shared yet).
+        let mut before = DioShared::get_ref(dio);
+        let (op, lba, file_offset, len, seg) = bio;
+        let mut bio = Bio {
             dio: Arc::clone(dio),
             op,
             lba,
             file_offset,
             len,
             seg,
-        }
-    }
-
-    /// Submit one bio, taking its reference first; throttle on `QueueFull` if allowed.
-    /// Returns false (with `submit_err` set) if the device refused it for good.
-    fn issue(&self, dio: &DioShared<B>, mut bio: Bio<B>, w: &mut Walk) -> bool {
+        };
         loop {
-            let before = dio.get_ref();
             let Err(Rejected { bio: back, why }) = self.sink.submit(bio) else {
                 return true;
             };
@@ -284,6 +323,7 @@ impl<B: IoBuf> DioCore<B> {
                     dio.wait_in_flight(before - 1, &self.cfg.wait);
                 }
                 bio = back;
+                before = DioShared::get_ref(dio);
                 continue;
             }
             back.abandon();
@@ -292,3 +332,6 @@ impl<B: IoBuf> DioCore<B> {
         }
     }
 }
+
+/// A bio before it has its reference: operation, LBA, file offset, length, segment.
+type BioParts<B> = (BioOp, u64, u64, u64, Option<<B as IoBuf>::Seg>);

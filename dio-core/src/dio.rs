@@ -7,6 +7,7 @@ use crate::completion::Completion;
 use crate::error::{DeviceStatus, DioError, DioResult};
 use crate::hooks::{Deferral, EndIo};
 use crate::locked::LockedRefs;
+use crate::pool::Pool;
 use crate::request::Dir;
 use crate::result::{self, Errors};
 use crate::sync::Arc;
@@ -67,7 +68,23 @@ pub(crate) enum Refs<B> {
     Atomic(AtomicRefs<B>),
 }
 
+/// The free list of a core's request states.
+pub(crate) type StatePool<B> = Pool<Arc<DioShared<B>>>;
+
+/// What a deferred job finishes: a queued request whose last reference was a bio's (resolve,
+/// then complete), or a result the upper layer already has (complete only).
+#[cfg_attr(loom, allow(dead_code))]
+pub(crate) enum Handoff<B> {
+    Resolve(Final<B>),
+    Ready(DioResult, Payload<B>),
+}
+
 /// One request, shared by the submitter and every bio.
+///
+/// Pooled: a core reuses its request states (module `pool`). The per-core fields (`end_io`,
+/// `deferral`, `pool`) are set when a state is allocated; the per-request ones are set again by
+/// [`reuse`](Self::reuse), which needs `&mut` and so the only `Arc`: a state is never
+/// reinitialised while anyone else can still reach it.
 pub(crate) struct DioShared<B> {
     pub dir: Dir,
     pub offset: u64,
@@ -75,16 +92,19 @@ pub(crate) struct DioShared<B> {
     pub i_size: u64,
     pub end_io: Option<std::sync::Arc<dyn EndIo>>,
     pub deferral: Option<std::sync::Arc<dyn Deferral>>,
+    /// The pool this state returns to once its request is over.
+    pool: std::sync::Arc<StatePool<B>>,
     refs: Refs<B>,
+    /// A deferred job's input (empty otherwise). Under loom the job is a closure instead.
+    #[cfg(not(loom))]
+    handoff: std::sync::Mutex<Option<Handoff<B>>>,
 }
 
 impl<B: Send + 'static> DioShared<B> {
     pub fn new(
-        dir: Dir,
-        offset: u64,
-        i_size: u64,
         end_io: Option<std::sync::Arc<dyn EndIo>>,
         deferral: Option<std::sync::Arc<dyn Deferral>>,
+        pool: std::sync::Arc<StatePool<B>>,
         counting: RefCounting,
     ) -> Self {
         let refs = match counting {
@@ -92,21 +112,53 @@ impl<B: Send + 'static> DioShared<B> {
             RefCounting::Atomic => Refs::Atomic(AtomicRefs::new()),
         };
         DioShared {
-            dir,
-            offset,
-            i_size,
+            dir: Dir::Read,
+            offset: 0,
+            i_size: 0,
             end_io,
             deferral,
+            pool,
             refs,
+            #[cfg(not(loom))]
+            handoff: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Start a request on this (fresh or recycled) state: the submitter's reference only,
+    /// nothing published, no error, not released.
+    pub fn reuse(&mut self, dir: Dir, offset: u64, i_size: u64) {
+        self.dir = dir;
+        self.offset = offset;
+        self.i_size = i_size;
+        match &mut self.refs {
+            Refs::Locked(r) => r.reuse(),
+            Refs::Atomic(r) => r.reuse(),
+        }
+    }
+
+    /// Give the state back to its pool, to be reused once nobody else holds it (a completer
+    /// that dropped its reference count but not yet its `Arc` may still hold it for a moment:
+    /// [`DioCore`](crate::DioCore) reuses a state only through `Arc::get_mut`).
+    pub fn recycle(this: Arc<Self>, pool: &StatePool<B>) {
+        pool.push(this);
     }
 
     /// Take a reference for a bio about to be submitted (§3.4 step 5, before `submit`).
     /// Returns the bios that were in flight before it.
-    pub fn get_ref(&self) -> u32 {
-        match &self.refs {
-            Refs::Locked(r) => r.get_ref(),
-            Refs::Atomic(r) => r.get_ref(),
+    ///
+    /// When the submitter holds the only `Arc` (always for a request's first bio: the state
+    /// is not shared yet), the count is changed through `&mut`, without the lock: nobody else
+    /// can observe it. Otherwise it takes the lock.
+    pub fn get_ref(this: &mut Arc<Self>) -> u32 {
+        match Arc::get_mut(this) {
+            Some(d) => match &mut d.refs {
+                Refs::Locked(r) => r.get_ref_exclusive(),
+                Refs::Atomic(r) => r.get_ref(),
+            },
+            None => match &this.refs {
+                Refs::Locked(r) => r.get_ref(),
+                Refs::Atomic(r) => r.get_ref(),
+            },
         }
     }
 
@@ -160,15 +212,23 @@ impl<B: Send + 'static> DioShared<B> {
     /// The only call site of the user completion inside dio-core: the last reference was a
     /// bio's, so the submitter returned `Queued`.
     fn complete_queued(dio: Arc<Self>, fin: Final<B>) {
-        let deferral = dio.deferral.clone();
-        let job = move || {
-            let (res, payload) = dio.resolve(fin);
-            payload.completion.complete(res, payload.buf);
-        };
-        match deferral {
-            Some(d) => d.defer(Box::new(job)),
-            None => job(),
+        match dio.deferral.clone() {
+            Some(d) => d.defer_completion(Deferred::new(dio, Handoff::Resolve(fin))),
+            None => Self::finish(dio, Handoff::Resolve(fin)),
         }
+    }
+
+    /// Resolve if needed, recycle the state, then run the completion (after the recycling,
+    /// so that a completion that submits again finds the state in the pool).
+    pub(crate) fn finish(dio: Arc<Self>, h: Handoff<B>) {
+        let (res, payload) = match h {
+            Handoff::Resolve(fin) => dio.resolve(fin),
+            Handoff::Ready(res, payload) => (res, payload),
+        };
+        let pool = std::sync::Arc::clone(&dio.pool);
+        Self::recycle(dio, &pool);
+        drop(pool);
+        payload.completion.complete(res, payload.buf);
     }
 
     /// `dio_complete`: EOF clamp, end-io hook (only if bytes were handled), precedence.
@@ -189,5 +249,65 @@ impl<B: Send + 'static> DioShared<B> {
             _ => None,
         };
         (result::precedence(errs, hook, transferred), payload)
+    }
+}
+
+/// A request's final completion, handed to [`Deferral::defer_completion`] to be run on
+/// another thread: [`run`](Deferred::run) resolves the request (end-io hook, precedence) and
+/// calls the user's completion.
+///
+/// It is the request's pooled state itself (a pointer; no allocation): the completion and the
+/// buffer wait inside it until `run`. Dropping it without running it loses the completion
+/// (an invariant failure in debug builds).
+#[must_use = "dropping a Deferred loses a completion"]
+pub struct Deferred(DeferredJob);
+
+#[cfg(not(loom))]
+type DeferredJob = std::sync::Arc<dyn Finish>;
+#[cfg(loom)]
+type DeferredJob = Box<dyn FnOnce() + Send>;
+
+/// The type-erased side of [`Deferred`].
+#[cfg(not(loom))]
+trait Finish: Send + Sync {
+    fn finish(self: std::sync::Arc<Self>);
+}
+
+#[cfg(not(loom))]
+impl<B: Send + 'static> Finish for DioShared<B> {
+    fn finish(self: std::sync::Arc<Self>) {
+        let h = crate::sync::lock(&self.handoff).take();
+        match h {
+            Some(h) => DioShared::finish(self, h),
+            None => panic!("a deferred request ran twice or had nothing to finish"),
+        }
+    }
+}
+
+impl Deferred {
+    pub(crate) fn new<B: Send + 'static>(dio: Arc<DioShared<B>>, h: Handoff<B>) -> Self {
+        #[cfg(not(loom))]
+        {
+            *crate::sync::lock(&dio.handoff) = Some(h);
+            Deferred(dio)
+        }
+        #[cfg(loom)]
+        {
+            Deferred(Box::new(move || DioShared::finish(dio, h)))
+        }
+    }
+
+    /// Run the completion (on the calling thread).
+    pub fn run(self) {
+        #[cfg(not(loom))]
+        Finish::finish(self.0);
+        #[cfg(loom)]
+        (self.0)();
+    }
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Deferred")
     }
 }

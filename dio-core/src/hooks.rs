@@ -2,6 +2,7 @@
 //! execution context. They are the stable seam for the driver integration.
 
 use crate::bio::Bio;
+use crate::dio::Deferred;
 use crate::error::DioError;
 use crate::request::{Dir, IoBuf};
 
@@ -72,6 +73,15 @@ pub trait EndIo: Send + Sync {
 pub trait Deferral: Send + Sync {
     /// Run `job` later on another thread.
     fn defer(&self, job: Box<dyn FnOnce() + Send>);
+
+    /// Run a request's final completion later on another thread: call
+    /// [`Deferred::run`] there. dio-core defers every completion through this method; a
+    /// [`Deferred`] is a pointer to the request's pooled state, so an implementation that
+    /// moves it through a queue of `Deferred` (rather than boxing it) defers without
+    /// allocating. The default boxes it and calls [`defer`](Self::defer).
+    fn defer_completion(&self, job: Deferred) {
+        self.defer(Box::new(move || job.run()));
+    }
 }
 
 /// Run-to-completion polling: the submitter calls `poll_once` while it waits.

@@ -176,9 +176,6 @@ impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
     /// Step 4(b): run the callback, through the deferral hook if one is configured, so that
     /// no callback runs on the submitter's stack (I-CB-6).
     fn deliver(&self, completion: Completion<B>, result: DioResult, buf: B) {
-        match self.core.deferral() {
-            Some(d) => d.defer(Box::new(move || completion.complete(result, buf))),
-            None => completion.complete(result, buf),
-        }
+        self.core.defer_completion(completion, result, buf);
     }
 }

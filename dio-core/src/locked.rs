@@ -42,6 +42,32 @@ impl<B> LockedRefs<B> {
         }
     }
 
+    /// A recycled state starts over: the submitter's reference only. `&mut`: nobody else can
+    /// reach the state (`Arc::get_mut` proved it), so no lock is taken.
+    pub fn reuse(&mut self) {
+        let s = match self.st.get_mut() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        s.refs = 1;
+        s.waiter = None;
+        s.io_error = None;
+        s.published = None;
+        s.released = false;
+    }
+
+    /// `get_ref` when the submitter holds the only `Arc` (a request's first bio): no other
+    /// thread can observe the count, so it is changed without the lock.
+    pub fn get_ref_exclusive(&mut self) -> u32 {
+        let s = match self.st.get_mut() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        invariant!(!s.released, "touched a released Dio");
+        s.refs += 1;
+        s.refs - 2
+    }
+
     /// Every acquisition checks the poison flag (I-LT-1).
     fn lock(&self) -> MutexGuard<'_, State<B>> {
         let g = lock(&self.st);
@@ -67,6 +93,12 @@ impl<B> LockedRefs<B> {
 
     /// Wait until `refs <= target`. The submitter holds its reference throughout.
     pub fn wait_refs(&self, target: u32, wait: &Wait) {
+        drop(self.wait_locked(target, wait));
+    }
+
+    /// Wait until `refs <= target` and return with the lock held, so that the submitter's
+    /// final drop can follow in the same critical section as its last check.
+    fn wait_locked(&self, target: u32, wait: &Wait) -> MutexGuard<'_, State<B>> {
         match wait {
             Wait::Park => {
                 let mut g = self.lock();
@@ -79,17 +111,22 @@ impl<B> LockedRefs<B> {
                     invariant!(!g.released, "touched a released Dio");
                 }
                 g.waiter = None;
+                g
             }
             Wait::PollInPlace(poller) => loop {
-                if self.lock().refs <= target {
-                    break;
+                let g = self.lock();
+                if g.refs <= target {
+                    break g;
                 }
+                drop(g);
                 // Never with the lock held: completions may run right here (L3).
                 poller.poll_once();
             },
         }
     }
 
+    /// §3.4 steps 7–8. One critical section when nothing is left in flight: the drain's last
+    /// check and the final decrement (and for `Queued`, the decrement alone).
     pub fn submitter_done(
         &self,
         queued: bool,
@@ -97,10 +134,11 @@ impl<B> LockedRefs<B> {
         payload: Payload<B>,
         wait: &Wait,
     ) -> Option<Final<B>> {
-        if !queued {
-            self.wait_refs(1, wait);
-        }
-        let mut g = self.lock();
+        let mut g = if queued {
+            self.lock()
+        } else {
+            self.wait_locked(1, wait)
+        };
         g.refs -= 1;
         if g.refs == 0 {
             g.released = true;

@@ -1,4 +1,4 @@
-//! Loom model checking of scenarios L1–L13 (DIO-CORE.md §5.2), for both reference-counting
+//! Loom model checking of scenarios L1–L13 (dio-core/DESIGN.md §5.2), for both reference-counting
 //! implementations and, where it applies, both wait strategies.
 //!
 //! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test -p dio-core --release --test loom`
@@ -419,4 +419,59 @@ fn l13_end_io_error_on_queued_read() {
         assert_eq!(r.result(), Err(DioError::EndIo(9)));
         assert_eq!(r.hook_calls, vec![(0, 8, None)]);
     });
+}
+
+/// L14: a core reuses request states. An async read whose bio fails, then a sync read on the
+/// same core while the first request's completer may still be running: the second request
+/// gets a recycled state only once nobody else holds it, and nothing of the first request
+/// (its error, its references, its poison flag) leaks into it.
+#[test]
+fn l14_pooled_state_reuse() {
+    for counting in VARIANTS {
+        model(move || {
+            let (p1, p2) = (Probe::new(), Probe::new());
+            let dev = Arc::new(DevCore::new(vec![], vec![st(5)], p1.clone()));
+            let spawn = Arc::new(SpawnDev {
+                core: dev,
+                handles: Mutex::new(vec![]),
+            });
+            let cfg = Config {
+                align: 4,
+                refcount: counting,
+                ..Config::default()
+            };
+            let mapper = Arc::new(LayoutMapper {
+                base: 0,
+                exts: m4(2),
+            });
+            let file = TFile::shared(100, p1.clone());
+            let ctx = IoCtx::new(DioCore::new(spawn.clone(), mapper, cfg), file);
+            let tbuf = |probe: &Arc<Probe>| TBuf {
+                len: 4,
+                fault_at: None,
+                probe: probe.clone(),
+            };
+            let first: Arc<Mutex<Vec<DioResult>>> = Arc::new(Mutex::new(vec![]));
+            let (f, p) = (first.clone(), p1.clone());
+            let req = DioRequest::new(Dir::Read, 0, 4, tbuf(&p1), Mode::Async);
+            let api = ctx.submit_async(req, move |res, _buf| {
+                p.hand_back();
+                lock(&f).push(res);
+            });
+            assert!(api.is_ok());
+            let req = DioRequest::new(Dir::Read, 4, 4, tbuf(&p2), Mode::Sync);
+            let (res, _buf) = ctx.submit_sync(req);
+            p2.hand_back();
+            assert_eq!(
+                res,
+                Ok(4),
+                "the second request inherited the first one's state"
+            );
+            spawn.join_all();
+            assert_eq!(
+                *lock(&first),
+                vec![Err(DioError::Io(DeviceStatus::new(0, 5)))]
+            );
+        });
+    }
 }

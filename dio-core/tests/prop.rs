@@ -1,4 +1,4 @@
-//! Property tests (DIO-CORE.md §5.3): random layouts, statuses, EOF positions, tails and
+//! Property tests (dio-core/DESIGN.md §5.3): random layouts, statuses, EOF positions, tails and
 //! completion orders, against an oracle of the walk. One real poller thread completes the
 //! accepted bios in a generated permutation; the submitter waits by polling in place (its
 //! `poll_once` only signals the poller), so the poller sees every bio issued so far.
@@ -315,6 +315,7 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
         queue_full: c.policy,
         wait: Wait::PollInPlace(dev.clone()),
         refcount: c.counting,
+        ..Config::default()
     };
     let ctx = IoCtx::new(
         DioCore::new(dev.clone(), mapper, cfg).with_end_io(hook.clone()),

@@ -10,7 +10,10 @@
 //!   data landing on the right controller;
 //! * a block-aligned read past an odd `len` issued on the poller, and a panicking callback on
 //!   the poller: neither stops the poller;
-//! * the `on_extend` hook: every new length, growing, each before its write completes.
+//! * the `on_extend` hook: every new length, growing, each before its write completes;
+//! * a direct write to a file with nothing cached skips the page cache's directory lock, and
+//!   stays coherent with the cache once a page is cached;
+//! * more asynchronous requests in flight on one file than its pool of request contexts keeps.
 //!
 //! Emulated controllers only (they build their own), so they also run in the hardware suite.
 
@@ -562,4 +565,120 @@ fn the_extend_hook_sees_each_new_length_before_its_write_completes() {
         drop(file);
         dx.shutdown();
     }
+}
+
+/// A direct write to a file with no cached page does not take the page cache's
+/// controller-wide directory lock; once a page is cached, a direct write over it drops it
+/// (coherency: a later buffered read sees the direct write's data), and then the fast path
+/// applies again.
+#[test]
+fn a_direct_write_with_nothing_cached_skips_the_cache_directory() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let (ctrl, _emu) = emulated(config(Mode::Inline, &[(512, 1 << 14)]));
+    let dx = Dioxide::builder()
+        .controller(ctrl)
+        .run_to_completion()
+        .build()
+        .unwrap();
+    let len = 64 * PAGE as u64;
+    let file = dx
+        .open_file(0, Nsid(1), FileOptions::new(0, 2048).with_len(len))
+        .unwrap();
+    let dir_locks = || dx.cache_stats(0).unwrap().dir_locks;
+    let mut buf = Some(IoBuffer::Dma(file.alloc(PAGE).unwrap()));
+    let mut direct_write = |off: usize, seed: u64| {
+        let mut b = buf.take().unwrap();
+        fill(b.as_mut_slice(), seed);
+        let (r, b) = file.write(b, off as u64, PAGE);
+        assert_eq!(r.unwrap(), PAGE);
+        buf = Some(b);
+    };
+    let before = dir_locks();
+    for i in 0..16 {
+        direct_write(i * PAGE, i as u64);
+    }
+    // One acquisition: the `cache_stats` call itself.
+    assert_eq!(
+        dir_locks(),
+        before + 1,
+        "a direct write took the directory lock"
+    );
+    // Cache page 5 (a buffered read), then overwrite it directly.
+    let mut small = [0u8; 100];
+    file.read_at(&mut small, 5 * PAGE as u64 + 7).unwrap();
+    assert_eq!(small[..], pattern(PAGE, 5)[7..107]);
+    let inval = dx.cache_stats(0).unwrap().invalidations;
+    direct_write(5 * PAGE, 99);
+    assert_eq!(dx.cache_stats(0).unwrap().invalidations, inval + 1);
+    file.read_at(&mut small, 5 * PAGE as u64 + 7).unwrap();
+    assert_eq!(
+        small[..],
+        pattern(PAGE, 99)[7..107],
+        "a buffered read after a direct write saw stale data"
+    );
+    // Page 5 is cached again (that read filled it): a direct write elsewhere still has to look.
+    let before = dir_locks();
+    direct_write(9 * PAGE, 9);
+    assert!(dir_locks() > before + 1);
+    // Drop it with a direct write over it: nothing cached again, no directory.
+    direct_write(5 * PAGE, 5);
+    let before = dir_locks();
+    direct_write(6 * PAGE, 6);
+    assert_eq!(dir_locks(), before + 1);
+}
+
+/// More asynchronous direct requests in flight on one file than its pool of request contexts
+/// keeps (256): the pool runs dry (new contexts), then overflows (contexts freed); every
+/// request completes exactly once with its own data, and the file still works after.
+#[test]
+fn more_requests_in_flight_than_the_context_pool_keeps() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    const N: usize = 600;
+    let (ctrl, _emu) = emulated(config(Mode::Threaded, &[(512, 1 << 14)]));
+    let dx = Dioxide::builder()
+        .controller(ctrl)
+        .pollers([None])
+        .build()
+        .unwrap();
+    let file = dx
+        .open_file(
+            0,
+            Nsid(1),
+            FileOptions::new(0, 8192).with_len((N * PAGE) as u64),
+        )
+        .unwrap();
+    let (tx, rx) = channel::<(usize, Completed)>();
+    for i in 0..N {
+        let mut b = file.alloc(PAGE).unwrap();
+        fill(b.as_mut_slice(), i as u64);
+        let tx = tx.clone();
+        file.submit(Request::write((i * PAGE) as u64, b), move |c| {
+            tx.send((i, c)).unwrap();
+        })
+        .unwrap();
+    }
+    let mut seen = HashSet::new();
+    let mut bufs = Vec::new();
+    for _ in 0..N {
+        let (i, c) = rx.recv_timeout(LIMIT).expect("a completion was lost");
+        assert_eq!(c.result.unwrap(), PAGE);
+        assert!(seen.insert(i), "request {i} completed twice");
+        bufs.push((i, c.buf));
+    }
+    for (i, b) in bufs {
+        let tx = tx.clone();
+        file.submit(Request::read((i * PAGE) as u64, b), move |c| {
+            tx.send((i, c)).unwrap();
+        })
+        .unwrap();
+    }
+    for _ in 0..N {
+        let (i, c) = rx.recv_timeout(LIMIT).expect("a completion was lost");
+        assert_eq!(c.result.unwrap(), PAGE);
+        assert!(
+            c.buf.as_slice() == pattern(PAGE, i as u64),
+            "page {i} read back wrong"
+        );
+    }
+    assert!(rx.try_recv().is_err(), "a callback ran twice");
 }

@@ -2,10 +2,14 @@
 //! synchronous ([`BlockFile::read_at`], [`BlockFile::write_at`], [`BlockFile::read`],
 //! [`BlockFile::write`]) and asynchronous ([`BlockFile::submit`]) I/O through dio-core.
 //!
+//! This module holds the file's public types and its opening; the per-request path, from the
+//! entry points to the user's callback, reads top to bottom in [`path`].
+//!
 //! # How a request runs
 //! 1. **Range lock** on the 4 KiB pages it touches (writes exclusive, reads shared); a write at
-//!    or past `len` locks from `len` on, since it also zeroes the gap. See
-//!    [`rangelock`](crate::embed::rangelock).
+//!    or past `len` locks from `len` on, since it also zeroes the gap. The lock is a table of
+//!    atomic reader/writer words striped over the pages, taken in ascending order: requests
+//!    that do not overlap share no lock. See [`rangelock`](crate::embed::rangelock).
 //! 2. **Split**: a heap buffer (or a DMA address that is not dword aligned) goes wholly through
 //!    the page cache. Otherwise an unaligned head goes through the cache, the block-aligned
 //!    middle directly to the device through dio-core, and the unaligned tail through the cache
@@ -13,15 +17,19 @@
 //!    read whose buffer covers the whole block where the file ends reads that block directly
 //!    too: dio-core clamps the count at `len` and the bytes past it are zeroed.
 //! 3. **Coherency**: a direct write first invalidates the cached pages it overlaps (the cache is
-//!    write-through, so there is nothing to write back); buffered writes reach the device before
-//!    they return. Whatever path each request takes, the device holds the latest data.
+//!    write-through, so there is nothing to write back), skipping the cache's directory lock when
+//!    the file has no page cached; buffered writes reach the device before they return.
+//!    Whatever path each request takes, the device holds the latest data.
 //! 4. **Size**: reads stop at `len`; a write past `len` zeroes `[len, offset)` if there is a
 //!    gap, is forced synchronous by dio-core, and raises `len` (calling the
 //!    [`FileOptions::on_extend`] hook, where the appliance persists it) before anyone is told
 //!    it finished.
 //! 5. **Completion**: [`BlockFile::submit`] returns `Ok` and the callback runs exactly once, or
-//!    returns the error and the callback never runs (DIO-CORE.md 3.7). The range lock is
-//!    released just before the callback.
+//!    returns the error and the callback never runs (`dio-core/DESIGN.md §3.7`). The range lock
+//!    is released just before the callback. An asynchronous direct request allocates nothing:
+//!    its context (held range, byte accounting, the user's callback stored inline) is a pooled
+//!    box whose pointer travels in its [`Window`] through dio-core's pooled request state to a
+//!    plain completion function.
 //!
 //! # "Latest data"
 //! Requests that touch a common 4 KiB page are serialised by the range lock in the order they
@@ -41,13 +49,17 @@ use dio_core::{
 };
 
 use crate::bus::dma::DmaBuffer;
-use crate::embed::cache::{PAGE, PageCache, PageIo};
+use crate::embed::cache::{CacheFile, PAGE, PageCache, PageIo};
 use crate::embed::error::{EmbedError, EmbedResult, Op};
 use crate::embed::iobuf::{IoBuffer, Window};
 use crate::embed::poller::{Local, Pollers};
-use crate::embed::rangelock::{LockWait, RangeGuard, RangeLock};
+
+mod callback;
+mod path;
+
 use crate::nvme::controller::Controller;
 use crate::nvme::namespace::Namespace;
+pub(crate) use path::Context;
 
 /// Called with the new length after a write raised it (before the write is reported done).
 pub type ExtendHook = Arc<dyn Fn(u64) + Send + Sync>;
@@ -245,7 +257,7 @@ impl Store {
             }
             Outcome::Queued => unreachable!("a synchronous request was queued"),
         };
-        let buf = w.buf.into_dma().expect("a cache page is DMA memory");
+        let buf = w.into_buf().into_dma().expect("a cache page is DMA memory");
         match r {
             Ok(n) if n == len => (Ok(()), buf),
             Ok(_) => (Err(DioError::Invalid), buf),
@@ -274,6 +286,8 @@ impl PageIo for Store {
 /// The file as dio-core's upper layer sees it.
 pub(crate) struct FileState {
     id: u64,
+    /// The file in the page cache (its id and count of cached pages).
+    cfile: Arc<CacheFile>,
     len: AtomicU64,
     on_extend: Option<ExtendHook>,
     cache: Arc<PageCache>,
@@ -299,16 +313,15 @@ impl dio_core::File<Window> for FileState {
     }
     fn write_buffered(&self, file_offset: u64, buf: &Window, buf_range: Range<u64>) -> DioResult {
         let data = &buf.bytes()[buf_range.start as usize..buf_range.end as usize];
-        self.cache.write(self.id, &self.store, file_offset, data)?;
+        self.cache
+            .write(&self.cfile, &self.store, file_offset, data)?;
         Ok(data.len() as u64)
     }
 }
 
-type Callback = Box<dyn FnOnce(Completed) + Send>;
-
 struct Inner {
     io: IoCtx<Window, FileState>,
-    locks: Arc<RangeLock>,
+    shared: Arc<path::Shared>,
     engine: EngineRef,
     deferral: Option<Arc<dyn dio_core::Deferral>>,
     ctrl: Controller,
@@ -345,30 +358,7 @@ impl std::fmt::Debug for BlockFile {
     }
 }
 
-/// Leaves the engine when a request's submission phase ends.
-struct Entered<'a>(Option<&'a Pollers>);
-impl Drop for Entered<'_> {
-    fn drop(&mut self) {
-        if let Some(p) = self.0 {
-            p.leave();
-        }
-    }
-}
-
 static NEXT_FILE: AtomicU64 = AtomicU64::new(1);
-
-fn round_down(x: u64, a: u64) -> u64 {
-    x / a * a
-}
-fn round_up(x: u64, a: u64) -> u64 {
-    x.div_ceil(a) * a
-}
-
-/// The pieces of a request after the range lock: what goes where.
-enum Reply {
-    Sync,
-    Async(Callback),
-}
 
 impl BlockFile {
     #[allow(clippy::too_many_arguments)]
@@ -461,6 +451,7 @@ impl BlockFile {
         }
         let state = FileState {
             id,
+            cfile: CacheFile::new(id),
             len: AtomicU64::new(opts.len),
             on_extend: opts.on_extend,
             cache,
@@ -469,7 +460,7 @@ impl BlockFile {
         Ok(BlockFile {
             inner: Arc::new(Inner {
                 io: IoCtx::new(core, state),
-                locks: Arc::new(RangeLock::default()),
+                shared: Arc::new(path::Shared::new(capacity)),
                 engine,
                 deferral,
                 ctrl,
@@ -500,492 +491,6 @@ impl BlockFile {
     /// Allocate a zero-copy buffer in the DMA memory of this file's controller.
     pub fn alloc(&self, len: usize) -> EmbedResult<DmaBuffer> {
         Ok(self.inner.ctrl.alloc(len)?)
-    }
-
-    /// Read into `buf` at `offset`, synchronously; returns the bytes read (short at `len`).
-    /// Any memory: copied through the page cache. For zero copy, use [`read`](Self::read) with
-    /// a DMA buffer.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> EmbedResult<usize> {
-        let n = buf.len();
-        let (r, b) = self
-            .run(
-                Op::Read,
-                offset,
-                n,
-                IoBuffer::Heap(Vec::new()),
-                Reply::Sync,
-                Some(Slice::Read(buf)),
-            )
-            .expect("synchronous");
-        drop(b);
-        r
-    }
-
-    /// Write `buf` at `offset`, synchronously; returns the bytes written. Any memory: copied
-    /// through the page cache (write-through). For zero copy, use [`write`](Self::write).
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> EmbedResult<usize> {
-        let n = buf.len();
-        let (r, _) = self
-            .run(
-                Op::Write,
-                offset,
-                n,
-                IoBuffer::Heap(Vec::new()),
-                Reply::Sync,
-                Some(Slice::Write(buf)),
-            )
-            .expect("synchronous");
-        r
-    }
-
-    /// Read `len` bytes at `offset` into an owned buffer, synchronously (zero copy for the
-    /// block-aligned part of a DMA buffer).
-    pub fn read(
-        &self,
-        buf: impl Into<IoBuffer>,
-        offset: u64,
-        len: usize,
-    ) -> (EmbedResult<usize>, IoBuffer) {
-        self.run(Op::Read, offset, len, buf.into(), Reply::Sync, None)
-            .expect("synchronous")
-    }
-
-    /// Write the first `len` bytes of an owned buffer at `offset`, synchronously (zero copy for
-    /// the block-aligned part of a DMA buffer).
-    pub fn write(
-        &self,
-        buf: impl Into<IoBuffer>,
-        offset: u64,
-        len: usize,
-    ) -> (EmbedResult<usize>, IoBuffer) {
-        self.run(Op::Write, offset, len, buf.into(), Reply::Sync, None)
-            .expect("synchronous")
-    }
-
-    /// Submit asynchronously. `Ok(())`: `cb` runs exactly once (on a poller thread, or on the
-    /// deferral thread, or before `submit` returns when the request finished synchronously:
-    /// a write past `len`, an unaligned or heap-buffer request). `Err`: `cb` never runs.
-    pub fn submit(
-        &self,
-        req: Request,
-        cb: impl FnOnce(Completed) + Send + 'static,
-    ) -> Result<(), Box<Refused>> {
-        let (op, offset, len) = (req.op, req.offset, req.len);
-        // A panicking callback must not kill the poller it runs on (its bios in flight would
-        // never complete): caught here, reported, and the request counts as completed.
-        let cb = move |c: Completed| {
-            let run = std::panic::AssertUnwindSafe(move || cb(c));
-            if let Err(p) = std::panic::catch_unwind(run) {
-                let msg = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "(not a string)".into());
-                eprintln!(
-                    "dioxide: the completion callback of the {op} of {len} bytes at offset \
-                     {offset} panicked ({msg}); the panic was caught, the poller goes on"
-                );
-            }
-        };
-        match self.run(op, offset, len, req.buf, Reply::Async(Box::new(cb)), None) {
-            None => Ok(()),
-            Some((Err(error), buf)) => Err(Box::new(Refused { error, buf })),
-            Some((Ok(_), _)) => {
-                unreachable!("an asynchronous request reports through its callback")
-            }
-        }
-    }
-
-    fn deliver(&self, cb: Callback, result: EmbedResult<usize>, buf: IoBuffer) {
-        let c = Completed { result, buf };
-        match &self.inner.deferral {
-            Some(d) => d.defer(Box::new(move || cb(c))),
-            None => cb(c),
-        }
-    }
-
-    fn on_poller(&self) -> bool {
-        match &self.inner.engine {
-            EngineRef::Pooled(p) => p.on_poller(),
-            EngineRef::Local(_) => false,
-        }
-    }
-
-    /// The whole request. Sync: `Some((result, buf))`. Async: `None` when the callback owns the
-    /// outcome, `Some((Err, buf))` when refused (the callback is dropped unrun).
-    fn run(
-        &self,
-        op: Op,
-        offset: u64,
-        len: usize,
-        buf: IoBuffer,
-        reply: Reply,
-        slice: Option<Slice<'_>>,
-    ) -> Option<(EmbedResult<usize>, IoBuffer)> {
-        let refuse = |e: EmbedError, buf: IoBuffer| Some((Err(e), buf));
-        let _entered = match &self.inner.engine {
-            EngineRef::Pooled(p) => {
-                if !p.enter() {
-                    return refuse(EmbedError::ShutDown, buf);
-                }
-                Entered(Some(p))
-            }
-            EngineRef::Local(l) => {
-                if !l.on_owner() {
-                    return refuse(EmbedError::WrongThread, buf);
-                }
-                Entered(None)
-            }
-        };
-        let inner = &*self.inner;
-        let len64 = len as u64;
-        let buf_len = slice.as_ref().map_or(buf.len(), Slice::len);
-        if len > buf_len {
-            let e = EmbedError::ShortBuffer {
-                op,
-                offset,
-                len: len64,
-                buf_len,
-            };
-            return refuse(e, buf);
-        }
-        let beyond = EmbedError::BeyondCapacity {
-            op,
-            offset,
-            len: len64,
-            capacity: inner.capacity,
-        };
-        let Some(end) = offset.checked_add(len64) else {
-            return refuse(beyond, buf);
-        };
-        if op == Op::Write {
-            if !inner.writable {
-                return refuse(EmbedError::ReadOnly { offset }, buf);
-            }
-            if end > inner.capacity {
-                return refuse(beyond, buf);
-            }
-        }
-        let bs = inner.block;
-        let state = inner.state();
-        // On a poller thread nothing may wait: only what dio-core can queue at once.
-        let on_poller = self.on_poller();
-        if on_poller {
-            let why = if matches!(reply, Reply::Sync) {
-                Some("a synchronous call")
-            } else if !buf.is_dma() {
-                Some("a heap buffer goes through the page cache")
-            } else if offset % bs != 0 || len64 % bs != 0 || len == 0 {
-                Some("an unaligned request goes through the page cache")
-            } else if op == Op::Write && end > state.size_now() {
-                Some("a write past the end of the file is synchronous")
-            } else if buf.as_slice().as_ptr() as usize % 4 != 0 {
-                Some("the buffer address is not dword aligned")
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                return refuse(EmbedError::WouldBlockOnPoller { op, offset, why }, buf);
-            }
-        }
-        if len == 0 {
-            return self.finish(reply, None, Ok(0), buf);
-        }
-        // 1. The range lock, on whole pages; a write also covers the gap it may zero.
-        let lo = if op == Op::Write {
-            offset.min(state.size_now())
-        } else {
-            offset
-        };
-        let range = round_down(lo, PAGE)..round_up(end, PAGE);
-        let exclusive = op == Op::Write;
-        let guard = if on_poller {
-            match inner.locks.try_lock(range, exclusive) {
-                Some(g) => g,
-                None => {
-                    let why = "it overlaps a request in flight";
-                    return refuse(EmbedError::WouldBlockOnPoller { op, offset, why }, buf);
-                }
-            }
-        } else {
-            match &inner.engine {
-                EngineRef::Local(l) => {
-                    let poll = || {
-                        l.poll_once();
-                    };
-                    inner.locks.lock(range, exclusive, LockWait::Poll(&poll))
-                }
-                EngineRef::Pooled(_) => inner.locks.lock(range, exclusive, LockWait::Park),
-            }
-        };
-        match op {
-            Op::Read => self.read_locked(offset, len64, buf, reply, slice, guard),
-            Op::Write => self.write_locked(offset, len64, buf, reply, slice, guard),
-        }
-    }
-
-    /// Report a request that did not go through dio-core's completion path.
-    fn finish(
-        &self,
-        reply: Reply,
-        guard: Option<RangeGuard>,
-        result: EmbedResult<usize>,
-        buf: IoBuffer,
-    ) -> Option<(EmbedResult<usize>, IoBuffer)> {
-        drop(guard);
-        match reply {
-            Reply::Sync => Some((result, buf)),
-            Reply::Async(cb) => {
-                self.deliver(cb, result, buf);
-                None
-            }
-        }
-    }
-
-    /// dio-core, synchronously; in run-to-completion mode an exhausted pool is waited out by
-    /// polling and retrying.
-    fn dio_sync(&self, mut req: DioRequest<Window>) -> (DioResult, Window) {
-        loop {
-            let (dir, offset, len, mode, fw) =
-                (req.dir, req.offset, req.len, req.mode, req.force_wait);
-            let (r, w) = self.inner.io.submit_sync(req);
-            match (&self.inner.engine, r) {
-                (EngineRef::Local(l), Err(DioError::QueueFull)) => {
-                    l.poll_once();
-                    req = DioRequest {
-                        dir,
-                        offset,
-                        len,
-                        buf: w,
-                        mode,
-                        force_wait: fw,
-                    };
-                }
-                (_, r) => return (r, w),
-            }
-        }
-    }
-
-    /// The direct part, sync or async; `pre` bytes were done before it (through the cache),
-    /// `post` after (read tail); `total` is reported when the direct part is complete.
-    #[allow(clippy::too_many_arguments)]
-    fn direct(
-        &self,
-        op: Op,
-        req: DioRequest<Window>,
-        pre: u64,
-        total: u64,
-        ctx: (u64, u64),
-        reply: Reply,
-        guard: RangeGuard,
-    ) -> Option<(EmbedResult<usize>, IoBuffer)> {
-        let want = req.len;
-        let (offset, len) = ctx;
-        let result = move |r: DioResult| -> EmbedResult<usize> {
-            match r {
-                Ok(m) if m == want => Ok(total as usize),
-                Ok(m) => Ok((pre + m) as usize),
-                Err(e) => Err(EmbedError::from_dio(e, op, offset, len)),
-            }
-        };
-        match reply {
-            Reply::Sync => {
-                let (r, mut w) = self.dio_sync(req);
-                drop(guard);
-                zero_short_read(op, &r, pre, want, &mut w.buf);
-                Some((result(r), w.buf))
-            }
-            Reply::Async(cb) => {
-                let r = self.inner.io.submit_async(req, move |r, mut w: Window| {
-                    drop(guard);
-                    zero_short_read(op, &r, pre, want, &mut w.buf);
-                    cb(Completed {
-                        result: result(r),
-                        buf: w.buf,
-                    });
-                });
-                match r {
-                    Ok(()) => None,
-                    Err((e, w)) => Some((Err(EmbedError::from_dio(e, op, offset, len)), w.buf)),
-                }
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn read_locked(
-        &self,
-        offset: u64,
-        len: u64,
-        mut buf: IoBuffer,
-        reply: Reply,
-        slice: Option<Slice<'_>>,
-        guard: RangeGuard,
-    ) -> Option<(EmbedResult<usize>, IoBuffer)> {
-        let inner = &*self.inner;
-        let state = inner.state();
-        let (id, cache, store) = (state.id, &state.cache, &state.store);
-        let err = |e| EmbedError::from_dio(e, Op::Read, offset, len);
-        let size = state.size_now();
-        if offset >= size {
-            return self.finish(reply, Some(guard), Ok(0), buf);
-        }
-        let end = (offset + len).min(size);
-        let n = end - offset;
-        let bs = inner.block;
-        let h = if offset % bs != 0 {
-            (round_up(offset, bs) - offset).min(n)
-        } else {
-            0
-        };
-        // An unaligned tail that the request's block-aligned span still covers (the file ends
-        // inside its last block) is read directly too: dio-core clamps the count at EOF, and no
-        // cache read runs (a cache miss would wait for the device, which on a poller thread is
-        // its own queue: a hang).
-        let tail_end = round_up(end, bs);
-        let b = if end % bs != 0
-            && tail_end <= offset + len
-            && tail_end as usize - offset as usize <= buf.len()
-        {
-            tail_end
-        } else {
-            round_down(end, bs)
-        };
-        let (a, b) = (offset + h, b.max(offset + h));
-        let direct = slice.is_none()
-            && b > a
-            && buf.is_dma()
-            && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
-        if !direct {
-            let out: &mut [u8] = match slice {
-                Some(Slice::Read(s)) => &mut s[..n as usize],
-                _ => &mut buf.as_mut_slice()[..n as usize],
-            };
-            let r = cache
-                .read(id, store, offset, out)
-                .map(|_| n as usize)
-                .map_err(err);
-            return self.finish(reply, Some(guard), r, buf);
-        }
-        // Head and tail through the cache first, then the middle directly.
-        let out = buf.as_mut_slice();
-        let mut r = Ok(());
-        if h > 0 {
-            r = cache.read(id, store, offset, &mut out[..h as usize]);
-        }
-        if r.is_ok() && end > b {
-            let at = (b - offset) as usize;
-            r = cache.read(id, store, b, &mut out[at..n as usize]);
-        }
-        if let Err(e) = r {
-            return self.finish(reply, Some(guard), Err(err(e)), buf);
-        }
-        let mode = match reply {
-            Reply::Sync => Mode::Sync,
-            Reply::Async(_) => Mode::Async,
-        };
-        let req = DioRequest::new(Dir::Read, a, b - a, Window::new(buf, h as usize), mode);
-        self.direct(Op::Read, req, h, n, (offset, len), reply, guard)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn write_locked(
-        &self,
-        offset: u64,
-        len: u64,
-        buf: IoBuffer,
-        reply: Reply,
-        slice: Option<Slice<'_>>,
-        guard: RangeGuard,
-    ) -> Option<(EmbedResult<usize>, IoBuffer)> {
-        let inner = &*self.inner;
-        let state = inner.state();
-        let (id, cache, store) = (state.id, &state.cache, &state.store);
-        let err = |e| EmbedError::from_dio(e, Op::Write, offset, len);
-        let end = offset + len;
-        // Zero the gap between the old end of file and this write (locked: see `run`).
-        let size = state.size_now();
-        if offset > size {
-            static ZEROES: [u8; 65536] = [0; 65536];
-            let mut pos = size;
-            while pos < offset {
-                let n = (offset - pos).min(ZEROES.len() as u64);
-                if let Err(e) = cache.write(id, store, pos, &ZEROES[..n as usize]) {
-                    return self.finish(reply, Some(guard), Err(err(e)), buf);
-                }
-                pos += n;
-            }
-        }
-        let bs = inner.block;
-        let h = if offset % bs != 0 {
-            (round_up(offset, bs) - offset).min(len)
-        } else {
-            0
-        };
-        let direct = slice.is_none()
-            && h < len
-            && buf.is_dma()
-            && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
-        if !direct {
-            let data: &[u8] = match &slice {
-                Some(Slice::Write(s)) => &s[..len as usize],
-                _ => &buf.as_slice()[..len as usize],
-            };
-            let r = cache.write(id, store, offset, data).map_err(err);
-            if r.is_ok() {
-                state.extend(end);
-            }
-            return self.finish(reply, Some(guard), r.map(|_| len as usize), buf);
-        }
-        if h > 0 {
-            if let Err(e) = cache.write(id, store, offset, &buf.as_slice()[..h as usize]) {
-                return self.finish(reply, Some(guard), Err(err(e)), buf);
-            }
-        }
-        // Direct I/O: drop the cached pages it overlaps (write-through: nothing to write back).
-        cache.invalidate(id, offset + h..end);
-        let mode = match reply {
-            Reply::Sync => Mode::Sync,
-            Reply::Async(_) => Mode::Async,
-        };
-        let req = DioRequest::new(
-            Dir::Write,
-            offset + h,
-            len - h,
-            Window::new(buf, h as usize),
-            mode,
-        );
-        self.direct(Op::Write, req, h, len, (offset, len), reply, guard)
-    }
-}
-
-/// A direct read clamped at EOF leaves device bytes past `len` in its last block: zero them
-/// (bytes at or past `len` are never returned).
-fn zero_short_read(op: Op, r: &DioResult, pre: u64, want: u64, buf: &mut IoBuffer) {
-    if let (Op::Read, Ok(m)) = (op, r) {
-        if *m < want {
-            let (from, to) = ((pre + m) as usize, (pre + want) as usize);
-            let s = buf.as_mut_slice();
-            let to = to.min(s.len());
-            if from < to {
-                s[from..to].fill(0);
-            }
-        }
-    }
-}
-
-/// A borrowed buffer of a synchronous call (copied through the cache).
-enum Slice<'a> {
-    Read(&'a mut [u8]),
-    Write(&'a [u8]),
-}
-
-impl Slice<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Slice::Read(b) => b.len(),
-            Slice::Write(b) => b.len(),
-        }
     }
 }
 

@@ -13,10 +13,18 @@
 //! overlapping requests: the file's range lock does (a page is touched only by requests holding
 //! a lock on it, writers exclusively), so a frame is never filled while a direct write to its
 //! page is in flight. A frame in use is pinned and never evicted.
+//!
+//! A direct write must not pay for the directory when there is nothing to invalidate: each file
+//! ([`CacheFile`]) counts its cached pages, updated under the directory lock whenever one of
+//! its pages enters or leaves the map, and [`PageCache::invalidate`] reads that count (Acquire)
+//! before taking the lock: zero means no page of the file is cached, so nothing to drop. Why
+//! this is race-free is explained at [`PageCache::invalidate`]. [`CacheStats::dir_locks`]
+//! counts the directory's acquisitions, so tests can check that the fast path does not take it.
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use dio_core::DioError;
 
@@ -42,11 +50,48 @@ pub(crate) trait PageIo {
 
 type Key = (u64, u64);
 
-#[derive(Clone, Copy, Default)]
+/// A file as the cache knows it: its id (the first half of its pages' keys) and how many of its
+/// pages are in the directory's map.
+#[derive(Debug)]
+pub(crate) struct CacheFile {
+    id: u64,
+    /// Pages of this file in the map; changed only under the directory lock.
+    cached: AtomicU64,
+}
+
+impl CacheFile {
+    /// File `id` (unique among the files of a cache), with nothing cached.
+    pub(crate) fn new(id: u64) -> Arc<CacheFile> {
+        Arc::new(CacheFile {
+            id,
+            cached: AtomicU64::new(0),
+        })
+    }
+}
+
+#[derive(Clone, Default)]
 struct Meta {
     key: Option<Key>,
+    /// The file of `key`, whose count the map entry is part of.
+    owner: Option<Arc<CacheFile>>,
     referenced: bool,
     pins: u32,
+}
+
+impl Directory {
+    /// Remove the page of frame `f` from the map (if it holds one), keeping its file's count.
+    fn unmap(&mut self, f: usize) -> bool {
+        let m = &mut self.meta[f];
+        m.referenced = false;
+        let Some(k) = m.key.take() else {
+            return false;
+        };
+        if let Some(o) = m.owner.take() {
+            o.cached.fetch_sub(1, Ordering::Release);
+        }
+        self.map.remove(&k);
+        true
+    }
 }
 
 struct Directory {
@@ -71,6 +116,8 @@ pub struct CacheStats {
     pub invalidations: u64,
     /// Write-through device writes.
     pub writes: u64,
+    /// Acquisitions of the directory lock (a direct write with nothing cached takes none).
+    pub dir_locks: u64,
 }
 
 /// A bounded page cache shared by the files of one controller.
@@ -87,6 +134,13 @@ impl std::fmt::Debug for PageCache {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The directory, locked and counted.
+fn lock_dir(m: &Mutex<Directory>) -> MutexGuard<'_, Directory> {
+    let mut d = lock(m);
+    d.stats.dir_locks += 1;
+    d
 }
 
 impl PageCache {
@@ -112,19 +166,26 @@ impl PageCache {
 
     /// Counters.
     pub fn stats(&self) -> CacheStats {
-        lock(&self.dir).stats
+        lock_dir(&self.dir).stats
     }
 
-    /// Pages of `file` currently cached.
+    /// Pages of `file` currently cached (checked against its count).
     #[cfg(test)]
-    pub(crate) fn cached(&self, file: u64) -> usize {
-        lock(&self.dir).map.keys().filter(|k| k.0 == file).count()
+    pub(crate) fn cached(&self, file: &CacheFile) -> usize {
+        let d = lock_dir(&self.dir);
+        let n = d.map.keys().filter(|k| k.0 == file.id).count();
+        assert_eq!(
+            n as u64,
+            file.cached.load(Ordering::Relaxed),
+            "count out of step"
+        );
+        n
     }
 
     /// Pin the frame of `key`, or a victim frame for it (`false`: not valid yet).
     fn pin(&self, key: Key) -> (usize, bool) {
         loop {
-            let mut d = lock(&self.dir);
+            let mut d = lock_dir(&self.dir);
             if let Some(&f) = d.map.get(&key) {
                 d.meta[f].pins += 1;
                 d.meta[f].referenced = true;
@@ -136,7 +197,7 @@ impl PageCache {
             for _ in 0..2 * n {
                 let h = d.hand;
                 d.hand = (h + 1) % n;
-                let m = d.meta[h];
+                let m = &d.meta[h];
                 if m.pins > 0 {
                     continue;
                 }
@@ -144,16 +205,11 @@ impl PageCache {
                     d.meta[h].referenced = false;
                     continue;
                 }
-                if let Some(old) = m.key {
-                    d.map.remove(&old);
+                if d.unmap(h) {
                     d.stats.evictions += 1;
                 }
                 d.stats.misses += 1;
-                d.meta[h] = Meta {
-                    key: None,
-                    referenced: false,
-                    pins: 1,
-                };
+                d.meta[h].pins = 1;
                 return (h, false);
             }
             // Every frame is pinned by a request in progress: wait for one.
@@ -163,24 +219,23 @@ impl PageCache {
     }
 
     /// Publish a freshly filled frame (unless another request published the page first).
-    fn publish(&self, key: Key, f: usize) {
-        let mut d = lock(&self.dir);
+    fn publish(&self, file: &Arc<CacheFile>, key: Key, f: usize) {
+        let mut d = lock_dir(&self.dir);
         if let std::collections::hash_map::Entry::Vacant(e) = d.map.entry(key) {
             e.insert(f);
-            d.meta[f].key = Some(key);
-            d.meta[f].referenced = true;
+            file.cached.fetch_add(1, Ordering::Release);
+            let m = &mut d.meta[f];
+            m.key = Some(key);
+            m.owner = Some(Arc::clone(file));
+            m.referenced = true;
         }
     }
 
     fn unpin(&self, f: usize, drop_page: bool) {
-        let mut d = lock(&self.dir);
+        let mut d = lock_dir(&self.dir);
         d.meta[f].pins -= 1;
-        if drop_page {
-            if let Some(k) = d.meta[f].key.take() {
-                d.map.remove(&k);
-                d.stats.invalidations += 1;
-            }
-            d.meta[f].referenced = false;
+        if drop_page && d.unmap(f) {
+            d.stats.invalidations += 1;
         }
     }
 
@@ -188,13 +243,13 @@ impl PageCache {
     /// is not cached and `fill` is true. `f` returns whether the page must be dropped.
     fn with_page<R>(
         &self,
-        file: u64,
+        file: &Arc<CacheFile>,
         page: u64,
         fill: bool,
         io: &dyn PageIo,
         f: impl FnOnce(&mut Option<DmaBuffer>) -> (R, bool),
     ) -> Result<R, DioError> {
-        let key = (file, page);
+        let key = (file.id, page);
         let (fi, valid) = self.pin(key);
         let mut data = lock(&self.frames[fi]);
         if !valid {
@@ -202,14 +257,14 @@ impl PageCache {
                 let buf = data.take().expect("frame buffer present");
                 let (r, buf) = io.read_page(page * PAGE, buf);
                 *data = Some(buf);
-                lock(&self.dir).stats.fills += 1;
+                lock_dir(&self.dir).stats.fills += 1;
                 if let Err(e) = r {
                     drop(data);
                     self.unpin(fi, false);
                     return Err(e);
                 }
             }
-            self.publish(key, fi);
+            self.publish(file, key, fi);
         }
         let (r, drop_page) = f(&mut data);
         drop(data);
@@ -220,7 +275,7 @@ impl PageCache {
     /// Copy `[off, off + out.len())` of `file` into `out`.
     pub(crate) fn read(
         &self,
-        file: u64,
+        file: &Arc<CacheFile>,
         io: &dyn PageIo,
         off: u64,
         out: &mut [u8],
@@ -245,7 +300,7 @@ impl PageCache {
     /// whole blocks it touches) before returning.
     pub(crate) fn write(
         &self,
-        file: u64,
+        file: &Arc<CacheFile>,
         io: &dyn PageIo,
         off: u64,
         data: &[u8],
@@ -267,7 +322,7 @@ impl PageCache {
                 let failed = r.is_err();
                 (r, failed)
             })?;
-            lock(&self.dir).stats.writes += 1;
+            lock_dir(&self.dir).stats.writes += 1;
             wr?;
             done += n;
         }
@@ -275,37 +330,44 @@ impl PageCache {
     }
 
     /// Drop every cached page of `file` overlapping `range` (before a direct write to it).
-    pub(crate) fn invalidate(&self, file: u64, range: Range<u64>) {
-        if range.is_empty() {
+    ///
+    /// The caller holds the file's range lock exclusively on the pages of `range`. When the
+    /// file's count reads zero, no page of `range` is cached and none can become cached before
+    /// the caller releases the lock, so the directory is not touched:
+    /// * A page enters the map only through a cache request holding a range lock on it, which
+    ///   ours excludes: none during the direct write. One cached before was published (count
+    ///   incremented, under the directory lock) by a request that released its range lock
+    ///   before we acquired ours: the increment happens before our Acquire load of the count.
+    /// * Every change of the count is made under the directory lock, in step with the map, so
+    ///   in the count's modification order each value is the file's number of pages in the map
+    ///   at that point. Our load returns a value at or after that increment; zero there means
+    ///   that page was removed in between (evicted or invalidated), and it cannot come back
+    ///   while we hold the lock.
+    ///
+    /// A count above zero may be for pages outside `range`: then the directory is searched as
+    /// before, and finds nothing to drop.
+    pub(crate) fn invalidate(&self, file: &CacheFile, range: Range<u64>) {
+        if range.is_empty() || file.cached.load(Ordering::Acquire) == 0 {
             return;
         }
-        let mut d = lock(&self.dir);
-        if d.map.is_empty() {
-            return;
-        }
+        let mut d = lock_dir(&self.dir);
         let (first, last) = (range.start / PAGE, (range.end - 1) / PAGE);
         let mut dropped = 0;
         if last - first < d.map.len() as u64 {
             for p in first..=last {
-                if let Some(f) = d.map.remove(&(file, p)) {
-                    d.meta[f].key = None;
-                    d.meta[f].referenced = false;
-                    dropped += 1;
+                if let Some(&f) = d.map.get(&(file.id, p)) {
+                    dropped += u64::from(d.unmap(f));
                 }
             }
         } else {
-            let keys: Vec<Key> = d
+            let frames: Vec<usize> = d
                 .map
-                .keys()
-                .filter(|k| k.0 == file && k.1 >= first && k.1 <= last)
-                .copied()
+                .iter()
+                .filter(|(k, _)| k.0 == file.id && k.1 >= first && k.1 <= last)
+                .map(|(_, &f)| f)
                 .collect();
-            for k in keys {
-                if let Some(f) = d.map.remove(&k) {
-                    d.meta[f].key = None;
-                    d.meta[f].referenced = false;
-                    dropped += 1;
-                }
+            for f in frames {
+                dropped += u64::from(d.unmap(f));
             }
         }
         d.stats.invalidations += dropped;
@@ -375,62 +437,97 @@ mod tests {
     #[test]
     fn write_through_writes_only_the_touched_blocks() {
         let (c, io) = (cache(4), FakeIo::new());
-        c.write(1, &io, 1000, &[7; 100]).unwrap();
+        let f1 = CacheFile::new(1);
+        c.write(&f1, &io, 1000, &[7; 100]).unwrap();
         assert_eq!(*io.writes.borrow(), vec![(512, 1024)]);
         assert_eq!(&io.disk.borrow()[1000..1100], &[7; 100]);
         // The page was filled first (a partial write), and is now cached: reads hit.
         assert_eq!(*io.reads.borrow(), 1);
         let mut out = [0u8; 100];
-        c.read(1, &io, 1000, &mut out).unwrap();
+        c.read(&f1, &io, 1000, &mut out).unwrap();
         assert_eq!(out, [7; 100]);
         assert_eq!(*io.reads.borrow(), 1);
         // A whole-page write needs no fill.
-        c.write(1, &io, PAGE, &[9; PAGE as usize]).unwrap();
+        c.write(&f1, &io, PAGE, &[9; PAGE as usize]).unwrap();
         assert_eq!(*io.reads.borrow(), 1);
     }
 
     #[test]
     fn clock_evicts_unreferenced_pages_and_keeps_the_bound() {
         let (c, io) = (cache(2), FakeIo::new());
+        let f1 = CacheFile::new(1);
         let mut b = [0u8; 1];
         for p in 0..5 {
-            c.read(1, &io, p * PAGE, &mut b).unwrap();
+            c.read(&f1, &io, p * PAGE, &mut b).unwrap();
         }
-        assert_eq!(c.cached(1), 2);
+        assert_eq!(c.cached(&f1), 2);
         let s = c.stats();
         assert_eq!((s.misses, s.fills, s.evictions), (5, 5, 3));
         // Page 4 was just used: reading it again hits.
-        c.read(1, &io, 4 * PAGE, &mut b).unwrap();
+        c.read(&f1, &io, 4 * PAGE, &mut b).unwrap();
         assert_eq!(c.stats().hits, 1);
     }
 
     #[test]
     fn invalidation_drops_overlapping_pages_only() {
         let (c, io) = (cache(8), FakeIo::new());
+        let f1 = CacheFile::new(1);
         let mut b = [0u8; 1];
         for p in 0..4 {
-            c.read(1, &io, p * PAGE, &mut b).unwrap();
+            c.read(&f1, &io, p * PAGE, &mut b).unwrap();
         }
-        c.read(2, &io, PAGE, &mut b).unwrap();
-        c.invalidate(1, PAGE + 10..2 * PAGE + 1);
-        assert_eq!(c.cached(1), 2);
-        assert_eq!(c.cached(2), 1);
+        let f2 = CacheFile::new(2);
+        c.read(&f2, &io, PAGE, &mut b).unwrap();
+        c.invalidate(&f1, PAGE + 10..2 * PAGE + 1);
+        assert_eq!(c.cached(&f1), 2);
+        assert_eq!(c.cached(&f2), 1);
         // The device changed behind the cache (a direct write): the next read sees it.
         io.disk.borrow_mut()[PAGE as usize] = 42;
-        c.read(1, &io, PAGE, &mut b).unwrap();
+        c.read(&f1, &io, PAGE, &mut b).unwrap();
         assert_eq!(b[0], 42);
+    }
+
+    #[test]
+    fn invalidating_a_file_with_nothing_cached_skips_the_directory() {
+        let (c, io) = (cache(4), FakeIo::new());
+        let (f1, f2) = (CacheFile::new(1), CacheFile::new(2));
+        let mut b = [0u8; 1];
+        // Another file's pages do not count against this one.
+        c.read(&f2, &io, 0, &mut b).unwrap();
+        let before = c.stats().dir_locks;
+        c.invalidate(&f1, 0..64 * PAGE);
+        // `stats` itself takes the lock once.
+        assert_eq!(c.stats().dir_locks, before + 1, "the directory was locked");
+        // With a page cached, the directory is searched and the page dropped; the count
+        // follows the map through fills, evictions and invalidations.
+        c.read(&f1, &io, PAGE, &mut b).unwrap();
+        assert_eq!(c.cached(&f1), 1);
+        let before = c.stats().dir_locks;
+        c.invalidate(&f1, PAGE..PAGE + 1);
+        assert!(c.stats().dir_locks > before + 1);
+        assert_eq!(c.cached(&f1), 0);
+        for p in 0..6 {
+            c.read(&f1, &io, p * PAGE, &mut b).unwrap();
+        }
+        assert_eq!(c.cached(&f1) + c.cached(&f2), 4);
+        c.invalidate(&f1, 0..64 * PAGE);
+        assert_eq!(c.cached(&f1), 0);
+        let before = c.stats().dir_locks;
+        c.invalidate(&f1, 0..PAGE);
+        assert_eq!(c.stats().dir_locks, before + 1);
     }
 
     #[test]
     fn a_failed_write_drops_the_page() {
         let (c, io) = (cache(4), FakeIo::new());
+        let f1 = CacheFile::new(1);
         let mut b = [0u8; 1];
-        c.read(1, &io, 0, &mut b).unwrap();
+        c.read(&f1, &io, 0, &mut b).unwrap();
         *io.fail_write.borrow_mut() = true;
-        assert!(c.write(1, &io, 0, &[5; 10]).is_err());
-        assert_eq!(c.cached(1), 0);
+        assert!(c.write(&f1, &io, 0, &[5; 10]).is_err());
+        assert_eq!(c.cached(&f1), 0);
         *io.fail_write.borrow_mut() = false;
-        c.read(1, &io, 0, &mut b).unwrap();
+        c.read(&f1, &io, 0, &mut b).unwrap();
         assert_eq!(
             b[0], 0,
             "the failed write's bytes must not be served from the cache"

@@ -8,12 +8,16 @@
 //!   through the page cache (the buffered path), which copies.
 //!
 //! dio-core sees a [`Window`]: the buffer plus the byte of it where the direct part starts (an
-//! unaligned head is done through the cache first). [`IoBuf::dma_map`] answers `Fault` for a
-//! heap buffer or a segment whose address is not dword aligned (NVMe PRP rule).
+//! unaligned head is done through the cache first), and, for an asynchronous request, a pointer
+//! to its pooled context (held range, byte accounting, the user's callback), which dio-core
+//! hands back to the completion function with the buffer (its `cb_arg`). [`IoBuf::dma_map`]
+//! answers `Fault` for a heap buffer or a segment whose address is not dword aligned (NVMe PRP
+//! rule).
 
 use dio_core::{DioError, Dir, DmaSegment, IoBuf};
 
 use crate::bus::dma::{DmaBuffer, DmaSlice};
+use crate::embed::blockfile::Context;
 
 /// A buffer owned by a request: DMA memory (zero copy) or heap memory (copied through the page
 /// cache).
@@ -83,19 +87,91 @@ impl From<Vec<u8>> for IoBuffer {
     }
 }
 
-/// The part of an [`IoBuffer`] a dio-core request covers: `buf[start..]`.
+/// The part of an [`IoBuffer`] a dio-core request covers: `buf[start..]`, and the context of
+/// an asynchronous request (dio-core's `cb_arg`).
+///
+/// dio-core moves the window by value a dozen times per request, so it is kept to the buffer
+/// and one word: `start << 1`, or, while a context is attached, the address of that context
+/// (a pooled `Box<Context>`, which then holds `start`) with bit 0 set. A `Box<Context>` is at
+/// least 2-aligned, so bit 0 of its address is free. The window owns an attached context:
+/// [`detach`](Window::detach) hands it back, dropping the window drops it.
 #[derive(Debug)]
 pub struct Window {
     pub(crate) buf: IoBuffer,
-    pub(crate) start: usize,
+    tail: usize,
 }
+
+// A `Window` is `Send` and `Sync` by its fields (a `usize` stands for the context): that is
+// sound because the context it may own is itself `Send` and `Sync`, checked here.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Context>();
+};
 
 impl Window {
     pub(crate) fn new(buf: IoBuffer, start: usize) -> Self {
-        Window { buf, start }
+        debug_assert!(start <= usize::MAX >> 1);
+        Window {
+            buf,
+            tail: start << 1,
+        }
     }
+
+    /// The attached context, if any.
+    fn context(&self) -> Option<*mut Context> {
+        (self.tail & 1 == 1).then_some((self.tail & !1) as *mut Context)
+    }
+
+    /// The byte of the buffer where the request starts.
+    pub(crate) fn start(&self) -> usize {
+        match self.context() {
+            None => self.tail >> 1,
+            // SAFETY: bit 0 set: `tail` holds the address of the context leaked by `attach`,
+            // which this window owns (only `detach` and `drop` free it, and both clear the tag
+            // first), so it is alive; we only read it.
+            Some(c) => unsafe { (*c).start() },
+        }
+    }
+
+    /// Attach an asynchronous request's context (at most one).
+    pub(crate) fn attach(&mut self, mut ctx: Box<Context>) {
+        if let Some(old) = self.detach() {
+            drop(old);
+        }
+        ctx.set_start(self.tail >> 1);
+        let p = Box::into_raw(ctx) as usize;
+        debug_assert_eq!(p & 1, 0, "a Box<Context> is at least 2-aligned");
+        self.tail = p | 1;
+    }
+
+    /// Take the attached context back.
+    pub(crate) fn detach(&mut self) -> Option<Box<Context>> {
+        let c = self.context()?;
+        // SAFETY: `c` is the pointer `Box::into_raw` gave in `attach`, owned by this window and
+        // not freed (the tag was still set); the tag is cleared right below, so it is turned
+        // back into a box exactly once.
+        let ctx = unsafe { Box::from_raw(c) };
+        self.tail = ctx.start() << 1;
+        Some(ctx)
+    }
+
+    /// The buffer, the window consumed (an attached context is dropped).
+    pub(crate) fn into_buf(mut self) -> IoBuffer {
+        drop(self.detach());
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used nor dropped again, so its buffer is moved out exactly
+        // once; nothing else of the window needs dropping (the context was detached above).
+        unsafe { std::ptr::read(&this.buf) }
+    }
+
     pub(crate) fn bytes(&self) -> &[u8] {
-        &self.buf.as_slice()[self.start..]
+        &self.buf.as_slice()[self.start()..]
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        drop(self.detach());
     }
 }
 
@@ -113,14 +189,14 @@ impl IoBuf for Window {
     type Seg = Seg;
 
     fn len(&self) -> u64 {
-        (self.buf.len() - self.start) as u64
+        (self.buf.len() - self.start()) as u64
     }
 
     fn dma_map(&self, off: u64, len: u64, _dir: Dir) -> Result<Seg, DioError> {
         let IoBuffer::Dma(b) = &self.buf else {
             return Err(DioError::Fault);
         };
-        let at = self.start + off as usize;
+        let at = self.start() + off as usize;
         match b.slice(at, len as usize) {
             Some(s) if (b.as_ptr() as usize + at) % 4 == 0 => Ok(Seg(s)),
             _ => Err(DioError::Fault),
@@ -128,7 +204,7 @@ impl IoBuf for Window {
     }
 
     fn zero_fill(&mut self, off: u64, len: u64) {
-        let at = self.start + off as usize;
+        let at = self.start() + off as usize;
         self.buf.as_mut_slice()[at..at + len as usize].fill(0);
     }
 }

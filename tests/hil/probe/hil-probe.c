@@ -10,8 +10,7 @@
 //
 // It runs first in every HIL guest: "HIL: PASS hil-probe" next to a failing Rust payload says
 // the guest, the vIOMMU and the emulated controller are fine, so the driver is at fault.
-// The bring-up sequence was cross-checked against shared/reference/hil-probe.c (the measured
-// recipe in shared/HIL.md); this file is written for the project, not copied from it.
+// The bring-up sequence follows the recipe in tests/hil/README.md, measured in this guest.
 //
 // Build: gcc -O2 -static -Wall -o hil-probe hil-probe.c
 // Usage: hil-probe [--undeclared-fault] [--no-fault-test] [--iova=ADDR] [BDF]   (BDF defaults to $NVME_PCI_ADDR)

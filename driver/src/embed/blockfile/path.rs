@@ -1,0 +1,802 @@
+//! The per-request path of a [`BlockFile`], top to bottom: entry points, argument checks,
+//! range lock, split, dio-core, completion, user callback.
+//!
+//! 1. **Entry** ([`BlockFile::read_at`], [`write_at`](BlockFile::write_at),
+//!    [`read`](BlockFile::read), [`write`](BlockFile::write), [`submit`](BlockFile::submit)):
+//!    each states how it is answered ([`Reply`]: returned, or a [`Callback`]).
+//! 2. **Checks** ([`BlockFile::run`]): the engine accepts requests (shutdown, owner thread),
+//!    buffer length, capacity, read-only; on a poller thread, whatever would wait is refused.
+//! 3. **Range lock** on the request's pages (see [`rangelock`](crate::embed::rangelock)):
+//!    tried on a poller, polled for in run-to-completion mode, parked for otherwise.
+//! 4. **Split** ([`BlockFile::read_locked`], [`BlockFile::write_locked`]): what goes through
+//!    the page cache (heap buffers, unaligned head and tail, the zeroes of a gap) and what goes
+//!    directly to the device (the block-aligned middle of a DMA buffer). A direct write first
+//!    invalidates the cached pages it overlaps, without the cache's directory lock when the
+//!    file has no page cached.
+//! 5. **dio-core** ([`BlockFile::direct`]): a synchronous request waits in
+//!    `IoCtx::submit_sync`, its range guard on the stack; an asynchronous one goes through
+//!    `IoCtx::submit_async_fn` with a plain function (SPDK's `cb_fn`/`cb_arg` shape,
+//!    `dio-core/DESIGN.md §3.7`), its context ([`Context`]: the held range, the byte
+//!    accounting, what the error names, the user's callback stored inline) in a box from the
+//!    file's pool ([`Shared`]), whose pointer travels in the request's [`Window`], i.e. in
+//!    dio-core's pooled request state.
+//! 6. **Completion** ([`direct_done`]): give the context back to the pool, unlock the range,
+//!    zero what a read clamped at the end of file left, compute the result.
+//! 7. **User callback** ([`run_callback`]): run once, a panic caught and logged.
+//!
+//! # Costs
+//! In the steady state no step allocates on the direct path (a synchronous or asynchronous
+//! request with a DMA buffer, block aligned): the callback is stored inline unless it is large
+//! (see [`callback`](super::callback)), the context box is reused (allocated only while the
+//! pool warms up, or beyond [`CONTEXTS`] asynchronous requests in flight on one file). Why a
+//! pooled box rather than the context inline in the `Window`: dio-core moves the `Window` by
+//! value a dozen times per request, and the context (about 150 bytes) made each move a call to
+//! `memcpy`: measured, +470 instructions per synchronous read, more than the allocations it
+//! saved. For the same reason the box's pointer shares one word with the window's `start`
+//! (see [`Window`]): the window stays the size it had without a context.
+//!
+//! No step takes a lock shared by client threads when the request overlaps no other request
+//! and no cached page: the range lock is per-stripe atomics, the page cache is skipped
+//! when the file has nothing cached, and the context pool is a lock-free queue (per file). An
+//! asynchronous request does touch two per-file atomics besides its stripes: the pool's queue
+//! and the `Arc` count of [`Shared`] (the file may be dropped while the request is in flight).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use crossbeam_queue::ArrayQueue;
+
+use dio_core::{DioError, DioRequest, DioResult, Dir, Mode, Submitted};
+
+use super::callback::Callback;
+use super::{BlockFile, Completed, EngineRef, Refused, Request};
+use crate::embed::cache::PAGE;
+use crate::embed::error::{EmbedError, EmbedResult, Op};
+use crate::embed::iobuf::{IoBuffer, Window};
+use crate::embed::poller::Pollers;
+use crate::embed::rangelock::{Held, LockWait, RangeGuard, RangeLock};
+
+// ---------------------------------------------------------------------------------------------
+// 1. Entry.
+
+/// How a request is answered.
+pub(super) enum Reply {
+    /// Returned to the caller.
+    Sync,
+    /// Through the user's callback.
+    Async(Callback),
+}
+
+/// A borrowed buffer of a synchronous call (copied through the cache).
+pub(super) enum Slice<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+impl Slice<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Slice::Read(b) => b.len(),
+            Slice::Write(b) => b.len(),
+        }
+    }
+}
+
+/// What a request returns on its caller's stack: `Some((result, buf))` for a synchronous
+/// request or a refused asynchronous one, `None` when the callback owns the outcome.
+type Answer = Option<(EmbedResult<usize>, IoBuffer)>;
+
+impl BlockFile {
+    /// Read into `buf` at `offset`, synchronously; returns the bytes read (short at `len`).
+    /// Any memory: copied through the page cache. For zero copy, use [`read`](Self::read) with
+    /// a DMA buffer.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> EmbedResult<usize> {
+        let n = buf.len();
+        let slice = Some(Slice::Read(buf));
+        let heap = IoBuffer::Heap(Vec::new());
+        sync_answer(self.run(Op::Read, offset, n, heap, Reply::Sync, slice)).0
+    }
+
+    /// Write `buf` at `offset`, synchronously; returns the bytes written. Any memory: copied
+    /// through the page cache (write-through). For zero copy, use [`write`](Self::write).
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> EmbedResult<usize> {
+        let n = buf.len();
+        let slice = Some(Slice::Write(buf));
+        let heap = IoBuffer::Heap(Vec::new());
+        sync_answer(self.run(Op::Write, offset, n, heap, Reply::Sync, slice)).0
+    }
+
+    /// Read `len` bytes at `offset` into an owned buffer, synchronously (zero copy for the
+    /// block-aligned part of a DMA buffer).
+    pub fn read(
+        &self,
+        buf: impl Into<IoBuffer>,
+        offset: u64,
+        len: usize,
+    ) -> (EmbedResult<usize>, IoBuffer) {
+        sync_answer(self.run(Op::Read, offset, len, buf.into(), Reply::Sync, None))
+    }
+
+    /// Write the first `len` bytes of an owned buffer at `offset`, synchronously (zero copy for
+    /// the block-aligned part of a DMA buffer).
+    pub fn write(
+        &self,
+        buf: impl Into<IoBuffer>,
+        offset: u64,
+        len: usize,
+    ) -> (EmbedResult<usize>, IoBuffer) {
+        sync_answer(self.run(Op::Write, offset, len, buf.into(), Reply::Sync, None))
+    }
+
+    /// Submit asynchronously. `Ok(())`: `cb` runs exactly once (on a poller thread, or on the
+    /// deferral thread, or before `submit` returns when the request finished synchronously:
+    /// a write past `len`, an unaligned or heap-buffer request). `Err`: `cb` never runs.
+    ///
+    /// A panic of `cb` is caught and logged (it must not kill the poller it runs on); the
+    /// request still counts as completed. A small closure (up to six pointers of captures,
+    /// e.g. an `Arc` and an index, or a channel sender and a tag) costs no allocation.
+    pub fn submit(
+        &self,
+        req: Request,
+        cb: impl FnOnce(Completed) + Send + 'static,
+    ) -> Result<(), Box<Refused>> {
+        let reply = Reply::Async(Callback::new(cb));
+        match self.run(req.op, req.offset, req.len, req.buf, reply, None) {
+            None => Ok(()),
+            Some((Err(error), buf)) => Err(Box::new(Refused { error, buf })),
+            Some((Ok(_), buf)) => {
+                // Not reachable (an accepted asynchronous request answers through its
+                // callback); should it happen, refuse rather than panic or lose the buffer.
+                log::error!("an asynchronous request was answered on the caller's stack");
+                let error = EmbedError::Config("internal: asynchronous request answered inline");
+                Err(Box::new(Refused { error, buf }))
+            }
+        }
+    }
+}
+
+/// The answer of a synchronous request (always `Some`: a synchronous request has no callback).
+fn sync_answer(a: Answer) -> (EmbedResult<usize>, IoBuffer) {
+    a.unwrap_or_else(|| {
+        log::error!("a synchronous request was not answered on the caller's stack");
+        let e = EmbedError::Config("internal: synchronous request not answered");
+        (Err(e), IoBuffer::Heap(Vec::new()))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Checks.
+
+/// Leaves the engine when a request's submission phase ends.
+struct Entered<'a>(Option<&'a Pollers>);
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            p.leave();
+        }
+    }
+}
+
+fn round_down(x: u64, a: u64) -> u64 {
+    x / a * a
+}
+
+fn round_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+impl BlockFile {
+    /// The whole request, from the checks to the answer.
+    fn run(
+        &self,
+        op: Op,
+        offset: u64,
+        len: usize,
+        buf: IoBuffer,
+        reply: Reply,
+        slice: Option<Slice<'_>>,
+    ) -> Answer {
+        let refuse = |e: EmbedError, buf: IoBuffer| Some((Err(e), buf));
+        let _entered = match &self.inner.engine {
+            EngineRef::Pooled(p) => {
+                if !p.enter() {
+                    return refuse(EmbedError::ShutDown, buf);
+                }
+                Entered(Some(p))
+            }
+            EngineRef::Local(l) => {
+                if !l.on_owner() {
+                    return refuse(EmbedError::WrongThread, buf);
+                }
+                Entered(None)
+            }
+        };
+        let inner = &*self.inner;
+        let len64 = len as u64;
+        let buf_len = slice.as_ref().map_or(buf.len(), Slice::len);
+        if len > buf_len {
+            let e = EmbedError::ShortBuffer {
+                op,
+                offset,
+                len: len64,
+                buf_len,
+            };
+            return refuse(e, buf);
+        }
+        let beyond = EmbedError::BeyondCapacity {
+            op,
+            offset,
+            len: len64,
+            capacity: inner.capacity,
+        };
+        let Some(end) = offset.checked_add(len64) else {
+            return refuse(beyond, buf);
+        };
+        if op == Op::Write {
+            if !inner.writable {
+                return refuse(EmbedError::ReadOnly { offset }, buf);
+            }
+            if end > inner.capacity {
+                return refuse(beyond, buf);
+            }
+        }
+        let bs = inner.block;
+        let size = inner.state().size_now();
+        // On a poller thread nothing may wait: only what dio-core can queue at once.
+        let on_poller = match &inner.engine {
+            EngineRef::Pooled(p) => p.on_poller(),
+            EngineRef::Local(_) => false,
+        };
+        if on_poller {
+            let why = if matches!(reply, Reply::Sync) {
+                Some("a synchronous call")
+            } else if !buf.is_dma() {
+                Some("a heap buffer goes through the page cache")
+            } else if offset % bs != 0 || len64 % bs != 0 || len == 0 {
+                Some("an unaligned request goes through the page cache")
+            } else if op == Op::Write && end > size {
+                Some("a write past the end of the file is synchronous")
+            } else if buf.as_slice().as_ptr() as usize % 4 != 0 {
+                Some("the buffer address is not dword aligned")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return refuse(EmbedError::WouldBlockOnPoller { op, offset, why }, buf);
+            }
+        }
+        if len == 0 {
+            return self.finish(reply, None, Ok(0), buf, (op, offset, 0));
+        }
+
+        // 3. The range lock, on whole pages; a write also covers the gap it may zero.
+        let lo = if op == Op::Write {
+            offset.min(size)
+        } else {
+            offset
+        };
+        let range = round_down(lo, PAGE)..round_up(end, PAGE);
+        let exclusive = op == Op::Write;
+        let guard = if on_poller {
+            match inner.shared.locks.try_lock(range, exclusive) {
+                Some(g) => g,
+                None => {
+                    let why = "it overlaps a request in flight";
+                    return refuse(EmbedError::WouldBlockOnPoller { op, offset, why }, buf);
+                }
+            }
+        } else {
+            match &inner.engine {
+                EngineRef::Local(l) => {
+                    let poll = || {
+                        l.poll_once();
+                    };
+                    inner
+                        .shared
+                        .locks
+                        .lock(range, exclusive, LockWait::Poll(&poll))
+                }
+                EngineRef::Pooled(_) => inner.shared.locks.lock(range, exclusive, LockWait::Park),
+            }
+        };
+        match op {
+            Op::Read => self.read_locked(offset, len64, buf, reply, slice, guard),
+            Op::Write => self.write_locked(offset, len64, buf, reply, slice, guard),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 4. Split.
+
+    fn read_locked(
+        &self,
+        offset: u64,
+        len: u64,
+        mut buf: IoBuffer,
+        reply: Reply,
+        slice: Option<Slice<'_>>,
+        guard: RangeGuard<'_>,
+    ) -> Answer {
+        let inner = &*self.inner;
+        let state = inner.state();
+        let (file, cache, store) = (&state.cfile, &state.cache, &state.store);
+        let what = (Op::Read, offset, len);
+        let err = |e| EmbedError::from_dio(e, Op::Read, offset, len);
+        let size = state.size_now();
+        if offset >= size {
+            return self.finish(reply, Some(guard), Ok(0), buf, what);
+        }
+        let end = (offset + len).min(size);
+        let n = end - offset;
+        let bs = inner.block;
+        let h = if offset % bs != 0 {
+            (round_up(offset, bs) - offset).min(n)
+        } else {
+            0
+        };
+        // An unaligned tail that the request's block-aligned span still covers (the file ends
+        // inside its last block) is read directly too: dio-core clamps the count at EOF, and no
+        // cache read runs (a cache miss would wait for the device, which on a poller thread is
+        // its own queue: a hang).
+        let tail_end = round_up(end, bs);
+        let b = if end % bs != 0
+            && tail_end <= offset + len
+            && tail_end as usize - offset as usize <= buf.len()
+        {
+            tail_end
+        } else {
+            round_down(end, bs)
+        };
+        let (a, b) = (offset + h, b.max(offset + h));
+        let direct = slice.is_none()
+            && b > a
+            && buf.is_dma()
+            && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
+        if !direct {
+            let out: &mut [u8] = match slice {
+                Some(Slice::Read(s)) => &mut s[..n as usize],
+                _ => &mut buf.as_mut_slice()[..n as usize],
+            };
+            let r = cache
+                .read(file, store, offset, out)
+                .map(|_| n as usize)
+                .map_err(err);
+            return self.finish(reply, Some(guard), r, buf, what);
+        }
+        // Head and tail through the cache first, then the middle directly.
+        let out = buf.as_mut_slice();
+        let mut r = Ok(());
+        if h > 0 {
+            r = cache.read(file, store, offset, &mut out[..h as usize]);
+        }
+        if r.is_ok() && end > b {
+            let at = (b - offset) as usize;
+            r = cache.read(file, store, b, &mut out[at..n as usize]);
+        }
+        if let Err(e) = r {
+            return self.finish(reply, Some(guard), Err(err(e)), buf, what);
+        }
+        let acct = Accounting {
+            op: Op::Read,
+            offset,
+            len,
+            pre: h,
+            want: b - a,
+            total: n,
+        };
+        self.direct(acct, a, Window::new(buf, h as usize), reply, guard)
+    }
+
+    fn write_locked(
+        &self,
+        offset: u64,
+        len: u64,
+        buf: IoBuffer,
+        reply: Reply,
+        slice: Option<Slice<'_>>,
+        guard: RangeGuard<'_>,
+    ) -> Answer {
+        let inner = &*self.inner;
+        let state = inner.state();
+        let (file, cache, store) = (&state.cfile, &state.cache, &state.store);
+        let what = (Op::Write, offset, len);
+        let err = |e| EmbedError::from_dio(e, Op::Write, offset, len);
+        let end = offset + len;
+        // Zero the gap between the old end of file and this write (locked: see `run`).
+        let size = state.size_now();
+        if offset > size {
+            static ZEROES: [u8; 65536] = [0; 65536];
+            let mut pos = size;
+            while pos < offset {
+                let n = (offset - pos).min(ZEROES.len() as u64);
+                if let Err(e) = cache.write(file, store, pos, &ZEROES[..n as usize]) {
+                    return self.finish(reply, Some(guard), Err(err(e)), buf, what);
+                }
+                pos += n;
+            }
+        }
+        let bs = inner.block;
+        let h = if offset % bs != 0 {
+            (round_up(offset, bs) - offset).min(len)
+        } else {
+            0
+        };
+        let direct = slice.is_none()
+            && h < len
+            && buf.is_dma()
+            && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
+        if !direct {
+            let data: &[u8] = match &slice {
+                Some(Slice::Write(s)) => &s[..len as usize],
+                _ => &buf.as_slice()[..len as usize],
+            };
+            let r = cache.write(file, store, offset, data).map_err(err);
+            if r.is_ok() {
+                state.extend(end);
+            }
+            return self.finish(reply, Some(guard), r.map(|_| len as usize), buf, what);
+        }
+        if h > 0 {
+            if let Err(e) = cache.write(file, store, offset, &buf.as_slice()[..h as usize]) {
+                return self.finish(reply, Some(guard), Err(err(e)), buf, what);
+            }
+        }
+        // Direct I/O: drop the cached pages it overlaps (write-through: nothing to write back).
+        // Without the directory lock when the file has no page cached (`PageCache::invalidate`
+        // says why that is race-free under our exclusive range lock).
+        cache.invalidate(file, offset + h..end);
+        let acct = Accounting {
+            op: Op::Write,
+            offset,
+            len,
+            pre: h,
+            want: len - h,
+            total: len,
+        };
+        self.direct(acct, offset + h, Window::new(buf, h as usize), reply, guard)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. dio-core.
+
+/// The bytes of a request and how its direct part's count becomes its result.
+#[derive(Clone, Copy, Debug)]
+struct Accounting {
+    /// What the error names: the request as the user gave it.
+    op: Op,
+    offset: u64,
+    len: u64,
+    /// Bytes done through the cache before the direct part (head).
+    pre: u64,
+    /// Bytes of the direct part.
+    want: u64,
+    /// Bytes reported when the direct part is done whole.
+    total: u64,
+}
+
+impl Accounting {
+    fn result(&self, r: DioResult) -> EmbedResult<usize> {
+        match r {
+            Ok(m) if m == self.want => Ok(self.total as usize),
+            Ok(m) => Ok((self.pre + m) as usize),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    fn error(&self, e: DioError) -> EmbedError {
+        EmbedError::from_dio(e, self.op, self.offset, self.len)
+    }
+
+    /// A direct read clamped at EOF leaves device bytes past `len` in its last block: zero them
+    /// (bytes at or past `len` are never returned).
+    fn zero_short_read(&self, r: &DioResult, buf: &mut IoBuffer) {
+        if let (Op::Read, Ok(m)) = (self.op, r) {
+            if *m < self.want {
+                let (from, to) = ((self.pre + m) as usize, (self.pre + self.want) as usize);
+                let s = buf.as_mut_slice();
+                let to = to.min(s.len());
+                if from < to {
+                    s[from..to].fill(0);
+                }
+            }
+        }
+    }
+}
+
+/// What a file shares with its requests in flight: the range lock, and the pool of request
+/// contexts. An asynchronous request holds an `Arc` of it until its completion (the file may be
+/// dropped meanwhile).
+pub(crate) struct Shared {
+    pub(super) locks: RangeLock,
+    /// Request contexts to reuse (a lock-free bounded queue: one compare-and-swap to take, one
+    /// to give back). Empty: a new one is allocated (the warm-up); full: one is freed.
+    contexts: ArrayQueue<Box<Context>>,
+}
+
+/// Contexts kept per file: as many asynchronous direct requests in flight at once as this
+/// allocate nothing.
+const CONTEXTS: usize = 256;
+
+impl Shared {
+    pub(super) fn new(capacity: u64) -> Shared {
+        Shared {
+            locks: RangeLock::new(capacity),
+            contexts: ArrayQueue::new(CONTEXTS),
+        }
+    }
+}
+
+/// The context of an asynchronous direct request, from its submission to its completion:
+/// the held range, the byte accounting, the user's callback (inline), and the file's shared
+/// part (to unlock, and to give the context back). It lives in a pooled box whose pointer is
+/// all the request's [`Window`] carries through dio-core (a large context in the window itself
+/// would be copied at every move of the window, a dozen per request).
+pub(crate) struct Context {
+    /// The window's `start` while the context is attached to it (see [`Window`]).
+    start: usize,
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    shared: Arc<Shared>,
+    /// `None` once given back.
+    held: Option<Held>,
+    acct: Accounting,
+    /// `None` once taken to run.
+    cb: Option<Callback>,
+}
+
+impl Drop for Pending {
+    /// A request refused by dio-core (or a context lost by mistake) still gives its range back;
+    /// its callback, if still here, is dropped unrun.
+    fn drop(&mut self) {
+        if let Some(h) = self.held.take() {
+            self.shared.locks.unlock(h);
+        }
+    }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.pending {
+            Some(p) => f
+                .debug_struct("Context")
+                .field("held", &p.held)
+                .field("acct", &p.acct)
+                .finish_non_exhaustive(),
+            None => f.write_str("Context(free)"),
+        }
+    }
+}
+
+impl Context {
+    /// A context for `pending`, from the file's pool (allocated only when the pool is empty).
+    fn new(pending: Pending) -> Box<Context> {
+        match pending.shared.contexts.pop() {
+            Some(mut b) => {
+                b.pending = Some(pending);
+                b
+            }
+            None => Box::new(Context {
+                start: 0,
+                pending: Some(pending),
+            }),
+        }
+    }
+
+    /// The window's start (see [`Window`]).
+    pub(crate) fn start(&self) -> usize {
+        self.start
+    }
+
+    pub(crate) fn set_start(&mut self, start: usize) {
+        self.start = start;
+    }
+
+    /// Empty the context, give it back to the pool of `shared`, and return what it held.
+    fn recycle(mut self: Box<Self>) -> Option<Pending> {
+        let p = self.pending.take()?;
+        // Full: dropped (more requests were in flight than the pool keeps).
+        let _ = p.shared.contexts.push(self);
+        Some(p)
+    }
+}
+
+impl BlockFile {
+    /// The direct part at file offset `at`, sync or async.
+    fn direct(
+        &self,
+        acct: Accounting,
+        at: u64,
+        mut w: Window,
+        reply: Reply,
+        guard: RangeGuard<'_>,
+    ) -> Answer {
+        let dir = match acct.op {
+            Op::Read => Dir::Read,
+            Op::Write => Dir::Write,
+        };
+        match reply {
+            Reply::Sync => {
+                let req = DioRequest::new(dir, at, acct.want, w, Mode::Sync);
+                let (r, mut w) = self.dio_sync(req);
+                drop(guard);
+                acct.zero_short_read(&r, &mut w.buf);
+                Some((acct.result(r), w.into_buf()))
+            }
+            Reply::Async(cb) => {
+                w.attach(Context::new(Pending {
+                    shared: Arc::clone(&self.inner.shared),
+                    held: guard.into_held(),
+                    acct,
+                    cb: Some(cb),
+                }));
+                let req = DioRequest::new(dir, at, acct.want, w, Mode::Async);
+                match self.inner.io.submit_async_fn(req, direct_done) {
+                    Ok(Submitted::Queued | Submitted::Completed) => None,
+                    Err((e, mut w)) => {
+                        // Refused: the range is given back and the callback dropped unrun
+                        // (`Pending`'s drop).
+                        drop(w.detach().and_then(Context::recycle));
+                        Some((Err(acct.error(e)), w.into_buf()))
+                    }
+                }
+            }
+        }
+    }
+
+    /// dio-core, synchronously; in run-to-completion mode an exhausted pool is waited out by
+    /// polling and retrying.
+    fn dio_sync(&self, mut req: DioRequest<Window>) -> (DioResult, Window) {
+        loop {
+            let (dir, offset, len, mode, fw) =
+                (req.dir, req.offset, req.len, req.mode, req.force_wait);
+            let (r, w) = self.inner.io.submit_sync(req);
+            match (&self.inner.engine, r) {
+                (EngineRef::Local(l), Err(DioError::QueueFull)) => {
+                    l.poll_once();
+                    req = DioRequest {
+                        dir,
+                        offset,
+                        len,
+                        buf: w,
+                        mode,
+                        force_wait: fw,
+                    };
+                }
+                (_, r) => return (r, w),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Completion.
+
+/// dio-core's completion of an asynchronous direct request (`cb_fn`; its `cb_arg` is the
+/// window's context): on the poller, the deferral thread, or the submitter's stack.
+fn direct_done(r: DioResult, mut w: Window) {
+    // Give the context back to the pool first: the callback may submit again.
+    let Some(mut p) = w.detach().and_then(Context::recycle) else {
+        log::error!("a direct request completed without its context; its callback is lost");
+        return;
+    };
+    if let Some(h) = p.held.take() {
+        p.shared.locks.unlock(h);
+    }
+    let (acct, cb) = (p.acct, p.cb.take());
+    drop(p);
+    acct.zero_short_read(&r, &mut w.buf);
+    let c = Completed {
+        result: acct.result(r),
+        buf: w.into_buf(),
+    };
+    if let Some(cb) = cb {
+        run_callback(cb, c, acct.op, acct.offset, acct.len);
+    }
+}
+
+impl BlockFile {
+    /// Answer a request that did not go through dio-core's completion path (a cache request,
+    /// an empty one, an error found before dio-core).
+    fn finish(
+        &self,
+        reply: Reply,
+        guard: Option<RangeGuard<'_>>,
+        result: EmbedResult<usize>,
+        buf: IoBuffer,
+        (op, offset, len): (Op, u64, u64),
+    ) -> Answer {
+        drop(guard);
+        match reply {
+            Reply::Sync => Some((result, buf)),
+            Reply::Async(cb) => {
+                let c = Completed { result, buf };
+                match &self.inner.deferral {
+                    Some(d) => d.defer(Box::new(move || run_callback(cb, c, op, offset, len))),
+                    None => run_callback(cb, c, op, offset, len),
+                }
+                None
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. User callback.
+
+/// Run the user's callback. A panic must not kill the poller it runs on (its bios in flight
+/// would never complete): it is caught and logged, and the request counts as completed.
+fn run_callback(cb: Callback, c: Completed, op: Op, offset: u64, len: u64) {
+    if let Err(p) = catch_unwind(AssertUnwindSafe(move || cb.call(c))) {
+        let msg = p
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(not a string)");
+        log::error!(
+            "the completion callback of the {op} of {len} bytes at offset {offset} panicked \
+             ({msg}); the panic was caught, the poller goes on"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A context attached to a window: the window still knows its start, detaching gives it
+    /// back once, and a window dropped with its context attached gives the range back and drops
+    /// the callback unrun.
+    #[test]
+    fn a_window_owns_its_attached_context() {
+        let shared = Arc::new(Shared::new(64 * PAGE));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let pending = |shared: &Arc<Shared>, runs: &Arc<AtomicUsize>| {
+            let held = shared.locks.try_lock(0..PAGE, true).unwrap().into_held();
+            let runs = Arc::clone(runs);
+            Pending {
+                shared: Arc::clone(shared),
+                held,
+                acct: Accounting {
+                    op: Op::Read,
+                    offset: 0,
+                    len: 10,
+                    pre: 0,
+                    want: 10,
+                    total: 10,
+                },
+                cb: Some(Callback::new(move |_c: Completed| {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                })),
+            }
+        };
+        let mut w = Window::new(IoBuffer::Heap(vec![7; 300]), 100);
+        w.attach(Context::new(pending(&shared, &runs)));
+        assert_eq!(w.start(), 100);
+        assert_eq!(w.bytes().len(), 200);
+        assert!(
+            shared.locks.try_lock(0..1, false).is_none(),
+            "the range is held"
+        );
+        let ctx = w.detach().expect("attached");
+        assert!(w.detach().is_none(), "detached once");
+        assert_eq!(w.start(), 100);
+        drop(ctx.recycle());
+        assert!(shared.locks.try_lock(0..1, false).is_some(), "given back");
+        // Dropped while attached (a context taken from the pool this time).
+        let mut w = Window::new(IoBuffer::Heap(vec![7; 300]), 3);
+        w.attach(Context::new(pending(&shared, &runs)));
+        drop(w);
+        assert!(
+            shared.locks.try_lock(0..1, true).is_some(),
+            "given back on drop"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "no callback ran");
+        assert_eq!(Arc::strong_count(&runs), 1, "both callbacks were dropped");
+        assert_eq!(Arc::strong_count(&shared), 1, "no context holds the file");
+    }
+}
