@@ -78,8 +78,9 @@ pub struct TgtArgs {
     /// Outstanding R2Ts per connection (1 to 1024). Default: 16
     #[arg(long = "max-r2t", value_name = "N")]
     pub max_r2t: Option<String>,
-    /// DMA memory to pin for a PCIe controller (data buffers of the commands in flight).
-    /// Default: queue depth x max I/O size x 8 + 16m
+    /// DMA memory a PCIe controller is expected to pin (checked against the hugepage pool and
+    /// the locked-memory limit at start; buffers grow on demand). Default: queue depth x max
+    /// I/O size x 2 + 16m (48m)
     #[arg(long = "dma-size", value_name = "BYTES")]
     pub dma_size: Option<String>,
     /// How long an idle poller keeps polling before it sleeps, in microseconds. Default: 1000
@@ -227,7 +228,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
     let max_r2t = number("--max-r2t", a.max_r2t.as_deref(), 1..=1024)?
         .map_or(d.max_r2t_per_conn, |n| n as u16);
     let dma_bytes = number("--dma-size", a.dma_size.as_deref(), 4 << 20..=1 << 40)?
-        .unwrap_or(queue_depth as u64 * max_io as u64 * 8 + (16 << 20));
+        .unwrap_or(queue_depth as u64 * max_io as u64 * 2 + (16 << 20));
     let poller_idle = number(
         "--poller-idle-us",
         a.poller_idle_us.as_deref(),
@@ -301,6 +302,13 @@ fn block_signals() -> Result<libc::sigset_t, String> {
             "nvmf_tgt: cannot block SIGINT/SIGTERM: {}",
             std::io::Error::from_raw_os_error(rc)
         ));
+    }
+    // A shell starts a background job with SIGINT ignored, and an ignored signal is discarded
+    // rather than left pending for sigwait: take the default action back (harmless while the
+    // signals are blocked).
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: SIG_DFL for a valid signal number; no handler code is installed.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
     }
     Ok(set)
 }
@@ -494,7 +502,7 @@ mod tests {
         assert!(c.trids.is_empty() && c.hosts.is_empty() && c.cores.is_none());
         assert_eq!(c.opts.max_queue_depth, 128);
         assert_eq!(c.emulated.backing, crate::cli::Backing::Memory);
-        assert_eq!(c.dma_bytes, 128 * 128 * 1024 * 8 + (16 << 20));
+        assert_eq!(c.dma_bytes, 48 << 20);
     }
 
     #[test]
