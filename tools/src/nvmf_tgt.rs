@@ -465,6 +465,9 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
             r.stats.pdus_out
         );
     }
+    // The subsystems hold the files of the backends: gone before the pollers and their
+    // queue pairs, then the controllers.
+    drop(target);
     dx.shutdown();
     drop(opened);
     println!("nvmf_tgt: controllers shut down");

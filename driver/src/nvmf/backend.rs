@@ -349,25 +349,15 @@ fn embed_status(e: &crate::EmbedError) -> Status {
 }
 
 /// Write Zeroes on a [`BlockFile`]: writes of zeroed DMA buffers (zeroed at allocation) of at
-/// most [`ZERO_CHUNK`] bytes, one after the other, the next submitted from the completion of
+/// most [`ZERO_CHUNK`] bytes, one after the other, the next started from the completion of
 /// the previous; `done` completes after the last (or the first failure).
 fn write_zeroes(file: BlockFile, offset: u64, left: usize, done: IoCompletion) {
     let n = left.min(ZERO_CHUNK);
     let buf = match file.alloc(n) {
-        Ok(b) => b,
+        Ok(b) => IoBuffer::Dma(b),
         Err(_) => return done.complete(status(generic::INTERNAL_ERROR), None),
     };
-    let next = file.clone();
-    let r = file.submit(Request::write(offset, buf).with_len(n), move |c| {
-        match c.result {
-            Ok(k) if k == n && left > n => write_zeroes(next, offset + n as u64, left - n, done),
-            Ok(k) if k == n => done.complete(Status::SUCCESS, None),
-            Ok(_) => done.complete(status(generic::DATA_TRANSFER_ERROR), None),
-            Err(e) => done.complete(embed_status(&e), None),
-        }
-    });
-    // Refused: `done` was dropped with the callback, completing the command with Internal Error.
-    drop(r);
+    start(file, Kind::Zeroes { left: left - n }, offset, n, buf, done);
 }
 
 /// Largest zeroed buffer of a Write Zeroes on a [`FileBackend`].
@@ -395,8 +385,12 @@ impl Backend for FileBackend {
                     done.complete(status(generic::DATA_TRANSFER_ERROR), None);
                     return;
                 };
-                let write = io.op == BackendOp::Write;
-                submit_rw(file.clone(), write, offset, len, buf, done);
+                let kind = if io.op == BackendOp::Write {
+                    Kind::Write
+                } else {
+                    Kind::Read
+                };
+                start(file.clone(), kind, offset, len, buf, done);
             }
             BackendOp::WriteZeroes => write_zeroes(file.clone(), offset, len, done),
             // BlockFile writes are write-through to the device and complete only once the
@@ -408,11 +402,22 @@ impl Backend for FileBackend {
     }
 }
 
-/// A read or write a poller could not start because it overlaps one in flight (the file's
-/// range lock refuses to wait on a poller thread), retried by [`retry_pending`].
+/// What one request to a [`BlockFile`] does for a command.
+#[derive(Clone, Copy)]
+enum Kind {
+    Read,
+    Write,
+    /// One zeroed chunk of a Write Zeroes; `left` bytes follow it.
+    Zeroes {
+        left: usize,
+    },
+}
+
+/// A request a poller could not start because it overlaps one in flight (the file's range
+/// lock refuses to wait on a poller thread), retried by [`retry_pending`].
 struct Pending {
     file: BlockFile,
-    write: bool,
+    kind: Kind,
     offset: u64,
     len: usize,
     buf: IoBuffer,
@@ -434,7 +439,7 @@ pub(crate) fn retry_pending() -> usize {
         let Some(p) = PENDING.with(|q| q.borrow_mut().pop_front()) else {
             break;
         };
-        if submit_rw(p.file, p.write, p.offset, p.len, p.buf, p.done) {
+        if start(p.file, p.kind, p.offset, p.len, p.buf, p.done) {
             started += 1;
         }
     }
@@ -446,21 +451,21 @@ pub(crate) fn has_pending() -> bool {
     PENDING.with(|p| !p.borrow().is_empty())
 }
 
-/// Starts a read or write on `file`; false if it overlapped a request in flight and waits in
+/// Starts a request on `file`; false if it overlapped a request in flight and waits in
 /// [`PENDING`] (NVMe orders nothing between commands in flight, so it may start later).
-fn submit_rw(
+fn start(
     file: BlockFile,
-    write: bool,
+    kind: Kind,
     offset: u64,
     len: usize,
     buf: IoBuffer,
     done: IoCompletion,
 ) -> bool {
-    let req = if write {
-        Request::write(offset, buf).with_len(len)
-    } else {
-        Request::read(offset, buf).with_len(len)
+    let req = match kind {
+        Kind::Read => Request::read(offset, buf).with_len(len),
+        Kind::Write | Kind::Zeroes { .. } => Request::write(offset, buf).with_len(len),
     };
+    let next = file.clone();
     // The completion goes into the callback, and comes back out of this cell if the request
     // is refused (the callback is then dropped unrun).
     let cell = Arc::new(std::sync::Mutex::new(Some(done)));
@@ -473,7 +478,13 @@ fn submit_rw(
             Ok(_) => status(generic::DATA_TRANSFER_ERROR),
             Err(e) => embed_status(e),
         };
-        done.complete(st, Some(c.buf));
+        match kind {
+            Kind::Zeroes { left } if left > 0 && st == Status::SUCCESS => {
+                write_zeroes(next, offset + len as u64, left, done)
+            }
+            Kind::Zeroes { .. } => done.complete(st, None),
+            Kind::Read | Kind::Write => done.complete(st, Some(c.buf)),
+        }
     });
     let Err(refused) = r else { return true };
     let done = cell.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -484,7 +495,7 @@ fn submit_rw(
         PENDING.with(|p| {
             p.borrow_mut().push_back(Pending {
                 file,
-                write,
+                kind,
                 offset,
                 len,
                 buf,
@@ -493,10 +504,10 @@ fn submit_rw(
         });
         return false;
     }
-    log::warn!(
-        "nvmf: {} at offset {offset} refused: {error}",
-        if write { "write" } else { "read" }
-    );
-    done.complete(embed_status(&error), Some(buf));
+    log::warn!("nvmf: request at offset {offset} refused: {error}");
+    match kind {
+        Kind::Zeroes { .. } => done.complete(embed_status(&error), None),
+        Kind::Read | Kind::Write => done.complete(embed_status(&error), Some(buf)),
+    }
     true
 }

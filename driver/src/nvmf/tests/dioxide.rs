@@ -231,13 +231,13 @@ fn overlapping_commands_in_flight_on_a_poller_wait_their_turn() {
             )
             .expect("connect");
             let mut q = c.io_queue(64).expect("I/O queue");
-            // Writes of the same page (and its 512-byte sectors) and reads of it, all in
+            // Writes of the same page (and its 512-byte sectors), Write Zeroes and reads, all in
             // flight together: the file's range lock refuses to wait on a poller, so the
             // backend starts each one once the overlapping one finished; none fails.
             for round in 0..4u64 {
                 let mut n = 0u64;
                 for k in 0..48u64 {
-                    let (sqe, data) = match k % 3 {
+                    let (sqe, data) = match k % 4 {
                         0 => (
                             Sqe::rw(opc::WRITE, 1, 64, 8, false),
                             HostData::Out(pattern(round * 100 + k, 4096)),
@@ -246,10 +246,12 @@ fn overlapping_commands_in_flight_on_a_poller_wait_their_turn() {
                             Sqe::rw(opc::WRITE, 1, 64 + k % 8, 1, false),
                             HostData::Out(pattern(round * 100 + k, 512)),
                         ),
-                        _ => (
+                        2 => (
                             Sqe::rw(opc::READ, 1, 64, 8, false),
                             HostData::In(vec![0; 4096]),
                         ),
+                        // Unaligned Write Zeroes sharing pages with the others (as mkfs sends).
+                        _ => (Sqe::write_zeroes(1, 60 + k % 8, 3, false), HostData::None),
                     };
                     q.submit(sqe, data, k).expect("submit");
                     n += 1;
