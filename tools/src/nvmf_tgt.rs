@@ -83,9 +83,13 @@ pub struct TgtArgs {
     /// I/O size x 2 + 16m (48m)
     #[arg(long = "dma-size", value_name = "BYTES")]
     pub dma_size: Option<String>,
-    /// How long an idle poller keeps polling before it sleeps, in microseconds. Default: 1000
+    /// How long an idle poller keeps polling before it sleeps, in microseconds. Default: 0
+    /// (sleep after --poller-spin empty polls: the target leaves a shared core to its hosts)
     #[arg(long = "poller-idle-us", value_name = "US")]
     pub poller_idle_us: Option<String>,
+    /// Empty polls an idle poller makes at least before it sleeps. Default: 4
+    #[arg(long = "poller-spin", value_name = "N")]
+    pub poller_spin: Option<String>,
     /// The built-in emulated controller's shape.
     #[command(flatten)]
     pub emulated: EmulatedArgs,
@@ -112,6 +116,8 @@ pub struct TgtConfig {
     pub dma_bytes: u64,
     /// `--poller-idle-us`.
     pub poller_idle: Duration,
+    /// `--poller-spin`.
+    pub poller_spin: u32,
     /// The emulated controller's shape.
     pub emulated: EmulatedShape,
 }
@@ -234,7 +240,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         a.poller_idle_us.as_deref(),
         0..=10_000_000,
     )?
-    .map_or(Duration::from_millis(1), Duration::from_micros);
+    .map_or(Duration::ZERO, Duration::from_micros);
+    let poller_spin =
+        number("--poller-spin", a.poller_spin.as_deref(), 1..=10_000_000)?.map_or(4, |n| n as u32);
     let opts = NvmfTargetOptions {
         max_queue_depth: queue_depth,
         max_io_queues,
@@ -255,6 +263,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         opts,
         dma_bytes,
         poller_idle,
+        poller_spin,
         emulated,
     }))
 }
@@ -357,6 +366,7 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
     };
     let dx = b
         .poller_idle(cfg.poller_idle)
+        .poller_spin(cfg.poller_spin)
         .build()
         .map_err(|e| format!("nvmf_tgt: {e}"))?;
     let target = NvmfTarget::new(cfg.opts.clone());
@@ -506,6 +516,7 @@ mod tests {
         assert_eq!(c.opts.max_queue_depth, 128);
         assert_eq!(c.emulated.backing, crate::cli::Backing::Memory);
         assert_eq!(c.dma_bytes, 48 << 20);
+        assert_eq!((c.poller_idle, c.poller_spin), (Duration::ZERO, 4));
     }
 
     #[test]
@@ -524,6 +535,11 @@ mod tests {
         );
         assert_eq!(c.opts.max_c2h_data, 8192);
         assert_eq!(c.nqn, "nqn.2026-12.io.t:s");
+        let p = cfg("--poller-idle-us 50 --poller-spin 1000").unwrap();
+        assert_eq!(
+            (p.poller_idle, p.poller_spin),
+            (Duration::from_micros(50), 1000)
+        );
     }
 
     #[test]

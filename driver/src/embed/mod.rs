@@ -166,6 +166,14 @@ impl Builder {
         self.idle = d;
         self
     }
+    /// How many empty polls an idle poller makes at least before it parks (default 2000). A
+    /// poller that shares its core with its clients (an NVMe/TCP target on a small machine,
+    /// whose tasks poll sockets) wants few: with `poller_idle(Duration::ZERO)` and a small
+    /// count it sleeps almost at once and leaves the core to them.
+    pub fn poller_spin(mut self, polls: u32) -> Self {
+        self.spin = polls;
+        self
+    }
     /// How long a client thread waiting for its own request (a synchronous call, a page-cache
     /// fill) spins for the completion before it parks (default 20 µs). The poller wakes a
     /// parked client only if it really parked. `Duration::ZERO`: park at once.

@@ -24,6 +24,9 @@ use super::wait::Notifier;
 use crate::embed::poller::PollerTask;
 use crate::embed::sleep::PollerWait;
 
+/// While busy, a group tries its listener once every this many rounds.
+const ACCEPT_EVERY: u32 = 64;
+
 /// Where other groups (the listener's) hand this group new connections.
 #[derive(Clone, Debug)]
 pub struct Inbox {
@@ -55,6 +58,10 @@ pub struct PollGroup {
     inbox: Inbox,
     conns: Vec<Connection>,
     adopted: usize,
+    /// Rounds until the listener is tried again while the group is busy (it is tried after
+    /// every sleep, whose `poll(2)` watches it): an `accept` per round would cost a system
+    /// call per round.
+    accept_in: u32,
     closed: ClosedLog,
     notifier: Option<Arc<Notifier>>,
     sleep: PollerWait,
@@ -87,6 +94,7 @@ impl PollGroup {
             },
             conns: Vec::new(),
             adopted: 0,
+            accept_in: 0,
             closed: ClosedLog::default(),
             notifier,
             sleep: PollerWait::default(),
@@ -208,6 +216,7 @@ impl PollGroup {
 
     /// The second half: lowers the flag and resets the eventfd.
     fn end_sleep(&mut self) {
+        self.accept_in = 0;
         if let Some(n) = &self.notifier {
             n.sleeping(false);
             n.drain();
@@ -218,7 +227,13 @@ impl PollGroup {
     pub fn poll(&mut self) -> usize {
         // Requests a poller could not start (they overlapped one in flight) go first.
         let mut work = crate::nvmf::backend::retry_pending();
-        if let Some(l) = &self.listener {
+        let accept = self.accept_in == 0;
+        self.accept_in = if accept {
+            ACCEPT_EVERY
+        } else {
+            self.accept_in - 1
+        };
+        if let Some(l) = self.listener.as_ref().filter(|_| accept) {
             for _ in 0..16 {
                 match l.accept() {
                     Ok((s, _)) => {
