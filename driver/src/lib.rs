@@ -154,6 +154,7 @@ pub use embed::cache::{CacheStats, PageCache};
 pub use embed::error::{EmbedError, EmbedResult, Op};
 pub use embed::iobuf::IoBuffer;
 pub use embed::poller::{PollerStats, PollerTask, PollerTaskId};
+pub use embed::sleep::PollerWait;
 pub use embed::{Builder, CompletionThread, Completions, Dioxide};
 pub use nvme::admin::AbortOutcome;
 pub use nvme::controller::{Controller, ControllerOptions, InitState};
@@ -168,9 +169,10 @@ pub use types::{Cid, Iova, Lba, Nsid, QueueId};
 pub use nvmf::{
     Backend as NvmfBackend, BackendIo as NvmfIo, BackendOp as NvmfOp, ClosedLog as NvmfClosedLog,
     ConnStats as NvmfConnStats, Digests as NvmfDigests, FileBackend as NvmfFileBackend,
-    HostCompletion as NvmfHostCompletion, HostController as NvmfHost, HostData as NvmfHostData,
-    HostError as NvmfHostError, HostOptions as NvmfHostOptions, HostQueue as NvmfHostQueue,
-    Inbox as NvmfInbox, IoCompletion as NvmfCompletion, MemBackend as NvmfMemBackend,
-    NsInfo as NvmfNamespace, PollGroup as NvmfPollGroup, Subsystem as NvmfSubsystem,
+    GroupReport as NvmfGroupReport, HostCompletion as NvmfHostCompletion,
+    HostController as NvmfHost, HostData as NvmfHostData, HostError as NvmfHostError,
+    HostOptions as NvmfHostOptions, HostQueue as NvmfHostQueue, Inbox as NvmfInbox,
+    IoCompletion as NvmfCompletion, MemBackend as NvmfMemBackend, NsInfo as NvmfNamespace,
+    PollGroup as NvmfPollGroup, Serving as NvmfServing, Subsystem as NvmfSubsystem,
     Target as NvmfTarget, TargetOptions as NvmfTargetOptions,
 };

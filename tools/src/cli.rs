@@ -149,7 +149,8 @@ pub struct EmulatedArgs {
 }
 
 impl EmulatedArgs {
-    fn given(&self) -> bool {
+    /// True if any `--emulated-*` option was given.
+    pub fn given(&self) -> bool {
         self.mode.is_some()
             || self.block_size.is_some()
             || self.namespaces.is_some()
@@ -277,9 +278,14 @@ pub fn parse_capacity(s: &str) -> Option<u64> {
 
 /// A `-c` core mask: hexadecimal (`0x3`, `3`) or a list (`[0,2-3]`). Sorted core numbers.
 pub fn parse_core_mask(s: &str) -> Result<Vec<u32>, CliError> {
+    parse_core_mask_of("-c (--core-mask)", s)
+}
+
+/// [`parse_core_mask`] for an option of another name (`opt` names it in the errors).
+pub fn parse_core_mask_of(opt: &str, s: &str) -> Result<Vec<u32>, CliError> {
     let bad = || {
         CliError(format!(
-            "-c (--core-mask) '{s}' is not a core mask (e.g. 0x3 or [0,2-3])"
+            "{opt} '{s}' is not a core mask (e.g. 0x3 or [0,2-3])"
         ))
     };
     let mut cores = Vec::new();
@@ -316,7 +322,7 @@ pub fn parse_core_mask(s: &str) -> Result<Vec<u32>, CliError> {
     cores.sort_unstable();
     cores.dedup();
     if cores.is_empty() {
-        return err(format!("-c (--core-mask) '{s}' selects no core"));
+        return err(format!("{opt} '{s}' selects no core"));
     }
     Ok(cores)
 }
@@ -543,7 +549,9 @@ impl<T> Parsed<T> {
 }
 
 /// clap's error as one line (its first), or the help text.
-fn clap_result<T: Parser>(args: impl IntoIterator<Item = String>) -> Result<Parsed<T>, CliError> {
+pub(crate) fn clap_result<T: Parser>(
+    args: impl IntoIterator<Item = String>,
+) -> Result<Parsed<T>, CliError> {
     match T::try_parse_from(args) {
         Ok(a) => Ok(Parsed::Run(a)),
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => {
@@ -570,7 +578,7 @@ fn secs(opt: &str, v: &str) -> Result<f64, CliError> {
     }
 }
 
-fn trids(list: &[String]) -> Result<Vec<TransportId>, CliError> {
+pub(crate) fn trids(list: &[String]) -> Result<Vec<TransportId>, CliError> {
     list.iter()
         .map(|r| {
             r.parse()

@@ -1,5 +1,5 @@
-//! The Dioxide tools: `perf` (compatible with SPDK's `spdk_nvme_perf`) and `identify` (like
-//! `spdk_nvme_identify`).
+//! The Dioxide tools: `perf` (compatible with SPDK's `spdk_nvme_perf`), `identify` (like
+//! `spdk_nvme_identify`) and `nvmf_tgt` (an NVMe/TCP target, like SPDK's `nvmf_tgt`).
 //!
 //! The binaries in `src/bin/` are thin: everything that can be tested without a device lives
 //! here, one module per concern.
@@ -14,6 +14,7 @@
 //! - [`verify`]: the `verify` workload's self-identifying block pattern.
 //! - [`json`]: the `--json` report, a documented schema.
 //! - [`plot`]: the `--plot FILE.svg` latency percentile chart.
+//! - [`nvmf_tgt`]: the NVMe/TCP target's options, start-up lines and signal handling.
 //! - [`logger`]: prints the driver's `log` warnings and errors on stderr.
 #![warn(missing_docs)]
 
@@ -24,6 +25,7 @@ pub mod engine;
 pub mod identify;
 pub mod json;
 pub mod logger;
+pub mod nvmf_tgt;
 pub mod perf;
 pub mod plot;
 pub mod report;

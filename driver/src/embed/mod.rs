@@ -11,6 +11,7 @@ pub(crate) mod error;
 pub(crate) mod iobuf;
 pub(crate) mod poller;
 pub(crate) mod rangelock;
+pub(crate) mod sleep;
 
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex};
@@ -163,6 +164,14 @@ impl Builder {
     /// submission. `Duration::ZERO`: park after a short burst of empty polls (2000).
     pub fn poller_idle(mut self, d: Duration) -> Self {
         self.idle = d;
+        self
+    }
+    /// How many empty polls an idle poller makes at least before it parks (default 2000). A
+    /// poller that shares its core with its clients (an NVMe/TCP target on a small machine,
+    /// whose tasks poll sockets) wants few: with `poller_idle(Duration::ZERO)` and a small
+    /// count it sleeps almost at once and leaves the core to them.
+    pub fn poller_spin(mut self, polls: u32) -> Self {
+        self.spin = polls;
         self
     }
     /// How long a client thread waiting for its own request (a synchronous call, a page-cache

@@ -68,7 +68,11 @@
 //! runs on the thread of the poller it was added to, once per round after the I/O. The I/O it
 //! submits goes to that poller's own queue and its completions run on that thread. A task that
 //! reports itself busy keeps the poller from parking (a task that waits for outside events,
-//! such as sockets, stays busy while it must be polled). Tasks arrive and leave through a small
+//! such as sockets, either stays busy while it must be polled, or, better, tells the poller what
+//! to sleep on: before it sleeps, the poller asks each task for descriptors and a timeout
+//! ([`PollerTask::prepare_wait`]) and then sleeps in `poll(2)` on them and on its own eventfd
+//! instead of parking; a submitter or a task change that finds the poller asleep rings that
+//! eventfd (same handshake, the `sleeping` flag; the `sleep` module). Tasks arrive and leave through a small
 //! inbox (a mutex taken only then, and a flag the poller reads each round); a task is dropped on
 //! its poller's thread when removed, or at shutdown once the poller's last I/O has completed. A
 //! panicking task is dropped and counted ([`PollerStats::task_panics`]); the poller goes on.
@@ -99,6 +103,7 @@ use dio_core::{Bio, BioOp, BioSink, DeviceStatus, DioError, Poller, Rejected};
 
 use crate::bus::dma::DmaSlice;
 use crate::embed::iobuf::Window;
+use crate::embed::sleep::{PollerWait, WakeFd};
 use crate::nvme::controller::Controller;
 use crate::nvme::error::{Error, IoError};
 use crate::nvme::namespace::Namespace;
@@ -415,10 +420,25 @@ pub trait PollerTask: Send + 'static {
     /// that did no work in a round counts towards parking.
     fn poll(&mut self) -> usize;
     /// True while the task must keep being polled even when it does no work (it waits for
-    /// events from outside: sockets, another thread): the poller does not park meanwhile.
+    /// events from outside it cannot name in [`prepare_wait`](Self::prepare_wait)): the
+    /// poller does not sleep meanwhile.
     fn is_busy(&self) -> bool {
         false
     }
+    /// Called when the poller is about to sleep (nothing in flight, nothing queued, no task
+    /// busy): add the descriptors whose readiness means this task has work, and a timeout for
+    /// its timers, to `wait`; return false if work arrived meanwhile (the poller then polls
+    /// again instead of sleeping). With descriptors or a timeout from its tasks the poller
+    /// sleeps in `poll(2)` on them and on its own eventfd (rung by submitters and task
+    /// changes) instead of parking, so a task that waits on sockets costs no CPU while idle.
+    /// Default: nothing to wait on. A task that posts work to itself from other threads must
+    /// make one of its descriptors readable when it does (an eventfd), after this call.
+    fn prepare_wait(&mut self, wait: &mut PollerWait) -> bool {
+        let _ = wait;
+        true
+    }
+    /// The sleep that followed a [`prepare_wait`](Self::prepare_wait) returning true ended.
+    fn end_wait(&mut self) {}
 }
 
 /// The handle of a task added to a poller, to remove it.
@@ -463,6 +483,12 @@ pub(crate) struct PollerShared {
     /// The poller is parked or about to park (see the wake-up protocol).
     sleeping: CachePadded<AtomicBool>,
     unparker: Unparker,
+    /// The poller sleeps in `poll(2)` on `wake_fd` (set before `sleeping`, see [`wake`]).
+    ///
+    /// [`wake`]: PollerShared::wake
+    in_poll: AtomicBool,
+    /// Rung instead of the unparker while the poller sleeps in `poll(2)` for its tasks.
+    wake_fd: Option<WakeFd>,
     /// Times a submitter found the ring full (written by submitters, rarely).
     ring_full: CachePadded<AtomicU64>,
     counters: CachePadded<Counters>,
@@ -475,7 +501,19 @@ impl PollerShared {
     /// Unpark the poller if it is parked or about to park (after a SeqCst publication).
     fn kick(&self) {
         if self.sleeping.load(Ordering::SeqCst) {
-            self.unparker.unpark();
+            self.wake();
+        }
+    }
+
+    /// Unpark the poller, or ring its eventfd if it sleeps in `poll(2)` for its tasks. The
+    /// poller stores `in_poll` before its SeqCst store of `sleeping`, so a waker that read that
+    /// `sleeping` also reads `in_poll`.
+    fn wake(&self) {
+        self.unparker.unpark();
+        if self.in_poll.load(Ordering::Relaxed) {
+            if let Some(w) = &self.wake_fd {
+                w.ring();
+            }
         }
     }
 }
@@ -544,6 +582,8 @@ pub(crate) fn pin_current_thread(core: usize) -> std::io::Result<()> {
 /// A poller's tasks, on its thread.
 struct Tasks {
     list: Vec<(u64, Box<dyn PollerTask>)>,
+    /// What the tasks wait for while the poller sleeps (kept for its capacity).
+    wait: PollerWait,
 }
 
 impl Tasks {
@@ -584,12 +624,63 @@ impl Tasks {
                     i += 1;
                 }
                 Err(_) => {
+                    // Dropped before it is counted: whoever sees the count sees the drop.
                     drop_task(self.list.remove(i).1);
                     bump(&s.counters.task_panics, 1);
                 }
             }
         }
         (work, busy)
+    }
+
+    /// Sleep in `poll(2)` on the tasks' descriptors and the poller's eventfd (called with
+    /// `in_poll` and `sleeping` raised and the ring found empty). False: no task, the caller
+    /// parks instead. True: slept, or a task had work (no sleep).
+    fn sleep(&mut self, s: &PollerShared) -> bool {
+        if self.list.is_empty() {
+            return false;
+        }
+        self.wait.clear();
+        let mut prepared = 0;
+        let mut ready = false;
+        while prepared < self.list.len() {
+            let (t, w) = (&mut self.list[prepared].1, &mut self.wait);
+            match catch_unwind(AssertUnwindSafe(|| t.prepare_wait(w))) {
+                Ok(true) => prepared += 1,
+                Ok(false) => {
+                    ready = true;
+                    break;
+                }
+                Err(_) => {
+                    drop_task(self.list.remove(prepared).1);
+                    bump(&s.counters.task_panics, 1);
+                    ready = true;
+                    break;
+                }
+            }
+        }
+        if !ready {
+            match &s.wake_fd {
+                Some(w) => self.wait.fd(w.raw_fd(), false),
+                None => self.wait.timeout(Duration::from_millis(1)),
+            }
+            self.wait.sleep();
+            if let Some(w) = &s.wake_fd {
+                w.drain();
+            }
+        }
+        let mut i = 0;
+        while i < prepared.min(self.list.len()) {
+            let t = &mut self.list[i].1;
+            if catch_unwind(AssertUnwindSafe(|| t.end_wait())).is_err() {
+                drop_task(self.list.remove(i).1);
+                bump(&s.counters.task_panics, 1);
+                prepared -= 1;
+                continue;
+            }
+            i += 1;
+        }
+        true
     }
 
     /// Drop every task, and those still in the inbox (shutdown).
@@ -621,7 +712,7 @@ impl Pollers {
         let id = NEXT_ENGINE.fetch_add(1, Ordering::Relaxed);
         let mut shared = Vec::new();
         let mut parts = Vec::new();
-        for _ in &cfg.cores {
+        for i in 0..cfg.cores.len() {
             let parker = Parker::new();
             let mut qpairs = Vec::new();
             for c in ctrls {
@@ -634,6 +725,11 @@ impl Pollers {
                 ring: ArrayQueue::new(cfg.ring.max(1)),
                 sleeping: CachePadded::new(AtomicBool::new(false)),
                 unparker: parker.unparker().clone(),
+                in_poll: AtomicBool::new(false),
+                // Without an eventfd, tasks that wait on descriptors make the poller nap.
+                wake_fd: WakeFd::new()
+                    .inspect_err(|e| log::warn!("poller {i}: no eventfd ({e}); idle tasks nap"))
+                    .ok(),
                 ring_full: CachePadded::new(AtomicU64::new(0)),
                 counters: CachePadded::new(Counters::default()),
                 inbox: Mutex::new(Vec::new()),
@@ -781,7 +877,7 @@ impl Pollers {
 
     fn wake_all(&self) {
         for s in self.shared.iter() {
-            s.unparker.unpark();
+            s.wake();
         }
     }
 
@@ -858,7 +954,7 @@ impl Pollers {
                 Err(back) => {
                     w = back;
                     s.ring_full.fetch_add(1, Ordering::Relaxed);
-                    s.unparker.unpark();
+                    s.wake();
                     backoff.snooze();
                     if backoff.is_completed() {
                         std::thread::yield_now();
@@ -880,7 +976,10 @@ impl Pollers {
     ) {
         ROLE.with(|r| r.on_poller.set(Some((self.id, index))));
         let s = &*self.shared[index];
-        let mut tasks = Tasks { list: Vec::new() };
+        let mut tasks = Tasks {
+            list: Vec::new(),
+            wait: PollerWait::default(),
+        };
         let mut stalled: Option<Work> = None;
         let mut failed: Vec<(BioCtx, DeviceStatus)> = Vec::new();
         let mut idle = 0u32;
@@ -974,6 +1073,7 @@ impl Pollers {
             }
             // 4. Nothing in flight, nothing queued: park until a submitter unparks us (the
             // wake-up protocol: announce, fence, re-check everything a submitter publishes).
+            s.in_poll.store(!tasks.list.is_empty(), Ordering::Relaxed);
             s.sleeping.store(true, Ordering::SeqCst);
             fence(Ordering::SeqCst);
             let stop = self.stop.load(Ordering::SeqCst);
@@ -982,9 +1082,12 @@ impl Pollers {
                 parker.park_timeout(Duration::from_millis(1));
             } else if s.ring.is_empty() && !s.inbox_pending.load(Ordering::SeqCst) {
                 bump(&s.counters.parks, 1);
-                parker.park();
+                if !tasks.sleep(s) {
+                    parker.park();
+                }
             }
             s.sleeping.store(false, Ordering::Relaxed);
+            s.in_poll.store(false, Ordering::Relaxed);
             idle = 0;
         }
         tasks.clear(s);

@@ -90,7 +90,6 @@ pub(crate) struct CtrlData {
 
 /// State shared by the controller handles and its queue pairs.
 pub(crate) struct Shared {
-    pub(crate) bus: Arc<dyn Bus>,
     pub(crate) location: String,
     pub(crate) cap: Cap,
     pub(crate) opts: ControllerOptions,
@@ -100,6 +99,9 @@ pub(crate) struct Shared {
     pub(crate) generation: AtomicU64,
     pub(crate) health: AtomicU8,
     qids: Mutex<QidTable>,
+    /// Last: dropped after the admin queue, whose doorbells and DMA memory belong to it (a
+    /// VFIO device whose BAR is still mapped cannot leave its container).
+    pub(crate) bus: Arc<dyn Bus>,
 }
 
 /// I/O queue ids in use, by queue pairs of any generation.

@@ -17,7 +17,7 @@ use crossbeam_queue::ArrayQueue;
 use super::target::wait::Notifier;
 use crate::spec::status::generic;
 use crate::spec::{Sct, SmartLog, Status};
-use crate::{BlockFile, Dioxide, FileOptions, IoBuffer, Nsid, Request};
+use crate::{BlockFile, Dioxide, FileOptions, IoBuffer, Nsid, Refused, Request};
 
 /// One namespace a backend serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -349,25 +349,15 @@ fn embed_status(e: &crate::EmbedError) -> Status {
 }
 
 /// Write Zeroes on a [`BlockFile`]: writes of zeroed DMA buffers (zeroed at allocation) of at
-/// most [`ZERO_CHUNK`] bytes, one after the other, the next submitted from the completion of
+/// most [`ZERO_CHUNK`] bytes, one after the other, the next started from the completion of
 /// the previous; `done` completes after the last (or the first failure).
 fn write_zeroes(file: BlockFile, offset: u64, left: usize, done: IoCompletion) {
     let n = left.min(ZERO_CHUNK);
     let buf = match file.alloc(n) {
-        Ok(b) => b,
+        Ok(b) => IoBuffer::Dma(b),
         Err(_) => return done.complete(status(generic::INTERNAL_ERROR), None),
     };
-    let next = file.clone();
-    let r = file.submit(Request::write(offset, buf).with_len(n), move |c| {
-        match c.result {
-            Ok(k) if k == n && left > n => write_zeroes(next, offset + n as u64, left - n, done),
-            Ok(k) if k == n => done.complete(Status::SUCCESS, None),
-            Ok(_) => done.complete(status(generic::DATA_TRANSFER_ERROR), None),
-            Err(e) => done.complete(embed_status(&e), None),
-        }
-    });
-    // Refused: `done` was dropped with the callback, completing the command with Internal Error.
-    drop(r);
+    start(file, Kind::Zeroes { left: left - n }, offset, n, buf, done);
 }
 
 /// Largest zeroed buffer of a Write Zeroes on a [`FileBackend`].
@@ -389,45 +379,135 @@ impl Backend for FileBackend {
         let bs = ns.block_size as u64;
         let offset = io.slba * bs;
         let len = io.blocks as usize * bs as usize;
-        let req = match io.op {
+        match io.op {
             BackendOp::Read | BackendOp::Write => {
                 let Some(buf) = io.buf else {
                     done.complete(status(generic::DATA_TRANSFER_ERROR), None);
                     return;
                 };
-                if io.op == BackendOp::Read {
-                    Request::read(offset, buf).with_len(len)
+                let kind = if io.op == BackendOp::Write {
+                    Kind::Write
                 } else {
-                    Request::write(offset, buf).with_len(len)
-                }
+                    Kind::Read
+                };
+                start(file.clone(), kind, offset, len, buf, done);
             }
-            BackendOp::WriteZeroes => {
-                write_zeroes(file.clone(), offset, len, done);
-                return;
-            }
+            BackendOp::WriteZeroes => write_zeroes(file.clone(), offset, len, done),
             // BlockFile writes are write-through to the device and complete only once the
             // device completed them; the backend reports no volatile write cache, so Flush
             // has nothing left to make durable.
-            BackendOp::Flush => {
-                done.complete(Status::SUCCESS, io.buf);
-                return;
-            }
-            BackendOp::Deallocate(_) => {
-                done.complete(status(generic::INVALID_OPCODE), io.buf);
-                return;
-            }
-        };
-        let keep = matches!(io.op, BackendOp::Read | BackendOp::Write);
-        let r = file.submit(req, move |c| {
-            let st = match &c.result {
-                Ok(n) if *n == len => Status::SUCCESS,
-                Ok(_) => status(generic::DATA_TRANSFER_ERROR),
-                Err(e) => embed_status(e),
-            };
-            done.complete(st, keep.then_some(c.buf));
-        });
-        // Refused: the callback (and `done` in it) was dropped unrun, which completed the
-        // command with Internal Error; the buffer comes back in `Refused` and is freed here.
-        drop(r);
+            BackendOp::Flush => done.complete(Status::SUCCESS, io.buf),
+            BackendOp::Deallocate(_) => done.complete(status(generic::INVALID_OPCODE), io.buf),
+        }
     }
+}
+
+/// What one request to a [`BlockFile`] does for a command.
+#[derive(Clone, Copy)]
+enum Kind {
+    Read,
+    Write,
+    /// One zeroed chunk of a Write Zeroes; `left` bytes follow it.
+    Zeroes {
+        left: usize,
+    },
+}
+
+/// A request a poller could not start because it overlaps one in flight (the file's range
+/// lock refuses to wait on a poller thread), retried by [`retry_pending`].
+struct Pending {
+    file: BlockFile,
+    kind: Kind,
+    offset: u64,
+    len: usize,
+    buf: IoBuffer,
+    done: IoCompletion,
+}
+
+thread_local! {
+    /// The overlapping requests of this (poller) thread waiting for their turn.
+    static PENDING: std::cell::RefCell<std::collections::VecDeque<Pending>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+/// Retries the requests of this thread that overlapped one in flight (a poll group calls it
+/// every round); returns how many were started.
+pub(crate) fn retry_pending() -> usize {
+    let n = PENDING.with(|p| p.borrow().len());
+    let mut started = 0;
+    for _ in 0..n {
+        let Some(p) = PENDING.with(|q| q.borrow_mut().pop_front()) else {
+            break;
+        };
+        if start(p.file, p.kind, p.offset, p.len, p.buf, p.done) {
+            started += 1;
+        }
+    }
+    started
+}
+
+/// True if this thread has requests waiting for an overlapping one to finish.
+pub(crate) fn has_pending() -> bool {
+    PENDING.with(|p| !p.borrow().is_empty())
+}
+
+/// Starts a request on `file`; false if it overlapped a request in flight and waits in
+/// [`PENDING`] (NVMe orders nothing between commands in flight, so it may start later).
+fn start(
+    file: BlockFile,
+    kind: Kind,
+    offset: u64,
+    len: usize,
+    buf: IoBuffer,
+    done: IoCompletion,
+) -> bool {
+    let req = match kind {
+        Kind::Read => Request::read(offset, buf).with_len(len),
+        Kind::Write | Kind::Zeroes { .. } => Request::write(offset, buf).with_len(len),
+    };
+    let next = file.clone();
+    // The completion goes into the callback, and comes back out of this cell if the request
+    // is refused (the callback is then dropped unrun).
+    let cell = Arc::new(std::sync::Mutex::new(Some(done)));
+    let in_cb = cell.clone();
+    let r = file.submit(req, move |c| {
+        let done = in_cb.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(done) = done else { return };
+        let st = match &c.result {
+            Ok(n) if *n == len => Status::SUCCESS,
+            Ok(_) => status(generic::DATA_TRANSFER_ERROR),
+            Err(e) => embed_status(e),
+        };
+        match kind {
+            Kind::Zeroes { left } if left > 0 && st == Status::SUCCESS => {
+                write_zeroes(next, offset + len as u64, left, done)
+            }
+            Kind::Zeroes { .. } => done.complete(st, None),
+            Kind::Read | Kind::Write => done.complete(st, Some(c.buf)),
+        }
+    });
+    let Err(refused) = r else { return true };
+    let done = cell.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(done) = done else { return true };
+    let Refused { error, buf } = *refused;
+    let overlaps = matches!(&error, crate::EmbedError::WouldBlockOnPoller { why, .. } if why.contains("overlaps"));
+    if overlaps {
+        PENDING.with(|p| {
+            p.borrow_mut().push_back(Pending {
+                file,
+                kind,
+                offset,
+                len,
+                buf,
+                done,
+            })
+        });
+        return false;
+    }
+    log::warn!("nvmf: request at offset {offset} refused: {error}");
+    match kind {
+        Kind::Zeroes { .. } => done.complete(embed_status(&error), None),
+        Kind::Read | Kind::Write => done.complete(embed_status(&error), Some(buf)),
+    }
+    true
 }

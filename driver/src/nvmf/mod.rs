@@ -25,6 +25,11 @@
 //! lock-free queue per connection, and wake the group if it sleeps in
 //! [`PollGroup::wait`].
 //!
+//! In an appliance the groups run inside the pinned pollers of a [`Dioxide`](crate::Dioxide)
+//! ([`Serving`], SPDK's poll-group model): one group per poller, as a poller task; a
+//! connection's I/O goes to its poller's own queue pairs and completes on that thread, and an
+//! idle poller sleeps in one `poll(2)` on its group's sockets and its own wake-up eventfd.
+//!
 //! # Memory a host can make the target hold
 //! Per connection: `max_queue_depth` command slots, each with at most one data buffer of at
 //! most `max_transfer` bytes (in-capsule data at most `in_capsule`), `max_r2t_per_conn` R2Ts
@@ -41,7 +46,7 @@ pub use backend::{Backend, BackendIo, BackendOp, FileBackend, IoCompletion, MemB
 pub use host::{HostCompletion, HostController, HostData, HostError, HostOptions, HostQueue};
 pub use pdu::Digests;
 pub use target::group::{ClosedLog, Inbox};
-pub use target::{ConnStats, PollGroup, Subsystem, Target, TargetOptions};
+pub use target::{ConnStats, GroupReport, PollGroup, Serving, Subsystem, Target, TargetOptions};
 
 #[cfg(test)]
 mod tests;

@@ -358,6 +358,7 @@ impl Ctrl {
     }
 
     fn discovery_page(&self, target: &Target, local: SocketAddr) -> Vec<u8> {
+        let local = target.portal().unwrap_or(local);
         let entries: Vec<_> = target
             .subsystems()
             .into_iter()

@@ -20,7 +20,12 @@ use crossbeam_queue::SegQueue;
 
 use super::Target;
 use super::conn::{ConnStats, Connection};
-use super::wait::{Interest, Notifier};
+use super::wait::Notifier;
+use crate::embed::poller::PollerTask;
+use crate::embed::sleep::PollerWait;
+
+/// While busy, a group tries its listener once every this many rounds.
+const ACCEPT_EVERY: u32 = 64;
 
 /// Where other groups (the listener's) hand this group new connections.
 #[derive(Clone, Debug)]
@@ -52,10 +57,14 @@ pub struct PollGroup {
     next_peer: usize,
     inbox: Inbox,
     conns: Vec<Connection>,
+    adopted: usize,
+    /// Rounds until the listener is tried again while the group is busy (it is tried after
+    /// every sleep, whose `poll(2)` watches it): an `accept` per round would cost a system
+    /// call per round.
+    accept_in: u32,
     closed: ClosedLog,
     notifier: Option<Arc<Notifier>>,
-    interests: Vec<Interest>,
-    pollfds: Vec<libc::pollfd>,
+    sleep: PollerWait,
 }
 
 /// Totals of the connections a group closed.
@@ -84,10 +93,11 @@ impl PollGroup {
                 notifier: notifier.clone(),
             },
             conns: Vec::new(),
+            adopted: 0,
+            accept_in: 0,
             closed: ClosedLog::default(),
             notifier,
-            interests: Vec::new(),
-            pollfds: Vec::new(),
+            sleep: PollerWait::default(),
         }
     }
 
@@ -109,6 +119,7 @@ impl PollGroup {
     pub fn add(&mut self, sock: TcpStream) -> io::Result<()> {
         let c = Connection::new(self.target.clone(), sock, self.notifier.clone())?;
         self.conns.push(c);
+        self.adopted += 1;
         Ok(())
     }
 
@@ -119,6 +130,23 @@ impl PollGroup {
     /// True with no connection.
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
+    }
+    /// Connections adopted since the group was made (open and closed).
+    pub fn adopted(&self) -> usize {
+        self.adopted
+    }
+    /// Summed counters of every connection, open and closed.
+    pub fn totals(&self) -> ConnStats {
+        let mut t = self.closed.stats;
+        for c in &self.conns {
+            let s = c.stats();
+            t.pdus_in += s.pdus_in;
+            t.pdus_out += s.pdus_out;
+            t.commands += s.commands;
+            t.errors += s.errors;
+            t.term_sent += s.term_sent;
+        }
+        t
     }
     /// What the closed connections did and why they closed.
     pub fn closed(&self) -> &ClosedLog {
@@ -141,42 +169,71 @@ impl PollGroup {
     /// connection arrives, a backend completion is posted, or `timeout` passes. Call it after
     /// a [`poll`](Self::poll) that did nothing: the group then costs no CPU while idle.
     pub fn wait(&mut self, timeout: Duration) {
+        let mut w = std::mem::take(&mut self.sleep);
+        w.clear();
+        if self.prepare_sleep(&mut w) {
+            w.timeout(timeout);
+            w.sleep();
+            self.end_sleep();
+        }
+        self.sleep = w;
+    }
+
+    /// The first half of a sleep, shared by [`wait`](Self::wait) and a Dioxide poller that
+    /// runs the group as a task: raises the notifier's flag, then looks for work once more (a
+    /// completion posted after this look rings the eventfd, so none is missed) and returns
+    /// false if there is some; else adds the eventfd, the listener and every open socket to
+    /// `w`, and the housekeeping timeout ([`TargetOptions::housekeeping`]) while connections
+    /// are open.
+    ///
+    /// [`TargetOptions::housekeeping`]: super::TargetOptions::housekeeping
+    fn prepare_sleep(&mut self, w: &mut PollerWait) -> bool {
         let Some(n) = self.notifier.clone() else {
-            std::thread::sleep(timeout.min(Duration::from_millis(1)));
-            return;
+            // No eventfd: nap, completions from other threads are seen at the next round.
+            w.timeout(Duration::from_millis(1));
+            return true;
         };
-        // Raise the flag first, then look once more: a completion posted after this look rings
-        // the eventfd, so it cannot be missed.
         n.sleeping(true);
-        if !self.inbox.queue.is_empty() || self.conns.iter().any(|c| c.has_completions()) {
+        if !self.inbox.queue.is_empty()
+            || self.conns.iter().any(|c| c.has_completions())
+            || crate::nvmf::backend::has_pending()
+        {
             n.sleeping(false);
-            return;
+            return false;
         }
-        self.interests.clear();
-        self.interests.push(Interest {
-            fd: n.raw_fd(),
-            write: false,
-        });
+        w.fd(n.raw_fd(), false);
         if let Some(l) = &self.listener {
-            self.interests.push(Interest {
-                fd: l.as_raw_fd(),
-                write: false,
-            });
+            w.fd(l.as_raw_fd(), false);
         }
-        self.interests
-            .extend(self.conns.iter().filter_map(|c| c.interest()));
-        // A failed poll(2) (ENOMEM) is a short nap: the next round polls everything anyway.
-        if super::wait::wait(&self.interests, &mut self.pollfds, timeout).is_err() {
-            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+        for i in self.conns.iter().filter_map(|c| c.interest()) {
+            w.fd(i.fd, i.write);
         }
-        n.sleeping(false);
-        n.drain();
+        if !self.conns.is_empty() {
+            w.timeout(self.target.options().housekeeping);
+        }
+        true
+    }
+
+    /// The second half: lowers the flag and resets the eventfd.
+    fn end_sleep(&mut self) {
+        self.accept_in = 0;
+        if let Some(n) = &self.notifier {
+            n.sleeping(false);
+            n.drain();
+        }
     }
 
     /// One round: accept, adopt, poll every connection, reap the closed ones.
     pub fn poll(&mut self) -> usize {
-        let mut work = 0;
-        if let Some(l) = &self.listener {
+        // Requests a poller could not start (they overlapped one in flight) go first.
+        let mut work = crate::nvmf::backend::retry_pending();
+        let accept = self.accept_in == 0;
+        self.accept_in = if accept {
+            ACCEPT_EVERY
+        } else {
+            self.accept_in - 1
+        };
+        if let Some(l) = self.listener.as_ref().filter(|_| accept) {
             for _ in 0..16 {
                 match l.accept() {
                     Ok((s, _)) => {
@@ -230,5 +287,22 @@ impl PollGroup {
             false
         });
         work
+    }
+}
+
+/// A group runs inside a pinned Dioxide poller (SPDK's poll-group model): each round of the
+/// poller polls the group's sockets after the poller's own queue pairs, and what the
+/// connections submit to a [`FileBackend`](crate::nvmf::FileBackend) goes to that poller's
+/// queue pairs and completes on its thread. An idle poller sleeps in `poll(2)` on the group's
+/// sockets, listener and eventfd together with its own wake-up eventfd.
+impl PollerTask for PollGroup {
+    fn poll(&mut self) -> usize {
+        PollGroup::poll(self)
+    }
+    fn prepare_wait(&mut self, wait: &mut PollerWait) -> bool {
+        self.prepare_sleep(wait)
+    }
+    fn end_wait(&mut self) {
+        self.end_sleep();
     }
 }

@@ -11,20 +11,24 @@
 //!   C2HData, TermReqs, digests, the command slots, and the I/O it submits to the backend.
 //! * [`group`]: a [`PollGroup`] owns connections (and optionally a listener) and polls them;
 //!   it never blocks, so a pinned poller can call it in its loop.
+//! * [`serve`]: [`Serving`] runs one poll group per pinned poller of a
+//!   [`Dioxide`](crate::Dioxide), as a poller task.
 
 pub mod conn;
 pub mod ctrl;
 pub mod group;
+pub mod serve;
 pub mod wait;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub use conn::ConnStats;
 pub use ctrl::Ctrl;
 pub use group::PollGroup;
+pub use serve::{GroupReport, Serving};
 
 use super::backend::Backend;
 use super::fabrics::{CNTLID_MAX, DISCOVERY_NQN};
@@ -51,13 +55,17 @@ pub struct TargetOptions {
     pub kas: u16,
     /// Staging buffer per connection for headers and small data.
     pub rx_staging: usize,
+    /// How long an idle poll group with connections sleeps at most before it looks at the
+    /// keep-alive clocks and events raised by other threads (default 100 ms, the KAS unit).
+    pub housekeeping: Duration,
 }
 
 impl TargetOptions {
     /// The options brought into what the protocol allows: queue depth 2..=1024, I/O queues
     /// 1..=1024, in-capsule size a multiple of 16 up to 1 MiB, MAXH2CDATA and the C2HData size
     /// multiples of 4 of at least 4096, the transfer size a power of two of 4 KiB..=16 MiB, at
-    /// least one R2T, KAS at least 1, a staging buffer of at least 4 KiB.
+    /// least one R2T, KAS at least 1, a staging buffer of at least 4 KiB, a housekeeping
+    /// period of 1 ms..=1 h.
     pub fn normalized(mut self) -> TargetOptions {
         self.max_queue_depth = self.max_queue_depth.clamp(2, 1024);
         self.max_io_queues = self.max_io_queues.clamp(1, 1024);
@@ -73,6 +81,9 @@ impl TargetOptions {
         self.max_r2t_per_conn = self.max_r2t_per_conn.max(1);
         self.kas = self.kas.max(1);
         self.rx_staging = self.rx_staging.max(4096);
+        self.housekeeping = self
+            .housekeeping
+            .clamp(Duration::from_millis(1), Duration::from_secs(3600));
         self
     }
 }
@@ -89,6 +100,7 @@ impl Default for TargetOptions {
             max_r2t_per_conn: 16,
             kas: 1,
             rx_staging: 16 * 1024,
+            housekeeping: Duration::from_millis(100),
         }
     }
 }
@@ -196,6 +208,7 @@ pub struct Target {
     ctrls: Mutex<CtrlTable>,
     epoch: Instant,
     genctr: AtomicU64,
+    portal: Mutex<Option<std::net::SocketAddr>>,
 }
 
 impl core::fmt::Debug for Target {
@@ -218,7 +231,20 @@ impl Target {
             }),
             epoch: Instant::now(),
             genctr: AtomicU64::new(1),
+            portal: Mutex::new(None),
         })
+    }
+
+    /// The address the discovery log page gives for the NVM subsystems (by default the local
+    /// address of the connection that asks, right unless discovery has a listener of its own).
+    pub fn advertise(&self, addr: std::net::SocketAddr) {
+        *self.portal.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+        self.genctr.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What [`advertise`](Self::advertise) set.
+    pub(crate) fn portal(&self) -> Option<std::net::SocketAddr> {
+        *self.portal.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The options.
@@ -362,6 +388,7 @@ mod tests {
             max_r2t_per_conn: 0,
             kas: 0,
             rx_staging: 0,
+            housekeeping: std::time::Duration::ZERO,
         }
         .normalized();
         assert_eq!((o.max_queue_depth, o.max_io_queues), (2, 1));
@@ -369,6 +396,7 @@ mod tests {
         assert_eq!((o.max_h2c_data, o.max_c2h_data), (4096, 4096));
         assert_eq!(o.max_transfer, 128 * 1024);
         assert_eq!((o.max_r2t_per_conn, o.kas, o.rx_staging), (1, 1, 4096));
+        assert_eq!(o.housekeeping, std::time::Duration::from_millis(1));
         let d = TargetOptions::default();
         assert_eq!(d.clone().normalized().max_transfer, d.max_transfer);
         assert_eq!(d.clone().normalized().max_h2c_data, d.max_h2c_data);

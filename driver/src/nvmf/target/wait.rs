@@ -8,7 +8,6 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 /// Wakes a sleeping poll group: backend completions ring it.
 #[derive(Debug)]
@@ -79,30 +78,4 @@ pub(crate) struct Interest {
     pub fd: RawFd,
     /// Wait for it to be writable too.
     pub write: bool,
-}
-
-/// `poll(2)` on `fds` (readable, and writable where asked) for at most `timeout`; returns
-/// how many are ready. `EINTR` counts as a wake-up with nothing ready.
-pub(crate) fn wait(
-    fds: &[Interest],
-    scratch: &mut Vec<libc::pollfd>,
-    timeout: Duration,
-) -> io::Result<usize> {
-    scratch.clear();
-    scratch.extend(fds.iter().map(|i| libc::pollfd {
-        fd: i.fd,
-        events: libc::POLLIN | if i.write { libc::POLLOUT } else { 0 },
-        revents: 0,
-    }));
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: `scratch` holds `scratch.len()` initialised pollfd entries and outlives the call.
-    let n = unsafe { libc::poll(scratch.as_mut_ptr(), scratch.len() as libc::nfds_t, ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(0);
-        }
-        return Err(e);
-    }
-    Ok(n as usize)
 }

@@ -107,3 +107,174 @@ fn target_on_blockfiles_of_the_emulated_controller() {
         },
     )
 }
+
+/// After a request completed: waits until each poller that submitted I/O since `before` (a
+/// snapshot from before the request) went to sleep since (a poller sleeps only when idle:
+/// nothing in flight, its sockets quiet), and returns the counters to pass next time.
+fn until_asleep(dx: &Dioxide, before: &[crate::PollerStats]) -> Vec<crate::PollerStats> {
+    loop {
+        let now = dx.poller_stats();
+        let asleep = (0..now.len())
+            .all(|i| now[i].submitted == before[i].submitted || now[i].parks > before[i].parks);
+        if asleep {
+            return now;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+#[test]
+fn poll_groups_run_inside_the_pollers_and_sleep_without_losing_a_wake_up() {
+    watchdog(
+        "poll_groups_run_inside_the_pollers_and_sleep_without_losing_a_wake_up",
+        test_watchdog::STRESS,
+        || {
+            let emu = || {
+                let e = EmulatedController::new(EmulatedConfig {
+                    mode: Mode::Threaded,
+                    namespaces: vec![NamespaceConfig::memory(512, 16384)],
+                    ..EmulatedConfig::default()
+                })
+                .expect("emulated controller");
+                Controller::new(e).expect("bring-up")
+            };
+            // Controller 0 is served; controller 1 is for a client thread of the process.
+            let dx = Dioxide::builder()
+                .controller(emu())
+                .controller(emu())
+                .pollers([None, None])
+                .poller_idle(std::time::Duration::ZERO)
+                .build()
+                .expect("dioxide");
+            let backend = Arc::new(FileBackend::new(&dx, 0).expect("file backend"));
+            // An hour between housekeeping rounds: no timer hides a lost wake-up.
+            let t = crate::nvmf::target::Target::new(TargetOptions {
+                housekeeping: std::time::Duration::from_secs(3600),
+                ..TargetOptions::default()
+            });
+            t.add_subsystem(crate::nvmf::target::Subsystem::new(SUBNQN, backend));
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let serving = crate::nvmf::target::Serving::start(&t, &dx, listener).expect("serve");
+            // Round robin: the admin queue lands on poller 0, the I/O queue on poller 1.
+            let mut c = crate::nvmf::host::HostController::connect(
+                serving.local_addr(),
+                host_opts(ALL_DIGESTS[3]),
+            )
+            .expect("connect");
+            let mut q = c.io_queue(32).expect("I/O queue");
+            let before = dx.poller_stats();
+            for k in 0..8u64 {
+                let d = pattern(k, 4096);
+                q.write(1, k * 8, d.clone(), 512).expect("write");
+                assert_eq!(q.read(1, k * 8, 8, 512).expect("read"), d);
+            }
+            let after = dx.poller_stats();
+            // The I/O of a connection goes to its own poller's queue pairs.
+            assert_eq!(after[0].submitted, before[0].submitted, "{after:?}");
+            assert!(after[1].submitted >= before[1].submitted + 16, "{after:?}");
+            assert!(after[1].completed >= before[1].completed + 16, "{after:?}");
+            // The pollers asleep before every request: woken by the host's socket, and by a
+            // client thread's bio (each new thread's home poller is the next one round robin).
+            let file = dx
+                .open_file(1, Nsid(1), FileOptions::new(0, 256).with_len(256 * 512))
+                .expect("open a file on the other controller");
+            let mut seen = until_asleep(&dx, &before);
+            for i in 0..40u64 {
+                let d = pattern(100 + i, 4096);
+                q.write(1, 1024 + (i % 16) * 8, d.clone(), 512)
+                    .expect("write to a sleeping poller");
+                seen = until_asleep(&dx, &seen);
+                assert_eq!(q.read(1, 1024 + (i % 16) * 8, 8, 512).expect("read"), d);
+                seen = until_asleep(&dx, &seen);
+                let d = pattern(200 + i, 4096);
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        file.write_at(&d, (i % 16) * 4096).expect("client write");
+                        let mut back = vec![0u8; 4096];
+                        file.read_at(&mut back, (i % 16) * 4096)
+                            .expect("client read");
+                        assert_eq!(back, d);
+                    });
+                });
+                seen = until_asleep(&dx, &seen);
+            }
+            drop(file);
+            drop(q);
+            c.shutdown().expect("shutdown");
+            let reports = serving.stop(&dx, std::time::Duration::from_secs(30));
+            assert_eq!(reports.len(), 2, "{reports:?}");
+            assert_eq!(
+                reports.iter().map(|r| r.connections).collect::<Vec<_>>(),
+                [1, 1]
+            );
+            assert!(reports[1].stats.commands >= 16 + 80, "{reports:?}");
+            dx.shutdown();
+        },
+    )
+}
+
+#[test]
+fn overlapping_commands_in_flight_on_a_poller_wait_their_turn() {
+    watchdog(
+        "overlapping_commands_in_flight_on_a_poller_wait_their_turn",
+        test_watchdog::STRESS,
+        || {
+            let dx = dioxide();
+            let backend = Arc::new(FileBackend::new(&dx, 0).expect("file backend"));
+            let t = crate::nvmf::target::Target::new(TargetOptions::default());
+            t.add_subsystem(crate::nvmf::target::Subsystem::new(SUBNQN, backend));
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let serving = crate::nvmf::target::Serving::start(&t, &dx, listener).expect("serve");
+            let mut c = crate::nvmf::host::HostController::connect(
+                serving.local_addr(),
+                host_opts(ALL_DIGESTS[0]),
+            )
+            .expect("connect");
+            let mut q = c.io_queue(64).expect("I/O queue");
+            // Writes of the same page (and its 512-byte sectors), Write Zeroes and reads, all in
+            // flight together: the file's range lock refuses to wait on a poller, so the
+            // backend starts each one once the overlapping one finished; none fails.
+            for round in 0..4u64 {
+                let mut n = 0u64;
+                for k in 0..48u64 {
+                    let (sqe, data) = match k % 4 {
+                        0 => (
+                            Sqe::rw(opc::WRITE, 1, 64, 8, false),
+                            HostData::Out(pattern(round * 100 + k, 4096)),
+                        ),
+                        1 => (
+                            Sqe::rw(opc::WRITE, 1, 64 + k % 8, 1, false),
+                            HostData::Out(pattern(round * 100 + k, 512)),
+                        ),
+                        2 => (
+                            Sqe::rw(opc::READ, 1, 64, 8, false),
+                            HostData::In(vec![0; 4096]),
+                        ),
+                        // Unaligned Write Zeroes sharing pages with the others (as mkfs sends).
+                        _ => (Sqe::write_zeroes(1, 60 + k % 8, 3, false), HostData::None),
+                    };
+                    q.submit(sqe, data, k).expect("submit");
+                    n += 1;
+                }
+                let mut done = 0;
+                while done < n {
+                    q.poll().expect("poll");
+                    while let Some(d) = q.pop() {
+                        d.result.expect("an overlapping command");
+                        done += 1;
+                    }
+                }
+            }
+            // The page holds whole writes: read it twice, the same both times.
+            let a = q.read(1, 64, 8, 512).expect("read");
+            q.write(1, 64, pattern(7, 4096), 512).expect("write");
+            assert_eq!(q.read(1, 64, 8, 512).expect("read"), pattern(7, 4096));
+            assert_eq!(a.len(), 4096);
+            drop(q);
+            c.shutdown().expect("shutdown");
+            let reports = serving.stop(&dx, std::time::Duration::from_secs(30));
+            assert_eq!(reports.iter().map(|r| r.stats.errors).sum::<u64>(), 0);
+            dx.shutdown();
+        },
+    )
+}

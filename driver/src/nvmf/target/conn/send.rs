@@ -43,6 +43,13 @@ impl Connection {
         self.stats.commands += 1;
         if !status.is_success() {
             self.stats.errors += 1;
+            log::debug!(
+                "nvmf: {} qid {}: opcode {:#04x} (cdw10 {:#x}) completed with {status:?}",
+                self.peer,
+                self.queue.as_ref().map_or(0, |b| b.qid),
+                s.sqe.opcode(),
+                s.sqe.cdw10
+            );
         }
         let cqe = Cqe {
             dw0,

@@ -1,0 +1,343 @@
+//! End-to-end tests of the `nvmf_tgt` binary on the built-in emulated controller, driven over
+//! loopback by the crate's NVMe/TCP host: every child runs under a deadline, every test under
+//! the project's watchdog.
+
+use dioxide::spec::{Sct, Sqe};
+use dioxide::{NvmfDigests, NvmfHost, NvmfHostData, NvmfHostError, NvmfHostOptions};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+const HOST_A: &str = "nqn.2026-12.io.dioxide:test-host-a";
+const HOST_B: &str = "nqn.2026-12.io.dioxide:test-host-b";
+
+/// A running `nvmf_tgt`: its stdout lines arrive on a channel; dropping it kills it.
+struct Tgt {
+    child: Child,
+    lines: Receiver<String>,
+    out: Vec<String>,
+    addr: SocketAddr,
+    nqn: String,
+}
+
+fn deadline() -> Instant {
+    Instant::now() + test_watchdog::scaled(Duration::from_secs(60))
+}
+
+impl Tgt {
+    /// Starts `nvmf_tgt` on an ephemeral loopback port with `args` and waits until it is ready.
+    fn start(args: &[&str]) -> Tgt {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nvmf_tgt"))
+            .args(["--listen", "127.0.0.1:0", "-m", "0x3"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start nvmf_tgt");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut t = Tgt {
+            child,
+            lines,
+            out: Vec::new(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            nqn: String::new(),
+        };
+        let until = deadline();
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let l = t
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("nvmf_tgt did not get ready; it printed: {:#?}", t.out));
+            if let Some(rest) = l.strip_prefix("nvmf_tgt: listening on ") {
+                t.addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+            if let Some(rest) = l.strip_prefix("nvmf_tgt: subsystem ") {
+                t.nqn = rest.split(':').take(2).collect::<Vec<_>>().join(":");
+            }
+            let ready = l.starts_with("nvmf_tgt: ready");
+            t.out.push(l);
+            if ready {
+                return t;
+            }
+        }
+    }
+
+    fn host_opts(&self, hostnqn: &str, digests: NvmfDigests) -> NvmfHostOptions {
+        let mut o = NvmfHostOptions::new(self.nqn.clone());
+        o.hostnqn = hostnqn.into();
+        o.digests = digests;
+        o.timeout = test_watchdog::scaled(Duration::from_secs(20));
+        o
+    }
+
+    fn connect(&self, hostnqn: &str, digests: NvmfDigests) -> NvmfHost {
+        NvmfHost::connect(self.addr, self.host_opts(hostnqn, digests)).expect("connect")
+    }
+
+    /// Sends SIGINT, waits for the exit (under a deadline); returns the exit code and all the
+    /// lines it printed.
+    fn interrupt(mut self) -> (Option<i32>, Vec<String>) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) with our own child's pid (not yet reaped: we hold its Child) and a
+        // valid signal number; no memory is involved.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        let until = deadline();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait for nvmf_tgt") {
+                break s;
+            }
+            assert!(
+                Instant::now() < until,
+                "nvmf_tgt did not exit after SIGINT; it printed: {:#?}",
+                self.out
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut out = std::mem::take(&mut self.out);
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            out.push(l);
+        }
+        (status.code(), out)
+    }
+}
+
+impl Drop for Tgt {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+const DIGESTS: [NvmfDigests; 4] = [
+    NvmfDigests {
+        header: false,
+        data: false,
+    },
+    NvmfDigests {
+        header: true,
+        data: false,
+    },
+    NvmfDigests {
+        header: false,
+        data: true,
+    },
+    NvmfDigests {
+        header: true,
+        data: true,
+    },
+];
+
+/// The per-poller lines of the exit report: (connections, PDUs out).
+fn poller_report(out: &[String]) -> Vec<(u64, u64)> {
+    out.iter()
+        .filter(|l| l.starts_with("nvmf_tgt: poller "))
+        .map(|l| {
+            let n = |what: &str| -> u64 {
+                let i = l.find(what).unwrap_or_else(|| panic!("{what} in {l}"));
+                let head = l[..i].trim_end();
+                head[head.rfind([' ', ','].as_ref()).unwrap() + 1..]
+                    .parse()
+                    .unwrap()
+            };
+            (n(" connection(s)"), n(" PDUs out"))
+        })
+        .collect()
+}
+
+#[test]
+fn serves_the_emulated_controller_end_to_end() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    let t = Tgt::start(&[
+        "--in-capsule",
+        "4096",
+        "--max-io-size",
+        "128k",
+        "--max-c2h-data",
+        "8k",
+        "--emulated-size",
+        "16m",
+    ]);
+    assert!(
+        t.out.iter().any(|l| l.contains(&format!(
+            "nvme connect -t tcp -a 127.0.0.1 -s {} -n {}",
+            t.addr.port(),
+            t.nqn
+        ))),
+        "{:#?}",
+        t.out
+    );
+    assert!(t.out.iter().any(|l| l.contains("> /dev/nvme-fabrics")));
+    // Discovery names the subsystem and the port.
+    let mut d = NvmfHost::connect(
+        t.addr,
+        NvmfHostOptions {
+            subnqn: "nqn.2014-08.org.nvmexpress.discovery".into(),
+            ..t.host_opts(HOST_A, DIGESTS[0])
+        },
+    )
+    .expect("connect to discovery");
+    let entries = d.discover().expect("discovery log page");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.subnqn == t.nqn && e.trsvcid == t.addr.port().to_string()),
+        "{entries:?}"
+    );
+    d.shutdown().expect("leave discovery");
+    let mut pdus_needed = 0u64;
+    for (round, dg) in DIGESTS.into_iter().enumerate() {
+        let mut c = t.connect(HOST_A, dg);
+        assert_eq!(c.namespace(1).expect("identify namespace 1"), (32768, 512));
+        assert_eq!(c.identify().cntlid, c.cntlid());
+        // Three I/O queues: with the admin queue, four connections over two pollers.
+        let mut qs: Vec<_> = (0..3).map(|_| c.io_queue(64).expect("I/O queue")).collect();
+        for (i, q) in qs.iter_mut().enumerate() {
+            let lba = (round * 4 + i) as u64 * 1024;
+            let small = pattern(lba + 1, 4096);
+            let large = pattern(lba + 2, 128 * 1024);
+            q.write(1, lba, small.clone(), 512)
+                .expect("in-capsule write");
+            q.write(1, lba + 8, large.clone(), 512).expect("R2T write");
+            assert_eq!(q.read(1, lba, 8, 512).expect("read"), small);
+            // 128 KiB in 8 KiB C2HData PDUs.
+            assert_eq!(q.read(1, lba + 8, 256, 512).expect("read"), large);
+            pdus_needed += 16;
+            q.flush(1).expect("flush");
+            q.run(
+                "Write Zeroes",
+                Sqe::write_zeroes(1, lba + 8, 8, false),
+                NvmfHostData::None,
+            )
+            .expect("write zeroes");
+            let z = q.read(1, lba + 8, 16, 512).expect("read");
+            assert!(z[..4096].iter().all(|&b| b == 0));
+            assert_eq!(&z[4096..], &large[4096..8192]);
+        }
+        // Many commands in flight on each queue at once, then verified.
+        for (i, q) in qs.iter_mut().enumerate() {
+            let base = 16384 + (round * 4 + i) as u64 * 512;
+            for k in 0..32u64 {
+                let sqe = Sqe::rw(dioxide::spec::sqe::io::WRITE, 1, base + k * 16, 16, false);
+                q.submit(sqe, NvmfHostData::Out(pattern(base + k, 8192)), k)
+                    .expect("submit");
+            }
+            let mut n = 0;
+            while n < 32 {
+                q.poll().expect("poll");
+                while let Some(done) = q.pop() {
+                    done.result.expect("write");
+                    n += 1;
+                }
+            }
+            for k in (0..32u64).step_by(7) {
+                assert_eq!(
+                    q.read(1, base + k * 16, 16, 512).expect("read back"),
+                    pattern(base + k, 8192)
+                );
+            }
+        }
+        drop(qs);
+        c.shutdown().expect("disconnect");
+    }
+    let (code, out) = t.interrupt();
+    assert_eq!(code, Some(0), "{out:#?}");
+    let report = poller_report(&out);
+    assert_eq!(report.len(), 2, "{out:#?}");
+    // The queues landed on both pollers (round robin: 1 discovery + 16 connections).
+    assert!(report.iter().all(|&(conns, _)| conns >= 8), "{out:#?}");
+    assert!(
+        report.iter().map(|&(_, p)| p).sum::<u64>() >= pdus_needed,
+        "{out:#?}"
+    );
+    assert!(out.iter().any(|l| l == "nvmf_tgt: controllers shut down"));
+}
+
+#[test]
+fn a_host_not_allowed_is_refused_at_connect() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let t = Tgt::start(&["--allow-host", HOST_A, "--emulated-size", "1m"]);
+    match NvmfHost::connect(t.addr, t.host_opts(HOST_B, DIGESTS[0])) {
+        Err(NvmfHostError::Status { status, .. }) => {
+            // Connect Invalid Host (NVMe-oF, Connect command specific status 0x84).
+            assert_eq!((status.sct, status.sc), (Sct::CommandSpecific, 0x84));
+        }
+        Err(e) => panic!("expected Connect Invalid Host, got {e}"),
+        Ok(_) => panic!("a host not allowed was let in"),
+    }
+    // The allowed host still gets in, and the line printed for it names it.
+    let mut c = t.connect(HOST_A, DIGESTS[3]);
+    let mut q = c.io_queue(16).expect("I/O queue");
+    q.write(1, 0, pattern(9, 4096), 512).expect("write");
+    assert_eq!(q.read(1, 0, 8, 512).expect("read"), pattern(9, 4096));
+    assert!(
+        t.out
+            .iter()
+            .any(|l| l.contains("nvme connect") && l.contains(&format!("--hostnqn={HOST_A}")))
+    );
+    drop(q);
+    c.shutdown().expect("disconnect");
+    let (code, out) = t.interrupt();
+    assert_eq!(code, Some(0), "{out:#?}");
+}
+
+#[test]
+fn sigint_with_hosts_connected_disconnects_them_and_exits_0() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let t = Tgt::start(&["--emulated-size", "1m"]);
+    let mut c = t.connect(HOST_A, DIGESTS[0]);
+    let mut qs: Vec<_> = (0..2).map(|_| c.io_queue(16).expect("I/O queue")).collect();
+    for (i, q) in qs.iter_mut().enumerate() {
+        q.write(1, i as u64 * 8, pattern(i as u64, 4096), 512)
+            .expect("write");
+    }
+    let (code, out) = t.interrupt();
+    assert_eq!(code, Some(0), "{out:#?}");
+    assert!(
+        out.iter()
+            .any(|l| l == "nvmf_tgt: SIGINT: disconnecting the hosts"),
+        "{out:#?}"
+    );
+    // The hosts see their connections closed.
+    for q in qs.iter_mut() {
+        assert!(q.read(1, 0, 8, 512).is_err());
+    }
+}
+
+#[test]
+fn bad_options_are_refused_with_one_line() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let o = test_watchdog::output_within(
+        Command::new(env!("CARGO_BIN_EXE_nvmf_tgt")).args(["--listen", "0.0.0.0:4420"]),
+        test_watchdog::PROCESS,
+    )
+    .expect("run nvmf_tgt");
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains("--allow-remote"), "{e}");
+}
