@@ -41,6 +41,8 @@ impl Connection {
                 if let Some(t) = self.tx.back_mut() {
                     t.close_after = true;
                 }
+                // Nothing more is read or queued: the response is the last PDU.
+                self.closing();
             }
             _ => self.respond(slot, dnr(generic::INVALID_OPCODE), 0),
         }

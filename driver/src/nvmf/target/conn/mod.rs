@@ -478,12 +478,12 @@ impl Connection {
                 self.reader.cfg.ic_done = true;
                 self.reader.cfg.digests = r.digests;
                 self.reader.cfg.pda = 0;
+                self.state = State::Ready;
                 self.push(
                     pdu::encode(&resp, 0, Digests::default(), 0),
                     TxData::None,
                     None,
                 );
-                self.state = State::Ready;
                 Ok(())
             }
             Pdu::H2cTermReq(t) => {
@@ -769,5 +769,67 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.close_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::nvmf::pdu::pdu_type;
+    use crate::nvmf::target::TargetOptions;
+    use crate::spec::Cqe;
+
+    /// A connection in state Ready and the host's end of its socket.
+    fn pair() -> (Connection, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let host = TcpStream::connect(l.local_addr().expect("address")).expect("connect");
+        let (sock, _) = l.accept().expect("accept");
+        let mut c = Connection::new(Target::new(TargetOptions::default()), sock, None)
+            .expect("a connection");
+        c.state = State::Ready;
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        (c, host)
+    }
+
+    fn resp() -> EncodedHdr {
+        pdu::encode(&Pdu::CapsuleResp(Cqe::default()), 0, Digests::default(), 0)
+    }
+
+    /// The PDU types the host receives up to the end of the stream.
+    fn received(mut host: TcpStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        host.read_to_end(&mut all)
+            .expect("read to the end of the stream");
+        let mut types = Vec::new();
+        let mut at = 0;
+        while at + 8 <= all.len() {
+            types.push(all[at]);
+            let plen = u32::from_le_bytes([all[at + 4], all[at + 5], all[at + 6], all[at + 7]]);
+            at += (plen as usize).max(8);
+        }
+        types
+    }
+
+    #[test]
+    fn nothing_is_queued_after_a_term_req() {
+        let (mut c, host) = pair();
+        c.fatal(FatalError::new(Fes::SequenceError, "test"));
+        c.push(resp(), TxData::None, None);
+        c.flush();
+        assert_eq!(received(host), vec![pdu_type::C2H_TERM_REQ]);
+    }
+
+    #[test]
+    fn a_write_stops_after_the_last_pdu() {
+        let (mut c, host) = pair();
+        c.push(resp(), TxData::None, None);
+        c.tx.back_mut().expect("queued").close_after = true;
+        c.push(resp(), TxData::None, None);
+        c.flush();
+        assert_eq!(received(host), vec![pdu_type::CAPSULE_RESP]);
     }
 }
