@@ -385,6 +385,13 @@ impl Ctrl {
 
     fn log_page(&self, target: &Target, sqe: &Sqe, local: SocketAddr) -> Result<Vec<u8>, Status> {
         let (lid, len, offset) = fabrics::log_page_args(sqe);
+        // Checked before the page is built: reading some logs clears them.
+        if len > u64::from(target.options().max_transfer) {
+            return Err(invalid_field());
+        }
+        if u64::from(fabrics::Sgl::of(sqe).len) != len {
+            return Err(st(fabrics::sc::DATA_SGL_LENGTH_INVALID).with_dnr(true));
+        }
         let disc = self.subsys.is_discovery();
         let page = match lid {
             flid::DISCOVERY if disc => self.discovery_page(target, local),
@@ -418,7 +425,7 @@ impl Ctrl {
         let from = offset as usize;
         let to = (from as u64 + len).min(page.len() as u64) as usize;
         let mut out = page[from..to].to_vec();
-        out.resize(len.min(1 << 20) as usize, 0);
+        out.resize(len as usize, 0);
         Ok(out)
     }
 

@@ -669,3 +669,39 @@ fn c2h_data_honours_the_host_pdu_data_alignment() {
         },
     )
 }
+
+#[test]
+fn get_log_page_length_is_checked_against_the_sgl_and_the_transfer_limit() {
+    watchdog(
+        "get_log_page_length_is_checked_against_the_sgl_and_the_transfer_limit",
+        Duration::from_secs(60),
+        || {
+            let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
+            let mut c = connect(&t, Digests::default());
+            // NUMD of 4 KiB, a data SGL of 512 bytes.
+            let e = c
+                .admin()
+                .run(
+                    "Get Log Page",
+                    fabrics::get_log_page(2, 0xffff_ffff, 4096, 0),
+                    HostData::In(vec![0u8; 512]),
+                )
+                .expect_err("SGL length != NUMD");
+            assert!(
+                is_status(&e, Sct::Generic, fsc::DATA_SGL_LENGTH_INVALID),
+                "{e}"
+            );
+            // Above the maximum transfer size.
+            let max = TargetOptions::default().max_transfer;
+            let e = c
+                .log_page(2, 0xffff_ffff, max + 4096, 0)
+                .expect_err("above the transfer limit");
+            assert!(is_status(&e, Sct::Generic, generic::INVALID_FIELD), "{e}");
+            // The requested length, zero-filled past the page.
+            let l = c.log_page(2, 0xffff_ffff, 1024, 0).expect("SMART log");
+            assert_eq!(l.len(), 1024);
+            assert_eq!(&l[512..], &[0u8; 512][..]);
+            assert!(t.stop().is_empty());
+        },
+    );
+}
