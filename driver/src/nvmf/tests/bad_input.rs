@@ -705,3 +705,55 @@ fn get_log_page_length_is_checked_against_the_sgl_and_the_transfer_limit() {
         },
     );
 }
+
+/// A backend whose Reads complete with Success and a buffer shorter than the Read.
+struct ShortReads(std::sync::Arc<MemBackend>);
+
+impl Backend for ShortReads {
+    fn namespaces(&self) -> Vec<crate::nvmf::backend::NsInfo> {
+        self.0.namespaces()
+    }
+    fn alloc(&self, len: usize) -> Option<crate::IoBuffer> {
+        self.0.alloc(len)
+    }
+    fn submit(
+        &self,
+        io: crate::nvmf::backend::BackendIo,
+        done: crate::nvmf::backend::IoCompletion,
+    ) {
+        if matches!(io.op, crate::nvmf::backend::BackendOp::Read) {
+            done.complete(
+                crate::spec::Status::SUCCESS,
+                Some(crate::IoBuffer::Heap(vec![0u8; 100])),
+            );
+        } else {
+            self.0.submit(io, done);
+        }
+    }
+}
+
+#[test]
+fn a_read_completed_without_its_data_fails_with_data_transfer_error() {
+    watchdog(
+        "a_read_completed_without_its_data_fails_with_data_transfer_error",
+        Duration::from_secs(60),
+        || {
+            let t = TestTarget::with_backend(
+                std::sync::Arc::new(ShortReads(mem_backend())),
+                TargetOptions::default(),
+                1,
+            );
+            let mut c = connect(&t, Digests::default());
+            let mut q = c.io_queue(8).expect("I/O queue");
+            let e = q.read(1, 0, 8, 512).expect_err("a short Read buffer");
+            assert!(
+                is_status(&e, Sct::Generic, generic::DATA_TRANSFER_ERROR),
+                "{e}"
+            );
+            // The queue goes on.
+            q.write(1, 0, pattern(3, 4096), 512).expect("write");
+            drop(q);
+            assert!(t.stop().is_empty());
+        },
+    );
+}
