@@ -757,3 +757,38 @@ fn a_read_completed_without_its_data_fails_with_data_transfer_error() {
         },
     );
 }
+
+#[test]
+fn an_io_queue_of_another_host_id_is_connect_invalid_host() {
+    watchdog(
+        "an_io_queue_of_another_host_id_is_connect_invalid_host",
+        Duration::from_secs(60),
+        || {
+            let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
+            let mut c = connect(&t, Digests::default());
+            let mut o = host_opts(Digests::default());
+            o.hostid[0] ^= 0xff;
+            let mut q = HostQueue::open(t.addr, &o, 8).expect("ICReq");
+            match q.connect(&o, 1, 8, c.cntlid()).unwrap_err() {
+                HostError::Status { status, dw0, .. } => {
+                    assert_eq!(
+                        (status.sct, status.sc),
+                        (Sct::CommandSpecific, fsc::CONNECT_INVALID_HOST)
+                    );
+                    assert_eq!(
+                        dw0,
+                        fabrics::invalid_param_in_data(fabrics::connect_data::HOSTID)
+                    );
+                }
+                e => panic!("{e}"),
+            }
+            drop(q);
+            // The host's own Host Identifier gets its queue.
+            let mut q = c.io_queue(8).expect("I/O queue of the same host");
+            q.write(2, 0, pattern(4, 4096), 4096).expect("write");
+            drop(q);
+            drop(c);
+            assert!(t.stop().is_empty());
+        },
+    );
+}

@@ -104,6 +104,13 @@ impl Connection {
                 .ok_or(invalid(fabrics::invalid_param_in_data(
                     connect_data::CNTLID,
                 )))?;
+            // An I/O queue belongs to the host of the admin queue: same Host Identifier.
+            if ctrl.hostid != cd.hostid {
+                return Err((
+                    cs_dnr(fsc::CONNECT_INVALID_HOST),
+                    fabrics::invalid_param_in_data(connect_data::HOSTID),
+                ));
+            }
             if !ctrl.ready() {
                 return Err((dnr(generic::COMMAND_SEQUENCE_ERROR), 0));
             }
