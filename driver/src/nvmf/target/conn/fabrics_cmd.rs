@@ -7,7 +7,7 @@ use super::{Binding, Connection, cs_dnr, dnr};
 use crate::nvmf::fabrics::{
     self, CNTLID_DYNAMIC, CONNECT_DATA_LEN, Connect, ConnectData, connect_data, fctype, sc as fsc,
 };
-use crate::nvmf::target::ctrl::Ctrl;
+use crate::nvmf::target::ctrl::{AttachRefused, Ctrl};
 use crate::spec::status::generic;
 use crate::spec::{Sqe, Status};
 
@@ -51,7 +51,7 @@ impl Connection {
     pub(super) fn connect(&mut self, slot: u16, sqe: &Sqe) {
         let c = Connect::from_sqe(sqe);
         let invalid = |dw0: u32| (cs_dnr(fsc::CONNECT_INVALID_PARAMETERS), dw0);
-        let r: Result<(Arc<Ctrl>, u16), (Status, u32)> = (|| {
+        let r: Result<(Arc<Ctrl>, u16, u32), (Status, u32)> = (|| {
             if self.queue.is_some() {
                 return Err((dnr(generic::COMMAND_SEQUENCE_ERROR), 0));
             }
@@ -90,7 +90,8 @@ impl Connection {
                     .target
                     .new_ctrl(subsys, cd.hostnqn, cd.hostid, c.kato)
                     .ok_or((cs_dnr(fsc::CONTROLLER_BUSY), 0))?;
-                return Ok((ctrl, 0));
+                let generation = ctrl.reset_generation();
+                return Ok((ctrl, 0, generation));
             }
             if subsys.is_discovery() {
                 return Err(invalid(fabrics::invalid_param_in_cmd(42)));
@@ -111,16 +112,14 @@ impl Connection {
                     fabrics::invalid_param_in_data(connect_data::HOSTID),
                 ));
             }
-            if !ctrl.ready() {
-                return Err((dnr(generic::COMMAND_SEQUENCE_ERROR), 0));
+            match ctrl.attach_io_queue(c.qid) {
+                Ok(generation) => Ok((ctrl, c.qid, generation)),
+                Err(AttachRefused::NotReady) => Err((dnr(generic::COMMAND_SEQUENCE_ERROR), 0)),
+                Err(AttachRefused::QueueId) => Err(invalid(fabrics::invalid_param_in_cmd(42))),
             }
-            if !ctrl.attach_io_queue(c.qid) {
-                return Err(invalid(fabrics::invalid_param_in_cmd(42)));
-            }
-            Ok((ctrl, c.qid))
         })();
         match r {
-            Ok((ctrl, qid)) => {
+            Ok((ctrl, qid, generation)) => {
                 let cntlid = ctrl.cntlid;
                 if qid != 0 {
                     self.reader.cfg.max_incapsule = self.target.options().in_capsule;
@@ -132,7 +131,7 @@ impl Connection {
                 }
                 self.sq_head = 1 % (c.sqsize + 1);
                 self.queue = Some(Binding {
-                    generation: ctrl.reset_generation(),
+                    generation,
                     ctrl,
                     qid,
                     sqsize: c.sqsize,
