@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Binding, Connection, cs_dnr, dnr};
+use super::{ADMIN_QUEUE_DEPTH, Binding, Connection, cs_dnr, dnr};
 use crate::nvmf::fabrics::{
     self, CNTLID_DYNAMIC, CONNECT_DATA_LEN, Connect, ConnectData, connect_data, fctype, sc as fsc,
 };
@@ -77,7 +77,11 @@ impl Connection {
                     fabrics::invalid_param_in_data(connect_data::HOSTNQN),
                 ));
             }
-            if c.sqsize == 0 || c.sqsize >= self.target.options().max_queue_depth {
+            let max_depth = match c.qid {
+                0 => self.target.options().max_queue_depth.max(ADMIN_QUEUE_DEPTH),
+                _ => self.target.options().max_queue_depth,
+            };
+            if c.sqsize == 0 || c.sqsize >= max_depth {
                 return Err(invalid(fabrics::invalid_param_in_cmd(44)));
             }
             if c.qid == 0 {

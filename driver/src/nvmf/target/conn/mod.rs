@@ -4,7 +4,7 @@
 //! drains the backend's completions, sends what the socket takes, reads and handles what the
 //! socket has (a bounded number of PDUs per call), issues R2Ts, and sends again.
 //!
-//! **Command slots.** A fixed table of `max_queue_depth` slots, allocated when the connection
+//! **Command slots.** A fixed table of `max_queue_depth` slots (at least 32, an admin queue's), allocated when the connection
 //! is accepted; a command holds one from its capsule to the moment its response capsule left
 //! the socket. A slot owns the command's data buffer (from [`Backend::alloc`]: DMA memory for a
 //! device backend): in-capsule data and H2CData are read from the socket straight into it,
@@ -45,6 +45,10 @@ use crate::nvmf::pdu::{
 use crate::spec::sqe::io as opc;
 use crate::spec::status::generic;
 use crate::spec::{Sct, Sqe, Status};
+
+/// Depth an admin queue may have (SQSIZE + 1) even when `max_queue_depth` is lower: the Linux
+/// host always connects its admin queue with 32 entries.
+pub(crate) const ADMIN_QUEUE_DEPTH: u16 = 32;
 
 /// In-capsule data limit of an admin queue (and of a queue before Connect): 8 KiB, as the
 /// Linux host assumes.
@@ -216,7 +220,8 @@ impl Connection {
         let local = sock.local_addr()?;
         let peer = sock.peer_addr()?;
         let opts = target.options().clone();
-        let depth = opts.max_queue_depth.max(2);
+        // An admin queue may be `ADMIN_QUEUE_DEPTH` deep whatever the I/O queue limit.
+        let depth = opts.max_queue_depth.max(ADMIN_QUEUE_DEPTH);
         let slots = (0..depth)
             .map(|_| Slot {
                 phase: Phase::Free,
