@@ -820,6 +820,12 @@ mod tests {
     }
 
     #[test]
+    fn the_completion_queue_holds_a_completion_per_slot() {
+        let (c, _host) = pair();
+        assert!(c.cq.capacity() >= c.slots.len());
+    }
+
+    #[test]
     fn nothing_is_queued_after_a_term_req() {
         let (mut c, host) = pair();
         c.fatal(FatalError::new(Fes::SequenceError, "test"));
