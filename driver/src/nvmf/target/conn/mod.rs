@@ -279,13 +279,21 @@ impl Connection {
     pub fn close_reason(&self) -> Option<&str> {
         self.why.as_deref()
     }
-    /// What to wait for while idle: the socket, readable (and writable while PDUs wait to
-    /// be sent); `None` once closed.
+    /// What to wait for while idle: the socket, readable while [`recv`](Self::recv) would
+    /// read (not while the send queue is full or the connection closes: a host that stops
+    /// reading its responses must not wake the group at once forever), writable while PDUs
+    /// wait to be sent; `None` once closed.
     pub(crate) fn interest(&self) -> Option<Interest> {
         (self.state != State::Closed).then(|| Interest {
             fd: self.sock.as_raw_fd(),
+            read: self.reads(),
             write: !self.tx.is_empty(),
         })
+    }
+
+    /// True if [`recv`](Self::recv) reads now.
+    fn reads(&self) -> bool {
+        !self.tx_full() && matches!(self.state, State::AwaitIcReq | State::Ready)
     }
     /// True if backend completions wait to be handled.
     pub(crate) fn has_completions(&self) -> bool {
@@ -400,7 +408,7 @@ impl Connection {
     fn recv(&mut self) -> usize {
         let mut work = 0;
         for _ in 0..64 {
-            if self.tx_full() || !matches!(self.state, State::AwaitIcReq | State::Ready) {
+            if !self.reads() {
                 break;
             }
             let r = match self.rx {
@@ -823,6 +831,23 @@ mod tests {
     fn the_completion_queue_holds_a_completion_per_slot() {
         let (c, _host) = pair();
         assert!(c.cq.capacity() >= c.slots.len());
+    }
+
+    #[test]
+    fn the_socket_is_not_watched_for_input_the_connection_will_not_read() {
+        let (mut c, _host) = pair();
+        let i = c.interest().expect("open");
+        assert!(i.read && !i.write);
+        // A host that does not read its responses: the send queue fills up.
+        while !c.tx_full() {
+            c.push(resp(), TxData::None, None);
+        }
+        let i = c.interest().expect("open");
+        assert!(!i.read && i.write);
+        c.tx.clear();
+        assert!(c.interest().expect("open").read);
+        c.closing();
+        assert!(!c.interest().expect("closing").read);
     }
 
     #[test]
