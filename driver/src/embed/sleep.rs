@@ -25,9 +25,15 @@ impl PollerWait {
     /// Wake the poller when `fd` is readable (or hung up), and also when it is writable if
     /// `write`. The descriptor must stay open until the task's `end_wait`.
     pub fn fd(&mut self, fd: RawFd, write: bool) {
+        self.fd_events(fd, true, write);
+    }
+
+    /// Wake the poller when `fd` is readable if `read`, writable if `write`, and hung up or
+    /// in error in any case (a task that will not read now must not be woken by pending input).
+    pub fn fd_events(&mut self, fd: RawFd, read: bool, write: bool) {
         self.fds.push(libc::pollfd {
             fd,
-            events: libc::POLLIN | if write { libc::POLLOUT } else { 0 },
+            events: if read { libc::POLLIN } else { 0 } | if write { libc::POLLOUT } else { 0 },
             revents: 0,
         });
     }

@@ -121,8 +121,21 @@ impl IoCompletion {
                 buf,
             };
             // The queue holds one entry per command slot and a slot has at most one I/O in
-            // flight, so it is never full; if it were, dropping the entry is the only option.
-            let _ = q.push(done);
+            // flight, so it is never full; if it were (a bug), the command is lost: say which.
+            if let Err(lost) = q.push(done) {
+                log::error!(
+                    "nvmf: the completion queue is full: the completion of command slot {} \
+                     (generation {}, {:?}) is lost",
+                    lost.slot,
+                    lost.generation,
+                    lost.status
+                );
+                debug_assert!(
+                    false,
+                    "the completion queue is full: slot {} lost its completion",
+                    lost.slot
+                );
+            }
             if let Some(n) = &self.notifier {
                 n.notify();
             }
@@ -510,4 +523,20 @@ fn start(
         Kind::Read | Kind::Write => done.complete(embed_status(&error), Some(buf)),
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A completion that does not fit is a bug the debug build stops at (and the release
+    /// build logs, naming the command).
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "the completion queue is full: slot 1 lost its completion")]
+    fn a_completion_that_does_not_fit_is_not_dropped_silently() {
+        let q: CompletionQueue = Arc::new(ArrayQueue::new(1));
+        IoCompletion::new(q.clone(), 0, 0, None).complete(Status::SUCCESS, None);
+        IoCompletion::new(q, 1, 0, None).complete(Status::SUCCESS, None);
+    }
 }

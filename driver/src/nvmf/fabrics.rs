@@ -152,6 +152,8 @@ pub struct ConnectData {
 
 /// Offsets in the Connect data (for the IPO of "Connect Invalid Parameters").
 pub mod connect_data {
+    /// HOSTID.
+    pub const HOSTID: u16 = 0;
     /// CNTLID.
     pub const CNTLID: u16 = 16;
     /// SUBNQN.

@@ -86,6 +86,15 @@ fn invalid_field() -> Status {
     st(generic::INVALID_FIELD).with_dnr(true)
 }
 
+/// Why [`Ctrl::attach_io_queue`] refused a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AttachRefused {
+    /// CSTS.RDY is clear (not enabled yet, or reset).
+    NotReady,
+    /// The queue ID is taken or beyond the granted count.
+    QueueId,
+}
+
 impl Ctrl {
     pub(crate) fn new(
         cntlid: u16,
@@ -150,14 +159,18 @@ impl Ctrl {
         kato != 0 && now_ms.saturating_sub(self.last_seen.load(Ordering::Relaxed)) > kato
     }
 
-    /// Registers an I/O queue; false if the queue ID is taken or beyond the granted count.
-    pub(crate) fn attach_io_queue(&self, qid: u16) -> bool {
+    /// Registers an I/O queue of a ready controller; returns the reset generation it belongs
+    /// to, read under the lock a reset takes (a reset between the two cannot go unseen).
+    pub(crate) fn attach_io_queue(&self, qid: u16) -> Result<u32, AttachRefused> {
         let mut s = self.state();
+        if !s.csts.rdy() {
+            return Err(AttachRefused::NotReady);
+        }
         if qid == 0 || qid > s.io_queues || s.io_qids.contains(&qid) {
-            return false;
+            return Err(AttachRefused::QueueId);
         }
         s.io_qids.push(qid);
-        true
+        Ok(self.reset_generation())
     }
     pub(crate) fn detach_io_queue(&self, qid: u16) {
         self.state().io_qids.retain(|&q| q != qid);
@@ -385,6 +398,13 @@ impl Ctrl {
 
     fn log_page(&self, target: &Target, sqe: &Sqe, local: SocketAddr) -> Result<Vec<u8>, Status> {
         let (lid, len, offset) = fabrics::log_page_args(sqe);
+        // Checked before the page is built: reading some logs clears them.
+        if len > u64::from(target.options().max_transfer) {
+            return Err(invalid_field());
+        }
+        if u64::from(fabrics::Sgl::of(sqe).len) != len {
+            return Err(st(fabrics::sc::DATA_SGL_LENGTH_INVALID).with_dnr(true));
+        }
         let disc = self.subsys.is_discovery();
         let page = match lid {
             flid::DISCOVERY if disc => self.discovery_page(target, local),
@@ -418,7 +438,7 @@ impl Ctrl {
         let from = offset as usize;
         let to = (from as u64 + len).min(page.len() as u64) as usize;
         let mut out = page[from..to].to_vec();
-        out.resize(len.min(1 << 20) as usize, 0);
+        out.resize(len as usize, 0);
         Ok(out)
     }
 
@@ -518,5 +538,45 @@ impl Ctrl {
             _ => return AdminOut::Done(invalid_field(), 0, None),
         };
         AdminOut::Done(Status::SUCCESS, dw0, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvmf::backend::MemBackend;
+
+    const CC_ENABLE: u64 = 1 | 6 << 16 | 4 << 20;
+
+    #[test]
+    fn an_io_queue_attaches_to_a_ready_controller_in_its_current_generation() {
+        let opts = TargetOptions::default();
+        let subsys = Arc::new(Subsystem::new(
+            "nqn.2026-12.io.dioxide:ctrl",
+            Arc::new(MemBackend::new(&[(512, 8)])),
+        ));
+        let c = Ctrl::new(
+            1,
+            subsys,
+            "nqn.2026-12.io.dioxide:h".into(),
+            [1; 16],
+            0,
+            0,
+            &opts,
+        );
+        assert_eq!(c.attach_io_queue(1), Err(AttachRefused::NotReady));
+        c.property_set(prop::CC, false, CC_ENABLE).expect("enable");
+        let g = c.attach_io_queue(1).expect("attach queue 1");
+        assert_eq!(g, c.reset_generation());
+        assert_eq!(c.attach_io_queue(1), Err(AttachRefused::QueueId));
+        // A reset: the queue is forgotten, a new one belongs to the next generation only once
+        // the controller is ready again.
+        c.property_set(prop::CC, false, 0).expect("reset");
+        assert_eq!(c.attach_io_queue(1), Err(AttachRefused::NotReady));
+        c.property_set(prop::CC, false, CC_ENABLE)
+            .expect("enable again");
+        let g2 = c.attach_io_queue(1).expect("attach queue 1 again");
+        assert_ne!(g2, g);
+        assert_eq!(g2, c.reset_generation());
     }
 }

@@ -206,7 +206,7 @@ impl PollGroup {
             w.fd(l.as_raw_fd(), false);
         }
         for i in self.conns.iter().filter_map(|c| c.interest()) {
-            w.fd(i.fd, i.write);
+            w.fd_events(i.fd, i.read, i.write);
         }
         if !self.conns.is_empty() {
             w.timeout(self.target.options().housekeeping);

@@ -37,7 +37,7 @@ use super::fabrics::{CNTLID_MAX, DISCOVERY_NQN};
 #[derive(Clone, Debug)]
 pub struct TargetOptions {
     /// Largest queue depth a host may ask for in Connect (SQSIZE + 1); also CAP.MQES + 1 and
-    /// MAXCMD.
+    /// MAXCMD. An admin queue may have 32 entries even when this is lower (the Linux host's).
     pub max_queue_depth: u16,
     /// Largest number of I/O queues per controller (Set Features Number of Queues).
     pub max_io_queues: u16,

@@ -76,6 +76,8 @@ impl Notifier {
 pub(crate) struct Interest {
     /// The descriptor.
     pub fd: RawFd,
-    /// Wait for it to be writable too.
+    /// Wait for it to be readable (false while the connection will not read).
+    pub read: bool,
+    /// Wait for it to be writable.
     pub write: bool,
 }

@@ -669,3 +669,126 @@ fn c2h_data_honours_the_host_pdu_data_alignment() {
         },
     )
 }
+
+#[test]
+fn get_log_page_length_is_checked_against_the_sgl_and_the_transfer_limit() {
+    watchdog(
+        "get_log_page_length_is_checked_against_the_sgl_and_the_transfer_limit",
+        Duration::from_secs(60),
+        || {
+            let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
+            let mut c = connect(&t, Digests::default());
+            // NUMD of 4 KiB, a data SGL of 512 bytes.
+            let e = c
+                .admin()
+                .run(
+                    "Get Log Page",
+                    fabrics::get_log_page(2, 0xffff_ffff, 4096, 0),
+                    HostData::In(vec![0u8; 512]),
+                )
+                .expect_err("SGL length != NUMD");
+            assert!(
+                is_status(&e, Sct::Generic, fsc::DATA_SGL_LENGTH_INVALID),
+                "{e}"
+            );
+            // Above the maximum transfer size.
+            let max = TargetOptions::default().max_transfer;
+            let e = c
+                .log_page(2, 0xffff_ffff, max + 4096, 0)
+                .expect_err("above the transfer limit");
+            assert!(is_status(&e, Sct::Generic, generic::INVALID_FIELD), "{e}");
+            // The requested length, zero-filled past the page.
+            let l = c.log_page(2, 0xffff_ffff, 1024, 0).expect("SMART log");
+            assert_eq!(l.len(), 1024);
+            assert_eq!(&l[512..], &[0u8; 512][..]);
+            t.stop();
+        },
+    );
+}
+
+/// A backend whose Reads complete with Success and a buffer shorter than the Read.
+struct ShortReads(std::sync::Arc<MemBackend>);
+
+impl Backend for ShortReads {
+    fn namespaces(&self) -> Vec<crate::nvmf::backend::NsInfo> {
+        self.0.namespaces()
+    }
+    fn alloc(&self, len: usize) -> Option<crate::IoBuffer> {
+        self.0.alloc(len)
+    }
+    fn submit(
+        &self,
+        io: crate::nvmf::backend::BackendIo,
+        done: crate::nvmf::backend::IoCompletion,
+    ) {
+        if matches!(io.op, crate::nvmf::backend::BackendOp::Read) {
+            done.complete(
+                crate::spec::Status::SUCCESS,
+                Some(crate::IoBuffer::Heap(vec![0u8; 100])),
+            );
+        } else {
+            self.0.submit(io, done);
+        }
+    }
+}
+
+#[test]
+fn a_read_completed_without_its_data_fails_with_data_transfer_error() {
+    watchdog(
+        "a_read_completed_without_its_data_fails_with_data_transfer_error",
+        Duration::from_secs(60),
+        || {
+            let t = TestTarget::with_backend(
+                std::sync::Arc::new(ShortReads(mem_backend())),
+                TargetOptions::default(),
+                1,
+            );
+            let mut c = connect(&t, Digests::default());
+            let mut q = c.io_queue(8).expect("I/O queue");
+            let e = q.read(1, 0, 8, 512).expect_err("a short Read buffer");
+            assert!(
+                is_status(&e, Sct::Generic, generic::DATA_TRANSFER_ERROR),
+                "{e}"
+            );
+            // The queue goes on.
+            q.write(1, 0, pattern(3, 4096), 512).expect("write");
+            drop(q);
+            t.stop();
+        },
+    );
+}
+
+#[test]
+fn an_io_queue_of_another_host_id_is_connect_invalid_host() {
+    watchdog(
+        "an_io_queue_of_another_host_id_is_connect_invalid_host",
+        Duration::from_secs(60),
+        || {
+            let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
+            let mut c = connect(&t, Digests::default());
+            let mut o = host_opts(Digests::default());
+            o.hostid[0] ^= 0xff;
+            let mut q = HostQueue::open(t.addr, &o, 8).expect("ICReq");
+            match q.connect(&o, 1, 8, c.cntlid()).unwrap_err() {
+                HostError::Status { status, dw0, .. } => {
+                    assert_eq!(
+                        (status.sct, status.sc),
+                        (Sct::CommandSpecific, fsc::CONNECT_INVALID_HOST)
+                    );
+                    assert_eq!(
+                        dw0,
+                        fabrics::invalid_param_in_data(fabrics::connect_data::HOSTID)
+                    );
+                }
+                e => panic!("{e}"),
+            }
+            drop(q);
+            // The host's own Host Identifier gets its queue.
+            let mut q = c.io_queue(8).expect("I/O queue of the same host");
+            q.write(2, 0, pattern(4, 4096), 4096).expect("write");
+            drop(q);
+            drop(c);
+            t.stop();
+        },
+    );
+}

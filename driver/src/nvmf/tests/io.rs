@@ -545,3 +545,34 @@ fn idle_groups_sleep_and_wake_on_sockets_completions_and_connections() {
         },
     )
 }
+
+#[test]
+fn a_queue_depth_below_32_still_takes_a_32_entry_admin_queue() {
+    watchdog(
+        "a_queue_depth_below_32_still_takes_a_32_entry_admin_queue",
+        Duration::from_secs(60),
+        || {
+            let opts = TargetOptions {
+                max_queue_depth: 8,
+                ..TargetOptions::default()
+            };
+            let t = TestTarget::with_backend(mem_backend(), opts, 1);
+            // The host's admin queue has 32 entries, as the Linux host's.
+            let mut c = connect(&t, Digests::default());
+            assert_eq!(host_opts(Digests::default()).admin_queue_size, 32);
+            // I/O queues keep the limit.
+            let e = c.io_queue(16).expect_err("an I/O queue deeper than 8");
+            assert!(
+                matches!(&e, HostError::Status { status, .. }
+                    if status.sc == fabrics::sc::CONNECT_INVALID_PARAMETERS),
+                "{e}"
+            );
+            let mut q = c.io_queue(8).expect("an I/O queue of 8");
+            q.write(2, 3, pattern(5, 4096), 4096).expect("write");
+            assert_eq!(q.read(2, 3, 1, 4096).expect("read"), pattern(5, 4096));
+            drop(q);
+            drop(c);
+            t.stop();
+        },
+    );
+}

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use super::{Binding, Connection, cs_dnr, dnr};
+use super::{ADMIN_QUEUE_DEPTH, Binding, Connection, cs_dnr, dnr};
 use crate::nvmf::fabrics::{
     self, CNTLID_DYNAMIC, CONNECT_DATA_LEN, Connect, ConnectData, connect_data, fctype, sc as fsc,
 };
-use crate::nvmf::target::ctrl::Ctrl;
+use crate::nvmf::target::ctrl::{AttachRefused, Ctrl};
 use crate::spec::status::generic;
 use crate::spec::{Sqe, Status};
 
@@ -41,6 +41,8 @@ impl Connection {
                 if let Some(t) = self.tx.back_mut() {
                     t.close_after = true;
                 }
+                // Nothing more is read or queued: the response is the last PDU.
+                self.closing();
             }
             _ => self.respond(slot, dnr(generic::INVALID_OPCODE), 0),
         }
@@ -49,7 +51,7 @@ impl Connection {
     pub(super) fn connect(&mut self, slot: u16, sqe: &Sqe) {
         let c = Connect::from_sqe(sqe);
         let invalid = |dw0: u32| (cs_dnr(fsc::CONNECT_INVALID_PARAMETERS), dw0);
-        let r: Result<(Arc<Ctrl>, u16), (Status, u32)> = (|| {
+        let r: Result<(Arc<Ctrl>, u16, u32), (Status, u32)> = (|| {
             if self.queue.is_some() {
                 return Err((dnr(generic::COMMAND_SEQUENCE_ERROR), 0));
             }
@@ -75,7 +77,11 @@ impl Connection {
                     fabrics::invalid_param_in_data(connect_data::HOSTNQN),
                 ));
             }
-            if c.sqsize == 0 || c.sqsize >= self.target.options().max_queue_depth {
+            let max_depth = match c.qid {
+                0 => self.target.options().max_queue_depth.max(ADMIN_QUEUE_DEPTH),
+                _ => self.target.options().max_queue_depth,
+            };
+            if c.sqsize == 0 || c.sqsize >= max_depth {
                 return Err(invalid(fabrics::invalid_param_in_cmd(44)));
             }
             if c.qid == 0 {
@@ -88,7 +94,8 @@ impl Connection {
                     .target
                     .new_ctrl(subsys, cd.hostnqn, cd.hostid, c.kato)
                     .ok_or((cs_dnr(fsc::CONTROLLER_BUSY), 0))?;
-                return Ok((ctrl, 0));
+                let generation = ctrl.reset_generation();
+                return Ok((ctrl, 0, generation));
             }
             if subsys.is_discovery() {
                 return Err(invalid(fabrics::invalid_param_in_cmd(42)));
@@ -102,16 +109,21 @@ impl Connection {
                 .ok_or(invalid(fabrics::invalid_param_in_data(
                     connect_data::CNTLID,
                 )))?;
-            if !ctrl.ready() {
-                return Err((dnr(generic::COMMAND_SEQUENCE_ERROR), 0));
+            // An I/O queue belongs to the host of the admin queue: same Host Identifier.
+            if ctrl.hostid != cd.hostid {
+                return Err((
+                    cs_dnr(fsc::CONNECT_INVALID_HOST),
+                    fabrics::invalid_param_in_data(connect_data::HOSTID),
+                ));
             }
-            if !ctrl.attach_io_queue(c.qid) {
-                return Err(invalid(fabrics::invalid_param_in_cmd(42)));
+            match ctrl.attach_io_queue(c.qid) {
+                Ok(generation) => Ok((ctrl, c.qid, generation)),
+                Err(AttachRefused::NotReady) => Err((dnr(generic::COMMAND_SEQUENCE_ERROR), 0)),
+                Err(AttachRefused::QueueId) => Err(invalid(fabrics::invalid_param_in_cmd(42))),
             }
-            Ok((ctrl, c.qid))
         })();
         match r {
-            Ok((ctrl, qid)) => {
+            Ok((ctrl, qid, generation)) => {
                 let cntlid = ctrl.cntlid;
                 if qid != 0 {
                     self.reader.cfg.max_incapsule = self.target.options().in_capsule;
@@ -123,7 +135,7 @@ impl Connection {
                 }
                 self.sq_head = 1 % (c.sqsize + 1);
                 self.queue = Some(Binding {
-                    generation: ctrl.reset_generation(),
+                    generation,
                     ctrl,
                     qid,
                     sqsize: c.sqsize,

@@ -149,13 +149,20 @@ impl Connection {
             }
             s.buf = d.buf;
             let read = s.sqe.opcode() == opc::READ;
-            if d.status.is_success()
-                && read
-                && s.buf.as_ref().is_some_and(|b| b.len() >= s.len as usize)
-            {
+            if !(d.status.is_success() && read) {
+                self.respond(d.slot, d.status, 0);
+            } else if s.buf.as_ref().is_some_and(|b| b.len() >= s.len as usize) {
                 self.respond_with_data(d.slot, 0);
             } else {
-                self.respond(d.slot, d.status, 0);
+                // A backend bug: a Read reported done without its data.
+                log::error!(
+                    "nvmf: {}: the backend completed Read cid {} ({} bytes) with a buffer of {} bytes",
+                    self.peer,
+                    s.sqe.cid(),
+                    s.len,
+                    s.buf.as_ref().map_or(0, |b| b.len())
+                );
+                self.respond(d.slot, st(generic::DATA_TRANSFER_ERROR), 0);
             }
         }
         n

@@ -4,7 +4,7 @@
 //! drains the backend's completions, sends what the socket takes, reads and handles what the
 //! socket has (a bounded number of PDUs per call), issues R2Ts, and sends again.
 //!
-//! **Command slots.** A fixed table of `max_queue_depth` slots, allocated when the connection
+//! **Command slots.** A fixed table of `max_queue_depth` slots (at least 32, an admin queue's), allocated when the connection
 //! is accepted; a command holds one from its capsule to the moment its response capsule left
 //! the socket. A slot owns the command's data buffer (from [`Backend::alloc`]: DMA memory for a
 //! device backend): in-capsule data and H2CData are read from the socket straight into it,
@@ -45,6 +45,10 @@ use crate::nvmf::pdu::{
 use crate::spec::sqe::io as opc;
 use crate::spec::status::generic;
 use crate::spec::{Sct, Sqe, Status};
+
+/// Depth an admin queue may have (SQSIZE + 1) even when `max_queue_depth` is lower: the Linux
+/// host always connects its admin queue with 32 entries.
+pub(crate) const ADMIN_QUEUE_DEPTH: u16 = 32;
 
 /// In-capsule data limit of an admin queue (and of a queue before Connect): 8 KiB, as the
 /// Linux host assumes.
@@ -216,7 +220,8 @@ impl Connection {
         let local = sock.local_addr()?;
         let peer = sock.peer_addr()?;
         let opts = target.options().clone();
-        let depth = opts.max_queue_depth.max(2);
+        // An admin queue may be `ADMIN_QUEUE_DEPTH` deep whatever the I/O queue limit.
+        let depth = opts.max_queue_depth.max(ADMIN_QUEUE_DEPTH);
         let slots = (0..depth)
             .map(|_| Slot {
                 phase: Phase::Free,
@@ -274,13 +279,21 @@ impl Connection {
     pub fn close_reason(&self) -> Option<&str> {
         self.why.as_deref()
     }
-    /// What to wait for while idle: the socket, readable (and writable while PDUs wait to
-    /// be sent); `None` once closed.
+    /// What to wait for while idle: the socket, readable while [`recv`](Self::recv) would
+    /// read (not while the send queue is full or the connection closes: a host that stops
+    /// reading its responses must not wake the group at once forever), writable while PDUs
+    /// wait to be sent; `None` once closed.
     pub(crate) fn interest(&self) -> Option<Interest> {
         (self.state != State::Closed).then(|| Interest {
             fd: self.sock.as_raw_fd(),
+            read: self.reads(),
             write: !self.tx.is_empty(),
         })
+    }
+
+    /// True if [`recv`](Self::recv) reads now.
+    fn reads(&self) -> bool {
+        !self.tx_full() && matches!(self.state, State::AwaitIcReq | State::Ready)
     }
     /// True if backend completions wait to be handled.
     pub(crate) fn has_completions(&self) -> bool {
@@ -395,7 +408,7 @@ impl Connection {
     fn recv(&mut self) -> usize {
         let mut work = 0;
         for _ in 0..64 {
-            if self.tx_full() || !matches!(self.state, State::AwaitIcReq | State::Ready) {
+            if !self.reads() {
                 break;
             }
             let r = match self.rx {
@@ -478,12 +491,12 @@ impl Connection {
                 self.reader.cfg.ic_done = true;
                 self.reader.cfg.digests = r.digests;
                 self.reader.cfg.pda = 0;
+                self.state = State::Ready;
                 self.push(
                     pdu::encode(&resp, 0, Digests::default(), 0),
                     TxData::None,
                     None,
                 );
-                self.state = State::Ready;
                 Ok(())
             }
             Pdu::H2cTermReq(t) => {
@@ -769,5 +782,90 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.close_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::nvmf::pdu::pdu_type;
+    use crate::nvmf::target::TargetOptions;
+    use crate::spec::Cqe;
+
+    /// A connection in state Ready and the host's end of its socket.
+    fn pair() -> (Connection, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let host = TcpStream::connect(l.local_addr().expect("address")).expect("connect");
+        let (sock, _) = l.accept().expect("accept");
+        let mut c = Connection::new(Target::new(TargetOptions::default()), sock, None)
+            .expect("a connection");
+        c.state = State::Ready;
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        (c, host)
+    }
+
+    fn resp() -> EncodedHdr {
+        pdu::encode(&Pdu::CapsuleResp(Cqe::default()), 0, Digests::default(), 0)
+    }
+
+    /// The PDU types the host receives up to the end of the stream.
+    fn received(mut host: TcpStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        host.read_to_end(&mut all)
+            .expect("read to the end of the stream");
+        let mut types = Vec::new();
+        let mut at = 0;
+        while at + 8 <= all.len() {
+            types.push(all[at]);
+            let plen = u32::from_le_bytes([all[at + 4], all[at + 5], all[at + 6], all[at + 7]]);
+            at += (plen as usize).max(8);
+        }
+        types
+    }
+
+    #[test]
+    fn the_completion_queue_holds_a_completion_per_slot() {
+        let (c, _host) = pair();
+        assert!(c.cq.capacity() >= c.slots.len());
+    }
+
+    #[test]
+    fn the_socket_is_not_watched_for_input_the_connection_will_not_read() {
+        let (mut c, _host) = pair();
+        let i = c.interest().expect("open");
+        assert!(i.read && !i.write);
+        // A host that does not read its responses: the send queue fills up.
+        while !c.tx_full() {
+            c.push(resp(), TxData::None, None);
+        }
+        let i = c.interest().expect("open");
+        assert!(!i.read && i.write);
+        c.tx.clear();
+        assert!(c.interest().expect("open").read);
+        c.closing();
+        assert!(!c.interest().expect("closing").read);
+    }
+
+    #[test]
+    fn nothing_is_queued_after_a_term_req() {
+        let (mut c, host) = pair();
+        c.fatal(FatalError::new(Fes::SequenceError, "test"));
+        c.push(resp(), TxData::None, None);
+        c.flush();
+        assert_eq!(received(host), vec![pdu_type::C2H_TERM_REQ]);
+    }
+
+    #[test]
+    fn a_write_stops_after_the_last_pdu() {
+        let (mut c, host) = pair();
+        c.push(resp(), TxData::None, None);
+        c.tx.back_mut().expect("queued").close_after = true;
+        c.push(resp(), TxData::None, None);
+        c.flush();
+        assert_eq!(received(host), vec![pdu_type::CAPSULE_RESP]);
     }
 }

@@ -8,7 +8,15 @@ use crate::nvmf::pdu::{self, DataHdr, EncodedHdr, Pdu};
 use crate::spec::{Cqe, Status};
 
 impl Connection {
+    /// Queues a PDU; nothing once the connection is no longer Ready (after a C2HTermReq or
+    /// the Disconnect response nothing else may go out), the slot released at once.
     pub(super) fn push(&mut self, hdr: EncodedHdr, data: TxData, release: Option<u16>) {
+        if self.state != State::Ready {
+            if let Some(s) = release {
+                self.release(s);
+            }
+            return;
+        }
         let ddgst = match &data {
             TxData::Slot { slot, off, len } if self.digests.data && *len > 0 => {
                 let b = self.slots[*slot as usize].buf.as_ref();
@@ -133,6 +141,10 @@ impl Connection {
                     iov[n] = IoSlice::new(&seg[skip..]);
                     skip = 0;
                     n += 1;
+                }
+                // Nothing after a C2HTermReq or the Disconnect response in this write.
+                if t.close_after {
+                    break;
                 }
             }
             let wrote = match self.sock.write_vectored(&iov[..n]) {
