@@ -6,27 +6,24 @@
 //! completion. The only system calls of this module are here, each returning a `Result`.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Wakes a sleeping poll group: backend completions ring it.
+use crate::embed::sleep::WakeFd;
+
+/// Wakes a sleeping poll group: backend completions ring it. The eventfd is the pollers' own
+/// [`WakeFd`]; this adds the "sleeping" flag that keeps a busy group free of system calls.
 #[derive(Debug)]
 pub struct Notifier {
-    fd: OwnedFd,
+    fd: WakeFd,
     sleeping: AtomicBool,
 }
 
 impl Notifier {
     /// A new eventfd (non-blocking, close-on-exec).
     pub fn new() -> io::Result<Notifier> {
-        // SAFETY: eventfd takes no pointers; the result is checked before use.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Notifier {
-            // SAFETY: `fd` is a fresh descriptor this process owns and nothing else holds.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd: WakeFd::new()?,
             sleeping: AtomicBool::new(false),
         })
     }
@@ -34,16 +31,7 @@ impl Notifier {
     /// Rings the eventfd if the group sleeps (or is about to).
     pub fn notify(&self) {
         if self.sleeping.load(Ordering::SeqCst) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A failure (counter
-            // overflow: the group is awake anyway) needs no handling.
-            let _ = unsafe {
-                libc::write(
-                    self.fd.as_raw_fd(),
-                    (&one as *const u64).cast(),
-                    std::mem::size_of::<u64>(),
-                )
-            };
+            self.fd.ring();
         }
     }
 
@@ -54,20 +42,11 @@ impl Notifier {
 
     /// Resets the eventfd's counter.
     pub(crate) fn drain(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads at most 8 bytes into a live u64 from our own non-blocking eventfd;
-        // EAGAIN (nothing to drain) is fine.
-        let _ = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut v as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
+        self.fd.drain();
     }
 
     pub(crate) fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.fd.raw_fd()
     }
 }
 
