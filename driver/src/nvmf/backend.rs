@@ -11,6 +11,7 @@
 //! data straight into them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 
@@ -89,6 +90,9 @@ pub struct IoCompletion {
     slot: u16,
     generation: u32,
     notifier: Option<Arc<Notifier>>,
+    /// The in-flight count of the association the command belongs to: up while the backend
+    /// holds the command, down once its completion is on the queue.
+    inflight: Option<Arc<AtomicU32>>,
 }
 
 impl IoCompletion {
@@ -104,7 +108,16 @@ impl IoCompletion {
             slot,
             generation,
             notifier,
+            inflight: None,
         }
+    }
+
+    /// Counts the command in `inflight` until it completes (the association's count, which
+    /// its teardown waits for).
+    pub(crate) fn counted(mut self, inflight: &Arc<AtomicU32>) -> IoCompletion {
+        inflight.fetch_add(1, Ordering::SeqCst);
+        self.inflight = Some(inflight.clone());
+        self
     }
 
     /// Finishes the I/O with `status`, handing the buffer back.
@@ -135,6 +148,10 @@ impl IoCompletion {
                     "the completion queue is full: slot {} lost its completion",
                     lost.slot
                 );
+            }
+            // After the push: whoever sees the count drop finds the completion queued.
+            if let Some(c) = self.inflight.take() {
+                c.fetch_sub(1, Ordering::SeqCst);
             }
             if let Some(n) = &self.notifier {
                 n.notify();

@@ -39,6 +39,11 @@ struct State {
     events: VecDeque<u32>,
     changed: Vec<u32>,
     io_qids: Vec<u16>,
+    /// CC.EN went 1 → 0: CSTS.RDY clears once the association's commands drained.
+    reset_pending: bool,
+    /// CC.EN went 0 → 1 (with a supported configuration): CSTS.RDY sets once the commands of
+    /// the previous enable drained.
+    enable_pending: bool,
 }
 
 /// A controller of one association.
@@ -55,6 +60,10 @@ pub struct Ctrl {
     last_seen: AtomicU64,
     dead: AtomicBool,
     reset_gen: AtomicU32,
+    /// Commands of this association at the backend (every queue), counted by the
+    /// [`IoCompletion`](crate::nvmf::backend::IoCompletion)s: the controller ID stays taken,
+    /// a reset or shutdown stays in progress, until this is zero.
+    inflight: Arc<AtomicU32>,
     max_qd: u16,
     max_io_queues: u16,
     st: Mutex<State>,
@@ -114,6 +123,7 @@ impl Ctrl {
             last_seen: AtomicU64::new(now_ms),
             dead: AtomicBool::new(false),
             reset_gen: AtomicU32::new(0),
+            inflight: Arc::new(AtomicU32::new(0)),
             max_qd: opts.max_queue_depth,
             max_io_queues: opts.max_io_queues,
             st: Mutex::new(State {
@@ -125,6 +135,8 @@ impl Ctrl {
                 events: VecDeque::new(),
                 changed: Vec::new(),
                 io_qids: Vec::new(),
+                reset_pending: false,
+                enable_pending: false,
             }),
         }
     }
@@ -136,34 +148,82 @@ impl Ctrl {
     /// The association was torn down (keep-alive expiry, admin queue gone, controller reset
     /// for the I/O queues of an older generation).
     pub fn is_dead(&self) -> bool {
-        self.dead.load(Ordering::Acquire)
+        self.dead.load(Ordering::SeqCst)
     }
     pub(crate) fn kill(&self) {
-        self.dead.store(true, Ordering::Release);
+        self.dead.store(true, Ordering::SeqCst);
     }
     /// Generation of CC.EN: an I/O queue connected under another generation is gone.
     pub fn reset_generation(&self) -> u32 {
-        self.reset_gen.load(Ordering::Acquire)
+        self.reset_gen.load(Ordering::SeqCst)
     }
-    /// CSTS.RDY.
+    /// CSTS.RDY, and no reset in progress: I/O may be executed.
     pub fn ready(&self) -> bool {
-        self.state().csts.rdy()
+        let mut s = self.state();
+        self.settle(&mut s);
+        s.csts.rdy() && !s.reset_pending && !s.enable_pending
     }
-    /// Records host traffic (resets the keep-alive timer).
+    /// Commands of the association at the backend now.
+    pub fn in_flight(&self) -> u32 {
+        self.inflight.load(Ordering::SeqCst)
+    }
+    /// The counter the association's [`IoCompletion`](crate::nvmf::backend::IoCompletion)s
+    /// keep.
+    pub(crate) fn inflight_counter(&self) -> &Arc<AtomicU32> {
+        &self.inflight
+    }
+    /// True once the association ended and nothing it started is still at the backend: its
+    /// controller ID may be given to a new association.
+    pub fn is_drained(&self) -> bool {
+        self.is_dead() && self.in_flight() == 0
+    }
+    /// Finishes a reset, an enable or a shutdown whose commands drained (Linux's
+    /// `nvmet_sq_destroy` waits the same way before the queue's state goes).
+    fn settle(&self, s: &mut State) {
+        if self.in_flight() != 0 {
+            return;
+        }
+        if s.reset_pending {
+            s.reset_pending = false;
+            s.csts = Csts::build(false, false, s.csts.shst());
+            log::debug!(
+                "nvmf: controller {}: reset complete, its commands drained",
+                self.cntlid
+            );
+        }
+        if s.enable_pending {
+            s.enable_pending = false;
+            s.csts = Csts::build(true, false, shst::NORMAL);
+        }
+        if s.csts.shst() == shst::OCCURRING {
+            s.csts = Csts::build(s.csts.rdy(), false, shst::COMPLETE);
+        }
+    }
+    /// Records host traffic (resets the keep-alive timer): any command counts, as in Linux's
+    /// traffic-based keep alive.
     pub fn seen(&self, now_ms: u64) {
         self.last_seen.store(now_ms, Ordering::Relaxed);
     }
-    /// True when the Keep Alive Timeout expired.
+    /// The Keep Alive Timeout in milliseconds (0: none).
+    pub fn kato_ms(&self) -> u32 {
+        self.kato_ms.load(Ordering::Relaxed)
+    }
+    /// True when the host was silent for longer than KATO plus the grace: another KATO.
+    /// Linux's target checks every KATO whether a command arrived since the last check, so a
+    /// silent host is torn down between one and two KATO after its last command; the grace
+    /// gives every host the later bound (a Keep Alive the host sends at KATO, late by its
+    /// own timer's slack or the network's, still counts).
     pub fn keep_alive_expired(&self, now_ms: u64) -> bool {
-        let kato = self.kato_ms.load(Ordering::Relaxed) as u64;
-        kato != 0 && now_ms.saturating_sub(self.last_seen.load(Ordering::Relaxed)) > kato
+        let kato = self.kato_ms() as u64;
+        kato != 0 && now_ms.saturating_sub(self.last_seen.load(Ordering::Relaxed)) > 2 * kato
     }
 
     /// Registers an I/O queue of a ready controller; returns the reset generation it belongs
     /// to, read under the lock a reset takes (a reset between the two cannot go unseen).
     pub(crate) fn attach_io_queue(&self, qid: u16) -> Result<u32, AttachRefused> {
         let mut s = self.state();
-        if !s.csts.rdy() {
+        self.settle(&mut s);
+        if !s.csts.rdy() || s.reset_pending || s.enable_pending {
             return Err(AttachRefused::NotReady);
         }
         if qid == 0 || qid > s.io_queues || s.io_qids.contains(&qid) {
@@ -199,7 +259,8 @@ impl Ctrl {
 
     /// Property Get.
     pub fn property_get(&self, offset: u32, eight: bool) -> Result<u64, Status> {
-        let s = self.state();
+        let mut s = self.state();
+        self.settle(&mut s);
         Ok(match (offset, eight) {
             (prop::CAP, true) => self.cap().0,
             (prop::CAP, false) => self.cap().0 & 0xffff_ffff,
@@ -212,7 +273,10 @@ impl Ctrl {
 
     /// Property Set (CC only): CC.EN 0→1 makes the controller ready (if CC asks for what it
     /// supports: NVM command set, 4 KiB pages, 64/16-byte queue entries), 1→0 resets it (its
-    /// I/O queues go), CC.SHN reports shutdown complete.
+    /// I/O queues go), CC.SHN starts a shutdown. A reset or shutdown completes (CSTS.RDY
+    /// clears, CSTS.SHST says complete) only once every command the association has at the
+    /// backend completed, so a write of before the reset cannot land after the host saw it
+    /// done; an enable waits for the same.
     pub fn property_set(&self, offset: u32, eight: bool, value: u64) -> Result<(), Status> {
         if offset != prop::CC || eight {
             return Err(invalid_field());
@@ -227,20 +291,25 @@ impl Ctrl {
                 s.cc = new;
                 return Ok(());
             }
-            s.csts = Csts::build(true, false, shst::NORMAL);
-        } else if !new.en() && old.en() {
             s.csts = Csts::build(false, false, shst::NORMAL);
+            s.enable_pending = true;
+        } else if !new.en() && old.en() {
+            // CSTS.RDY stays set until the commands drained (`settle`).
+            s.enable_pending = false;
+            s.reset_pending = true;
             s.io_qids.clear();
-            self.reset_gen.fetch_add(1, Ordering::AcqRel);
+            self.reset_gen.fetch_add(1, Ordering::SeqCst);
         }
         if new.shn() != 0 && old.shn() == 0 {
-            // Nothing is cached: shutdown completes at once. The host disconnects the queues
-            // itself (the Linux host quiesces and closes them after CSTS.SHST says complete).
-            s.csts = Csts::build(s.csts.rdy(), false, shst::COMPLETE);
-        } else if new.shn() == 0 && s.csts.shst() == shst::COMPLETE && new.en() && !old.en() {
-            s.csts = Csts::build(true, false, shst::NORMAL);
+            // Nothing is cached: shutdown completes once the commands drained. The host
+            // disconnects the queues itself (the Linux host quiesces and closes them after
+            // CSTS.SHST says complete).
+            s.csts = Csts::build(s.csts.rdy(), false, shst::OCCURRING);
+        } else if new.shn() == 0 && s.csts.shst() != shst::NORMAL && new.en() && !old.en() {
+            s.csts = Csts::build(s.csts.rdy(), false, shst::NORMAL);
         }
         s.cc = new;
+        self.settle(&mut s);
         Ok(())
     }
 

@@ -58,6 +58,15 @@ pub struct TargetOptions {
     /// How long an idle poll group with connections sleeps at most before it looks at the
     /// keep-alive clocks and events raised by other threads (default 100 ms, the KAS unit).
     pub housekeeping: Duration,
+    /// Connections the target holds at most (open, or closed and draining their commands);
+    /// one more is closed as soon as it is accepted. Default 1024.
+    pub max_connections: usize,
+    /// Connections one host address holds at most. Default 256 (a Linux host opens one per
+    /// CPU and controller, plus the admin queue).
+    pub max_connections_per_host: usize,
+    /// How long a connection may take from its accept to a successful Connect (ICReq/ICResp
+    /// included) before it is closed. Default 10 s (the Linux host's own ICResp wait).
+    pub connect_timeout: Duration,
 }
 
 impl TargetOptions {
@@ -65,7 +74,8 @@ impl TargetOptions {
     /// 1..=1024, in-capsule size a multiple of 16 up to 1 MiB, MAXH2CDATA and the C2HData size
     /// multiples of 4 of at least 4096, the transfer size a power of two of 4 KiB..=16 MiB, at
     /// least one R2T, KAS at least 1, a staging buffer of at least 4 KiB, a housekeeping
-    /// period of 1 ms..=1 h.
+    /// period of 1 ms..=1 h, at least one connection (per host too), a Connect timeout of
+    /// 1 ms..=1 h.
     pub fn normalized(mut self) -> TargetOptions {
         self.max_queue_depth = self.max_queue_depth.clamp(2, 1024);
         self.max_io_queues = self.max_io_queues.clamp(1, 1024);
@@ -84,6 +94,11 @@ impl TargetOptions {
         self.housekeeping = self
             .housekeeping
             .clamp(Duration::from_millis(1), Duration::from_secs(3600));
+        self.max_connections = self.max_connections.max(1);
+        self.max_connections_per_host = self.max_connections_per_host.max(1);
+        self.connect_timeout = self
+            .connect_timeout
+            .clamp(Duration::from_millis(1), Duration::from_secs(3600));
         self
     }
 }
@@ -101,6 +116,9 @@ impl Default for TargetOptions {
             kas: 1,
             rx_staging: 16 * 1024,
             housekeeping: Duration::from_millis(100),
+            max_connections: 1024,
+            max_connections_per_host: 256,
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -194,10 +212,38 @@ pub(crate) fn fold64(b: &[u8]) -> u64 {
     (hi as u64) << 32 | lo as u64
 }
 
+/// The controllers by CNTLID: live ones, and ended ones whose commands are still at the
+/// backend (their CNTLID is not given out again before they drained).
 #[derive(Default)]
 struct CtrlTable {
     ctrls: HashMap<u16, Arc<Ctrl>>,
     next: u16,
+}
+
+/// Connections held, in total and per host address.
+#[derive(Default)]
+struct ConnTable {
+    total: usize,
+    per_host: HashMap<std::net::IpAddr, usize>,
+}
+
+/// A connection's place under the target's connection limits, given back when dropped.
+pub(crate) struct ConnTicket {
+    target: Arc<Target>,
+    host: std::net::IpAddr,
+}
+
+impl Drop for ConnTicket {
+    fn drop(&mut self) {
+        let mut t = self.target.conns.lock().unwrap_or_else(|e| e.into_inner());
+        t.total = t.total.saturating_sub(1);
+        if let Some(n) = t.per_host.get_mut(&self.host) {
+            *n -= 1;
+            if *n == 0 {
+                t.per_host.remove(&self.host);
+            }
+        }
+    }
 }
 
 /// An NVMe/TCP target: subsystems, live controllers and the connection limits.
@@ -206,6 +252,7 @@ pub struct Target {
     subsystems: RwLock<Vec<Arc<Subsystem>>>,
     discovery: Arc<Subsystem>,
     ctrls: Mutex<CtrlTable>,
+    conns: Mutex<ConnTable>,
     epoch: Instant,
     genctr: AtomicU64,
     portal: Mutex<Option<std::net::SocketAddr>>,
@@ -229,6 +276,7 @@ impl Target {
                 ctrls: HashMap::new(),
                 next: 1,
             }),
+            conns: Mutex::new(ConnTable::default()),
             epoch: Instant::now(),
             genctr: AtomicU64::new(1),
             portal: Mutex::new(None),
@@ -293,26 +341,41 @@ impl Target {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Live controllers.
+    /// Live controllers (associations not ended).
     pub fn controller_count(&self) -> usize {
         self.ctrls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .ctrls
-            .len()
+            .values()
+            .filter(|c| !c.is_dead())
+            .count()
     }
 
-    /// A controller by CNTLID.
+    /// Ended associations whose commands are still at the backend (their CNTLIDs stay taken).
+    pub fn draining_controller_count(&self) -> usize {
+        self.ctrls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ctrls
+            .values()
+            .filter(|c| c.is_dead() && !c.is_drained())
+            .count()
+    }
+
+    /// A live controller by CNTLID.
     pub fn controller(&self, cntlid: u16) -> Option<Arc<Ctrl>> {
         self.ctrls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .ctrls
             .get(&cntlid)
+            .filter(|c| !c.is_dead())
             .cloned()
     }
 
-    /// Creates a controller for a new association; `None` when every CNTLID is taken.
+    /// Creates a controller for a new association; `None` when every CNTLID is taken. The
+    /// CNTLID of an ended association is free again only once its commands drained.
     pub(crate) fn new_ctrl(
         &self,
         subsys: Arc<Subsystem>,
@@ -321,6 +384,7 @@ impl Target {
         kato_ms: u32,
     ) -> Option<Arc<Ctrl>> {
         let mut t = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
+        t.ctrls.retain(|_, c| !c.is_drained());
         for _ in 0..CNTLID_MAX {
             let id = t.next;
             t.next = if t.next >= CNTLID_MAX { 1 } else { t.next + 1 };
@@ -341,9 +405,29 @@ impl Target {
         None
     }
 
-    /// Ends an association: its controller is gone, its I/O queues close.
-    pub(crate) fn remove_ctrl(&self, c: &Ctrl) {
+    /// The CNTLID the next association gets if it is free (tests reuse one on purpose).
+    #[cfg(test)]
+    pub(crate) fn set_next_cntlid(&self, id: u16) {
+        self.ctrls.lock().unwrap_or_else(|e| e.into_inner()).next = id;
+    }
+
+    /// Ends an association: its controller is gone for the host (its queues close, a new
+    /// Connect cannot name it); its CNTLID stays taken until [`release_ctrl`](Self::release_ctrl)
+    /// after its commands drained.
+    pub(crate) fn end_ctrl(&self, c: &Ctrl) {
         c.kill();
+    }
+
+    /// Forgets an ended association whose commands drained (its CNTLID is free again);
+    /// false while commands are still at the backend (then the next [`new_ctrl`] forgets it
+    /// once they are done).
+    ///
+    /// [`new_ctrl`]: Self::new_ctrl
+    pub(crate) fn release_ctrl(&self, c: &Ctrl) -> bool {
+        c.kill();
+        if !c.is_drained() {
+            return false;
+        }
         let mut t = self.ctrls.lock().unwrap_or_else(|e| e.into_inner());
         if t.ctrls
             .get(&c.cntlid)
@@ -351,6 +435,36 @@ impl Target {
         {
             t.ctrls.remove(&c.cntlid);
         }
+        true
+    }
+
+    /// Takes a place for a connection from `host` under the connection limits; `Err` names
+    /// the limit reached.
+    pub(crate) fn admit(self: &Arc<Self>, host: std::net::IpAddr) -> Result<ConnTicket, String> {
+        let mut t = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if t.total >= self.opts.max_connections {
+            return Err(format!(
+                "the target holds {} connections, its limit (max_connections)",
+                t.total
+            ));
+        }
+        let n = t.per_host.get(&host).copied().unwrap_or(0);
+        if n >= self.opts.max_connections_per_host {
+            return Err(format!(
+                "host {host} holds {n} connections, the per-host limit (max_connections_per_host)"
+            ));
+        }
+        t.total += 1;
+        *t.per_host.entry(host).or_insert(0) += 1;
+        Ok(ConnTicket {
+            target: self.clone(),
+            host,
+        })
+    }
+
+    /// Connections held now (open, or closed and draining).
+    pub fn connection_count(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).total
     }
 
     /// Tells the controllers of subsystem `nqn` that these namespaces changed (attributes,
@@ -389,6 +503,9 @@ mod tests {
             kas: 0,
             rx_staging: 0,
             housekeeping: std::time::Duration::ZERO,
+            max_connections: 0,
+            max_connections_per_host: 0,
+            connect_timeout: std::time::Duration::ZERO,
         }
         .normalized();
         assert_eq!((o.max_queue_depth, o.max_io_queues), (2, 1));
@@ -397,6 +514,8 @@ mod tests {
         assert_eq!(o.max_transfer, 128 * 1024);
         assert_eq!((o.max_r2t_per_conn, o.kas, o.rx_staging), (1, 1, 4096));
         assert_eq!(o.housekeeping, std::time::Duration::from_millis(1));
+        assert_eq!((o.max_connections, o.max_connections_per_host), (1, 1));
+        assert_eq!(o.connect_timeout, std::time::Duration::from_millis(1));
         let d = TargetOptions::default();
         assert_eq!(d.clone().normalized().max_transfer, d.max_transfer);
         assert_eq!(d.clone().normalized().max_h2c_data, d.max_h2c_data);

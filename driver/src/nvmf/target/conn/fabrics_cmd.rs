@@ -34,15 +34,17 @@ impl Connection {
                 }
             }
             fctype::DISCONNECT => {
-                if self.queue.is_none() {
+                let Some(b) = &self.queue else {
                     return self.respond(slot, dnr(generic::COMMAND_SEQUENCE_ERROR), 0);
+                };
+                // The queue takes no more commands; the response waits until the commands it
+                // has at the backend completed (on the admin queue: every command of the
+                // association, which ends now).
+                if b.qid == 0 {
+                    self.target.end_ctrl(&b.ctrl);
                 }
-                self.respond(slot, Status::SUCCESS, 0);
-                if let Some(t) = self.tx.back_mut() {
-                    t.close_after = true;
-                }
-                // Nothing more is read or queued: the response is the last PDU.
-                self.closing();
+                self.disconnect = Some(slot);
+                self.finish_disconnect();
             }
             _ => self.respond(slot, dnr(generic::INVALID_OPCODE), 0),
         }

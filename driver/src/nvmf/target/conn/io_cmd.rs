@@ -83,7 +83,12 @@ impl Connection {
                 if s.buf.is_none() {
                     match backend.alloc(bytes as usize) {
                         Some(b) => s.buf = Some(b),
-                        None => return self.respond(slot, st(generic::INTERNAL_ERROR), 0),
+                        None => {
+                            // DMA memory is short: the Read waits its turn (`retry_mem`).
+                            s.phase = Phase::WaitMem;
+                            self.mem_wait.push_back(slot);
+                            return;
+                        }
                     }
                 }
                 s.len = bytes;
@@ -134,6 +139,19 @@ impl Connection {
             buf,
         };
         let done = IoCompletion::new(self.cq.clone(), slot, s.generation, self.notifier.clone());
+        let Some(q) = &self.queue else {
+            return done.complete(dnr(generic::COMMAND_SEQUENCE_ERROR), io.buf);
+        };
+        let done = done.counted(q.ctrl.inflight_counter());
+        // Counted first, then checked: a teardown that saw the count at zero has marked the
+        // association dead (or reset it) before, so this command is not started behind its
+        // back.
+        if q.ctrl.is_dead() || q.ctrl.reset_generation() != q.generation {
+            return done.complete(
+                Status::new(crate::spec::Sct::Generic, generic::ABORTED_SQ_DELETION),
+                io.buf,
+            );
+        }
         backend.submit(io, done);
     }
 

@@ -32,9 +32,9 @@ mod fabrics_cmd;
 mod io_cmd;
 mod send;
 
-use super::Target;
 use super::ctrl::{AERL, AdminOut, Ctrl};
 use super::wait::{Interest, Notifier};
+use super::{ConnTicket, Target};
 use crate::IoBuffer;
 use crate::nvmf::backend::{CompletionQueue, NsInfo};
 use crate::nvmf::fabrics::{self, SGL_INCAPSULE, SGL_TRANSPORT, Sgl, sc as fsc};
@@ -80,6 +80,8 @@ enum Phase {
     WaitR2t,
     /// R2T sent, H2CData expected.
     R2tSent,
+    /// Waiting for a data buffer (the backend's DMA memory is short): retried every poll.
+    WaitMem,
     /// At the backend.
     Executing,
     /// An Asynchronous Event Request, held.
@@ -132,6 +134,9 @@ enum Rx {
     },
     /// Throwing PDU data away (a TermReq's, or a refused command's).
     Discard { slot: Option<u16> },
+    /// In-capsule data waits in the socket for a buffer (memory is short): retried every
+    /// poll, the socket unread meanwhile.
+    NeedBuf { slot: u16, len: u32 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +144,9 @@ enum State {
     AwaitIcReq,
     Ready,
     Closing(Instant),
+    /// The socket is closed; commands still at the backend are waited for (their
+    /// completions are dropped) before the queue's state goes.
+    Draining,
     Closed,
 }
 
@@ -174,6 +182,14 @@ pub struct Connection {
     stats: ConnStats,
     why: Option<String>,
     notifier: Option<Arc<Notifier>>,
+    /// Reads waiting for a data buffer, oldest first.
+    mem_wait: VecDeque<u16>,
+    /// A Disconnect held until the queue's commands drained.
+    disconnect: Option<u16>,
+    /// When the socket was accepted (the Connect timeout counts from here).
+    opened: Instant,
+    /// Its place under the target's connection limits.
+    _ticket: ConnTicket,
 }
 
 impl core::fmt::Debug for Connection {
@@ -210,15 +226,22 @@ fn data_in(sqe: &Sqe) -> bool {
 impl Connection {
     /// Takes an accepted socket (made non-blocking here, Nagle off); backend completions ring
     /// `notifier` (the poll group's, to wake it from [`wait`](super::PollGroup::wait)).
+    /// Errors: the socket cannot be configured, or the target's connection limits
+    /// ([`TargetOptions::max_connections`](super::TargetOptions::max_connections), per host
+    /// too) are reached (logged; the caller drops the socket, which closes it).
     pub fn new(
         target: Arc<Target>,
         sock: TcpStream,
         notifier: Option<Arc<Notifier>>,
     ) -> io::Result<Connection> {
+        let peer = sock.peer_addr()?;
+        let ticket = target.admit(peer.ip()).map_err(|why| {
+            log::warn!("nvmf: {peer}: connection refused: {why}");
+            io::Error::other(format!("connection from {peer} refused: {why}"))
+        })?;
         sock.set_nonblocking(true)?;
         sock.set_nodelay(true)?;
         let local = sock.local_addr()?;
-        let peer = sock.peer_addr()?;
         let opts = target.options().clone();
         // An admin queue may be `ADMIN_QUEUE_DEPTH` deep whatever the I/O queue limit.
         let depth = opts.max_queue_depth.max(ADMIN_QUEUE_DEPTH);
@@ -260,6 +283,10 @@ impl Connection {
             stats: ConnStats::default(),
             why: None,
             notifier,
+            mem_wait: VecDeque::with_capacity(depth as usize),
+            disconnect: None,
+            opened: Instant::now(),
+            _ticket: ticket,
         })
     }
 
@@ -284,7 +311,9 @@ impl Connection {
     /// reading its responses must not wake the group at once forever), writable while PDUs
     /// wait to be sent; `None` once closed.
     pub(crate) fn interest(&self) -> Option<Interest> {
-        (self.state != State::Closed).then(|| Interest {
+        // A draining connection's socket is shut down (it would always poll as ready); its
+        // completions ring the group's eventfd.
+        (!matches!(self.state, State::Closed | State::Draining)).then(|| Interest {
             fd: self.sock.as_raw_fd(),
             read: self.reads(),
             write: !self.tx.is_empty(),
@@ -293,7 +322,10 @@ impl Connection {
 
     /// True if [`recv`](Self::recv) reads now.
     fn reads(&self) -> bool {
-        !self.tx_full() && matches!(self.state, State::AwaitIcReq | State::Ready)
+        !self.tx_full()
+            && matches!(self.state, State::AwaitIcReq | State::Ready)
+            && self.disconnect.is_none()
+            && !matches!(self.rx, Rx::NeedBuf { .. })
     }
     /// True if backend completions wait to be handled.
     pub(crate) fn has_completions(&self) -> bool {
@@ -306,35 +338,68 @@ impl Connection {
 
     /// Does what can be done without blocking; returns the amount of work done (0: idle).
     pub fn poll(&mut self) -> usize {
-        if self.state == State::Closed {
-            return 0;
+        match self.state {
+            State::Closed => return 0,
+            State::Draining => {
+                let n = self.drain_completions();
+                return n + self.try_finish() as usize;
+            }
+            _ => {}
         }
         let mut work = 0;
-        if let Some(b) = &self.queue {
-            let now = self.target.now_ms();
-            if b.qid == 0 && b.ctrl.keep_alive_expired(now) {
-                log::warn!(
-                    "nvmf: controller {} of {}: keep alive timeout expired, association torn down",
-                    b.ctrl.cntlid,
-                    b.ctrl.hostnqn
-                );
-                self.why = Some("keep alive timeout expired".into());
-                self.target.remove_ctrl(&b.ctrl);
-                self.close_now();
-                return 1;
-            }
-            if b.ctrl.is_dead() || (b.qid != 0 && b.ctrl.reset_generation() != b.generation) {
-                self.why = Some("the controller was reset or its association ended".into());
-                self.close_now();
-                return 1;
-            }
+        if let Some(b) = &self.queue
+            && self.disconnect.is_none()
+            && !matches!(self.state, State::Closing(_))
+            && (b.ctrl.is_dead() || (b.qid != 0 && b.ctrl.reset_generation() != b.generation))
+        {
+            self.why = Some("the controller was reset or its association ended".into());
+            self.close_now();
+            return 1;
+        }
+        let limit = self.target.options().connect_timeout;
+        if self.queue.is_none()
+            && matches!(self.state, State::AwaitIcReq | State::Ready)
+            && self.opened.elapsed() > limit
+        {
+            log::warn!(
+                "nvmf: {}: no Connect within {limit:?} of the accept (connect_timeout): closing",
+                self.peer
+            );
+            self.why = Some(format!("no Connect within {limit:?} (connect_timeout)"));
+            self.close_now();
+            return 1;
         }
         work += self.drain_completions();
+        work += self.retry_mem();
         work += self.deliver_events();
         work += self.flush();
+        work += self.retry_rx_buf();
         if matches!(self.state, State::AwaitIcReq | State::Ready) {
             work += self.recv();
         }
+        // Keep Alive is checked after receiving: a Keep Alive (or any command) that waited in
+        // the socket while the group was busy or asleep counts.
+        if let Some(b) = &self.queue
+            && b.qid == 0
+            && self.disconnect.is_none()
+            && self.state == State::Ready
+            && b.ctrl.keep_alive_expired(self.target.now_ms())
+        {
+            log::warn!(
+                "nvmf: controller {} of {} ({}): no command for more than twice its keep alive \
+                 timeout of {} ms: association torn down ({} commands at the backend drain first)",
+                b.ctrl.cntlid,
+                b.ctrl.hostnqn,
+                self.peer,
+                b.ctrl.kato_ms(),
+                b.ctrl.in_flight()
+            );
+            self.why = Some("keep alive timeout expired".into());
+            self.target.end_ctrl(&b.ctrl);
+            self.close_now();
+            return work + 1;
+        }
+        work += self.finish_disconnect();
         work += self.issue_r2ts();
         work += self.flush();
         if let State::Closing(deadline) = self.state
@@ -347,26 +412,139 @@ impl Connection {
         work
     }
 
+    /// True while a command of this queue is at the backend.
+    fn executing(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.phase == Phase::Executing)
+            .count()
+    }
+
+    /// True when nothing this queue (an admin queue: its whole association) started is at
+    /// the backend.
+    fn quiet(&self) -> bool {
+        self.executing() == 0
+            && self
+                .queue
+                .as_ref()
+                .is_none_or(|b| b.qid != 0 || b.ctrl.in_flight() == 0)
+    }
+
+    /// Closes the socket; the queue's state (its I/O queue ID, an admin queue's controller
+    /// and CNTLID) goes once every command it has at the backend completed (Linux's
+    /// `nvmet_sq_destroy`): until then the group keeps polling it, draining completions.
+    /// An admin queue ends its association at once (the I/O queues close and drain too).
     fn close_now(&mut self) {
-        if self.state == State::Closed {
+        if matches!(self.state, State::Closed | State::Draining) {
             return;
         }
-        self.state = State::Closed;
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.tx.clear();
+        self.r2t_wait.clear();
+        self.mem_wait.clear();
+        self.rx = Rx::Header;
+        self.disconnect = None;
+        self.state = State::Draining;
+        if let Some(b) = &self.queue {
+            if b.qid == 0 {
+                self.target.end_ctrl(&b.ctrl);
+            }
+            let n = self.executing();
+            if n > 0 {
+                log::debug!(
+                    "nvmf: {} qid {}: closed with {n} commands at the backend: draining them",
+                    self.peer,
+                    b.qid
+                );
+            }
+        }
+        self.try_finish();
+    }
+
+    /// Finishes a draining connection once it is [`quiet`](Self::quiet); true once closed.
+    fn try_finish(&mut self) -> bool {
+        if self.state != State::Draining {
+            return self.state == State::Closed;
+        }
+        if !self.quiet() {
+            return false;
+        }
+        self.state = State::Closed;
         if let Some(b) = self.queue.take() {
             if b.qid == 0 {
-                self.target.remove_ctrl(&b.ctrl);
+                self.target.release_ctrl(&b.ctrl);
+                log::info!(
+                    "nvmf: controller {} of {}: association ended, its commands drained, \
+                     controller ID free",
+                    b.ctrl.cntlid,
+                    b.ctrl.hostnqn
+                );
             } else if b.ctrl.reset_generation() == b.generation {
                 b.ctrl.detach_io_queue(b.qid);
             }
         }
-        self.tx.clear();
+        true
+    }
+
+    /// Answers a held Disconnect once the queue (an admin queue: its association) is quiet:
+    /// after its response nothing the queue started is still at the backend.
+    fn finish_disconnect(&mut self) -> usize {
+        let Some(slot) = self.disconnect else {
+            return 0;
+        };
+        if !self.quiet() {
+            return 0;
+        }
+        self.disconnect = None;
+        self.respond(slot, Status::SUCCESS, 0);
+        if let Some(t) = self.tx.back_mut() {
+            t.close_after = true;
+        }
+        // Nothing more is read or queued: the response is the last PDU.
+        self.closing();
+        1
     }
 
     fn closing(&mut self) {
         if matches!(self.state, State::AwaitIcReq | State::Ready) {
             self.state = State::Closing(Instant::now() + LINGER);
         }
+    }
+
+    /// Gives waiting in-capsule data its buffer once memory is there.
+    fn retry_rx_buf(&mut self) -> usize {
+        let Rx::NeedBuf { slot, len } = self.rx else {
+            return 0;
+        };
+        let sqe = self.slots[slot as usize].sqe;
+        let Some(b) = self.alloc(&sqe, len as usize) else {
+            return 0;
+        };
+        self.slots[slot as usize].buf = Some(b);
+        self.rx = Rx::Data {
+            slot,
+            off: 0,
+            len,
+            h2c: false,
+        };
+        1
+    }
+
+    /// Starts the Reads that waited for a buffer, oldest first, while memory lasts.
+    fn retry_mem(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(slot) = self.mem_wait.pop_front() {
+            let sqe = self.slots[slot as usize].sqe;
+            self.io(slot, &sqe);
+            if self.slots[slot as usize].phase == Phase::WaitMem {
+                // Still short: `io` queued it again at the back; it keeps its turn.
+                self.mem_wait.pop_back();
+                self.mem_wait.push_front(slot);
+                break;
+            }
+            n += 1;
+        }
+        n
     }
 
     /// Sends a C2HTermReq for `e` (with the offending header) and closes.
@@ -447,6 +625,7 @@ impl Connection {
                         Err(e) => Err(e),
                     }
                 }
+                Rx::NeedBuf { .. } => break,
                 Rx::Discard { slot } => {
                     match self.reader.poll_discard(&mut self.rx_buf, &mut self.sock) {
                         Ok(Some(_)) => {
@@ -562,28 +741,20 @@ impl Connection {
         } else {
             None
         };
-        let buf = if bad.is_none() {
-            self.alloc(&sqe, data_len as usize)
-        } else {
-            None
-        };
         let s = &mut self.slots[slot as usize];
         s.len = data_len;
-        match buf {
-            Some(b) => {
-                s.buf = Some(b);
-                self.rx = Rx::Data {
-                    slot,
-                    off: 0,
-                    len: data_len,
-                    h2c: false,
-                };
-            }
-            None => {
-                s.bad = Some(bad.unwrap_or(st(generic::INTERNAL_ERROR)));
-                self.rx = Rx::Discard { slot: Some(slot) };
-            }
+        if let Some(bad) = bad {
+            s.bad = Some(bad);
+            self.rx = Rx::Discard { slot: Some(slot) };
+            return Ok(());
         }
+        // The data waits in the socket until there is a buffer for it (DMA memory may be
+        // short while other connections' commands hold it).
+        self.rx = Rx::NeedBuf {
+            slot,
+            len: data_len,
+        };
+        self.retry_rx_buf();
         Ok(())
     }
 
@@ -689,11 +860,9 @@ impl Connection {
         if sgl.len > max {
             return self.respond(slot, dnr(fsc::DATA_SGL_LENGTH_INVALID), 0);
         }
-        let Some(buf) = self.alloc(&sqe, sgl.len as usize) else {
-            return self.respond(slot, st(generic::INTERNAL_ERROR), 0);
-        };
+        // The buffer is taken when the R2T goes out (`issue_r2ts`), not now: a host's queued
+        // writes hold no memory until their turn.
         let s = &mut self.slots[slot as usize];
-        s.buf = Some(buf);
         s.len = sgl.len;
         s.phase = Phase::WaitR2t;
         self.r2t_wait.push_back(slot);
@@ -702,10 +871,20 @@ impl Connection {
     fn issue_r2ts(&mut self) -> usize {
         let mut n = 0;
         while self.r2t_out < self.target.options().max_r2t_per_conn && self.state == State::Ready {
-            let Some(slot) = self.r2t_wait.pop_front() else {
+            let Some(&slot) = self.r2t_wait.front() else {
                 break;
             };
+            let (sqe, len) = {
+                let s = &self.slots[slot as usize];
+                (s.sqe, s.len)
+            };
+            // Memory short: the write keeps its turn and is retried at the next poll.
+            let Some(buf) = self.alloc(&sqe, len as usize) else {
+                break;
+            };
+            self.r2t_wait.pop_front();
             let s = &mut self.slots[slot as usize];
+            s.buf = Some(buf);
             s.phase = Phase::R2tSent;
             let r = Pdu::R2t(R2t {
                 cccid: s.sqe.cid(),
