@@ -310,3 +310,309 @@ fn a_delayed_device_write_drains_before_its_controller_id_returns() {
         },
     )
 }
+
+/// A memory backend whose buffers can run out: counts what it hands out, and hands out
+/// nothing while `starve` is set.
+struct Scarce {
+    mem: Arc<MemBackend>,
+    allocs: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicUsize,
+    starve: AtomicBool,
+}
+
+impl Backend for Scarce {
+    fn namespaces(&self) -> Vec<NsInfo> {
+        self.mem.namespaces()
+    }
+    fn alloc(&self, len: usize) -> Option<crate::IoBuffer> {
+        if self.starve.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return None;
+        }
+        self.allocs.fetch_add(1, Ordering::SeqCst);
+        self.mem.alloc(len)
+    }
+    fn submit(&self, io: BackendIo, done: IoCompletion) {
+        self.mem.submit(io, done)
+    }
+}
+
+mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    use super::*;
+    use crate::nvmf::fabrics::Sgl;
+    use crate::nvmf::pdu::{self, DataHdr, Pdu};
+
+    /// An I/O queue's socket past ICReq and Connect, blocking, with a read timeout.
+    pub fn queue(t: &TestTarget, c: &HostController, qid: u16) -> TcpStream {
+        let opts = host_opts(Digests::default());
+        let mut q = HostQueue::open(t.addr, &opts, 32).expect("ICReq");
+        q.connect(&opts, qid, 32, c.cntlid()).expect("Connect");
+        let s = q.socket().try_clone().expect("clone the socket");
+        drop(q);
+        s.set_nonblocking(false).expect("blocking");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        s
+    }
+
+    /// Sends a command capsule (with in-capsule data if any).
+    pub fn send(s: &mut TcpStream, mut sqe: Sqe, cid: u16, data: &[u8]) {
+        sqe.set_cid(cid);
+        let len = data.len() as u32;
+        if sqe.opcode() == opc::WRITE || sqe.opcode() == opc::READ {
+            let blocks = sqe.nlb() as u32 + 1;
+            if data.is_empty() {
+                Sgl::transport(blocks * 512).set(&mut sqe);
+            } else {
+                Sgl::incapsule(len).set(&mut sqe);
+            }
+        }
+        let mut v = pdu::encode(&Pdu::CapsuleCmd(sqe, len), len, Digests::default(), 0)
+            .as_bytes()
+            .to_vec();
+        v.extend_from_slice(data);
+        s.write_all(&v).expect("send a capsule");
+    }
+
+    /// Sends all of a write's data for an R2T.
+    pub fn h2c(s: &mut TcpStream, cid: u16, ttag: u16, data: &[u8]) {
+        let d = DataHdr {
+            cccid: cid,
+            ttag,
+            offset: 0,
+            len: data.len() as u32,
+            last: true,
+            success: false,
+        };
+        let mut v = pdu::encode(&Pdu::H2cData(d), d.len, Digests::default(), 0)
+            .as_bytes()
+            .to_vec();
+        v.extend_from_slice(data);
+        s.write_all(&v).expect("send H2CData");
+    }
+
+    /// What the target sent: an R2T `(cid, ttag)`, a response `(cid, success)`, or data.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum In {
+        R2t(u16, u16),
+        Resp(u16, bool),
+        Data,
+    }
+
+    pub fn next(s: &mut TcpStream) -> In {
+        let mut ch = [0u8; 8];
+        s.read_exact(&mut ch).expect("a PDU header");
+        let plen = u32::from_le_bytes([ch[4], ch[5], ch[6], ch[7]]) as usize;
+        let mut v = ch.to_vec();
+        v.resize(plen.max(8), 0);
+        s.read_exact(&mut v[8..]).expect("the rest of the PDU");
+        match v[0] {
+            pdu::pdu_type::R2T => In::R2t(
+                u16::from_le_bytes([v[8], v[9]]),
+                u16::from_le_bytes([v[10], v[11]]),
+            ),
+            pdu::pdu_type::CAPSULE_RESP => {
+                let cqe = pdu::cqe_from_bytes(&v[8..24]);
+                In::Resp(cqe.cid, cqe.status().is_success())
+            }
+            pdu::pdu_type::C2H_DATA => In::Data,
+            t => panic!("unexpected PDU type {t:#x}: {v:02x?}"),
+        }
+    }
+
+    /// Reads PDUs up to the response of `cid`; returns the ones before it.
+    pub fn until_resp(s: &mut TcpStream, cid: u16) -> Vec<In> {
+        let mut seen = Vec::new();
+        loop {
+            match next(s) {
+                In::Resp(c, ok) if c == cid => {
+                    assert!(ok, "command {cid} failed");
+                    return seen;
+                }
+                p => seen.push(p),
+            }
+        }
+    }
+}
+
+#[test]
+fn write_buffers_are_taken_at_r2t_time_and_wait_for_memory() {
+    watchdog(
+        "write_buffers_are_taken_at_r2t_time_and_wait_for_memory",
+        test_watchdog::INTEGRATION,
+        || {
+            use raw::In;
+            let b = Arc::new(Scarce {
+                mem: mem_backend(),
+                allocs: Default::default(),
+                refused: Default::default(),
+                starve: AtomicBool::new(false),
+            });
+            let opts = TargetOptions {
+                max_r2t_per_conn: 1,
+                housekeeping: Duration::from_millis(5),
+                ..TargetOptions::default()
+            };
+            let t = TestTarget::with_backend(b.clone(), opts, 1);
+            let c = connect(&t, Digests::default());
+            let mut s = raw::queue(&t, &c, 1);
+            let before = b.allocs.load(Ordering::SeqCst);
+            // Four 32 KiB writes (R2T each), one R2T at a time: one buffer, not four.
+            for cid in 1..=4u16 {
+                raw::send(
+                    &mut s,
+                    Sqe::rw(opc::WRITE, 1, 64 * cid as u64, 64, false),
+                    cid,
+                    &[],
+                );
+            }
+            raw::send(&mut s, Sqe::flush(1), 20, &[]);
+            let seen = raw::until_resp(&mut s, 20);
+            let ttag = match seen[..] {
+                [In::R2t(1, ttag)] => ttag,
+                _ => panic!("{seen:?}"),
+            };
+            assert_eq!(b.allocs.load(Ordering::SeqCst) - before, 1);
+            // Memory runs out: the next write and a Read wait instead of failing.
+            b.starve.store(true, Ordering::SeqCst);
+            raw::h2c(&mut s, 1, ttag, &pattern(1, 32768));
+            raw::send(&mut s, Sqe::rw(opc::READ, 1, 64, 8, false), 30, &[]);
+            raw::send(&mut s, Sqe::flush(1), 21, &[]);
+            let mut seen = raw::until_resp(&mut s, 21);
+            if !seen.contains(&In::Resp(1, true)) {
+                assert_eq!(raw::until_resp(&mut s, 1), vec![]);
+                seen.push(In::Resp(1, true));
+            }
+            assert_eq!(seen, vec![In::Resp(1, true)], "while memory is short");
+            // Memory is back: the Read and the other writes go on.
+            b.starve.store(false, Ordering::SeqCst);
+            let mut done = Vec::new();
+            while done.len() < 4 {
+                match raw::next(&mut s) {
+                    In::R2t(cid, ttag) => {
+                        raw::h2c(&mut s, cid, ttag, &pattern(cid as u64, 32768));
+                    }
+                    In::Resp(cid, ok) => {
+                        assert!(ok, "command {cid}");
+                        done.push(cid);
+                    }
+                    In::Data => {}
+                }
+            }
+            done.sort_unstable();
+            assert_eq!(done, vec![2, 3, 4, 30]);
+            // In-capsule data waits in the socket for its buffer too.
+            b.starve.store(true, Ordering::SeqCst);
+            let refused = b.refused.load(Ordering::SeqCst);
+            raw::send(
+                &mut s,
+                Sqe::rw(opc::WRITE, 1, 0, 8, false),
+                40,
+                &pattern(40, 4096),
+            );
+            until(|| b.refused.load(Ordering::SeqCst) > refused);
+            b.starve.store(false, Ordering::SeqCst);
+            assert_eq!(raw::until_resp(&mut s, 40), vec![]);
+            let snap = b.mem.snapshot(Nsid(1));
+            for cid in 1..=4usize {
+                assert_eq!(
+                    &snap[cid * 32768..(cid + 1) * 32768],
+                    &pattern(cid as u64, 32768)[..]
+                );
+            }
+            assert_eq!(&snap[..4096], &pattern(40, 4096)[..]);
+            t.stop();
+        },
+    )
+}
+
+/// True once the target closed `s` (end of stream or reset).
+fn closed_by_target(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut b = [0u8; 256];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(e) => panic!("reading: {e}"),
+        }
+    }
+}
+
+#[test]
+fn connections_beyond_the_limits_are_closed_at_accept() {
+    watchdog(
+        "connections_beyond_the_limits_are_closed_at_accept",
+        test_watchdog::INTEGRATION,
+        || {
+            let o = host_opts(Digests::default());
+            for (total, per_host) in [(100, 2), (2, 100)] {
+                let opts = TargetOptions {
+                    max_connections: total,
+                    max_connections_per_host: per_host,
+                    ..TargetOptions::default()
+                };
+                let t = TestTarget::with_backend(mem_backend(), opts, 2);
+                let a = HostQueue::open(t.addr, &o, 8).expect("first connection");
+                let _b = HostQueue::open(t.addr, &o, 8).expect("second connection");
+                assert_eq!(t.target.connection_count(), 2);
+                assert!(
+                    HostQueue::open(t.addr, &o, 8).is_err(),
+                    "a third connection"
+                );
+                // A place comes back when a connection goes.
+                drop(a);
+                until(|| t.target.connection_count() < 2);
+                let mut c = connect(&t, Digests::default());
+                assert!(c.io_queue(8).is_err(), "beyond the limit");
+                drop(c);
+                t.stop();
+            }
+        },
+    )
+}
+
+#[test]
+fn a_socket_without_connect_is_closed_after_the_connect_timeout() {
+    watchdog(
+        "a_socket_without_connect_is_closed_after_the_connect_timeout",
+        test_watchdog::INTEGRATION,
+        || {
+            let opts = TargetOptions {
+                connect_timeout: Duration::from_millis(100),
+                housekeeping: Duration::from_millis(10),
+                ..TargetOptions::default()
+            };
+            let t = TestTarget::with_backend(mem_backend(), opts, 1);
+            let mut c = connect(&t, Digests::default());
+            // Silent from the start, and silent after ICReq.
+            let mut silent = std::net::TcpStream::connect(t.addr).expect("connect");
+            let q = HostQueue::open(t.addr, &host_opts(Digests::default()), 8).expect("ICReq");
+            let mut after_icreq = q.socket().try_clone().expect("clone");
+            drop(q);
+            after_icreq.set_nonblocking(false).expect("blocking");
+            assert!(closed_by_target(&mut silent));
+            assert!(closed_by_target(&mut after_icreq));
+            // Connected queues stay, past the timeout.
+            let mut io = c.io_queue(8).expect("I/O queue");
+            std::thread::sleep(Duration::from_millis(300));
+            c.keep_alive().expect("keep alive");
+            io.write(1, 0, pattern(1, 512), 512).expect("write");
+            let reasons = t.stop();
+            assert_eq!(
+                reasons
+                    .iter()
+                    .filter(|r| r.contains("connect_timeout"))
+                    .count(),
+                2,
+                "{reasons:?}"
+            );
+        },
+    )
+}

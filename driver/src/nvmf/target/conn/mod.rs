@@ -1006,6 +1006,53 @@ mod tests {
         types
     }
 
+    /// The admin queue of a new association with a Keep Alive Timeout of `kato_ms`.
+    fn admin_queue(c: &mut Connection, kato_ms: u32) -> Arc<Ctrl> {
+        let subsys = Arc::new(crate::nvmf::target::Subsystem::new(
+            "nqn.2026-12.io.dioxide:ka",
+            Arc::new(crate::nvmf::backend::MemBackend::new(&[(512, 8)])),
+        ));
+        let ctrl = c
+            .target
+            .new_ctrl(subsys, "nqn.2026-12.io.dioxide:h".into(), [0; 16], kato_ms)
+            .expect("a controller");
+        c.reader.cfg.ic_done = true;
+        c.queue = Some(Binding {
+            ctrl: ctrl.clone(),
+            qid: 0,
+            sqsize: 31,
+            generation: 0,
+        });
+        ctrl
+    }
+
+    /// A Keep Alive that waited in the socket while the group did not poll (busy or asleep
+    /// past the timeout) keeps the association; silence past the timeout and its grace ends
+    /// it.
+    #[test]
+    fn a_keep_alive_waiting_in_the_socket_counts() {
+        use std::io::Write;
+        let (mut c, mut host) = pair();
+        let ctrl = admin_queue(&mut c, 40);
+        std::thread::sleep(Duration::from_millis(150));
+        let mut sqe = Sqe::new(crate::spec::sqe::admin::KEEP_ALIVE);
+        sqe.set_cid(1);
+        let ka = pdu::encode(&Pdu::CapsuleCmd(sqe, 0), 0, Digests::default(), 0);
+        host.write_all(ka.as_bytes()).expect("send Keep Alive");
+        c.poll();
+        assert!(!ctrl.is_dead() && !c.is_closed(), "{:?}", c.close_reason());
+        std::thread::sleep(Duration::from_millis(150));
+        c.poll();
+        assert!(ctrl.is_dead());
+        assert_eq!(c.close_reason(), Some("keep alive timeout expired"));
+        assert!(
+            c.is_closed(),
+            "nothing was in flight: the association is gone at once"
+        );
+        assert!(c.target.controller(ctrl.cntlid).is_none());
+        assert_eq!(c.target.draining_controller_count(), 0);
+    }
+
     #[test]
     fn the_completion_queue_holds_a_completion_per_slot() {
         let (c, _host) = pair();
