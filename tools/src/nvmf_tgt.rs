@@ -78,6 +78,16 @@ pub struct TgtArgs {
     /// Outstanding R2Ts per connection (1 to 1024). Default: 16
     #[arg(long = "max-r2t", value_name = "N")]
     pub max_r2t: Option<String>,
+    /// Connections the target holds at most (one per queue; 1 to 65536). Default: 1024
+    #[arg(long = "max-connections", value_name = "N")]
+    pub max_connections: Option<String>,
+    /// Connections one host address holds at most (1 to 65536). Default: 256
+    #[arg(long = "max-connections-per-host", value_name = "N")]
+    pub max_connections_per_host: Option<String>,
+    /// Milliseconds a new connection has to complete ICReq and Connect before it is closed
+    /// (1 to 3600000). Default: 10000
+    #[arg(long = "connect-timeout-ms", value_name = "MS")]
+    pub connect_timeout_ms: Option<String>,
     /// DMA memory a PCIe controller is expected to pin (checked against the hugepage pool and
     /// the locked-memory limit at start; buffers grow on demand). Default: queue depth x max
     /// I/O size x 2 + 16m (48m)
@@ -233,6 +243,20 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
     };
     let max_r2t = number("--max-r2t", a.max_r2t.as_deref(), 1..=1024)?
         .map_or(d.max_r2t_per_conn, |n| n as u16);
+    let max_connections = number("--max-connections", a.max_connections.as_deref(), 1..=65536)?
+        .map_or(d.max_connections, |n| n as usize);
+    let max_connections_per_host = number(
+        "--max-connections-per-host",
+        a.max_connections_per_host.as_deref(),
+        1..=65536,
+    )?
+    .map_or(d.max_connections_per_host, |n| n as usize);
+    let connect_timeout = number(
+        "--connect-timeout-ms",
+        a.connect_timeout_ms.as_deref(),
+        1..=3_600_000,
+    )?
+    .map_or(d.connect_timeout, Duration::from_millis);
     let dma_bytes = number("--dma-size", a.dma_size.as_deref(), 4 << 20..=1 << 40)?
         .unwrap_or(queue_depth as u64 * max_io as u64 * 2 + (16 << 20));
     let poller_idle = number(
@@ -251,6 +275,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         max_c2h_data: max_c2h,
         max_transfer: max_io,
         max_r2t_per_conn: max_r2t,
+        max_connections,
+        max_connections_per_host,
+        connect_timeout,
         ..d
     };
     Ok(Parsed::Run(TgtConfig {
@@ -517,6 +544,11 @@ mod tests {
         assert_eq!(c.emulated.backing, crate::cli::Backing::Memory);
         assert_eq!(c.dma_bytes, 48 << 20);
         assert_eq!((c.poller_idle, c.poller_spin), (Duration::ZERO, 4));
+        assert_eq!(
+            (c.opts.max_connections, c.opts.max_connections_per_host),
+            (1024, 256)
+        );
+        assert_eq!(c.opts.connect_timeout, Duration::from_secs(10));
     }
 
     #[test]
@@ -535,6 +567,14 @@ mod tests {
         );
         assert_eq!(c.opts.max_c2h_data, 8192);
         assert_eq!(c.nqn, "nqn.2026-12.io.t:s");
+        let l = cfg("--max-connections 16 --max-connections-per-host 4 --connect-timeout-ms 2500")
+            .unwrap();
+        assert_eq!(
+            (l.opts.max_connections, l.opts.max_connections_per_host),
+            (16, 4)
+        );
+        assert_eq!(l.opts.connect_timeout, Duration::from_millis(2500));
+        assert!(cfg("--max-connections 0").is_err());
         let p = cfg("--poller-idle-us 50 --poller-spin 1000").unwrap();
         assert_eq!(
             (p.poller_idle, p.poller_spin),

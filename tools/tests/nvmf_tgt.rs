@@ -341,3 +341,39 @@ fn bad_options_are_refused_with_one_line() {
     assert_eq!(e.lines().count(), 1, "{e}");
     assert!(e.contains("--allow-remote"), "{e}");
 }
+
+#[test]
+fn connection_limits_and_the_connect_timeout_apply() {
+    use std::io::Read;
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let t = Tgt::start(&[
+        "--max-connections-per-host",
+        "2",
+        "--connect-timeout-ms",
+        "300",
+        "--emulated-size",
+        "1m",
+    ]);
+    // A socket that never sends ICReq is closed after the Connect timeout.
+    let mut silent = std::net::TcpStream::connect(t.addr).expect("connect");
+    silent
+        .set_read_timeout(Some(test_watchdog::scaled(Duration::from_secs(30))))
+        .expect("read timeout");
+    let mut b = [0u8; 64];
+    match silent.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        r => panic!("the silent socket was not closed: {r:?}"),
+    }
+    drop(silent);
+    // Two connections from this address (admin queue and one I/O queue), not a third.
+    let mut c = t.connect(HOST_A, DIGESTS[0]);
+    let mut q = c.io_queue(16).expect("I/O queue");
+    assert!(c.io_queue(16).is_err(), "a third connection from one host");
+    q.write(1, 0, pattern(5, 4096), 512).expect("write");
+    assert_eq!(q.read(1, 0, 8, 512).expect("read"), pattern(5, 4096));
+    drop(q);
+    c.shutdown().expect("disconnect");
+    let (code, out) = t.interrupt();
+    assert_eq!(code, Some(0), "{out:#?}");
+}
