@@ -313,6 +313,11 @@ impl Dioxide {
         self.targets.clone()
     }
 
+    /// Controller `ctrl` (the NVMe/TCP target reads its logs through the admin queue).
+    pub(crate) fn controller(&self, ctrl: usize) -> Option<&Controller> {
+        self.ctrls.get(ctrl)
+    }
+
     /// Open a file on namespace `nsid` of controller `ctrl`.
     pub fn open_file(&self, ctrl: usize, nsid: Nsid, opts: FileOptions) -> EmbedResult<BlockFile> {
         let Some(target) = self

@@ -17,7 +17,7 @@ use crossbeam_queue::ArrayQueue;
 
 use super::target::wait::Notifier;
 use crate::spec::status::generic;
-use crate::spec::{Sct, SmartLog, Status};
+use crate::spec::{Sct, Status};
 use crate::{BlockFile, Dioxide, FileOptions, IoBuffer, Nsid, Refused, Request};
 
 /// One namespace a backend serves.
@@ -175,9 +175,13 @@ pub trait Backend: Send + Sync {
     fn alloc(&self, len: usize) -> Option<IoBuffer>;
     /// Starts `io`; `done` is completed exactly once, now or later, from any thread.
     fn submit(&self, io: BackendIo, done: IoCompletion);
-    /// The SMART / Health Information log (the backing controller's, when there is one).
-    fn smart_log(&self) -> SmartLog {
-        SmartLog::default()
+    /// Reads the SMART / Health Information log of the backing controller: `done` gets the
+    /// 512-byte page in a heap buffer, now or later, from any thread (a device backend reads
+    /// it through the controller's admin queue, off the calling poller). A backend with no
+    /// controller completes `done` with no buffer; the target then reports what it counted
+    /// itself (see [`Ctrl`](super::target::Ctrl)'s SMART page).
+    fn smart_log(&self, done: IoCompletion) {
+        done.complete(Status::SUCCESS, None);
     }
     /// True if the backend has a volatile write cache (Flush matters).
     fn volatile_write_cache(&self) -> bool {
@@ -328,6 +332,10 @@ impl Backend for MemBackend {
 /// are zero copy between the socket and the device.
 pub struct FileBackend {
     files: Vec<(NsInfo, BlockFile)>,
+    /// The controller, for its logs.
+    ctrl: Option<crate::Controller>,
+    /// SMART reads in flight (each on a short-lived thread of its own).
+    smart_reads: Arc<AtomicU32>,
 }
 
 impl core::fmt::Debug for FileBackend {
@@ -364,9 +372,19 @@ impl FileBackend {
                 file,
             ));
         }
-        Ok(FileBackend { files })
+        Ok(FileBackend {
+            files,
+            ctrl: dx.controller(ctrl).cloned(),
+            smart_reads: Arc::new(AtomicU32::new(0)),
+        })
     }
 }
+
+/// SMART reads a [`FileBackend`] runs at once; more are answered Command Interrupted (the
+/// host retries), so hosts cannot make the target start threads without bound.
+const MAX_SMART_READS: u32 = 4;
+/// Status Command Interrupted (generic, NVMe 1.4): retry the command.
+const COMMAND_INTERRUPTED: u8 = 0x21;
 
 fn embed_status(e: &crate::EmbedError) -> Status {
     match e {
@@ -428,6 +446,47 @@ impl Backend for FileBackend {
             // has nothing left to make durable.
             BackendOp::Flush => done.complete(Status::SUCCESS, io.buf),
             BackendOp::Deallocate(_) => done.complete(status(generic::INVALID_OPCODE), io.buf),
+        }
+    }
+
+    /// Get Log Page through the controller's admin queue, on a thread of its own: the admin
+    /// command waits for its completion, which a poller must not.
+    fn smart_log(&self, done: IoCompletion) {
+        let Some(ctrl) = self.ctrl.clone() else {
+            return done.complete(Status::SUCCESS, None);
+        };
+        let busy = self.smart_reads.clone();
+        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_SMART_READS {
+            busy.fetch_sub(1, Ordering::AcqRel);
+            return done.complete(status(COMMAND_INTERRUPTED), None);
+        }
+        let cell = Arc::new(std::sync::Mutex::new(Some(done)));
+        let in_thread = cell.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nvmf-smart".into())
+            .spawn(move || {
+                let r = ctrl.smart_log();
+                busy.fetch_sub(1, Ordering::AcqRel);
+                let Some(done) = in_thread.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+                    return;
+                };
+                match r {
+                    Ok(log) => done.complete(
+                        Status::SUCCESS,
+                        Some(IoBuffer::Heap(log.to_bytes().to_vec())),
+                    ),
+                    Err(e) => {
+                        log::warn!("nvmf: reading the backing controller's SMART log: {e}");
+                        done.complete(status(generic::INTERNAL_ERROR), None)
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("nvmf: no thread to read the SMART log: {e}");
+            self.smart_reads.fetch_sub(1, Ordering::AcqRel);
+            if let Some(done) = cell.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                done.complete(status(generic::INTERNAL_ERROR), None);
+            }
         }
     }
 }

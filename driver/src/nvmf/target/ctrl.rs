@@ -12,7 +12,7 @@ use crate::nvmf::fabrics::{
     self, ADRFAM_IPV4, ADRFAM_IPV6, DiscoveryEntry, FabricsIdentify, SUBTYPE_NVME,
     TREQ_NOT_REQUIRED, TRTYPE_TCP, cns as fcns, fid as ffid, lid as flid, nidt, prop,
 };
-use crate::spec::identify::{IDENTIFY_LEN, build_ns_list};
+use crate::spec::identify::{IDENTIFY_LEN, SMART_LOG_LEN, build_ns_list};
 use crate::spec::regs::shst;
 use crate::spec::sqe::{admin, cns, fid, lid};
 use crate::spec::status::{command_specific as cs, generic};
@@ -86,6 +86,10 @@ pub enum AdminOut {
     Done(Status, u32, Option<Vec<u8>>),
     /// An Asynchronous Event Request: held until an event.
     Aer,
+    /// Get Log Page SMART / Health: the backend reads it
+    /// ([`Backend::smart_log`](crate::nvmf::backend::Backend::smart_log)), the response
+    /// follows from [`Ctrl::smart_page`].
+    Smart,
 }
 
 fn st(sc: u8) -> Status {
@@ -465,24 +469,52 @@ impl Ctrl {
         fabrics::discovery_log(target.genctr(), &entries)
     }
 
-    fn log_page(&self, target: &Target, sqe: &Sqe, local: SocketAddr) -> Result<Vec<u8>, Status> {
-        let (lid, len, offset) = fabrics::log_page_args(sqe);
-        // Checked before the page is built: reading some logs clears them.
+    /// Checks a Get Log Page's length against the transfer limit and its SGL.
+    fn check_log_len(target: &Target, sqe: &Sqe) -> Result<(), Status> {
+        let (_, len, _) = fabrics::log_page_args(sqe);
         if len > u64::from(target.options().max_transfer) {
             return Err(invalid_field());
         }
         if u64::from(fabrics::Sgl::of(sqe).len) != len {
             return Err(st(fabrics::sc::DATA_SGL_LENGTH_INVALID).with_dnr(true));
         }
+        Ok(())
+    }
+
+    /// The part of `page` a Get Log Page asks for (offset and length), zero-filled past it.
+    fn log_slice(sqe: &Sqe, page: &[u8]) -> Result<Vec<u8>, Status> {
+        let (_, len, offset) = fabrics::log_page_args(sqe);
+        if offset % 4 != 0 || offset > page.len() as u64 {
+            return Err(invalid_field());
+        }
+        let from = offset as usize;
+        let to = (from as u64 + len).min(page.len() as u64) as usize;
+        let mut out = page[from..to].to_vec();
+        out.resize(len as usize, 0);
+        Ok(out)
+    }
+
+    /// The SMART / Health Information page of a Get Log Page: the backing controller's page
+    /// `device` if the backend read one; else what the target counted for this subsystem
+    /// itself (host commands and data units since it was added, power-on hours since then;
+    /// no warning, full spare, temperature not known: 0).
+    pub(crate) fn smart_page(&self, sqe: &Sqe, device: Option<&[u8]>) -> Result<Vec<u8>, Status> {
+        let page = match device {
+            Some(d) if d.len() >= SMART_LOG_LEN => d[..SMART_LOG_LEN].to_vec(),
+            _ => self.subsys.smart_log().to_bytes().to_vec(),
+        };
+        Self::log_slice(sqe, &page)
+    }
+
+    fn log_page(&self, target: &Target, sqe: &Sqe, local: SocketAddr) -> Result<Vec<u8>, Status> {
+        let (lid, _, _) = fabrics::log_page_args(sqe);
+        // Checked before the page is built: reading some logs clears them.
+        Self::check_log_len(target, sqe)?;
         let disc = self.subsys.is_discovery();
         let page = match lid {
             flid::DISCOVERY if disc => self.discovery_page(target, local),
             lid::ERROR if !disc => vec![0u8; 64],
-            lid::SMART if !disc => self
-                .subsys
-                .backend()
-                .map(|b| b.smart_log().to_bytes().to_vec())
-                .unwrap_or_else(|| vec![0u8; 512]),
+            lid::SMART if !disc => self.subsys.smart_log().to_bytes().to_vec(),
             flid::CHANGED_NS_LIST if !disc => {
                 let mut s = self.state();
                 let mut b = vec![0u8; 4096];
@@ -501,14 +533,7 @@ impl Ctrl {
             }
             _ => return Err(invalid_field()),
         };
-        if offset % 4 != 0 || offset > page.len() as u64 {
-            return Err(invalid_field());
-        }
-        let from = offset as usize;
-        let to = (from as u64 + len).min(page.len() as u64) as usize;
-        let mut out = page[from..to].to_vec();
-        out.resize(len as usize, 0);
-        Ok(out)
+        Self::log_slice(sqe, &page)
     }
 
     /// Executes an admin command (not Fabrics).
@@ -534,7 +559,17 @@ impl Ctrl {
                 fcns::NS_DESCRIPTORS if !disc => done(self.ns_descriptors(sqe.nsid)),
                 _ => err(invalid_field()),
             },
-            admin::GET_LOG_PAGE => done(self.log_page(target, sqe, local)),
+            admin::GET_LOG_PAGE => {
+                let (lid, _, _) = fabrics::log_page_args(sqe);
+                if lid == lid::SMART && !disc && self.subsys.backend().is_some() {
+                    // Read from the backing controller, asynchronously.
+                    return match Self::check_log_len(target, sqe) {
+                        Ok(()) => AdminOut::Smart,
+                        Err(s) => err(s),
+                    };
+                }
+                done(self.log_page(target, sqe, local))
+            }
             admin::KEEP_ALIVE => {
                 self.seen(now_ms);
                 ok(0)

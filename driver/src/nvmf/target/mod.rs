@@ -32,6 +32,7 @@ pub use serve::{GroupReport, Serving};
 
 use super::backend::Backend;
 use super::fabrics::{CNTLID_MAX, DISCOVERY_NQN};
+use crate::spec::SmartLog;
 
 /// Limits and sizes every connection of a target gets.
 #[derive(Clone, Debug)]
@@ -139,6 +140,29 @@ pub struct Subsystem {
     hosts: Vec<String>,
     any_host: bool,
     serial: String,
+    io: IoCounts,
+}
+
+/// What the hosts did to a subsystem (its SMART page when the backend has no controller).
+#[derive(Debug)]
+struct IoCounts {
+    since: Instant,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    read_bytes: AtomicU64,
+    written_bytes: AtomicU64,
+}
+
+impl IoCounts {
+    fn new() -> IoCounts {
+        IoCounts {
+            since: Instant::now(),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
+        }
+    }
 }
 
 impl core::fmt::Debug for Subsystem {
@@ -163,6 +187,7 @@ impl Subsystem {
             hosts: Vec::new(),
             any_host: true,
             serial,
+            io: IoCounts::new(),
         }
     }
     fn discovery() -> Subsystem {
@@ -172,6 +197,7 @@ impl Subsystem {
             hosts: Vec::new(),
             any_host: true,
             serial: "discovery".into(),
+            io: IoCounts::new(),
         }
     }
     /// Lets host `nqn` connect (and no host not listed).
@@ -201,6 +227,34 @@ impl Subsystem {
     }
     pub(crate) fn serial(&self) -> &str {
         &self.serial
+    }
+    /// Counts a Read or Write that completed successfully.
+    pub(crate) fn count_io(&self, write: bool, bytes: u64) {
+        let (n, b) = if write {
+            (&self.io.writes, &self.io.written_bytes)
+        } else {
+            (&self.io.reads, &self.io.read_bytes)
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        b.fetch_add(bytes, Ordering::Relaxed);
+    }
+    /// The SMART / Health Information the target knows without a controller: host Read and
+    /// Write commands and data units (thousands of 512-byte units, rounded up) since the
+    /// subsystem was added, power-on hours since then, one power cycle, nothing used of a
+    /// full spare, no warning; the temperature is not known (0).
+    pub fn smart_log(&self) -> SmartLog {
+        let units = |b: &AtomicU64| (b.load(Ordering::Relaxed) as u128 / 512).div_ceil(1000);
+        SmartLog {
+            available_spare: 100,
+            available_spare_threshold: 10,
+            data_units_read: units(&self.io.read_bytes),
+            data_units_written: units(&self.io.written_bytes),
+            host_read_commands: self.io.reads.load(Ordering::Relaxed) as u128,
+            host_write_commands: self.io.writes.load(Ordering::Relaxed) as u128,
+            power_cycles: 1,
+            power_on_hours: (self.io.since.elapsed().as_secs() / 3600) as u128,
+            ..SmartLog::default()
+        }
     }
 }
 

@@ -6,6 +6,7 @@ mod bad_input;
 #[cfg(feature = "emulated")]
 mod dioxide;
 mod fuzz;
+mod health;
 mod host;
 mod io;
 mod lifecycle;

@@ -165,8 +165,38 @@ impl Connection {
             if s.phase != Phase::Executing || s.generation != d.generation {
                 continue;
             }
+            let admin = self
+                .queue
+                .as_ref()
+                .filter(|b| b.qid == 0)
+                .map(|b| b.ctrl.clone());
+            if let Some(ctrl) = admin {
+                // The only admin command a backend completes: Get Log Page SMART / Health.
+                let sqe = s.sqe;
+                if !d.status.is_success() {
+                    self.respond(d.slot, d.status, 0);
+                    continue;
+                }
+                let device = d.buf.as_ref().map(|b| b.as_slice());
+                match ctrl.smart_page(&sqe, device) {
+                    Ok(page) => {
+                        let s = &mut self.slots[d.slot as usize];
+                        s.len = page.len() as u32;
+                        s.buf = Some(crate::IoBuffer::Heap(page));
+                        self.respond_with_data(d.slot, 0);
+                    }
+                    Err(e) => self.respond(d.slot, e, 0),
+                }
+                continue;
+            }
             s.buf = d.buf;
             let read = s.sqe.opcode() == opc::READ;
+            if d.status.is_success()
+                && let Some(b) = &self.queue
+                && matches!(s.sqe.opcode(), opc::READ | opc::WRITE)
+            {
+                b.ctrl.subsys.count_io(!read, s.len as u64);
+            }
             if !(d.status.is_success() && read) {
                 self.respond(d.slot, d.status, 0);
             } else if s.buf.as_ref().is_some_and(|b| b.len() >= s.len as usize) {

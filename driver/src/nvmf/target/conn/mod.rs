@@ -936,6 +936,20 @@ impl Connection {
                         self.slots[slot as usize].phase = Phase::Aer;
                     }
                 }
+                AdminOut::Smart => {
+                    let Some(backend) = ctrl.subsys.backend().cloned() else {
+                        return self.respond(slot, dnr(generic::INVALID_FIELD), 0);
+                    };
+                    let s = &mut self.slots[slot as usize];
+                    s.phase = Phase::Executing;
+                    let done = crate::nvmf::backend::IoCompletion::new(
+                        self.cq.clone(),
+                        slot,
+                        s.generation,
+                        self.notifier.clone(),
+                    );
+                    backend.smart_log(done);
+                }
             }
             return;
         }
