@@ -179,7 +179,7 @@ pub trait Backend: Send + Sync {
     /// 512-byte page in a heap buffer, now or later, from any thread (a device backend reads
     /// it through the controller's admin queue, off the calling poller). A backend with no
     /// controller completes `done` with no buffer; the target then reports what it counted
-    /// itself (see [`Ctrl`](super::target::Ctrl)'s SMART page).
+    /// itself for the subsystem (host commands and data units).
     fn smart_log(&self, done: IoCompletion) {
         done.complete(Status::SUCCESS, None);
     }

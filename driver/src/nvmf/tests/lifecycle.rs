@@ -114,6 +114,26 @@ fn a_vanished_hosts_commands_drain_before_its_controller_id_is_reused() {
             drop(c);
             until(|| t.target.controller(old).is_none());
             assert_eq!(t.target.draining_controller_count(), 1);
+            // The draining controller takes no new I/O queue (a stale CNTLID).
+            let o = host_opts(Digests::default());
+            let mut stale = HostQueue::open(t.addr, &o, 8).expect("ICReq");
+            match stale.connect(&o, 1, 8, old) {
+                Err(crate::nvmf::host::HostError::Status { status, dw0, .. }) => {
+                    assert_eq!(
+                        (status.sct, status.sc),
+                        (
+                            crate::spec::Sct::CommandSpecific,
+                            fabrics::sc::CONNECT_INVALID_PARAMETERS
+                        )
+                    );
+                    assert_eq!(
+                        dw0,
+                        fabrics::invalid_param_in_data(fabrics::connect_data::CNTLID)
+                    );
+                }
+                r => panic!("an I/O queue of a draining controller: {r:?}"),
+            }
+            drop(stale);
             // A new association does not get the CNTLID while the old one drains, and sees
             // the old data.
             t.target.set_next_cntlid(old);

@@ -6,12 +6,29 @@
 //!
 //! **Command slots.** A fixed table of `max_queue_depth` slots (at least 32, an admin queue's), allocated when the connection
 //! is accepted; a command holds one from its capsule to the moment its response capsule left
-//! the socket. A slot owns the command's data buffer (from [`Backend::alloc`]: DMA memory for a
+//! the socket. A slot owns the command's data buffer (from `Backend::alloc`: DMA memory for a
 //! device backend): in-capsule data and H2CData are read from the socket straight into it,
 //! C2HData is written from it. A host with more commands outstanding than its SQSIZE gets a
 //! C2HTermReq; a write larger than the in-capsule size waits for one of `max_r2t_per_conn`
 //! R2Ts; the send queue is bounded (reading stops while it is full), so one client can make the
 //! target hold at most `max_queue_depth × max_transfer` bytes of data.
+//!
+//! **Memory.** A write's buffer is taken from the backend when its R2T goes out (at most
+//! `max_r2t_per_conn` at a time), a Read's when it is submitted, in-capsule data's when its
+//! capsule arrives. When the backend has none (DMA memory held by other connections), the
+//! command waits its turn and is retried at every poll (in-capsule data waits in the
+//! socket): nothing fails for want of memory and nothing is allocated beyond those bounds.
+//!
+//! **Lifecycle.** A connection that closes (host gone, C2HTermReq, controller reset, Keep
+//! Alive expiry, Disconnect) stops taking commands at once but keeps its queue, and the group
+//! keeps polling it (`Draining`), until every command it has at the backend completed, as
+//! Linux's `nvmet_sq_destroy` does; only then its queue ID is free and, for an admin queue,
+//! its controller and CNTLID (once the whole association, every I/O queue included, is quiet:
+//! the [`Ctrl`]'s in-flight count). A Disconnect is answered at that point, and a reset or
+//! shutdown is reported complete in CSTS only then: a write of an ended association never
+//! lands after a new one read the block. Keep Alive is checked after receiving, so a command
+//! that waited in the socket counts; a host is torn down after twice its KATO of silence.
+//! A socket that has not completed ICReq and Connect within `connect_timeout` is closed.
 //!
 //! **Errors.** A malformed PDU (see [`crate::nvmf::pdu`]) gets a C2HTermReq carrying its header
 //! and the connection closes; a bad command gets the status the specification names, and the
@@ -870,7 +887,10 @@ impl Connection {
 
     fn issue_r2ts(&mut self) -> usize {
         let mut n = 0;
-        while self.r2t_out < self.target.options().max_r2t_per_conn && self.state == State::Ready {
+        while self.r2t_out < self.target.options().max_r2t_per_conn
+            && self.state == State::Ready
+            && self.disconnect.is_none()
+        {
             let Some(&slot) = self.r2t_wait.front() else {
                 break;
             };
