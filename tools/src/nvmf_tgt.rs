@@ -78,10 +78,11 @@ pub struct TgtArgs {
     /// Outstanding R2Ts per connection (1 to 1024). Default: 16
     #[arg(long = "max-r2t", value_name = "N")]
     pub max_r2t: Option<String>,
-    /// Connections the target holds at most (one per queue; 1 to 65536). Default: 1024
+    /// Connections the target holds at most (one per queue; 1 to 65536). Default: 2048
     #[arg(long = "max-connections", value_name = "N")]
     pub max_connections: Option<String>,
-    /// Connections one host address holds at most (1 to 65536). Default: 256
+    /// Connections one host address holds at most (1 to 65536; a Linux host opens one per
+    /// queue, 65 per controller at the default --max-io-queues). Default: 512
     #[arg(long = "max-connections-per-host", value_name = "N")]
     pub max_connections_per_host: Option<String>,
     /// Milliseconds a new connection has to complete ICReq and Connect before it is closed
@@ -546,7 +547,7 @@ mod tests {
         assert_eq!((c.poller_idle, c.poller_spin), (Duration::ZERO, 4));
         assert_eq!(
             (c.opts.max_connections, c.opts.max_connections_per_host),
-            (1024, 256)
+            (2048, 512)
         );
         assert_eq!(c.opts.connect_timeout, Duration::from_secs(10));
     }

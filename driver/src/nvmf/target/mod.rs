@@ -60,10 +60,11 @@ pub struct TargetOptions {
     /// keep-alive clocks and events raised by other threads (default 100 ms, the KAS unit).
     pub housekeeping: Duration,
     /// Connections the target holds at most (open, or closed and draining their commands);
-    /// one more is closed as soon as it is accepted. Default 1024.
+    /// one more is closed as soon as it is accepted. Default 2048.
     pub max_connections: usize,
-    /// Connections one host address holds at most. Default 256 (a Linux host opens one per
-    /// CPU and controller, plus the admin queue).
+    /// Connections one host address holds at most. Default 512 (a Linux host opens one per
+    /// queue: up to `max_io_queues` + 1 = 65 per controller by default, so about seven
+    /// controllers; several hosts behind one NAT address share it).
     pub max_connections_per_host: usize,
     /// How long a connection may take from its accept to a successful Connect (ICReq/ICResp
     /// included) before it is closed. Default 10 s (the Linux host's own ICResp wait).
@@ -117,8 +118,8 @@ impl Default for TargetOptions {
             kas: 1,
             rx_staging: 16 * 1024,
             housekeeping: Duration::from_millis(100),
-            max_connections: 1024,
-            max_connections_per_host: 256,
+            max_connections: 2048,
+            max_connections_per_host: 512,
             connect_timeout: Duration::from_secs(10),
         }
     }
