@@ -387,10 +387,13 @@ impl Connection {
             return 1;
         }
         work += self.drain_completions();
-        work += self.retry_mem();
+        if self.state == State::Ready {
+            // Nothing new starts once the connection is closing (after a C2HTermReq).
+            work += self.retry_mem();
+            work += self.retry_rx_buf();
+        }
         work += self.deliver_events();
         work += self.flush();
-        work += self.retry_rx_buf();
         if matches!(self.state, State::AwaitIcReq | State::Ready) {
             work += self.recv();
         }
