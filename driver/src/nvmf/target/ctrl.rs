@@ -27,6 +27,8 @@ const AEC_NS_ATTR: u32 = 1 << 8;
 /// Async event: type Notice (2), info Namespace Attribute Changed (00h in bits 15:8), log
 /// page 04h.
 const AEN_NS_CHANGED: u32 = 2 | (flid::CHANGED_NS_LIST as u32) << 16;
+/// CTRATT bit 6: Traffic Based Keep Alive Support.
+const CTRATT_TBKAS: u32 = 1 << 6;
 /// Status: Asynchronous Event Request Limit Exceeded (command specific).
 const AER_LIMIT_EXCEEDED: u8 = 0x05;
 
@@ -372,6 +374,9 @@ impl Ctrl {
             cntlid: self.cntlid,
             ver: 0x0001_0300,
             oaes: if disc { 0 } else { AEC_NS_ATTR },
+            // Traffic Based Keep Alive: any command resets the timer (`seen`), so a host with
+            // I/O flowing need not send Keep Alive (the Linux host then skips it).
+            ctratt: if disc { 0 } else { CTRATT_TBKAS },
             aerl: AERL,
             lpa: 0,
             elpe: 0,

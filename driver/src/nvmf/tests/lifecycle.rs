@@ -636,3 +636,35 @@ fn a_socket_without_connect_is_closed_after_the_connect_timeout() {
         },
     )
 }
+
+/// Keep Alive is traffic based (CTRATT.TBKAS): a host whose I/O flows keeps its association
+/// without a Keep Alive command, for many times its timeout.
+#[test]
+fn io_traffic_keeps_the_association_alive() {
+    watchdog(
+        "io_traffic_keeps_the_association_alive",
+        test_watchdog::INTEGRATION,
+        || {
+            let opts = TargetOptions {
+                housekeeping: Duration::from_millis(10),
+                ..TargetOptions::default()
+            };
+            let t = TestTarget::with_backend(mem_backend(), opts, 2);
+            let mut o = host_opts(Digests::default());
+            o.kato_ms = 200;
+            let mut c = HostController::connect(t.addr, o).expect("connect");
+            assert_eq!(c.identify().ctratt & 1 << 6, 1 << 6, "CTRATT.TBKAS");
+            let mut q = c.io_queue(8).expect("I/O queue");
+            let start = std::time::Instant::now();
+            let mut k = 0;
+            while start.elapsed() < Duration::from_millis(1500) {
+                q.write(1, k % 64, pattern(k, 512), 512).expect("write");
+                k += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(t.target.controller(c.cntlid()).is_some());
+            c.keep_alive().expect("the association is alive");
+            t.stop();
+        },
+    )
+}

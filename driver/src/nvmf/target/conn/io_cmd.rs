@@ -159,6 +159,13 @@ impl Connection {
         let mut n = 0;
         while let Some(d) = self.cq.pop() {
             n += 1;
+            // A command processed is traffic for the keep-alive timer (TBKAS), like one
+            // received: the host, which counts completions, sent none while this one ran long.
+            if n == 1
+                && let Some(b) = &self.queue
+            {
+                b.ctrl.seen(self.target.now_ms());
+            }
             let Some(s) = self.slots.get_mut(d.slot as usize) else {
                 continue;
             };
