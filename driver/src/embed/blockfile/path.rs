@@ -1049,6 +1049,44 @@ mod tests {
         thread.stop();
     }
 
+    /// Deferred completions: a callback that panics on the completion thread is caught there
+    /// (the thread survives: the next callback runs on it, not inline on the poller), and the
+    /// range of its request was given back all the same.
+    #[test]
+    fn a_panicking_deferred_callback_is_caught_on_the_completion_thread() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let thread = CompletionThread::spawn("deferred-panic").unwrap();
+        let dx = Dioxide::builder()
+            .controller(ctrl())
+            .pollers([None])
+            .deferred_completions(thread.clone())
+            .build()
+            .unwrap();
+        let file = open(&dx);
+        let (tx, rx) = channel();
+        let buf = file.alloc(PAGE as usize).unwrap();
+        file.submit(Request::write(0, buf), |_c| panic!("boom"))
+            .unwrap();
+        let buf = file.alloc(PAGE as usize).unwrap();
+        file.submit(Request::read(0, buf), move |c| {
+            let name = std::thread::current().name().map(str::to_string);
+            tx.send((c.result.map_err(|e| e.to_string()), name))
+                .unwrap();
+        })
+        .unwrap();
+        let (r, name) = rx.recv().unwrap();
+        assert_eq!(r.unwrap(), PAGE as usize);
+        assert_eq!(name.as_deref(), Some("deferred-panic"));
+        assert_eq!(
+            file.write_at(&[3; 8], 0).unwrap(),
+            8,
+            "the range was given back"
+        );
+        drop(file);
+        drop(dx);
+        thread.stop();
+    }
+
     /// More asynchronous direct requests in flight on one file than its pool of request
     /// contexts keeps: the pool runs dry (a context is allocated per request beyond it), then
     /// overflows (the extra contexts are freed); every request completes exactly once with its
