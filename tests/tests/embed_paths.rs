@@ -627,62 +627,6 @@ fn a_direct_write_with_nothing_cached_skips_the_cache_directory() {
     assert_eq!(dir_locks(), before + 1);
 }
 
-/// More asynchronous direct requests in flight on one file than its pool of request contexts
-/// keeps (256): the pool runs dry (new contexts), then overflows (contexts freed); every
-/// request completes exactly once with its own data, and the file still works after.
-#[test]
-fn more_requests_in_flight_than_the_context_pool_keeps() {
-    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
-    const N: usize = 600;
-    let (ctrl, _emu) = emulated(config(Mode::Threaded, &[(512, 1 << 14)]));
-    let dx = Dioxide::builder()
-        .controller(ctrl)
-        .pollers([None])
-        .build()
-        .unwrap();
-    let file = dx
-        .open_file(
-            0,
-            Nsid(1),
-            FileOptions::new(0, 8192).with_len((N * PAGE) as u64),
-        )
-        .unwrap();
-    let (tx, rx) = channel::<(usize, Completed)>();
-    for i in 0..N {
-        let mut b = file.alloc(PAGE).unwrap();
-        fill(b.as_mut_slice(), i as u64);
-        let tx = tx.clone();
-        file.submit(Request::write((i * PAGE) as u64, b), move |c| {
-            tx.send((i, c)).unwrap();
-        })
-        .unwrap();
-    }
-    let mut seen = HashSet::new();
-    let mut bufs = Vec::new();
-    for _ in 0..N {
-        let (i, c) = rx.recv_timeout(LIMIT).expect("a completion was lost");
-        assert_eq!(c.result.unwrap(), PAGE);
-        assert!(seen.insert(i), "request {i} completed twice");
-        bufs.push((i, c.buf));
-    }
-    for (i, b) in bufs {
-        let tx = tx.clone();
-        file.submit(Request::read((i * PAGE) as u64, b), move |c| {
-            tx.send((i, c)).unwrap();
-        })
-        .unwrap();
-    }
-    for _ in 0..N {
-        let (i, c) = rx.recv_timeout(LIMIT).expect("a completion was lost");
-        assert_eq!(c.result.unwrap(), PAGE);
-        assert!(
-            c.buf.as_slice() == pattern(PAGE, i as u64),
-            "page {i} read back wrong"
-        );
-    }
-    assert!(rx.try_recv().is_err(), "a callback ran twice");
-}
-
 /// Run to completion: dropping the instance with an asynchronous request still on the device
 /// (its completion held back by the emulated controller) waits for it: the callback runs
 /// exactly once, with the data, before the drop returns.

@@ -449,10 +449,12 @@ impl BlockFile {
             capacity,
             block: bs,
         };
-        let mut core = DioCore::new(sink, mapper, cfg);
-        if let Some(d) = &deferral {
-            core = core.with_deferral(d.clone());
-        }
+        // The file's dio-core defers nothing: the path gives a request's range back where the
+        // request finished, then defers the callback through this second one (path.rs).
+        let defer = deferral.as_ref().map(|d| {
+            DioCore::new(sink.clone(), mapper.clone(), cfg.clone()).with_deferral(d.clone())
+        });
+        let core = DioCore::new(sink, mapper, cfg);
         let state = FileState {
             id,
             cfile: CacheFile::new(id),
@@ -464,7 +466,7 @@ impl BlockFile {
         Ok(BlockFile {
             inner: Arc::new(Inner {
                 io: IoCtx::new(core, state),
-                shared: Arc::new(path::Shared::new(capacity)),
+                shared: Arc::new(path::Shared::new(capacity, defer)),
                 engine,
                 deferral,
                 ctrl,

@@ -172,6 +172,23 @@ pub enum EmbedError {
         /// File offset.
         offset: u64,
     },
+    /// Run to completion: the request overlaps one that can only finish after this one
+    /// returns (a request lower on the same thread's stack, whose poll ran the callback that
+    /// issued this one). Waiting would hang.
+    #[error(
+        "{op} of {len} bytes at offset {offset} overlaps a request that is waiting lower on \
+         this thread's stack (a callback run by its poll issued this one), so it would wait \
+         forever; issue it after that request returned (e.g. from your next poll), or build \
+         with pollers"
+    )]
+    WouldDeadlock {
+        /// Read or write.
+        op: Op,
+        /// File offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
     /// The instance is shutting down.
     #[error("Dioxide is shut down or shutting down; no new requests are accepted")]
     ShutDown,

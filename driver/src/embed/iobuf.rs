@@ -91,18 +91,27 @@ impl From<Vec<u8>> for IoBuffer {
 /// an asynchronous request (dio-core's `cb_arg`).
 ///
 /// dio-core moves the window by value a dozen times per request, so it is kept to the buffer
-/// and one word: `start << 1`, or, while a context is attached, the address of that context
-/// (a pooled `Box<Context>`, which then holds `start`) with bit 0 set. A `Box<Context>` is at
-/// least 2-aligned, so bit 0 of its address is free. The window owns an attached context:
-/// [`detach`](Window::detach) hands it back, dropping the window drops it.
+/// and one word, a tagged pointer: without a context, an address-only pointer (no provenance)
+/// whose address is `start << 1`; while a context is attached, the pointer to that context (a
+/// pooled `Box<Context>`, which then holds `start`) with bit 0 of its address set. A
+/// `Box<Context>` is at least 2-aligned, so bit 0 of its address is free. The tag is set and
+/// cleared with the strict-provenance APIs (`map_addr`), so the pointer keeps the provenance
+/// of the box all the way (as Miri or a CHERI target require). The window owns an attached
+/// context: [`detach`](Window::detach) hands it back, dropping the window drops it.
 #[derive(Debug)]
 pub struct Window {
     pub(crate) buf: IoBuffer,
-    tail: usize,
+    tail: *mut Context,
 }
 
-// A `Window` is `Send` and `Sync` by its fields (a `usize` stands for the context): that is
-// sound because the context it may own is itself `Send` and `Sync`, checked here.
+// SAFETY: `tail` is either an address without provenance (nothing is reached through it) or
+// the pointer of a `Box<Context>` that the window owns exclusively (as if it held the box):
+// moving the window to another thread moves that box, and a `&Window` only reads the
+// context's `start`. Both are sound because `Context` is `Send` and `Sync` (checked below).
+unsafe impl Send for Window {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for Window {}
+
 const _: () = {
     const fn send_sync<T: Send + Sync>() {}
     send_sync::<Context>();
@@ -113,21 +122,23 @@ impl Window {
         debug_assert!(start <= usize::MAX >> 1);
         Window {
             buf,
-            tail: start << 1,
+            tail: std::ptr::without_provenance_mut(start << 1),
         }
     }
 
-    /// The attached context, if any.
+    /// The attached context, if any (its pointer, tag cleared, provenance kept).
+    #[inline(always)]
     fn context(&self) -> Option<*mut Context> {
-        (self.tail & 1 == 1).then_some((self.tail & !1) as *mut Context)
+        (self.tail.addr() & 1 == 1).then(|| self.tail.map_addr(|a| a & !1))
     }
 
     /// The byte of the buffer where the request starts.
+    #[inline(always)]
     pub(crate) fn start(&self) -> usize {
         match self.context() {
-            None => self.tail >> 1,
-            // SAFETY: bit 0 set: `tail` holds the address of the context leaked by `attach`,
-            // which this window owns (only `detach` and `drop` free it, and both clear the tag
+            None => self.tail.addr() >> 1,
+            // SAFETY: bit 0 set: `tail` is the pointer of the box leaked by `attach`, which
+            // this window owns (only `detach` and `drop` free it, and both clear the tag
             // first), so it is alive; we only read it.
             Some(c) => unsafe { (*c).start() },
         }
@@ -138,20 +149,20 @@ impl Window {
         if let Some(old) = self.detach() {
             drop(old);
         }
-        ctx.set_start(self.tail >> 1);
-        let p = Box::into_raw(ctx) as usize;
-        debug_assert_eq!(p & 1, 0, "a Box<Context> is at least 2-aligned");
-        self.tail = p | 1;
+        ctx.set_start(self.tail.addr() >> 1);
+        let p = Box::into_raw(ctx);
+        debug_assert_eq!(p.addr() & 1, 0, "a Box<Context> is at least 2-aligned");
+        self.tail = p.map_addr(|a| a | 1);
     }
 
     /// Take the attached context back.
     pub(crate) fn detach(&mut self) -> Option<Box<Context>> {
         let c = self.context()?;
-        // SAFETY: `c` is the pointer `Box::into_raw` gave in `attach`, owned by this window and
-        // not freed (the tag was still set); the tag is cleared right below, so it is turned
-        // back into a box exactly once.
+        // SAFETY: `c` is the pointer `Box::into_raw` gave in `attach` (its tag cleared, its
+        // provenance kept), owned by this window and not freed (the tag was still set); the
+        // tag is cleared right below, so it is turned back into a box exactly once.
         let ctx = unsafe { Box::from_raw(c) };
-        self.tail = ctx.start() << 1;
+        self.tail = std::ptr::without_provenance_mut(ctx.start() << 1);
         Some(ctx)
     }
 

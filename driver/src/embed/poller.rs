@@ -1208,8 +1208,10 @@ impl Local {
     pub(crate) fn poll_once(&self) -> usize {
         let Some(mut done) = self.with(|st| {
             let mut done = std::mem::take(&mut st.reaped);
-            for (ctx, s) in st.failed.drain(..) {
-                done.push((ctx, Err(s)));
+            if !st.failed.is_empty() {
+                for (ctx, s) in st.failed.drain(..) {
+                    done.push((ctx, Err(s)));
+                }
             }
             for q in st.qpairs.iter_mut() {
                 let _ = q.poll(usize::MAX, |ctx, r| done.push((ctx, status_of(r))));

@@ -21,14 +21,27 @@
 //! `fetch_sub`), with no mutex: two requests on disjoint pages touch different words (unless
 //! their pages alias the same stripe, which only serialises them, never breaks exclusion).
 //! Overlapping requests are serialised because they share at least one stripe (any common
-//! page's), which the writer holds exclusively. There is no writer preference, exactly like the
-//! lock this replaces: a stream of overlapping readers can hold off a writer.
+//! page's), which the writer holds exclusively.
+//!
+//! # Fairness
+//! A writer that parks behind readers sets the stripe's `WRITER_WAITING` bit (with its
+//! registration); from then on no new reader takes that stripe, so the readers in it drain and
+//! the writer gets it (taking a stripe exclusively clears the bit). A stream of overlapping
+//! readers therefore cannot hold a writer off forever: once the writer waits, only the readers
+//! already inside, plus those woken with it by the same release, go before it. Readers that
+//! find the bit set wait like for a writer. Only a parked writer sets the bit: a polling one
+//! (run to completion, one thread) would otherwise block the readers that the callbacks of its
+//! own poll issue, and a [`try_lock`](RangeLock::try_lock) never waits.
 //!
 //! # Waiting
 //! A request that finds a stripe taken gives back the stripes it got, waits as told by
 //! [`LockWait`] for that stripe, and tries its whole span again:
 //! * [`LockWait::Poll`]: call the poll function (a run-to-completion caller polls its own queue
-//!   pair, which is what completes the conflicting request).
+//!   pair, which is what completes the conflicting request). When the poll says nothing is in
+//!   flight any more and the stripe is still taken, no completion can free it: it is held by a
+//!   request lower on the same thread's stack (a callback run by that request's poll issued
+//!   this one), which returns only after this one. [`lock`](RangeLock::lock) then fails
+//!   instead of hanging.
 //! * [`LockWait::Park`]: register in the file's waiter list, set the stripe's `WAITERS` bit,
 //!   re-check the stripe, and park. The list is a mutex, but it is only touched on contention:
 //!   by a waiter, and by the release that frees a stripe whose `WAITERS` bit is set, which wakes
@@ -61,15 +74,19 @@ pub(crate) const MAX_STRIPES: usize = 4096;
 const WRITER: u32 = 1 << 31;
 /// Someone parked waiting for the stripe (see the module docs).
 const WAITERS: u32 = 1 << 30;
+/// A writer parked waiting for the stripe: no new reader gets in (see "Fairness").
+const WRITER_WAITING: u32 = 1 << 29;
 /// The reader count.
-const READERS: u32 = WAITERS - 1;
+const READERS: u32 = WRITER_WAITING - 1;
 
 /// How a blocked locker waits.
 pub(crate) enum LockWait<'a> {
     /// Park until the stripe it waits for is released.
     Park,
-    /// Call this between attempts (run-to-completion: it polls the caller's queue pair).
-    Poll(&'a dyn Fn()),
+    /// Call this between attempts (run-to-completion: it polls the caller's queue pair). It
+    /// returns whether anything is still in flight that could free the range: `false` with
+    /// the range still taken makes [`RangeLock::lock`] fail.
+    Poll(&'a dyn Fn() -> bool),
 }
 
 /// The range lock of one file.
@@ -195,12 +212,18 @@ impl RangeLock {
             let free = if exclusive {
                 w & (WRITER | READERS) == 0
             } else {
-                w & WRITER == 0 && w & READERS != READERS
+                w & (WRITER | WRITER_WAITING) == 0 && w & READERS != READERS
             };
             if !free {
                 return false;
             }
-            let new = if exclusive { w | WRITER } else { w + 1 };
+            // A writer that gets the stripe clears `WRITER_WAITING`: its own, or that of a
+            // writer still parked, which sets it again when it registers anew.
+            let new = if exclusive {
+                (w | WRITER) & !WRITER_WAITING
+            } else {
+                w + 1
+            };
             // Acquire: what the previous holder wrote before its Release is visible to us.
             match s.compare_exchange_weak(w, new, Ordering::Acquire, Ordering::Relaxed) {
                 Ok(_) => return true,
@@ -241,14 +264,20 @@ impl RangeLock {
         });
     }
 
-    /// Register as a waiter of stripe `i` if it is still busy; false if it is free now.
+    /// Register as a waiter of stripe `i` if it is still busy; false if it is free now. A
+    /// writer also sets `WRITER_WAITING`, which keeps new readers out (see "Fairness").
     fn register(&self, i: usize, exclusive: bool, parker: &Parker) -> bool {
         let mut list = lock_list(&self.waiters);
-        let w = self.stripes[i].fetch_or(WAITERS, Ordering::Relaxed);
+        let bits = if exclusive {
+            WAITERS | WRITER_WAITING
+        } else {
+            WAITERS
+        };
+        let w = self.stripes[i].fetch_or(bits, Ordering::Relaxed);
         let busy = if exclusive {
             w & (WRITER | READERS) != 0
         } else {
-            w & WRITER != 0
+            w & (WRITER | WRITER_WAITING) != 0
         };
         if busy {
             list.push((i, parker.unparker().clone()));
@@ -269,19 +298,21 @@ impl RangeLock {
             .map(|()| self.guard(span, exclusive))
     }
 
-    /// Lock `range`, waiting as told while a conflicting range is held.
+    /// Lock `range`, waiting as told while a conflicting range is held. `None` only with
+    /// [`LockWait::Poll`]: the range is held and nothing in flight can free it (see
+    /// "Waiting").
     #[inline(always)]
     pub(crate) fn lock(
         &self,
         range: Range<u64>,
         exclusive: bool,
         wait: LockWait<'_>,
-    ) -> RangeGuard<'_> {
+    ) -> Option<RangeGuard<'_>> {
         let span = self.span(&range);
         if let Err(busy) = self.try_span(span, exclusive) {
-            self.wait_span(span, exclusive, wait, busy);
+            self.wait_span(span, exclusive, wait, busy)?;
         }
-        self.guard(span, exclusive)
+        Some(self.guard(span, exclusive))
     }
 
     /// Take every stripe of `span` without waiting, or none (`Err`: the first busy stripe).
@@ -313,22 +344,31 @@ impl RangeLock {
 
     /// The slow path of [`lock`](Self::lock): wait as told for the stripe that was busy,
     /// holding nothing, then try the whole span again.
+    /// `None`: a polling waiter found the span still taken with nothing left in flight.
     #[cold]
     #[inline(never)]
-    fn wait_span(&self, span: Span, exclusive: bool, wait: LockWait<'_>, mut busy: usize) {
+    fn wait_span(
+        &self,
+        span: Span,
+        exclusive: bool,
+        wait: LockWait<'_>,
+        mut busy: usize,
+    ) -> Option<()> {
         let mut parker: Option<Parker> = None;
         loop {
-            match &wait {
+            let pending = match &wait {
                 LockWait::Poll(poll) => poll(),
                 LockWait::Park => {
                     let p = parker.get_or_insert_with(Parker::new);
                     if self.register(busy, exclusive, p) {
                         p.park();
                     }
+                    true
                 }
-            }
+            };
             match self.try_span(span, exclusive) {
-                Ok(()) => return,
+                Ok(()) => return Some(()),
+                Err(_) if !pending => return None,
                 Err(i) => busy = i,
             }
         }
@@ -429,7 +469,7 @@ mod tests {
         let t = {
             let (l, got) = (l.clone(), got.clone());
             std::thread::spawn(move || {
-                let _g = l.lock(0..100, false, LockWait::Park);
+                let _g = l.lock(0..100, false, LockWait::Park).unwrap();
                 got.store(true, Ordering::SeqCst);
             })
         };
@@ -458,7 +498,7 @@ mod tests {
         let t = {
             let (l, got) = (l.clone(), got.clone());
             std::thread::spawn(move || {
-                let _g = l.lock(0..P, true, LockWait::Park);
+                let _g = l.lock(0..P, true, LockWait::Park).unwrap();
                 got.store(true, Ordering::SeqCst);
             })
         };
@@ -485,8 +525,9 @@ mod tests {
             if polls.get() == 3 {
                 g.borrow_mut().take();
             }
+            true
         };
-        let _w = l.lock(0..P, true, LockWait::Poll(&poll));
+        let _w = l.lock(0..P, true, LockWait::Poll(&poll)).unwrap();
         assert_eq!(polls.get(), 3);
         assert_eq!(l.waiting(), 0, "a polling waiter never registers");
     }
@@ -524,12 +565,17 @@ mod tests {
                                 Some(g) => g,
                                 None => continue,
                             },
-                            1 => l.lock(
-                                range.clone(),
-                                exclusive,
-                                LockWait::Poll(&|| std::thread::yield_now()),
-                            ),
-                            _ => l.lock(range.clone(), exclusive, LockWait::Park),
+                            1 => l
+                                .lock(
+                                    range.clone(),
+                                    exclusive,
+                                    LockWait::Poll(&|| {
+                                        std::thread::yield_now();
+                                        true
+                                    }),
+                                )
+                                .unwrap(),
+                            _ => l.lock(range.clone(), exclusive, LockWait::Park).unwrap(),
                         };
                         let pages = range.start / P..range.end.div_ceil(P);
                         for p in pages.clone() {
@@ -598,8 +644,9 @@ mod tests {
             nested.set(g.is_some());
             drop(g);
             in_flight.borrow_mut().take();
+            true
         };
-        let g = l.lock(0..2 * P, true, LockWait::Poll(&poll));
+        let g = l.lock(0..2 * P, true, LockWait::Poll(&poll)).unwrap();
         assert!(nested.get(), "the waiter held page 0 while it polled");
         drop(g);
         assert_eq!(l.held(), 0);
@@ -608,7 +655,11 @@ mod tests {
     #[test]
     fn a_detached_range_stays_held_until_unlocked() {
         let l = RangeLock::new(64 * P);
-        let held = l.lock(0..2 * P, true, LockWait::Park).into_held().unwrap();
+        let held = l
+            .lock(0..2 * P, true, LockWait::Park)
+            .unwrap()
+            .into_held()
+            .unwrap();
         assert!(l.try_lock(P..P + 1, false).is_none());
         assert_eq!(l.held(), 2);
         l.unlock(held);
@@ -624,5 +675,121 @@ mod tests {
         assert_eq!(l.held(), 1);
         drop(g);
         assert_eq!(l.held(), 0);
+    }
+
+    /// A writer parked behind a reader keeps new readers out: the stream of readers that
+    /// overlap the held one (each would find the stripe shared) cannot hold the writer off;
+    /// the writer gets the range as soon as the reader that was inside leaves.
+    #[test]
+    fn a_parked_writer_is_not_starved_by_new_readers() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let l = Arc::new(RangeLock::new(64 * P));
+        let inside = l.try_lock(0..2 * P, false).unwrap();
+        let got = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (l, got) = (l.clone(), got.clone());
+            std::thread::spawn(move || {
+                let g = l.lock(P..2 * P, true, LockWait::Park).unwrap();
+                got.store(true, Ordering::SeqCst);
+                drop(g);
+            })
+        };
+        while l.waiting() == 0 {
+            std::thread::yield_now();
+        }
+        // New readers of the writer's page are refused (a try) or wait (a parked reader);
+        // readers of other pages are not affected.
+        assert!(
+            l.try_lock(P..P + 1, false).is_none(),
+            "a new reader got in ahead of a parked writer"
+        );
+        assert!(l.try_lock(0..P, false).is_some());
+        let reader = {
+            let l = l.clone();
+            std::thread::spawn(move || drop(l.lock(P..2 * P, false, LockWait::Park).unwrap()))
+        };
+        while l.waiting() < 2 {
+            std::thread::yield_now();
+        }
+        assert!(!got.load(Ordering::SeqCst));
+        drop(inside);
+        writer.join().unwrap();
+        reader.join().unwrap();
+        assert!(got.load(Ordering::SeqCst));
+        assert_eq!((l.held(), l.waiting()), (0, 0));
+        for s in l.stripes.iter() {
+            assert_eq!(s.load(Ordering::Relaxed), 0, "no bit left behind");
+        }
+    }
+
+    /// Two reader threads keep the page shared without a gap: each takes it again (a try,
+    /// which never waits) before it lets go of its previous hold, and only when a try fails
+    /// does it let go first and wait. Without writer preference the page is never free and
+    /// the writer waits forever (the watchdog fails the test); with it, writers get in.
+    #[test]
+    fn overlapping_readers_without_a_gap_do_not_starve_writers() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let l = Arc::new(RangeLock::new(64 * P));
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(AtomicUsize::new(0));
+        let first = l.try_lock(0..P, false).unwrap().into_held().unwrap();
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (l, stop, started) = (l.clone(), stop.clone(), started.clone());
+                std::thread::spawn(move || {
+                    let mut mine = l.try_lock(0..P, false).unwrap().into_held();
+                    started.fetch_add(1, Ordering::SeqCst);
+                    while !stop.load(Ordering::SeqCst) {
+                        let next = match l.try_lock(0..P, false) {
+                            Some(g) => g.into_held(),
+                            None => {
+                                if let Some(h) = mine.take() {
+                                    l.unlock(h);
+                                }
+                                l.lock(0..P, false, LockWait::Park).unwrap().into_held()
+                            }
+                        };
+                        if let Some(h) = mine.take() {
+                            l.unlock(h);
+                        }
+                        mine = next;
+                    }
+                    if let Some(h) = mine {
+                        l.unlock(h);
+                    }
+                })
+            })
+            .collect();
+        while started.load(Ordering::SeqCst) < 2 {
+            std::thread::yield_now();
+        }
+        l.unlock(first);
+        for _ in 0..3 {
+            drop(l.lock(0..P, true, LockWait::Park).unwrap());
+        }
+        stop.store(true, Ordering::SeqCst);
+        for r in readers {
+            r.join().unwrap();
+        }
+        assert_eq!((l.held(), l.waiting()), (0, 0));
+    }
+
+    /// A polling waiter whose poll reports nothing in flight, with the range still taken (by a
+    /// frame below it on its stack), fails instead of polling forever.
+    #[test]
+    fn a_polling_waiter_gives_up_when_nothing_can_free_the_range() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let l = RangeLock::new(64 * P);
+        let below = l.try_lock(0..P, true).unwrap();
+        let polls = std::cell::Cell::new(0);
+        let poll = || {
+            polls.set(polls.get() + 1);
+            polls.get() < 3
+        };
+        assert!(l.lock(0..2 * P, false, LockWait::Poll(&poll)).is_none());
+        assert_eq!(polls.get(), 3);
+        assert_eq!(l.held(), 1, "the failed waiter holds nothing");
+        drop(below);
+        assert!(l.lock(0..2 * P, true, LockWait::Poll(&|| false)).is_some());
     }
 }

@@ -7,7 +7,10 @@
 //! 2. **Checks** ([`BlockFile::run`]): the engine accepts requests (shutdown, owner thread),
 //!    buffer length, capacity, read-only; on a poller thread, whatever would wait is refused.
 //! 3. **Range lock** on the request's pages (see [`rangelock`](crate::embed::rangelock)):
-//!    tried on a poller, polled for in run-to-completion mode, parked for otherwise.
+//!    tried on a poller, polled for in run-to-completion mode, parked for otherwise. Polled
+//!    for, it is refused ([`EmbedError::WouldDeadlock`]) when nothing is in flight any more
+//!    and the range is still held: a request lower on this thread's stack holds it (its poll
+//!    ran the callback that issued this request), and it returns only after this one.
 //! 4. **Split** ([`BlockFile::read_locked`], [`BlockFile::write_locked`]): what goes through
 //!    the page cache (heap buffers, unaligned head and tail, the zeroes of a gap) and what goes
 //!    directly to the device (the block-aligned middle of a DMA buffer). A direct write first
@@ -20,8 +23,11 @@
 //!    accounting, what the error names, the user's callback stored inline) in a box from the
 //!    file's pool ([`Shared`]), whose pointer travels in the request's [`Window`], i.e. in
 //!    dio-core's pooled request state.
-//! 6. **Completion** ([`direct_done`]): give the context back to the pool, unlock the range,
-//!    zero what a read clamped at the end of file left, compute the result.
+//! 6. **Completion** ([`direct_done`], where the request finished: the poller, or the
+//!    submitter's stack): unlock the range (it covers the I/O, not the callback); with
+//!    deferred completions, hand the rest to the deferral thread. Then ([`deliver`]) give the
+//!    context back to the pool, zero what a read clamped at the end of file left, compute the
+//!    result.
 //! 7. **User callback** ([`run_callback`]): run once, a panic caught and logged.
 //!
 //! # Costs
@@ -43,10 +49,11 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 
-use dio_core::{DioError, DioRequest, DioResult, Dir, Mode, Submitted};
+use dio_core::{Completion, DioCore, DioError, DioRequest, DioResult, Dir, Mode, Submitted};
 
 use super::callback::Callback;
 use super::{BlockFile, Completed, EngineRef, Refused, Request};
@@ -178,12 +185,28 @@ impl Drop for Entered<'_> {
     }
 }
 
-fn round_down(x: u64, a: u64) -> u64 {
-    x / a * a
+// The block size (`2^LBADS`) and the page size are powers of two: masks, not divisions (a
+// 64-bit division costs tens of cycles, several per request).
+
+/// `x % a`, for a power of two `a`.
+#[inline(always)]
+fn rem(x: u64, a: u64) -> u64 {
+    debug_assert!(a.is_power_of_two());
+    x & (a - 1)
 }
 
+#[inline(always)]
+fn round_down(x: u64, a: u64) -> u64 {
+    x - rem(x, a)
+}
+
+/// Only for `x` at most the capacity (no overflow).
+#[inline(always)]
 fn round_up(x: u64, a: u64) -> u64 {
-    x.div_ceil(a) * a
+    match rem(x, a) {
+        0 => x,
+        r => x + (a - r),
+    }
 }
 
 impl BlockFile {
@@ -224,21 +247,22 @@ impl BlockFile {
             };
             return refuse(e, buf);
         }
-        let beyond = EmbedError::BeyondCapacity {
+        // Built only when refused (an error built and dropped costs every request).
+        let beyond = || EmbedError::BeyondCapacity {
             op,
             offset,
             len: len64,
             capacity: inner.capacity,
         };
         let Some(end) = offset.checked_add(len64) else {
-            return refuse(beyond, buf);
+            return refuse(beyond(), buf);
         };
         if op == Op::Write {
             if !inner.writable {
                 return refuse(EmbedError::ReadOnly { offset }, buf);
             }
             if end > inner.capacity {
-                return refuse(beyond, buf);
+                return refuse(beyond(), buf);
             }
         }
         // A read stops at `len`, which never exceeds the capacity: nothing past it is read,
@@ -259,7 +283,7 @@ impl BlockFile {
                 Some("a synchronous call")
             } else if !buf.is_dma() {
                 Some("a heap buffer goes through the page cache")
-            } else if offset % bs != 0 || len64 % bs != 0 || len == 0 {
+            } else if rem(offset, bs) != 0 || rem(len64, bs) != 0 || len == 0 {
                 Some("an unaligned request goes through the page cache")
             } else if op == Op::Write && end > size {
                 Some("a write past the end of the file is synchronous")
@@ -293,17 +317,28 @@ impl BlockFile {
                 }
             }
         } else {
-            match &inner.engine {
+            let locked = match &inner.engine {
+                // Polling for the holder's completion; when nothing is in flight any more, the
+                // holder is a request below us on this thread's stack: refuse, never hang.
                 EngineRef::Local(l) => {
-                    let poll = || {
-                        l.poll_once();
-                    };
+                    let poll = || l.poll_once() > 0 || l.in_flight();
                     inner
                         .shared
                         .locks
                         .lock(range, exclusive, LockWait::Poll(&poll))
                 }
                 EngineRef::Pooled(_) => inner.shared.locks.lock(range, exclusive, LockWait::Park),
+            };
+            match locked {
+                Some(g) => g,
+                None => {
+                    let e = EmbedError::WouldDeadlock {
+                        op,
+                        offset,
+                        len: len64,
+                    };
+                    return refuse(e, buf);
+                }
             }
         };
         match op {
@@ -336,7 +371,7 @@ impl BlockFile {
         let end = (offset + len).min(size);
         let n = end - offset;
         let bs = inner.block;
-        let h = if offset % bs != 0 {
+        let h = if rem(offset, bs) != 0 {
             (round_up(offset, bs) - offset).min(n)
         } else {
             0
@@ -348,7 +383,7 @@ impl BlockFile {
         // ends in the request's first block, that block is the head (read from the cache), and
         // there is no direct part (its start, `offset + h` = `end`, would not be aligned).
         let tail_end = round_up(end, bs);
-        let b = if end % bs != 0
+        let b = if rem(end, bs) != 0
             && round_down(end, bs) >= offset
             && tail_end <= offset + len
             && tail_end as usize - offset as usize <= buf.len()
@@ -363,7 +398,7 @@ impl BlockFile {
             && buf.is_dma()
             && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
         debug_assert!(
-            !direct || (a % bs == 0 && b % bs == 0),
+            !direct || (rem(a, bs) == 0 && rem(b, bs) == 0),
             "direct span {a}..{b}"
         );
         if !direct {
@@ -430,7 +465,7 @@ impl BlockFile {
             }
         }
         let bs = inner.block;
-        let h = if offset % bs != 0 {
+        let h = if rem(offset, bs) != 0 {
             (round_up(offset, bs) - offset).min(len)
         } else {
             0
@@ -518,14 +553,24 @@ impl Accounting {
     }
 }
 
-/// What a file shares with its requests in flight: the range lock, and the pool of request
-/// contexts. An asynchronous request holds an `Arc` of it until its completion (the file may be
-/// dropped meanwhile).
+/// What a file shares with its requests in flight: the range lock, the pool of request
+/// contexts, and the deferral of callbacks. An asynchronous request holds an `Arc` of it until
+/// its completion (the file may be dropped meanwhile).
 pub(crate) struct Shared {
     pub(super) locks: RangeLock,
     /// Request contexts to reuse (a lock-free bounded queue: one compare-and-swap to take, one
     /// to give back). Empty: a new one is allocated (the warm-up); full: one is freed.
     contexts: ArrayQueue<Box<Context>>,
+    /// With deferred completions: a dio-core (with the user's deferral hook) used only to
+    /// carry a finished request's callback to the deferral thread in a pooled state, without
+    /// allocating ([`DioCore::defer_completion`]). The file's own dio-core has no deferral:
+    /// [`direct_done`] runs where the request finished, gives the range back there, and only
+    /// then defers the callback (see [`direct_done`]).
+    defer: Option<DioCore<Window>>,
+    /// Contexts allocated because the pool was empty, and freed because it was full (cold
+    /// paths only; what the tests check).
+    fresh: AtomicUsize,
+    freed: AtomicUsize,
 }
 
 /// Contexts kept per file: as many asynchronous direct requests in flight at once as this
@@ -533,11 +578,24 @@ pub(crate) struct Shared {
 const CONTEXTS: usize = 256;
 
 impl Shared {
-    pub(super) fn new(capacity: u64) -> Shared {
+    /// `defer`: see [`Shared::defer`].
+    pub(super) fn new(capacity: u64, defer: Option<DioCore<Window>>) -> Shared {
         Shared {
             locks: RangeLock::new(capacity),
             contexts: ArrayQueue::new(CONTEXTS),
+            defer,
+            fresh: AtomicUsize::new(0),
+            freed: AtomicUsize::new(0),
         }
+    }
+
+    /// Contexts allocated (pool empty) and freed (pool full) so far.
+    #[cfg(test)]
+    fn pool_misses(&self) -> (usize, usize) {
+        (
+            self.fresh.load(Ordering::Relaxed),
+            self.freed.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -603,14 +661,31 @@ impl Context {
                 b.shared = Some(shared);
                 b
             }
-            None => Box::new(Context {
-                start: 0,
-                shared: Some(shared),
-                held,
-                acct,
-                cb: Some(cb),
-            }),
+            None => {
+                shared.fresh.fetch_add(1, Ordering::Relaxed);
+                Box::new(Context {
+                    start: 0,
+                    shared: Some(shared),
+                    held,
+                    acct,
+                    cb: Some(cb),
+                })
+            }
         }
+    }
+
+    /// Give the range back now (the range lock covers the I/O, not the callback).
+    #[inline(always)]
+    fn unlock(&mut self) {
+        if let (Some(s), Some(h)) = (&self.shared, self.held.take()) {
+            s.locks.unlock(h);
+        }
+    }
+
+    /// The file's shared part if its callbacks are deferred (an `Arc` clone: deferred mode).
+    #[inline(always)]
+    fn deferred(&self) -> Option<Arc<Shared>> {
+        self.shared.as_ref().filter(|s| s.defer.is_some()).cloned()
     }
 
     /// The window's start (see [`Window`]).
@@ -632,7 +707,10 @@ impl Context {
         }
         let taken = (self.acct, self.cb.take());
         // Full: dropped (more requests were in flight than the pool keeps).
-        let _ = shared.contexts.push(self);
+        if let Err(extra) = shared.contexts.push(self) {
+            shared.freed.fetch_add(1, Ordering::Relaxed);
+            drop(extra);
+        }
         Some(taken)
     }
 }
@@ -708,11 +786,55 @@ impl BlockFile {
 // 6. Completion.
 
 /// dio-core's completion of an asynchronous direct request (`cb_fn`; its `cb_arg` is the
-/// window's context): on the poller, the deferral thread, or the submitter's stack.
+/// window's context): on the poller, or on the submitter's stack (a request dio-core finished
+/// at once).
+///
+/// The range is given back here, before the user's callback runs or is deferred: it covers the
+/// I/O, not the callback. A deferred callback that issues a request overlapping another one
+/// whose completion is queued behind it on the deferral thread would otherwise wait for a job
+/// that can only run after it returns (a deadlock of the deferral thread). Then, with deferred
+/// completions, the callback goes to the deferral thread in a pooled dio-core state
+/// ([`deliver`] runs there); otherwise it runs here.
 fn direct_done(r: DioResult, mut w: Window) {
-    // Give the context back to the pool first: the callback may submit again.
-    let Some((acct, cb)) = w.detach().and_then(Context::recycle) else {
+    let Some(mut ctx) = w.detach() else {
         log::error!("a direct request completed without its context; its callback is lost");
+        return;
+    };
+    ctx.unlock();
+    if let Some(shared) = ctx.deferred() {
+        defer(shared, ctx, r, w);
+        return;
+    }
+    deliver_with(ctx, r, w);
+}
+
+/// Hand a finished request (its range given back) to the deferral thread, where [`deliver`]
+/// runs.
+#[cold]
+#[inline(never)]
+fn defer(shared: Arc<Shared>, ctx: Box<Context>, r: DioResult, mut w: Window) {
+    w.attach(ctx);
+    match &shared.defer {
+        Some(d) => d.defer_completion(Completion::from_fn(deliver), r, w),
+        None => deliver(r, w),
+    }
+}
+
+/// Give the context back to the pool, compute the result, run the user's callback (on the
+/// deferral thread).
+fn deliver(r: DioResult, mut w: Window) {
+    let Some(ctx) = w.detach() else {
+        log::error!("a direct request completed without its context; its callback is lost");
+        return;
+    };
+    deliver_with(ctx, r, w);
+}
+
+#[inline(always)]
+fn deliver_with(ctx: Box<Context>, r: DioResult, mut w: Window) {
+    // Give the context back to the pool first: the callback may submit again.
+    let Some((acct, cb)) = ctx.recycle() else {
+        log::error!("a direct request completed with a free context; its callback is lost");
         return;
     };
     acct.zero_short_read(&r, &mut w.buf);
@@ -781,7 +903,7 @@ mod tests {
     /// the callback unrun.
     #[test]
     fn a_window_owns_its_attached_context() {
-        let shared = Arc::new(Shared::new(64 * PAGE));
+        let shared = Arc::new(Shared::new(64 * PAGE, None));
         let runs = Arc::new(AtomicUsize::new(0));
         let pending = |shared: &Arc<Shared>, runs: &Arc<AtomicUsize>| {
             let held = shared.locks.try_lock(0..PAGE, true).unwrap().into_held();
@@ -823,5 +945,220 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 0, "no callback ran");
         assert_eq!(Arc::strong_count(&runs), 1, "both callbacks were dropped");
         assert_eq!(Arc::strong_count(&shared), 1, "no context holds the file");
+    }
+
+    use crate::bus::emulated::{EmulatedConfig, EmulatedController, Mode as Emu, NamespaceConfig};
+    use crate::nvme::qpair::QueueOptions;
+    use crate::{CompletionThread, Dioxide, FileOptions, Nsid, Request};
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc::channel;
+
+    fn ctrl() -> crate::Controller {
+        let emu = EmulatedController::new(EmulatedConfig {
+            mode: Emu::Inline,
+            namespaces: vec![NamespaceConfig::memory(512, 1 << 14)],
+            ..EmulatedConfig::default()
+        })
+        .unwrap();
+        crate::Controller::new(emu).unwrap()
+    }
+
+    fn open(dx: &Dioxide) -> BlockFile {
+        dx.open_file(0, Nsid(1), FileOptions::new(0, 1 << 13).with_len(1 << 22))
+            .unwrap()
+    }
+
+    /// Run to completion: a synchronous read polls for its bio; that poll runs the callback of
+    /// another request, which writes into the page the read holds. The read can only return
+    /// after the callback, so the write would wait forever: it is refused, and nothing hangs
+    /// or stays locked.
+    #[test]
+    fn a_callback_overlapping_the_request_polling_below_it_is_refused_not_hung() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let dx = Dioxide::builder()
+            .controller(ctrl())
+            .run_to_completion()
+            .build()
+            .unwrap();
+        let file = open(&dx);
+        let nested: Arc<Mutex<Option<EmbedResult<usize>>>> = Arc::default();
+        let (f, n) = (file.clone(), nested.clone());
+        let buf = file.alloc(PAGE as usize).unwrap();
+        file.submit(Request::read(5 * PAGE, buf), move |c| {
+            assert_eq!(c.result.unwrap(), PAGE as usize);
+            *n.lock().unwrap() = Some(f.write_at(&[7; 100], 10));
+        })
+        .unwrap();
+        let (r, _) = file.read(file.alloc(PAGE as usize).unwrap(), 0, PAGE as usize);
+        assert_eq!(r.unwrap(), PAGE as usize);
+        let got = nested.lock().unwrap().take().expect("the callback ran");
+        assert!(
+            matches!(
+                got,
+                Err(EmbedError::WouldDeadlock {
+                    op: Op::Write,
+                    offset: 10,
+                    len: 100
+                })
+            ),
+            "{got:?}"
+        );
+        assert_eq!(file.write_at(&[7; 100], 10).unwrap(), 100);
+        let mut back = [0; 100];
+        assert_eq!(file.read_at(&mut back, 10).unwrap(), 100);
+        assert_eq!(back, [7; 100]);
+    }
+
+    /// Deferred completions: two reads finish; the callback of each (on the completion
+    /// thread, one after the other) writes the other's page synchronously. Whichever runs
+    /// first needs the other's range, which must be free already: its completion is queued
+    /// behind the running callback on the same thread.
+    #[test]
+    fn a_deferred_callback_may_overlap_a_request_whose_callback_is_queued_behind_it() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let thread = CompletionThread::spawn("deferred-test").unwrap();
+        let dx = Dioxide::builder()
+            .controller(ctrl())
+            .pollers([None])
+            .deferred_completions(thread.clone())
+            .build()
+            .unwrap();
+        let file = open(&dx);
+        let go = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = channel();
+        for (mine, other) in [(0, 1), (1, 0)] {
+            let (f, go, tx) = (file.clone(), go.clone(), tx.clone());
+            let buf = file.alloc(PAGE as usize).unwrap();
+            file.submit(Request::read(mine * PAGE, buf), move |c| {
+                assert_eq!(c.result.unwrap(), PAGE as usize);
+                // Both requests are submitted before either callback goes on.
+                while !go.load(Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
+                tx.send(f.write_at(&[1; 10], other * PAGE)).unwrap();
+            })
+            .unwrap();
+        }
+        go.store(true, Ordering::SeqCst);
+        for _ in 0..2 {
+            assert_eq!(rx.recv().unwrap().unwrap(), 10);
+        }
+        drop(file);
+        drop(dx);
+        thread.stop();
+    }
+
+    /// Deferred completions: a callback that panics on the completion thread is caught there
+    /// (the thread survives: the next callback runs on it, not inline on the poller), and the
+    /// range of its request was given back all the same.
+    #[test]
+    fn a_panicking_deferred_callback_is_caught_on_the_completion_thread() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let thread = CompletionThread::spawn("deferred-panic").unwrap();
+        let dx = Dioxide::builder()
+            .controller(ctrl())
+            .pollers([None])
+            .deferred_completions(thread.clone())
+            .build()
+            .unwrap();
+        let file = open(&dx);
+        let (tx, rx) = channel();
+        let buf = file.alloc(PAGE as usize).unwrap();
+        file.submit(Request::write(0, buf), |_c| panic!("boom"))
+            .unwrap();
+        let buf = file.alloc(PAGE as usize).unwrap();
+        file.submit(Request::read(0, buf), move |c| {
+            let name = std::thread::current().name().map(str::to_string);
+            tx.send((c.result.map_err(|e| e.to_string()), name))
+                .unwrap();
+        })
+        .unwrap();
+        let (r, name) = rx.recv().unwrap();
+        assert_eq!(r.unwrap(), PAGE as usize);
+        assert_eq!(name.as_deref(), Some("deferred-panic"));
+        assert_eq!(
+            file.write_at(&[3; 8], 0).unwrap(),
+            8,
+            "the range was given back"
+        );
+        drop(file);
+        drop(dx);
+        thread.stop();
+    }
+
+    /// More asynchronous direct requests in flight on one file than its pool of request
+    /// contexts keeps: the pool runs dry (a context is allocated per request beyond it), then
+    /// overflows (the extra contexts are freed); every request completes exactly once with its
+    /// own data, and a second round reuses the pool before it allocates again.
+    #[test]
+    fn more_requests_in_flight_than_the_context_pool_keeps() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        const N: usize = CONTEXTS + 100;
+        let dx = Dioxide::builder()
+            .controller(ctrl())
+            .run_to_completion()
+            .queue(QueueOptions::default().with_entries(1024))
+            .build()
+            .unwrap();
+        let file = open(&dx);
+        let shared = Arc::clone(&file.inner.shared);
+        let (tx, rx) = channel::<(usize, Completed)>();
+        let round = |op: Op, bufs: Vec<(usize, IoBuffer)>| -> Vec<(usize, IoBuffer)> {
+            // Submitted without polling: all N are in flight at once.
+            for (i, b) in bufs {
+                let tx = tx.clone();
+                let req = Request {
+                    op,
+                    offset: i as u64 * PAGE,
+                    len: PAGE as usize,
+                    buf: b,
+                };
+                file.submit(req, move |c| tx.send((i, c)).unwrap()).unwrap();
+            }
+            let mut seen = vec![false; N];
+            let mut back = Vec::new();
+            while back.len() < N {
+                dx.poll();
+                while let Ok((i, c)) = rx.try_recv() {
+                    assert_eq!(c.result.unwrap(), PAGE as usize);
+                    assert!(
+                        !std::mem::replace(&mut seen[i], true),
+                        "{i} completed twice"
+                    );
+                    back.push((i, c.buf));
+                }
+            }
+            back
+        };
+        let bufs = (0..N)
+            .map(|i| {
+                let mut b = file.alloc(PAGE as usize).unwrap();
+                b.as_mut_slice().fill(i as u8);
+                (i, IoBuffer::Dma(b))
+            })
+            .collect();
+        let back = round(Op::Write, bufs);
+        assert_eq!(
+            shared.pool_misses(),
+            (N, N - CONTEXTS),
+            "dry, then overflowing"
+        );
+        let back = back
+            .into_iter()
+            .map(|(i, mut b)| {
+                b.as_mut_slice().fill(0xee);
+                (i, b)
+            })
+            .collect();
+        for (i, b) in round(Op::Read, back) {
+            assert!(b.as_slice().iter().all(|&x| x == i as u8), "page {i}");
+        }
+        assert_eq!(
+            shared.pool_misses(),
+            (N + N - CONTEXTS, 2 * (N - CONTEXTS)),
+            "the second round took the pool's contexts first"
+        );
+        assert!(rx.try_recv().is_err(), "a callback ran twice");
     }
 }
