@@ -555,6 +555,19 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 v.blocks_checked, v.mismatches
             );
         }
+        // SPDK logs each failed I/O (rate limited by -Q); the count of all of them, here.
+        let errors: u64 = outcomes.iter().map(|(_, o)| o.stats.io_errors).sum();
+        if errors > 0 {
+            println!(
+                "I/O errors: {errors} ({})",
+                outcomes
+                    .iter()
+                    .filter(|(_, o)| o.stats.io_errors > 0)
+                    .map(|(_, o)| format!("{} from core {}: {}", o.name, o.core, o.stats.io_errors))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     if let Some(path) = &cfg.plot {
         let series: Vec<plot::Series> = rows

@@ -399,6 +399,22 @@ fn media_errors_fail_the_run_unless_continue_on_error() {
         "{err}"
     );
     assert!(!err.contains(": Read completed with error: "), "{err}");
+
+    // The text report counts them too: one line, matching the errors logged (-Q 1 logs each).
+    let o = perf(&format!("{args} -Q 1"));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let n: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("I/O errors: "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no I/O errors line:\n{out}"));
+    let logged = text(&o.stderr).matches("Read completed with error").count() as u64;
+    assert!(n > 0 && n == logged, "{n} counted, {logged} logged:\n{out}");
+    assert!(
+        out.contains(&format!("(EMULATED (inline) NSID 1 from core 0: {n})")),
+        "{out}"
+    );
 }
 
 #[test]
