@@ -635,7 +635,8 @@ fn check_queue_budget(
         let granted = c.ctrl.io_queues() as u64;
         if needed > granted {
             return Err(format!(
-                "{}: -P {} queue pair(s) per core on {} core(s) (-c) need {needed} I/O queues, but                  the controller granted {granted}; lower -P or use fewer cores (-c)",
+                "{}: -P {} queue pair(s) per core on {} core(s) (-c) need {needed} I/O queues, but \
+                 the controller granted {granted}; lower -P or use fewer cores (-c)",
                 c.label,
                 cfg.qpairs_per_ns,
                 cores.len()

@@ -594,7 +594,7 @@ fn more_queues_than_granted_is_a_clear_error() {
     assert!(!o.status.success());
     let e = text(&o.stderr);
     assert!(
-        e.contains("-P 4 queue pair(s) per core on 1 core(s) (-c) need 4 I/O queues")
+        e.contains("-P 4 queue pair(s) per core on 1 core(s) (-c) need 4 I/O queues, but the controller granted 3;")
             && e.contains("granted 3")
             && e.contains("lower -P"),
         "{e}"
