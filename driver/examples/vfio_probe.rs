@@ -106,19 +106,22 @@ struct Queue {
     head: u16,
     phase: bool,
     cid: u16,
+    /// Entries (at most `QS`, and for an I/O queue at most CAP.MQES + 1).
+    qs: u16,
 }
 
 impl Queue {
-    fn new(bus: &dyn Bus, qid: u16, dstrd: u8) -> Result<Queue, String> {
+    fn new(bus: &dyn Bus, qid: u16, dstrd: u8, qs: u16) -> Result<Queue, String> {
         let sq = bus
             .dma()
-            .alloc(QS as usize * 64)
+            .alloc(qs as usize * 64)
             .map_err(|e| e.to_string())?;
         let cq = bus
             .dma()
-            .alloc(QS as usize * 16)
+            .alloc(qs as usize * 16)
             .map_err(|e| e.to_string())?;
         Ok(Queue {
+            qs,
             sq,
             cq,
             sq_db: bus.doorbell(sq_tail_doorbell(qid, dstrd)),
@@ -135,21 +138,21 @@ impl Queue {
         self.cid = self.cid.wrapping_add(1);
         cmd.set_cid(self.cid);
         let slot = self.sq.as_ptr().cast::<Sqe>();
-        // SAFETY: `tail < QS`, so the entry lies inside the SQ buffer (64-byte aligned entries
+        // SAFETY: `tail < qs`, so the entry lies inside the SQ buffer (64-byte aligned entries
         // in a 4 KiB aligned buffer); queue memory is only written with volatile stores.
         unsafe { slot.add(self.tail as usize).write_volatile(cmd) };
-        self.tail = (self.tail + 1) % QS;
+        self.tail = (self.tail + 1) % self.qs;
         self.sq_db.ring(self.tail as u32); // release fence inside
         let t = Instant::now();
         let entry = self.cq.as_ptr().cast::<Cqe>();
         loop {
-            // SAFETY: `head < QS`, inside the CQ buffer; the device writes it, so volatile reads.
+            // SAFETY: `head < qs`, inside the CQ buffer; the device writes it, so volatile reads.
             let e = unsafe { entry.add(self.head as usize).read_volatile() };
             if e.phase() == self.phase {
                 fence(Ordering::Acquire);
                 // SAFETY: as above; re-read after the fence so every field is the device's.
                 let e = unsafe { entry.add(self.head as usize).read_volatile() };
-                self.head = (self.head + 1) % QS;
+                self.head = (self.head + 1) % self.qs;
                 if self.head == 0 {
                     self.phase = !self.phase;
                 }
@@ -271,7 +274,7 @@ fn probe(o: &Opts) -> Result<(), String> {
 
     // Admin queue in DMA memory, then enable.
     let dstrd = cap.dstrd();
-    let mut aq = Queue::new(&*bus, 0, dstrd)?;
+    let mut aq = Queue::new(&*bus, 0, dstrd, QS)?;
     println!(
         "admin queue: SQ iova {} CQ iova {} ({} memory)",
         aq.sq.iova(),
@@ -326,16 +329,17 @@ fn probe(o: &Opts) -> Result<(), String> {
         return Err(format!("unexpected block size {bs}"));
     }
 
-    // One I/O queue pair.
-    let mut ioq = Queue::new(&*bus, 1, dstrd)?;
+    // One I/O queue pair, no larger than the controller allows (CAP.MQES).
+    let ioqs = QS.min(cap.max_queue_entries().min(u16::MAX as u32) as u16);
+    let mut ioq = Queue::new(&*bus, 1, dstrd, ioqs)?;
     aq.run(
         &*bus,
-        Sqe::create_io_cq(1, QS, ioq.cq.iova().0),
+        Sqe::create_io_cq(1, ioqs, ioq.cq.iova().0),
         "CREATE IO CQ 1",
     )?;
     aq.run(
         &*bus,
-        Sqe::create_io_sq(1, QS, ioq.sq.iova().0, 1),
+        Sqe::create_io_sq(1, ioqs, ioq.sq.iova().0, 1),
         "CREATE IO SQ 1",
     )?;
 
@@ -492,7 +496,7 @@ impl Queue {
                 .add(self.tail as usize)
                 .write_volatile(cmd)
         };
-        self.tail = (self.tail + 1) % QS;
+        self.tail = (self.tail + 1) % self.qs;
         self.sq_db.ring(self.tail as u32);
         let entry = self.cq.as_ptr().cast::<Cqe>();
         let t = Instant::now();
@@ -501,7 +505,7 @@ impl Queue {
             let e = unsafe { entry.add(self.head as usize).read_volatile() };
             if e.phase() == self.phase {
                 fence(Ordering::Acquire);
-                self.head = (self.head + 1) % QS;
+                self.head = (self.head + 1) % self.qs;
                 if self.head == 0 {
                     self.phase = !self.phase;
                 }

@@ -393,6 +393,12 @@ pub fn pattern_buffer(ctrl: &Controller, len: usize, seed: u64) -> DmaBuffer {
     b
 }
 
+/// `want` queue entries, or fewer when the controller allows fewer (CAP.MQES + 1): tests take
+/// queue limits from the controller they run on.
+pub fn queue_entries(ctrl: &Controller, want: u16) -> u16 {
+    want.min(ctrl.cap().max_queue_entries().min(u16::MAX as u32) as u16)
+}
+
 /// The first namespace with this block size.
 pub fn namespace_with_block(ctrl: &Controller, block_size: u32) -> Namespace {
     ctrl.namespaces()

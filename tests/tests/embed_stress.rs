@@ -23,9 +23,7 @@ use std::time::{Duration, Instant};
 use dioxide::emulated::{Action, Fault, Mode, Trigger};
 use dioxide::spec::status::media;
 use dioxide::spec::{Sct, Status};
-use dioxide::{
-    BlockFile, Completed, Dioxide, EmbedError, FileOptions, IoBuffer, Nsid, Op, Request,
-};
+use dioxide::{BlockFile, Completed, Dioxide, EmbedError, FileOptions, IoBuffer, Op, Request};
 use dioxide_tests::*;
 
 const PAGE: u64 = 4096;
@@ -600,29 +598,46 @@ fn pinning_to_a_missing_core_is_a_typed_error() {
     );
 }
 
+/// A request the file refuses (here: one ending past the file's capacity) never calls back.
+/// On the emulator with 512 B and 4 KiB blocks on namespace 1; on hardware once, with the first
+/// namespace's geometry, whatever its block size.
 #[test]
 fn refused_requests_never_call_back() {
     let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
-    let dev = controller_under_test(config(Mode::Threaded, &[(512, 4096)]));
-    let dx = Dioxide::builder()
-        .controller(dev.ctrl.clone())
-        .build()
-        .unwrap();
-    let file = dx.open_file(0, Nsid(1), FileOptions::new(0, 64)).unwrap();
-    let buf = file.alloc(4096).unwrap();
-    let r = file.submit(Request::write(64 * 512 - 512, buf), |_| {
-        panic!("a refused request called back")
-    });
-    let e = r.unwrap_err();
-    assert!(
-        matches!(e.error, EmbedError::BeyondCapacity { .. }),
-        "{}",
-        e.error
-    );
-    assert!(e.buf.is_dma());
-    assert!(matches!(
-        dx.open_file(0, Nsid(1), FileOptions::new(32, 64))
-            .unwrap_err(),
-        EmbedError::ExtentInUse { .. }
-    ));
+    let shapes: &[(u32, u64)] = if on_hardware() {
+        &[(512, 4096)]
+    } else {
+        &[(512, 4096), (4096, 512)]
+    };
+    for &shape in shapes {
+        let dev = controller_under_test(config(Mode::Threaded, &[shape]));
+        let dx = Dioxide::builder()
+            .controller(dev.ctrl.clone())
+            .build()
+            .unwrap();
+        let ns = first_namespace(&dev.ctrl);
+        let bs = ns.block_size() as u64;
+        let file = dx.open_file(0, ns.nsid(), FileOptions::new(0, 64)).unwrap();
+        // Starts in the file's last block and ends one block past its capacity (64 blocks).
+        let buf = file.alloc(2 * bs as usize).unwrap();
+        let r = file.submit(Request::write(64 * bs - bs, buf), |_| {
+            panic!("a refused request called back")
+        });
+        let e = r.unwrap_err();
+        assert!(
+            matches!(e.error, EmbedError::BeyondCapacity { .. }),
+            "{} blocks: {}",
+            bs,
+            e.error
+        );
+        assert!(e.buf.is_dma());
+        assert!(matches!(
+            dx.open_file(0, ns.nsid(), FileOptions::new(32, 64))
+                .unwrap_err(),
+            EmbedError::ExtentInUse { .. }
+        ));
+        drop(file);
+        dx.shutdown();
+        dev.finish();
+    }
 }

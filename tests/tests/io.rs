@@ -342,7 +342,9 @@ fn phase_wrap_and_queue_depth() {
         let dev = controller_under_test(config(mode, &[NS_4K]));
         let c = &dev.ctrl;
         let ns = first_namespace(c);
-        let opts = QueueOptions::default().with_entries(16).with_requests(64);
+        let opts = QueueOptions::default()
+            .with_entries(queue_entries(c, 16))
+            .with_requests(64);
         let mut q = c.create_qpair::<u64>(opts).unwrap();
         let bufs = c.alloc(64 * 4096).unwrap();
         let total = dev.scale(10_000, 4_000);
@@ -434,7 +436,9 @@ fn pool_exhaustion_and_oversized_requests_are_typed_errors() {
         let c = &dev.ctrl;
         let ns = first_namespace(c);
         let bs = ns.block_size() as usize;
-        let opts = QueueOptions::default().with_entries(16).with_requests(8);
+        let opts = QueueOptions::default()
+            .with_entries(queue_entries(c, 16))
+            .with_requests(8);
         let mut q = c.create_qpair::<DmaBuffer>(opts).unwrap();
         for i in 0..8 {
             q.read(&ns, Lba(i), c.alloc(bs).unwrap()).unwrap();
@@ -1050,7 +1054,7 @@ fn many_queue_pairs() {
         for round in 0..2u64 {
             let mut qs: Vec<QueuePair<u64>> = (0..n)
                 .map(|_| {
-                    c.create_qpair::<u64>(QueueOptions::default().with_entries(8))
+                    c.create_qpair::<u64>(QueueOptions::default().with_entries(queue_entries(c, 8)))
                         .unwrap()
                 })
                 .collect();

@@ -69,6 +69,10 @@ pub struct EmulatedShape {
     /// block (extended LBA), which Dioxide lists but refuses for I/O.
     #[serde(default)]
     pub metadata_ns: Option<u32>,
+    /// `--emulated-io-queues N`: the controller grants at most N I/O queue pairs (default:
+    /// the emulator's 64).
+    #[serde(default)]
+    pub io_queues: Option<u16>,
 }
 
 /// Bytes as the largest binary unit that divides them exactly: `1 TiB`, `256 MiB`, `512 B`.
@@ -108,7 +112,11 @@ impl EmulatedShape {
             Some(n) => format!(", namespace {n} with {}+8 B blocks", self.block_size),
             None => String::new(),
         };
-        format!("{mode}, {ns}, {} B blocks{md}", self.block_size)
+        let q = match self.io_queues {
+            Some(n) => format!(", {n} I/O queues"),
+            None => String::new(),
+        };
+        format!("{mode}, {ns}, {} B blocks{md}{q}", self.block_size)
     }
 
     /// Blocks per namespace.
@@ -146,6 +154,10 @@ pub struct EmulatedArgs {
     /// how the tools treat a namespace Dioxide refuses for I/O.
     #[arg(long = "emulated-metadata", value_name = "NSID")]
     pub metadata_ns: Option<String>,
+    /// The emulated controller grants at most N I/O queue pairs (1 to 4096; default 64), as a
+    /// small controller does.
+    #[arg(long = "emulated-io-queues", value_name = "N")]
+    pub io_queues: Option<String>,
 }
 
 impl EmulatedArgs {
@@ -158,6 +170,7 @@ impl EmulatedArgs {
             || self.backing.is_some()
             || self.fail_lba.is_some()
             || self.metadata_ns.is_some()
+            || self.io_queues.is_some()
     }
 
     /// The shape, with `verify` choosing memory backing by default.
@@ -241,7 +254,17 @@ impl EmulatedArgs {
                 }
             },
         };
+        let io_queues = match self.io_queues.as_deref() {
+            None => None,
+            Some(s) => match s.parse::<u16>() {
+                Ok(n @ 1..=4096) => Some(n),
+                _ => {
+                    return err(format!("--emulated-io-queues must be 1 to 4096, not '{s}'"));
+                }
+            },
+        };
         Ok(EmulatedShape {
+            io_queues,
             fail_lba,
             metadata_ns,
             mode,

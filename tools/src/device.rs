@@ -46,6 +46,9 @@ pub fn emulated_config(shape: &EmulatedShape) -> EmulatedConfig {
             EmuMode::Threaded => Mode::Threaded,
         },
         namespaces: (0..shape.namespaces).map(ns).collect(),
+        max_io_queues: shape
+            .io_queues
+            .unwrap_or(EmulatedConfig::default().max_io_queues),
         ..EmulatedConfig::default()
     }
 }
@@ -111,12 +114,15 @@ impl IoBuf for DriverBuf {
     }
 }
 
-/// A driver queue pair bound to one namespace, as the engine sees it.
+/// A driver queue pair, as the engine sees it: it serves every namespace of its controller
+/// (an NVMe I/O queue is not tied to a namespace; each command names its own).
 pub struct DriverQueue {
     /// The queue pair (tags are `u64`).
     pub qp: QueuePair<u64>,
-    /// The namespace its commands go to.
-    pub ns: Namespace,
+    /// The namespaces its commands may go to.
+    pub nss: Vec<Namespace>,
+    /// The controller's location, for errors.
+    pub location: String,
 }
 
 /// A completion error of the driver.
@@ -136,26 +142,27 @@ impl IoQueue for DriverQueue {
     unsafe fn submit(
         &mut self,
         read: bool,
-        _nsid: u32,
+        nsid: u32,
         lba: u64,
         _blocks: u32,
         buf: &DriverBuf,
         tag: u64,
     ) -> Result<(), dioxide::Error> {
         let op = if read { IoOp::Read } else { IoOp::Write };
+        let Some(ns) = self.nss.iter().find(|n| n.nsid().0 == nsid) else {
+            return Err(dioxide::Error::NoSuchNamespace {
+                location: self.location.clone(),
+                nsid: dioxide::Nsid(nsid),
+                active: self.nss.iter().map(|n| n.nsid().0).collect(),
+            });
+        };
         // SAFETY: the buffer comes from this controller's DMA memory (allocated by
         // `Controller::alloc`), and the engine's contract (IoQueue::submit) keeps it alive and
         // untouched until the tag is polled back; a buffer whose command timed out is never
         // reused (see `retire`), and buffers are dropped after the queue pairs.
         unsafe {
-            self.qp.submit_raw(
-                op,
-                &self.ns,
-                Lba(lba),
-                buf.0.as_dma_slice(),
-                IoFlags::NONE,
-                tag,
-            )
+            self.qp
+                .submit_raw(op, ns, Lba(lba), buf.0.as_dma_slice(), IoFlags::NONE, tag)
         }
         .map_err(|r| r.error)
     }

@@ -16,6 +16,9 @@
 //! with a fresh generation, reads the same blocks back into a poisoned buffer, checks every
 //! byte, then moves on to its next stripe offset.
 
+mod share;
+pub use share::{MAX_JOBS, QueueHandle, SharedQueue};
+
 use crate::clock::Clock;
 use crate::stats::NsStats;
 use crate::verify;
@@ -145,14 +148,16 @@ struct Slot {
     generation: u64,
 }
 
-/// One namespace on one core: its queues, buffers, slots and statistics.
+/// One namespace on one core: its queues (shared with the core's other jobs on the same
+/// controller, see [`SharedQueue`]), buffers, slots and statistics.
 ///
-/// The queue pairs are declared before the buffers so they are dropped first: a queue pair
-/// deletes its queues on the device before the memory its commands used is freed.
+/// When a job is dropped its buffers go to its first shared queue, which frees them only after
+/// the queue pair is gone: a queue pair deletes its queues on the device before the memory its
+/// commands used is freed.
 pub struct Job<Q: IoQueue> {
     /// What to run.
     pub spec: JobSpec,
-    qps: Vec<Q>,
+    qps: Vec<QueueHandle<Q>>,
     unrung: Vec<bool>,
     next_qp: usize,
     bufs: Vec<Q::Buf>,
@@ -177,9 +182,15 @@ pub struct Job<Q: IoQueue> {
 }
 
 impl<Q: IoQueue> Job<Q> {
-    /// A job over `qps` (at least one) with one buffer of `io_blocks * block_size` bytes per
-    /// slot in `bufs` (at least `-q`).
-    pub fn new(spec: JobSpec, qps: Vec<Q>, bufs: Vec<Q::Buf>, s: &Settings, hz: u64) -> Job<Q> {
+    /// A job over `qps` (at least one handle, each on its own shared queue) with one buffer of
+    /// `io_blocks * block_size` bytes per slot in `bufs` (at least `-q`).
+    pub fn new(
+        spec: JobSpec,
+        mut qps: Vec<QueueHandle<Q>>,
+        bufs: Vec<Q::Buf>,
+        s: &Settings,
+        hz: u64,
+    ) -> Job<Q> {
         assert!(!qps.is_empty(), "a job needs a queue pair");
         let verify = s.workload == Workload::Verify;
         let depth = if verify {
@@ -188,6 +199,10 @@ impl<Q: IoQueue> Job<Q> {
             s.queue_depth
         };
         assert!(bufs.len() >= depth as usize, "a buffer per slot");
+        for q in &mut qps {
+            // Every completion of this job may land in one queue's mailbox.
+            q.reserve(depth as usize);
+        }
         let slots = (0..depth)
             .map(|k| Slot {
                 next_io: k as u64,
@@ -398,7 +413,7 @@ impl<Q: IoQueue> Job<Q> {
                     slot.read_back = false;
                     self.stats.io_errors += 1;
                     let what = if read { "Read" } else { "Write" };
-                    match Q::status(&e) {
+                    match QueueHandle::<Q>::status(&e) {
                         Some(st) => {
                             let (sct, sc) = (st.sct.bits(), st.sc);
                             let m = format_args!(
@@ -412,7 +427,7 @@ impl<Q: IoQueue> Job<Q> {
                         let msg = format!("{}: {what} completed with error: {e}", self.spec.name);
                         self.fail(msg);
                     }
-                    if Q::retire(&e) {
+                    if QueueHandle::<Q>::retire(&e) {
                         // Never resubmitted: the device may still write its buffer.
                         continue;
                     }
@@ -425,6 +440,15 @@ impl<Q: IoQueue> Job<Q> {
         self.done = done;
         self.ring_all();
         n as u32
+    }
+}
+
+impl<Q: IoQueue> Drop for Job<Q> {
+    fn drop(&mut self) {
+        let bufs = std::mem::take(&mut self.bufs);
+        if let Some(q) = self.qps.first_mut() {
+            q.keep_buffers(bufs);
+        }
     }
 }
 
@@ -590,6 +614,9 @@ pub(crate) mod mock {
         pub queued: Vec<(u64, Result<(), Status>)>,
         pub ready: Vec<(u64, Result<(), Status>)>,
         pub reads: u64,
+        /// Fail every poll after this many.
+        pub fail_poll_after: Option<u64>,
+        pub polls: u64,
     }
 
     impl MockQueue {
@@ -603,6 +630,8 @@ pub(crate) mod mock {
                 queued: Vec::new(),
                 ready: Vec::new(),
                 reads: 0,
+                fail_poll_after: None,
+                polls: 0,
             }
         }
     }
@@ -670,6 +699,10 @@ pub(crate) mod mock {
             max: u32,
             mut done: F,
         ) -> Result<u32, String> {
+            self.polls += 1;
+            if self.fail_poll_after.is_some_and(|n| self.polls > n) {
+                return Err("the mock queue died".into());
+            }
             let n = if max == 0 {
                 self.ready.len()
             } else {
@@ -718,6 +751,10 @@ mod tests {
             ios,
             seed: 1234,
         };
+        let qps = qps
+            .into_iter()
+            .map(|q| SharedQueue::new(q).handle().unwrap())
+            .collect();
         Job::new(
             spec,
             qps,
@@ -905,5 +942,92 @@ mod tests {
             &AtomicBool::new(true),
         );
         assert!(r.elapsed_ticks < 1_000_000_000);
+    }
+
+    fn spec(nsid: u32, first_io: u64, ios: u64) -> JobSpec {
+        JobSpec {
+            name: format!("MOCK NSID {nsid}"),
+            nsid,
+            core: 0,
+            block_size: 512,
+            io_blocks: 2,
+            first_io,
+            ios,
+            seed: 99 + nsid as u64,
+        }
+    }
+
+    /// Three namespaces' jobs on one core share one queue pair: each gets exactly its own
+    /// completions, and every block it wrote reads back intact.
+    #[test]
+    fn jobs_of_several_namespaces_share_one_queue() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::Verify, 8, 400);
+        let shared = SharedQueue::new(MockQueue::new(media.clone(), 512));
+        let mut jobs: Vec<Job<MockQueue>> = (0..3)
+            .map(|i| {
+                // Disjoint ranges: the mock's media has no namespaces.
+                let q = shared.handle().unwrap();
+                Job::new(
+                    spec(i + 1, i as u64 * 40, 40),
+                    vec![q],
+                    bufs(8, 1024),
+                    &s,
+                    1,
+                )
+            })
+            .collect();
+        assert_eq!(shared.jobs(), 3);
+        go(&mut jobs, &s);
+        for j in &jobs {
+            assert!(j.failure.is_none(), "{:?}", j.failure);
+            assert_eq!(j.stats.io_completed, 400, "{}", j.spec.name);
+            assert_eq!(j.inflight(), 0);
+            assert_eq!(j.verify.bad_blocks, 0, "{:?}", j.verify.first);
+            assert_eq!(j.verify.blocks_checked, 400);
+        }
+        let m = media.borrow();
+        assert_eq!(m.commands, 1200);
+        // One doorbell per batch of the queue, not one per job per batch.
+        assert!(m.rings < 1200 / 4, "{} rings", m.rings);
+    }
+
+    /// A queue that fails fails every job on it, each saying why, and the run ends.
+    #[test]
+    fn a_failed_shared_queue_fails_every_job_on_it() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::RandRead, 4, 0);
+        let mut q = MockQueue::new(media.clone(), 512);
+        q.fail_poll_after = Some(5);
+        let shared = SharedQueue::new(q);
+        let mut jobs: Vec<Job<MockQueue>> = (0..2)
+            .map(|i| {
+                let q = shared.handle().unwrap();
+                Job::new(spec(i + 1, 0, 1 << 20), vec![q], bufs(4, 1024), &s, 1)
+            })
+            .collect();
+        let r = go(&mut jobs, &s);
+        assert!(r.elapsed_ticks < 10_000_000_000);
+        for j in &jobs {
+            let f = j.failure.as_deref().unwrap_or_default();
+            assert!(f.contains("the mock queue died"), "{}: {f:?}", j.spec.name);
+        }
+    }
+
+    /// A completion whose tag names no job on the queue fails the queue instead of being lost
+    /// or given to the wrong job.
+    #[test]
+    fn a_stray_completion_fails_the_queue() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let mut q = MockQueue::new(media, 512);
+        q.ready.push((7 << 48, Ok(())));
+        let shared = SharedQueue::new(q);
+        let mut h = shared.handle().unwrap();
+        let e = h
+            .poll(0, |_, _| panic!("no completion is this job's"))
+            .unwrap_err();
+        assert!(e.contains("no job on this queue"), "{e}");
+        // And it stays failed.
+        assert!(h.poll(0, |_, _| ()).is_err());
     }
 }

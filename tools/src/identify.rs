@@ -712,6 +712,7 @@ mod tests {
 
     fn shape() -> EmulatedShape {
         EmulatedShape {
+            io_queues: None,
             mode: EmuMode::Inline,
             block_size: 4096,
             namespaces: 2,

@@ -4,7 +4,7 @@
 use crate::cli::{self, DoorbellMode, Parsed, PerfConfig};
 use crate::clock::{Clock, Source};
 use crate::device::{self, DriverBuf, DriverQueue, Opened};
-use crate::engine::{self, Job, JobSpec, Progress, Settings, VerifyStats};
+use crate::engine::{self, Job, JobSpec, Progress, Settings, SharedQueue, VerifyStats};
 use crate::json;
 use crate::plot;
 use crate::report::{self, Row};
@@ -277,6 +277,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
         };
         specs.push((e, spec));
     }
+    check_queue_budget(cfg, &ctrls, &entries, &specs)?;
     human_out(cfg, "Initialization complete. Launching workers.\n");
 
     install_signal_handlers();
@@ -315,16 +316,28 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                         .push(format!("failed to pin a worker to core {core}: {e}"));
                     setup_failed.store(true, Ordering::Relaxed);
                 }
+                // -P queue pairs per controller on this core, shared by its namespaces' jobs.
+                let mut shared: Vec<(usize, Vec<SharedQueue<DriverQueue>>)> = Vec::new();
                 let mut jobs = Vec::new();
-                for ((idx, spec), e) in my.into_iter().zip(specs_e) {
-                    match make_job(
-                        cfg,
-                        &ctrls[entries[e].ctrl],
-                        &entries[e].ns,
-                        spec,
-                        settings,
-                        clock.hz(),
-                    ) {
+                for ((idx, spec), e) in my.into_iter().zip(specs_e.iter().copied()) {
+                    let ci = entries[e].ctrl;
+                    let pos = match shared.iter().position(|s| s.0 == ci) {
+                        Some(p) => p,
+                        None => {
+                            let sharers =
+                                specs_e.iter().filter(|&&x| entries[x].ctrl == ci).count();
+                            match make_queues(cfg, &ctrls[ci], entries, ci, sharers, core) {
+                                Ok(qs) => shared.push((ci, qs)),
+                                Err(msg) => {
+                                    setup_errors.lock().unwrap().push(msg);
+                                    setup_failed.store(true, Ordering::Relaxed);
+                                    break;
+                                }
+                            }
+                            shared.len() - 1
+                        }
+                    };
+                    match make_job(cfg, &ctrls[ci], &shared[pos].1, spec, settings, clock.hz()) {
                         Ok((j, q)) => jobs.push((idx, j, q)),
                         Err(msg) => {
                             setup_errors.lock().unwrap().push(msg);
@@ -542,6 +555,19 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 v.blocks_checked, v.mismatches
             );
         }
+        // SPDK logs each failed I/O (rate limited by -Q); the count of all of them, here.
+        let errors: u64 = outcomes.iter().map(|(_, o)| o.stats.io_errors).sum();
+        if errors > 0 {
+            println!(
+                "I/O errors: {errors} ({})",
+                outcomes
+                    .iter()
+                    .filter(|(_, o)| o.stats.io_errors > 0)
+                    .map(|(_, o)| format!("{} from core {}: {}", o.name, o.core, o.stats.io_errors))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     if let Some(path) = &cfg.plot {
         let series: Vec<plot::Series> = rows
@@ -588,40 +614,118 @@ fn queue_entries(cfg: &PerfConfig, c: &Opened) -> u32 {
 /// (qid, entries) of a job's queue pairs.
 type QueueList = Vec<(u16, u16)>;
 
-fn make_job(
+/// Refuses, before any queue is created, a run whose `-P` and `-c` ask a controller for more
+/// I/O queues than it granted: each core that has a namespace of the controller opens `-P`
+/// queue pairs on it, shared by those namespaces.
+fn check_queue_budget(
     cfg: &PerfConfig,
-    c: &Opened,
-    ns: &Namespace,
-    spec: JobSpec,
-    s: &Settings,
-    hz: u64,
-) -> Result<(Job<DriverQueue>, QueueList), String> {
-    let entries = queue_entries(cfg, c) as u16;
+    ctrls: &[Opened],
+    entries: &[NsEntry],
+    specs: &[(usize, JobSpec)],
+) -> Result<(), String> {
+    for (ci, c) in ctrls.iter().enumerate() {
+        let mut cores: Vec<u32> = specs
+            .iter()
+            .filter(|(e, _)| entries[*e].ctrl == ci)
+            .map(|(_, s)| s.core)
+            .collect();
+        cores.sort_unstable();
+        cores.dedup();
+        let needed = cores.len() as u64 * cfg.qpairs_per_ns as u64;
+        let granted = c.ctrl.io_queues() as u64;
+        if needed > granted {
+            return Err(format!(
+                "{}: -P {} queue pair(s) per core on {} core(s) (-c) need {needed} I/O queues, but \
+                 the controller granted {granted}; lower -P or use fewer cores (-c)",
+                c.label,
+                cfg.qpairs_per_ns,
+                cores.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Commands one I/O of `-o` bytes takes: one, or its children plus the parent when it is split
+/// at the controller's maximum transfer size.
+fn requests_per_io(cfg: &PerfConfig, c: &Opened) -> u64 {
     let mt = c.ctrl.max_transfer() as u64;
-    let per_io = if cfg.io_size > mt {
+    if cfg.io_size > mt {
         cfg.io_size.div_ceil(mt) + 1
     } else {
         1
-    };
-    let requests = (cfg.queue_depth as u64 * per_io).clamp(1, 65534) as u16;
+    }
+}
+
+/// The `-P` queue pairs of one core on controller `ci`, serving its namespaces; `sharers` jobs
+/// of `-q` I/Os each will share them.
+fn make_queues(
+    cfg: &PerfConfig,
+    c: &Opened,
+    entries: &[NsEntry],
+    ci: usize,
+    sharers: usize,
+    core: u32,
+) -> Result<Vec<SharedQueue<DriverQueue>>, String> {
+    let qentries = queue_entries(cfg, c) as u16;
+    // Any job may put all of its I/Os on one queue pair: room for every sharer's.
+    let requests = (cfg.queue_depth as u64 * requests_per_io(cfg, c) * sharers.max(1) as u64)
+        .clamp(1, 65534) as u16;
     let doorbell = match cfg.doorbell {
         DoorbellMode::PerBatch => dioxide::DoorbellMode::PerBatch,
         DoorbellMode::PerCommand => dioxide::DoorbellMode::PerCommand,
     };
-    let mut qps = Vec::new();
-    for _ in 0..cfg.qpairs_per_ns {
+    let nss: Vec<Namespace> = entries
+        .iter()
+        .filter(|e| e.ctrl == ci)
+        .map(|e| e.ns.clone())
+        .collect();
+    let mut qs = Vec::new();
+    for k in 0..cfg.qpairs_per_ns {
         let opts = QueueOptions::default()
-            .with_entries(entries)
+            .with_entries(qentries)
             .with_requests(requests)
             .with_doorbell(doorbell);
         let qp = c.ctrl.create_qpair::<u64>(opts).map_err(|e| {
             format!(
-                "ERROR: failed to create an I/O queue pair for {} on core {}: {e}",
-                spec.name, spec.core
+                "ERROR: failed to create I/O queue pair {} of {} for {} on core {core}: {e}",
+                k + 1,
+                cfg.qpairs_per_ns,
+                c.label
             )
         })?;
-        qps.push(DriverQueue { qp, ns: ns.clone() });
+        qs.push(SharedQueue::new(DriverQueue {
+            qp,
+            nss: nss.clone(),
+            location: c.addr.clone(),
+        }));
     }
+    Ok(qs)
+}
+
+fn make_job(
+    cfg: &PerfConfig,
+    c: &Opened,
+    shared: &[SharedQueue<DriverQueue>],
+    spec: JobSpec,
+    s: &Settings,
+    hz: u64,
+) -> Result<(Job<DriverQueue>, QueueList), String> {
+    let mut qps = Vec::new();
+    for q in shared {
+        qps.push(q.handle().ok_or_else(|| {
+            format!(
+                "ERROR: {}: more than {} namespaces share a queue pair on core {}",
+                spec.name,
+                engine::MAX_JOBS,
+                spec.core
+            )
+        })?);
+    }
+    let queues = shared
+        .iter()
+        .map(|q| q.with(|d| (d.qp.qid().0, d.qp.entries())))
+        .collect();
     let mut bufs = Vec::with_capacity(cfg.queue_depth as usize);
     for _ in 0..cfg.queue_depth {
         let b = c
@@ -630,6 +734,5 @@ fn make_job(
             .map_err(|e| format!("ERROR: {}: {e}", spec.name))?;
         bufs.push(DriverBuf(b));
     }
-    let queues = qps.iter().map(|q| (q.qp.qid().0, q.qp.entries())).collect();
     Ok((Job::new(spec, qps, bufs, s, hz), queues))
 }

@@ -399,6 +399,22 @@ fn media_errors_fail_the_run_unless_continue_on_error() {
         "{err}"
     );
     assert!(!err.contains(": Read completed with error: "), "{err}");
+
+    // The text report counts them too: one line, matching the errors logged (-Q 1 logs each).
+    let o = perf(&format!("{args} -Q 1"));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let n: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("I/O errors: "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no I/O errors line:\n{out}"));
+    let logged = text(&o.stderr).matches("Read completed with error").count() as u64;
+    assert!(n > 0 && n == logged, "{n} counted, {logged} logged:\n{out}");
+    assert!(
+        out.contains(&format!("(EMULATED (inline) NSID 1 from core 0: {n})")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -528,4 +544,87 @@ fn a_namespace_with_metadata_is_skipped_with_the_reason() {
         "{all}"
     );
     assert!(!all.contains("panicked"), "{all}");
+}
+
+/// An I/O queue serves every namespace: four namespaces on one core share one queue pair (as
+/// the kernel shares one per controller per CPU), so a controller granting three I/O queues
+/// runs them all, each namespace getting its own I/O and data verified.
+#[test]
+fn namespaces_of_a_core_share_its_queue_pairs() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    let shape = "--emulated-namespaces 4 --emulated-io-queues 3 --emulated-size 4m";
+    let r = perf_json(&format!("-q 8 -o 4096 -w verify -t 10 -d 400 {shape}"));
+    let mut rows: Vec<(u32, u64)> = r.devices.iter().map(|d| (d.nsid, d.io_completed)).collect();
+    rows.sort();
+    assert_eq!(rows, [(1, 400), (2, 400), (3, 400), (4, 400)]);
+    let v = r.verify.unwrap();
+    assert_eq!(v.mismatches, 0);
+    assert!(v.blocks_checked > 0);
+    // One queue pair, listed under each namespace that uses it, carrying all of their I/O.
+    assert_eq!(r.queues.len(), 4, "{:?}", r.queues);
+    assert!(
+        r.queues.iter().all(|q| q.qid == r.queues[0].qid),
+        "{:?}",
+        r.queues
+    );
+    assert_eq!(r.queues[0].commands, Some(1600));
+    // -P 3: three queue pairs shared by the four namespaces, all of them used.
+    let r = perf_json(&format!(
+        "-q 8 -o 4096 -w randread -t 10 -d 600 -P 3 {shape}"
+    ));
+    assert_eq!(r.total.unwrap().io_completed, 2400);
+    let mut qids: Vec<u16> = r.queues.iter().map(|q| q.qid).collect();
+    qids.sort();
+    qids.dedup();
+    assert_eq!(qids.len(), 3, "{:?}", r.queues);
+    assert!(
+        r.queues.iter().all(|q| q.commands.unwrap() > 0),
+        "{:?}",
+        r.queues
+    );
+}
+
+/// Only asking for more queues than the controller granted fails, before any I/O, saying what
+/// was asked, what was granted and what to change.
+#[test]
+fn more_queues_than_granted_is_a_clear_error() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    let shape = "--emulated-namespaces 4 --emulated-io-queues 3";
+    let o = perf(&format!("-q 4 -o 4096 -w randread -t 1 -P 4 {shape}"));
+    assert!(!o.status.success());
+    let e = text(&o.stderr);
+    assert!(
+        e.contains("-P 4 queue pair(s) per core on 1 core(s) (-c) need 4 I/O queues, but the controller granted 3;")
+            && e.contains("granted 3")
+            && e.contains("lower -P"),
+        "{e}"
+    );
+    assert!(!text(&o.stdout).contains("Total "), "no I/O ran");
+    require_two_cores();
+    let o = perf(&format!(
+        "-q 4 -o 4096 -w randread -t 1 -P 2 -c 0x3 {shape}"
+    ));
+    assert!(!o.status.success());
+    let e = text(&o.stderr);
+    assert!(
+        e.contains("on 2 core(s) (-c) need 4 I/O queues") && e.contains("granted 3"),
+        "{e}"
+    );
+    // Two cores with one queue pair each fit.
+    let r = perf_json(&format!(
+        "-q 4 -o 4096 -w randread -t 10 -d 200 -c 0x3 {shape}"
+    ));
+    assert_eq!(r.devices.len(), 4);
+    assert!(
+        r.devices.iter().all(|d| d.io_completed == 200),
+        "{:?}",
+        r.devices
+    );
+}
+
+#[test]
+fn emulated_io_queues_is_checked() {
+    let o = perf("-q 4 -o 4096 -w randread -t 1 --emulated-io-queues 0");
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--emulated-io-queues must be 1 to 4096, not '0'"));
 }

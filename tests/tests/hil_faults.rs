@@ -1,0 +1,586 @@
+//! Media errors on the real path: a real controller (QEMU's NVMe model through VFIO) whose
+//! backing drive fails requests on purpose, injected by the host while the test runs.
+//!
+//! Runs only in the hardware-in-loop fault scenario (`tests/hil/run --faults`), which gives the
+//! guest a way to ask its host to act: the test prints `HIL: HOST blkdebug ns1 read:SECTOR:once`
+//! on the console, the host (`tests/hil/host-agent`) puts a QEMU `blkdebug` filter with that rule
+//! under the namespace's drive through QMP and answers on the guest's second serial port, and
+//! only then does the test issue its I/O: deterministic, nothing timed. Every test here is
+//! `#[ignore]`d so that `cargo test` and the other guest runs skip it; the scenario runs them with
+//! `--ignored`.
+//!
+//! For each kind of failing request (read, write, flush) and each way of issuing it (one
+//! blocking call, a batch of queued requests, one request split at MDTS, the embedding API's
+//! `BlockFile`, `perf -Q`), the request that touches the bad sector ends with the status QEMU
+//! reports for EIO (Unrecovered Read Error for reads, Write Fault for writes and flushes),
+//! exactly once; its neighbours complete normally and their data is verified. Each case prints
+//! one line of the fault matrix, `HIL: MATRIX ROW COLUMN issued=.. once=.. lost=.. double=..
+//! failed=.. verified=..`, which the harness collects into the table it prints at the end.
+
+use std::io::{Read as _, Write as _};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::channel;
+use std::time::Duration;
+
+use dioxide::emulated::Mode;
+use dioxide::spec::status::media;
+use dioxide::spec::{Sct, Status};
+use dioxide::{
+    Controller, Dioxide, DmaBuffer, EmbedError, Error, FileOptions, IoError, Lba, Namespace,
+    QueueOptions, QueuePair, Request,
+};
+use dioxide_tests::*;
+
+/// The guest's second serial port: the host's answers.
+const ACK_TTY: &str = "/dev/ttyS1";
+/// How long a request may take in the guest (TCG is slow; nothing here should come near it).
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Asks the host to act (see the module documentation) and waits for its answer.
+fn host(request: &str) {
+    let mut tty = std::fs::File::open(ACK_TTY).unwrap_or_else(|e| {
+        panic!(
+            "{ACK_TTY}: {e}: this test runs in the HIL fault scenario only (tests/hil/run --faults)"
+        )
+    });
+    {
+        // Straight to the console, past libtest's capture: the host reads it there.
+        let mut out = std::io::stdout().lock();
+        // On a line of its own: libtest may have left "test NAME ... " unterminated.
+        writeln!(out, "\nHIL: HOST {request}").unwrap();
+        out.flush().unwrap();
+    }
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = tty.read(&mut byte).expect("reading the host's answer");
+        assert!(
+            n == 1,
+            "{ACK_TTY} closed before the host answered '{request}'"
+        );
+        if byte[0] == b'\n' {
+            let l = String::from_utf8_lossy(&line).trim().to_string();
+            line.clear();
+            if l.starts_with("HIL-ACK ok ") {
+                return;
+            }
+            if l.starts_with("HIL-ACK ") {
+                panic!("the host could not do '{request}': {l}");
+            }
+        } else {
+            line.push(byte[0]);
+        }
+    }
+}
+
+/// The namespace's drive on the host (`tests/hil/run` names namespace N's format node `nsN`).
+fn node(ns: &Namespace) -> String {
+    format!("ns{}", ns.nsid().0)
+}
+
+/// The 512-byte sector of `lba`, as blkdebug counts.
+fn sector(ns: &Namespace, lba: u64) -> u64 {
+    lba * ns.block_size() as u64 / 512
+}
+
+/// One cell of the fault matrix.
+struct Cell {
+    row: &'static str,
+    column: &'static str,
+    issued: u32,
+    once: u32,
+    lost: u32,
+    double: u32,
+    failed: u32,
+    verified: bool,
+}
+
+impl Cell {
+    fn new(row: &'static str, column: &'static str) -> Cell {
+        Cell {
+            row,
+            column,
+            issued: 0,
+            once: 0,
+            lost: 0,
+            double: 0,
+            failed: 0,
+            verified: false,
+        }
+    }
+
+    /// Accounts for requests by how many times each completed.
+    fn completions(&mut self, counts: &[u32]) {
+        self.issued += counts.len() as u32;
+        for &c in counts {
+            match c {
+                0 => self.lost += 1,
+                1 => self.once += 1,
+                _ => self.double += 1,
+            }
+        }
+    }
+
+    /// Prints the matrix line and fails the test on a lost or doubly completed request, or a
+    /// failure count other than the one injected.
+    fn report(self, want_failed: u32) {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(
+            o,
+            "\nHIL: MATRIX {} {} issued={} once={} lost={} double={} failed={} verified={}",
+            self.row,
+            self.column,
+            self.issued,
+            self.once,
+            self.lost,
+            self.double,
+            self.failed,
+            if self.verified { "yes" } else { "NO" }
+        );
+        let _ = o.flush();
+        drop(o);
+        assert_eq!(
+            (self.lost, self.double),
+            (0, 0),
+            "{} {}: lost or doubly completed",
+            self.row,
+            self.column
+        );
+        assert_eq!(
+            self.once, self.issued,
+            "{} {}: completed once",
+            self.row, self.column
+        );
+        assert_eq!(
+            self.failed, want_failed,
+            "{} {}: requests that failed",
+            self.row, self.column
+        );
+        assert!(self.verified, "{} {}: data verified", self.row, self.column);
+    }
+}
+
+/// The status QEMU's NVMe model reports when its drive fails a request with EIO.
+fn eio_status(write: bool) -> (Sct, u8) {
+    if write {
+        (Sct::Media, media::WRITE_FAULT)
+    } else {
+        (Sct::Media, media::UNRECOVERED_READ_ERROR)
+    }
+}
+
+fn is_eio(s: &Status, write: bool) -> bool {
+    (s.sct, s.sc) == eio_status(write)
+}
+
+/// The controller under test, which must be the scenario's (writable, through VFIO).
+fn device() -> Device {
+    let dev = controller_under_test(config(Mode::Inline, &[(512, 1 << 17)]));
+    assert!(
+        dev.is_hardware() && dev.writable,
+        "the fault scenario runs on a real controller with NVME_HIL_ALLOW_WRITE=1"
+    );
+    dev
+}
+
+/// A queue pair with room for a request split four times at MDTS.
+fn qpair<T>(c: &Controller) -> QueuePair<T> {
+    c.create_qpair::<T>(QueueOptions::default().with_requests(64))
+        .expect("queue pair")
+}
+
+/// Writes the pattern of `seed` over `blocks` blocks at `lba` (no fault armed).
+fn prefill(
+    q: &mut QueuePair<()>,
+    c: &Controller,
+    ns: &Namespace,
+    lba: u64,
+    blocks: u64,
+    seed: u64,
+) {
+    let bs = ns.block_size() as u64;
+    let b = pattern_buffer(c, (blocks * bs) as usize, seed);
+    q.write_blocking(ns, Lba(lba), b.as_slice())
+        .expect("prefill");
+}
+
+/// Reads `blocks` at `lba` and compares them with bytes `[off, off + len)` of the pattern.
+fn reads_back(
+    q: &mut QueuePair<()>,
+    c: &Controller,
+    ns: &Namespace,
+    lba: u64,
+    want: &[u8],
+) -> bool {
+    let mut r = c.alloc(want.len()).unwrap();
+    q.read_blocking(ns, Lba(lba), r.as_mut_slice())
+        .expect("read back");
+    r.as_slice() == want
+}
+
+/// Region of the namespace the tests use: `BASE` and up, the bad block `BAD` inside it.
+const BASE: u64 = 256;
+const BAD_OFF: u64 = 37;
+
+/// The read or write row: a blocking call, a batch of queued single-block requests, one
+/// request of 4 x MDTS, and the embedding API, each with one request failing once.
+fn media_error_row(write: bool) {
+    let row = if write {
+        "media-error:write"
+    } else {
+        "media-error:read"
+    };
+    let op = if write { "write" } else { "read" };
+    let dev = device();
+    let c = &dev.ctrl;
+    let ns = first_namespace(c);
+    let bs = ns.block_size() as u64;
+    let mdts_blocks = c.max_transfer() as u64 / bs;
+    let span = 4 * mdts_blocks + 64;
+    assert!(ns.blocks() > BASE + span, "namespace too small");
+    let bad = BASE + BAD_OFF;
+    let seed = if write { 11 } else { 22 };
+    let mut q = qpair::<()>(c);
+    prefill(&mut q, c, &ns, BASE, span, seed);
+    let old = pattern((span * bs) as usize, seed);
+    let at = |lba: u64, n: u64| {
+        let o = ((lba - BASE) * bs) as usize;
+        &old[o..o + (n * bs) as usize]
+    };
+    let arm_at = |lba: u64| {
+        host(&format!(
+            "blkdebug {} {op}:{}:once",
+            node(&ns),
+            sector(&ns, lba)
+        ))
+    };
+    let arm = || arm_at(bad);
+    let clear = || host(&format!("blkdebug-clear {}", node(&ns)));
+
+    // One blocking call on the bad block.
+    {
+        let mut cell = Cell::new(row, "sync");
+        let new = pattern(bs as usize, seed + 100);
+        let mut b = c.alloc(bs as usize).unwrap();
+        arm();
+        let r = if write {
+            b.as_mut_slice().copy_from_slice(&new);
+            q.write_blocking(&ns, Lba(bad), b.as_slice())
+        } else {
+            q.read_blocking(&ns, Lba(bad), b.as_mut_slice())
+        };
+        clear();
+        cell.completions(&[1]);
+        match r {
+            Err(Error::Io(IoError::Status { status, lba, .. }))
+                if is_eio(&status, write) && lba == Lba(bad) =>
+            {
+                cell.failed += 1
+            }
+            other => panic!("{row} sync: want the EIO status at LBA {bad}, got {other:?}"),
+        }
+        // With the fault gone the same request goes through: a write lands (what a failed write
+        // left is unknown, so it is written again), a read returns the data.
+        if write {
+            q.write_blocking(&ns, Lba(bad), b.as_slice()).unwrap();
+            cell.verified = reads_back(&mut q, c, &ns, bad, &new);
+        } else {
+            cell.verified = reads_back(&mut q, c, &ns, bad, at(bad, 1));
+        }
+        cell.report(1);
+    }
+
+    // A batch of single-block requests around the bad block, rung once, polled together.
+    {
+        let mut cell = Cell::new(row, "async");
+        let n = 16u64;
+        let first = bad - n / 2;
+        let mut aq = qpair::<(DmaBuffer, u64)>(c);
+        let mut counts = vec![0u32; n as usize];
+        let mut failed_lba = None;
+        let mut data_ok = true;
+        arm();
+        for i in 0..n {
+            let lba = first + i;
+            let b = if write {
+                pattern_buffer(c, bs as usize, seed + 200 + i)
+            } else {
+                c.alloc(bs as usize).unwrap()
+            };
+            let r = if write {
+                aq.write(&ns, Lba(lba), (b, i))
+            } else {
+                aq.read(&ns, Lba(lba), (b, i))
+            };
+            if let Err(rej) = r {
+                panic!("{row} async: request {i} refused: {}", rej.error);
+            }
+        }
+        aq.ring();
+        let deadline = std::time::Instant::now() + LIMIT;
+        while counts.iter().sum::<u32>() < n as u32 && std::time::Instant::now() < deadline {
+            aq.poll(usize::MAX, |(b, i), r| {
+                counts[i as usize] += 1;
+                let lba = first + i;
+                match r {
+                    Ok(_) => {
+                        if !write && b.as_slice() != at(lba, 1) {
+                            data_ok = false;
+                        }
+                    }
+                    Err(IoError::Status { status, .. }) if is_eio(&status, write) => {
+                        failed_lba = Some(lba)
+                    }
+                    Err(e) => panic!("{row} async: request {i}: {e}"),
+                }
+            })
+            .unwrap();
+        }
+        clear();
+        cell.completions(&counts);
+        cell.failed = u32::from(failed_lba.is_some());
+        assert_eq!(
+            failed_lba,
+            Some(bad),
+            "{row} async: the request that failed"
+        );
+        if write {
+            // Every block but the bad one holds its new data; the bad one is written again.
+            for i in 0..n {
+                let lba = first + i;
+                let want = pattern(bs as usize, seed + 200 + i);
+                if lba == bad {
+                    let b = pattern_buffer(c, bs as usize, seed + 200 + i);
+                    q.write_blocking(&ns, Lba(lba), b.as_slice()).unwrap();
+                }
+                data_ok &= reads_back(&mut q, c, &ns, lba, &want);
+            }
+        }
+        cell.verified = data_ok;
+        drop(aq);
+        cell.report(1);
+    }
+    // The region again as it was, for the cases below.
+    prefill(&mut q, c, &ns, BASE, span, seed);
+
+    // One request of 4 x MDTS, split into 4 commands; a bad block in the third.
+    {
+        let mut cell = Cell::new(row, "split-mdts");
+        let start = BASE;
+        let blocks = 4 * mdts_blocks;
+        let bad = start + 2 * mdts_blocks + 5;
+        let mut b = c.alloc((blocks * bs) as usize).unwrap();
+        let new = pattern((blocks * bs) as usize, seed + 300);
+        if write {
+            b.as_mut_slice().copy_from_slice(&new);
+        }
+        arm_at(bad);
+        let r = if write {
+            q.write_blocking(&ns, Lba(start), b.as_slice())
+        } else {
+            q.read_blocking(&ns, Lba(start), b.as_mut_slice())
+        };
+        clear();
+        cell.completions(&[1]);
+        match r {
+            Err(Error::Io(IoError::Status { status, child, .. })) if is_eio(&status, write) => {
+                assert_eq!(child, Some(2), "{row} split: the failing child");
+                cell.failed += 1;
+            }
+            other => panic!("{row} split: want the EIO status, got {other:?}"),
+        }
+        // Once the fault is gone the same request goes through and its data is right.
+        if write {
+            q.write_blocking(&ns, Lba(start), b.as_slice()).unwrap();
+            cell.verified = reads_back(&mut q, c, &ns, start, &new);
+        } else {
+            q.read_blocking(&ns, Lba(start), b.as_mut_slice()).unwrap();
+            cell.verified = b.as_slice() == at(start, blocks);
+        }
+        cell.report(1);
+    }
+    prefill(&mut q, c, &ns, BASE, span, seed);
+    drop(q);
+
+    // The embedding API: a BlockFile over the region.
+    {
+        let mut cell = Cell::new(row, "blockfile");
+        let dx = Dioxide::builder()
+            .controller(c.clone())
+            .pollers([None])
+            .build()
+            .expect("Dioxide");
+        let file_blocks = (span / (4096 / bs).max(1)) * (4096 / bs).max(1);
+        let file = dx
+            .open_file(
+                0,
+                ns.nsid(),
+                FileOptions::new(BASE, file_blocks)
+                    .writable(true)
+                    .with_len(file_blocks * bs),
+            )
+            .expect("file");
+        let bad_off = BAD_OFF * bs;
+        if write {
+            // A write of whole pages then a tail through the page cache, the tail's first block
+            // bad: the direct part lands, the tail fails, and the write reports the bytes done
+            // (dio-core's rule for a failing buffered tail).
+            let page = 4096u64;
+            let tail_page = bad_off / page * page;
+            let tail_lba = BASE + tail_page / bs;
+            let len = tail_page as usize + 100;
+            let data = pattern(len, seed + 400);
+            let mut b = file.alloc(len).unwrap();
+            b.as_mut_slice().copy_from_slice(&data);
+            let (tx, rx) = channel();
+            let calls = Arc::new(AtomicU32::new(0));
+            let calls2 = calls.clone();
+            arm_at(tail_lba);
+            if let Err(r) = file.submit(Request::write(0, b), move |done| {
+                calls2.fetch_add(1, Ordering::SeqCst);
+                let _ = tx.send(done.result);
+            }) {
+                panic!("{row} blockfile: refused: {}", r.error);
+            }
+            let res = rx.recv_timeout(LIMIT).expect("the write never completed");
+            clear();
+            cell.completions(&[calls.load(Ordering::SeqCst)]);
+            let n =
+                res.unwrap_or_else(|e| panic!("{row} blockfile: the direct bytes were lost: {e}"));
+            assert_eq!(n, tail_page as usize, "{row} blockfile: the bytes done");
+            cell.failed += 1;
+            let mut got = vec![0u8; n];
+            assert_eq!(file.read_at(&mut got, 0).unwrap(), n);
+            cell.verified = got == data[..n];
+        } else {
+            // A read across the bad block fails once, with the device's status; then reads.
+            let len = (bad_off + 8 * bs) as usize;
+            let mut got = vec![0u8; len];
+            arm();
+            let r = file.read_at(&mut got, 0);
+            clear();
+            cell.completions(&[1]);
+            match r {
+                Err(EmbedError::Device { status, .. })
+                    if (status.sct, status.sc) == (2, media::UNRECOVERED_READ_ERROR)
+                        // The first LBA of the command that failed: the one holding `bad`.
+                        && status.lba.is_some_and(|l| l <= bad && bad - l < mdts_blocks) =>
+                {
+                    cell.failed += 1
+                }
+                other => {
+                    panic!(
+                        "{row} blockfile: want the device's error on a command holding LBA {bad}, got {other:?}"
+                    )
+                }
+            }
+            assert_eq!(file.read_at(&mut got, 0).unwrap(), len);
+            cell.verified = got[..] == old[..len];
+        }
+        drop(file);
+        dx.shutdown();
+        cell.report(1);
+    }
+    let addr = dev.pci_addr.clone().unwrap();
+    let (node_name, sec, lbas) = (node(&ns), sector(&ns, bad), ns.blocks());
+    let (nsid, bsz) = (ns.nsid().0, bs);
+    drop(ns);
+    dev.finish();
+
+    // perf -Q: a sequential pass over the region start hits the bad block once (rule "always":
+    // perf's own count is what is checked), counts the error and goes on.
+    let mut cell = Cell::new(row, "perf");
+    host(&format!("blkdebug {node_name} {op}:{sec}"));
+    let ios = BASE + BAD_OFF + 20;
+    let w = if write { "write" } else { "read" };
+    let out = Command::new("perf")
+        .args([
+            "-r",
+            &format!("trtype:PCIe traddr:{addr} ns:{nsid}"),
+            "-q",
+            "1",
+            "-o",
+            &bsz.to_string(),
+            "-w",
+            w,
+            "-t",
+            "60",
+            "-d",
+            &ios.to_string(),
+            "-Q",
+            "1",
+        ])
+        .output();
+    clear_node(&node_name);
+    let out = out.expect("perf (the tools are in the guest's PATH)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(lbas > ios);
+    assert!(out.status.success(), "perf -Q failed:\n{text}\n{err}");
+    let errors = text
+        .lines()
+        .find_map(|l| l.strip_prefix("I/O errors: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("perf did not report its I/O errors:\n{text}\n{err}"));
+    let logged = err.matches("completed with error").count() as u32;
+    cell.issued = ios as u32;
+    cell.once = ios as u32; // perf counts each completion once; lost ones fail its drain
+    cell.failed = errors;
+    cell.verified = logged == errors && text.contains("Total ");
+    println!("{text}{err}");
+    cell.report(1);
+}
+
+fn clear_node(node: &str) {
+    host(&format!("blkdebug-clear {node}"));
+}
+
+/// The flush row: a blocking Flush fails once with the device's status, the next succeeds. A
+/// write comes first: QEMU skips the flush of a drive node nothing was written through since its
+/// last flush (the filter is new), and the write is what the flush must make durable.
+#[test]
+#[ignore = "runs in the HIL fault scenario only: tests/hil/run --faults"]
+fn media_error_on_flush() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    let dev = device();
+    let c = &dev.ctrl;
+    let ns = first_namespace(c);
+    let mut q = qpair::<()>(c);
+    prefill(&mut q, c, &ns, BASE, 8, 33);
+    let mut cell = Cell::new("media-error:flush", "sync");
+    let bs = ns.block_size() as usize;
+    let new = pattern_buffer(c, 8 * bs, 34);
+    host(&format!("blkdebug {} flush::once", node(&ns)));
+    q.write_blocking(&ns, Lba(BASE), new.as_slice())
+        .expect("the write before the flush (only flushes fail)");
+    let r = q.flush_blocking(&ns);
+    let again = q.flush_blocking(&ns);
+    clear_node(&node(&ns));
+    cell.completions(&[1, 1, 1]);
+    match r {
+        Err(Error::Io(IoError::Status { status, .. })) if is_eio(&status, true) => cell.failed += 1,
+        other => panic!("flush: want Write Fault, got {other:?}"),
+    }
+    again.expect("the second flush");
+    cell.verified = reads_back(&mut q, c, &ns, BASE, &pattern(8 * bs, 34));
+    cell.report(1);
+    drop(q);
+    dev.finish();
+}
+
+#[test]
+#[ignore = "runs in the HIL fault scenario only: tests/hil/run --faults"]
+fn media_error_on_read() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    media_error_row(false);
+}
+
+#[test]
+#[ignore = "runs in the HIL fault scenario only: tests/hil/run --faults"]
+fn media_error_on_write() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    media_error_row(true);
+}
