@@ -67,8 +67,8 @@ fn transport_failures_are_named() {
                 l.local_addr().expect("addr")
             };
             let e = HostQueue::open(addr, &host_opts(Digests::default()), 8).unwrap_err();
-            assert!(matches!(e, HostError::Connect { .. }), "{e}");
-            assert!(e.to_string().contains("is the target listening"));
+            assert!(matches!(e, HostError::Refused { .. }), "{e}");
+            assert!(e.to_string().contains("no NVMe/TCP target listens there"));
 
             // ICResp that does not echo the digests asked for.
             let (addr, _) = fake_target(false, Vec::new());
