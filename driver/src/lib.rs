@@ -138,6 +138,10 @@ mod nvme;
 pub mod spec;
 mod types;
 
+// The transport seam: one controller and one I/O queue type over PCIe and NVMe/TCP.
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
+mod transport;
+
 // NVMe over TCP (target and host): a private module, its API re-exported below.
 #[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 mod nvmf;
@@ -164,6 +168,10 @@ pub use nvme::qpair::{
     DmaOwner, DoorbellMode, IoDone, IoFlags, IoOp, IoResult, QueueOptions, QueuePair, QueueStats,
     Rejected,
 };
+pub use transport::{
+    HostBuf, TcpController, TcpOptions, TcpQueue, TransportBuf, TransportController,
+    TransportError, TransportIoError, TransportQueue, TransportRejected,
+};
 pub use types::{Cid, Iova, Lba, Nsid, QueueId};
 
 pub use nvmf::{
@@ -175,4 +183,8 @@ pub use nvmf::{
     IoCompletion as NvmfCompletion, MemBackend as NvmfMemBackend, NsInfo as NvmfNamespace,
     PollGroup as NvmfPollGroup, Serving as NvmfServing, Subsystem as NvmfSubsystem,
     Target as NvmfTarget, TargetOptions as NvmfTargetOptions,
+};
+pub use nvmf::{
+    DEFAULT_HOSTNQN as NVMF_DEFAULT_HOSTNQN, DISCOVERY_NQN as NVMF_DISCOVERY_NQN,
+    DiscoveryEntry as NvmfDiscoveryEntry,
 };

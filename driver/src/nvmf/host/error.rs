@@ -102,7 +102,7 @@ pub enum HostError {
     #[error("controller not usable: {0}")]
     Controller(String),
     /// The connection failed earlier; the command was lost with it.
-    #[error("controller lost: {0}; reconnect to go on")]
+    #[error("controller lost: {0}")]
     Lost(String),
 }
 

@@ -395,6 +395,21 @@ impl HostQueue {
         r.map(|_| n)
     }
 
+    /// Sends what the socket takes of the queued commands now (a failure ends the
+    /// connection, as in [`poll`](Self::poll)).
+    pub fn send_now(&mut self) -> Result<(), HostError> {
+        if let Some(why) = &self.dead {
+            return Err(HostError::Lost(why.clone()));
+        }
+        match self.send() {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.kill(&e);
+                Err(e)
+            }
+        }
+    }
+
     fn send(&mut self) -> Result<usize, HostError> {
         let mut n = 0;
         while self.sent < self.out.len() {

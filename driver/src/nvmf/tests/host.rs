@@ -165,3 +165,39 @@ fn c2h_term_req_and_a_vanished_target_fail_outstanding_commands_once() {
         },
     )
 }
+
+#[test]
+fn a_header_digest_mismatch_is_named_and_ends_the_queue() {
+    watchdog(
+        "a_header_digest_mismatch_is_named_and_ends_the_queue",
+        test_watchdog::INTEGRATION,
+        || {
+            let d = Digests {
+                header: true,
+                data: false,
+            };
+            let cqe = crate::spec::Cqe::default();
+            let mut resp = pdu::encode(&Pdu::CapsuleResp(cqe), 0, d, 0);
+            let n = resp.as_bytes().len();
+            resp.as_mut_bytes()[n - 1] ^= 0xff;
+            let (addr, _seen) = fake_target(true, resp.as_bytes().to_vec());
+            let mut q = HostQueue::open(addr, &host_opts(d), 8).expect("open");
+            q.submit(Sqe::flush(1), HostData::None, 1).expect("submit");
+            let e = loop {
+                match q.poll() {
+                    Err(e) => break e,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            assert!(matches!(e, HostError::HeaderDigest), "{e}");
+            assert!(e.to_string().contains("header digest mismatch"));
+            let lost = q.pop().expect("the outstanding command completes");
+            assert_eq!(lost.tag, 1);
+            match lost.result {
+                Err(HostError::Lost(why)) => assert!(why.contains("header digest"), "{why}"),
+                r => panic!("{r:?}"),
+            }
+            assert!(q.pop().is_none(), "exactly once");
+        },
+    )
+}

@@ -8,6 +8,7 @@ mod dioxide;
 mod fuzz;
 mod host;
 mod io;
+mod transport;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
