@@ -367,7 +367,8 @@ impl HostController {
         ))
     }
 
-    /// Shuts the controller down (CC.SHN, wait for CSTS.SHST complete) and disconnects.
+    /// Shuts the controller down (CC.SHN, wait for CSTS.SHST complete) and closes the admin
+    /// connection (which ends the association).
     pub fn shutdown(mut self) -> Result<(), HostError> {
         self.shut_down = true;
         self.shutdown_inner()
@@ -404,9 +405,16 @@ impl HostController {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        let _ = self
+        // The association ends with the admin connection; a Disconnect goes first, not waited
+        // for (the target may close at once).
+        if self
             .admin
-            .run("Disconnect", fabrics::disconnect(), HostData::None);
+            .submit(fabrics::disconnect(), HostData::None, u64::MAX - 3)
+            .is_ok()
+        {
+            let _ = self.admin.send_now();
+        }
+        self.admin.close();
         Ok(())
     }
 }

@@ -458,6 +458,18 @@ impl HostQueue {
         }
     }
 
+    /// Closes the connection (the host's decision, nothing failed): outstanding commands end
+    /// with [`HostError::Lost`], later calls say so.
+    pub fn close(&mut self) {
+        if self.dead.is_some() {
+            return;
+        }
+        let why = "the host closed the connection".to_string();
+        self.fail_all(&why);
+        self.dead = Some(why);
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
     /// Ends the connection after `e`: an H2CTermReq for a protocol error, every outstanding
     /// command failed once, the socket shut down.
     pub(crate) fn kill(&mut self, e: &HostError) {
