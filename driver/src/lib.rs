@@ -20,6 +20,11 @@
 //!   * [`QueuePair`]: one I/O queue pair, the per-I/O path, and the PRP entries it needs;
 //!   * [`Error`] for what a call returns, [`IoError`] for how a request ended.
 //! * `embed/`: the embedding layer ([`Dioxide`], pollers, [`BlockFile`], [`PageCache`]), below.
+//! * `nvmf/`: NVMe over TCP: the target ([`NvmfTarget`]) and the host transport ([`NvmfHost`]).
+//! * `transport/`: the seam above the queue pair, like SPDK's `nvme_transport`:
+//!   [`TransportController`] and [`TransportQueue`] over PCIe ([`Controller`], [`QueuePair`])
+//!   and NVMe/TCP ([`TcpController`], [`TcpQueue`]), statically dispatched (one `match` per
+//!   call), with [`TransportBuf`] data buffers; `perf` runs on it.
 //!
 //! # What runs where
 //! Bring-up, admin commands, queue creation and deletion run on the caller's thread, under the

@@ -141,8 +141,9 @@ impl From<Opened> for Device {
 /// NVME_DEFAULT_KATO); a Keep Alive goes out every half of it.
 pub const TOOLS_KATO_MS: u32 = 5_000;
 
-/// Connects to the NVMe/TCP controller of `trid` (a `trtype:TCP` transport ID).
-pub fn open_tcp(trid: &TransportId) -> Result<Device, String> {
+/// Connects to the NVMe/TCP controller of `trid` (a `trtype:TCP` transport ID), asking for
+/// the header and data digests `digests`.
+pub fn open_tcp(trid: &TransportId, digests: (bool, bool)) -> Result<Device, String> {
     let Target::Tcp(addr) = trid.target else {
         return Err("not a TCP transport ID".into());
     };
@@ -151,7 +152,10 @@ pub fn open_tcp(trid: &TransportId) -> Result<Device, String> {
         host.hostnqn = h.clone();
     }
     host.kato_ms = TOOLS_KATO_MS;
-    host.digests = NvmfDigests::default();
+    host.digests = NvmfDigests {
+        header: digests.0,
+        data: digests.1,
+    };
     host.timeout = Duration::from_secs(10);
     let label = trid.tcp_label().unwrap_or_default();
     let c =
@@ -172,16 +176,18 @@ pub fn open_tcp(trid: &TransportId) -> Result<Device, String> {
     })
 }
 
-/// Opens the controller `trid` names (`dma_bytes`: what a VFIO controller should map).
+/// Opens the controller `trid` names (`dma_bytes`: what a VFIO controller should map;
+/// `digests`: header and data digests for a TCP one).
 pub fn open(
     trid: &TransportId,
     emulated: &EmulatedShape,
     dma_bytes: u64,
+    digests: (bool, bool),
 ) -> Result<Device, String> {
     Ok(match trid.target {
         Target::Emulated => open_emulated(emulated)?.into(),
         Target::Pcie(a) => open_pcie(&a.to_string(), dma_bytes)?.into(),
-        Target::Tcp(_) => open_tcp(trid)?,
+        Target::Tcp(_) => open_tcp(trid, digests)?,
     })
 }
 

@@ -687,7 +687,7 @@ fn run(cfg: &IdentifyConfig) -> Result<(), String> {
     let mut infos = Vec::new();
     let mut discovery_json = Vec::new();
     for t in &targets {
-        let opened = device::open(t, &cfg.emulated, 4 << 20)?;
+        let opened = device::open(t, &cfg.emulated, 4 << 20, (false, false))?;
         if let Some(d) = opened.ctrl.tcp().filter(|d| d.is_discovery()) {
             let entries = d
                 .discover()

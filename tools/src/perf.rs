@@ -154,7 +154,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
         let idx = match keys.iter().position(|k| *k == key) {
             Some(i) => i,
             None => {
-                let opened = device::open(trid, &cfg.emulated, dma_bytes)?;
+                let opened = device::open(trid, &cfg.emulated, dma_bytes, cfg.tcp_digests)?;
                 if let Some(t) = opened.ctrl.tcp().filter(|t| t.is_discovery()) {
                     return Err(discovery_refused(&opened.label, t));
                 }
