@@ -174,7 +174,8 @@ fn perf_verify_and_identify_over_tcp() {
     let o = identify(&["-r", &format!("{disc} subnqn:nqn.2026-12.io.dioxide:nope")]);
     assert!(!o.status.success());
     assert!(
-        text(&o.stderr).contains("Connect failed"),
+        text(&o.stderr).contains("Connect failed: Connect Invalid Parameters")
+            && text(&o.stderr).contains("the target offers no subsystem of this NQN"),
         "{}",
         text(&o.stderr)
     );

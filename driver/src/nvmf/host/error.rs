@@ -62,7 +62,7 @@ pub enum HostError {
     #[error("ICResp refused: {0}; the target does not speak NVMe/TCP as this host needs")]
     IcResp(&'static str),
     /// A command completed with an error status.
-    #[error("{what} failed: {status:?} (DW0 {dw0:#x})")]
+    #[error("{what} failed: {}", status_text(what, status, *dw0))]
     Status {
         /// The command.
         what: &'static str,
@@ -104,6 +104,34 @@ pub enum HostError {
     /// The connection failed earlier; the command was lost with it.
     #[error("controller lost: {0}")]
     Lost(String),
+}
+
+/// A command's error status in words; Connect's own statuses (Fabrics) with what to do.
+fn status_text(what: &str, status: &Status, dw0: u32) -> String {
+    use crate::nvmf::fabrics::{connect_data, sc};
+    use crate::spec::Sct;
+    if what != "Connect" || status.sct != Sct::CommandSpecific {
+        return format!("{status:?} (DW0 {dw0:#x})");
+    }
+    let (in_data, offset) = (dw0 & (1 << 16) != 0, dw0 as u16);
+    match status.sc {
+        sc::INCOMPATIBLE_FORMAT => "Incompatible Format: the target does not take this Connect".into(),
+        sc::CONTROLLER_BUSY => "Controller Busy: the target has no room for this queue now; retry later".into(),
+        sc::CONNECT_INVALID_PARAMETERS => {
+            let which = match (in_data, offset) {
+                (true, connect_data::SUBNQN) => "the target offers no subsystem of this NQN (check subnqn; identify without subnqn lists them)",
+                (true, connect_data::HOSTNQN) => "the host NQN (check hostnqn)",
+                (true, connect_data::CNTLID) => "the controller ID (the association is gone; reconnect)",
+                (true, _) => "a field of the Connect data",
+                (false, _) => "a field of the command (queue size or ID)",
+            };
+            format!("Connect Invalid Parameters (DW0 {dw0:#x}): {which}")
+        }
+        sc::CONNECT_INVALID_HOST => {
+            "Connect Invalid Host: the target does not allow this host NQN (allow it on the target, or pass the allowed one with hostnqn:)".into()
+        }
+        _ => format!("{status:?} (DW0 {dw0:#x})"),
+    }
 }
 
 /// What a Fatal Error Status means, in words.
