@@ -130,6 +130,18 @@ fn perf_verify_and_identify_over_tcp() {
         assert!(checked > 0 && v.ends_with(" 0 mismatched"), "{v}");
     }
 
+    // More I/Os in flight than the queue has entries (128): the rest wait in software.
+    let o = perf(&[
+        "-r", &trid, "-q", "200", "-o", "4096", "-w", "verify", "-t", "1",
+    ]);
+    let out = text(&o.stdout);
+    assert!(
+        o.status.success(),
+        "perf -q 200: {out}\n{}",
+        text(&o.stderr)
+    );
+    assert!(out.contains(" 0 mismatched"), "{out}");
+
     // identify of the subsystem: the controller and its namespace.
     let o = identify(&["-r", &trid]);
     let out = text(&o.stdout);

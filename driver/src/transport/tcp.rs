@@ -167,7 +167,8 @@ impl TcpController {
         }
         .clamp(2, max.max(2));
         let q = self.host().io_queue(entries)?;
-        Ok(TcpQueue::new(q, entries, self.lost.clone()))
+        let requests = (opts.requests as usize).max(entries as usize);
+        Ok(TcpQueue::new(q, entries, requests, self.lost.clone()))
     }
 
     /// The Keep Alive timer ([`HostController::process_admin`]); a failure marks the whole
@@ -219,14 +220,31 @@ impl TcpController {
     }
 }
 
-/// An NVMe/TCP I/O queue: one connection; the caller's tags ride in a slot table.
+/// A command waiting for a free command slot of the connection.
+struct Waiting {
+    sqe: Sqe,
+    ptr: NonNull<u8>,
+    len: usize,
+    out: bool,
+    slot: u32,
+}
+
+/// An NVMe/TCP I/O queue: one connection; the caller's tags ride in a request table
+/// (`QueueOptions::requests`, at least the queue's entries). Requests beyond the commands the
+/// connection may have outstanding wait in order, in software, as on a PCIe queue pair.
 pub struct TcpQueue<T> {
     q: HostQueue,
     tags: Vec<Option<T>>,
     free: Vec<u32>,
+    waiting: std::collections::VecDeque<Waiting>,
     entries: u16,
     lost: Arc<Lost>,
 }
+
+// SAFETY: the raw pointers of waiting requests name memory given under submit_raw's contract
+// (valid and untouched by others until the completion); the queue is used by one thread at a
+// time (`&mut self`), and moving it moves that use along; the tags are `T: Send`.
+unsafe impl<T: Send> Send for TcpQueue<T> {}
 
 impl<T> core::fmt::Debug for TcpQueue<T> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -238,12 +256,13 @@ impl<T> core::fmt::Debug for TcpQueue<T> {
 }
 
 impl<T> TcpQueue<T> {
-    fn new(q: HostQueue, entries: u16, lost: Arc<Lost>) -> TcpQueue<T> {
-        let n = q.slots();
+    fn new(q: HostQueue, entries: u16, requests: usize, lost: Arc<Lost>) -> TcpQueue<T> {
+        let n = requests.max(q.slots());
         TcpQueue {
             q,
             tags: (0..n).map(|_| None).collect(),
             free: (0..n as u32).rev().collect(),
+            waiting: std::collections::VecDeque::new(),
             entries,
             lost,
         }
@@ -316,11 +335,22 @@ impl<T> TcpQueue<T> {
             IoOp::Write => (io::WRITE, true),
         };
         let sqe = Sqe::rw(opcode, ns.nsid().0, lba.0, blocks as u32, false);
-        // SAFETY: the buffer's memory is valid for `len` bytes and the caller keeps it alive and
-        // untouched until the completion (this function's contract), which the host queue
-        // hands back (by `pop`) before `poll` returns it.
-        match unsafe { self.q.submit_raw(sqe, buf.ptr, len, out, slot as u64) } {
-            Ok(_) => {
+        let w = Waiting {
+            sqe,
+            ptr: buf.ptr,
+            len,
+            out,
+            slot,
+        };
+        if !self.waiting.is_empty() || self.q.outstanding() >= self.q.slots() {
+            // The caller's contract covers the wait: the memory stays valid until the
+            // completion, which comes after the command was sent or failed.
+            self.tags[slot as usize] = Some(tag);
+            self.waiting.push_back(w);
+            return Ok(());
+        }
+        match self.send_one(w) {
+            Ok(()) => {
                 self.tags[slot as usize] = Some(tag);
                 Ok(())
             }
@@ -331,7 +361,41 @@ impl<T> TcpQueue<T> {
         }
     }
 
-    /// Sends what was queued.
+    fn send_one(&mut self, w: Waiting) -> Result<(), HostError> {
+        // SAFETY: the buffer's memory is valid for `len` bytes and the caller keeps it alive and
+        // untouched until the completion (submit_raw's contract), which the host queue hands
+        // back (by `pop`) before `poll` returns it.
+        unsafe { self.q.submit_raw(w.sqe, w.ptr, w.len, w.out, w.slot as u64) }.map(|_| ())
+    }
+
+    /// Moves waiting requests into free command slots.
+    fn start_waiting(&mut self) {
+        while self.q.outstanding() < self.q.slots() {
+            let Some(w) = self.waiting.pop_front() else {
+                return;
+            };
+            if let Err(e) = self.send_one_or_back(w) {
+                // Only a dead connection refuses now; poll ends what waits.
+                log::debug!("nvmf host: a waiting request stays queued: {e}");
+                return;
+            }
+        }
+    }
+
+    fn send_one_or_back(&mut self, w: Waiting) -> Result<(), HostError> {
+        let (sqe, ptr, len, out, slot) = (w.sqe, w.ptr, w.len, w.out, w.slot);
+        self.send_one(w).inspect_err(|_| {
+            self.waiting.push_front(Waiting {
+                sqe,
+                ptr,
+                len,
+                out,
+                slot,
+            })
+        })
+    }
+
+    /// Sends what was queued (waiting requests stay for a poll to free slots).
     pub fn ring(&mut self) {
         // A failure kills the connection; the next poll reports it.
         let _ = self.q.send_now();
@@ -378,10 +442,27 @@ impl<T> TcpQueue<T> {
             while n < max && self.deliver(&mut f) {
                 n += 1;
             }
+            if !self.waiting.is_empty() {
+                self.start_waiting();
+                let _ = self.q.send_now();
+            }
             return Ok(n);
         }
         while self.deliver(&mut f) {
             n += 1;
+        }
+        // Requests that never got a command slot end too, once each.
+        let why = self.q.lost().unwrap_or("the connection failed").to_owned();
+        while let Some(w) = self.waiting.pop_front() {
+            let slot = w.slot as usize;
+            if let Some(tag) = self.tags.get_mut(slot).and_then(Option::take) {
+                self.free.push(w.slot);
+                f(
+                    tag,
+                    Err(TransportIoError::Tcp(HostError::Lost(why.clone()))),
+                );
+                n += 1;
+            }
         }
         r.map(|_| n).map_err(TransportError::from)
     }

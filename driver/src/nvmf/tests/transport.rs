@@ -93,8 +93,9 @@ fn the_seam_moves_data_over_tcp_into_the_callers_buffers() {
                 );
                 let ns = c.namespace(Nsid(1)).expect("namespace 1");
                 assert!(c.namespace(Nsid(9)).is_err());
+                // Two command slots, four requests: two wait their turn in software.
                 let mut q = c
-                    .create_qpair::<u64>(QueueOptions::default().with_entries(16))
+                    .create_qpair::<u64>(QueueOptions::default().with_entries(2).with_requests(4))
                     .expect("I/O queue");
                 // 4 KiB writes go in-capsule; 64 KiB ones (over IOCCSZ) after an R2T.
                 let sizes = [4096usize, 65536, 512, 131072];
@@ -242,8 +243,9 @@ fn fault_ends_everything_once(
     expect: impl Fn(&TransportError) -> bool,
 ) -> Vec<Option<String>> {
     let ns = c.namespace(Nsid(1)).expect("namespace");
+    // 8 commands on the connection, 8 more waiting for a slot.
     let mut q = c
-        .create_qpair::<u64>(QueueOptions::default().with_entries(32))
+        .create_qpair::<u64>(QueueOptions::default().with_entries(8).with_requests(16))
         .expect("queue");
     let bufs: Vec<_> = (0..16).map(|_| c.alloc(4096).expect("alloc")).collect();
     // A first round completes normally.
