@@ -20,6 +20,11 @@
 //!   * [`QueuePair`]: one I/O queue pair, the per-I/O path, and the PRP entries it needs;
 //!   * [`Error`] for what a call returns, [`IoError`] for how a request ended.
 //! * `embed/`: the embedding layer ([`Dioxide`], pollers, [`BlockFile`], [`PageCache`]), below.
+//! * `nvmf/`: NVMe over TCP: the target ([`NvmfTarget`]) and the host transport ([`NvmfHost`]).
+//! * `transport/`: the seam above the queue pair, like SPDK's `nvme_transport`:
+//!   [`TransportController`] and [`TransportQueue`] over PCIe ([`Controller`], [`QueuePair`])
+//!   and NVMe/TCP ([`TcpController`], [`TcpQueue`]), statically dispatched (one `match` per
+//!   call), with [`TransportBuf`] data buffers; `perf` runs on it.
 //!
 //! # What runs where
 //! Bring-up, admin commands, queue creation and deletion run on the caller's thread, under the
@@ -138,6 +143,10 @@ mod nvme;
 pub mod spec;
 mod types;
 
+// The transport seam: one controller and one I/O queue type over PCIe and NVMe/TCP.
+#[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
+mod transport;
+
 // NVMe over TCP (target and host): a private module, its API re-exported below.
 #[cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 mod nvmf;
@@ -164,6 +173,10 @@ pub use nvme::qpair::{
     DmaOwner, DoorbellMode, IoDone, IoFlags, IoOp, IoResult, QueueOptions, QueuePair, QueueStats,
     Rejected,
 };
+pub use transport::{
+    HostBuf, TcpController, TcpOptions, TcpQueue, TransportBuf, TransportController,
+    TransportError, TransportIoError, TransportQueue, TransportRejected,
+};
 pub use types::{Cid, Iova, Lba, Nsid, QueueId};
 
 pub use nvmf::{
@@ -175,4 +188,8 @@ pub use nvmf::{
     IoCompletion as NvmfCompletion, MemBackend as NvmfMemBackend, NsInfo as NvmfNamespace,
     PollGroup as NvmfPollGroup, Serving as NvmfServing, Subsystem as NvmfSubsystem,
     Target as NvmfTarget, TargetOptions as NvmfTargetOptions,
+};
+pub use nvmf::{
+    DEFAULT_HOSTNQN as NVMF_DEFAULT_HOSTNQN, DISCOVERY_NQN as NVMF_DISCOVERY_NQN,
+    DiscoveryEntry as NvmfDiscoveryEntry,
 };

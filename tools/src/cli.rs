@@ -451,6 +451,12 @@ pub struct PerfArgs {
     /// display core busy % (once a second on a terminal, and at the end)
     #[arg(short = 'm', long = "cpu-usage")]
     pub cpu_usage: bool,
+    /// enable the header digest of NVMe/TCP connections (trtype:TCP)
+    #[arg(short = 'H', long = "enable-tcp-hdgst")]
+    pub tcp_hdgst: bool,
+    /// enable the data digest of NVMe/TCP connections (trtype:TCP)
+    #[arg(short = 'I', long = "enable-tcp-ddgst")]
+    pub tcp_ddgst: bool,
     /// for each namespace, submit I/Os from every core (default: spread namespaces over cores)
     #[arg(long = "use-every-core")]
     pub use_every_core: bool,
@@ -504,6 +510,8 @@ pub struct PerfConfig {
     pub continue_on_error: Option<u32>,
     /// `-m`.
     pub cpu_usage: bool,
+    /// `-H`, `-I`: header and data digests on NVMe/TCP connections.
+    pub tcp_digests: (bool, bool),
     /// `--use-every-core`.
     pub use_every_core: bool,
     /// `--json`.
@@ -754,6 +762,7 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
         latency_level: a.latency.min(2),
         continue_on_error,
         cpu_usage: a.cpu_usage,
+        tcp_digests: (a.tcp_hdgst, a.tcp_ddgst),
         use_every_core: a.use_every_core,
         json: a.json,
         plot: a.plot,

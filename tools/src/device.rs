@@ -1,17 +1,22 @@
-//! Opening controllers for the tools: the built-in emulated controller, or a PCIe controller
-//! through VFIO; and the adapter that runs [`crate::engine`] on the driver's queue pairs.
+//! Opening controllers for the tools: the built-in emulated controller, a PCIe controller
+//! through VFIO, or an NVMe/TCP controller; and the adapter that runs [`crate::engine`] on the
+//! transport seam's queues ([`dioxide::TransportQueue`]: a PCIe queue pair or a TCP queue).
 
 use crate::cli::{Backing, EmuMode, EmulatedShape};
 use crate::engine::{IoBuf, IoQueue};
+use crate::report;
+use crate::trid::{Target, TransportId};
 use dioxide::emulated::{
     Action, EmulatedConfig, EmulatedController, Fault, Mode, NamespaceConfig, Trigger,
 };
 use dioxide::spec::{Sct, Status, status::media};
 use dioxide::vfio::{VfioBus, VfioOptions};
 use dioxide::{
-    Bus, Controller, DmaBuffer, IoError, IoFlags, IoOp, Lba, Namespace, PciId, QueuePair,
+    Bus, Controller, IoOp, Lba, Namespace, NvmfDigests, NvmfHostOptions, PciId, TcpController,
+    TcpOptions, TransportBuf, TransportController, TransportIoError, TransportQueue,
 };
 use std::sync::Arc;
+use std::time::Duration;
 
 /// An open controller and how to name it.
 pub struct Opened {
@@ -105,8 +110,92 @@ pub fn open_pcie(addr: &str, dma_bytes: u64) -> Result<Opened, String> {
     })
 }
 
-/// A data buffer in the controller's DMA memory.
-pub struct DriverBuf(pub DmaBuffer);
+/// A controller on any transport, opened for perf or identify.
+pub struct Device {
+    /// The controller.
+    pub ctrl: TransportController,
+    /// The name prefix of its namespaces in reports: `PCIE (0000:01:00.0)`, `EMULATED
+    /// (inline)`, `TCP (addr:127.0.0.1 subnqn:nqn...)`.
+    pub label: String,
+    /// Its address: a PCI address, `emulated (inline)`, or `127.0.0.1:4420`.
+    pub addr: String,
+    /// SPDK's `Attached to ...` line.
+    pub attached: String,
+    /// Vendor and device ID (for TCP: Identify VID and SSVID, there is no PCI function).
+    pub ids: (u16, u16),
+    /// The emulated controller, when it is one (kept alive with the controller).
+    pub emulated: Option<Arc<EmulatedController>>,
+}
+
+impl From<Opened> for Device {
+    fn from(o: Opened) -> Device {
+        Device {
+            attached: report::attached(&o.addr, o.pci.vendor, o.pci.device),
+            ids: (o.pci.vendor, o.pci.device),
+            ctrl: TransportController::Pcie(o.ctrl),
+            label: o.label,
+            addr: o.addr,
+            emulated: o.emulated,
+        }
+    }
+}
+
+/// Keep Alive Timeout the tools ask for (ms), as the Linux host does by default (its
+/// NVME_DEFAULT_KATO); a Keep Alive goes out every half of it.
+pub const TOOLS_KATO_MS: u32 = 5_000;
+
+/// Connects to the NVMe/TCP controller of `trid` (a `trtype:TCP` transport ID), asking for
+/// the header and data digests `digests`.
+pub fn open_tcp(trid: &TransportId, digests: (bool, bool)) -> Result<Device, String> {
+    let Target::Tcp(addr) = trid.target else {
+        return Err("not a TCP transport ID".into());
+    };
+    let mut host = NvmfHostOptions::new(trid.subnqn());
+    if let Some(h) = &trid.hostnqn {
+        host.hostnqn = h.clone();
+    }
+    host.kato_ms = TOOLS_KATO_MS;
+    host.digests = NvmfDigests {
+        header: digests.0,
+        data: digests.1,
+    };
+    host.timeout = Duration::from_secs(10);
+    let label = trid.tcp_label().unwrap_or_default();
+    let c =
+        TcpController::connect(TcpOptions { addr, host }).map_err(|e| format!("{label}: {e}"))?;
+    let id = c.identify().clone();
+    Ok(Device {
+        attached: format!(
+            "Attached to NVMe over Fabrics controller at {}:{}: {}\n",
+            addr.ip(),
+            addr.port(),
+            trid.subnqn()
+        ),
+        ids: (id.vid, id.ssvid),
+        ctrl: c.into(),
+        label,
+        addr: addr.to_string(),
+        emulated: None,
+    })
+}
+
+/// Opens the controller `trid` names (`dma_bytes`: what a VFIO controller should map;
+/// `digests`: header and data digests for a TCP one).
+pub fn open(
+    trid: &TransportId,
+    emulated: &EmulatedShape,
+    dma_bytes: u64,
+    digests: (bool, bool),
+) -> Result<Device, String> {
+    Ok(match trid.target {
+        Target::Emulated => open_emulated(emulated)?.into(),
+        Target::Pcie(a) => open_pcie(&a.to_string(), dma_bytes)?.into(),
+        Target::Tcp(_) => open_tcp(trid, digests)?,
+    })
+}
+
+/// A data buffer of a controller (DMA memory for PCIe, plain memory for TCP).
+pub struct DriverBuf(pub TransportBuf);
 
 impl IoBuf for DriverBuf {
     fn bytes(&mut self) -> &mut [u8] {
@@ -114,29 +203,21 @@ impl IoBuf for DriverBuf {
     }
 }
 
-/// A driver queue pair, as the engine sees it: it serves every namespace of its controller
-/// (an NVMe I/O queue is not tied to a namespace; each command names its own).
+/// A queue of the transport seam, as the engine sees it: it serves every namespace of its
+/// controller (an NVMe I/O queue is not tied to a namespace; each command names its own).
 pub struct DriverQueue {
-    /// The queue pair (tags are `u64`).
-    pub qp: QueuePair<u64>,
+    /// The queue (tags are `u64`).
+    pub qp: TransportQueue<u64>,
     /// The namespaces its commands may go to.
     pub nss: Vec<Namespace>,
     /// The controller's location, for errors.
     pub location: String,
 }
 
-/// A completion error of the driver.
-pub fn io_status(e: &IoError) -> Option<Status> {
-    match e {
-        IoError::Status { status, .. } => Some(*status),
-        _ => None,
-    }
-}
-
 impl IoQueue for DriverQueue {
     type Buf = DriverBuf;
-    type Error = dioxide::Error;
-    type IoErr = IoError;
+    type Error = dioxide::TransportError;
+    type IoErr = TransportIoError;
 
     #[inline]
     unsafe fn submit(
@@ -147,24 +228,21 @@ impl IoQueue for DriverQueue {
         _blocks: u32,
         buf: &DriverBuf,
         tag: u64,
-    ) -> Result<(), dioxide::Error> {
+    ) -> Result<(), dioxide::TransportError> {
         let op = if read { IoOp::Read } else { IoOp::Write };
         let Some(ns) = self.nss.iter().find(|n| n.nsid().0 == nsid) else {
             return Err(dioxide::Error::NoSuchNamespace {
                 location: self.location.clone(),
                 nsid: dioxide::Nsid(nsid),
                 active: self.nss.iter().map(|n| n.nsid().0).collect(),
-            });
+            }
+            .into());
         };
-        // SAFETY: the buffer comes from this controller's DMA memory (allocated by
-        // `Controller::alloc`), and the engine's contract (IoQueue::submit) keeps it alive and
-        // untouched until the tag is polled back; a buffer whose command timed out is never
-        // reused (see `retire`), and buffers are dropped after the queue pairs.
-        unsafe {
-            self.qp
-                .submit_raw(op, ns, Lba(lba), buf.0.as_dma_slice(), IoFlags::NONE, tag)
-        }
-        .map_err(|r| r.error)
+        // SAFETY: the buffer comes from this controller (`TransportController::alloc`), and
+        // the engine's contract (IoQueue::submit) keeps it alive and untouched until the tag
+        // is polled back; a buffer whose command may still be in the device is never reused
+        // (see `retire`), and buffers are dropped after the queues.
+        unsafe { self.qp.submit_raw(op, ns, Lba(lba), &buf.0, tag) }.map_err(|r| r.error)
     }
 
     #[inline]
@@ -173,23 +251,21 @@ impl IoQueue for DriverQueue {
     }
 
     #[inline]
-    fn poll<F: FnMut(u64, Result<(), IoError>)>(
+    fn poll<F: FnMut(u64, Result<(), TransportIoError>)>(
         &mut self,
         max: u32,
-        mut done: F,
-    ) -> Result<u32, dioxide::Error> {
+        done: F,
+    ) -> Result<u32, dioxide::TransportError> {
         let max = if max == 0 { usize::MAX } else { max as usize };
-        self.qp
-            .poll(max, |tag, r| done(tag, r.map(|_| ())))
-            .map(|n| n as u32)
+        self.qp.poll(max, done).map(|n| n as u32)
     }
 
-    fn status(e: &IoError) -> Option<Status> {
-        io_status(e)
+    fn status(e: &TransportIoError) -> Option<Status> {
+        e.status()
     }
 
-    fn retire(e: &IoError) -> bool {
-        // After a timeout the device may still write the buffer.
-        matches!(e, IoError::Timeout { .. })
+    fn retire(e: &TransportIoError) -> bool {
+        // After a PCIe timeout the device may still write the buffer.
+        e.buffer_still_in_use()
     }
 }

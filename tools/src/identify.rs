@@ -3,8 +3,8 @@
 //! controller, in a list).
 
 use crate::cli::{self, IdentifyConfig, Parsed};
-use crate::device::{self, Opened};
-use crate::trid::Target;
+use crate::device::{self, Device};
+use crate::trid::{Target, TransportId};
 use dioxide::Nsid;
 use dioxide::spec::regs::offset;
 use dioxide::spec::{IdentifyController, IdentifyNamespace, Oacs, Oncs};
@@ -264,7 +264,7 @@ fn namespace_info(nsid: u32, id: &IdentifyNamespace) -> NamespaceInfo {
 }
 
 /// Gathers everything about `c`.
-pub fn gather(c: &Opened, only_nsid: Option<u32>) -> Result<ControllerInfo, String> {
+pub fn gather(c: &Device, only_nsid: Option<u32>) -> Result<ControllerInfo, String> {
     let ctrl = &c.ctrl;
     let id: IdentifyController = ctrl.identify();
     let cap = ctrl.cap();
@@ -329,12 +329,12 @@ pub fn gather(c: &Opened, only_nsid: Option<u32>) -> Result<ControllerInfo, Stri
     .iter()
     .map(|ns| namespace_info(ns.nsid().0, ns.identify()))
     .collect();
-    let cmbsz = ctrl.bus().read32(offset::CMBSZ);
+    let cmbsz = ctrl.pcie().map_or(0, |p| p.bus().read32(offset::CMBSZ));
     Ok(ControllerInfo {
         schema: IDENTIFY_SCHEMA.to_string(),
         address: c.addr.clone(),
-        vendor_id: c.pci.vendor,
-        device_id: c.pci.device,
+        vendor_id: c.ids.0,
+        device_id: c.ids.1,
         subsystem_vendor_id: id.ssvid,
         serial: id.sn.trim().to_string(),
         model: id.mn.trim().to_string(),
@@ -670,7 +670,7 @@ pub fn main(args: impl IntoIterator<Item = String>) -> ExitCode {
 }
 
 fn run(cfg: &IdentifyConfig) -> Result<(), String> {
-    let targets: Vec<(Target, Option<u32>)> = if cfg.trids.is_empty() {
+    let targets: Vec<TransportId> = if cfg.trids.is_empty() {
         let line = format!(
             "Using the built-in emulated NVMe controller ({}): no device was named with -r",
             cfg.emulated.describe()
@@ -680,29 +680,173 @@ fn run(cfg: &IdentifyConfig) -> Result<(), String> {
         } else {
             println!("{line}");
         }
-        vec![(Target::Emulated, None)]
+        vec![TransportId::of(Target::Emulated, None)]
     } else {
-        cfg.trids.iter().map(|t| (t.target, t.nsid)).collect()
+        cfg.trids.clone()
     };
     let mut infos = Vec::new();
-    for (t, nsid) in targets {
-        let opened = match t {
-            Target::Emulated => device::open_emulated(&cfg.emulated)?,
-            Target::Pcie(a) => device::open_pcie(&a.to_string(), 4 << 20)?,
-        };
-        let info = gather(&opened, nsid)?;
+    let mut discovery_json = Vec::new();
+    for t in &targets {
+        let opened = device::open(t, &cfg.emulated, 4 << 20, (false, false))?;
+        if let Some(d) = opened.ctrl.tcp().filter(|d| d.is_discovery()) {
+            let entries = d
+                .discover()
+                .map_err(|e| format!("{}: reading the discovery log: {e}", opened.label))?;
+            if cfg.json {
+                discovery_json.push(discovery_info(&opened, &entries));
+            } else {
+                print!("{}", render_discovery(&opened, &entries));
+            }
+            continue;
+        }
+        let info = gather(&opened, t.nsid)?;
         if !cfg.json {
             print!("{}", render(&info));
         }
         infos.push(info);
     }
     if cfg.json {
+        // Controllers first, then discovery controllers (told apart by their "schema").
+        let mut all: Vec<serde_json::Value> = Vec::new();
+        for i in &infos {
+            all.push(serde_json::to_value(i).map_err(|e| e.to_string())?);
+        }
+        for d in &discovery_json {
+            all.push(serde_json::to_value(d).map_err(|e| e.to_string())?);
+        }
         println!(
             "{}",
-            serde_json::to_string_pretty(&infos).map_err(|e| e.to_string())?
+            serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?
         );
     }
     Ok(())
+}
+
+/// The schema name and version of a discovery controller in `identify --json`.
+pub const DISCOVERY_SCHEMA: &str = "dioxide-discovery/1";
+
+/// One discovery log page entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscoveryRecord {
+    /// Transport type (3: TCP).
+    pub trtype: u8,
+    /// Address family (1: IPv4, 2: IPv6).
+    pub adrfam: u8,
+    /// Subsystem type (2: NVM subsystem, 3: current discovery subsystem).
+    pub subtype: u8,
+    /// Port ID.
+    pub portid: u16,
+    /// Controller ID (0xffff: dynamic).
+    pub cntlid: u16,
+    /// Admin max SQ size.
+    pub asqsz: u16,
+    /// Transport service ID (the port).
+    pub trsvcid: String,
+    /// Subsystem NQN.
+    pub subnqn: String,
+    /// Transport address.
+    pub traddr: String,
+}
+
+/// A discovery controller and its log page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscoveryInfo {
+    /// [`DISCOVERY_SCHEMA`].
+    pub schema: String,
+    /// The controller, as reports name it.
+    pub controller: String,
+    /// Its address.
+    pub address: String,
+    /// The log page entries.
+    pub entries: Vec<DiscoveryRecord>,
+}
+
+fn discovery_info(d: &Device, entries: &[dioxide::NvmfDiscoveryEntry]) -> DiscoveryInfo {
+    DiscoveryInfo {
+        schema: DISCOVERY_SCHEMA.to_string(),
+        controller: d.label.clone(),
+        address: d.addr.clone(),
+        entries: entries
+            .iter()
+            .map(|e| DiscoveryRecord {
+                trtype: e.trtype,
+                adrfam: e.adrfam,
+                subtype: e.subtype,
+                portid: e.portid,
+                cntlid: e.cntlid,
+                asqsz: e.asqsz,
+                trsvcid: e.trsvcid.clone(),
+                subnqn: e.subnqn.clone(),
+                traddr: e.traddr.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The discovery log page in the layout of `spdk_nvme_identify`.
+pub fn render_discovery(d: &Device, entries: &[dioxide::NvmfDiscoveryEntry]) -> String {
+    let mut o = String::new();
+    let bar = "=====================================================";
+    let _ = writeln!(o, "{bar}");
+    let _ = writeln!(o, "Discovery Log Page of {}", d.label);
+    let _ = writeln!(o, "{bar}");
+    let _ = writeln!(
+        o,
+        "Number of Records:                     {}",
+        entries.len()
+    );
+    for (i, e) in entries.iter().enumerate() {
+        let trtype = match e.trtype {
+            1 => "RDMA",
+            2 => "FC",
+            3 => "TCP",
+            _ => "other",
+        };
+        let adrfam = match e.adrfam {
+            1 => "IPv4",
+            2 => "IPv6",
+            _ => "other",
+        };
+        let subtype = match e.subtype {
+            1 => "Referral to a Discovery Service",
+            2 => "NVM Subsystem",
+            3 => "Current Discovery Subsystem",
+            _ => "other",
+        };
+        let _ = writeln!(o);
+        let _ = writeln!(o, "Discovery Log Entry {i}");
+        let _ = writeln!(o, "----------------------");
+        let _ = writeln!(
+            o,
+            "Transport Type:                        {} ({trtype})",
+            e.trtype
+        );
+        let _ = writeln!(
+            o,
+            "Address Family:                        {} ({adrfam})",
+            e.adrfam
+        );
+        let _ = writeln!(
+            o,
+            "Subsystem Type:                        {} ({subtype})",
+            e.subtype
+        );
+        let _ = writeln!(
+            o,
+            "Port ID:                               {} ({:#06x})",
+            e.portid, e.portid
+        );
+        let _ = writeln!(
+            o,
+            "Controller ID:                         {} ({:#06x})",
+            e.cntlid, e.cntlid
+        );
+        let _ = writeln!(o, "Admin Max SQ Size:                     {}", e.asqsz);
+        let _ = writeln!(o, "Transport Service Identifier:          {}", e.trsvcid);
+        let _ = writeln!(o, "NVM Subsystem Qualified Name:          {}", e.subnqn);
+        let _ = writeln!(o, "Transport Address:                     {}", e.traddr);
+    }
+    o
 }
 
 #[cfg(test)]
@@ -725,7 +869,7 @@ mod tests {
 
     #[test]
     fn emulated_controller_fields() {
-        let c = device::open_emulated(&shape()).unwrap();
+        let c = Device::from(device::open_emulated(&shape()).unwrap());
         let info = gather(&c, None).unwrap();
         assert_eq!(info.namespaces.len(), 2);
         assert_eq!(info.namespaces[0].block_size, 4096);

@@ -376,6 +376,9 @@ fn open(cfg: &TgtConfig) -> Result<Vec<Opened>, String> {
         .map(|t| match t {
             Target::Emulated => device::open_emulated(&cfg.emulated),
             Target::Pcie(a) => device::open_pcie(&a.to_string(), cfg.dma_bytes),
+            Target::Tcp(a) => Err(format!(
+                "-r trtype:TCP ({a}) names a remote controller; nvmf_tgt serves local ones (trtype:PCIe or emulated)"
+            )),
         })
         .collect()
 }

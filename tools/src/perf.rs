@@ -3,13 +3,13 @@
 
 use crate::cli::{self, DoorbellMode, Parsed, PerfConfig};
 use crate::clock::{Clock, Source};
-use crate::device::{self, DriverBuf, DriverQueue, Opened};
+use crate::device::{self, Device, DriverBuf, DriverQueue};
 use crate::engine::{self, Job, JobSpec, Progress, Settings, SharedQueue, VerifyStats};
 use crate::json;
 use crate::plot;
 use crate::report::{self, Row};
 use crate::stats::NsStats;
-use crate::trid::Target;
+use crate::trid::{Target, TransportId};
 use crate::workload::{Mix, Workload};
 use dioxide::{Namespace, Nsid, QueueOptions};
 use std::io::Write as _;
@@ -140,33 +140,31 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     human_out(cfg, "Initializing NVMe Controllers\n");
 
     // Open each controller once; remember which namespaces each -r asked for.
-    let mut ctrls: Vec<Opened> = Vec::new();
+    let mut ctrls: Vec<Device> = Vec::new();
     let mut wanted: Vec<(usize, Option<u32>)> = Vec::new();
-    let targets: Vec<(Target, Option<u32>)> = if cfg.trids.is_empty() {
-        vec![(Target::Emulated, None)]
+    let targets: Vec<TransportId> = if cfg.trids.is_empty() {
+        vec![TransportId::of(Target::Emulated, None)]
     } else {
-        cfg.trids.iter().map(|t| (t.target, t.nsid)).collect()
+        cfg.trids.clone()
     };
-    let mut keys: Vec<Target> = Vec::new();
+    let mut keys: Vec<(Target, Option<&str>)> = Vec::new();
     let dma_bytes = cfg.io_size * cfg.queue_depth as u64 * cfg.cores.len() as u64 * 2 + (8 << 20);
-    for (target, nsid) in &targets {
-        let idx = match keys.iter().position(|k| k == target) {
+    for trid in &targets {
+        let key = (trid.target, trid.subnqn.as_deref());
+        let idx = match keys.iter().position(|k| *k == key) {
             Some(i) => i,
             None => {
-                let opened = match target {
-                    Target::Emulated => device::open_emulated(&cfg.emulated)?,
-                    Target::Pcie(addr) => device::open_pcie(&addr.to_string(), dma_bytes)?,
-                };
-                human_out(
-                    cfg,
-                    &report::attached(&opened.addr, opened.pci.vendor, opened.pci.device),
-                );
-                keys.push(*target);
+                let opened = device::open(trid, &cfg.emulated, dma_bytes, cfg.tcp_digests)?;
+                if let Some(t) = opened.ctrl.tcp().filter(|t| t.is_discovery()) {
+                    return Err(discovery_refused(&opened.label, t));
+                }
+                human_out(cfg, &opened.attached);
+                keys.push(key);
                 ctrls.push(opened);
                 ctrls.len() - 1
             }
         };
-        wanted.push((idx, *nsid));
+        wanted.push((idx, trid.nsid));
     }
 
     // Register namespaces as SPDK's register_ns does.
@@ -381,9 +379,20 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
         let mut last = 0u64;
         let mut last_busy = (0u64, 0u64);
         let mut tick = 0u32;
+        let mut admin_failed = vec![false; ctrls.len()];
         while !progress.iter().all(|p| p.finished.load(Ordering::Relaxed)) {
             std::thread::sleep(Duration::from_millis(50));
             tick += 1;
+            // Keep Alive of TCP controllers (nothing for PCIe); a lost controller's queues
+            // fail their I/O on their own.
+            for (c, failed) in ctrls.iter().zip(admin_failed.iter_mut()) {
+                if !*failed {
+                    if let Err(e) = c.ctrl.process_admin() {
+                        eprintln!("{}: admin queue failed: {e}", c.label);
+                        *failed = true;
+                    }
+                }
+            }
             if tty && tick % 20 == 0 {
                 let done: u64 = progress
                     .iter()
@@ -605,8 +614,28 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     Ok(ok)
 }
 
+/// The error for a discovery controller named for I/O: what it offers instead.
+fn discovery_refused(label: &str, t: &dioxide::TcpController) -> String {
+    let mut m = format!(
+        "{label} is a discovery controller, it has no namespaces; name an NVM subsystem with subnqn:"
+    );
+    match t.discover() {
+        Ok(list) if !list.is_empty() => {
+            for e in list {
+                m.push_str(&format!(
+                    "\n  subnqn:{} (traddr:{} trsvcid:{})",
+                    e.subnqn, e.traddr, e.trsvcid
+                ));
+            }
+        }
+        Ok(_) => m.push_str(" (its discovery log lists none)"),
+        Err(e) => m.push_str(&format!(" (its discovery log could not be read: {e})")),
+    }
+    m
+}
+
 /// The I/O queue size: `--io-queue-size`, at most the controller's MQES + 1.
-fn queue_entries(cfg: &PerfConfig, c: &Opened) -> u32 {
+fn queue_entries(cfg: &PerfConfig, c: &Device) -> u32 {
     let max = c.ctrl.cap().mqes() as u32 + 1;
     cfg.io_queue_size.map_or(max, |q| q.min(max)).min(65535)
 }
@@ -619,7 +648,7 @@ type QueueList = Vec<(u16, u16)>;
 /// queue pairs on it, shared by those namespaces.
 fn check_queue_budget(
     cfg: &PerfConfig,
-    ctrls: &[Opened],
+    ctrls: &[Device],
     entries: &[NsEntry],
     specs: &[(usize, JobSpec)],
 ) -> Result<(), String> {
@@ -648,7 +677,7 @@ fn check_queue_budget(
 
 /// Commands one I/O of `-o` bytes takes: one, or its children plus the parent when it is split
 /// at the controller's maximum transfer size.
-fn requests_per_io(cfg: &PerfConfig, c: &Opened) -> u64 {
+fn requests_per_io(cfg: &PerfConfig, c: &Device) -> u64 {
     let mt = c.ctrl.max_transfer() as u64;
     if cfg.io_size > mt {
         cfg.io_size.div_ceil(mt) + 1
@@ -661,7 +690,7 @@ fn requests_per_io(cfg: &PerfConfig, c: &Opened) -> u64 {
 /// of `-q` I/Os each will share them.
 fn make_queues(
     cfg: &PerfConfig,
-    c: &Opened,
+    c: &Device,
     entries: &[NsEntry],
     ci: usize,
     sharers: usize,
@@ -705,7 +734,7 @@ fn make_queues(
 
 fn make_job(
     cfg: &PerfConfig,
-    c: &Opened,
+    c: &Device,
     shared: &[SharedQueue<DriverQueue>],
     spec: JobSpec,
     s: &Settings,

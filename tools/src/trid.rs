@@ -2,16 +2,24 @@
 //!
 //! SPDK writes a transport ID as whitespace- (or comma-) separated `key:value` pairs, and
 //! also takes `key=value`: `'trtype:PCIe traddr:0000:01:00.0 ns:1'`. Keys are case-insensitive.
-//! Dioxide drives local PCIe controllers, so it knows the keys `trtype` (`PCIe`, or our
-//! `emulated` for the built-in emulated controller), `traddr` (a PCI address) and `ns` (one
-//! namespace instead of every active one). As a shorthand, a bare PCI address (`0000:01:00.0`,
-//! `01:00.0`, ...) is read as `trtype:PCIe traddr:<it>`.
+//! Dioxide knows the keys `trtype` (`PCIe`, `TCP`, or our `emulated` for the built-in emulated
+//! controller), `traddr` (a PCI address, or for TCP an IP address), `ns` (one namespace instead
+//! of every active one), and for TCP `adrfam` (`IPv4` or `IPv6`), `trsvcid` (the port, 4420 if
+//! not given), `subnqn` (the subsystem; the discovery subsystem if not given, as in SPDK) and
+//! `hostnqn`. As a shorthand, a bare PCI address (`0000:01:00.0`, `01:00.0`, ...) is read as
+//! `trtype:PCIe traddr:<it>`.
 //!
 //! Where SPDK only logs an unknown key and goes on, we refuse it: a misspelt `traddr` would
 //! otherwise silently test some other device.
 
 use core::fmt;
 use core::str::FromStr;
+use std::net::{IpAddr, SocketAddr};
+
+/// The NVMe/TCP port (IANA) used when `trsvcid` is not given.
+pub const NVME_TCP_PORT: u16 = 4420;
+/// The NQN of the discovery subsystem, used when `subnqn` is not given.
+pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
 
 /// Why a transport ID or PCI address did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,16 +34,44 @@ pub enum TridError {
     #[error("key '{0}' has no value")]
     NoValue(String),
     /// A key we do not know.
-    #[error("unknown transport ID key '{0}' (known keys: trtype, traddr, ns)")]
+    #[error(
+        "unknown transport ID key '{0}' (known keys: trtype, traddr, ns; for TCP also adrfam, trsvcid, subnqn, hostnqn)"
+    )]
     UnknownKey(String),
-    /// A key SPDK knows for fabrics, which Dioxide does not drive.
-    #[error("key '{0}' is for NVMe over Fabrics; Dioxide drives local PCIe controllers only")]
+    /// A key SPDK knows for fabrics, which Dioxide does not use.
+    #[error(
+        "key '{0}' is not supported (Dioxide's NVMe/TCP host takes adrfam, traddr, trsvcid, subnqn, hostnqn)"
+    )]
     FabricsKey(String),
+    /// A fabrics key on a PCIe or emulated transport ID.
+    #[error("key '{0}' is for NVMe over Fabrics; add trtype:TCP for a remote controller")]
+    NotFabrics(String),
+    /// A `traddr` for TCP that is not an IP address.
+    #[error(
+        "'{0}' is not an IP address (trtype:TCP takes e.g. traddr:192.168.1.10; no host names)"
+    )]
+    IpAddr(String),
+    /// An `adrfam` other than IPv4/IPv6, or one that does not match `traddr`.
+    #[error("adrfam '{0}' does not fit (use adrfam:IPv4 or adrfam:IPv6, matching traddr)")]
+    AdrFam(String),
+    /// A `trsvcid` that is not a port.
+    #[error("trsvcid '{0}' is not a TCP port (1 to 65535)")]
+    Port(String),
+    /// An NQN that is too long or not printable ASCII.
+    #[error("'{0}' is not a valid NQN (at most 223 bytes of printable ASCII)")]
+    Nqn(String),
+    /// `trtype:TCP` without `traddr`.
+    #[error(
+        "trtype:TCP needs traddr:<IP address>, e.g. 'trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:4420 subnqn:NQN'"
+    )]
+    NoIpAddr,
     /// The same key twice.
     #[error("key '{0}' given twice")]
     Duplicate(String),
-    /// A transport type other than PCIe or emulated.
-    #[error("transport type '{0}' is not supported (use trtype:PCIe, or trtype:emulated)")]
+    /// A transport type other than PCIe, TCP or emulated.
+    #[error(
+        "transport type '{0}' is not supported (use trtype:PCIe, trtype:TCP or trtype:emulated)"
+    )]
     TrType(String),
     /// A `traddr` that is not a PCI address.
     #[error("'{0}' is not a PCI address (expected domain:bus:device.function, e.g. 0000:01:00.0)")]
@@ -133,15 +169,52 @@ pub enum Target {
     Pcie(PciAddr),
     /// The built-in emulated controller.
     Emulated,
+    /// An NVMe/TCP target (the subsystem is [`TransportId::subnqn`]).
+    Tcp(SocketAddr),
 }
 
 /// A parsed `-r` argument.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportId {
     /// The controller.
     pub target: Target,
     /// One namespace, or `None` for every active namespace.
     pub nsid: Option<u32>,
+    /// For TCP: the subsystem NQN (the discovery NQN if not given).
+    pub subnqn: Option<String>,
+    /// For TCP: the host NQN, if given.
+    pub hostnqn: Option<String>,
+}
+
+impl TransportId {
+    /// A transport ID of `target` alone.
+    pub fn of(target: Target, nsid: Option<u32>) -> TransportId {
+        TransportId {
+            target,
+            nsid,
+            subnqn: None,
+            hostnqn: None,
+        }
+    }
+    /// The subsystem NQN of a TCP transport ID (the discovery NQN when not given).
+    pub fn subnqn(&self) -> &str {
+        self.subnqn.as_deref().unwrap_or(DISCOVERY_NQN)
+    }
+    /// The controller's name in reports, as SPDK writes it: `TCP (addr:127.0.0.1
+    /// subnqn:nqn...)` for TCP; `None` for the others (named after they are opened).
+    pub fn tcp_label(&self) -> Option<String> {
+        match self.target {
+            Target::Tcp(a) => Some(format!("TCP (addr:{} subnqn:{})", a.ip(), self.subnqn())),
+            _ => None,
+        }
+    }
+}
+
+fn nqn(v: &str) -> Result<String, TridError> {
+    if v.is_empty() || v.len() > 223 || !v.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Err(TridError::Nqn(v.to_string()));
+    }
+    Ok(v.to_string())
 }
 
 impl FromStr for TransportId {
@@ -153,14 +226,15 @@ impl FromStr for TransportId {
             return Err(TridError::Empty);
         }
         if let Ok(addr) = t.parse::<PciAddr>() {
-            return Ok(TransportId {
-                target: Target::Pcie(addr),
-                nsid: None,
-            });
+            return Ok(TransportId::of(Target::Pcie(addr), None));
         }
         let mut trtype: Option<String> = None;
-        let mut traddr: Option<PciAddr> = None;
+        let mut traddr: Option<String> = None;
         let mut nsid: Option<u32> = None;
+        let mut adrfam: Option<String> = None;
+        let mut trsvcid: Option<String> = None;
+        let mut subnqn: Option<String> = None;
+        let mut hostnqn: Option<String> = None;
         for tok in t.split([' ', '\t', '\n', ',']).filter(|x| !x.is_empty()) {
             let Some(i) = tok.find([':', '=']) else {
                 return Err(TridError::NoSeparator(tok.to_string()));
@@ -170,46 +244,86 @@ impl FromStr for TransportId {
             if val.is_empty() {
                 return Err(TridError::NoValue(key.to_string()));
             }
-            let dup = || TridError::Duplicate(key.to_string());
-            match lkey.as_str() {
-                "trtype" => {
-                    if trtype.is_some() {
-                        return Err(dup());
-                    }
-                    trtype = Some(val.to_string());
-                }
-                "traddr" => {
-                    if traddr.is_some() {
-                        return Err(dup());
-                    }
-                    traddr = Some(val.parse()?);
-                }
+            let slot = match lkey.as_str() {
+                "trtype" => &mut trtype,
+                "traddr" => &mut traddr,
+                "adrfam" => &mut adrfam,
+                "trsvcid" => &mut trsvcid,
+                "subnqn" => &mut subnqn,
+                "hostnqn" => &mut hostnqn,
                 "ns" => {
                     if nsid.is_some() {
-                        return Err(dup());
+                        return Err(TridError::Duplicate(key.to_string()));
                     }
                     let n: u32 = val.parse().map_err(|_| TridError::Nsid(val.to_string()))?;
                     if n == 0 || n == u32::MAX {
                         return Err(TridError::Nsid(val.to_string()));
                     }
                     nsid = Some(n);
+                    continue;
                 }
-                "adrfam" | "trsvcid" | "subnqn" | "hostnqn" | "hostaddr" | "hostsvcid"
-                | "alt_traddr" | "priority" => return Err(TridError::FabricsKey(key.to_string())),
+                "hostaddr" | "hostsvcid" | "alt_traddr" | "priority" => {
+                    return Err(TridError::FabricsKey(key.to_string()));
+                }
                 _ => return Err(TridError::UnknownKey(key.to_string())),
+            };
+            if slot.is_some() {
+                return Err(TridError::Duplicate(key.to_string()));
+            }
+            *slot = Some(val.to_string());
+        }
+        let lower = trtype.as_deref().map(str::to_ascii_lowercase);
+        if lower.as_deref() != Some("tcp") {
+            let fabrics = [
+                ("adrfam", &adrfam),
+                ("trsvcid", &trsvcid),
+                ("subnqn", &subnqn),
+                ("hostnqn", &hostnqn),
+            ];
+            if let Some((k, _)) = fabrics.iter().find(|(_, v)| v.is_some()) {
+                return Err(TridError::NotFabrics(k.to_string()));
             }
         }
-        let target = match trtype.as_deref().map(str::to_ascii_lowercase).as_deref() {
-            None | Some("pcie") => Target::Pcie(traddr.ok_or(TridError::NoTraddr)?),
+        let target = match lower.as_deref() {
+            None | Some("pcie") => {
+                Target::Pcie(traddr.ok_or(TridError::NoTraddr)?.parse::<PciAddr>()?)
+            }
             Some("emulated") => {
                 if traddr.is_some() {
                     return Err(TridError::EmulatedTraddr);
                 }
                 Target::Emulated
             }
+            Some("tcp") => {
+                let a = traddr.ok_or(TridError::NoIpAddr)?;
+                let ip: IpAddr = a.parse().map_err(|_| TridError::IpAddr(a.clone()))?;
+                if let Some(f) = &adrfam {
+                    let ok = match f.to_ascii_lowercase().as_str() {
+                        "ipv4" => ip.is_ipv4(),
+                        "ipv6" => ip.is_ipv6(),
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(TridError::AdrFam(f.clone()));
+                    }
+                }
+                let port = match &trsvcid {
+                    None => NVME_TCP_PORT,
+                    Some(p) => match p.parse::<u16>() {
+                        Ok(n) if n != 0 => n,
+                        _ => return Err(TridError::Port(p.clone())),
+                    },
+                };
+                Target::Tcp(SocketAddr::new(ip, port))
+            }
             Some(_) => return Err(TridError::TrType(trtype.unwrap_or_default())),
         };
-        Ok(TransportId { target, nsid })
+        Ok(TransportId {
+            target,
+            nsid,
+            subnqn: subnqn.as_deref().map(nqn).transpose()?,
+            hostnqn: hostnqn.as_deref().map(nqn).transpose()?,
+        })
     }
 }
 
@@ -252,34 +366,73 @@ mod tests {
 
     #[test]
     fn spdk_forms() {
-        let want = TransportId {
-            target: Target::Pcie(pci(0, 1, 0, 0)),
-            nsid: Some(1),
-        };
-        assert_eq!("trtype:PCIe traddr:0000:01:00.0 ns:1".parse(), Ok(want));
-        assert_eq!("TRTYPE=pcie,traddr=0000:01:00.0,NS=1".parse(), Ok(want));
+        let want = TransportId::of(Target::Pcie(pci(0, 1, 0, 0)), Some(1));
+        assert_eq!(
+            "trtype:PCIe traddr:0000:01:00.0 ns:1".parse(),
+            Ok(want.clone())
+        );
+        assert_eq!(
+            "TRTYPE=pcie,traddr=0000:01:00.0,NS=1".parse(),
+            Ok(want.clone())
+        );
         assert_eq!("  trtype:PCIe\ttraddr:01:00.0  ns=1 ".parse(), Ok(want));
         assert_eq!(
             "0000:01:00.0".parse(),
-            Ok(TransportId {
-                target: Target::Pcie(pci(0, 1, 0, 0)),
-                nsid: None
-            })
+            Ok(TransportId::of(Target::Pcie(pci(0, 1, 0, 0)), None))
         );
         // trtype defaults to PCIe, as in SPDK.
         assert_eq!(
             "traddr:0000:01:00.0".parse(),
-            Ok(TransportId {
-                target: Target::Pcie(pci(0, 1, 0, 0)),
-                nsid: None
-            })
+            Ok(TransportId::of(Target::Pcie(pci(0, 1, 0, 0)), None))
         );
         assert_eq!(
             "trtype:emulated ns:2".parse(),
-            Ok(TransportId {
-                target: Target::Emulated,
-                nsid: Some(2)
-            })
+            Ok(TransportId::of(Target::Emulated, Some(2)))
+        );
+    }
+
+    #[test]
+    fn tcp_forms() {
+        let t: TransportId = "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:4421 subnqn:nqn.2026-12.io.dioxide:a hostnqn:nqn.2026-12.io.dioxide:h ns:1"
+            .parse()
+            .unwrap();
+        assert_eq!(t.target, Target::Tcp("127.0.0.1:4421".parse().unwrap()));
+        assert_eq!(t.subnqn(), "nqn.2026-12.io.dioxide:a");
+        assert_eq!(t.hostnqn.as_deref(), Some("nqn.2026-12.io.dioxide:h"));
+        assert_eq!(t.nsid, Some(1));
+        assert_eq!(
+            t.tcp_label().unwrap(),
+            "TCP (addr:127.0.0.1 subnqn:nqn.2026-12.io.dioxide:a)"
+        );
+        // Port 4420 and the discovery subsystem by default; IPv6.
+        let t: TransportId = "trtype=tcp traddr=::1".parse().unwrap();
+        assert_eq!(t.target, Target::Tcp("[::1]:4420".parse().unwrap()));
+        assert_eq!(t.subnqn(), DISCOVERY_NQN);
+        let e = |s: &str| s.parse::<TransportId>().unwrap_err();
+        assert_eq!(e("trtype:TCP"), TridError::NoIpAddr);
+        assert_eq!(
+            e("trtype:TCP traddr:host.example"),
+            TridError::IpAddr("host.example".into())
+        );
+        assert_eq!(
+            e("trtype:TCP adrfam:IPv6 traddr:10.0.0.1"),
+            TridError::AdrFam("IPv6".into())
+        );
+        assert_eq!(
+            e("trtype:TCP traddr:10.0.0.1 trsvcid:0"),
+            TridError::Port("0".into())
+        );
+        assert_eq!(
+            e("trtype:TCP traddr:10.0.0.1 subnqn:a\u{7f}"),
+            TridError::Nqn("a\u{7f}".into())
+        );
+        assert_eq!(
+            e("trtype:TCP traddr:10.0.0.1 hostaddr:10.0.0.2"),
+            TridError::FabricsKey("hostaddr".into())
+        );
+        assert_eq!(
+            e("trtype:TCP traddr:1.2.3.4 trsvcid:1 trsvcid:2"),
+            TridError::Duplicate("trsvcid".into())
         );
     }
 
@@ -297,12 +450,16 @@ mod tests {
             TridError::UnknownKey("tradr".into())
         );
         assert_eq!(
+            e("trtype:RDMA traddr:10.0.0.1"),
+            TridError::TrType("RDMA".into())
+        );
+        assert_eq!(
             e("trtype:TCP traddr:0000:01:00.0"),
-            TridError::TrType("TCP".into())
+            TridError::IpAddr("0000:01:00.0".into())
         );
         assert_eq!(
             e("trtype:PCIe adrfam:IPv4"),
-            TridError::FabricsKey("adrfam".into())
+            TridError::NotFabrics("adrfam".into())
         );
         assert_eq!(
             e("trtype:PCIe traddr:0000:01:00.9"),

@@ -15,7 +15,8 @@
 //!   and one over [`BlockFile`](crate::BlockFile)s of a [`Dioxide`](crate::Dioxide).
 //! * [`target`]: subsystems, controllers (one per association), connections (one per queue),
 //!   and [`PollGroup`]s that poll them without ever blocking.
-//! * [`host`]: queues and controllers of an NVMe/TCP host.
+//! * [`host`]: the NVMe/TCP host transport (queues, controllers, discovery); the transport
+//!   seam (`transport/`) puts it beside PCIe.
 //!
 //! # Threads
 //! A connection belongs to one poll group and is touched only by the thread polling it; the
@@ -43,7 +44,10 @@ pub mod pdu;
 pub mod target;
 
 pub use backend::{Backend, BackendIo, BackendOp, FileBackend, IoCompletion, MemBackend, NsInfo};
-pub use host::{HostCompletion, HostController, HostData, HostError, HostOptions, HostQueue};
+pub use fabrics::{DISCOVERY_NQN, DiscoveryEntry};
+pub use host::{
+    DEFAULT_HOSTNQN, HostCompletion, HostController, HostData, HostError, HostOptions, HostQueue,
+};
 pub use pdu::Digests;
 pub use target::group::{ClosedLog, Inbox};
 pub use target::{ConnStats, GroupReport, PollGroup, Serving, Subsystem, Target, TargetOptions};

@@ -67,8 +67,8 @@ fn transport_failures_are_named() {
                 l.local_addr().expect("addr")
             };
             let e = HostQueue::open(addr, &host_opts(Digests::default()), 8).unwrap_err();
-            assert!(matches!(e, HostError::Connect { .. }), "{e}");
-            assert!(e.to_string().contains("is the target listening"));
+            assert!(matches!(e, HostError::Refused { .. }), "{e}");
+            assert!(e.to_string().contains("no NVMe/TCP target listens there"));
 
             // ICResp that does not echo the digests asked for.
             let (addr, _) = fake_target(false, Vec::new());
@@ -162,6 +162,42 @@ fn c2h_term_req_and_a_vanished_target_fail_outstanding_commands_once() {
             let lost = q.pop().expect("the AER completes");
             assert!(matches!(lost.result, Err(HostError::Lost(_))));
             assert!(q.pop().is_none());
+        },
+    )
+}
+
+#[test]
+fn a_header_digest_mismatch_is_named_and_ends_the_queue() {
+    watchdog(
+        "a_header_digest_mismatch_is_named_and_ends_the_queue",
+        test_watchdog::INTEGRATION,
+        || {
+            let d = Digests {
+                header: true,
+                data: false,
+            };
+            let cqe = crate::spec::Cqe::default();
+            let mut resp = pdu::encode(&Pdu::CapsuleResp(cqe), 0, d, 0);
+            let n = resp.as_bytes().len();
+            resp.as_mut_bytes()[n - 1] ^= 0xff;
+            let (addr, _seen) = fake_target(true, resp.as_bytes().to_vec());
+            let mut q = HostQueue::open(addr, &host_opts(d), 8).expect("open");
+            q.submit(Sqe::flush(1), HostData::None, 1).expect("submit");
+            let e = loop {
+                match q.poll() {
+                    Err(e) => break e,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            assert!(matches!(e, HostError::HeaderDigest), "{e}");
+            assert!(e.to_string().contains("header digest mismatch"));
+            let lost = q.pop().expect("the outstanding command completes");
+            assert_eq!(lost.tag, 1);
+            match lost.result {
+                Err(HostError::Lost(why)) => assert!(why.contains("header digest"), "{why}"),
+                r => panic!("{r:?}"),
+            }
+            assert!(q.pop().is_none(), "exactly once");
         },
     )
 }

@@ -10,6 +10,7 @@ mod health;
 mod host;
 mod io;
 mod lifecycle;
+mod transport;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;

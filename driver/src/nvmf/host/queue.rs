@@ -1,135 +1,41 @@
-//! An NVMe/TCP host: queues over non-blocking sockets, polled by the thread that owns them.
+//! One NVMe/TCP connection of a host: one NVMe queue over a non-blocking socket.
 //!
-//! * [`HostQueue`]: one TCP connection = one NVMe queue. [`HostQueue::submit`] queues a
-//!   command (write data in-capsule when it fits the queue's in-capsule size, otherwise sent in
-//!   H2CData PDUs of at most MAXH2CDATA when the target's R2T asks for it);
-//!   [`HostQueue::poll`] sends what the socket takes and handles what arrived (C2HData
-//!   reassembled into the command's buffer, R2Ts, response capsules); finished commands are
-//!   taken with [`HostQueue::pop`]. [`HostQueue::run`] is the blocking form with a timeout.
-//! * [`HostController`]: an association: the admin queue brought up the way the Linux host
-//!   does it (ICReq, Fabrics Connect, Property Get CAP, Property Set CC.EN, wait for
-//!   CSTS.RDY, Identify, Number of Queues), I/O queues connected with its CNTLID, Keep Alive,
-//!   discovery, and a clean shutdown (CC.SHN) on [`HostController::shutdown`].
+//! Commands take a slot of a fixed table (the slot index is the CID). Submission encodes the
+//! command capsule into the send buffer (write data in-capsule when it fits the queue's
+//! in-capsule size); [`HostQueue::poll`] sends what the socket takes, and handles what arrived:
+//! C2HData is read straight into the command's buffer (the caller's memory for
+//! [`HostQueue::submit_raw`]), an R2T queues H2CData PDUs of at most MAXH2CDATA from the
+//! command's buffer, a response capsule finishes the command. Finished commands are taken with
+//! [`HostQueue::pop`] (or handed to a callback by [`HostQueue::poll_with`]).
 //!
-//! Every transport failure is a [`HostError`] naming it: refused connection, a C2HTermReq and
-//! its reason, a malformed PDU from the target (answered with an H2CTermReq), a data digest
-//! mismatch (the command fails), a timeout. After a fatal error every command still
-//! outstanding completes exactly once with [`HostError::Lost`].
+//! Time is read only every [`CLOCK_EVERY`] polls, or when a poll finds nothing to do; each
+//! command carries the coarse time it was queued at, and a command older than the queue's
+//! command timeout kills the connection (NVMe/TCP has no way to take a command back from a
+//! target short of ending the association): the command ends with [`HostError::Timeout`],
+//! every other outstanding one with [`HostError::Lost`]. Every fatal error does the same, so a
+//! command ends exactly once whatever happens to the connection.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
-use super::fabrics::{self, CNTLID_DYNAMIC, Connect, ConnectData, FabricsIdentify, Sgl, prop};
-use super::pdu::{
-    self, DataHdr, Digests, FatalError, Fes, IcReq, Pdu, PduReader, RecvConfig, RecvError, Role,
-    RxBuf, TermReq, field,
+use super::HostOptions;
+use super::error::{HostError, connect_err, recv_err};
+use crate::nvmf::fabrics::{Connect, ConnectData, Sgl};
+use crate::nvmf::pdu::{
+    self, DataHdr, Digests, FatalError, Fes, IcReq, Pdu, PduReader, RecvConfig, Role, RxBuf,
+    TermReq, field,
 };
-use crate::spec::identify::IDENTIFY_LEN;
-use crate::spec::sqe::{cns, io as opc};
-use crate::spec::{Cap, Cc, Cqe, Csts, IdentifyController, Sqe, Status};
+use crate::spec::sqe::{admin, io as opc};
+use crate::spec::{Cqe, Sqe};
 
-/// How a host connects.
-#[derive(Clone, Debug)]
-pub struct HostOptions {
-    /// NQN of the subsystem.
-    pub subnqn: String,
-    /// NQN of this host.
-    pub hostnqn: String,
-    /// Host identifier.
-    pub hostid: [u8; 16],
-    /// Digests to ask for.
-    pub digests: Digests,
-    /// Keep Alive Timeout asked for in Connect (ms; 0: none).
-    pub kato_ms: u32,
-    /// Entries of the admin queue.
-    pub admin_queue_size: u16,
-    /// Time limit of connection set-up and of each blocking call.
-    pub timeout: Duration,
-}
+/// The clock is read once per this many calls of [`HostQueue::poll`] that made progress.
+const CLOCK_EVERY: u32 = 256;
 
-impl HostOptions {
-    /// Options for subsystem `subnqn` with a host NQN and ID of this process.
-    pub fn new(subnqn: impl Into<String>) -> HostOptions {
-        HostOptions {
-            subnqn: subnqn.into(),
-            hostnqn: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000000".into(),
-            hostid: [0x11; 16],
-            digests: Digests::default(),
-            kato_ms: 0,
-            admin_queue_size: 32,
-            timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Why a host operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum HostError {
-    /// The TCP connection could not be made.
-    #[error("failed to connect to {addr}: {source}; is the target listening there?")]
-    Connect {
-        /// Target address.
-        addr: SocketAddr,
-        /// The system error.
-        #[source]
-        source: io::Error,
-    },
-    /// The socket failed.
-    #[error("NVMe/TCP socket error: {0}")]
-    Io(#[source] io::Error),
-    /// The target closed the connection.
-    #[error("the target closed the connection")]
-    Closed,
-    /// The target terminated the connection with a C2HTermReq.
-    #[error("the target terminated the connection: {fes:?} (FEI {fei:#x})")]
-    Terminated {
-        /// Fatal Error Status.
-        fes: Fes,
-        /// Fatal Error Information.
-        fei: u32,
-    },
-    /// The target sent a malformed PDU (an H2CTermReq was sent back).
-    #[error("the target broke the protocol: {0}")]
-    Protocol(#[source] FatalError),
-    /// ICResp refused.
-    #[error("ICResp refused: {0}")]
-    IcResp(&'static str),
-    /// A command completed with an error status.
-    #[error("{what} failed: {status:?} (DW0 {dw0:#x})")]
-    Status {
-        /// The command.
-        what: &'static str,
-        /// Its status.
-        status: Status,
-        /// DW0 of the completion.
-        dw0: u32,
-    },
-    /// The data of a command arrived with a bad data digest.
-    #[error("data digest mismatch on the data of command {cid}")]
-    DataDigest {
-        /// Command ID.
-        cid: u16,
-    },
-    /// No answer in time.
-    #[error("{what} timed out after {after:?}")]
-    Timeout {
-        /// What was waited for.
-        what: &'static str,
-        /// How long.
-        after: Duration,
-    },
-    /// The queue has no free command slot.
-    #[error("the queue is full ({0} commands outstanding)")]
-    QueueFull(usize),
-    /// The controller is not usable (Identify fields the host needs are wrong).
-    #[error("controller not usable: {0}")]
-    Controller(String),
-    /// The connection failed earlier; the command was lost with it.
-    #[error("controller lost: {0}; reconnect to go on")]
-    Lost(String),
-}
+/// MAXH2CDATA must be at least this (TP 8000: 4 KiB).
+const MIN_MAXH2CDATA: u32 = 4096;
 
 /// Data of a host command.
 #[derive(Debug)]
@@ -149,18 +55,61 @@ pub struct HostCompletion {
     pub tag: u64,
     /// The completion, or why the command failed at the transport.
     pub result: Result<Cqe, HostError>,
-    /// The command's buffer (read data for a read).
+    /// The command's buffer (read data for a read; empty for a raw command).
     pub buf: Vec<u8>,
+}
+
+/// Where a command's data lives.
+#[derive(Debug)]
+enum Buf {
+    /// Owned by the queue until the command ends.
+    Owned(Vec<u8>),
+    /// The caller's memory (see [`HostQueue::submit_raw`]).
+    Raw(NonNull<u8>, usize),
+}
+
+impl Buf {
+    fn len(&self) -> usize {
+        match self {
+            Buf::Owned(v) => v.len(),
+            Buf::Raw(_, n) => *n,
+        }
+    }
+    fn slice(&self, off: usize, len: usize) -> &[u8] {
+        match self {
+            Buf::Owned(v) => &v[off..off + len],
+            // SAFETY: `off + len` is within the buffer (checked by the callers against the
+            // command's length), and submit_raw's contract keeps the memory alive and untouched
+            // by anyone else while the command is outstanding.
+            Buf::Raw(p, _) => unsafe { std::slice::from_raw_parts(p.as_ptr().add(off), len) },
+        }
+    }
+    fn slice_mut(&mut self, off: usize, len: usize) -> &mut [u8] {
+        match self {
+            Buf::Owned(v) => &mut v[off..off + len],
+            // SAFETY: as in `slice`; the caller gave the memory to the queue for writing.
+            Buf::Raw(p, _) => unsafe { std::slice::from_raw_parts_mut(p.as_ptr().add(off), len) },
+        }
+    }
+    fn into_vec(self) -> Vec<u8> {
+        match self {
+            Buf::Owned(v) => v,
+            Buf::Raw(..) => Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Cmd {
     tag: u64,
-    buf: Vec<u8>,
+    buf: Buf,
     out: bool,
     len: u32,
     c2h_got: u32,
     digest_bad: bool,
+    /// Coarse time (ms since the queue opened) it was queued at; `u64::MAX`: no time limit
+    /// (an Asynchronous Event Request waits for an event as long as it takes).
+    queued_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,19 +141,20 @@ pub struct HostQueue {
     done: VecDeque<HostCompletion>,
     dead: Option<String>,
     timeout: Duration,
+    cmd_timeout_ms: u64,
+    epoch: Instant,
+    now_ms: u64,
+    polls: u32,
 }
+
+// SAFETY: the raw buffers a queue holds were given to it under submit_raw's contract (valid and
+// unaliased until the command ends); the queue is used by one thread at a time (`&mut self`),
+// and moving it to another thread moves that use with it.
+unsafe impl Send for HostQueue {}
 
 impl core::fmt::Debug for HostQueue {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("HostQueue").field("qid", &self.qid).finish()
-    }
-}
-
-fn io_err(e: RecvError) -> HostError {
-    match e {
-        RecvError::Closed => HostError::Closed,
-        RecvError::Io(e) => HostError::Io(e),
-        RecvError::Fatal(f) => HostError::Protocol(f),
     }
 }
 
@@ -216,7 +166,7 @@ impl HostQueue {
         entries: u16,
     ) -> Result<HostQueue, HostError> {
         let sock = TcpStream::connect_timeout(&addr, opts.timeout)
-            .map_err(|source| HostError::Connect { addr, source })?;
+            .map_err(|source| connect_err(addr, source))?;
         sock.set_nodelay(true).map_err(HostError::Io)?;
         sock.set_nonblocking(true).map_err(HostError::Io)?;
         let n = entries.max(2);
@@ -227,10 +177,10 @@ impl HostQueue {
             rx: Rx::Header,
             digests: Digests::default(),
             cpda: 0,
-            maxh2cdata: 4096,
+            maxh2cdata: MIN_MAXH2CDATA,
             in_capsule: fabrics_admin_in_capsule(),
             qid: 0,
-            // CID = slot index; one slot more than the queue so a Connect fits.
+            // CID = slot index.
             cmds: (0..n).map(|_| None).collect(),
             free: (0..n).rev().collect(),
             out: Vec::with_capacity(64 * 1024),
@@ -238,9 +188,14 @@ impl HostQueue {
             done: VecDeque::new(),
             dead: None,
             timeout: opts.timeout,
+            cmd_timeout_ms: opts.command_timeout.as_millis().max(1) as u64,
+            epoch: Instant::now(),
+            now_ms: 0,
+            polls: 0,
         };
         let req = Pdu::IcReq(IcReq {
             pfv: 0,
+            // HPDA 0: C2HData may start right after the header (we read it into place).
             hpda: 0,
             digests: opts.digests,
             maxr2t: 0,
@@ -252,11 +207,23 @@ impl HostQueue {
             q.send()?;
             match q.reader.poll_header(&mut q.rx_buf, &mut q.sock) {
                 Ok(Some(Pdu::IcResp(r))) => {
-                    if r.digests != opts.digests {
-                        return Err(HostError::IcResp("digests do not echo the ICReq"));
+                    if r.pfv != 0 {
+                        return Err(HostError::IcResp(
+                            "PFV is not 0 (unknown PDU format version)",
+                        ));
                     }
-                    if r.cpda != 0 {
-                        return Err(HostError::IcResp("CPDA is not 0"));
+                    if r.digests != opts.digests {
+                        return Err(HostError::IcResp(
+                            "the digests do not echo the ICReq's (ask for the digests the target supports)",
+                        ));
+                    }
+                    if r.cpda > pdu::MAX_PDA {
+                        return Err(HostError::IcResp("CPDA is above 31"));
+                    }
+                    if r.maxh2cdata < MIN_MAXH2CDATA || r.maxh2cdata % 4 != 0 {
+                        return Err(HostError::IcResp(
+                            "MAXH2CDATA is below 4096 or not a multiple of 4",
+                        ));
                     }
                     q.digests = r.digests;
                     q.cpda = r.cpda;
@@ -276,7 +243,7 @@ impl HostQueue {
                     return Err(HostError::IcResp("the first PDU is not an ICResp"));
                 }
                 Ok(None) => {}
-                Err(e) => return Err(io_err(e)),
+                Err(e) => return Err(recv_err(e)),
             }
             if Instant::now() > deadline {
                 return Err(HostError::Timeout {
@@ -304,6 +271,10 @@ impl HostQueue {
     pub fn qid(&self) -> u16 {
         self.qid
     }
+    /// Command slots (the most commands outstanding at once).
+    pub fn slots(&self) -> usize {
+        self.cmds.len()
+    }
     /// Commands outstanding.
     pub fn outstanding(&self) -> usize {
         self.cmds.len() - self.free.len()
@@ -312,22 +283,63 @@ impl HostQueue {
     pub fn set_in_capsule(&mut self, bytes: u32) {
         self.in_capsule = bytes;
     }
+    /// Why the connection died, if it did.
+    pub fn lost(&self) -> Option<&str> {
+        self.dead.as_deref()
+    }
 
     /// Queues a command; its completion comes out of [`pop`](Self::pop).
-    pub fn submit(&mut self, mut sqe: Sqe, data: HostData, tag: u64) -> Result<u16, HostError> {
-        if let Some(why) = &self.dead {
-            return Err(HostError::Lost(why.clone()));
-        }
-        let Some(cid) = self.free.pop() else {
-            return Err(HostError::QueueFull(self.cmds.len()));
-        };
-        sqe.set_cid(cid);
+    pub fn submit(&mut self, sqe: Sqe, data: HostData, tag: u64) -> Result<u16, HostError> {
         let (buf, out) = match data {
             HostData::None => (Vec::new(), false),
             HostData::Out(v) => (v, true),
             HostData::In(v) => (v, false),
         };
-        let len = buf.len() as u32;
+        self.submit_buf(sqe, Buf::Owned(buf), out, tag)
+    }
+
+    /// Queues a command whose data (`len` bytes at `ptr`; written to the controller if `out`,
+    /// else read into it) stays in the caller's memory; read data lands there directly.
+    ///
+    /// # Safety
+    /// The `len` bytes at `ptr` must stay valid, and must be neither read nor written by anyone
+    /// else (for a write: not written), until the completion carrying `tag` has been taken from
+    /// this queue ([`pop`](Self::pop) / [`poll_with`](Self::poll_with)), or the queue dropped.
+    pub unsafe fn submit_raw(
+        &mut self,
+        sqe: Sqe,
+        ptr: NonNull<u8>,
+        len: usize,
+        out: bool,
+        tag: u64,
+    ) -> Result<u16, HostError> {
+        self.submit_buf(sqe, Buf::Raw(ptr, len), out, tag)
+    }
+
+    fn submit_buf(
+        &mut self,
+        mut sqe: Sqe,
+        buf: Buf,
+        out: bool,
+        tag: u64,
+    ) -> Result<u16, HostError> {
+        if let Some(why) = &self.dead {
+            return Err(HostError::Lost(why.clone()));
+        }
+        let Ok(len) = u32::try_from(buf.len()) else {
+            return Err(HostError::Controller(
+                "a transfer of 4 GiB or more; split it".into(),
+            ));
+        };
+        if self.free.len() == self.cmds.len() {
+            // Idle until now: the coarse clock may be stale.
+            self.now_ms = self.epoch.elapsed().as_millis() as u64;
+        }
+        let Some(cid) = self.free.pop() else {
+            return Err(HostError::QueueFull(self.cmds.len()));
+        };
+        sqe.set_cid(cid);
+        let opcode = sqe.opcode();
         let incapsule = out && len > 0 && len <= self.in_capsule;
         if incapsule {
             Sgl::incapsule(len).set(&mut sqe);
@@ -338,9 +350,10 @@ impl HostQueue {
         let hdr = pdu::encode(&Pdu::CapsuleCmd(sqe, dlen), dlen, self.digests, self.cpda);
         self.out.extend_from_slice(hdr.as_bytes());
         if incapsule {
-            self.out.extend_from_slice(&buf);
+            let data = buf.slice(0, len as usize);
+            self.out.extend_from_slice(data);
             if self.digests.data {
-                self.out.extend_from_slice(&pdu::crc32c(&buf).to_le_bytes());
+                self.out.extend_from_slice(&pdu::crc32c(data).to_le_bytes());
             }
         }
         self.cmds[cid as usize] = Some(Cmd {
@@ -350,13 +363,51 @@ impl HostQueue {
             len,
             c2h_got: 0,
             digest_bad: false,
+            queued_ms: if self.qid == 0 && opcode == admin::ASYNC_EVENT_REQUEST {
+                u64::MAX
+            } else {
+                self.now_ms
+            },
         });
         Ok(cid)
+    }
+
+    /// Puts a finished command back (at the end) for a later [`pop`](Self::pop).
+    pub(crate) fn push_done(&mut self, c: HostCompletion) {
+        self.done.push_back(c);
     }
 
     /// The next finished command.
     pub fn pop(&mut self) -> Option<HostCompletion> {
         self.done.pop_front()
+    }
+
+    /// Polls ([`poll`](Self::poll)), then hands every finished command to `f`; returns how
+    /// many. After a fatal error the outstanding commands are handed over (failed) before the
+    /// error is returned.
+    pub fn poll_with(&mut self, mut f: impl FnMut(HostCompletion)) -> Result<usize, HostError> {
+        let r = self.poll();
+        let mut n = 0;
+        while let Some(c) = self.done.pop_front() {
+            f(c);
+            n += 1;
+        }
+        r.map(|_| n)
+    }
+
+    /// Sends what the socket takes of the queued commands now (a failure ends the
+    /// connection, as in [`poll`](Self::poll)).
+    pub fn send_now(&mut self) -> Result<(), HostError> {
+        if let Some(why) = &self.dead {
+            return Err(HostError::Lost(why.clone()));
+        }
+        match self.send() {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.kill(&e);
+                Err(e)
+            }
+        }
     }
 
     fn send(&mut self) -> Result<usize, HostError> {
@@ -384,25 +435,84 @@ impl HostQueue {
     }
 
     /// Sends and receives what can be without blocking; returns the progress made. A fatal
-    /// error fails every outstanding command (with [`HostError::Lost`]) and is returned.
+    /// error fails every outstanding command (with [`HostError::Lost`]) and is returned; so
+    /// does every later call.
     pub fn poll(&mut self) -> Result<usize, HostError> {
         if let Some(why) = &self.dead {
             return Err(HostError::Lost(why.clone()));
         }
-        match self.poll_inner() {
+        let r = self.poll_inner().and_then(|n| {
+            self.polls += 1;
+            if (n == 0 || self.polls >= CLOCK_EVERY) && self.outstanding() > 0 {
+                self.polls = 0;
+                self.check_timeouts()?;
+            }
+            Ok(n)
+        });
+        match r {
             Ok(n) => Ok(n),
             Err(e) => {
-                if let HostError::Protocol(f) = &e {
-                    self.send_term(*f);
-                }
-                let why = e.to_string();
-                log::warn!("nvmf host: queue {} lost: {why}", self.qid);
-                self.fail_all(&why);
-                self.dead = Some(why);
-                let _ = self.sock.shutdown(std::net::Shutdown::Both);
+                self.kill(&e);
                 Err(e)
             }
         }
+    }
+
+    /// Closes the connection (the host's decision, nothing failed): outstanding commands end
+    /// with [`HostError::Lost`], later calls say so.
+    pub fn close(&mut self) {
+        if self.dead.is_some() {
+            return;
+        }
+        let why = "the host closed the connection".to_string();
+        self.fail_all(&why);
+        self.dead = Some(why);
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Ends the connection after `e`: an H2CTermReq for a protocol error, every outstanding
+    /// command failed once, the socket shut down.
+    pub(crate) fn kill(&mut self, e: &HostError) {
+        match e {
+            HostError::Protocol(f) => self.send_term(*f),
+            HostError::HeaderDigest => {
+                self.send_term(FatalError::new(Fes::HeaderDigest, "header digest mismatch"))
+            }
+            _ => {}
+        }
+        let why = e.to_string();
+        log::warn!("nvmf host: queue {} lost: {why}", self.qid);
+        self.fail_all(&why);
+        self.dead = Some(why);
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn check_timeouts(&mut self) -> Result<(), HostError> {
+        self.now_ms = self.epoch.elapsed().as_millis() as u64;
+        let limit = self.cmd_timeout_ms;
+        let now = self.now_ms;
+        let late = self.cmds.iter().enumerate().find(|(_, c)| {
+            c.as_ref()
+                .is_some_and(|c| c.queued_ms != u64::MAX && now.saturating_sub(c.queued_ms) > limit)
+        });
+        let Some((cid, _)) = late else {
+            return Ok(());
+        };
+        let c = self.cmds[cid].take().expect("found above");
+        self.free.push(cid as u16);
+        let err = HostError::Timeout {
+            what: "a command",
+            after: Duration::from_millis(limit),
+        };
+        self.done.push_back(HostCompletion {
+            tag: c.tag,
+            result: Err(HostError::Timeout {
+                what: "the command",
+                after: Duration::from_millis(limit),
+            }),
+            buf: c.buf.into_vec(),
+        });
+        Err(err)
     }
 
     fn send_term(&mut self, f: FatalError) {
@@ -424,6 +534,7 @@ impl HostQueue {
         let _ = self.sock.set_nonblocking(false);
         let _ = self.sock.set_write_timeout(Some(Duration::from_secs(1)));
         let _ = self.sock.write_all(&self.out);
+        self.out.clear();
     }
 
     fn fail_all(&mut self, why: &str) {
@@ -433,7 +544,7 @@ impl HostQueue {
                 self.done.push_back(HostCompletion {
                     tag: c.tag,
                     result: Err(HostError::Lost(why.to_owned())),
-                    buf: c.buf,
+                    buf: c.buf.into_vec(),
                 });
             }
         }
@@ -449,7 +560,7 @@ impl HostQueue {
                         self.on_pdu(p)?;
                     }
                     Ok(None) => break,
-                    Err(e) => return Err(io_err(e)),
+                    Err(e) => return Err(recv_err(e)),
                 },
                 Rx::Data {
                     cid,
@@ -463,7 +574,8 @@ impl HostQueue {
                             "C2HData for a command that is gone",
                         )));
                     };
-                    let dst = &mut c.buf[off as usize..(off + len) as usize];
+                    // In range: on_c2h checked off + len against the command's length.
+                    let dst = c.buf.slice_mut(off as usize, len as usize);
                     match self.reader.poll_data(&mut self.rx_buf, &mut self.sock, dst) {
                         Ok(Some(ok)) => {
                             work += 1;
@@ -482,7 +594,7 @@ impl HostQueue {
                             }
                         }
                         Ok(None) => break,
-                        Err(e) => return Err(io_err(e)),
+                        Err(e) => return Err(recv_err(e)),
                     }
                 }
             }
@@ -509,7 +621,7 @@ impl HostQueue {
         self.done.push_back(HostCompletion {
             tag: c.tag,
             result,
-            buf: c.buf,
+            buf: c.buf.into_vec(),
         });
     }
 
@@ -538,10 +650,10 @@ impl HostQueue {
                         "R2T for no outstanding write",
                     )));
                 };
-                if r.offset as u64 + r.len as u64 > c.len as u64 {
+                if r.len == 0 || r.offset as u64 + r.len as u64 > c.len as u64 {
                     return Err(HostError::Protocol(FatalError::new(
                         Fes::DataOutOfRange,
-                        "R2T beyond the command's data",
+                        "R2T empty or beyond the command's data",
                     )));
                 }
                 let mut off = r.offset;
@@ -558,7 +670,7 @@ impl HostQueue {
                     };
                     let h = pdu::encode(&Pdu::H2cData(d), len, self.digests, self.cpda);
                     self.out.extend_from_slice(h.as_bytes());
-                    let data = &c.buf[off as usize..(off + len) as usize];
+                    let data = c.buf.slice(off as usize, len as usize);
                     self.out.extend_from_slice(data);
                     if self.digests.data {
                         self.out.extend_from_slice(&pdu::crc32c(data).to_le_bytes());
@@ -621,6 +733,16 @@ impl HostQueue {
     ) -> Result<(Cqe, Vec<u8>), HostError> {
         let tag = u64::MAX - 1;
         self.submit(sqe, data, tag)?;
+        self.wait_tag(what, tag)
+    }
+
+    /// Polls until the command tagged `tag` finishes (or the queue's timeout, which kills the
+    /// connection: a command given up on cannot be taken back from the target).
+    pub(crate) fn wait_tag(
+        &mut self,
+        what: &'static str,
+        tag: u64,
+    ) -> Result<(Cqe, Vec<u8>), HostError> {
         let deadline = Instant::now() + self.timeout;
         loop {
             if let Some(pos) = self.done.iter().position(|c| c.tag == tag) {
@@ -636,12 +758,24 @@ impl HostQueue {
                 }
                 return Ok((cqe, c.buf));
             }
-            if self.poll()? == 0 {
+            if let Err(e) = self.poll() {
+                // The command was failed with the rest; take it out so it does not linger.
+                if let Some(pos) = self.done.iter().position(|c| c.tag == tag) {
+                    self.done.remove(pos);
+                }
+                return Err(e);
+            }
+            if self.done.iter().all(|c| c.tag != tag) {
                 if Instant::now() > deadline {
-                    return Err(HostError::Timeout {
+                    let e = HostError::Timeout {
                         what,
                         after: self.timeout,
-                    });
+                    };
+                    self.kill(&e);
+                    if let Some(pos) = self.done.iter().position(|c| c.tag == tag) {
+                        self.done.remove(pos);
+                    }
+                    return Err(e);
                 }
                 std::thread::sleep(Duration::from_micros(20));
             }
@@ -715,223 +849,6 @@ impl HostQueue {
 }
 
 /// In-capsule data of an admin queue, as the Linux host assumes (8 KiB).
-const fn fabrics_admin_in_capsule() -> u32 {
+pub(crate) const fn fabrics_admin_in_capsule() -> u32 {
     8192
-}
-
-/// An association with a controller: its admin queue and what Identify said.
-#[derive(Debug)]
-pub struct HostController {
-    addr: SocketAddr,
-    opts: HostOptions,
-    admin: HostQueue,
-    cntlid: u16,
-    cap: Cap,
-    identify: IdentifyController,
-    fabrics: FabricsIdentify,
-    io_queues: u16,
-    next_qid: u16,
-}
-
-impl HostController {
-    /// Connects the admin queue and brings the controller up.
-    pub fn connect(addr: SocketAddr, opts: HostOptions) -> Result<HostController, HostError> {
-        let mut admin = HostQueue::open(addr, &opts, opts.admin_queue_size)?;
-        let cntlid = admin.connect(&opts, 0, opts.admin_queue_size, CNTLID_DYNAMIC)?;
-        let (c, _) = admin.run(
-            "Property Get CAP",
-            fabrics::property_get(prop::CAP, true),
-            HostData::None,
-        )?;
-        let cap = Cap(c.dw0 as u64 | (c.dw1 as u64) << 32);
-        let cc = Cc(0).with_en(true).with_iosqes(6).with_iocqes(4);
-        admin.run(
-            "Property Set CC",
-            fabrics::property_set(prop::CC, false, cc.0 as u64),
-            HostData::None,
-        )?;
-        let deadline = Instant::now() + opts.timeout;
-        loop {
-            let (c, _) = admin.run(
-                "Property Get CSTS",
-                fabrics::property_get(prop::CSTS, false),
-                HostData::None,
-            )?;
-            let csts = Csts(c.dw0);
-            if csts.cfs() {
-                return Err(HostError::Controller("CSTS.CFS set".into()));
-            }
-            if csts.rdy() {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(HostError::Timeout {
-                    what: "CSTS.RDY",
-                    after: opts.timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let (_, id) = admin.run(
-            "Identify Controller",
-            Sqe::identify(cns::CONTROLLER, 0, 0),
-            HostData::In(vec![0u8; IDENTIFY_LEN]),
-        )?;
-        let page: &[u8; IDENTIFY_LEN] = id[..]
-            .try_into()
-            .map_err(|_| HostError::Controller("short Identify Controller".into()))?;
-        let identify = IdentifyController::from_bytes(page);
-        let fab = FabricsIdentify::read(page);
-        let disc = fab.cntrltype == 2;
-        if identify.cntlid != cntlid {
-            return Err(HostError::Controller(format!(
-                "Identify CNTLID {} differs from Connect's {cntlid}",
-                identify.cntlid
-            )));
-        }
-        if !disc && (fab.ioccsz < 4 || fab.iorcsz < 1 || identify.maxcmd == 0 || fab.kas == 0) {
-            return Err(HostError::Controller(
-                "IOCCSZ, IORCSZ, MAXCMD or KAS missing in Identify".into(),
-            ));
-        }
-        if fab.icdoff != 0 || identify.sgls & 3 == 0 {
-            return Err(HostError::Controller(
-                "ICDOFF != 0 or no SGL support".into(),
-            ));
-        }
-        let mut io_queues = 0;
-        if !disc {
-            let want = 16u16;
-            let (c, _) = admin.run(
-                "Set Features Number of Queues",
-                Sqe::set_number_of_queues(want, want),
-                HostData::None,
-            )?;
-            io_queues = ((c.dw0 & 0xffff) as u16).min((c.dw0 >> 16) as u16) + 1;
-        }
-        Ok(HostController {
-            addr,
-            opts,
-            admin,
-            cntlid,
-            cap,
-            identify,
-            fabrics: fab,
-            io_queues,
-            next_qid: 1,
-        })
-    }
-
-    /// The CNTLID.
-    pub fn cntlid(&self) -> u16 {
-        self.cntlid
-    }
-    /// CAP.
-    pub fn cap(&self) -> Cap {
-        self.cap
-    }
-    /// Identify Controller.
-    pub fn identify(&self) -> &IdentifyController {
-        &self.identify
-    }
-    /// The fabrics fields of Identify Controller.
-    pub fn fabrics_identify(&self) -> FabricsIdentify {
-        self.fabrics
-    }
-    /// I/O queues granted.
-    pub fn io_queue_count(&self) -> u16 {
-        self.io_queues
-    }
-    /// The admin queue (for commands this type does not wrap).
-    pub fn admin(&mut self) -> &mut HostQueue {
-        &mut self.admin
-    }
-
-    /// Connects the next I/O queue with `entries` entries.
-    pub fn io_queue(&mut self, entries: u16) -> Result<HostQueue, HostError> {
-        let qid = self.next_qid;
-        let mut q = HostQueue::open(self.addr, &self.opts, entries)?;
-        q.connect(&self.opts, qid, entries, self.cntlid)?;
-        q.set_in_capsule((self.fabrics.ioccsz * 16).saturating_sub(64));
-        self.next_qid += 1;
-        Ok(q)
-    }
-
-    /// Keep Alive.
-    pub fn keep_alive(&mut self) -> Result<(), HostError> {
-        self.admin
-            .run(
-                "Keep Alive",
-                Sqe::new(crate::spec::sqe::admin::KEEP_ALIVE),
-                HostData::None,
-            )
-            .map(|_| ())
-    }
-
-    /// Identify Namespace: (blocks, block size).
-    pub fn namespace(&mut self, nsid: u32) -> Result<(u64, u32), HostError> {
-        let (_, b) = self.admin.run(
-            "Identify Namespace",
-            Sqe::identify(cns::NAMESPACE, nsid, 0),
-            HostData::In(vec![0u8; IDENTIFY_LEN]),
-        )?;
-        let page: &[u8; IDENTIFY_LEN] = b[..]
-            .try_into()
-            .map_err(|_| HostError::Controller("short Identify Namespace".into()))?;
-        let id = crate::spec::IdentifyNamespace::from_bytes(page);
-        Ok((id.nsze, id.block_size()))
-    }
-
-    /// Get Log Page of `len` bytes at `offset`.
-    pub fn log_page(
-        &mut self,
-        lid: u8,
-        nsid: u32,
-        len: u32,
-        offset: u64,
-    ) -> Result<Vec<u8>, HostError> {
-        let (_, b) = self.admin.run(
-            "Get Log Page",
-            fabrics::get_log_page(lid, nsid, len, offset),
-            HostData::In(vec![0u8; len as usize]),
-        )?;
-        Ok(b)
-    }
-
-    /// The discovery log page records (as `nvme discover` reads it: header first, then all).
-    pub fn discover(&mut self) -> Result<Vec<fabrics::DiscoveryEntry>, HostError> {
-        let head = self.log_page(fabrics::lid::DISCOVERY, 0, 1024, 0)?;
-        let n = u64::from_le_bytes(head[8..16].try_into().unwrap_or([0; 8])).min(64);
-        let all = self.log_page(fabrics::lid::DISCOVERY, 0, (1024 * (n + 1)) as u32, 0)?;
-        let (_, _, recs) = fabrics::parse_discovery_log(&all)
-            .ok_or_else(|| HostError::Controller("short discovery log".into()))?;
-        Ok(recs)
-    }
-
-    /// Shuts the controller down (CC.SHN, wait for CSTS.SHST complete) and disconnects.
-    pub fn shutdown(mut self) -> Result<(), HostError> {
-        let (c, _) = self.admin.run(
-            "Property Get CC",
-            fabrics::property_get(prop::CC, false),
-            HostData::None,
-        )?;
-        let cc = Cc(c.dw0).with_shn(crate::spec::regs::shn::NORMAL);
-        self.admin.run(
-            "Property Set CC",
-            fabrics::property_set(prop::CC, false, cc.0 as u64),
-            HostData::None,
-        )?;
-        let (c, _) = self.admin.run(
-            "Property Get CSTS",
-            fabrics::property_get(prop::CSTS, false),
-            HostData::None,
-        )?;
-        if Csts(c.dw0).shst() != crate::spec::regs::shst::COMPLETE {
-            return Err(HostError::Controller("shutdown did not complete".into()));
-        }
-        let _ = self
-            .admin
-            .run("Disconnect", fabrics::disconnect(), HostData::None);
-        Ok(())
-    }
 }

@@ -1,0 +1,528 @@
+//! The NVMe/TCP arm of the seam: a [`HostController`] behind a mutex (admin commands and the
+//! Keep Alive from any thread), with its namespaces read at connect time, and I/O queues that
+//! map the caller's tags onto the host queue's command slots.
+//!
+//! When the Keep Alive fails the controller is lost: a flag every [`TcpQueue`] checks on each
+//! poll (one relaxed load) makes the I/O queues end their connections too, so every
+//! outstanding command of the association ends once with "controller lost".
+
+use std::net::SocketAddr;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{TransportError, TransportIoError, TransportRejected};
+use crate::nvme::namespace::Namespace;
+use crate::nvme::qpair::{IoOp, QueueOptions};
+use crate::nvmf::fabrics::DiscoveryEntry;
+use crate::nvmf::{HostController, HostError, HostOptions, HostQueue};
+use crate::spec::identify::{
+    ERROR_LOG_ENTRY_LEN, ErrorLogEntry, FIRMWARE_SLOT_LOG_LEN, FirmwareSlotLog, SMART_LOG_LEN,
+};
+use crate::spec::sqe::{io, lid};
+use crate::spec::{Cap, IdentifyController, SmartLog, Sqe, Vs};
+use crate::types::{Lba, Nsid, QueueId};
+
+/// Default I/O queue entries when the options say 0.
+const DEFAULT_ENTRIES: u16 = 128;
+
+/// Options of a [`TcpController`]: the host's, plus the target's address.
+#[derive(Clone, Debug)]
+pub struct TcpOptions {
+    /// The target.
+    pub addr: SocketAddr,
+    /// How the host connects (subsystem NQN, host NQN, KATO, digests, time limits).
+    pub host: HostOptions,
+}
+
+#[derive(Debug, Default)]
+struct Lost {
+    flag: AtomicBool,
+    why: Mutex<String>,
+}
+
+impl Lost {
+    fn set(&self, why: String) {
+        *self.why.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        self.flag.store(true, Ordering::Release);
+    }
+    fn why(&self) -> String {
+        self.why.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// An NVMe/TCP controller as a transport: an association with its admin queue.
+#[derive(Debug)]
+pub struct TcpController {
+    host: Mutex<HostController>,
+    addr: SocketAddr,
+    subnqn: String,
+    identify: IdentifyController,
+    cap: Cap,
+    vs: Vs,
+    max_transfer: usize,
+    discovery: bool,
+    namespaces: Vec<Namespace>,
+    lost: Arc<Lost>,
+}
+
+impl TcpController {
+    /// Connects and brings the controller up; reads its active namespaces (none for a
+    /// discovery controller).
+    pub fn connect(opts: TcpOptions) -> Result<TcpController, TransportError> {
+        let subnqn = opts.host.subnqn.clone();
+        let mut host = HostController::connect(opts.addr, opts.host)?;
+        let discovery = host.is_discovery();
+        let mut namespaces = Vec::new();
+        if !discovery {
+            for n in host.active_namespaces()? {
+                let id = host.identify_namespace(n)?;
+                match Namespace::new(Nsid(n), id) {
+                    Some(ns) => namespaces.push(ns),
+                    None => log::warn!(
+                        "nvmf host: namespace {n} of {subnqn} has an unusable format or size; skipped"
+                    ),
+                }
+            }
+        }
+        Ok(TcpController {
+            addr: opts.addr,
+            subnqn,
+            identify: host.identify().clone(),
+            cap: host.cap(),
+            vs: host.version(),
+            max_transfer: host.max_transfer(),
+            discovery,
+            namespaces,
+            host: Mutex::new(host),
+            lost: Arc::new(Lost::default()),
+        })
+    }
+
+    fn host(&self) -> MutexGuard<'_, HostController> {
+        self.host.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// The target's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// The subsystem NQN.
+    pub fn subnqn(&self) -> &str {
+        &self.subnqn
+    }
+    /// Whether it is a discovery controller.
+    pub fn is_discovery(&self) -> bool {
+        self.discovery
+    }
+    /// Identify Controller.
+    pub fn identify(&self) -> &IdentifyController {
+        &self.identify
+    }
+    /// CAP.
+    pub fn cap(&self) -> Cap {
+        self.cap
+    }
+    /// VS.
+    pub fn version(&self) -> Vs {
+        self.vs
+    }
+    /// Largest transfer of one command in bytes.
+    pub fn max_transfer(&self) -> usize {
+        self.max_transfer
+    }
+    /// The usable active namespaces.
+    pub fn namespaces(&self) -> &[Namespace] {
+        &self.namespaces
+    }
+    /// One of them.
+    pub fn namespace(&self, nsid: Nsid) -> Result<Namespace, TransportError> {
+        self.namespaces
+            .iter()
+            .find(|n| n.nsid() == nsid)
+            .cloned()
+            .ok_or_else(|| {
+                TransportError::Invalid(format!(
+                    "namespace {nsid} is not an active, usable namespace of {} at {}; list them with identify",
+                    self.subnqn, self.addr
+                ))
+            })
+    }
+    /// I/O queues the target granted (Set Features Number of Queues at bring-up).
+    pub fn io_queues(&self) -> u16 {
+        self.host().io_queue_count()
+    }
+    /// Why the controller was lost, if it was.
+    pub fn lost(&self) -> Option<String> {
+        self.lost
+            .flag
+            .load(Ordering::Acquire)
+            .then(|| self.lost.why())
+    }
+
+    /// Connects a new I/O queue of `opts.entries` entries (0: 128), at most MQES + 1.
+    pub fn create_qpair<T>(&self, opts: QueueOptions) -> Result<TcpQueue<T>, TransportError> {
+        if let Some(why) = self.lost() {
+            return Err(HostError::Lost(why).into());
+        }
+        let max = (self.cap.mqes() as u32 + 1).min(u16::MAX as u32) as u16;
+        let entries = match opts.entries {
+            0 => DEFAULT_ENTRIES,
+            n => n,
+        }
+        .clamp(2, max.max(2));
+        let q = self.host().io_queue(entries)?;
+        let requests = (opts.requests as usize).max(entries as usize);
+        Ok(TcpQueue::new(q, entries, requests, self.lost.clone()))
+    }
+
+    /// The Keep Alive timer ([`HostController::process_admin`]); a failure marks the whole
+    /// controller lost (its I/O queues end their connections on their next poll).
+    pub fn process_admin(&self) -> Result<(), TransportError> {
+        if let Some(why) = self.lost() {
+            return Err(HostError::Lost(why).into());
+        }
+        let r = self.host().process_admin();
+        if let Err(e) = &r {
+            if e.is_fatal() {
+                self.lost.set(e.to_string());
+            }
+        }
+        Ok(r?)
+    }
+
+    /// The discovery log page entries (a discovery controller).
+    pub fn discover(&self) -> Result<Vec<DiscoveryEntry>, TransportError> {
+        Ok(self.host().discover()?)
+    }
+
+    fn log(&self, lid: u8, len: usize) -> Result<Vec<u8>, TransportError> {
+        Ok(self.host().log_page(lid, 0xffff_ffff, len as u32, 0)?)
+    }
+    /// The SMART / health log.
+    pub fn smart_log(&self) -> Result<SmartLog, TransportError> {
+        let b = self.log(lid::SMART, SMART_LOG_LEN)?;
+        let page: &[u8; SMART_LOG_LEN] = b[..]
+            .try_into()
+            .map_err(|_| TransportError::Invalid("short SMART log".into()))?;
+        Ok(SmartLog::from_bytes(page))
+    }
+    /// The firmware slot log.
+    pub fn firmware_slot_log(&self) -> Result<FirmwareSlotLog, TransportError> {
+        let b = self.log(lid::FIRMWARE_SLOT, FIRMWARE_SLOT_LOG_LEN)?;
+        let page: &[u8; FIRMWARE_SLOT_LOG_LEN] = b[..]
+            .try_into()
+            .map_err(|_| TransportError::Invalid("short firmware slot log".into()))?;
+        Ok(FirmwareSlotLog::from_bytes(page))
+    }
+    /// The first `entries` entries of the error log.
+    pub fn error_log(&self, entries: usize) -> Result<Vec<ErrorLogEntry>, TransportError> {
+        let n = entries.clamp(1, 128);
+        let b = self.log(lid::ERROR, n * ERROR_LOG_ENTRY_LEN)?;
+        Ok(b.chunks_exact(ERROR_LOG_ENTRY_LEN)
+            .map(ErrorLogEntry::from_bytes)
+            .collect())
+    }
+}
+
+/// A command waiting for a free command slot of the connection.
+struct Waiting {
+    sqe: Sqe,
+    ptr: NonNull<u8>,
+    len: usize,
+    out: bool,
+    slot: u32,
+}
+
+/// An NVMe/TCP I/O queue: one connection; the caller's tags ride in a request table
+/// (`QueueOptions::requests`, at least the queue's entries). Requests beyond the commands the
+/// connection may have outstanding wait in order, in software, as on a PCIe queue pair.
+pub struct TcpQueue<T> {
+    q: HostQueue,
+    tags: Vec<Option<T>>,
+    free: Vec<u32>,
+    waiting: std::collections::VecDeque<Waiting>,
+    entries: u16,
+    lost: Arc<Lost>,
+}
+
+// SAFETY: the raw pointers of waiting requests name memory given under submit_raw's contract
+// (valid and untouched by others until the completion); the queue is used by one thread at a
+// time (`&mut self`), and moving it moves that use along; the tags are `T: Send`.
+unsafe impl<T: Send> Send for TcpQueue<T> {}
+
+impl<T> core::fmt::Debug for TcpQueue<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("TcpQueue")
+            .field("qid", &self.q.qid())
+            .field("entries", &self.entries)
+            .finish()
+    }
+}
+
+impl<T> TcpQueue<T> {
+    fn new(q: HostQueue, entries: u16, requests: usize, lost: Arc<Lost>) -> TcpQueue<T> {
+        let n = requests.max(q.slots());
+        TcpQueue {
+            q,
+            tags: (0..n).map(|_| None).collect(),
+            free: (0..n as u32).rev().collect(),
+            waiting: std::collections::VecDeque::new(),
+            entries,
+            lost,
+        }
+    }
+    /// The queue ID.
+    pub fn qid(&self) -> QueueId {
+        QueueId(self.q.qid())
+    }
+    /// Entries.
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+    /// Commands outstanding.
+    pub fn outstanding(&self) -> usize {
+        self.tags.len() - self.free.len()
+    }
+    /// The host queue underneath.
+    pub fn host_queue(&mut self) -> &mut HostQueue {
+        &mut self.q
+    }
+
+    /// Queues a read or write of `buf` (whole blocks of `ns`) at `lba`.
+    ///
+    /// # Safety
+    /// `buf`'s memory must stay alive, and must be neither read nor written by anyone else
+    /// (for a write: not written), until the completion carrying `tag` has been returned by
+    /// [`poll`](Self::poll) or the queue dropped.
+    pub unsafe fn submit_raw(
+        &mut self,
+        op: IoOp,
+        ns: &Namespace,
+        lba: Lba,
+        buf: &HostBuf,
+        tag: T,
+    ) -> Result<(), TransportRejected<T>> {
+        let reject = |error: TransportError, tag: T| Err(TransportRejected { error, tag });
+        let len = buf.len();
+        let bs = ns.block_size() as usize;
+        if len == 0 || len % bs != 0 {
+            return reject(
+                TransportError::Invalid(format!(
+                    "a transfer of {len} bytes is not whole {bs}-byte blocks of namespace {}",
+                    ns.nsid()
+                )),
+                tag,
+            );
+        }
+        let blocks = (len / bs) as u64;
+        if blocks > 65536
+            || lba
+                .0
+                .checked_add(blocks)
+                .is_none_or(|end| end > ns.io_blocks())
+        {
+            return reject(
+                TransportError::Invalid(format!(
+                    "{blocks} blocks at LBA {} are beyond namespace {} ({} usable blocks) or above 65536",
+                    lba.0,
+                    ns.nsid(),
+                    ns.io_blocks()
+                )),
+                tag,
+            );
+        }
+        let Some(slot) = self.free.pop() else {
+            return reject(HostError::QueueFull(self.tags.len()).into(), tag);
+        };
+        let (opcode, out) = match op {
+            IoOp::Read => (io::READ, false),
+            IoOp::Write => (io::WRITE, true),
+        };
+        let sqe = Sqe::rw(opcode, ns.nsid().0, lba.0, blocks as u32, false);
+        let w = Waiting {
+            sqe,
+            ptr: buf.ptr,
+            len,
+            out,
+            slot,
+        };
+        if !self.waiting.is_empty() || self.q.outstanding() >= self.q.slots() {
+            // The caller's contract covers the wait: the memory stays valid until the
+            // completion, which comes after the command was sent or failed.
+            self.tags[slot as usize] = Some(tag);
+            self.waiting.push_back(w);
+            return Ok(());
+        }
+        match self.send_one(w) {
+            Ok(()) => {
+                self.tags[slot as usize] = Some(tag);
+                Ok(())
+            }
+            Err(e) => {
+                self.free.push(slot);
+                reject(e.into(), tag)
+            }
+        }
+    }
+
+    fn send_one(&mut self, w: Waiting) -> Result<(), HostError> {
+        // SAFETY: the buffer's memory is valid for `len` bytes and the caller keeps it alive and
+        // untouched until the completion (submit_raw's contract), which the host queue hands
+        // back (by `pop`) before `poll` returns it.
+        unsafe { self.q.submit_raw(w.sqe, w.ptr, w.len, w.out, w.slot as u64) }.map(|_| ())
+    }
+
+    /// Moves waiting requests into free command slots.
+    fn start_waiting(&mut self) {
+        while self.q.outstanding() < self.q.slots() {
+            let Some(w) = self.waiting.pop_front() else {
+                return;
+            };
+            if let Err(e) = self.send_one_or_back(w) {
+                // Only a dead connection refuses now; poll ends what waits.
+                log::debug!("nvmf host: a waiting request stays queued: {e}");
+                return;
+            }
+        }
+    }
+
+    fn send_one_or_back(&mut self, w: Waiting) -> Result<(), HostError> {
+        let (sqe, ptr, len, out, slot) = (w.sqe, w.ptr, w.len, w.out, w.slot);
+        self.send_one(w).inspect_err(|_| {
+            self.waiting.push_front(Waiting {
+                sqe,
+                ptr,
+                len,
+                out,
+                slot,
+            })
+        })
+    }
+
+    /// Sends what was queued (waiting requests stay for a poll to free slots).
+    pub fn ring(&mut self) {
+        // A failure kills the connection; the next poll reports it.
+        let _ = self.q.send_now();
+    }
+
+    fn deliver<F: FnMut(T, Result<(), TransportIoError>)>(&mut self, f: &mut F) -> bool {
+        let Some(c) = self.q.pop() else {
+            return false;
+        };
+        let slot = c.tag as usize;
+        let Some(tag) = self.tags.get_mut(slot).and_then(Option::take) else {
+            return true;
+        };
+        self.free.push(slot as u32);
+        let r = match c.result {
+            Ok(cqe) if cqe.status().is_success() => Ok(()),
+            Ok(cqe) => Err(TransportIoError::Tcp(HostError::Status {
+                what: "I/O command",
+                status: cqe.status(),
+                dw0: cqe.dw0,
+            })),
+            Err(e) => Err(TransportIoError::Tcp(e)),
+        };
+        f(tag, r);
+        true
+    }
+
+    /// Sends and receives without blocking, then hands up to `max` (0: all) completions to
+    /// `f`. A dead connection (or a lost controller) is an error, returned after every
+    /// outstanding command was handed to `f`, failed, exactly once.
+    pub fn poll<F: FnMut(T, Result<(), TransportIoError>)>(
+        &mut self,
+        max: usize,
+        mut f: F,
+    ) -> Result<usize, TransportError> {
+        if self.lost.flag.load(Ordering::Relaxed) && self.q.lost().is_none() {
+            let e = HostError::Controller(format!("the admin queue failed: {}", self.lost.why()));
+            self.q.kill(&e);
+        }
+        let r = self.q.poll();
+        let max = if max == 0 { usize::MAX } else { max };
+        let mut n = 0;
+        if r.is_ok() {
+            while n < max && self.deliver(&mut f) {
+                n += 1;
+            }
+            if !self.waiting.is_empty() {
+                self.start_waiting();
+                let _ = self.q.send_now();
+            }
+            return Ok(n);
+        }
+        while self.deliver(&mut f) {
+            n += 1;
+        }
+        // Requests that never got a command slot end too, once each.
+        let why = self.q.lost().unwrap_or("the connection failed").to_owned();
+        while let Some(w) = self.waiting.pop_front() {
+            let slot = w.slot as usize;
+            if let Some(tag) = self.tags.get_mut(slot).and_then(Option::take) {
+                self.free.push(w.slot);
+                f(
+                    tag,
+                    Err(TransportIoError::Tcp(HostError::Lost(why.clone()))),
+                );
+                n += 1;
+            }
+        }
+        r.map(|_| n).map_err(TransportError::from)
+    }
+}
+
+/// Ordinary memory for NVMe/TCP data: allocated once, its address stable, written through a
+/// raw pointer while a command holds it.
+pub struct HostBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a HostBuf owns its allocation like a Box<[u8]>.
+unsafe impl Send for HostBuf {}
+// SAFETY: shared access only reads (as_slice); writes need &mut.
+unsafe impl Sync for HostBuf {}
+
+impl core::fmt::Debug for HostBuf {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "HostBuf({} bytes)", self.len)
+    }
+}
+
+impl HostBuf {
+    /// `len` zeroed bytes.
+    pub fn new(len: usize) -> HostBuf {
+        let b: Box<[u8]> = vec![0u8; len].into_boxed_slice();
+        let len = b.len();
+        // Box::into_raw never returns null.
+        let ptr = NonNull::new(Box::into_raw(b).cast::<u8>()).unwrap_or(NonNull::dangling());
+        HostBuf { ptr, len }
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` is the start of the `len`-byte allocation this value owns.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        let raw = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
+        // SAFETY: `raw` is exactly the allocation Box::into_raw gave in `new`, freed once here.
+        drop(unsafe { Box::from_raw(raw) });
+    }
+}
