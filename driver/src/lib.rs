@@ -151,7 +151,7 @@ pub use bus::dma::{ChunkSource, DmaBuffer, DmaChunk, DmaError, DmaMemory, DmaSli
 pub use bus::{Bus, Doorbell, DoorbellSink, PciId};
 pub use embed::blockfile::{BlockFile, Completed, ExtendHook, FileOptions, Refused, Request};
 pub use embed::cache::{CacheStats, PageCache};
-pub use embed::error::{EmbedError, EmbedResult, Op};
+pub use embed::error::{EmbedError, EmbedResult, MaintOp, Op};
 pub use embed::iobuf::IoBuffer;
 pub use embed::poller::{PollerStats, PollerTask, PollerTaskId};
 pub use embed::sleep::PollerWait;

@@ -57,6 +57,7 @@ use crate::embed::iobuf::{IoBuffer, Window};
 use crate::embed::poller::{Local, Pollers};
 
 mod callback;
+mod maint;
 mod path;
 
 use crate::nvme::controller::Controller;
@@ -331,6 +332,8 @@ struct Inner {
     capacity: u64,
     writable: bool,
     extents: Weak<ExtentList>,
+    /// What the controller offers for flush, write zeroes and deallocate.
+    maint: maint::Maint,
 }
 
 impl Drop for Inner {
@@ -449,6 +452,14 @@ impl BlockFile {
             capacity,
             block: bs,
         };
+        let maint = maint::Maint::new(
+            &ctrl.identify(),
+            ctrl.wzsl(),
+            ctrl.cap().min_page_size() as u64,
+            ctrl.max_transfer() as u64,
+            opts.first_lba,
+            ns.block_shift(),
+        );
         let mut core = DioCore::new(sink, mapper, cfg);
         if let Some(d) = &deferral {
             core = core.with_deferral(d.clone());
@@ -472,6 +483,7 @@ impl BlockFile {
                 capacity,
                 writable: opts.writable,
                 extents: Arc::downgrade(extents),
+                maint,
             }),
         })
     }

@@ -112,6 +112,9 @@ pub(crate) struct Props {
     pub serial: String,
     pub model: String,
     pub firmware: String,
+    pub oncs: crate::spec::Oncs,
+    pub vwc: bool,
+    pub wzsl: u8,
 }
 
 /// The emulated NVMe controller's state, shared by the bus front end, the doorbells and the

@@ -4,10 +4,14 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Cmd, F_CTX, F_HOLDS, F_SYNC, IN_FLIGHT, IoFlags, NIL, PARENT, QueuePair, WAITING};
+use super::{
+    Cmd, DmaOwner, F_CTX, F_HOLDS, F_SYNC, IN_FLIGHT, IoFlags, NIL, PARENT, QueuePair, Rejected,
+    WAITING, rejected,
+};
 use crate::nvme::error::{DeadReason, Error};
 use crate::nvme::namespace::Namespace;
 use crate::nvme::prp;
+use crate::spec::sqe::DSM_RANGE_LEN;
 use crate::spec::sqe::{DSM_AD, DsmRange, io};
 use crate::types::{Iova, Lba, Nsid};
 
@@ -256,13 +260,30 @@ impl<T> QueuePair<T> {
         ctx: Option<T>,
         flags: u8,
     ) -> core::result::Result<(), (Error, Option<T>)> {
+        self.submit_simple_at(opcode, nsid, cdw10_11, cdw12, ranges, 0, ctx, flags)
+    }
+
+    /// [`submit_simple`](Self::submit_simple) with the data pointer `prp1` of a command whose
+    /// data (at most 4 KiB, not crossing a page) the caller keeps in DMA memory; `ranges`, if
+    /// given, are copied to the slot's page instead.
+    #[allow(clippy::too_many_arguments)]
+    fn submit_simple_at(
+        &mut self,
+        opcode: u8,
+        nsid: Nsid,
+        cdw10_11: u64,
+        cdw12: u32,
+        ranges: Option<&[(Lba, u32)]>,
+        mut prp1: u64,
+        ctx: Option<T>,
+        flags: u8,
+    ) -> core::result::Result<(), (Error, Option<T>)> {
         if let Some(reason) = self.dead {
             return Err((self.dead_error(reason), ctx));
         }
         let Some(idx) = self.pop_free() else {
             return Err((self.exhausted(1), ctx));
         };
-        let mut prp1 = 0;
         if let Some(ranges) = ranges {
             let list = self.prp_list(idx).cast::<DsmRange>();
             for (i, &(lba, nlb)) in ranges.iter().enumerate() {
@@ -356,6 +377,52 @@ impl<T> QueuePair<T> {
         )
     }
 
+    /// Checks a Dataset Management range list in DMA memory (whole 16-byte ranges, 1 to
+    /// 256 of them, one page, inside the namespace) and submits a Deallocate of it.
+    fn submit_deallocate_list(
+        &mut self,
+        ns: &Namespace,
+        list: crate::bus::dma::DmaSlice,
+        ctx: Option<T>,
+        sflags: u8,
+    ) -> core::result::Result<(), (Error, Option<T>)> {
+        let n = list.len / DSM_RANGE_LEN;
+        if list.len % DSM_RANGE_LEN != 0 || n == 0 || n > 256 {
+            return Err((Error::BadRangeCount(n), ctx));
+        }
+        // One PRP entry: the list must not cross a page (dword alignment is the PRP rule).
+        if list.iova.0 & 3 != 0 || (list.iova.0 & 0xfff) + list.len as u64 > 0x1000 {
+            return Err((Error::Unaligned { iova: list.iova }, ctx));
+        }
+        for i in 0..n {
+            // SAFETY: `list` is a mapped DMA slice of `n * 16` bytes that the caller's context
+            // owns; range `i` lies inside it; an unaligned read needs no alignment.
+            let r = unsafe {
+                list.ptr
+                    .as_ptr()
+                    .add(i * DSM_RANGE_LEN)
+                    .cast::<DsmRange>()
+                    .read_unaligned()
+            };
+            let (slba, nlb) = (u64::from_le(r.slba), u32::from_le(r.nlb));
+            match slba.checked_add(nlb as u64) {
+                Some(end) if end <= ns.io_blocks() => {}
+                _ => return Err((out_of_range(ns, Lba(slba), nlb as u64), ctx)),
+            }
+        }
+        let cdw10_11 = (n as u64 - 1) | (DSM_AD as u64) << 32;
+        self.submit_simple_at(
+            io::DATASET_MANAGEMENT,
+            ns.nsid(),
+            cdw10_11,
+            0,
+            None,
+            list.iova.0,
+            ctx,
+            sflags,
+        )
+    }
+
     /// Puts a filled slot on the device, or at the back of the waiting queue (which keeps the
     /// command's remaining fields in the slot until it is issued).
     #[inline(always)]
@@ -437,6 +504,39 @@ impl<T> QueuePair<T> {
                 self.ring_sq();
             }
         }
+    }
+}
+
+/// Commands whose data the context owns.
+impl<T: DmaOwner> QueuePair<T> {
+    /// Submits a Dataset Management / Deallocate whose range list (16-byte
+    /// [`DsmRange`]s, little endian, 1 to 256, within one page) is the context's buffer, in
+    /// this controller's DMA memory. Like [`submit`](Self::submit), the context is handed back
+    /// only once the device has let go of the list.
+    pub fn deallocate_list(
+        &mut self,
+        ns: &Namespace,
+        ctx: T,
+    ) -> core::result::Result<(), Rejected<T>> {
+        let list = ctx.dma_slice();
+        let cache = &mut self.chunk_cache;
+        match self
+            .dma
+            .translate_cached(cache, list.ptr.as_ptr(), list.len)
+        {
+            Some(iova) if iova == list.iova && list.len > 0 => {}
+            _ => {
+                return Err(Rejected {
+                    error: Error::NotDmaMemory {
+                        ptr: list.ptr.as_ptr() as usize,
+                        len: list.len,
+                    },
+                    ctx,
+                });
+            }
+        }
+        self.submit_deallocate_list(ns, list, Some(ctx), F_HOLDS)
+            .map_err(rejected)
     }
 }
 
