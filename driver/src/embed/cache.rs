@@ -377,7 +377,6 @@ impl PageCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::emulated::EmulatedChunkSource;
     use std::cell::RefCell;
 
     /// A device of 64 pages in a Vec, counting its reads and writes.
@@ -430,7 +429,7 @@ mod tests {
     }
 
     fn cache(pages: usize) -> PageCache {
-        let mem = DmaMemory::new(Box::new(EmulatedChunkSource::new()));
+        let mem = crate::bus::dma::test_memory();
         PageCache::new(&mem, pages).unwrap()
     }
 

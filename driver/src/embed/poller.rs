@@ -1311,6 +1311,6 @@ impl Poller for LocalPoller {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "emulated"))]
 #[path = "poller_tests.rs"]
 mod tests;
