@@ -4,8 +4,8 @@
 //! After a warm-up (first-use allocations: thread-locals, pools, the waiter of a thread), N
 //! synchronous reads, N synchronous writes and N asynchronous submits (reads and writes, the
 //! callback capturing an `Arc` and an index) of 4 KiB block-aligned DMA buffers must allocate
-//! nothing, on the inline emulated controller, run to completion, and through one pooled
-//! poller thread. Every allocation of every thread is counted while a phase runs; a failure
+//! nothing, on the inline emulated controller, run to completion, through one pooled poller
+//! thread, and through one pooled poller with the callbacks deferred to a `CompletionThread`. Every allocation of every thread is counted while a phase runs; a failure
 //! prints how many there were and their sizes.
 //!
 //! The emulated controller is in inline mode with a null namespace, so the device model itself
@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dioxide::emulated::{EmulatedConfig, EmulatedController, Mode, NamespaceConfig};
-use dioxide::{BlockFile, Controller, Dioxide, FileOptions, IoBuffer, Nsid, Request};
+use dioxide::{
+    BlockFile, CompletionThread, Controller, Dioxide, FileOptions, IoBuffer, Nsid, Request,
+};
 
 /// Counts allocations while `ON`; keeps the sizes of the first few (without allocating).
 struct Counting;
@@ -231,5 +233,21 @@ fn the_direct_path_allocates_nothing() {
         .unwrap();
     failures.extend(check("one pooled poller", &dx, &|| {}));
     dx.shutdown();
+    // Deferred completions: the callbacks run on a CompletionThread, each handed over as
+    // dio-core's pooled `Deferred` (no box, no channel node).
+    let ct = CompletionThread::spawn("alloc-completions").unwrap();
+    let dx = Dioxide::builder()
+        .controller(ctrl())
+        .pollers([None])
+        .deferred_completions(ct.clone())
+        .build()
+        .unwrap();
+    failures.extend(check(
+        "one pooled poller, deferred completions",
+        &dx,
+        &|| {},
+    ));
+    dx.shutdown();
+    ct.stop();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

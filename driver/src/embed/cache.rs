@@ -120,6 +120,42 @@ pub struct CacheStats {
     pub dir_locks: u64,
 }
 
+/// A pinned frame's buffer: in its mutex, or out for device I/O (`None`). The mutex is held only
+/// to copy or to move the buffer, never across I/O.
+struct Frame<'a>(&'a Mutex<Option<DmaBuffer>>);
+
+impl Frame<'_> {
+    /// Take the buffer out for I/O. Out already: a request in progress on this page below us
+    /// on this thread's stack (a callback run by its I/O's poll): refused, as waiting would
+    /// never end.
+    fn take(&self) -> Result<DmaBuffer, DioError> {
+        lock(self.0).take().ok_or_else(busy)
+    }
+
+    /// Put the buffer back after I/O.
+    fn put(&self, buf: DmaBuffer) {
+        *lock(self.0) = Some(buf);
+    }
+
+    /// Copy `out.len()` bytes from `at` (refused like [`take`](Self::take) if the buffer is out).
+    fn read(&self, at: usize, out: &mut [u8]) -> Result<(), DioError> {
+        let d = lock(self.0);
+        let b = d.as_ref().ok_or_else(busy)?;
+        out.copy_from_slice(&b.as_slice()[at..at + out.len()]);
+        Ok(())
+    }
+}
+
+#[cold]
+fn busy() -> DioError {
+    log::error!(
+        "page cache: a page is used by a request that runs inside the I/O of another request on \
+         the same page (a callback run by a poll of this thread); refused instead of waiting \
+         for it forever"
+    );
+    DioError::Invalid
+}
+
 /// A bounded page cache shared by the files of one controller.
 pub struct PageCache {
     dir: Mutex<Directory>,
@@ -239,37 +275,54 @@ impl PageCache {
         }
     }
 
-    /// Run `f` on the data of page `page` of `file`, filling it from the device first when it
-    /// is not cached and `fill` is true. `f` returns whether the page must be dropped.
+    /// Run `f` on frame `fi` of page `page` of `file`, filling it from the device first when
+    /// it is not cached and `fill` is true. `f` returns whether the page must be dropped.
+    ///
+    /// No frame mutex is held across device I/O (which may poll, and so run callbacks that
+    /// use the cache on this very thread): the frame is pinned, its buffer taken out for the
+    /// I/O and put back after. Whoever finds a frame's buffer out meets a request in progress on
+    /// that page below it on its own stack (the file's range lock keeps other threads out):
+    /// [`Frame::take`] refuses rather than wait for it forever.
     fn with_page<R>(
         &self,
         file: &Arc<CacheFile>,
         page: u64,
         fill: bool,
         io: &dyn PageIo,
-        f: impl FnOnce(&mut Option<DmaBuffer>) -> (R, bool),
+        f: impl FnOnce(&Frame<'_>) -> Result<(R, bool), DioError>,
     ) -> Result<R, DioError> {
         let key = (file.id, page);
         let (fi, valid) = self.pin(key);
-        let mut data = lock(&self.frames[fi]);
+        let frame = Frame(&self.frames[fi]);
         if !valid {
             if fill {
-                let buf = data.take().expect("frame buffer present");
-                let (r, buf) = io.read_page(page * PAGE, buf);
-                *data = Some(buf);
-                lock_dir(&self.dir).stats.fills += 1;
+                // Not published yet: nobody else can reach this frame.
+                let r = match frame.take() {
+                    Ok(buf) => {
+                        let (r, buf) = io.read_page(page * PAGE, buf);
+                        frame.put(buf);
+                        lock_dir(&self.dir).stats.fills += 1;
+                        r
+                    }
+                    Err(e) => Err(e),
+                };
                 if let Err(e) = r {
-                    drop(data);
                     self.unpin(fi, false);
                     return Err(e);
                 }
             }
             self.publish(file, key, fi);
         }
-        let (r, drop_page) = f(&mut data);
-        drop(data);
-        self.unpin(fi, drop_page);
-        Ok(r)
+        match f(&frame) {
+            Ok((r, drop_page)) => {
+                self.unpin(fi, drop_page);
+                Ok(r)
+            }
+            Err(e) => {
+                self.unpin(fi, false);
+                Err(e)
+            }
+        }
     }
 
     /// Copy `[off, off + out.len())` of `file` into `out`.
@@ -286,10 +339,9 @@ impl PageCache {
             let page = pos / PAGE;
             let in_page = (pos % PAGE) as usize;
             let n = (PAGE as usize - in_page).min(out.len() - done);
-            self.with_page(file, page, true, io, |d| {
-                let b = d.as_ref().expect("frame buffer present");
-                out[done..done + n].copy_from_slice(&b.as_slice()[in_page..in_page + n]);
-                ((), false)
+            self.with_page(file, page, true, io, |frame| {
+                frame.read(in_page, &mut out[done..done + n])?;
+                Ok(((), false))
             })?;
             done += n;
         }
@@ -313,14 +365,14 @@ impl PageCache {
             let in_page = (pos % PAGE) as usize;
             let n = (PAGE as usize - in_page).min(data.len() - done);
             let whole = n == PAGE as usize;
-            let wr = self.with_page(file, page, !whole, io, |d| {
-                let mut b = d.take().expect("frame buffer present");
+            let wr = self.with_page(file, page, !whole, io, |frame| {
+                let mut b = frame.take()?;
                 b.as_mut_slice()[in_page..in_page + n].copy_from_slice(&data[done..done + n]);
                 let blocks = (in_page / bs * bs)..(in_page + n).div_ceil(bs) * bs;
                 let (r, b) = io.write_blocks(page * PAGE, b, blocks);
-                *d = Some(b);
+                frame.put(b);
                 let failed = r.is_err();
-                (r, failed)
+                Ok((r, failed))
             })?;
             lock_dir(&self.dir).stats.writes += 1;
             wr?;
@@ -531,5 +583,97 @@ mod tests {
             b[0], 0,
             "the failed write's bytes must not be served from the cache"
         );
+    }
+}
+
+#[cfg(test)]
+mod reentrance {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+
+    /// A device whose writes run "callbacks" (as a run-to-completion poll does) that read the
+    /// same page of the same file through the cache, on the same thread.
+    struct PollingIo<'a> {
+        cache: &'a PageCache,
+        file: Arc<CacheFile>,
+        disk: RefCell<Vec<u8>>,
+        /// What the nested reads got: `Some(result)` per I/O.
+        nested: RefCell<Vec<Result<(), DioError>>>,
+        depth: Cell<u32>,
+    }
+
+    impl PollingIo<'_> {
+        fn poll(&self, off: u64) {
+            if self.depth.get() > 0 {
+                return;
+            }
+            self.depth.set(1);
+            let mut out = [0u8; 16];
+            let r = self.cache.read(&self.file, self, off + 8, &mut out);
+            self.nested.borrow_mut().push(r);
+            self.depth.set(0);
+        }
+    }
+
+    impl PageIo for PollingIo<'_> {
+        fn read_page(&self, off: u64, mut buf: DmaBuffer) -> (Result<(), DioError>, DmaBuffer) {
+            let o = off as usize;
+            buf.as_mut_slice()
+                .copy_from_slice(&self.disk.borrow()[o..o + PAGE as usize]);
+            (Ok(()), buf)
+        }
+        fn write_blocks(
+            &self,
+            off: u64,
+            buf: DmaBuffer,
+            range: Range<usize>,
+        ) -> (Result<(), DioError>, DmaBuffer) {
+            self.poll(off);
+            let o = off as usize + range.start;
+            self.disk.borrow_mut()[o..o + range.len()]
+                .copy_from_slice(&buf.as_slice()[range.clone()]);
+            (Ok(()), buf)
+        }
+        fn block(&self) -> u64 {
+            512
+        }
+    }
+
+    /// The I/O of a write-through polls, and a callback it runs reads the very page being
+    /// written: refused at once (the frame's buffer is out for the I/O) instead of waiting
+    /// forever for the frame's mutex, which the request below it on this stack held.
+    #[test]
+    fn a_callback_run_by_a_pages_io_is_refused_not_deadlocked() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let mem = crate::bus::dma::test_memory();
+        let cache = PageCache::new(&mem, 4).unwrap();
+        let io = PollingIo {
+            cache: &cache,
+            file: CacheFile::new(1),
+            disk: RefCell::new(vec![3; 4 * PAGE as usize]),
+            nested: RefCell::new(Vec::new()),
+            depth: Cell::new(0),
+        };
+        let file = io.file.clone();
+        // A partial write (filled first), then a whole-page one: each write-through's I/O runs
+        // a callback that reads the page.
+        cache.write(&file, &io, PAGE + 100, &[9; 50]).unwrap();
+        cache
+            .write(&file, &io, 2 * PAGE, &[5; PAGE as usize])
+            .unwrap();
+        let nested = io.nested.borrow().clone();
+        assert_eq!(nested, [Err(DioError::Invalid), Err(DioError::Invalid)]);
+        // Nothing was left pinned or out: the page reads back, and the cache is whole.
+        let mut back = [0u8; 200];
+        cache.read(&file, &io, PAGE, &mut back).unwrap();
+        assert_eq!(&back[..100], &[3; 100]);
+        assert_eq!(&back[100..150], &[9; 50]);
+        cache.read(&file, &io, 2 * PAGE, &mut back).unwrap();
+        assert_eq!(back, [5; 200]);
+        assert_eq!(cache.cached(&file), 2);
+        let d = lock_dir(&cache.dir);
+        assert!(d.meta.iter().all(|m| m.pins == 0), "a frame stayed pinned");
+        drop(d);
+        assert!(cache.frames.iter().all(|f| lock(f).is_some()));
     }
 }

@@ -91,7 +91,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -1150,6 +1150,18 @@ pub(crate) struct Local {
     id: u64,
     slot: usize,
     owner: u64,
+    /// Requests of the owner thread holding a range lock on its stack (see [`Local::hold`]).
+    holding: AtomicU32,
+}
+
+/// A request of the owner thread holding its range while it runs (and polls): see
+/// [`Local::hold`].
+pub(crate) struct StackHold<'a>(&'a AtomicU32);
+
+impl Drop for StackHold<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Local {
@@ -1188,7 +1200,23 @@ impl Local {
             id,
             slot,
             owner: thread_no(),
+            holding: AtomicU32::new(0),
         })
+    }
+
+    /// Count a request of the owner thread that holds its range lock until the guard drops.
+    /// A request started meanwhile on this thread runs inside a poll of that one (a callback
+    /// its wait ran), and must not wait for a range: the holder, below it on the same stack,
+    /// cannot go on until it returns.
+    pub(crate) fn hold(&self) -> StackHold<'_> {
+        self.holding.fetch_add(1, Ordering::Relaxed);
+        StackHold(&self.holding)
+    }
+
+    /// True while a request of the owner thread holds a range on its stack (see
+    /// [`hold`](Self::hold)).
+    pub(crate) fn holding(&self) -> bool {
+        self.holding.load(Ordering::Relaxed) > 0
     }
 
     /// True on the thread that owns the queue pairs.

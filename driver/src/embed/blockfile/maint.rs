@@ -401,6 +401,18 @@ impl BlockFile {
                     }
                 } else {
                     match &inner.engine {
+                        // Run inside the wait of a request of this thread (see `Local::hold`).
+                        EngineRef::Local(l) if l.holding() => match locks.try_lock(range, true) {
+                            Some(g) => g,
+                            None => {
+                                let e = EmbedError::WouldBlockOnPoller {
+                                    op: Op::Write,
+                                    offset,
+                                    why: super::path::NESTED_OVERLAP,
+                                };
+                                return Some(Err(e));
+                            }
+                        },
                         EngineRef::Local(l) => {
                             let poll = || {
                                 l.poll_once();
@@ -411,6 +423,11 @@ impl BlockFile {
                     }
                 })
             }
+        };
+        // A range held on this thread's stack while the operation runs (see `Local::hold`).
+        let _hold = match (&inner.engine, &guard) {
+            (EngineRef::Local(l), Some(_)) => Some(l.hold()),
+            _ => None,
         };
         let err = move |e: DioError| EmbedError::Maint {
             op,

@@ -178,6 +178,11 @@ impl Drop for Entered<'_> {
     }
 }
 
+/// Why a request started by a callback in run-to-completion mode is refused when it overlaps
+/// a range held by a request below it on the same thread's stack (it would wait forever).
+pub(super) const NESTED_OVERLAP: &str = "run to completion, it overlaps a request this thread is waiting for, from whose wait this \
+     callback runs";
+
 fn round_down(x: u64, a: u64) -> u64 {
     x / a * a
 }
@@ -294,6 +299,17 @@ impl BlockFile {
             }
         } else {
             match &inner.engine {
+                // A callback run by the poll of a request of this thread that holds a range: it
+                // must not wait (see `Local::hold`).
+                EngineRef::Local(l) if l.holding() => {
+                    match inner.shared.locks.try_lock(range, exclusive) {
+                        Some(g) => g,
+                        None => {
+                            let why = NESTED_OVERLAP;
+                            return refuse(EmbedError::WouldBlockOnPoller { op, offset, why }, buf);
+                        }
+                    }
+                }
                 EngineRef::Local(l) => {
                     let poll = || {
                         l.poll_once();
@@ -305,6 +321,10 @@ impl BlockFile {
                 }
                 EngineRef::Pooled(_) => inner.shared.locks.lock(range, exclusive, LockWait::Park),
             }
+        };
+        let _hold = match &inner.engine {
+            EngineRef::Local(l) => Some(l.hold()),
+            EngineRef::Pooled(_) => None,
         };
         match op {
             Op::Read => self.read_locked(offset, len64, buf, reply, slice, guard),
