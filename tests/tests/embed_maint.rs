@@ -31,16 +31,6 @@ use dioxide_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// Commands with `opcode` the device fetched on its I/O queues.
-fn sent(emu: &EmulatedController, opcode: u8) -> u64 {
-    emu.stats()
-        .commands
-        .iter()
-        .filter(|((q, op), _)| *q != 0 && *op == opcode)
-        .map(|(_, n)| n)
-        .sum()
-}
-
 /// Device command counts of the opcodes the tests watch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Counts {
@@ -51,11 +41,12 @@ struct Counts {
 }
 
 fn counts(emu: &EmulatedController) -> Counts {
+    let s = emu.stats();
     Counts {
-        writes: sent(emu, io::WRITE),
-        zeroes: sent(emu, io::WRITE_ZEROES),
-        dsm: sent(emu, io::DATASET_MANAGEMENT),
-        flushes: sent(emu, io::FLUSH),
+        writes: s.io_commands_with(io::WRITE),
+        zeroes: s.io_commands_with(io::WRITE_ZEROES),
+        dsm: s.io_commands_with(io::DATASET_MANAGEMENT),
+        flushes: s.io_commands_with(io::FLUSH),
     }
 }
 

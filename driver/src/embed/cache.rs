@@ -584,43 +584,20 @@ mod tests {
             "the failed write's bytes must not be served from the cache"
         );
     }
-}
 
-#[cfg(test)]
-mod reentrance {
-    use super::*;
-    use std::cell::{Cell, RefCell};
-
-    /// A device whose writes run "callbacks" (as a run-to-completion poll does) that read the
-    /// same page of the same file through the cache, on the same thread.
+    /// A device whose writes first run a "callback" (as a run-to-completion poll does) that
+    /// reads the same page of the same file through the cache, on the same thread.
     struct PollingIo<'a> {
+        dev: FakeIo,
         cache: &'a PageCache,
         file: Arc<CacheFile>,
-        disk: RefCell<Vec<u8>>,
-        /// What the nested reads got: `Some(result)` per I/O.
+        /// What the nested reads got.
         nested: RefCell<Vec<Result<(), DioError>>>,
-        depth: Cell<u32>,
-    }
-
-    impl PollingIo<'_> {
-        fn poll(&self, off: u64) {
-            if self.depth.get() > 0 {
-                return;
-            }
-            self.depth.set(1);
-            let mut out = [0u8; 16];
-            let r = self.cache.read(&self.file, self, off + 8, &mut out);
-            self.nested.borrow_mut().push(r);
-            self.depth.set(0);
-        }
     }
 
     impl PageIo for PollingIo<'_> {
-        fn read_page(&self, off: u64, mut buf: DmaBuffer) -> (Result<(), DioError>, DmaBuffer) {
-            let o = off as usize;
-            buf.as_mut_slice()
-                .copy_from_slice(&self.disk.borrow()[o..o + PAGE as usize]);
-            (Ok(()), buf)
+        fn read_page(&self, off: u64, buf: DmaBuffer) -> (Result<(), DioError>, DmaBuffer) {
+            self.dev.read_page(off, buf)
         }
         fn write_blocks(
             &self,
@@ -628,14 +605,14 @@ mod reentrance {
             buf: DmaBuffer,
             range: Range<usize>,
         ) -> (Result<(), DioError>, DmaBuffer) {
-            self.poll(off);
-            let o = off as usize + range.start;
-            self.disk.borrow_mut()[o..o + range.len()]
-                .copy_from_slice(&buf.as_slice()[range.clone()]);
-            (Ok(()), buf)
+            let r = self
+                .cache
+                .read(&self.file, &self.dev, off + 8, &mut [0u8; 16]);
+            self.nested.borrow_mut().push(r);
+            self.dev.write_blocks(off, buf, range)
         }
         fn block(&self) -> u64 {
-            512
+            self.dev.block()
         }
     }
 
@@ -645,35 +622,31 @@ mod reentrance {
     #[test]
     fn a_callback_run_by_a_pages_io_is_refused_not_deadlocked() {
         let _w = test_watchdog::arm(test_watchdog::UNIT);
-        let mem = crate::bus::dma::test_memory();
-        let cache = PageCache::new(&mem, 4).unwrap();
+        let c = cache(4);
         let io = PollingIo {
-            cache: &cache,
+            dev: FakeIo::new(),
+            cache: &c,
             file: CacheFile::new(1),
-            disk: RefCell::new(vec![3; 4 * PAGE as usize]),
             nested: RefCell::new(Vec::new()),
-            depth: Cell::new(0),
         };
+        io.dev.disk.borrow_mut().fill(3);
         let file = io.file.clone();
-        // A partial write (filled first), then a whole-page one: each write-through's I/O runs
-        // a callback that reads the page.
-        cache.write(&file, &io, PAGE + 100, &[9; 50]).unwrap();
-        cache
-            .write(&file, &io, 2 * PAGE, &[5; PAGE as usize])
-            .unwrap();
+        // A partial write (filled first), then a whole-page one.
+        c.write(&file, &io, PAGE + 100, &[9; 50]).unwrap();
+        c.write(&file, &io, 2 * PAGE, &[5; PAGE as usize]).unwrap();
         let nested = io.nested.borrow().clone();
         assert_eq!(nested, [Err(DioError::Invalid), Err(DioError::Invalid)]);
-        // Nothing was left pinned or out: the page reads back, and the cache is whole.
+        // Nothing was left pinned or out: the pages read back, and the cache is whole.
         let mut back = [0u8; 200];
-        cache.read(&file, &io, PAGE, &mut back).unwrap();
+        c.read(&file, &io, PAGE, &mut back).unwrap();
         assert_eq!(&back[..100], &[3; 100]);
         assert_eq!(&back[100..150], &[9; 50]);
-        cache.read(&file, &io, 2 * PAGE, &mut back).unwrap();
+        c.read(&file, &io, 2 * PAGE, &mut back).unwrap();
         assert_eq!(back, [5; 200]);
-        assert_eq!(cache.cached(&file), 2);
-        let d = lock_dir(&cache.dir);
+        assert_eq!(c.cached(&file), 2);
+        let d = lock_dir(&c.dir);
         assert!(d.meta.iter().all(|m| m.pins == 0), "a frame stayed pinned");
         drop(d);
-        assert!(cache.frames.iter().all(|f| lock(f).is_some()));
+        assert!(c.frames.iter().all(|f| lock(f).is_some()));
     }
 }

@@ -421,6 +421,19 @@ impl Backend for FileBackend {
     }
 }
 
+/// A completion kept in a cell shared with a callback: whoever takes it first owns it (the
+/// callback when the request ran, the submitter when it was refused).
+type Cell<T> = Arc<std::sync::Mutex<Option<T>>>;
+
+fn take<T>(cell: &Cell<T>) -> Option<T> {
+    cell.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// A refusal that only means "overlaps a request in flight, try again later".
+fn overlaps(e: &crate::EmbedError) -> bool {
+    matches!(e, crate::EmbedError::WouldBlockOnPoller { why, .. } if why.contains("overlaps"))
+}
+
 /// A Flush, Write Zeroes or Deallocate on a [`BlockFile`].
 enum Maint {
     Flush,
@@ -443,11 +456,10 @@ thread_local! {
 /// [`PENDING_MAINT`].
 fn start_maint(file: BlockFile, m: Maint, done: MaintDone) -> bool {
     // As in `start`: the completion comes back out of the cell if the command is refused.
-    let cell = Arc::new(std::sync::Mutex::new(Some(done)));
+    let cell: Cell<MaintDone> = Arc::new(std::sync::Mutex::new(Some(done)));
     let in_cb = cell.clone();
     let cb = move |r: crate::EmbedResult<()>| {
-        let done = in_cb.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some((done, buf)) = done {
+        if let Some((done, buf)) = take(&in_cb) {
             let st = match &r {
                 Ok(()) => Status::SUCCESS,
                 Err(e) => embed_status(e),
@@ -461,10 +473,8 @@ fn start_maint(file: BlockFile, m: Maint, done: MaintDone) -> bool {
         Maint::Deallocate(ranges) => file.submit_deallocate(ranges, cb),
     };
     let Err(error) = r else { return true };
-    let done = cell.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let Some(done) = done else { return true };
-    if matches!(&error, crate::EmbedError::WouldBlockOnPoller { why, .. } if why.contains("overlaps"))
-    {
+    let Some(done) = take(&cell) else { return true };
+    if overlaps(&error) {
         PENDING_MAINT.with(|p| p.borrow_mut().push_back((file, m, done)));
         return false;
     }
@@ -544,11 +554,10 @@ fn start(
     };
     // The completion goes into the callback, and comes back out of this cell if the request
     // is refused (the callback is then dropped unrun).
-    let cell = Arc::new(std::sync::Mutex::new(Some(done)));
+    let cell: Cell<IoCompletion> = Arc::new(std::sync::Mutex::new(Some(done)));
     let in_cb = cell.clone();
     let r = file.submit(req, move |c| {
-        let done = in_cb.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(done) = done else { return };
+        let Some(done) = take(&in_cb) else { return };
         let st = match &c.result {
             Ok(n) if *n == len => Status::SUCCESS,
             Ok(_) => status(generic::DATA_TRANSFER_ERROR),
@@ -557,11 +566,9 @@ fn start(
         done.complete(st, Some(c.buf));
     });
     let Err(refused) = r else { return true };
-    let done = cell.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let Some(done) = done else { return true };
+    let Some(done) = take(&cell) else { return true };
     let Refused { error, buf } = *refused;
-    let overlaps = matches!(&error, crate::EmbedError::WouldBlockOnPoller { why, .. } if why.contains("overlaps"));
-    if overlaps {
+    if overlaps(&error) {
         PENDING.with(|p| {
             p.borrow_mut().push_back(Pending {
                 file,

@@ -358,10 +358,7 @@ impl BlockFile {
                 hull
             }
         };
-        let on_poller = match &inner.engine {
-            EngineRef::Pooled(p) => p.on_poller(),
-            EngineRef::Local(_) => false,
-        };
+        let on_poller = inner.engine.on_poller();
         if on_poller {
             let why = if matches!(reply, Reply::Sync) {
                 Some("a synchronous call")
@@ -577,23 +574,7 @@ impl BlockFile {
                     Mode::Sync,
                     Completion::noop(),
                 );
-                let (r, back) = match o {
-                    Outcome::Done {
-                        result,
-                        buf,
-                        completion,
-                    } => {
-                        completion.discard();
-                        (result, buf)
-                    }
-                    Outcome::Fallback {
-                        buf, completion, ..
-                    } => {
-                        completion.discard();
-                        (Err(DioError::Invalid), buf)
-                    }
-                    Outcome::Queued => unreachable!("a synchronous request was queued"),
-                };
+                let (r, back) = super::sync_outcome(o);
                 // Run to completion: the queue pair's pool was exhausted before any command
                 // of ours was in flight: poll and try again.
                 if let (EngineRef::Local(l), Err(DioError::QueueFull)) = (&inner.engine, &r) {

@@ -15,6 +15,18 @@ use crate::spec::sqe::DSM_RANGE_LEN;
 use crate::spec::sqe::{DSM_AD, DsmRange, io};
 use crate::types::{Iova, Lba, Nsid};
 
+/// The data of a command without a data transfer of its own (Flush, Write Zeroes, Dataset
+/// Management).
+#[derive(Clone, Copy)]
+pub(super) enum SimpleData<'a> {
+    /// None.
+    None,
+    /// Dataset Management ranges, copied into the slot's page.
+    Ranges(&'a [(Lba, u32)]),
+    /// At this IOVA (at most one page), in memory the command's context owns.
+    At(u64),
+}
+
 impl<T> QueuePair<T> {
     #[inline]
     pub(super) fn ring_sq(&mut self) {
@@ -256,25 +268,7 @@ impl<T> QueuePair<T> {
         nsid: Nsid,
         cdw10_11: u64,
         cdw12: u32,
-        ranges: Option<&[(Lba, u32)]>,
-        ctx: Option<T>,
-        flags: u8,
-    ) -> core::result::Result<(), (Error, Option<T>)> {
-        self.submit_simple_at(opcode, nsid, cdw10_11, cdw12, ranges, 0, ctx, flags)
-    }
-
-    /// [`submit_simple`](Self::submit_simple) with the data pointer `prp1` of a command whose
-    /// data (at most 4 KiB, not crossing a page) the caller keeps in DMA memory; `ranges`, if
-    /// given, are copied to the slot's page instead.
-    #[allow(clippy::too_many_arguments)]
-    fn submit_simple_at(
-        &mut self,
-        opcode: u8,
-        nsid: Nsid,
-        cdw10_11: u64,
-        cdw12: u32,
-        ranges: Option<&[(Lba, u32)]>,
-        mut prp1: u64,
+        data: SimpleData<'_>,
         ctx: Option<T>,
         flags: u8,
     ) -> core::result::Result<(), (Error, Option<T>)> {
@@ -284,20 +278,24 @@ impl<T> QueuePair<T> {
         let Some(idx) = self.pop_free() else {
             return Err((self.exhausted(1), ctx));
         };
-        if let Some(ranges) = ranges {
-            let list = self.prp_list(idx).cast::<DsmRange>();
-            for (i, &(lba, nlb)) in ranges.iter().enumerate() {
-                let r = DsmRange {
-                    cattr: 0,
-                    nlb,
-                    slba: lba.0,
-                };
-                // SAFETY: at most 256 ranges of 16 bytes fill the slot's 4 KiB page, which no
-                // command uses (the slot was free).
-                unsafe { list.add(i).write_volatile(r) };
+        let prp1 = match data {
+            SimpleData::None => 0,
+            SimpleData::At(iova) => iova,
+            SimpleData::Ranges(ranges) => {
+                let list = self.prp_list(idx).cast::<DsmRange>();
+                for (i, &(lba, nlb)) in ranges.iter().enumerate() {
+                    let r = DsmRange {
+                        cattr: 0,
+                        nlb,
+                        slba: lba.0,
+                    };
+                    // SAFETY: at most 256 ranges of 16 bytes fill the slot's 4 KiB page, which
+                    // no command uses (the slot was free).
+                    unsafe { list.add(i).write_volatile(r) };
+                }
+                self.prp_list_iova(idx)
             }
-            prp1 = self.prp_list_iova(idx);
-        }
+        };
         let s = self.slot(idx);
         s.opcode = opcode;
         s.flags = flags;
@@ -346,7 +344,8 @@ impl<T> QueuePair<T> {
             _ => return Err((out_of_range(ns, lba, blocks as u64), ctx)),
         }
         let cdw12 = (blocks - 1) | flags.cdw12();
-        self.submit_simple(io::WRITE_ZEROES, ns.nsid(), lba.0, cdw12, None, ctx, sflags)
+        let data = SimpleData::None;
+        self.submit_simple(io::WRITE_ZEROES, ns.nsid(), lba.0, cdw12, data, ctx, sflags)
     }
 
     pub(super) fn submit_deallocate(
@@ -371,7 +370,7 @@ impl<T> QueuePair<T> {
             ns.nsid(),
             cdw10_11,
             0,
-            Some(ranges),
+            SimpleData::Ranges(ranges),
             ctx,
             sflags,
         )
@@ -411,13 +410,12 @@ impl<T> QueuePair<T> {
             }
         }
         let cdw10_11 = (n as u64 - 1) | (DSM_AD as u64) << 32;
-        self.submit_simple_at(
+        self.submit_simple(
             io::DATASET_MANAGEMENT,
             ns.nsid(),
             cdw10_11,
             0,
-            None,
-            list.iova.0,
+            SimpleData::At(list.iova.0),
             ctx,
             sflags,
         )
@@ -519,24 +517,27 @@ impl<T: DmaOwner> QueuePair<T> {
         ctx: T,
     ) -> core::result::Result<(), Rejected<T>> {
         let list = ctx.dma_slice();
-        let cache = &mut self.chunk_cache;
-        match self
-            .dma
-            .translate_cached(cache, list.ptr.as_ptr(), list.len)
-        {
-            Some(iova) if iova == list.iova && list.len > 0 => {}
-            _ => {
-                return Err(Rejected {
-                    error: Error::NotDmaMemory {
-                        ptr: list.ptr.as_ptr() as usize,
-                        len: list.len,
-                    },
-                    ctx,
-                });
-            }
+        if let Err(error) = self.check_owned(&list) {
+            return Err(Rejected { error, ctx });
         }
         self.submit_deallocate_list(ns, list, Some(ctx), F_HOLDS)
             .map_err(rejected)
+    }
+}
+
+impl<T> QueuePair<T> {
+    /// Checks that a context's memory lies in this controller's DMA memory at the IOVA it
+    /// claims.
+    #[inline(always)]
+    pub(super) fn check_owned(&mut self, s: &crate::bus::dma::DmaSlice) -> Result<(), Error> {
+        let cache = &mut self.chunk_cache;
+        match self.dma.translate_cached(cache, s.ptr.as_ptr(), s.len) {
+            Some(iova) if iova == s.iova => Ok(()),
+            _ => Err(Error::NotDmaMemory {
+                ptr: s.ptr.as_ptr() as usize,
+                len: s.len,
+            }),
+        }
     }
 }
 

@@ -279,16 +279,6 @@ fn overlapping_commands_in_flight_on_a_poller_wait_their_turn() {
     )
 }
 
-/// Commands with `opcode` the emulated controller fetched on its I/O queues.
-fn device_commands(emu: &EmulatedController, opcode: u8) -> u64 {
-    emu.stats()
-        .commands
-        .iter()
-        .filter(|((q, op), _)| *q != 0 && *op == opcode)
-        .map(|(_, n)| n)
-        .sum()
-}
-
 /// A Dataset Management range list: `(first LBA, blocks)` as the host sends it.
 fn dsm_ranges(ranges: &[(u64, u32)]) -> Vec<u8> {
     let mut v = vec![0u8; ranges.len() * 16];
@@ -336,7 +326,7 @@ fn flush_write_zeroes_and_deallocate_reach_the_backing_controller() {
                 let mut q = c.io_queue(32).expect("I/O queue");
                 let data = pattern(5, 64 * 512);
                 q.write(1, 100, data.clone(), 512).expect("write");
-                let count = |op| device_commands(&emu, op);
+                let count = |op| emu.stats().io_commands_with(op);
                 let (w0, z0, d0, f0) = (
                     count(opc::WRITE),
                     count(opc::WRITE_ZEROES),
