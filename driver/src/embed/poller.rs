@@ -1207,7 +1207,9 @@ impl Local {
     /// Count a request of the owner thread that holds its range lock until the guard drops.
     /// A request started meanwhile on this thread runs inside a poll of that one (a callback
     /// its wait ran), and must not wait for a range: the holder, below it on the same stack,
-    /// cannot go on until it returns.
+    /// cannot go on until it returns. Such a request only tries the lock, and is refused if it
+    /// is taken, even by an asynchronous request in flight that a poll would have freed (the
+    /// lock does not say who holds a stripe).
     pub(crate) fn hold(&self) -> StackHold<'_> {
         self.holding.fetch_add(1, Ordering::Relaxed);
         StackHold(&self.holding)
