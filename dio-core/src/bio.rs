@@ -15,6 +15,12 @@ pub enum BioOp {
     /// Write zeroes (no segment): covers freshly allocated blocks whose data could not be
     /// DMA-mapped.
     WriteZeroes,
+    /// Deallocate (Dataset Management): the segment holds the device's range list
+    /// ([`DioCore::submit_commands`](crate::DioCore::submit_commands) only).
+    Deallocate,
+    /// Flush the device's volatile write cache (no segment;
+    /// [`DioCore::submit_commands`](crate::DioCore::submit_commands) only).
+    Flush,
 }
 
 /// One device command. Owns a reference on its request; [`Bio::complete`] consumes it, so an
@@ -45,7 +51,7 @@ impl<B: IoBuf> Bio<B> {
     pub fn len(&self) -> u64 {
         self.len
     }
-    /// True for a zero-length bio (never built by dio-core).
+    /// True for a zero-length bio (built by dio-core only for a Flush).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -10,6 +10,10 @@ use crate::pool::Pool;
 use crate::request::{DioRequest, Dir, IoBuf, Mode, Outcome};
 use crate::sync::Arc;
 
+mod commands;
+
+pub use commands::Command;
+
 /// What to do when the device's request pool is exhausted (§3.10).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum QueueFullPolicy {

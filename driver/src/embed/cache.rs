@@ -120,6 +120,42 @@ pub struct CacheStats {
     pub dir_locks: u64,
 }
 
+/// A pinned frame's buffer: in its mutex, or out for device I/O (`None`). The mutex is held only
+/// to copy or to move the buffer, never across I/O.
+struct Frame<'a>(&'a Mutex<Option<DmaBuffer>>);
+
+impl Frame<'_> {
+    /// Take the buffer out for I/O. Out already: a request in progress on this page below us
+    /// on this thread's stack (a callback run by its I/O's poll): refused, as waiting would
+    /// never end.
+    fn take(&self) -> Result<DmaBuffer, DioError> {
+        lock(self.0).take().ok_or_else(busy)
+    }
+
+    /// Put the buffer back after I/O.
+    fn put(&self, buf: DmaBuffer) {
+        *lock(self.0) = Some(buf);
+    }
+
+    /// Copy `out.len()` bytes from `at` (refused like [`take`](Self::take) if the buffer is out).
+    fn read(&self, at: usize, out: &mut [u8]) -> Result<(), DioError> {
+        let d = lock(self.0);
+        let b = d.as_ref().ok_or_else(busy)?;
+        out.copy_from_slice(&b.as_slice()[at..at + out.len()]);
+        Ok(())
+    }
+}
+
+#[cold]
+fn busy() -> DioError {
+    log::error!(
+        "page cache: a page is used by a request that runs inside the I/O of another request on \
+         the same page (a callback run by a poll of this thread); refused instead of waiting \
+         for it forever"
+    );
+    DioError::Invalid
+}
+
 /// A bounded page cache shared by the files of one controller.
 pub struct PageCache {
     dir: Mutex<Directory>,
@@ -239,37 +275,54 @@ impl PageCache {
         }
     }
 
-    /// Run `f` on the data of page `page` of `file`, filling it from the device first when it
-    /// is not cached and `fill` is true. `f` returns whether the page must be dropped.
+    /// Run `f` on frame `fi` of page `page` of `file`, filling it from the device first when
+    /// it is not cached and `fill` is true. `f` returns whether the page must be dropped.
+    ///
+    /// No frame mutex is held across device I/O (which may poll, and so run callbacks that
+    /// use the cache on this very thread): the frame is pinned, its buffer taken out for the
+    /// I/O and put back after. Whoever finds a frame's buffer out meets a request in progress on
+    /// that page below it on its own stack (the file's range lock keeps other threads out):
+    /// [`Frame::take`] refuses rather than wait for it forever.
     fn with_page<R>(
         &self,
         file: &Arc<CacheFile>,
         page: u64,
         fill: bool,
         io: &dyn PageIo,
-        f: impl FnOnce(&mut Option<DmaBuffer>) -> (R, bool),
+        f: impl FnOnce(&Frame<'_>) -> Result<(R, bool), DioError>,
     ) -> Result<R, DioError> {
         let key = (file.id, page);
         let (fi, valid) = self.pin(key);
-        let mut data = lock(&self.frames[fi]);
+        let frame = Frame(&self.frames[fi]);
         if !valid {
             if fill {
-                let buf = data.take().expect("frame buffer present");
-                let (r, buf) = io.read_page(page * PAGE, buf);
-                *data = Some(buf);
-                lock_dir(&self.dir).stats.fills += 1;
+                // Not published yet: nobody else can reach this frame.
+                let r = match frame.take() {
+                    Ok(buf) => {
+                        let (r, buf) = io.read_page(page * PAGE, buf);
+                        frame.put(buf);
+                        lock_dir(&self.dir).stats.fills += 1;
+                        r
+                    }
+                    Err(e) => Err(e),
+                };
                 if let Err(e) = r {
-                    drop(data);
                     self.unpin(fi, false);
                     return Err(e);
                 }
             }
             self.publish(file, key, fi);
         }
-        let (r, drop_page) = f(&mut data);
-        drop(data);
-        self.unpin(fi, drop_page);
-        Ok(r)
+        match f(&frame) {
+            Ok((r, drop_page)) => {
+                self.unpin(fi, drop_page);
+                Ok(r)
+            }
+            Err(e) => {
+                self.unpin(fi, false);
+                Err(e)
+            }
+        }
     }
 
     /// Copy `[off, off + out.len())` of `file` into `out`.
@@ -286,10 +339,9 @@ impl PageCache {
             let page = pos / PAGE;
             let in_page = (pos % PAGE) as usize;
             let n = (PAGE as usize - in_page).min(out.len() - done);
-            self.with_page(file, page, true, io, |d| {
-                let b = d.as_ref().expect("frame buffer present");
-                out[done..done + n].copy_from_slice(&b.as_slice()[in_page..in_page + n]);
-                ((), false)
+            self.with_page(file, page, true, io, |frame| {
+                frame.read(in_page, &mut out[done..done + n])?;
+                Ok(((), false))
             })?;
             done += n;
         }
@@ -313,14 +365,14 @@ impl PageCache {
             let in_page = (pos % PAGE) as usize;
             let n = (PAGE as usize - in_page).min(data.len() - done);
             let whole = n == PAGE as usize;
-            let wr = self.with_page(file, page, !whole, io, |d| {
-                let mut b = d.take().expect("frame buffer present");
+            let wr = self.with_page(file, page, !whole, io, |frame| {
+                let mut b = frame.take()?;
                 b.as_mut_slice()[in_page..in_page + n].copy_from_slice(&data[done..done + n]);
                 let blocks = (in_page / bs * bs)..(in_page + n).div_ceil(bs) * bs;
                 let (r, b) = io.write_blocks(page * PAGE, b, blocks);
-                *d = Some(b);
+                frame.put(b);
                 let failed = r.is_err();
-                (r, failed)
+                Ok((r, failed))
             })?;
             lock_dir(&self.dir).stats.writes += 1;
             wr?;
@@ -377,7 +429,6 @@ impl PageCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::emulated::EmulatedChunkSource;
     use std::cell::RefCell;
 
     /// A device of 64 pages in a Vec, counting its reads and writes.
@@ -430,7 +481,7 @@ mod tests {
     }
 
     fn cache(pages: usize) -> PageCache {
-        let mem = DmaMemory::new(Box::new(EmulatedChunkSource::new()));
+        let mem = crate::bus::dma::test_memory();
         PageCache::new(&mem, pages).unwrap()
     }
 
@@ -532,5 +583,70 @@ mod tests {
             b[0], 0,
             "the failed write's bytes must not be served from the cache"
         );
+    }
+
+    /// A device whose writes first run a "callback" (as a run-to-completion poll does) that
+    /// reads the same page of the same file through the cache, on the same thread.
+    struct PollingIo<'a> {
+        dev: FakeIo,
+        cache: &'a PageCache,
+        file: Arc<CacheFile>,
+        /// What the nested reads got.
+        nested: RefCell<Vec<Result<(), DioError>>>,
+    }
+
+    impl PageIo for PollingIo<'_> {
+        fn read_page(&self, off: u64, buf: DmaBuffer) -> (Result<(), DioError>, DmaBuffer) {
+            self.dev.read_page(off, buf)
+        }
+        fn write_blocks(
+            &self,
+            off: u64,
+            buf: DmaBuffer,
+            range: Range<usize>,
+        ) -> (Result<(), DioError>, DmaBuffer) {
+            let r = self
+                .cache
+                .read(&self.file, &self.dev, off + 8, &mut [0u8; 16]);
+            self.nested.borrow_mut().push(r);
+            self.dev.write_blocks(off, buf, range)
+        }
+        fn block(&self) -> u64 {
+            self.dev.block()
+        }
+    }
+
+    /// The I/O of a write-through polls, and a callback it runs reads the very page being
+    /// written: refused at once (the frame's buffer is out for the I/O) instead of waiting
+    /// forever for the frame's mutex, which the request below it on this stack held.
+    #[test]
+    fn a_callback_run_by_a_pages_io_is_refused_not_deadlocked() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let c = cache(4);
+        let io = PollingIo {
+            dev: FakeIo::new(),
+            cache: &c,
+            file: CacheFile::new(1),
+            nested: RefCell::new(Vec::new()),
+        };
+        io.dev.disk.borrow_mut().fill(3);
+        let file = io.file.clone();
+        // A partial write (filled first), then a whole-page one.
+        c.write(&file, &io, PAGE + 100, &[9; 50]).unwrap();
+        c.write(&file, &io, 2 * PAGE, &[5; PAGE as usize]).unwrap();
+        let nested = io.nested.borrow().clone();
+        assert_eq!(nested, [Err(DioError::Invalid), Err(DioError::Invalid)]);
+        // Nothing was left pinned or out: the pages read back, and the cache is whole.
+        let mut back = [0u8; 200];
+        c.read(&file, &io, PAGE, &mut back).unwrap();
+        assert_eq!(&back[..100], &[3; 100]);
+        assert_eq!(&back[100..150], &[9; 50]);
+        c.read(&file, &io, 2 * PAGE, &mut back).unwrap();
+        assert_eq!(back, [5; 200]);
+        assert_eq!(c.cached(&file), 2);
+        let d = lock_dir(&c.dir);
+        assert!(d.meta.iter().all(|m| m.pins == 0), "a frame stayed pinned");
+        drop(d);
+        assert!(c.frames.iter().all(|f| lock(f).is_some()));
     }
 }

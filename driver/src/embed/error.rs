@@ -26,6 +26,27 @@ impl std::fmt::Display for Op {
     }
 }
 
+/// A maintenance operation of a [`BlockFile`](crate::BlockFile), for error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MaintOp {
+    /// Flush of the device's volatile write cache.
+    Flush,
+    /// Write Zeroes.
+    WriteZeroes,
+    /// Deallocate (Dataset Management).
+    Deallocate,
+}
+
+impl std::fmt::Display for MaintOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MaintOp::Flush => "flush",
+            MaintOp::WriteZeroes => "write zeroes",
+            MaintOp::Deallocate => "deallocate",
+        })
+    }
+}
+
 /// What went wrong, where, and what to do about it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -188,6 +209,52 @@ pub enum EmbedError {
         offset: u64,
         /// Bytes.
         len: u64,
+    },
+    /// A maintenance operation the controller does not offer.
+    #[error(
+        "{op} is not supported: {why}; check the controller's Identify data (ONCS) with the \
+         identify tool, or do without it"
+    )]
+    Unsupported {
+        /// Operation.
+        op: MaintOp,
+        /// What the controller lacks.
+        why: &'static str,
+    },
+    /// A maintenance operation with a range outside the file or not on block boundaries.
+    #[error(
+        "{op} of {len} bytes at offset {offset} refused: {why} (the file holds {capacity} bytes \
+         in blocks of {block_size})"
+    )]
+    MaintRange {
+        /// Operation.
+        op: MaintOp,
+        /// File offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Capacity in bytes.
+        capacity: u64,
+        /// Logical block size.
+        block_size: u64,
+        /// What is wrong and how to fix it.
+        why: &'static str,
+    },
+    /// A maintenance operation failed on the device or in dio-core.
+    #[error(
+        "{op} of {len} bytes at offset {offset} failed: {source}{}",
+        hint(source)
+    )]
+    Maint {
+        /// Operation.
+        op: MaintOp,
+        /// File offset (of the first range for a deallocate; 0 for a flush).
+        offset: u64,
+        /// Length (bytes of every range for a deallocate; 0 for a flush).
+        len: u64,
+        /// dio-core's error (`Io` carries the device status).
+        #[source]
+        source: DioError,
     },
     /// The instance is shutting down.
     #[error("Dioxide is shut down or shutting down; no new requests are accepted")]

@@ -13,11 +13,14 @@ pub(crate) mod poller;
 pub(crate) mod rangelock;
 pub(crate) mod sleep;
 
-use std::sync::mpsc::{Sender, channel};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crossbeam_queue::ArrayQueue;
+use crossbeam_utils::sync::{Parker, Unparker};
 use dio_core::Deferral;
 
 use crate::bus::dma::DmaBuffer;
@@ -58,9 +61,85 @@ impl std::fmt::Debug for Completions {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A thread of the appliance's that runs deferred completions in order.
+/// What a [`CompletionThread`] runs: a request's pooled final completion (dio-core's
+/// [`Deferred`](dio_core::Deferred), a pointer: no allocation) or a boxed job.
+enum Work {
+    Completion(dio_core::Deferred),
+    Job(Job),
+}
+
+impl Work {
+    fn run(self) {
+        match self {
+            Work::Completion(d) => d.run(),
+            Work::Job(j) => j(),
+        }
+    }
+}
+
+/// Completions a [`CompletionThread`] queues without allocating; more wait in an overflow list.
+const COMPLETION_RING: usize = 4096;
+
+/// What a [`CompletionThread`] shares with those that hand it work.
+struct CtShared {
+    /// The queue: lock-free, bounded, allocated once.
+    ring: ArrayQueue<Work>,
+    /// Work that found the ring full (allocates; run after the ring's).
+    overflow: Mutex<VecDeque<Work>>,
+    /// Producers between their check of `stop` and the end of their push.
+    active: AtomicUsize,
+    stop: AtomicBool,
+    unparker: Unparker,
+}
+
+impl CtShared {
+    fn lock_overflow(&self) -> std::sync::MutexGuard<'_, VecDeque<Work>> {
+        self.overflow.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue `w` (or run it here once the thread is stopping: nothing is lost).
+    fn push(&self, w: Work) {
+        // Dekker with `stop` (both SeqCst): either this push sees `stop` and runs the work
+        // itself, or the thread, which stores `stop` before it reads `active`, waits for this
+        // push to end and then drains the queue once more.
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if self.stop.load(Ordering::SeqCst) {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            w.run();
+            return;
+        }
+        if let Err(w) = self.ring.push(w) {
+            self.lock_overflow().push_back(w);
+        }
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        self.unparker.unpark();
+    }
+
+    /// Run everything queued; false if there was nothing.
+    fn drain(&self) -> bool {
+        let mut ran = false;
+        while let Some(w) = self.ring.pop() {
+            w.run();
+            ran = true;
+        }
+        loop {
+            let w = self.lock_overflow().pop_front();
+            let Some(w) = w else { break };
+            w.run();
+            ran = true;
+        }
+        ran
+    }
+}
+
+/// A thread of the appliance's that runs deferred completions, in the order they were handed
+/// over (unless more than 4096 wait at once: the excess runs after them).
+///
+/// A request's completion reaches it without an allocation ([`Deferral::defer_completion`]
+/// puts dio-core's pooled [`Deferred`](dio_core::Deferred) on a preallocated lock-free ring);
+/// the thread parks when there is nothing to run and is unparked by the next hand-over.
 pub struct CompletionThread {
-    tx: Mutex<Option<Sender<Job>>>,
+    shared: Arc<CtShared>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -73,24 +152,45 @@ impl std::fmt::Debug for CompletionThread {
 impl CompletionThread {
     /// Start the thread.
     pub fn spawn(name: &str) -> EmbedResult<Arc<CompletionThread>> {
-        let (tx, rx) = channel::<Box<dyn FnOnce() + Send>>();
+        let parker = Parker::new();
+        let shared = Arc::new(CtShared {
+            ring: ArrayQueue::new(COMPLETION_RING),
+            overflow: Mutex::new(VecDeque::new()),
+            active: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            unparker: parker.unparker().clone(),
+        });
+        let sh = shared.clone();
         let t = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                for job in rx {
-                    job();
+                loop {
+                    if sh.drain() {
+                        continue;
+                    }
+                    if sh.stop.load(Ordering::SeqCst) {
+                        while sh.active.load(Ordering::SeqCst) != 0 {
+                            std::thread::yield_now();
+                        }
+                        sh.drain();
+                        return;
+                    }
+                    // A hand-over after the drain left its token: no lost wake-up.
+                    parker.park();
                 }
             })
             .map_err(EmbedError::Spawn)?;
         Ok(Arc::new(CompletionThread {
-            tx: Mutex::new(Some(tx)),
+            shared,
             thread: Mutex::new(Some(t)),
         }))
     }
 
-    /// Run what is queued, then stop the thread.
+    /// Run what is queued, then stop the thread. Work handed over afterwards runs on the
+    /// caller's thread.
     pub fn stop(&self) {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.unparker.unpark();
         if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             if t.thread().id() != std::thread::current().id() {
                 let _ = t.join();
@@ -101,16 +201,11 @@ impl CompletionThread {
 
 impl Deferral for CompletionThread {
     fn defer(&self, job: Box<dyn FnOnce() + Send>) {
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match tx {
-            Some(tx) => {
-                if let Err(back) = tx.send(job) {
-                    (back.0)();
-                }
-            }
-            // Stopped: run it here rather than lose a completion.
-            None => job(),
-        }
+        self.shared.push(Work::Job(job));
+    }
+
+    fn defer_completion(&self, job: dio_core::Deferred) {
+        self.shared.push(Work::Completion(job));
     }
 }
 

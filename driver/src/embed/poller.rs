@@ -215,6 +215,9 @@ fn submit_one(
             let blocks = (bio.len() >> ns.block_shift()) as u32;
             q.write_zeroes(ns, lba, blocks, IoFlags::NONE, BioCtx(bio, waiter))
         }
+        // The maintenance commands of `BlockFile` (module `blockfile::maint`).
+        BioOp::Flush => q.flush(ns, BioCtx(bio, waiter)),
+        BioOp::Deallocate => q.deallocate_list(ns, BioCtx(bio, waiter)),
     };
     match r {
         Ok(()) => Ok(()),
@@ -1310,6 +1313,6 @@ impl Poller for LocalPoller {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "emulated"))]
 #[path = "poller_tests.rs"]
 mod tests;

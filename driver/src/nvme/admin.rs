@@ -287,6 +287,36 @@ impl Controller {
     pub fn identify_controller(&self) -> Result<IdentifyController> {
         self.with_admin(|q, sh| q.identify_controller(sh))
     }
+    /// WZSL (Write Zeroes Size Limit, a power of two in units of the minimum memory page
+    /// size; 0 = no limit) from the NVM command set's Identify Controller (CNS 06h), read now.
+    /// `None` when the controller does not offer that structure (before NVMe 1.4, or it
+    /// refused the command): then no limit is known beyond Write Zeroes' own 65536 blocks.
+    pub fn wzsl(&self) -> Option<u8> {
+        if self.version().0 < crate::spec::Vs::V1_4.0 {
+            return None;
+        }
+        let mut sqe = Sqe::identify(cns::CONTROLLER_CSI, 0, 0);
+        sqe.cdw11 = 0; // CSI 0: the NVM command set
+        let r = self.with_admin(|q, sh| {
+            q.read_data(
+                sh,
+                "Identify Controller (NVM command set)",
+                sqe,
+                IDENTIFY_LEN,
+            )
+            .map(|buf| page(&buf)[crate::spec::sqe::NVM_ID_WZSL])
+        });
+        match r {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::debug!(
+                    "{}: no NVM Identify Controller (CNS 06h): {e}",
+                    self.location()
+                );
+                None
+            }
+        }
+    }
     /// Identify Namespace for `nsid`, read now.
     pub fn identify_namespace(&self, nsid: Nsid) -> Result<IdentifyNamespace> {
         self.with_admin(|q, sh| q.identify_namespace(sh, nsid))

@@ -143,8 +143,8 @@ impl Ring {
         self.cq_db.ring(at.head as u32);
     }
 
-    /// The SQ, for tests that read what was submitted.
-    #[cfg(test)]
+    /// The SQ, for tests that read what was submitted (the queue pair tests, on the emulator).
+    #[cfg(all(test, feature = "emulated"))]
     pub(crate) fn sq_ptr(&self) -> *mut u64 {
         self.sq
     }
@@ -200,7 +200,7 @@ impl CqCursor {
     }
 
     /// The entry at the cursor, whatever its phase tag (for tests that post completions).
-    #[cfg(test)]
+    #[cfg(all(test, feature = "emulated"))]
     pub(crate) fn entry_ptr(&self) -> *mut u32 {
         // SAFETY: `head < entries`, inside the CQ.
         unsafe { self.cq.add(self.head as usize * 4).cast_mut() }

@@ -365,9 +365,12 @@ impl FileBackend {
                     nsid: ns.nsid(),
                     block_size: ns.block_size(),
                     blocks: ns.blocks(),
-                    // Written as a write of a zeroed buffer.
+                    // Always offered: the backing controller's Write Zeroes when it has them,
+                    // else writes of a zeroed buffer on the target's side (never zeroes over
+                    // the network).
                     write_zeroes: true,
-                    deallocate: false,
+                    // As the backing controller: Dataset Management (ONCS bit 2).
+                    deallocate: file.supports_deallocate(),
                 },
                 file,
             ));
@@ -388,28 +391,18 @@ const COMMAND_INTERRUPTED: u8 = 0x21;
 
 fn embed_status(e: &crate::EmbedError) -> Status {
     match e {
-        crate::EmbedError::Device { status, .. } => {
-            Status::new(Sct::from_bits(status.sct), status.sc)
+        crate::EmbedError::Device { status, .. }
+        | crate::EmbedError::Maint {
+            source: dio_core::DioError::Io(status),
+            ..
+        } => Status::new(Sct::from_bits(status.sct), status.sc),
+        crate::EmbedError::BeyondCapacity { .. } | crate::EmbedError::MaintRange { .. } => {
+            status(generic::LBA_OUT_OF_RANGE)
         }
-        crate::EmbedError::BeyondCapacity { .. } => status(generic::LBA_OUT_OF_RANGE),
+        crate::EmbedError::Unsupported { .. } => status(generic::INVALID_OPCODE),
         _ => status(generic::INTERNAL_ERROR),
     }
 }
-
-/// Write Zeroes on a [`BlockFile`]: writes of zeroed DMA buffers (zeroed at allocation) of at
-/// most [`ZERO_CHUNK`] bytes, one after the other, the next started from the completion of
-/// the previous; `done` completes after the last (or the first failure).
-fn write_zeroes(file: BlockFile, offset: u64, left: usize, done: IoCompletion) {
-    let n = left.min(ZERO_CHUNK);
-    let buf = match file.alloc(n) {
-        Ok(b) => IoBuffer::Dma(b),
-        Err(_) => return done.complete(status(generic::INTERNAL_ERROR), None),
-    };
-    start(file, Kind::Zeroes { left: left - n }, offset, n, buf, done);
-}
-
-/// Largest zeroed buffer of a Write Zeroes on a [`FileBackend`].
-const ZERO_CHUNK: usize = 128 * 1024;
 
 impl Backend for FileBackend {
     fn namespaces(&self) -> Vec<NsInfo> {
@@ -440,12 +433,22 @@ impl Backend for FileBackend {
                 };
                 start(file.clone(), kind, offset, len, buf, done);
             }
-            BackendOp::WriteZeroes => write_zeroes(file.clone(), offset, len, done),
-            // BlockFile writes are write-through to the device and complete only once the
-            // device completed them; the backend reports no volatile write cache, so Flush
-            // has nothing left to make durable.
-            BackendOp::Flush => done.complete(Status::SUCCESS, io.buf),
-            BackendOp::Deallocate(_) => done.complete(status(generic::INVALID_OPCODE), io.buf),
+            // BlockFile writes complete once the device completed them; Flush empties the
+            // backing controller's volatile write cache (at once when it has none).
+            BackendOp::Flush => {
+                start_maint(file.clone(), Maint::Flush, (done, io.buf));
+            }
+            BackendOp::WriteZeroes => {
+                let m = Maint::Zeroes(offset, len as u64);
+                start_maint(file.clone(), m, (done, io.buf));
+            }
+            BackendOp::Deallocate(ranges) => {
+                let r = ranges
+                    .iter()
+                    .map(|&(slba, n)| slba * bs..(slba + n as u64) * bs)
+                    .collect();
+                start_maint(file.clone(), Maint::Deallocate(r), (done, io.buf));
+            }
         }
     }
 
@@ -489,6 +492,73 @@ impl Backend for FileBackend {
             }
         }
     }
+
+    fn volatile_write_cache(&self) -> bool {
+        self.files.iter().any(|(_, f)| f.has_volatile_write_cache())
+    }
+}
+
+/// A completion kept in a cell shared with a callback: whoever takes it first owns it (the
+/// callback when the request ran, the submitter when it was refused).
+type Cell<T> = Arc<std::sync::Mutex<Option<T>>>;
+
+fn take<T>(cell: &Cell<T>) -> Option<T> {
+    cell.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// A refusal that only means "overlaps a request in flight, try again later".
+fn overlaps(e: &crate::EmbedError) -> bool {
+    matches!(e, crate::EmbedError::WouldBlockOnPoller { why, .. } if why.contains("overlaps"))
+}
+
+/// A Flush, Write Zeroes or Deallocate on a [`BlockFile`].
+enum Maint {
+    Flush,
+    /// Byte offset and length.
+    Zeroes(u64, u64),
+    /// Byte ranges (block aligned: from the command's LBAs).
+    Deallocate(Vec<std::ops::Range<u64>>),
+}
+
+/// The completion of a command and its buffer (a Deallocate's range list), handed back.
+type MaintDone = (IoCompletion, Option<IoBuffer>);
+
+thread_local! {
+    /// The maintenance commands of this (poller) thread waiting for an overlapping request.
+    static PENDING_MAINT: std::cell::RefCell<std::collections::VecDeque<(BlockFile, Maint, MaintDone)>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+/// Starts a maintenance command; false if it overlapped a request in flight and waits in
+/// [`PENDING_MAINT`].
+fn start_maint(file: BlockFile, m: Maint, done: MaintDone) -> bool {
+    // As in `start`: the completion comes back out of the cell if the command is refused.
+    let cell: Cell<MaintDone> = Arc::new(std::sync::Mutex::new(Some(done)));
+    let in_cb = cell.clone();
+    let cb = move |r: crate::EmbedResult<()>| {
+        if let Some((done, buf)) = take(&in_cb) {
+            let st = match &r {
+                Ok(()) => Status::SUCCESS,
+                Err(e) => embed_status(e),
+            };
+            done.complete(st, buf);
+        }
+    };
+    let r = match &m {
+        Maint::Flush => file.submit_flush(cb),
+        Maint::Zeroes(offset, len) => file.submit_write_zeroes(*offset, *len, cb),
+        Maint::Deallocate(ranges) => file.submit_deallocate(ranges, cb),
+    };
+    let Err(error) = r else { return true };
+    let Some(done) = take(&cell) else { return true };
+    if overlaps(&error) {
+        PENDING_MAINT.with(|p| p.borrow_mut().push_back((file, m, done)));
+        return false;
+    }
+    log::warn!("nvmf: a maintenance command was refused: {error}");
+    let (done, buf) = done;
+    done.complete(embed_status(&error), buf);
+    true
 }
 
 /// What one request to a [`BlockFile`] does for a command.
@@ -496,10 +566,6 @@ impl Backend for FileBackend {
 enum Kind {
     Read,
     Write,
-    /// One zeroed chunk of a Write Zeroes; `left` bytes follow it.
-    Zeroes {
-        left: usize,
-    },
 }
 
 /// A request a poller could not start because it overlaps one in flight (the file's range
@@ -532,12 +598,21 @@ pub(crate) fn retry_pending() -> usize {
             started += 1;
         }
     }
+    let n = PENDING_MAINT.with(|p| p.borrow().len());
+    for _ in 0..n {
+        let Some((file, m, done)) = PENDING_MAINT.with(|q| q.borrow_mut().pop_front()) else {
+            break;
+        };
+        if start_maint(file, m, done) {
+            started += 1;
+        }
+    }
     started
 }
 
 /// True if this thread has requests waiting for an overlapping one to finish.
 pub(crate) fn has_pending() -> bool {
-    PENDING.with(|p| !p.borrow().is_empty())
+    PENDING.with(|p| !p.borrow().is_empty()) || PENDING_MAINT.with(|p| !p.borrow().is_empty())
 }
 
 /// Starts a request on `file`; false if it overlapped a request in flight and waits in
@@ -552,35 +627,25 @@ fn start(
 ) -> bool {
     let req = match kind {
         Kind::Read => Request::read(offset, buf).with_len(len),
-        Kind::Write | Kind::Zeroes { .. } => Request::write(offset, buf).with_len(len),
+        Kind::Write => Request::write(offset, buf).with_len(len),
     };
-    let next = file.clone();
     // The completion goes into the callback, and comes back out of this cell if the request
     // is refused (the callback is then dropped unrun).
-    let cell = Arc::new(std::sync::Mutex::new(Some(done)));
+    let cell: Cell<IoCompletion> = Arc::new(std::sync::Mutex::new(Some(done)));
     let in_cb = cell.clone();
     let r = file.submit(req, move |c| {
-        let done = in_cb.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(done) = done else { return };
+        let Some(done) = take(&in_cb) else { return };
         let st = match &c.result {
             Ok(n) if *n == len => Status::SUCCESS,
             Ok(_) => status(generic::DATA_TRANSFER_ERROR),
             Err(e) => embed_status(e),
         };
-        match kind {
-            Kind::Zeroes { left } if left > 0 && st == Status::SUCCESS => {
-                write_zeroes(next, offset + len as u64, left, done)
-            }
-            Kind::Zeroes { .. } => done.complete(st, None),
-            Kind::Read | Kind::Write => done.complete(st, Some(c.buf)),
-        }
+        done.complete(st, Some(c.buf));
     });
     let Err(refused) = r else { return true };
-    let done = cell.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let Some(done) = done else { return true };
+    let Some(done) = take(&cell) else { return true };
     let Refused { error, buf } = *refused;
-    let overlaps = matches!(&error, crate::EmbedError::WouldBlockOnPoller { why, .. } if why.contains("overlaps"));
-    if overlaps {
+    if overlaps(&error) {
         PENDING.with(|p| {
             p.borrow_mut().push_back(Pending {
                 file,
@@ -594,10 +659,7 @@ fn start(
         return false;
     }
     log::warn!("nvmf: request at offset {offset} refused: {error}");
-    match kind {
-        Kind::Zeroes { .. } => done.complete(embed_status(&error), None),
-        Kind::Read | Kind::Write => done.complete(embed_status(&error), Some(buf)),
-    }
+    done.complete(embed_status(&error), Some(buf));
     true
 }
 

@@ -58,7 +58,14 @@ pub mod cns {
     pub const CONTROLLER: u32 = 0x01;
     /// Active namespace ID list (NSIDs greater than NSID).
     pub const ACTIVE_NAMESPACES: u32 = 0x02;
+    /// I/O command set specific Identify Controller data structure (CSI in CDW11 bits
+    /// 31:24; 0 is the NVM command set: VSL, WZSL, WUSL, DMRL, DMRSL, DMSL).
+    pub const CONTROLLER_CSI: u32 = 0x06;
 }
+
+/// Byte of WZSL (Write Zeroes Size Limit) in the NVM command set's Identify Controller
+/// ([`cns::CONTROLLER_CSI`], CSI 0).
+pub const NVM_ID_WZSL: usize = 1;
 
 /// Feature identifiers.
 pub mod fid {
@@ -296,7 +303,10 @@ pub struct DsmRange {
     pub slba: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<DsmRange>() == 16);
+/// Bytes of one [`DsmRange`].
+pub const DSM_RANGE_LEN: usize = 16;
+
+const _: () = assert!(core::mem::size_of::<DsmRange>() == DSM_RANGE_LEN);
 
 #[cfg(test)]
 mod tests {

@@ -11,9 +11,9 @@ use crate::spec::identify::{
     ERROR_LOG_ENTRY_LEN, FirmwareSlotLog, IDENTIFY_LEN, IdentifyController, IdentifyNamespace,
     LbaFormat, build_ns_list,
 };
-use crate::spec::sqe::{admin, cns, fid, lid};
+use crate::spec::sqe::{NVM_ID_WZSL, admin, cns, fid, lid};
 use crate::spec::status::{command_specific as cs, generic as g};
-use crate::spec::{Oacs, Oncs, SmartLog, Sqe, Status, Vs};
+use crate::spec::{Oacs, SmartLog, Sqe, Status, Vs};
 use crate::types::Iova;
 
 const fn ok(dw0: u32) -> Outcome {
@@ -99,6 +99,12 @@ impl Device {
                 let ids: Vec<u32> = (1..=self.namespaces.len() as u32).collect();
                 build_ns_list(&ids, sqe.nsid)
             }
+            // The NVM command set's (CSI 0): only WZSL is not zero.
+            cns::CONTROLLER_CSI if sqe.cdw11 >> 24 == 0 => {
+                let mut page = Box::new([0u8; IDENTIFY_LEN]);
+                page[NVM_ID_WZSL] = self.props.wzsl;
+                page
+            }
             _ => return fail(generic(g::INVALID_FIELD)),
         };
         self.to_host(sqe, &data[..], IDENTIFY_LEN, segs)
@@ -139,10 +145,10 @@ impl Device {
             cqes: 0x44,
             maxcmd: 0,
             nn: self.namespaces.len() as u32,
-            oncs: Oncs::DSM | Oncs::WRITE_ZEROES,
+            oncs: p.oncs,
             fuses: 0,
             fna: 0,
-            vwc: 1,
+            vwc: u8::from(p.vwc),
             awun: 0,
             awupf: 0,
             sgls: 0,

@@ -112,6 +112,9 @@ pub(crate) struct Props {
     pub serial: String,
     pub model: String,
     pub firmware: String,
+    pub oncs: crate::spec::Oncs,
+    pub vwc: bool,
+    pub wzsl: u8,
 }
 
 /// The emulated NVMe controller's state, shared by the bus front end, the doorbells and the
@@ -441,12 +444,8 @@ impl Device {
         if idx % 2 == 0 {
             let slot = &self.sqs[qid as usize];
             slot.doorbells.fetch_add(1, Ordering::Relaxed);
-            let size = slot.size.load(Ordering::Acquire);
-            if size == 0 {
-                return self.bad_doorbell(AEI_INVALID_DOORBELL_REGISTER);
-            }
-            if v >= size {
-                return self.bad_doorbell(AEI_INVALID_DOORBELL_VALUE);
+            if !self.doorbell_fits(slot.size.load(Ordering::Acquire), v) {
+                return;
             }
             slot.doorbell.store(v, Ordering::Release);
             if !self.props.threaded {
@@ -458,12 +457,8 @@ impl Device {
         } else {
             let slot = &self.cqs[qid as usize];
             slot.doorbells.fetch_add(1, Ordering::Relaxed);
-            let size = slot.size.load(Ordering::Acquire);
-            if size == 0 {
-                return self.bad_doorbell(AEI_INVALID_DOORBELL_REGISTER);
-            }
-            if v >= size {
-                return self.bad_doorbell(AEI_INVALID_DOORBELL_VALUE);
+            if !self.doorbell_fits(slot.size.load(Ordering::Acquire), v) {
+                return;
             }
             slot.doorbell.store(v, Ordering::Release);
             if !self.props.threaded {
@@ -474,6 +469,20 @@ impl Device {
                     self.tick_pending(false);
                 }
             }
+        }
+    }
+
+    /// True if `v` is a valid doorbell value for a queue of `size` entries (0: no such queue);
+    /// otherwise the write is reported as invalid ([`bad_doorbell`](Self::bad_doorbell)).
+    fn doorbell_fits(&self, size: u32, v: u32) -> bool {
+        if size == 0 {
+            self.bad_doorbell(AEI_INVALID_DOORBELL_REGISTER);
+            false
+        } else if v >= size {
+            self.bad_doorbell(AEI_INVALID_DOORBELL_VALUE);
+            false
+        } else {
+            true
         }
     }
 

@@ -11,7 +11,7 @@ use super::device::{Device, Outcome, generic};
 use super::prp::Seg;
 use crate::spec::sqe::{DSM_AD, RW_FUA, io};
 use crate::spec::status::{generic as g, media};
-use crate::spec::{Sct, Sqe, Status};
+use crate::spec::{Oncs, Sct, Sqe, Status};
 
 /// Broadcast NSID (Flush of every namespace).
 const NSID_ALL: u32 = 0xffff_ffff;
@@ -30,6 +30,13 @@ impl Device {
             op,
             io::READ | io::WRITE | io::FLUSH | io::WRITE_ZEROES | io::DATASET_MANAGEMENT
         ) {
+            return done(generic(g::INVALID_OPCODE));
+        }
+        // The optional commands exist only as Identify Controller's ONCS says.
+        let oncs = self.props.oncs;
+        if (op == io::WRITE_ZEROES && !oncs.contains(Oncs::WRITE_ZEROES))
+            || (op == io::DATASET_MANAGEMENT && !oncs.contains(Oncs::DSM))
+        {
             return done(generic(g::INVALID_OPCODE));
         }
         if op == io::FLUSH && sqe.nsid == NSID_ALL {
@@ -87,6 +94,11 @@ impl Device {
             io::WRITE_ZEROES => {
                 let blocks = sqe.nlb() as u64 + 1;
                 let slba = sqe.slba();
+                // WZSL, in units of the minimum memory page size (4 KiB here).
+                let wzsl = self.props.wzsl;
+                if wzsl != 0 && blocks << ns.shift > 4096u64 << wzsl.min(40) {
+                    return done(generic(g::INVALID_FIELD));
+                }
                 if slba.checked_add(blocks).is_none_or(|e| e > ns.blocks) {
                     return done(generic(g::LBA_OUT_OF_RANGE));
                 }

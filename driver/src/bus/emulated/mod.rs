@@ -64,7 +64,7 @@ pub use stats::Stats;
 
 use crate::bus::dma::DmaMemory;
 use crate::bus::{Bus, Doorbell, PciId};
-use crate::spec::Cap;
+use crate::spec::{Cap, Oncs};
 use device::{Device, Props};
 use namespace::Namespace;
 
@@ -177,6 +177,14 @@ pub struct EmulatedConfig {
     pub model: String,
     /// Firmware revision.
     pub firmware: String,
+    /// ONCS: the optional NVM commands offered (Write Zeroes and Dataset Management are
+    /// implemented; one left out is refused with Invalid Command Opcode).
+    pub oncs: Oncs,
+    /// VWC bit 0: a volatile write cache (Flush is accepted either way).
+    pub vwc: bool,
+    /// WZSL of the NVM command set's Identify Controller (CNS 06h): Write Zeroes of more than
+    /// `4 KiB << wzsl` are refused with Invalid Field; 0 = no limit.
+    pub wzsl: u8,
 }
 
 impl Default for EmulatedConfig {
@@ -195,6 +203,9 @@ impl Default for EmulatedConfig {
             serial: "DIOXIDE-EMU-0001".into(),
             model: "Dioxide Emulated NVMe Controller".into(),
             firmware: "1.0".into(),
+            oncs: Oncs::DSM | Oncs::WRITE_ZEROES,
+            vwc: true,
+            wzsl: 0,
         }
     }
 }
@@ -294,6 +305,9 @@ impl EmulatedController {
             serial: config.serial,
             model: config.model,
             firmware: config.firmware,
+            oncs: config.oncs,
+            vwc: config.vwc,
+            wzsl: config.wzsl,
         };
         let dma = DmaMemory::new(Box::new(EmulatedChunkSource::new()));
         let dev = Arc::new(Device::new(dma, props, namespaces));

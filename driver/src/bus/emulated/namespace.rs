@@ -262,28 +262,21 @@ impl Namespace {
                     while done < s.len {
                         // SAFETY: `s` is a translated DMA segment of `s.len` bytes; the kernel
                         // writes into it like a device would, and no reference to it exists.
-                        let r = unsafe {
+                        let r = retry_eintr(|| unsafe {
                             libc::pread(
                                 f.as_raw_fd(),
                                 s.ptr.as_ptr().add(done).cast(),
                                 s.len - done,
                                 (off + done as u64) as libc::off_t,
                             )
-                        };
-                        if r < 0 {
-                            let e = std::io::Error::last_os_error();
-                            if e.kind() == std::io::ErrorKind::Interrupted {
-                                continue;
-                            }
-                            return Err(e);
-                        }
+                        })?;
                         if r == 0 {
                             // Past the end of a file shortened behind our back: zeroes.
                             // SAFETY: as above.
                             unsafe { s.ptr.as_ptr().add(done).write_bytes(0, s.len - done) };
                             break;
                         }
-                        done += r as usize;
+                        done += r;
                     }
                     off += s.len as u64;
                 }
@@ -364,27 +357,35 @@ unsafe fn write_all_at(f: &File, ptr: *const u8, len: usize, off: u64) -> std::i
     let mut done = 0;
     while done < len {
         // SAFETY: `len` bytes at `ptr` are readable (contract of this function).
-        let r = unsafe {
+        let r = retry_eintr(|| unsafe {
             libc::pwrite(
                 f.as_raw_fd(),
                 ptr.add(done).cast(),
                 len - done,
                 (off + done as u64) as libc::off_t,
             )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        })?;
         if r == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
         }
-        done += r as usize;
+        done += r;
     }
     Ok(())
+}
+
+/// Calls a `pread`/`pwrite`-like system call again while it fails with EINTR; the bytes it
+/// moved, or its error.
+fn retry_eintr(mut call: impl FnMut() -> isize) -> std::io::Result<usize> {
+    loop {
+        let r = call();
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,14 @@ impl Stats {
     pub fn commands_with(&self, qid: u16, opcode: u8) -> u64 {
         self.commands.get(&(qid, opcode)).copied().unwrap_or(0)
     }
+    /// Commands with `opcode` fetched on the I/O queues (every queue but 0).
+    pub fn io_commands_with(&self, opcode: u8) -> u64 {
+        self.commands
+            .iter()
+            .filter(|((q, op), _)| *q != 0 && *op == opcode)
+            .map(|(_, n)| n)
+            .sum()
+    }
     /// Commands fetched on the I/O queues (every queue but 0).
     pub fn io_commands(&self) -> u64 {
         self.commands

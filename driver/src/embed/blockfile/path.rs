@@ -274,10 +274,7 @@ impl BlockFile {
         let bs = inner.block;
         let size = inner.state().size_now();
         // On a poller thread nothing may wait: only what dio-core can queue at once.
-        let on_poller = match &inner.engine {
-            EngineRef::Pooled(p) => p.on_poller(),
-            EngineRef::Local(_) => false,
-        };
+        let on_poller = inner.engine.on_poller();
         if on_poller {
             let why = if matches!(reply, Reply::Sync) {
                 Some("a synchronous call")

@@ -55,6 +55,8 @@
 mod complete;
 mod recovery;
 mod submit;
+
+use submit::SimpleData;
 #[cfg(all(test, feature = "emulated"))]
 mod tests;
 
@@ -696,7 +698,7 @@ impl<T> QueuePair<T> {
 
     /// Submits a Flush of namespace `ns`.
     pub fn flush(&mut self, ns: &Namespace, ctx: T) -> core::result::Result<(), Rejected<T>> {
-        self.submit_simple(io::FLUSH, ns.nsid(), 0, 0, None, Some(ctx), 0)
+        self.submit_simple(io::FLUSH, ns.nsid(), 0, 0, SimpleData::None, Some(ctx), 0)
             .map_err(rejected)
     }
 
@@ -778,7 +780,8 @@ impl<T> QueuePair<T> {
 
     /// Flushes namespace `ns` and waits.
     pub fn flush_blocking(&mut self, ns: &Namespace) -> Result<IoDone> {
-        self.run_blocking(|q| q.submit_simple(io::FLUSH, ns.nsid(), 0, 0, None, None, F_SYNC))
+        let none = SimpleData::None;
+        self.run_blocking(|q| q.submit_simple(io::FLUSH, ns.nsid(), 0, 0, none, None, F_SYNC))
     }
 
     /// Write Zeroes and wait.
@@ -976,18 +979,8 @@ impl<T: DmaOwner> QueuePair<T> {
         ctx: T,
     ) -> core::result::Result<(), Rejected<T>> {
         let buf = ctx.dma_slice();
-        let cache = &mut self.chunk_cache;
-        match self.dma.translate_cached(cache, buf.ptr.as_ptr(), buf.len) {
-            Some(iova) if iova == buf.iova => {}
-            _ => {
-                return Err(Rejected {
-                    error: Error::NotDmaMemory {
-                        ptr: buf.ptr.as_ptr() as usize,
-                        len: buf.len,
-                    },
-                    ctx,
-                });
-            }
+        if let Err(error) = self.check_owned(&buf) {
+            return Err(Rejected { error, ctx });
         }
         let cdw12 = flags.cdw12();
         self.submit_data(

@@ -4,12 +4,28 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Cmd, F_CTX, F_HOLDS, F_SYNC, IN_FLIGHT, IoFlags, NIL, PARENT, QueuePair, WAITING};
+use super::{
+    Cmd, DmaOwner, F_CTX, F_HOLDS, F_SYNC, IN_FLIGHT, IoFlags, NIL, PARENT, QueuePair, Rejected,
+    WAITING, rejected,
+};
 use crate::nvme::error::{DeadReason, Error};
 use crate::nvme::namespace::Namespace;
 use crate::nvme::prp;
+use crate::spec::sqe::DSM_RANGE_LEN;
 use crate::spec::sqe::{DSM_AD, DsmRange, io};
 use crate::types::{Iova, Lba, Nsid};
+
+/// The data of a command without a data transfer of its own (Flush, Write Zeroes, Dataset
+/// Management).
+#[derive(Clone, Copy)]
+pub(super) enum SimpleData<'a> {
+    /// None.
+    None,
+    /// Dataset Management ranges, copied into the slot's page.
+    Ranges(&'a [(Lba, u32)]),
+    /// At this IOVA (at most one page), in memory the command's context owns.
+    At(u64),
+}
 
 impl<T> QueuePair<T> {
     #[inline]
@@ -252,7 +268,7 @@ impl<T> QueuePair<T> {
         nsid: Nsid,
         cdw10_11: u64,
         cdw12: u32,
-        ranges: Option<&[(Lba, u32)]>,
+        data: SimpleData<'_>,
         ctx: Option<T>,
         flags: u8,
     ) -> core::result::Result<(), (Error, Option<T>)> {
@@ -262,21 +278,24 @@ impl<T> QueuePair<T> {
         let Some(idx) = self.pop_free() else {
             return Err((self.exhausted(1), ctx));
         };
-        let mut prp1 = 0;
-        if let Some(ranges) = ranges {
-            let list = self.prp_list(idx).cast::<DsmRange>();
-            for (i, &(lba, nlb)) in ranges.iter().enumerate() {
-                let r = DsmRange {
-                    cattr: 0,
-                    nlb,
-                    slba: lba.0,
-                };
-                // SAFETY: at most 256 ranges of 16 bytes fill the slot's 4 KiB page, which no
-                // command uses (the slot was free).
-                unsafe { list.add(i).write_volatile(r) };
+        let prp1 = match data {
+            SimpleData::None => 0,
+            SimpleData::At(iova) => iova,
+            SimpleData::Ranges(ranges) => {
+                let list = self.prp_list(idx).cast::<DsmRange>();
+                for (i, &(lba, nlb)) in ranges.iter().enumerate() {
+                    let r = DsmRange {
+                        cattr: 0,
+                        nlb,
+                        slba: lba.0,
+                    };
+                    // SAFETY: at most 256 ranges of 16 bytes fill the slot's 4 KiB page, which
+                    // no command uses (the slot was free).
+                    unsafe { list.add(i).write_volatile(r) };
+                }
+                self.prp_list_iova(idx)
             }
-            prp1 = self.prp_list_iova(idx);
-        }
+        };
         let s = self.slot(idx);
         s.opcode = opcode;
         s.flags = flags;
@@ -325,7 +344,8 @@ impl<T> QueuePair<T> {
             _ => return Err((out_of_range(ns, lba, blocks as u64), ctx)),
         }
         let cdw12 = (blocks - 1) | flags.cdw12();
-        self.submit_simple(io::WRITE_ZEROES, ns.nsid(), lba.0, cdw12, None, ctx, sflags)
+        let data = SimpleData::None;
+        self.submit_simple(io::WRITE_ZEROES, ns.nsid(), lba.0, cdw12, data, ctx, sflags)
     }
 
     pub(super) fn submit_deallocate(
@@ -350,7 +370,52 @@ impl<T> QueuePair<T> {
             ns.nsid(),
             cdw10_11,
             0,
-            Some(ranges),
+            SimpleData::Ranges(ranges),
+            ctx,
+            sflags,
+        )
+    }
+
+    /// Checks a Dataset Management range list in DMA memory (whole 16-byte ranges, 1 to
+    /// 256 of them, one page, inside the namespace) and submits a Deallocate of it.
+    fn submit_deallocate_list(
+        &mut self,
+        ns: &Namespace,
+        list: crate::bus::dma::DmaSlice,
+        ctx: Option<T>,
+        sflags: u8,
+    ) -> core::result::Result<(), (Error, Option<T>)> {
+        let n = list.len / DSM_RANGE_LEN;
+        if list.len % DSM_RANGE_LEN != 0 || n == 0 || n > 256 {
+            return Err((Error::BadRangeCount(n), ctx));
+        }
+        // One PRP entry: the list must not cross a page (dword alignment is the PRP rule).
+        if list.iova.0 & 3 != 0 || (list.iova.0 & 0xfff) + list.len as u64 > 0x1000 {
+            return Err((Error::Unaligned { iova: list.iova }, ctx));
+        }
+        for i in 0..n {
+            // SAFETY: `list` is a mapped DMA slice of `n * 16` bytes that the caller's context
+            // owns; range `i` lies inside it; an unaligned read needs no alignment.
+            let r = unsafe {
+                list.ptr
+                    .as_ptr()
+                    .add(i * DSM_RANGE_LEN)
+                    .cast::<DsmRange>()
+                    .read_unaligned()
+            };
+            let (slba, nlb) = (u64::from_le(r.slba), u32::from_le(r.nlb));
+            match slba.checked_add(nlb as u64) {
+                Some(end) if end <= ns.io_blocks() => {}
+                _ => return Err((out_of_range(ns, Lba(slba), nlb as u64), ctx)),
+            }
+        }
+        let cdw10_11 = (n as u64 - 1) | (DSM_AD as u64) << 32;
+        self.submit_simple(
+            io::DATASET_MANAGEMENT,
+            ns.nsid(),
+            cdw10_11,
+            0,
+            SimpleData::At(list.iova.0),
             ctx,
             sflags,
         )
@@ -436,6 +501,42 @@ impl<T> QueuePair<T> {
             if self.per_command {
                 self.ring_sq();
             }
+        }
+    }
+}
+
+/// Commands whose data the context owns.
+impl<T: DmaOwner> QueuePair<T> {
+    /// Submits a Dataset Management / Deallocate whose range list (16-byte
+    /// [`DsmRange`]s, little endian, 1 to 256, within one page) is the context's buffer, in
+    /// this controller's DMA memory. Like [`submit`](Self::submit), the context is handed back
+    /// only once the device has let go of the list.
+    pub fn deallocate_list(
+        &mut self,
+        ns: &Namespace,
+        ctx: T,
+    ) -> core::result::Result<(), Rejected<T>> {
+        let list = ctx.dma_slice();
+        if let Err(error) = self.check_owned(&list) {
+            return Err(Rejected { error, ctx });
+        }
+        self.submit_deallocate_list(ns, list, Some(ctx), F_HOLDS)
+            .map_err(rejected)
+    }
+}
+
+impl<T> QueuePair<T> {
+    /// Checks that a context's memory lies in this controller's DMA memory at the IOVA it
+    /// claims.
+    #[inline(always)]
+    pub(super) fn check_owned(&mut self, s: &crate::bus::dma::DmaSlice) -> Result<(), Error> {
+        let cache = &mut self.chunk_cache;
+        match self.dma.translate_cached(cache, s.ptr.as_ptr(), s.len) {
+            Some(iova) if iova == s.iova => Ok(()),
+            _ => Err(Error::NotDmaMemory {
+                ptr: s.ptr.as_ptr() as usize,
+                len: s.len,
+            }),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::*;
 use crate::emulated::{EmulatedConfig, EmulatedController, Mode, NamespaceConfig};
 use crate::nvmf::backend::FileBackend;
-use crate::nvmf::host::HostData;
+use crate::nvmf::host::{HostData, HostError};
 use crate::nvmf::target::TargetOptions;
 use crate::spec::Sqe;
 use crate::spec::sqe::io as opc;
@@ -275,6 +275,116 @@ fn overlapping_commands_in_flight_on_a_poller_wait_their_turn() {
             let reports = serving.stop(&dx, std::time::Duration::from_secs(30));
             assert_eq!(reports.iter().map(|r| r.stats.errors).sum::<u64>(), 0);
             dx.shutdown();
+        },
+    )
+}
+
+/// A Dataset Management range list: `(first LBA, blocks)` as the host sends it.
+fn dsm_ranges(ranges: &[(u64, u32)]) -> Vec<u8> {
+    let mut v = vec![0u8; ranges.len() * 16];
+    for (i, &(slba, n)) in ranges.iter().enumerate() {
+        v[i * 16 + 4..i * 16 + 8].copy_from_slice(&n.to_le_bytes());
+        v[i * 16 + 8..i * 16 + 16].copy_from_slice(&slba.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn flush_write_zeroes_and_deallocate_reach_the_backing_controller() {
+    watchdog(
+        "flush_write_zeroes_and_deallocate_reach_the_backing_controller",
+        test_watchdog::STRESS,
+        || {
+            use crate::spec::Oncs;
+            // (ONCS, VWC) of the backing controller: everything, then nothing.
+            for (oncs, vwc) in [
+                (Oncs::DSM | Oncs::WRITE_ZEROES, true),
+                (Oncs::empty(), false),
+            ] {
+                let emu = EmulatedController::new(EmulatedConfig {
+                    mode: Mode::Threaded,
+                    namespaces: vec![NamespaceConfig::memory(512, 16384)],
+                    oncs,
+                    vwc,
+                    ..EmulatedConfig::default()
+                })
+                .expect("emulated controller");
+                let dx = Dioxide::builder()
+                    .controller(Controller::new(emu.clone()).expect("bring-up"))
+                    .pollers([None, None])
+                    .build()
+                    .expect("dioxide");
+                let backend = Arc::new(FileBackend::new(&dx, 0).expect("file backend"));
+                let t = TestTarget::with_backend(backend, TargetOptions::default(), 2);
+                let mut c = connect(&t, ALL_DIGESTS[0]);
+                // Identify Controller follows the backing controller (Write Zeroes is always
+                // offered: the target zeroes on its side when the device cannot).
+                let id = c.identify().clone();
+                assert_eq!(id.oncs.contains(Oncs::DSM), oncs.contains(Oncs::DSM));
+                assert!(id.oncs.contains(Oncs::WRITE_ZEROES));
+                assert_eq!(id.vwc & 1 != 0, vwc);
+                let mut q = c.io_queue(32).expect("I/O queue");
+                let data = pattern(5, 64 * 512);
+                q.write(1, 100, data.clone(), 512).expect("write");
+                let count = |op| emu.stats().io_commands_with(op);
+                let (w0, z0, d0, f0) = (
+                    count(opc::WRITE),
+                    count(opc::WRITE_ZEROES),
+                    count(opc::DATASET_MANAGEMENT),
+                    count(opc::FLUSH),
+                );
+                // Flush: to the device only when it has a volatile write cache.
+                q.flush(1).expect("flush");
+                assert_eq!(count(opc::FLUSH) - f0, u64::from(vwc));
+                // Write Zeroes of 16 blocks: one device Write Zeroes, or one zeroed write.
+                q.run(
+                    "Write Zeroes",
+                    Sqe::write_zeroes(1, 108, 16, false),
+                    HostData::None,
+                )
+                .expect("write zeroes");
+                let native = oncs.contains(Oncs::WRITE_ZEROES);
+                assert_eq!(count(opc::WRITE_ZEROES) - z0, u64::from(native));
+                assert_eq!(count(opc::WRITE) - w0, u64::from(!native));
+                let mut model = data.clone();
+                model[8 * 512..24 * 512].fill(0);
+                // Deallocate two ranges in one command, or Invalid Opcode.
+                let r = q.run(
+                    "Deallocate",
+                    Sqe::dsm_deallocate(1, 2, 0),
+                    HostData::Out(dsm_ranges(&[(130, 4), (150, 10)])),
+                );
+                if oncs.contains(Oncs::DSM) {
+                    r.expect("deallocate");
+                    assert_eq!(count(opc::DATASET_MANAGEMENT) - d0, 1);
+                    model[30 * 512..34 * 512].fill(0);
+                    model[50 * 512..60 * 512].fill(0);
+                    // A range past the namespace: LBA Out of Range, nothing deallocated.
+                    let e = q
+                        .run(
+                            "Deallocate past the end",
+                            Sqe::dsm_deallocate(1, 2, 0),
+                            HostData::Out(dsm_ranges(&[(100, 1), (16383, 2)])),
+                        )
+                        .expect_err("past the namespace");
+                    let HostError::Status { status, .. } = e else {
+                        panic!("{e}")
+                    };
+                    assert_eq!(status.sc, crate::spec::status::generic::LBA_OUT_OF_RANGE);
+                    assert_eq!(count(opc::DATASET_MANAGEMENT) - d0, 1);
+                } else {
+                    let e = r.expect_err("no Dataset Management");
+                    let HostError::Status { status, .. } = e else {
+                        panic!("{e}")
+                    };
+                    assert_eq!(status.sc, crate::spec::status::generic::INVALID_OPCODE);
+                    assert_eq!(count(opc::DATASET_MANAGEMENT) - d0, 0);
+                }
+                assert_eq!(q.read(1, 100, 64, 512).expect("read back"), model);
+                c.shutdown().expect("shutdown");
+                t.stop();
+                dx.shutdown();
+            }
         },
     )
 }
