@@ -134,14 +134,18 @@ impl<B: IoBuf> DioCore<B> {
     /// one (warm-up, or the pool is empty).
     #[inline(always)]
     fn state(&self, dir: Dir, offset: u64, i_size: u64) -> Arc<DioShared<B>> {
-        if let Some(mut dio) = self.pool.pop() {
+        // The hot slot's state first, then (if a completer still held that one) the oldest.
+        for _ in 0..2 {
+            let Some(mut dio) = self.pool.pop() else {
+                break;
+            };
             if let Some(d) = Arc::get_mut(&mut dio) {
                 d.reuse(dir, offset, i_size);
                 return dio;
             }
             // A completer has dropped its count but not yet its `Arc`: keep the state for
             // later rather than wait.
-            DioShared::recycle(dio, &self.pool);
+            self.pool.push_cold(dio);
         }
         let mut d = DioShared::new(
             self.end_io.clone(),
@@ -272,25 +276,30 @@ impl<B: IoBuf> DioCore<B> {
             && w.handled > 0
             && (dir == Dir::Read || w.handled == len);
         // 7–8. Drain unless queued; final drop.
-        let payload = Payload { buf, completion };
-        let Some((dio, fin)) = DioShared::submitter_done(dio, queued, w, payload, &self.cfg.wait)
-        else {
-            return Outcome::Queued;
+        let (dio, io_error, buf, completion) = if queued {
+            let payload = Payload { buf, completion };
+            let Some((dio, fin)) = DioShared::submitter_queue(dio, w.handled, payload) else {
+                return Outcome::Queued;
+            };
+            // Every bio completed before the drop: the submitter owns the request again.
+            (dio, fin.io_error, fin.payload.buf, fin.payload.completion)
+        } else {
+            let io_error = dio.submitter_wait(&self.cfg.wait, w.bios);
+            (dio, io_error, buf, completion)
         };
-        let handled = fin.walk.handled;
-        let (result, p) = dio.resolve(fin);
+        let result = dio.resolve(&w, io_error);
         DioShared::recycle(dio, &self.pool);
-        if dir == Dir::Write && result.is_ok() && handled < len {
+        if dir == Dir::Write && result.is_ok() && w.handled < len {
             Outcome::Fallback {
-                done: handled,
-                buf: p.buf,
-                completion: p.completion,
+                done: w.handled,
+                buf,
+                completion,
             }
         } else {
             Outcome::Done {
                 result,
-                buf: p.buf,
-                completion: p.completion,
+                buf,
+                completion,
             }
         }
     }
@@ -313,6 +322,7 @@ impl<B: IoBuf> DioCore<B> {
         };
         loop {
             let Err(Rejected { bio: back, why }) = self.sink.submit(bio) else {
+                w.bios += 1;
                 return true;
             };
             let in_flight = dio.undo_ref();
