@@ -171,6 +171,8 @@ impl<B: IoBuf> DioCore<B> {
             force_wait,
         } = req;
         let align = self.cfg.align;
+        // `align` is a power of two (checked in `new`): masks instead of divisions.
+        let mask = align - 1;
         // 1. Validate before any state.
         let Some(end) = offset.checked_add(len) else {
             return Outcome::Done {
@@ -179,7 +181,7 @@ impl<B: IoBuf> DioCore<B> {
                 completion,
             };
         };
-        if offset % align != 0 || len > buf.len() || (dir == Dir::Read && len % align != 0) {
+        if offset & mask != 0 || len > buf.len() || (dir == Dir::Read && len & mask != 0) {
             return Outcome::Done {
                 result: Err(DioError::Invalid),
                 buf,
@@ -201,8 +203,9 @@ impl<B: IoBuf> DioCore<B> {
         let mut dio = self.state(dir, offset, i_size);
         // 5. Walk. Reads stop at EOF; a write's unaligned tail is left to the buffered path.
         let walk_end = match dir {
-            Dir::Read => end.min(i_size.div_ceil(align).saturating_mul(align)),
-            Dir::Write => offset + (len & !(align - 1)),
+            // The size rounded up to the alignment (saturating: `i_size` may be near `u64::MAX`).
+            Dir::Read => end.min(i_size.checked_add(mask).map_or(u64::MAX, |v| v & !mask)),
+            Dir::Write => offset + (len & !mask),
         };
         let mut w = Walk::default();
         let mut pos = offset;
