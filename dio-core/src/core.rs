@@ -313,9 +313,9 @@ impl<B: IoBuf> DioCore<B> {
     fn issue(&self, dio: &mut Arc<DioShared<B>>, bio: BioParts<B>, w: &mut Walk) -> bool {
         // The reference before the bio's `Arc` clone, so that a request's first one is taken
         // without the lock (the state is not shared yet).
-        let mut before = DioShared::get_ref(dio);
+        let before = DioShared::get_ref(dio);
         let (op, lba, file_offset, len, seg) = bio;
-        let mut bio = Bio {
+        let bio = Bio {
             dio: Arc::clone(dio),
             op,
             lba,
@@ -323,11 +323,32 @@ impl<B: IoBuf> DioCore<B> {
             len,
             seg,
         };
-        loop {
-            let Err(Rejected { bio: back, why }) = self.sink.submit(bio) else {
+        match self.sink.submit(bio) {
+            Ok(()) => {
                 w.bios += 1;
-                return true;
-            };
+                true
+            }
+            Err(rejected) => self.rejected(dio, rejected, before, w),
+        }
+    }
+
+    /// The device refused a bio: give its reference back, then retry after one of this
+    /// request's own bios completed (`QueueFull` under `Throttle` with bios in flight), or
+    /// stop with `submit_err`. Out of line: the device's pool is rarely exhausted.
+    #[cold]
+    #[inline(never)]
+    fn rejected(
+        &self,
+        dio: &mut Arc<DioShared<B>>,
+        rejected: Rejected<B>,
+        mut before: u32,
+        w: &mut Walk,
+    ) -> bool {
+        let Rejected {
+            bio: mut back,
+            mut why,
+        } = rejected;
+        loop {
             let in_flight = dio.undo_ref();
             if why == DioError::QueueFull
                 && self.cfg.queue_full == QueueFullPolicy::Throttle
@@ -338,9 +359,18 @@ impl<B: IoBuf> DioCore<B> {
                 if in_flight >= before {
                     dio.wait_in_flight(before - 1, &self.cfg.wait);
                 }
-                bio = back;
                 before = DioShared::get_ref(dio);
-                continue;
+                match self.sink.submit(back) {
+                    Ok(()) => {
+                        w.bios += 1;
+                        return true;
+                    }
+                    Err(again) => {
+                        back = again.bio;
+                        why = again.why;
+                        continue;
+                    }
+                }
             }
             back.abandon();
             w.submit_err = Some(why);
