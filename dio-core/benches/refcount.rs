@@ -185,6 +185,69 @@ mod bench {
         }
     }
 
+    /// The test double alone, without dio-core, for the counting mode (`harness`): per request
+    /// what the double does around dio-core's work: build the request, one mapper call and one
+    /// bio-sized push into the inline queue (both through trait objects, as dio-core makes
+    /// them), one poll that pops it, for an async request the caller's two emptiness checks,
+    /// and one call of the completion function. dio-core's own cost is the inline count minus
+    /// this one (the double's queue is a std mutex around a deque, about half of the total).
+    fn harness_requests(n: u64, mode: Mode, bios: u64) {
+        struct FakeBio([u64; 5]);
+        trait Sink: Send + Sync {
+            fn submit(&self, bio: FakeBio) -> Result<(), FakeBio>;
+        }
+        #[derive(Default)]
+        struct Queue(Mutex<VecDeque<FakeBio>>);
+        impl Sink for Queue {
+            fn submit(&self, bio: FakeBio) -> Result<(), FakeBio> {
+                self.0.lock().unwrap().push_back(bio);
+                Ok(())
+            }
+        }
+        impl Poller for Queue {
+            fn poll_once(&self) {
+                let bio = self.0.lock().unwrap().pop_front();
+                if let Some(bio) = bio {
+                    black_box(bio.0);
+                }
+            }
+        }
+        let q = Arc::new(Queue::default());
+        let sink: Arc<dyn Sink> = q.clone();
+        let poller: Arc<dyn Poller> = q.clone();
+        let mapper: Arc<dyn Mapper> = Arc::new(Identity);
+        for i in 0..n {
+            let len = bios * BIO;
+            let req = black_box(DioRequest::new(
+                Dir::Read,
+                (i % 1024) * 65536,
+                len,
+                Buf(len),
+                mode,
+            ));
+            let mut pos = req.offset;
+            for _ in 0..bios {
+                let Ok(Extent::Mapped { lba, len, .. }) = mapper.map(pos, BIO, Dir::Read, false)
+                else {
+                    unreachable!("the identity mapper maps everything");
+                };
+                let _ = sink.submit(FakeBio([lba, pos, len, 0, 0]));
+                pos += len;
+            }
+            if mode == Mode::Async {
+                while !q.0.lock().unwrap().is_empty() {
+                    poller.poll_once();
+                }
+            } else {
+                for _ in 0..bios {
+                    poller.poll_once();
+                }
+            }
+            let cb: fn(DioResult, Buf) = black_box(on_done);
+            cb(Ok(len), req.buf);
+        }
+    }
+
     const INLINE: [(&str, RefCounting, Mode); 4] = [
         ("lock_sync", RefCounting::Locked, Mode::Sync),
         ("lock_async", RefCounting::Locked, Mode::Async),
@@ -217,12 +280,23 @@ mod bench {
         // `DIO_BENCH_COUNT=<requests>:<inline name>:<bios>`: run exactly that many inline
         // requests (after 1000 of warm-up) and exit, for an instruction counter (e.g.
         // `valgrind --tool=callgrind`; the difference between two counts, divided by the
-        // difference in requests, is the instructions per request).
+        // difference in requests, is the instructions per request). The names
+        // `harness_sync` and `harness_async` run the test double alone (`harness_requests`).
         if let Ok(spec) = std::env::var("DIO_BENCH_COUNT") {
             let mut it = spec.split(':');
             let n: u64 = it.next().and_then(|v| v.parse().ok()).expect("requests");
             let name = it.next().expect("inline name");
             let bios: u64 = it.next().and_then(|v| v.parse().ok()).expect("bios");
+            if let Some(mode) = name.strip_prefix("harness_") {
+                let mode = if mode == "sync" {
+                    Mode::Sync
+                } else {
+                    Mode::Async
+                };
+                harness_requests(1000, mode, bios);
+                harness_requests(n, mode, bios);
+                return;
+            }
             let (_, counting, mode) = *INLINE.iter().find(|c| c.0 == name).expect("known name");
             let (dev, core) = inline_core(counting);
             inline_requests(&core, &dev, 1000, mode, bios);

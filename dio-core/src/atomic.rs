@@ -16,7 +16,7 @@
 //!   `poll_once` under [`Wait::PollInPlace`], `yield_now` under [`Wait::Park`]. It only runs
 //!   when the driver's request pool is exhausted.
 
-use crate::dio::{Final, Payload, Wait, Walk};
+use crate::dio::{Final, Payload, Wait};
 use crate::error::DioError;
 use crate::sync::{AtomicBool, AtomicU32, Mutex, MutexGuard, Ordering, invariant, lock, thread};
 
@@ -24,7 +24,7 @@ enum Fin<B> {
     /// The submitter has not dropped its reference yet.
     Pending,
     /// The submitter returned `Queued` (or is about to): the last completer completes.
-    Queued(Walk, Payload<B>),
+    Queued(u64, Payload<B>),
     /// The submitter waits; the last completer only wakes it.
     Waiting(Option<thread::Thread>),
 }
@@ -88,30 +88,25 @@ impl<B> AtomicRefs<B> {
         }
     }
 
-    pub fn submitter_done(
-        &self,
-        queued: bool,
-        walk: Walk,
-        payload: Payload<B>,
-        wait: &Wait,
-    ) -> Option<Final<B>> {
-        if queued {
-            self.slots().fin = Fin::Queued(walk, payload);
-            if self.refs.fetch_sub(1, Ordering::AcqRel) != 1 {
-                return None; // Queued: no further access.
-            }
-            // Every bio already completed: we are last after all.
-            let mut s = self.slots();
-            s.released = true;
-            let Fin::Queued(walk, payload) = std::mem::replace(&mut s.fin, Fin::Pending) else {
-                unreachable!("only the submitter publishes");
-            };
-            return Some(Final {
-                walk,
-                io_error: s.io_error,
-                payload,
-            });
+    pub fn submitter_queue(&self, handled: u64, payload: Payload<B>) -> Option<Final<B>> {
+        self.slots().fin = Fin::Queued(handled, payload);
+        if self.refs.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return None; // Queued: no further access.
         }
+        // Every bio already completed: we are last after all.
+        let mut s = self.slots();
+        s.released = true;
+        let Fin::Queued(handled, payload) = std::mem::replace(&mut s.fin, Fin::Pending) else {
+            unreachable!("only the submitter publishes");
+        };
+        Some(Final {
+            handled,
+            io_error: s.io_error,
+            payload,
+        })
+    }
+
+    pub fn submitter_wait(&self, wait: &Wait, _bios: u32) -> Option<DioError> {
         let me = matches!(wait, Wait::Park).then(thread::current);
         self.slots().fin = Fin::Waiting(me);
         if self.refs.fetch_sub(1, Ordering::AcqRel) != 1 {
@@ -125,11 +120,7 @@ impl<B> AtomicRefs<B> {
         let mut s = self.slots();
         s.released = true;
         s.fin = Fin::Pending;
-        Some(Final {
-            walk,
-            io_error: s.io_error,
-            payload,
-        })
+        s.io_error
     }
 
     pub fn bio_done(&self, err: Option<DioError>) -> Option<Final<B>> {
@@ -144,10 +135,10 @@ impl<B> AtomicRefs<B> {
         }
         let mut s = self.slots();
         match std::mem::replace(&mut s.fin, Fin::Pending) {
-            Fin::Queued(walk, payload) => {
+            Fin::Queued(handled, payload) => {
                 s.released = true;
                 Some(Final {
-                    walk,
+                    handled,
                     io_error: s.io_error,
                     payload,
                 })

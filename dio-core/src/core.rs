@@ -138,14 +138,18 @@ impl<B: IoBuf> DioCore<B> {
     /// one (warm-up, or the pool is empty).
     #[inline(always)]
     fn state(&self, dir: Dir, offset: u64, i_size: u64) -> Arc<DioShared<B>> {
-        if let Some(mut dio) = self.pool.pop() {
+        // The hot slot's state first, then (if a completer still held that one) the oldest.
+        for _ in 0..2 {
+            let Some(mut dio) = self.pool.pop() else {
+                break;
+            };
             if let Some(d) = Arc::get_mut(&mut dio) {
                 d.reuse(dir, offset, i_size);
                 return dio;
             }
             // A completer has dropped its count but not yet its `Arc`: keep the state for
             // later rather than wait.
-            DioShared::recycle(dio, &self.pool);
+            self.pool.push_cold(dio);
         }
         let mut d = DioShared::new(
             self.end_io.clone(),
@@ -171,6 +175,8 @@ impl<B: IoBuf> DioCore<B> {
             force_wait,
         } = req;
         let align = self.cfg.align;
+        // `align` is a power of two (checked in `new`): masks instead of divisions.
+        let mask = align - 1;
         // 1. Validate before any state.
         let Some(end) = offset.checked_add(len) else {
             return Outcome::Done {
@@ -179,7 +185,7 @@ impl<B: IoBuf> DioCore<B> {
                 completion,
             };
         };
-        if offset % align != 0 || len > buf.len() || (dir == Dir::Read && len % align != 0) {
+        if offset & mask != 0 || len > buf.len() || (dir == Dir::Read && len & mask != 0) {
             return Outcome::Done {
                 result: Err(DioError::Invalid),
                 buf,
@@ -201,8 +207,9 @@ impl<B: IoBuf> DioCore<B> {
         let mut dio = self.state(dir, offset, i_size);
         // 5. Walk. Reads stop at EOF; a write's unaligned tail is left to the buffered path.
         let walk_end = match dir {
-            Dir::Read => end.min(i_size.div_ceil(align).saturating_mul(align)),
-            Dir::Write => offset + (len & !(align - 1)),
+            // The size rounded up to the alignment (saturating: `i_size` may be near `u64::MAX`).
+            Dir::Read => end.min(i_size.checked_add(mask).map_or(u64::MAX, |v| v & !mask)),
+            Dir::Write => offset + (len & !mask),
         };
         let mut w = Walk::default();
         let mut pos = offset;
@@ -276,25 +283,30 @@ impl<B: IoBuf> DioCore<B> {
             && w.handled > 0
             && (dir == Dir::Read || w.handled == len);
         // 7–8. Drain unless queued; final drop.
-        let payload = Payload { buf, completion };
-        let Some((dio, fin)) = DioShared::submitter_done(dio, queued, w, payload, &self.cfg.wait)
-        else {
-            return Outcome::Queued;
+        let (dio, io_error, buf, completion) = if queued {
+            let payload = Payload { buf, completion };
+            let Some((dio, fin)) = DioShared::submitter_queue(dio, w.handled, payload) else {
+                return Outcome::Queued;
+            };
+            // Every bio completed before the drop: the submitter owns the request again.
+            (dio, fin.io_error, fin.payload.buf, fin.payload.completion)
+        } else {
+            let io_error = dio.submitter_wait(&self.cfg.wait, w.bios);
+            (dio, io_error, buf, completion)
         };
-        let handled = fin.walk.handled;
-        let (result, p) = dio.resolve(fin);
+        let result = dio.resolve(&w, io_error);
         DioShared::recycle(dio, &self.pool);
-        if dir == Dir::Write && result.is_ok() && handled < len {
+        if dir == Dir::Write && result.is_ok() && w.handled < len {
             Outcome::Fallback {
-                done: handled,
-                buf: p.buf,
-                completion: p.completion,
+                done: w.handled,
+                buf,
+                completion,
             }
         } else {
             Outcome::Done {
                 result,
-                buf: p.buf,
-                completion: p.completion,
+                buf,
+                completion,
             }
         }
     }
@@ -305,9 +317,9 @@ impl<B: IoBuf> DioCore<B> {
     fn issue(&self, dio: &mut Arc<DioShared<B>>, bio: BioParts<B>, w: &mut Walk) -> bool {
         // The reference before the bio's `Arc` clone, so that a request's first one is taken
         // without the lock (the state is not shared yet).
-        let mut before = DioShared::get_ref(dio);
+        let before = DioShared::get_ref(dio);
         let (op, lba, file_offset, len, seg) = bio;
-        let mut bio = Bio {
+        let bio = Bio {
             dio: Arc::clone(dio),
             op,
             lba,
@@ -315,10 +327,32 @@ impl<B: IoBuf> DioCore<B> {
             len,
             seg,
         };
+        match self.sink.submit(bio) {
+            Ok(()) => {
+                w.bios += 1;
+                true
+            }
+            Err(rejected) => self.rejected(dio, rejected, before, w),
+        }
+    }
+
+    /// The device refused a bio: give its reference back, then retry after one of this
+    /// request's own bios completed (`QueueFull` under `Throttle` with bios in flight), or
+    /// stop with `submit_err`. Out of line: the device's pool is rarely exhausted.
+    #[cold]
+    #[inline(never)]
+    fn rejected(
+        &self,
+        dio: &mut Arc<DioShared<B>>,
+        rejected: Rejected<B>,
+        mut before: u32,
+        w: &mut Walk,
+    ) -> bool {
+        let Rejected {
+            bio: mut back,
+            mut why,
+        } = rejected;
         loop {
-            let Err(Rejected { bio: back, why }) = self.sink.submit(bio) else {
-                return true;
-            };
             let in_flight = dio.undo_ref();
             if why == DioError::QueueFull
                 && self.cfg.queue_full == QueueFullPolicy::Throttle
@@ -329,9 +363,18 @@ impl<B: IoBuf> DioCore<B> {
                 if in_flight >= before {
                     dio.wait_in_flight(before - 1, &self.cfg.wait);
                 }
-                bio = back;
                 before = DioShared::get_ref(dio);
-                continue;
+                match self.sink.submit(back) {
+                    Ok(()) => {
+                        w.bios += 1;
+                        return true;
+                    }
+                    Err(again) => {
+                        back = again.bio;
+                        why = again.why;
+                        continue;
+                    }
+                }
             }
             back.abandon();
             w.submit_err = Some(why);

@@ -46,6 +46,8 @@ impl std::fmt::Debug for Wait {
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Walk {
     pub handled: u64,
+    /// Bios the device accepted.
+    pub bios: u32,
     pub submit_err: Option<DioError>,
     pub deferred_err: Option<DioError>,
 }
@@ -56,9 +58,10 @@ pub(crate) struct Payload<B> {
     pub completion: Completion<B>,
 }
 
-/// Everything the last-reference holder needs, taken in its final critical section.
+/// Everything the last-reference holder of a queued request needs, taken in its final
+/// critical section. (A queued request has no submission error: `handled` is its walk.)
 pub(crate) struct Final<B> {
-    pub walk: Walk,
+    pub handled: u64,
     pub io_error: Option<DioError>,
     pub payload: Payload<B>,
 }
@@ -178,20 +181,31 @@ impl<B: Send + 'static> DioShared<B> {
         }
     }
 
-    /// §3.4 steps 7–8: drain unless queued, then drop the submitter's reference. `Some` when
-    /// the submitter held the last reference (it owns the request again); `None` means
-    /// `Queued`, and `self` has been dropped: no further access (B8).
+    /// §3.4 steps 7–8 for a request that is not queued: drain, then drop the submitter's
+    /// reference, which is then the last one: the submitter owns the request again. Returns
+    /// the first device error. `bios`: how many bios the device accepted (none: nothing to
+    /// wait for).
     #[inline(always)]
-    pub fn submitter_done(
+    pub fn submitter_wait(&self, wait: &Wait, bios: u32) -> Option<DioError> {
+        match &self.refs {
+            Refs::Locked(r) => r.submitter_wait(wait, bios),
+            Refs::Atomic(r) => r.submitter_wait(wait, bios),
+        }
+    }
+
+    /// §3.4 step 8 for a queued request: publish the walk and the payload, then drop the
+    /// submitter's reference. `Some` when the submitter held the last reference after all
+    /// (it owns the request again); `None` means `Queued`, and `self` has been dropped: no
+    /// further access (B8).
+    #[inline(always)]
+    pub fn submitter_queue(
         this: Arc<Self>,
-        queued: bool,
-        walk: Walk,
+        handled: u64,
         payload: Payload<B>,
-        wait: &Wait,
     ) -> Option<(Arc<Self>, Final<B>)> {
         let fin = match &this.refs {
-            Refs::Locked(r) => r.submitter_done(queued, walk, payload, wait),
-            Refs::Atomic(r) => r.submitter_done(queued, walk, payload, wait),
+            Refs::Locked(r) => r.submitter_queue(handled, payload),
+            Refs::Atomic(r) => r.submitter_queue(handled, payload),
         };
         // `None`: `this` is dropped here, at the end of the decrement's scope.
         fin.map(|f| (this, f))
@@ -226,7 +240,13 @@ impl<B: Send + 'static> DioShared<B> {
     #[inline(always)]
     pub(crate) fn finish(dio: Arc<Self>, h: Handoff<B>) {
         let (res, payload) = match h {
-            Handoff::Resolve(fin) => dio.resolve(fin),
+            Handoff::Resolve(fin) => {
+                let walk = Walk {
+                    handled: fin.handled,
+                    ..Walk::default()
+                };
+                (dio.resolve(&walk, fin.io_error), fin.payload)
+            }
             Handoff::Ready(res, payload) => (res, payload),
         };
         let pool = std::sync::Arc::clone(&dio.pool);
@@ -237,23 +257,26 @@ impl<B: Send + 'static> DioShared<B> {
 
     /// `dio_complete`: EOF clamp, end-io hook (only if bytes were handled), precedence.
     #[inline(always)]
-    pub fn resolve(&self, fin: Final<B>) -> (DioResult, Payload<B>) {
-        let Final {
-            walk,
-            io_error,
-            payload,
-        } = fin;
+    pub fn resolve(&self, walk: &Walk, io_error: Option<DioError>) -> DioResult {
+        let transferred = result::transferred(self.dir, self.offset, self.i_size, walk.handled);
+        if self.end_io.is_none()
+            && walk.submit_err.is_none()
+            && walk.deferred_err.is_none()
+            && io_error.is_none()
+        {
+            // The common case: no hook, no error (the precedence below would give the same).
+            return Ok(transferred);
+        }
         let errs = Errors {
             submit: walk.submit_err,
             deferred: walk.deferred_err,
             io: io_error,
         };
-        let transferred = result::transferred(self.dir, self.offset, self.i_size, walk.handled);
         let hook = match &self.end_io {
             Some(h) if walk.handled > 0 => h.end_io(self.offset, transferred, errs.first()).err(),
             _ => None,
         };
-        (result::precedence(errs, hook, transferred), payload)
+        result::precedence(errs, hook, transferred)
     }
 }
 

@@ -36,14 +36,17 @@
 //! ## Cost per request: pooled states, two callback shapes
 //!
 //! A [`DioCore`] recycles its request states (module `pool`): `submit` takes an idle one from
-//! a lock-free bounded free list and allocates only when it is empty ([`Config::pool`] bounds
-//! it). Whoever resolves a request (the submitter, or the last bio completer) hands its state
+//! a lock-free bounded free list, behind a one-state hot slot that a client submitting
+//! request after request reuses with one atomic exchange each way, and allocates only when
+//! both are empty ([`Config::pool`] bounds it). Whoever resolves a request (the submitter, or the last bio completer) hands its state
 //! back after taking the result out. A state is reinitialised only through `Arc::get_mut`, so
 //! never while anyone else can reach it: a completer that has dropped its count but not yet
 //! its `Arc` merely delays the reuse. A request's first bio reference is taken through that
-//! same exclusive access, without the lock, and the submitter's last drain check and its final
-//! drop share one critical section: a one-bio request takes the lock twice (the submitter's
-//! drop, the bio's completion), and every reference still goes through it.
+//! same exclusive access, without the lock, a polling submitter polls before its first drain
+//! check, and its last drain check and its final drop share one critical section: a one-bio
+//! request takes the lock twice (the submitter's drop, the bio's completion), and every
+//! reference still goes through it. A request that is not queued keeps its buffer and
+//! completion on the submitter's stack throughout; a queued one publishes them once.
 //!
 //! The completion has two shapes: [`Completion::from_fn`] / [`IoCtx::submit_async_fn`],
 //! SPDK's `cb_fn` whose `cb_arg` is the request's buffer (no allocation), and

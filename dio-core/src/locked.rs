@@ -6,7 +6,7 @@
 //! lock (L3); whoever brings `refs` to 0 sets `released` and takes the payload in that same
 //! critical section, and nobody touches the state afterwards (L4, checked at every lock).
 
-use crate::dio::{Final, Payload, Wait, Walk};
+use crate::dio::{Final, Payload, Wait};
 use crate::error::DioError;
 use crate::sync::{Condvar, Mutex, MutexGuard, invariant, lock};
 
@@ -17,8 +17,9 @@ struct State<B> {
     waiter: Option<u32>,
     /// First completion-class error, in lock order.
     io_error: Option<DioError>,
-    /// Published by the submitter in the critical section of its final decrement.
-    published: Option<(Walk, Payload<B>)>,
+    /// Published by the submitter in the critical section of its final decrement (only a
+    /// queued request publishes, and it has no submission error: `handled` is all it found).
+    published: Option<(u64, Payload<B>)>,
     /// Poison flag: `refs` reached 0.
     released: bool,
 }
@@ -93,13 +94,19 @@ impl<B> LockedRefs<B> {
 
     /// Wait until `refs <= target`. The submitter holds its reference throughout.
     pub fn wait_refs(&self, target: u32, wait: &Wait) {
-        drop(self.wait_locked(target, wait));
+        drop(self.wait_locked(target, wait, false));
     }
 
     /// Wait until `refs <= target` and return with the lock held, so that the submitter's
-    /// final drop can follow in the same critical section as its last check.
+    /// final drop can follow in the same critical section as its last check. `poll_first`:
+    /// with [`Wait::PollInPlace`], poll before the first check (the submitter has bios in
+    /// flight, so a first check before any poll would most likely be a wasted lock round trip).
     #[inline(always)]
-    fn wait_locked(&self, target: u32, wait: &Wait) -> MutexGuard<'_, State<B>> {
+    fn wait_locked(&self, target: u32, wait: &Wait, poll_first: bool) -> MutexGuard<'_, State<B>> {
+        if let (true, Wait::PollInPlace(poller)) = (poll_first, wait) {
+            // Never with the lock held (L3).
+            poller.poll_once();
+        }
         match wait {
             Wait::Park => {
                 let mut g = self.lock();
@@ -126,39 +133,40 @@ impl<B> LockedRefs<B> {
         }
     }
 
-    /// §3.4 steps 7–8. One critical section when nothing is left in flight: the drain's last
-    /// check and the final decrement (and for `Queued`, the decrement alone).
+    /// §3.4 steps 7–8 for a request that is not queued: drain, then the final decrement in
+    /// the same critical section as the drain's last check. The submitter's reference is the
+    /// last one, so it owns the request again; returns the first device error.
     #[inline(always)]
-    pub fn submitter_done(
-        &self,
-        queued: bool,
-        walk: Walk,
-        payload: Payload<B>,
-        wait: &Wait,
-    ) -> Option<Final<B>> {
-        let mut g = if queued {
-            self.lock()
-        } else {
-            self.wait_locked(1, wait)
-        };
+    pub fn submitter_wait(&self, wait: &Wait, bios: u32) -> Option<DioError> {
+        let mut g = self.wait_locked(1, wait, bios > 0);
+        g.refs -= 1;
+        invariant!(
+            g.refs == 0,
+            "the submitter left bios in flight without returning Queued"
+        );
+        g.released = true;
+        g.io_error
+    }
+
+    /// §3.4 step 8 for a queued request: publish the walk and the payload and drop the
+    /// submitter's reference, in one critical section. `Some` if every bio had already
+    /// completed (the submitter was last after all and gets everything back).
+    #[inline(always)]
+    pub fn submitter_queue(&self, handled: u64, payload: Payload<B>) -> Option<Final<B>> {
+        let mut g = self.lock();
         g.refs -= 1;
         if g.refs == 0 {
             g.released = true;
             let io_error = g.io_error;
             drop(g);
-            Some(Final {
-                walk,
+            return Some(Final {
+                handled,
                 io_error,
                 payload,
-            })
-        } else {
-            invariant!(
-                queued,
-                "the submitter left bios in flight without returning Queued"
-            );
-            g.published = Some((walk, payload));
-            None
+            });
         }
+        g.published = Some((handled, payload));
+        None
     }
 
     #[inline(always)]
@@ -180,13 +188,13 @@ impl<B> LockedRefs<B> {
             return None;
         }
         g.released = true;
-        let Some((walk, payload)) = g.published.take() else {
+        let Some((handled, payload)) = g.published.take() else {
             panic!("the last reference was a bio's but the submitter published nothing (I-CB-5)");
         };
         let io_error = g.io_error;
         drop(g);
         Some(Final {
-            walk,
+            handled,
             io_error,
             payload,
         })
