@@ -177,6 +177,11 @@ pub struct Job<Q: IoQueue> {
 }
 
 impl<Q: IoQueue> Job<Q> {
+    /// The job's queue pairs (for their counters after the run).
+    pub fn queues(&self) -> &[Q] {
+        &self.qps
+    }
+
     /// A job over `qps` (at least one) with one buffer of `io_blocks * block_size` bytes per
     /// slot in `bufs` (at least `-q`).
     pub fn new(spec: JobSpec, qps: Vec<Q>, bufs: Vec<Q::Buf>, s: &Settings, hz: u64) -> Job<Q> {

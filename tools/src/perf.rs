@@ -3,6 +3,7 @@
 
 use crate::cli::{self, DoorbellMode, Parsed, PerfConfig};
 use crate::clock::{Clock, Source};
+use crate::counters::{self, PollCounters};
 use crate::device::{self, DriverBuf, DriverQueue, Opened};
 use crate::engine::{self, Job, JobSpec, Progress, Settings, VerifyStats};
 use crate::json;
@@ -82,6 +83,8 @@ struct Outcome {
     failure: Option<String>,
     /// (qid, entries) of the job's queue pairs.
     queues: QueueList,
+    /// The poll loop's counters, summed over the job's queue pairs.
+    counters: PollCounters,
 }
 
 fn ranges(cores: &[u32], nss: usize, every_core: bool) -> Vec<(u32, usize)> {
@@ -349,6 +352,11 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 elapsed.lock().unwrap().push((core, r.elapsed_ticks));
                 let mut out = outcomes.lock().unwrap();
                 for ((idx, j), queues) in idxs.into_iter().zip(js).zip(qs) {
+                    let per_qp: Vec<_> = j
+                        .queues()
+                        .iter()
+                        .map(|q| PollCounters::of(&q.qp.stats()))
+                        .collect();
                     out.push((
                         idx,
                         Outcome {
@@ -359,6 +367,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                             verify: j.verify.clone(),
                             failure: j.failure.clone(),
                             queues,
+                            counters: PollCounters::sum(&per_qp),
                         },
                     ));
                 }
@@ -453,7 +462,10 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
         .collect();
 
     if cfg.json {
-        let (devices, total) = json::devices(&rows, elapsed_us, cfg.io_size, hz, cfg.cpu_usage);
+        let (mut devices, total) = json::devices(&rows, elapsed_us, cfg.io_size, hz, cfg.cpu_usage);
+        for (d, (_, o)) in devices.iter_mut().zip(&outcomes) {
+            d.counters = Some(o.counters);
+        }
         let mut doc = json::PerfReport {
             schema: json::PERF_SCHEMA.to_string(),
             target: ctrls
@@ -489,6 +501,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
             warnings,
             queues: Vec::new(),
             emulated: None,
+            counters: Some(PollCounters::sum(outcomes.iter().map(|(_, o)| &o.counters))),
         };
         let emu_stats: Vec<_> = ctrls
             .iter()
@@ -525,6 +538,13 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
             "{}",
             report::full(&rows, elapsed_us, cfg.io_size, hz, cfg.latency_level)
         );
+        if cfg.latency_level >= 1 {
+            let c: Vec<_> = outcomes
+                .iter()
+                .map(|(_, o)| (o.name.as_str(), o.core, o.counters))
+                .collect();
+            print!("{}", counters::table(&c));
+        }
         if cfg.cpu_usage {
             for &core in &workers {
                 let (b, i) = outcomes

@@ -56,6 +56,7 @@ impl<T> QueuePair<T> {
             self.countdown -= 1;
         } else {
             self.countdown -= IDLE_WEIGHT;
+            self.stats.empty_polls += 1;
         }
         if self.countdown <= 0 {
             delivered += self.housekeeping(consumed == 0, f);

@@ -98,6 +98,7 @@ impl<T> QueuePair<T> {
     #[inline(never)]
     pub(super) fn housekeeping<F: FnMut(T, IoResult)>(&mut self, idle: bool, f: &mut F) -> usize {
         self.countdown = COUNTDOWN;
+        self.stats.housekeeping += 1;
         if let Some(reason) = self.dead {
             return if self.died { 0 } else { self.die(reason, f) };
         }
@@ -115,6 +116,7 @@ impl<T> QueuePair<T> {
         }
         if check_health && self.dead.is_none() {
             self.next_health = now + HEALTH_INTERVAL;
+            self.stats.register_reads += 1;
             let reason = match self.shared.check_csts() {
                 Err(Error::DeviceGone { .. }) => Some(DeadReason::DeviceGone),
                 Err(_) => Some(DeadReason::ControllerFatal),

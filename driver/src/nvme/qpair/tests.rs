@@ -241,3 +241,17 @@ fn owned_buffers_from_several_chunks_are_translated_right() {
     drop((owned, q));
     assert_eq!(emu.stats().dma_faults, 0);
 }
+
+#[test]
+fn poll_counters_count_empty_polls_and_housekeeping() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let (_c, _emu, mut q) = setup(8, 8);
+    // Idle with nothing outstanding: an empty poll counts 64 of the 4096 between clock reads,
+    // and housekeeping reads no register.
+    for _ in 0..200 {
+        assert_eq!(q.poll(usize::MAX, |_, _| {}).unwrap(), 0);
+    }
+    let s = q.stats();
+    assert_eq!((s.empty_polls, s.polls(), s.cq_doorbells), (200, 200, 0));
+    assert_eq!((s.housekeeping, s.register_reads), (3, 0));
+}
