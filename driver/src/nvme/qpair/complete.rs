@@ -59,7 +59,7 @@ impl<T> QueuePair<T> {
             self.stats.empty_polls += 1;
         }
         if self.countdown <= 0 {
-            delivered += self.housekeeping(consumed == 0, f);
+            delivered += self.housekeeping(f);
         }
         if self.protocol.is_some() {
             return Err(self.protocol_error());

@@ -26,7 +26,7 @@
 //! the SQ id and head are sane, frees the slot and hands the context back with the result. One
 //! CQ head doorbell write per poll that consumed entries.
 //!
-//! **Time.** Every few thousand polls, or every 64 polls that found nothing, the queue reads the
+//! **Time.** Every 4096 polls, or every 256 polls that found nothing, the queue reads the
 //! clock. Time advances in *epochs* of a quarter of the timeout; a command stamped with the epoch
 //! of its issue has timed out when the epoch is five ahead (between 1 and 1.25 timeouts). A
 //! timed-out command's CID is quarantined until the device completes it (that late completion is
@@ -34,8 +34,10 @@
 //! [`IoError::Timeout`]. Requests whose memory the queue guards for the caller (the owned-buffer
 //! and blocking APIs) are reported only when the device lets go of the memory: when the late or
 //! aborted completion arrives, or, one more timeout later, after the queue was deleted on the
-//! device. While idle with requests outstanding the queue also checks CSTS every 10 ms: a removed
-//! controller (all ones), fatal status or a reset fail every request with [`IoError::Aborted`].
+//! device. When requests have been outstanding for 10 ms without a completion the queue also
+//! checks CSTS (and again every 10 ms while that lasts): a removed controller (all ones), fatal
+//! status or a reset fail every request with [`IoError::Aborted`]. Nothing else reads a device
+//! register: a device that keeps completing commands costs no MMIO read, however long it runs.
 //!
 //! **Buffers.** Three ways to give memory to a command: the *blocking* calls borrow a slice of
 //! DMA memory for the duration of the call; the *owned* calls take a context that owns its
@@ -256,8 +258,8 @@ pub struct QueueStats {
     pub cq_doorbells: u64,
     /// Polls that found no completion entry (polls that found some are `cq_doorbells`).
     pub empty_polls: u64,
-    /// Housekeeping runs (a clock read each, for timeouts and health checks): every few
-    /// thousand polls with completions, or every 64 empty polls.
+    /// Housekeeping runs (a clock read each, for timeouts and health checks): every 4096
+    /// polls with completions, or every 256 empty polls.
     pub housekeeping: u64,
     /// Device register reads (MMIO reads of the BAR: CSTS for health checks) this queue pair
     /// made. Nothing on the I/O path reads a register: only a queue pair with requests
@@ -316,9 +318,10 @@ const F_LEAK: u8 = 16;
 /// Status code and status code type in completion dword 3 (zero: success).
 const STATUS_MASK: u32 = 0x7ff << 17;
 
-/// Polls between clock reads while completions keep arriving; an empty poll counts 64.
+/// Polls between clock reads while completions keep arriving; an empty poll counts 16, so an
+/// idle queue pair reads the clock every 256 polls.
 const COUNTDOWN: i32 = 4096;
-const IDLE_WEIGHT: i32 = 64;
+const IDLE_WEIGHT: i32 = 16;
 /// How long a queue pair with requests outstanding may go without a completion before it reads
 /// CSTS (a device that completes commands needs no other sign of life).
 const HEALTH_INTERVAL: Duration = Duration::from_millis(10);
@@ -406,6 +409,9 @@ pub struct QueuePair<T> {
     tick: Duration,
     tick_start: Instant,
     next_health: Instant,
+    /// `stats.cq_doorbells` when the health check was last put off: polls that consumed
+    /// completions since then show the device alive.
+    health_mark: u64,
     dma: DmaMemory,
     shared: Arc<Shared>,
     sq_mem: ManuallyDrop<DmaBuffer>,
@@ -560,6 +566,7 @@ impl<T> QueuePair<T> {
             tick: timeout.map_or(Duration::MAX, |t| t / 4),
             tick_start: now,
             next_health: now,
+            health_mark: 0,
             dma: shared.bus.dma().clone(),
             shared,
             sq_mem: ManuallyDrop::new(sq_mem),

@@ -94,9 +94,13 @@ impl<T> QueuePair<T> {
     // ---------------------------------------------------------------------------------------
     // Time, health and failure.
 
+    /// Every few thousand polls, or every 256 empty ones: reads the clock, advances the epoch
+    /// (scanning for timeouts), and checks the controller's health if the queue pair has had
+    /// requests outstanding and seen no completion for [`HEALTH_INTERVAL`]. A queue pair whose
+    /// device keeps completing commands reads no register at all.
     #[cold]
     #[inline(never)]
-    pub(super) fn housekeeping<F: FnMut(T, IoResult)>(&mut self, idle: bool, f: &mut F) -> usize {
+    pub(super) fn housekeeping<F: FnMut(T, IoResult)>(&mut self, f: &mut F) -> usize {
         self.countdown = COUNTDOWN;
         self.stats.housekeeping += 1;
         if let Some(reason) = self.dead {
@@ -106,12 +110,17 @@ impl<T> QueuePair<T> {
             return 0;
         }
         let now = Instant::now();
+        // A poll that consumed completion entries since the last look (one CQ doorbell each)
+        // is a sign of life: the health check moves a whole interval away.
+        if self.stats.cq_doorbells != self.health_mark {
+            self.health_mark = self.stats.cq_doorbells;
+            self.next_health = now + HEALTH_INTERVAL;
+        }
+        let check_health = now >= self.next_health;
         let mut delivered = 0;
-        let mut check_health = idle && now >= self.next_health;
         if now.duration_since(self.tick_start) >= self.tick {
             self.epoch = self.epoch.wrapping_add(1);
             self.tick_start = now;
-            check_health = true;
             delivered += self.scan_timeouts(f);
         }
         if check_health && self.dead.is_none() {

@@ -243,15 +243,38 @@ fn owned_buffers_from_several_chunks_are_translated_right() {
 }
 
 #[test]
-fn poll_counters_count_empty_polls_and_housekeeping() {
+fn poll_counters_and_the_health_check() {
     let _w = test_watchdog::arm(test_watchdog::UNIT);
     let (_c, _emu, mut q) = setup(8, 8);
-    // Idle with nothing outstanding: an empty poll counts 64 of the 4096 between clock reads,
+    let empty = |q: &mut QueuePair<u64>, n: u32| {
+        for _ in 0..n {
+            assert_eq!(q.poll(usize::MAX, |_, _| {}).unwrap(), 0);
+        }
+    };
+    // Idle with nothing outstanding: an empty poll counts 16 of the 4096 between clock reads,
     // and housekeeping reads no register.
-    for _ in 0..200 {
-        assert_eq!(q.poll(usize::MAX, |_, _| {}).unwrap(), 0);
-    }
+    empty(&mut q, 600);
     let s = q.stats();
-    assert_eq!((s.empty_polls, s.polls(), s.cq_doorbells), (200, 200, 0));
-    assert_eq!((s.housekeeping, s.register_reads), (3, 0));
+    assert_eq!((s.empty_polls, s.polls(), s.cq_doorbells), (600, 600, 0));
+    assert_eq!((s.housekeeping, s.register_reads), (2, 0));
+    // A request outstanding (a slot taken, nothing on the device) and no completion since the
+    // health check was due: CSTS is read once, then not again before the interval is over.
+    let idx = q.pop_free().unwrap();
+    q.countdown = 0;
+    empty(&mut q, 1);
+    assert_eq!((q.stats().housekeeping, q.stats().register_reads), (3, 1));
+    q.next_health = Instant::now() + Duration::from_secs(3600);
+    empty(&mut q, 256);
+    assert_eq!((q.stats().housekeeping, q.stats().register_reads), (4, 1));
+    // Overdue, but a poll consumed completions since the last look: still no read.
+    q.next_health = q.tick_start;
+    q.stats.cq_doorbells += 1;
+    empty(&mut q, 256);
+    assert_eq!((q.stats().housekeeping, q.stats().register_reads), (5, 1));
+    assert!(q.next_health > q.tick_start);
+    // Overdue without progress: read again.
+    q.next_health = q.tick_start;
+    empty(&mut q, 256);
+    assert_eq!((q.stats().housekeeping, q.stats().register_reads), (6, 2));
+    q.push_free(idx);
 }
