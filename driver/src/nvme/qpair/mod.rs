@@ -56,6 +56,7 @@
 
 mod complete;
 mod recovery;
+mod resubmit;
 mod submit;
 #[cfg(all(test, feature = "emulated"))]
 mod tests;
@@ -76,6 +77,8 @@ use crate::spec::Sqe;
 use crate::spec::regs::{checked_cq_head_doorbell, checked_sq_tail_doorbell};
 use crate::spec::sqe::{RW_FUA, io};
 use crate::types::{Lba, QueueId};
+
+pub use resubmit::Resubmit;
 
 /// When the SQ tail doorbell is written.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -849,7 +852,7 @@ impl<T> QueuePair<T> {
             if let Some(r) = self.sync.take() {
                 break r.map_err(Error::Io);
             }
-            match self.poll_inner(usize::MAX, &mut |_, _| {}) {
+            match self.poll_inner(usize::MAX, &mut |_: &mut Resubmit<'_, T>, _, _| {}) {
                 Ok(0) => {
                     idle += 1;
                     if idle > 16 {
@@ -884,6 +887,22 @@ impl<T> QueuePair<T> {
     /// returns [`Error::QueueDead`].
     #[inline]
     pub fn poll<F: FnMut(T, IoResult)>(&mut self, max: usize, mut f: F) -> Result<usize> {
+        self.poll_inner(max, &mut |_: &mut Resubmit<'_, T>, ctx: T, r: IoResult| {
+            f(ctx, r)
+        })
+    }
+
+    /// [`poll`](Self::poll) whose closure may submit new commands through the [`Resubmit`]
+    /// handle it is given, as it handles each completion: the commands submitted during the
+    /// poll go to the device with one SQ tail doorbell write after the completion queue was
+    /// consumed (and its head doorbell written once), so a loop that resubmits what completes
+    /// writes one SQ and one CQ doorbell per poll whatever the queue depth.
+    #[inline]
+    pub fn poll_resubmit<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
+        &mut self,
+        max: usize,
+        mut f: F,
+    ) -> Result<usize> {
         self.poll_inner(max, &mut f)
     }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::{
     COUNTDOWN, F_CTX, F_DEFERRED, F_HOLDS, F_LEAK, F_SYNC, HEALTH_INTERVAL, IN_FLIGHT, IoResult,
-    LEAKED, NIL, PARENT, QUARANTINED, QueuePair, TIMEOUT_EPOCHS, WAITING, lba_of,
+    LEAKED, NIL, PARENT, QUARANTINED, QueuePair, Resubmit, TIMEOUT_EPOCHS, WAITING, lba_of,
 };
 use crate::nvme::admin::{AbortOutcome, abort_with};
 use crate::nvme::error::{DeadReason, Error, IoError, ProtocolError};
@@ -29,7 +29,11 @@ impl<T> QueuePair<T> {
     /// A completion for a quarantined command (late), or for no command at all.
     #[cold]
     #[inline(never)]
-    pub(super) fn complete_unusual<F: FnMut(T, IoResult)>(&mut self, cid: u16, f: &mut F) -> usize {
+    pub(super) fn complete_unusual<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
+        &mut self,
+        cid: u16,
+        f: &mut F,
+    ) -> usize {
         if self.slot(cid).state != QUARANTINED {
             self.bad(ProtocolError::UnknownCid(Cid(cid)));
             return 0;
@@ -60,7 +64,12 @@ impl<T> QueuePair<T> {
 
     /// Reports the timeout of quarantined command `idx` to its request. With `free`, the slot
     /// is released too (the device has let go of it).
-    fn report_timeout<F: FnMut(T, IoResult)>(&mut self, idx: u16, free: bool, f: &mut F) -> usize {
+    fn report_timeout<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
+        &mut self,
+        idx: u16,
+        free: bool,
+        f: &mut F,
+    ) -> usize {
         let e = self.timeout_error(idx);
         let s = self.slot(idx);
         s.flags &= !F_DEFERRED;
@@ -87,7 +96,7 @@ impl<T> QueuePair<T> {
         // SAFETY: F_CTX says the context is initialised; cleared so it is read once.
         let ctx = unsafe { s.ctx.assume_init_read() };
         self.stats.completed += 1;
-        f(ctx, Err(e));
+        f(&mut Resubmit { qp: self }, ctx, Err(e));
         1
     }
 
@@ -100,7 +109,10 @@ impl<T> QueuePair<T> {
     /// device keeps completing commands reads no register at all.
     #[cold]
     #[inline(never)]
-    pub(super) fn housekeeping<F: FnMut(T, IoResult)>(&mut self, f: &mut F) -> usize {
+    pub(super) fn housekeeping<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
+        &mut self,
+        f: &mut F,
+    ) -> usize {
         self.countdown = COUNTDOWN;
         self.stats.housekeeping += 1;
         if let Some(reason) = self.dead {
@@ -143,7 +155,7 @@ impl<T> QueuePair<T> {
     /// found the admin queue full or the controller unusable, and none while another thread
     /// holds the admin queue. Each Abort waits for its completion (up to the admin timeout)
     /// from inside `poll`, so the budget bounds how long a hung device can stall the poll.
-    fn scan_timeouts<F: FnMut(T, IoResult)>(&mut self, f: &mut F) -> usize {
+    fn scan_timeouts<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(&mut self, f: &mut F) -> usize {
         let mut delivered = 0;
         let mut aborts_left = self.abort_limit;
         let mut unrecoverable = false;
@@ -247,7 +259,11 @@ impl<T> QueuePair<T> {
     /// Stops the queue: makes sure the device no longer uses its memory (or leaks what it may
     /// still use), and completes every request exactly once.
     #[cold]
-    fn die<F: FnMut(T, IoResult)>(&mut self, reason: DeadReason, f: &mut F) -> usize {
+    fn die<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
+        &mut self,
+        reason: DeadReason,
+        f: &mut F,
+    ) -> usize {
         self.dead = Some(reason);
         self.died = true;
         let stopped = self.stop_device(reason);

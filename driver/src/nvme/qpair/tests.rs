@@ -278,3 +278,63 @@ fn poll_counters_and_the_health_check() {
     assert_eq!((q.stats().housekeeping, q.stats().register_reads), (6, 2));
     q.push_free(idx);
 }
+
+/// A QD32 read loop that resubmits from inside the poll's closure until `n` reads completed;
+/// returns the tags' completion counts.
+fn resubmit_loop(c: &Controller, q: &mut QueuePair<u64>, n: u64) -> Vec<u64> {
+    let ns = c.namespaces().remove(0);
+    let bufs: Vec<_> = (0..32).map(|_| c.alloc(4096).unwrap()).collect();
+    for (tag, b) in bufs.iter().enumerate() {
+        // SAFETY: the buffers outlive the loop, which drains every request.
+        unsafe { q.read_raw(&ns, Lba(tag as u64 * 8), b.as_dma_slice(), tag as u64) }.unwrap();
+    }
+    q.ring();
+    let (mut done, mut issued) = (0u64, 32u64);
+    let mut per_tag = vec![0u64; 32];
+    while done < n {
+        q.poll_resubmit(usize::MAX, |r, tag, res| {
+            res.unwrap();
+            done += 1;
+            per_tag[tag as usize] += 1;
+            if issued < n {
+                issued += 1;
+                let b = bufs[tag as usize].as_dma_slice();
+                let lba = Lba((issued % 64) * 8);
+                // SAFETY: as above; the buffer's previous read has completed.
+                unsafe { r.read_raw(&ns, lba, b, tag) }.unwrap();
+            }
+        })
+        .unwrap();
+    }
+    assert_eq!((q.in_flight(), q.outstanding()), (0, 0));
+    per_tag
+}
+
+#[test]
+fn resubmitting_inside_the_poll_rings_once_per_poll() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    // Inline: each doorbell completes the whole batch, so every poll sees 32 completions.
+    let (c, _emu, mut q) = setup(64, 64);
+    let per_tag = resubmit_loop(&c, &mut q, 3200);
+    assert!(per_tag.iter().all(|&k| k == 100), "{per_tag:?}");
+    let s = q.stats();
+    assert_eq!((s.submitted, s.completed), (3200, 3200));
+    assert_eq!((s.sq_doorbells, s.cq_doorbells), (100, 100), "{s:?}");
+    // Threaded: completions trickle in, but never more than one SQ and one CQ doorbell per
+    // poll that consumed entries (plus the first ring).
+    let emu = EmulatedController::new(EmulatedConfig {
+        mode: crate::bus::emulated::Mode::Threaded,
+        namespaces: vec![NamespaceConfig::memory(512, 1 << 16)],
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let c = Controller::new(emu.clone()).unwrap();
+    let mut q = c
+        .create_qpair::<u64>(QueueOptions::default().with_entries(64))
+        .unwrap();
+    let per_tag = resubmit_loop(&c, &mut q, 3200);
+    assert_eq!(per_tag.iter().sum::<u64>(), 3200);
+    let s = q.stats();
+    assert!(s.sq_doorbells <= s.cq_doorbells + 1, "{s:?}");
+    assert_eq!(s.completed, 3200);
+}
