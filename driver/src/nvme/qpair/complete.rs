@@ -60,6 +60,10 @@ impl<T> QueuePair<T> {
         }
         if self.countdown <= 0 {
             delivered += self.housekeeping(f);
+            // Commands a closure of `poll_resubmit` submitted while timeouts were reported.
+            if self.unrung != 0 && self.dead.is_none() {
+                self.ring_sq();
+            }
         }
         if self.protocol.is_some() {
             return Err(self.protocol_error());
