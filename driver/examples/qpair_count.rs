@@ -9,6 +9,9 @@
 //!
 //! The difference between the two runs, less what callgrind attributes to `dioxide::emulated`
 //! (the device model), is the driver's instructions per I/O (plus this loop's few).
+//!
+//! With a second argument `resubmit`, each completion is resubmitted from inside the poll's
+//! closure ([`dioxide::QueuePair::poll_resubmit`]) instead of after the poll.
 
 use dioxide::emulated::{EmulatedConfig, EmulatedController, Mode, NamespaceConfig};
 use dioxide::{Controller, Lba, QueueOptions};
@@ -17,6 +20,7 @@ const QD: usize = 32;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n: u64 = std::env::args().nth(1).map_or(Ok(100_000), |s| s.parse())?;
+    let resubmit = std::env::args().nth(2).as_deref() == Some("resubmit");
     let emu = EmulatedController::new(EmulatedConfig {
         mode: Mode::Inline,
         namespaces: vec![NamespaceConfig::null(512, 1 << 31)],
@@ -45,6 +49,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     q.ring();
     let (mut done, mut issued) = (0u64, QD as u64);
     let mut finished = [0u64; QD];
+    if resubmit {
+        while done < n {
+            q.poll_resubmit(QD, |r, tag, res| {
+                if res.is_ok() {
+                    done += 1;
+                }
+                if issued < n {
+                    let b = bufs[tag as usize].as_dma_slice();
+                    // SAFETY: as above; the buffer's previous command has completed.
+                    if unsafe { r.read_raw(&ns, next_lba(), b, tag) }.is_ok() {
+                        issued += 1;
+                    }
+                }
+            })?;
+        }
+    }
     while done < n {
         let mut k = 0;
         q.poll(QD, |tag, r| {

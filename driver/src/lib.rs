@@ -186,7 +186,7 @@ pub use nvme::error::{DeadReason, Error, IoError, ProtocolError, Result};
 pub use nvme::namespace::Namespace;
 pub use nvme::qpair::{
     DmaOwner, DoorbellMode, IoDone, IoFlags, IoOp, IoResult, QueueOptions, QueuePair, QueueStats,
-    Rejected,
+    Rejected, Resubmit,
 };
 pub use transport::{
     HostBuf, TcpController, TcpOptions, TcpQueue, TransportBuf, TransportController,

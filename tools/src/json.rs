@@ -20,7 +20,8 @@
 //!       "iops": 123.4, "mib_s": 0.48,
 //!       "latency_us": { "avg": 1.0, "min": 0.5, "max": 9.0,
 //!                       "percentiles": [ { "percentile": 1.0, "us": 0.6 }, ... ] },
-//!       "busy_pct": 99.5 }                        // null unless measured (-m)
+//!       "busy_pct": 99.5,                         // null unless measured (-m)
+//!       "counters": { ...as the top-level "counters", this device's queue pairs... } }
 //!   ],
 //!   "total": null | { "io_completed": ..., "io_errors": ..., "iops": ..., "mib_s": ...,
 //!                     "latency_us": { ...over all devices, percentiles from the merged
@@ -33,13 +34,19 @@
 //!     { "name": "... NSID 1", "core": 0, "qid": 1, "entries": 256,
 //!       "commands": null | 1234 }                 // commands the emulated controller saw
 //!   ],
-//!   "emulated": null | { "doorbell_writes": 1000, "io_commands": 4000, "faults_fired": 0 }
+//!   "emulated": null | { "doorbell_writes": 1000, "io_commands": 4000, "faults_fired": 0 },
+//!   "counters": {                                 // the poll loop, whole run (warm-up included)
+//!     "ios": 4000, "polls": 9000, "empty_polls": 5000, "housekeeping": 80,
+//!     "register_reads": 0, "sq_doorbells": 130, "cq_doorbells": 4000,
+//!     "per_io": { "polls": 2.25, "empty_polls": 1.25, "housekeeping": 0.02,
+//!                 "register_reads": 0.0, "sq_doorbells": 0.0325, "cq_doorbells": 1.0 } }
 //! }
 //! ```
 //!
 //! `percentile` is in percent (SPDK's cut-offs, 1 to 99.99999); latencies are microseconds.
 //! Fields are only ever added, never renamed, within one schema version.
 
+use crate::counters::PollCounters;
 use crate::report::{self, Row};
 use crate::stats::NsStats;
 use serde::{Deserialize, Serialize};
@@ -90,6 +97,9 @@ pub struct Device {
     pub latency_us: Latency,
     /// Busy share of polling time, percent (`-m`).
     pub busy_pct: Option<f64>,
+    /// The poll loop's counters of this device's queue pairs.
+    #[serde(default)]
+    pub counters: Option<PollCounters>,
 }
 
 /// The sum over devices.
@@ -198,6 +208,9 @@ pub struct PerfReport {
     /// The emulated controller's counters (`null` on hardware).
     #[serde(default)]
     pub emulated: Option<EmulatedCounters>,
+    /// The poll loop's counters summed over all devices.
+    #[serde(default)]
+    pub counters: Option<PollCounters>,
 }
 
 /// One I/O queue pair a device used.
@@ -269,6 +282,7 @@ pub fn devices(
                 latency_us: latency(r.stats, hz),
                 busy_pct: with_busy
                     .then(|| report::busy_pct(r.stats.busy_ticks, r.stats.idle_ticks)),
+                counters: None,
             }
         })
         .collect();
@@ -359,6 +373,13 @@ mod tests {
                 io_commands: 100,
                 faults_fired: 0,
             }),
+            counters: Some(PollCounters::of(&dioxide::QueueStats {
+                completed: 100,
+                sq_doorbells: 4,
+                cq_doorbells: 4,
+                empty_polls: 96,
+                ..Default::default()
+            })),
         }
     }
 
@@ -374,6 +395,9 @@ mod tests {
     fn schema_fields() {
         let v: serde_json::Value = serde_json::to_value(sample()).unwrap();
         assert_eq!(v["schema"], "dioxide-perf/1");
+        assert_eq!(v["counters"]["polls"], 100);
+        assert_eq!(v["counters"]["per_io"]["sq_doorbells"], 0.04);
+        assert_eq!(v["counters"]["per_io"]["register_reads"], 0.0);
         assert_eq!(v["config"]["workload"], "randrw");
         assert_eq!(v["config"]["doorbell"], "per-batch");
         let d = &v["devices"][0];

@@ -20,6 +20,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod counters;
 pub mod device;
 pub mod engine;
 pub mod identify;

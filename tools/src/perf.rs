@@ -3,6 +3,7 @@
 
 use crate::cli::{self, DoorbellMode, Parsed, PerfConfig};
 use crate::clock::{Clock, Source};
+use crate::counters::{self, PollCounters};
 use crate::device::{self, Device, DriverBuf, DriverQueue};
 use crate::engine::{self, Job, JobSpec, Progress, Settings, SharedQueue, VerifyStats};
 use crate::json;
@@ -82,6 +83,8 @@ struct Outcome {
     failure: Option<String>,
     /// (qid, entries) of the job's queue pairs.
     queues: QueueList,
+    /// The poll loop's counters, summed over the job's queue pairs.
+    counters: PollCounters,
 }
 
 fn ranges(cores: &[u32], nss: usize, every_core: bool) -> Vec<(u32, usize)> {
@@ -288,6 +291,8 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     let progress: Vec<Progress> = workers.iter().map(|_| Progress::default()).collect();
     let barrier = Barrier::new(workers.len());
     let outcomes: Mutex<Vec<(usize, Outcome)>> = Mutex::new(Vec::new());
+    // The poll loop's counters of every queue pair, each once (for the total).
+    let core_counters: Mutex<Vec<PollCounters>> = Mutex::new(Vec::new());
     let elapsed: Mutex<Vec<(u32, u64)>> = Mutex::new(Vec::new());
     let setup_errors: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let setup_failed = AtomicBool::new(false);
@@ -305,6 +310,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 (&entries, &ctrls, &settings, &barrier, &progress[w]);
             let (outcomes, elapsed, setup_errors, setup_failed) =
                 (&outcomes, &elapsed, &setup_errors, &setup_failed);
+            let core_counters = &core_counters;
             let specs_e: Vec<usize> = my.iter().map(|(i, _)| specs[*i].0).collect();
             scope.spawn(move || {
                 if let Err(e) = pin_to(core) {
@@ -336,7 +342,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                         }
                     };
                     match make_job(cfg, &ctrls[ci], &shared[pos].1, spec, settings, clock.hz()) {
-                        Ok((j, q)) => jobs.push((idx, j, q)),
+                        Ok((j, q)) => jobs.push((idx, j, q, ci)),
                         Err(msg) => {
                             setup_errors.lock().unwrap().push(msg);
                             setup_failed.store(true, Ordering::Relaxed);
@@ -351,15 +357,39 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 let mut idxs = Vec::new();
                 let mut js: Vec<Job<DriverQueue>> = Vec::new();
                 let mut qs = Vec::new();
-                for (i, j, q) in jobs {
+                let mut ci_of = Vec::new();
+                for (i, j, q, ci) in jobs {
                     idxs.push(i);
                     js.push(j);
                     qs.push(q);
+                    ci_of.push(ci);
                 }
                 let r = engine::run(&mut js, settings, &clock, progress, &STOP);
                 elapsed.lock().unwrap().push((core, r.elapsed_ticks));
+                // The poll loop's counters of each queue pair of this core (PCIe only): a
+                // namespace's row shows those of the queue pairs it used, shared ones
+                // included; the total counts each queue pair once.
+                let per_ctrl: Vec<(usize, Vec<PollCounters>)> = shared
+                    .iter()
+                    .map(|(ci, qs)| {
+                        let c = qs
+                            .iter()
+                            .filter_map(|q| q.with(|d| d.qp.stats()))
+                            .map(|st| PollCounters::of(&st))
+                            .collect();
+                        (*ci, c)
+                    })
+                    .collect();
+                core_counters
+                    .lock()
+                    .unwrap()
+                    .extend(per_ctrl.iter().flat_map(|(_, c)| c.iter().copied()));
                 let mut out = outcomes.lock().unwrap();
-                for ((idx, j), queues) in idxs.into_iter().zip(js).zip(qs) {
+                for (((idx, j), queues), e) in idxs.into_iter().zip(js).zip(qs).zip(&ci_of) {
+                    let per_qp: &[PollCounters] = per_ctrl
+                        .iter()
+                        .find(|(ci, _)| ci == e)
+                        .map_or(&[], |(_, c)| c.as_slice());
                     out.push((
                         idx,
                         Outcome {
@@ -370,6 +400,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                             verify: j.verify.clone(),
                             failure: j.failure.clone(),
                             queues,
+                            counters: PollCounters::sum(per_qp),
                         },
                     ));
                 }
@@ -475,7 +506,10 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
         .collect();
 
     if cfg.json {
-        let (devices, total) = json::devices(&rows, elapsed_us, cfg.io_size, hz, cfg.cpu_usage);
+        let (mut devices, total) = json::devices(&rows, elapsed_us, cfg.io_size, hz, cfg.cpu_usage);
+        for (d, (_, o)) in devices.iter_mut().zip(&outcomes) {
+            d.counters = Some(o.counters);
+        }
         let mut doc = json::PerfReport {
             schema: json::PERF_SCHEMA.to_string(),
             target: ctrls
@@ -511,6 +545,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
             warnings,
             queues: Vec::new(),
             emulated: None,
+            counters: Some(PollCounters::sum(core_counters.lock().unwrap().iter())),
         };
         let emu_stats: Vec<_> = ctrls
             .iter()
@@ -547,6 +582,13 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
             "{}",
             report::full(&rows, elapsed_us, cfg.io_size, hz, cfg.latency_level)
         );
+        if cfg.latency_level >= 1 {
+            let c: Vec<_> = outcomes
+                .iter()
+                .map(|(_, o)| (o.name.as_str(), o.core, o.counters))
+                .collect();
+            print!("{}", counters::table(&c));
+        }
         if cfg.cpu_usage {
             for &core in &workers {
                 let (b, i) = outcomes

@@ -628,3 +628,49 @@ fn emulated_io_queues_is_checked() {
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("--emulated-io-queues must be 1 to 4096, not '0'"));
 }
+
+#[test]
+fn poll_counters_at_depth() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    // The inline emulated controller completes a batch as its doorbell is written, so each poll
+    // finds the whole batch: one SQ and one CQ doorbell per 32 I/Os, and no register read.
+    let r = perf_json("-q 32 -o 4096 -w randread -t 10 -d 3200");
+    let c = r.counters.expect("counters");
+    assert_eq!(c.ios, 3200, "{c:?}");
+    assert_eq!((c.sq_doorbells, c.cq_doorbells), (100, 100), "{c:?}");
+    assert_eq!(c.per_io.sq_doorbells, 1.0 / 32.0);
+    assert_eq!(
+        (c.register_reads, c.per_io.register_reads),
+        (0, 0.0),
+        "{c:?}"
+    );
+    assert!(c.polls >= c.cq_doorbells && c.polls == c.cq_doorbells + c.empty_polls);
+    assert_eq!(r.devices[0].counters, Some(c));
+    // The driver's count of doorbell writes is the device's (admin queue aside).
+    let emu = r.emulated.unwrap();
+    assert!(emu.doorbell_writes >= 200, "{emu:?}");
+    // Per command: one SQ doorbell per I/O.
+    let r = perf_json("-q 32 -o 4096 -w randread -t 10 -d 3200 --doorbell per-command");
+    let c = r.counters.unwrap();
+    assert_eq!(
+        (c.sq_doorbells, c.per_io.sq_doorbells),
+        (3200, 1.0),
+        "{c:?}"
+    );
+    // The text report shows them with -L.
+    let o = perf("-q 32 -o 4096 -w randread -t 10 -d 3200 -L");
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("EMULATED (inline) NSID 1 core 0 "))
+        .unwrap_or_else(|| panic!("no counters line: {out}"));
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        cols[cols.len() - 7..],
+        [
+            "3200", "0.031", "0.000", "0.00000", "0.00000", "0.03125", "0.03125"
+        ],
+        "{line}"
+    );
+}

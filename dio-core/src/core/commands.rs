@@ -70,17 +70,23 @@ impl<B: IoBuf> DioCore<B> {
             w.submit_err = Some(DioError::Invalid);
         }
         let queued = mode == Mode::Async && w.submit_err.is_none() && issued > 0;
-        let payload = Payload { buf, completion };
-        let Some((dio, fin)) = DioShared::submitter_done(dio, queued, w, payload, &self.cfg.wait)
-        else {
-            return Outcome::Queued;
+        let (dio, io_error, buf, completion) = if queued {
+            let payload = Payload { buf, completion };
+            let Some((dio, fin)) = DioShared::submitter_queue(dio, w.handled, payload) else {
+                return Outcome::Queued;
+            };
+            // Every bio completed before the drop: the submitter owns the request again.
+            (dio, fin.io_error, fin.payload.buf, fin.payload.completion)
+        } else {
+            let io_error = dio.submitter_wait(&self.cfg.wait, w.bios);
+            (dio, io_error, buf, completion)
         };
-        let (result, p) = dio.resolve(fin);
+        let result = dio.resolve(&w, io_error);
         DioShared::recycle(dio, &self.pool);
         Outcome::Done {
             result,
-            buf: p.buf,
-            completion: p.completion,
+            buf,
+            completion,
         }
     }
 }

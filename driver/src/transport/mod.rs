@@ -270,6 +270,14 @@ impl<T> TransportQueue<T> {
             TransportQueue::Tcp(q) => q.entries(),
         }
     }
+    /// The poll loop's counters of a PCIe queue pair (doorbells, polls, register reads);
+    /// `None` over NVMe/TCP, which has no doorbells or registers to count.
+    pub fn stats(&self) -> Option<crate::QueueStats> {
+        match self {
+            TransportQueue::Pcie(q) => Some(q.stats()),
+            TransportQueue::Tcp(_) => None,
+        }
+    }
 
     /// Queues a read or write of `buf` (whole blocks of `ns`) at `lba`, to complete with
     /// `tag`; nothing is sent until [`ring`](Self::ring) (or the next poll).

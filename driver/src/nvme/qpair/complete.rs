@@ -5,7 +5,7 @@
 
 use super::{
     DONE, F_CTX, F_LEAK, F_SYNC, IDLE_WEIGHT, IN_FLIGHT, IoDone, IoResult, NIL, QueuePair,
-    STATUS_MASK, lba_of,
+    Resubmit, STATUS_MASK, lba_of,
 };
 use crate::nvme::error::{IoError, ProtocolError, Result};
 use crate::spec::Status;
@@ -13,7 +13,7 @@ use crate::types::{Cid, Lba, Nsid};
 
 impl<T> QueuePair<T> {
     #[inline]
-    pub(super) fn poll_inner<F: FnMut(T, IoResult)>(
+    pub(super) fn poll_inner<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
         &mut self,
         max: usize,
         f: &mut F,
@@ -56,9 +56,14 @@ impl<T> QueuePair<T> {
             self.countdown -= 1;
         } else {
             self.countdown -= IDLE_WEIGHT;
+            self.stats.empty_polls += 1;
         }
         if self.countdown <= 0 {
-            delivered += self.housekeeping(consumed == 0, f);
+            delivered += self.housekeeping(f);
+            // Commands a closure of `poll_resubmit` submitted while timeouts were reported.
+            if self.unrung != 0 && self.dead.is_none() {
+                self.ring_sq();
+            }
         }
         if self.protocol.is_some() {
             return Err(self.protocol_error());
@@ -79,7 +84,7 @@ impl<T> QueuePair<T> {
     /// is handled here; everything else, valid or not, by
     /// [`complete_general`](Self::complete_general).
     #[inline(always)]
-    fn complete<F: FnMut(T, IoResult)>(
+    fn complete<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
         &mut self,
         dw0: u32,
         dw2: u32,
@@ -104,7 +109,7 @@ impl<T> QueuePair<T> {
                 self.push_free(cid);
                 self.inflight -= 1;
                 self.stats.completed += 1;
-                f(ctx, Ok(IoDone { dw0 }));
+                f(&mut Resubmit { qp: self }, ctx, Ok(IoDone { dw0 }));
                 return 1;
             }
         }
@@ -114,7 +119,7 @@ impl<T> QueuePair<T> {
     /// [`complete`](Self::complete) for everything but the common case: children, blocking
     /// calls, errors, late and invalid completions.
     #[inline(never)]
-    fn complete_general<F: FnMut(T, IoResult)>(
+    fn complete_general<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
         &mut self,
         dw0: u32,
         dw2: u32,
@@ -162,7 +167,11 @@ impl<T> QueuePair<T> {
 
     /// One child of `parent` finished; completes the parent after the last one.
     #[inline]
-    pub(super) fn child_done<F: FnMut(T, IoResult)>(&mut self, parent: u16, f: &mut F) -> usize {
+    pub(super) fn child_done<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
+        &mut self,
+        parent: u16,
+        f: &mut F,
+    ) -> usize {
         let p = self.slot(parent);
         p.count -= 1;
         if p.count != 0 {
@@ -182,7 +191,7 @@ impl<T> QueuePair<T> {
     /// Hands a finished request to the caller (or the blocking call, or the done list while a
     /// blocking call is polling) and frees its slot.
     #[inline]
-    pub(super) fn deliver_and_free<F: FnMut(T, IoResult)>(
+    pub(super) fn deliver_and_free<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
         &mut self,
         idx: u16,
         res: IoResult,
@@ -221,12 +230,12 @@ impl<T> QueuePair<T> {
         let ctx = unsafe { s.ctx.assume_init_read() };
         self.push_free(idx);
         self.stats.completed += 1;
-        f(ctx, res);
+        f(&mut Resubmit { qp: self }, ctx, res);
         1
     }
 
     #[cold]
-    fn deliver_done<F: FnMut(T, IoResult)>(&mut self, f: &mut F) -> usize {
+    fn deliver_done<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(&mut self, f: &mut F) -> usize {
         let mut n = 0;
         while self.done_head != NIL {
             let idx = self.done_head;
@@ -245,7 +254,7 @@ impl<T> QueuePair<T> {
             }
             self.push_free(idx);
             self.stats.completed += 1;
-            f(ctx, res);
+            f(&mut Resubmit { qp: self }, ctx, res);
             n += 1;
         }
         n

@@ -26,7 +26,7 @@
 //! the SQ id and head are sane, frees the slot and hands the context back with the result. One
 //! CQ head doorbell write per poll that consumed entries.
 //!
-//! **Time.** Every few thousand polls, or every 64 polls that found nothing, the queue reads the
+//! **Time.** Every 4096 polls, or every 256 polls that found nothing, the queue reads the
 //! clock. Time advances in *epochs* of a quarter of the timeout; a command stamped with the epoch
 //! of its issue has timed out when the epoch is five ahead (between 1 and 1.25 timeouts). A
 //! timed-out command's CID is quarantined until the device completes it (that late completion is
@@ -34,8 +34,10 @@
 //! [`IoError::Timeout`]. Requests whose memory the queue guards for the caller (the owned-buffer
 //! and blocking APIs) are reported only when the device lets go of the memory: when the late or
 //! aborted completion arrives, or, one more timeout later, after the queue was deleted on the
-//! device. While idle with requests outstanding the queue also checks CSTS every 10 ms: a removed
-//! controller (all ones), fatal status or a reset fail every request with [`IoError::Aborted`].
+//! device. When requests have been outstanding for 10 ms without a completion the queue also
+//! checks CSTS (and again every 10 ms while that lasts): a removed controller (all ones), fatal
+//! status or a reset fail every request with [`IoError::Aborted`]. Nothing else reads a device
+//! register: a device that keeps completing commands costs no MMIO read, however long it runs.
 //!
 //! **Buffers.** Three ways to give memory to a command: the *blocking* calls borrow a slice of
 //! DMA memory for the duration of the call; the *owned* calls take a context that owns its
@@ -54,6 +56,7 @@
 
 mod complete;
 mod recovery;
+mod resubmit;
 mod submit;
 
 use submit::SimpleData;
@@ -76,6 +79,8 @@ use crate::spec::Sqe;
 use crate::spec::regs::{checked_cq_head_doorbell, checked_sq_tail_doorbell};
 use crate::spec::sqe::{RW_FUA, io};
 use crate::types::{Lba, QueueId};
+
+pub use resubmit::Resubmit;
 
 /// When the SQ tail doorbell is written.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -241,7 +246,7 @@ unsafe impl<C> DmaOwner for (DmaBuffer, C) {
     }
 }
 
-/// Counters of one queue pair.
+/// Counters of one queue pair: plain integers the owning thread bumps, no atomics.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct QueueStats {
     /// Requests accepted (a split request counts once).
@@ -254,8 +259,17 @@ pub struct QueueStats {
     pub waited: u64,
     /// SQ tail doorbell writes.
     pub sq_doorbells: u64,
-    /// CQ head doorbell writes.
+    /// CQ head doorbell writes (one per poll that consumed completion entries).
     pub cq_doorbells: u64,
+    /// Polls that found no completion entry (polls that found some are `cq_doorbells`).
+    pub empty_polls: u64,
+    /// Housekeeping runs (a clock read each, for timeouts and health checks): every 4096
+    /// polls with completions, or every 256 empty polls.
+    pub housekeeping: u64,
+    /// Device register reads (MMIO reads of the BAR: CSTS for health checks) this queue pair
+    /// made. Nothing on the I/O path reads a register: only a queue pair with requests
+    /// outstanding and no completion for 10 ms reads CSTS.
+    pub register_reads: u64,
     /// Commands that timed out.
     pub timeouts: u64,
     /// Completions of timed-out commands that arrived later (dropped).
@@ -272,6 +286,13 @@ pub struct QueueStats {
     pub protocol_errors: u64,
     /// Contexts never handed back because the device could not be stopped.
     pub leaked: u64,
+}
+
+impl QueueStats {
+    /// Polls that reached the CQ: those that consumed entries and those that found none.
+    pub fn polls(&self) -> u64 {
+        self.cq_doorbells + self.empty_polls
+    }
 }
 
 const NIL: u16 = u16::MAX;
@@ -302,9 +323,12 @@ const F_LEAK: u8 = 16;
 /// Status code and status code type in completion dword 3 (zero: success).
 const STATUS_MASK: u32 = 0x7ff << 17;
 
-/// Polls between clock reads while completions keep arriving; an empty poll counts 64.
+/// Polls between clock reads while completions keep arriving; an empty poll counts 16, so an
+/// idle queue pair reads the clock every 256 polls.
 const COUNTDOWN: i32 = 4096;
-const IDLE_WEIGHT: i32 = 64;
+const IDLE_WEIGHT: i32 = 16;
+/// How long a queue pair with requests outstanding may go without a completion before it reads
+/// CSTS (a device that completes commands needs no other sign of life).
 const HEALTH_INTERVAL: Duration = Duration::from_millis(10);
 /// Epochs (quarter timeouts) after which a command has timed out.
 const TIMEOUT_EPOCHS: u32 = 5;
@@ -390,6 +414,9 @@ pub struct QueuePair<T> {
     tick: Duration,
     tick_start: Instant,
     next_health: Instant,
+    /// `stats.cq_doorbells` when the health check was last put off: polls that consumed
+    /// completions since then show the device alive.
+    health_mark: u64,
     dma: DmaMemory,
     shared: Arc<Shared>,
     sq_mem: ManuallyDrop<DmaBuffer>,
@@ -544,6 +571,7 @@ impl<T> QueuePair<T> {
             tick: timeout.map_or(Duration::MAX, |t| t / 4),
             tick_start: now,
             next_health: now,
+            health_mark: 0,
             dma: shared.bus.dma().clone(),
             shared,
             sq_mem: ManuallyDrop::new(sq_mem),
@@ -827,7 +855,7 @@ impl<T> QueuePair<T> {
             if let Some(r) = self.sync.take() {
                 break r.map_err(Error::Io);
             }
-            match self.poll_inner(usize::MAX, &mut |_, _| {}) {
+            match self.poll_inner(usize::MAX, &mut |_: &mut Resubmit<'_, T>, _, _| {}) {
                 Ok(0) => {
                     idle += 1;
                     if idle > 16 {
@@ -862,6 +890,22 @@ impl<T> QueuePair<T> {
     /// returns [`Error::QueueDead`].
     #[inline]
     pub fn poll<F: FnMut(T, IoResult)>(&mut self, max: usize, mut f: F) -> Result<usize> {
+        self.poll_inner(max, &mut |_: &mut Resubmit<'_, T>, ctx: T, r: IoResult| {
+            f(ctx, r)
+        })
+    }
+
+    /// [`poll`](Self::poll) whose closure may submit new commands through the [`Resubmit`]
+    /// handle it is given, as it handles each completion: the commands submitted during the
+    /// poll go to the device with one SQ tail doorbell write after the completion queue was
+    /// consumed (and its head doorbell written once), so a loop that resubmits what completes
+    /// writes one SQ and one CQ doorbell per poll whatever the queue depth.
+    #[inline]
+    pub fn poll_resubmit<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
+        &mut self,
+        max: usize,
+        mut f: F,
+    ) -> Result<usize> {
         self.poll_inner(max, &mut f)
     }
 

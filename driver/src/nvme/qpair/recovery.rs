@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::{
     COUNTDOWN, F_CTX, F_DEFERRED, F_HOLDS, F_LEAK, F_SYNC, HEALTH_INTERVAL, IN_FLIGHT, IoResult,
-    LEAKED, NIL, PARENT, QUARANTINED, QueuePair, TIMEOUT_EPOCHS, WAITING, lba_of,
+    LEAKED, NIL, PARENT, QUARANTINED, QueuePair, Resubmit, TIMEOUT_EPOCHS, WAITING, lba_of,
 };
 use crate::nvme::admin::{AbortOutcome, abort_with};
 use crate::nvme::error::{DeadReason, Error, IoError, ProtocolError};
@@ -29,7 +29,11 @@ impl<T> QueuePair<T> {
     /// A completion for a quarantined command (late), or for no command at all.
     #[cold]
     #[inline(never)]
-    pub(super) fn complete_unusual<F: FnMut(T, IoResult)>(&mut self, cid: u16, f: &mut F) -> usize {
+    pub(super) fn complete_unusual<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
+        &mut self,
+        cid: u16,
+        f: &mut F,
+    ) -> usize {
         if self.slot(cid).state != QUARANTINED {
             self.bad(ProtocolError::UnknownCid(Cid(cid)));
             return 0;
@@ -60,7 +64,12 @@ impl<T> QueuePair<T> {
 
     /// Reports the timeout of quarantined command `idx` to its request. With `free`, the slot
     /// is released too (the device has let go of it).
-    fn report_timeout<F: FnMut(T, IoResult)>(&mut self, idx: u16, free: bool, f: &mut F) -> usize {
+    fn report_timeout<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
+        &mut self,
+        idx: u16,
+        free: bool,
+        f: &mut F,
+    ) -> usize {
         let e = self.timeout_error(idx);
         let s = self.slot(idx);
         s.flags &= !F_DEFERRED;
@@ -87,17 +96,25 @@ impl<T> QueuePair<T> {
         // SAFETY: F_CTX says the context is initialised; cleared so it is read once.
         let ctx = unsafe { s.ctx.assume_init_read() };
         self.stats.completed += 1;
-        f(ctx, Err(e));
+        f(&mut Resubmit { qp: self }, ctx, Err(e));
         1
     }
 
     // ---------------------------------------------------------------------------------------
     // Time, health and failure.
 
+    /// Every few thousand polls, or every 256 empty ones: reads the clock, advances the epoch
+    /// (scanning for timeouts), and checks the controller's health if the queue pair has had
+    /// requests outstanding and seen no completion for [`HEALTH_INTERVAL`]. A queue pair whose
+    /// device keeps completing commands reads no register at all.
     #[cold]
     #[inline(never)]
-    pub(super) fn housekeeping<F: FnMut(T, IoResult)>(&mut self, idle: bool, f: &mut F) -> usize {
+    pub(super) fn housekeeping<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
+        &mut self,
+        f: &mut F,
+    ) -> usize {
         self.countdown = COUNTDOWN;
+        self.stats.housekeeping += 1;
         if let Some(reason) = self.dead {
             return if self.died { 0 } else { self.die(reason, f) };
         }
@@ -105,16 +122,22 @@ impl<T> QueuePair<T> {
             return 0;
         }
         let now = Instant::now();
+        // A poll that consumed completion entries since the last look (one CQ doorbell each)
+        // is a sign of life: the health check moves a whole interval away.
+        if self.stats.cq_doorbells != self.health_mark {
+            self.health_mark = self.stats.cq_doorbells;
+            self.next_health = now + HEALTH_INTERVAL;
+        }
+        let check_health = now >= self.next_health;
         let mut delivered = 0;
-        let mut check_health = idle && now >= self.next_health;
         if now.duration_since(self.tick_start) >= self.tick {
             self.epoch = self.epoch.wrapping_add(1);
             self.tick_start = now;
-            check_health = true;
             delivered += self.scan_timeouts(f);
         }
         if check_health && self.dead.is_none() {
             self.next_health = now + HEALTH_INTERVAL;
+            self.stats.register_reads += 1;
             let reason = match self.shared.check_csts() {
                 Err(Error::DeviceGone { .. }) => Some(DeadReason::DeviceGone),
                 Err(_) => Some(DeadReason::ControllerFatal),
@@ -132,7 +155,7 @@ impl<T> QueuePair<T> {
     /// found the admin queue full or the controller unusable, and none while another thread
     /// holds the admin queue. Each Abort waits for its completion (up to the admin timeout)
     /// from inside `poll`, so the budget bounds how long a hung device can stall the poll.
-    fn scan_timeouts<F: FnMut(T, IoResult)>(&mut self, f: &mut F) -> usize {
+    fn scan_timeouts<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(&mut self, f: &mut F) -> usize {
         let mut delivered = 0;
         let mut aborts_left = self.abort_limit;
         let mut unrecoverable = false;
@@ -236,7 +259,11 @@ impl<T> QueuePair<T> {
     /// Stops the queue: makes sure the device no longer uses its memory (or leaks what it may
     /// still use), and completes every request exactly once.
     #[cold]
-    fn die<F: FnMut(T, IoResult)>(&mut self, reason: DeadReason, f: &mut F) -> usize {
+    fn die<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
+        &mut self,
+        reason: DeadReason,
+        f: &mut F,
+    ) -> usize {
         self.dead = Some(reason);
         self.died = true;
         let stopped = self.stop_device(reason);

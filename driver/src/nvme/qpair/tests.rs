@@ -241,3 +241,100 @@ fn owned_buffers_from_several_chunks_are_translated_right() {
     drop((owned, q));
     assert_eq!(emu.stats().dma_faults, 0);
 }
+
+#[test]
+fn poll_counters_and_the_health_check() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let (_c, _emu, mut q) = setup(8, 8);
+    let empty = |q: &mut QueuePair<u64>, n: u32| {
+        for _ in 0..n {
+            assert_eq!(q.poll(usize::MAX, |_, _| {}).unwrap(), 0);
+        }
+    };
+    // Idle with nothing outstanding: an empty poll counts 16 of the 4096 between clock reads,
+    // and housekeeping reads no register.
+    empty(&mut q, 600);
+    let s = q.stats();
+    assert_eq!((s.empty_polls, s.polls(), s.cq_doorbells), (600, 600, 0));
+    assert_eq!((s.housekeeping, s.register_reads), (2, 0));
+    // A request outstanding (a slot taken, nothing on the device) and no completion since the
+    // health check was due: CSTS is read once, then not again before the interval is over.
+    let idx = q.pop_free().unwrap();
+    q.countdown = 0;
+    empty(&mut q, 1);
+    assert_eq!((q.stats().housekeeping, q.stats().register_reads), (3, 1));
+    q.next_health = Instant::now() + Duration::from_secs(3600);
+    empty(&mut q, 256);
+    assert_eq!((q.stats().housekeeping, q.stats().register_reads), (4, 1));
+    // Overdue, but a poll consumed completions since the last look: still no read.
+    q.next_health = q.tick_start;
+    q.stats.cq_doorbells += 1;
+    empty(&mut q, 256);
+    assert_eq!((q.stats().housekeeping, q.stats().register_reads), (5, 1));
+    assert!(q.next_health > q.tick_start);
+    // Overdue without progress: read again.
+    q.next_health = q.tick_start;
+    empty(&mut q, 256);
+    assert_eq!((q.stats().housekeeping, q.stats().register_reads), (6, 2));
+    q.push_free(idx);
+}
+
+/// A QD32 read loop that resubmits from inside the poll's closure until `n` reads completed;
+/// returns the tags' completion counts.
+fn resubmit_loop(c: &Controller, q: &mut QueuePair<u64>, n: u64) -> Vec<u64> {
+    let ns = c.namespaces().remove(0);
+    let bufs: Vec<_> = (0..32).map(|_| c.alloc(4096).unwrap()).collect();
+    for (tag, b) in bufs.iter().enumerate() {
+        // SAFETY: the buffers outlive the loop, which drains every request.
+        unsafe { q.read_raw(&ns, Lba(tag as u64 * 8), b.as_dma_slice(), tag as u64) }.unwrap();
+    }
+    q.ring();
+    let (mut done, mut issued) = (0u64, 32u64);
+    let mut per_tag = vec![0u64; 32];
+    while done < n {
+        q.poll_resubmit(usize::MAX, |r, tag, res| {
+            res.unwrap();
+            done += 1;
+            per_tag[tag as usize] += 1;
+            if issued < n {
+                issued += 1;
+                let b = bufs[tag as usize].as_dma_slice();
+                let lba = Lba((issued % 64) * 8);
+                // SAFETY: as above; the buffer's previous read has completed.
+                unsafe { r.read_raw(&ns, lba, b, tag) }.unwrap();
+            }
+        })
+        .unwrap();
+    }
+    assert_eq!((q.in_flight(), q.outstanding()), (0, 0));
+    per_tag
+}
+
+#[test]
+fn resubmitting_inside_the_poll_rings_once_per_poll() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    // Inline: each doorbell completes the whole batch, so every poll sees 32 completions.
+    let (c, _emu, mut q) = setup(64, 64);
+    let per_tag = resubmit_loop(&c, &mut q, 3200);
+    assert!(per_tag.iter().all(|&k| k == 100), "{per_tag:?}");
+    let s = q.stats();
+    assert_eq!((s.submitted, s.completed), (3200, 3200));
+    assert_eq!((s.sq_doorbells, s.cq_doorbells), (100, 100), "{s:?}");
+    // Threaded: completions trickle in, but never more than one SQ and one CQ doorbell per
+    // poll that consumed entries (plus the first ring).
+    let emu = EmulatedController::new(EmulatedConfig {
+        mode: crate::bus::emulated::Mode::Threaded,
+        namespaces: vec![NamespaceConfig::memory(512, 1 << 16)],
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let c = Controller::new(emu.clone()).unwrap();
+    let mut q = c
+        .create_qpair::<u64>(QueueOptions::default().with_entries(64))
+        .unwrap();
+    let per_tag = resubmit_loop(&c, &mut q, 3200);
+    assert_eq!(per_tag.iter().sum::<u64>(), 3200);
+    let s = q.stats();
+    assert!(s.sq_doorbells <= s.cq_doorbells + 1, "{s:?}");
+    assert_eq!(s.completed, 3200);
+}
