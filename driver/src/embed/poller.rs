@@ -440,8 +440,12 @@ pub trait PollerTask: Send + 'static {
         let _ = wait;
         true
     }
-    /// The sleep that followed a [`prepare_wait`](Self::prepare_wait) returning true ended.
-    fn end_wait(&mut self) {}
+    /// The sleep that followed a [`prepare_wait`](Self::prepare_wait) returning true ended;
+    /// [`PollerWait::ready`] tells which descriptors woke it (none if another task's work
+    /// cancelled the sleep), so the task can skip looking at the others.
+    fn end_wait(&mut self, wait: &PollerWait) {
+        let _ = wait;
+    }
 }
 
 /// The handle of a task added to a poller, to remove it.
@@ -668,14 +672,14 @@ impl Tasks {
                 None => self.wait.timeout(Duration::from_millis(1)),
             }
             self.wait.sleep();
-            if let Some(w) = &s.wake_fd {
+            if let Some(w) = s.wake_fd.as_ref().filter(|w| self.wait.ready(w.raw_fd())) {
                 w.drain();
             }
         }
         let mut i = 0;
         while i < prepared.min(self.list.len()) {
-            let t = &mut self.list[i].1;
-            if catch_unwind(AssertUnwindSafe(|| t.end_wait())).is_err() {
+            let (t, w) = (&mut self.list[i].1, &self.wait);
+            if catch_unwind(AssertUnwindSafe(|| t.end_wait(w))).is_err() {
                 drop_task(self.list.remove(i).1);
                 bump(&s.counters.task_panics, 1);
                 prepared -= 1;

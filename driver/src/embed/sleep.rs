@@ -53,6 +53,13 @@ impl PollerWait {
         self.fds.is_empty()
     }
 
+    /// True if the last sleep found `fd` ready (readable, writable as asked, hung up or in
+    /// error); false for a descriptor not waited on, and when no sleep happened (a task then
+    /// looks itself, at the cost of a system call).
+    pub fn ready(&self, fd: RawFd) -> bool {
+        self.fds.iter().any(|p| p.fd == fd && p.revents != 0)
+    }
+
     pub(crate) fn clear(&mut self) {
         self.fds.clear();
         self.timeout = None;

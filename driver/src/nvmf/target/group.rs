@@ -8,6 +8,15 @@
 //! an idle group costs no CPU (the QD1 case on a shared core) and wakes as soon as there is
 //! work. Who calls them (a pinned Dioxide poller, or [`PollGroup::run_until`] on a thread of
 //! its own) is the caller's choice.
+//!
+//! System calls per command are what a target on a shared, emulated or small CPU pays for
+//! (measured in the QEMU guest: each costs more than the rest of a round), so the group makes
+//! few: after a sleep it looks only at what `poll(2)` found ready (it resets the eventfd only
+//! if it rang, accepts only if the listener is readable); a connection reads many PDUs per
+//! `recv` and stops at the first short read (no `recv` only to learn the socket is empty), and
+//! sends what its round produced in one `writev`. A connection still tries to read once per
+//! round while the group is busy: skipping rounds after an empty read was measured to stall a
+//! shared core's host, whose next commands then waited behind the rounds the poller yielded.
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
@@ -59,7 +68,7 @@ pub struct PollGroup {
     conns: Vec<Connection>,
     adopted: usize,
     /// Rounds until the listener is tried again while the group is busy (it is tried after
-    /// every sleep, whose `poll(2)` watches it): an `accept` per round would cost a system
+    /// a sleep whose `poll(2)` found it readable): an `accept` per round would cost a system
     /// call per round.
     accept_in: u32,
     closed: ClosedLog,
@@ -174,7 +183,7 @@ impl PollGroup {
         if self.prepare_sleep(&mut w) {
             w.timeout(timeout);
             w.sleep();
-            self.end_sleep();
+            self.end_sleep(&w);
         }
         self.sleep = w;
     }
@@ -214,12 +223,22 @@ impl PollGroup {
         true
     }
 
-    /// The second half: lowers the flag and resets the eventfd.
-    fn end_sleep(&mut self) {
-        self.accept_in = 0;
+    /// The second half: lowers the flag, and looks only at what woke the sleep (each look is a
+    /// system call, which an emulated CPU makes expensive): resets the eventfd if it rang and
+    /// accepts next round if the listener is readable.
+    fn end_sleep(&mut self, w: &PollerWait) {
         if let Some(n) = &self.notifier {
             n.sleeping(false);
-            n.drain();
+            if w.ready(n.raw_fd()) {
+                n.drain();
+            }
+        }
+        if self
+            .listener
+            .as_ref()
+            .is_some_and(|l| w.ready(l.as_raw_fd()))
+        {
+            self.accept_in = 0;
         }
     }
 
@@ -302,7 +321,7 @@ impl PollerTask for PollGroup {
     fn prepare_wait(&mut self, wait: &mut PollerWait) -> bool {
         self.prepare_sleep(wait)
     }
-    fn end_wait(&mut self) {
-        self.end_sleep();
+    fn end_wait(&mut self, wait: &PollerWait) {
+        self.end_sleep(wait);
     }
 }

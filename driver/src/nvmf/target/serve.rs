@@ -56,8 +56,8 @@ impl PollerTask for ServedGroup {
     fn prepare_wait(&mut self, wait: &mut PollerWait) -> bool {
         PollerTask::prepare_wait(&mut self.group, wait)
     }
-    fn end_wait(&mut self) {
-        PollerTask::end_wait(&mut self.group);
+    fn end_wait(&mut self, wait: &PollerWait) {
+        PollerTask::end_wait(&mut self.group, wait);
     }
 }
 

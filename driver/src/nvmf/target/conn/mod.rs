@@ -72,6 +72,24 @@ pub(crate) const ADMIN_QUEUE_DEPTH: u16 = 32;
 pub const ADMIN_IN_CAPSULE: u32 = 8192;
 /// How long a closing connection may take to send its last PDUs.
 const LINGER: Duration = Duration::from_secs(2);
+/// The socket as one [`Connection::recv`] reads it: once a read returned less than it asked
+/// for, the socket is empty, and a further read in this call would only cost a system call
+/// to learn it, so it is `WouldBlock` without asking (the next poll reads again).
+struct UntilShort<'a> {
+    sock: &'a mut TcpStream,
+    drained: &'a mut bool,
+}
+
+impl io::Read for UntilShort<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if *self.drained {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.sock.read(buf)?;
+        *self.drained = n < buf.len();
+        Ok(n)
+    }
+}
 
 /// Counters of one connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -603,14 +621,23 @@ impl Connection {
         self.tx.len() >= self.slots.len() * 2 + 8
     }
 
+    /// Reads and handles up to 64 PDUs (or data parts) from the socket; stops at the first
+    /// short read (see [`UntilShort`]).
     fn recv(&mut self) -> usize {
+        let drained = &mut false;
         let mut work = 0;
         for _ in 0..64 {
             if !self.reads() {
                 break;
             }
             let r = match self.rx {
-                Rx::Header => match self.reader.poll_header(&mut self.rx_buf, &mut self.sock) {
+                Rx::Header => match self.reader.poll_header(
+                    &mut self.rx_buf,
+                    &mut UntilShort {
+                        sock: &mut self.sock,
+                        drained,
+                    },
+                ) {
                     Ok(Some(p)) => {
                         self.stats.pdus_in += 1;
                         work += 1;
@@ -634,7 +661,11 @@ impl Connection {
                         break;
                     };
                     let dst = &mut buf.as_mut_slice()[off as usize..(off + len) as usize];
-                    match self.reader.poll_data(&mut self.rx_buf, &mut self.sock, dst) {
+                    let mut src = UntilShort {
+                        sock: &mut self.sock,
+                        drained,
+                    };
+                    match self.reader.poll_data(&mut self.rx_buf, &mut src, dst) {
                         Ok(Some(ok)) => {
                             work += 1;
                             self.rx = Rx::Header;
@@ -647,7 +678,11 @@ impl Connection {
                 }
                 Rx::NeedBuf { .. } => break,
                 Rx::Discard { slot } => {
-                    match self.reader.poll_discard(&mut self.rx_buf, &mut self.sock) {
+                    let mut src = UntilShort {
+                        sock: &mut self.sock,
+                        drained,
+                    };
+                    match self.reader.poll_discard(&mut self.rx_buf, &mut src) {
                         Ok(Some(_)) => {
                             work += 1;
                             self.rx = Rx::Header;
