@@ -1205,9 +1205,13 @@ impl Local {
 
     /// Poll every queue pair once, then complete what finished (outside the borrow, so the
     /// completions may submit again, and even poll: a nested poll reaps into a fresh list).
+    ///
+    /// A poll that reaped one completion (every poll at queue depth 1) pops it while it holds
+    /// the state and leaves the list there: it takes the state once. A poll that reaped more
+    /// takes the list out of the state, drains it and gives it back.
     pub(crate) fn poll_once(&self) -> usize {
-        let Some(mut done) = self.with(|st| {
-            let mut done = std::mem::take(&mut st.reaped);
+        let Some(reaped) = self.with(|st| {
+            let done = &mut st.reaped;
             if !st.failed.is_empty() {
                 for (ctx, s) in st.failed.drain(..) {
                     done.push((ctx, Err(s)));
@@ -1216,21 +1220,35 @@ impl Local {
             for q in st.qpairs.iter_mut() {
                 let _ = q.poll(usize::MAX, |ctx, r| done.push((ctx, status_of(r))));
             }
-            done
+            match done.len() {
+                0 => Reaped::None,
+                1 => done.pop().map_or(Reaped::None, Reaped::One),
+                _ => Reaped::Many(std::mem::take(done)),
+            }
         }) else {
             return 0;
         };
-        let n = done.len();
-        for (ctx, s) in done.drain(..) {
-            ctx.complete(s);
-        }
-        // Give the (empty) list back for the next poll, unless a nested poll already did.
-        self.with(|st| {
-            if st.reaped.capacity() < done.capacity() {
-                st.reaped = done;
+        match reaped {
+            Reaped::None => 0,
+            Reaped::One((ctx, s)) => {
+                ctx.complete(s);
+                1
             }
-        });
-        n
+            Reaped::Many(mut done) => {
+                let n = done.len();
+                for (ctx, s) in done.drain(..) {
+                    ctx.complete(s);
+                }
+                // Give the (empty) list back for the next poll, unless a nested poll already
+                // did.
+                self.with(|st| {
+                    if st.reaped.capacity() < done.capacity() {
+                        st.reaped = done;
+                    }
+                });
+                n
+            }
+        }
     }
 
     /// True while a request is on a live queue pair or waits in the failed list: shutdown polls
@@ -1260,6 +1278,14 @@ impl Local {
         });
         drop(st);
     }
+}
+
+/// What one poll of a [`Local`] engine reaped.
+enum Reaped {
+    None,
+    One((BioCtx, Result<(), DeviceStatus>)),
+    /// Two or more: the state's list, taken out while it is drained.
+    Many(Vec<(BioCtx, Result<(), DeviceStatus>)>),
 }
 
 /// dio-core's view of a [`Local`] engine: the sink and the in-place poller.
