@@ -205,27 +205,38 @@ fn submit_one(
         bio,
         waiter,
     } = w;
+    submit_ctx(qpairs, targets, target, BioCtx(bio, waiter), failed).map_err(
+        |BioCtx(bio, waiter)| Work {
+            target,
+            bio,
+            waiter,
+        },
+    )
+}
+
+/// [`submit_one`] on a context already built: `Err(ctx)` when the request pool is exhausted.
+#[inline(always)]
+fn submit_ctx(
+    qpairs: &mut [QueuePair<BioCtx>],
+    targets: &Targets,
+    target: u32,
+    ctx: BioCtx,
+    failed: &mut Vec<(BioCtx, DeviceStatus)>,
+) -> Result<(), BioCtx> {
     let (qi, ns) = &targets[target as usize];
     let q = &mut qpairs[*qi];
-    let lba = Lba(bio.lba());
-    let r = match bio.op() {
-        BioOp::Read => q.read(ns, lba, BioCtx(bio, waiter)),
-        BioOp::Write => q.write(ns, lba, BioCtx(bio, waiter)),
+    let lba = Lba(ctx.0.lba());
+    let r = match ctx.0.op() {
+        BioOp::Read => q.read(ns, lba, ctx),
+        BioOp::Write => q.write(ns, lba, ctx),
         BioOp::WriteZeroes => {
-            let blocks = (bio.len() >> ns.block_shift()) as u32;
-            q.write_zeroes(ns, lba, blocks, IoFlags::NONE, BioCtx(bio, waiter))
+            let blocks = (ctx.0.len() >> ns.block_shift()) as u32;
+            q.write_zeroes(ns, lba, blocks, IoFlags::NONE, ctx)
         }
     };
     match r {
         Ok(()) => Ok(()),
-        Err(rej) if matches!(rej.error, Error::PoolExhausted { .. }) => {
-            let BioCtx(bio, waiter) = rej.ctx;
-            Err(Work {
-                target,
-                bio,
-                waiter,
-            })
-        }
+        Err(rej) if matches!(rej.error, Error::PoolExhausted { .. }) => Err(rej.ctx),
         Err(rej) => {
             failed.push((rej.ctx, driver_status(&rej.error)));
             Ok(())
@@ -1300,18 +1311,14 @@ impl BioSink<Window> for LocalSink {
         let mut slot = Some(bio);
         let r = self.local.with(|st| {
             let bio = slot.take().expect("taken once");
-            let w = Work {
-                target: self.target,
-                bio,
-                waiter: None,
-            };
             let LocalState {
                 qpairs,
                 targets,
                 failed,
                 ..
             } = st;
-            submit_one(qpairs, targets, w, failed).map_err(|w| w.bio)
+            submit_ctx(qpairs, targets, self.target, BioCtx(bio, None), failed)
+                .map_err(|BioCtx(bio, _)| bio)
         });
         match r {
             Some(Ok(())) => Ok(()),
