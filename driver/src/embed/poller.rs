@@ -205,15 +205,33 @@ fn submit_one(
         bio,
         waiter,
     } = w;
+    submit_ctx(qpairs, targets, target, BioCtx(bio, waiter), failed).map_err(
+        |BioCtx(bio, waiter)| Work {
+            target,
+            bio,
+            waiter,
+        },
+    )
+}
+
+/// [`submit_one`] on a context already built: `Err(ctx)` when the request pool is exhausted.
+#[inline(always)]
+fn submit_ctx(
+    qpairs: &mut [QueuePair<BioCtx>],
+    targets: &Targets,
+    target: u32,
+    ctx: BioCtx,
+    failed: &mut Vec<(BioCtx, DeviceStatus)>,
+) -> Result<(), BioCtx> {
     let (qi, ns) = &targets[target as usize];
     let q = &mut qpairs[*qi];
-    let lba = Lba(bio.lba());
-    let r = match bio.op() {
-        BioOp::Read => q.read(ns, lba, BioCtx(bio, waiter)),
-        BioOp::Write => q.write(ns, lba, BioCtx(bio, waiter)),
+    let lba = Lba(ctx.0.lba());
+    let r = match ctx.0.op() {
+        BioOp::Read => q.read(ns, lba, ctx),
+        BioOp::Write => q.write(ns, lba, ctx),
         BioOp::WriteZeroes => {
-            let blocks = (bio.len() >> ns.block_shift()) as u32;
-            q.write_zeroes(ns, lba, blocks, IoFlags::NONE, BioCtx(bio, waiter))
+            let blocks = (ctx.0.len() >> ns.block_shift()) as u32;
+            q.write_zeroes(ns, lba, blocks, IoFlags::NONE, ctx)
         }
         // The maintenance commands of `BlockFile` (module `blockfile::maint`).
         BioOp::Flush => q.flush(ns, BioCtx(bio, waiter)),
@@ -221,14 +239,7 @@ fn submit_one(
     };
     match r {
         Ok(()) => Ok(()),
-        Err(rej) if matches!(rej.error, Error::PoolExhausted { .. }) => {
-            let BioCtx(bio, waiter) = rej.ctx;
-            Err(Work {
-                target,
-                bio,
-                waiter,
-            })
-        }
+        Err(rej) if matches!(rej.error, Error::PoolExhausted { .. }) => Err(rej.ctx),
         Err(rej) => {
             failed.push((rej.ctx, driver_status(&rej.error)));
             Ok(())
@@ -1212,9 +1223,13 @@ impl Local {
 
     /// Poll every queue pair once, then complete what finished (outside the borrow, so the
     /// completions may submit again, and even poll: a nested poll reaps into a fresh list).
+    ///
+    /// A poll that reaped one completion (every poll at queue depth 1) pops it while it holds
+    /// the state and leaves the list there: it takes the state once. A poll that reaped more
+    /// takes the list out of the state, drains it and gives it back.
     pub(crate) fn poll_once(&self) -> usize {
-        let Some(mut done) = self.with(|st| {
-            let mut done = std::mem::take(&mut st.reaped);
+        let Some(reaped) = self.with(|st| {
+            let done = &mut st.reaped;
             if !st.failed.is_empty() {
                 for (ctx, s) in st.failed.drain(..) {
                     done.push((ctx, Err(s)));
@@ -1223,21 +1238,35 @@ impl Local {
             for q in st.qpairs.iter_mut() {
                 let _ = q.poll(usize::MAX, |ctx, r| done.push((ctx, status_of(r))));
             }
-            done
+            match done.len() {
+                0 => Reaped::None,
+                1 => done.pop().map_or(Reaped::None, Reaped::One),
+                _ => Reaped::Many(std::mem::take(done)),
+            }
         }) else {
             return 0;
         };
-        let n = done.len();
-        for (ctx, s) in done.drain(..) {
-            ctx.complete(s);
-        }
-        // Give the (empty) list back for the next poll, unless a nested poll already did.
-        self.with(|st| {
-            if st.reaped.capacity() < done.capacity() {
-                st.reaped = done;
+        match reaped {
+            Reaped::None => 0,
+            Reaped::One((ctx, s)) => {
+                ctx.complete(s);
+                1
             }
-        });
-        n
+            Reaped::Many(mut done) => {
+                let n = done.len();
+                for (ctx, s) in done.drain(..) {
+                    ctx.complete(s);
+                }
+                // Give the (empty) list back for the next poll, unless a nested poll already
+                // did.
+                self.with(|st| {
+                    if st.reaped.capacity() < done.capacity() {
+                        st.reaped = done;
+                    }
+                });
+                n
+            }
+        }
     }
 
     /// True while a request is on a live queue pair or waits in the failed list: shutdown polls
@@ -1269,6 +1298,14 @@ impl Local {
     }
 }
 
+/// What one poll of a [`Local`] engine reaped.
+enum Reaped {
+    None,
+    One((BioCtx, Result<(), DeviceStatus>)),
+    /// Two or more: the state's list, taken out while it is drained.
+    Many(Vec<(BioCtx, Result<(), DeviceStatus>)>),
+}
+
 /// dio-core's view of a [`Local`] engine: the sink and the in-place poller.
 pub(crate) struct LocalSink {
     pub local: Arc<Local>,
@@ -1281,18 +1318,14 @@ impl BioSink<Window> for LocalSink {
         let mut slot = Some(bio);
         let r = self.local.with(|st| {
             let bio = slot.take().expect("taken once");
-            let w = Work {
-                target: self.target,
-                bio,
-                waiter: None,
-            };
             let LocalState {
                 qpairs,
                 targets,
                 failed,
                 ..
             } = st;
-            submit_one(qpairs, targets, w, failed).map_err(|w| w.bio)
+            submit_ctx(qpairs, targets, self.target, BioCtx(bio, None), failed)
+                .map_err(|BioCtx(bio, _)| bio)
         });
         match r {
             Some(Ok(())) => Ok(()),

@@ -347,6 +347,9 @@ impl BlockFile {
     // -----------------------------------------------------------------------------------------
     // 4. Split.
 
+    /// Inlined into [`run`](Self::run), its one caller: the request's arguments are not
+    /// moved once more (about 20 instructions per read).
+    #[inline(always)]
     fn read_locked(
         &self,
         offset: u64,
