@@ -234,8 +234,8 @@ fn submit_ctx(
             q.write_zeroes(ns, lba, blocks, IoFlags::NONE, ctx)
         }
         // The maintenance commands of `BlockFile` (module `blockfile::maint`).
-        BioOp::Flush => q.flush(ns, BioCtx(bio, waiter)),
-        BioOp::Deallocate => q.deallocate_list(ns, BioCtx(bio, waiter)),
+        BioOp::Flush => q.flush(ns, ctx),
+        BioOp::Deallocate => q.deallocate_list(ns, ctx),
     };
     match r {
         Ok(()) => Ok(()),
