@@ -153,6 +153,9 @@ pub struct HostQueue {
     sent: usize,
     /// Bytes ever written to the socket (a position in the send stream).
     sent_total: u64,
+    /// Where in `out` the first whole PDU starts (the bytes before it end a PDU whose start
+    /// went out and was dropped from `out`).
+    out_head: usize,
     done: VecDeque<HostCompletion>,
     dead: Option<String>,
     timeout: Duration,
@@ -201,6 +204,7 @@ impl HostQueue {
             out: Vec::with_capacity(64 * 1024),
             sent: 0,
             sent_total: 0,
+            out_head: 0,
             done: VecDeque::new(),
             dead: None,
             timeout: opts.timeout,
@@ -447,11 +451,29 @@ impl HostQueue {
         if self.sent == self.out.len() {
             self.out.clear();
             self.sent = 0;
+            self.out_head = 0;
         } else if self.sent > 1 << 20 {
+            self.out_head = self.pdu_end_from(self.sent) - self.sent;
             self.out.drain(..self.sent);
             self.sent = 0;
         }
         Ok(n)
+    }
+
+    /// The first PDU boundary in `out` at or after `at` (every PDU in `out` is whole, its PLEN
+    /// written by this queue).
+    fn pdu_end_from(&self, at: usize) -> usize {
+        let mut b = self.out_head;
+        while b < at && b + pdu::CH_LEN <= self.out.len() {
+            let plen = u32::from_le_bytes([
+                self.out[b + 4],
+                self.out[b + 5],
+                self.out[b + 6],
+                self.out[b + 7],
+            ]);
+            b += (plen as usize).max(pdu::CH_LEN);
+        }
+        b.min(self.out.len())
     }
 
     /// Sends and receives what can be without blocking; returns the progress made. A fatal
@@ -535,6 +557,9 @@ impl HostQueue {
         Err(err)
     }
 
+    /// Queues an H2CTermReq behind the PDU being sent (the rest of a partly sent PDU goes
+    /// first, so the target can frame the TermReq; PDUs not yet started are dropped) and sends
+    /// what the socket takes now, without blocking: best effort, the connection ends anyway.
     fn send_term(&mut self, f: FatalError) {
         let mut data = self.reader.raw_header().to_vec();
         data.truncate(pdu::MAX_TERM_DATA);
@@ -547,14 +572,16 @@ impl HostQueue {
             self.digests,
             self.cpda,
         );
-        self.out.clear();
-        self.sent = 0;
+        let end = self.pdu_end_from(self.sent);
+        self.out.truncate(end);
         self.out.extend_from_slice(h.as_bytes());
         self.out.extend_from_slice(&data);
-        let _ = self.sock.set_nonblocking(false);
-        let _ = self.sock.set_write_timeout(Some(Duration::from_secs(1)));
-        let _ = self.sock.write_all(&self.out);
+        if let Err(e) = self.send() {
+            log::debug!("nvmf host: queue {}: H2CTermReq not sent: {e}", self.qid);
+        }
         self.out.clear();
+        self.sent = 0;
+        self.out_head = 0;
     }
 
     fn fail_all(&mut self, why: &str) {
