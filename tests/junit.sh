@@ -13,17 +13,21 @@
 #                                         the suite of one HIL guest boot, from its console log
 #   junit_include FILE                    the suites of another report (e.g. tests/hil/run's)
 #   junit_end                             closes the last suite and writes FILE atomically
-# Everything written is escaped: control characters (not allowed in XML 1.0) are dropped and
-# invalid UTF-8 is replaced, so any program output can go into a report.
+# Everything written is escaped: control characters and U+FFFE/U+FFFF (not allowed in XML 1.0)
+# are dropped and invalid UTF-8 is replaced, so any program output can go into a report.
 
 JUNIT_FILE="" JUNIT_BODY="" JUNIT_CASES="" JUNIT_SUITE=""
 JUNIT_T=0 JUNIT_F=0 JUNIT_S=0 JUNIT_TIME=0   # current suite
 JUNIT_TT=0 JUNIT_TF=0 JUNIT_TS=0             # whole report
 
+# U+FFFE and U+FFFF in UTF-8: valid UTF-8 (iconv keeps them), yet not XML 1.0 characters.
+JUNIT_NONCHARS=$(printf '\357\277[\276\277]')
+
 # stdin -> stdout: text safe in an XML attribute or element.
 junit_escape() {
 	if command -v iconv >/dev/null 2>&1; then
-		LC_ALL=C tr -d '\000-\010\013\014\016-\037\177' | iconv -c -f UTF-8 -t UTF-8 2>/dev/null
+		LC_ALL=C tr -d '\000-\010\013\014\016-\037\177' | iconv -c -f UTF-8 -t UTF-8 2>/dev/null |
+			LC_ALL=C sed "s/$JUNIT_NONCHARS//g"
 	else
 		LC_ALL=C tr -d '\000-\010\013\014\016-\037\177\200-\377'
 	fi | sed 's/&/\&amp;/g; s/</\&lt;/g; s/>/\&gt;/g; s/"/\&quot;/g'

@@ -751,7 +751,7 @@ fn make_queues(
         .filter(|e| e.ctrl == ci)
         .map(|e| e.ns.clone())
         .collect();
-    let mut qs = Vec::new();
+    let mut qs: Vec<SharedQueue<DriverQueue>> = Vec::new();
     for k in 0..cfg.qpairs_per_ns {
         let opts = QueueOptions::default()
             .with_entries(qentries)
@@ -765,11 +765,17 @@ fn make_queues(
                 c.label
             )
         })?;
-        qs.push(SharedQueue::new(DriverQueue {
+        let q = DriverQueue {
             qp,
             nss: nss.clone(),
             location: c.addr.clone(),
-        }));
+        };
+        // Siblings: a job's buffers (kept by its first queue pair) outlive all of them.
+        let shared = match qs.first() {
+            None => SharedQueue::new(q),
+            Some(first) => first.sibling(q),
+        };
+        qs.push(shared);
     }
     Ok(qs)
 }

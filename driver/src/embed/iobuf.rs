@@ -104,10 +104,11 @@ pub struct Window {
     tail: *mut Context,
 }
 
-// SAFETY: `tail` is either an address without provenance (nothing is reached through it) or
-// the pointer of a `Box<Context>` that the window owns exclusively (as if it held the box):
-// moving the window to another thread moves that box, and a `&Window` only reads the
-// context's `start`. Both are sound because `Context` is `Send` and `Sync` (checked below).
+// SAFETY: `buf` is an `IoBuffer`, itself `Send` and `Sync` (checked below). `tail` is either
+// an address without provenance (nothing is reached through it) or the pointer of a
+// `Box<Context>` that the window owns exclusively (as if it held the box): moving the window
+// to another thread moves that box, and a `&Window` only reads the context's `start`. Both are
+// sound because `Context` is `Send` and `Sync` (checked below).
 unsafe impl Send for Window {}
 // SAFETY: see `Send` above.
 unsafe impl Sync for Window {}
@@ -115,6 +116,7 @@ unsafe impl Sync for Window {}
 const _: () = {
     const fn send_sync<T: Send + Sync>() {}
     send_sync::<Context>();
+    send_sync::<IoBuffer>();
 };
 
 impl Window {

@@ -86,6 +86,9 @@ struct CtShared {
     ring: ArrayQueue<Work>,
     /// Work that found the ring full (allocates; run after the ring's).
     overflow: Mutex<VecDeque<Work>>,
+    /// Set (under the overflow lock) while the overflow list may hold work: later work goes
+    /// there too, behind it, so that work runs in the order it was handed over.
+    spilled: AtomicBool,
     /// Producers between their check of `stop` and the end of their push.
     active: AtomicUsize,
     stop: AtomicBool,
@@ -108,32 +111,64 @@ impl CtShared {
             w.run();
             return;
         }
-        if let Err(w) = self.ring.push(w) {
-            self.lock_overflow().push_back(w);
+        let w = if self.spilled.load(Ordering::Acquire) {
+            Err(w)
+        } else {
+            self.ring.push(w)
+        };
+        if let Err(w) = w {
+            let mut o = self.lock_overflow();
+            o.push_back(w);
+            self.spilled.store(true, Ordering::Release);
         }
         self.active.fetch_sub(1, Ordering::SeqCst);
         self.unparker.unpark();
     }
 
-    /// Run everything queued; false if there was nothing.
+    /// Run everything queued, oldest first; false if there was nothing.
+    ///
+    /// The ring's work is older than the overflow's (while the overflow holds work, new work
+    /// queues behind it, not in the ring), so the ring runs first, then the overflow until it
+    /// is empty; then the ring takes new work again.
     fn drain(&self) -> bool {
         let mut ran = false;
         while let Some(w) = self.ring.pop() {
-            w.run();
+            run_caught(w);
             ran = true;
         }
         loop {
-            let w = self.lock_overflow().pop_front();
+            let w = {
+                let mut o = self.lock_overflow();
+                let w = o.pop_front();
+                if w.is_none() {
+                    self.spilled.store(false, Ordering::Release);
+                }
+                w
+            };
             let Some(w) = w else { break };
-            w.run();
+            run_caught(w);
             ran = true;
         }
         ran
     }
 }
 
+/// Runs `w`; a panic in it is logged and goes no further: the thread keeps running the work
+/// queued behind it.
+fn run_caught(w: Work) {
+    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run())) {
+        let why = p
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(not a string)");
+        log::error!("completion thread: a deferred job panicked: {why}; running the next ones");
+    }
+}
+
 /// A thread of the appliance's that runs deferred completions, in the order they were handed
-/// over (unless more than 4096 wait at once: the excess runs after them).
+/// over (beyond 4096 waiting at once the excess waits in an overflow list, still in order).
+/// A job that panics is logged and the thread goes on with the next.
 ///
 /// A request's completion reaches it without an allocation ([`Deferral::defer_completion`]
 /// puts dio-core's pooled [`Deferred`](dio_core::Deferred) on a preallocated lock-free ring);
@@ -156,6 +191,7 @@ impl CompletionThread {
         let shared = Arc::new(CtShared {
             ring: ArrayQueue::new(COMPLETION_RING),
             overflow: Mutex::new(VecDeque::new()),
+            spilled: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             unparker: parker.unparker().clone(),
@@ -516,5 +552,66 @@ impl Drop for Dioxide {
                 l.close();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A panicking deferred job does not stop the thread: the jobs behind it still run.
+    #[test]
+    fn a_panicking_job_does_not_stop_the_completion_thread() {
+        let ct = CompletionThread::spawn("test-ct-panic").expect("spawn");
+        let (tx, rx) = mpsc::channel();
+        ct.defer(Box::new(|| panic!("a deferred job fails")));
+        let tx2 = tx.clone();
+        ct.defer(Box::new(move || tx2.send(1).expect("send")));
+        ct.defer(Box::new(|| panic!("another")));
+        ct.defer(Box::new(move || tx.send(2).expect("send")));
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(30))
+                .expect("the job after the panic ran"),
+            1
+        );
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(30))
+                .expect("and the one after the next panic"),
+            2
+        );
+        ct.stop();
+    }
+
+    /// Work that spilled to the overflow list runs before work handed over after it, even when
+    /// the ring has room again.
+    #[test]
+    fn work_runs_in_order_across_the_overflow() {
+        let ct = CompletionThread::spawn("test-ct-order").expect("spawn");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        ct.defer(Box::new(move || go_rx.recv().expect("go")));
+        let n = COMPLETION_RING as u32 + 10;
+        for i in 1..=n {
+            let l = log.clone();
+            let late = (i == 1).then(|| (ct.clone(), log.clone()));
+            ct.defer(Box::new(move || {
+                l.lock().expect("log").push(i);
+                // The first job runs with the ring's room freed and the overflow full: what
+                // it hands over must still wait behind the overflow.
+                if let Some((ct, l)) = late {
+                    ct.defer(Box::new(move || l.lock().expect("log").push(n + 1)));
+                }
+            }));
+        }
+        go_tx.send(()).expect("go");
+        // All of it runs on the thread (after `stop`, a hand-over would run in place).
+        while log.lock().expect("log").len() < n as usize + 1 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        ct.stop();
+        let got = log.lock().expect("log").clone();
+        let first_wrong = got.iter().zip(1..).position(|(&g, want)| g != want);
+        assert_eq!(first_wrong, None, "{:?}", &got[..got.len().min(8)]);
     }
 }

@@ -12,9 +12,12 @@
 //! and nothing is allocated while I/O runs. All jobs of a core run on one thread, so the
 //! sharing is a plain `Rc<RefCell<..>>`.
 //!
-//! Buffers outlive the queue: a job that is dropped gives its buffers to the shared queue
+//! Buffers outlive the queues: a job that is dropped gives its buffers to the shared queue
 //! ([`QueueHandle::keep_buffers`]), which frees them only after the queue itself (and with it the
-//! device's queues) is gone, even when other jobs still hold the queue.
+//! device's queues) is gone, even when other jobs still hold the queue. A job may have commands
+//! in flight on every queue pair of its controller on its core (`-P`), so those queue pairs
+//! ([`SharedQueue::sibling`]) keep the buffers together: they are freed after the last of them
+//! is gone, not with the first.
 
 use super::IoQueue;
 use std::cell::RefCell;
@@ -29,6 +32,9 @@ pub const MAX_JOBS: usize = 1 << (64 - JOB_SHIFT);
 
 type Completion<Q> = (u64, Result<(), <Q as IoQueue>::IoErr>);
 
+/// Buffers kept for a group of sibling queues, freed when the last of them is dropped.
+type Kept<Q> = Rc<RefCell<Vec<<Q as IoQueue>::Buf>>>;
+
 struct Inner<Q: IoQueue> {
     // Declared before the buffers: the queue is dropped (its device queues deleted) first.
     q: Q,
@@ -37,7 +43,8 @@ struct Inner<Q: IoQueue> {
     unrung: bool,
     /// Why the queue failed: every job on it sees the same error from then on.
     failed: Option<String>,
-    kept: Vec<Q::Buf>,
+    /// Shared with the sibling queues; dropped after `q` (declared after it).
+    kept: Kept<Q>,
 }
 
 /// A queue pair shared by several jobs (see the module documentation).
@@ -48,13 +55,24 @@ pub struct SharedQueue<Q: IoQueue> {
 impl<Q: IoQueue> SharedQueue<Q> {
     /// Shares `q`.
     pub fn new(q: Q) -> SharedQueue<Q> {
+        Self::with_kept(q, Rc::new(RefCell::new(Vec::new())))
+    }
+
+    /// Shares `q`, another queue pair of the same jobs: buffers kept by either are freed only
+    /// after both (and every other sibling) are dropped.
+    pub fn sibling(&self, q: Q) -> SharedQueue<Q> {
+        let kept = self.inner.borrow().kept.clone();
+        Self::with_kept(q, kept)
+    }
+
+    fn with_kept(q: Q, kept: Kept<Q>) -> SharedQueue<Q> {
         SharedQueue {
             inner: Rc::new(RefCell::new(Inner {
                 q,
                 mailboxes: Vec::new(),
                 unrung: false,
                 failed: None,
-                kept: Vec::new(),
+                kept,
             })),
         }
     }
@@ -179,9 +197,10 @@ impl<Q: IoQueue> QueueHandle<Q> {
         }
     }
 
-    /// Gives `bufs` to the shared queue, to be freed only after the queue is dropped.
+    /// Gives `bufs` to the shared queue, to be freed only after it and its siblings are
+    /// dropped.
     pub fn keep_buffers(&mut self, bufs: Vec<Q::Buf>) {
-        self.inner.borrow_mut().kept.extend(bufs);
+        self.inner.borrow().kept.borrow_mut().extend(bufs);
     }
 
     /// The queue's own error classification, see [`IoQueue::status`].
@@ -192,5 +211,74 @@ impl<Q: IoQueue> QueueHandle<Q> {
     /// See [`IoQueue::retire`].
     pub fn retire(e: &Q::IoErr) -> bool {
         Q::retire(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::IoBuf;
+    use dioxide::spec::Status;
+
+    type Log = Rc<RefCell<Vec<String>>>;
+
+    struct LogBuf(Log);
+    impl IoBuf for LogBuf {
+        fn bytes(&mut self) -> &mut [u8] {
+            &mut []
+        }
+    }
+    impl Drop for LogBuf {
+        fn drop(&mut self) {
+            self.0.borrow_mut().push("buffer".into());
+        }
+    }
+
+    struct LogQueue(&'static str, Log);
+    impl Drop for LogQueue {
+        fn drop(&mut self) {
+            self.1.borrow_mut().push(self.0.into());
+        }
+    }
+    impl IoQueue for LogQueue {
+        type Buf = LogBuf;
+        type Error = String;
+        type IoErr = String;
+        unsafe fn submit(
+            &mut self,
+            _: bool,
+            _: u32,
+            _: u64,
+            _: u32,
+            _: &LogBuf,
+            _: u64,
+        ) -> Result<(), String> {
+            Ok(())
+        }
+        fn ring(&mut self) {}
+        fn poll<F: FnMut(u64, Result<(), String>)>(&mut self, _: u32, _: F) -> Result<u32, String> {
+            Ok(0)
+        }
+        fn status(_: &String) -> Option<Status> {
+            None
+        }
+        fn retire(_: &String) -> bool {
+            false
+        }
+    }
+
+    /// A job's buffers given to its first queue pair are freed after its second one is gone
+    /// too (that one may still have had the job's commands in flight).
+    #[test]
+    fn kept_buffers_outlive_every_sibling_queue() {
+        let log: Log = Rc::default();
+        let q0 = SharedQueue::new(LogQueue("queue 0", log.clone()));
+        let q1 = q0.sibling(LogQueue("queue 1", log.clone()));
+        let mut h0 = q0.handle().unwrap();
+        let h1 = q1.handle().unwrap();
+        h0.keep_buffers(vec![LogBuf(log.clone())]);
+        drop((h0, q0));
+        drop((h1, q1));
+        assert_eq!(*log.borrow(), vec!["queue 0", "queue 1", "buffer"]);
     }
 }

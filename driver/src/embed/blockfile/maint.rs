@@ -184,6 +184,11 @@ impl BlockFile {
     }
 
     /// [`write_zeroes`](Self::write_zeroes), asynchronously (see [`submit_flush`](Self::submit_flush)).
+    ///
+    /// A write zeroes or deallocate that fails (synchronously, or refused here with an error)
+    /// may have partly taken effect: it is several device commands, and those issued before
+    /// the failure ran. Its range then holds zeroes, deallocated blocks or the old data,
+    /// block by block; repeat the operation to know what it holds.
     pub fn submit_write_zeroes(
         &self,
         offset: u64,
@@ -571,11 +576,14 @@ impl BlockFile {
                 );
                 let (r, back) = super::sync_outcome(o);
                 // Run to completion: the queue pair's pool was exhausted before any command
-                // of ours was in flight: poll and try again.
+                // of ours was in flight: poll and try again while that frees something (a
+                // request in flight will complete); with nothing in flight, retrying would
+                // spin for ever: the error is the answer.
                 if let (EngineRef::Local(l), Err(DioError::QueueFull)) = (&inner.engine, &r) {
-                    l.poll_once();
-                    w = back;
-                    continue;
+                    if l.poll_once() > 0 || l.in_flight() {
+                        w = back;
+                        continue;
+                    }
                 }
                 drop(guard);
                 return Some(r.map(|_| ()).map_err(err));
@@ -604,7 +612,10 @@ impl BlockFile {
                         completion,
                         ..
                     } if e.is_submission_class() => {
-                        // Refused: the range is given back, the callback dropped unrun.
+                        // Refused: the range is given back, the callback dropped unrun. A
+                        // request of several commands may have been refused after its first
+                        // ones went out: those ran, so part of the range may be zeroed or
+                        // deallocated (see `submit_write_zeroes`).
                         completion.discard();
                         Some(Err(err(e)))
                     }

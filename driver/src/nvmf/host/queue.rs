@@ -8,6 +8,12 @@
 //! command's buffer, a response capsule finishes the command. Finished commands are taken with
 //! [`HostQueue::pop`] (or handed to a callback by [`HostQueue::poll_with`]).
 //!
+//! The host announces MAXR2T 1 (one R2T outstanding per command) and holds the target to it: an
+//! R2T must ask for the bytes that follow the ones asked for before, for a write whose data did
+//! not go in-capsule, and only once the previous R2T's data has gone out; anything else is a
+//! protocol error that ends the connection. So the send buffer never holds more than each
+//! outstanding command's data once, whatever a target sends.
+//!
 //! Time is read only every [`CLOCK_EVERY`] polls, or when a poll finds nothing to do; each
 //! command carries the coarse time it was queued at, and a command older than the queue's
 //! command timeout kills the connection (NVMe/TCP has no way to take a command back from a
@@ -107,6 +113,13 @@ struct Cmd {
     len: u32,
     c2h_got: u32,
     digest_bad: bool,
+    /// The write's data went in the command capsule (no R2T may ask for it).
+    incapsule: bool,
+    /// Bytes of the write the target asked for so far (the next R2T's offset).
+    r2t_next: u32,
+    /// Where in the send stream ([`HostQueue::sent_total`]) the data of the last R2T ends: a
+    /// further R2T before it has all gone out exceeds the MAXR2T of 1 the host announced.
+    r2t_done_at: u64,
     /// Coarse time (ms since the queue opened) it was queued at; `u64::MAX`: no time limit
     /// (an Asynchronous Event Request waits for an event as long as it takes).
     queued_ms: u64,
@@ -138,6 +151,11 @@ pub struct HostQueue {
     free: Vec<u16>,
     out: Vec<u8>,
     sent: usize,
+    /// Bytes ever written to the socket (a position in the send stream).
+    sent_total: u64,
+    /// Where in `out` the first whole PDU starts (the bytes before it end a PDU whose start
+    /// went out and was dropped from `out`).
+    out_head: usize,
     done: VecDeque<HostCompletion>,
     dead: Option<String>,
     timeout: Duration,
@@ -185,6 +203,8 @@ impl HostQueue {
             free: (0..n).rev().collect(),
             out: Vec::with_capacity(64 * 1024),
             sent: 0,
+            sent_total: 0,
+            out_head: 0,
             done: VecDeque::new(),
             dead: None,
             timeout: opts.timeout,
@@ -363,6 +383,9 @@ impl HostQueue {
             len,
             c2h_got: 0,
             digest_bad: false,
+            incapsule,
+            r2t_next: 0,
+            r2t_done_at: 0,
             queued_ms: if self.qid == 0 && opcode == admin::ASYNC_EVENT_REQUEST {
                 u64::MAX
             } else {
@@ -417,6 +440,7 @@ impl HostQueue {
                 Ok(0) => return Err(HostError::Closed),
                 Ok(k) => {
                     self.sent += k;
+                    self.sent_total += k as u64;
                     n += k;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -427,11 +451,29 @@ impl HostQueue {
         if self.sent == self.out.len() {
             self.out.clear();
             self.sent = 0;
+            self.out_head = 0;
         } else if self.sent > 1 << 20 {
+            self.out_head = self.pdu_end_from(self.sent) - self.sent;
             self.out.drain(..self.sent);
             self.sent = 0;
         }
         Ok(n)
+    }
+
+    /// The first PDU boundary in `out` at or after `at` (every PDU in `out` is whole, its PLEN
+    /// written by this queue).
+    fn pdu_end_from(&self, at: usize) -> usize {
+        let mut b = self.out_head;
+        while b < at && b + pdu::CH_LEN <= self.out.len() {
+            let plen = u32::from_le_bytes([
+                self.out[b + 4],
+                self.out[b + 5],
+                self.out[b + 6],
+                self.out[b + 7],
+            ]);
+            b += (plen as usize).max(pdu::CH_LEN);
+        }
+        b.min(self.out.len())
     }
 
     /// Sends and receives what can be without blocking; returns the progress made. A fatal
@@ -515,6 +557,9 @@ impl HostQueue {
         Err(err)
     }
 
+    /// Queues an H2CTermReq behind the PDU being sent (the rest of a partly sent PDU goes
+    /// first, so the target can frame the TermReq; PDUs not yet started are dropped) and sends
+    /// what the socket takes now, without blocking: best effort, the connection ends anyway.
     fn send_term(&mut self, f: FatalError) {
         let mut data = self.reader.raw_header().to_vec();
         data.truncate(pdu::MAX_TERM_DATA);
@@ -527,14 +572,16 @@ impl HostQueue {
             self.digests,
             self.cpda,
         );
-        self.out.clear();
-        self.sent = 0;
+        let end = self.pdu_end_from(self.sent);
+        self.out.truncate(end);
         self.out.extend_from_slice(h.as_bytes());
         self.out.extend_from_slice(&data);
-        let _ = self.sock.set_nonblocking(false);
-        let _ = self.sock.set_write_timeout(Some(Duration::from_secs(1)));
-        let _ = self.sock.write_all(&self.out);
+        if let Err(e) = self.send() {
+            log::debug!("nvmf host: queue {}: H2CTermReq not sent: {e}", self.qid);
+        }
         self.out.clear();
+        self.sent = 0;
+        self.out_head = 0;
     }
 
     fn fail_all(&mut self, why: &str) {
@@ -641,8 +688,8 @@ impl HostQueue {
             Pdu::R2t(r) => {
                 let Some(c) = self
                     .cmds
-                    .get(r.cccid as usize)
-                    .and_then(|c| c.as_ref())
+                    .get_mut(r.cccid as usize)
+                    .and_then(|c| c.as_mut())
                     .filter(|c| c.out)
                 else {
                     return Err(HostError::Protocol(FatalError::field(
@@ -650,10 +697,28 @@ impl HostQueue {
                         "R2T for no outstanding write",
                     )));
                 };
+                if c.incapsule {
+                    return Err(HostError::Protocol(FatalError::new(
+                        Fes::SequenceError,
+                        "R2T for a write whose data went in the command capsule",
+                    )));
+                }
                 if r.len == 0 || r.offset as u64 + r.len as u64 > c.len as u64 {
                     return Err(HostError::Protocol(FatalError::new(
                         Fes::DataOutOfRange,
                         "R2T empty or beyond the command's data",
+                    )));
+                }
+                if r.offset != c.r2t_next {
+                    return Err(HostError::Protocol(FatalError::field(
+                        field::DATAO,
+                        "R2T offset is not where the data asked for so far ends (overlap or gap)",
+                    )));
+                }
+                if self.sent_total < c.r2t_done_at {
+                    return Err(HostError::Protocol(FatalError::new(
+                        Fes::DataLimitExceeded,
+                        "R2T before the previous one's data went out (the host's MAXR2T is 1)",
                     )));
                 }
                 let mut off = r.offset;
@@ -677,6 +742,8 @@ impl HostQueue {
                     }
                     off += len;
                 }
+                c.r2t_next = end;
+                c.r2t_done_at = self.sent_total + (self.out.len() - self.sent) as u64;
                 Ok(())
             }
             Pdu::C2hTermReq(t) => Err(HostError::Terminated {

@@ -201,3 +201,129 @@ fn a_header_digest_mismatch_is_named_and_ends_the_queue() {
         },
     )
 }
+
+/// A fake target: answers the ICReq (no digests, MAXH2CDATA 4096), waits for the host's
+/// first command capsule header, sends `then`, and reports every byte the host sent (after its
+/// ICReq) until it closes the connection.
+fn scripted_target(then: Vec<u8>) -> (SocketAddr, mpsc::Receiver<Vec<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut req = [0u8; 128];
+        s.read_exact(&mut req).expect("ICReq");
+        let resp = Pdu::IcResp(IcResp {
+            pfv: 0,
+            cpda: 0,
+            digests: pdu::Digests::default(),
+            maxh2cdata: 4096,
+        });
+        s.write_all(pdu::encode(&resp, 0, pdu::Digests::default(), 0).as_bytes())
+            .expect("ICResp");
+        let mut got = vec![0u8; pdu::CMD_HLEN];
+        s.read_exact(&mut got).expect("command capsule");
+        s.write_all(&then).expect("script");
+        let _ = s.read_to_end(&mut got);
+        let _ = tx.send(got);
+    });
+    (addr, rx)
+}
+
+/// The PDU types in `bytes` (whole PDUs, as the host framed them).
+fn pdu_types(bytes: &[u8]) -> Vec<u8> {
+    let mut at = 0;
+    let mut types = Vec::new();
+    while at + 8 <= bytes.len() {
+        types.push(bytes[at]);
+        let plen = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+        at += plen.max(8) as usize;
+    }
+    assert_eq!(at, bytes.len(), "the host sent whole PDUs");
+    types
+}
+
+fn r2t(offset: u32, len: u32) -> Vec<u8> {
+    let r = Pdu::R2t(pdu::R2t {
+        cccid: 0,
+        ttag: 7,
+        offset,
+        len,
+    });
+    pdu::encode(&r, 0, Digests::default(), 0)
+        .as_bytes()
+        .to_vec()
+}
+
+#[test]
+fn an_r2t_the_host_did_not_invite_ends_the_connection() {
+    watchdog(
+        "an_r2t_the_host_did_not_invite_ends_the_connection",
+        test_watchdog::INTEGRATION,
+        || {
+            // Each script ends with a success response for the write: a host that accepted
+            // the R2Ts would complete the write successfully.
+            let ok = pdu::encode(
+                &Pdu::CapsuleResp(crate::spec::Cqe::default()),
+                0,
+                Digests::default(),
+                0,
+            )
+            .as_bytes()
+            .to_vec();
+            let cases: [(&str, Vec<Vec<u8>>, u32, Fes); 4] = [
+                // The write's data went in-capsule.
+                ("in-capsule", vec![r2t(0, 512)], 8192, Fes::SequenceError),
+                // The same bytes asked for twice.
+                (
+                    "overlap",
+                    vec![r2t(0, 4096), r2t(0, 4096)],
+                    0,
+                    Fes::InvalidHeaderField,
+                ),
+                // A gap.
+                ("gap", vec![r2t(4096, 4096)], 0, Fes::InvalidHeaderField),
+                // A second R2T while the first one's data is still queued (MAXR2T is 1);
+                // before the host checked, a target could make it queue copies without end.
+                (
+                    "over MAXR2T",
+                    vec![r2t(0, 4096), r2t(4096, 4096)],
+                    0,
+                    Fes::DataLimitExceeded,
+                ),
+            ];
+            for (name, r2ts, in_capsule, fes) in cases {
+                let mut script: Vec<u8> = r2ts.concat();
+                script.extend_from_slice(&ok);
+                let (addr, seen) = scripted_target(script);
+                let mut q = HostQueue::open(addr, &host_opts(Digests::default()), 8).expect("open");
+                q.set_in_capsule(in_capsule);
+                let sqe = Sqe::rw(crate::spec::sqe::io::WRITE, 1, 0, 16, false);
+                q.submit(sqe, HostData::Out(vec![0x5a; 8192]), 1)
+                    .expect("submit");
+                let e = loop {
+                    match q.poll() {
+                        Err(e) => break e,
+                        Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                    }
+                };
+                match e {
+                    HostError::Protocol(f) => assert_eq!(f.fes, fes, "{name}: {f:?}"),
+                    e => panic!("{name}: {e}"),
+                }
+                let lost = q.pop().expect("the write completes");
+                assert_eq!(lost.tag, 1);
+                assert!(matches!(lost.result, Err(HostError::Lost(_))), "{name}");
+                assert!(q.pop().is_none(), "{name}: exactly once");
+                let sent = seen.recv_timeout(Duration::from_secs(10)).expect("target");
+                let types = pdu_types(&sent);
+                assert_eq!(types.first(), Some(&pdu_type::CAPSULE_CMD), "{name}");
+                assert_eq!(types.last(), Some(&pdu_type::H2C_TERM_REQ), "{name}");
+                let h2c = types.iter().filter(|&&t| t == pdu_type::H2C_DATA).count();
+                assert!(h2c <= 1, "{name}: {types:?}");
+            }
+        },
+    )
+}

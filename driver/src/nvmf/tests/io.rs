@@ -262,6 +262,24 @@ fn write_zeroes_deallocate_and_bounds() {
                 HostData::Out(ranges),
             )
             .expect("deallocate");
+            // Data of another length than NR ranges: Data SGL Length Invalid, nothing done.
+            for (nr, len) in [(1, 32), (2, 16)] {
+                let e = q
+                    .run(
+                        "Deallocate",
+                        Sqe::dsm_deallocate(2, nr, 0),
+                        HostData::Out(vec![0; len]),
+                    )
+                    .expect_err("SGL length is not NR * 16");
+                let HostError::Status { status, .. } = e else {
+                    panic!("{e}")
+                };
+                assert_eq!(
+                    status.sc,
+                    fabrics::sc::DATA_SGL_LENGTH_INVALID,
+                    "NR {nr}, {len} bytes"
+                );
+            }
             let back = q.read(2, 10, 4, 4096).expect("read");
             let p = pattern(1, 4 * 4096);
             assert_eq!(&back[..4096], &p[..4096]);

@@ -30,6 +30,8 @@ struct Gate {
     mem: Arc<MemBackend>,
     hold: AtomicBool,
     held: Mutex<Vec<(BackendIo, IoCompletion)>>,
+    /// SMART / Health log reads held.
+    held_smart: Mutex<Vec<IoCompletion>>,
 }
 
 impl Gate {
@@ -38,6 +40,7 @@ impl Gate {
             mem: mem_backend(),
             hold: AtomicBool::new(false),
             held: Mutex::new(Vec::new()),
+            held_smart: Mutex::new(Vec::new()),
         })
     }
     fn held(&self) -> usize {
@@ -48,6 +51,10 @@ impl Gate {
         let held = std::mem::take(&mut *self.held.lock().expect("held"));
         for (io, done) in held {
             self.mem.submit(io, done);
+        }
+        let smart = std::mem::take(&mut *self.held_smart.lock().expect("held"));
+        for done in smart {
+            self.mem.smart_log(done);
         }
     }
 }
@@ -64,6 +71,13 @@ impl Backend for Gate {
             self.held.lock().expect("held").push((io, done));
         } else {
             self.mem.submit(io, done);
+        }
+    }
+    fn smart_log(&self, done: IoCompletion) {
+        if self.hold.load(Ordering::SeqCst) {
+            self.held_smart.lock().expect("held").push(done);
+        } else {
+            self.mem.smart_log(done);
         }
     }
 }
@@ -154,6 +168,44 @@ fn a_vanished_hosts_commands_drain_before_its_controller_id_is_reused() {
             assert_eq!(q3.read(1, 0, 8, 512).expect("read"), now);
             drop((q2, q3));
             c2.keep_alive().expect("the other association is served");
+            t.stop();
+        },
+    )
+}
+
+/// A SMART / Health log read at the backend keeps the controller ID taken, as I/O does.
+#[test]
+fn a_smart_read_drains_before_its_controller_id_is_reused() {
+    watchdog(
+        "a_smart_read_drains_before_its_controller_id_is_reused",
+        test_watchdog::INTEGRATION,
+        || {
+            let gate = Gate::new();
+            let t = TestTarget::with_backend(gate.clone(), TargetOptions::default(), 2);
+            let mut c = connect(&t, Digests::default());
+            let old = c.cntlid();
+            gate.hold.store(true, Ordering::SeqCst);
+            let sqe = Sqe::get_log_page(crate::spec::sqe::lid::SMART, 0xffff_ffff, 512, 0, 0);
+            let q = c.admin();
+            q.submit(sqe, HostData::In(vec![0; 512]), 9)
+                .expect("submit");
+            until(|| {
+                let _ = q.poll();
+                !gate.held_smart.lock().expect("held").is_empty()
+            });
+            gate.hold.store(false, Ordering::SeqCst);
+            drop(c);
+            until(|| t.target.controller(old).is_none());
+            assert_eq!(t.target.draining_controller_count(), 1);
+            t.target.set_next_cntlid(old);
+            let c2 = connect(&t, Digests::default());
+            assert_ne!(c2.cntlid(), old);
+            gate.release();
+            until(|| t.target.draining_controller_count() == 0);
+            t.target.set_next_cntlid(old);
+            let c3 = connect(&t, Digests::default());
+            assert_eq!(c3.cntlid(), old);
+            drop((c2, c3));
             t.stop();
         },
     )

@@ -54,8 +54,9 @@ impl Connection {
                 if !ns.deallocate {
                     return Err(dnr(generic::INVALID_OPCODE));
                 }
+                // NR ranges of 16 bytes (at most 256: 4 KiB), no more and no less.
                 let nr = (sqe.cdw10 & 0xff) + 1;
-                if Sgl::of(sqe).len < nr * 16 {
+                if Sgl::of(sqe).len != nr * 16 {
                     return Err(dnr(fsc::DATA_SGL_LENGTH_INVALID));
                 }
                 Ok((0, nr * 16))

@@ -1005,7 +1005,9 @@ impl Connection {
                         slot,
                         s.generation,
                         self.notifier.clone(),
-                    );
+                    )
+                    // At the backend like I/O: the controller ID stays taken until it is done.
+                    .counted(ctrl.inflight_counter());
                     backend.smart_log(done);
                 }
             }
