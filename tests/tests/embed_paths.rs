@@ -134,18 +134,26 @@ struct Chain {
     counts: Vec<AtomicU32>,
     done: std::sync::mpsc::Sender<usize>,
     refused_sync: AtomicU32,
+    /// Synchronous calls made by callbacks that ran on a client thread (allowed there).
+    sync_on_client: AtomicU32,
+}
+
+fn on_poller() -> bool {
+    thread_name().starts_with("dioxide-poller-")
 }
 
 fn issue(chain: Arc<Chain>, step: u32, buf: IoBuffer) -> Result<(), Box<dioxide::Refused>> {
     let off = (step as u64 % 32) * PAGE as u64;
     let c = chain.clone();
+    // Step 0 is submitted by a client thread: if the poller completes it before `submit`
+    // drops its own reference, the request finishes synchronously and its callback runs on
+    // that thread (documented), which then submits the next step itself. A step submitted on
+    // a poller always completes on a poller.
+    let from_poller = on_poller();
     chain.file.submit(Request::read(off, buf), move |done| {
-        // Step 0 was submitted by a client thread: if the poller completed it before
-        // `submit` dropped its own reference, the request finished synchronously and its
-        // callback ran on that thread (documented). Every later step is submitted on a poller.
         assert!(
-            step == 0 || thread_name().starts_with("dioxide-poller-"),
-            "an on-poller callback ran on {:?}",
+            !from_poller || on_poller(),
+            "the callback of a request submitted on a poller ran on {:?}",
             thread_name()
         );
         let n = done.result.expect("read");
@@ -167,10 +175,17 @@ fn issue(chain: Arc<Chain>, step: u32, buf: IoBuffer) -> Result<(), Box<dioxide:
         if step % 10 == 0 && step > 0 {
             let mut b = [0u8; 10];
             match c.file.read_at(&mut b, 3) {
-                Err(EmbedError::WouldBlockOnPoller { .. }) => {
+                Err(EmbedError::WouldBlockOnPoller { .. }) if on_poller() => {
                     c.refused_sync.fetch_add(1, Ordering::SeqCst);
                 }
-                other => panic!("a synchronous call on the poller returned {other:?}"),
+                // A callback run on its client thread may block.
+                Ok(10) if !on_poller() => {
+                    c.sync_on_client.fetch_add(1, Ordering::SeqCst);
+                }
+                other => panic!(
+                    "a synchronous call in a callback on {:?} returned {other:?}",
+                    thread_name()
+                ),
             }
         }
         if c.left.fetch_sub(1, Ordering::SeqCst) > 1 {
@@ -208,6 +223,7 @@ fn callbacks_on_the_poller_resubmit_without_deadlock() {
                     counts: (0..STEPS).map(|_| AtomicU32::new(0)).collect(),
                     done: tx.clone(),
                     refused_sync: AtomicU32::new(0),
+                    sync_on_client: AtomicU32::new(0),
                 })
             })
             .collect();
@@ -237,7 +253,11 @@ fn callbacks_on_the_poller_resubmit_without_deadlock() {
             for (s, n) in c.counts.iter().enumerate() {
                 assert_eq!(n.load(Ordering::SeqCst), 1, "chain {} step {s}", c.id);
             }
-            assert_eq!(c.refused_sync.load(Ordering::SeqCst), (STEPS - 1) / 10);
+            let refused = c.refused_sync.load(Ordering::SeqCst);
+            let on_client = c.sync_on_client.load(Ordering::SeqCst);
+            assert_eq!(refused + on_client, (STEPS - 1) / 10, "chain {}", c.id);
+            // A chain leaves its client thread at the first step a poller completes.
+            assert!(refused > 0, "chain {} never ran on a poller", c.id);
         }
         let stats = dx.poller_stats();
         let completed: u64 = stats.iter().map(|s| s.completed).sum();
