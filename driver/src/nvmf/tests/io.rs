@@ -253,24 +253,29 @@ fn write_zeroes_deallocate_and_bounds() {
                 HostData::None,
             )
             .expect("write zeroes");
-            let mut ranges = vec![0u8; 16];
+            // One range in a whole page, as Linux sends it from its discard page: only NR
+            // ranges count (the page's second "range", block 12, must stay).
+            let mut ranges = vec![0u8; 4096];
             ranges[4..8].copy_from_slice(&1u32.to_le_bytes());
             ranges[8..16].copy_from_slice(&13u64.to_le_bytes());
+            ranges[20..24].copy_from_slice(&1u32.to_le_bytes());
+            ranges[24..32].copy_from_slice(&12u64.to_le_bytes());
             q.run(
                 "Deallocate",
                 Sqe::dsm_deallocate(2, 1, 0),
                 HostData::Out(ranges),
             )
             .expect("deallocate");
-            // Data of another length than NR ranges: Data SGL Length Invalid, nothing done.
-            for (nr, len) in [(1, 32), (2, 16)] {
+            // Data shorter than NR ranges, or longer than a page: Data SGL Length Invalid,
+            // nothing done.
+            for (nr, len) in [(2, 16), (1, 4112)] {
                 let e = q
                     .run(
                         "Deallocate",
                         Sqe::dsm_deallocate(2, nr, 0),
                         HostData::Out(vec![0; len]),
                     )
-                    .expect_err("SGL length is not NR * 16");
+                    .expect_err("SGL length below NR * 16 or above 4096");
                 let HostError::Status { status, .. } = e else {
                     panic!("{e}")
                 };

@@ -8,6 +8,9 @@ use crate::spec::sqe::{DSM_AD, RW_FUA, io as opc};
 use crate::spec::status::generic;
 use crate::spec::{Sqe, Status};
 
+/// Most data a Dataset Management command may carry: one page (256 ranges of 16 bytes).
+const DSM_MAX_DATA: u32 = 4096;
+
 impl Connection {
     pub(super) fn ns(&self, nsid: u32) -> Option<&NsInfo> {
         self.nss.iter().find(|n| n.nsid.0 == nsid)
@@ -54,12 +57,16 @@ impl Connection {
                 if !ns.deallocate {
                     return Err(dnr(generic::INVALID_OPCODE));
                 }
-                // NR ranges of 16 bytes (at most 256: 4 KiB), no more and no less.
+                // NR ranges of 16 bytes (at most 256: 4 KiB). The data may be longer (Linux
+                // sends its whole discard page when it uses it; nvmet checks only that the
+                // ranges fit), but never more than one page, so no host makes the target buffer
+                // more than 4 KiB per command.
                 let nr = (sqe.cdw10 & 0xff) + 1;
-                if Sgl::of(sqe).len != nr * 16 {
+                let len = Sgl::of(sqe).len;
+                if len < nr * 16 || len > DSM_MAX_DATA {
                     return Err(dnr(fsc::DATA_SGL_LENGTH_INVALID));
                 }
-                Ok((0, nr * 16))
+                Ok((0, len))
             }
             _ => Err(dnr(generic::INVALID_OPCODE)),
         }
