@@ -55,6 +55,7 @@ impl<B> AtomicRefs<B> {
     }
 
     /// A recycled state starts over (`&mut`: nobody else can reach it).
+    #[inline(always)]
     pub fn reuse(&mut self) {
         *self = AtomicRefs::new();
     }

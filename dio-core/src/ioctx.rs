@@ -134,10 +134,24 @@ impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
     pub fn submit_sync(&self, mut req: DioRequest<B>) -> (DioResult, B) {
         req.mode = Mode::Sync;
         let (dir, offset, len) = (req.dir, req.offset, req.len);
-        let outcome = self.core.submit(req, self.file.size(), Completion::noop());
-        let (result, buf, completion) = self.finish(dir, offset, len, outcome);
-        completion.discard();
-        (result, buf)
+        match self.core.submit(req, self.file.size(), Completion::noop()) {
+            // A read that is done has nothing buffered and never changes the size: answered
+            // as it is, without the trip through `finish` (each move of the buffer there
+            // costs a copy of it).
+            Outcome::Done {
+                result,
+                buf,
+                completion,
+            } if dir == Dir::Read => {
+                completion.discard();
+                (result, buf)
+            }
+            outcome => {
+                let (result, buf, completion) = self.finish(dir, offset, len, outcome);
+                completion.discard();
+                (result, buf)
+            }
+        }
     }
 
     /// Steps 4(a) and 5: buffered remainder, then the size update, before anyone is told.

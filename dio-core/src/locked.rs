@@ -45,6 +45,7 @@ impl<B> LockedRefs<B> {
 
     /// A recycled state starts over: the submitter's reference only. `&mut`: nobody else can
     /// reach the state (`Arc::get_mut` proved it), so no lock is taken.
+    #[inline(always)]
     pub fn reuse(&mut self) {
         let s = match self.st.get_mut() {
             Ok(s) => s,

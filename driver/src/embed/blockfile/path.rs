@@ -60,7 +60,7 @@ use super::{BlockFile, Completed, EngineRef, Refused, Request};
 use crate::embed::cache::PAGE;
 use crate::embed::error::{EmbedError, EmbedResult, Op};
 use crate::embed::iobuf::{IoBuffer, Window};
-use crate::embed::poller::Pollers;
+use crate::embed::poller::{Local, Pollers};
 use crate::embed::rangelock::{Held, LockWait, RangeGuard, RangeLock};
 
 // ---------------------------------------------------------------------------------------------
@@ -758,15 +758,38 @@ impl BlockFile {
     }
 
     /// dio-core, synchronously; in run-to-completion mode an exhausted pool is waited out by
-    /// polling and retrying.
-    fn dio_sync(&self, mut req: DioRequest<Window>) -> (DioResult, Window) {
+    /// polling and retrying ([`dio_sync_retry`](Self::dio_sync_retry)). The first attempt is
+    /// not in the retry loop: a loop-carried request costs a copy of its window per request.
+    #[inline(always)]
+    fn dio_sync(&self, req: DioRequest<Window>) -> (DioResult, Window) {
+        let (dir, offset, len, mode, fw) = (req.dir, req.offset, req.len, req.mode, req.force_wait);
+        match (&self.inner.engine, self.inner.io.submit_sync(req)) {
+            (EngineRef::Local(l), (Err(DioError::QueueFull), w)) => {
+                let req = DioRequest {
+                    dir,
+                    offset,
+                    len,
+                    buf: w,
+                    mode,
+                    force_wait: fw,
+                };
+                self.dio_sync_retry(l, req)
+            }
+            (_, rw) => rw,
+        }
+    }
+
+    /// The rare rest of [`dio_sync`](Self::dio_sync): poll, then submit again, until the pool
+    /// has room.
+    #[cold]
+    #[inline(never)]
+    fn dio_sync_retry(&self, l: &Local, mut req: DioRequest<Window>) -> (DioResult, Window) {
         loop {
+            l.poll_once();
             let (dir, offset, len, mode, fw) =
                 (req.dir, req.offset, req.len, req.mode, req.force_wait);
-            let (r, w) = self.inner.io.submit_sync(req);
-            match (&self.inner.engine, r) {
-                (EngineRef::Local(l), Err(DioError::QueueFull)) => {
-                    l.poll_once();
+            match self.inner.io.submit_sync(req) {
+                (Err(DioError::QueueFull), w) => {
                     req = DioRequest {
                         dir,
                         offset,
@@ -776,7 +799,7 @@ impl BlockFile {
                         force_wait: fw,
                     };
                 }
-                (_, r) => return (r, w),
+                rw => return rw,
             }
         }
     }
