@@ -188,8 +188,9 @@ pub use nvme::qpair::{
     DmaOwner, DoorbellMode, IoDone, IoFlags, IoOp, IoResult, QueueOptions, QueuePair, QueueStats,
     Rejected, Resubmit,
 };
+pub use transport::trid;
 pub use transport::{
-    HostBuf, TcpController, TcpOptions, TcpQueue, TransportBuf, TransportController,
+    HostBuf, HostChunks, TcpController, TcpOptions, TcpQueue, TransportBuf, TransportController,
     TransportError, TransportIoError, TransportQueue, TransportRejected,
 };
 pub use types::{Cid, Iova, Lba, Nsid, QueueId};

@@ -11,6 +11,10 @@
 //! succeeded before the read started and the furthest end of any write started before it
 //! ended. Each byte's value names the write that wrote it (a hash of write id and offset).
 //!
+//! `embed_stress_over_tcp` runs the same mix on a remote namespace: the emulated controller
+//! (with the same faults injected) behind the driver's NVMe/TCP target on loopback, reached
+//! through `Builder::transport_id`.
+//!
 //! `EMBED_STRESS_SECS` sets the duration (default 2 s); `EMBED_STRESS_THREADS` the client
 //! threads (default 4).
 
@@ -406,31 +410,46 @@ impl Client {
     }
 }
 
-fn stress(secs: f64, threads: usize) {
-    let dev = controller_under_test(config(Mode::Threaded, &[(512, 1 << 16)]));
-    let faults = dev.emu.is_some();
-    if !dev.writable {
+/// Where the stress runs: the controller under test, or the emulator behind an NVMe/TCP
+/// target on loopback.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Over {
+    Local,
+    Tcp,
+}
+
+fn stress(secs: f64, threads: usize, over: Over) {
+    let cfg = config(Mode::Threaded, &[(512, 1 << 16)]);
+    let (dev, tgt) = match over {
+        Over::Local => (Some(controller_under_test(cfg)), None),
+        Over::Tcp => (None, Some(TcpTarget::start(cfg, 1))),
+    };
+    let emu = match (&dev, &tgt) {
+        (Some(d), _) => d.emu.clone(),
+        (None, Some(t)) => Some(t.emu.clone()),
+        (None, None) => unreachable!("one of the two"),
+    };
+    let faults = emu.is_some();
+    let writable = dev.as_ref().is_none_or(|d| d.writable);
+    if !writable {
         eprintln!(
             "embed stress: the controller may not be written (NVME_HIL_ALLOW_WRITE unset); reads only"
         );
     }
-    let ns = dev.ctrl.namespaces().remove(0);
+    let b = Dioxide::builder().pollers([None, None]).cache_pages(64);
+    let b = match (&dev, &tgt) {
+        (Some(d), _) => b.controller(d.ctrl.clone()),
+        (None, Some(t)) => b.transport_id(&t.trid()).expect("transport ID"),
+        (None, None) => unreachable!("one of the two"),
+    };
+    let dx = b.build().expect("Dioxide");
+    let ns = dx.namespaces().remove(0).1;
     let blocks = CAP / ns.block_size() as u64;
-    let dx = Dioxide::builder()
-        .controller(dev.ctrl.clone())
-        .pollers([None, None])
-        .cache_pages(64)
-        .build()
-        .expect("Dioxide");
     let file = dx
-        .open_file(
-            0,
-            ns.nsid(),
-            FileOptions::new(0, blocks).writable(dev.writable),
-        )
+        .open_file(0, ns.nsid(), FileOptions::new(0, blocks).writable(writable))
         .expect("file");
     let model = Arc::new(Model::default());
-    if dev.writable {
+    if writable {
         // Prefill, recorded in the model.
         let w = model.begin_write(0, PREFILL);
         let mut b = vec![0; PREFILL as usize];
@@ -438,8 +457,7 @@ fn stress(secs: f64, threads: usize) {
         assert_eq!(file.write_at(&b, 0).unwrap(), PREFILL as usize);
         model.end_write(&w, true);
     }
-    if faults {
-        let emu = dev.emu.as_ref().unwrap();
+    if let Some(emu) = &emu {
         let bs = ns.block_size() as u64;
         emu.inject(Fault {
             trigger: Trigger::LbaRange {
@@ -466,7 +484,7 @@ fn stress(secs: f64, threads: usize) {
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let (file, model, counts) = (file.clone(), model.clone(), counts.clone());
-            let write = dev.writable;
+            let write = writable;
             std::thread::spawn(move || {
                 let (tx, rx) = channel();
                 let mut c = Client {
@@ -512,7 +530,7 @@ fn stress(secs: f64, threads: usize) {
     }
     eprintln!(
         "embed stress: {total} requests in {secs} s on {threads} threads; mix (r/w × async/sync × heap/dma) {mix:?}; \
-         {} reads checked ({} bytes), {} errors (injected), file len {}; pollers {:?}; cache {:?}",
+         {} reads checked ({} bytes), {} errors (injected), file len {}; pollers {:?}; cache {:?}; over {over:?}",
         model.reads_checked.load(Ordering::Relaxed),
         model.bytes_checked.load(Ordering::Relaxed),
         model.errors.load(Ordering::Relaxed),
@@ -523,7 +541,7 @@ fn stress(secs: f64, threads: usize) {
     assert!(model.reads_checked.load(Ordering::Relaxed) > 0);
     if faults {
         // The faults were really injected, and requests really saw them.
-        let st = dev.emu.as_ref().unwrap().stats();
+        let st = emu.as_ref().unwrap().stats();
         assert!(st.faults_fired > 0, "no injected fault fired: {st:?}");
         assert!(
             model.errors.load(Ordering::Relaxed) > 0,
@@ -532,7 +550,10 @@ fn stress(secs: f64, threads: usize) {
     }
     drop(file);
     dx.shutdown();
-    dev.finish();
+    if let Some(dev) = dev {
+        dev.finish();
+    }
+    drop(tgt);
 }
 
 fn env_or(name: &str, default: f64) -> f64 {
@@ -548,7 +569,17 @@ fn embed_stress() {
     // The bound grows with a longer run asked for (a soak test).
     let _w = test_watchdog::arm(test_watchdog::STRESS + Duration::from_secs_f64(secs));
     let threads = env_or("EMBED_STRESS_THREADS", 4.0) as usize;
-    stress(secs, threads);
+    stress(secs, threads, Over::Local);
+}
+
+/// The same mix on a remote namespace: the emulator behind the NVMe/TCP target on loopback,
+/// with the same faults (the target carries their statuses to the host).
+#[test]
+fn embed_stress_over_tcp() {
+    let secs = env_or("EMBED_STRESS_SECS", 2.0);
+    let _w = test_watchdog::arm(test_watchdog::STRESS + Duration::from_secs_f64(secs));
+    let threads = env_or("EMBED_STRESS_THREADS", 4.0) as usize;
+    stress(secs, threads, Over::Tcp);
 }
 
 #[test]

@@ -60,7 +60,7 @@ mod callback;
 mod maint;
 mod path;
 
-use crate::nvme::controller::Controller;
+use crate::embed::ctrl::EmbedCtrl;
 use crate::nvme::namespace::Namespace;
 pub(crate) use path::Context;
 
@@ -344,7 +344,7 @@ struct Inner {
     shared: Arc<path::Shared>,
     engine: EngineRef,
     deferral: Option<Arc<dyn dio_core::Deferral>>,
-    ctrl: Controller,
+    ctrl: EmbedCtrl,
     block: u64,
     capacity: u64,
     writable: bool,
@@ -385,7 +385,7 @@ static NEXT_FILE: AtomicU64 = AtomicU64::new(1);
 impl BlockFile {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
-        ctrl: Controller,
+        ctrl: EmbedCtrl,
         ns: &Namespace,
         ctrl_index: usize,
         target: u32,

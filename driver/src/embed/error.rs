@@ -74,6 +74,33 @@ pub enum EmbedError {
     /// The driver failed (bring-up, queue creation, DMA allocation).
     #[error("driver: {0}")]
     Driver(#[from] Error),
+    /// An NVMe/TCP controller failed (connection, bring-up, queue creation).
+    #[error("NVMe/TCP: {0}")]
+    Remote(#[source] crate::transport::TransportError),
+    /// A transport ID given to [`Builder::transport_id`](crate::Builder::transport_id) that
+    /// does not parse or names no remote controller.
+    #[error("transport ID '{trid}': {why}")]
+    TransportId {
+        /// The string given.
+        trid: String,
+        /// What is wrong and how to fix it.
+        why: String,
+    },
+    /// The request's controller was lost (its NVMe/TCP connection ended, or its Keep Alive
+    /// failed): the request failed, as does every request outstanding or issued on it.
+    #[error(
+        "{op} of {len} bytes at offset {offset} failed: controller lost (its NVMe/TCP \
+         connection ended or its Keep Alive failed; every request on it fails); reconnect: \
+         build a new Dioxide on a new connection, once the target is back"
+    )]
+    ControllerLost {
+        /// Operation.
+        op: Op,
+        /// File offset of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+    },
     /// No controller or namespace with this index / id.
     #[error("controller {ctrl} has no namespace {nsid}; list them with Dioxide::namespaces")]
     NoSuchNamespace {
@@ -277,10 +304,21 @@ fn hint(e: &DioError) -> &'static str {
     }
 }
 
+/// The status a request gets when its transport connection is lost (NVMe "Host Pathing
+/// Error", SCT 3h SC 71h, as Linux's host reports it for the same reason).
+pub(crate) const HOST_PATH_ERROR: DeviceStatus = DeviceStatus::new(3, 0x71);
+
+fn is_path_error(s: &DeviceStatus) -> bool {
+    s.sct == HOST_PATH_ERROR.sct && s.sc == HOST_PATH_ERROR.sc
+}
+
 impl EmbedError {
     /// The error of a request from dio-core's error.
     pub(crate) fn from_dio(e: DioError, op: Op, offset: u64, len: u64) -> EmbedError {
         match e {
+            DioError::Io(status) if is_path_error(&status) => {
+                EmbedError::ControllerLost { op, offset, len }
+            }
             DioError::Io(status) => EmbedError::Device {
                 op,
                 offset,

@@ -4,9 +4,19 @@
 //! The engine below dio-core's `BioSink` (pooled pollers, run to completion, poller tasks, the
 //! wake-up and shutdown protocols) is described in the `poller` module; the per-request path
 //! above it in `blockfile`.
+//!
+//! Controllers may be local (PCIe: VFIO or the emulated bus) or remote (NVMe/TCP: a
+//! [`TcpController`] given to [`Builder::controller`], or an SPDK transport ID such as
+//! `trtype:TCP adrfam:IPv4 traddr:192.0.2.1 trsvcid:4420 subnqn:NQN` given to
+//! [`Builder::transport_id`]); files, buffers and the page cache work the same on both. A
+//! remote controller's buffers are ordinary memory (there is no device DMA: the host copies to
+//! and from the socket); its Keep Alive is sent by poller 0; when its connection ends, every
+//! request outstanding or issued on it fails once with [`EmbedError::ControllerLost`], and the
+//! appliance reconnects by building a new instance.
 
 pub(crate) mod blockfile;
 pub(crate) mod cache;
+pub(crate) mod ctrl;
 pub(crate) mod error;
 pub(crate) mod iobuf;
 pub(crate) mod poller;
@@ -26,6 +36,7 @@ use dio_core::Deferral;
 use crate::bus::dma::DmaBuffer;
 use crate::embed::blockfile::{BlockFile, EngineRef, Extents, FileOptions};
 use crate::embed::cache::{CacheStats, PageCache};
+use crate::embed::ctrl::EmbedCtrl;
 use crate::embed::error::{EmbedError, EmbedResult};
 use crate::embed::poller::{
     Local, PollerConfig, PollerStats, PollerTask, PollerTaskId, Pollers, StartError, Targets,
@@ -35,6 +46,9 @@ use crate::nvme::controller::Controller;
 use crate::nvme::error::Error;
 use crate::nvme::namespace::Namespace;
 use crate::nvme::qpair::QueueOptions;
+use crate::nvmf::{Digests, HostOptions};
+use crate::transport::trid::{Target, TransportId};
+use crate::transport::{TcpController, TcpOptions, TransportController};
 use crate::types::Nsid;
 
 /// Where completion callbacks run.
@@ -254,7 +268,9 @@ impl Drop for CompletionThread {
 /// Builds a [`Dioxide`].
 #[derive(Debug)]
 pub struct Builder {
-    ctrls: Vec<Controller>,
+    ctrls: Vec<Pending>,
+    digests: Digests,
+    kato_ms: u32,
     cores: Vec<Option<usize>>,
     run_to_completion: bool,
     ring: usize,
@@ -266,10 +282,78 @@ pub struct Builder {
     completions: Completions,
 }
 
+/// A controller given to the builder: ready, or a remote one to connect at `build`.
+#[derive(Debug)]
+enum Pending {
+    Ready(EmbedCtrl),
+    Tcp(TransportId),
+}
+
+/// The Keep Alive Timeout asked of remote controllers unless told otherwise (ms), the Linux
+/// host's default; a Keep Alive goes out every half of it.
+pub const DEFAULT_KATO_MS: u32 = 5_000;
+
 impl Builder {
-    /// Serve this controller (index = order of the calls).
-    pub fn controller(mut self, ctrl: Controller) -> Self {
-        self.ctrls.push(ctrl);
+    /// Serve this controller (index = order of the calls, whatever the transport): a PCIe
+    /// [`Controller`] or a connected [`TcpController`].
+    pub fn controller(mut self, ctrl: impl Into<TransportController>) -> Self {
+        self.ctrls
+            .push(Pending::Ready(EmbedCtrl::from(ctrl.into())));
+        self
+    }
+    /// Serve the remote controller of an SPDK transport ID, connected at
+    /// [`build`](Self::build) (index = order of the calls): `trtype:TCP` with `traddr` (an IP
+    /// address), and optionally `adrfam`, `trsvcid` (default 4420), `subnqn` (required in
+    /// practice: the default is the discovery subsystem, which has no namespaces) and
+    /// `hostnqn`; `ns` is not taken (every namespace is served). Digests:
+    /// [`tcp_digests`](Self::tcp_digests). Local controllers are opened by the caller and
+    /// given to [`controller`](Self::controller).
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), dioxide::EmbedError> {
+    /// let dx = dioxide::Dioxide::builder()
+    ///     .transport_id("trtype:TCP adrfam:IPv4 traddr:192.0.2.1 trsvcid:4420 subnqn:nqn.2016-06.io.spdk:cnode1")?
+    ///     .pollers([Some(1)])
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn transport_id(mut self, trid: &str) -> EmbedResult<Self> {
+        let bad = |why: String| EmbedError::TransportId {
+            trid: trid.to_string(),
+            why,
+        };
+        let t: TransportId = trid.parse().map_err(|e| bad(format!("{e}")))?;
+        match t.target {
+            Target::Tcp(_) => {}
+            _ => {
+                return Err(bad(
+                    "Builder::transport_id takes remote controllers (trtype:TCP); open a PCIe \
+                     or emulated controller with Controller::new and give it to \
+                     Builder::controller"
+                        .into(),
+                ));
+            }
+        }
+        if t.nsid.is_some() {
+            return Err(bad(
+                "the key ns is not taken here: every namespace is served; pick one with \
+                 Dioxide::open_file"
+                    .into(),
+            ));
+        }
+        self.ctrls.push(Pending::Tcp(t));
+        Ok(self)
+    }
+    /// Header and data digests (CRC32C) asked of remote controllers given as transport IDs
+    /// (default: none).
+    pub fn tcp_digests(mut self, header: bool, data: bool) -> Self {
+        self.digests = Digests { header, data };
+        self
+    }
+    /// Keep Alive Timeout asked of remote controllers given as transport IDs, in ms
+    /// (default [`DEFAULT_KATO_MS`]; 0: none, the target never times the host out).
+    pub fn tcp_keep_alive(mut self, kato_ms: u32) -> Self {
+        self.kato_ms = kato_ms;
         self
     }
     /// One poller per entry, pinned to that core (`None`: not pinned). Default: one unpinned.
@@ -344,14 +428,20 @@ impl Builder {
                 "no poller; give at least one core with Builder::pollers",
             ));
         }
+        let mut ctrls = Vec::with_capacity(self.ctrls.len());
+        for p in self.ctrls {
+            ctrls.push(match p {
+                Pending::Ready(c) => c,
+                Pending::Tcp(t) => connect(&t, self.digests, self.kato_ms)?,
+            });
+        }
         let mut targets: Targets = Vec::new();
-        for (ci, c) in self.ctrls.iter().enumerate() {
+        for (ci, c) in ctrls.iter().enumerate() {
             for ns in c.namespaces() {
                 targets.push((ci, ns));
             }
         }
-        let caches = self
-            .ctrls
+        let caches = ctrls
             .iter()
             .map(|c| {
                 PageCache::new(c.dma(), self.cache_pages)
@@ -365,7 +455,7 @@ impl Builder {
             })
             .collect::<EmbedResult<Vec<_>>>()?;
         let engine = if self.run_to_completion {
-            EngineRef::Local(Arc::new(Local::new(&self.ctrls, &targets, &self.queue)?))
+            EngineRef::Local(Arc::new(Local::new(&ctrls, &targets, &self.queue)?))
         } else {
             let cfg = PollerConfig {
                 cores: self.cores.clone(),
@@ -375,14 +465,14 @@ impl Builder {
                 wait_spin: self.wait_spin,
                 queue: self.queue.clone(),
             };
-            let p = Pollers::start(&self.ctrls, &targets, &cfg).map_err(|e| match e {
+            let p = Pollers::start(&ctrls, &targets, &cfg).map_err(|e| match e {
                 StartError::Pin(poller, core, source) => EmbedError::Pin {
                     poller,
                     core,
                     source,
                 },
                 StartError::Spawn(e) => EmbedError::Spawn(e),
-                StartError::Queue(e) => EmbedError::Driver(e),
+                StartError::Queue(e) => e,
             })?;
             EngineRef::Pooled(p)
         };
@@ -391,7 +481,7 @@ impl Builder {
             Completions::Deferred(d) => Some(d),
         };
         Ok(Dioxide {
-            ctrls: self.ctrls,
+            ctrls,
             targets,
             caches,
             engine,
@@ -401,11 +491,34 @@ impl Builder {
     }
 }
 
+/// Connect the remote controller of `t` (a `trtype:TCP` transport ID).
+fn connect(t: &TransportId, digests: Digests, kato_ms: u32) -> EmbedResult<EmbedCtrl> {
+    let Target::Tcp(addr) = t.target else {
+        return Err(EmbedError::Config("a remote controller needs trtype:TCP"));
+    };
+    let mut host = HostOptions::new(t.subnqn());
+    if let Some(h) = &t.hostnqn {
+        host.hostnqn = h.clone();
+    }
+    host.digests = digests;
+    host.kato_ms = kato_ms;
+    let c = TcpController::connect(TcpOptions { addr, host }).map_err(EmbedError::Remote)?;
+    if c.is_discovery() {
+        return Err(EmbedError::TransportId {
+            trid: t.tcp_label().unwrap_or_default(),
+            why: "this is a discovery controller, which has no namespaces; give the subsystem \
+                  with subnqn:NQN (list them with identify -r 'trtype:TCP traddr:...')"
+                .into(),
+        });
+    }
+    Ok(EmbedCtrl::from(TransportController::from(c)))
+}
+
 /// A running instance: controllers, their pollers and page caches, and the files opened on
 /// them. Dropping it (or [`shutdown`](Self::shutdown)) lets the pollers finish what is in
 /// flight and joins them.
 pub struct Dioxide {
-    ctrls: Vec<Controller>,
+    ctrls: Vec<EmbedCtrl>,
     targets: Targets,
     caches: Vec<Arc<PageCache>>,
     engine: EngineRef,
@@ -427,6 +540,8 @@ impl Dioxide {
     pub fn builder() -> Builder {
         Builder {
             ctrls: Vec::new(),
+            digests: Digests::default(),
+            kato_ms: DEFAULT_KATO_MS,
             cores: vec![None],
             run_to_completion: false,
             ring: 1024,
@@ -446,7 +561,13 @@ impl Dioxide {
 
     /// Controller `ctrl` (the NVMe/TCP target reads its logs through the admin queue).
     pub(crate) fn controller(&self, ctrl: usize) -> Option<&Controller> {
-        self.ctrls.get(ctrl)
+        self.ctrls.get(ctrl).and_then(EmbedCtrl::pcie)
+    }
+
+    /// Remote controller `ctrl`, if it is an NVMe/TCP one (its address, subsystem, and why it
+    /// was lost, if it was).
+    pub fn tcp_controller(&self, ctrl: usize) -> Option<&TcpController> {
+        self.ctrls.get(ctrl).and_then(EmbedCtrl::tcp)
     }
 
     /// Open a file on namespace `nsid` of controller `ctrl`.
@@ -472,8 +593,8 @@ impl Dioxide {
         )
     }
 
-    /// A zero-copy buffer in the DMA memory of controller 0 (use [`BlockFile::alloc`] for a
-    /// file on another controller).
+    /// A zero-copy buffer in the DMA memory of controller 0 (ordinary memory for a remote
+    /// controller; use [`BlockFile::alloc`] for a file on another controller).
     pub fn alloc(&self, len: usize) -> EmbedResult<DmaBuffer> {
         Ok(self.ctrls[0].alloc(len)?)
     }

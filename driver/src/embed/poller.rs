@@ -85,6 +85,18 @@
 //! a thread-local table whose index the engine keeps (O(1) access, no search), and polls them
 //! itself while it waits: dio-core's `Wait::PollInPlace`.
 //!
+//! **Transports.** A poller's queues are [`TransportQueue`]s: a PCIe queue pair (its arm of
+//! each `match` is the queue pair's own inlined call, as before) or an NVMe/TCP connection
+//! (`tcp_submit`, `tcp_status`: the same bios, whose data lies in the controller's host
+//! memory, sent and received by the host queue without blocking). Poller 0 also drives the
+//! Keep Alive of the NVMe/TCP controllers ([`EmbedCtrl::process_admin`], every
+//! [`ADMIN_TICK`]; while such a controller is served, an idle poller 0 parks for at most that
+//! long). A lost connection, or a failed Keep Alive, fails every bio outstanding or waiting on
+//! the connection exactly once, and every later one at submission, with the NVMe "Host
+//! Pathing Error" status that the file layer reports as
+//! [`EmbedError::ControllerLost`](crate::EmbedError::ControllerLost); the poller logs the
+//! reason once. Run to completion drives the Keep Alive from its polls.
+//!
 //! Errors a queue pair reports at submission (a dead queue, a bad range) complete the bio with
 //! an error status on the next poll, never inside `BioSink::submit` (dio-core's rule).
 
@@ -102,13 +114,17 @@ use crossbeam_utils::{Backoff, CachePadded};
 use dio_core::{Bio, BioOp, BioSink, DeviceStatus, DioError, Poller, Rejected};
 
 use crate::bus::dma::DmaSlice;
+use crate::embed::ctrl::EmbedCtrl;
+use crate::embed::error::{EmbedError, HOST_PATH_ERROR};
 use crate::embed::iobuf::Window;
 use crate::embed::sleep::{PollerWait, WakeFd};
-use crate::nvme::controller::Controller;
 use crate::nvme::error::{Error, IoError};
 use crate::nvme::namespace::Namespace;
-use crate::nvme::qpair::{DmaOwner, IoFlags, IoResult, QueueOptions, QueuePair};
+use crate::nvme::qpair::{DmaOwner, IoFlags, IoResult, QueueOptions};
+use crate::spec::Sqe;
+use crate::spec::sqe::{DSM_RANGE_LEN, io};
 use crate::spec::status::generic;
+use crate::transport::{TcpQueue, TransportIoError, TransportQueue};
 use crate::types::{Iova, Lba};
 
 /// The context of one bio on a queue pair: the bio, and the waiter of the thread that
@@ -195,7 +211,7 @@ pub(crate) fn status_of(r: IoResult) -> Result<(), DeviceStatus> {
 /// a poll. Other refusals go to `failed`, completed by the next poll.
 #[inline(always)]
 fn submit_one(
-    qpairs: &mut [QueuePair<BioCtx>],
+    qpairs: &mut [TransportQueue<BioCtx>],
     targets: &Targets,
     w: Work,
     failed: &mut Vec<(BioCtx, DeviceStatus)>,
@@ -217,14 +233,26 @@ fn submit_one(
 /// [`submit_one`] on a context already built: `Err(ctx)` when the request pool is exhausted.
 #[inline(always)]
 fn submit_ctx(
-    qpairs: &mut [QueuePair<BioCtx>],
+    qpairs: &mut [TransportQueue<BioCtx>],
     targets: &Targets,
     target: u32,
     ctx: BioCtx,
     failed: &mut Vec<(BioCtx, DeviceStatus)>,
 ) -> Result<(), BioCtx> {
     let (qi, ns) = &targets[target as usize];
-    let q = &mut qpairs[*qi];
+    let q = match &mut qpairs[*qi] {
+        TransportQueue::Pcie(q) => q,
+        TransportQueue::Tcp(q) => {
+            return match tcp_submit(q, ns, ctx) {
+                Ok(()) => Ok(()),
+                Err((ctx, None)) => Err(ctx),
+                Err((ctx, Some(st))) => {
+                    failed.push((ctx, st));
+                    Ok(())
+                }
+            };
+        }
+    };
     let lba = Lba(ctx.0.lba());
     let r = match ctx.0.op() {
         BioOp::Read => q.read(ns, lba, ctx),
@@ -244,6 +272,180 @@ fn submit_ctx(
             failed.push((rej.ctx, driver_status(&rej.error)));
             Ok(())
         }
+    }
+}
+
+/// How often poller 0 (or a run-to-completion poll) gives the NVMe/TCP controllers their
+/// admin housekeeping (the Keep Alive is sent every half KATO; this only checks the clock).
+pub(crate) const ADMIN_TICK: Duration = Duration::from_millis(100);
+
+/// Submit a bio to an NVMe/TCP queue. `Err((ctx, None))`: the queue's request table is full,
+/// retry after a poll; `Err((ctx, Some(status)))`: refused, complete it with `status`.
+#[inline(never)]
+fn tcp_submit(
+    q: &mut TcpQueue<BioCtx>,
+    ns: &Namespace,
+    ctx: BioCtx,
+) -> Result<(), (BioCtx, Option<DeviceStatus>)> {
+    let data = ctx.dma_slice();
+    let lba = ctx.0.lba();
+    let nsid = ns.nsid().0;
+    let range = |blocks: u64| {
+        lba.checked_add(blocks)
+            .is_some_and(|end| end <= ns.io_blocks())
+    };
+    let bad = |sc| Some(DeviceStatus::new(0, sc));
+    let bs = ns.block_size() as usize;
+    let (sqe, len, out) = match ctx.0.op() {
+        op @ (BioOp::Read | BioOp::Write) => {
+            let blocks = (data.len / bs) as u64;
+            if data.len == 0 || data.len % bs != 0 || blocks > 65536 {
+                return Err((ctx, bad(generic::INVALID_FIELD)));
+            }
+            if !range(blocks) {
+                return Err((ctx, bad(generic::LBA_OUT_OF_RANGE)));
+            }
+            let (opc, out) = match op {
+                BioOp::Read => (io::READ, false),
+                _ => (io::WRITE, true),
+            };
+            (Sqe::rw(opc, nsid, lba, blocks as u32, false), data.len, out)
+        }
+        BioOp::WriteZeroes => {
+            let blocks = ctx.0.len() >> ns.block_shift();
+            if blocks == 0 || blocks > 65536 {
+                return Err((ctx, bad(generic::INVALID_FIELD)));
+            }
+            if !range(blocks) {
+                return Err((ctx, bad(generic::LBA_OUT_OF_RANGE)));
+            }
+            (Sqe::write_zeroes(nsid, lba, blocks as u32, false), 0, false)
+        }
+        BioOp::Flush => (Sqe::flush(nsid), 0, false),
+        BioOp::Deallocate => {
+            let n = data.len / DSM_RANGE_LEN;
+            if data.len % DSM_RANGE_LEN != 0 || n == 0 || n > 256 {
+                return Err((ctx, bad(generic::INVALID_FIELD)));
+            }
+            for i in 0..n {
+                // SAFETY: the context owns the `n * 16`-byte list (DmaOwner's contract) and
+                // nothing writes it while the bio is ours; range `i` lies inside it.
+                let r = unsafe {
+                    data.ptr
+                        .as_ptr()
+                        .add(i * DSM_RANGE_LEN)
+                        .cast::<[u8; DSM_RANGE_LEN]>()
+                        .read_unaligned()
+                };
+                let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as u64;
+                let slba =
+                    u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]);
+                if slba.checked_add(nlb).is_none_or(|end| end > ns.io_blocks()) {
+                    return Err((ctx, bad(generic::LBA_OUT_OF_RANGE)));
+                }
+            }
+            (Sqe::dsm_deallocate(nsid, n as u32, 0), data.len, true)
+        }
+    };
+    // SAFETY: the memory is the bio's segment (or the range list) in the controller's host
+    // memory, owned by the request until this context comes back from the queue's poll
+    // (DmaOwner's contract, as for PCIe); a context is handed back only once the host queue
+    // has let go of the memory (completed, or its connection ended).
+    match unsafe { q.submit_sqe(sqe, data.ptr, len, out, ctx) } {
+        Ok(()) => Ok(()),
+        Err(rej) if rej.error.is_queue_full() => Err((rej.tag, None)),
+        Err(rej) => {
+            log::debug!("nvmf host: a bio was refused: {}", rej.error);
+            Err((rej.tag, Some(HOST_PATH_ERROR)))
+        }
+    }
+}
+
+/// The dio-core status of an NVMe/TCP completion: the controller's status, or the host
+/// pathing error for a connection that ended (or a command that timed out and ended it).
+#[inline]
+fn tcp_status(ctx: &BioCtx, r: Result<(), TransportIoError>) -> Result<(), DeviceStatus> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) => Err(match e.status() {
+            Some(st) => DeviceStatus {
+                sct: st.sct.bits(),
+                sc: st.sc,
+                lba: Some(ctx.0.lba()),
+            },
+            None => HOST_PATH_ERROR,
+        }),
+    }
+}
+
+/// Poll one queue, completing each bio with `done`; returns how many. A TCP queue whose
+/// connection ends here is logged once.
+#[inline(always)]
+fn poll_queue(
+    q: &mut TransportQueue<BioCtx>,
+    mut done: impl FnMut(BioCtx, Result<(), DeviceStatus>),
+) -> usize {
+    match q {
+        TransportQueue::Pcie(q) => q
+            .poll(usize::MAX, |ctx, r| done(ctx, status_of(r)))
+            .unwrap_or(0),
+        TransportQueue::Tcp(q) => poll_tcp(q, &mut done),
+    }
+}
+
+#[inline(never)]
+fn poll_tcp(
+    q: &mut TcpQueue<BioCtx>,
+    done: &mut impl FnMut(BioCtx, Result<(), DeviceStatus>),
+) -> usize {
+    let was_alive = q.lost().is_none();
+    let mut n = 0;
+    let r = q.poll(0, |ctx, r| {
+        let st = tcp_status(&ctx, r);
+        n += 1;
+        done(ctx, st);
+    });
+    if let Err(e) = r {
+        if was_alive {
+            log::error!(
+                "NVMe/TCP I/O queue {} lost: {e}; its {n} outstanding requests failed (controller lost)",
+                q.qid().0
+            );
+        }
+    }
+    n
+}
+
+/// Admin housekeeping of the NVMe/TCP controllers (the Keep Alive), at most every
+/// [`ADMIN_TICK`]; a controller found lost is logged once.
+fn process_admin(admin: &[EmbedCtrl], next: &mut Instant) {
+    let now = Instant::now();
+    if now < *next {
+        return;
+    }
+    *next = now + ADMIN_TICK;
+    for c in admin {
+        let was_alive = c.tcp().is_some_and(|t| t.lost().is_none());
+        if let Err(e) = c.process_admin() {
+            if was_alive {
+                log::error!("NVMe/TCP controller lost: {e}; its requests fail");
+            }
+        }
+    }
+}
+
+/// Whether a queue still has commands to wait for (a dead one completes nothing more).
+fn queue_busy(q: &TransportQueue<BioCtx>) -> bool {
+    match q {
+        TransportQueue::Pcie(q) => q.outstanding() > 0,
+        TransportQueue::Tcp(q) => q.outstanding() > 0,
+    }
+}
+
+fn queue_live_and_busy(q: &TransportQueue<BioCtx>) -> bool {
+    match q {
+        TransportQueue::Pcie(q) => q.outstanding() > 0 && q.dead_reason().is_none(),
+        TransportQueue::Tcp(q) => q.outstanding() > 0,
     }
 }
 
@@ -566,7 +768,7 @@ pub(crate) enum StartError {
     /// Poller index, core, error.
     Pin(usize, usize, std::io::Error),
     Spawn(std::io::Error),
-    Queue(Error),
+    Queue(EmbedError),
 }
 
 /// Why a task could not be added.
@@ -723,7 +925,7 @@ fn drop_task(t: Box<dyn PollerTask>) {
 impl Pollers {
     /// Start one poller per entry of `cfg.cores`, each with a queue pair on every controller.
     pub(crate) fn start(
-        ctrls: &[Controller],
+        ctrls: &[EmbedCtrl],
         targets: &Targets,
         cfg: &PollerConfig,
     ) -> Result<Arc<Pollers>, StartError> {
@@ -735,7 +937,7 @@ impl Pollers {
             let mut qpairs = Vec::new();
             for c in ctrls {
                 qpairs.push(
-                    c.create_qpair::<BioCtx>(cfg.queue.clone())
+                    c.create_queue::<BioCtx>(&cfg.queue)
                         .map_err(StartError::Queue)?,
                 );
             }
@@ -769,6 +971,15 @@ impl Pollers {
         let (tx, rx) = std::sync::mpsc::channel();
         for (i, (parker, qpairs)) in parts.into_iter().enumerate() {
             let core = cfg.cores[i];
+            // Poller 0 drives the Keep Alive of the NVMe/TCP controllers.
+            let admin: Vec<EmbedCtrl> = match i {
+                0 => ctrls
+                    .iter()
+                    .filter(|c| c.tcp().is_some())
+                    .cloned()
+                    .collect(),
+                _ => Vec::new(),
+            };
             let p = Arc::clone(&pollers);
             let (tx, targets, spin) = (tx.clone(), targets.clone(), (cfg.spin, cfg.idle));
             let t = std::thread::Builder::new()
@@ -782,7 +993,7 @@ impl Pollers {
                     }
                     let _ = tx.send(Ok(()));
                     drop(tx);
-                    p.run(i, qpairs, targets, parker, spin);
+                    p.run(i, qpairs, targets, admin, parker, spin);
                 });
             match t {
                 Ok(t) => pollers.lock_threads().push(t),
@@ -987,8 +1198,9 @@ impl Pollers {
     fn run(
         &self,
         index: usize,
-        mut qpairs: Vec<QueuePair<BioCtx>>,
+        mut qpairs: Vec<TransportQueue<BioCtx>>,
         targets: Targets,
+        admin: Vec<EmbedCtrl>,
         parker: Parker,
         (spin, idle_time): (u32, Duration),
     ) {
@@ -1002,8 +1214,12 @@ impl Pollers {
         let mut failed: Vec<(BioCtx, DeviceStatus)> = Vec::new();
         let mut idle = 0u32;
         let mut idle_since = Instant::now();
+        let mut next_admin = Instant::now();
         loop {
             tasks.take_inbox(s);
+            if !admin.is_empty() {
+                process_admin(&admin, &mut next_admin);
+            }
             let mut progress = 0u64;
             // 1. Submit what was handed over, in order, until the pool runs out.
             loop {
@@ -1035,9 +1251,7 @@ impl Pollers {
                 done += 1;
             }
             for q in qpairs.iter_mut() {
-                if let Ok(n) = q.poll(usize::MAX, |ctx, r| ctx.complete(status_of(r))) {
-                    done += n as u64;
-                }
+                done += poll_queue(q, |ctx, st| ctx.complete(st)) as u64;
             }
             if done > 0 {
                 bump(&s.counters.completed, done);
@@ -1058,7 +1272,7 @@ impl Pollers {
             }
             let io_busy = stalled.is_some()
                 || !OWN_QUEUE.with(|q| q.borrow().is_empty())
-                || qpairs.iter().any(|q| q.outstanding() > 0);
+                || qpairs.iter().any(queue_busy);
             if io_busy || task_busy {
                 // Commands on the device or a busy task: keep polling, but let other threads
                 // (an emulated device, the clients) run on a small machine.
@@ -1100,7 +1314,10 @@ impl Pollers {
                 parker.park_timeout(Duration::from_millis(1));
             } else if s.ring.is_empty() && !s.inbox_pending.load(Ordering::SeqCst) {
                 bump(&s.counters.parks, 1);
-                if !tasks.sleep(s) {
+                if !admin.is_empty() {
+                    // The Keep Alive must go out while idle too.
+                    parker.park_timeout(ADMIN_TICK);
+                } else if !tasks.sleep(s) {
                     parker.park();
                 }
             }
@@ -1132,7 +1349,10 @@ impl BioSink<Window> for PollerSink {
 
 struct LocalState {
     id: u64,
-    qpairs: Vec<QueuePair<BioCtx>>,
+    qpairs: Vec<TransportQueue<BioCtx>>,
+    /// The NVMe/TCP controllers, for their Keep Alive, and when it is next checked.
+    admin: Vec<EmbedCtrl>,
+    next_admin: Instant,
     targets: Targets,
     failed: Vec<(BioCtx, DeviceStatus)>,
     /// What one poll reaped, completed after the state is released (kept for its capacity:
@@ -1170,18 +1390,24 @@ pub(crate) struct Local {
 impl Local {
     /// Create queue pairs on every controller, owned by the calling thread.
     pub(crate) fn new(
-        ctrls: &[Controller],
+        ctrls: &[EmbedCtrl],
         targets: &Targets,
         queue: &QueueOptions,
-    ) -> Result<Local, Error> {
+    ) -> Result<Local, EmbedError> {
         let id = NEXT_ENGINE.fetch_add(1, Ordering::Relaxed);
         let mut qpairs = Vec::new();
         for c in ctrls {
-            qpairs.push(c.create_qpair::<BioCtx>(queue.clone())?);
+            qpairs.push(c.create_queue::<BioCtx>(queue)?);
         }
         let st = LocalState {
             id,
             qpairs,
+            admin: ctrls
+                .iter()
+                .filter(|c| c.tcp().is_some())
+                .cloned()
+                .collect(),
+            next_admin: Instant::now(),
             targets: targets.clone(),
             failed: Vec::new(),
             reaped: Vec::new(),
@@ -1236,7 +1462,10 @@ impl Local {
                 }
             }
             for q in st.qpairs.iter_mut() {
-                let _ = q.poll(usize::MAX, |ctx, r| done.push((ctx, status_of(r))));
+                poll_queue(q, |ctx, st| done.push((ctx, st)));
+            }
+            if !st.admin.is_empty() {
+                process_admin(&st.admin, &mut st.next_admin);
             }
             match done.len() {
                 0 => Reaped::None,
@@ -1273,14 +1502,8 @@ impl Local {
     /// until this is false, so every accepted request completes (a dead queue completes nothing
     /// more and does not hold shutdown up).
     pub(crate) fn in_flight(&self) -> bool {
-        self.with(|st| {
-            !st.failed.is_empty()
-                || st
-                    .qpairs
-                    .iter()
-                    .any(|q| q.outstanding() > 0 && q.dead_reason().is_none())
-        })
-        .unwrap_or(false)
+        self.with(|st| !st.failed.is_empty() || st.qpairs.iter().any(queue_live_and_busy))
+            .unwrap_or(false)
     }
 
     /// Drop the queue pairs (on the owner thread; elsewhere they go with the thread).

@@ -16,10 +16,11 @@
 //! (it sends the Keep Alive; for PCIe it does nothing).
 
 mod tcp;
+pub mod trid;
 
-pub use tcp::{HostBuf, TcpController, TcpOptions, TcpQueue};
+pub use tcp::{HostBuf, HostChunks, TcpController, TcpOptions, TcpQueue};
 
-use crate::bus::dma::DmaBuffer;
+use crate::bus::dma::{DmaBuffer, DmaMemory};
 use crate::nvme::controller::Controller;
 use crate::nvme::error::{Error, IoError};
 use crate::nvme::namespace::Namespace;
@@ -41,6 +42,17 @@ pub enum TransportError {
     /// A request the transport cannot carry (wrong buffer kind, out of the namespace, ...).
     #[error("{0}")]
     Invalid(String),
+}
+
+impl TransportError {
+    /// Whether the queue's request table was full (retry after a poll frees entries).
+    pub fn is_queue_full(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Pcie(Error::PoolExhausted { .. })
+                | TransportError::Tcp(HostError::QueueFull(_))
+        )
+    }
 }
 
 /// How a failed I/O request ended.
@@ -197,6 +209,14 @@ impl TransportController {
         match self {
             TransportController::Pcie(c) => Ok(TransportBuf::Dma(c.alloc(len)?)),
             TransportController::Tcp(_) => Ok(TransportBuf::Host(HostBuf::new(len))),
+        }
+    }
+    /// Memory for data buffers as the embedding API hands them out: the DMA memory of a PCIe
+    /// controller, host memory for NVMe/TCP ([`TcpController::memory`]).
+    pub fn dma(&self) -> &DmaMemory {
+        match self {
+            TransportController::Pcie(c) => c.dma(),
+            TransportController::Tcp(c) => c.memory(),
         }
     }
     /// A new I/O queue (`opts.entries` entries; the other options are PCIe's).

@@ -2,6 +2,11 @@
 //! Keep Alive from any thread), with its namespaces read at connect time, and I/O queues that
 //! map the caller's tags onto the host queue's command slots.
 //!
+//! Data buffers of the embedding API ([`DmaBuffer`](crate::DmaBuffer)s, the page cache) come
+//! from [`TcpController::memory`]: ordinary memory handed out by the same page allocator as
+//! DMA memory ([`DmaMemory`] over a [`HostChunks`] source, whose "IOVA" is the address), so
+//! the file layer works unchanged; the queue receives read data straight into it.
+//!
 //! When the Keep Alive fails the controller is lost: a flag every [`TcpQueue`] checks on each
 //! poll (one relaxed load) makes the I/O queues end their connections too, so every
 //! outstanding command of the association ends once with "controller lost".
@@ -12,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{TransportError, TransportIoError, TransportRejected};
+use crate::bus::dma::{ChunkSource, DmaChunk, DmaMemory};
 use crate::nvme::namespace::Namespace;
 use crate::nvme::qpair::{IoOp, QueueOptions};
 use crate::nvmf::fabrics::DiscoveryEntry;
@@ -21,7 +27,7 @@ use crate::spec::identify::{
 };
 use crate::spec::sqe::{io, lid};
 use crate::spec::{Cap, IdentifyController, SmartLog, Sqe, Vs};
-use crate::types::{Lba, Nsid, QueueId};
+use crate::types::{Iova, Lba, Nsid, QueueId};
 
 /// Default I/O queue entries when the options say 0.
 const DEFAULT_ENTRIES: u16 = 128;
@@ -51,6 +57,51 @@ impl Lost {
     }
 }
 
+/// Bytes of one chunk of [`HostChunks`] (larger requests get a chunk of their own size).
+const HOST_CHUNK: usize = 2 << 20;
+
+/// A [`ChunkSource`] of ordinary, page-aligned heap memory for NVMe/TCP data: nothing is
+/// pinned or mapped for a device (the host copies to and from the socket), and a chunk's
+/// "IOVA" is its address.
+#[derive(Debug, Default)]
+pub struct HostChunks;
+
+impl HostChunks {
+    fn layout(len: usize) -> Result<std::alloc::Layout, std::alloc::LayoutError> {
+        std::alloc::Layout::from_size_align(len, crate::spec::PAGE_SIZE)
+    }
+}
+
+impl ChunkSource for HostChunks {
+    fn name(&self) -> &'static str {
+        "host memory (NVMe/TCP)"
+    }
+    fn map_chunk(
+        &self,
+        min_len: usize,
+    ) -> Result<DmaChunk, Box<dyn std::error::Error + Send + Sync>> {
+        let len = min_len.max(1).div_ceil(HOST_CHUNK) * HOST_CHUNK;
+        let layout = Self::layout(len)?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        let vaddr = NonNull::new(p).ok_or_else(|| {
+            format!("out of memory: {len} bytes for NVMe/TCP buffers; use a smaller page cache")
+        })?;
+        Ok(DmaChunk {
+            vaddr,
+            iova: Iova(p as u64),
+            len,
+        })
+    }
+    unsafe fn unmap_chunk(&self, chunk: DmaChunk) {
+        if let Ok(layout) = Self::layout(chunk.len) {
+            // SAFETY: the chunk came from `alloc_zeroed` with this layout (map_chunk) and is
+            // freed once, with no buffer in it used afterwards (the caller's contract).
+            unsafe { std::alloc::dealloc(chunk.vaddr.as_ptr(), layout) };
+        }
+    }
+}
+
 /// An NVMe/TCP controller as a transport: an association with its admin queue.
 #[derive(Debug)]
 pub struct TcpController {
@@ -64,6 +115,7 @@ pub struct TcpController {
     discovery: bool,
     namespaces: Vec<Namespace>,
     lost: Arc<Lost>,
+    memory: DmaMemory,
 }
 
 impl TcpController {
@@ -96,6 +148,7 @@ impl TcpController {
             namespaces,
             host: Mutex::new(host),
             lost: Arc::new(Lost::default()),
+            memory: DmaMemory::new(Box::new(HostChunks)),
         })
     }
 
@@ -150,6 +203,11 @@ impl TcpController {
     /// I/O queues the target granted (Set Features Number of Queues at bring-up).
     pub fn io_queues(&self) -> u16 {
         self.host().io_queue_count()
+    }
+    /// Memory for the data of this controller's I/O as the embedding API hands it out
+    /// ([`DmaBuffer`](crate::DmaBuffer)s of ordinary memory; see the module docs).
+    pub fn memory(&self) -> &DmaMemory {
+        &self.memory
     }
     /// Why the controller was lost, if it was.
     pub fn lost(&self) -> Option<String> {
@@ -331,17 +389,37 @@ impl<T> TcpQueue<T> {
                 tag,
             );
         }
-        let Some(slot) = self.free.pop() else {
-            return reject(HostError::QueueFull(self.tags.len()).into(), tag);
-        };
         let (opcode, out) = match op {
             IoOp::Read => (io::READ, false),
             IoOp::Write => (io::WRITE, true),
         };
         let sqe = Sqe::rw(opcode, ns.nsid().0, lba.0, blocks as u32, false);
+        // SAFETY: the caller's contract (this function's) covers the buffer's memory.
+        unsafe { self.submit_sqe(sqe, buf.ptr, len, out, tag) }
+    }
+
+    /// Queues any I/O command `sqe` whose data (`len` bytes at `ptr`, 0 for none) is written
+    /// to the controller if `out`, else read into `ptr`.
+    ///
+    /// # Safety
+    /// As [`submit_raw`](Self::submit_raw): the `len` bytes at `ptr` stay valid and untouched
+    /// by anyone else (for an `out` command: not written) until the completion carrying `tag`
+    /// has been returned by [`poll`](Self::poll) or the queue dropped.
+    pub(crate) unsafe fn submit_sqe(
+        &mut self,
+        sqe: Sqe,
+        ptr: NonNull<u8>,
+        len: usize,
+        out: bool,
+        tag: T,
+    ) -> Result<(), TransportRejected<T>> {
+        let reject = |error: TransportError, tag: T| Err(TransportRejected { error, tag });
+        let Some(slot) = self.free.pop() else {
+            return reject(HostError::QueueFull(self.tags.len()).into(), tag);
+        };
         let w = Waiting {
             sqe,
-            ptr: buf.ptr,
+            ptr,
             len,
             out,
             slot,
@@ -363,6 +441,11 @@ impl<T> TcpQueue<T> {
                 reject(e.into(), tag)
             }
         }
+    }
+
+    /// Why the connection ended, if it did.
+    pub fn lost(&self) -> Option<&str> {
+        self.q.lost()
     }
 
     fn send_one(&mut self, w: Waiting) -> Result<(), HostError> {
