@@ -300,6 +300,10 @@ fn hint(e: &DioError) -> &'static str {
             "; poll for completions and resubmit, or raise QueueOptions::requests"
         }
         DioError::Invalid => "; offsets and lengths of direct I/O must be block aligned",
+        DioError::Io(s) if is_path_error(s) => {
+            " (host pathing error: controller lost, its NVMe/TCP connection ended or its Keep \
+             Alive failed); reconnect: build a new Dioxide once the target is back"
+        }
         _ => "",
     }
 }

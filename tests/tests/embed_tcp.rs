@@ -1,0 +1,469 @@
+//! The embedding API on remote namespaces: `Dioxide::builder().transport_id("trtype:TCP ...")`
+//! against the driver's NVMe/TCP target on loopback serving the emulated controller
+//! ([`TcpTarget`]), on any machine.
+//!
+//! * the I/O paths of `tests/io.rs` that the file layer has (random offsets and lengths, heap
+//!   and DMA buffers, synchronous and asynchronous, larger than one command's transfer, two
+//!   namespaces of 512 B and 4 KiB blocks with the emulated controller's geometry), with
+//!   pooled pollers and run to completion, the data checked against a model and read back
+//!   by a second host;
+//! * flush, write zeroes and deallocate carried to the target;
+//! * a local (emulated PCIe) and a remote controller served by the same pollers;
+//! * faults: the target killed with requests in flight (connections closed) and a target that
+//!   hangs (connections open, nothing answered, caught by the Keep Alive that poller 0
+//!   sends): every request ends exactly once with `EmbedError::ControllerLost`, later ones
+//!   fail at once, and shutdown does not hang. Every wait is bounded by a watchdog.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dioxide::emulated::{Action, Fault, Mode, Trigger};
+use dioxide::{BlockFile, Completed, Dioxide, EmbedError, FileOptions, IoBuffer, Request};
+use dioxide_tests::*;
+
+/// A request that does not complete within this fails the test rather than hanging it.
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Two namespaces (512 B × 16 Ki blocks, 4 KiB × 2 Ki blocks), 128 KiB MDTS.
+fn target() -> TcpTarget {
+    TcpTarget::start(config(Mode::Threaded, &[(512, 16384), (4096, 2048)]), 1)
+}
+
+fn remote(t: &TcpTarget, local: bool) -> Dioxide {
+    let b = Dioxide::builder()
+        .transport_id(&t.trid())
+        .expect("transport ID");
+    let b = if local {
+        b.run_to_completion()
+    } else {
+        b.pollers([None, None])
+    };
+    b.cache_pages(64)
+        .build()
+        .expect("Dioxide on the remote controller")
+}
+
+/// Random I/O on one file of `dx`'s controller 0, namespace `nsid`, checked against a model.
+/// `model`: what the file holds now (all zeroes on a fresh namespace).
+fn round_trip(dx: &Dioxide, nsid: u32, seed: u64, mut model: Vec<u8>) -> Vec<u8> {
+    let (_, ns) = dx
+        .namespaces()
+        .into_iter()
+        .find(|(_, n)| n.nsid().0 == nsid)
+        .expect("namespace");
+    let bs = ns.block_size() as u64;
+    let cap: u64 = 1 << 20;
+    let file = dx
+        .open_file(0, ns.nsid(), FileOptions::new(0, cap / bs).with_len(cap))
+        .expect("file");
+    assert_eq!(model.len() as u64, cap);
+    let mut rng = Rng(seed);
+    for i in 0..120u64 {
+        let aligned = i % 2 == 0;
+        let (off, len) = if aligned {
+            let len = bs * rng.range(1, 320 * 1024 / bs); // up to 2.5 × the 128 KiB MDTS
+            (bs * rng.range(0, (cap - len) / bs + 1), len)
+        } else {
+            let len = rng.range(1, 20_000);
+            (rng.range(0, cap - len + 1), len)
+        };
+        let (o, n) = (off as usize, len as usize);
+        match i % 6 {
+            0 | 3 => {
+                let data = pattern(n, seed ^ i);
+                assert_eq!(file.write_at(&data, off).expect("write_at"), n);
+                model[o..o + n].copy_from_slice(&data);
+            }
+            1 => {
+                let mut b = file.alloc(n).expect("alloc");
+                b.as_mut_slice()[..n].copy_from_slice(&pattern(n, seed ^ i));
+                model[o..o + n].copy_from_slice(&b.as_slice()[..n]);
+                let (r, _) = file.write(IoBuffer::Dma(b), off, n);
+                assert_eq!(r.expect("zero-copy write"), n);
+            }
+            2 => {
+                let mut got = vec![0u8; n];
+                assert_eq!(file.read_at(&mut got, off).expect("read_at"), n);
+                assert!(got == model[o..o + n], "read_at [{off}, +{len}) differs");
+            }
+            4 => {
+                let b = file.alloc(n).expect("alloc");
+                let (r, b) = file.read(IoBuffer::Dma(b), off, n);
+                assert_eq!(r.expect("zero-copy read"), n);
+                let IoBuffer::Dma(b) = b else {
+                    panic!("the buffer came back as another kind")
+                };
+                assert!(
+                    b.as_slice()[..n] == model[o..o + n],
+                    "read [{off}, +{len}) differs"
+                );
+            }
+            _ => {
+                // Asynchronous: a write then a read of the same range, both in flight.
+                let data = pattern(n, seed ^ i ^ 0xa5);
+                let (tx, rx) = channel();
+                let tx2 = tx.clone();
+                file.submit(Request::write(off, data.clone()), move |c| {
+                    tx.send((0, c)).expect("send")
+                })
+                .map_err(|r| r.error)
+                .expect("submit write");
+                model[o..o + n].copy_from_slice(&data);
+                let w = wait(&rx, dx);
+                assert_eq!(w.0, 0);
+                assert_eq!(w.1.result.expect("async write"), n);
+                file.submit(Request::read(off, vec![0u8; n]), move |c| {
+                    tx2.send((1, c)).expect("send")
+                })
+                .map_err(|r| r.error)
+                .expect("submit read");
+                let r = wait(&rx, dx);
+                assert_eq!(r.1.result.expect("async read"), n);
+                let IoBuffer::Heap(v) = r.1.buf else {
+                    panic!("the buffer came back as another kind")
+                };
+                assert!(
+                    v[..n] == model[o..o + n],
+                    "async read [{off}, +{len}) differs"
+                );
+            }
+        }
+    }
+    model
+}
+
+/// The next completion; polls a run-to-completion instance while it waits.
+fn wait<T>(rx: &std::sync::mpsc::Receiver<T>, dx: &Dioxide) -> T {
+    let end = Instant::now() + LIMIT;
+    loop {
+        dx.poll();
+        if let Ok(v) = rx.recv_timeout(Duration::from_millis(1)) {
+            return v;
+        }
+        assert!(Instant::now() < end, "a request did not complete");
+    }
+}
+
+#[test]
+fn remote_namespaces_round_trip_with_pollers_and_run_to_completion() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let t = target();
+    let mut models = Vec::new();
+    for (local, nsid, seed) in [(false, 1, 11), (false, 2, 12), (true, 1, 13)] {
+        let dx = remote(&t, local);
+        // The geometry is the emulated controller's, as the target serves it.
+        let shape: Vec<_> = dx
+            .namespaces()
+            .iter()
+            .map(|(c, n)| (*c, n.nsid().0, n.block_size(), n.blocks()))
+            .collect();
+        assert_eq!(shape, [(0, 1, 512, 16384), (0, 2, 4096, 2048)]);
+        assert!(dx.tcp_controller(0).is_some_and(|c| c.lost().is_none()));
+        let before = match models.iter().position(|(n, _)| *n == nsid) {
+            Some(i) => models.remove(i).1,
+            None => vec![0u8; 1 << 20],
+        };
+        let m = round_trip(&dx, nsid, seed, before);
+        models.push((nsid, m));
+        dx.shutdown();
+    }
+    // A second host sees what the first wrote: the data is on the target's controller.
+    let dx = remote(&t, false);
+    for (nsid, m) in &models {
+        let (_, ns) = dx
+            .namespaces()
+            .into_iter()
+            .find(|(_, n)| n.nsid().0 == *nsid)
+            .expect("namespace");
+        let bs = ns.block_size() as u64;
+        let f = dx
+            .open_file(
+                0,
+                ns.nsid(),
+                FileOptions::new(0, (1 << 20) / bs).with_len(1 << 20),
+            )
+            .expect("file");
+        let mut got = vec![0u8; m.len()];
+        assert_eq!(f.read_at(&mut got, 0).expect("read back"), m.len());
+        assert!(
+            got == *m,
+            "namespace {nsid}: a new connection reads other data"
+        );
+    }
+}
+
+#[test]
+fn maintenance_reaches_the_remote_controller() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let t = target();
+    let dx = remote(&t, false);
+    let f = dx
+        .open_file(
+            0,
+            dioxide::Nsid(1),
+            FileOptions::new(0, 2048).with_len(1 << 20),
+        )
+        .expect("file");
+    assert!(f.supports_write_zeroes());
+    f.write_at(&pattern(1 << 20, 5), 0).expect("write");
+    f.flush().expect("flush");
+    f.write_zeroes(8192, 300 * 1024).expect("write zeroes");
+    let mut got = vec![1u8; 1 << 20];
+    f.read_at(&mut got, 0).expect("read");
+    let want = pattern(1 << 20, 5);
+    assert!(got[..8192] == want[..8192]);
+    assert!(got[8192..8192 + 300 * 1024].iter().all(|&b| b == 0));
+    assert!(got[8192 + 300 * 1024..] == want[8192 + 300 * 1024..]);
+    if f.supports_deallocate() {
+        f.deallocate(&[0..4096, 65536..131072]).expect("deallocate");
+    }
+    let (tx, rx) = channel();
+    f.submit_flush(move |r| tx.send(r).expect("send"))
+        .expect("submit flush");
+    rx.recv_timeout(LIMIT)
+        .expect("flush callback")
+        .expect("flush");
+}
+
+#[test]
+fn a_local_and_a_remote_controller_share_the_pollers() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let t = target();
+    let (local, _emu) = emulated(config(Mode::Threaded, &[(512, 8192)]));
+    let dx = Dioxide::builder()
+        .controller(local)
+        .transport_id(&t.trid())
+        .expect("transport ID")
+        .pollers([None, None])
+        .build()
+        .expect("Dioxide");
+    assert!(dx.tcp_controller(0).is_none() && dx.tcp_controller(1).is_some());
+    let a = dx
+        .open_file(
+            0,
+            dioxide::Nsid(1),
+            FileOptions::new(0, 2048).with_len(1 << 20),
+        )
+        .expect("local file");
+    let b = dx
+        .open_file(
+            1,
+            dioxide::Nsid(1),
+            FileOptions::new(0, 2048).with_len(1 << 20),
+        )
+        .expect("remote file");
+    let data = pattern(1 << 20, 77);
+    a.write_at(&data, 0).expect("local write");
+    // Copy local → remote in 64 KiB zero-copy pieces from four threads.
+    std::thread::scope(|s| {
+        for k in 0..4u64 {
+            let (a, b) = (&a, &b);
+            s.spawn(move || {
+                for i in (k..16).step_by(4) {
+                    let off = i * 65536;
+                    let (r, buf) = a.read(a.alloc(65536).expect("alloc"), off, 65536);
+                    assert_eq!(r.expect("local read"), 65536);
+                    let IoBuffer::Dma(src) = buf else {
+                        panic!("the buffer came back as another kind")
+                    };
+                    let mut dst = b.alloc(65536).expect("alloc");
+                    dst.as_mut_slice().copy_from_slice(src.as_slice());
+                    let (r, _) = b.write(IoBuffer::Dma(dst), off, 65536);
+                    assert_eq!(r.expect("remote write"), 65536);
+                }
+            });
+        }
+    });
+    let mut got = vec![0u8; 1 << 20];
+    b.read_at(&mut got, 0).expect("remote read");
+    assert!(got == data, "the remote copy differs");
+}
+
+/// Async reads and writes kept in flight from two threads on a file of the target's, until
+/// `stop`; returns (submitted, completed Ok, completed with ControllerLost) and checks each
+/// callback runs exactly once and every error is ControllerLost.
+fn load(file: &BlockFile, stop: &std::sync::atomic::AtomicBool) -> (u32, u32, u32) {
+    let calls: Arc<Vec<AtomicU32>> = Arc::new((0..100_000).map(|_| AtomicU32::new(0)).collect());
+    let tally = Arc::new(Mutex::new((0u32, 0u32)));
+    let submitted = AtomicU32::new(0);
+    std::thread::scope(|s| {
+        for k in 0..2u64 {
+            let (calls, tally, submitted) = (calls.clone(), tally.clone(), &submitted);
+            s.spawn(move || {
+                let (tx, rx) = channel::<()>();
+                let mut in_flight = 0;
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) || in_flight > 0 {
+                    if !stop.load(Ordering::SeqCst) && in_flight < 16 {
+                        let id = submitted.fetch_add(1, Ordering::SeqCst) as usize;
+                        let off = ((k * 128 + i % 128) * 4096) % (1 << 20);
+                        i += 1;
+                        let buf = file.alloc(4096).expect("alloc");
+                        let req = if i % 2 == 0 {
+                            Request::write(off, IoBuffer::Dma(buf))
+                        } else {
+                            Request::read(off, IoBuffer::Dma(buf))
+                        };
+                        let (cb_calls, cb_tally, tx) = (calls.clone(), tally.clone(), tx.clone());
+                        let r = file.submit(req, move |c: Completed| {
+                            cb_calls[id].fetch_add(1, Ordering::SeqCst);
+                            let mut t = cb_tally.lock().expect("tally");
+                            match c.result {
+                                Ok(_) => t.0 += 1,
+                                Err(EmbedError::ControllerLost { .. }) => t.1 += 1,
+                                Err(e) => panic!("request {id}: unexpected error: {e}"),
+                            }
+                            let _ = tx.send(());
+                        });
+                        match r {
+                            Ok(()) => in_flight += 1,
+                            Err(r) => {
+                                assert!(
+                                    matches!(r.error, EmbedError::ControllerLost { .. }),
+                                    "refused: {}",
+                                    r.error
+                                );
+                                // Counted like a completion: it ended once, with the error.
+                                calls[id].fetch_add(1, Ordering::SeqCst);
+                                tally.lock().expect("tally").1 += 1;
+                            }
+                        }
+                        continue;
+                    }
+                    rx.recv_timeout(LIMIT)
+                        .expect("a request in flight never completed");
+                    in_flight -= 1;
+                }
+            });
+        }
+    });
+    let n = submitted.load(Ordering::SeqCst);
+    for (id, c) in calls.iter().take(n as usize).enumerate() {
+        assert_eq!(
+            c.load(Ordering::SeqCst),
+            1,
+            "request {id} ended {c:?} times"
+        );
+    }
+    let (ok, lost) = *tally.lock().expect("tally");
+    assert_eq!(ok + lost, n);
+    (n, ok, lost)
+}
+
+/// Drive `fault` on the target while requests are in flight; then check that everything
+/// ended once, that the controller is lost, and that new requests fail at once.
+fn through_a_fault(fault: impl FnOnce(&mut TcpTarget) + Send, kato_ms: u32) {
+    let mut t = target();
+    // Hold every completion a little, so that requests are in flight when the fault hits.
+    t.emu.inject(Fault {
+        trigger: Trigger::NthCommand {
+            qid: None,
+            opcode: None,
+            n: 1,
+        },
+        action: Action::Delay(Duration::from_millis(2)),
+        times: None,
+    });
+    let dx = Dioxide::builder()
+        .transport_id(&t.trid())
+        .expect("transport ID")
+        .tcp_keep_alive(kato_ms)
+        .pollers([None, None])
+        .build()
+        .expect("Dioxide");
+    let file = dx
+        .open_file(
+            0,
+            dioxide::Nsid(1),
+            FileOptions::new(0, 2048).with_len(1 << 20),
+        )
+        .expect("file");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (n, ok, lost) = std::thread::scope(|s| {
+        let h = s.spawn(|| load(&file, &stop));
+        std::thread::sleep(Duration::from_millis(300));
+        fault(&mut t);
+        // Wait until the controller is seen lost (a later request fails), then stop.
+        let end = Instant::now() + LIMIT;
+        while dx.tcp_controller(0).is_some_and(|c| c.lost().is_none()) {
+            let mut b = [0u8; 4096];
+            if let Err(e) = file.read_at(&mut b, 0) {
+                assert!(matches!(e, EmbedError::ControllerLost { .. }), "{e}");
+                break;
+            }
+            assert!(Instant::now() < end, "the controller was never seen lost");
+        }
+        stop.store(true, Ordering::SeqCst);
+        h.join().expect("load threads")
+    });
+    note(format!(
+        "{n} requests: {ok} completed, {lost} failed with ControllerLost"
+    ));
+    assert!(ok > 0, "nothing completed before the fault");
+    assert!(lost > 0, "no request saw the lost controller");
+    // Every later request fails at once, with the same error.
+    let mut b = [0u8; 4096];
+    let e = file
+        .read_at(&mut b, 0)
+        .expect_err("read on a lost controller");
+    assert!(matches!(e, EmbedError::ControllerLost { .. }), "{e}");
+    assert!(e.to_string().contains("controller lost"), "{e}");
+    let (r, _) = file.write(file.alloc(4096).expect("alloc"), 0, 4096);
+    assert!(matches!(r, Err(EmbedError::ControllerLost { .. })), "{r:?}");
+    drop(file);
+    dx.shutdown();
+}
+
+#[test]
+fn killing_the_target_fails_every_request_once() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    through_a_fault(TcpTarget::kill, 5_000);
+}
+
+#[test]
+fn a_hung_target_is_lost_through_the_keep_alive() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    // KATO 1 s: a Keep Alive every 0.5 s from poller 0; the unanswered one ends the
+    // association after 1 s, long before the 30 s command timeout.
+    through_a_fault(TcpTarget::freeze, 1_000);
+}
+
+#[test]
+fn bad_transport_ids_are_typed_errors() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    for (trid, needle) in [
+        ("trtype:PCIe traddr:0000:01:00.0", "Builder::controller"),
+        ("trtype:TCP traddr:localhost subnqn:x", "not an IP address"),
+        ("trtype:TCP traddr:127.0.0.1 ns:1 subnqn:x", "ns"),
+        ("trtype:TCP traddr:127.0.0.1 subnqn:x hdgst:1", "unknown"),
+    ] {
+        let e = Dioxide::builder()
+            .transport_id(trid)
+            .expect_err(trid)
+            .to_string();
+        assert!(e.contains(needle), "{trid}: {e}");
+    }
+    // A port nobody listens on: refused at build, with the address in the message.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    drop(l);
+    let e = Dioxide::builder()
+        .transport_id(&format!(
+            "trtype:TCP traddr:127.0.0.1 trsvcid:{port} subnqn:nqn.x"
+        ))
+        .expect("parses")
+        .build()
+        .expect_err("nobody listens");
+    assert!(matches!(e, EmbedError::Remote(_)), "{e}");
+    // A subsystem the target does not serve.
+    let t = target();
+    let trid = t.trid().replace(TCP_SUBNQN, "nqn.2026-01.io.dioxide:none");
+    let e = Dioxide::builder()
+        .transport_id(&trid)
+        .expect("parses")
+        .build()
+        .expect_err("no such subsystem");
+    assert!(matches!(e, EmbedError::Remote(_)), "{e}");
+}
