@@ -4,77 +4,30 @@
 
 use dioxide::spec::{Sct, Sqe};
 use dioxide::{NvmfDigests, NvmfHost, NvmfHostData, NvmfHostError, NvmfHostOptions};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const HOST_A: &str = "nqn.2026-12.io.dioxide:test-host-a";
 const HOST_B: &str = "nqn.2026-12.io.dioxide:test-host-b";
 
-/// A running `nvmf_tgt`: its stdout lines arrive on a channel; dropping it kills it.
-struct Tgt {
-    child: Child,
-    lines: Receiver<String>,
-    out: Vec<String>,
-    addr: SocketAddr,
-    nqn: String,
+mod common;
+use common::{Tgt, deadline};
+
+/// `nvmf_tgt` on two cores (`-m 0x3`) with `args`.
+fn start_tgt(args: &[&str]) -> Tgt {
+    let mut all = vec!["-m", "0x3"];
+    all.extend_from_slice(args);
+    Tgt::start(&all)
 }
 
-fn deadline() -> Instant {
-    Instant::now() + test_watchdog::scaled(Duration::from_secs(60))
+/// What these tests do with a target.
+trait TgtExt {
+    fn host_opts(&self, hostnqn: &str, digests: NvmfDigests) -> NvmfHostOptions;
+    fn connect(&self, hostnqn: &str, digests: NvmfDigests) -> NvmfHost;
+    fn interrupt(self) -> (Option<i32>, Vec<String>);
 }
 
-impl Tgt {
-    /// Starts `nvmf_tgt` on an ephemeral loopback port with `args` and waits until it is ready.
-    fn start(args: &[&str]) -> Tgt {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nvmf_tgt"))
-            .args(["--listen", "127.0.0.1:0", "-m", "0x3"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start nvmf_tgt");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut t = Tgt {
-            child,
-            lines,
-            out: Vec::new(),
-            addr: "127.0.0.1:1".parse().unwrap(),
-            nqn: String::new(),
-        };
-        let until = deadline();
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            let l = t
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("nvmf_tgt did not get ready; it printed: {:#?}", t.out));
-            if let Some(rest) = l.strip_prefix("nvmf_tgt: listening on ") {
-                t.addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-            if let Some(rest) = l.strip_prefix("nvmf_tgt: subsystem ") {
-                t.nqn = rest.split(':').take(2).collect::<Vec<_>>().join(":");
-            }
-            let ready = l.starts_with("nvmf_tgt: ready");
-            t.out.push(l);
-            if ready {
-                return t;
-            }
-        }
-    }
-
+impl TgtExt for Tgt {
     fn host_opts(&self, hostnqn: &str, digests: NvmfDigests) -> NvmfHostOptions {
         let mut o = NvmfHostOptions::new(self.nqn.clone());
         o.hostnqn = hostnqn.into();
@@ -111,13 +64,6 @@ impl Tgt {
             out.push(l);
         }
         (status.code(), out)
-    }
-}
-
-impl Drop for Tgt {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -172,7 +118,7 @@ fn poller_report(out: &[String]) -> Vec<(u64, u64)> {
 #[test]
 fn serves_the_emulated_controller_end_to_end() {
     let _w = test_watchdog::arm(test_watchdog::STRESS);
-    let t = Tgt::start(&[
+    let t = start_tgt(&[
         "--in-capsule",
         "4096",
         "--max-io-size",
@@ -280,7 +226,7 @@ fn serves_the_emulated_controller_end_to_end() {
 #[test]
 fn a_host_not_allowed_is_refused_at_connect() {
     let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
-    let t = Tgt::start(&["--allow-host", HOST_A, "--emulated-size", "1m"]);
+    let t = start_tgt(&["--allow-host", HOST_A, "--emulated-size", "1m"]);
     match NvmfHost::connect(t.addr, t.host_opts(HOST_B, DIGESTS[0])) {
         Err(NvmfHostError::Status { status, .. }) => {
             // Connect Invalid Host (NVMe-oF, Connect command specific status 0x84).
@@ -308,7 +254,7 @@ fn a_host_not_allowed_is_refused_at_connect() {
 #[test]
 fn sigint_with_hosts_connected_disconnects_them_and_exits_0() {
     let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
-    let t = Tgt::start(&["--emulated-size", "1m"]);
+    let t = start_tgt(&["--emulated-size", "1m"]);
     let mut c = t.connect(HOST_A, DIGESTS[0]);
     let mut qs: Vec<_> = (0..2).map(|_| c.io_queue(16).expect("I/O queue")).collect();
     for (i, q) in qs.iter_mut().enumerate() {
@@ -346,7 +292,7 @@ fn bad_options_are_refused_with_one_line() {
 fn connection_limits_and_the_connect_timeout_apply() {
     use std::io::Read;
     let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
-    let t = Tgt::start(&[
+    let t = start_tgt(&[
         "--max-connections-per-host",
         "2",
         "--connect-timeout-ms",

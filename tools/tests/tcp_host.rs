@@ -4,86 +4,21 @@
 //! must end with a clear error and nothing may hang: every child runs under a deadline
 //! (`test_watchdog::output_within`), every test under the watchdog.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// A running `nvmf_tgt` on an ephemeral loopback port, memory-backed; dropping it kills it.
-struct Tgt {
-    child: Child,
-    addr: SocketAddr,
-    nqn: String,
-}
+mod common;
+use common::Tgt;
 
-impl Tgt {
-    fn start() -> Tgt {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nvmf_tgt"))
-            .args(["--listen", "127.0.0.1:0", "--emulated-backing", "memory"])
-            .args(["--emulated-size", "64m"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start nvmf_tgt");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let (mut addr, mut nqn) = (None, String::new());
-        let until = Instant::now() + test_watchdog::scaled(Duration::from_secs(60));
-        let mut seen = Vec::new();
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            let l = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("nvmf_tgt did not get ready; it printed {seen:#?}"));
-            if let Some(rest) = l.strip_prefix("nvmf_tgt: listening on ") {
-                addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
-            }
-            if let Some(rest) = l.strip_prefix("nvmf_tgt: subsystem ") {
-                nqn = rest.split(':').take(2).collect::<Vec<_>>().join(":");
-            }
-            let ready = l.starts_with("nvmf_tgt: ready");
-            seen.push(l);
-            if ready {
-                break;
-            }
-        }
-        // Keep draining its output so it never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        Tgt {
-            child,
-            addr: addr.expect("nvmf_tgt said where it listens"),
-            nqn,
-        }
-    }
-
-    fn trid(&self, addr: SocketAddr) -> String {
-        format!(
-            "trtype:TCP adrfam:IPv4 traddr:{} trsvcid:{} subnqn:{}",
-            addr.ip(),
-            addr.port(),
-            self.nqn
-        )
-    }
-}
-
-impl Drop for Tgt {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `nvmf_tgt` on the emulated controller, memory-backed (64 MiB).
+fn start_tgt() -> Tgt {
+    Tgt::start(&["--emulated-backing", "memory", "--emulated-size", "64m"])
 }
 
 fn run(bin: &str, args: &[&str]) -> Output {
@@ -106,7 +41,7 @@ fn text(b: &[u8]) -> String {
 #[test]
 fn perf_verify_and_identify_over_tcp() {
     let _w = test_watchdog::arm(test_watchdog::STRESS);
-    let t = Tgt::start();
+    let t = start_tgt();
     let trid = t.trid(t.addr);
     // 4 KiB writes go in-capsule, 64 KiB ones after R2Ts; reads come back in C2HData.
     for size in ["4096", "65536"] {
@@ -380,7 +315,7 @@ fn pump(
 /// Runs `perf -w verify` for up to a minute through a proxy, does `fault` once I/O flows, and
 /// checks that perf ends (the watchdog bounds it) with a clear error.
 fn perf_through_a_fault(fault: impl FnOnce(&Tgt, &Proxy)) -> String {
-    let t = Tgt::start();
+    let t = start_tgt();
     let p = Proxy::start(t.addr);
     let trid = t.trid(p.addr);
     let (tx, rx) = channel();
