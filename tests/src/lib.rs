@@ -29,7 +29,9 @@
 //! libtest captures what a passing test prints with `println!`; [`note`] writes straight to the
 //! process's stderr, so skipped parts and emulator-only tests are visible in every run.
 
+mod proxy;
 mod tcp;
+pub use proxy::{Proxy, ProxyFault};
 pub use tcp::{TCP_SUBNQN, TcpTarget};
 
 use std::io::Write as _;

@@ -96,10 +96,15 @@ impl TcpTarget {
 
     /// The SPDK transport ID of the served subsystem.
     pub fn trid(&self) -> String {
+        self.trid_at(self.addr)
+    }
+
+    /// The same at `addr` (a [`Proxy`](crate::Proxy) in front of the target).
+    pub fn trid_at(&self, addr: SocketAddr) -> String {
         format!(
             "trtype:TCP adrfam:IPv4 traddr:{} trsvcid:{} subnqn:{TCP_SUBNQN}",
-            self.addr.ip(),
-            self.addr.port()
+            addr.ip(),
+            addr.port()
         )
     }
 

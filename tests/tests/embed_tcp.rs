@@ -9,9 +9,10 @@
 //!   by a second host;
 //! * flush, write zeroes and deallocate carried to the target;
 //! * a local (emulated PCIe) and a remote controller served by the same pollers;
-//! * faults: the target killed with requests in flight (connections closed) and a target that
+//! * faults, with requests in flight: the target killed (connections closed), a target that
 //!   hangs (connections open, nothing answered, caught by the Keep Alive that poller 0
-//!   sends): every request ends exactly once with `EmbedError::ControllerLost`, later ones
+//!   sends), and through a proxy a connection reset (RST) and a stream turned to garbage:
+//!   every request ends exactly once with `EmbedError::ControllerLost`, later ones
 //!   fail at once, and shutdown does not hang. Every wait is bounded by a watchdog.
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -354,8 +355,9 @@ fn load(file: &BlockFile, stop: &std::sync::atomic::AtomicBool) -> (u32, u32, u3
 
 /// Drive `fault` on the target while requests are in flight; then check that everything
 /// ended once, that the controller is lost, and that new requests fail at once.
-fn through_a_fault(fault: impl FnOnce(&mut TcpTarget) + Send, kato_ms: u32) {
+fn through_a_fault(fault: impl FnOnce(&mut TcpTarget, &Proxy) + Send, kato_ms: u32) {
     let mut t = target();
+    let proxy = Proxy::start(t.addr);
     // Hold every completion a little, so that requests are in flight when the fault hits.
     t.emu.inject(Fault {
         trigger: Trigger::NthCommand {
@@ -367,7 +369,7 @@ fn through_a_fault(fault: impl FnOnce(&mut TcpTarget) + Send, kato_ms: u32) {
         times: None,
     });
     let dx = Dioxide::builder()
-        .transport_id(&t.trid())
+        .transport_id(&t.trid_at(proxy.addr))
         .expect("transport ID")
         .tcp_keep_alive(kato_ms)
         .pollers([None, None])
@@ -383,8 +385,9 @@ fn through_a_fault(fault: impl FnOnce(&mut TcpTarget) + Send, kato_ms: u32) {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (n, ok, lost) = std::thread::scope(|s| {
         let h = s.spawn(|| load(&file, &stop));
-        std::thread::sleep(Duration::from_millis(300));
-        fault(&mut t);
+        // I/O is flowing (1 MiB through the proxy).
+        proxy.wait_for(1 << 20);
+        fault(&mut t, &proxy);
         // Wait until the controller is seen lost (a later request fails), then stop.
         let end = Instant::now() + LIMIT;
         while dx.tcp_controller(0).is_some_and(|c| c.lost().is_none()) {
@@ -419,7 +422,19 @@ fn through_a_fault(fault: impl FnOnce(&mut TcpTarget) + Send, kato_ms: u32) {
 #[test]
 fn killing_the_target_fails_every_request_once() {
     let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
-    through_a_fault(TcpTarget::kill, 5_000);
+    through_a_fault(|t, _| t.kill(), 5_000);
+}
+
+#[test]
+fn a_connection_reset_fails_every_request_once() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    through_a_fault(|_, p| p.fault(ProxyFault::Reset), 5_000);
+}
+
+#[test]
+fn a_target_answering_garbage_fails_every_request_once() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    through_a_fault(|_, p| p.fault(ProxyFault::Garbage), 5_000);
 }
 
 #[test]
@@ -427,7 +442,7 @@ fn a_hung_target_is_lost_through_the_keep_alive() {
     let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     // KATO 1 s: a Keep Alive every 0.5 s from poller 0; the unanswered one ends the
     // association after 1 s, long before the 30 s command timeout.
-    through_a_fault(TcpTarget::freeze, 1_000);
+    through_a_fault(|t, _| t.freeze(), 1_000);
 }
 
 #[test]
