@@ -297,7 +297,9 @@ fn load(file: &BlockFile, stop: &std::sync::atomic::AtomicBool) -> (u32, u32, u3
                 let mut in_flight = 0;
                 let mut i = 0u64;
                 while !stop.load(Ordering::SeqCst) || in_flight > 0 {
-                    if !stop.load(Ordering::SeqCst) && in_flight < 16 {
+                    let more = !stop.load(Ordering::SeqCst)
+                        && submitted.load(Ordering::SeqCst) < calls.len() as u32 - 64;
+                    if more && in_flight < 16 {
                         let id = submitted.fetch_add(1, Ordering::SeqCst) as usize;
                         let off = ((k * 128 + i % 128) * 4096) % (1 << 20);
                         i += 1;
@@ -331,6 +333,11 @@ fn load(file: &BlockFile, stop: &std::sync::atomic::AtomicBool) -> (u32, u32, u3
                                 tally.lock().expect("tally").1 += 1;
                             }
                         }
+                        continue;
+                    }
+                    if in_flight == 0 {
+                        // Out of request ids: wait for the stop.
+                        std::thread::sleep(Duration::from_millis(1));
                         continue;
                     }
                     rx.recv_timeout(LIMIT)
@@ -372,6 +379,9 @@ fn through_a_fault(fault: impl FnOnce(&mut TcpTarget, &Proxy) + Send, kato_ms: u
         .transport_id(&t.trid_at(proxy.addr))
         .expect("transport ID")
         .tcp_keep_alive(kato_ms)
+        // A stream that turned to garbage may announce a long PDU and then stall: the
+        // command timeout ends it.
+        .tcp_command_timeout(Duration::from_secs(5))
         .pollers([None, None])
         .build()
         .expect("Dioxide");

@@ -271,6 +271,7 @@ pub struct Builder {
     ctrls: Vec<Pending>,
     digests: Digests,
     kato_ms: u32,
+    tcp_command_timeout: Duration,
     cores: Vec<Option<usize>>,
     run_to_completion: bool,
     ring: usize,
@@ -348,6 +349,13 @@ impl Builder {
     /// (default: none).
     pub fn tcp_digests(mut self, header: bool, data: bool) -> Self {
         self.digests = Digests { header, data };
+        self
+    }
+    /// How long a command of a remote controller given as a transport ID may take (default
+    /// 30 s): NVMe/TCP cannot take a command back, so past it the connection, and with it the
+    /// controller, is lost (every request on it fails with [`EmbedError::ControllerLost`]).
+    pub fn tcp_command_timeout(mut self, d: Duration) -> Self {
+        self.tcp_command_timeout = d;
         self
     }
     /// Keep Alive Timeout asked of remote controllers given as transport IDs, in ms
@@ -432,7 +440,9 @@ impl Builder {
         for p in self.ctrls {
             ctrls.push(match p {
                 Pending::Ready(c) => c,
-                Pending::Tcp(t) => connect(&t, self.digests, self.kato_ms)?,
+                Pending::Tcp(t) => {
+                    connect(&t, self.digests, self.kato_ms, self.tcp_command_timeout)?
+                }
             });
         }
         let mut targets: Targets = Vec::new();
@@ -492,7 +502,12 @@ impl Builder {
 }
 
 /// Connect the remote controller of `t` (a `trtype:TCP` transport ID).
-fn connect(t: &TransportId, digests: Digests, kato_ms: u32) -> EmbedResult<EmbedCtrl> {
+fn connect(
+    t: &TransportId,
+    digests: Digests,
+    kato_ms: u32,
+    command_timeout: Duration,
+) -> EmbedResult<EmbedCtrl> {
     let Target::Tcp(addr) = t.target else {
         return Err(EmbedError::Config("a remote controller needs trtype:TCP"));
     };
@@ -502,6 +517,7 @@ fn connect(t: &TransportId, digests: Digests, kato_ms: u32) -> EmbedResult<Embed
     }
     host.digests = digests;
     host.kato_ms = kato_ms;
+    host.command_timeout = command_timeout;
     let c = TcpController::connect(TcpOptions { addr, host }).map_err(EmbedError::Remote)?;
     if c.is_discovery() {
         return Err(EmbedError::TransportId {
@@ -542,6 +558,7 @@ impl Dioxide {
             ctrls: Vec::new(),
             digests: Digests::default(),
             kato_ms: DEFAULT_KATO_MS,
+            tcp_command_timeout: HostOptions::new("").command_timeout,
             cores: vec![None],
             run_to_completion: false,
             ring: 1024,

@@ -7,9 +7,10 @@
 //! DMA memory ([`DmaMemory`] over a [`HostChunks`] source, whose "IOVA" is the address), so
 //! the file layer works unchanged; the queue receives read data straight into it.
 //!
-//! When the Keep Alive fails the controller is lost: a flag every [`TcpQueue`] checks on each
-//! poll (one relaxed load) makes the I/O queues end their connections too, so every
-//! outstanding command of the association ends once with "controller lost".
+//! When the Keep Alive fails, or any I/O connection ends, the controller is lost: a flag every
+//! [`TcpQueue`] checks on each poll (one relaxed load) makes the other I/O queues end their
+//! connections too (as Linux's host tears the whole association down), so every outstanding
+//! command of the association ends once with "controller lost".
 
 use std::net::SocketAddr;
 use std::ptr::NonNull;
@@ -534,6 +535,14 @@ impl<T> TcpQueue<T> {
                 let _ = self.q.send_now();
             }
             return Ok(n);
+        }
+        // The association is lost with any of its connections (as Linux's host resets the
+        // whole controller): the other queues end theirs on their next poll, and the admin
+        // housekeeping reports it.
+        if !self.lost.flag.load(Ordering::Acquire) {
+            if let Err(e) = &r {
+                self.lost.set(format!("I/O queue {}: {e}", self.q.qid()));
+            }
         }
         while self.deliver(&mut f) {
             n += 1;
