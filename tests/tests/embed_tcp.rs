@@ -401,8 +401,8 @@ fn through_a_fault(fault: impl FnOnce(&mut TcpTarget, &Proxy) + Send, kato_ms: u
         // Wait until the controller is seen lost (a later request fails), then stop.
         let end = Instant::now() + LIMIT;
         while dx.tcp_controller(0).is_some_and(|c| c.lost().is_none()) {
-            let mut b = [0u8; 4096];
-            if let Err(e) = file.read_at(&mut b, 0) {
+            // A zero-copy read goes to the target whatever the page cache holds.
+            if let (Err(e), _) = file.read(file.alloc(4096).expect("alloc"), 0, 4096) {
                 assert!(matches!(e, EmbedError::ControllerLost { .. }), "{e}");
                 break;
             }
@@ -417,10 +417,8 @@ fn through_a_fault(fault: impl FnOnce(&mut TcpTarget, &Proxy) + Send, kato_ms: u
     assert!(ok > 0, "nothing completed before the fault");
     assert!(lost > 0, "no request saw the lost controller");
     // Every later request fails at once, with the same error.
-    let mut b = [0u8; 4096];
-    let e = file
-        .read_at(&mut b, 0)
-        .expect_err("read on a lost controller");
+    let (r, _) = file.read(file.alloc(4096).expect("alloc"), 0, 4096);
+    let e = r.expect_err("read on a lost controller");
     assert!(matches!(e, EmbedError::ControllerLost { .. }), "{e}");
     assert!(e.to_string().contains("controller lost"), "{e}");
     let (r, _) = file.write(file.alloc(4096).expect("alloc"), 0, 4096);
@@ -491,4 +489,52 @@ fn bad_transport_ids_are_typed_errors() {
         .build()
         .expect_err("no such subsystem");
     assert!(matches!(e, EmbedError::Remote(_)), "{e}");
+}
+
+/// Run to completion: the thread that built the instance owns the connection; a killed target
+/// fails its next request with ControllerLost, an asynchronous one in flight completes once
+/// with it, and dropping the instance returns.
+#[test]
+fn run_to_completion_sees_the_controller_lost() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let mut t = target();
+    // Hold completions so that the asynchronous read is still in flight at the kill.
+    t.emu.inject(Fault {
+        trigger: Trigger::NthCommand {
+            qid: None,
+            opcode: None,
+            n: 1,
+        },
+        action: Action::Delay(Duration::from_millis(200)),
+        times: None,
+    });
+    let dx = remote(&t, true);
+    let f = dx
+        .open_file(
+            0,
+            dioxide::Nsid(1),
+            FileOptions::new(0, 2048).with_len(1 << 20),
+        )
+        .expect("file");
+    f.write_at(&pattern(8192, 3), 0)
+        .expect("write before the kill");
+    let (tx, rx) = channel();
+    f.submit(
+        Request::read(0, IoBuffer::Dma(f.alloc(4096).expect("alloc"))),
+        move |c: Completed| tx.send(c.result).expect("send"),
+    )
+    .map_err(|r| r.error)
+    .expect("submit");
+    t.kill();
+    let r = wait(&rx, &dx);
+    assert!(matches!(r, Err(EmbedError::ControllerLost { .. })), "{r:?}");
+    assert!(rx.try_recv().is_err(), "a second completion");
+    // Not cached (the write above left its pages in the page cache): it goes to the target.
+    let mut b = [0u8; 512];
+    let e = f
+        .read_at(&mut b, 512 * 1024)
+        .expect_err("read on a lost controller");
+    assert!(matches!(e, EmbedError::ControllerLost { .. }), "{e}");
+    drop(f);
+    drop(dx);
 }
