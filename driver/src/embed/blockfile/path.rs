@@ -731,8 +731,7 @@ impl BlockFile {
         };
         match reply {
             Reply::Sync => {
-                let req = DioRequest::new(dir, at, acct.want, w, Mode::Sync);
-                let (r, mut w) = self.dio_sync(req);
+                let r = self.dio_sync(dir, at, acct.want, &mut w);
                 drop(guard);
                 acct.zero_short_read(&r, &mut w.buf);
                 Some((acct.result(r), w.into_buf()))
@@ -757,25 +756,19 @@ impl BlockFile {
         }
     }
 
-    /// dio-core, synchronously; in run-to-completion mode an exhausted pool is waited out by
-    /// polling and retrying ([`dio_sync_retry`](Self::dio_sync_retry)). The first attempt is
-    /// not in the retry loop: a loop-carried request costs a copy of its window per request.
+    /// dio-core, synchronously, on the window in place (never moved: dio-core borrows it); in
+    /// run-to-completion mode an exhausted pool is waited out by polling and retrying
+    /// ([`dio_sync_retry`](Self::dio_sync_retry)).
     #[inline(always)]
-    fn dio_sync(&self, req: DioRequest<Window>) -> (DioResult, Window) {
-        let (dir, offset, len, mode, fw) = (req.dir, req.offset, req.len, req.mode, req.force_wait);
-        match (&self.inner.engine, self.inner.io.submit_sync(req)) {
-            (EngineRef::Local(l), (Err(DioError::QueueFull), w)) => {
-                let req = DioRequest {
-                    dir,
-                    offset,
-                    len,
-                    buf: w,
-                    mode,
-                    force_wait: fw,
-                };
-                self.dio_sync_retry(l, req)
+    fn dio_sync(&self, dir: Dir, at: u64, len: u64, w: &mut Window) -> DioResult {
+        match (
+            &self.inner.engine,
+            self.inner.io.submit_sync_mut(dir, at, len, w),
+        ) {
+            (EngineRef::Local(l), Err(DioError::QueueFull)) => {
+                self.dio_sync_retry(l, dir, at, len, w)
             }
-            (_, rw) => rw,
+            (_, r) => r,
         }
     }
 
@@ -783,23 +776,12 @@ impl BlockFile {
     /// has room.
     #[cold]
     #[inline(never)]
-    fn dio_sync_retry(&self, l: &Local, mut req: DioRequest<Window>) -> (DioResult, Window) {
+    fn dio_sync_retry(&self, l: &Local, dir: Dir, at: u64, len: u64, w: &mut Window) -> DioResult {
         loop {
             l.poll_once();
-            let (dir, offset, len, mode, fw) =
-                (req.dir, req.offset, req.len, req.mode, req.force_wait);
-            match self.inner.io.submit_sync(req) {
-                (Err(DioError::QueueFull), w) => {
-                    req = DioRequest {
-                        dir,
-                        offset,
-                        len,
-                        buf: w,
-                        mode,
-                        force_wait: fw,
-                    };
-                }
-                rw => return rw,
+            match self.inner.io.submit_sync_mut(dir, at, len, w) {
+                Err(DioError::QueueFull) => {}
+                r => return r,
             }
         }
     }
