@@ -56,6 +56,7 @@ use crossbeam_queue::ArrayQueue;
 use dio_core::{Completion, DioCore, DioError, DioRequest, DioResult, Dir, Mode, Submitted};
 
 use super::callback::Callback;
+use super::maint::Spares;
 use super::{BlockFile, Completed, EngineRef, Refused, Request};
 use crate::embed::cache::PAGE;
 use crate::embed::error::{EmbedError, EmbedResult, Op};
@@ -567,6 +568,8 @@ pub(crate) struct Shared {
     /// [`direct_done`] runs where the request finished, gives the range back there, and only
     /// then defers the callback (see [`direct_done`]).
     defer: Option<DioCore<Window>>,
+    /// The DMA buffers of the maintenance operations (module `maint`).
+    pub(super) spares: Spares,
     /// Contexts allocated because the pool was empty, and freed because it was full (cold
     /// paths only; what the tests check).
     fresh: AtomicUsize,
@@ -578,12 +581,13 @@ pub(crate) struct Shared {
 const CONTEXTS: usize = 256;
 
 impl Shared {
-    /// `defer`: see [`Shared::defer`].
-    pub(super) fn new(capacity: u64, defer: Option<DioCore<Window>>) -> Shared {
+    /// `defer`: see [`Shared::defer`]; `spares`: see [`Shared::spares`].
+    pub(super) fn new(capacity: u64, defer: Option<DioCore<Window>>, spares: Spares) -> Shared {
         Shared {
             locks: RangeLock::new(capacity),
             contexts: ArrayQueue::new(CONTEXTS),
             defer,
+            spares,
             fresh: AtomicUsize::new(0),
             freed: AtomicUsize::new(0),
         }
@@ -908,7 +912,7 @@ mod tests {
     /// the callback unrun.
     #[test]
     fn a_window_owns_its_attached_context() {
-        let shared = Arc::new(Shared::new(64 * PAGE, None));
+        let shared = Arc::new(Shared::new(64 * PAGE, None, Spares::empty()));
         let runs = Arc::new(AtomicUsize::new(0));
         let pending = |shared: &Arc<Shared>, runs: &Arc<AtomicUsize>| {
             let held = shared.locks.try_lock(0..PAGE, true).unwrap().into_held();
