@@ -71,8 +71,10 @@ use crate::embed::rangelock::{Held, LockWait, RangeGuard, RangeLock};
 pub(super) enum Reply {
     /// Returned to the caller.
     Sync,
-    /// Through the user's callback.
-    Async(Callback),
+    /// Through the user's callback, written into the request's context (from the file's pool)
+    /// when the request entered: neither the callback nor the context is moved again (a
+    /// callback is up to 56 bytes; this variant is one pointer).
+    Async(Box<Context>),
 }
 
 /// A borrowed buffer of a synchronous call (copied through the cache).
@@ -148,7 +150,10 @@ impl BlockFile {
         req: Request,
         cb: impl FnOnce(Completed) + Send + 'static,
     ) -> Result<(), Box<Refused>> {
-        let reply = Reply::Async(Callback::new(cb));
+        let reply = Reply::Async(Context::with_callback(
+            &self.inner.shared,
+            Callback::new(cb),
+        ));
         match self.run(req.op, req.offset, req.len, req.buf, reply, None) {
             None => Ok(()),
             Some((Err(error), buf)) => Err(Box::new(Refused { error, buf })),
@@ -526,6 +531,16 @@ struct Accounting {
 }
 
 impl Accounting {
+    /// The accounting of a context not yet at dio-core (or back in the pool).
+    const NONE: Accounting = Accounting {
+        op: Op::Read,
+        offset: 0,
+        len: 0,
+        pre: 0,
+        want: 0,
+        total: 0,
+    };
+
     fn result(&self, r: DioResult) -> EmbedResult<usize> {
         match r {
             Ok(m) if m == self.want => Ok(self.total as usize),
@@ -647,31 +662,25 @@ impl std::fmt::Debug for Context {
 type Taken = (Accounting, Option<Callback>);
 
 impl Context {
-    /// A context for a request, from the file's pool (allocated only when the pool is empty).
-    /// Filled field by field in place: the context is larger than a few words, and every move
-    /// of it by value is a call to `memcpy`.
+    /// A context for a request with the user's callback, from the file's pool (allocated only
+    /// when the pool is empty). Filled field by field in place: the context is larger than a
+    /// few words, and every move of it by value is a call to `memcpy`. The range and the
+    /// accounting are set when the request reaches dio-core ([`BlockFile::direct`]).
     #[inline]
-    fn new(
-        shared: Arc<Shared>,
-        held: Option<Held>,
-        acct: Accounting,
-        cb: Callback,
-    ) -> Box<Context> {
+    fn with_callback(shared: &Arc<Shared>, cb: Callback) -> Box<Context> {
         match shared.contexts.pop() {
             Some(mut b) => {
-                b.held = held;
-                b.acct = acct;
                 b.cb = Some(cb);
-                b.shared = Some(shared);
+                b.shared = Some(Arc::clone(shared));
                 b
             }
             None => {
                 shared.fresh.fetch_add(1, Ordering::Relaxed);
                 Box::new(Context {
                     start: 0,
-                    shared: Some(shared),
-                    held,
-                    acct,
+                    shared: Some(Arc::clone(shared)),
+                    held: None,
+                    acct: Accounting::NONE,
                     cb: Some(cb),
                 })
             }
@@ -740,13 +749,10 @@ impl BlockFile {
                 acct.zero_short_read(&r, &mut w.buf);
                 Some((acct.result(r), w.into_buf()))
             }
-            Reply::Async(cb) => {
-                w.attach(Context::new(
-                    Arc::clone(&self.inner.shared),
-                    guard.into_held(),
-                    acct,
-                    cb,
-                ));
+            Reply::Async(mut ctx) => {
+                ctx.held = guard.into_held();
+                ctx.acct = acct;
+                w.attach(ctx);
                 let req = DioRequest::new(dir, at, acct.want, w, Mode::Async);
                 match self.inner.io.submit_async_fn(req, direct_done) {
                     Ok(Submitted::Queued | Submitted::Completed) => None,
@@ -870,7 +876,12 @@ impl BlockFile {
         drop(guard);
         match reply {
             Reply::Sync => Some((result, buf)),
-            Reply::Async(cb) => {
+            Reply::Async(ctx) => {
+                // The context goes back to the pool; its callback runs here (or is deferred).
+                let Some((_, Some(cb))) = ctx.recycle() else {
+                    log::error!("a request's context lost its callback; the callback is lost");
+                    return None;
+                };
                 let c = Completed { result, buf };
                 match &self.inner.deferral {
                     Some(d) => d.defer(Box::new(move || run_callback(cb, c, op, offset, len))),
@@ -928,7 +939,10 @@ mod tests {
             let cb = Callback::new(move |_c: Completed| {
                 runs.fetch_add(1, Ordering::SeqCst);
             });
-            Context::new(Arc::clone(shared), held, acct, cb)
+            let mut ctx = Context::with_callback(shared, cb);
+            ctx.held = held;
+            ctx.acct = acct;
+            ctx
         };
         let mut w = Window::new(IoBuffer::Heap(vec![7; 300]), 100);
         w.attach(pending(&shared, &runs));
