@@ -216,7 +216,12 @@ fn round_up(x: u64, a: u64) -> u64 {
 }
 
 impl BlockFile {
-    /// The whole request, from the checks to the answer.
+    /// The whole request, from the checks to the answer. Inlined into each entry point (and
+    /// [`direct`](Self::direct) into its two callers): the reply, the slice and often the
+    /// operation are then constants there, and the request's arguments are not moved through
+    /// two more calls; measured (count profile), 2166 -> 2085 instructions per synchronous
+    /// read and 2425 -> 2346 per asynchronous one at QD32.
+    #[inline(always)]
     fn run(
         &self,
         op: Op,
@@ -730,6 +735,7 @@ impl Context {
 
 impl BlockFile {
     /// The direct part at file offset `at`, sync or async.
+    #[inline(always)]
     fn direct(
         &self,
         acct: Accounting,
