@@ -174,35 +174,91 @@ impl<B: IoBuf> DioCore<B> {
             mode,
             force_wait,
         } = req;
+        // 1–5. Validate, take a state, walk.
+        let (dio, w) = match self.start(dir, offset, len, &mut buf, i_size) {
+            Start::Walked(dio, w) => (dio, w),
+            Start::Done(result) => {
+                return Outcome::Done {
+                    result,
+                    buf,
+                    completion,
+                };
+            }
+        };
+        // 3. Extending writes are forced synchronous (§3.8). (`start` checked that the end
+        // does not overflow.)
+        let extending = dir == Dir::Write && offset + len > i_size;
+        let async_ok = mode == Mode::Async && !extending && !force_wait;
+        // 6. Decide: the only place that can produce `Queued`.
+        let queued = async_ok
+            && w.submit_err.is_none()
+            && w.deferred_err.is_none()
+            && w.handled > 0
+            && (dir == Dir::Read || w.handled == len);
+        // 7–8. Drain unless queued; final drop.
+        let Some((result, buf, completion)) = self.drain(dio, &w, queued, buf, completion) else {
+            return Outcome::Queued;
+        };
+        if dir == Dir::Write && result.is_ok() && w.handled < len {
+            Outcome::Fallback {
+                done: w.handled,
+                buf,
+                completion,
+            }
+        } else {
+            Outcome::Done {
+                result,
+                buf,
+                completion,
+            }
+        }
+    }
+
+    /// Submit one request synchronously on a borrowed buffer: [`submit`](Self::submit) in
+    /// [`Mode::Sync`], without moving the buffer in and out (a synchronous request is never
+    /// queued, so dio-core never owns its buffer; the bios only borrow segments of it, and
+    /// all of them have completed when this returns). The outcome is the result, or
+    /// `Fallback` with the bytes written directly (the caller writes the rest buffered).
+    #[inline(always)]
+    pub fn submit_sync_mut(
+        &self,
+        dir: Dir,
+        offset: u64,
+        len: u64,
+        buf: &mut B,
+        i_size: u64,
+    ) -> SyncOutcome {
+        let (dio, w) = match self.start(dir, offset, len, buf, i_size) {
+            Start::Walked(dio, w) => (dio, w),
+            Start::Done(result) => return SyncOutcome::Done(result),
+        };
+        let io_error = dio.submitter_wait(&self.cfg.wait, w.bios);
+        let result = self.settle(dio, &w, io_error);
+        if dir == Dir::Write && result.is_ok() && w.handled < len {
+            SyncOutcome::Fallback { done: w.handled }
+        } else {
+            SyncOutcome::Done(result)
+        }
+    }
+
+    /// §3.4 steps 1–5: validate, take a request state with the submitter's reference (a
+    /// recycled one if possible), and walk the request in extents, submitting its bios.
+    #[inline(always)]
+    fn start(&self, dir: Dir, offset: u64, len: u64, buf: &mut B, i_size: u64) -> Start<B> {
         let align = self.cfg.align;
         // `align` is a power of two (checked in `new`): masks instead of divisions.
         let mask = align - 1;
         // 1. Validate before any state.
         let Some(end) = offset.checked_add(len) else {
-            return Outcome::Done {
-                result: Err(DioError::Invalid),
-                buf,
-                completion,
-            };
+            return Start::Done(Err(DioError::Invalid));
         };
         if offset & mask != 0 || len > buf.len() || (dir == Dir::Read && len & mask != 0) {
-            return Outcome::Done {
-                result: Err(DioError::Invalid),
-                buf,
-                completion,
-            };
+            return Start::Done(Err(DioError::Invalid));
         }
         // 2. Nothing to do.
         if len == 0 || (dir == Dir::Read && offset >= i_size) {
-            return Outcome::Done {
-                result: Ok(0),
-                buf,
-                completion,
-            };
+            return Start::Done(Ok(0));
         }
-        // 3. Extending writes are forced synchronous (§3.8).
-        let extending = dir == Dir::Write && end > i_size;
-        let async_ok = mode == Mode::Async && !extending && !force_wait;
         // 4. The request, with the submitter's reference (a recycled state if possible).
         let mut dio = self.state(dir, offset, i_size);
         // 5. Walk. Reads stop at EOF; a write's unaligned tail is left to the buffered path.
@@ -276,41 +332,44 @@ impl<B: IoBuf> DioCore<B> {
                 Extent::Hole { .. } | Extent::NeedBuffered => break,
             }
         }
-        // 6. Decide: the only place that can produce `Queued`.
-        let queued = async_ok
-            && w.submit_err.is_none()
-            && w.deferred_err.is_none()
-            && w.handled > 0
-            && (dir == Dir::Read || w.handled == len);
-        // 7–8. Drain unless queued; final drop.
+        Start::Walked(dio, w)
+    }
+
+    /// §3.4 steps 7–8, shared by [`submit`](Self::submit) and
+    /// [`submit_commands`](Self::submit_commands): a `queued` request publishes its walk and
+    /// payload and drops the submitter's reference (`None`: `Queued`, the completion path owns
+    /// the request now); otherwise, or when every bio completed before that drop, the submitter
+    /// waits for its bios, resolves the request, recycles its state, and has the result, the
+    /// buffer and the completion back.
+    #[inline(always)]
+    fn drain(
+        &self,
+        dio: Arc<DioShared<B>>,
+        w: &Walk,
+        queued: bool,
+        buf: B,
+        completion: Completion<B>,
+    ) -> Option<(DioResult, B, Completion<B>)> {
         let (dio, io_error, buf, completion) = if queued {
             let payload = Payload { buf, completion };
-            let Some((dio, fin)) = DioShared::submitter_queue(dio, w.handled, payload) else {
-                return Outcome::Queued;
-            };
+            let (dio, fin) = DioShared::submitter_queue(dio, w.handled, payload)?;
             // Every bio completed before the drop: the submitter owns the request again.
             (dio, fin.io_error, fin.payload.buf, fin.payload.completion)
         } else {
             let io_error = dio.submitter_wait(&self.cfg.wait, w.bios);
             (dio, io_error, buf, completion)
         };
-        let result = dio.resolve(&w, io_error);
-        DioShared::recycle(dio, &self.pool);
-        if dir == Dir::Write && result.is_ok() && w.handled < len {
-            Outcome::Fallback {
-                done: w.handled,
-                buf,
-                completion,
-            }
-        } else {
-            Outcome::Done {
-                result,
-                buf,
-                completion,
-            }
-        }
+        Some((self.settle(dio, w, io_error), buf, completion))
     }
 
+    /// The submitter's end of a request it owns again (every bio completed, its reference the
+    /// last): resolve the result, give the state back to the pool.
+    #[inline(always)]
+    fn settle(&self, dio: Arc<DioShared<B>>, w: &Walk, io_error: Option<DioError>) -> DioResult {
+        let result = dio.resolve(w, io_error);
+        DioShared::recycle(dio, &self.pool);
+        result
+    }
     /// Submit one bio, taking its reference first; throttle on `QueueFull` if allowed.
     /// Returns false (with `submit_err` set) if the device refused it for good.
     #[inline(always)]
@@ -385,3 +444,24 @@ impl<B: IoBuf> DioCore<B> {
 
 /// A bio before it has its reference: operation, LBA, file offset, length, segment.
 type BioParts<B> = (BioOp, u64, u64, u64, Option<<B as IoBuf>::Seg>);
+
+/// What [`DioCore::start`] found: the request is over before any state (invalid, empty,
+/// at or past EOF), or walked.
+enum Start<B> {
+    Done(DioResult),
+    Walked(Arc<DioShared<B>>, Walk),
+}
+
+/// The end of [`DioCore::submit_sync_mut`]: the buffer stayed with the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum SyncOutcome {
+    /// Finished: the result.
+    Done(DioResult),
+    /// A direct write that stopped early without an error (see [`Outcome::Fallback`]): `done`
+    /// bytes were written directly; the caller writes the rest through its buffered path.
+    Fallback {
+        /// Bytes written directly.
+        done: u64,
+    },
+}

@@ -5,9 +5,9 @@
 use std::ops::Range;
 
 use crate::completion::Completion;
-use crate::core::DioCore;
+use crate::core::{DioCore, SyncOutcome};
 use crate::error::{DioError, DioResult};
-use crate::request::{DioRequest, Dir, IoBuf, Mode, Outcome};
+use crate::request::{DioRequest, Dir, IoBuf, Outcome};
 
 /// The file as the upper layer needs it. Implemented by the driver integration (and by test
 /// doubles).
@@ -131,30 +131,56 @@ impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
 
     /// Submit and wait: the same steps, returning the value instead of calling back.
     #[inline(always)]
-    pub fn submit_sync(&self, mut req: DioRequest<B>) -> (DioResult, B) {
-        req.mode = Mode::Sync;
-        let (dir, offset, len) = (req.dir, req.offset, req.len);
-        match self.core.submit(req, self.file.size(), Completion::noop()) {
-            // A read that is done has nothing buffered and never changes the size: answered
-            // as it is, without the trip through `finish` (each move of the buffer there
-            // costs a copy of it).
-            Outcome::Done {
-                result,
-                buf,
-                completion,
-            } if dir == Dir::Read => {
-                completion.discard();
-                (result, buf)
-            }
-            outcome => {
-                let (result, buf, completion) = self.finish(dir, offset, len, outcome);
-                completion.discard();
-                (result, buf)
+    pub fn submit_sync(&self, req: DioRequest<B>) -> (DioResult, B) {
+        let DioRequest {
+            dir,
+            offset,
+            len,
+            mut buf,
+            ..
+        } = req;
+        let result = self.submit_sync_mut(dir, offset, len, &mut buf);
+        (result, buf)
+    }
+
+    /// [`submit_sync`](Self::submit_sync) on a borrowed buffer: the buffer is never moved
+    /// (no copy of it per call, whatever its size), and it is the caller's again, every bio
+    /// over, when this returns.
+    #[inline(always)]
+    pub fn submit_sync_mut(&self, dir: Dir, offset: u64, len: u64, buf: &mut B) -> DioResult {
+        let result = match self
+            .core
+            .submit_sync_mut(dir, offset, len, buf, self.file.size())
+        {
+            // A read never falls back and never changes the size: answered as it is.
+            SyncOutcome::Done(result) if dir == Dir::Read => return result,
+            SyncOutcome::Done(result) => result,
+            SyncOutcome::Fallback { done } => self.buffered_rest(offset, len, done, buf),
+        };
+        self.extend(dir, offset, result);
+        result
+    }
+
+    /// The buffered remainder `[offset + done, offset + len)` of a direct write that stopped
+    /// early: the bytes written in all (a buffered failure after direct bytes reports those).
+    fn buffered_rest(&self, offset: u64, len: u64, done: u64, buf: &B) -> DioResult {
+        match self.file.write_buffered(offset + done, buf, done..len) {
+            Ok(n) => Ok(done + n),
+            Err(_) if done > 0 => Ok(done),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A write's completion must see the size cover it (B5): raise it first.
+    #[inline(always)]
+    fn extend(&self, dir: Dir, offset: u64, result: DioResult) {
+        if let (Dir::Write, Ok(n)) = (dir, result) {
+            if n > 0 && offset + n > self.file.size() {
+                self.file.extend_to(offset + n);
             }
         }
     }
 
-    /// Steps 4(a) and 5: buffered remainder, then the size update, before anyone is told.
     #[inline(always)]
     fn finish(
         &self,
@@ -174,20 +200,9 @@ impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
                 done,
                 buf,
                 completion,
-            } => {
-                let result = match self.file.write_buffered(offset + done, &buf, done..len) {
-                    Ok(n) => Ok(done + n),
-                    Err(_) if done > 0 => Ok(done),
-                    Err(e) => Err(e),
-                };
-                (result, buf, completion)
-            }
+            } => (self.buffered_rest(offset, len, done, &buf), buf, completion),
         };
-        if let (Dir::Write, Ok(n)) = (dir, result) {
-            if n > 0 && offset + n > self.file.size() {
-                self.file.extend_to(offset + n);
-            }
-        }
+        self.extend(dir, offset, result);
         (result, buf, completion)
     }
 

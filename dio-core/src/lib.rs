@@ -92,7 +92,7 @@ pub mod sync;
 
 pub use crate::bio::{Bio, BioOp};
 pub use crate::completion::Completion;
-pub use crate::core::{Command, Config, DioCore, QueueFullPolicy};
+pub use crate::core::{Command, Config, DioCore, QueueFullPolicy, SyncOutcome};
 pub use crate::dio::{Deferred, RefCounting, Wait};
 pub use crate::error::{DeviceStatus, DioError, DioResult};
 pub use crate::hooks::{BioSink, Deferral, EndIo, Extent, Mapper, Poller, Rejected};

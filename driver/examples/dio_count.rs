@@ -2,8 +2,10 @@
 //!
 //! * `raw` / `dio`: N reads at QD1 through the raw queue pair (`read_blocking`) or the dio path
 //!   (`BlockFile::read`, run to completion), for instruction counts:
-//!   `valgrind --tool=callgrind target/release/examples/dio_count dio 100000`; the difference
-//!   between two N gives instructions per I/O.
+//!   `cargo build --profile count -p dioxide --example dio_count`, then
+//!   `valgrind --tool=callgrind target/count/examples/dio_count dio 20000` (and 40000); the
+//!   difference between two N gives instructions per I/O. The `count` profile is the release
+//!   profile with one codegen unit, so that an unrelated edit does not move the counts.
 //! * `raw32` / `dio32`: the same at QD32 asynchronous: rounds of 32 `QueuePair::read` (owned
 //!   buffers) or 32 `BlockFile::submit`, then poll until the 32 completed. The completions of
 //!   both put their buffer back into a slot of a preallocated array and bump a counter.

@@ -10,12 +10,17 @@
 //!
 //! The emulated controller is in inline mode with a null namespace, so the device model itself
 //! moves no data and allocates nothing per command.
+//!
+//! The synchronous maintenance operations (write zeroes without ONCS Write Zeroes, which writes
+//! a zeroed buffer; deallocate; flush) allocate nothing either: their DMA buffers are the
+//! file's spares, allocated when it was opened, and their commands are never listed.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dioxide::emulated::{EmulatedConfig, EmulatedController, Mode, NamespaceConfig};
+use dioxide::spec::Oncs;
 use dioxide::{
     BlockFile, CompletionThread, Controller, Dioxide, FileOptions, IoBuffer, Nsid, Request,
 };
@@ -229,6 +234,61 @@ fn check(engine: &str, dx: &Dioxide, reap: &dyn Fn()) -> Vec<String> {
     failures
 }
 
+/// Warm up, then count synchronous write zeroes (a zeroed buffer written: the controller
+/// lacks ONCS Write Zeroes), deallocates and flushes (a volatile write cache: sent); what
+/// allocated, as messages.
+fn check_maintenance() -> Vec<String> {
+    let emu = EmulatedController::new(EmulatedConfig {
+        mode: Mode::Inline,
+        namespaces: vec![NamespaceConfig::null(512, 1 << 21)],
+        oncs: Oncs::DSM,
+        vwc: true,
+        ..EmulatedConfig::default()
+    })
+    .expect("emulated controller");
+    let dx = Dioxide::builder()
+        .controller(Controller::new(emu).expect("bring-up"))
+        .run_to_completion()
+        .build()
+        .unwrap();
+    let file = dx
+        .open_file(0, Nsid(1), FileOptions::new(0, 1 << 12).with_len(1 << 20))
+        .unwrap();
+    assert!(!file.supports_write_zeroes() && file.supports_deallocate());
+    let ops = |k: usize| {
+        for i in 0..N as u64 {
+            let at = i % 64 * BS as u64;
+            match k {
+                0 => file.write_zeroes(at, 2 * BS as u64).unwrap(),
+                1 => file
+                    .deallocate(&[at..at + BS as u64, at + 2 * BS as u64..at + 3 * BS as u64])
+                    .unwrap(),
+                _ => file.flush().unwrap(),
+            }
+        }
+    };
+    for k in 0..3 {
+        ops(k);
+    }
+    let mut failures = Vec::new();
+    for (k, name) in ["write zeroes", "deallocates", "flushes"]
+        .into_iter()
+        .enumerate()
+    {
+        let (n, bytes, sizes) = count(|| ops(k));
+        println!("maintenance: {N} synchronous {name}: {n} allocations, {bytes} bytes");
+        if n != 0 {
+            failures.push(format!(
+                "maintenance: {N} synchronous {name} allocated {n} times ({bytes} bytes; first \
+                 sizes {sizes:?}); they must use the file's spare DMA buffers and list no commands"
+            ));
+        }
+    }
+    drop(file);
+    dx.shutdown();
+    failures
+}
+
 /// One test (the counter is process-wide: a second test running in parallel would pollute it).
 #[test]
 fn the_direct_path_allocates_nothing() {
@@ -265,5 +325,6 @@ fn the_direct_path_allocates_nothing() {
     ));
     dx.shutdown();
     ct.stop();
+    failures.extend(check_maintenance());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

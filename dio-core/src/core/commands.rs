@@ -13,7 +13,7 @@
 use super::DioCore;
 use crate::bio::BioOp;
 use crate::completion::Completion;
-use crate::dio::{DioShared, Payload, Walk};
+use crate::dio::Walk;
 use crate::error::DioError;
 use crate::request::{Dir, IoBuf, Mode, Outcome};
 
@@ -70,23 +70,13 @@ impl<B: IoBuf> DioCore<B> {
             w.submit_err = Some(DioError::Invalid);
         }
         let queued = mode == Mode::Async && w.submit_err.is_none() && issued > 0;
-        let (dio, io_error, buf, completion) = if queued {
-            let payload = Payload { buf, completion };
-            let Some((dio, fin)) = DioShared::submitter_queue(dio, w.handled, payload) else {
-                return Outcome::Queued;
-            };
-            // Every bio completed before the drop: the submitter owns the request again.
-            (dio, fin.io_error, fin.payload.buf, fin.payload.completion)
-        } else {
-            let io_error = dio.submitter_wait(&self.cfg.wait, w.bios);
-            (dio, io_error, buf, completion)
-        };
-        let result = dio.resolve(&w, io_error);
-        DioShared::recycle(dio, &self.pool);
-        Outcome::Done {
-            result,
-            buf,
-            completion,
+        match self.drain(dio, &w, queued, buf, completion) {
+            None => Outcome::Queued,
+            Some((result, buf, completion)) => Outcome::Done {
+                result,
+                buf,
+                completion,
+            },
         }
     }
 }

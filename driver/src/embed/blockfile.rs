@@ -477,6 +477,7 @@ impl BlockFile {
             opts.first_lba,
             ns.block_shift(),
         );
+        let spares = maint::Spares::new(&ctrl, &maint)?;
         // The file's dio-core defers nothing: the path gives a request's range back where the
         // request finished, then defers the callback through this second one (path.rs).
         let defer = deferral.as_ref().map(|d| {
@@ -494,7 +495,7 @@ impl BlockFile {
         Ok(BlockFile {
             inner: Arc::new(Inner {
                 io: IoCtx::new(core, state),
-                shared: Arc::new(path::Shared::new(capacity, defer)),
+                shared: Arc::new(path::Shared::new(capacity, defer, spares)),
                 engine,
                 deferral,
                 ctrl,

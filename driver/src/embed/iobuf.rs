@@ -169,6 +169,7 @@ impl Window {
     }
 
     /// The buffer, the window consumed (an attached context is dropped).
+    #[inline]
     pub(crate) fn into_buf(mut self) -> IoBuffer {
         drop(self.detach());
         let this = std::mem::ManuallyDrop::new(self);
@@ -201,10 +202,12 @@ impl DmaSegment for Seg {
 impl IoBuf for Window {
     type Seg = Seg;
 
+    #[inline]
     fn len(&self) -> u64 {
         (self.buf.len() - self.start()) as u64
     }
 
+    #[inline]
     fn dma_map(&self, off: u64, len: u64, _dir: Dir) -> Result<Seg, DioError> {
         let IoBuffer::Dma(b) = &self.buf else {
             return Err(DioError::Fault);

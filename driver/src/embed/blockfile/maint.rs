@@ -15,10 +15,11 @@
 //!   middle goes to the device as NVMe Write Zeroes commands when ONCS says the controller has
 //!   them, each of at most 65536 blocks (the 16-bit NLB) and at most WZSL when the controller
 //!   reports it; otherwise as writes of one zeroed DMA buffer (the same buffer for every
-//!   command, each at most the controller's maximum transfer).
+//!   command, each at most the controller's maximum transfer), a spare of the file.
 //! * **Deallocate** of block-aligned ranges: Dataset Management commands with the Deallocate
 //!   attribute, up to 256 ranges each, whose range lists the device reads from one DMA buffer
-//!   that the request owns until its last command completed. Refused with
+//!   that the request owns until its last command completed (one page, a spare of the file,
+//!   for up to 256 device ranges). Refused with
 //!   [`EmbedError::Unsupported`] when ONCS lacks Dataset Management. What a deallocated block
 //!   reads back is the device's choice (zeroes when the namespace's DLFEAT says so, as on the
 //!   emulated controller).
@@ -36,22 +37,29 @@
 //! As for reads and writes, nothing may wait there: synchronous calls are refused, a write
 //! zeroes must be block aligned (the page cache would wait), and an overlapping request in
 //! flight refuses the range lock ([`EmbedError::WouldBlockOnPoller`], naming the operation as
-//! a write). The asynchronous forms box their callback (one allocation per request; these are
-//! not the per-I/O path).
+//! a write). No operation allocates DMA memory on its calling thread in the steady state: the
+//! buffers the device reads (the zeroed buffer, a page of ranges) are the file's spares
+//! ([`Spares`]), allocated when it was opened, and the commands are produced one by one
+//! ([`Cmds`]), never listed. The synchronous forms allocate nothing at all; the asynchronous
+//! ones box their callback (these are not the per-I/O path).
 
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crossbeam_queue::ArrayQueue;
 use dio_core::{BioOp, Command, Completion, DioError, DioResult, Mode, Outcome};
 
 use super::path::Shared;
 use super::{BlockFile, EngineRef};
+use crate::bus::dma::DmaBuffer;
 use crate::embed::cache::PAGE;
 use crate::embed::error::{EmbedError, EmbedResult, MaintOp, Op};
 use crate::embed::iobuf::{IoBuffer, Window};
 use crate::embed::poller::Pollers;
 use crate::embed::rangelock::{Held, LockWait, RangeGuard};
+use crate::nvme::controller::Controller;
 use crate::spec::sqe::DSM_RANGE_LEN;
 use crate::spec::{IdentifyController, Oncs};
 
@@ -108,6 +116,174 @@ impl Maint {
             zero_chunk: (ZERO_CHUNK.min(max_transfer) & !(bs - 1)).max(bs),
         }
     }
+}
+
+/// Spare buffers of each kind a file keeps at most (more in flight at once: the extra ones are
+/// freed when they come back).
+const SPARES: usize = 8;
+
+/// Which spare buffer an operation reads from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spare {
+    /// The zeroed buffer of the Write Zeroes fallback (the device only reads it).
+    Zeroes,
+    /// One page of Dataset Management ranges.
+    Ranges,
+}
+
+/// The DMA buffers a file's maintenance operations give the device, allocated when the file
+/// is opened so that an operation allocates no DMA memory on its calling thread (which may be
+/// a poller, e.g. the NVMe/TCP target's): the zeroed buffer of the Write Zeroes fallback (only
+/// when the controller lacks ONCS Write Zeroes) and one page of Dataset Management ranges
+/// (only when it has ONCS Dataset Management). Each kind is a small lock-free pool: an
+/// operation takes a buffer and gives it back once its last command completed. Only when more
+/// operations of one kind are in flight at once than the pool holds does one allocate
+/// (counted: [`Spares::misses`]), and a deallocate of more than one page of ranges
+/// (256 device ranges) allocates its own list.
+pub(crate) struct Spares {
+    zeroes: ArrayQueue<DmaBuffer>,
+    zeroes_len: usize,
+    ranges: ArrayQueue<DmaBuffer>,
+    /// Buffers allocated because a pool was empty.
+    fresh: AtomicUsize,
+}
+
+impl Spares {
+    /// One buffer of each kind the controller needs, for a file with `m`.
+    pub(super) fn new(ctrl: &Controller, m: &Maint) -> EmbedResult<Spares> {
+        let s = Spares {
+            zeroes_len: m.zero_chunk as usize,
+            ..Spares::empty()
+        };
+        if !m.write_zeroes {
+            let _ = s.zeroes.push(ctrl.alloc(s.zeroes_len)?);
+        }
+        if m.deallocate {
+            let _ = s.ranges.push(ctrl.alloc(PAGE as usize)?);
+        }
+        Ok(s)
+    }
+
+    /// No spare (each buffer is allocated when an operation needs it).
+    pub(super) fn empty() -> Spares {
+        Spares {
+            zeroes: ArrayQueue::new(SPARES),
+            zeroes_len: 0,
+            ranges: ArrayQueue::new(SPARES),
+            fresh: AtomicUsize::new(0),
+        }
+    }
+
+    /// A buffer of `kind` from the pool, or a new one when the pool is empty.
+    fn take(&self, ctrl: &Controller, kind: Spare) -> Result<DmaBuffer, DioError> {
+        let (pool, len) = match kind {
+            Spare::Zeroes => (&self.zeroes, self.zeroes_len),
+            Spare::Ranges => (&self.ranges, PAGE as usize),
+        };
+        if let Some(b) = pool.pop() {
+            return Ok(b);
+        }
+        self.fresh.fetch_add(1, Ordering::Relaxed);
+        log::debug!("maintenance: every spare {kind:?} buffer is in use: allocating one");
+        ctrl.alloc(len).map_err(|e| {
+            log::warn!("maintenance: no DMA memory for a {kind:?} buffer: {e}");
+            DioError::Fault
+        })
+    }
+
+    /// Give a buffer of `kind` back (freed if the pool is full, or if it is not a DMA buffer).
+    fn give(&self, kind: Spare, w: Window) {
+        if let Some(b) = w.into_buf().into_dma() {
+            let pool = match kind {
+                Spare::Zeroes => &self.zeroes,
+                Spare::Ranges => &self.ranges,
+            };
+            drop(pool.push(b));
+        }
+    }
+
+    /// Buffers allocated so far because a pool was empty (none in the steady state with at
+    /// most [`SPARES`] operations of a kind in flight, and the first one preallocated).
+    #[cfg(test)]
+    fn misses(&self) -> usize {
+        self.fresh.load(Ordering::Relaxed)
+    }
+}
+
+/// The device commands of one operation, produced as dio-core takes them (no list is built;
+/// cloned to retry).
+#[derive(Clone, Debug)]
+enum Cmds {
+    /// A Flush, or a Deallocate whose ranges fit one page.
+    One(Option<Command>),
+    /// `[pos, end)` in commands of at most `chunk` bytes: Write Zeroes, or writes of the
+    /// zeroed buffer (each from its start).
+    Steps {
+        op: BioOp,
+        pos: u64,
+        end: u64,
+        chunk: u64,
+        m: Maint,
+    },
+    /// A Deallocate of more than one page of ranges.
+    Many(std::vec::IntoIter<Command>),
+}
+
+impl Iterator for Cmds {
+    type Item = Command;
+
+    fn next(&mut self) -> Option<Command> {
+        match self {
+            Cmds::One(c) => c.take(),
+            Cmds::Steps {
+                op,
+                pos,
+                end,
+                chunk,
+                m,
+            } => {
+                if *pos >= *end {
+                    return None;
+                }
+                let n = (*end - *pos).min(*chunk);
+                let c = Command {
+                    op: *op,
+                    lba: m.lba(*pos),
+                    file_offset: *pos,
+                    len: n,
+                    data: (*op == BioOp::Write).then_some((0, n)),
+                };
+                *pos += n;
+                Some(c)
+            }
+            Cmds::Many(it) => it.next(),
+        }
+    }
+}
+
+impl Maint {
+    /// The namespace block of file offset `pos`.
+    fn lba(&self, pos: u64) -> u64 {
+        self.first_lba + (pos >> self.shift)
+    }
+
+    /// Write the NVMe range `(pos, n)` (file offset and bytes) as entry `i` of a Dataset
+    /// Management range list: context attributes (0), NLB, SLBA, little endian.
+    fn put_range(&self, list: &mut [u8], i: usize, (pos, n): (u64, u64)) {
+        let e = &mut list[i * DSM_RANGE_LEN..][..DSM_RANGE_LEN];
+        e[0..4].copy_from_slice(&0u32.to_le_bytes());
+        e[4..8].copy_from_slice(&((n >> self.shift) as u32).to_le_bytes());
+        e[8..16].copy_from_slice(&self.lba(pos).to_le_bytes());
+    }
+}
+
+/// One operation's device commands, ready for dio-core: the file offset it is known by, the
+/// commands, the buffer they read from, and the kind of spare that buffer is, if it is one.
+struct Maintenance {
+    at: u64,
+    cmds: Cmds,
+    buf: Window,
+    spare: Option<Spare>,
 }
 
 /// The user's callback of an asynchronous maintenance operation.
@@ -276,6 +452,18 @@ impl Drop for Unlock {
     }
 }
 
+/// The device ranges of `r`: at most `most` bytes each, as `(file offset, bytes)`.
+fn pieces(r: &Range<u64>, most: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut pos = r.start;
+    std::iter::from_fn(move || {
+        (pos < r.end).then(|| {
+            let n = (r.end - pos).min(most);
+            pos += n;
+            (pos - n, n)
+        })
+    })
+}
+
 fn round_down(x: u64, a: u64) -> u64 {
     x / a * a
 }
@@ -432,28 +620,38 @@ impl BlockFile {
             len,
             source: e,
         };
-        let (cmds, buf) = match self.commands(job, m) {
+        let (cmds, buf, spare) = match self.commands(job, m) {
             Ok(c) => c,
             Err(e) => {
                 drop(guard);
                 return self.maint_done(reply, Err(err(e)), op);
             }
         };
-        if cmds.is_empty() {
+        let Some(at) = cmds.clone().next().map(|c| c.file_offset) else {
+            if let Some(k) = spare {
+                inner.shared.spares.give(k, buf);
+            }
             drop(guard);
             return self.maint_done(reply, Ok(()), op);
-        }
-        self.submit_maint(cmds, buf, reply, guard, op, err)
+        };
+        let req = Maintenance {
+            at,
+            cmds,
+            buf,
+            spare,
+        };
+        self.submit_maint(req, reply, guard, op, err)
     }
 
     /// Zero the unaligned ends of a write zeroes through the cache, drop the cached pages the
-    /// device commands cover, and list those commands with the buffer they read from.
-    fn commands(&self, job: Job<'_>, m: Maint) -> Result<(Vec<Command>, Window), DioError> {
+    /// device commands cover, and give those commands with the buffer they read from (and,
+    /// if that buffer is one of the file's spares, its kind, to give it back).
+    fn commands(&self, job: Job<'_>, m: Maint) -> Result<(Cmds, Window, Option<Spare>), DioError> {
         let inner = &*self.inner;
         let state = inner.state();
         let (file, cache, store) = (&state.cfile, &state.cache, &state.store);
+        let spares = &inner.shared.spares;
         let empty = || Window::new(IoBuffer::Heap(Vec::new()), 0);
-        let lba = |pos: u64| m.first_lba + (pos >> m.shift);
         match job {
             Job::Flush => {
                 let c = Command {
@@ -463,7 +661,7 @@ impl BlockFile {
                     len: 0,
                     data: None,
                 };
-                Ok((vec![c], empty()))
+                Ok((Cmds::One(Some(c)), empty(), None))
             }
             Job::WriteZeroes { offset, len } => {
                 let bs = inner.block;
@@ -480,49 +678,64 @@ impl BlockFile {
                     }
                 }
                 cache.invalidate(file, a..b);
-                let (chunk, op, buf) = if m.write_zeroes {
-                    (m.wz_blocks << m.shift, BioOp::WriteZeroes, empty())
-                } else if a < b {
-                    let n = m.zero_chunk.min(b - a);
-                    let z = inner.ctrl.alloc(n as usize).map_err(|e| {
-                        log::warn!("write zeroes: no DMA memory for the zeroed buffer: {e}");
-                        DioError::Fault
-                    })?;
-                    (m.zero_chunk, BioOp::Write, Window::new(IoBuffer::Dma(z), 0))
-                } else {
-                    (m.zero_chunk, BioOp::Write, empty())
+                let steps = |op, chunk| Cmds::Steps {
+                    op,
+                    pos: a,
+                    end: b,
+                    chunk,
+                    m,
                 };
-                let mut cmds = Vec::with_capacity((b - a).div_ceil(chunk) as usize);
-                let mut pos = a;
-                while pos < b {
-                    let n = (b - pos).min(chunk);
-                    cmds.push(Command {
-                        op,
-                        lba: lba(pos),
-                        file_offset: pos,
-                        len: n,
-                        data: (op == BioOp::Write).then_some((0, n)),
-                    });
-                    pos += n;
+                if m.write_zeroes {
+                    let cmds = steps(BioOp::WriteZeroes, m.wz_blocks << m.shift);
+                    Ok((cmds, empty(), None))
+                } else if a < b {
+                    let z = spares.take(&inner.ctrl, Spare::Zeroes)?;
+                    let w = Window::new(IoBuffer::Dma(z), 0);
+                    Ok((steps(BioOp::Write, m.zero_chunk), w, Some(Spare::Zeroes)))
+                } else {
+                    Ok((Cmds::One(None), empty(), None))
                 }
-                Ok((cmds, buf))
             }
             Job::Deallocate(ranges) => {
                 // Device ranges: at most u32::MAX blocks each.
                 let most = (u32::MAX as u64) << m.shift;
-                let mut list: Vec<(u64, u64)> = Vec::new();
+                let mut count = 0usize;
+                let mut first = None;
                 for r in ranges.iter().filter(|r| !r.is_empty()) {
                     cache.invalidate(file, r.clone());
-                    let mut pos = r.start;
-                    while pos < r.end {
-                        let n = (r.end - pos).min(most);
-                        list.push((pos, n));
-                        pos += n;
+                    count += (r.end - r.start).div_ceil(most) as usize;
+                    first.get_or_insert(r.start);
+                }
+                let Some(first) = first else {
+                    return Ok((Cmds::One(None), empty(), None));
+                };
+                let all = || {
+                    ranges
+                        .iter()
+                        .filter(|r| !r.is_empty())
+                        .flat_map(move |r| pieces(r, most))
+                };
+                if count <= DSM_RANGES {
+                    // One command, its list in the file's spare page.
+                    let mut page = spares.take(&inner.ctrl, Spare::Ranges)?;
+                    let list = page.as_mut_slice();
+                    let mut len = 0;
+                    for (i, p) in all().enumerate() {
+                        m.put_range(list, i, p);
+                        len += p.1;
                     }
+                    let c = Command {
+                        op: BioOp::Deallocate,
+                        lba: m.lba(first),
+                        file_offset: first,
+                        len,
+                        data: Some((0, (count * DSM_RANGE_LEN) as u64)),
+                    };
+                    let w = Window::new(IoBuffer::Dma(page), 0);
+                    return Ok((Cmds::One(Some(c)), w, Some(Spare::Ranges)));
                 }
-                if list.is_empty() {
-                    return Ok((Vec::new(), empty()));
-                }
+                // More than one page of ranges (never from one NVMe/TCP command): its own list.
+                let list: Vec<(u64, u64)> = all().collect();
                 let groups = list.len().div_ceil(DSM_RANGES);
                 let mut dma = inner.ctrl.alloc(groups * PAGE as usize).map_err(|e| {
                     log::warn!("deallocate: no DMA memory for the range list: {e}");
@@ -532,31 +745,28 @@ impl BlockFile {
                 let mut cmds = Vec::with_capacity(groups);
                 for (g, chunk) in list.chunks(DSM_RANGES).enumerate() {
                     let base = g * PAGE as usize;
-                    for (i, &(pos, n)) in chunk.iter().enumerate() {
-                        // NVMe range: context attributes (0), NLB, SLBA, little endian.
-                        let e = &mut bytes[base + i * DSM_RANGE_LEN..][..DSM_RANGE_LEN];
-                        e[0..4].copy_from_slice(&0u32.to_le_bytes());
-                        e[4..8].copy_from_slice(&((n >> m.shift) as u32).to_le_bytes());
-                        e[8..16].copy_from_slice(&lba(pos).to_le_bytes());
+                    for (i, &p) in chunk.iter().enumerate() {
+                        m.put_range(&mut bytes[base..], i, p);
                     }
                     cmds.push(Command {
                         op: BioOp::Deallocate,
-                        lba: lba(chunk[0].0),
+                        lba: m.lba(chunk[0].0),
                         file_offset: chunk[0].0,
                         len: chunk.iter().map(|r| r.1).sum(),
                         data: Some((base as u64, (chunk.len() * DSM_RANGE_LEN) as u64)),
                     });
                 }
-                Ok((cmds, Window::new(IoBuffer::Dma(dma), 0)))
+                let w = Window::new(IoBuffer::Dma(dma), 0);
+                Ok((Cmds::Many(cmds.into_iter()), w, None))
             }
         }
     }
 
-    /// The commands through dio-core, synchronously or asynchronously.
+    /// The commands through dio-core, synchronously or asynchronously; a spare buffer goes
+    /// back to the file once the last command completed.
     fn submit_maint(
         &self,
-        cmds: Vec<Command>,
-        mut w: Window,
+        req: Maintenance,
         reply: Reply,
         guard: Option<RangeGuard<'_>>,
         op: MaintOp,
@@ -564,16 +774,19 @@ impl BlockFile {
     ) -> Option<EmbedResult<()>> {
         let inner = &*self.inner;
         let core = inner.io.core();
-        let at = cmds[0].file_offset;
+        let Maintenance {
+            at,
+            cmds,
+            mut buf,
+            spare,
+        } = req;
+        let give = move |shared: &Shared, w: Window| match spare {
+            Some(k) => shared.spares.give(k, w),
+            None => drop(w),
+        };
         match reply {
             Reply::Sync => loop {
-                let o = core.submit_commands(
-                    at,
-                    cmds.iter().copied(),
-                    w,
-                    Mode::Sync,
-                    Completion::noop(),
-                );
+                let o = core.submit_commands(at, cmds.clone(), buf, Mode::Sync, Completion::noop());
                 let (r, back) = super::sync_outcome(o);
                 // Run to completion: the queue pair's pool was exhausted before any command
                 // of ours was in flight: poll and try again while that frees something (a
@@ -581,10 +794,11 @@ impl BlockFile {
                 // spin for ever: the error is the answer.
                 if let (EngineRef::Local(l), Err(DioError::QueueFull)) = (&inner.engine, &r) {
                     if l.poll_once() > 0 || l.in_flight() {
-                        w = back;
+                        buf = back;
                         continue;
                     }
                 }
+                give(&inner.shared, back);
                 drop(guard);
                 return Some(r.map(|_| ()).map_err(err));
             },
@@ -593,11 +807,12 @@ impl BlockFile {
                     shared: Arc::clone(&inner.shared),
                     held: guard.and_then(RangeGuard::into_held),
                 };
-                // The file's dio-core defers nothing (path.rs): the range is given back where
-                // the operation finished, then the callback goes to the deferral thread, if any.
+                // The file's dio-core defers nothing (path.rs): the range and the spare are
+                // given back where the operation finished, then the callback goes to the
+                // deferral thread, if any.
                 let deferral = inner.deferral.clone();
                 let completion = Completion::new(move |r: DioResult, w: Window| {
-                    drop(w);
+                    give(&unlock.shared, w);
                     drop(unlock);
                     let r = r.map(|_| ()).map_err(err);
                     match deferral {
@@ -605,17 +820,18 @@ impl BlockFile {
                         None => run_cb(cb, r, op),
                     }
                 });
-                match core.submit_commands(at, cmds, w, Mode::Async, completion) {
+                match core.submit_commands(at, cmds, buf, Mode::Async, completion) {
                     Outcome::Queued => None,
                     Outcome::Done {
                         result: Err(e),
+                        buf,
                         completion,
-                        ..
                     } if e.is_submission_class() => {
-                        // Refused: the range is given back, the callback dropped unrun. A
-                        // request of several commands may have been refused after its first
-                        // ones went out: those ran, so part of the range may be zeroed or
-                        // deallocated (see `submit_write_zeroes`).
+                        // Refused: the range and the spare are given back, the callback
+                        // dropped unrun. A request of several commands may have been refused
+                        // after its first ones went out: those ran, so part of the range may
+                        // be zeroed or deallocated (see `submit_write_zeroes`).
+                        give(&inner.shared, buf);
                         completion.discard();
                         Some(Err(err(e)))
                     }
@@ -650,5 +866,110 @@ impl BlockFile {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::channel;
+
+    use super::*;
+    use crate::bus::emulated::{EmulatedConfig, EmulatedController, Mode as Emu, NamespaceConfig};
+    use crate::{Dioxide, FileOptions, Nsid};
+
+    /// A controller with Dataset Management but without Write Zeroes: a write zeroes writes
+    /// the zeroed spare, a deallocate sends its ranges from the spare page.
+    fn ctrl() -> crate::Controller {
+        let emu = EmulatedController::new(EmulatedConfig {
+            mode: Emu::Inline,
+            namespaces: vec![NamespaceConfig::memory(512, 1 << 14)],
+            oncs: Oncs::DSM,
+            ..EmulatedConfig::default()
+        })
+        .unwrap();
+        crate::Controller::new(emu).unwrap()
+    }
+
+    /// Synchronous and asynchronous write zeroes (through the zeroed spare) and deallocates
+    /// (their ranges in the spare page), up to 4 in flight at once: each zeroes what it
+    /// covers, and none allocates a DMA buffer: the file's preallocated spares are taken and
+    /// given back (afterwards both pools hold them again, and no pool ran dry). Beyond the
+    /// pool (more than `SPARES` in flight), a spare is allocated and counted.
+    #[test]
+    fn maintenance_reads_the_device_data_from_the_files_spares() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let dx = Dioxide::builder()
+            .controller(ctrl())
+            .run_to_completion()
+            .build()
+            .unwrap();
+        let file = dx
+            .open_file(0, Nsid(1), FileOptions::new(0, 1 << 13).with_len(1 << 22))
+            .unwrap();
+        assert!(!file.supports_write_zeroes() && file.supports_deallocate());
+        let spares = &file.inner.shared.spares;
+        let held = |s: &Spares| (s.zeroes.len(), s.ranges.len());
+        assert_eq!(held(spares), (1, 1), "one of each, preallocated");
+        let page = PAGE as usize;
+        let fill = |at: usize, n: usize| {
+            assert_eq!(file.write_at(&vec![0xa5; n], at as u64).unwrap(), n);
+        };
+        let zeroed = |at: usize, n: usize| {
+            let mut b = vec![1; n];
+            assert_eq!(file.read_at(&mut b, at as u64).unwrap(), n);
+            b.iter().all(|&x| x == 0)
+        };
+        for round in 0..3 {
+            // Synchronous.
+            fill(0, 8 * page);
+            file.write_zeroes(0, 3 * page as u64).unwrap();
+            file.deallocate(&[
+                (4 * page as u64)..(5 * page as u64),
+                (6 * page as u64)..(8 * page as u64),
+            ])
+            .unwrap();
+            assert!(zeroed(0, 3 * page) && zeroed(4 * page, page) && zeroed(6 * page, 2 * page));
+            let mut b = vec![0; page];
+            file.read_at(&mut b, 3 * page as u64).unwrap();
+            assert!(b.iter().all(|&x| x == 0xa5), "round {round}: page 3 kept");
+            // Asynchronous, four in flight at once (two of each kind).
+            fill(0, 16 * page);
+            let (tx, rx) = channel();
+            for i in 0..4u64 {
+                let tx = tx.clone();
+                let at = i * 4 * PAGE;
+                let cb = move |r: EmbedResult<()>| tx.send((i, r)).unwrap();
+                if i % 2 == 0 {
+                    file.submit_write_zeroes(at, 2 * PAGE, cb).unwrap();
+                } else {
+                    let ranges = [at..at + PAGE, at + PAGE..at + 2 * PAGE];
+                    file.submit_deallocate(&ranges, cb).unwrap();
+                }
+            }
+            let mut done = 0;
+            while done < 4 {
+                dx.poll();
+                while let Ok((i, r)) = rx.try_recv() {
+                    r.unwrap_or_else(|e| panic!("operation {i}: {e}"));
+                    done += 1;
+                }
+            }
+            for i in 0..4 {
+                assert!(
+                    zeroed(i * 4 * page, 2 * page),
+                    "round {round}: operation {i}"
+                );
+            }
+            assert_eq!(
+                spares.misses(),
+                2,
+                "the second of each kind in flight allocated"
+            );
+        }
+        // The two allocated in the first round were kept; nothing ran dry again.
+        assert_eq!(held(spares), (2, 2));
+        assert_eq!(spares.misses(), 2);
+        drop(file);
+        dx.shutdown();
     }
 }

@@ -56,6 +56,7 @@ use crossbeam_queue::ArrayQueue;
 use dio_core::{Completion, DioCore, DioError, DioRequest, DioResult, Dir, Mode, Submitted};
 
 use super::callback::Callback;
+use super::maint::Spares;
 use super::{BlockFile, Completed, EngineRef, Refused, Request};
 use crate::embed::cache::PAGE;
 use crate::embed::error::{EmbedError, EmbedResult, Op};
@@ -70,8 +71,10 @@ use crate::embed::rangelock::{Held, LockWait, RangeGuard, RangeLock};
 pub(super) enum Reply {
     /// Returned to the caller.
     Sync,
-    /// Through the user's callback.
-    Async(Callback),
+    /// Through the user's callback, written into the request's context (from the file's pool)
+    /// when the request entered: neither the callback nor the context is moved again (a
+    /// callback is up to 56 bytes; this variant is one pointer).
+    Async(Box<Context>),
 }
 
 /// A borrowed buffer of a synchronous call (copied through the cache).
@@ -147,7 +150,10 @@ impl BlockFile {
         req: Request,
         cb: impl FnOnce(Completed) + Send + 'static,
     ) -> Result<(), Box<Refused>> {
-        let reply = Reply::Async(Callback::new(cb));
+        let reply = Reply::Async(Context::with_callback(
+            &self.inner.shared,
+            Callback::new(cb),
+        ));
         match self.run(req.op, req.offset, req.len, req.buf, reply, None) {
             None => Ok(()),
             Some((Err(error), buf)) => Err(Box::new(Refused { error, buf })),
@@ -210,7 +216,12 @@ fn round_up(x: u64, a: u64) -> u64 {
 }
 
 impl BlockFile {
-    /// The whole request, from the checks to the answer.
+    /// The whole request, from the checks to the answer. Inlined into each entry point (and
+    /// [`direct`](Self::direct) into its two callers): the reply, the slice and often the
+    /// operation are then constants there, and the request's arguments are not moved through
+    /// two more calls; measured (count profile), 2166 -> 2085 instructions per synchronous
+    /// read and 2425 -> 2346 per asynchronous one at QD32.
+    #[inline(always)]
     fn run(
         &self,
         op: Op,
@@ -525,6 +536,16 @@ struct Accounting {
 }
 
 impl Accounting {
+    /// The accounting of a context not yet at dio-core (or back in the pool).
+    const NONE: Accounting = Accounting {
+        op: Op::Read,
+        offset: 0,
+        len: 0,
+        pre: 0,
+        want: 0,
+        total: 0,
+    };
+
     fn result(&self, r: DioResult) -> EmbedResult<usize> {
         match r {
             Ok(m) if m == self.want => Ok(self.total as usize),
@@ -567,6 +588,8 @@ pub(crate) struct Shared {
     /// [`direct_done`] runs where the request finished, gives the range back there, and only
     /// then defers the callback (see [`direct_done`]).
     defer: Option<DioCore<Window>>,
+    /// The DMA buffers of the maintenance operations (module `maint`).
+    pub(super) spares: Spares,
     /// Contexts allocated because the pool was empty, and freed because it was full (cold
     /// paths only; what the tests check).
     fresh: AtomicUsize,
@@ -578,12 +601,13 @@ pub(crate) struct Shared {
 const CONTEXTS: usize = 256;
 
 impl Shared {
-    /// `defer`: see [`Shared::defer`].
-    pub(super) fn new(capacity: u64, defer: Option<DioCore<Window>>) -> Shared {
+    /// `defer`: see [`Shared::defer`]; `spares`: see [`Shared::spares`].
+    pub(super) fn new(capacity: u64, defer: Option<DioCore<Window>>, spares: Spares) -> Shared {
         Shared {
             locks: RangeLock::new(capacity),
             contexts: ArrayQueue::new(CONTEXTS),
             defer,
+            spares,
             fresh: AtomicUsize::new(0),
             freed: AtomicUsize::new(0),
         }
@@ -643,31 +667,25 @@ impl std::fmt::Debug for Context {
 type Taken = (Accounting, Option<Callback>);
 
 impl Context {
-    /// A context for a request, from the file's pool (allocated only when the pool is empty).
-    /// Filled field by field in place: the context is larger than a few words, and every move
-    /// of it by value is a call to `memcpy`.
+    /// A context for a request with the user's callback, from the file's pool (allocated only
+    /// when the pool is empty). Filled field by field in place: the context is larger than a
+    /// few words, and every move of it by value is a call to `memcpy`. The range and the
+    /// accounting are set when the request reaches dio-core ([`BlockFile::direct`]).
     #[inline]
-    fn new(
-        shared: Arc<Shared>,
-        held: Option<Held>,
-        acct: Accounting,
-        cb: Callback,
-    ) -> Box<Context> {
+    fn with_callback(shared: &Arc<Shared>, cb: Callback) -> Box<Context> {
         match shared.contexts.pop() {
             Some(mut b) => {
-                b.held = held;
-                b.acct = acct;
                 b.cb = Some(cb);
-                b.shared = Some(shared);
+                b.shared = Some(Arc::clone(shared));
                 b
             }
             None => {
                 shared.fresh.fetch_add(1, Ordering::Relaxed);
                 Box::new(Context {
                     start: 0,
-                    shared: Some(shared),
-                    held,
-                    acct,
+                    shared: Some(Arc::clone(shared)),
+                    held: None,
+                    acct: Accounting::NONE,
                     cb: Some(cb),
                 })
             }
@@ -717,6 +735,7 @@ impl Context {
 
 impl BlockFile {
     /// The direct part at file offset `at`, sync or async.
+    #[inline(always)]
     fn direct(
         &self,
         acct: Accounting,
@@ -731,19 +750,15 @@ impl BlockFile {
         };
         match reply {
             Reply::Sync => {
-                let req = DioRequest::new(dir, at, acct.want, w, Mode::Sync);
-                let (r, mut w) = self.dio_sync(req);
+                let r = self.dio_sync(dir, at, acct.want, &mut w);
                 drop(guard);
                 acct.zero_short_read(&r, &mut w.buf);
                 Some((acct.result(r), w.into_buf()))
             }
-            Reply::Async(cb) => {
-                w.attach(Context::new(
-                    Arc::clone(&self.inner.shared),
-                    guard.into_held(),
-                    acct,
-                    cb,
-                ));
+            Reply::Async(mut ctx) => {
+                ctx.held = guard.into_held();
+                ctx.acct = acct;
+                w.attach(ctx);
                 let req = DioRequest::new(dir, at, acct.want, w, Mode::Async);
                 match self.inner.io.submit_async_fn(req, direct_done) {
                     Ok(Submitted::Queued | Submitted::Completed) => None,
@@ -757,25 +772,19 @@ impl BlockFile {
         }
     }
 
-    /// dio-core, synchronously; in run-to-completion mode an exhausted pool is waited out by
-    /// polling and retrying ([`dio_sync_retry`](Self::dio_sync_retry)). The first attempt is
-    /// not in the retry loop: a loop-carried request costs a copy of its window per request.
+    /// dio-core, synchronously, on the window in place (never moved: dio-core borrows it); in
+    /// run-to-completion mode an exhausted pool is waited out by polling and retrying
+    /// ([`dio_sync_retry`](Self::dio_sync_retry)).
     #[inline(always)]
-    fn dio_sync(&self, req: DioRequest<Window>) -> (DioResult, Window) {
-        let (dir, offset, len, mode, fw) = (req.dir, req.offset, req.len, req.mode, req.force_wait);
-        match (&self.inner.engine, self.inner.io.submit_sync(req)) {
-            (EngineRef::Local(l), (Err(DioError::QueueFull), w)) => {
-                let req = DioRequest {
-                    dir,
-                    offset,
-                    len,
-                    buf: w,
-                    mode,
-                    force_wait: fw,
-                };
-                self.dio_sync_retry(l, req)
+    fn dio_sync(&self, dir: Dir, at: u64, len: u64, w: &mut Window) -> DioResult {
+        match (
+            &self.inner.engine,
+            self.inner.io.submit_sync_mut(dir, at, len, w),
+        ) {
+            (EngineRef::Local(l), Err(DioError::QueueFull)) => {
+                self.dio_sync_retry(l, dir, at, len, w)
             }
-            (_, rw) => rw,
+            (_, r) => r,
         }
     }
 
@@ -783,23 +792,12 @@ impl BlockFile {
     /// has room.
     #[cold]
     #[inline(never)]
-    fn dio_sync_retry(&self, l: &Local, mut req: DioRequest<Window>) -> (DioResult, Window) {
+    fn dio_sync_retry(&self, l: &Local, dir: Dir, at: u64, len: u64, w: &mut Window) -> DioResult {
         loop {
             l.poll_once();
-            let (dir, offset, len, mode, fw) =
-                (req.dir, req.offset, req.len, req.mode, req.force_wait);
-            match self.inner.io.submit_sync(req) {
-                (Err(DioError::QueueFull), w) => {
-                    req = DioRequest {
-                        dir,
-                        offset,
-                        len,
-                        buf: w,
-                        mode,
-                        force_wait: fw,
-                    };
-                }
-                rw => return rw,
+            match self.inner.io.submit_sync_mut(dir, at, len, w) {
+                Err(DioError::QueueFull) => {}
+                r => return r,
             }
         }
     }
@@ -884,7 +882,12 @@ impl BlockFile {
         drop(guard);
         match reply {
             Reply::Sync => Some((result, buf)),
-            Reply::Async(cb) => {
+            Reply::Async(ctx) => {
+                // The context goes back to the pool; its callback runs here (or is deferred).
+                let Some((_, Some(cb))) = ctx.recycle() else {
+                    log::error!("a request's context lost its callback; the callback is lost");
+                    return None;
+                };
                 let c = Completed { result, buf };
                 match &self.inner.deferral {
                     Some(d) => d.defer(Box::new(move || run_callback(cb, c, op, offset, len))),
@@ -926,7 +929,7 @@ mod tests {
     /// the callback unrun.
     #[test]
     fn a_window_owns_its_attached_context() {
-        let shared = Arc::new(Shared::new(64 * PAGE, None));
+        let shared = Arc::new(Shared::new(64 * PAGE, None, Spares::empty()));
         let runs = Arc::new(AtomicUsize::new(0));
         let pending = |shared: &Arc<Shared>, runs: &Arc<AtomicUsize>| {
             let held = shared.locks.try_lock(0..PAGE, true).unwrap().into_held();
@@ -942,7 +945,10 @@ mod tests {
             let cb = Callback::new(move |_c: Completed| {
                 runs.fetch_add(1, Ordering::SeqCst);
             });
-            Context::new(Arc::clone(shared), held, acct, cb)
+            let mut ctx = Context::with_callback(shared, cb);
+            ctx.held = held;
+            ctx.acct = acct;
+            ctx
         };
         let mut w = Window::new(IoBuffer::Heap(vec![7; 300]), 100);
         w.attach(pending(&shared, &runs));
