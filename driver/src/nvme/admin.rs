@@ -10,6 +10,7 @@
 //! Data-in commands (identify, log pages) get a fresh DMA page per command; when a command times
 //! out its page is leaked rather than freed, because the device may still write it.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::bus::dma::DmaBuffer;
@@ -384,6 +385,7 @@ pub(crate) fn abort_with(
     qid: QueueId,
     cid: Cid,
 ) -> Result<AbortOutcome> {
+    sh.aborts_sent.fetch_add(1, Ordering::AcqRel);
     let dw0 = q.execute_checked(sh, "Abort", Sqe::abort(qid.0, cid.0))?;
     Ok(if dw0 & 1 == 0 {
         AbortOutcome::Aborted
