@@ -17,6 +17,8 @@
 //! one line of the fault matrix, `HIL: MATRIX ROW COLUMN issued=.. once=.. lost=.. double=..
 //! failed=.. verified=..`, which the harness collects into the table it prints at the end.
 
+mod reset_scenario;
+
 use std::io::{Read as _, Write as _};
 use std::process::Command;
 use std::sync::Arc;
@@ -904,6 +906,55 @@ fn stall_times_out_aborts_and_recovers() {
         dx.shutdown();
         cell.report(1);
     }
+    drop(ns);
+    dev.finish();
+}
+
+/// Reset under load on the real device: `Controller::reset` while a polled queue pair,
+/// blocking calls and a `BlockFile` have reads going (the scenario: `reset_scenario`). Each
+/// request ends exactly once (its data verified, or failed by the reset), and each client goes
+/// on on new queue pairs.
+#[test]
+#[ignore = "runs in the HIL fault scenario only: tests/hil/run --faults"]
+fn reset_under_load() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    let dev = device();
+    let c = &dev.ctrl;
+    let ns = first_namespace(c);
+    let bs = ns.block_size() as usize;
+    let mut q = qpair::<()>(c);
+    prefill(&mut q, c, &ns, BASE, reset_scenario::REGION_BLOCKS, 66);
+    drop(q);
+    let tallies = reset_scenario::reset_under_load(c, &ns, BASE, 66);
+    for t in tallies {
+        if let Some(p) = &t.problem {
+            println!("reset {}: {p}", t.column);
+        }
+        if t.column == "async" {
+            assert!(t.failed >= 8, "the batch held across the reset: {t:?}");
+        }
+        let cell = Cell {
+            row: "reset",
+            column: t.column,
+            issued: t.issued,
+            once: t.once,
+            lost: t.lost,
+            double: t.double,
+            failed: t.failed,
+            verified: t.verified,
+        };
+        cell.report_any();
+    }
+    // The controller after the reset, from a new handle's view: a fresh queue pair reads.
+    let mut q = qpair::<()>(c);
+    assert!(reads_back(
+        &mut q,
+        c,
+        &ns,
+        BASE,
+        &pattern(reset_scenario::REGION_BLOCKS as usize * bs, 66)
+    ));
+    drop(q);
     drop(ns);
     dev.finish();
 }

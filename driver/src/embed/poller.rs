@@ -214,6 +214,20 @@ fn submit_one(
     )
 }
 
+/// A queue pair whose controller was reset: a new one once its requests were failed (each once,
+/// with the reset) by a poll; until then, and while the controller is not ready again, the old
+/// one refuses new requests. Cold: one atomic load per submission decides.
+#[cold]
+#[inline(never)]
+fn renew(q: &mut QueuePair<BioCtx>) {
+    if let Err(e) = q.renew() {
+        log::debug!(
+            "queue pair {} not renewed after a reset yet: {e}",
+            q.qid().0
+        );
+    }
+}
+
 /// [`submit_one`] on a context already built: `Err(ctx)` when the request pool is exhausted.
 #[inline(always)]
 fn submit_ctx(
@@ -225,6 +239,9 @@ fn submit_ctx(
 ) -> Result<(), BioCtx> {
     let (qi, ns) = &targets[target as usize];
     let q = &mut qpairs[*qi];
+    if q.is_stale() {
+        renew(q);
+    }
     let lba = Lba(ctx.0.lba());
     let r = match ctx.0.op() {
         BioOp::Read => q.read(ns, lba, ctx),
@@ -1038,6 +1055,9 @@ impl Pollers {
                 if let Ok(n) = q.poll(usize::MAX, |ctx, r| ctx.complete(status_of(r))) {
                     done += n as u64;
                 }
+                if q.is_stale() {
+                    renew(q);
+                }
             }
             if done > 0 {
                 bump(&s.counters.completed, done);
@@ -1237,6 +1257,9 @@ impl Local {
             }
             for q in st.qpairs.iter_mut() {
                 let _ = q.poll(usize::MAX, |ctx, r| done.push((ctx, status_of(r))));
+                if q.is_stale() {
+                    renew(q);
+                }
             }
             match done.len() {
                 0 => Reaped::None,
