@@ -30,8 +30,8 @@ use dioxide::emulated::Mode;
 use dioxide::spec::status::{generic, media};
 use dioxide::spec::{Sct, Status};
 use dioxide::{
-    Controller, Dioxide, DmaBuffer, EmbedError, Error, FileOptions, IoError, Lba, Namespace,
-    QueueOptions, QueuePair, Request,
+    AsyncEvent, AsyncEventType, Controller, Dioxide, DmaBuffer, EmbedError, Error, FileOptions,
+    IoError, Lba, Namespace, QueueOptions, QueuePair, Request,
 };
 use dioxide_tests::*;
 
@@ -956,5 +956,93 @@ fn reset_under_load() {
     ));
     drop(q);
     drop(ns);
+    dev.finish();
+}
+
+/// Asks the host to set QEMU's SMART critical warning bits (`qom-set` on the controller,
+/// `nvme0`): each bit that changes raises a SMART / health asynchronous event.
+fn smart_warning(bits: u8) {
+    host(&format!(
+        r#"qmp {{"execute": "qom-set", "arguments": {{"path": "/machine/peripheral/nvme0", "property": "smart_critical_warning", "value": {bits}}}}}"#
+    ));
+}
+
+/// Polls `take` until it has returned `n` events or `LIMIT` passed, then once more (a
+/// duplicate would show there).
+fn events(n: usize, mut take: impl FnMut() -> Vec<AsyncEvent>) -> Vec<AsyncEvent> {
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + LIMIT;
+    while got.len() < n && std::time::Instant::now() < deadline {
+        got.extend(take());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    got.extend(take());
+    got
+}
+
+/// Asynchronous events on the real device: QEMU raises a SMART critical warning (temperature,
+/// then reliability) while Asynchronous Event Requests are outstanding. Each event is decoded
+/// and offered exactly once (through `Controller::async_events`, then the embedding API's
+/// `Dioxide::async_events`), and the request is re-armed: the second event arrives only
+/// because the first one's request was submitted again and its log page read (QEMU masks SMART
+/// events until then).
+#[test]
+#[ignore = "runs in the HIL fault scenario only: tests/hil/run --faults"]
+fn smart_warning_raises_an_async_event() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    let dev = device();
+    let c = &dev.ctrl;
+    let outstanding = c.async_event_requests();
+    assert!(
+        outstanding >= 1,
+        "no Asynchronous Event Request outstanding"
+    );
+    assert_eq!(
+        c.async_events().expect("async events"),
+        vec![],
+        "an event out of nowhere"
+    );
+
+    // Temperature (warning bit 1): "temperature threshold crossed".
+    let mut cell = Cell::new("async-event", "controller");
+    smart_warning(0b010);
+    let got = events(1, || c.async_events().expect("async events"));
+    println!("events: {got:?}");
+    cell.completions(&[got.len() as u32]);
+    let want = AsyncEvent {
+        kind: AsyncEventType::SmartHealth,
+        info: 1,
+        log_page: 2,
+    };
+    assert!(got.iter().all(|e| *e == want), "{got:?}");
+    let smart = c.smart_log().expect("SMART log");
+    cell.verified = c.async_event_requests() == outstanding && smart.critical_warning == 0b010;
+    cell.report(0);
+
+    // Reliability (bit 2, added): through the embedding API, after the re-arm.
+    let mut cell = Cell::new("async-event", "embed");
+    let dx = Dioxide::builder()
+        .controller(c.clone())
+        .pollers([None])
+        .build()
+        .expect("Dioxide");
+    smart_warning(0b110);
+    let got: Vec<AsyncEvent> = events(1, || {
+        dx.async_events().into_iter().map(|(_, e)| e).collect()
+    });
+    println!("events: {got:?}");
+    cell.completions(&[got.len() as u32]);
+    let want = AsyncEvent {
+        kind: AsyncEventType::SmartHealth,
+        info: 0,
+        log_page: 2,
+    };
+    assert!(got.iter().all(|e| *e == want), "{got:?}");
+    dx.shutdown();
+    let smart = c.smart_log().expect("SMART log");
+    cell.verified = c.async_event_requests() == outstanding && smart.critical_warning == 0b110;
+    cell.report(0);
+    // As it was (the changed bits raise events again; this controller is closed next).
+    smart_warning(0);
     dev.finish();
 }

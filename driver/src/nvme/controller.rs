@@ -368,8 +368,23 @@ impl Shared {
                 entered = Instant::now();
             }
         }
+        self.start_async_events(&mut admin);
         self.health.store(LIVE, Ordering::Release);
         Ok(())
+    }
+
+    /// After bring-up: asynchronous events enabled and their requests outstanding (a separate
+    /// step: a controller that refuses them still works).
+    fn start_async_events(&self, admin: &mut Option<AdminQueue>) {
+        let aerl = self
+            .data
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .identify
+            .aerl;
+        if let Some(q) = admin.as_mut() {
+            q.start_async_events(self, aerl);
+        }
     }
 
     pub(crate) fn alloc_qid(&self) -> Result<QueueId> {
