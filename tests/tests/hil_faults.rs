@@ -16,6 +16,13 @@
 //! exactly once; its neighbours complete normally and their data is verified. Each case prints
 //! one line of the fault matrix, `HIL: MATRIX ROW COLUMN issued=.. once=.. lost=.. double=..
 //! failed=.. verified=..`, which the harness collects into the table it prints at the end.
+//!
+//! The other rows: **stall** (the host holds one read inside QEMU with a blkdebug breakpoint:
+//! the per-command timeout fires once, an Abort is sent, the command id stays quarantined until
+//! the host releases the read and its late completion arrives, and the queue works meanwhile),
+//! **reset** (`Controller::reset` under load from three clients, the scenario shared with
+//! `reset_load.rs`) and **async-event** (the host sets QEMU's SMART critical warning bits; each
+//! event is seen once and the request re-armed).
 
 mod reset_scenario;
 
