@@ -7,8 +7,9 @@
 
 use std::time::{Duration, Instant};
 
+use dioxide::emulated::{EmulatedController, Mode};
 use dioxide::spec::regs::sq_tail_doorbell;
-use dioxide::{AsyncEvent, AsyncEventType, Controller, Dioxide};
+use dioxide::{AsyncEvent, AsyncEventType, Controller, ControllerOptions, Dioxide};
 use dioxide_tests::*;
 
 /// Polls `take` until it returns an event (10 s limit).
@@ -78,5 +79,40 @@ fn error_event_is_offered_once_and_the_request_rearmed() {
         bad_doorbell(&c);
         assert_eq!(wait_event(|| c.async_events().unwrap()), vec![e]);
         assert_eq!(emu.stats().dma_faults, 0);
+    }
+}
+
+/// A small admin queue keeps room for its commands: no AER in a 2-entry queue (one command at a
+/// time), one in a 4-entry queue; admin commands and the events still work.
+#[test]
+fn a_small_admin_queue_keeps_room_for_commands() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    emulator_only(
+        "async_events::a_small_admin_queue_keeps_room_for_commands",
+        "admin queue sizes are set on the emulated controller",
+    );
+    for (entries, want) in [(2u16, 0usize), (4, 1), (32, 4)] {
+        let emu = EmulatedController::new(config(Mode::Inline, &[(512, 1 << 12)])).unwrap();
+        let opts = ControllerOptions {
+            admin_entries: entries,
+            ..test_options()
+        };
+        let c = Controller::with_options(emu.clone(), opts).expect("bring-up");
+        assert_eq!(c.async_event_requests(), want, "{entries} entries");
+        // Many more admin commands than entries: the queue never fills up.
+        for _ in 0..3 * entries {
+            c.smart_log().expect("SMART log");
+        }
+        if want > 0 {
+            bad_doorbell(&c);
+            let evs = wait_event(|| c.async_events().unwrap());
+            assert_eq!(evs.len(), 1, "{entries} entries: {evs:?}");
+            assert_eq!(c.async_event_requests(), want);
+        }
+        let mut q = c.create_qpair::<()>(Default::default()).unwrap();
+        let ns = c.namespaces().remove(0);
+        let mut b = c.alloc(512).unwrap();
+        q.read_blocking(&ns, dioxide::Lba(0), b.as_mut_slice())
+            .unwrap();
     }
 }

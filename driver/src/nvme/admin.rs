@@ -248,8 +248,8 @@ impl AdminQueue {
     }
 
     /// Bring-up's last step: enables the SMART / health warnings (Set Features / Asynchronous
-    /// Event Configuration) and submits `aerl + 1` (at most [`aer::MAX_OUTSTANDING`])
-    /// Asynchronous Event Requests. A controller that refuses either still works: logged only.
+    /// Event Configuration) and submits `aerl + 1` (at most [`aer::MAX_OUTSTANDING`], and at
+    /// most half the admin queue less one) Asynchronous Event Requests. A controller that refuses either still works: logged only.
     pub(crate) fn start_async_events(&mut self, sh: &Shared, aerl: u8) {
         if let Err(e) = self.execute_checked(
             sh,
@@ -258,7 +258,10 @@ impl AdminQueue {
         ) {
             log::warn!("{}: SMART / health events not enabled: {e}", sh.location);
         }
-        let n = (aerl as u16 + 1).min(aer::MAX_OUTSTANDING);
+        // A small admin queue keeps room for the commands: the SQ head the device reports in
+        // each completion is all the driver knows of it, and AERs complete rarely.
+        let room = self.ring.entries().saturating_sub(2) / 2;
+        let n = (aerl as u16 + 1).min(aer::MAX_OUTSTANDING).min(room);
         for i in 0..n {
             if let Err(e) = self.submit_aer(sh, AER_CID_BASE + i) {
                 log::warn!(
