@@ -45,8 +45,6 @@ pub(crate) struct AdminQueue {
     aers: Vec<u16>,
     /// Events reported and not yet taken by the application.
     events: VecDeque<AsyncEvent>,
-    /// Events dropped because the application did not take them ([`aer::QUEUE_LIMIT`]).
-    pub(crate) events_dropped: u64,
     /// Log pages to read to re-arm the event types reported (Retain Asynchronous Event clear).
     unmask: Vec<u8>,
 }
@@ -110,7 +108,6 @@ impl AdminQueue {
             stale: 0,
             aers: Vec::new(),
             events: VecDeque::new(),
-            events_dropped: 0,
             unmask: Vec::new(),
         })
     }
@@ -215,8 +212,13 @@ impl AdminQueue {
             log::info!("{}: asynchronous event: {ev}", sh.location);
         }
         if self.events.len() >= aer::QUEUE_LIMIT {
-            self.events.pop_front();
-            self.events_dropped += 1;
+            if let Some(old) = self.events.pop_front() {
+                log::warn!(
+                    "{}: asynchronous event dropped (nobody took the last {}): {old}",
+                    sh.location,
+                    aer::QUEUE_LIMIT
+                );
+            }
         }
         self.events.push_back(ev);
         if !self.unmask.contains(&ev.log_page) {
@@ -249,7 +251,8 @@ impl AdminQueue {
 
     /// Bring-up's last step: enables the SMART / health warnings (Set Features / Asynchronous
     /// Event Configuration) and submits `aerl + 1` (at most [`aer::MAX_OUTSTANDING`], and at
-    /// most half the admin queue less one) Asynchronous Event Requests. A controller that refuses either still works: logged only.
+    /// most half the admin queue less one) Asynchronous Event Requests. A controller that
+    /// refuses either still works: logged only.
     pub(crate) fn start_async_events(&mut self, sh: &Shared, aerl: u8) {
         if let Err(e) = self.execute_checked(
             sh,

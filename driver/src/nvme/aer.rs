@@ -6,7 +6,7 @@
 //! warnings with Set Features / Asynchronous Event Configuration. When one completes, the event
 //! is decoded ([`AsyncEvent::from_dw0`]), logged (`warn` for errors and health events, `info`
 //! for notices), queued for the application (at most [`QUEUE_LIMIT`]; older events are dropped
-//! and counted), and the request is submitted again at once. The controller masks further
+//! with a warning), and the request is submitted again at once. The controller masks further
 //! events of the same type until the host reads the log page the event names (Retain
 //! Asynchronous Event clear), so taking the events with
 //! [`Controller::async_events`](crate::Controller::async_events) reads those log pages: that
