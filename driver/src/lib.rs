@@ -16,7 +16,9 @@
 //!     ([`InitState`]), namespaces ([`Namespace`]), queue-pair creation, shutdown on drop
 //!     (CC.SHN), [`Controller::reset`] (CC.EN = 0 deletes every queue; no Delete SQ/CQ first);
 //!   * the admin queue (one command at a time behind a `Mutex`, polled with a timeout) and typed
-//!     admin commands: identify, features, log pages, abort ([`AbortOutcome`]);
+//!     admin commands: identify, features, log pages, abort ([`AbortOutcome`]); Asynchronous
+//!     Event Requests kept outstanding, their events decoded and offered ([`AsyncEvent`],
+//!     [`Controller::async_events`]) and re-armed;
 //!   * [`QueuePair`]: one I/O queue pair, the per-I/O path, and the PRP entries it needs;
 //!   * [`Error`] for what a call returns, [`IoError`] for how a request ended.
 //! * `embed/`: the embedding layer ([`Dioxide`], pollers, [`BlockFile`], [`PageCache`]), below.
@@ -181,6 +183,7 @@ pub use embed::poller::{PollerStats, PollerTask, PollerTaskId};
 pub use embed::sleep::PollerWait;
 pub use embed::{Builder, CompletionThread, Completions, Dioxide};
 pub use nvme::admin::AbortOutcome;
+pub use nvme::aer::{AsyncEvent, AsyncEventType};
 pub use nvme::controller::{Controller, ControllerOptions, InitState};
 pub use nvme::error::{DeadReason, Error, IoError, ProtocolError, Result};
 pub use nvme::namespace::Namespace;

@@ -42,6 +42,7 @@ use crate::embed::poller::{
     Local, PollerConfig, PollerStats, PollerTask, PollerTaskId, Pollers, StartError, Targets,
     TaskError,
 };
+use crate::nvme::aer::AsyncEvent;
 use crate::nvme::controller::Controller;
 use crate::nvme::error::Error;
 use crate::nvme::namespace::Namespace;
@@ -669,6 +670,23 @@ impl Dioxide {
             EngineRef::Local(l) => l.poll_once(),
             EngineRef::Pooled(_) => 0,
         }
+    }
+
+    /// The asynchronous events (SMART / health warnings, errors, notices) the controllers
+    /// reported since the last call, as `(controller index, event)`, oldest first; taking them
+    /// re-arms their types ([`Controller::async_events`]). A controller that cannot answer
+    /// (removed, being reset) is skipped and logged: the others' events are still returned.
+    pub fn async_events(&self) -> Vec<(usize, AsyncEvent)> {
+        let mut out = Vec::new();
+        for (i, c) in self.ctrls.iter().enumerate() {
+            // NVMe/TCP controllers: the host keeps no event requests outstanding (yet).
+            let Some(c) = c.pcie() else { continue };
+            match c.async_events() {
+                Ok(evs) => out.extend(evs.into_iter().map(|e| (i, e))),
+                Err(e) => log::warn!("controller {i}: asynchronous events not read: {e}"),
+            }
+        }
+        out
     }
 
     /// Refuse new requests, let the pollers finish every request in flight, join them.

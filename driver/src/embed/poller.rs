@@ -120,7 +120,7 @@ use crate::embed::iobuf::Window;
 use crate::embed::sleep::{PollerWait, WakeFd};
 use crate::nvme::error::{Error, IoError};
 use crate::nvme::namespace::Namespace;
-use crate::nvme::qpair::{DmaOwner, IoFlags, IoResult, QueueOptions};
+use crate::nvme::qpair::{DmaOwner, IoFlags, IoResult, QueueOptions, QueuePair};
 use crate::spec::Sqe;
 use crate::spec::sqe::{DSM_RANGE_LEN, io};
 use crate::spec::status::generic;
@@ -230,6 +230,20 @@ fn submit_one(
     )
 }
 
+/// A queue pair whose controller was reset: a new one once its requests were failed (each once,
+/// with the reset) by a poll; until then, and while the controller is not ready again, the old
+/// one refuses new requests. Cold: one atomic load per submission decides.
+#[cold]
+#[inline(never)]
+fn renew(q: &mut QueuePair<BioCtx>) {
+    if let Err(e) = q.renew() {
+        log::debug!(
+            "queue pair {} not renewed after a reset yet: {e}",
+            q.qid().0
+        );
+    }
+}
+
 /// [`submit_one`] on a context already built: `Err(ctx)` when the request pool is exhausted.
 #[inline(always)]
 fn submit_ctx(
@@ -241,7 +255,12 @@ fn submit_ctx(
 ) -> Result<(), BioCtx> {
     let (qi, ns) = &targets[target as usize];
     let q = match &mut qpairs[*qi] {
-        TransportQueue::Pcie(q) => q,
+        TransportQueue::Pcie(q) => {
+            if q.is_stale() {
+                renew(q);
+            }
+            q
+        }
         TransportQueue::Tcp(q) => {
             return match tcp_submit(q, ns, ctx) {
                 Ok(()) => Ok(()),
@@ -386,9 +405,15 @@ fn poll_queue(
     mut done: impl FnMut(BioCtx, Result<(), DeviceStatus>),
 ) -> usize {
     match q {
-        TransportQueue::Pcie(q) => q
-            .poll(usize::MAX, |ctx, r| done(ctx, status_of(r)))
-            .unwrap_or(0),
+        TransportQueue::Pcie(q) => {
+            let n = q
+                .poll(usize::MAX, |ctx, r| done(ctx, status_of(r)))
+                .unwrap_or(0);
+            if q.is_stale() {
+                renew(q);
+            }
+            n
+        }
         TransportQueue::Tcp(q) => poll_tcp(q, &mut done),
     }
 }

@@ -5,14 +5,19 @@
 //! the doorbell rung, and the completion queue polled until the command's completion arrives
 //! or [`ControllerOptions::admin_timeout`](crate::ControllerOptions::admin_timeout) passes;
 //! CSTS is checked while waiting so a removed or failed controller is reported at once.
-//! Completions for other command ids (a command that timed out earlier) are dropped and counted.
+//! Completions for other command ids (a command that timed out earlier) are dropped and counted,
+//! except those of the Asynchronous Event Requests kept outstanding (command ids from
+//! [`AER_CID_BASE`] up, never used by other commands), which become events (module `aer`).
 //!
 //! Data-in commands (identify, log pages) get a fresh DMA page per command; when a command times
 //! out its page is leaked rather than freed, because the device may still write it.
 
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::bus::dma::DmaBuffer;
+use crate::nvme::aer::{self, AsyncEvent};
 use crate::nvme::controller::{Controller, Shared};
 use crate::nvme::error::{Error, Result};
 use crate::nvme::ring::Ring;
@@ -36,7 +41,20 @@ pub(crate) struct AdminQueue {
     next_cid: u16,
     /// Completions dropped because their command id was not the one waited for.
     pub(crate) stale: u64,
+    /// Command ids of the Asynchronous Event Requests outstanding.
+    aers: Vec<u16>,
+    /// Events reported and not yet taken by the application.
+    events: VecDeque<AsyncEvent>,
+    /// Log pages to read to re-arm the event types reported (Retain Asynchronous Event clear).
+    unmask: Vec<u8>,
 }
+
+/// Command ids from here up are the Asynchronous Event Requests'; other commands take theirs
+/// below, so an outstanding AER's id is never reused.
+pub(crate) const AER_CID_BASE: u16 = 0xff00;
+
+/// Feature identifier of the Asynchronous Event Configuration.
+const FID_ASYNC_EVENT_CONFIG: u8 = 0x0b;
 
 /// Outcome of an Abort command (CDW0 bit 0).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -58,6 +76,7 @@ fn name_of(opcode: u8) -> &'static str {
         admin::ABORT => "Abort",
         admin::SET_FEATURES => "Set Features",
         admin::GET_FEATURES => "Get Features",
+        admin::ASYNC_EVENT_REQUEST => "Asynchronous Event Request",
         _ => "admin command",
     }
 }
@@ -87,6 +106,9 @@ impl AdminQueue {
             sq_head: 0,
             next_cid: 0,
             stale: 0,
+            aers: Vec::new(),
+            events: VecDeque::new(),
+            unmask: Vec::new(),
         })
     }
 
@@ -108,7 +130,7 @@ impl AdminQueue {
             });
         }
         let cid = self.next_cid;
-        self.next_cid = self.next_cid.wrapping_add(1);
+        self.next_cid = (self.next_cid + 1) % AER_CID_BASE;
         sqe.set_cid(cid);
         // SAFETY: the SQ is not full (the tail does not reach the SQ head the device reported),
         // so the device is not reading the entry at the tail.
@@ -117,26 +139,11 @@ impl AdminQueue {
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            let mut at = self.ring.cq_cursor();
-            if let Some(e) = at.peek() {
-                let (dw0, dw1, dw2, dw3) = (e.dw0(), e.dw1(), e.dw2(), e.dw3);
-                at.advance();
-                self.ring.consumed(at);
-                let cqe = Cqe {
-                    dw0,
-                    dw1,
-                    sq_head: dw2 as u16,
-                    sq_id: (dw2 >> 16) as u16,
-                    cid: dw3 as u16,
-                    status: (dw3 >> 16) as u16,
-                };
-                if cqe.sq_head < self.ring.entries() {
-                    self.sq_head = cqe.sq_head;
-                }
+            if let Some(cqe) = self.next_cqe() {
                 if cqe.cid == cid {
                     return Ok(cqe);
                 }
-                self.stale += 1;
+                self.other_completion(sh, &cqe);
                 continue;
             }
             spins += 1;
@@ -157,6 +164,141 @@ impl AdminQueue {
                 std::thread::yield_now();
             }
         }
+    }
+
+    /// Takes the next completion entry, if the device posted one (and records the SQ head).
+    fn next_cqe(&mut self) -> Option<Cqe> {
+        let mut at = self.ring.cq_cursor();
+        let e = at.peek()?;
+        let (dw0, dw1, dw2, dw3) = (e.dw0(), e.dw1(), e.dw2(), e.dw3);
+        at.advance();
+        self.ring.consumed(at);
+        let cqe = Cqe {
+            dw0,
+            dw1,
+            sq_head: dw2 as u16,
+            sq_id: (dw2 >> 16) as u16,
+            cid: dw3 as u16,
+            status: (dw3 >> 16) as u16,
+        };
+        if cqe.sq_head < self.ring.entries() {
+            self.sq_head = cqe.sq_head;
+        }
+        Some(cqe)
+    }
+
+    /// A completion nobody waits for: an asynchronous event (queued, and its request submitted
+    /// again), or a command that timed out earlier (dropped, counted).
+    fn other_completion(&mut self, sh: &Shared, cqe: &Cqe) {
+        let Some(i) = self.aers.iter().position(|&c| c == cqe.cid) else {
+            self.stale += 1;
+            return;
+        };
+        self.aers.swap_remove(i);
+        let status = cqe.status();
+        if !status.is_success() {
+            // Aborted by a reset, or the controller's limit: not submitted again.
+            log::warn!(
+                "{}: Asynchronous Event Request {} completed with {status}; not resubmitted",
+                sh.location,
+                cqe.cid
+            );
+            return;
+        }
+        let ev = AsyncEvent::from_dw0(cqe.dw0);
+        if ev.is_warning() {
+            log::warn!("{}: asynchronous event: {ev}", sh.location);
+        } else {
+            log::info!("{}: asynchronous event: {ev}", sh.location);
+        }
+        if self.events.len() >= aer::QUEUE_LIMIT {
+            if let Some(old) = self.events.pop_front() {
+                log::warn!(
+                    "{}: asynchronous event dropped (nobody took the last {}): {old}",
+                    sh.location,
+                    aer::QUEUE_LIMIT
+                );
+            }
+        }
+        self.events.push_back(ev);
+        if !self.unmask.contains(&ev.log_page) {
+            self.unmask.push(ev.log_page);
+        }
+        if let Err(e) = self.submit_aer(sh, cqe.cid) {
+            log::warn!(
+                "{}: Asynchronous Event Request not resubmitted: {e}",
+                sh.location
+            );
+        }
+    }
+
+    /// Submits an Asynchronous Event Request with command id `cid` without waiting for it.
+    fn submit_aer(&mut self, sh: &Shared, cid: u16) -> Result<()> {
+        if self.ring.next_tail() == self.sq_head {
+            return Err(Error::AdminQueueFull {
+                location: sh.location.clone(),
+            });
+        }
+        let mut sqe = Sqe::new(admin::ASYNC_EVENT_REQUEST);
+        sqe.set_cid(cid);
+        // SAFETY: the SQ is not full (the tail does not reach the SQ head the device reported),
+        // so the device is not reading the entry at the tail.
+        unsafe { self.ring.push_sqe(sqe) };
+        self.ring.ring_sq();
+        self.aers.push(cid);
+        Ok(())
+    }
+
+    /// Bring-up's last step: enables the SMART / health warnings (Set Features / Asynchronous
+    /// Event Configuration) and submits `aerl + 1` (at most [`aer::MAX_OUTSTANDING`], and at
+    /// most half the admin queue less one) Asynchronous Event Requests. A controller that
+    /// refuses either still works: logged only.
+    pub(crate) fn start_async_events(&mut self, sh: &Shared, aerl: u8) {
+        if let Err(e) = self.execute_checked(
+            sh,
+            "Set Features (Asynchronous Event Configuration)",
+            Sqe::set_features(FID_ASYNC_EVENT_CONFIG, aer::CONFIG_SMART_WARNINGS),
+        ) {
+            log::warn!("{}: SMART / health events not enabled: {e}", sh.location);
+        }
+        // A small admin queue keeps room for the commands: the SQ head the device reports in
+        // each completion is all the driver knows of it, and AERs complete rarely.
+        let room = self.ring.entries().saturating_sub(2) / 2;
+        let n = (aerl as u16 + 1).min(aer::MAX_OUTSTANDING).min(room);
+        for i in 0..n {
+            if let Err(e) = self.submit_aer(sh, AER_CID_BASE + i) {
+                log::warn!(
+                    "{}: Asynchronous Event Request {i} not submitted: {e}",
+                    sh.location
+                );
+                break;
+            }
+        }
+    }
+
+    /// Takes the completions the device posted (asynchronous events among them), reads the
+    /// log pages of the events reported (which re-arms their types), and hands the events
+    /// over, oldest first.
+    pub(crate) fn take_async_events(&mut self, sh: &Shared) -> Vec<AsyncEvent> {
+        while let Some(cqe) = self.next_cqe() {
+            self.other_completion(sh, &cqe);
+        }
+        for lid in std::mem::take(&mut self.unmask) {
+            // The page's first bytes are enough: reading any of it with RAE clear re-arms.
+            let sqe = Sqe::get_log_page(lid, 0xffff_ffff, 64, 0, 0);
+            if let Err(e) = self.read_data(sh, "Get Log Page", sqe, 64) {
+                log::warn!(
+                    "{}: log page {lid:#04x} of an asynchronous event not read (its events stay masked): {e}",
+                    sh.location
+                );
+            }
+        }
+        self.events.drain(..).collect()
+    }
+
+    /// Asynchronous Event Requests outstanding.
+    pub(crate) fn aers_outstanding(&self) -> usize {
+        self.aers.len()
     }
 
     /// `execute` with the controller's timeout; an error status becomes [`Error::AdminStatus`].
@@ -360,6 +502,20 @@ impl Controller {
             .map(ErrorLogEntry::from_bytes)
             .collect())
     }
+    /// The asynchronous events the controller reported since the last call (errors, SMART /
+    /// health warnings, notices), oldest first; each is also logged when it arrives. Reading
+    /// them reads the log pages they name, which re-arms their types (module `aer`). The admin
+    /// queue is polled by admin commands and by this call only: call it from time to time.
+    pub fn async_events(&self) -> Result<Vec<AsyncEvent>> {
+        self.with_admin(|q, sh| Ok(q.take_async_events(sh)))
+    }
+    /// Asynchronous Event Requests outstanding on the controller (re-armed after each event).
+    pub fn async_event_requests(&self) -> usize {
+        self.shared
+            .lock_admin()
+            .as_ref()
+            .map_or(0, AdminQueue::aers_outstanding)
+    }
     /// The SMART / Health Information log of the controller.
     pub fn smart_log(&self) -> Result<SmartLog> {
         let b = self.get_log_page(lid::SMART, 0xffff_ffff, SMART_LOG_LEN)?;
@@ -384,6 +540,7 @@ pub(crate) fn abort_with(
     qid: QueueId,
     cid: Cid,
 ) -> Result<AbortOutcome> {
+    sh.aborts_sent.fetch_add(1, Ordering::AcqRel);
     let dw0 = q.execute_checked(sh, "Abort", Sqe::abort(qid.0, cid.0))?;
     Ok(if dw0 & 1 == 0 {
         AbortOutcome::Aborted

@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     pub(crate) data: RwLock<CtrlData>,
     /// Bumped by every reset: queue pairs of an older generation are dead.
     pub(crate) generation: AtomicU64,
+    /// Abort commands sent (by timed-out queue pairs and [`Controller::abort`]).
+    pub(crate) aborts_sent: AtomicU64,
     pub(crate) health: AtomicU8,
     qids: Mutex<QidTable>,
     /// Last: dropped after the admin queue, whose doorbells and DMA memory belong to it (a
@@ -366,8 +368,23 @@ impl Shared {
                 entered = Instant::now();
             }
         }
+        self.start_async_events(&mut admin);
         self.health.store(LIVE, Ordering::Release);
         Ok(())
+    }
+
+    /// After bring-up: asynchronous events enabled and their requests outstanding (a separate
+    /// step: a controller that refuses them still works).
+    fn start_async_events(&self, admin: &mut Option<AdminQueue>) {
+        let aerl = self
+            .data
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .identify
+            .aerl;
+        if let Some(q) = admin.as_mut() {
+            q.start_async_events(self, aerl);
+        }
     }
 
     pub(crate) fn alloc_qid(&self) -> Result<QueueId> {
@@ -504,6 +521,7 @@ impl Controller {
                 max_transfer: crate::nvme::prp::PAGE as usize,
             }),
             generation: AtomicU64::new(0),
+            aborts_sent: AtomicU64::new(0),
             health: AtomicU8::new(FAILED),
             qids: Mutex::new(QidTable::default()),
         });
@@ -533,6 +551,12 @@ impl Controller {
         QueuePair::create(self.shared.clone(), opts)
     }
 
+    /// Abort commands sent so far, answered or not: by queue pairs for their timed-out commands
+    /// (after quarantining the command) and by [`Controller::abort`]. Another thread can watch
+    /// it to learn that a stalled command has reached the Abort stage.
+    pub fn aborts_sent(&self) -> u64 {
+        self.shared.aborts_sent.load(Ordering::Acquire)
+    }
     /// Where the controller is (PCI address, or `emulated`).
     pub fn location(&self) -> &str {
         &self.shared.location

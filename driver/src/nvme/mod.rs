@@ -3,6 +3,7 @@
 //! seam (`crate::bus`).
 
 pub(crate) mod admin;
+pub(crate) mod aer;
 pub(crate) mod controller;
 pub(crate) mod error;
 pub(crate) mod namespace;

@@ -55,11 +55,11 @@ use super::path::Shared;
 use super::{BlockFile, EngineRef};
 use crate::bus::dma::DmaBuffer;
 use crate::embed::cache::PAGE;
+use crate::embed::ctrl::EmbedCtrl;
 use crate::embed::error::{EmbedError, EmbedResult, MaintOp, Op};
 use crate::embed::iobuf::{IoBuffer, Window};
 use crate::embed::poller::Pollers;
 use crate::embed::rangelock::{Held, LockWait, RangeGuard};
-use crate::nvme::controller::Controller;
 use crate::spec::sqe::DSM_RANGE_LEN;
 use crate::spec::{IdentifyController, Oncs};
 
@@ -150,7 +150,7 @@ pub(crate) struct Spares {
 
 impl Spares {
     /// One buffer of each kind the controller needs, for a file with `m`.
-    pub(super) fn new(ctrl: &Controller, m: &Maint) -> EmbedResult<Spares> {
+    pub(super) fn new(ctrl: &EmbedCtrl, m: &Maint) -> EmbedResult<Spares> {
         let s = Spares {
             zeroes_len: m.zero_chunk as usize,
             ..Spares::empty()
@@ -175,7 +175,7 @@ impl Spares {
     }
 
     /// A buffer of `kind` from the pool, or a new one when the pool is empty.
-    fn take(&self, ctrl: &Controller, kind: Spare) -> Result<DmaBuffer, DioError> {
+    fn take(&self, ctrl: &EmbedCtrl, kind: Spare) -> Result<DmaBuffer, DioError> {
         let (pool, len) = match kind {
             Spare::Zeroes => (&self.zeroes, self.zeroes_len),
             Spare::Ranges => (&self.ranges, PAGE as usize),

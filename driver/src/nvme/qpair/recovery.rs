@@ -4,14 +4,17 @@
 //! longer uses the queue's memory before it is reused (or leaks it).
 
 use std::mem::ManuallyDrop;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use super::{
     COUNTDOWN, F_CTX, F_DEFERRED, F_HOLDS, F_LEAK, F_SYNC, HEALTH_INTERVAL, IN_FLIGHT, IoResult,
-    LEAKED, NIL, PARENT, QUARANTINED, QueuePair, Resubmit, TIMEOUT_EPOCHS, WAITING, lba_of,
+    LEAKED, NIL, PARENT, QUARANTINED, QueueOptions, QueuePair, Resubmit, TIMEOUT_EPOCHS, WAITING,
+    lba_of,
 };
 use crate::nvme::admin::{AbortOutcome, abort_with};
 use crate::nvme::error::{DeadReason, Error, IoError, ProtocolError};
+use crate::nvme::qpair::DoorbellMode;
 use crate::spec::Sqe;
 use crate::types::{Cid, Lba, Nsid};
 
@@ -26,6 +29,56 @@ enum AbortSent {
 }
 
 impl<T> QueuePair<T> {
+    /// True when the controller was reset ([`Controller::reset`](crate::Controller::reset))
+    /// after this queue pair was created: its queues no longer exist on the device. One atomic
+    /// load.
+    #[inline]
+    pub fn is_stale(&self) -> bool {
+        self.shared.generation.load(Ordering::Acquire) != self.generation
+    }
+
+    /// After a controller reset, replaces this queue pair by a new one with the same options on
+    /// the re-initialised controller (new queues, a new queue id), keeping its counters.
+    ///
+    /// Nothing is lost or delivered twice: the replacement happens only once every request of
+    /// the old queue pair has been handed back (each failed once with
+    /// [`DeadReason::ControllerReset`] by a poll). `Ok(false)`: nothing to do (not stale), or
+    /// not yet (requests still to deliver: the queue is marked dead so that the next
+    /// [`poll`](Self::poll) fails them; renew after it). An error is the creation's (the
+    /// controller not ready again yet, or failed): the old queue pair stays, dead.
+    pub fn renew(&mut self) -> Result<bool, Error> {
+        if !self.is_stale() {
+            return Ok(false);
+        }
+        if !self.died && self.outstanding() > 0 {
+            self.dead.get_or_insert(DeadReason::ControllerReset);
+            self.countdown = 0;
+            return Ok(false);
+        }
+        let opts = QueueOptions {
+            entries: self.ring.entries(),
+            requests: self.slots.len() as u16,
+            doorbell: if self.per_command {
+                DoorbellMode::PerCommand
+            } else {
+                DoorbellMode::PerBatch
+            },
+            timeout: (self.tick != Duration::MAX).then(|| self.tick * 4),
+        };
+        let fresh = QueuePair::create(self.shared.clone(), opts)?;
+        let stats = self.stats;
+        log::info!(
+            "{}: queue pair {} renewed after a controller reset (now queue {})",
+            self.location,
+            self.qid.0,
+            fresh.qid.0
+        );
+        // The old one is dropped here: the reset deleted its queues, so its memory is freed.
+        *self = fresh;
+        self.stats = stats;
+        Ok(true)
+    }
+
     /// A completion for a quarantined command (late), or for no command at all.
     #[cold]
     #[inline(never)]
