@@ -9,3 +9,4 @@ pub(crate) mod namespace;
 pub(crate) mod prp;
 pub(crate) mod qpair;
 pub(crate) mod ring;
+pub(crate) mod shadow;
