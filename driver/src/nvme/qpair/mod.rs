@@ -80,7 +80,7 @@ use crate::nvme::error::{DeadReason, Error, IoError, ProtocolError, Result};
 use crate::nvme::namespace::Namespace;
 use crate::nvme::prp;
 use crate::nvme::ring::Ring;
-use crate::nvme::shadow::ShadowPages;
+use crate::nvme::shadow::{ShadowPages, ShadowSlots};
 use crate::spec::Sqe;
 use crate::spec::regs::{checked_cq_head_doorbell, checked_sq_tail_doorbell};
 use crate::spec::sqe::{RW_FUA, io};
@@ -312,6 +312,9 @@ impl QueueStats {
     }
 }
 
+/// A queue pair's shadow doorbell pages and its slots in them.
+type ShadowQueue = (Arc<ShadowPages>, ShadowSlots);
+
 const NIL: u16 = u16::MAX;
 /// Largest pool: CIDs are slot indices and `NIL` is reserved.
 pub const MAX_REQUESTS: u16 = u16::MAX - 1;
@@ -496,10 +499,10 @@ impl<T> QueuePair<T> {
             });
         }
         let generation = shared.generation.load(Ordering::Acquire);
-        let (max_transfer, abort_limit, shadow_pages) = {
+        let (max_transfer, abort_limit) = {
             let d = shared.data.read().unwrap_or_else(|e| e.into_inner());
             // ACL is 0's based: the controller takes ACL + 1 concurrent Aborts.
-            (d.max_transfer, d.identify.acl as u16 + 1, d.shadow.clone())
+            (d.max_transfer, d.identify.acl as u16 + 1)
         };
         let qid = shared.alloc_qid()?;
         let dstrd = shared.cap.dstrd();
@@ -514,10 +517,8 @@ impl<T> QueuePair<T> {
                 dstrd,
             });
         };
-        // The queue's shadow doorbell slots, set to 0 before the device knows the queue.
-        let shadow = shadow_pages.as_ref().and_then(|p| p.slots(qid.0));
         let made = Self::create_queues(&shared, qid, entries, requests);
-        let (sq_mem, cq_mem, prp_mem) = match made {
+        let (sq_mem, cq_mem, prp_mem, shadow) = match made {
             Ok(m) => m,
             Err(e) => {
                 shared.free_qid(qid);
@@ -557,12 +558,13 @@ impl<T> QueuePair<T> {
                 shared.bus.doorbell(cq_db),
             )
         };
-        if let Some(slots) = shadow {
-            // SAFETY: the slots of queue `qid` in the pages the controller took at bring-up
-            // (this queue pair's generation), zeroed before the queues were created; the queue
-            // pair keeps the pages alive (`shadow_pages`) and only its ring stores them.
+        let shadow_pages = shadow.map(|(pages, slots)| {
+            // SAFETY: the slots of queue `qid` in the pages the controller took at its last
+            // bring-up, zeroed before the queues were created on it; the queue pair keeps the
+            // pages alive (`shadow_pages`) and only its ring stores into its slots.
             unsafe { ring.set_shadow(slots) };
-        }
+            pages
+        });
         Ok(QueuePair {
             ring,
             slots,
@@ -614,7 +616,7 @@ impl<T> QueuePair<T> {
         qid: QueueId,
         entries: u16,
         requests: u16,
-    ) -> Result<(DmaBuffer, DmaBuffer, DmaBuffer)> {
+    ) -> Result<(DmaBuffer, DmaBuffer, DmaBuffer, Option<ShadowQueue>)> {
         let sq = shared.alloc(entries as usize * 64, "an I/O submission queue")?;
         let cq = shared.alloc(entries as usize * 16, "an I/O completion queue")?;
         let prps = shared.alloc(requests as usize * prp::PAGE as usize, "PRP list pages")?;
@@ -623,6 +625,14 @@ impl<T> QueuePair<T> {
             return Err(e);
         }
         let q = guard.as_mut().ok_or_else(|| shared.gone())?;
+        // The shadow doorbell pages of this bring-up (read under the admin lock, which a reset
+        // holds while it replaces them) and the queue's slots in them, set to 0 before the
+        // device knows the queue.
+        let shadow = {
+            let d = shared.data.read().unwrap_or_else(|e| e.into_inner());
+            d.shadow.clone()
+        }
+        .and_then(|p| p.slots(qid.0).map(|s| (p, s)));
         q.execute_checked(
             shared,
             "Create I/O Completion Queue",
@@ -640,7 +650,7 @@ impl<T> QueuePair<T> {
             );
             return Err(e);
         }
-        Ok((sq, cq, prps))
+        Ok((sq, cq, prps, shadow))
     }
 
     // ---------------------------------------------------------------------------------------
