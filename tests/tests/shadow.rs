@@ -150,10 +150,15 @@ fn shadow_doorbells_off_or_not_offered() {
     }
     let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     for mode in MODES {
-        // Offered and wanted.
-        let (c, emu) = emulated(config(mode, &[NS]));
+        // Offered and wanted, with the doorbell stride of CAP.DSTRD 2 (16 bytes): the shadow
+        // slots follow the registers' layout.
+        let mut cfg = config(mode, &[NS]);
+        cfg.dstrd = 2;
+        let (c, emu) = emulated(cfg);
         assert!(c.shadow_doorbells());
         assert_eq!(dbbuf_commands(&emu), 1);
+        let s = io_at_depth(&c, &first_namespace(&c), true, 8, 4);
+        check_counters(&s, true);
         drop(c);
         // Offered, turned off.
         let emu = EmulatedController::new(config(mode, &[NS])).unwrap();

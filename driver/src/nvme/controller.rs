@@ -412,9 +412,21 @@ impl Shared {
         }
         let dstrd = self.cap.dstrd();
         let len = ShadowPages::len_for(granted, dstrd);
-        let shadow = self.alloc(len, "the shadow doorbell page")?;
-        let event_idx = self.alloc(len, "the event index page")?;
-        let pages = ShadowPages::new(shadow, event_idx, granted, dstrd);
+        // Two pages for up to 256 queues at stride 4; a large stride times many queues may not
+        // fit in DMA memory: then the doorbells stay on the registers.
+        let pages = match (
+            self.alloc(len, "the shadow doorbell page"),
+            self.alloc(len, "the event index page"),
+        ) {
+            (Ok(shadow), Ok(event_idx)) => ShadowPages::new(shadow, event_idx, granted, dstrd),
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!(
+                    "{}: no shadow doorbells: {e}; doorbells go to the registers",
+                    self.location
+                );
+                return Ok(None);
+            }
+        };
         let (dbs, eis) = pages.iovas();
         let sqe = crate::spec::Sqe::doorbell_buffer_config(dbs, eis);
         match q.execute_checked(self, "Doorbell Buffer Config", sqe) {
