@@ -45,8 +45,9 @@ pub(crate) struct Ring {
     shadow_mmio: [u64; 2],
 }
 
-// SAFETY: the pointers name queue memory that outlives the ring (contract of `Ring::new`) and
-// that only the ring's holder touches (through `&mut Ring` for every write); moving the ring to
+// SAFETY: the pointers name queue memory and shadow doorbell slots that outlive the ring
+// (contracts of `Ring::new` and `set_shadow`) and that only the ring's holder writes (through
+// `&mut Ring` for every write; the event indexes are only read, atomically); moving the ring to
 // another thread moves that access with it. The doorbells are `Send`.
 unsafe impl Send for Ring {}
 
