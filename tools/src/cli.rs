@@ -469,6 +469,10 @@ pub struct PerfArgs {
     /// SQ doorbell: per-command or per-batch (default: per-batch)
     #[arg(long, value_name = "per-command|per-batch")]
     pub doorbell: Option<String>,
+    /// write every doorbell to its register, even when the controller offers shadow doorbells
+    /// (Doorbell Buffer Config)
+    #[arg(long = "no-shadow-doorbells")]
+    pub no_shadow_doorbells: bool,
     /// seed for the random offsets (default: from the clock)
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
@@ -520,6 +524,8 @@ pub struct PerfConfig {
     pub plot: Option<PathBuf>,
     /// `--doorbell`.
     pub doorbell: DoorbellMode,
+    /// Shadow doorbells when the controller offers them (`--no-shadow-doorbells` turns them off).
+    pub shadow_doorbells: bool,
     /// `--seed`.
     pub seed: Option<u64>,
     /// The emulated controller's shape (used when no `-r` names a PCIe device).
@@ -767,6 +773,7 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
         json: a.json,
         plot: a.plot,
         doorbell,
+        shadow_doorbells: !a.no_shadow_doorbells,
         seed: a.seed,
         emulated,
         warnings,
@@ -866,6 +873,7 @@ mod tests {
         assert_eq!(c.rwmixread, None);
         assert_eq!(c.latency_level, 0);
         assert_eq!(c.doorbell, DoorbellMode::PerBatch);
+        assert!(c.shadow_doorbells);
         assert!(c.uses_emulated());
         assert_eq!(
             c.emulated.describe(),
@@ -879,7 +887,7 @@ mod tests {
         let c = perf(
             "-q 32 -o 1m -w randrw -M 70 -t 0.5 -a 1 -c 0x6 -P 2 --io-queue-size 256 -C 16 \
              -LL -Q 10 -m --use-every-core --json --plot out.svg --doorbell per-command --seed 9 \
-             -r trtype:emulated --emulated-mode threaded --emulated-block-size 4096 \
+             --no-shadow-doorbells -r trtype:emulated --emulated-mode threaded --emulated-block-size 4096 \
              --emulated-namespaces 3 --emulated-size 1g --emulated-backing memory",
         )
         .unwrap();
@@ -895,6 +903,7 @@ mod tests {
         );
         assert_eq!((c.latency_level, c.continue_on_error), (2, Some(10)));
         assert!(c.cpu_usage && c.use_every_core && c.json && c.track_latency());
+        assert!(!c.shadow_doorbells);
         assert_eq!(c.plot.as_deref(), Some(std::path::Path::new("out.svg")));
         assert_eq!((c.doorbell, c.seed), (DoorbellMode::PerCommand, Some(9)));
         assert_eq!(

@@ -12,8 +12,8 @@ use dioxide::emulated::{
 use dioxide::spec::{Sct, Status, status::media};
 use dioxide::vfio::{VfioBus, VfioOptions};
 use dioxide::{
-    Bus, Controller, IoOp, Lba, Namespace, NvmfDigests, NvmfHostOptions, PciId, TcpController,
-    TcpOptions, TransportBuf, TransportController, TransportIoError, TransportQueue,
+    Bus, Controller, ControllerOptions, IoOp, Lba, Namespace, NvmfDigests, NvmfHostOptions, PciId,
+    TcpController, TcpOptions, TransportBuf, TransportController, TransportIoError, TransportQueue,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +60,14 @@ pub fn emulated_config(shape: &EmulatedShape) -> EmulatedConfig {
 
 /// Brings up the built-in emulated controller of `shape`.
 pub fn open_emulated(shape: &EmulatedShape) -> Result<Opened, String> {
+    open_emulated_with(shape, &ControllerOptions::default())
+}
+
+/// [`open_emulated`] with controller options (shadow doorbells on or off).
+pub fn open_emulated_with(
+    shape: &EmulatedShape,
+    opts: &ControllerOptions,
+) -> Result<Opened, String> {
     let emu = EmulatedController::new(emulated_config(shape)).map_err(|e| e.to_string())?;
     if let Some((start, count)) = shape.fail_lba {
         for nsid in 1..=shape.namespaces {
@@ -76,7 +84,8 @@ pub fn open_emulated(shape: &EmulatedShape) -> Result<Opened, String> {
     }
     let bus: Arc<dyn Bus> = emu.clone();
     let pci = bus.pci_id();
-    let ctrl = Controller::new(bus).map_err(|e| format!("emulated controller: {e}"))?;
+    let ctrl = Controller::with_options(bus, opts.clone())
+        .map_err(|e| format!("emulated controller: {e}"))?;
     let mode = match shape.mode {
         EmuMode::Inline => "inline",
         EmuMode::Threaded => "threaded",
@@ -92,6 +101,15 @@ pub fn open_emulated(shape: &EmulatedShape) -> Result<Opened, String> {
 
 /// Opens the PCIe controller at `addr` through VFIO, expecting to pin about `dma_bytes`.
 pub fn open_pcie(addr: &str, dma_bytes: u64) -> Result<Opened, String> {
+    open_pcie_with(addr, dma_bytes, &ControllerOptions::default())
+}
+
+/// [`open_pcie`] with controller options (shadow doorbells on or off).
+pub fn open_pcie_with(
+    addr: &str,
+    dma_bytes: u64,
+    copts: &ControllerOptions,
+) -> Result<Opened, String> {
     let opts = VfioOptions {
         dma_bytes: dma_bytes.max(4 << 20),
         ..VfioOptions::default()
@@ -100,7 +118,7 @@ pub fn open_pcie(addr: &str, dma_bytes: u64) -> Result<Opened, String> {
     let bus: Arc<dyn Bus> = bus;
     let pci = bus.pci_id();
     let location = bus.location().to_string();
-    let ctrl = Controller::new(bus).map_err(|e| e.to_string())?;
+    let ctrl = Controller::with_options(bus, copts.clone()).map_err(|e| e.to_string())?;
     Ok(Opened {
         ctrl,
         label: format!("PCIE ({location})"),
@@ -187,9 +205,26 @@ pub fn open(
     dma_bytes: u64,
     digests: (bool, bool),
 ) -> Result<Device, String> {
+    open_with(
+        trid,
+        emulated,
+        dma_bytes,
+        digests,
+        &ControllerOptions::default(),
+    )
+}
+
+/// [`open`] with the options of a PCIe or emulated controller (shadow doorbells on or off).
+pub fn open_with(
+    trid: &TransportId,
+    emulated: &EmulatedShape,
+    dma_bytes: u64,
+    digests: (bool, bool),
+    copts: &ControllerOptions,
+) -> Result<Device, String> {
     Ok(match trid.target {
-        Target::Emulated => open_emulated(emulated)?.into(),
-        Target::Pcie(a) => open_pcie(&a.to_string(), dma_bytes)?.into(),
+        Target::Emulated => open_emulated_with(emulated, copts)?.into(),
+        Target::Pcie(a) => open_pcie_with(&a.to_string(), dma_bytes, copts)?.into(),
         Target::Tcp(_) => open_tcp(trid, digests)?,
     })
 }

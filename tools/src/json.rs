@@ -10,7 +10,7 @@
 //!     "queue_depth": 128, "io_size": 4096, "workload": "randread",
 //!     "rwmixread": null | 0..100, "time_secs": 10.0, "warmup_secs": 0.0,
 //!     "cores": [0], "qpairs_per_ns": 1, "number_ios": 0,
-//!     "doorbell": "per-batch" | "per-command", "seed": 123
+//!     "doorbell": "per-batch" | "per-command", "shadow_doorbells": true, "seed": 123
 //!   },
 //!   "clock": { "source": "tsc" | "monotonic_raw", "hz": 2999999000 },
 //!   "elapsed_us": 10000012.0,
@@ -38,10 +38,17 @@
 //!   "counters": {                                 // the poll loop, whole run (warm-up included)
 //!     "ios": 4000, "polls": 9000, "empty_polls": 5000, "housekeeping": 80,
 //!     "register_reads": 0, "sq_doorbells": 130, "cq_doorbells": 4000,
+//!     "sq_mmio": 130, "cq_mmio": 3990, "sq_shadow": 130, "cq_shadow": 4000,
 //!     "per_io": { "polls": 2.25, "empty_polls": 1.25, "housekeeping": 0.02,
-//!                 "register_reads": 0.0, "sq_doorbells": 0.0325, "cq_doorbells": 1.0 } }
+//!                 "register_reads": 0.0, "sq_doorbells": 0.0325, "cq_doorbells": 1.0,
+//!                 "sq_mmio": 0.0325, "cq_mmio": 0.9975, "sq_shadow": 0.0325,
+//!                 "cq_shadow": 1.0 } }
 //! }
 //! ```
+//!
+//! Doorbell updates (`sq_doorbells`, `cq_doorbells`) are register writes without shadow
+//! doorbells; with them, stores to the shadow page (`*_shadow`) of which the controller's event
+//! index asked for `*_mmio` register writes (see the `counters` module).
 //!
 //! `percentile` is in percent (SPDK's cut-offs, 1 to 99.99999); latencies are microseconds.
 //! Fields are only ever added, never renamed, within one schema version.
@@ -140,6 +147,10 @@ pub struct Config {
     pub number_ios: u64,
     /// `--doorbell`.
     pub doorbell: crate::cli::DoorbellMode,
+    /// Shadow doorbells wanted (`false` with `--no-shadow-doorbells`); the counters say whether
+    /// the controller took them (`sq_shadow`, `cq_shadow`).
+    #[serde(default = "yes")]
+    pub shadow_doorbells: bool,
     /// The random seed used.
     pub seed: u64,
 }
@@ -237,6 +248,11 @@ pub struct EmulatedCounters {
     pub io_commands: u64,
     /// Injected faults that fired.
     pub faults_fired: u64,
+}
+
+/// Serde's default of fields that default to true.
+fn yes() -> bool {
+    true
 }
 
 fn latency(s: &NsStats, hz: u64) -> Latency {
@@ -339,6 +355,7 @@ mod tests {
                 qpairs_per_ns: 1,
                 number_ios: 0,
                 doorbell: DoorbellMode::PerBatch,
+                shadow_doorbells: true,
                 seed: 42,
             },
             clock: ClockInfo {

@@ -12,7 +12,7 @@ use crate::report::{self, Row};
 use crate::stats::NsStats;
 use crate::trid::{Target, TransportId};
 use crate::workload::{Mix, Workload};
-use dioxide::{Namespace, Nsid, QueueOptions};
+use dioxide::{ControllerOptions, Namespace, Nsid, QueueOptions};
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -157,7 +157,10 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
         let idx = match keys.iter().position(|k| *k == key) {
             Some(i) => i,
             None => {
-                let opened = device::open(trid, &cfg.emulated, dma_bytes, cfg.tcp_digests)?;
+                let copts =
+                    ControllerOptions::default().with_shadow_doorbells(cfg.shadow_doorbells);
+                let opened =
+                    device::open_with(trid, &cfg.emulated, dma_bytes, cfg.tcp_digests, &copts)?;
                 if let Some(t) = opened.ctrl.tcp().filter(|t| t.is_discovery()) {
                     return Err(discovery_refused(&opened.label, t));
                 }
@@ -528,6 +531,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 qpairs_per_ns: cfg.qpairs_per_ns,
                 number_ios: cfg.number_ios,
                 doorbell: cfg.doorbell,
+                shadow_doorbells: cfg.shadow_doorbells,
                 seed,
             },
             clock: json::ClockInfo {

@@ -649,6 +649,17 @@ fn poll_counters_at_depth() {
     // The driver's count of doorbell writes is the device's (admin queue aside).
     let emu = r.emulated.unwrap();
     assert!(emu.doorbell_writes >= 200, "{emu:?}");
+    // Shadow doorbells (the emulated controller offers them, as QEMU does): every update is a
+    // shadow store, and the controller, idle at each update, asks for every register write.
+    assert_eq!((c.sq_shadow, c.cq_shadow), (100, 100), "{c:?}");
+    assert_eq!((c.sq_mmio, c.cq_mmio), (100, 100), "{c:?}");
+    // Without them: no shadow store, every update a register write.
+    let r = perf_json("-q 32 -o 4096 -w randread -t 10 -d 3200 --no-shadow-doorbells");
+    assert!(!r.config.shadow_doorbells);
+    let c = r.counters.unwrap();
+    assert_eq!((c.sq_shadow, c.cq_shadow), (0, 0), "{c:?}");
+    assert_eq!((c.sq_mmio, c.cq_mmio), (100, 100), "{c:?}");
+    assert_eq!(c.per_io.sq_mmio, 1.0 / 32.0);
     // Per command: one SQ doorbell per I/O.
     let r = perf_json("-q 32 -o 4096 -w randread -t 10 -d 3200 --doorbell per-command");
     let c = r.counters.unwrap();
@@ -667,9 +678,10 @@ fn poll_counters_at_depth() {
         .unwrap_or_else(|| panic!("no counters line: {out}"));
     let cols: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(
-        cols[cols.len() - 7..],
+        cols[cols.len() - 11..],
         [
-            "3200", "0.031", "0.000", "0.00000", "0.00000", "0.03125", "0.03125"
+            "3200", "0.031", "0.000", "0.00000", "0.00000", "0.03125", "0.03125", "0.03125",
+            "0.03125", "0.03125", "0.03125"
         ],
         "{line}"
     );

@@ -63,6 +63,25 @@ pub(crate) fn dma_wmb() {
     }
 }
 
+/// Makes every store issued before it visible to the device before any load issued after it
+/// (Linux `mb()`): the store-load order shadow doorbells need between the shadow doorbell store
+/// and the event index load (see `crate::nvme::shadow`).
+#[inline(always)]
+pub(crate) fn dma_mb() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // x86-64 lets a load pass an earlier store (the store buffer): `mfence`, which a
+        // sequentially consistent fence compiles to, drains it first.
+        fence(Ordering::SeqCst);
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: `dsb sy` only waits for earlier memory accesses to complete; it reads and writes
+    // no memory or register the program sees. Without `nomem` it is also a compiler barrier.
+    unsafe {
+        core::arch::asm!("dsb sy", options(nostack, preserves_flags));
+    }
+}
+
 /// PCI identity of the function behind a bus.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct PciId {

@@ -21,8 +21,9 @@ use crate::nvme::admin::AdminQueue;
 use crate::nvme::error::{DeadReason, Error, Result};
 use crate::nvme::namespace::Namespace;
 use crate::nvme::qpair::{QueueOptions, QueuePair};
+use crate::nvme::shadow::ShadowPages;
 use crate::spec::regs::{offset, shn, shst};
-use crate::spec::{Cap, Cc, Csts, IdentifyController, Vs};
+use crate::spec::{Cap, Cc, Csts, IdentifyController, Oacs, Vs};
 use crate::types::{Nsid, QueueId};
 
 /// Options for opening a controller.
@@ -37,6 +38,19 @@ pub struct ControllerOptions {
     pub admin_timeout: Duration,
     /// Time limit of the shutdown handshake on drop. Default 10 s.
     pub shutdown_timeout: Duration,
+    /// Shadow doorbells for the I/O queues when the controller offers them (Doorbell Buffer
+    /// Config, OACS bit 8): doorbell values go to a page of host memory, and a register is
+    /// written only when the controller's event index asks for it. Default on; off writes every
+    /// doorbell to its register.
+    pub shadow_doorbells: bool,
+}
+
+impl ControllerOptions {
+    /// With shadow doorbells on (when the controller offers them) or off.
+    pub fn with_shadow_doorbells(mut self, on: bool) -> Self {
+        self.shadow_doorbells = on;
+        self
+    }
 }
 
 impl Default for ControllerOptions {
@@ -46,6 +60,7 @@ impl Default for ControllerOptions {
             admin_entries: 32,
             admin_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            shadow_doorbells: true,
         }
     }
 }
@@ -71,6 +86,9 @@ pub enum InitState {
     IdentifyNamespaces,
     /// Set Features / Number of Queues.
     SetNumberOfQueues,
+    /// Doorbell Buffer Config (shadow doorbells), if the controller offers it and the options
+    /// ask for it.
+    DoorbellBufferConfig,
     /// Done.
     Ready,
 }
@@ -86,6 +104,8 @@ pub(crate) struct CtrlData {
     pub(crate) namespaces: Vec<Namespace>,
     pub(crate) granted: u16,
     pub(crate) max_transfer: usize,
+    /// The shadow doorbell pages the controller took at bring-up, if it did.
+    pub(crate) shadow: Option<Arc<ShadowPages>>,
 }
 
 /// State shared by the controller handles and its queue pairs.
@@ -354,11 +374,18 @@ impl Shared {
                         namespaces: core::mem::take(&mut namespaces),
                         granted,
                         max_transfer: mdts.min(crate::nvme::prp::MAX_TRANSFER),
+                        shadow: None,
                     };
                     self.qids
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .regrant(granted);
+                    InitState::DoorbellBufferConfig
+                }
+                InitState::DoorbellBufferConfig => {
+                    let q = admin.as_mut().expect("admin queue configured");
+                    let shadow = self.doorbell_buffer_config(q)?;
+                    self.data.write().unwrap_or_else(|e| e.into_inner()).shadow = shadow;
                     InitState::Ready
                 }
                 InitState::Ready => break,
@@ -384,6 +411,60 @@ impl Shared {
             .aerl;
         if let Some(q) = admin.as_mut() {
             q.start_async_events(self, aerl);
+        }
+    }
+
+    /// The bring-up step [`InitState::DoorbellBufferConfig`]: gives the controller a shadow
+    /// doorbell page and an event index page for every queue id it granted, if it offers
+    /// Doorbell Buffer Config and the options want shadow doorbells. A controller that refuses
+    /// the command is used without them (logged), as Linux does.
+    fn doorbell_buffer_config(&self, q: &mut AdminQueue) -> Result<Option<Arc<ShadowPages>>> {
+        let (offered, granted) = {
+            let d = self.data.read().unwrap_or_else(|e| e.into_inner());
+            let oacs = d.identify.oacs;
+            (oacs.contains(Oacs::DOORBELL_BUFFER_CONFIG), d.granted)
+        };
+        if !self.opts.shadow_doorbells || !offered {
+            return Ok(None);
+        }
+        let dstrd = self.cap.dstrd();
+        let len = ShadowPages::len_for(granted, dstrd);
+        // Two pages for up to 256 queues at stride 4; a large stride times many queues may not
+        // fit in DMA memory: then the doorbells stay on the registers.
+        let pages = match (
+            self.alloc(len, "the shadow doorbell page"),
+            self.alloc(len, "the event index page"),
+        ) {
+            (Ok(shadow), Ok(event_idx)) => ShadowPages::new(shadow, event_idx, granted, dstrd),
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!(
+                    "{}: no shadow doorbells: {e}; doorbells go to the registers",
+                    self.location
+                );
+                return Ok(None);
+            }
+        };
+        let (dbs, eis) = pages.iovas();
+        let sqe = crate::spec::Sqe::doorbell_buffer_config(dbs, eis);
+        match q.execute_checked(self, "Doorbell Buffer Config", sqe) {
+            Ok(_) => {
+                log::debug!("{}: shadow doorbells for {granted} queues", self.location);
+                Ok(Some(Arc::new(pages)))
+            }
+            Err(Error::AdminStatus { status, .. }) => {
+                log::warn!(
+                    "{}: the controller refused Doorbell Buffer Config ({status}); \
+                     doorbells go to the registers",
+                    self.location
+                );
+                Ok(None)
+            }
+            Err(e) => {
+                // The controller may still take the pages and write event indexes into them:
+                // they are never given back to the allocator.
+                core::mem::forget(pages);
+                Err(e)
+            }
         }
     }
 
@@ -479,7 +560,7 @@ impl Controller {
     }
 
     /// Brings up the controller behind `bus`: disable, admin queue, enable, identify, active
-    /// namespaces, number of queues.
+    /// namespaces, number of queues, shadow doorbells.
     pub fn with_options(bus: Arc<dyn Bus>, opts: ControllerOptions) -> Result<Controller> {
         if !(2..=4096).contains(&opts.admin_entries) {
             return Err(Error::InvalidOption {
@@ -519,6 +600,7 @@ impl Controller {
                 namespaces: Vec::new(),
                 granted: 0,
                 max_transfer: crate::nvme::prp::PAGE as usize,
+                shadow: None,
             }),
             generation: AtomicU64::new(0),
             aborts_sent: AtomicU64::new(0),
@@ -596,6 +678,12 @@ impl Controller {
     /// I/O queue pairs granted by the controller.
     pub fn io_queues(&self) -> u16 {
         self.data().granted
+    }
+    /// True if the I/O queues use shadow doorbells: the controller offered Doorbell Buffer
+    /// Config, the options asked for them ([`ControllerOptions::shadow_doorbells`]) and the
+    /// controller took the pages.
+    pub fn shadow_doorbells(&self) -> bool {
+        self.data().shadow.is_some()
     }
     /// The active namespaces found at bring-up, including those formatted with metadata, which
     /// are listed with their format but refused for I/O ([`Namespace::check_io`]).

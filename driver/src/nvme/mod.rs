@@ -10,3 +10,4 @@ pub(crate) mod namespace;
 pub(crate) mod prp;
 pub(crate) mod qpair;
 pub(crate) mod ring;
+pub(crate) mod shadow;

@@ -8,12 +8,18 @@
 //! side is a [`CqCursor`], a copy of the CQ position kept in registers while a poll consumes
 //! entries and handed back once with [`Ring::consumed`], which writes the CQ head doorbell.
 //!
+//! With shadow doorbells (I/O queues of a controller that took Doorbell Buffer Config, see
+//! [`crate::nvme::shadow`]) both doorbells are stored in the shadow page and written to the
+//! register only when the event index asks for it. Without them the only cost is one test of a
+//! null pointer per doorbell.
+//!
 //! Everything here is `#[inline(always)]`: it is the per-I/O path of every queue pair.
 
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::bus::Doorbell;
+use crate::nvme::shadow::{self, ShadowSlots};
 use crate::spec::Sqe;
 
 /// The phase tag in completion dword 3.
@@ -30,10 +36,18 @@ pub(crate) struct Ring {
     phase: u32,
     sq_db: Doorbell,
     cq_db: Doorbell,
+    /// The shadow doorbell of the SQ tail: null without shadow doorbells.
+    sq_shadow: *mut u32,
+    sq_ei: *const u32,
+    cq_shadow: *mut u32,
+    cq_ei: *const u32,
+    /// MMIO doorbell writes made with shadow doorbells (SQ, CQ): the event index asked for them.
+    shadow_mmio: [u64; 2],
 }
 
-// SAFETY: the pointers name queue memory that outlives the ring (contract of `Ring::new`) and
-// that only the ring's holder touches (through `&mut Ring` for every write); moving the ring to
+// SAFETY: the pointers name queue memory and shadow doorbell slots that outlive the ring
+// (contracts of `Ring::new` and `set_shadow`) and that only the ring's holder writes (through
+// `&mut Ring` for every write; the event indexes are only read, atomically); moving the ring to
 // another thread moves that access with it. The doorbells are `Send`.
 unsafe impl Send for Ring {}
 
@@ -62,7 +76,39 @@ impl Ring {
             phase: PHASE_BIT,
             sq_db,
             cq_db,
+            sq_shadow: core::ptr::null_mut(),
+            sq_ei: core::ptr::null(),
+            cq_shadow: core::ptr::null_mut(),
+            cq_ei: core::ptr::null(),
+            shadow_mmio: [0; 2],
         }
+    }
+
+    /// Stores every later doorbell update in these shadow doorbell slots, and writes the
+    /// registers only when their event indexes ask for it.
+    ///
+    /// # Safety
+    /// The slots must be this queue pair's in shadow pages the controller was given (Doorbell
+    /// Buffer Config) before the queues were created, must hold 0 (the queues are empty), and
+    /// must outlive the ring; nothing else may store into the two shadow doorbells.
+    pub(crate) unsafe fn set_shadow(&mut self, s: ShadowSlots) {
+        debug_assert!(self.sq_tail == 0 && self.cq_head == 0);
+        self.sq_shadow = s.sq_db;
+        self.sq_ei = s.sq_ei;
+        self.cq_shadow = s.cq_db;
+        self.cq_ei = s.cq_ei;
+    }
+
+    /// True if doorbell updates go to shadow doorbells.
+    #[inline(always)]
+    pub(crate) fn shadowed(&self) -> bool {
+        !self.sq_shadow.is_null()
+    }
+
+    /// MMIO doorbell writes (SQ, CQ) made since shadow doorbells were set: those the event
+    /// indexes asked for.
+    pub(crate) fn shadow_mmio_writes(&self) -> [u64; 2] {
+        self.shadow_mmio
     }
 
     /// Entries of the SQ (and of the CQ).
@@ -118,10 +164,25 @@ impl Ring {
         unsafe { self.push(words) };
     }
 
-    /// Writes the SQ tail doorbell with the current tail.
+    /// Writes the SQ tail doorbell with the current tail (or its shadow, and the register if the
+    /// event index asks for it).
     #[inline(always)]
-    pub(crate) fn ring_sq(&self) {
-        self.sq_db.ring(self.sq_tail as u32);
+    pub(crate) fn ring_sq(&mut self) {
+        if self.sq_shadow.is_null() {
+            self.sq_db.ring(self.sq_tail as u32);
+        } else {
+            self.ring_sq_shadowed();
+        }
+    }
+
+    #[inline]
+    fn ring_sq_shadowed(&mut self) {
+        // SAFETY: the SQ's slots of live shadow pages, stored only by this ring (contract of
+        // `set_shadow`).
+        if unsafe { shadow::update(self.sq_shadow, self.sq_ei, self.sq_tail) } {
+            self.sq_db.ring(self.sq_tail as u32);
+            self.shadow_mmio[0] += 1;
+        }
     }
 
     /// The CQ position, to consume entries from.
@@ -140,7 +201,21 @@ impl Ring {
     pub(crate) fn consumed(&mut self, at: CqCursor) {
         self.cq_head = at.head;
         self.phase = at.phase;
-        self.cq_db.ring(at.head as u32);
+        if self.cq_shadow.is_null() {
+            self.cq_db.ring(at.head as u32);
+        } else {
+            self.consumed_shadowed();
+        }
+    }
+
+    #[inline]
+    fn consumed_shadowed(&mut self) {
+        // SAFETY: the CQ's slots of live shadow pages, stored only by this ring (contract of
+        // `set_shadow`).
+        if unsafe { shadow::update(self.cq_shadow, self.cq_ei, self.cq_head) } {
+            self.cq_db.ring(self.cq_head as u32);
+            self.shadow_mmio[1] += 1;
+        }
     }
 
     /// The SQ, for tests that read what was submitted (the queue pair tests, on the emulator).
@@ -341,5 +416,85 @@ mod tests {
         assert!(c.peek().is_none());
         r.consumed(c);
         assert_eq!(*rec.0.lock().unwrap(), [(CQ_DB, 0), (CQ_DB, 1)]);
+    }
+
+    /// With shadow doorbells every update lands in the shadow slot, and the register is written
+    /// exactly when the event index lies in the entries the update moves past, across the wrap.
+    #[test]
+    fn shadow_doorbells_follow_the_event_index() {
+        const N: u16 = 4;
+        let mut sq = vec![0u64; N as usize * 8];
+        let mut cq = vec![0u32; N as usize * 4];
+        let cqp = cq.as_mut_ptr();
+        // Slots: SQ doorbell, SQ event index, CQ doorbell, CQ event index.
+        let mut slots = vec![0u32; 4];
+        let p = slots.as_mut_ptr();
+        let (mut r, rec) = ring(sq.as_mut_ptr(), cqp, N);
+        // SAFETY: the slots outlive the ring, hold 0, and only the ring stores the doorbells.
+        unsafe {
+            r.set_shadow(ShadowSlots {
+                sq_db: p,
+                sq_ei: p.add(1),
+                cq_db: p.add(2),
+                cq_ei: p.add(3),
+            })
+        };
+        assert!(r.shadowed());
+        let set_ei = |i: usize, v: u32| {
+            // SAFETY: one of the four slots; the ring reads it atomically.
+            unsafe { AtomicU32::from_ptr(p.add(i)) }.store(v, Ordering::Relaxed)
+        };
+        let slot = |i: usize| {
+            // SAFETY: as above.
+            unsafe { AtomicU32::from_ptr(p.add(i)) }.load(Ordering::Relaxed)
+        };
+        // (event index before the ring, commands pushed, register written?)
+        let steps = [
+            (0, 1, true),  // 0 -> 1 passes 0: the device waits at 0
+            (0, 2, false), // 1 -> 3 passes 1, 2: the device is behind, at 0
+            (3, 2, true),  // 3 -> 1 passes 3, 0 (wraps): the device waits at 3
+            (3, 1, false), // 1 -> 2 passes 1: the device is behind, at 3
+            (0, 3, true),  // 2 -> 1 passes 2, 3, 0 (wraps): the device waits at 0
+        ];
+        let mut tail = 0u16;
+        let mut expect = Vec::new();
+        for (ei, n, rings) in steps {
+            set_ei(1, ei);
+            let old = tail;
+            for _ in 0..n {
+                // SAFETY: no device reads the SQ.
+                unsafe { r.push([0; 8]) };
+                tail = (tail + 1) % N;
+            }
+            r.ring_sq();
+            assert_eq!(slot(0), tail as u32);
+            let passed = (0..n).any(|k| (old + k) % N == ei as u16);
+            assert_eq!(passed, rings);
+            if rings {
+                expect.push((SQ_DB, tail as u32));
+            }
+        }
+        assert_eq!(*rec.0.lock().unwrap(), expect);
+        assert_eq!(r.shadow_mmio_writes(), [expect.len() as u64, 0]);
+        assert_eq!(expect.len(), 3, "{expect:?}");
+
+        // The CQ head: consumed 0 -> 2 with the device's event index at 0 (rings), then 2 -> 3
+        // with the index at 0 (does not).
+        rec.0.lock().unwrap().clear();
+        post(cqp, 0, 0, 0, 1, true);
+        post(cqp, 1, 0, 0, 2, true);
+        let mut c = r.cq_cursor();
+        c.advance();
+        c.advance();
+        r.consumed(c);
+        assert_eq!(slot(2), 2);
+        post(cqp, 2, 0, 0, 3, true);
+        let mut c = r.cq_cursor();
+        c.advance();
+        r.consumed(c);
+        assert_eq!(slot(2), 3);
+        assert_eq!(*rec.0.lock().unwrap(), [(CQ_DB, 2)]);
+        assert_eq!(r.shadow_mmio_writes(), [3, 1]);
+        drop(r);
     }
 }

@@ -28,6 +28,8 @@ pub mod admin {
     pub const FIRMWARE_DOWNLOAD: u8 = 0x11;
     /// Keep Alive.
     pub const KEEP_ALIVE: u8 = 0x18;
+    /// Doorbell Buffer Config (shadow doorbells; Identify Controller OACS bit 8).
+    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
     /// Format NVM.
     pub const FORMAT_NVM: u8 = 0x80;
 }
@@ -254,6 +256,14 @@ impl Sqe {
     pub const fn abort(sqid: u16, cid: u16) -> Sqe {
         let mut s = Sqe::new(admin::ABORT);
         s.cdw10 = sqid as u32 | (cid as u32) << 16;
+        s
+    }
+    /// Doorbell Buffer Config: the Shadow Doorbell buffer at `shadow` (PRP1) and the EventIdx
+    /// buffer at `event_idx` (PRP2), both memory page aligned.
+    pub const fn doorbell_buffer_config(shadow: u64, event_idx: u64) -> Sqe {
+        let mut s = Sqe::new(admin::DOORBELL_BUFFER_CONFIG);
+        s.prp1 = shadow;
+        s.prp2 = event_idx;
         s
     }
     /// Read or Write of `blocks` logical blocks (not 0's based, 1..=65536).

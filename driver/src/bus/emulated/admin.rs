@@ -44,6 +44,7 @@ impl Device {
             admin::ABORT => self.abort(sqe),
             admin::ASYNC_EVENT_REQUEST => self.async_event_request(sqe),
             admin::KEEP_ALIVE => ok(0),
+            admin::DOORBELL_BUFFER_CONFIG => self.doorbell_buffer_config(sqe),
             _ => fail(generic(g::INVALID_OPCODE)),
         }
     }
@@ -126,7 +127,11 @@ impl Device {
             ver: Vs::V1_4.0,
             oaes: 0,
             ctratt: 0,
-            oacs: Oacs::empty(),
+            oacs: if p.dbbuf {
+                Oacs::DOORBELL_BUFFER_CONFIG
+            } else {
+                Oacs::empty()
+            },
             acl: 3,
             aerl: (AER_LIMIT - 1) as u8,
             frmw: 0x03, // one slot, slot 1 read-only

@@ -115,6 +115,8 @@ pub(crate) struct Props {
     pub oncs: crate::spec::Oncs,
     pub vwc: bool,
     pub wzsl: u8,
+    /// Doorbell Buffer Config offered (OACS bit 8).
+    pub dbbuf: bool,
 }
 
 /// The emulated NVMe controller's state, shared by the bus front end, the doorbells and the
@@ -398,6 +400,7 @@ impl Device {
             slot.size.store(0, Ordering::Release);
             slot.doorbell.store(0, Ordering::Relaxed);
             slot.head.store(0, Ordering::Relaxed);
+            slot.shadow.clear();
         }
         self.pending.take_where(|_| true, |_| {});
         for slot in self.cqs.iter() {
@@ -406,6 +409,7 @@ impl Device {
             slot.size.store(0, Ordering::Release);
             slot.doorbell.store(0, Ordering::Relaxed);
             slot.backlog.store(false, Ordering::Relaxed);
+            slot.shadow.clear();
         }
         *lock(&self.aer) = AsyncEvents::default();
         *lock(&self.features) = Features::defaults(self.props.max_io_queues);
@@ -532,7 +536,7 @@ impl Device {
         };
         let mut did = false;
         while self.running() {
-            let tail = slot.doorbell.load(Ordering::Acquire);
+            let tail = slot.tail(sq.head);
             if sq.head == tail {
                 break;
             }

@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use super::dbbuf::Shadow;
 use super::prp::Seg;
 use crate::spec::{Cqe, Sqe, Status};
 
@@ -173,6 +174,8 @@ pub(crate) struct SqSlot {
     /// Commands fetched, by opcode.
     pub commands: Box<[AtomicU64]>,
     pub doorbells: AtomicU64,
+    /// The shadow doorbell of the SQ tail (Doorbell Buffer Config).
+    pub shadow: Shadow,
     pub read_cmds: AtomicU64,
     pub write_cmds: AtomicU64,
     pub read_bytes: AtomicU64,
@@ -188,6 +191,7 @@ impl SqSlot {
             state: Mutex::new(None),
             commands: (0..256).map(|_| AtomicU64::new(0)).collect(),
             doorbells: AtomicU64::new(0),
+            shadow: Shadow::new(),
             read_cmds: AtomicU64::new(0),
             write_cmds: AtomicU64::new(0),
             read_bytes: AtomicU64::new(0),
@@ -197,8 +201,26 @@ impl SqSlot {
 
     /// True if the host has submitted entries the device has not fetched yet.
     pub(crate) fn has_work(&self) -> bool {
-        self.size.load(Ordering::Acquire) != 0
-            && self.doorbell.load(Ordering::Acquire) != self.head.load(Ordering::Relaxed)
+        if self.size.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let tail = match self.shadow.peek() {
+            Some(t) => t,
+            None => self.doorbell.load(Ordering::Acquire),
+        };
+        tail != self.head.load(Ordering::Relaxed)
+    }
+
+    /// The SQ tail, for a queue whose head is `head`: the tail doorbell's value, or with shadow
+    /// doorbells the shadow's, after publishing `head` as the event index. A shadow value beyond
+    /// the queue is ignored (no new entries).
+    #[inline]
+    pub(crate) fn tail(&self, head: u32) -> u32 {
+        match self.shadow.read(head) {
+            None => self.doorbell.load(Ordering::Acquire),
+            Some(t) if t < self.size.load(Ordering::Relaxed) => t,
+            Some(_) => head,
+        }
     }
 }
 
@@ -212,6 +234,8 @@ pub(crate) struct CqSlot {
     /// Completions are waiting for room.
     pub backlog: AtomicBool,
     pub doorbells: AtomicU64,
+    /// The shadow doorbell of the CQ head (Doorbell Buffer Config).
+    pub shadow: Shadow,
 }
 
 impl CqSlot {
@@ -222,6 +246,22 @@ impl CqSlot {
             state: Mutex::new(None),
             backlog: AtomicBool::new(false),
             doorbells: AtomicU64::new(0),
+            shadow: Shadow::new(),
+        }
+    }
+
+    /// The CQ head: the head doorbell's value, or with shadow doorbells the shadow's, after
+    /// publishing the head known so far as the event index (kept as the doorbell's value). A
+    /// shadow value beyond the queue is ignored.
+    #[inline]
+    fn head(&self) -> u32 {
+        let known = self.doorbell.load(Ordering::Acquire);
+        match self.shadow.read(known) {
+            Some(h) if h < self.size.load(Ordering::Relaxed) => {
+                self.doorbell.store(h, Ordering::Release);
+                h
+            }
+            _ => known,
         }
     }
 
@@ -229,7 +269,7 @@ impl CqSlot {
     pub(crate) fn post(&self, c: Completion) {
         let mut g = lock(&self.state);
         if let Some(cq) = g.as_mut() {
-            let head = self.doorbell.load(Ordering::Acquire);
+            let head = self.head();
             if cq.post(head, c) {
                 self.backlog.store(true, Ordering::Release);
             }
@@ -240,7 +280,7 @@ impl CqSlot {
     pub(crate) fn flush(&self) {
         let mut g = lock(&self.state);
         if let Some(cq) = g.as_mut() {
-            let head = self.doorbell.load(Ordering::Acquire);
+            let head = self.head();
             let left = cq.flush(head);
             self.backlog.store(left, Ordering::Release);
         }

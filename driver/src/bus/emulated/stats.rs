@@ -11,6 +11,8 @@ pub struct Stats {
     pub dma_faults: u64,
     /// Doorbell writes, valid or not.
     pub doorbell_writes: u64,
+    /// Doorbell register writes of the I/O queues (queue ids 1 and up), valid or not.
+    pub io_doorbell_writes: u64,
     /// Doorbell writes to a nonexistent queue or with a value beyond the queue.
     pub invalid_doorbell_writes: u64,
     /// Times an injected fault fired.

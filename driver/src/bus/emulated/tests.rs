@@ -1402,3 +1402,79 @@ fn threaded_delay_and_idle_backoff() {
     drop(q);
     drop(h);
 }
+
+/// Doorbell Buffer Config as QEMU does it: the I/O queues' tails and heads come from the shadow
+/// page (a shadow store alone is not seen in inline mode: the register write makes the
+/// controller look, and it then takes the shadow's value, not the register's), the positions
+/// seen go to the event index page, bad buffers are refused, and a reset forgets the pages.
+#[test]
+fn doorbell_buffer_config_reads_shadows_and_publishes_event_indexes() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    // Not offered: Invalid Command Opcode.
+    let mut h = start(EmulatedConfig {
+        doorbell_buffer_config: false,
+        ..cfg_with(vec![NamespaceConfig::memory(512, 64)])
+    });
+    let c = h.admin(Sqe::doorbell_buffer_config(0, 0));
+    assert_eq!(code(&c), st(Sct::Generic, g::INVALID_OPCODE));
+    drop(h);
+
+    let mut h = start(cfg_with(vec![NamespaceConfig::memory(512, 64)]));
+    let dma = h.bus().dma().clone();
+    let (dbs, eis) = (dma.alloc(4096).unwrap(), dma.alloc(4096).unwrap());
+    // Misaligned, then outside DMA memory.
+    let c = h.admin(Sqe::doorbell_buffer_config(dbs.iova().0 + 8, eis.iova().0));
+    assert_eq!(code(&c), st(Sct::Generic, g::INVALID_FIELD));
+    let c = h.admin(Sqe::doorbell_buffer_config(dbs.iova().0, 1 << 60));
+    assert_eq!(code(&c), st(Sct::Generic, g::DATA_TRANSFER_ERROR));
+    let c = h.admin(Sqe::doorbell_buffer_config(dbs.iova().0, eis.iova().0));
+    assert_eq!(code(&c), OK);
+    let mut q = h.io_pair(1, 8);
+    // Slots of queue 1 (stride 4): SQ tail at 8, CQ head at 12.
+    let slot = |b: &DmaBuffer, off: usize| {
+        // SAFETY: a 4-byte aligned word inside the 4 KiB buffer; the device touches it
+        // concurrently only through atomics.
+        unsafe { AtomicU32::from_ptr(b.as_ptr().add(off).cast::<u32>()) }
+    };
+    let buf = dma.alloc(512).unwrap();
+    let before = h.ctrl.stats().commands_with(1, io::READ);
+    // The SQ entry and its shadow tail, no register write: nothing happens (inline mode).
+    q.push(read1(1, 0, &buf));
+    slot(&dbs, 8).store(1, Ordering::Release);
+    assert_eq!(h.ctrl.stats().commands_with(1, io::READ), before);
+    // A register write with a stale value: the controller takes the shadow's tail.
+    q.sqdb.ring(0);
+    let c = q.wait();
+    assert_eq!(code(&c), OK);
+    assert_eq!(h.ctrl.stats().commands_with(1, io::READ), before + 1);
+    // It published its SQ head (1) as the SQ event index, and the CQ head it knew (0).
+    assert_eq!(slot(&eis, 8).load(Ordering::Acquire), 1);
+    assert_eq!(slot(&eis, 12).load(Ordering::Acquire), 0);
+    // The CQ head comes from the shadow too: report entry 0 consumed there (the register says
+    // 1 already, from `wait`), then post a second completion: the event index shows the head
+    // the controller read (1).
+    slot(&dbs, 12).store(1, Ordering::Release);
+    q.push(read1(1, 1, &buf));
+    slot(&dbs, 8).store(2, Ordering::Release);
+    q.ring();
+    assert_eq!(code(&q.wait()), OK);
+    assert_eq!(slot(&eis, 12).load(Ordering::Acquire), 1);
+    assert_eq!(slot(&eis, 8).load(Ordering::Acquire), 2);
+    // A reset forgets the pages: after it the register's values count.
+    h.bus().write32(offset::CC, cc_ok().with_en(false).0);
+    wait_csts(h.bus(), |c| !c.rdy());
+    h.admin = Queue::new(&*h.ctrl, 0, 32, 0);
+    h.bus().write64(offset::ASQ, h.admin.sq.iova().0);
+    h.bus().write64(offset::ACQ, h.admin.cq.iova().0);
+    h.bus().write32(offset::CC, cc_ok().0);
+    wait_csts(h.bus(), |c| c.rdy());
+    let mut q = h.io_pair(1, 8);
+    slot(&dbs, 8).store(5, Ordering::Release);
+    assert_eq!(code(&q.cmd(read1(1, 2, &buf))), OK);
+    assert_eq!(
+        slot(&eis, 8).load(Ordering::Acquire),
+        2,
+        "not written after the reset"
+    );
+    assert_eq!(h.ctrl.stats().dma_faults, 1);
+}

@@ -26,6 +26,11 @@
 //! the SQ id and head are sane, frees the slot and hands the context back with the result. One
 //! CQ head doorbell write per poll that consumed entries.
 //!
+//! **Shadow doorbells.** When the controller took Doorbell Buffer Config at bring-up, each SQ
+//! tail and CQ head update is stored in the shadow doorbell page and written to the register
+//! only when the controller's event index asks for it ([`crate::nvme::shadow`]); the counters
+//! say how many updates went where ([`QueueStats::sq_mmio_writes`]).
+//!
 //! **Time.** Every 4096 polls, or every 256 polls that found nothing, the queue reads the
 //! clock. Time advances in *epochs* of a quarter of the timeout; a command stamped with the epoch
 //! of its issue has timed out when the epoch is five ahead (between 1 and 1.25 timeouts). A
@@ -75,6 +80,7 @@ use crate::nvme::error::{DeadReason, Error, IoError, ProtocolError, Result};
 use crate::nvme::namespace::Namespace;
 use crate::nvme::prp;
 use crate::nvme::ring::Ring;
+use crate::nvme::shadow::{ShadowPages, ShadowSlots};
 use crate::spec::Sqe;
 use crate::spec::regs::{checked_cq_head_doorbell, checked_sq_tail_doorbell};
 use crate::spec::sqe::{RW_FUA, io};
@@ -257,10 +263,21 @@ pub struct QueueStats {
     pub split_children: u64,
     /// Commands that had to wait for room on the device.
     pub waited: u64,
-    /// SQ tail doorbell writes.
+    /// SQ tail doorbell updates: to the register, or with shadow doorbells to the shadow page
+    /// (and to the register when the event index asks: [`sq_mmio_writes`](Self::sq_mmio_writes)).
     pub sq_doorbells: u64,
-    /// CQ head doorbell writes (one per poll that consumed completion entries).
+    /// CQ head doorbell updates (one per poll that consumed completion entries), to the
+    /// register or the shadow page as for `sq_doorbells`.
     pub cq_doorbells: u64,
+    /// SQ tail doorbell register (MMIO) writes: `sq_doorbells` without shadow doorbells, those
+    /// the event index asked for with them.
+    pub sq_mmio_writes: u64,
+    /// CQ head doorbell register (MMIO) writes.
+    pub cq_mmio_writes: u64,
+    /// SQ tail updates stored in the shadow doorbell page (0 without shadow doorbells).
+    pub sq_shadow_updates: u64,
+    /// CQ head updates stored in the shadow doorbell page.
+    pub cq_shadow_updates: u64,
     /// Polls that found no completion entry (polls that found some are `cq_doorbells`).
     pub empty_polls: u64,
     /// Housekeeping runs (a clock read each, for timeouts and health checks): every 4096
@@ -294,6 +311,9 @@ impl QueueStats {
         self.cq_doorbells + self.empty_polls
     }
 }
+
+/// A queue pair's shadow doorbell pages and its slots in them.
+type ShadowQueue = (Arc<ShadowPages>, ShadowSlots);
 
 const NIL: u16 = u16::MAX;
 /// Largest pool: CIDs are slot indices and `NIL` is reserved.
@@ -422,6 +442,8 @@ pub struct QueuePair<T> {
     sq_mem: ManuallyDrop<DmaBuffer>,
     cq_mem: ManuallyDrop<DmaBuffer>,
     prp_mem: ManuallyDrop<DmaBuffer>,
+    /// The shadow doorbell pages the ring stores into, if it does.
+    _shadow_pages: Option<Arc<ShadowPages>>,
     _not_sync: PhantomData<core::cell::Cell<()>>,
 }
 
@@ -496,7 +518,7 @@ impl<T> QueuePair<T> {
             });
         };
         let made = Self::create_queues(&shared, qid, entries, requests);
-        let (sq_mem, cq_mem, prp_mem) = match made {
+        let (sq_mem, cq_mem, prp_mem, shadow) = match made {
             Ok(m) => m,
             Err(e) => {
                 shared.free_qid(qid);
@@ -527,7 +549,7 @@ impl<T> QueuePair<T> {
         // SAFETY: the SQ and CQ buffers hold `entries` entries each, are page aligned, were just
         // created on the device as queue `qid` (empty), and live as long as the queue pair; only
         // the ring writes the SQ and moves the CQ head.
-        let ring = unsafe {
+        let mut ring = unsafe {
             Ring::new(
                 sq_mem.as_ptr(),
                 cq_mem.as_ptr(),
@@ -536,6 +558,13 @@ impl<T> QueuePair<T> {
                 shared.bus.doorbell(cq_db),
             )
         };
+        let shadow_pages = shadow.map(|(pages, slots)| {
+            // SAFETY: the slots of queue `qid` in the pages the controller took at its last
+            // bring-up, zeroed before the queues were created on it; the queue pair keeps the
+            // pages alive (`shadow_pages`) and only its ring stores into its slots.
+            unsafe { ring.set_shadow(slots) };
+            pages
+        });
         Ok(QueuePair {
             ring,
             slots,
@@ -577,6 +606,7 @@ impl<T> QueuePair<T> {
             sq_mem: ManuallyDrop::new(sq_mem),
             cq_mem: ManuallyDrop::new(cq_mem),
             prp_mem: ManuallyDrop::new(prp_mem),
+            _shadow_pages: shadow_pages,
             _not_sync: PhantomData,
         })
     }
@@ -586,7 +616,7 @@ impl<T> QueuePair<T> {
         qid: QueueId,
         entries: u16,
         requests: u16,
-    ) -> Result<(DmaBuffer, DmaBuffer, DmaBuffer)> {
+    ) -> Result<(DmaBuffer, DmaBuffer, DmaBuffer, Option<ShadowQueue>)> {
         let sq = shared.alloc(entries as usize * 64, "an I/O submission queue")?;
         let cq = shared.alloc(entries as usize * 16, "an I/O completion queue")?;
         let prps = shared.alloc(requests as usize * prp::PAGE as usize, "PRP list pages")?;
@@ -595,6 +625,14 @@ impl<T> QueuePair<T> {
             return Err(e);
         }
         let q = guard.as_mut().ok_or_else(|| shared.gone())?;
+        // The shadow doorbell pages of this bring-up (read under the admin lock, which a reset
+        // holds while it replaces them) and the queue's slots in them, set to 0 before the
+        // device knows the queue.
+        let shadow = {
+            let d = shared.data.read().unwrap_or_else(|e| e.into_inner());
+            d.shadow.clone()
+        }
+        .and_then(|p| p.slots(qid.0).map(|s| (p, s)));
         q.execute_checked(
             shared,
             "Create I/O Completion Queue",
@@ -612,7 +650,7 @@ impl<T> QueuePair<T> {
             );
             return Err(e);
         }
-        Ok((sq, cq, prps))
+        Ok((sq, cq, prps, shadow))
     }
 
     // ---------------------------------------------------------------------------------------
@@ -648,7 +686,19 @@ impl<T> QueuePair<T> {
     }
     /// Counters.
     pub fn stats(&self) -> QueueStats {
-        self.stats
+        let mut s = self.stats;
+        if self.ring.shadowed() {
+            [s.sq_mmio_writes, s.cq_mmio_writes] = self.ring.shadow_mmio_writes();
+            (s.sq_shadow_updates, s.cq_shadow_updates) = (s.sq_doorbells, s.cq_doorbells);
+        } else {
+            (s.sq_mmio_writes, s.cq_mmio_writes) = (s.sq_doorbells, s.cq_doorbells);
+        }
+        s
+    }
+    /// True if this queue pair's doorbells go to shadow doorbells (see
+    /// [`Controller::shadow_doorbells`](crate::Controller::shadow_doorbells)).
+    pub fn shadow_doorbells(&self) -> bool {
+        self.ring.shadowed()
     }
     /// Why the queue pair stopped, if it did.
     pub fn dead_reason(&self) -> Option<DeadReason> {
