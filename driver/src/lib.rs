@@ -172,6 +172,7 @@ pub use bus::emulated;
 pub use bus::vfio;
 
 pub use bus::dma::{ChunkSource, DmaBuffer, DmaChunk, DmaError, DmaMemory, DmaSlice};
+pub use bus::interrupt::{EventFd, InterruptError};
 pub use bus::{Bus, Doorbell, DoorbellSink, PciId};
 pub use embed::blockfile::{BlockFile, Completed, ExtendHook, FileOptions, Refused, Request};
 pub use embed::cache::{CacheStats, PageCache};
