@@ -179,7 +179,7 @@ pub use embed::cache::{CacheStats, PageCache};
 pub use embed::error::{EmbedError, EmbedResult, MaintOp, Op};
 pub use embed::iobuf::IoBuffer;
 pub use embed::poller::{PollerStats, PollerTask, PollerTaskId};
-pub use embed::sleep::PollerWait;
+pub use embed::sleep::{InterruptMode, PollerWait};
 pub use embed::{Builder, CompletionThread, Completions, Dioxide};
 pub use nvme::admin::AbortOutcome;
 pub use nvme::controller::{Controller, ControllerOptions, InitState};
