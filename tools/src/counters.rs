@@ -28,6 +28,9 @@ pub struct PollCounters {
     pub sq_doorbells: u64,
     /// CQ head doorbell writes.
     pub cq_doorbells: u64,
+    /// Interrupt mode: arms that let the worker sleep on a queue's interrupt.
+    #[serde(default)]
+    pub interrupt_arms: u64,
     /// The counters divided by `ios` (all zero when no I/O completed).
     pub per_io: PerIo,
 }
@@ -47,6 +50,9 @@ pub struct PerIo {
     pub sq_doorbells: f64,
     /// CQ doorbell writes per I/O.
     pub cq_doorbells: f64,
+    /// Interrupt arms (sleeps) per I/O.
+    #[serde(default)]
+    pub interrupt_arms: f64,
 }
 
 impl PollCounters {
@@ -60,6 +66,7 @@ impl PollCounters {
             register_reads: s.register_reads,
             sq_doorbells: s.sq_doorbells,
             cq_doorbells: s.cq_doorbells,
+            interrupt_arms: s.interrupt_arms,
             per_io: PerIo::default(),
         }
         .with_ratios()
@@ -76,6 +83,7 @@ impl PollCounters {
             t.register_reads += c.register_reads;
             t.sq_doorbells += c.sq_doorbells;
             t.cq_doorbells += c.cq_doorbells;
+            t.interrupt_arms += c.interrupt_arms;
         }
         t.with_ratios()
     }
@@ -95,6 +103,7 @@ impl PollCounters {
             register_reads: per(self.register_reads),
             sq_doorbells: per(self.sq_doorbells),
             cq_doorbells: per(self.cq_doorbells),
+            interrupt_arms: per(self.interrupt_arms),
         };
         self
     }

@@ -11,6 +11,12 @@
 //! default) or after each command (`per-command`). Latency is the tick count from just before
 //! submission to the moment the completion is seen.
 //!
+//! **Interrupt mode** (`--interrupt-mode`): when a pass over the jobs found no completion
+//! (at once, or after `adaptive`'s quiet time), the worker arms every queue
+//! ([`IoQueue::arm`]: clear its eventfd, look at the CQ once more) and sleeps in one `poll(2)`
+//! on their completion descriptors, at most 10 ms (and never past the end of the run); it
+//! counts the sleeps ([`WorkerResult::sleeps`]).
+//!
 //! `verify`: each slot owns a stripe of the namespace range (`slot, slot + q, slot + 2q, ...`),
 //! so no two I/Os in flight touch the same block. A slot writes the [`crate::verify`] pattern
 //! with a fresh generation, reads the same blocks back into a poisoned buffer, checks every
@@ -25,6 +31,7 @@ use crate::verify;
 use crate::workload::{Mix, Offsets, Workload, XorShift64};
 use dioxide::spec::Status;
 use std::fmt;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What `perf` needs from a queue pair.
@@ -69,6 +76,13 @@ pub trait IoQueue {
     /// Whether a failed command's buffer must never be used again (the device may still
     /// write it, e.g. after a timeout).
     fn retire(e: &Self::IoErr) -> bool;
+
+    /// Interrupt mode: prepares to sleep until the device posts to this queue (dioxide's
+    /// `QueuePair::arm_interrupt`) and returns the descriptor to wait on if sleeping is safe;
+    /// `None` if the queue must be polled first, or has no interrupts (the default).
+    fn arm(&mut self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// A data buffer the CPU may use while no command holds it.
@@ -102,6 +116,9 @@ pub struct Settings {
     pub track_latency: bool,
     /// Give up on I/Os still outstanding this long after the run (ticks).
     pub drain_timeout_ticks: u64,
+    /// `--interrupt-mode`: sleep once a pass has found no completion for this many ticks
+    /// (0: at once, interrupt mode; `None`: never, polled mode).
+    pub sleep_after_ticks: Option<u64>,
 }
 
 /// One namespace on one core: what to run.
@@ -329,6 +346,28 @@ impl<Q: IoQueue> Job<Q> {
         }
     }
 
+    /// Arms every queue of the job for a sleep, adding their descriptors to `fds`; false if
+    /// the job must be polled instead (a completion arrived, a retry waits, a queue without
+    /// interrupts).
+    fn arm(&mut self, fds: &mut Vec<libc::pollfd>) -> bool {
+        if !self.retry.is_empty() {
+            return false;
+        }
+        for q in self.qps.iter_mut() {
+            let Some(fd) = q.arm() else {
+                return false;
+            };
+            if !fds.iter().any(|p| p.fd == fd) {
+                fds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+        }
+        true
+    }
+
     fn ring_all(&mut self) {
         for (q, unrung) in self.qps.iter_mut().zip(self.unrung.iter_mut()) {
             if *unrung {
@@ -472,6 +511,38 @@ pub struct Progress {
 pub struct WorkerResult {
     /// Ticks from the start of measurement (after any warm-up) to the end of the run.
     pub elapsed_ticks: u64,
+    /// Interrupt mode: sleeps in `poll(2)` (each ended by a completion's interrupt or the
+    /// sleep limit), whole run.
+    pub sleeps: u64,
+    /// I/Os completed, whole run (warm-up and drain included).
+    pub completed: u64,
+}
+
+/// The longest sleep in interrupt mode: timeouts and health checks run in the queue's poll.
+const SLEEP_LIMIT_MS: u64 = 10;
+
+/// Interrupt mode: arms every job's queues and sleeps on their descriptors for at most `ms`
+/// milliseconds; false (no sleep) if a job must be polled instead.
+fn sleep<Q: IoQueue>(jobs: &mut [Job<Q>], fds: &mut Vec<libc::pollfd>, ms: u64) -> bool {
+    fds.clear();
+    for j in jobs.iter_mut() {
+        if !j.arm(fds) {
+            return false;
+        }
+    }
+    if fds.is_empty() {
+        return false;
+    }
+    // SAFETY: `fds` holds `fds.len()` initialised pollfd entries and outlives the call, which
+    // writes only their `revents`. EINTR or an error is a wake-up: the loop polls again.
+    unsafe {
+        libc::poll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            ms as libc::c_int,
+        )
+    };
+    true
 }
 
 /// Runs `jobs` on this thread until `-t` (after `-a`) passes, every job has done `-d` I/Os,
@@ -494,11 +565,16 @@ pub fn run<Q: IoQueue>(
         j.start(s, clock);
     }
     let mut now;
+    let (mut sleeps, mut last_completion) = (0u64, start);
+    let mut fds = Vec::new();
+    let ms_ticks = (clock.hz() / 1000).max(1);
     loop {
         let mut all_draining = true;
+        let mut got = 0;
         for (j, last) in jobs.iter_mut().zip(last.iter_mut()) {
             let t = clock.now();
             let n = j.poll(s, clock);
+            got += n;
             if n > 0 {
                 j.stats.busy_ticks += t - *last;
             } else {
@@ -512,6 +588,16 @@ pub fn run<Q: IoQueue>(
         now = clock.now();
         if all_draining {
             break;
+        }
+        if got > 0 {
+            last_completion = now;
+        } else if let Some(after) = s.sleep_after_ticks {
+            if now - last_completion >= after {
+                let ms = (end.saturating_sub(now).div_ceil(ms_ticks)).clamp(1, SLEEP_LIMIT_MS);
+                if sleep(jobs, &mut fds, ms) {
+                    sleeps += 1;
+                }
+            }
         }
         if now > next_publish {
             next_publish = now + publish_every;
@@ -561,7 +647,11 @@ pub fn run<Q: IoQueue>(
     }
     publish(jobs, progress);
     progress.finished.store(true, Ordering::Relaxed);
-    WorkerResult { elapsed_ticks }
+    WorkerResult {
+        elapsed_ticks,
+        sleeps,
+        completed: jobs.iter().map(|j| j.lifetime_completed).sum(),
+    }
 }
 
 fn publish<Q: IoQueue>(jobs: &[Job<Q>], p: &Progress) {
@@ -737,6 +827,7 @@ mod tests {
             continue_on_error: None,
             track_latency: true,
             drain_timeout_ticks: 1_000_000_000,
+            sleep_after_ticks: None,
         }
     }
 
