@@ -514,6 +514,9 @@ pub struct WorkerResult {
     /// Interrupt mode: sleeps in `poll(2)` (each ended by a completion's interrupt or the
     /// sleep limit), whole run.
     pub sleeps: u64,
+    /// Sleeps that ended at the limit with no descriptor readable (an interrupt that did not
+    /// come, or a device slower than the limit).
+    pub sleep_limit_hits: u64,
     /// I/Os completed, whole run (warm-up and drain included).
     pub completed: u64,
 }
@@ -522,27 +525,23 @@ pub struct WorkerResult {
 const SLEEP_LIMIT_MS: u64 = 10;
 
 /// Interrupt mode: arms every job's queues and sleeps on their descriptors for at most `ms`
-/// milliseconds; false (no sleep) if a job must be polled instead.
-fn sleep<Q: IoQueue>(jobs: &mut [Job<Q>], fds: &mut Vec<libc::pollfd>, ms: u64) -> bool {
+/// milliseconds. `None`: no sleep (a job must be polled instead); `Some(true)`: slept until the
+/// limit with nothing readable.
+fn sleep<Q: IoQueue>(jobs: &mut [Job<Q>], fds: &mut Vec<libc::pollfd>, ms: u64) -> Option<bool> {
     fds.clear();
     for j in jobs.iter_mut() {
         if !j.arm(fds) {
-            return false;
+            return None;
         }
     }
     if fds.is_empty() {
-        return false;
+        return None;
     }
-    // SAFETY: `fds` holds `fds.len()` initialised pollfd entries and outlives the call, which
-    // writes only their `revents`. EINTR or an error is a wake-up: the loop polls again.
-    unsafe {
-        libc::poll(
-            fds.as_mut_ptr(),
-            fds.len() as libc::nfds_t,
-            ms as libc::c_int,
-        )
-    };
-    true
+    let nfds = fds.len() as libc::nfds_t;
+    // SAFETY: `fds` holds `nfds` initialised pollfd entries and outlives the call, which writes
+    // only their `revents`. EINTR or an error is a wake-up: the loop polls again.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), nfds, ms as libc::c_int) };
+    Some(n == 0)
 }
 
 /// Runs `jobs` on this thread until `-t` (after `-a`) passes, every job has done `-d` I/Os,
@@ -565,7 +564,7 @@ pub fn run<Q: IoQueue>(
         j.start(s, clock);
     }
     let mut now;
-    let (mut sleeps, mut last_completion) = (0u64, start);
+    let (mut sleeps, mut limit_hits, mut last_completion) = (0u64, 0u64, start);
     let mut fds = Vec::new();
     let ms_ticks = (clock.hz() / 1000).max(1);
     loop {
@@ -594,8 +593,9 @@ pub fn run<Q: IoQueue>(
         } else if let Some(after) = s.sleep_after_ticks {
             if now - last_completion >= after {
                 let ms = (end.saturating_sub(now).div_ceil(ms_ticks)).clamp(1, SLEEP_LIMIT_MS);
-                if sleep(jobs, &mut fds, ms) {
+                if let Some(timed_out) = sleep(jobs, &mut fds, ms) {
                     sleeps += 1;
+                    limit_hits += timed_out as u64;
                 }
             }
         }
@@ -650,6 +650,7 @@ pub fn run<Q: IoQueue>(
     WorkerResult {
         elapsed_ticks,
         sleeps,
+        sleep_limit_hits: limit_hits,
         completed: jobs.iter().map(|j| j.lifetime_completed).sum(),
     }
 }

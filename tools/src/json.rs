@@ -43,7 +43,8 @@
 //!                 "interrupt_arms": 0.0 } },
 //!   "cpu": {                                      // getrusage of the process, whole run
 //!     "mode": "polled" | "interrupt" | "adaptive:20", "user_s": 9.8, "sys_s": 0.1,
-//!     "ios": 4000, "us_per_io": 2475.0, "sleeps": 0, "sleeps_per_io": 0.0 }
+//!     "ios": 4000, "us_per_io": 2475.0, "sleeps": 0, "sleeps_per_io": 0.0,
+//!     "sleep_limit_hits": 0 }                     // sleeps that ended at 10 ms, no interrupt
 //! }
 //! ```
 //!
@@ -239,6 +240,9 @@ pub struct Cpu {
     pub sleeps: u64,
     /// Sleeps ÷ I/Os.
     pub sleeps_per_io: f64,
+    /// Sleeps that ended at the 10 ms limit with no interrupt.
+    #[serde(default)]
+    pub sleep_limit_hits: u64,
 }
 
 impl Cpu {
@@ -263,6 +267,7 @@ impl Cpu {
             us_per_io: per((user_s + sys_s) * 1e6),
             sleeps,
             sleeps_per_io: per(sleeps as f64),
+            sleep_limit_hits: 0,
         }
     }
 }

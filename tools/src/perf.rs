@@ -300,7 +300,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     let core_counters: Mutex<Vec<PollCounters>> = Mutex::new(Vec::new());
     let elapsed: Mutex<Vec<(u32, u64)>> = Mutex::new(Vec::new());
     // Interrupt-mode sleeps and I/Os of the whole run, and the process's CPU time around it.
-    let sleeps_ios: Mutex<(u64, u64)> = Mutex::new((0, 0));
+    let sleeps_ios: Mutex<(u64, u64, u64)> = Mutex::new((0, 0, 0));
     let cpu_before = cpu_time();
     let setup_errors: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let setup_failed = AtomicBool::new(false);
@@ -378,6 +378,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                     let mut t = sleeps_ios.lock().unwrap();
                     t.0 += r.sleeps;
                     t.1 += r.completed;
+                    t.2 += r.sleep_limit_hits;
                 }
                 // The poll loop's counters of each queue pair of this core (PCIe only): a
                 // namespace's row shows those of the queue pairs it used, shared ones
@@ -472,9 +473,12 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     let cpu = cpu_time()
         .zip(cpu_before)
         .map(|((u1, s1), (u0, s0))| (u1 - u0, s1 - s0));
-    let (sleeps, all_ios) = sleeps_ios.into_inner().unwrap();
-    let cpu =
-        cpu.map(|(user_s, sys_s)| json::Cpu::new(cfg.interrupt, user_s, sys_s, all_ios, sleeps));
+    let (sleeps, all_ios, limit_hits) = sleeps_ios.into_inner().unwrap();
+    let cpu = cpu.map(|(user_s, sys_s)| {
+        let mut c = json::Cpu::new(cfg.interrupt, user_s, sys_s, all_ios, sleeps);
+        c.sleep_limit_hits = limit_hits;
+        c
+    });
     let errors = setup_errors.into_inner().unwrap();
     if !errors.is_empty() {
         return Err(errors.join("; "));
@@ -614,8 +618,8 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
             .filter(|_| cfg.cpu_usage || cfg.interrupt.sleeps())
         {
             println!(
-                "CPU time ({}): {:.2} s user, {:.2} s system, {:.2} us per I/O; {:.3} sleeps per I/O",
-                c.mode, c.user_s, c.sys_s, c.us_per_io, c.sleeps_per_io
+                "CPU time ({}): {:.2} s user, {:.2} s system, {:.2} us per I/O; {:.3} sleeps per I/O, {} at the 10 ms limit",
+                c.mode, c.user_s, c.sys_s, c.us_per_io, c.sleeps_per_io, c.sleep_limit_hits
             );
         }
         if cfg.cpu_usage {
