@@ -41,7 +41,7 @@
 //!     "per_io": { "polls": 2.25, "empty_polls": 1.25, "housekeeping": 0.02,
 //!                 "register_reads": 0.0, "sq_doorbells": 0.0325, "cq_doorbells": 1.0,
 //!                 "interrupt_arms": 0.0 } },
-//!   "cpu": {                                      // getrusage of the process, whole run
+//!   "cpu": {                                      // getrusage of the process, set-up excluded
 //!     "mode": "polled" | "interrupt" | "adaptive:20", "user_s": 9.8, "sys_s": 0.1,
 //!     "ios": 4000, "us_per_io": 2475.0, "sleeps": 0, "sleeps_per_io": 0.0,
 //!     "sleep_limit_hits": 0 }                     // sleeps that ended at 10 ms, no interrupt
@@ -222,8 +222,9 @@ pub struct PerfReport {
 }
 
 /// CPU time per I/O and interrupt-mode sleeps over the whole run (warm-up and drain included):
-/// `getrusage(RUSAGE_SELF)` around the workers, so every thread of the process counts (an
-/// emulated controller's thread too), divided by every I/O completed.
+/// `getrusage(RUSAGE_SELF)` from the end of the workers' set-up (queue pairs and buffers made)
+/// to their end, so every thread of the process counts (an emulated controller's thread too),
+/// divided by every I/O completed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cpu {
     /// `--interrupt-mode`: `polled`, `interrupt` or `adaptive:US`.

@@ -299,9 +299,10 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     // The poll loop's counters of every queue pair, each once (for the total).
     let core_counters: Mutex<Vec<PollCounters>> = Mutex::new(Vec::new());
     let elapsed: Mutex<Vec<(u32, u64)>> = Mutex::new(Vec::new());
-    // Interrupt-mode sleeps and I/Os of the whole run, and the process's CPU time around it.
+    // Interrupt-mode sleeps and I/Os of the whole run, and the process's CPU time from the end
+    // of the set-up (queue pairs and buffers made: every worker passed the barrier) to the end.
     let sleeps_ios: Mutex<(u64, u64, u64)> = Mutex::new((0, 0, 0));
-    let cpu_before = cpu_time();
+    let cpu_before: Mutex<Option<(f64, f64)>> = Mutex::new(None);
     let setup_errors: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let setup_failed = AtomicBool::new(false);
     let tty = !cfg.json && report::stdout_is_tty();
@@ -318,7 +319,8 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 (&entries, &ctrls, &settings, &barrier, &progress[w]);
             let (outcomes, elapsed, setup_errors, setup_failed) =
                 (&outcomes, &elapsed, &setup_errors, &setup_failed);
-            let (core_counters, sleeps_ios) = (&core_counters, &sleeps_ios);
+            let (core_counters, sleeps_ios, cpu_before) =
+                (&core_counters, &sleeps_ios, &cpu_before);
             let specs_e: Vec<usize> = my.iter().map(|(i, _)| specs[*i].0).collect();
             scope.spawn(move || {
                 if let Err(e) = pin_to(core) {
@@ -357,7 +359,9 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                         }
                     }
                 }
-                barrier.wait();
+                if barrier.wait().is_leader() {
+                    *cpu_before.lock().unwrap() = cpu_time();
+                }
                 if setup_failed.load(Ordering::Relaxed) {
                     progress.finished.store(true, Ordering::Relaxed);
                     return;
@@ -471,7 +475,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     });
 
     let cpu = cpu_time()
-        .zip(cpu_before)
+        .zip(cpu_before.into_inner().unwrap())
         .map(|((u1, s1), (u0, s0))| (u1 - u0, s1 - s0));
     let (sleeps, all_ios, limit_hits) = sleeps_ios.into_inner().unwrap();
     let cpu = cpu.map(|(user_s, sys_s)| {
