@@ -106,7 +106,7 @@ pub trait Bus: Send + Sync {
     /// The eventfd that interrupt vector `vector` (1 or more; 0 is the admin queue's) signals,
     /// set up on the first call (VFIO: MSI-X enabled through the kernel); every call for the
     /// same vector returns the same eventfd. A completion queue created with IEN set and this
-    /// vector makes it readable when the device posts to it (see [`interrupt`]). The default:
+    /// vector makes it readable when the device posts to it (see [`EventFd`]). The default:
     /// no interrupts.
     fn interrupt(&self, vector: u16) -> Result<Arc<EventFd>, InterruptError> {
         let _ = vector;
