@@ -271,7 +271,7 @@ impl IoQueue for DriverQueue {
 
     fn arm(&mut self) -> Option<std::os::fd::RawFd> {
         match &mut self.qp {
-            TransportQueue::Pcie(q) => q.arm_interrupt().then(|| q.completion_fd()).flatten(),
+            TransportQueue::Pcie(q) => q.arm_interrupt_edge().then(|| q.completion_fd()).flatten(),
             TransportQueue::Tcp(_) => None,
         }
     }

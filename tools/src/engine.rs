@@ -13,9 +13,10 @@
 //!
 //! **Interrupt mode** (`--interrupt-mode`): when a pass over the jobs found no completion
 //! (at once, or after `adaptive`'s quiet time), the worker arms every queue
-//! ([`IoQueue::arm`]: clear its eventfd, look at the CQ once more) and sleeps in one `poll(2)`
-//! on their completion descriptors, at most 10 ms (and never past the end of the run); it
-//! counts the sleeps ([`WorkerResult::sleeps`]).
+//! ([`IoQueue::arm`]: look at the CQ once more) and sleeps in one `epoll_wait` on their
+//! completion descriptors, registered once, edge-triggered (`EPOLLET`: every interrupt queues
+//! an edge, so arming needs no system call to clear the eventfd), at most 10 ms (and never past
+//! the end of the run); it counts the sleeps ([`WorkerResult::sleeps`]).
 //!
 //! `verify`: each slot owns a stripe of the namespace range (`slot, slot + q, slot + 2q, ...`),
 //! so no two I/Os in flight touch the same block. A slot writes the [`crate::verify`] pattern
@@ -78,8 +79,9 @@ pub trait IoQueue {
     fn retire(e: &Self::IoErr) -> bool;
 
     /// Interrupt mode: prepares to sleep until the device posts to this queue (dioxide's
-    /// `QueuePair::arm_interrupt`) and returns the descriptor to wait on if sleeping is safe;
-    /// `None` if the queue must be polled first, or has no interrupts (the default).
+    /// `QueuePair::arm_interrupt_edge`) and returns the descriptor to wait on, edge-triggered,
+    /// if sleeping is safe; `None` if the queue must be polled first, or has no interrupts (the
+    /// default).
     fn arm(&mut self) -> Option<RawFd> {
         None
     }
@@ -349,7 +351,7 @@ impl<Q: IoQueue> Job<Q> {
     /// Arms every queue of the job for a sleep, adding their descriptors to `fds`; false if
     /// the job must be polled instead (a completion arrived, a retry waits, a queue without
     /// interrupts).
-    fn arm(&mut self, fds: &mut Vec<libc::pollfd>) -> bool {
+    fn arm(&mut self, fds: &mut Vec<RawFd>) -> bool {
         if !self.retry.is_empty() {
             return false;
         }
@@ -357,12 +359,8 @@ impl<Q: IoQueue> Job<Q> {
             let Some(fd) = q.arm() else {
                 return false;
             };
-            if !fds.iter().any(|p| p.fd == fd) {
-                fds.push(libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+            if !fds.contains(&fd) {
+                fds.push(fd);
             }
         }
         true
@@ -524,24 +522,78 @@ pub struct WorkerResult {
 /// The longest sleep in interrupt mode: timeouts and health checks run in the queue's poll.
 const SLEEP_LIMIT_MS: u64 = 10;
 
-/// Interrupt mode: arms every job's queues and sleeps on their descriptors for at most `ms`
-/// milliseconds. `None`: no sleep (a job must be polled instead); `Some(true)`: slept until the
-/// limit with nothing readable.
-fn sleep<Q: IoQueue>(jobs: &mut [Job<Q>], fds: &mut Vec<libc::pollfd>, ms: u64) -> Option<bool> {
-    fds.clear();
-    for j in jobs.iter_mut() {
-        if !j.arm(fds) {
-            return None;
+/// The worker's edge-triggered wait on its queues' completion descriptors.
+struct Sleeper {
+    /// The epoll descriptor (-1: none could be made; the worker then polls).
+    ep: RawFd,
+    /// Descriptors registered (each once, `EPOLLIN | EPOLLET`).
+    registered: Vec<RawFd>,
+    /// Descriptors the jobs armed this time.
+    armed: Vec<RawFd>,
+    events: Vec<libc::epoll_event>,
+}
+
+impl Sleeper {
+    fn new() -> Sleeper {
+        // SAFETY: epoll_create1 takes no pointers; a failure (-1) disables sleeping.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        Sleeper {
+            ep,
+            registered: Vec::new(),
+            armed: Vec::new(),
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; 8],
         }
     }
-    if fds.is_empty() {
-        return None;
+
+    /// Arms every job's queues and sleeps on their descriptors for at most `ms` milliseconds.
+    /// `None`: no sleep (a job must be polled instead); `Some(true)`: slept until the limit
+    /// with no interrupt.
+    fn sleep<Q: IoQueue>(&mut self, jobs: &mut [Job<Q>], ms: u64) -> Option<bool> {
+        if self.ep < 0 {
+            return None;
+        }
+        self.armed.clear();
+        for j in jobs.iter_mut() {
+            if !j.arm(&mut self.armed) {
+                return None;
+            }
+        }
+        if self.armed.is_empty() {
+            return None;
+        }
+        for &fd in &self.armed {
+            if self.registered.contains(&fd) {
+                continue;
+            }
+            let mut ev = libc::epoll_event {
+                events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+                u64: fd as u64,
+            };
+            // SAFETY: `ep` and `fd` are open descriptors (the queue's eventfd lives as long as
+            // the queue, which outlives the run); `ev` is a valid event for the call.
+            if unsafe { libc::epoll_ctl(self.ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+                return None;
+            }
+            // A descriptor already readable is reported at once (EPOLL_CTL_ADD checks): no
+            // signal from before the registration is lost.
+            self.registered.push(fd);
+        }
+        let cap = self.events.len() as libc::c_int;
+        // SAFETY: `events` holds `cap` writable entries for the kernel to fill. EINTR or an
+        // error is a wake-up: the loop polls again.
+        let n =
+            unsafe { libc::epoll_wait(self.ep, self.events.as_mut_ptr(), cap, ms as libc::c_int) };
+        Some(n == 0)
     }
-    let nfds = fds.len() as libc::nfds_t;
-    // SAFETY: `fds` holds `nfds` initialised pollfd entries and outlives the call, which writes
-    // only their `revents`. EINTR or an error is a wake-up: the loop polls again.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), nfds, ms as libc::c_int) };
-    Some(n == 0)
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        if self.ep >= 0 {
+            // SAFETY: our own epoll descriptor, closed once.
+            unsafe { libc::close(self.ep) };
+        }
+    }
 }
 
 /// Runs `jobs` on this thread until `-t` (after `-a`) passes, every job has done `-d` I/Os,
@@ -565,7 +617,7 @@ pub fn run<Q: IoQueue>(
     }
     let mut now;
     let (mut sleeps, mut limit_hits, mut last_completion) = (0u64, 0u64, start);
-    let mut fds = Vec::new();
+    let mut sleeper = Sleeper::new();
     let ms_ticks = (clock.hz() / 1000).max(1);
     loop {
         let mut all_draining = true;
@@ -593,7 +645,7 @@ pub fn run<Q: IoQueue>(
         } else if let Some(after) = s.sleep_after_ticks {
             if now - last_completion >= after {
                 let ms = (end.saturating_sub(now).div_ceil(ms_ticks)).clamp(1, SLEEP_LIMIT_MS);
-                if let Some(timed_out) = sleep(jobs, &mut fds, ms) {
+                if let Some(timed_out) = sleeper.sleep(jobs, ms) {
                     sleeps += 1;
                     limit_hits += timed_out as u64;
                 }

@@ -19,6 +19,11 @@
 //! 10 ms while commands are on the device (the health check interval), without limit when
 //! nothing is.
 //! [`QueuePair::wait_interrupt`] does the whole dance for an owner with nothing else to wait on.
+//!
+//! **Edge-triggered owners.** An owner that waits with `epoll` and `EPOLLET` (the descriptor
+//! registered once) needs no clear: every signal queues an edge, so
+//! [`QueuePair::arm_interrupt_edge`] only looks at the CQ, and a sleep costs one system call
+//! (`epoll_wait`) instead of two (the eventfd read of the arm, then `poll`).
 
 use core::sync::atomic::{Ordering, fence};
 use std::os::fd::RawFd;
@@ -46,6 +51,21 @@ impl<T> QueuePair<T> {
     /// make the descriptor readable), false if the owner must [`poll`](Self::poll) first. Also
     /// false in polled mode and on a dead queue pair (whose `poll` reports why).
     pub fn arm_interrupt(&mut self) -> bool {
+        self.arm(true)
+    }
+
+    /// Interrupt mode, for an owner that sleeps edge-triggered: `epoll` with the descriptor
+    /// registered once with `EPOLLIN | EPOLLET`. As [`arm_interrupt`](Self::arm_interrupt)
+    /// without clearing the eventfd, so arming makes no system call: each signal of the device
+    /// queues an edge that the next `epoll_wait` returns, so a completion posted after this
+    /// look wakes the sleep, and one posted before it (already seen by this look or an earlier
+    /// poll) at worst ends the next sleep at once. Never use it with a level-triggered wait
+    /// (`poll(2)`, plain `epoll`): the eventfd stays readable and such a wait never sleeps.
+    pub fn arm_interrupt_edge(&mut self) -> bool {
+        self.arm(false)
+    }
+
+    fn arm(&mut self, clear: bool) -> bool {
         if self.irq.is_none() {
             return false;
         }
@@ -55,11 +75,14 @@ impl<T> QueuePair<T> {
         if self.done_head != NIL || self.died || self.protocol.is_some() {
             return false;
         }
-        if let Some(irq) = &self.irq {
-            irq.clear();
+        if clear {
+            if let Some(irq) = &self.irq {
+                irq.clear();
+            }
         }
-        // The clear (a system call on the eventfd the device signals after posting) comes
-        // before the look at the CQ; the phase tag is read with an acquire load.
+        // The clear (a system call on the eventfd the device signals after posting), or the
+        // edge-triggered registration, comes before this look at the CQ; the phase tag is read
+        // with an acquire load.
         fence(Ordering::SeqCst);
         if self.ring.cq_cursor().peek().is_some() {
             return false;
@@ -245,5 +268,50 @@ mod tests {
         assert_eq!(q.completion_fd(), None);
         assert!(!q.arm_interrupt());
         assert!(!q.wait_interrupt());
+    }
+
+    #[test]
+    fn edge_triggered_parking_after_every_request_loses_no_wakeup() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let (c, mut q) = setup(Mode::Threaded, true);
+        let ns = c.namespaces().remove(0);
+        let buf = c.alloc(512).unwrap();
+        let fd = q.completion_fd().unwrap();
+        // SAFETY: epoll_create1 takes no pointers; checked below.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(ep >= 0);
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: 0,
+        };
+        // SAFETY: `ep` and `fd` are open descriptors; `ev` is a valid event for the call.
+        let r = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        assert_eq!(r, 0);
+        let mut parks = 0u64;
+        for i in 0..300u64 {
+            // SAFETY: `buf` outlives the request, one at a time.
+            unsafe { q.read_raw(&ns, Lba(i), buf.as_dma_slice(), i) }.unwrap();
+            let mut got = 0;
+            while got == 0 {
+                got = q
+                    .poll(8, |t, r| {
+                        r.unwrap();
+                        assert_eq!(t, i);
+                    })
+                    .unwrap();
+                if got == 0 && q.arm_interrupt_edge() {
+                    parks += 1;
+                    let mut out = libc::epoll_event { events: 0, u64: 0 };
+                    // SAFETY: one writable event; no timeout: a lost wake-up hangs and the
+                    // watchdog fails the test.
+                    let n = unsafe { libc::epoll_wait(ep, &mut out, 1, -1) };
+                    assert_eq!(n, 1);
+                }
+            }
+        }
+        assert!(parks > 0);
+        assert_eq!(q.stats().interrupt_arms, parks);
+        // SAFETY: our own epoll descriptor, closed once.
+        unsafe { libc::close(ep) };
     }
 }
