@@ -430,6 +430,9 @@ pub struct PollerStats {
     /// Times the poller slept with requests on the device (interrupt mode): each sleep ends
     /// with an interrupt, a submission, a task's descriptor or the sleep limit.
     pub io_sleeps: u64,
+    /// Of those, the sleeps that ended at their time limit (10 ms while commands are on the
+    /// device, or a task's timeout) with nothing ready: no interrupt came.
+    pub io_sleep_timeouts: u64,
     /// Times a submitter found the ring full and backed off.
     pub ring_full: u64,
     /// Tasks dropped because their `poll` panicked.
@@ -500,6 +503,7 @@ struct Counters {
     completed: AtomicU64,
     parks: AtomicU64,
     io_sleeps: AtomicU64,
+    io_sleep_timeouts: AtomicU64,
     task_panics: AtomicU64,
 }
 
@@ -869,6 +873,7 @@ impl Pollers {
             completed: s.counters.completed.load(Ordering::Relaxed),
             parks: s.counters.parks.load(Ordering::Relaxed),
             io_sleeps: s.counters.io_sleeps.load(Ordering::Relaxed),
+            io_sleep_timeouts: s.counters.io_sleep_timeouts.load(Ordering::Relaxed),
             ring_full: s.ring_full.load(Ordering::Relaxed),
             task_panics: s.counters.task_panics.load(Ordering::Relaxed),
         }
@@ -1181,6 +1186,9 @@ impl Pollers {
         if s.ring.is_empty() && !s.inbox_pending.load(Ordering::SeqCst) {
             bump(&s.counters.io_sleeps, 1);
             tasks.sleep(s, Some(&mut |w: &mut PollerWait| arm_queues(qpairs, w)));
+            if tasks.wait.timed_out() {
+                bump(&s.counters.io_sleep_timeouts, 1);
+            }
         }
         s.sleeping.store(false, Ordering::Relaxed);
         s.in_poll.store(false, Ordering::Relaxed);

@@ -81,6 +81,8 @@ pub(crate) fn arm_queues<T>(qpairs: &mut [QueuePair<T>], wait: &mut PollerWait) 
 pub struct PollerWait {
     fds: Vec<libc::pollfd>,
     timeout: Option<Duration>,
+    /// The last sleep ended at its timeout with no descriptor ready.
+    timed_out: bool,
 }
 
 impl PollerWait {
@@ -125,6 +127,13 @@ impl PollerWait {
     pub(crate) fn clear(&mut self) {
         self.fds.clear();
         self.timeout = None;
+        self.timed_out = false;
+    }
+
+    /// True if the last sleep ended at its timeout with no descriptor ready (false when no
+    /// sleep happened since [`clear`](Self::clear)).
+    pub(crate) fn timed_out(&self) -> bool {
+        self.timed_out
     }
 
     /// Sleeps in `poll(2)` until a descriptor is ready or the timeout passes (none: no limit).
@@ -138,6 +147,7 @@ impl PollerWait {
         // SAFETY: `fds` holds `fds.len()` initialised pollfd entries and outlives the call,
         // which writes only their `revents`.
         let n = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, ms) };
+        self.timed_out = n == 0;
         if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             std::thread::sleep(Duration::from_millis(1));
         }
