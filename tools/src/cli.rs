@@ -9,6 +9,7 @@ use crate::trid::{Target, TransportId};
 use crate::workload::Workload;
 use clap::{Args, Parser};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Why the command line was refused. Each message is one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -473,6 +474,13 @@ pub struct PerfArgs {
     /// (Doorbell Buffer Config)
     #[arg(long = "no-shadow-doorbells")]
     pub no_shadow_doorbells: bool,
+    /// sleep on the queues' MSI-X interrupts instead of polling while waiting (PCIe and the
+    /// emulated controller): `interrupt` (the default when given without a value: sleep as soon
+    /// as a poll finds nothing), `adaptive` (after 20 µs without a completion), `adaptive:US`,
+    /// or `polled` (the default)
+    #[arg(long = "interrupt-mode", value_name = "MODE", num_args = 0..=1,
+          default_missing_value = "interrupt")]
+    pub interrupt_mode: Option<String>,
     /// seed for the random offsets (default: from the clock)
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
@@ -526,6 +534,8 @@ pub struct PerfConfig {
     pub doorbell: DoorbellMode,
     /// Shadow doorbells when the controller offers them (`--no-shadow-doorbells` turns them off).
     pub shadow_doorbells: bool,
+    /// `--interrupt-mode`.
+    pub interrupt: dioxide::InterruptMode,
     /// `--seed`.
     pub seed: Option<u64>,
     /// The emulated controller's shape (used when no `-r` names a PCIe device).
@@ -745,6 +755,22 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
             ));
         }
     };
+    let interrupt = match a.interrupt_mode.as_deref() {
+        None | Some("polled") => dioxide::InterruptMode::Polled,
+        Some("interrupt") => dioxide::InterruptMode::Interrupt,
+        Some("adaptive") => dioxide::InterruptMode::ADAPTIVE,
+        Some(m) => match m.strip_prefix("adaptive:").map(str::parse::<u64>) {
+            Some(Ok(us)) => dioxide::InterruptMode::Adaptive(Duration::from_micros(us)),
+            _ => {
+                return err(format!(
+                    "--interrupt-mode must be polled, interrupt, adaptive or adaptive:MICROSECONDS, not '{m}'"
+                ));
+            }
+        },
+    };
+    if interrupt.sleeps() && trids.iter().any(|t| matches!(t.target, Target::Tcp(_))) {
+        return err("--interrupt-mode applies to PCIe and emulated controllers, not trtype:TCP");
+    }
     let emulated = a.emulated.shape(workload == Workload::Verify)?;
     if workload == Workload::Verify && emulated.backing == Backing::Null {
         warnings.push(
@@ -774,6 +800,7 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
         plot: a.plot,
         doorbell,
         shadow_doorbells: !a.no_shadow_doorbells,
+        interrupt,
         seed: a.seed,
         emulated,
         warnings,

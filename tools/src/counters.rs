@@ -46,6 +46,9 @@ pub struct PollCounters {
     /// CQ head updates stored in the shadow doorbell page.
     #[serde(default)]
     pub cq_shadow: u64,
+    /// Interrupt mode: arms that let the worker sleep on a queue's interrupt.
+    #[serde(default)]
+    pub interrupt_arms: u64,
     /// The counters divided by `ios` (all zero when no I/O completed).
     pub per_io: PerIo,
 }
@@ -77,6 +80,9 @@ pub struct PerIo {
     /// CQ shadow doorbell updates per I/O.
     #[serde(default)]
     pub cq_shadow: f64,
+    /// Interrupt arms (sleeps) per I/O.
+    #[serde(default)]
+    pub interrupt_arms: f64,
 }
 
 impl PollCounters {
@@ -94,6 +100,7 @@ impl PollCounters {
             cq_mmio: s.cq_mmio_writes,
             sq_shadow: s.sq_shadow_updates,
             cq_shadow: s.cq_shadow_updates,
+            interrupt_arms: s.interrupt_arms,
             per_io: PerIo::default(),
         }
         .with_ratios()
@@ -114,6 +121,7 @@ impl PollCounters {
             t.cq_mmio += c.cq_mmio;
             t.sq_shadow += c.sq_shadow;
             t.cq_shadow += c.cq_shadow;
+            t.interrupt_arms += c.interrupt_arms;
         }
         t.with_ratios()
     }
@@ -137,6 +145,7 @@ impl PollCounters {
             cq_mmio: per(self.cq_mmio),
             sq_shadow: per(self.sq_shadow),
             cq_shadow: per(self.cq_shadow),
+            interrupt_arms: per(self.interrupt_arms),
         };
         self
     }

@@ -303,4 +303,11 @@ impl IoQueue for DriverQueue {
         // After a PCIe timeout the device may still write the buffer.
         e.buffer_still_in_use()
     }
+
+    fn arm(&mut self) -> Option<std::os::fd::RawFd> {
+        match &mut self.qp {
+            TransportQueue::Pcie(q) => q.arm_interrupt_edge().then(|| q.completion_fd()).flatten(),
+            TransportQueue::Tcp(_) => None,
+        }
+    }
 }

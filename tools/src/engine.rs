@@ -11,6 +11,13 @@
 //! default) or after each command (`per-command`). Latency is the tick count from just before
 //! submission to the moment the completion is seen.
 //!
+//! **Interrupt mode** (`--interrupt-mode`): when a pass over the jobs found no completion
+//! (at once, or after `adaptive`'s quiet time), the worker arms every queue
+//! ([`IoQueue::arm`]: look at the CQ once more) and sleeps in one `epoll_wait` on their
+//! completion descriptors, registered once, edge-triggered (`EPOLLET`: every interrupt queues
+//! an edge, so arming needs no system call to clear the eventfd), at most 10 ms (and never past
+//! the end of the run); it counts the sleeps ([`WorkerResult::sleeps`]).
+//!
 //! `verify`: each slot owns a stripe of the namespace range (`slot, slot + q, slot + 2q, ...`),
 //! so no two I/Os in flight touch the same block. A slot writes the [`crate::verify`] pattern
 //! with a fresh generation, reads the same blocks back into a poisoned buffer, checks every
@@ -25,6 +32,7 @@ use crate::verify;
 use crate::workload::{Mix, Offsets, Workload, XorShift64};
 use dioxide::spec::Status;
 use std::fmt;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What `perf` needs from a queue pair.
@@ -69,6 +77,14 @@ pub trait IoQueue {
     /// Whether a failed command's buffer must never be used again (the device may still
     /// write it, e.g. after a timeout).
     fn retire(e: &Self::IoErr) -> bool;
+
+    /// Interrupt mode: prepares to sleep until the device posts to this queue (dioxide's
+    /// `QueuePair::arm_interrupt_edge`) and returns the descriptor to wait on, edge-triggered,
+    /// if sleeping is safe; `None` if the queue must be polled first, or has no interrupts (the
+    /// default).
+    fn arm(&mut self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// A data buffer the CPU may use while no command holds it.
@@ -102,6 +118,9 @@ pub struct Settings {
     pub track_latency: bool,
     /// Give up on I/Os still outstanding this long after the run (ticks).
     pub drain_timeout_ticks: u64,
+    /// `--interrupt-mode`: sleep once a pass has found no completion for this many ticks
+    /// (0: at once, interrupt mode; `None`: never, polled mode).
+    pub sleep_after_ticks: Option<u64>,
 }
 
 /// One namespace on one core: what to run.
@@ -329,6 +348,24 @@ impl<Q: IoQueue> Job<Q> {
         }
     }
 
+    /// Arms every queue of the job for a sleep, adding their descriptors to `fds`; false if
+    /// the job must be polled instead (a completion arrived, a retry waits, a queue without
+    /// interrupts).
+    fn arm(&mut self, fds: &mut Vec<RawFd>) -> bool {
+        if !self.retry.is_empty() {
+            return false;
+        }
+        for q in self.qps.iter_mut() {
+            let Some(fd) = q.arm() else {
+                return false;
+            };
+            if !fds.contains(&fd) {
+                fds.push(fd);
+            }
+        }
+        true
+    }
+
     fn ring_all(&mut self) {
         for (q, unrung) in self.qps.iter_mut().zip(self.unrung.iter_mut()) {
             if *unrung {
@@ -472,6 +509,91 @@ pub struct Progress {
 pub struct WorkerResult {
     /// Ticks from the start of measurement (after any warm-up) to the end of the run.
     pub elapsed_ticks: u64,
+    /// Interrupt mode: sleeps in `poll(2)` (each ended by a completion's interrupt or the
+    /// sleep limit), whole run.
+    pub sleeps: u64,
+    /// Sleeps that ended at the limit with no descriptor readable (an interrupt that did not
+    /// come, or a device slower than the limit).
+    pub sleep_limit_hits: u64,
+    /// I/Os completed, whole run (warm-up and drain included).
+    pub completed: u64,
+}
+
+/// The longest sleep in interrupt mode: timeouts and health checks run in the queue's poll.
+const SLEEP_LIMIT_MS: u64 = 10;
+
+/// The worker's edge-triggered wait on its queues' completion descriptors.
+struct Sleeper {
+    /// The epoll descriptor (-1: none could be made; the worker then polls).
+    ep: RawFd,
+    /// Descriptors registered (each once, `EPOLLIN | EPOLLET`).
+    registered: Vec<RawFd>,
+    /// Descriptors the jobs armed this time.
+    armed: Vec<RawFd>,
+    events: Vec<libc::epoll_event>,
+}
+
+impl Sleeper {
+    fn new() -> Sleeper {
+        // SAFETY: epoll_create1 takes no pointers; a failure (-1) disables sleeping.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        Sleeper {
+            ep,
+            registered: Vec::new(),
+            armed: Vec::new(),
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; 8],
+        }
+    }
+
+    /// Arms every job's queues and sleeps on their descriptors for at most `ms` milliseconds.
+    /// `None`: no sleep (a job must be polled instead); `Some(true)`: slept until the limit
+    /// with no interrupt.
+    fn sleep<Q: IoQueue>(&mut self, jobs: &mut [Job<Q>], ms: u64) -> Option<bool> {
+        if self.ep < 0 {
+            return None;
+        }
+        self.armed.clear();
+        for j in jobs.iter_mut() {
+            if !j.arm(&mut self.armed) {
+                return None;
+            }
+        }
+        if self.armed.is_empty() {
+            return None;
+        }
+        for &fd in &self.armed {
+            if self.registered.contains(&fd) {
+                continue;
+            }
+            let mut ev = libc::epoll_event {
+                events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+                u64: fd as u64,
+            };
+            // SAFETY: `ep` and `fd` are open descriptors (the queue's eventfd lives as long as
+            // the queue, which outlives the run); `ev` is a valid event for the call.
+            if unsafe { libc::epoll_ctl(self.ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+                return None;
+            }
+            // A descriptor already readable is reported at once (EPOLL_CTL_ADD checks): no
+            // signal from before the registration is lost.
+            self.registered.push(fd);
+        }
+        let cap = self.events.len() as libc::c_int;
+        // SAFETY: `events` holds `cap` writable entries for the kernel to fill. EINTR or an
+        // error is a wake-up: the loop polls again.
+        let n =
+            unsafe { libc::epoll_wait(self.ep, self.events.as_mut_ptr(), cap, ms as libc::c_int) };
+        Some(n == 0)
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        if self.ep >= 0 {
+            // SAFETY: our own epoll descriptor, closed once.
+            unsafe { libc::close(self.ep) };
+        }
+    }
 }
 
 /// Runs `jobs` on this thread until `-t` (after `-a`) passes, every job has done `-d` I/Os,
@@ -494,11 +616,16 @@ pub fn run<Q: IoQueue>(
         j.start(s, clock);
     }
     let mut now;
+    let (mut sleeps, mut limit_hits, mut last_completion) = (0u64, 0u64, start);
+    let mut sleeper = Sleeper::new();
+    let ms_ticks = (clock.hz() / 1000).max(1);
     loop {
         let mut all_draining = true;
+        let mut got = 0;
         for (j, last) in jobs.iter_mut().zip(last.iter_mut()) {
             let t = clock.now();
             let n = j.poll(s, clock);
+            got += n;
             if n > 0 {
                 j.stats.busy_ticks += t - *last;
             } else {
@@ -512,6 +639,17 @@ pub fn run<Q: IoQueue>(
         now = clock.now();
         if all_draining {
             break;
+        }
+        if got > 0 {
+            last_completion = now;
+        } else if let Some(after) = s.sleep_after_ticks {
+            if now - last_completion >= after {
+                let ms = (end.saturating_sub(now).div_ceil(ms_ticks)).clamp(1, SLEEP_LIMIT_MS);
+                if let Some(timed_out) = sleeper.sleep(jobs, ms) {
+                    sleeps += 1;
+                    limit_hits += timed_out as u64;
+                }
+            }
         }
         if now > next_publish {
             next_publish = now + publish_every;
@@ -561,7 +699,12 @@ pub fn run<Q: IoQueue>(
     }
     publish(jobs, progress);
     progress.finished.store(true, Ordering::Relaxed);
-    WorkerResult { elapsed_ticks }
+    WorkerResult {
+        elapsed_ticks,
+        sleeps,
+        sleep_limit_hits: limit_hits,
+        completed: jobs.iter().map(|j| j.lifetime_completed).sum(),
+    }
 }
 
 fn publish<Q: IoQueue>(jobs: &[Job<Q>], p: &Progress) {
@@ -737,6 +880,7 @@ mod tests {
             continue_on_error: None,
             track_latency: true,
             drain_timeout_ticks: 1_000_000_000,
+            sleep_after_ticks: None,
         }
     }
 

@@ -38,11 +38,15 @@
 //!   "counters": {                                 // the poll loop, whole run (warm-up included)
 //!     "ios": 4000, "polls": 9000, "empty_polls": 5000, "housekeeping": 80,
 //!     "register_reads": 0, "sq_doorbells": 130, "cq_doorbells": 4000,
-//!     "sq_mmio": 130, "cq_mmio": 3990, "sq_shadow": 130, "cq_shadow": 4000,
+//!     "sq_mmio": 130, "cq_mmio": 3990, "sq_shadow": 130, "cq_shadow": 4000, "interrupt_arms": 0,
 //!     "per_io": { "polls": 2.25, "empty_polls": 1.25, "housekeeping": 0.02,
 //!                 "register_reads": 0.0, "sq_doorbells": 0.0325, "cq_doorbells": 1.0,
 //!                 "sq_mmio": 0.0325, "cq_mmio": 0.9975, "sq_shadow": 0.0325,
-//!                 "cq_shadow": 1.0 } }
+//!                 "cq_shadow": 1.0, "interrupt_arms": 0.0 } },
+//!   "cpu": {                                      // getrusage of the process, set-up excluded
+//!     "mode": "polled" | "interrupt" | "adaptive:20", "user_s": 9.8, "sys_s": 0.1,
+//!     "ios": 4000, "us_per_io": 2475.0, "sleeps": 0, "sleeps_per_io": 0.0,
+//!     "sleep_limit_hits": 0 }                     // sleeps that ended at 10 ms, no interrupt
 //! }
 //! ```
 //!
@@ -222,6 +226,61 @@ pub struct PerfReport {
     /// The poll loop's counters summed over all devices.
     #[serde(default)]
     pub counters: Option<PollCounters>,
+    /// CPU time of the process and interrupt-mode sleeps, whole run.
+    #[serde(default)]
+    pub cpu: Option<Cpu>,
+}
+
+/// CPU time per I/O and interrupt-mode sleeps over the whole run (warm-up and drain included):
+/// `getrusage(RUSAGE_SELF)` from the end of the workers' set-up (queue pairs and buffers made)
+/// to their end, so every thread of the process counts (an emulated controller's thread too),
+/// divided by every I/O completed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cpu {
+    /// `--interrupt-mode`: `polled`, `interrupt` or `adaptive:US`.
+    pub mode: String,
+    /// User CPU time, seconds.
+    pub user_s: f64,
+    /// System CPU time, seconds.
+    pub sys_s: f64,
+    /// I/Os completed.
+    pub ios: u64,
+    /// (user + system) ÷ I/Os, µs.
+    pub us_per_io: f64,
+    /// Sleeps on the queues' interrupts (each ends with one wake-up).
+    pub sleeps: u64,
+    /// Sleeps ÷ I/Os.
+    pub sleeps_per_io: f64,
+    /// Sleeps that ended at the 10 ms limit with no interrupt.
+    #[serde(default)]
+    pub sleep_limit_hits: u64,
+}
+
+impl Cpu {
+    /// The figures of a run.
+    pub fn new(
+        mode: dioxide::InterruptMode,
+        user_s: f64,
+        sys_s: f64,
+        ios: u64,
+        sleeps: u64,
+    ) -> Cpu {
+        let per = |x: f64| if ios == 0 { 0.0 } else { x / ios as f64 };
+        Cpu {
+            mode: match mode {
+                dioxide::InterruptMode::Polled => "polled".into(),
+                dioxide::InterruptMode::Interrupt => "interrupt".into(),
+                dioxide::InterruptMode::Adaptive(d) => format!("adaptive:{}", d.as_micros()),
+            },
+            user_s,
+            sys_s,
+            ios,
+            us_per_io: per((user_s + sys_s) * 1e6),
+            sleeps,
+            sleeps_per_io: per(sleeps as f64),
+            sleep_limit_hits: 0,
+        }
+    }
 }
 
 /// One I/O queue pair a device used.
@@ -397,6 +456,13 @@ mod tests {
                 empty_polls: 96,
                 ..Default::default()
             })),
+            cpu: Some(Cpu::new(
+                dioxide::InterruptMode::ADAPTIVE,
+                0.5,
+                0.25,
+                100,
+                40,
+            )),
         }
     }
 

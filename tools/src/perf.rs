@@ -251,6 +251,11 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
         continue_on_error: cfg.continue_on_error,
         track_latency: cfg.track_latency(),
         drain_timeout_ticks: clock.secs_to_ticks(60.0),
+        sleep_after_ticks: match cfg.interrupt {
+            dioxide::InterruptMode::Polled => None,
+            dioxide::InterruptMode::Interrupt => Some(0),
+            dioxide::InterruptMode::Adaptive(d) => Some(clock.secs_to_ticks(d.as_secs_f64())),
+        },
     };
 
     // Associate namespaces with cores; for verify, split each namespace among its jobs.
@@ -297,6 +302,10 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     // The poll loop's counters of every queue pair, each once (for the total).
     let core_counters: Mutex<Vec<PollCounters>> = Mutex::new(Vec::new());
     let elapsed: Mutex<Vec<(u32, u64)>> = Mutex::new(Vec::new());
+    // Interrupt-mode sleeps and I/Os of the whole run, and the process's CPU time from the end
+    // of the set-up (queue pairs and buffers made: every worker passed the barrier) to the end.
+    let sleeps_ios: Mutex<(u64, u64, u64)> = Mutex::new((0, 0, 0));
+    let cpu_before: Mutex<Option<(f64, f64)>> = Mutex::new(None);
     let setup_errors: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let setup_failed = AtomicBool::new(false);
     let tty = !cfg.json && report::stdout_is_tty();
@@ -313,7 +322,8 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 (&entries, &ctrls, &settings, &barrier, &progress[w]);
             let (outcomes, elapsed, setup_errors, setup_failed) =
                 (&outcomes, &elapsed, &setup_errors, &setup_failed);
-            let core_counters = &core_counters;
+            let (core_counters, sleeps_ios, cpu_before) =
+                (&core_counters, &sleeps_ios, &cpu_before);
             let specs_e: Vec<usize> = my.iter().map(|(i, _)| specs[*i].0).collect();
             scope.spawn(move || {
                 if let Err(e) = pin_to(core) {
@@ -352,7 +362,9 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                         }
                     }
                 }
-                barrier.wait();
+                if barrier.wait().is_leader() {
+                    *cpu_before.lock().unwrap() = cpu_time();
+                }
                 if setup_failed.load(Ordering::Relaxed) {
                     progress.finished.store(true, Ordering::Relaxed);
                     return;
@@ -369,6 +381,12 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 }
                 let r = engine::run(&mut js, settings, &clock, progress, &STOP);
                 elapsed.lock().unwrap().push((core, r.elapsed_ticks));
+                {
+                    let mut t = sleeps_ios.lock().unwrap();
+                    t.0 += r.sleeps;
+                    t.1 += r.completed;
+                    t.2 += r.sleep_limit_hits;
+                }
                 // The poll loop's counters of each queue pair of this core (PCIe only): a
                 // namespace's row shows those of the queue pairs it used, shared ones
                 // included; the total counts each queue pair once.
@@ -459,6 +477,15 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
         }
     });
 
+    let cpu = cpu_time()
+        .zip(cpu_before.into_inner().unwrap())
+        .map(|((u1, s1), (u0, s0))| (u1 - u0, s1 - s0));
+    let (sleeps, all_ios, limit_hits) = sleeps_ios.into_inner().unwrap();
+    let cpu = cpu.map(|(user_s, sys_s)| {
+        let mut c = json::Cpu::new(cfg.interrupt, user_s, sys_s, all_ios, sleeps);
+        c.sleep_limit_hits = limit_hits;
+        c
+    });
     let errors = setup_errors.into_inner().unwrap();
     if !errors.is_empty() {
         return Err(errors.join("; "));
@@ -550,6 +577,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
             queues: Vec::new(),
             emulated: None,
             counters: Some(PollCounters::sum(core_counters.lock().unwrap().iter())),
+            cpu: cpu.clone(),
         };
         let emu_stats: Vec<_> = ctrls
             .iter()
@@ -592,6 +620,15 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 .map(|(_, o)| (o.name.as_str(), o.core, o.counters))
                 .collect();
             print!("{}", counters::table(&c));
+        }
+        if let Some(c) = cpu
+            .as_ref()
+            .filter(|_| cfg.cpu_usage || cfg.interrupt.sleeps())
+        {
+            println!(
+                "CPU time ({}): {:.2} s user, {:.2} s system, {:.2} us per I/O; {:.3} sleeps per I/O, {} at the 10 ms limit",
+                c.mode, c.user_s, c.sys_s, c.us_per_io, c.sleeps_per_io, c.sleep_limit_hits
+            );
         }
         if cfg.cpu_usage {
             for &core in &workers {
@@ -681,6 +718,19 @@ fn discovery_refused(label: &str, t: &dioxide::TcpController) -> String {
 }
 
 /// The I/O queue size: `--io-queue-size`, at most the controller's MQES + 1.
+/// The process's user and system CPU time so far, seconds (`getrusage(RUSAGE_SELF)`: every
+/// thread, the emulated controller's included).
+fn cpu_time() -> Option<(f64, f64)> {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `r` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some((secs(r.ru_utime), secs(r.ru_stime)))
+}
+
 fn queue_entries(cfg: &PerfConfig, c: &Device) -> u32 {
     let max = c.ctrl.cap().mqes() as u32 + 1;
     cfg.io_queue_size.map_or(max, |q| q.min(max)).min(65535)
@@ -760,7 +810,8 @@ fn make_queues(
         let opts = QueueOptions::default()
             .with_entries(qentries)
             .with_requests(requests)
-            .with_doorbell(doorbell);
+            .with_doorbell(doorbell)
+            .with_interrupts(cfg.interrupt.sleeps());
         let qp = c.ctrl.create_qpair::<u64>(opts).map_err(|e| {
             format!(
                 "ERROR: failed to create I/O queue pair {} of {} for {} on core {core}: {e}",

@@ -686,3 +686,35 @@ fn poll_counters_at_depth() {
         "{line}"
     );
 }
+
+#[test]
+fn interrupt_modes_sleep_on_the_queues_and_report_cpu_per_io() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    let base = "-q 1 -o 4096 -w randread -t 20 -d 400 --emulated-mode threaded";
+    for (flag, mode) in [
+        ("", "polled"),
+        ("--interrupt-mode", "interrupt"),
+        ("--interrupt-mode=adaptive:0", "adaptive:0"),
+        ("--interrupt-mode adaptive", "adaptive:20"),
+    ] {
+        let r = perf_json(&format!("{base} {flag}"));
+        assert_eq!(r.total.as_ref().unwrap().io_completed, 400, "{flag}");
+        let cpu = r.cpu.expect("cpu figures");
+        assert_eq!(cpu.mode, mode);
+        assert_eq!(cpu.ios, 400);
+        assert!(cpu.user_s + cpu.sys_s > 0.0);
+        assert!((cpu.us_per_io - (cpu.user_s + cpu.sys_s) * 1e6 / 400.0).abs() < 1e-6);
+        if mode == "polled" {
+            assert_eq!(cpu.sleeps, 0);
+        } else if mode != "adaptive:20" {
+            // At QD1 on the device thread every poll right after a submission finds nothing.
+            assert!(cpu.sleeps > 0, "{flag}: {cpu:?}");
+        }
+        // The queue pairs armed once per sleep (one queue pair here).
+        let arms = r.counters.unwrap().interrupt_arms;
+        assert_eq!(arms, cpu.sleeps, "{flag}");
+    }
+    let o = perf(&format!("{base} --interrupt-mode sometimes"));
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--interrupt-mode must be polled, interrupt, adaptive"));
+}

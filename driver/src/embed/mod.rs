@@ -42,6 +42,7 @@ use crate::embed::poller::{
     Local, PollerConfig, PollerStats, PollerTask, PollerTaskId, Pollers, StartError, Targets,
     TaskError,
 };
+use crate::embed::sleep::InterruptMode;
 use crate::nvme::aer::AsyncEvent;
 use crate::nvme::controller::Controller;
 use crate::nvme::error::Error;
@@ -282,6 +283,7 @@ pub struct Builder {
     queue: QueueOptions,
     cache_pages: usize,
     completions: Completions,
+    interrupts: InterruptMode,
 }
 
 /// A controller given to the builder: ready, or a remote one to connect at `build`.
@@ -410,6 +412,13 @@ impl Builder {
         self.queue = opts;
         self
     }
+    /// Whether pollers with requests on the device sleep until their completions (default
+    /// [`InterruptMode::Polled`]); see [`InterruptMode`]. The sleeping modes create every
+    /// queue pair of the pollers in interrupt mode (one MSI-X vector each).
+    pub fn interrupt_mode(mut self, mode: InterruptMode) -> Self {
+        self.interrupts = mode;
+        self
+    }
     /// Pages (4 KiB) of the page cache of each controller (default 1024 = 4 MiB).
     pub fn cache_pages(mut self, pages: usize) -> Self {
         self.cache_pages = pages;
@@ -474,7 +483,11 @@ impl Builder {
                 spin: self.spin,
                 idle: self.idle,
                 wait_spin: self.wait_spin,
-                queue: self.queue.clone(),
+                queue: self
+                    .queue
+                    .clone()
+                    .with_interrupts(self.queue.interrupts || self.interrupts.sleeps()),
+                interrupts: self.interrupts,
             };
             let p = Pollers::start(&ctrls, &targets, &cfg).map_err(|e| match e {
                 StartError::Pin(poller, core, source) => EmbedError::Pin {
@@ -569,6 +582,7 @@ impl Dioxide {
             queue: QueueOptions::default(),
             cache_pages: 1024,
             completions: Completions::OnPoller,
+            interrupts: InterruptMode::Polled,
         }
     }
 

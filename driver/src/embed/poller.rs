@@ -77,6 +77,17 @@
 //! its poller's thread when removed, or at shutdown once the poller's last I/O has completed. A
 //! panicking task is dropped and counted ([`PollerStats::task_panics`]); the poller goes on.
 //!
+//! *Interrupt mode* ([`InterruptMode`], `Builder::interrupt_mode`). The queue pairs are
+//! created with an MSI-X vector each; a poller with requests on the device whose round found
+//! nothing (at once in interrupt mode, after a quiet time in adaptive mode) announces its sleep
+//! as above (`in_poll`, `sleeping`, fence, ring and inbox re-checked), asks its tasks for their
+//! descriptors, arms its queue pairs last (`QueuePair::arm_interrupt`: clear the eventfd, look
+//! at the CQ again) and sleeps in the same `poll(2)` with their completion eventfds added, at
+//! most 10 ms while commands are on the device (timeouts and health checks run in `poll`). A
+//! completion posted before the arm cancels the sleep; one posted after makes its eventfd
+//! readable; a submitter that finds `sleeping` rings the poller's eventfd. Counted in
+//! [`PollerStats::io_sleeps`].
+//!
 //! Allocation on the I/O path: none here (the ring, the thread-local queue and the failed list
 //! keep their capacity; run to completion reuses its list of reaped bios); what dio-core and the
 //! file layer allocate per request is theirs.
@@ -117,7 +128,7 @@ use crate::bus::dma::DmaSlice;
 use crate::embed::ctrl::EmbedCtrl;
 use crate::embed::error::{EmbedError, HOST_PATH_ERROR};
 use crate::embed::iobuf::Window;
-use crate::embed::sleep::{PollerWait, WakeFd};
+use crate::embed::sleep::{InterruptMode, PollerWait, WakeFd, arm_queue};
 use crate::nvme::error::{Error, IoError};
 use crate::nvme::namespace::Namespace;
 use crate::nvme::qpair::{DmaOwner, IoFlags, IoResult, QueueOptions, QueuePair};
@@ -474,6 +485,15 @@ fn queue_live_and_busy(q: &TransportQueue<BioCtx>) -> bool {
     }
 }
 
+/// [`arm_queue`] on every queue before a poller sleeps with requests outstanding. An NVMe/TCP
+/// queue has no interrupt: one with requests outstanding keeps the poller polling.
+fn arm_transport(qpairs: &mut [TransportQueue<BioCtx>], wait: &mut PollerWait) -> bool {
+    qpairs.iter_mut().all(|q| match q {
+        TransportQueue::Pcie(q) => arm_queue(q, wait),
+        TransportQueue::Tcp(q) => q.outstanding() == 0,
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Waiting for one's own bios (pooled mode): spin, then park.
 
@@ -643,6 +663,12 @@ pub struct PollerStats {
     pub completed: u64,
     /// Times the poller parked.
     pub parks: u64,
+    /// Times the poller slept with requests on the device (interrupt mode): each sleep ends
+    /// with an interrupt, a submission, a task's descriptor or the sleep limit.
+    pub io_sleeps: u64,
+    /// Of those, the sleeps that ended at their time limit (10 ms while commands are on the
+    /// device, or a task's timeout) with nothing ready: no interrupt came.
+    pub io_sleep_timeouts: u64,
     /// Times a submitter found the ring full and backed off.
     pub ring_full: u64,
     /// Tasks dropped because their `poll` panicked.
@@ -666,8 +692,8 @@ pub trait PollerTask: Send + 'static {
     fn is_busy(&self) -> bool {
         false
     }
-    /// Called when the poller is about to sleep (nothing in flight, nothing queued, no task
-    /// busy): add the descriptors whose readiness means this task has work, and a timeout for
+    /// Called when the poller is about to sleep (nothing queued, no task busy, and nothing in
+    /// flight unless in interrupt mode, see [`InterruptMode`]): add the descriptors whose readiness means this task has work, and a timeout for
     /// its timers, to `wait`; return false if work arrived meanwhile (the poller then polls
     /// again instead of sleeping). With descriptors or a timeout from its tasks the poller
     /// sleeps in `poll(2)` on them and on its own eventfd (rung by submitters and task
@@ -712,6 +738,8 @@ struct Counters {
     submitted: AtomicU64,
     completed: AtomicU64,
     parks: AtomicU64,
+    io_sleeps: AtomicU64,
+    io_sleep_timeouts: AtomicU64,
     task_panics: AtomicU64,
 }
 
@@ -774,6 +802,9 @@ pub(crate) struct PollerConfig {
     /// How long a client thread spins for its completion before it parks.
     pub wait_spin: Duration,
     pub queue: QueueOptions,
+    /// Whether a poller with requests on the device sleeps (the queues are then created in
+    /// interrupt mode).
+    pub interrupts: InterruptMode,
 }
 
 /// The running pollers of an engine.
@@ -879,10 +910,16 @@ impl Tasks {
     }
 
     /// Sleep in `poll(2)` on the tasks' descriptors and the poller's eventfd (called with
-    /// `in_poll` and `sleeping` raised and the ring found empty). False: no task, the caller
-    /// parks instead. True: slept, or a task had work (no sleep).
-    fn sleep(&mut self, s: &PollerShared) -> bool {
-        if self.list.is_empty() {
+    /// `in_poll` and `sleeping` raised and the ring found empty), and on what `io` adds (the
+    /// queue pairs' completion eventfds, interrupt mode; it returns false if a queue pair has
+    /// work already). False: no task and no `io`, the caller parks instead. True: slept, or a
+    /// task or queue pair had work (no sleep).
+    fn sleep(
+        &mut self,
+        s: &PollerShared,
+        io: Option<&mut dyn FnMut(&mut PollerWait) -> bool>,
+    ) -> bool {
+        if self.list.is_empty() && io.is_none() {
             return false;
         }
         self.wait.clear();
@@ -902,6 +939,11 @@ impl Tasks {
                     ready = true;
                     break;
                 }
+            }
+        }
+        if !ready {
+            if let Some(arm) = io {
+                ready = !arm(&mut self.wait);
             }
         }
         if !ready {
@@ -1007,6 +1049,7 @@ impl Pollers {
             };
             let p = Arc::clone(&pollers);
             let (tx, targets, spin) = (tx.clone(), targets.clone(), (cfg.spin, cfg.idle));
+            let mode = cfg.interrupts;
             let t = std::thread::Builder::new()
                 .name(format!("dioxide-poller-{i}"))
                 .spawn(move || {
@@ -1018,7 +1061,7 @@ impl Pollers {
                     }
                     let _ = tx.send(Ok(()));
                     drop(tx);
-                    p.run(i, qpairs, targets, admin, parker, spin);
+                    p.run(i, qpairs, targets, admin, parker, spin, mode);
                 });
             match t {
                 Ok(t) => pollers.lock_threads().push(t),
@@ -1074,6 +1117,8 @@ impl Pollers {
             submitted: s.counters.submitted.load(Ordering::Relaxed),
             completed: s.counters.completed.load(Ordering::Relaxed),
             parks: s.counters.parks.load(Ordering::Relaxed),
+            io_sleeps: s.counters.io_sleeps.load(Ordering::Relaxed),
+            io_sleep_timeouts: s.counters.io_sleep_timeouts.load(Ordering::Relaxed),
             ring_full: s.ring_full.load(Ordering::Relaxed),
             task_panics: s.counters.task_panics.load(Ordering::Relaxed),
         }
@@ -1228,6 +1273,7 @@ impl Pollers {
         admin: Vec<EmbedCtrl>,
         parker: Parker,
         (spin, idle_time): (u32, Duration),
+        mode: InterruptMode,
     ) {
         ROLE.with(|r| r.on_poller.set(Some((self.id, index))));
         let s = &*self.shared[index];
@@ -1298,6 +1344,16 @@ impl Pollers {
             let io_busy = stalled.is_some()
                 || !OWN_QUEUE.with(|q| q.borrow().is_empty())
                 || qpairs.iter().any(queue_busy);
+            if io_busy
+                && !task_busy
+                && io_sleep_due(mode, idle, idle_since)
+                && stalled.is_none()
+                && OWN_QUEUE.with(|q| q.borrow().is_empty())
+            {
+                self.sleep_on_io(s, &mut tasks, &mut qpairs);
+                idle = 0;
+                continue;
+            }
             if io_busy || task_busy {
                 // Commands on the device or a busy task: keep polling, but let other threads
                 // (an emulated device, the clients) run on a small machine.
@@ -1342,7 +1398,7 @@ impl Pollers {
                 if !admin.is_empty() {
                     // The Keep Alive must go out while idle too.
                     parker.park_timeout(ADMIN_TICK);
-                } else if !tasks.sleep(s) {
+                } else if !tasks.sleep(s, None) {
                     parker.park();
                 }
             }
@@ -1353,6 +1409,45 @@ impl Pollers {
         tasks.clear(s);
         ROLE.with(|r| r.on_poller.set(None));
         // Dropping the queue pairs deletes them on the device.
+    }
+}
+
+/// Interrupt mode: true if a poller whose last round found nothing, with requests on the
+/// device, should sleep now (`idle` empty rounds since `idle_since`). Adaptive mode reads the
+/// clock every 8 empty rounds only.
+#[inline]
+fn io_sleep_due(mode: InterruptMode, idle: u32, idle_since: Instant) -> bool {
+    match mode {
+        InterruptMode::Polled => false,
+        InterruptMode::Interrupt => true,
+        InterruptMode::Adaptive(after) => idle % 8 == 0 && idle_since.elapsed() >= after,
+    }
+}
+
+impl Pollers {
+    /// Interrupt mode: sleep until a queue pair's device posts a completion, a submitter or a
+    /// task change rings the poller's eventfd, or a task's descriptor is ready. The wake-up
+    /// protocol is the idle park's (announce with `in_poll` and `sleeping`, fence, re-check the
+    /// ring and the inbox); the queue pairs are armed last (`arm_transport`), so a completion
+    /// posted before the sleep cancels it and one posted after makes its eventfd readable.
+    fn sleep_on_io(
+        &self,
+        s: &PollerShared,
+        tasks: &mut Tasks,
+        qpairs: &mut [TransportQueue<BioCtx>],
+    ) {
+        s.in_poll.store(true, Ordering::Relaxed);
+        s.sleeping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if s.ring.is_empty() && !s.inbox_pending.load(Ordering::SeqCst) {
+            bump(&s.counters.io_sleeps, 1);
+            tasks.sleep(s, Some(&mut |w: &mut PollerWait| arm_transport(qpairs, w)));
+            if tasks.wait.timed_out() {
+                bump(&s.counters.io_sleep_timeouts, 1);
+            }
+        }
+        s.sleeping.store(false, Ordering::Relaxed);
+        s.in_poll.store(false, Ordering::Relaxed);
     }
 }
 

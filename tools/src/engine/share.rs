@@ -197,6 +197,21 @@ impl<Q: IoQueue> QueueHandle<Q> {
         }
     }
 
+    /// Interrupt mode: arms the queue for a sleep (see [`IoQueue::arm`]); `None` if a job's
+    /// mailbox holds completions, the queue failed, or it cannot sleep. Commands not yet rung
+    /// are rung first.
+    pub fn arm(&mut self) -> Option<std::os::fd::RawFd> {
+        let mut i = self.inner.borrow_mut();
+        if i.failed.is_some() || i.mailboxes.iter().any(|m| !m.is_empty()) {
+            return None;
+        }
+        if i.unrung {
+            i.unrung = false;
+            i.q.ring();
+        }
+        i.q.arm()
+    }
+
     /// Gives `bufs` to the shared queue, to be freed only after it and its siblings are
     /// dropped.
     pub fn keep_buffers(&mut self, bufs: Vec<Q::Buf>) {

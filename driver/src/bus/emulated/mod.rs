@@ -52,6 +52,7 @@ mod dbbuf;
 mod device;
 mod faults;
 mod io;
+mod irq;
 mod namespace;
 mod prp;
 mod queue;
@@ -453,5 +454,11 @@ impl Bus for EmulatedController {
     }
     fn dma(&self) -> &DmaMemory {
         &self.dev.dma
+    }
+    fn interrupt(
+        &self,
+        vector: u16,
+    ) -> Result<Arc<crate::bus::interrupt::EventFd>, crate::bus::interrupt::InterruptError> {
+        self.dev.vectors.get(vector)
     }
 }

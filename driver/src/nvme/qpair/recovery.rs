@@ -64,6 +64,7 @@ impl<T> QueuePair<T> {
                 DoorbellMode::PerBatch
             },
             timeout: (self.tick != Duration::MAX).then(|| self.tick * 4),
+            interrupts: self.interrupts(),
         };
         let fresh = QueuePair::create(self.shared.clone(), opts)?;
         let stats = self.stats;
