@@ -47,8 +47,13 @@ pub struct TransportUnderTest {
 }
 
 impl TransportUnderTest {
-    /// `cfg` on `transport`.
+    /// `cfg` on `transport` (on the emulated controller even when `NVME_PCI_ADDR` names a real
+    /// one: `tests/io.rs` runs there).
     pub fn open(transport: Transport, cfg: EmulatedConfig) -> TransportUnderTest {
+        crate::emulator_only(
+            "io_transport",
+            "both transports serve the emulated controller; tests/io.rs runs on the device",
+        );
         match transport {
             Transport::Pcie => {
                 let (ctrl, emu) = emulated(cfg);

@@ -1,6 +1,8 @@
 //! The NVMe/TCP arm of the seam: a [`HostController`] behind a mutex (admin commands and the
 //! Keep Alive from any thread), with its namespaces read at connect time, and I/O queues that
-//! map the caller's tags onto the host queue's command slots.
+//! map the caller's tags onto the host queue's command slots. As on a PCIe queue pair, a
+//! read or write above MDTS is split into several commands that complete as one request, and
+//! the ID of a dropped queue goes to the next queue created (once the target let go of it).
 //!
 //! Data buffers of the embedding API ([`DmaBuffer`](crate::DmaBuffer)s, the page cache) come
 //! from [`TcpController::memory`]: ordinary memory handed out by the same page allocator as
