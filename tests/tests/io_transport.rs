@@ -8,9 +8,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use dioxide::emulated::Mode;
+use dioxide::emulated::{Action, Fault, Mode, Trigger};
 use dioxide::spec::identify::Oncs;
 use dioxide::spec::sqe::io as io_op;
+use dioxide::spec::status::media;
+use dioxide::spec::{Sct, Status};
 use dioxide::{
     HostBuf, IoFlags, IoOp, Lba, Nsid, NvmfHostError, QueueOptions, TransportBuf, TransportError,
     TransportIoError, TransportQueue,
@@ -146,6 +148,56 @@ fn four_times_mdts_completes_once_with_all_data() {
                 assert_eq!(st.split_children, 8, "4 + 4 children on PCIe");
             }
         }
+        t.finish();
+    });
+}
+
+/// A request split into commands (4 x MDTS) of which one fails completes once, with that
+/// command's status; the queue goes on working.
+#[test]
+fn a_failed_part_fails_its_request_once() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    each_transport(Mode::Threaded, &[NS_512], |t| {
+        let c = &t.ctrl;
+        let ns = t.first_namespace();
+        let len = 4 * c.max_transfer();
+        let blocks = (len / ns.block_size() as usize) as u64;
+        // One bad block in the third quarter of the request at LBA 0.
+        let bad = blocks / 2 + 3;
+        t.emu.inject(Fault {
+            trigger: Trigger::LbaRange {
+                nsid: ns.nsid().0,
+                start: bad,
+                end: bad + 1,
+                opcode: None,
+            },
+            action: Action::Status(Status::new(Sct::Media, media::UNRECOVERED_READ_ERROR)),
+            times: None,
+        });
+        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        let r = t.alloc(len);
+        match io(&mut q, IoOp::Read, &ns, Lba(0), &r) {
+            Err(Err(e)) => assert_eq!(
+                e.status().map(|s| (s.sct, s.sc)),
+                Some((Sct::Media, media::UNRECOVERED_READ_ERROR)),
+                "{}: {e}",
+                t.name()
+            ),
+            other => panic!("{}: a read over a bad block: {other:?}", t.name()),
+        }
+        assert_eq!(q.outstanding(), 0);
+        assert_eq!(
+            q.poll(usize::MAX, |tag, _| panic!("tag {tag} again"))
+                .unwrap(),
+            0
+        );
+        // The same request past the bad block succeeds, with its data.
+        let w = t.pattern_buf(len, 77);
+        io_ok(&mut q, IoOp::Write, &ns, Lba(blocks), &w);
+        io_ok(&mut q, IoOp::Read, &ns, Lba(blocks), &r);
+        assert!(r.as_slice() == w.as_slice(), "{}", t.name());
+        t.emu.clear_faults();
+        drop(q);
         t.finish();
     });
 }
@@ -564,7 +616,9 @@ fn target_killed_ends_every_request_once_with_controller_lost() {
     let mut qs: Vec<TransportQueue<u64>> = (0..2)
         .map(|_| t.ctrl.create_qpair(opts.clone()).unwrap())
         .collect();
-    let len = 64 << 10;
+    // Two commands per request (2 x MDTS): the parts in flight and those still waiting for a
+    // command slot end together, once per request.
+    let len = 2 * t.ctrl.max_transfer();
     let bufs: Vec<TransportBuf> = (0..64).map(|_| t.alloc(len)).collect();
     // Hold every completion a little, so the commands are still in flight when the target dies.
     hold_completions(&t.emu, Duration::from_millis(20));
