@@ -419,7 +419,8 @@ impl<T> TransportQueue<T> {
 
     /// Reaps up to `max` completions, calling `f(tag, result)` for each; returns how many. On
     /// TCP a dead connection is an error, after every outstanding command was handed to `f`
-    /// (failed, exactly once).
+    /// (failed, exactly once). `usize::MAX` reaps all on both transports; 0 differs (PCIe:
+    /// none, TCP: all, as [`TcpQueue::poll`]), so generic code passes a count.
     #[inline]
     pub fn poll<F: FnMut(T, Result<(), TransportIoError>)>(
         &mut self,
