@@ -6,6 +6,10 @@
 //!   whatever the test asked the emulator for; tests may write to it only when
 //!   `NVME_HIL_ALLOW_WRITE=1` ([`Device::writable`], [`Device::skip_writes`]).
 //!
+//! Tests of I/O semantics on both transports (`tests/io_transport.rs`) take a controller
+//! from [`each_transport`]: the emulated controller on PCIe, then the same behind the
+//! NVMe/TCP target over loopback.
+//!
 //! Device-independent tests (`tests/io.rs`) use only the public driver API through a
 //! [`Device`] and adapt to its shape (namespaces, block sizes, MDTS); emulator-only tests (fault
 //! injection, `tests/faults.rs`) use [`emulated`] and say so with [`emulator_only`].
@@ -31,8 +35,13 @@
 
 mod proxy;
 mod tcp;
+mod transport;
 pub use proxy::{Proxy, ProxyFault};
 pub use tcp::{TCP_SUBNQN, TcpTarget};
+pub use transport::{
+    IO_LIMIT, TRANSPORTS, Transport, TransportUnderTest, drain, drain_with, each_transport,
+    hold_completions, io, io_ok,
+};
 
 use std::io::Write as _;
 use std::sync::{Arc, Condvar, Mutex, Once};

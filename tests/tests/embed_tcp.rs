@@ -20,7 +20,7 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dioxide::emulated::{Action, Fault, Mode, Trigger};
+use dioxide::emulated::Mode;
 use dioxide::{BlockFile, Completed, Dioxide, EmbedError, FileOptions, IoBuffer, Request};
 use dioxide_tests::*;
 
@@ -366,15 +366,7 @@ fn through_a_fault(fault: impl FnOnce(&mut TcpTarget, &Proxy) + Send, kato_ms: u
     let mut t = target();
     let proxy = Proxy::start(t.addr);
     // Hold every completion a little, so that requests are in flight when the fault hits.
-    t.emu.inject(Fault {
-        trigger: Trigger::NthCommand {
-            qid: None,
-            opcode: None,
-            n: 1,
-        },
-        action: Action::Delay(Duration::from_millis(2)),
-        times: None,
-    });
+    hold_completions(&t.emu, Duration::from_millis(2));
     let dx = Dioxide::builder()
         .transport_id(&t.trid_at(proxy.addr))
         .expect("transport ID")
@@ -499,15 +491,7 @@ fn run_to_completion_sees_the_controller_lost() {
     let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let mut t = target();
     // Hold completions so that the asynchronous read is still in flight at the kill.
-    t.emu.inject(Fault {
-        trigger: Trigger::NthCommand {
-            qid: None,
-            opcode: None,
-            n: 1,
-        },
-        action: Action::Delay(Duration::from_millis(200)),
-        times: None,
-    });
+    hold_completions(&t.emu, Duration::from_millis(200));
     let dx = remote(&t, true);
     let f = dx
         .open_file(

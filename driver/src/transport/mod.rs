@@ -24,7 +24,7 @@ use crate::bus::dma::{DmaBuffer, DmaMemory};
 use crate::nvme::controller::Controller;
 use crate::nvme::error::{Error, IoError};
 use crate::nvme::namespace::Namespace;
-use crate::nvme::qpair::{IoFlags, IoOp, QueueOptions, QueuePair};
+use crate::nvme::qpair::{IoFlags, IoOp, QueueOptions, QueuePair, Rejected};
 use crate::nvmf::HostError;
 use crate::spec::identify::{ErrorLogEntry, FirmwareSlotLog};
 use crate::spec::{Cap, IdentifyController, SmartLog, Status, Vs};
@@ -266,6 +266,13 @@ pub struct TransportRejected<T> {
     pub tag: T,
 }
 
+fn pcie_rejected<T>(r: Rejected<T>) -> TransportRejected<T> {
+    TransportRejected {
+        error: r.error.into(),
+        tag: r.ctx,
+    }
+}
+
 /// An I/O queue on any transport; one thread uses it (`Send`, not `Sync`).
 #[derive(Debug)]
 pub enum TransportQueue<T> {
@@ -299,8 +306,17 @@ impl<T> TransportQueue<T> {
         }
     }
 
+    /// Requests taken and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        match self {
+            TransportQueue::Pcie(q) => q.outstanding(),
+            TransportQueue::Tcp(q) => q.outstanding(),
+        }
+    }
+
     /// Queues a read or write of `buf` (whole blocks of `ns`) at `lba`, to complete with
-    /// `tag`; nothing is sent until [`ring`](Self::ring) (or the next poll).
+    /// `tag`; nothing is sent until [`ring`](Self::ring) (or the next poll). A request larger
+    /// than the controller's MDTS is split into several commands and completes once.
     ///
     /// # Safety
     /// `buf` must come from this queue's controller ([`TransportController::alloc`]), stay
@@ -316,20 +332,34 @@ impl<T> TransportQueue<T> {
         buf: &TransportBuf,
         tag: T,
     ) -> Result<(), TransportRejected<T>> {
+        // SAFETY: this function's contract is submit_raw_with's.
+        unsafe { self.submit_raw_with(op, ns, lba, buf, IoFlags::NONE, tag) }
+    }
+
+    /// [`submit_raw`](Self::submit_raw) with per-command flags (FUA).
+    ///
+    /// # Safety
+    /// As [`submit_raw`](Self::submit_raw).
+    #[inline]
+    pub unsafe fn submit_raw_with(
+        &mut self,
+        op: IoOp,
+        ns: &Namespace,
+        lba: Lba,
+        buf: &TransportBuf,
+        flags: IoFlags,
+        tag: T,
+    ) -> Result<(), TransportRejected<T>> {
         match (self, buf) {
             (TransportQueue::Pcie(q), TransportBuf::Dma(b)) => {
                 // SAFETY: the buffer is this controller's DMA memory and the caller keeps it
                 // alive and untouched until the completion (this function's contract).
-                unsafe { q.submit_raw(op, ns, lba, b.as_dma_slice(), IoFlags::NONE, tag) }.map_err(
-                    |r| TransportRejected {
-                        error: r.error.into(),
-                        tag: r.ctx,
-                    },
-                )
+                unsafe { q.submit_raw(op, ns, lba, b.as_dma_slice(), flags, tag) }
+                    .map_err(pcie_rejected)
             }
             // SAFETY: as above; the TCP queue receives into / sends from the buffer's memory.
             (TransportQueue::Tcp(q), TransportBuf::Host(b)) => unsafe {
-                q.submit_raw(op, ns, lba, b, tag)
+                q.submit_raw_with(op, ns, lba, b, flags, tag)
             },
             (_, _) => Err(TransportRejected {
                 error: TransportError::Invalid(
@@ -337,6 +367,44 @@ impl<T> TransportQueue<T> {
                 ),
                 tag,
             }),
+        }
+    }
+
+    /// Queues a Flush of `ns`.
+    pub fn flush(&mut self, ns: &Namespace, tag: T) -> Result<(), TransportRejected<T>> {
+        match self {
+            TransportQueue::Pcie(q) => q.flush(ns, tag).map_err(pcie_rejected),
+            TransportQueue::Tcp(q) => q.flush(ns, tag),
+        }
+    }
+
+    /// Queues a Write Zeroes of `blocks` blocks of `ns` at `lba` (FUA per `flags`).
+    pub fn write_zeroes(
+        &mut self,
+        ns: &Namespace,
+        lba: Lba,
+        blocks: u32,
+        flags: IoFlags,
+        tag: T,
+    ) -> Result<(), TransportRejected<T>> {
+        match self {
+            TransportQueue::Pcie(q) => q
+                .write_zeroes(ns, lba, blocks, flags, tag)
+                .map_err(pcie_rejected),
+            TransportQueue::Tcp(q) => q.write_zeroes(ns, lba, blocks, flags, tag),
+        }
+    }
+
+    /// Queues a Deallocate (Dataset Management) of `ranges` (LBA, blocks) of `ns`.
+    pub fn deallocate(
+        &mut self,
+        ns: &Namespace,
+        ranges: &[(Lba, u32)],
+        tag: T,
+    ) -> Result<(), TransportRejected<T>> {
+        match self {
+            TransportQueue::Pcie(q) => q.deallocate(ns, ranges, tag).map_err(pcie_rejected),
+            TransportQueue::Tcp(q) => q.deallocate(ns, ranges, tag),
         }
     }
 
@@ -351,7 +419,8 @@ impl<T> TransportQueue<T> {
 
     /// Reaps up to `max` completions, calling `f(tag, result)` for each; returns how many. On
     /// TCP a dead connection is an error, after every outstanding command was handed to `f`
-    /// (failed, exactly once).
+    /// (failed, exactly once). `usize::MAX` reaps all on both transports; 0 differs (PCIe:
+    /// none, TCP: all, as [`TcpQueue::poll`]), so generic code passes a count.
     #[inline]
     pub fn poll<F: FnMut(T, Result<(), TransportIoError>)>(
         &mut self,

@@ -1,6 +1,8 @@
 //! The NVMe/TCP arm of the seam: a [`HostController`] behind a mutex (admin commands and the
 //! Keep Alive from any thread), with its namespaces read at connect time, and I/O queues that
-//! map the caller's tags onto the host queue's command slots.
+//! map the caller's tags onto the host queue's command slots. As on a PCIe queue pair, a
+//! read or write above MDTS is split into several commands that complete as one request, and
+//! the ID of a dropped queue goes to the next queue created (once the target let go of it).
 //!
 //! Data buffers of the embedding API ([`DmaBuffer`](crate::DmaBuffer)s, the page cache) come
 //! from [`TcpController::memory`]: ordinary memory handed out by the same page allocator as
@@ -12,21 +14,23 @@
 //! connections too (as Linux's host tears the whole association down), so every outstanding
 //! command of the association ends once with "controller lost".
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::{TransportError, TransportIoError, TransportRejected};
 use crate::bus::dma::{ChunkSource, DmaChunk, DmaMemory};
 use crate::nvme::namespace::Namespace;
-use crate::nvme::qpair::{IoOp, QueueOptions};
+use crate::nvme::qpair::{IoFlags, IoOp, QueueOptions};
 use crate::nvmf::fabrics::DiscoveryEntry;
 use crate::nvmf::{HostController, HostError, HostOptions, HostQueue};
 use crate::spec::identify::{
     ERROR_LOG_ENTRY_LEN, ErrorLogEntry, FIRMWARE_SLOT_LOG_LEN, FirmwareSlotLog, SMART_LOG_LEN,
 };
-use crate::spec::sqe::{io, lid};
+use crate::spec::sqe::{DSM_RANGE_LEN, io, lid};
 use crate::spec::{Cap, IdentifyController, SmartLog, Sqe, Vs};
 use crate::types::{Iova, Lba, Nsid, QueueId};
 
@@ -116,6 +120,8 @@ pub struct TcpController {
     discovery: bool,
     namespaces: Vec<Namespace>,
     lost: Arc<Lost>,
+    /// Queue IDs given back by dropped queues (the lowest is used first).
+    released: Arc<Mutex<BTreeSet<u16>>>,
     memory: DmaMemory,
 }
 
@@ -149,6 +155,7 @@ impl TcpController {
             namespaces,
             host: Mutex::new(host),
             lost: Arc::new(Lost::default()),
+            released: Arc::default(),
             memory: DmaMemory::new(Box::new(HostChunks)),
         })
     }
@@ -229,9 +236,37 @@ impl TcpController {
             n => n,
         }
         .clamp(2, max.max(2));
-        let q = self.host().io_queue(entries)?;
+        let reused = self
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_first();
+        let mut host = self.host();
+        let q = match reused {
+            None => host.io_queue(entries)?,
+            Some(qid) => match host.io_queue_at(qid, entries) {
+                Ok(q) => q,
+                Err(e) => {
+                    // The target may not have let go of it yet: a new ID, if one is left.
+                    log::debug!("nvmf host: queue ID {qid} not reusable yet: {e}");
+                    self.released
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(qid);
+                    host.io_queue(entries)?
+                }
+            },
+        };
+        drop(host);
         let requests = (opts.requests as usize).max(entries as usize);
-        Ok(TcpQueue::new(q, entries, requests, self.lost.clone()))
+        Ok(TcpQueue::new(
+            q,
+            entries,
+            requests,
+            self.max_transfer,
+            self.lost.clone(),
+            self.released.clone(),
+        ))
     }
 
     /// The Keep Alive timer ([`HostController::process_admin`]); a failure marks the whole
@@ -292,17 +327,38 @@ struct Waiting {
     slot: u32,
 }
 
+/// One request of the table: the caller's tag, and for a request split into several
+/// commands (larger than MDTS), how many are still out and the first failure.
+struct Request<T> {
+    tag: Option<T>,
+    pending: u32,
+    error: Option<TransportIoError>,
+    /// Data the queue owns until the request completes (a Deallocate's range list).
+    keep: Option<Box<[u8]>>,
+}
+
 /// An NVMe/TCP I/O queue: one connection; the caller's tags ride in a request table
 /// (`QueueOptions::requests`, at least the queue's entries). Requests beyond the commands the
-/// connection may have outstanding wait in order, in software, as on a PCIe queue pair.
+/// connection may have outstanding wait in order, in software, as on a PCIe queue pair; a
+/// read or write larger than the controller's MDTS is split into MDTS-sized commands and
+/// completes once, when all of them did (with the first failure, if any).
+///
+/// Dropping the queue ends its connection and waits (briefly) for the target to close its
+/// side, which it does once it let go of the queue ID: the ID is then handed to the next
+/// queue the controller creates, as a PCIe queue pair's ID is after Delete SQ / CQ.
 pub struct TcpQueue<T> {
     q: HostQueue,
-    tags: Vec<Option<T>>,
+    reqs: Vec<Request<T>>,
     free: Vec<u32>,
     waiting: std::collections::VecDeque<Waiting>,
     entries: u16,
+    max_transfer: usize,
     lost: Arc<Lost>,
+    released: Arc<Mutex<BTreeSet<u16>>>,
 }
+
+/// How long dropping a [`TcpQueue`] waits for the target to close the connection.
+const CLOSE_LIMIT: Duration = Duration::from_millis(500);
 
 // SAFETY: the raw pointers of waiting requests name memory given under submit_raw's contract
 // (valid and untouched by others until the completion); the queue is used by one thread at a
@@ -319,15 +375,31 @@ impl<T> core::fmt::Debug for TcpQueue<T> {
 }
 
 impl<T> TcpQueue<T> {
-    fn new(q: HostQueue, entries: u16, requests: usize, lost: Arc<Lost>) -> TcpQueue<T> {
+    fn new(
+        q: HostQueue,
+        entries: u16,
+        requests: usize,
+        max_transfer: usize,
+        lost: Arc<Lost>,
+        released: Arc<Mutex<BTreeSet<u16>>>,
+    ) -> TcpQueue<T> {
         let n = requests.max(q.slots());
         TcpQueue {
             q,
-            tags: (0..n).map(|_| None).collect(),
+            reqs: (0..n)
+                .map(|_| Request {
+                    tag: None,
+                    pending: 0,
+                    error: None,
+                    keep: None,
+                })
+                .collect(),
             free: (0..n as u32).rev().collect(),
             waiting: std::collections::VecDeque::new(),
             entries,
+            max_transfer,
             lost,
+            released,
         }
     }
     /// The queue ID.
@@ -340,7 +412,7 @@ impl<T> TcpQueue<T> {
     }
     /// Commands outstanding.
     pub fn outstanding(&self) -> usize {
-        self.tags.len() - self.free.len()
+        self.reqs.len() - self.free.len()
     }
     /// The host queue underneath.
     pub fn host_queue(&mut self) -> &mut HostQueue {
@@ -361,6 +433,23 @@ impl<T> TcpQueue<T> {
         buf: &HostBuf,
         tag: T,
     ) -> Result<(), TransportRejected<T>> {
+        // SAFETY: this function's contract is submit_raw_with's.
+        unsafe { self.submit_raw_with(op, ns, lba, buf, IoFlags::NONE, tag) }
+    }
+
+    /// [`submit_raw`](Self::submit_raw) with per-command flags (FUA).
+    ///
+    /// # Safety
+    /// As [`submit_raw`](Self::submit_raw).
+    pub unsafe fn submit_raw_with(
+        &mut self,
+        op: IoOp,
+        ns: &Namespace,
+        lba: Lba,
+        buf: &HostBuf,
+        flags: IoFlags,
+        tag: T,
+    ) -> Result<(), TransportRejected<T>> {
         let reject = |error: TransportError, tag: T| Err(TransportRejected { error, tag });
         let len = buf.len();
         let bs = ns.block_size() as usize;
@@ -374,15 +463,14 @@ impl<T> TcpQueue<T> {
             );
         }
         let blocks = (len / bs) as u64;
-        if blocks > 65536
-            || lba
-                .0
-                .checked_add(blocks)
-                .is_none_or(|end| end > ns.io_blocks())
+        if lba
+            .0
+            .checked_add(blocks)
+            .is_none_or(|end| end > ns.io_blocks())
         {
             return reject(
                 TransportError::Invalid(format!(
-                    "{blocks} blocks at LBA {} are beyond namespace {} ({} usable blocks) or above 65536",
+                    "{blocks} blocks at LBA {} are beyond namespace {} ({} usable blocks)",
                     lba.0,
                     ns.nsid(),
                     ns.io_blocks()
@@ -394,9 +482,49 @@ impl<T> TcpQueue<T> {
             IoOp::Read => (io::READ, false),
             IoOp::Write => (io::WRITE, true),
         };
-        let sqe = Sqe::rw(opcode, ns.nsid().0, lba.0, blocks as u32, false);
-        // SAFETY: the caller's contract (this function's) covers the buffer's memory.
-        unsafe { self.submit_sqe(sqe, buf.ptr, len, out, tag) }
+        // One command carries at most MDTS (a whole number of blocks: MDTS is a power of two
+        // of at least 4 KiB, a block one of at most 4 KiB) and 65536 blocks.
+        let child = (self.max_transfer / bs).clamp(1, 65536) * bs;
+        if len <= child {
+            let sqe = Sqe::rw(opcode, ns.nsid().0, lba.0, blocks as u32, flags.fua);
+            // SAFETY: the caller's contract (this function's) covers the buffer's memory.
+            return unsafe { self.submit_sqe(sqe, buf.ptr, len, out, tag) };
+        }
+        if let Some(why) = self.q.lost() {
+            return reject(HostError::Lost(why.to_owned()).into(), tag);
+        }
+        let Some(slot) = self.free.pop() else {
+            return reject(HostError::QueueFull(self.reqs.len()).into(), tag);
+        };
+        let children = len.div_ceil(child);
+        let r = &mut self.reqs[slot as usize];
+        r.tag = Some(tag);
+        r.pending = children as u32;
+        r.error = None;
+        r.keep = None;
+        for i in 0..children {
+            let off = i * child;
+            let n = child.min(len - off);
+            let sqe = Sqe::rw(
+                opcode,
+                ns.nsid().0,
+                lba.0 + (off / bs) as u64,
+                (n / bs) as u32,
+                flags.fua,
+            );
+            // SAFETY: `off + n <= len`: the pointer stays inside the caller's buffer.
+            let ptr = unsafe { NonNull::new_unchecked(buf.ptr.as_ptr().add(off)) };
+            // The caller's contract covers the wait, as in submit_sqe.
+            self.waiting.push_back(Waiting {
+                sqe,
+                ptr,
+                len: n,
+                out,
+                slot,
+            });
+        }
+        self.start_waiting();
+        Ok(())
     }
 
     /// Queues any I/O command `sqe` whose data (`len` bytes at `ptr`, 0 for none) is written
@@ -414,10 +542,33 @@ impl<T> TcpQueue<T> {
         out: bool,
         tag: T,
     ) -> Result<(), TransportRejected<T>> {
+        // SAFETY: this function's contract is submit_keep's, with nothing kept.
+        unsafe { self.submit_keep(sqe, ptr, len, out, None, tag) }
+    }
+
+    /// [`submit_sqe`](Self::submit_sqe) that also holds `keep` (which `ptr` may point into)
+    /// until the request completes.
+    ///
+    /// # Safety
+    /// As [`submit_sqe`](Self::submit_sqe) for memory outside `keep`.
+    unsafe fn submit_keep(
+        &mut self,
+        sqe: Sqe,
+        ptr: NonNull<u8>,
+        len: usize,
+        out: bool,
+        keep: Option<Box<[u8]>>,
+        tag: T,
+    ) -> Result<(), TransportRejected<T>> {
         let reject = |error: TransportError, tag: T| Err(TransportRejected { error, tag });
         let Some(slot) = self.free.pop() else {
-            return reject(HostError::QueueFull(self.tags.len()).into(), tag);
+            return reject(HostError::QueueFull(self.reqs.len()).into(), tag);
         };
+        let r = &mut self.reqs[slot as usize];
+        r.pending = 1;
+        r.error = None;
+        // A boxed slice's heap memory does not move with the box.
+        r.keep = keep;
         let w = Waiting {
             sqe,
             ptr,
@@ -428,20 +579,75 @@ impl<T> TcpQueue<T> {
         if !self.waiting.is_empty() || self.q.outstanding() >= self.q.slots() {
             // The caller's contract covers the wait: the memory stays valid until the
             // completion, which comes after the command was sent or failed.
-            self.tags[slot as usize] = Some(tag);
+            self.reqs[slot as usize].tag = Some(tag);
             self.waiting.push_back(w);
             return Ok(());
         }
         match self.send_one(w) {
             Ok(()) => {
-                self.tags[slot as usize] = Some(tag);
+                self.reqs[slot as usize].tag = Some(tag);
                 Ok(())
             }
             Err(e) => {
+                self.reqs[slot as usize].keep = None;
                 self.free.push(slot);
                 reject(e.into(), tag)
             }
         }
+    }
+
+    /// Queues a Flush of `ns`.
+    pub fn flush(&mut self, ns: &Namespace, tag: T) -> Result<(), TransportRejected<T>> {
+        // SAFETY: a Flush moves no data.
+        unsafe { self.submit_sqe(Sqe::flush(ns.nsid().0), NonNull::dangling(), 0, false, tag) }
+    }
+
+    /// Queues a Write Zeroes of `blocks` (1..=65536) blocks of `ns` at `lba` (FUA per `flags`).
+    pub fn write_zeroes(
+        &mut self,
+        ns: &Namespace,
+        lba: Lba,
+        blocks: u32,
+        flags: IoFlags,
+        tag: T,
+    ) -> Result<(), TransportRejected<T>> {
+        if let Err(e) = check_range(ns, lba, blocks as u64, "Write Zeroes") {
+            return Err(TransportRejected { error: e, tag });
+        }
+        let sqe = Sqe::write_zeroes(ns.nsid().0, lba.0, blocks, flags.fua);
+        // SAFETY: a Write Zeroes moves no data.
+        unsafe { self.submit_sqe(sqe, NonNull::dangling(), 0, false, tag) }
+    }
+
+    /// Queues a Dataset Management Deallocate of `ranges` (1..=256 of (LBA, blocks)).
+    pub fn deallocate(
+        &mut self,
+        ns: &Namespace,
+        ranges: &[(Lba, u32)],
+        tag: T,
+    ) -> Result<(), TransportRejected<T>> {
+        let reject = |error: TransportError, tag: T| Err(TransportRejected { error, tag });
+        if ranges.is_empty() || ranges.len() > 256 {
+            return reject(
+                TransportError::Invalid(format!(
+                    "a Deallocate of {} ranges; give 1 to 256",
+                    ranges.len()
+                )),
+                tag,
+            );
+        }
+        let mut list = vec![0u8; ranges.len() * DSM_RANGE_LEN].into_boxed_slice();
+        for (&(lba, nlb), r) in ranges.iter().zip(list.chunks_exact_mut(DSM_RANGE_LEN)) {
+            if let Err(e) = check_range(ns, lba, nlb as u64, "Deallocate") {
+                return reject(e, tag);
+            }
+            r[4..8].copy_from_slice(&nlb.to_le_bytes());
+            r[8..16].copy_from_slice(&lba.0.to_le_bytes());
+        }
+        let sqe = Sqe::dsm_deallocate(ns.nsid().0, ranges.len() as u32, 0);
+        let (ptr, len) = (NonNull::from(&mut list[..]).cast::<u8>(), list.len());
+        // SAFETY: the list is kept by the request until it completes.
+        unsafe { self.submit_keep(sqe, ptr, len, true, Some(list), tag) }
     }
 
     /// Why the connection ended, if it did.
@@ -489,15 +695,39 @@ impl<T> TcpQueue<T> {
         let _ = self.q.send_now();
     }
 
-    fn deliver<F: FnMut(T, Result<(), TransportIoError>)>(&mut self, f: &mut F) -> bool {
-        let Some(c) = self.q.pop() else {
+    /// One command of request `slot` ended with `r`: the request completes (to `f`) when it
+    /// was its last; true if it did.
+    fn child_done<F: FnMut(T, Result<(), TransportIoError>)>(
+        &mut self,
+        slot: usize,
+        r: Result<(), TransportIoError>,
+        f: &mut F,
+    ) -> bool {
+        let Some(req) = self.reqs.get_mut(slot) else {
             return false;
         };
-        let slot = c.tag as usize;
-        let Some(tag) = self.tags.get_mut(slot).and_then(Option::take) else {
-            return true;
+        if req.tag.is_none() {
+            return false;
+        }
+        if let Err(e) = r {
+            req.error.get_or_insert(e);
+        }
+        req.pending = req.pending.saturating_sub(1);
+        if req.pending > 0 {
+            return false;
+        }
+        let (Some(tag), error) = (req.tag.take(), req.error.take()) else {
+            return false;
         };
+        req.keep = None;
         self.free.push(slot as u32);
+        f(tag, error.map_or(Ok(()), Err));
+        true
+    }
+
+    /// The next finished command: `None` if there is none, else whether a request completed.
+    fn deliver<F: FnMut(T, Result<(), TransportIoError>)>(&mut self, f: &mut F) -> Option<bool> {
+        let c = self.q.pop()?;
         let r = match c.result {
             Ok(cqe) if cqe.status().is_success() => Ok(()),
             Ok(cqe) => Err(TransportIoError::Tcp(HostError::Status {
@@ -507,8 +737,7 @@ impl<T> TcpQueue<T> {
             })),
             Err(e) => Err(TransportIoError::Tcp(e)),
         };
-        f(tag, r);
-        true
+        Some(self.child_done(c.tag as usize, r, f))
     }
 
     /// Sends and receives without blocking, then hands up to `max` (0: all) completions to
@@ -527,8 +756,11 @@ impl<T> TcpQueue<T> {
         let max = if max == 0 { usize::MAX } else { max };
         let mut n = 0;
         if r.is_ok() {
-            while n < max && self.deliver(&mut f) {
-                n += 1;
+            while n < max {
+                match self.deliver(&mut f) {
+                    None => break,
+                    Some(done) => n += usize::from(done),
+                }
             }
             if !self.waiting.is_empty() {
                 self.start_waiting();
@@ -544,23 +776,78 @@ impl<T> TcpQueue<T> {
                 self.lost.set(format!("I/O queue {}: {e}", self.q.qid()));
             }
         }
-        while self.deliver(&mut f) {
-            n += 1;
+        while let Some(done) = self.deliver(&mut f) {
+            n += usize::from(done);
         }
-        // Requests that never got a command slot end too, once each.
+        // Commands that never got a command slot end too; each request once.
         let why = self.q.lost().unwrap_or("the connection failed").to_owned();
         while let Some(w) = self.waiting.pop_front() {
-            let slot = w.slot as usize;
-            if let Some(tag) = self.tags.get_mut(slot).and_then(Option::take) {
-                self.free.push(w.slot);
-                f(
-                    tag,
-                    Err(TransportIoError::Tcp(HostError::Lost(why.clone()))),
-                );
-                n += 1;
-            }
+            let lost = Err(TransportIoError::Tcp(HostError::Lost(why.clone())));
+            n += usize::from(self.child_done(w.slot as usize, lost, &mut f));
         }
         r.map(|_| n).map_err(TransportError::from)
+    }
+}
+
+/// `blocks` (1..=65536) blocks at `lba` within `ns`, for command `what`.
+fn check_range(ns: &Namespace, lba: Lba, blocks: u64, what: &str) -> Result<(), TransportError> {
+    if blocks == 0 || blocks > 65536 {
+        return Err(TransportError::Invalid(format!(
+            "a {what} of {blocks} blocks; give 1 to 65536"
+        )));
+    }
+    if lba
+        .0
+        .checked_add(blocks)
+        .is_none_or(|end| end > ns.io_blocks())
+    {
+        return Err(TransportError::Invalid(format!(
+            "a {what} of {blocks} blocks at LBA {} is beyond namespace {} ({} usable blocks)",
+            lba.0,
+            ns.nsid(),
+            ns.io_blocks()
+        )));
+    }
+    Ok(())
+}
+
+impl<T> Drop for TcpQueue<T> {
+    fn drop(&mut self) {
+        if self.q.lost().is_some() || self.lost.flag.load(Ordering::Acquire) {
+            return; // the association is gone: its queue IDs with it
+        }
+        let qid = self.q.qid();
+        if close_and_wait(self.q.socket(), CLOSE_LIMIT) {
+            self.released
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(qid);
+        } else {
+            log::debug!("nvmf host: queue {qid}: the target did not close in time; ID not reused");
+        }
+    }
+}
+
+/// Ends the host's side of `sock` and waits up to `limit` for the peer's close (whatever it
+/// still sends is discarded); true if it came.
+fn close_and_wait(sock: &std::net::TcpStream, limit: Duration) -> bool {
+    use std::io::Read;
+    let deadline = Instant::now() + limit;
+    if sock.shutdown(std::net::Shutdown::Write).is_err() || sock.set_nonblocking(false).is_err() {
+        return false;
+    }
+    let mut scratch = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match (&*sock).read(&mut scratch) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
     }
 }
 

@@ -206,11 +206,23 @@ impl HostController {
                 self.io_queues
             )));
         }
-        let qid = self.next_qid;
+        let q = self.io_queue_at(self.next_qid, entries)?;
+        self.next_qid += 1;
+        Ok(q)
+    }
+
+    /// Connects I/O queue `qid` (one [`io_queue`](Self::io_queue) handed out before, whose
+    /// connection has ended) with `entries` entries.
+    pub fn io_queue_at(&mut self, qid: u16, entries: u16) -> Result<HostQueue, HostError> {
+        if qid == 0 || (!self.is_discovery() && qid > self.io_queues) {
+            return Err(HostError::Controller(format!(
+                "I/O queue ID {qid} is not one of the {} the controller granted",
+                self.io_queues
+            )));
+        }
         let mut q = HostQueue::open(self.addr, &self.opts, entries)?;
         q.connect(&self.opts, qid, entries, self.cntlid)?;
         q.set_in_capsule(self.io_in_capsule());
-        self.next_qid += 1;
         Ok(q)
     }
 
