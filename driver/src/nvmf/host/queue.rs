@@ -14,8 +14,11 @@
 //! protocol error that ends the connection. So the send buffer never holds more than each
 //! outstanding command's data once, whatever a target sends.
 //!
-//! Time is read only every [`CLOCK_EVERY`] polls, or when a poll finds nothing to do; each
-//! command carries the coarse time it was queued at, and a command older than the queue's
+//! Time is read only every [`CLOCK_EVERY`] polls that made progress, or every
+//! [`IDLE_CLOCK_EVERY`] that found nothing to do; each command carries the coarse time it was
+//! queued at, and the queue keeps the earliest coarse time at which one of them can be late, so
+//! the command table is scanned only once that time has come (not on every empty poll: a
+//! polled host makes many of them per command). A command older than the queue's
 //! command timeout kills the connection (NVMe/TCP has no way to take a command back from a
 //! target short of ending the association): the command ends with [`HostError::Timeout`],
 //! every other outstanding one with [`HostError::Lost`]. Every fatal error does the same, so a
@@ -39,6 +42,9 @@ use crate::spec::{Cqe, Sqe};
 
 /// The clock is read once per this many calls of [`HostQueue::poll`] that made progress.
 const CLOCK_EVERY: u32 = 256;
+
+/// The clock is read once per this many calls of [`HostQueue::poll`] that found nothing to do.
+const IDLE_CLOCK_EVERY: u32 = 8;
 
 /// MAXH2CDATA must be at least this (TP 8000: 4 KiB).
 const MIN_MAXH2CDATA: u32 = 4096;
@@ -162,7 +168,13 @@ pub struct HostQueue {
     cmd_timeout_ms: u64,
     epoch: Instant,
     now_ms: u64,
+    /// Polls that made progress since the clock was read.
     polls: u32,
+    /// Polls that found nothing to do since the clock was read.
+    idle_polls: u32,
+    /// Coarse time from which an outstanding command may be late (`u64::MAX`: none can be):
+    /// the earliest deadline seen by the last scan, lowered by every later submission.
+    check_at_ms: u64,
 }
 
 // SAFETY: the raw buffers a queue holds were given to it under submit_raw's contract (valid and
@@ -212,6 +224,8 @@ impl HostQueue {
             epoch: Instant::now(),
             now_ms: 0,
             polls: 0,
+            idle_polls: 0,
+            check_at_ms: u64::MAX,
         };
         let req = Pdu::IcReq(IcReq {
             pfv: 0,
@@ -376,6 +390,16 @@ impl HostQueue {
                 self.out.extend_from_slice(&pdu::crc32c(data).to_le_bytes());
             }
         }
+        let queued_ms = if self.qid == 0 && opcode == admin::ASYNC_EVENT_REQUEST {
+            u64::MAX
+        } else {
+            self.check_at_ms = self.check_at_ms.min(
+                self.now_ms
+                    .saturating_add(self.cmd_timeout_ms)
+                    .saturating_add(1),
+            );
+            self.now_ms
+        };
         self.cmds[cid as usize] = Some(Cmd {
             tag,
             buf,
@@ -386,11 +410,7 @@ impl HostQueue {
             incapsule,
             r2t_next: 0,
             r2t_done_at: 0,
-            queued_ms: if self.qid == 0 && opcode == admin::ASYNC_EVENT_REQUEST {
-                u64::MAX
-            } else {
-                self.now_ms
-            },
+            queued_ms,
         });
         Ok(cid)
     }
@@ -484,10 +504,20 @@ impl HostQueue {
             return Err(HostError::Lost(why.clone()));
         }
         let r = self.poll_inner().and_then(|n| {
-            self.polls += 1;
-            if (n == 0 || self.polls >= CLOCK_EVERY) && self.outstanding() > 0 {
+            let due = if n == 0 {
+                self.idle_polls += 1;
+                self.idle_polls >= IDLE_CLOCK_EVERY
+            } else {
+                self.polls += 1;
+                self.polls >= CLOCK_EVERY
+            };
+            if due && self.outstanding() > 0 {
                 self.polls = 0;
-                self.check_timeouts()?;
+                self.idle_polls = 0;
+                self.now_ms = self.epoch.elapsed().as_millis() as u64;
+                if self.now_ms >= self.check_at_ms {
+                    self.check_timeouts()?;
+                }
             }
             Ok(n)
         });
@@ -529,15 +559,28 @@ impl HostQueue {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
     }
 
+    /// Scans the commands (at coarse time `now_ms`): fails the connection on a late one, else
+    /// notes the earliest time one can be late.
     fn check_timeouts(&mut self) -> Result<(), HostError> {
-        self.now_ms = self.epoch.elapsed().as_millis() as u64;
         let limit = self.cmd_timeout_ms;
         let now = self.now_ms;
-        let late = self.cmds.iter().enumerate().find(|(_, c)| {
-            c.as_ref()
-                .is_some_and(|c| c.queued_ms != u64::MAX && now.saturating_sub(c.queued_ms) > limit)
-        });
-        let Some((cid, _)) = late else {
+        let mut next = u64::MAX;
+        let mut late = None;
+        for (cid, c) in self.cmds.iter().enumerate() {
+            let Some(c) = c else { continue };
+            if c.queued_ms == u64::MAX {
+                continue;
+            }
+            // Late when more than `limit` ms old.
+            let due = c.queued_ms.saturating_add(limit).saturating_add(1);
+            if now >= due {
+                late = Some(cid);
+                break;
+            }
+            next = next.min(due);
+        }
+        self.check_at_ms = next;
+        let Some(cid) = late else {
             return Ok(());
         };
         let c = self.cmds[cid].take().expect("found above");
