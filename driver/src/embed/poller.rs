@@ -1061,7 +1061,7 @@ impl Pollers {
                     }
                     let _ = tx.send(Ok(()));
                     drop(tx);
-                    p.run(i, qpairs, targets, admin, parker, spin, mode);
+                    p.run(i, qpairs, targets, admin, parker, (spin.0, spin.1, mode));
                 });
             match t {
                 Ok(t) => pollers.lock_threads().push(t),
@@ -1272,8 +1272,7 @@ impl Pollers {
         targets: Targets,
         admin: Vec<EmbedCtrl>,
         parker: Parker,
-        (spin, idle_time): (u32, Duration),
-        mode: InterruptMode,
+        (spin, idle_time, mode): (u32, Duration, InterruptMode),
     ) {
         ROLE.with(|r| r.on_poller.set(Some((self.id, index))));
         let s = &*self.shared[index];
