@@ -282,6 +282,50 @@ fn a_local_and_a_remote_controller_share_the_pollers() {
     assert!(got == data, "the remote copy differs");
 }
 
+/// A DMA buffer of one controller handed to a file of another (a TCP buffer, whose "IOVA" is
+/// its address, to a PCIe file, and a PCIe buffer to a TCP file) takes the buffered path: the
+/// data arrive intact, nothing is transferred from or to a foreign address.
+#[test]
+fn a_buffer_of_another_controller_takes_the_buffered_path() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let t = target();
+    let (local, _emu) = emulated(config(Mode::Threaded, &[(512, 8192)]));
+    let dx = Dioxide::builder()
+        .controller(local)
+        .transport_id(&t.trid())
+        .expect("transport ID")
+        .pollers([None, None])
+        .build()
+        .expect("Dioxide");
+    let opts = || FileOptions::new(0, 2048).with_len(1 << 20);
+    let a = dx
+        .open_file(0, dioxide::Nsid(1), opts())
+        .expect("local file");
+    let b = dx
+        .open_file(1, dioxide::Nsid(1), opts())
+        .expect("remote file");
+    for (k, (to, other)) in [(&a, &b), (&b, &a)].into_iter().enumerate() {
+        let data = pattern(65536, 90 + k as u64);
+        let mut src = other.alloc(65536).expect("alloc");
+        src.as_mut_slice().copy_from_slice(&data);
+        let (r, _) = to.write(IoBuffer::Dma(src), 0, 65536);
+        assert_eq!(r.expect("write from a foreign buffer"), 65536);
+        to.flush().expect("flush");
+        let (r, buf) = to.read(other.alloc(65536).expect("alloc"), 0, 65536);
+        assert_eq!(r.expect("read into a foreign buffer"), 65536);
+        assert!(
+            buf.as_slice() == &data[..],
+            "foreign buffer read back differs ({k})"
+        );
+        let mut got = vec![0u8; 65536];
+        to.read_at(&mut got, 0).expect("read back");
+        assert!(
+            got == data,
+            "the data written from a foreign buffer differ ({k})"
+        );
+    }
+}
+
 /// Async reads and writes kept in flight from two threads on a file of the target's, until
 /// `stop`; returns (submitted, completed Ok, completed with ControllerLost) and checks each
 /// callback runs exactly once and every error is ControllerLost.

@@ -136,6 +136,11 @@ impl DmaMemory {
         }
     }
 
+    /// True if `self` and `other` are handles of one memory (one address space of one bus).
+    pub fn same(&self, other: &DmaMemory) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Allocates a zeroed, 4 KiB aligned buffer of at least `len` bytes, contiguous in IOVA space.
     pub fn alloc(&self, len: usize) -> Result<DmaBuffer, DmaError> {
         if len == 0 {
@@ -393,6 +398,10 @@ impl DmaBuffer {
     pub fn memory(&self) -> &DmaMemory {
         &self.mem
     }
+    /// True if this buffer came from `mem` (the same memory, not merely the same kind).
+    pub fn is_from(&self, mem: &DmaMemory) -> bool {
+        self.mem.same(mem)
+    }
 }
 
 impl Drop for DmaBuffer {
@@ -521,6 +530,14 @@ mod tests {
             granule: 64 * 1024,
             unmapped,
         }))
+    }
+
+    #[test]
+    fn a_buffer_knows_its_memory() {
+        let (m, n) = (mem(Arc::new(AtomicUsize::new(0))), test_memory());
+        let b = m.alloc(100).unwrap();
+        assert!(m.same(&m.clone()) && !m.same(&n));
+        assert!(b.is_from(&m) && b.is_from(&m.clone()) && !b.is_from(&n));
     }
 
     #[test]

@@ -291,6 +291,8 @@ impl BlockFile {
                 Some("a synchronous call")
             } else if !buf.is_dma() {
                 Some("a heap buffer goes through the page cache")
+            } else if !buf.is_dma_of(inner.ctrl.dma()) {
+                Some("a buffer of another controller's memory goes through the page cache")
             } else if rem(offset, bs) != 0 || rem(len64, bs) != 0 || len == 0 {
                 Some("an unaligned request goes through the page cache")
             } else if op == Op::Write && end > size {
@@ -406,7 +408,7 @@ impl BlockFile {
         let (a, b) = (offset + h, b.max(offset + h));
         let direct = slice.is_none()
             && b > a
-            && buf.is_dma()
+            && buf.is_dma_of(inner.ctrl.dma())
             && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
         debug_assert!(
             !direct || (rem(a, bs) == 0 && rem(b, bs) == 0),
@@ -483,7 +485,7 @@ impl BlockFile {
         };
         let direct = slice.is_none()
             && h < len
-            && buf.is_dma()
+            && buf.is_dma_of(inner.ctrl.dma())
             && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
         if !direct {
             let data: &[u8] = match &slice {
