@@ -81,7 +81,13 @@ impl ChunkSource for HostChunks {
         &self,
         min_len: usize,
     ) -> Result<DmaChunk, Box<dyn std::error::Error + Send + Sync>> {
-        let len = min_len.max(1).div_ceil(HOST_CHUNK) * HOST_CHUNK;
+        let len = min_len
+            .max(1)
+            .div_ceil(HOST_CHUNK)
+            .checked_mul(HOST_CHUNK)
+            .ok_or_else(|| {
+                format!("{min_len} bytes of NVMe/TCP buffers: larger than the address space; ask for less")
+            })?;
         let layout = Self::layout(len)?;
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -616,5 +622,22 @@ impl Drop for HostBuf {
         let raw = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
         // SAFETY: `raw` is exactly the allocation Box::into_raw gave in `new`, freed once here.
         drop(unsafe { Box::from_raw(raw) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_memory_refuses_a_length_beyond_the_address_space() {
+        for len in [usize::MAX, usize::MAX - HOST_CHUNK, isize::MAX as usize] {
+            assert!(HostChunks.map_chunk(len).is_err(), "{len}");
+        }
+        let m = DmaMemory::new(Box::new(HostChunks));
+        assert!(m.alloc(usize::MAX).is_err());
+        assert_eq!(m.chunk_count(), 0);
+        let b = m.alloc(100).expect("a small buffer");
+        assert_eq!(b.iova().0, b.as_ptr() as u64);
     }
 }
