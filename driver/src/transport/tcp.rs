@@ -246,13 +246,40 @@ impl TcpController {
         if let Some(why) = self.lost() {
             return Err(HostError::Lost(why).into());
         }
-        let r = self.host().process_admin();
+        self.keep_alive(self.host())
+    }
+
+    fn keep_alive(&self, mut host: MutexGuard<'_, HostController>) -> Result<(), TransportError> {
+        let r = host.process_admin();
+        drop(host);
         if let Err(e) = &r {
             if e.is_fatal() {
                 self.lost.set(e.to_string());
             }
         }
         Ok(r?)
+    }
+
+    /// [`process_admin`](Self::process_admin) unless another thread is using the admin queue
+    /// (a blocking admin command such as [`smart_log`](Self::smart_log)): then nothing is done
+    /// and the answer is `Ok(false)`, so a poller never waits for an admin command; try again
+    /// on the next tick.
+    pub fn try_process_admin(&self) -> Result<bool, TransportError> {
+        if let Some(why) = self.lost() {
+            return Err(HostError::Lost(why).into());
+        }
+        let host = match self.host.try_lock() {
+            Ok(h) => h,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        };
+        self.keep_alive(host).map(|()| true)
+    }
+
+    /// Holds the admin queue as a blocking admin command does (tests of the poller's skip).
+    #[cfg(test)]
+    pub(crate) fn hold_admin(&self) -> MutexGuard<'_, HostController> {
+        self.host()
     }
 
     /// The discovery log page entries (a discovery controller).
