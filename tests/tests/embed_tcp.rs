@@ -582,3 +582,48 @@ fn run_to_completion_sees_the_controller_lost() {
     drop(f);
     drop(dx);
 }
+
+/// Run to completion over NVMe/TCP: the Keep Alive goes out from the owner's polls only. An
+/// owner idle for longer than the target's 2 × KATO who calls `Dioxide::poll` every so often
+/// keeps the controller; one who stops polling loses it.
+#[test]
+fn an_idle_run_to_completion_owner_who_polls_keeps_the_controller() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let t = target();
+    let dx = Dioxide::builder()
+        .transport_id(&t.trid())
+        .expect("transport ID")
+        .tcp_keep_alive(1000)
+        .run_to_completion()
+        .build()
+        .expect("Dioxide");
+    let f = dx
+        .open_file(
+            0,
+            dioxide::Nsid(1),
+            FileOptions::new(0, 2048).with_len(1 << 20),
+        )
+        .expect("file");
+    f.write_at(&pattern(4096, 5), 0).expect("write");
+    f.flush().expect("flush");
+    // Idle for 2.5 × KATO, polling every 100 ms.
+    for _ in 0..25 {
+        dx.poll();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tcp = dx.tcp_controller(0).expect("remote controller");
+    assert_eq!(tcp.lost(), None);
+    let mut got = vec![0u8; 4096];
+    f.read_at(&mut got, 64 * 1024)
+        .expect("read after an idle time with polls");
+    f.write_at(&pattern(4096, 6), 128 * 1024)
+        .expect("write after an idle time");
+    f.flush().expect("flush after an idle time");
+    // Not polling for 2.5 × KATO: the target ends the association (after 2 × KATO).
+    std::thread::sleep(Duration::from_millis(2500));
+    let e = f
+        .read_at(&mut got, 256 * 1024)
+        .expect_err("a read after an idle time without polls");
+    assert!(matches!(e, EmbedError::ControllerLost { .. }), "{e}");
+    assert!(tcp.lost().is_some());
+}
