@@ -436,16 +436,17 @@ fn poll_tcp(
     done: &mut impl FnMut(BioCtx, Result<(), DeviceStatus>),
 ) -> usize {
     let was_alive = q.lost().is_none();
-    let mut n = 0;
+    let (mut n, mut failed) = (0, 0);
     let r = q.poll(0, |ctx, r| {
         let st = tcp_status(&ctx, r);
         n += 1;
+        failed += usize::from(st.is_err());
         done(ctx, st);
     });
     if let Err(e) = r {
         if was_alive {
             log::error!(
-                "NVMe/TCP I/O queue {} lost: {e}; its {n} outstanding requests failed (controller lost)",
+                "NVMe/TCP I/O queue {} lost: {e}; {failed} outstanding requests failed (controller lost)",
                 q.qid().0
             );
         }
