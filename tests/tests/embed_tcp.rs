@@ -503,7 +503,10 @@ fn bad_transport_ids_are_typed_errors() {
     for (trid, needle) in [
         ("trtype:PCIe traddr:0000:01:00.0", "Builder::controller"),
         ("trtype:TCP traddr:localhost subnqn:x", "not an IP address"),
-        ("trtype:TCP traddr:127.0.0.1 ns:1 subnqn:x", "key ns is not taken"),
+        (
+            "trtype:TCP traddr:127.0.0.1 ns:1 subnqn:x",
+            "key ns is not taken",
+        ),
         ("trtype:TCP traddr:127.0.0.1 subnqn:x hdgst:1", "unknown"),
     ] {
         let e = Dioxide::builder()

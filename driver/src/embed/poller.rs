@@ -133,10 +133,11 @@ use crate::embed::sleep::{InterruptMode, PollerWait, WakeFd, arm_queue};
 use crate::nvme::error::{Error, IoError};
 use crate::nvme::namespace::Namespace;
 use crate::nvme::qpair::{DmaOwner, IoFlags, IoResult, QueueOptions, QueuePair};
+use crate::nvmf::HostError;
 use crate::spec::Sqe;
 use crate::spec::sqe::{DSM_RANGE_LEN, io};
 use crate::spec::status::generic;
-use crate::transport::{TcpQueue, TransportIoError, TransportQueue};
+use crate::transport::{TcpQueue, TransportError, TransportIoError, TransportQueue};
 use crate::types::{Iova, Lba};
 
 /// The context of one bio on a queue pair: the bio, and the waiter of the thread that
@@ -387,7 +388,13 @@ fn tcp_submit(
         Err(rej) if rej.error.is_queue_full() => Err((rej.tag, None)),
         Err(rej) => {
             log::debug!("nvmf host: a bio was refused: {}", rej.error);
-            Err((rej.tag, Some(HOST_PATH_ERROR)))
+            // Only a lost connection is the pathing error (ControllerLost); anything else the
+            // host refuses is this command's fault.
+            let st = match &rej.error {
+                TransportError::Tcp(HostError::Lost(_)) => HOST_PATH_ERROR,
+                _ => DeviceStatus::new(0, generic::INVALID_FIELD),
+            };
+            Err((rej.tag, Some(st)))
         }
     }
 }
