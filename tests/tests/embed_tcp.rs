@@ -217,14 +217,45 @@ fn maintenance_reaches_the_remote_controller() {
     assert!(got[..8192] == want[..8192]);
     assert!(got[8192..8192 + 300 * 1024].iter().all(|&b| b == 0));
     assert!(got[8192 + 300 * 1024..] == want[8192 + 300 * 1024..]);
-    if f.supports_deallocate() {
-        f.deallocate(&[0..4096, 65536..131072]).expect("deallocate");
-    }
+    // The target's namespaces have Dataset Management, and deallocated blocks read zeroes.
+    assert!(f.supports_deallocate());
+    f.deallocate(&[0..4096, 65536..131072]).expect("deallocate");
+    f.read_at(&mut got, 0).expect("read after deallocate");
+    assert!(got[..4096].iter().all(|&b| b == 0), "deallocated head");
+    assert!(got[4096..8192] == want[4096..8192]);
+    assert!(
+        got[65536..131072].iter().all(|&b| b == 0),
+        "deallocated middle"
+    );
+    assert!(got[8192 + 300 * 1024..] == want[8192 + 300 * 1024..]);
+    // The asynchronous forms over TCP.
     let (tx, rx) = channel();
-    f.submit_flush(move |r| tx.send(r).expect("send"))
+    let tx2 = tx.clone();
+    f.submit_write_zeroes(512 * 1024, 64 * 1024, move |r| {
+        tx2.send(("write zeroes", r)).expect("send")
+    })
+    .expect("submit write zeroes");
+    let tx2 = tx.clone();
+    f.submit_deallocate(&[768 * 1024..832 * 1024], move |r| {
+        tx2.send(("deallocate", r)).expect("send")
+    })
+    .expect("submit deallocate");
+    for _ in 0..2 {
+        let (what, r) = rx.recv_timeout(LIMIT).expect("callback");
+        r.unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    f.read_at(&mut got, 0)
+        .expect("read after the asynchronous ones");
+    for (a, b) in [(512 * 1024, 576 * 1024), (768 * 1024, 832 * 1024)] {
+        assert!(got[a..b].iter().all(|&x| x == 0), "{a}..{b} not zeroed");
+    }
+    assert!(got[576 * 1024..768 * 1024] == want[576 * 1024..768 * 1024]);
+    assert!(got[832 * 1024..] == want[832 * 1024..]);
+    f.submit_flush(move |r| tx.send(("flush", r)).expect("send"))
         .expect("submit flush");
     rx.recv_timeout(LIMIT)
         .expect("flush callback")
+        .1
         .expect("flush");
 }
 
