@@ -236,9 +236,10 @@ fn maintenance_reaches_the_remote_controller() {
     })
     .expect("submit write zeroes");
     let tx2 = tx.clone();
-    f.submit_deallocate(&[768 * 1024..832 * 1024], move |r| {
-        tx2.send(("deallocate", r)).expect("send")
-    })
+    f.submit_deallocate(
+        &[768 * 1024..800 * 1024, 800 * 1024..832 * 1024],
+        move |r| tx2.send(("deallocate", r)).expect("send"),
+    )
     .expect("submit deallocate");
     for _ in 0..2 {
         let (what, r) = rx.recv_timeout(LIMIT).expect("callback");
