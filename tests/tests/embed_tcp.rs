@@ -662,3 +662,82 @@ fn an_idle_run_to_completion_owner_who_polls_keeps_the_controller() {
     assert!(matches!(e, EmbedError::ControllerLost { .. }), "{e}");
     assert!(tcp.lost().is_some());
 }
+
+/// Shutdown while a request waits on the target from poller 1 only: poller 0 (the one that
+/// drives the Keep Alive while the instance runs) leaves at once, and poller 1 keeps the Keep
+/// Alive going until its request completed. Without that, the target (KATO 1 s, an
+/// association ends after 2 × KATO without a command) drops the controller during the 3 s the
+/// request is held, and the request fails with ControllerLost.
+#[test]
+fn shutdown_keeps_the_keep_alive_while_a_poller_waits_for_the_target() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let t = target();
+    let dx = Dioxide::builder()
+        .transport_id(&t.trid())
+        .expect("transport ID")
+        .tcp_keep_alive(1000)
+        .pollers([None, None])
+        .build()
+        .expect("Dioxide");
+    let f = dx
+        .open_file(
+            0,
+            dioxide::Nsid(1),
+            FileOptions::new(0, 2048).with_len(1 << 20),
+        )
+        .expect("file");
+    let data = pattern(1 << 20, 9);
+    f.write_at(&data, 0).expect("write");
+    f.flush().expect("flush");
+    // A client thread whose requests go to poller 1 (a thread's home poller is fixed: probe
+    // it with one direct read and the pollers' counters).
+    let (done_tx, done) = channel();
+    let mut worker = None;
+    for _ in 0..8 {
+        let before = dx.poller_stats()[1].submitted;
+        let (probed_tx, probed) = channel::<()>();
+        let (go_tx, go) = channel::<bool>();
+        let (f, done_tx) = (f.clone(), done_tx.clone());
+        let h = std::thread::spawn(move || {
+            let (r, _) = f.read(f.alloc(4096).expect("alloc"), 0, 4096);
+            assert_eq!(r.expect("probe read"), 4096);
+            probed_tx.send(()).expect("send");
+            if go.recv().expect("go") {
+                f.submit(
+                    Request::read(512 * 1024, IoBuffer::Dma(f.alloc(4096).expect("alloc"))),
+                    move |c: Completed| done_tx.send(c).expect("send"),
+                )
+                .map_err(|r| r.error)
+                .expect("submit");
+            }
+        });
+        probed.recv_timeout(LIMIT).expect("probe");
+        let on_1 = dx.poller_stats()[1].submitted > before;
+        if on_1 {
+            worker = Some((h, go_tx));
+            break;
+        }
+        go_tx.send(false).expect("send");
+        h.join().expect("probe thread");
+    }
+    let (h, go) = worker.expect("no client thread had poller 1 as its home");
+    t.emu.inject(Fault {
+        trigger: Trigger::LbaRange {
+            nsid: 1,
+            start: 1024,
+            end: 1032,
+            opcode: None,
+        },
+        action: Action::Delay(Duration::from_secs(3)),
+        times: None,
+    });
+    go.send(true).expect("send");
+    h.join().expect("client thread");
+    drop(f);
+    dx.shutdown();
+    let c = done
+        .recv_timeout(LIMIT)
+        .expect("the held request's callback");
+    assert_eq!(c.result.expect("the held request"), 4096);
+    assert!(c.buf.as_slice() == &data[512 * 1024..516 * 1024]);
+}
