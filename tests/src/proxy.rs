@@ -7,7 +7,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What a [`Proxy`] does to the stream at the fault.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -71,9 +71,19 @@ impl Proxy {
         }
     }
 
-    /// Waits until at least `bytes` went through (I/O is flowing).
+    /// Waits until at least `bytes` went through (I/O is flowing); panics, naming what went
+    /// through, if that takes over a minute (a stuck workload fails rather than hangs).
     pub fn wait_for(&self, bytes: u64) {
-        while self.forwarded.load(Ordering::Relaxed) < bytes {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n = self.forwarded.load(Ordering::Relaxed);
+            if n >= bytes {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy: only {n} of {bytes} bytes went through in 60 s: is I/O flowing?"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }

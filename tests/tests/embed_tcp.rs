@@ -217,14 +217,46 @@ fn maintenance_reaches_the_remote_controller() {
     assert!(got[..8192] == want[..8192]);
     assert!(got[8192..8192 + 300 * 1024].iter().all(|&b| b == 0));
     assert!(got[8192 + 300 * 1024..] == want[8192 + 300 * 1024..]);
-    if f.supports_deallocate() {
-        f.deallocate(&[0..4096, 65536..131072]).expect("deallocate");
-    }
+    // The target's namespaces have Dataset Management, and deallocated blocks read zeroes.
+    assert!(f.supports_deallocate());
+    f.deallocate(&[0..4096, 65536..131072]).expect("deallocate");
+    f.read_at(&mut got, 0).expect("read after deallocate");
+    assert!(got[..4096].iter().all(|&b| b == 0), "deallocated head");
+    assert!(got[4096..8192] == want[4096..8192]);
+    assert!(
+        got[65536..131072].iter().all(|&b| b == 0),
+        "deallocated middle"
+    );
+    assert!(got[8192 + 300 * 1024..] == want[8192 + 300 * 1024..]);
+    // The asynchronous forms over TCP.
     let (tx, rx) = channel();
-    f.submit_flush(move |r| tx.send(r).expect("send"))
+    let tx2 = tx.clone();
+    f.submit_write_zeroes(512 * 1024, 64 * 1024, move |r| {
+        tx2.send(("write zeroes", r)).expect("send")
+    })
+    .expect("submit write zeroes");
+    let tx2 = tx.clone();
+    f.submit_deallocate(
+        &[768 * 1024..800 * 1024, 800 * 1024..832 * 1024],
+        move |r| tx2.send(("deallocate", r)).expect("send"),
+    )
+    .expect("submit deallocate");
+    for _ in 0..2 {
+        let (what, r) = rx.recv_timeout(LIMIT).expect("callback");
+        r.unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    f.read_at(&mut got, 0)
+        .expect("read after the asynchronous ones");
+    for (a, b) in [(512 * 1024, 576 * 1024), (768 * 1024, 832 * 1024)] {
+        assert!(got[a..b].iter().all(|&x| x == 0), "{a}..{b} not zeroed");
+    }
+    assert!(got[576 * 1024..768 * 1024] == want[576 * 1024..768 * 1024]);
+    assert!(got[832 * 1024..] == want[832 * 1024..]);
+    f.submit_flush(move |r| tx.send(("flush", r)).expect("send"))
         .expect("submit flush");
     rx.recv_timeout(LIMIT)
         .expect("flush callback")
+        .1
         .expect("flush");
 }
 
@@ -280,6 +312,50 @@ fn a_local_and_a_remote_controller_share_the_pollers() {
     let mut got = vec![0u8; 1 << 20];
     b.read_at(&mut got, 0).expect("remote read");
     assert!(got == data, "the remote copy differs");
+}
+
+/// A DMA buffer of one controller handed to a file of another (a TCP buffer, whose "IOVA" is
+/// its address, to a PCIe file, and a PCIe buffer to a TCP file) takes the buffered path: the
+/// data arrive intact, nothing is transferred from or to a foreign address.
+#[test]
+fn a_buffer_of_another_controller_takes_the_buffered_path() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let t = target();
+    let (local, _emu) = emulated(config(Mode::Threaded, &[(512, 8192)]));
+    let dx = Dioxide::builder()
+        .controller(local)
+        .transport_id(&t.trid())
+        .expect("transport ID")
+        .pollers([None, None])
+        .build()
+        .expect("Dioxide");
+    let opts = || FileOptions::new(0, 2048).with_len(1 << 20);
+    let a = dx
+        .open_file(0, dioxide::Nsid(1), opts())
+        .expect("local file");
+    let b = dx
+        .open_file(1, dioxide::Nsid(1), opts())
+        .expect("remote file");
+    for (k, (to, other)) in [(&a, &b), (&b, &a)].into_iter().enumerate() {
+        let data = pattern(65536, 90 + k as u64);
+        let mut src = other.alloc(65536).expect("alloc");
+        src.as_mut_slice().copy_from_slice(&data);
+        let (r, _) = to.write(IoBuffer::Dma(src), 0, 65536);
+        assert_eq!(r.expect("write from a foreign buffer"), 65536);
+        to.flush().expect("flush");
+        let (r, buf) = to.read(other.alloc(65536).expect("alloc"), 0, 65536);
+        assert_eq!(r.expect("read into a foreign buffer"), 65536);
+        assert!(
+            buf.as_slice() == &data[..],
+            "foreign buffer read back differs ({k})"
+        );
+        let mut got = vec![0u8; 65536];
+        to.read_at(&mut got, 0).expect("read back");
+        assert!(
+            got == data,
+            "the data written from a foreign buffer differ ({k})"
+        );
+    }
 }
 
 /// Async reads and writes kept in flight from two threads on a file of the target's, until
@@ -451,7 +527,10 @@ fn bad_transport_ids_are_typed_errors() {
     for (trid, needle) in [
         ("trtype:PCIe traddr:0000:01:00.0", "Builder::controller"),
         ("trtype:TCP traddr:localhost subnqn:x", "not an IP address"),
-        ("trtype:TCP traddr:127.0.0.1 ns:1 subnqn:x", "ns"),
+        (
+            "trtype:TCP traddr:127.0.0.1 ns:1 subnqn:x",
+            "key ns is not taken",
+        ),
         ("trtype:TCP traddr:127.0.0.1 subnqn:x hdgst:1", "unknown"),
     ] {
         let e = Dioxide::builder()
@@ -521,4 +600,128 @@ fn run_to_completion_sees_the_controller_lost() {
     assert!(matches!(e, EmbedError::ControllerLost { .. }), "{e}");
     drop(f);
     drop(dx);
+}
+
+/// Run to completion over NVMe/TCP: the Keep Alive goes out from the owner's polls only. An
+/// owner idle for longer than the target's 2 × KATO who calls `Dioxide::poll` every so often
+/// keeps the controller; one who stops polling loses it.
+#[test]
+fn an_idle_run_to_completion_owner_who_polls_keeps_the_controller() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let t = target();
+    let dx = Dioxide::builder()
+        .transport_id(&t.trid())
+        .expect("transport ID")
+        .tcp_keep_alive(1000)
+        .run_to_completion()
+        .build()
+        .expect("Dioxide");
+    let f = dx
+        .open_file(
+            0,
+            dioxide::Nsid(1),
+            FileOptions::new(0, 2048).with_len(1 << 20),
+        )
+        .expect("file");
+    f.write_at(&pattern(4096, 5), 0).expect("write");
+    f.flush().expect("flush");
+    // Idle for 2.5 × KATO, polling every 100 ms.
+    for _ in 0..25 {
+        dx.poll();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tcp = dx.tcp_controller(0).expect("remote controller");
+    assert_eq!(tcp.lost(), None);
+    let mut got = vec![0u8; 4096];
+    f.read_at(&mut got, 64 * 1024)
+        .expect("read after an idle time with polls");
+    f.write_at(&pattern(4096, 6), 128 * 1024)
+        .expect("write after an idle time");
+    f.flush().expect("flush after an idle time");
+    // Not polling for 2.5 × KATO: the target ends the association (after 2 × KATO).
+    std::thread::sleep(Duration::from_millis(2500));
+    let e = f
+        .read_at(&mut got, 256 * 1024)
+        .expect_err("a read after an idle time without polls");
+    assert!(matches!(e, EmbedError::ControllerLost { .. }), "{e}");
+    assert!(tcp.lost().is_some());
+}
+
+/// Shutdown while a request waits on the target from poller 1 only: poller 0 (the one that
+/// drives the Keep Alive while the instance runs) leaves at once, and poller 1 keeps the Keep
+/// Alive going until its request completed. Without that, the target (KATO 1 s, an
+/// association ends after 2 × KATO without a command) drops the controller during the 3 s the
+/// request is held, and the request fails with ControllerLost.
+#[test]
+fn shutdown_keeps_the_keep_alive_while_a_poller_waits_for_the_target() {
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    let t = target();
+    let dx = Dioxide::builder()
+        .transport_id(&t.trid())
+        .expect("transport ID")
+        .tcp_keep_alive(1000)
+        .pollers([None, None])
+        .build()
+        .expect("Dioxide");
+    let f = dx
+        .open_file(
+            0,
+            dioxide::Nsid(1),
+            FileOptions::new(0, 2048).with_len(1 << 20),
+        )
+        .expect("file");
+    let data = pattern(1 << 20, 9);
+    f.write_at(&data, 0).expect("write");
+    f.flush().expect("flush");
+    // A client thread whose requests go to poller 1 (a thread's home poller is fixed: probe
+    // it with one direct read and the pollers' counters).
+    let (done_tx, done) = channel();
+    let mut worker = None;
+    for _ in 0..8 {
+        let before = dx.poller_stats()[1].submitted;
+        let (probed_tx, probed) = channel::<()>();
+        let (go_tx, go) = channel::<bool>();
+        let (f, done_tx) = (f.clone(), done_tx.clone());
+        let h = std::thread::spawn(move || {
+            let (r, _) = f.read(f.alloc(4096).expect("alloc"), 0, 4096);
+            assert_eq!(r.expect("probe read"), 4096);
+            probed_tx.send(()).expect("send");
+            if go.recv().expect("go") {
+                f.submit(
+                    Request::read(512 * 1024, IoBuffer::Dma(f.alloc(4096).expect("alloc"))),
+                    move |c: Completed| done_tx.send(c).expect("send"),
+                )
+                .map_err(|r| r.error)
+                .expect("submit");
+            }
+        });
+        probed.recv_timeout(LIMIT).expect("probe");
+        let on_1 = dx.poller_stats()[1].submitted > before;
+        if on_1 {
+            worker = Some((h, go_tx));
+            break;
+        }
+        go_tx.send(false).expect("send");
+        h.join().expect("probe thread");
+    }
+    let (h, go) = worker.expect("no client thread had poller 1 as its home");
+    t.emu.inject(Fault {
+        trigger: Trigger::LbaRange {
+            nsid: 1,
+            start: 1024,
+            end: 1032,
+            opcode: None,
+        },
+        action: Action::Delay(Duration::from_secs(3)),
+        times: None,
+    });
+    go.send(true).expect("send");
+    h.join().expect("client thread");
+    drop(f);
+    dx.shutdown();
+    let c = done
+        .recv_timeout(LIMIT)
+        .expect("the held request's callback");
+    assert_eq!(c.result.expect("the held request"), 4096);
+    assert!(c.buf.as_slice() == &data[512 * 1024..516 * 1024]);
 }

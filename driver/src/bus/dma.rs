@@ -29,6 +29,14 @@ pub enum DmaError {
     /// A zero-length allocation.
     #[error("cannot allocate a zero-length DMA buffer")]
     ZeroLength,
+    /// A length no allocation can have (its page-rounded size overflows the address space).
+    #[error(
+        "cannot allocate a DMA buffer of {len} bytes: larger than the address space; ask for less"
+    )]
+    TooLarge {
+        /// Bytes asked for.
+        len: usize,
+    },
     /// The chunk table is full.
     #[error(
         "DMA memory has reached its limit of {MAX_CHUNKS} chunks; allocate fewer, larger buffers"
@@ -136,12 +144,21 @@ impl DmaMemory {
         }
     }
 
+    /// True if `self` and `other` are handles of one memory (one address space of one bus).
+    pub fn same(&self, other: &DmaMemory) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Allocates a zeroed, 4 KiB aligned buffer of at least `len` bytes, contiguous in IOVA space.
     pub fn alloc(&self, len: usize) -> Result<DmaBuffer, DmaError> {
         if len == 0 {
             return Err(DmaError::ZeroLength);
         }
         let pages = len.div_ceil(PAGE_SIZE);
+        let bytes = pages
+            .checked_mul(PAGE_SIZE)
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or(DmaError::TooLarge { len })?;
         let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         let found = state.iter_mut().enumerate().find_map(|(ci, c)| {
             let run = c.free.iter().position(|&(_, n)| n >= pages)?;
@@ -160,15 +177,15 @@ impl DmaMemory {
                 if idx >= MAX_CHUNKS {
                     return Err(DmaError::TooManyChunks);
                 }
-                let chunk = self
-                    .inner
-                    .source
-                    .map_chunk(pages * PAGE_SIZE)
-                    .map_err(|source| DmaError::Source {
-                        len: pages * PAGE_SIZE,
-                        source_name: self.inner.source.name(),
-                        source,
-                    })?;
+                let chunk =
+                    self.inner
+                        .source
+                        .map_chunk(bytes)
+                        .map_err(|source| DmaError::Source {
+                            len: bytes,
+                            source_name: self.inner.source.name(),
+                            source,
+                        })?;
                 let total = chunk.len / PAGE_SIZE;
                 debug_assert!(total >= pages, "chunk source returned a short chunk");
                 let _ = self.inner.table[idx].set(chunk);
@@ -188,7 +205,7 @@ impl DmaMemory {
         // SAFETY: `off + pages * PAGE_SIZE <= chunk.len`, so the pointer stays inside the chunk.
         let ptr = unsafe { NonNull::new_unchecked(chunk.vaddr.as_ptr().add(off)) };
         // SAFETY: the pages were free: no other buffer and no device command refers to them.
-        unsafe { ptr.as_ptr().write_bytes(0, pages * PAGE_SIZE) };
+        unsafe { ptr.as_ptr().write_bytes(0, bytes) };
         Ok(DmaBuffer {
             mem: self.clone(),
             ptr,
@@ -393,6 +410,10 @@ impl DmaBuffer {
     pub fn memory(&self) -> &DmaMemory {
         &self.mem
     }
+    /// True if this buffer came from `mem` (the same memory, not merely the same kind).
+    pub fn is_from(&self, mem: &DmaMemory) -> bool {
+        self.mem.same(mem)
+    }
 }
 
 impl Drop for DmaBuffer {
@@ -521,6 +542,27 @@ mod tests {
             granule: 64 * 1024,
             unmapped,
         }))
+    }
+
+    #[test]
+    fn a_length_beyond_the_address_space_is_refused() {
+        let m = mem(Arc::new(AtomicUsize::new(0)));
+        for len in [usize::MAX, usize::MAX - PAGE_SIZE, isize::MAX as usize + 1] {
+            assert!(
+                matches!(m.alloc(len), Err(DmaError::TooLarge { len: l }) if l == len),
+                "{len}"
+            );
+        }
+        assert_eq!(m.chunk_count(), 0);
+        assert!(m.alloc(PAGE_SIZE).is_ok());
+    }
+
+    #[test]
+    fn a_buffer_knows_its_memory() {
+        let (m, n) = (mem(Arc::new(AtomicUsize::new(0))), test_memory());
+        let b = m.alloc(100).unwrap();
+        assert!(m.same(&m.clone()) && !m.same(&n));
+        assert!(b.is_from(&m) && b.is_from(&m.clone()) && !b.is_from(&n));
     }
 
     #[test]

@@ -477,7 +477,12 @@ impl BlockFile {
             opts.first_lba,
             ns.block_shift(),
         );
-        let spares = maint::Spares::new(&ctrl, &maint)?;
+        // A read-only file runs no maintenance that needs a buffer (only flush): no spares.
+        let spares = if opts.writable {
+            maint::Spares::new(&ctrl, &maint)?
+        } else {
+            maint::Spares::empty()
+        };
         // The file's dio-core defers nothing: the path gives a request's range back where the
         // request finished, then defers the callback through this second one (path.rs).
         let defer = deferral.as_ref().map(|d| {

@@ -90,8 +90,13 @@ impl EmbedCtrl {
         }
     }
     /// The Keep Alive of an NVMe/TCP controller (nothing on PCIe); an error means the
-    /// controller is lost (its queues fail everything outstanding on their next poll).
+    /// controller is lost (its queues fail everything outstanding on their next poll). Skipped
+    /// while another thread runs an admin command ([`TcpController::try_process_admin`]): a
+    /// poller never waits for one.
     pub(crate) fn process_admin(&self) -> Result<(), TransportError> {
-        self.0.process_admin()
+        match self.tcp() {
+            Some(t) => t.try_process_admin().map(drop),
+            None => Ok(()),
+        }
     }
 }

@@ -3,7 +3,10 @@
 //!
 //! * [`IoBuffer::Dma`]: a [`DmaBuffer`] from [`Controller::alloc`](crate::Controller::alloc) or
 //!   [`Dioxide::alloc`](crate::Dioxide::alloc): 4 KiB aligned, in the controller's DMA memory.
-//!   The block-aligned part of a request goes straight to the device (zero copy).
+//!   The block-aligned part of a request goes straight to the device (zero copy), if the
+//!   buffer is in the memory of the file's own controller: a buffer of another controller of
+//!   the instance (another device's IOVA space, or NVMe/TCP host memory whose "IOVA" is its
+//!   address) is treated like a heap buffer.
 //! * [`IoBuffer::Heap`]: any `Vec<u8>`. The device cannot reach it, so the whole request goes
 //!   through the page cache (the buffered path), which copies.
 //!
@@ -16,7 +19,7 @@
 
 use dio_core::{DioError, Dir, DmaSegment, IoBuf};
 
-use crate::bus::dma::{DmaBuffer, DmaSlice};
+use crate::bus::dma::{DmaBuffer, DmaMemory, DmaSlice};
 use crate::embed::blockfile::Context;
 
 /// A buffer owned by a request: DMA memory (zero copy) or heap memory (copied through the page
@@ -58,6 +61,12 @@ impl IoBuffer {
     /// True for DMA memory.
     pub fn is_dma(&self) -> bool {
         matches!(self, IoBuffer::Dma(_))
+    }
+    /// True for DMA memory from `mem` (one pointer compare): only such a buffer may be handed
+    /// to the device behind `mem`; a buffer of another controller's memory takes the buffered
+    /// path like a heap buffer.
+    pub fn is_dma_of(&self, mem: &DmaMemory) -> bool {
+        matches!(self, IoBuffer::Dma(b) if b.is_from(mem))
     }
     /// The DMA buffer, if it is one.
     pub fn into_dma(self) -> Option<DmaBuffer> {

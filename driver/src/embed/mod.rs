@@ -313,6 +313,13 @@ impl Builder {
     /// [`tcp_digests`](Self::tcp_digests). Local controllers are opened by the caller and
     /// given to [`controller`](Self::controller).
     ///
+    /// The Keep Alive of such a controller goes out from poller 0, or, in
+    /// [`run_to_completion`](Self::run_to_completion) mode, from the owner's polls only: the
+    /// owner must then call [`Dioxide::poll`] (or make requests) at least every KATO / 2
+    /// ([`tcp_keep_alive`](Self::tcp_keep_alive)), also while it has nothing to do, or ask for
+    /// no Keep Alive (`tcp_keep_alive(0)`); otherwise the target ends the association and the
+    /// controller is lost.
+    ///
     /// ```no_run
     /// # fn main() -> Result<(), dioxide::EmbedError> {
     /// let dx = dioxide::Dioxide::builder()
@@ -375,6 +382,10 @@ impl Builder {
     /// No poller threads: the thread that calls [`build`](Self::build) owns the queue pairs and
     /// polls them itself while it waits (run to completion, dio-core `Wait::PollInPlace`). The
     /// instance and its files are then usable from that thread only.
+    ///
+    /// With remote controllers ([`transport_id`](Self::transport_id)) the Keep Alive goes out
+    /// from that thread's polls only: call [`Dioxide::poll`] at least every KATO / 2 while
+    /// idle (or use `tcp_keep_alive(0)`), or the target drops the controller.
     pub fn run_to_completion(mut self) -> Self {
         self.run_to_completion = true;
         self
@@ -678,7 +689,9 @@ impl Dioxide {
     }
 
     /// Run-to-completion mode: reap completions now (callbacks of asynchronous requests run
-    /// here). Returns the bios completed. Pooled mode: 0.
+    /// here), and send the Keep Alive of remote controllers when it is due: an idle owner must
+    /// call this at least every KATO / 2 ([`Builder::tcp_keep_alive`]). Returns the bios
+    /// completed. Pooled mode: 0.
     pub fn poll(&self) -> usize {
         match &self.engine {
             EngineRef::Local(l) => l.poll_once(),

@@ -101,8 +101,9 @@
 //! (`tcp_submit`, `tcp_status`: the same bios, whose data lies in the controller's host
 //! memory, sent and received by the host queue without blocking). Poller 0 also drives the
 //! Keep Alive of the NVMe/TCP controllers ([`EmbedCtrl::process_admin`], every
-//! [`ADMIN_TICK`]; while such a controller is served, an idle poller 0 parks for at most that
-//! long). A lost connection, or a failed Keep Alive, fails every bio outstanding or waiting on
+//! [`ADMIN_TICK`]; while such a controller is served, an idle poller 0 sleeps, on its tasks'
+//! descriptors if it has tasks, for at most that long; after shutdown began, every poller
+//! does it until it exits, so the Keep Alive lasts as long as any command on the target). A lost connection, or a failed Keep Alive, fails every bio outstanding or waiting on
 //! the connection exactly once, and every later one at submission, with the NVMe "Host
 //! Pathing Error" status that the file layer reports as
 //! [`EmbedError::ControllerLost`](crate::EmbedError::ControllerLost); the poller logs the
@@ -132,10 +133,11 @@ use crate::embed::sleep::{InterruptMode, PollerWait, WakeFd, arm_queue};
 use crate::nvme::error::{Error, IoError};
 use crate::nvme::namespace::Namespace;
 use crate::nvme::qpair::{DmaOwner, IoFlags, IoResult, QueueOptions, QueuePair};
+use crate::nvmf::HostError;
 use crate::spec::Sqe;
 use crate::spec::sqe::{DSM_RANGE_LEN, io};
 use crate::spec::status::generic;
-use crate::transport::{TcpQueue, TransportIoError, TransportQueue};
+use crate::transport::{TcpQueue, TransportError, TransportIoError, TransportQueue};
 use crate::types::{Iova, Lba};
 
 /// The context of one bio on a queue pair: the bio, and the waiter of the thread that
@@ -386,7 +388,13 @@ fn tcp_submit(
         Err(rej) if rej.error.is_queue_full() => Err((rej.tag, None)),
         Err(rej) => {
             log::debug!("nvmf host: a bio was refused: {}", rej.error);
-            Err((rej.tag, Some(HOST_PATH_ERROR)))
+            // Only a lost connection is the pathing error (ControllerLost); anything else the
+            // host refuses is this command's fault.
+            let st = match &rej.error {
+                TransportError::Tcp(HostError::Lost(_)) => HOST_PATH_ERROR,
+                _ => DeviceStatus::new(0, generic::INVALID_FIELD),
+            };
+            Err((rej.tag, Some(st)))
         }
     }
 }
@@ -435,16 +443,17 @@ fn poll_tcp(
     done: &mut impl FnMut(BioCtx, Result<(), DeviceStatus>),
 ) -> usize {
     let was_alive = q.lost().is_none();
-    let mut n = 0;
+    let (mut n, mut failed) = (0, 0);
     let r = q.poll(0, |ctx, r| {
         let st = tcp_status(&ctx, r);
         n += 1;
+        failed += usize::from(st.is_err());
         done(ctx, st);
     });
     if let Err(e) = r {
         if was_alive {
             log::error!(
-                "NVMe/TCP I/O queue {} lost: {e}; its {n} outstanding requests failed (controller lost)",
+                "NVMe/TCP I/O queue {} lost: {e}; {failed} outstanding requests failed (controller lost)",
                 q.qid().0
             );
         }
@@ -1038,15 +1047,14 @@ impl Pollers {
         let (tx, rx) = std::sync::mpsc::channel();
         for (i, (parker, qpairs)) in parts.into_iter().enumerate() {
             let core = cfg.cores[i];
-            // Poller 0 drives the Keep Alive of the NVMe/TCP controllers.
-            let admin: Vec<EmbedCtrl> = match i {
-                0 => ctrls
-                    .iter()
-                    .filter(|c| c.tcp().is_some())
-                    .cloned()
-                    .collect(),
-                _ => Vec::new(),
-            };
+            // Poller 0 drives the Keep Alive of the NVMe/TCP controllers; after `stop`, every
+            // poller does until it exits (poller 0 may exit while another still waits for
+            // commands on the target).
+            let admin: Vec<EmbedCtrl> = ctrls
+                .iter()
+                .filter(|c| c.tcp().is_some())
+                .cloned()
+                .collect();
             let p = Arc::clone(&pollers);
             let (tx, targets, spin) = (tx.clone(), targets.clone(), (cfg.spin, cfg.idle));
             let mode = cfg.interrupts;
@@ -1265,6 +1273,7 @@ impl Pollers {
         s.kick();
     }
 
+    #[allow(clippy::too_many_arguments)] // the poller's whole state, moved into its thread
     fn run(
         &self,
         index: usize,
@@ -1287,7 +1296,7 @@ impl Pollers {
         let mut next_admin = Instant::now();
         loop {
             tasks.take_inbox(s);
-            if !admin.is_empty() {
+            if !admin.is_empty() && (index == 0 || self.stop.load(Ordering::Relaxed)) {
                 process_admin(&admin, &mut next_admin);
             }
             let mut progress = 0u64;
@@ -1394,9 +1403,20 @@ impl Pollers {
                 parker.park_timeout(Duration::from_millis(1));
             } else if s.ring.is_empty() && !s.inbox_pending.load(Ordering::SeqCst) {
                 bump(&s.counters.parks, 1);
-                if !admin.is_empty() {
-                    // The Keep Alive must go out while idle too.
-                    parker.park_timeout(ADMIN_TICK);
+                if index == 0 && !admin.is_empty() {
+                    // The Keep Alive must go out while idle too: sleep at most one admin tick,
+                    // on the tasks' descriptors if there are tasks.
+                    if tasks.list.is_empty() {
+                        parker.park_timeout(ADMIN_TICK);
+                    } else {
+                        tasks.sleep(
+                            s,
+                            Some(&mut |w: &mut PollerWait| {
+                                w.timeout(ADMIN_TICK);
+                                true
+                            }),
+                        );
+                    }
                 } else if !tasks.sleep(s, None) {
                     parker.park();
                 }

@@ -85,7 +85,13 @@ impl ChunkSource for HostChunks {
         &self,
         min_len: usize,
     ) -> Result<DmaChunk, Box<dyn std::error::Error + Send + Sync>> {
-        let len = min_len.max(1).div_ceil(HOST_CHUNK) * HOST_CHUNK;
+        let len = min_len
+            .max(1)
+            .div_ceil(HOST_CHUNK)
+            .checked_mul(HOST_CHUNK)
+            .ok_or_else(|| {
+                format!("{min_len} bytes of NVMe/TCP buffers: larger than the address space; ask for less")
+            })?;
         let layout = Self::layout(len)?;
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -275,13 +281,40 @@ impl TcpController {
         if let Some(why) = self.lost() {
             return Err(HostError::Lost(why).into());
         }
-        let r = self.host().process_admin();
+        self.keep_alive(self.host())
+    }
+
+    fn keep_alive(&self, mut host: MutexGuard<'_, HostController>) -> Result<(), TransportError> {
+        let r = host.process_admin();
+        drop(host);
         if let Err(e) = &r {
             if e.is_fatal() {
                 self.lost.set(e.to_string());
             }
         }
         Ok(r?)
+    }
+
+    /// [`process_admin`](Self::process_admin) unless another thread is using the admin queue
+    /// (a blocking admin command such as [`smart_log`](Self::smart_log)): then nothing is done
+    /// and the answer is `Ok(false)`, so a poller never waits for an admin command; try again
+    /// on the next tick.
+    pub fn try_process_admin(&self) -> Result<bool, TransportError> {
+        if let Some(why) = self.lost() {
+            return Err(HostError::Lost(why).into());
+        }
+        let host = match self.host.try_lock() {
+            Ok(h) => h,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        };
+        self.keep_alive(host).map(|()| true)
+    }
+
+    /// Holds the admin queue as a blocking admin command does (tests of the poller's skip).
+    #[cfg(test)]
+    pub(crate) fn hold_admin(&self) -> MutexGuard<'_, HostController> {
+        self.host()
     }
 
     /// The discovery log page entries (a discovery controller).
@@ -903,5 +936,22 @@ impl Drop for HostBuf {
         let raw = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
         // SAFETY: `raw` is exactly the allocation Box::into_raw gave in `new`, freed once here.
         drop(unsafe { Box::from_raw(raw) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_memory_refuses_a_length_beyond_the_address_space() {
+        for len in [usize::MAX, usize::MAX - HOST_CHUNK, isize::MAX as usize] {
+            assert!(HostChunks.map_chunk(len).is_err(), "{len}");
+        }
+        let m = DmaMemory::new(Box::new(HostChunks));
+        assert!(m.alloc(usize::MAX).is_err());
+        assert_eq!(m.chunk_count(), 0);
+        let b = m.alloc(100).expect("a small buffer");
+        assert_eq!(b.iova().0, b.as_ptr() as u64);
     }
 }

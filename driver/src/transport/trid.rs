@@ -1,10 +1,12 @@
-//! Transport IDs: the `-r` argument, in SPDK's syntax.
+//! Transport IDs in SPDK's syntax ([`TransportId`]), as the command-line tools take them (their
+//! `-r` argument) and as the embedding API's `Builder::transport_id` does.
 //!
 //! SPDK writes a transport ID as whitespace- (or comma-) separated `key:value` pairs, and
 //! also takes `key=value`: `'trtype:PCIe traddr:0000:01:00.0 ns:1'`. Keys are case-insensitive.
 //! Dioxide knows the keys `trtype` (`PCIe`, `TCP`, or our `emulated` for the built-in emulated
 //! controller), `traddr` (a PCI address, or for TCP an IP address), `ns` (one namespace instead
-//! of every active one), and for TCP `adrfam` (`IPv4` or `IPv6`), `trsvcid` (the port, 4420 if
+//! of every active one, for the tools: the embedding API refuses it, it serves every namespace
+//! and the caller opens files on the ones it wants), and for TCP `adrfam` (`IPv4` or `IPv6`), `trsvcid` (the port, 4420 if
 //! not given), `subnqn` (the subsystem; the discovery subsystem if not given, as in SPDK) and
 //! `hostnqn`. As a shorthand, a bare PCI address (`0000:01:00.0`, `01:00.0`, ...) is read as
 //! `trtype:PCIe traddr:<it>`.

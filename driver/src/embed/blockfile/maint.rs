@@ -890,6 +890,32 @@ mod tests {
         crate::Controller::new(emu).unwrap()
     }
 
+    /// A read-only file holds no spare DMA buffers (its maintenance is refused, but flush).
+    #[test]
+    fn a_read_only_file_holds_no_spares() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let dx = Dioxide::builder()
+            .controller(ctrl())
+            .run_to_completion()
+            .build()
+            .unwrap();
+        let opts = |first| FileOptions::new(first, 1 << 12).with_len(1 << 21);
+        let ro = dx.open_file(0, Nsid(1), opts(0).writable(false)).unwrap();
+        let rw = dx.open_file(0, Nsid(1), opts(1 << 12)).unwrap();
+        let held = |f: &BlockFile| {
+            let s = &f.inner.shared.spares;
+            (s.zeroes.len(), s.ranges.len())
+        };
+        assert_eq!(held(&ro), (0, 0));
+        assert_eq!(held(&rw), (1, 1));
+        assert!(matches!(
+            ro.write_zeroes(0, 4096),
+            Err(EmbedError::ReadOnly { .. })
+        ));
+        ro.flush().unwrap();
+        assert_eq!(held(&ro), (0, 0));
+    }
+
     /// Synchronous and asynchronous write zeroes (through the zeroed spare) and deallocates
     /// (their ranges in the spare page), up to 4 in flight at once: each zeroes what it
     /// covers, and none allocates a DMA buffer: the file's preallocated spares are taken and

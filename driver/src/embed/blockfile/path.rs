@@ -231,17 +231,24 @@ impl BlockFile {
         reply: Reply,
         slice: Option<Slice<'_>>,
     ) -> Answer {
-        let refuse = |e: EmbedError, buf: IoBuffer| Some((Err(e), buf));
+        // A refused asynchronous request's context goes back to the pool (its callback, never
+        // to run, is dropped): a refusal costs no allocation.
+        let refuse = |e: EmbedError, buf: IoBuffer, reply: Reply| {
+            if let Reply::Async(ctx) = reply {
+                drop(ctx.recycle());
+            }
+            Some((Err(e), buf))
+        };
         let _entered = match &self.inner.engine {
             EngineRef::Pooled(p) => {
                 if !p.enter() {
-                    return refuse(EmbedError::ShutDown, buf);
+                    return refuse(EmbedError::ShutDown, buf, reply);
                 }
                 Entered(Some(p))
             }
             EngineRef::Local(l) => {
                 if !l.on_owner() {
-                    return refuse(EmbedError::WrongThread, buf);
+                    return refuse(EmbedError::WrongThread, buf, reply);
                 }
                 Entered(None)
             }
@@ -256,7 +263,7 @@ impl BlockFile {
                 len: len64,
                 buf_len,
             };
-            return refuse(e, buf);
+            return refuse(e, buf, reply);
         }
         // Built only when refused (an error built and dropped costs every request).
         let beyond = || EmbedError::BeyondCapacity {
@@ -266,14 +273,14 @@ impl BlockFile {
             capacity: inner.capacity,
         };
         let Some(end) = offset.checked_add(len64) else {
-            return refuse(beyond(), buf);
+            return refuse(beyond(), buf, reply);
         };
         if op == Op::Write {
             if !inner.writable {
-                return refuse(EmbedError::ReadOnly { offset }, buf);
+                return refuse(EmbedError::ReadOnly { offset }, buf, reply);
             }
             if end > inner.capacity {
-                return refuse(beyond(), buf);
+                return refuse(beyond(), buf, reply);
             }
         }
         // A read stops at `len`, which never exceeds the capacity: nothing past it is read,
@@ -291,6 +298,8 @@ impl BlockFile {
                 Some("a synchronous call")
             } else if !buf.is_dma() {
                 Some("a heap buffer goes through the page cache")
+            } else if !buf.is_dma_of(inner.ctrl.dma()) {
+                Some("a buffer of another controller's memory goes through the page cache")
             } else if rem(offset, bs) != 0 || rem(len64, bs) != 0 || len == 0 {
                 Some("an unaligned request goes through the page cache")
             } else if op == Op::Write && end > size {
@@ -301,7 +310,11 @@ impl BlockFile {
                 None
             };
             if let Some(why) = why {
-                return refuse(EmbedError::WouldBlockOnPoller { op, offset, why }, buf);
+                return refuse(
+                    EmbedError::WouldBlockOnPoller { op, offset, why },
+                    buf,
+                    reply,
+                );
             }
         }
         if len == 0 {
@@ -321,7 +334,11 @@ impl BlockFile {
                 Some(g) => g,
                 None => {
                     let why = "it overlaps a request in flight";
-                    return refuse(EmbedError::WouldBlockOnPoller { op, offset, why }, buf);
+                    return refuse(
+                        EmbedError::WouldBlockOnPoller { op, offset, why },
+                        buf,
+                        reply,
+                    );
                 }
             }
         } else {
@@ -345,7 +362,7 @@ impl BlockFile {
                         offset,
                         len: len64,
                     };
-                    return refuse(e, buf);
+                    return refuse(e, buf, reply);
                 }
             }
         };
@@ -406,7 +423,7 @@ impl BlockFile {
         let (a, b) = (offset + h, b.max(offset + h));
         let direct = slice.is_none()
             && b > a
-            && buf.is_dma()
+            && buf.is_dma_of(inner.ctrl.dma())
             && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
         debug_assert!(
             !direct || (rem(a, bs) == 0 && rem(b, bs) == 0),
@@ -483,7 +500,7 @@ impl BlockFile {
         };
         let direct = slice.is_none()
             && h < len
-            && buf.is_dma()
+            && buf.is_dma_of(inner.ctrl.dma())
             && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
         if !direct {
             let data: &[u8] = match &slice {

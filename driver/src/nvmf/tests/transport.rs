@@ -410,3 +410,27 @@ fn a_silent_target_times_out_commands_and_keep_alive() {
         },
     )
 }
+
+#[test]
+fn the_pollers_keep_alive_skips_a_tick_while_an_admin_command_runs() {
+    watchdog(
+        "the_pollers_keep_alive_skips_a_tick_while_an_admin_command_runs",
+        test_watchdog::INTEGRATION,
+        || {
+            let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
+            let c = TcpController::connect(TcpOptions {
+                addr: t.addr,
+                host: host_opts(Digests::default()),
+            })
+            .expect("connect");
+            assert!(c.try_process_admin().expect("keep alive"));
+            {
+                let _busy = c.hold_admin();
+                // Would block (a deadlock here, on this thread) without the skip.
+                assert!(!c.try_process_admin().expect("skipped"));
+            }
+            assert!(c.try_process_admin().expect("keep alive"));
+            c.smart_log().expect("an admin command afterwards");
+        },
+    )
+}
