@@ -20,7 +20,7 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dioxide::emulated::Mode;
+use dioxide::emulated::{Action, Fault, Mode, Trigger};
 use dioxide::{BlockFile, Completed, Dioxide, EmbedError, FileOptions, IoBuffer, Request};
 use dioxide_tests::*;
 

@@ -1273,7 +1273,6 @@ impl Pollers {
         s.kick();
     }
 
-    #[allow(clippy::too_many_arguments)] // the poller's whole state, moved into its thread
     fn run(
         &self,
         index: usize,
