@@ -46,6 +46,8 @@ pub struct Tally {
     pub double: u32,
     /// Failed by the reset (each once).
     pub failed: u32,
+    /// Of those, issued after the reset had returned.
+    pub failed_after: u32,
     /// Every read that succeeded returned the region's data, and the client completed its
     /// reads after the reset without an error.
     pub verified: bool,
@@ -73,13 +75,19 @@ impl Tally {
         }
     }
 
-    /// Requests failed by the reset past this: the client never got a working queue pair.
-    const MAX_FAILED: u32 = 256;
+    /// Requests failed by the reset that were issued after `Controller::reset` had returned,
+    /// past this: the client never got a working queue pair. (Those issued while the reset
+    /// runs fail for as long as it takes, which depends on the machine's load: not counted.)
+    const MAX_FAILED_AFTER: u32 = 256;
 
-    fn fail(&mut self) {
+    /// A request failed by the reset; `after`: issued after the reset had returned.
+    fn fail(&mut self, after: bool) {
         self.failed += 1;
-        if self.failed > Self::MAX_FAILED {
-            self.problem("still failing long after the reset: no new queue pair".into());
+        if after {
+            self.failed_after += 1;
+            if self.failed_after > Self::MAX_FAILED_AFTER {
+                self.problem("still failing long after the reset: no new queue pair".into());
+            }
         }
     }
 
@@ -174,7 +182,7 @@ fn async_client(c: &Controller, ns: &Namespace, base: u64, want: &[u8], p: &Prog
                 // Refused: the request ends here, once.
                 *counts.get_mut(&tag).unwrap() += 1;
                 if is_reset_error(&rej.error) {
-                    t.fail();
+                    t.fail(after);
                     batch_failed = true;
                 } else {
                     t.problem(format!("request {tag} refused: {}", rej.error));
@@ -203,7 +211,7 @@ fn async_client(c: &Controller, ns: &Namespace, base: u64, want: &[u8], p: &Prog
                 Ok(_) if b.as_slice() == &want[o..o + bs as usize] => {}
                 Ok(_) => t.problem(format!("request {tg}: wrong data at LBA {lba}")),
                 Err(e) if is_reset(&e) => {
-                    t.fail();
+                    t.fail(after);
                     batch_failed = true;
                 }
                 Err(e) => t.problem(format!("request {tg}: {e}")),
@@ -278,7 +286,7 @@ fn sync_client(c: &Controller, ns: &Namespace, base: u64, want: &[u8], p: &Progr
                 }
             }
             Ok(_) => t.problem(format!("wrong data at LBA {lba}")),
-            Err(e) if is_reset_error(&e) && clean_after == 0 => t.fail(),
+            Err(e) if is_reset_error(&e) && clean_after == 0 => t.fail(after),
             Err(e) => t.problem(format!("read at LBA {lba}: {e}")),
         }
         if q.is_stale() {
@@ -327,7 +335,7 @@ fn blockfile_client(dx: &Dioxide, ns: &Namespace, base: u64, want: &[u8], p: &Pr
                 if (status.sct, status.sc) == (0, generic::ABORTED_SQ_DELETION)
                     && clean_after == 0 =>
             {
-                t.fail()
+                t.fail(after)
             }
             Err(e) => t.problem(format!("read at {off}: {e}")),
         }
