@@ -89,6 +89,11 @@ pub struct TgtArgs {
     /// (1 to 3600000). Default: 10000
     #[arg(long = "connect-timeout-ms", value_name = "MS")]
     pub connect_timeout_ms: Option<String>,
+    /// Milliseconds a write's data may take after its R2T (or its last H2CData PDU) before
+    /// the connection is ended with a C2HTermReq and its buffers freed (1 to 3600000).
+    /// Default: 30000
+    #[arg(long = "h2c-timeout-ms", value_name = "MS")]
+    pub h2c_timeout_ms: Option<String>,
     /// DMA memory a PCIe controller is expected to pin (checked against the hugepage pool and
     /// the locked-memory limit at start; buffers grow on demand). Default: queue depth x max
     /// I/O size x 2 + 16m (48m)
@@ -258,6 +263,12 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         1..=3_600_000,
     )?
     .map_or(d.connect_timeout, Duration::from_millis);
+    let h2c_data_timeout = number(
+        "--h2c-timeout-ms",
+        a.h2c_timeout_ms.as_deref(),
+        1..=3_600_000,
+    )?
+    .map_or(d.h2c_data_timeout, Duration::from_millis);
     let dma_bytes = number("--dma-size", a.dma_size.as_deref(), 4 << 20..=1 << 40)?
         .unwrap_or(queue_depth as u64 * max_io as u64 * 2 + (16 << 20));
     let poller_idle = number(
@@ -279,6 +290,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         max_connections,
         max_connections_per_host,
         connect_timeout,
+        h2c_data_timeout,
         ..d
     };
     Ok(Parsed::Run(TgtConfig {
@@ -553,6 +565,7 @@ mod tests {
             (2048, 512)
         );
         assert_eq!(c.opts.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.opts.h2c_data_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -571,8 +584,13 @@ mod tests {
         );
         assert_eq!(c.opts.max_c2h_data, 8192);
         assert_eq!(c.nqn, "nqn.2026-12.io.t:s");
-        let l = cfg("--max-connections 16 --max-connections-per-host 4 --connect-timeout-ms 2500")
-            .unwrap();
+        let l = cfg(
+            "--max-connections 16 --max-connections-per-host 4 --connect-timeout-ms 2500 \
+             --h2c-timeout-ms 700",
+        )
+        .unwrap();
+        assert_eq!(l.opts.h2c_data_timeout, Duration::from_millis(700));
+        assert!(cfg("--h2c-timeout-ms 0").is_err());
         assert_eq!(
             (l.opts.max_connections, l.opts.max_connections_per_host),
             (16, 4)

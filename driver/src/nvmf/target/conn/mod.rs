@@ -34,7 +34,10 @@
 //! and the connection closes; a bad command gets the status the specification names, and the
 //! connection goes on. A data digest error fails the command with Transient Transport Error.
 //! Nothing is submitted to the backend before all of a write's data arrived, so a host that
-//! vanishes mid-transfer leaves nothing half written.
+//! vanishes mid-transfer leaves nothing half written. A host that takes an R2T and then sends
+//! no data for `h2c_data_timeout` (counted from the R2T or its last H2CData PDU) gets a
+//! C2HTermReq (PDU Sequence Error: the H2CData the R2T asked for never came) and the
+//! connection ends; every data buffer it held goes back to the backend when it closes.
 
 use std::collections::VecDeque;
 use std::io;
@@ -137,6 +140,9 @@ struct Slot {
     got: u32,
     /// An error to report once the data phase is over.
     bad: Option<Status>,
+    /// When the R2T went out or the last H2CData PDU for it arrived (the H2CData deadline
+    /// counts from here).
+    h2c_at: Instant,
 }
 
 #[derive(Debug)]
@@ -289,6 +295,7 @@ impl Connection {
                 len: 0,
                 got: 0,
                 bad: None,
+                h2c_at: Instant::now(),
             })
             .collect();
         let mut cfg = RecvConfig::new(Role::Controller);
@@ -437,6 +444,9 @@ impl Connection {
             self.close_now();
             return work + 1;
         }
+        if self.r2t_out > 0 && self.state == State::Ready {
+            work += self.check_h2c_deadline();
+        }
         work += self.finish_disconnect();
         work += self.issue_r2ts();
         work += self.flush();
@@ -483,6 +493,15 @@ impl Connection {
         self.rx = Rx::Header;
         self.disconnect = None;
         self.state = State::Draining;
+        // Data buffers go back now, not when the queue drained: only the commands at the
+        // backend (which hold theirs) are waited for.
+        for s in self
+            .slots
+            .iter_mut()
+            .filter(|s| s.phase != Phase::Executing)
+        {
+            s.buf = None;
+        }
         if let Some(b) = &self.queue {
             if b.qid == 0 {
                 self.target.end_ctrl(&b.ctrl);
@@ -585,11 +604,53 @@ impl Connection {
         n
     }
 
+    /// Ends the connection when an R2T's data is overdue (see the module docs); returns 1 if
+    /// it did.
+    fn check_h2c_deadline(&mut self) -> usize {
+        let limit = self.target.options().h2c_data_timeout;
+        let now = Instant::now();
+        let Some(slot) = self
+            .slots
+            .iter()
+            .position(|s| s.phase == Phase::R2tSent && now.duration_since(s.h2c_at) > limit)
+        else {
+            return 0;
+        };
+        let s = &mut self.slots[slot];
+        log::warn!(
+            "nvmf: {}: no H2CData for the R2T of command {} (transfer tag {slot}, {} of {} \
+             bytes received) within {limit:?} (h2c_data_timeout): its buffer is released",
+            self.peer,
+            s.sqe.cid(),
+            s.got,
+            s.len
+        );
+        s.buf = None;
+        self.terminate(
+            FatalError::new(
+                Fes::SequenceError,
+                "the H2CData an R2T asked for did not arrive within h2c_data_timeout",
+            ),
+            false,
+        );
+        1
+    }
+
     /// Sends a C2HTermReq for `e` (with the offending header) and closes.
     fn fatal(&mut self, e: FatalError) {
+        self.terminate(e, true);
+    }
+
+    /// Sends a C2HTermReq for `e` (with the header of the PDU being read if `with_header`)
+    /// and closes.
+    fn terminate(&mut self, e: FatalError, with_header: bool) {
         log::warn!("nvmf: {}: sending C2HTermReq and closing: {e}", self.peer);
         self.why = Some(e.to_string());
-        let mut data = self.reader.raw_header().to_vec();
+        let mut data = if with_header {
+            self.reader.raw_header().to_vec()
+        } else {
+            Vec::new()
+        };
         data.truncate(pdu::MAX_TERM_DATA);
         let hdr = pdu::encode(
             &Pdu::C2hTermReq(TermReq {
@@ -857,6 +918,7 @@ impl Connection {
         if d.offset != s.got {
             return Err(FatalError::field(field::DATAO, "H2CData out of order"));
         }
+        self.slots[d.ttag as usize].h2c_at = Instant::now();
         self.rx = Rx::Data {
             slot: d.ttag,
             off: d.offset,
@@ -944,6 +1006,7 @@ impl Connection {
             let s = &mut self.slots[slot as usize];
             s.buf = Some(buf);
             s.phase = Phase::R2tSent;
+            s.h2c_at = Instant::now();
             let r = Pdu::R2t(R2t {
                 cccid: s.sqe.cid(),
                 ttag: slot,
