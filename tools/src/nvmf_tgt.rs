@@ -517,6 +517,12 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
             r.stats.pdus_in,
             r.stats.pdus_out
         );
+        if r.abandoned > 0 {
+            println!(
+                "nvmf_tgt: poller {}: {} command(s) still at the device after 10 s were abandoned",
+                r.poller, r.abandoned
+            );
+        }
     }
     // The subsystems hold the files of the backends: gone before the pollers and their
     // queue pairs, then the controllers.

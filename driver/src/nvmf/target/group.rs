@@ -74,6 +74,8 @@ pub struct PollGroup {
     closed: ClosedLog,
     notifier: Option<Arc<Notifier>>,
     sleep: PollerWait,
+    /// [`stop_serving`](PollGroup::stop_serving) was called: no listener, no new connection.
+    stopping: bool,
 }
 
 /// Totals of the connections a group closed.
@@ -107,6 +109,7 @@ impl PollGroup {
             closed: ClosedLog::default(),
             notifier,
             sleep: PollerWait::default(),
+            stopping: false,
         }
     }
 
@@ -160,6 +163,24 @@ impl PollGroup {
     /// What the closed connections did and why they closed.
     pub fn closed(&self) -> &ClosedLog {
         &self.closed
+    }
+
+    /// Commands of the group's connections at the backend now.
+    pub fn in_flight(&self) -> usize {
+        self.conns.iter().map(Connection::at_backend).sum()
+    }
+
+    /// Starts the group's end: the listener closes, connections handed to the group from now
+    /// on are closed unread, and every connection is closed (the hosts see their sockets
+    /// close). A closed connection's commands still at the backend drain in the next
+    /// [`poll`](Self::poll)s, which drop it once they did: the group is done when it
+    /// [`is_empty`](Self::is_empty). Idempotent.
+    pub fn stop_serving(&mut self) {
+        self.stopping = true;
+        self.listener = None;
+        for c in &mut self.conns {
+            c.end("the target is stopping");
+        }
     }
 
     /// Polls on the calling thread until `stop`; after an idle round it [`wait`](Self::wait)s
@@ -273,6 +294,11 @@ impl PollGroup {
         }
         while let Some(s) = self.inbox.queue.pop() {
             work += 1;
+            if self.stopping {
+                // Accepted before the listener closed: closed unread.
+                drop(s);
+                continue;
+            }
             // A socket that cannot be configured is dropped (the host sees the close).
             let _ = self.add(s);
         }

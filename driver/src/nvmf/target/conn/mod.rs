@@ -460,7 +460,22 @@ impl Connection {
         work
     }
 
-    /// True while a command of this queue is at the backend.
+    /// Commands of this queue at the backend now.
+    pub(crate) fn at_backend(&self) -> usize {
+        self.executing()
+    }
+
+    /// Ends the connection as the target stops (see [`close_now`](Self::close_now)): the
+    /// socket closes at once, commands at the backend drain before the queue's state goes.
+    pub(crate) fn end(&mut self, why: &str) {
+        if matches!(self.state, State::Closed | State::Draining) {
+            return;
+        }
+        self.why.get_or_insert_with(|| why.to_owned());
+        self.close_now();
+    }
+
+    /// Commands of this queue at the backend.
     fn executing(&self) -> usize {
         self.slots
             .iter()
