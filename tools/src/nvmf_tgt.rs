@@ -517,6 +517,10 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
             r.stats.pdus_in,
             r.stats.pdus_out
         );
+        println!(
+            "nvmf_tgt: poller {}: system calls: {} recv ({} empty), {} writev",
+            r.poller, r.stats.socket_reads, r.stats.empty_reads, r.stats.socket_writes
+        );
         if r.abandoned > 0 {
             println!(
                 "nvmf_tgt: poller {}: {} command(s) still at the device after 10 s were abandoned",

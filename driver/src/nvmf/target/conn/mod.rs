@@ -81,6 +81,7 @@ const LINGER: Duration = Duration::from_secs(2);
 struct UntilShort<'a> {
     sock: &'a mut TcpStream,
     drained: &'a mut bool,
+    stats: &'a mut ConnStats,
 }
 
 impl io::Read for UntilShort<'_> {
@@ -88,7 +89,12 @@ impl io::Read for UntilShort<'_> {
         if *self.drained {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let n = self.sock.read(buf)?;
+        self.stats.socket_reads += 1;
+        let n = self.sock.read(buf).inspect_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                self.stats.empty_reads += 1;
+            }
+        })?;
         *self.drained = n < buf.len();
         Ok(n)
     }
@@ -107,6 +113,26 @@ pub struct ConnStats {
     pub errors: u64,
     /// C2HTermReqs sent.
     pub term_sent: u64,
+    /// Socket reads (`recv` system calls).
+    pub socket_reads: u64,
+    /// Socket reads that found nothing (`EAGAIN`): the cost of looking while idle.
+    pub empty_reads: u64,
+    /// Socket writes (`writev` system calls).
+    pub socket_writes: u64,
+}
+
+impl ConnStats {
+    /// Adds another connection's counters.
+    pub fn add(&mut self, o: &ConnStats) {
+        self.pdus_in += o.pdus_in;
+        self.pdus_out += o.pdus_out;
+        self.commands += o.commands;
+        self.errors += o.errors;
+        self.term_sent += o.term_sent;
+        self.socket_reads += o.socket_reads;
+        self.empty_reads += o.empty_reads;
+        self.socket_writes += o.socket_writes;
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,6 +255,9 @@ pub struct Connection {
     disconnect: Option<u16>,
     /// When the socket was accepted (the Connect timeout counts from here).
     opened: Instant,
+    /// The group's last sleep found the socket not readable: the next round does not read it
+    /// (its `recv` would only say so again).
+    quiet_socket: bool,
     /// Its place under the target's connection limits.
     _ticket: ConnTicket,
 }
@@ -328,6 +357,7 @@ impl Connection {
             mem_wait: VecDeque::with_capacity(depth as usize),
             disconnect: None,
             opened: Instant::now(),
+            quiet_socket: false,
             _ticket: ticket,
         })
     }
@@ -368,6 +398,12 @@ impl Connection {
             && matches!(self.state, State::AwaitIcReq | State::Ready)
             && self.disconnect.is_none()
             && !matches!(self.rx, Rx::NeedBuf { .. })
+    }
+    /// After the group's sleep: `readable` is what `poll(2)` said of the socket. A socket it
+    /// watched for input and found empty is not read in the next round (data that arrives
+    /// meanwhile is read the round after, or wakes the next sleep at once).
+    pub(crate) fn woke(&mut self, readable: bool) {
+        self.quiet_socket = !readable && self.reads();
     }
     /// True if backend completions wait to be handled.
     pub(crate) fn has_completions(&self) -> bool {
@@ -419,7 +455,9 @@ impl Connection {
         }
         work += self.deliver_events();
         work += self.flush();
-        if matches!(self.state, State::AwaitIcReq | State::Ready) {
+        if matches!(self.state, State::AwaitIcReq | State::Ready)
+            && !std::mem::take(&mut self.quiet_socket)
+        {
             work += self.recv();
         }
         // Keep Alive is checked after receiving: a Keep Alive (or any command) that waited in
@@ -712,6 +750,7 @@ impl Connection {
                     &mut UntilShort {
                         sock: &mut self.sock,
                         drained,
+                        stats: &mut self.stats,
                     },
                 ) {
                     Ok(Some(p)) => {
@@ -740,6 +779,7 @@ impl Connection {
                     let mut src = UntilShort {
                         sock: &mut self.sock,
                         drained,
+                        stats: &mut self.stats,
                     };
                     match self.reader.poll_data(&mut self.rx_buf, &mut src, dst) {
                         Ok(Some(ok)) => {
@@ -757,6 +797,7 @@ impl Connection {
                     let mut src = UntilShort {
                         sock: &mut self.sock,
                         drained,
+                        stats: &mut self.stats,
                     };
                     match self.reader.poll_discard(&mut self.rx_buf, &mut src) {
                         Ok(Some(_)) => {
@@ -1203,6 +1244,40 @@ mod tests {
         );
         assert!(c.target.controller(ctrl.cntlid).is_none());
         assert_eq!(c.target.draining_controller_count(), 0);
+    }
+
+    /// A socket the group's `poll(2)` found empty is not read in the next round (no `recv`
+    /// only to hear EAGAIN), and is read again in the round after; the counters see every
+    /// read and every empty one.
+    #[test]
+    fn a_socket_found_empty_by_the_sleep_is_not_read_next_round() {
+        use std::io::Write;
+        let (mut c, mut host) = pair();
+        let _ctrl = admin_queue(&mut c, 60_000);
+        c.poll();
+        let s = c.stats();
+        assert_eq!((s.socket_reads, s.empty_reads), (1, 1));
+        let mut sqe = Sqe::new(crate::spec::sqe::admin::KEEP_ALIVE);
+        sqe.set_cid(1);
+        let ka = pdu::encode(&Pdu::CapsuleCmd(sqe, 0), 0, Digests::default(), 0);
+        host.write_all(ka.as_bytes()).expect("send Keep Alive");
+        c.woke(false);
+        c.poll();
+        assert_eq!(
+            c.stats().socket_reads,
+            1,
+            "read after a sleep that found it empty"
+        );
+        assert_eq!(c.stats().pdus_in, 0);
+        while c.stats().pdus_in == 0 {
+            c.poll();
+        }
+        let s = c.stats();
+        assert!(s.socket_reads >= 2 && s.socket_writes >= 1, "{s:?}");
+        c.woke(true);
+        let before = c.stats().socket_reads;
+        c.poll();
+        assert_eq!(c.stats().socket_reads, before + 1, "readable: read at once");
     }
 
     #[test]

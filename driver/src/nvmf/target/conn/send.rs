@@ -147,6 +147,7 @@ impl Connection {
                     break;
                 }
             }
+            self.stats.socket_writes += 1;
             let wrote = match self.sock.write_vectored(&iov[..n]) {
                 Ok(0) => {
                     self.close_now();
