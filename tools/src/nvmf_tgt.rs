@@ -509,22 +509,21 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
     }
     for r in &reports {
         println!(
-            "nvmf_tgt: poller {}: {} connection(s), {} command(s), {} error status(es), {} PDUs in, {} PDUs out",
+            "nvmf_tgt: poller {}: {} connection(s), {} command(s), {} error status(es), {} PDUs in, {} PDUs out; {} recv ({} empty), {} writev",
             r.poller,
             r.connections,
             r.stats.commands,
             r.stats.errors,
             r.stats.pdus_in,
-            r.stats.pdus_out
-        );
-        println!(
-            "nvmf_tgt: poller {}: system calls: {} recv ({} empty), {} writev",
-            r.poller, r.stats.socket_reads, r.stats.empty_reads, r.stats.socket_writes
+            r.stats.pdus_out,
+            r.stats.socket_reads,
+            r.stats.empty_reads,
+            r.stats.socket_writes
         );
         if r.abandoned > 0 {
             println!(
-                "nvmf_tgt: poller {}: {} command(s) still at the device after 10 s were abandoned",
-                r.poller, r.abandoned
+                "nvmf_tgt: {} command(s) of poller {} still at the device after 10 s were abandoned",
+                r.abandoned, r.poller
             );
         }
     }
