@@ -172,13 +172,14 @@ pub use bus::emulated;
 pub use bus::vfio;
 
 pub use bus::dma::{ChunkSource, DmaBuffer, DmaChunk, DmaError, DmaMemory, DmaSlice};
+pub use bus::interrupt::{EventFd, InterruptError};
 pub use bus::{Bus, Doorbell, DoorbellSink, PciId};
 pub use embed::blockfile::{BlockFile, Completed, ExtendHook, FileOptions, Refused, Request};
 pub use embed::cache::{CacheStats, PageCache};
 pub use embed::error::{EmbedError, EmbedResult, MaintOp, Op};
 pub use embed::iobuf::IoBuffer;
 pub use embed::poller::{PollerStats, PollerTask, PollerTaskId};
-pub use embed::sleep::PollerWait;
+pub use embed::sleep::{InterruptMode, PollerWait};
 pub use embed::{Builder, CompletionThread, Completions, Dioxide};
 pub use nvme::admin::AbortOutcome;
 pub use nvme::controller::{Controller, ControllerOptions, InitState};

@@ -28,6 +28,7 @@
 pub(crate) mod dma;
 #[cfg(feature = "emulated")]
 pub mod emulated;
+pub mod interrupt;
 #[cfg(feature = "vfio")]
 pub mod vfio;
 
@@ -36,6 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{Ordering, compiler_fence, fence};
 
 use crate::bus::dma::DmaMemory;
+use crate::bus::interrupt::{EventFd, InterruptError};
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 compile_error!(
@@ -101,6 +103,17 @@ pub trait Bus: Send + Sync {
     fn doorbell(&self, offset: u32) -> Doorbell;
     /// The DMA memory of this bus.
     fn dma(&self) -> &DmaMemory;
+    /// The eventfd that interrupt vector `vector` (1 or more; 0 is the admin queue's) signals,
+    /// set up on the first call (VFIO: MSI-X enabled through the kernel); every call for the
+    /// same vector returns the same eventfd. A completion queue created with IEN set and this
+    /// vector makes it readable when the device posts to it (see [`interrupt`]). The default:
+    /// no interrupts.
+    fn interrupt(&self, vector: u16) -> Result<Arc<EventFd>, InterruptError> {
+        let _ = vector;
+        Err(InterruptError::Unsupported {
+            location: self.location().to_string(),
+        })
+    }
 }
 
 /// Something that takes doorbell writes in software (the emulated controller).

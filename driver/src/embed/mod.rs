@@ -31,6 +31,7 @@ use crate::embed::poller::{
     Local, PollerConfig, PollerStats, PollerTask, PollerTaskId, Pollers, StartError, Targets,
     TaskError,
 };
+use crate::embed::sleep::InterruptMode;
 use crate::nvme::controller::Controller;
 use crate::nvme::error::Error;
 use crate::nvme::namespace::Namespace;
@@ -264,6 +265,7 @@ pub struct Builder {
     queue: QueueOptions,
     cache_pages: usize,
     completions: Completions,
+    interrupts: InterruptMode,
 }
 
 impl Builder {
@@ -315,6 +317,13 @@ impl Builder {
     /// Options of every queue pair.
     pub fn queue(mut self, opts: QueueOptions) -> Self {
         self.queue = opts;
+        self
+    }
+    /// Whether pollers with requests on the device sleep until their completions (default
+    /// [`InterruptMode::Polled`]); see [`InterruptMode`]. The sleeping modes create every
+    /// queue pair of the pollers in interrupt mode (one MSI-X vector each).
+    pub fn interrupt_mode(mut self, mode: InterruptMode) -> Self {
+        self.interrupts = mode;
         self
     }
     /// Pages (4 KiB) of the page cache of each controller (default 1024 = 4 MiB).
@@ -373,7 +382,11 @@ impl Builder {
                 spin: self.spin,
                 idle: self.idle,
                 wait_spin: self.wait_spin,
-                queue: self.queue.clone(),
+                queue: self
+                    .queue
+                    .clone()
+                    .with_interrupts(self.queue.interrupts || self.interrupts.sleeps()),
+                interrupts: self.interrupts,
             };
             let p = Pollers::start(&self.ctrls, &targets, &cfg).map_err(|e| match e {
                 StartError::Pin(poller, core, source) => EmbedError::Pin {
@@ -436,6 +449,7 @@ impl Dioxide {
             queue: QueueOptions::default(),
             cache_pages: 1024,
             completions: Completions::OnPoller,
+            interrupts: InterruptMode::Polled,
         }
     }
 

@@ -77,6 +77,17 @@
 //! its poller's thread when removed, or at shutdown once the poller's last I/O has completed. A
 //! panicking task is dropped and counted ([`PollerStats::task_panics`]); the poller goes on.
 //!
+//! *Interrupt mode* ([`InterruptMode`], `Builder::interrupt_mode`). The queue pairs are
+//! created with an MSI-X vector each; a poller with requests on the device whose round found
+//! nothing (at once in interrupt mode, after a quiet time in adaptive mode) announces its sleep
+//! as above (`in_poll`, `sleeping`, fence, ring and inbox re-checked), asks its tasks for their
+//! descriptors, arms its queue pairs last (`QueuePair::arm_interrupt`: clear the eventfd, look
+//! at the CQ again) and sleeps in the same `poll(2)` with their completion eventfds added, at
+//! most 10 ms while commands are on the device (timeouts and health checks run in `poll`). A
+//! completion posted before the arm cancels the sleep; one posted after makes its eventfd
+//! readable; a submitter that finds `sleeping` rings the poller's eventfd. Counted in
+//! [`PollerStats::io_sleeps`].
+//!
 //! Allocation on the I/O path: none here (the ring, the thread-local queue and the failed list
 //! keep their capacity; run to completion reuses its list of reaped bios); what dio-core and the
 //! file layer allocate per request is theirs.
@@ -103,7 +114,7 @@ use dio_core::{Bio, BioOp, BioSink, DeviceStatus, DioError, Poller, Rejected};
 
 use crate::bus::dma::DmaSlice;
 use crate::embed::iobuf::Window;
-use crate::embed::sleep::{PollerWait, WakeFd};
+use crate::embed::sleep::{InterruptMode, PollerWait, WakeFd, arm_queues};
 use crate::nvme::controller::Controller;
 use crate::nvme::error::{Error, IoError};
 use crate::nvme::namespace::Namespace;
@@ -416,6 +427,9 @@ pub struct PollerStats {
     pub completed: u64,
     /// Times the poller parked.
     pub parks: u64,
+    /// Times the poller slept with requests on the device (interrupt mode): each sleep ends
+    /// with an interrupt, a submission, a task's descriptor or the sleep limit.
+    pub io_sleeps: u64,
     /// Times a submitter found the ring full and backed off.
     pub ring_full: u64,
     /// Tasks dropped because their `poll` panicked.
@@ -439,8 +453,8 @@ pub trait PollerTask: Send + 'static {
     fn is_busy(&self) -> bool {
         false
     }
-    /// Called when the poller is about to sleep (nothing in flight, nothing queued, no task
-    /// busy): add the descriptors whose readiness means this task has work, and a timeout for
+    /// Called when the poller is about to sleep (nothing queued, no task busy, and nothing in
+    /// flight unless in interrupt mode, see [`InterruptMode`]): add the descriptors whose readiness means this task has work, and a timeout for
     /// its timers, to `wait`; return false if work arrived meanwhile (the poller then polls
     /// again instead of sleeping). With descriptors or a timeout from its tasks the poller
     /// sleeps in `poll(2)` on them and on its own eventfd (rung by submitters and task
@@ -485,6 +499,7 @@ struct Counters {
     submitted: AtomicU64,
     completed: AtomicU64,
     parks: AtomicU64,
+    io_sleeps: AtomicU64,
     task_panics: AtomicU64,
 }
 
@@ -547,6 +562,9 @@ pub(crate) struct PollerConfig {
     /// How long a client thread spins for its completion before it parks.
     pub wait_spin: Duration,
     pub queue: QueueOptions,
+    /// Whether a poller with requests on the device sleeps (the queues are then created in
+    /// interrupt mode).
+    pub interrupts: InterruptMode,
 }
 
 /// The running pollers of an engine.
@@ -652,10 +670,16 @@ impl Tasks {
     }
 
     /// Sleep in `poll(2)` on the tasks' descriptors and the poller's eventfd (called with
-    /// `in_poll` and `sleeping` raised and the ring found empty). False: no task, the caller
-    /// parks instead. True: slept, or a task had work (no sleep).
-    fn sleep(&mut self, s: &PollerShared) -> bool {
-        if self.list.is_empty() {
+    /// `in_poll` and `sleeping` raised and the ring found empty), and on what `io` adds (the
+    /// queue pairs' completion eventfds, interrupt mode; it returns false if a queue pair has
+    /// work already). False: no task and no `io`, the caller parks instead. True: slept, or a
+    /// task or queue pair had work (no sleep).
+    fn sleep(
+        &mut self,
+        s: &PollerShared,
+        io: Option<&mut dyn FnMut(&mut PollerWait) -> bool>,
+    ) -> bool {
+        if self.list.is_empty() && io.is_none() {
             return false;
         }
         self.wait.clear();
@@ -675,6 +699,11 @@ impl Tasks {
                     ready = true;
                     break;
                 }
+            }
+        }
+        if !ready {
+            if let Some(arm) = io {
+                ready = !arm(&mut self.wait);
             }
         }
         if !ready {
@@ -771,6 +800,7 @@ impl Pollers {
             let core = cfg.cores[i];
             let p = Arc::clone(&pollers);
             let (tx, targets, spin) = (tx.clone(), targets.clone(), (cfg.spin, cfg.idle));
+            let mode = cfg.interrupts;
             let t = std::thread::Builder::new()
                 .name(format!("dioxide-poller-{i}"))
                 .spawn(move || {
@@ -782,7 +812,7 @@ impl Pollers {
                     }
                     let _ = tx.send(Ok(()));
                     drop(tx);
-                    p.run(i, qpairs, targets, parker, spin);
+                    p.run(i, qpairs, targets, parker, spin, mode);
                 });
             match t {
                 Ok(t) => pollers.lock_threads().push(t),
@@ -838,6 +868,7 @@ impl Pollers {
             submitted: s.counters.submitted.load(Ordering::Relaxed),
             completed: s.counters.completed.load(Ordering::Relaxed),
             parks: s.counters.parks.load(Ordering::Relaxed),
+            io_sleeps: s.counters.io_sleeps.load(Ordering::Relaxed),
             ring_full: s.ring_full.load(Ordering::Relaxed),
             task_panics: s.counters.task_panics.load(Ordering::Relaxed),
         }
@@ -991,6 +1022,7 @@ impl Pollers {
         targets: Targets,
         parker: Parker,
         (spin, idle_time): (u32, Duration),
+        mode: InterruptMode,
     ) {
         ROLE.with(|r| r.on_poller.set(Some((self.id, index))));
         let s = &*self.shared[index];
@@ -1059,6 +1091,16 @@ impl Pollers {
             let io_busy = stalled.is_some()
                 || !OWN_QUEUE.with(|q| q.borrow().is_empty())
                 || qpairs.iter().any(|q| q.outstanding() > 0);
+            if io_busy
+                && !task_busy
+                && io_sleep_due(mode, idle, idle_since)
+                && stalled.is_none()
+                && OWN_QUEUE.with(|q| q.borrow().is_empty())
+            {
+                self.sleep_on_io(s, &mut tasks, &mut qpairs);
+                idle = 0;
+                continue;
+            }
             if io_busy || task_busy {
                 // Commands on the device or a busy task: keep polling, but let other threads
                 // (an emulated device, the clients) run on a small machine.
@@ -1100,7 +1142,7 @@ impl Pollers {
                 parker.park_timeout(Duration::from_millis(1));
             } else if s.ring.is_empty() && !s.inbox_pending.load(Ordering::SeqCst) {
                 bump(&s.counters.parks, 1);
-                if !tasks.sleep(s) {
+                if !tasks.sleep(s, None) {
                     parker.park();
                 }
             }
@@ -1111,6 +1153,37 @@ impl Pollers {
         tasks.clear(s);
         ROLE.with(|r| r.on_poller.set(None));
         // Dropping the queue pairs deletes them on the device.
+    }
+}
+
+/// Interrupt mode: true if a poller whose last round found nothing, with requests on the
+/// device, should sleep now (`idle` empty rounds since `idle_since`). Adaptive mode reads the
+/// clock every 8 empty rounds only.
+#[inline]
+fn io_sleep_due(mode: InterruptMode, idle: u32, idle_since: Instant) -> bool {
+    match mode {
+        InterruptMode::Polled => false,
+        InterruptMode::Interrupt => true,
+        InterruptMode::Adaptive(after) => idle % 8 == 0 && idle_since.elapsed() >= after,
+    }
+}
+
+impl Pollers {
+    /// Interrupt mode: sleep until a queue pair's device posts a completion, a submitter or a
+    /// task change rings the poller's eventfd, or a task's descriptor is ready. The wake-up
+    /// protocol is the idle park's (announce with `in_poll` and `sleeping`, fence, re-check the
+    /// ring and the inbox); the queue pairs are armed last (`arm_queues`), so a completion
+    /// posted before the sleep cancels it and one posted after makes its eventfd readable.
+    fn sleep_on_io(&self, s: &PollerShared, tasks: &mut Tasks, qpairs: &mut [QueuePair<BioCtx>]) {
+        s.in_poll.store(true, Ordering::Relaxed);
+        s.sleeping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if s.ring.is_empty() && !s.inbox_pending.load(Ordering::SeqCst) {
+            bump(&s.counters.io_sleeps, 1);
+            tasks.sleep(s, Some(&mut |w: &mut PollerWait| arm_queues(qpairs, w)));
+        }
+        s.sleeping.store(false, Ordering::Relaxed);
+        s.in_poll.store(false, Ordering::Relaxed);
     }
 }
 

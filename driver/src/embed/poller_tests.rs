@@ -435,3 +435,48 @@ fn shutdown_waits_for_a_request_in_its_submission_phase() {
     p.leave();
     shutdown.join().unwrap();
 }
+
+#[test]
+fn interrupt_mode_pollers_sleep_with_io_on_the_device_and_lose_nothing() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    for mode in [
+        InterruptMode::Interrupt,
+        InterruptMode::Adaptive(Duration::ZERO),
+    ] {
+        let mut b = Dioxide::builder()
+            .controller(ctrl(Mode::Threaded))
+            .pollers([None])
+            .poller_idle(Duration::ZERO)
+            .interrupt_mode(mode);
+        b.spin = 0;
+        let dx = b.build().unwrap();
+        let f = file(&dx);
+        let clients: Vec<_> = (0..2u64)
+            .map(|k| {
+                let f = f.clone();
+                std::thread::spawn(move || {
+                    let mut buf = IoBuffer::Dma(f.alloc(4096).unwrap());
+                    for i in 0..300u64 {
+                        let off = (k * 256 + i % 256) * 4096;
+                        buf.as_mut_slice()[..8].copy_from_slice(&(k << 32 | i).to_le_bytes());
+                        let (r, b) = f.write(buf, off, 4096);
+                        assert_eq!(r.unwrap(), 4096);
+                        let (r, b) = f.read(b, off, 4096);
+                        assert_eq!(r.unwrap(), 4096);
+                        let got = u64::from_le_bytes(b.as_slice()[..8].try_into().unwrap());
+                        assert_eq!(got, k << 32 | i, "{mode:?} client {k} request {i}");
+                        buf = b;
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().unwrap();
+        }
+        let stats = || dx.poller_stats()[0];
+        wait_until(|| stats().completed == 1200);
+        assert_eq!(stats().submitted, 1200);
+        // The device thread takes a while per command: the poller slept with I/O on the device.
+        assert!(stats().io_sleeps > 0, "{mode:?}: {:?}", stats());
+    }
+}

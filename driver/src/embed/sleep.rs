@@ -8,11 +8,73 @@
 //! by a client, a task change, shutdown, a socket that becomes readable and a timer all end the
 //! same sleep: the poller costs no CPU while idle and no wake-up is lost (the poller's
 //! `sleeping` handshake decides whether a submitter rings the eventfd; see the wake-up protocol
-//! in the `poller` module). The only system calls of this module are here, each checked.
+//! in the `poller` module). In interrupt mode ([`InterruptMode`]) a poller with requests on the
+//! device sleeps the same way, with its queue pairs' completion eventfds added after arming
+//! them ([`arm_queues`]). The only system calls of this module are here, each checked.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
+
+use crate::nvme::qpair::QueuePair;
+
+/// Whether a poller with requests on the device sleeps until their completions (SPDK's
+/// interrupt mode), set with [`Builder::interrupt_mode`](crate::Builder::interrupt_mode).
+///
+/// In the sleeping modes every queue pair of the pooled pollers is created in interrupt mode
+/// (an MSI-X vector and eventfd each, see [`QueuePair::arm_interrupt`]). A poller that decides
+/// to sleep arms its queue pairs and sleeps in one `poll(2)` on their completion eventfds, its
+/// own wake-up eventfd (submitters, task changes) and its tasks' descriptors; a completion, a
+/// new bio or a task's socket wakes it, and it polls again. Run to completion
+/// ([`Builder::run_to_completion`](crate::Builder::run_to_completion)) always polls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InterruptMode {
+    /// Always poll while requests are on the device (lowest latency, a core per poller).
+    #[default]
+    Polled,
+    /// Sleep as soon as a round finds no completion and nothing else to do (least CPU; each
+    /// I/O pays an interrupt and a wake-up).
+    Interrupt,
+    /// Poll while completions keep coming; sleep once a poller with requests on the device
+    /// has found nothing for this long (polled mode's latency under load, interrupt mode's CPU
+    /// when the device is slow or the load light).
+    Adaptive(Duration),
+}
+
+impl InterruptMode {
+    /// [`Adaptive`](Self::Adaptive) with the default quiet time: 20 µs without a completion.
+    pub const ADAPTIVE: InterruptMode = InterruptMode::Adaptive(Duration::from_micros(20));
+
+    /// True if queue pairs are created in interrupt mode.
+    pub fn sleeps(self) -> bool {
+        self != InterruptMode::Polled
+    }
+}
+
+/// Arms every queue pair before a poller sleeps with requests on the device: adds each
+/// interrupt-mode queue's completion eventfd to `wait`, with the queue's sleep limit (timeouts
+/// and health checks keep running). False if the poller must not sleep: a queue found a
+/// completion while arming, or a polled-mode queue has requests outstanding.
+pub(crate) fn arm_queues<T>(qpairs: &mut [QueuePair<T>], wait: &mut PollerWait) -> bool {
+    for q in qpairs.iter_mut() {
+        if !q.interrupts() {
+            if q.outstanding() > 0 {
+                return false;
+            }
+            continue;
+        }
+        if !q.arm_interrupt() {
+            return false;
+        }
+        if let Some(fd) = q.completion_fd() {
+            wait.fd(fd, false);
+        }
+        if let Some(limit) = q.sleep_limit() {
+            wait.timeout(limit);
+        }
+    }
+    true
+}
 
 /// What a sleeping poller waits for on behalf of its tasks: descriptors and a timeout.
 #[derive(Debug, Default)]

@@ -317,6 +317,9 @@ pub enum Error {
     /// A blocking I/O completed with an error.
     #[error(transparent)]
     Io(#[from] IoError),
+    /// An interrupt-mode queue pair could not get its interrupt vector.
+    #[error(transparent)]
+    Interrupt(#[from] crate::bus::interrupt::InterruptError),
 }
 
 /// Why a queue pair stopped.

@@ -199,6 +199,12 @@ impl Sqe {
         s.cdw11 = 1; // PC = 1, IEN = 0
         s
     }
+    /// Create I/O Completion Queue with interrupts enabled (IEN = 1) on MSI-X vector `vector`.
+    pub const fn create_io_cq_irq(qid: u16, entries: u16, prp1: u64, vector: u16) -> Sqe {
+        let mut s = Sqe::create_io_cq(qid, entries, prp1);
+        s.cdw11 = 1 | 2 | (vector as u32) << 16; // PC = 1, IEN = 1, IV
+        s
+    }
     /// Create I/O Submission Queue bound to `cqid`, physically contiguous, medium priority.
     pub const fn create_io_sq(qid: u16, entries: u16, prp1: u64, cqid: u16) -> Sqe {
         let mut s = Sqe::new(admin::CREATE_IO_SQ);

@@ -88,6 +88,8 @@ pub mod command_specific {
     pub const INVALID_QUEUE_SIZE: u8 = 0x02;
     /// Abort Command Limit Exceeded.
     pub const ABORT_LIMIT_EXCEEDED: u8 = 0x03;
+    /// Invalid Interrupt Vector.
+    pub const INVALID_INTERRUPT_VECTOR: u8 = 0x08;
     /// Invalid Log Page.
     pub const INVALID_LOG_PAGE: u8 = 0x09;
     /// Invalid Format.
@@ -236,7 +238,7 @@ impl Status {
             (Sct::CommandSpecific, 0x05) => "Asynchronous Event Request Limit Exceeded",
             (Sct::CommandSpecific, 0x06) => "Invalid Firmware Slot",
             (Sct::CommandSpecific, 0x07) => "Invalid Firmware Image",
-            (Sct::CommandSpecific, 0x08) => "Invalid Interrupt Vector",
+            (Sct::CommandSpecific, cs::INVALID_INTERRUPT_VECTOR) => "Invalid Interrupt Vector",
             (Sct::CommandSpecific, cs::INVALID_LOG_PAGE) => "Invalid Log Page",
             (Sct::CommandSpecific, cs::INVALID_FORMAT) => "Invalid Format",
             (Sct::CommandSpecific, 0x0b) => "Firmware Activation Requires Conventional Reset",

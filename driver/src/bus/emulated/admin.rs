@@ -1,12 +1,14 @@
 //! Admin commands.
 
 use core::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::device::{AER_LIMIT, Device, ERROR_LOG_ENTRIES, Outcome, generic, specific};
 use super::faults::Release;
 use super::prp::{self, Cursor, PrpError, Seg};
 use super::queue::{Cq, Sq, lock};
+use crate::bus::interrupt::EventFd;
 use crate::spec::identify::{
     ERROR_LOG_ENTRY_LEN, FirmwareSlotLog, IDENTIFY_LEN, IdentifyController, IdentifyNamespace,
     LbaFormat, build_ns_list,
@@ -242,12 +244,35 @@ impl Device {
             Ok(m) => m,
             Err(e) => return e,
         };
+        let irq = match self.cq_interrupt(sqe) {
+            Ok(irq) => irq,
+            Err(e) => return e,
+        };
         let slot = &self.cqs[qid as usize];
-        *lock(&slot.state) = Some(Cq::new(base, size));
+        *lock(&slot.state) = Some(Cq::new(base, size).with_irq(irq));
         slot.doorbell.store(0, Ordering::Relaxed);
         slot.backlog.store(false, Ordering::Relaxed);
         slot.size.store(size, Ordering::Release);
         ok(0)
+    }
+
+    /// The interrupt of a CQ being created: `None` without IEN (CDW11 bit 1), else the eventfd
+    /// of vector IV (CDW11 bits 31:16).
+    fn cq_interrupt(&self, sqe: &Sqe) -> Result<Option<Arc<EventFd>>, Outcome> {
+        if sqe.cdw11 & 2 == 0 {
+            return Ok(None);
+        }
+        let vector = (sqe.cdw11 >> 16) as u16;
+        if vector as usize >= self.vectors.count() {
+            return Err(fail(specific(cs::INVALID_INTERRUPT_VECTOR)));
+        }
+        match self.vectors.target(vector) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) => {
+                log::error!("emulated: {e}");
+                Err(fail(generic(g::INTERNAL_ERROR)))
+            }
+        }
     }
 
     fn create_sq(&self, sqe: &Sqe) -> Outcome {

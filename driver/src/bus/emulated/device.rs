@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::faults::{Action, FaultTable, Held, Pending, Release};
+use super::irq::Vectors;
 use super::namespace::Namespace;
 use super::queue::{Completion, Cq, CqSlot, Sq, SqSlot, lock};
 use crate::bus::DoorbellSink;
@@ -149,6 +150,8 @@ pub(crate) struct Device {
     pub media_errors: AtomicU64,
     pub idle_sleeps: AtomicU64,
     pub stop: AtomicBool,
+    /// MSI-X vectors (eventfds) of completion queues created with IEN set.
+    pub vectors: Vectors,
 }
 
 impl Device {
@@ -190,6 +193,7 @@ impl Device {
             media_errors: AtomicU64::new(0),
             idle_sleeps: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            vectors: Vectors::new(n),
             props,
         }
     }

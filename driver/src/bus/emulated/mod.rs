@@ -46,6 +46,7 @@ mod chunks;
 mod device;
 mod faults;
 mod io;
+mod irq;
 mod namespace;
 mod prp;
 mod queue;
@@ -434,5 +435,11 @@ impl Bus for EmulatedController {
     }
     fn dma(&self) -> &DmaMemory {
         &self.dev.dma
+    }
+    fn interrupt(
+        &self,
+        vector: u16,
+    ) -> Result<Arc<crate::bus::interrupt::EventFd>, crate::bus::interrupt::InterruptError> {
+        self.dev.vectors.get(vector)
     }
 }

@@ -11,9 +11,10 @@
 use core::ptr::NonNull;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::prp::Seg;
+use crate::bus::interrupt::EventFd;
 use crate::spec::{Cqe, Sqe, Status};
 
 /// Locks a mutex, ignoring poisoning (a panicking test thread must not wedge the device).
@@ -87,6 +88,8 @@ pub(crate) struct Cq {
     phase: bool,
     /// Completions that found the queue full, posted in order as the host frees entries.
     backlog: VecDeque<Completion>,
+    /// Created with IEN set: the vector's eventfd, signalled after each posted completion.
+    irq: Option<Arc<EventFd>>,
 }
 
 // SAFETY: as for `Sq`: `base` points into DMA memory that outlives the queue, used under a mutex.
@@ -102,7 +105,14 @@ impl Cq {
             tail: 0,
             phase: true,
             backlog: VecDeque::with_capacity(size as usize),
+            irq: None,
         }
+    }
+
+    /// Signals `irq` after each completion posted (a queue created with IEN set).
+    pub(crate) fn with_irq(mut self, irq: Option<Arc<EventFd>>) -> Cq {
+        self.irq = irq;
+        self
     }
 
     fn try_post(&mut self, head: u32, c: &Completion) -> bool {
@@ -134,6 +144,10 @@ impl Cq {
         self.tail = next;
         if next == 0 {
             self.phase = !self.phase;
+        }
+        if let Some(irq) = &self.irq {
+            // After the release store of DW3: a host woken by the eventfd sees the entry.
+            irq.signal();
         }
         true
     }

@@ -1402,3 +1402,65 @@ fn threaded_delay_and_idle_backoff() {
     drop(q);
     drop(h);
 }
+
+#[test]
+fn interrupt_vectors_signal_ien_queues_only() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let mut h = start(EmulatedConfig {
+        max_io_queues: 4,
+        ..EmulatedConfig::default()
+    });
+    let bus = h.bus();
+    // Vector 0 is the admin queue's; vectors stop at the queue count.
+    assert!(bus.interrupt(0).is_err());
+    assert!(bus.interrupt(5).is_err());
+    let fd1 = bus.interrupt(1).unwrap();
+    assert_eq!(
+        bus.interrupt(1).unwrap().raw_fd(),
+        fd1.raw_fd(),
+        "same eventfd"
+    );
+    assert!(!fd1.clear(), "nothing signalled yet");
+    // IEN with a vector the controller does not have.
+    let mem = h.bus().dma().alloc(64 * 16).unwrap();
+    let c = h.admin(Sqe::create_io_cq_irq(1, 64, mem.iova().0, 5));
+    assert_eq!(
+        code(&c),
+        st(Sct::CommandSpecific, cs::INVALID_INTERRUPT_VECTOR)
+    );
+    // Queue 1 with IEN on vector 1, queue 2 polled, queue 3 on vector 3 nobody asked for yet.
+    let mut qs = Vec::new();
+    for (qid, vector) in [(1u16, Some(1u16)), (2, None), (3, Some(3))] {
+        let q = Queue::new(&*h.ctrl, qid, 16, h.dstrd);
+        let sqe = match vector {
+            Some(v) => Sqe::create_io_cq_irq(qid, 16, q.cq.iova().0, v),
+            None => Sqe::create_io_cq(qid, 16, q.cq.iova().0),
+        };
+        assert_eq!(code(&h.admin(sqe)), OK);
+        let c = h.admin(Sqe::create_io_sq(qid, 16, q.sq.iova().0, qid));
+        assert_eq!(code(&c), OK);
+        qs.push(q);
+    }
+    let buf = h.bus().dma().alloc(512).unwrap();
+    for round in 0..3 {
+        let c = qs[0].cmd(read1(1, round, &buf));
+        assert_eq!(code(&c), OK);
+        assert!(
+            fd1.clear(),
+            "a completion on the IEN queue signals its vector"
+        );
+        assert!(!fd1.clear(), "cleared");
+        let c = qs[1].cmd(read1(1, round, &buf));
+        assert_eq!(code(&c), OK);
+        let c = qs[2].cmd(read1(1, round, &buf));
+        assert_eq!(code(&c), OK);
+        assert!(!fd1.clear(), "other queues do not signal vector 1");
+    }
+    // Vector 3, asked for after queue 3 was created on it, is the one queue 3 signalled.
+    let fd3 = h.bus().interrupt(3).unwrap();
+    assert!(fd3.clear(), "queue 3's earlier completions");
+    let c = qs[2].cmd(read1(1, 9, &buf));
+    assert_eq!(code(&c), OK);
+    assert!(fd3.clear());
+    assert!(!fd1.clear());
+}

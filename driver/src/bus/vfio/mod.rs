@@ -53,6 +53,7 @@ mod diag;
 mod error;
 mod iova;
 mod memory;
+mod msix;
 mod sys;
 
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -60,11 +61,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 
 use crate::bus::dma::DmaMemory;
+use crate::bus::interrupt::{EventFd, InterruptError};
 use crate::bus::{Bus, Doorbell, PciId};
 
 pub use diag::{HostFacts, SysRoots};
@@ -156,8 +159,9 @@ impl Drop for DeviceGuard {
 
 /// A controller opened through VFIO: BAR0 and DMA memory behind the IOMMU.
 pub struct VfioBus {
-    // Drop order is teardown order: DMA memory, BAR0, device (and group), container. No Drop
-    // impl: the field order is the whole teardown.
+    // Drop order is teardown order: MSI-X, DMA memory, BAR0, device (and group), container. No
+    // Drop impl: the field order is the whole teardown.
+    msix: msix::Msix,
     dma: DmaMemory,
     bar: Arc<bar::Bar0>,
     _device: DeviceGuard,
@@ -360,7 +364,11 @@ impl VfioBus {
             detached,
             opts.roots.clone(),
         );
+        let vectors = dev
+            .get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX)
+            .map_or(0, |i| i.count);
         Ok(Arc::new(VfioBus {
+            msix: msix::Msix::new(fd, vectors, addr.clone()),
             dma: DmaMemory::new(Box::new(mem)),
             bar: Arc::new(bar),
             _device: device,
@@ -428,5 +436,8 @@ impl Bus for VfioBus {
     }
     fn dma(&self) -> &DmaMemory {
         &self.dma
+    }
+    fn interrupt(&self, vector: u16) -> core::result::Result<Arc<EventFd>, InterruptError> {
+        self.msix.get(vector)
     }
 }

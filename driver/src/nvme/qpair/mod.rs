@@ -49,12 +49,14 @@
 //!
 //! **Files.** This module holds the queue pair's state, its options and counters and the
 //! public API; `submit` the submission path (checks, splitting, the waiting queue, the SQ
-//! entry), `complete` the completion path (the poll loop, completion checks, delivery) and
+//! entry), `complete` the completion path (the poll loop, completion checks, delivery),
+//! `interrupt` interrupt mode (sleeping on the CQ's MSI-X eventfd without losing a wake-up), and
 //! `recovery` what happens when things go wrong (timeouts and Abort, the CID quarantine, a dead
 //! queue and the controller reset, teardown). The SQ/CQ bookkeeping itself (tail, head, phase
 //! tag, doorbells) is the [`Ring`] the admin queue uses too.
 
 mod complete;
+mod interrupt;
 mod recovery;
 mod resubmit;
 mod submit;
@@ -70,6 +72,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bus::dma::{ChunkCache, DmaBuffer, DmaMemory, DmaSlice};
+use crate::bus::interrupt::EventFd;
 use crate::nvme::controller::Shared;
 use crate::nvme::error::{DeadReason, Error, IoError, ProtocolError, Result};
 use crate::nvme::namespace::Namespace;
@@ -104,6 +107,11 @@ pub struct QueueOptions {
     pub doorbell: DoorbellMode,
     /// Per-command timeout (`None`: never time out). Default 30 s.
     pub timeout: Option<Duration>,
+    /// Interrupt mode: the CQ is created with interrupts enabled (IEN = 1) on an MSI-X vector
+    /// of its own, so the owner can sleep until the device posts to it
+    /// ([`QueuePair::completion_fd`], [`QueuePair::arm_interrupt`]). Off (polled) by default;
+    /// polling costs the same either way.
+    pub interrupts: bool,
 }
 
 impl Default for QueueOptions {
@@ -113,6 +121,7 @@ impl Default for QueueOptions {
             requests: 0,
             doorbell: DoorbellMode::PerBatch,
             timeout: Some(Duration::from_secs(30)),
+            interrupts: false,
         }
     }
 }
@@ -136,6 +145,11 @@ impl QueueOptions {
     /// With a per-command timeout.
     pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.timeout = timeout;
+        self
+    }
+    /// In interrupt mode (see [`QueueOptions::interrupts`]) or polled mode.
+    pub fn with_interrupts(mut self, on: bool) -> Self {
+        self.interrupts = on;
         self
     }
 }
@@ -286,6 +300,9 @@ pub struct QueueStats {
     pub protocol_errors: u64,
     /// Contexts never handed back because the device could not be stopped.
     pub leaked: u64,
+    /// Interrupt mode: [`QueuePair::arm_interrupt`] calls that found nothing to do and allowed
+    /// the owner to sleep (each is at most one wake-up).
+    pub interrupt_arms: u64,
 }
 
 impl QueueStats {
@@ -406,6 +423,8 @@ pub struct QueuePair<T> {
     quarantined: u16,
     protocol: Option<ProtocolError>,
     sync: Option<IoResult>,
+    /// Interrupt mode: the eventfd of this queue's MSI-X vector.
+    irq: Option<Arc<EventFd>>,
     qid: QueueId,
     /// The controller's location, for [`Error::QueueDead`] without a copy per error.
     location: Arc<str>,
@@ -495,7 +514,18 @@ impl<T> QueuePair<T> {
                 dstrd,
             });
         };
-        let made = Self::create_queues(&shared, qid, entries, requests);
+        let irq = match opts.interrupts {
+            false => None,
+            true => match shared.bus.interrupt(qid.0) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    shared.free_qid(qid);
+                    return Err(e.into());
+                }
+            },
+        };
+        let vector = irq.as_ref().map(|_| qid.0);
+        let made = Self::create_queues(&shared, qid, entries, requests, vector);
         let (sq_mem, cq_mem, prp_mem) = match made {
             Ok(m) => m,
             Err(e) => {
@@ -565,6 +595,7 @@ impl<T> QueuePair<T> {
             quarantined: 0,
             protocol: None,
             sync: None,
+            irq,
             qid,
             location: shared.location.as_str().into(),
             generation,
@@ -586,6 +617,7 @@ impl<T> QueuePair<T> {
         qid: QueueId,
         entries: u16,
         requests: u16,
+        vector: Option<u16>,
     ) -> Result<(DmaBuffer, DmaBuffer, DmaBuffer)> {
         let sq = shared.alloc(entries as usize * 64, "an I/O submission queue")?;
         let cq = shared.alloc(entries as usize * 16, "an I/O completion queue")?;
@@ -598,7 +630,10 @@ impl<T> QueuePair<T> {
         q.execute_checked(
             shared,
             "Create I/O Completion Queue",
-            Sqe::create_io_cq(qid.0, entries, cq.iova().0),
+            match vector {
+                None => Sqe::create_io_cq(qid.0, entries, cq.iova().0),
+                Some(v) => Sqe::create_io_cq_irq(qid.0, entries, cq.iova().0, v),
+            },
         )?;
         if let Err(e) = q.execute_checked(
             shared,
