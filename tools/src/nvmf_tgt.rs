@@ -14,7 +14,8 @@ use crate::device::{self, Opened};
 use crate::trid::{Target, TransportId};
 use clap::Parser;
 use dioxide::{
-    Dioxide, NvmfFileBackend, NvmfServing, NvmfSubsystem, NvmfTarget, NvmfTargetOptions,
+    Dioxide, InterruptMode, NvmfFileBackend, NvmfServing, NvmfSubsystem, NvmfTarget,
+    NvmfTargetOptions,
 };
 use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
@@ -106,6 +107,12 @@ pub struct TgtArgs {
     /// Empty polls an idle poller makes at least before it sleeps. Default: 4
     #[arg(long = "poller-spin", value_name = "N")]
     pub poller_spin: Option<String>,
+    /// What a poller does while commands are on the device: `polled` (keeps polling: a core
+    /// per poller), `interrupt` (sleeps in poll(2) on the queues' MSI-X eventfds and its
+    /// sockets as soon as a round finds nothing) or `adaptive[:US]` (polls until US
+    /// microseconds, default 20, went by without a completion, then sleeps). Default: polled
+    #[arg(long = "interrupt-mode", value_name = "MODE")]
+    pub interrupt_mode: Option<String>,
     /// The built-in emulated controller's shape.
     #[command(flatten)]
     pub emulated: EmulatedArgs,
@@ -134,12 +141,37 @@ pub struct TgtConfig {
     pub poller_idle: Duration,
     /// `--poller-spin`.
     pub poller_spin: u32,
+    /// `--interrupt-mode`.
+    pub interrupts: InterruptMode,
     /// The emulated controller's shape.
     pub emulated: EmulatedShape,
 }
 
 fn err<T>(msg: impl Into<String>) -> Result<T, CliError> {
     Err(CliError(msg.into()))
+}
+
+/// `--interrupt-mode` when not given.
+pub const DEFAULT_INTERRUPT_MODE: InterruptMode = InterruptMode::Polled;
+
+/// `--interrupt-mode`: `polled`, `interrupt`, `adaptive` or `adaptive:US`.
+fn interrupt_mode(m: &str) -> Result<InterruptMode, CliError> {
+    match m.split_once(':') {
+        None if m == "polled" => Ok(InterruptMode::Polled),
+        None if m == "interrupt" => Ok(InterruptMode::Interrupt),
+        None if m == "adaptive" => Ok(InterruptMode::ADAPTIVE),
+        Some(("adaptive", us)) => match us.parse::<u64>() {
+            Ok(us) if (1..=1_000_000).contains(&us) => {
+                Ok(InterruptMode::Adaptive(Duration::from_micros(us)))
+            }
+            _ => err(format!(
+                "--interrupt-mode adaptive:US takes 1 to 1000000 microseconds, not '{us}'"
+            )),
+        },
+        _ => err(format!(
+            "--interrupt-mode is polled, interrupt, adaptive or adaptive:US, not '{m}'"
+        )),
+    }
 }
 
 fn number(
@@ -279,6 +311,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
     .map_or(Duration::ZERO, Duration::from_micros);
     let poller_spin =
         number("--poller-spin", a.poller_spin.as_deref(), 1..=10_000_000)?.map_or(4, |n| n as u32);
+    let interrupts = match a.interrupt_mode.as_deref() {
+        None => DEFAULT_INTERRUPT_MODE,
+        Some(m) => interrupt_mode(m)?,
+    };
     let opts = NvmfTargetOptions {
         max_queue_depth: queue_depth,
         max_io_queues,
@@ -304,6 +340,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         dma_bytes,
         poller_idle,
         poller_spin,
+        interrupts,
         emulated,
     }))
 }
@@ -410,6 +447,7 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
     let dx = b
         .poller_idle(cfg.poller_idle)
         .poller_spin(cfg.poller_spin)
+        .interrupt_mode(cfg.interrupts)
         .build()
         .map_err(|e| format!("nvmf_tgt: {e}"))?;
     let target = NvmfTarget::new(cfg.opts.clone());
@@ -507,9 +545,13 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
     if let Some(d) = discovery {
         reports.extend(d.stop(&dx, Duration::from_secs(10)));
     }
+    let pollers = dx.poller_stats();
     for r in &reports {
+        let (sleeps, io_sleeps) = pollers
+            .get(r.poller)
+            .map_or((0, 0), |p| (p.parks, p.io_sleeps));
         println!(
-            "nvmf_tgt: poller {}: {} connection(s), {} command(s), {} error status(es), {} PDUs in, {} PDUs out; {} recv ({} empty), {} writev",
+            "nvmf_tgt: poller {}: {} connection(s), {} command(s), {} error status(es), {} PDUs in, {} PDUs out; {} recv ({} empty), {} writev; {} sleeps idle, {} with I/O on the device",
             r.poller,
             r.connections,
             r.stats.commands,
@@ -518,7 +560,9 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
             r.stats.pdus_out,
             r.stats.socket_reads,
             r.stats.empty_reads,
-            r.stats.socket_writes
+            r.stats.socket_writes,
+            sleeps,
+            io_sleeps
         );
         if r.abandoned > 0 {
             println!(
@@ -606,6 +650,23 @@ mod tests {
         );
         assert_eq!(l.opts.connect_timeout, Duration::from_millis(2500));
         assert!(cfg("--max-connections 0").is_err());
+        assert_eq!(cfg("").unwrap().interrupts, InterruptMode::Polled);
+        for (arg, mode) in [
+            ("polled", InterruptMode::Polled),
+            ("interrupt", InterruptMode::Interrupt),
+            ("adaptive", InterruptMode::ADAPTIVE),
+            (
+                "adaptive:150",
+                InterruptMode::Adaptive(Duration::from_micros(150)),
+            ),
+        ] {
+            let c = cfg(&format!("--interrupt-mode {arg}")).unwrap();
+            assert_eq!(c.interrupts, mode, "{arg}");
+        }
+        for bad in ["sleepy", "adaptive:0", "adaptive:x", "interrupt:5"] {
+            let e = cfg(&format!("--interrupt-mode {bad}")).unwrap_err();
+            assert!(e.contains("--interrupt-mode"), "{e}");
+        }
         let p = cfg("--poller-idle-us 50 --poller-spin 1000").unwrap();
         assert_eq!(
             (p.poller_idle, p.poller_spin),

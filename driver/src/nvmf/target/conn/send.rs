@@ -153,7 +153,11 @@ impl Connection {
                     self.close_now();
                     return done;
                 }
-                Ok(w) => w,
+                Ok(w) => {
+                    // The host answers what it receives: read again next round.
+                    self.recv_skip = 0;
+                    w
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return done,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
