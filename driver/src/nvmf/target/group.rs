@@ -37,7 +37,7 @@ use crate::embed::sleep::PollerWait;
 /// While busy, a group tries its listener once every this many rounds.
 const ACCEPT_EVERY: u32 = 64;
 /// Up to this many connections, a group learns after a sleep which sockets `poll(2)` found
-/// empty and does not read them in the next round.
+/// readable and reads only those in the next round (a larger group reads them all).
 const QUIET_SCAN_MAX: usize = 32;
 
 /// Where other groups (the listener's) hand this group new connections.
@@ -261,13 +261,13 @@ impl PollGroup {
             self.accept_in = 0;
         }
         // A socket watched for input that `poll(2)` found empty is not read next round (at
-        // QD1 the admin queue's socket, every command). `ready` scans the descriptors, so a
-        // large group skips this rather than pay connections × descriptors.
-        if self.conns.len() <= QUIET_SCAN_MAX {
-            for c in &mut self.conns {
-                if let Some(i) = c.interest().filter(|i| i.read) {
-                    c.woke(w.ready(i.fd));
-                }
+        // QD1 the admin queue's socket, every command), one it found readable is read even if
+        // the connection was skipping it. `ready` scans the descriptors, so a large group
+        // reads every socket instead of paying connections × descriptors.
+        let scan = self.conns.len() <= QUIET_SCAN_MAX;
+        for c in &mut self.conns {
+            if let Some(i) = c.interest().filter(|i| i.read) {
+                c.woke(!scan || w.ready(i.fd));
             }
         }
     }
