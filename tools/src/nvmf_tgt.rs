@@ -113,6 +113,11 @@ pub struct TgtArgs {
     /// microseconds, default 20, went by without a completion, then sleeps). Default: polled
     #[arg(long = "interrupt-mode", value_name = "MODE")]
     pub interrupt_mode: Option<String>,
+    /// Polls a connection leaves its socket unread after finding it empty, unless it sent
+    /// something since or a sleep found the socket readable (0 to 1048576; 0: read every
+    /// poll). Default: 16
+    #[arg(long = "recv-skip-rounds", value_name = "N")]
+    pub recv_skip_rounds: Option<String>,
     /// The built-in emulated controller's shape.
     #[command(flatten)]
     pub emulated: EmulatedArgs,
@@ -301,6 +306,12 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         1..=3_600_000,
     )?
     .map_or(d.h2c_data_timeout, Duration::from_millis);
+    let recv_skip_rounds = number(
+        "--recv-skip-rounds",
+        a.recv_skip_rounds.as_deref(),
+        0..=1 << 20,
+    )?
+    .map_or(d.recv_skip_rounds, |n| n as u32);
     let dma_bytes = number("--dma-size", a.dma_size.as_deref(), 4 << 20..=1 << 40)?
         .unwrap_or(queue_depth as u64 * max_io as u64 * 2 + (16 << 20));
     let poller_idle = number(
@@ -327,6 +338,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         max_connections_per_host,
         connect_timeout,
         h2c_data_timeout,
+        recv_skip_rounds,
         ..d
     };
     Ok(Parsed::Run(TgtConfig {
@@ -619,6 +631,11 @@ mod tests {
         );
         assert_eq!(c.opts.connect_timeout, Duration::from_secs(10));
         assert_eq!(c.opts.h2c_data_timeout, Duration::from_secs(30));
+        assert_eq!(c.opts.recv_skip_rounds, 16);
+        assert_eq!(
+            cfg("--recv-skip-rounds 0").unwrap().opts.recv_skip_rounds,
+            0
+        );
     }
 
     #[test]

@@ -75,6 +75,10 @@ pub struct TargetOptions {
     /// memory for a device backend) forever. Default 30 s (the Linux host's own I/O timeout:
     /// a host still waiting has given the command up by then).
     pub h2c_data_timeout: Duration,
+    /// Rounds a connection leaves its socket unread after finding it empty, unless it sent
+    /// something since or its group's sleep found the socket readable (see
+    /// [`Connection::poll`](conn::Connection::poll)); 0 reads every round. Default 16.
+    pub recv_skip_rounds: u32,
 }
 
 impl TargetOptions {
@@ -83,7 +87,7 @@ impl TargetOptions {
     /// multiples of 4 of at least 4096, the transfer size a power of two of 4 KiB..=16 MiB, at
     /// least one R2T, KAS at least 1, a staging buffer of at least 4 KiB, a housekeeping
     /// period of 1 ms..=1 h, at least one connection (per host too), a Connect timeout and an
-    /// H2CData timeout of 1 ms..=1 h each.
+    /// H2CData timeout of 1 ms..=1 h each, at most 2^20 rounds of unread sockets.
     pub fn normalized(mut self) -> TargetOptions {
         self.max_queue_depth = self.max_queue_depth.clamp(2, 1024);
         self.max_io_queues = self.max_io_queues.clamp(1, 1024);
@@ -110,6 +114,7 @@ impl TargetOptions {
         self.h2c_data_timeout = self
             .h2c_data_timeout
             .clamp(Duration::from_millis(1), Duration::from_secs(3600));
+        self.recv_skip_rounds = self.recv_skip_rounds.min(1 << 20);
         self
     }
 }
@@ -131,6 +136,7 @@ impl Default for TargetOptions {
             max_connections_per_host: 512,
             connect_timeout: Duration::from_secs(10),
             h2c_data_timeout: Duration::from_secs(30),
+            recv_skip_rounds: 16,
         }
     }
 }
@@ -572,6 +578,7 @@ mod tests {
             max_connections_per_host: 0,
             connect_timeout: std::time::Duration::ZERO,
             h2c_data_timeout: std::time::Duration::ZERO,
+            recv_skip_rounds: u32::MAX,
         }
         .normalized();
         assert_eq!((o.max_queue_depth, o.max_io_queues), (2, 1));
@@ -583,6 +590,7 @@ mod tests {
         assert_eq!((o.max_connections, o.max_connections_per_host), (1, 1));
         assert_eq!(o.connect_timeout, std::time::Duration::from_millis(1));
         assert_eq!(o.h2c_data_timeout, std::time::Duration::from_millis(1));
+        assert_eq!(o.recv_skip_rounds, 1 << 20);
         let d = TargetOptions::default();
         assert_eq!(d.clone().normalized().max_transfer, d.max_transfer);
         assert_eq!(d.clone().normalized().max_h2c_data, d.max_h2c_data);

@@ -75,10 +75,6 @@ pub(crate) const ADMIN_QUEUE_DEPTH: u16 = 32;
 pub const ADMIN_IN_CAPSULE: u32 = 8192;
 /// How long a closing connection may take to send its last PDUs.
 const LINGER: Duration = Duration::from_secs(2);
-/// Rounds a connection does not read its socket after finding it empty, unless it sent
-/// something since (a host answers what it receives) or the group's sleep found the socket
-/// readable: see [`Connection::poll`].
-const RECV_SKIP_ROUNDS: u32 = 16;
 /// The socket as one [`Connection::recv`] reads it: once a read returned less than it asked
 /// for, the socket is empty, and a further read in this call would only cost a system call
 /// to learn it, so it is `WouldBlock` without asking (the next poll reads again).
@@ -471,7 +467,7 @@ impl Connection {
         // Reading a socket found empty costs a system call for nothing, which an emulated or
         // shared CPU makes dear (the QD1 case: the poller's rounds while the command is on the
         // device found nothing, every one of them). So after finding the socket empty the
-        // connection skips it for `RECV_SKIP_ROUNDS` rounds, unless it sent something since (a
+        // connection skips it for `recv_skip_rounds` rounds, unless it sent something since (a
         // host's next commands follow the responses it receives: no delay at high queue
         // depth) or the group's sleep found it readable; data that arrives otherwise waits at
         // most those rounds, or wakes the group's next sleep at once (`poll(2)` still watches
@@ -851,7 +847,7 @@ impl Connection {
         }
         if *drained {
             // The socket is empty now (a short read or EAGAIN).
-            self.recv_skip = RECV_SKIP_ROUNDS;
+            self.recv_skip = self.target.options().recv_skip_rounds;
         }
         work
     }
@@ -1275,7 +1271,7 @@ mod tests {
         assert_eq!(c.target.draining_controller_count(), 0);
     }
 
-    /// A socket found empty is not read again for `RECV_SKIP_ROUNDS` rounds, unless the
+    /// A socket found empty is not read again for `recv_skip_rounds` rounds, unless the
     /// group's sleep found it readable or the connection sent something since; the counters
     /// see every read and every empty one.
     #[test]
@@ -1286,7 +1282,7 @@ mod tests {
         let reads = |c: &Connection| c.stats().socket_reads;
         c.poll();
         assert_eq!((reads(&c), c.stats().empty_reads), (1, 1));
-        for _ in 0..RECV_SKIP_ROUNDS {
+        for _ in 0..c.target.options().recv_skip_rounds {
             c.poll();
         }
         assert_eq!(reads(&c), 1, "skipped while nothing can have come");
