@@ -115,7 +115,8 @@ pub struct TgtArgs {
     pub interrupt_mode: Option<String>,
     /// Polls a connection leaves its socket unread after finding it empty, unless it sent
     /// something since or a sleep found the socket readable (0 to 1048576; 0: read every
-    /// poll). Default: 16
+    /// poll). Default: 0 (an empty recv also runs the kernel's pending network work, which
+    /// hosts on the same CPU wait for)
     #[arg(long = "recv-skip-rounds", value_name = "N")]
     pub recv_skip_rounds: Option<String>,
     /// The built-in emulated controller's shape.
@@ -631,10 +632,10 @@ mod tests {
         );
         assert_eq!(c.opts.connect_timeout, Duration::from_secs(10));
         assert_eq!(c.opts.h2c_data_timeout, Duration::from_secs(30));
-        assert_eq!(c.opts.recv_skip_rounds, 16);
+        assert_eq!(c.opts.recv_skip_rounds, 0);
         assert_eq!(
-            cfg("--recv-skip-rounds 0").unwrap().opts.recv_skip_rounds,
-            0
+            cfg("--recv-skip-rounds 16").unwrap().opts.recv_skip_rounds,
+            16
         );
     }
 

@@ -464,14 +464,15 @@ impl Connection {
         }
         work += self.deliver_events();
         work += self.flush();
-        // Reading a socket found empty costs a system call for nothing, which an emulated or
-        // shared CPU makes dear (the QD1 case: the poller's rounds while the command is on the
-        // device found nothing, every one of them). So after finding the socket empty the
-        // connection skips it for `recv_skip_rounds` rounds, unless it sent something since (a
-        // host's next commands follow the responses it receives: no delay at high queue
-        // depth) or the group's sleep found it readable; data that arrives otherwise waits at
-        // most those rounds, or wakes the group's next sleep at once (`poll(2)` still watches
-        // the socket).
+        // After finding the socket empty, a connection may skip it for `recv_skip_rounds`
+        // rounds (default 0: it reads every round), unless it sent something since (a host's
+        // next commands follow the responses it receives) or the group's sleep found it
+        // readable; data that arrives otherwise waits at most those rounds, or wakes the
+        // group's next sleep at once (`poll(2)` still watches the socket). An empty `recv` is
+        // not wasted where hosts share the target's CPU: the socket call also runs the
+        // kernel's pending network softirqs (the loopback delivery of responses and
+        // commands). Skipping 16 rounds measured 3x slower at QD1 in the one-vCPU TCG guest
+        // (0.21x the kernel target against 0.69x reading every round, same boot).
         if matches!(self.state, State::AwaitIcReq | State::Ready) {
             if self.recv_skip > 0 {
                 self.recv_skip -= 1;
@@ -1194,11 +1195,15 @@ mod tests {
 
     /// A connection in state Ready and the host's end of its socket.
     fn pair() -> (Connection, TcpStream) {
+        pair_with(TargetOptions::default())
+    }
+
+    /// [`pair`] with these target options.
+    fn pair_with(opts: TargetOptions) -> (Connection, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let host = TcpStream::connect(l.local_addr().expect("address")).expect("connect");
         let (sock, _) = l.accept().expect("accept");
-        let mut c = Connection::new(Target::new(TargetOptions::default()), sock, None)
-            .expect("a connection");
+        let mut c = Connection::new(Target::new(opts), sock, None).expect("a connection");
         c.state = State::Ready;
         host.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("read timeout");
@@ -1277,7 +1282,10 @@ mod tests {
     #[test]
     fn a_socket_found_empty_is_skipped_until_it_may_have_data() {
         use std::io::Write;
-        let (mut c, mut host) = pair();
+        let (mut c, mut host) = pair_with(TargetOptions {
+            recv_skip_rounds: 16,
+            ..TargetOptions::default()
+        });
         let _ctrl = admin_queue(&mut c, 60_000);
         let reads = |c: &Connection| c.stats().socket_reads;
         c.poll();
