@@ -14,7 +14,8 @@ use crate::device::{self, Opened};
 use crate::trid::{Target, TransportId};
 use clap::Parser;
 use dioxide::{
-    Dioxide, NvmfFileBackend, NvmfServing, NvmfSubsystem, NvmfTarget, NvmfTargetOptions,
+    Dioxide, InterruptMode, NvmfFileBackend, NvmfServing, NvmfSubsystem, NvmfTarget,
+    NvmfTargetOptions,
 };
 use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
@@ -89,6 +90,11 @@ pub struct TgtArgs {
     /// (1 to 3600000). Default: 10000
     #[arg(long = "connect-timeout-ms", value_name = "MS")]
     pub connect_timeout_ms: Option<String>,
+    /// Milliseconds a write's data may take after its R2T (or its last H2CData PDU) before
+    /// the connection is ended with a C2HTermReq and its buffers freed (1 to 3600000).
+    /// Default: 30000
+    #[arg(long = "h2c-timeout-ms", value_name = "MS")]
+    pub h2c_timeout_ms: Option<String>,
     /// DMA memory a PCIe controller is expected to pin (checked against the hugepage pool and
     /// the locked-memory limit at start; buffers grow on demand). Default: queue depth x max
     /// I/O size x 2 + 16m (48m)
@@ -101,6 +107,18 @@ pub struct TgtArgs {
     /// Empty polls an idle poller makes at least before it sleeps. Default: 4
     #[arg(long = "poller-spin", value_name = "N")]
     pub poller_spin: Option<String>,
+    /// What a poller does while commands are on the device: `polled` (keeps polling: a core
+    /// per poller), `interrupt` (sleeps in poll(2) on the queues' MSI-X eventfds and its
+    /// sockets as soon as a round finds nothing) or `adaptive[:US]` (polls until US
+    /// microseconds, default 20, went by without a completion, then sleeps). Default: polled
+    #[arg(long = "interrupt-mode", value_name = "MODE")]
+    pub interrupt_mode: Option<String>,
+    /// Polls a connection leaves its socket unread after finding it empty, unless it sent
+    /// something since or a sleep found the socket readable (0 to 1048576; 0: read every
+    /// poll). Default: 0 (an empty recv also runs the kernel's pending network work, which
+    /// hosts on the same CPU wait for)
+    #[arg(long = "recv-skip-rounds", value_name = "N")]
+    pub recv_skip_rounds: Option<String>,
     /// The built-in emulated controller's shape.
     #[command(flatten)]
     pub emulated: EmulatedArgs,
@@ -129,12 +147,37 @@ pub struct TgtConfig {
     pub poller_idle: Duration,
     /// `--poller-spin`.
     pub poller_spin: u32,
+    /// `--interrupt-mode`.
+    pub interrupts: InterruptMode,
     /// The emulated controller's shape.
     pub emulated: EmulatedShape,
 }
 
 fn err<T>(msg: impl Into<String>) -> Result<T, CliError> {
     Err(CliError(msg.into()))
+}
+
+/// `--interrupt-mode` when not given.
+pub const DEFAULT_INTERRUPT_MODE: InterruptMode = InterruptMode::Polled;
+
+/// `--interrupt-mode`: `polled`, `interrupt`, `adaptive` or `adaptive:US`.
+fn interrupt_mode(m: &str) -> Result<InterruptMode, CliError> {
+    match m.split_once(':') {
+        None if m == "polled" => Ok(InterruptMode::Polled),
+        None if m == "interrupt" => Ok(InterruptMode::Interrupt),
+        None if m == "adaptive" => Ok(InterruptMode::ADAPTIVE),
+        Some(("adaptive", us)) => match us.parse::<u64>() {
+            Ok(us) if (1..=1_000_000).contains(&us) => {
+                Ok(InterruptMode::Adaptive(Duration::from_micros(us)))
+            }
+            _ => err(format!(
+                "--interrupt-mode adaptive:US takes 1 to 1000000 microseconds, not '{us}'"
+            )),
+        },
+        _ => err(format!(
+            "--interrupt-mode is polled, interrupt, adaptive or adaptive:US, not '{m}'"
+        )),
+    }
 }
 
 fn number(
@@ -258,6 +301,18 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         1..=3_600_000,
     )?
     .map_or(d.connect_timeout, Duration::from_millis);
+    let h2c_data_timeout = number(
+        "--h2c-timeout-ms",
+        a.h2c_timeout_ms.as_deref(),
+        1..=3_600_000,
+    )?
+    .map_or(d.h2c_data_timeout, Duration::from_millis);
+    let recv_skip_rounds = number(
+        "--recv-skip-rounds",
+        a.recv_skip_rounds.as_deref(),
+        0..=1 << 20,
+    )?
+    .map_or(d.recv_skip_rounds, |n| n as u32);
     let dma_bytes = number("--dma-size", a.dma_size.as_deref(), 4 << 20..=1 << 40)?
         .unwrap_or(queue_depth as u64 * max_io as u64 * 2 + (16 << 20));
     let poller_idle = number(
@@ -268,6 +323,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
     .map_or(Duration::ZERO, Duration::from_micros);
     let poller_spin =
         number("--poller-spin", a.poller_spin.as_deref(), 1..=10_000_000)?.map_or(4, |n| n as u32);
+    let interrupts = match a.interrupt_mode.as_deref() {
+        None => DEFAULT_INTERRUPT_MODE,
+        Some(m) => interrupt_mode(m)?,
+    };
     let opts = NvmfTargetOptions {
         max_queue_depth: queue_depth,
         max_io_queues,
@@ -279,6 +338,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         max_connections,
         max_connections_per_host,
         connect_timeout,
+        h2c_data_timeout,
+        recv_skip_rounds,
         ..d
     };
     Ok(Parsed::Run(TgtConfig {
@@ -292,6 +353,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         dma_bytes,
         poller_idle,
         poller_spin,
+        interrupts,
         emulated,
     }))
 }
@@ -398,6 +460,7 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
     let dx = b
         .poller_idle(cfg.poller_idle)
         .poller_spin(cfg.poller_spin)
+        .interrupt_mode(cfg.interrupts)
         .build()
         .map_err(|e| format!("nvmf_tgt: {e}"))?;
     let target = NvmfTarget::new(cfg.opts.clone());
@@ -495,16 +558,31 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
     if let Some(d) = discovery {
         reports.extend(d.stop(&dx, Duration::from_secs(10)));
     }
+    let pollers = dx.poller_stats();
     for r in &reports {
+        let (sleeps, io_sleeps) = pollers
+            .get(r.poller)
+            .map_or((0, 0), |p| (p.parks, p.io_sleeps));
         println!(
-            "nvmf_tgt: poller {}: {} connection(s), {} command(s), {} error status(es), {} PDUs in, {} PDUs out",
+            "nvmf_tgt: poller {}: {} connection(s), {} command(s), {} error status(es), {} PDUs in, {} PDUs out; {} recv ({} empty), {} writev; {} sleeps idle, {} with I/O on the device",
             r.poller,
             r.connections,
             r.stats.commands,
             r.stats.errors,
             r.stats.pdus_in,
-            r.stats.pdus_out
+            r.stats.pdus_out,
+            r.stats.socket_reads,
+            r.stats.empty_reads,
+            r.stats.socket_writes,
+            sleeps,
+            io_sleeps
         );
+        if r.abandoned > 0 {
+            println!(
+                "nvmf_tgt: {} command(s) of poller {} still at the device after 10 s were abandoned",
+                r.abandoned, r.poller
+            );
+        }
     }
     // The subsystems hold the files of the backends: gone before the pollers and their
     // queue pairs, then the controllers.
@@ -553,6 +631,12 @@ mod tests {
             (2048, 512)
         );
         assert_eq!(c.opts.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.opts.h2c_data_timeout, Duration::from_secs(30));
+        assert_eq!(c.opts.recv_skip_rounds, 0);
+        assert_eq!(
+            cfg("--recv-skip-rounds 16").unwrap().opts.recv_skip_rounds,
+            16
+        );
     }
 
     #[test]
@@ -571,14 +655,36 @@ mod tests {
         );
         assert_eq!(c.opts.max_c2h_data, 8192);
         assert_eq!(c.nqn, "nqn.2026-12.io.t:s");
-        let l = cfg("--max-connections 16 --max-connections-per-host 4 --connect-timeout-ms 2500")
-            .unwrap();
+        let l = cfg(
+            "--max-connections 16 --max-connections-per-host 4 --connect-timeout-ms 2500 \
+             --h2c-timeout-ms 700",
+        )
+        .unwrap();
+        assert_eq!(l.opts.h2c_data_timeout, Duration::from_millis(700));
+        assert!(cfg("--h2c-timeout-ms 0").is_err());
         assert_eq!(
             (l.opts.max_connections, l.opts.max_connections_per_host),
             (16, 4)
         );
         assert_eq!(l.opts.connect_timeout, Duration::from_millis(2500));
         assert!(cfg("--max-connections 0").is_err());
+        assert_eq!(cfg("").unwrap().interrupts, InterruptMode::Polled);
+        for (arg, mode) in [
+            ("polled", InterruptMode::Polled),
+            ("interrupt", InterruptMode::Interrupt),
+            ("adaptive", InterruptMode::ADAPTIVE),
+            (
+                "adaptive:150",
+                InterruptMode::Adaptive(Duration::from_micros(150)),
+            ),
+        ] {
+            let c = cfg(&format!("--interrupt-mode {arg}")).unwrap();
+            assert_eq!(c.interrupts, mode, "{arg}");
+        }
+        for bad in ["sleepy", "adaptive:0", "adaptive:x", "interrupt:5"] {
+            let e = cfg(&format!("--interrupt-mode {bad}")).unwrap_err();
+            assert!(e.contains("--interrupt-mode"), "{e}");
+        }
         let p = cfg("--poller-idle-us 50 --poller-spin 1000").unwrap();
         assert_eq!(
             (p.poller_idle, p.poller_spin),

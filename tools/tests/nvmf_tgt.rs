@@ -323,3 +323,67 @@ fn connection_limits_and_the_connect_timeout_apply() {
     let (code, out) = t.interrupt();
     assert_eq!(code, Some(0), "{out:#?}");
 }
+
+/// `--interrupt-mode interrupt`: the pollers sleep on the (threaded) emulated controller's
+/// completion signals and the sockets while commands are on the device; every command still
+/// completes, with its data, at queue depth 1 and 32.
+#[test]
+fn serves_in_interrupt_mode() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    let t = Tgt::start(&[
+        "--interrupt-mode",
+        "interrupt",
+        "--emulated-mode",
+        "threaded",
+        "--emulated-size",
+        "16m",
+    ]);
+    let mut c = t.connect(HOST_A, DIGESTS[0]);
+    let mut q = c.io_queue(64).expect("I/O queue");
+    for k in 0..64u64 {
+        let d = pattern(k + 500, 4096);
+        q.write(1, k * 8, d.clone(), 512).expect("write");
+        assert_eq!(q.read(1, k * 8, 8, 512).expect("read"), d);
+    }
+    for k in 0..32u64 {
+        let sqe = Sqe::rw(dioxide::spec::sqe::io::WRITE, 1, 4096 + k * 16, 16, false);
+        q.submit(sqe, NvmfHostData::Out(pattern(k + 900, 8192)), k)
+            .expect("submit");
+    }
+    let mut n = 0;
+    while n < 32 {
+        q.poll().expect("poll");
+        while let Some(done) = q.pop() {
+            done.result.expect("write");
+            n += 1;
+        }
+    }
+    for k in 0..32u64 {
+        assert_eq!(
+            q.read(1, 4096 + k * 16, 16, 512).expect("read back"),
+            pattern(k + 900, 8192)
+        );
+    }
+    drop(q);
+    c.shutdown().expect("disconnect");
+    let (code, out) = t.interrupt();
+    assert_eq!(code, Some(0), "{out:#?}");
+    assert!(out.iter().any(|l| l == "nvmf_tgt: controllers shut down"));
+    // The poller of the I/O queue slept with commands on the device.
+    let io_sleeps: u64 = out
+        .iter()
+        .filter(|l| l.starts_with("nvmf_tgt: poller "))
+        .map(|l| {
+            let head = l
+                .rsplit_once(" with I/O on the device")
+                .expect("sleep counts")
+                .0;
+            head.rsplit_once(", ")
+                .expect("a count")
+                .1
+                .parse::<u64>()
+                .expect("a number")
+        })
+        .sum();
+    assert!(io_sleeps > 0, "{out:#?}");
+}

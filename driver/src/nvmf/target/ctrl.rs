@@ -31,6 +31,26 @@ const AEN_NS_CHANGED: u32 = 2 | (flid::CHANGED_NS_LIST as u32) << 16;
 const CTRATT_TBKAS: u32 = 1 << 6;
 /// Status: Asynchronous Event Request Limit Exceeded (command specific).
 const AER_LIMIT_EXCEEDED: u8 = 0x05;
+/// Status: Keep Alive Timeout Invalid (generic, 1Ah): a Keep Alive while the Keep Alive Timer
+/// is disabled (KATO 0), as Linux's `nvmet_execute_keep_alive` answers.
+const KEEP_ALIVE_TIMEOUT_INVALID: u8 = 0x1a;
+/// Set Features CDW10 bit 31: Save (SV).
+const SET_FEATURES_SAVE: u32 = 1 << 31;
+
+/// Get Features Select (CDW10 bits 10:8).
+mod sel {
+    /// The value in use.
+    pub const CURRENT: u32 = 0b000;
+    /// The value a new association starts with.
+    pub const DEFAULT: u32 = 0b001;
+    /// The value saved across power cycles (none is saveable here: the default).
+    pub const SAVED: u32 = 0b010;
+    /// Supported Capabilities: bit 0 saveable, bit 1 namespace specific, bit 2 changeable.
+    pub const SUPPORTED_CAPABILITIES: u32 = 0b011;
+}
+/// Supported Capabilities bit 2: the feature is changeable (none is saveable or namespace
+/// specific here).
+const CAP_CHANGEABLE: u32 = 1 << 2;
 
 struct State {
     cc: Cc,
@@ -59,6 +79,8 @@ pub struct Ctrl {
     /// Host identifier.
     pub hostid: [u8; 16],
     kato_ms: AtomicU32,
+    /// KATO of the Connect command: the Keep Alive Timer's default value.
+    kato_default: u32,
     last_seen: AtomicU64,
     dead: AtomicBool,
     reset_gen: AtomicU32,
@@ -126,6 +148,7 @@ impl Ctrl {
             hostnqn,
             hostid,
             kato_ms: AtomicU32::new(kato_ms),
+            kato_default: kato_ms,
             last_seen: AtomicU64::new(now_ms),
             dead: AtomicBool::new(false),
             reset_gen: AtomicU32::new(0),
@@ -356,7 +379,9 @@ impl Ctrl {
                 .subsys
                 .backend()
                 .is_some_and(|b| b.volatile_write_cache());
-        let mut oncs = Oncs::empty();
+        // Save and Select: Get Features honours SEL; Set Features with SV says which feature
+        // is not saveable (none is).
+        let mut oncs = Oncs::SAVE_SELECT;
         if nss.iter().any(|n| n.write_zeroes) {
             oncs |= Oncs::WRITE_ZEROES;
         }
@@ -577,6 +602,10 @@ impl Ctrl {
             }
             admin::KEEP_ALIVE => {
                 self.seen(now_ms);
+                if self.kato_ms() == 0 {
+                    // No Keep Alive Timer to restart (KATO 0 at Connect or Set Features).
+                    return err(st(KEEP_ALIVE_TIMEOUT_INVALID).with_dnr(true));
+                }
                 ok(0)
             }
             admin::ASYNC_EVENT_REQUEST => AdminOut::Aer,
@@ -596,6 +625,14 @@ impl Ctrl {
         let disc = self.subsys.is_discovery();
         let mut s = self.state();
         let v = sqe.cdw11;
+        if sqe.cdw10 & SET_FEATURES_SAVE != 0 {
+            // No feature is saveable (Get Features Supported Capabilities says so).
+            return AdminOut::Done(
+                Status::new(Sct::CommandSpecific, cs::FEATURE_NOT_SAVEABLE).with_dnr(true),
+                0,
+                None,
+            );
+        }
         match sqe.cdw10 as u8 {
             fid::NUMBER_OF_QUEUES if !disc => {
                 let (nsq, ncq) = ((v & 0xffff) as u16, (v >> 16) as u16);
@@ -634,16 +671,46 @@ impl Ctrl {
         }
     }
 
+    /// Get Features with its Select field: the current value, the default one (what a new
+    /// association starts with), the saved one (none is saveable: the default), or the
+    /// Supported Capabilities (changeable; not saveable, not namespace specific).
     fn get_features(&self, sqe: &Sqe) -> AdminOut {
         let disc = self.subsys.is_discovery();
-        let s = self.state();
-        let dw0 = match sqe.cdw10 as u8 {
-            fid::NUMBER_OF_QUEUES if !disc => {
-                (s.io_queues - 1) as u32 | ((s.io_queues - 1) as u32) << 16
+        let select = (sqe.cdw10 >> 8) & 0b111;
+        let fid = sqe.cdw10 as u8;
+        let vwc_present = self
+            .subsys
+            .backend()
+            .is_some_and(|b| b.volatile_write_cache());
+        let known = match fid {
+            fid::NUMBER_OF_QUEUES | fid::VOLATILE_WRITE_CACHE => !disc,
+            ffid::ASYNC_EVENT_CONFIG | ffid::KEEP_ALIVE_TIMER => true,
+            _ => false,
+        };
+        if !known {
+            return AdminOut::Done(invalid_field(), 0, None);
+        }
+        let queues = |n: u16| (n - 1) as u32 | ((n - 1) as u32) << 16;
+        let dw0 = match select {
+            sel::CURRENT => {
+                let s = self.state();
+                match fid {
+                    fid::NUMBER_OF_QUEUES => queues(s.io_queues),
+                    ffid::ASYNC_EVENT_CONFIG => s.aec,
+                    ffid::KEEP_ALIVE_TIMER => self.kato_ms.load(Ordering::Relaxed),
+                    _ => (vwc_present && s.vwc) as u32,
+                }
             }
-            ffid::ASYNC_EVENT_CONFIG => s.aec,
-            ffid::KEEP_ALIVE_TIMER => self.kato_ms.load(Ordering::Relaxed),
-            fid::VOLATILE_WRITE_CACHE if !disc => s.vwc as u32,
+            sel::DEFAULT | sel::SAVED => match fid {
+                fid::NUMBER_OF_QUEUES => queues(self.max_io_queues),
+                ffid::ASYNC_EVENT_CONFIG => 0,
+                ffid::KEEP_ALIVE_TIMER => self.kato_default,
+                _ => vwc_present as u32,
+            },
+            sel::SUPPORTED_CAPABILITIES => match fid {
+                fid::VOLATILE_WRITE_CACHE if !vwc_present => 0,
+                _ => CAP_CHANGEABLE,
+            },
             _ => return AdminOut::Done(invalid_field(), 0, None),
         };
         AdminOut::Done(Status::SUCCESS, dw0, None)

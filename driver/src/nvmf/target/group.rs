@@ -12,7 +12,8 @@
 //! System calls per command are what a target on a shared, emulated or small CPU pays for
 //! (measured in the QEMU guest: each costs more than the rest of a round), so the group makes
 //! few: after a sleep it looks only at what `poll(2)` found ready (it resets the eventfd only
-//! if it rang, accepts only if the listener is readable); a connection reads many PDUs per
+//! if it rang, accepts only if the listener is readable, reads no socket `poll(2)` found
+//! empty in the round that follows); a connection reads many PDUs per
 //! `recv` and stops at the first short read (no `recv` only to learn the socket is empty), and
 //! sends what its round produced in one `writev`. A connection still tries to read once per
 //! round while the group is busy: skipping rounds after an empty read was measured to stall a
@@ -35,6 +36,9 @@ use crate::embed::sleep::PollerWait;
 
 /// While busy, a group tries its listener once every this many rounds.
 const ACCEPT_EVERY: u32 = 64;
+/// Up to this many connections, a group learns after a sleep which sockets `poll(2)` found
+/// readable and reads only those in the next round (a larger group reads them all).
+const QUIET_SCAN_MAX: usize = 32;
 
 /// Where other groups (the listener's) hand this group new connections.
 #[derive(Clone, Debug)]
@@ -74,6 +78,8 @@ pub struct PollGroup {
     closed: ClosedLog,
     notifier: Option<Arc<Notifier>>,
     sleep: PollerWait,
+    /// [`stop_serving`](PollGroup::stop_serving) was called: no listener, no new connection.
+    stopping: bool,
 }
 
 /// Totals of the connections a group closed.
@@ -107,6 +113,7 @@ impl PollGroup {
             closed: ClosedLog::default(),
             notifier,
             sleep: PollerWait::default(),
+            stopping: false,
         }
     }
 
@@ -148,18 +155,31 @@ impl PollGroup {
     pub fn totals(&self) -> ConnStats {
         let mut t = self.closed.stats;
         for c in &self.conns {
-            let s = c.stats();
-            t.pdus_in += s.pdus_in;
-            t.pdus_out += s.pdus_out;
-            t.commands += s.commands;
-            t.errors += s.errors;
-            t.term_sent += s.term_sent;
+            t.add(&c.stats());
         }
         t
     }
     /// What the closed connections did and why they closed.
     pub fn closed(&self) -> &ClosedLog {
         &self.closed
+    }
+
+    /// Commands of the group's connections at the backend now.
+    pub fn in_flight(&self) -> usize {
+        self.conns.iter().map(Connection::at_backend).sum()
+    }
+
+    /// Starts the group's end: the listener closes, connections handed to the group from now
+    /// on are closed unread, and every connection is closed (the hosts see their sockets
+    /// close). A closed connection's commands still at the backend drain in the next
+    /// [`poll`](Self::poll)s, which drop it once they did: the group is done when it
+    /// [`is_empty`](Self::is_empty). Idempotent.
+    pub fn stop_serving(&mut self) {
+        self.stopping = true;
+        self.listener = None;
+        for c in &mut self.conns {
+            c.end("the target is stopping");
+        }
     }
 
     /// Polls on the calling thread until `stop`; after an idle round it [`wait`](Self::wait)s
@@ -240,6 +260,16 @@ impl PollGroup {
         {
             self.accept_in = 0;
         }
+        // A socket watched for input that `poll(2)` found empty is not read next round (at
+        // QD1 the admin queue's socket, every command), one it found readable is read even if
+        // the connection was skipping it. `ready` scans the descriptors, so a large group
+        // reads every socket instead of paying connections × descriptors.
+        let scan = self.conns.len() <= QUIET_SCAN_MAX;
+        for c in &mut self.conns {
+            if let Some(i) = c.interest().filter(|i| i.read) {
+                c.woke(!scan || w.ready(i.fd));
+            }
+        }
     }
 
     /// One round: accept, adopt, poll every connection, reap the closed ones.
@@ -273,6 +303,11 @@ impl PollGroup {
         }
         while let Some(s) = self.inbox.queue.pop() {
             work += 1;
+            if self.stopping {
+                // Accepted before the listener closed: closed unread.
+                drop(s);
+                continue;
+            }
             // A socket that cannot be configured is dropped (the host sees the close).
             let _ = self.add(s);
         }
@@ -285,12 +320,7 @@ impl PollGroup {
                 return true;
             }
             closed.count += 1;
-            let s = c.stats();
-            closed.stats.pdus_in += s.pdus_in;
-            closed.stats.pdus_out += s.pdus_out;
-            closed.stats.commands += s.commands;
-            closed.stats.errors += s.errors;
-            closed.stats.term_sent += s.term_sent;
+            closed.stats.add(&c.stats());
             log::debug!(
                 "nvmf: {} closed ({})",
                 c.peer(),

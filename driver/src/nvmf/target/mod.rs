@@ -69,6 +69,18 @@ pub struct TargetOptions {
     /// How long a connection may take from its accept to a successful Connect (ICReq/ICResp
     /// included) before it is closed. Default 10 s (the Linux host's own ICResp wait).
     pub connect_timeout: Duration,
+    /// How long a write's data may take after its R2T (from the R2T, or from the last H2CData
+    /// PDU of it that arrived) before the connection is ended with a C2HTermReq: a host that
+    /// takes R2Ts and never sends the data must not hold the target's data buffers (DMA
+    /// memory for a device backend) forever. Default 30 s (the Linux host's own I/O timeout:
+    /// a host still waiting has given the command up by then).
+    pub h2c_data_timeout: Duration,
+    /// Rounds a connection leaves its socket unread after finding it empty, unless it sent
+    /// something since or its group's sleep found the socket readable (see
+    /// [`Connection::poll`](conn::Connection::poll)); 0 reads every round. Default 0: where
+    /// the hosts share the target's CPU an empty `recv` also runs the kernel's pending network
+    /// work, and skipping measured slower.
+    pub recv_skip_rounds: u32,
 }
 
 impl TargetOptions {
@@ -76,8 +88,8 @@ impl TargetOptions {
     /// 1..=1024, in-capsule size a multiple of 16 up to 1 MiB, MAXH2CDATA and the C2HData size
     /// multiples of 4 of at least 4096, the transfer size a power of two of 4 KiB..=16 MiB, at
     /// least one R2T, KAS at least 1, a staging buffer of at least 4 KiB, a housekeeping
-    /// period of 1 ms..=1 h, at least one connection (per host too), a Connect timeout of
-    /// 1 ms..=1 h.
+    /// period of 1 ms..=1 h, at least one connection (per host too), a Connect timeout and an
+    /// H2CData timeout of 1 ms..=1 h each, at most 2^20 rounds of unread sockets.
     pub fn normalized(mut self) -> TargetOptions {
         self.max_queue_depth = self.max_queue_depth.clamp(2, 1024);
         self.max_io_queues = self.max_io_queues.clamp(1, 1024);
@@ -101,6 +113,10 @@ impl TargetOptions {
         self.connect_timeout = self
             .connect_timeout
             .clamp(Duration::from_millis(1), Duration::from_secs(3600));
+        self.h2c_data_timeout = self
+            .h2c_data_timeout
+            .clamp(Duration::from_millis(1), Duration::from_secs(3600));
+        self.recv_skip_rounds = self.recv_skip_rounds.min(1 << 20);
         self
     }
 }
@@ -121,6 +137,8 @@ impl Default for TargetOptions {
             max_connections: 2048,
             max_connections_per_host: 512,
             connect_timeout: Duration::from_secs(10),
+            h2c_data_timeout: Duration::from_secs(30),
+            recv_skip_rounds: 0,
         }
     }
 }
@@ -561,6 +579,8 @@ mod tests {
             max_connections: 0,
             max_connections_per_host: 0,
             connect_timeout: std::time::Duration::ZERO,
+            h2c_data_timeout: std::time::Duration::ZERO,
+            recv_skip_rounds: u32::MAX,
         }
         .normalized();
         assert_eq!((o.max_queue_depth, o.max_io_queues), (2, 1));
@@ -571,6 +591,8 @@ mod tests {
         assert_eq!(o.housekeeping, std::time::Duration::from_millis(1));
         assert_eq!((o.max_connections, o.max_connections_per_host), (1, 1));
         assert_eq!(o.connect_timeout, std::time::Duration::from_millis(1));
+        assert_eq!(o.h2c_data_timeout, std::time::Duration::from_millis(1));
+        assert_eq!(o.recv_skip_rounds, 1 << 20);
         let d = TargetOptions::default();
         assert_eq!(d.clone().normalized().max_transfer, d.max_transfer);
         assert_eq!(d.clone().normalized().max_h2c_data, d.max_h2c_data);

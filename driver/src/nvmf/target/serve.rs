@@ -6,13 +6,18 @@
 //! completes on that thread: no thread per connection, no blocking call on a poller, and an
 //! idle poller sleeps in `poll(2)` on its sockets and its own wake-up together.
 //!
-//! [`Serving::stop`] removes the groups from their pollers: every connection is closed (the
-//! hosts see their sockets close), the listener too, and each group reports what it did.
-//! I/O still in flight completes into connections that no longer exist and is freed; the
-//! caller then shuts the [`Dioxide`] down, which waits for it.
+//! [`Serving::stop`] ends every association before it lets a group go: each group closes its
+//! listener and every connection (the hosts see their sockets close), then keeps polling on
+//! its poller until the commands its connections had at the backend completed (each ends
+//! once, into the connection that issued it, as Linux's `nvmet_sq_destroy` waits), and only
+//! then reports and leaves its poller. A group that does not drain within the caller's
+//! timeout (a device that stopped answering) is removed anyway and reports the commands it
+//! abandoned; their completions then go nowhere, and the [`Dioxide`] shutdown that follows
+//! waits for them.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
@@ -31,6 +36,9 @@ pub struct GroupReport {
     pub connections: usize,
     /// Summed counters of those connections.
     pub stats: ConnStats,
+    /// Commands still at the backend when the group left its poller: 0 unless
+    /// [`Serving::stop`]'s timeout passed before they completed.
+    pub abandoned: usize,
 }
 
 /// A target served by the pollers of a [`Dioxide`]; see the module docs.
@@ -40,18 +48,44 @@ pub struct Serving {
     ids: Vec<PollerTaskId>,
     inboxes: Vec<Inbox>,
     reports: Receiver<GroupReport>,
+    stop: Arc<AtomicBool>,
 }
 
-/// A poll group on its poller; reports when dropped (on the poller thread).
+/// A poll group on its poller; reports once it drained after [`Serving::stop`] asked it to
+/// end, or when dropped (on the poller thread) if it had not.
 struct ServedGroup {
     group: PollGroup,
     poller: usize,
     tx: Sender<GroupReport>,
+    stop: Arc<AtomicBool>,
+    reported: bool,
+}
+
+impl ServedGroup {
+    fn report(&mut self) {
+        if std::mem::replace(&mut self.reported, true) {
+            return;
+        }
+        let _ = self.tx.send(GroupReport {
+            poller: self.poller,
+            connections: self.group.adopted(),
+            stats: self.group.totals(),
+            abandoned: self.group.in_flight(),
+        });
+    }
 }
 
 impl PollerTask for ServedGroup {
     fn poll(&mut self) -> usize {
-        self.group.poll()
+        if !self.stop.load(Ordering::Acquire) {
+            return self.group.poll();
+        }
+        self.group.stop_serving();
+        let work = self.group.poll();
+        if self.group.is_empty() {
+            self.report();
+        }
+        work
     }
     fn prepare_wait(&mut self, wait: &mut PollerWait) -> bool {
         PollerTask::prepare_wait(&mut self.group, wait)
@@ -63,11 +97,15 @@ impl PollerTask for ServedGroup {
 
 impl Drop for ServedGroup {
     fn drop(&mut self) {
-        let _ = self.tx.send(GroupReport {
-            poller: self.poller,
-            connections: self.group.adopted(),
-            stats: self.group.totals(),
-        });
+        let n = self.group.in_flight();
+        if !self.reported && n > 0 {
+            log::warn!(
+                "nvmf: poller {}: its poll group leaves with {n} command(s) still at the \
+                 backend: their completions are dropped",
+                self.poller
+            );
+        }
+        self.report();
     }
 }
 
@@ -94,12 +132,15 @@ impl Serving {
             .listen(listener, inboxes[1..].to_vec())
             .map_err(EmbedError::Spawn)?;
         let (tx, reports) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
         let mut ids = Vec::new();
         for (poller, group) in groups.into_iter().enumerate() {
             let task = ServedGroup {
                 group,
                 poller,
                 tx: tx.clone(),
+                stop: stop.clone(),
+                reported: false,
             };
             match dx.add_poller_task(poller, task) {
                 Ok(id) => ids.push(id),
@@ -117,6 +158,7 @@ impl Serving {
             ids,
             inboxes,
             reports,
+            stop,
         })
     }
 
@@ -125,12 +167,12 @@ impl Serving {
         self.addr
     }
 
-    /// Removes the groups from their pollers (closing every connection and the listener) and
-    /// waits up to `timeout` for each to report; returns the reports received, by poller.
+    /// Closes the listener and every connection, waits up to `timeout` for the commands
+    /// they had at the backend to complete (each group reports once its own did), then
+    /// removes the groups from their pollers; returns the reports, by poller (one whose
+    /// group had not drained by then counts what it [`abandoned`](GroupReport::abandoned)).
     pub fn stop(self, dx: &Dioxide, timeout: Duration) -> Vec<GroupReport> {
-        for id in &self.ids {
-            dx.remove_poller_task(*id);
-        }
+        self.stop.store(true, Ordering::Release);
         for i in &self.inboxes {
             i.wake();
         }
@@ -138,6 +180,18 @@ impl Serving {
         let mut out = Vec::new();
         while out.len() < self.ids.len() {
             let left = deadline.saturating_duration_since(Instant::now());
+            match self.reports.recv_timeout(left) {
+                Ok(r) => out.push(r),
+                Err(_) => break,
+            }
+        }
+        for id in &self.ids {
+            dx.remove_poller_task(*id);
+        }
+        // The groups that had not drained report as they are dropped, on their pollers.
+        let grace = Instant::now() + Duration::from_secs(1);
+        while out.len() < self.ids.len() {
+            let left = grace.saturating_duration_since(Instant::now());
             match self.reports.recv_timeout(left) {
                 Ok(r) => out.push(r),
                 Err(_) => break,

@@ -413,6 +413,61 @@ fn h2c_data_for_an_unknown_tag_or_past_the_command() {
     )
 }
 
+/// A host that takes an R2T and sends none (or only part) of the data does not hold the
+/// target's buffers forever: after `h2c_data_timeout` without an H2CData PDU the connection
+/// gets a C2HTermReq (PDU Sequence Error, no header: no PDU was wrong, one never came) and
+/// ends, its place and buffers freed; nothing of the write lands; other hosts go on.
+#[test]
+fn an_r2t_whose_data_never_comes_ends_the_connection_after_the_h2c_deadline() {
+    watchdog(
+        "an_r2t_whose_data_never_comes_ends_the_connection_after_the_h2c_deadline",
+        test_watchdog::INTEGRATION,
+        || {
+            let mem = mem_backend();
+            let opts = TargetOptions {
+                h2c_data_timeout: Duration::from_millis(300),
+                housekeeping: Duration::from_millis(10),
+                ..TargetOptions::default()
+            };
+            let t = TestTarget::with_backend(mem.clone(), opts, 1);
+            let mut by = Bystander::new(&t);
+            let c = connect(&t, Digests::default());
+            let held = t.target.connection_count();
+            for (qid, partial) in [(1u16, false), (2, true)] {
+                let mut s = raw(&t, Digests::default(), Some((c.cntlid(), qid)));
+                let ttag = write_wanting_r2t(&mut s, 400, 65536, 9);
+                if partial {
+                    // One PDU of four, then half of the next, then silence.
+                    s.write_all(&h2c(9, ttag, 0, &[0xdd; 16384], false))
+                        .expect("send");
+                    let mut half = h2c(9, ttag, 16384, &[0xdd; 16384], false);
+                    half.truncate(3000);
+                    s.write_all(&half).expect("send");
+                }
+                let (fes, _, data) = expect_term(&mut s);
+                assert_eq!(fes, Fes::SequenceError, "qid {qid}");
+                assert!(data.is_empty(), "no header of the host's to blame");
+                // The connection is gone: its place under the limits (and its buffers with it;
+                // the watchdog fails the test if it stays).
+                while t.target.connection_count() != held {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                by.check();
+            }
+            assert!(mem.snapshot(Nsid(1)).iter().all(|&x| x != 0xdd));
+            let reasons = t.stop();
+            assert_eq!(
+                reasons
+                    .iter()
+                    .filter(|r| r.contains("h2c_data_timeout"))
+                    .count(),
+                2,
+                "{reasons:?}"
+            );
+        },
+    )
+}
+
 #[test]
 fn host_vanishing_mid_transfer_writes_nothing() {
     watchdog(

@@ -173,6 +173,135 @@ fn identify_fields_the_linux_host_checks_and_stable_ids() {
     )
 }
 
+/// Keep Alive with the Keep Alive Timer disabled (KATO 0) is Keep Alive Timeout Invalid (as
+/// Linux's target answers), not a success the host would take for a running timer; once Set
+/// Features gives the timer a value, Keep Alive succeeds.
+#[test]
+fn keep_alive_without_a_keep_alive_timer_is_keep_alive_timeout_invalid() {
+    watchdog(
+        "keep_alive_without_a_keep_alive_timer_is_keep_alive_timeout_invalid",
+        test_watchdog::INTEGRATION,
+        || {
+            let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
+            let mut o = host_opts(Digests::default());
+            o.kato_ms = 0;
+            let mut c = HostController::connect(t.addr, o).expect("connect without KATO");
+            let e = c.keep_alive().unwrap_err();
+            assert!(is_status(&e, crate::spec::Sct::Generic, 0x1a), "{e}");
+            assert!(
+                matches!(&e, HostError::Status { status, .. } if status.dnr),
+                "{e}"
+            );
+            c.admin()
+                .run(
+                    "Set KATO",
+                    Sqe::set_features(fabrics::fid::KEEP_ALIVE_TIMER, 60_000),
+                    HostData::None,
+                )
+                .expect("set KATO");
+            c.keep_alive().expect("keep alive with a timer");
+            // Back to no timer: refused again.
+            c.admin()
+                .run(
+                    "Set KATO 0",
+                    Sqe::set_features(fabrics::fid::KEEP_ALIVE_TIMER, 0),
+                    HostData::None,
+                )
+                .expect("set KATO 0");
+            let e = c.keep_alive().unwrap_err();
+            assert!(is_status(&e, crate::spec::Sct::Generic, 0x1a), "{e}");
+            // A host with a timer from Connect.
+            let mut k = connect(&t, Digests::default());
+            k.keep_alive().expect("keep alive");
+            t.stop();
+        },
+    )
+}
+
+/// Get Features honours its Select field (ONCS bit 4 says so): current, default (what the
+/// association started with), saved (nothing is saveable: the default), Supported
+/// Capabilities (changeable only); a reserved Select is Invalid Field. Set Features with Save
+/// is Feature Identifier Not Saveable.
+#[test]
+fn get_features_honours_select_and_set_features_refuses_save() {
+    watchdog(
+        "get_features_honours_select_and_set_features_refuses_save",
+        test_watchdog::INTEGRATION,
+        || {
+            use crate::spec::sqe::fid;
+            use crate::spec::status::{command_specific, generic};
+            let t = TestTarget::with_backend(mem_backend(), TargetOptions::default(), 1);
+            let mut c = connect(&t, Digests::default());
+            assert_ne!(c.identify().oncs.bits() & 1 << 4, 0, "ONCS Save and Select");
+            let get = |c: &mut HostController, f: u8, select: u32| {
+                let mut sqe = Sqe::get_features(f);
+                sqe.cdw10 |= select << 8;
+                c.admin()
+                    .run("Get Features", sqe, HostData::None)
+                    .map(|(cqe, _)| cqe.dw0)
+            };
+            c.admin()
+                .run(
+                    "Set KATO",
+                    Sqe::set_features(fabrics::fid::KEEP_ALIVE_TIMER, 7_000),
+                    HostData::None,
+                )
+                .expect("set KATO");
+            let kato = fabrics::fid::KEEP_ALIVE_TIMER;
+            assert_eq!(get(&mut c, kato, 0).expect("current"), 7_000);
+            assert_eq!(get(&mut c, kato, 1).expect("default"), 120_000);
+            assert_eq!(get(&mut c, kato, 2).expect("saved"), 120_000);
+            assert_eq!(get(&mut c, kato, 3).expect("capabilities"), 0b100);
+            c.admin()
+                .run(
+                    "Set Number of Queues",
+                    Sqe::set_features(fid::NUMBER_OF_QUEUES, 1 | 1 << 16),
+                    HostData::None,
+                )
+                .expect("set queues");
+            let nq = fid::NUMBER_OF_QUEUES;
+            assert_eq!(get(&mut c, nq, 0).expect("current"), 1 | 1 << 16);
+            let max = TargetOptions::default().max_io_queues as u32 - 1;
+            assert_eq!(get(&mut c, nq, 1).expect("default"), max | max << 16);
+            // The memory backend has a volatile write cache, enabled by default.
+            let vwc = fid::VOLATILE_WRITE_CACHE;
+            c.admin()
+                .run("Set VWC", Sqe::set_features(vwc, 0), HostData::None)
+                .expect("disable the write cache");
+            assert_eq!(get(&mut c, vwc, 0).expect("current"), 0);
+            assert_eq!(get(&mut c, vwc, 1).expect("default"), 1);
+            assert_eq!(get(&mut c, vwc, 3).expect("capabilities"), 0b100);
+            for reserved in 4..8 {
+                let e = get(&mut c, kato, reserved).unwrap_err();
+                assert!(
+                    is_status(&e, crate::spec::Sct::Generic, generic::INVALID_FIELD),
+                    "{e}"
+                );
+            }
+            let mut save = Sqe::set_features(kato, 9_000);
+            save.cdw10 |= 1 << 31;
+            let e = c
+                .admin()
+                .run("Set Features SV", save, HostData::None)
+                .unwrap_err();
+            assert!(
+                is_status(
+                    &e,
+                    crate::spec::Sct::CommandSpecific,
+                    command_specific::FEATURE_NOT_SAVEABLE
+                ),
+                "{e}"
+            );
+            assert_eq!(
+                get(&mut c, kato, 0).expect("current"),
+                7_000,
+                "nothing changed"
+            );
+            t.stop();
+        },
+    )
+}
+
 #[test]
 fn many_queues_on_several_poll_groups() {
     watchdog(

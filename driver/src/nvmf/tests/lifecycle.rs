@@ -720,3 +720,75 @@ fn io_traffic_keeps_the_association_alive() {
         },
     )
 }
+
+/// `Serving::stop` ends each association before it lets a group go: the hosts see their
+/// connections close at once, but the group stays on its poller until the command its
+/// connection had at the backend completed (into that connection, once), and only then
+/// reports; a device that never answers is given up after the timeout, and the report says
+/// how many commands were abandoned.
+#[cfg(feature = "emulated")]
+#[test]
+fn stopping_a_served_target_drains_each_association_first() {
+    watchdog(
+        "stopping_a_served_target_drains_each_association_first",
+        test_watchdog::STRESS,
+        || {
+            use crate::emulated::{EmulatedConfig, EmulatedController, Mode, NamespaceConfig};
+            use crate::nvmf::target::Serving;
+            let emu = EmulatedController::new(EmulatedConfig {
+                mode: Mode::Threaded,
+                namespaces: vec![NamespaceConfig::memory(512, 1024)],
+                ..EmulatedConfig::default()
+            })
+            .expect("emulated controller");
+            let dx = crate::Dioxide::builder()
+                .controller(crate::Controller::new(emu).expect("bring-up"))
+                .pollers([None])
+                .build()
+                .expect("dioxide");
+            let gate = Gate::new();
+            let t = Target::new(TargetOptions::default());
+            t.add_subsystem(Subsystem::new(SUBNQN, gate.clone()));
+            let serve = || {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                let s = Serving::start(&t, &dx, l).expect("serve");
+                let mut c = HostController::connect(s.local_addr(), host_opts(Digests::default()))
+                    .expect("connect");
+                let q = c.io_queue(8).expect("I/O queue");
+                (s, c, q)
+            };
+
+            let (serving, _c, mut q) = serve();
+            held_write(&gate, &mut q, 64, 9, 1);
+            let reports = std::thread::scope(|s| {
+                let stopping = s.spawn(|| serving.stop(&dx, Duration::from_secs(120)));
+                // The host sees its connections close while the write is still at the device.
+                until(|| q.poll().is_err());
+                assert_eq!(gate.held(), 1);
+                gate.release();
+                stopping.join().expect("stop")
+            });
+            assert_eq!(reports.len(), 1, "{reports:?}");
+            assert_eq!(reports[0].abandoned, 0, "{reports:?}");
+            assert_eq!(reports[0].connections, 2, "{reports:?}");
+            // The write finished before stop returned, and the association is gone.
+            assert_eq!(
+                &gate.mem.snapshot(Nsid(1))[64 * 512..72 * 512],
+                &pattern(9, 4096)[..]
+            );
+            assert_eq!(t.controller_count(), 0);
+            assert_eq!(t.draining_controller_count(), 0);
+            assert_eq!(t.connection_count(), 0);
+
+            // A device that never answers: stop gives up after its timeout, and says so.
+            let (serving, _c, mut q) = serve();
+            held_write(&gate, &mut q, 80, 10, 1);
+            let reports = serving.stop(&dx, Duration::from_millis(200));
+            assert_eq!(reports.len(), 1, "{reports:?}");
+            assert_eq!(reports[0].abandoned, 1, "{reports:?}");
+            // Its completion, later, goes nowhere and harms nothing.
+            gate.release();
+            dx.shutdown();
+        },
+    )
+}

@@ -127,6 +127,9 @@ pub(super) fn host_opts(d: Digests) -> HostOptions {
     o.hostnqn = HOSTNQN.into();
     o.digests = d;
     o.timeout = Duration::from_secs(10);
+    // A Keep Alive Timer, as a Linux host has (Keep Alive without one is refused), long enough
+    // that no test's host is torn down for silence (the tests send no timed Keep Alives).
+    o.kato_ms = 120_000;
     o
 }
 

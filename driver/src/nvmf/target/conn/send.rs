@@ -147,12 +147,17 @@ impl Connection {
                     break;
                 }
             }
+            self.stats.socket_writes += 1;
             let wrote = match self.sock.write_vectored(&iov[..n]) {
                 Ok(0) => {
                     self.close_now();
                     return done;
                 }
-                Ok(w) => w,
+                Ok(w) => {
+                    // The host answers what it receives: read again next round.
+                    self.recv_skip = 0;
+                    w
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return done,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
