@@ -99,9 +99,17 @@ impl Device {
         };
         let (db, ei) = (db.as_ptr(), ei.as_ptr());
         for qid in 1..=self.props.max_io_queues as usize {
-            for (i, (value, shadow)) in [
-                (&self.sqs[qid].doorbell, &self.sqs[qid].shadow),
-                (&self.cqs[qid].doorbell, &self.cqs[qid].shadow),
+            for (i, (value, size, shadow)) in [
+                (
+                    &self.sqs[qid].doorbell,
+                    &self.sqs[qid].size,
+                    &self.sqs[qid].shadow,
+                ),
+                (
+                    &self.cqs[qid].doorbell,
+                    &self.cqs[qid].size,
+                    &self.cqs[qid].shadow,
+                ),
             ]
             .into_iter()
             .enumerate()
@@ -109,12 +117,16 @@ impl Device {
                 let off = (2 * qid + i) * stride;
                 // SAFETY: `off + 4 <= len`: inside both mapped buffers, 4-byte aligned.
                 let (d, e) = unsafe { (db.add(off).cast::<u32>(), ei.add(off).cast::<u32>()) };
-                let v = value.load(Ordering::Acquire);
-                // SAFETY: aligned slots of the pages in DMA memory; atomic, as the host may
-                // touch them concurrently.
-                unsafe {
-                    AtomicU32::from_ptr(d).store(v, Ordering::Relaxed);
-                    AtomicU32::from_ptr(e).store(v, Ordering::Relaxed);
+                // Like QEMU, only queues that exist are written: the host's pages may be sized
+                // for the queues it was granted, fewer than `max_io_queues`.
+                if size.load(Ordering::Acquire) != 0 {
+                    let v = value.load(Ordering::Acquire);
+                    // SAFETY: aligned slots of the pages in DMA memory; atomic, as the host
+                    // may touch them concurrently.
+                    unsafe {
+                        AtomicU32::from_ptr(d).store(v, Ordering::Relaxed);
+                        AtomicU32::from_ptr(e).store(v, Ordering::Relaxed);
+                    }
                 }
                 shadow.set(d, e);
             }

@@ -72,7 +72,7 @@ impl<T> QueuePair<T> {
         if self.unrung != 0 && !self.died {
             self.ring_sq();
         }
-        if self.done_head != NIL || self.died || self.protocol.is_some() {
+        if self.done_head != NIL || self.died || self.dead.is_some() || self.protocol.is_some() {
             return false;
         }
         if clear {
@@ -313,5 +313,17 @@ mod tests {
         assert_eq!(q.stats().interrupt_arms, parks);
         // SAFETY: our own epoll descriptor, closed once.
         unsafe { libc::close(ep) };
+    }
+
+    #[test]
+    fn a_queue_marked_dead_does_not_arm_its_interrupt() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let (_c, mut q) = setup(Mode::Inline, true);
+        assert!(q.arm_interrupt(), "an idle live queue arms");
+        // As renew does: dead, failed by the next poll, which a sleep must not delay.
+        q.dead = Some(crate::nvme::error::DeadReason::ControllerReset);
+        q.countdown = 0;
+        assert!(!q.arm_interrupt());
+        assert!(!q.arm_interrupt_edge());
     }
 }

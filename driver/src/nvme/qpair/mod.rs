@@ -445,6 +445,8 @@ pub struct QueuePair<T> {
     sync: Option<IoResult>,
     /// Interrupt mode: the eventfd of this queue's MSI-X vector.
     irq: Option<Arc<EventFd>>,
+    /// The queue id was handed back early (by [`renew`](Self::renew)): `Drop` must not free it.
+    qid_freed: bool,
     qid: QueueId,
     /// The controller's location, for [`Error::QueueDead`] without a copy per error.
     location: Arc<str>,
@@ -625,6 +627,7 @@ impl<T> QueuePair<T> {
             protocol: None,
             sync: None,
             irq,
+            qid_freed: false,
             qid,
             location: shared.location.as_str().into(),
             generation,

@@ -66,6 +66,13 @@ impl<T> QueuePair<T> {
             timeout: (self.tick != Duration::MAX).then(|| self.tick * 4),
             interrupts: self.interrupts(),
         };
+        // Nothing is outstanding: this pair no longer touches its doorbells, and the reset
+        // deleted its queues. Hand its queue id back first so that the new pair can take the
+        // same id (and vector) when every granted id is in use.
+        if !self.qid_freed {
+            self.shared.free_qid(self.qid);
+            self.qid_freed = true;
+        }
         let fresh = QueuePair::create(self.shared.clone(), opts)?;
         let stats = self.stats;
         log::info!(
@@ -445,6 +452,8 @@ impl<T> Drop for QueuePair<T> {
             }
         }
         // Otherwise the queue memory is leaked: the device may still write it.
-        self.shared.free_qid(self.qid);
+        if !self.qid_freed {
+            self.shared.free_qid(self.qid);
+        }
     }
 }
