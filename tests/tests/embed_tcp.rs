@@ -46,6 +46,32 @@ fn remote(t: &TcpTarget, local: bool) -> Dioxide {
         .expect("Dioxide on the remote controller")
 }
 
+/// One instance over a local emulated controller (index 0) and the remote one of `t` (index 1),
+/// sharing two pollers.
+fn local_and_remote(t: &TcpTarget) -> Dioxide {
+    // The controller holds the emulated device.
+    let (local, _) = emulated(config(Mode::Threaded, &[(512, 8192)]));
+    Dioxide::builder()
+        .controller(local)
+        .transport_id(&t.trid())
+        .expect("transport ID")
+        .pollers([None, None])
+        .build()
+        .expect("Dioxide")
+}
+
+/// A 1 MiB file on namespace 1 of each controller of [`local_and_remote`]: (local, remote).
+fn files_on_both(dx: &Dioxide) -> (BlockFile, BlockFile) {
+    let opts = || FileOptions::new(0, 2048).with_len(1 << 20);
+    let a = dx
+        .open_file(0, dioxide::Nsid(1), opts())
+        .expect("local file");
+    let b = dx
+        .open_file(1, dioxide::Nsid(1), opts())
+        .expect("remote file");
+    (a, b)
+}
+
 /// Random I/O on one file of `dx`'s controller 0, namespace `nsid`, checked against a model.
 /// `model`: what the file holds now (all zeroes on a fresh namespace).
 fn round_trip(dx: &Dioxide, nsid: u32, seed: u64, mut model: Vec<u8>) -> Vec<u8> {
@@ -264,29 +290,9 @@ fn maintenance_reaches_the_remote_controller() {
 fn a_local_and_a_remote_controller_share_the_pollers() {
     let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let t = target();
-    let (local, _emu) = emulated(config(Mode::Threaded, &[(512, 8192)]));
-    let dx = Dioxide::builder()
-        .controller(local)
-        .transport_id(&t.trid())
-        .expect("transport ID")
-        .pollers([None, None])
-        .build()
-        .expect("Dioxide");
+    let dx = local_and_remote(&t);
     assert!(dx.tcp_controller(0).is_none() && dx.tcp_controller(1).is_some());
-    let a = dx
-        .open_file(
-            0,
-            dioxide::Nsid(1),
-            FileOptions::new(0, 2048).with_len(1 << 20),
-        )
-        .expect("local file");
-    let b = dx
-        .open_file(
-            1,
-            dioxide::Nsid(1),
-            FileOptions::new(0, 2048).with_len(1 << 20),
-        )
-        .expect("remote file");
+    let (a, b) = files_on_both(&dx);
     let data = pattern(1 << 20, 77);
     a.write_at(&data, 0).expect("local write");
     // Copy local → remote in 64 KiB zero-copy pieces from four threads.
@@ -321,21 +327,8 @@ fn a_local_and_a_remote_controller_share_the_pollers() {
 fn a_buffer_of_another_controller_takes_the_buffered_path() {
     let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
     let t = target();
-    let (local, _emu) = emulated(config(Mode::Threaded, &[(512, 8192)]));
-    let dx = Dioxide::builder()
-        .controller(local)
-        .transport_id(&t.trid())
-        .expect("transport ID")
-        .pollers([None, None])
-        .build()
-        .expect("Dioxide");
-    let opts = || FileOptions::new(0, 2048).with_len(1 << 20);
-    let a = dx
-        .open_file(0, dioxide::Nsid(1), opts())
-        .expect("local file");
-    let b = dx
-        .open_file(1, dioxide::Nsid(1), opts())
-        .expect("remote file");
+    let dx = local_and_remote(&t);
+    let (a, b) = files_on_both(&dx);
     for (k, (to, other)) in [(&a, &b), (&b, &a)].into_iter().enumerate() {
         let data = pattern(65536, 90 + k as u64);
         let mut src = other.alloc(65536).expect("alloc");

@@ -890,15 +890,20 @@ mod tests {
         crate::Controller::new(emu).unwrap()
     }
 
+    /// An instance on [`ctrl`] that runs to completion on the calling thread.
+    fn rtc() -> Dioxide {
+        Dioxide::builder()
+            .controller(ctrl())
+            .run_to_completion()
+            .build()
+            .unwrap()
+    }
+
     /// A read-only file holds no spare DMA buffers (its maintenance is refused, but flush).
     #[test]
     fn a_read_only_file_holds_no_spares() {
         let _w = test_watchdog::arm(test_watchdog::UNIT);
-        let dx = Dioxide::builder()
-            .controller(ctrl())
-            .run_to_completion()
-            .build()
-            .unwrap();
+        let dx = rtc();
         let opts = |first| FileOptions::new(first, 1 << 12).with_len(1 << 21);
         let ro = dx.open_file(0, Nsid(1), opts(0).writable(false)).unwrap();
         let rw = dx.open_file(0, Nsid(1), opts(1 << 12)).unwrap();
@@ -924,11 +929,7 @@ mod tests {
     #[test]
     fn maintenance_reads_the_device_data_from_the_files_spares() {
         let _w = test_watchdog::arm(test_watchdog::UNIT);
-        let dx = Dioxide::builder()
-            .controller(ctrl())
-            .run_to_completion()
-            .build()
-            .unwrap();
+        let dx = rtc();
         let file = dx
             .open_file(0, Nsid(1), FileOptions::new(0, 1 << 13).with_len(1 << 22))
             .unwrap();
