@@ -117,3 +117,57 @@ fn announced_removal_fails_in_flight_requests_once_and_releases_the_device() {
         assert!(r.as_slice().iter().all(|&x| x == 0x5a));
     }
 }
+
+#[test]
+fn pooled_pollers_report_device_removed_and_do_not_hang() {
+    use dioxide::{Dioxide, EmbedError, FileOptions, Nsid};
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    emulator_only(
+        "unplug::pooled_pollers_report_device_removed_and_do_not_hang",
+        "removal is injected into the emulated controller",
+    );
+    for mode in MODES {
+        let (ctrl, emu) = emulated(config(mode, &[(512, 1 << 14)]));
+        let dx = Dioxide::builder()
+            .controller(ctrl)
+            .pollers([None, None])
+            .build()
+            .unwrap();
+        let file = dx
+            .open_file(0, Nsid(1), FileOptions::new(0, 2048).writable(true))
+            .unwrap();
+        let page = vec![0x33u8; 4096];
+        assert_eq!(file.write_at(&page, 0).unwrap(), page.len());
+        emu.surprise_remove();
+        let clients: Vec<_> = (0..4u64)
+            .map(|t| {
+                let f = file.clone();
+                std::thread::spawn(move || {
+                    let data = vec![t as u8; 4096];
+                    let until = Instant::now() + Duration::from_secs(3);
+                    let mut errors = Vec::new();
+                    let mut i = 0u64;
+                    while Instant::now() < until && errors.len() < 4 {
+                        let off = (t + 4 * (i % 64)) * 4096;
+                        i += 1;
+                        if let Err(e) = f.write_at(&data, off).and_then(|_| f.flush()) {
+                            errors.push(e);
+                        }
+                    }
+                    errors
+                })
+            })
+            .collect();
+        let mut seen = 0;
+        for c in clients {
+            for e in c.join().expect("client thread") {
+                assert!(matches!(e, EmbedError::DeviceRemoved { .. }), "{e}");
+                assert!(e.to_string().contains("device removed"), "{e}");
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no request reported the removal");
+        drop(file);
+        drop(dx); // shuts the pollers down without hanging
+    }
+}
