@@ -133,6 +133,17 @@ pub trait Bus: Send + Sync {
             location: self.location().to_string(),
         })
     }
+    /// True once the platform told us the device is going away (VFIO: vfio-pci's device
+    /// request notification, for a hot-unplug or an unbind). Checked by the controller's health
+    /// checks; cheap (one non-blocking read at most). The default: never.
+    fn removal_requested(&self) -> bool {
+        false
+    }
+    /// The device was removed (all ones, or [`removal_requested`](Self::removal_requested)):
+    /// lets the device go so the platform can complete the removal, while the bus stays usable
+    /// as a sink (registers read all ones, writes are dropped; DMA memory stays valid until
+    /// freed). Idempotent. The default: nothing to release.
+    fn release_removed(&self) {}
 }
 
 /// Something that takes doorbell writes in software (the emulated controller).

@@ -101,6 +101,21 @@ pub enum EmbedError {
         /// Length of the request.
         len: u64,
     },
+    /// The request's NVMe device was removed (hot-unplugged, unbound, or its registers read
+    /// all ones): the request failed, as does every request outstanding or issued on it.
+    #[error(
+        "{op} of {len} bytes at offset {offset} failed: device removed (hot-unplugged or \
+         unbound; every request on it fails); once a device is back, bind it with \
+         hugepage-setup.sh and build a new Dioxide on it"
+    )]
+    DeviceRemoved {
+        /// Operation.
+        op: Op,
+        /// File offset of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+    },
     /// No controller or namespace with this index / id.
     #[error("controller {ctrl} has no namespace {nsid}; list them with Dioxide::namespaces")]
     NoSuchNamespace {
@@ -304,8 +319,19 @@ fn hint(e: &DioError) -> &'static str {
             " (host pathing error: controller lost, its NVMe/TCP connection ended or its Keep \
              Alive failed); reconnect: build a new Dioxide once the target is back"
         }
+        DioError::Io(s) if is_removed(s) => {
+            " (device removed: hot-unplugged or unbound; every request on it fails)"
+        }
         _ => "",
     }
+}
+
+/// The status a request gets when its PCIe device was removed: NVMe "Controller Pathing
+/// Error" (SCT 3h SC 60h), which no device of ours reports by itself.
+pub(crate) const DEVICE_REMOVED: DeviceStatus = DeviceStatus::new(3, 0x60);
+
+fn is_removed(s: &DeviceStatus) -> bool {
+    s.sct == DEVICE_REMOVED.sct && s.sc == DEVICE_REMOVED.sc
 }
 
 /// The status a request gets when its transport connection is lost (NVMe "Host Pathing
@@ -322,6 +348,9 @@ impl EmbedError {
         match e {
             DioError::Io(status) if is_path_error(&status) => {
                 EmbedError::ControllerLost { op, offset, len }
+            }
+            DioError::Io(status) if is_removed(&status) => {
+                EmbedError::DeviceRemoved { op, offset, len }
             }
             DioError::Io(status) => EmbedError::Device {
                 op,

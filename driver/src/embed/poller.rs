@@ -127,10 +127,10 @@ use dio_core::{Bio, BioOp, BioSink, DeviceStatus, DioError, Poller, Rejected};
 
 use crate::bus::dma::DmaSlice;
 use crate::embed::ctrl::EmbedCtrl;
-use crate::embed::error::{EmbedError, HOST_PATH_ERROR};
+use crate::embed::error::{DEVICE_REMOVED, EmbedError, HOST_PATH_ERROR};
 use crate::embed::iobuf::Window;
 use crate::embed::sleep::{InterruptMode, PollerWait, WakeFd, arm_queue};
-use crate::nvme::error::{Error, IoError};
+use crate::nvme::error::{DeadReason, Error, IoError};
 use crate::nvme::namespace::Namespace;
 use crate::nvme::qpair::{DmaOwner, IoFlags, IoResult, QueueOptions, QueuePair};
 use crate::nvmf::HostError;
@@ -194,6 +194,11 @@ pub(crate) type Targets = Vec<(usize, Namespace)>;
 /// refused it (dead queue, controller reset) or the device never completed it (timeout).
 fn driver_status(e: &Error) -> DeviceStatus {
     match e {
+        Error::QueueDead {
+            reason: DeadReason::DeviceGone,
+            ..
+        }
+        | Error::DeviceGone { .. } => DEVICE_REMOVED,
         Error::QueueDead { .. } | Error::NotReady { .. } => {
             DeviceStatus::new(0, generic::ABORTED_SQ_DELETION)
         }
@@ -216,6 +221,10 @@ pub(crate) fn status_of(r: IoResult) -> Result<(), DeviceStatus> {
             sc: generic::ABORT_REQUESTED,
             lba: Some(lba.0),
         }),
+        Err(IoError::Aborted {
+            reason: DeadReason::DeviceGone,
+            ..
+        }) => Err(DEVICE_REMOVED),
         Err(_) => Err(DeviceStatus::new(0, generic::ABORTED_SQ_DELETION)),
     }
 }

@@ -93,6 +93,9 @@ pub enum InitState {
     Ready,
 }
 
+/// How often queue pairs with requests outstanding look for an announced removal.
+pub(crate) const REMOVAL_CHECK: Duration = Duration::from_millis(10);
+
 pub(crate) const LIVE: u8 = 0;
 pub(crate) const FATAL: u8 = 1;
 pub(crate) const GONE: u8 = 2;
@@ -121,6 +124,10 @@ pub(crate) struct Shared {
     pub(crate) aborts_sent: AtomicU64,
     pub(crate) health: AtomicU8,
     qids: Mutex<QidTable>,
+    /// When the controller was opened: the time base of `removal_checked`.
+    born: Instant,
+    /// Nanoseconds after `born` of the last [`Bus::removal_requested`] look from I/O.
+    removal_checked: AtomicU64,
     /// Last: dropped after the admin queue, whose doorbells and DMA memory belong to it (a
     /// VFIO device whose BAR is still mapped cannot leave its container).
     pub(crate) bus: Arc<dyn Bus>,
@@ -181,11 +188,46 @@ impl Shared {
         self.admin.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads CSTS and turns all ones and CFS into errors (updating the health state).
+    /// The device was removed (registers read all ones, or the platform asked for it back):
+    /// every queue pair's next health check or submission fails its requests with
+    /// [`DeadReason::DeviceGone`], and the bus lets the device go.
+    pub(crate) fn mark_gone(&self) {
+        if self.health.swap(GONE, Ordering::AcqRel) != GONE {
+            log::error!(
+                "{}: device removed; every request fails with \"device removed\"",
+                self.location
+            );
+        }
+        self.bus.release_removed();
+    }
+
+    /// From the housekeeping of a queue pair with requests outstanding, at most once per
+    /// [`REMOVAL_CHECK`] per controller: asks the bus whether the platform wants the device
+    /// back, and marks it gone if so. True when the device is gone. (A device that keeps
+    /// completing commands is never health-checked, so the announcement is looked for here.)
+    pub(crate) fn poll_removal(&self, now: Instant) -> bool {
+        let t = now.saturating_duration_since(self.born).as_nanos() as u64;
+        let last = self.removal_checked.load(Ordering::Relaxed);
+        if t.saturating_sub(last) < REMOVAL_CHECK.as_nanos() as u64
+            || self
+                .removal_checked
+                .compare_exchange(last, t, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return self.health.load(Ordering::Acquire) == GONE;
+        }
+        if self.bus.removal_requested() {
+            self.mark_gone();
+        }
+        self.health.load(Ordering::Acquire) == GONE
+    }
+
+    /// Reads CSTS and turns all ones and CFS into errors (updating the health state). A removal
+    /// the platform announced ([`Bus::removal_requested`]) counts as all ones.
     pub(crate) fn check_csts(&self) -> Result<Csts> {
         let csts = Csts(self.bus.read32(offset::CSTS));
-        if csts.is_all_ones() {
-            self.health.store(GONE, Ordering::Release);
+        if csts.is_all_ones() || self.bus.removal_requested() {
+            self.mark_gone();
             return Err(self.gone());
         }
         if csts.cfs() {
@@ -222,8 +264,8 @@ impl Shared {
     pub(crate) fn not_ready(&self) -> Option<Error> {
         let (state, hint) = match self.health.load(Ordering::Acquire) {
             LIVE => return None,
+            GONE => return Some(self.gone()),
             FATAL => ("in fatal status (CSTS.CFS)", "call Controller::reset"),
-            GONE => ("gone (registers read all ones)", "the device was removed"),
             SHUT_DOWN => ("shut down", "open the controller again"),
             _ => ("failed", "call Controller::reset"),
         };
@@ -248,7 +290,7 @@ impl Shared {
         loop {
             let csts = Csts(self.bus.read32(offset::CSTS));
             if csts.is_all_ones() {
-                self.health.store(GONE, Ordering::Release);
+                self.mark_gone();
                 return Err(self.gone());
             }
             if fail_on_cfs && csts.cfs() {
@@ -291,7 +333,7 @@ impl Shared {
                 InitState::Disable => {
                     let cc = Cc(self.bus.read32(offset::CC));
                     if Csts(self.bus.read32(offset::CSTS)).is_all_ones() {
-                        self.health.store(GONE, Ordering::Release);
+                        self.mark_gone();
                         return Err(self.gone());
                     }
                     if cc.en() {
@@ -606,6 +648,8 @@ impl Controller {
             aborts_sent: AtomicU64::new(0),
             health: AtomicU8::new(FAILED),
             qids: Mutex::new(QidTable::default()),
+            born: Instant::now(),
+            removal_checked: AtomicU64::new(0),
         });
         shared.initialize()?;
         Ok(Controller { shared })

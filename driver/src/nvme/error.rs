@@ -31,10 +31,12 @@ pub type Result<T, E = Error> = core::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Registers read all ones: the device was removed (surprise removal) or its link is down.
+    /// The device was removed: its registers read all ones (surprise removal, link down) or
+    /// the kernel asked for it back (hot-unplug, unbind).
     #[error(
-        "controller {location}: registers read all ones: the device was removed or its link is \
-         down; check the device is still present (lspci) and open the controller again"
+        "controller {location}: device removed (registers read all ones, or the kernel asked \
+         for the device back: hot-unplug or unbind); check the device is present (lspci), bind \
+         it to vfio-pci again (hugepage-setup.sh) and open a new controller"
     )]
     DeviceGone {
         /// PCI location.
@@ -326,7 +328,10 @@ pub enum Error {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
 pub enum DeadReason {
     /// Registers read all ones.
-    #[error("the device was removed (registers read all ones)")]
+    #[error(
+        "device removed (hot-unplugged or unbound: its registers read all ones, or the kernel \
+         asked for it back)"
+    )]
     DeviceGone,
     /// CSTS.CFS is set.
     #[error("controller fatal status (CSTS.CFS); reset the controller and create a new queue pair")]

@@ -62,7 +62,7 @@ mod tests;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use chunks::{EmulatedChunkSource, GRANULE, GUARD, IOVA_BASE};
@@ -245,6 +245,10 @@ pub enum EmulatedError {
 pub struct EmulatedController {
     dev: Arc<Device>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// [`EmulatedController::request_removal`] was called.
+    removal_request: AtomicBool,
+    /// Calls of [`Bus::release_removed`].
+    releases: AtomicU64,
 }
 
 impl core::fmt::Debug for EmulatedController {
@@ -334,7 +338,12 @@ impl EmulatedController {
         } else {
             None
         };
-        Ok(Arc::new(EmulatedController { dev, thread }))
+        Ok(Arc::new(EmulatedController {
+            dev,
+            thread,
+            removal_request: AtomicBool::new(false),
+            releases: AtomicU64::new(0),
+        }))
     }
 
     /// Installs a fault; it applies to commands fetched from now on.
@@ -361,6 +370,19 @@ impl EmulatedController {
     /// nothing more is processed or posted. Permanent.
     pub fn surprise_remove(&self) {
         self.dev.removed.store(true, Ordering::Release);
+    }
+
+    /// Orderly removal, as vfio-pci's device request notification announces it (`device_del`,
+    /// unbind): [`Bus::removal_requested`] answers true from now on; once the driver lets the
+    /// device go ([`Bus::release_removed`]) the device is removed as by
+    /// [`surprise_remove`](Self::surprise_remove). Until then it keeps working.
+    pub fn request_removal(&self) {
+        self.removal_request.store(true, Ordering::Release);
+    }
+
+    /// How many times the driver called [`Bus::release_removed`].
+    pub fn releases(&self) -> u64 {
+        self.releases.load(Ordering::Acquire)
     }
 
     /// Posts every delayed completion now (never-completing commands stay held).
@@ -460,5 +482,12 @@ impl Bus for EmulatedController {
         vector: u16,
     ) -> Result<Arc<crate::bus::interrupt::EventFd>, crate::bus::interrupt::InterruptError> {
         self.dev.vectors.get(vector)
+    }
+    fn removal_requested(&self) -> bool {
+        self.removal_request.load(Ordering::Acquire)
+    }
+    fn release_removed(&self) {
+        self.releases.fetch_add(1, Ordering::AcqRel);
+        self.surprise_remove();
     }
 }

@@ -9,16 +9,19 @@
 //! into the same bus accesses. A failed `pread` reads as all ones, like a removed device.
 //!
 //! Surprise removal: reads of a mapped BAR of a device that has gone return all ones (the driver
-//! checks for that); on some platforms an access can instead raise SIGBUS, which this layer cannot
-//! catch. Keep the process prepared to die on hot-unplug, as with any userspace driver.
+//! checks for that); on some platforms an access raises SIGBUS instead: every mapped area is
+//! registered with the process-wide SIGBUS handler (`sigbus`), which maps all-ones memory over
+//! it so the access reads all ones too. [`Bar0::retire`] does the same on the kernel's request
+//! to release the device, and points the file descriptor at `/dev/null`, so neither the mapping
+//! nor the descriptor keeps the device file open while doorbells still hold this `Bar0`.
 
 use core::ptr::NonNull;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::bus::DoorbellSink;
 
-use super::sys;
+use super::{sigbus, sys};
 
 /// One mapped part of BAR0.
 #[derive(Debug)]
@@ -45,6 +48,10 @@ pub(crate) struct Bar0 {
     areas: Vec<Area>,
     /// Register accesses that failed on the `pread`/`pwrite` path.
     io_errors: AtomicU64,
+    /// The areas' registrations with the SIGBUS handler.
+    guards: Vec<sigbus::Registration>,
+    /// Set by [`Bar0::retire`].
+    retired: AtomicBool,
 }
 
 // SAFETY: the areas are device memory accessed only with volatile single-register operations,
@@ -67,6 +74,8 @@ impl Bar0 {
             size,
             areas: Vec::new(),
             io_errors: AtomicU64::new(0),
+            guards: Vec::new(),
+            retired: AtomicBool::new(false),
         };
         for &(offset, len) in areas {
             if len == 0 || offset.checked_add(len).is_none_or(|e| e > size) {
@@ -78,8 +87,28 @@ impl Bar0 {
                 len: len as usize,
                 ptr,
             });
+            bar.guards
+                .extend(sigbus::register(ptr.as_ptr() as usize, len as usize));
         }
         Ok(bar)
+    }
+
+    /// The device was removed: maps all-ones memory over every area (register reads return
+    /// all ones, doorbell writes go nowhere) and points the file descriptor at `/dev/null`
+    /// (`pread` then fails: all ones), so that this `Bar0` no longer holds the device file.
+    /// Errors are logged: the device is gone either way. Idempotent.
+    pub fn retire(&self) {
+        if self.retired.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for a in &self.areas {
+            if let Err(e) = sigbus::retire(a.ptr.as_ptr() as usize, a.len) {
+                log::warn!("vfio: could not replace a BAR0 mapping after removal: {e}");
+            }
+        }
+        if let Err(e) = sys::point_at_dev_null(self.fd.as_raw_fd()) {
+            log::warn!("vfio: could not release BAR0's device file descriptor: {e}");
+        }
     }
 
     /// Mapped areas.
@@ -171,6 +200,7 @@ impl DoorbellSink for Bar0 {
 
 impl Drop for Bar0 {
     fn drop(&mut self) {
+        self.guards.clear();
         for a in self.areas.drain(..) {
             // SAFETY: each area is one whole mapping made in `map`; doorbells and the bus that
             // could still reach it hold this `Bar0`, which is being dropped.
@@ -259,5 +289,34 @@ mod tests {
         assert_eq!(&back[0x3008..0x300c], &0xdead_beefu32.to_le_bytes());
         assert_eq!(&back[0x1010..0x1014], &7u32.to_le_bytes());
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn retired_bar_reads_all_ones_and_drops_writes() {
+        let path = std::env::temp_dir().join(format!("dioxide-bar-retire-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 0x3000]).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let bar = Bar0::map(
+            OwnedFd::from(f),
+            0,
+            0x3000,
+            &[(0, 0x1000), (0x2000, 0x1000)],
+        )
+        .unwrap();
+        assert_eq!(bar.read32(0x1000), 0, "through pread");
+        assert_eq!(bar.read32(0x4), 0);
+        bar.retire();
+        bar.retire();
+        assert_eq!(bar.read32(0x4), u32::MAX, "mapped area");
+        assert_eq!(bar.read32(0x2008), u32::MAX, "second mapped area");
+        assert_eq!(bar.read32(0x1000), u32::MAX, "pread on /dev/null");
+        bar.write32(0x4, 1);
+        bar.write32(0x1000, 1);
+        bar.ring(0x2000, 1);
     }
 }

@@ -45,8 +45,19 @@
 //!
 //! # Surprise removal
 //! A removed device reads all ones; the driver checks registers and completions for that. Some
-//! platforms raise SIGBUS on an access to a BAR whose device is gone, which no userspace driver
-//! can recover from: the process dies.
+//! platforms raise SIGBUS on an access to a BAR whose device is gone: a process-wide handler
+//! (`sigbus`) maps all-ones memory over the BAR mapping that faulted, so the access reads all
+//! ones too and the process lives on.
+//!
+//! An orderly removal (`device_del`, sysfs `remove`, unbinding vfio-pci) first asks the user of
+//! the device to let it go: vfio-pci signals the device request eventfd
+//! (`VFIO_PCI_REQ_IRQ_INDEX`, registered at open) and waits until the device file is closed.
+//! The controller layer checks it on its health checks ([`Bus::removal_requested`]); the bus
+//! then reports the device removed and [`Bus::release_removed`] lets the file go while the
+//! `VfioBus` lives on: BAR mappings are replaced by all-ones memory and the device descriptors
+//! are pointed at `/dev/null` (`dup2`), so in-flight requests fail as "device removed" and the
+//! kernel completes the removal. DMA memory stays mapped until dropped (unmap errors then are
+//! logged, never fatal).
 
 mod bar;
 mod diag;
@@ -54,6 +65,7 @@ mod error;
 mod iova;
 mod memory;
 mod msix;
+mod sigbus;
 mod sys;
 
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -61,8 +73,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 
@@ -172,6 +184,12 @@ pub struct VfioBus {
     command: u16,
     iommu: IommuInfo,
     hugepages: bool,
+    /// The device request eventfd (`VFIO_PCI_REQ_IRQ_INDEX`), if the kernel offers it.
+    request: Option<EventFd>,
+    /// The kernel asked for the device back (or the controller layer found it gone).
+    removed: AtomicBool,
+    /// The device file was let go ([`Bus::release_removed`]).
+    released: AtomicBool,
 }
 
 impl core::fmt::Debug for VfioBus {
@@ -367,6 +385,12 @@ impl VfioBus {
         let vectors = dev
             .get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX)
             .map_or(0, |i| i.count);
+        let request = request_notifier(
+            fd,
+            dev.get_irq_info(VFIO_PCI_REQ_IRQ_INDEX)
+                .map_or(0, |i| i.count),
+            &addr,
+        );
         Ok(Arc::new(VfioBus {
             msix: msix::Msix::new(fd, vectors, addr.clone()),
             dma: DmaMemory::new(Box::new(mem)),
@@ -379,7 +403,24 @@ impl VfioBus {
             command,
             iommu,
             hugepages: opts.hugepages,
+            request,
+            removed: AtomicBool::new(false),
+            released: AtomicBool::new(false),
         }))
+    }
+
+    /// True once the device file was let go after the device's removal.
+    pub fn released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+    /// SIGBUS faults on BAR mappings (of any device) turned into all-ones reads since the
+    /// process started.
+    pub fn sigbus_caught() -> u64 {
+        sigbus::caught()
+    }
+    /// True if vfio-pci's device request notification is set up (kernels since 4.0).
+    pub fn has_request_notifier(&self) -> bool {
+        self.request.is_some()
     }
 
     /// The IOMMU group number.
@@ -439,5 +480,70 @@ impl Bus for VfioBus {
     }
     fn interrupt(&self, vector: u16) -> core::result::Result<Arc<EventFd>, InterruptError> {
         self.msix.get(vector)
+    }
+    fn removal_requested(&self) -> bool {
+        if self.removed.load(Ordering::Acquire) {
+            return true;
+        }
+        if self.request.as_ref().is_some_and(|e| e.clear()) {
+            log::warn!(
+                "{}: the kernel asks for the device back (hot-unplug or unbind): treating it \
+                 as removed",
+                self.addr
+            );
+            self.removed.store(true, Ordering::Release);
+            return true;
+        }
+        false
+    }
+    fn release_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.msix.release();
+        self.bar.retire();
+        if let Some(d) = self._device.device.as_ref()
+            && let Err(e) = sys::point_at_dev_null(d.as_raw_fd())
+        {
+            log::warn!("{}: could not release the device file: {e}", self.addr);
+        }
+        log::info!(
+            "{}: device removed; its VFIO device file was released so the kernel can complete \
+             the removal",
+            self.addr
+        );
+    }
+}
+
+/// Registers an eventfd on the device request IRQ (`VFIO_PCI_REQ_IRQ_INDEX`), which vfio-pci
+/// signals when it wants the device back. `None` (logged) if the kernel does not offer it.
+fn request_notifier(fd: std::os::fd::RawFd, count: u32, addr: &str) -> Option<EventFd> {
+    if count == 0 {
+        log::debug!("{addr}: no device request IRQ; removal is noticed by registers only");
+        return None;
+    }
+    let ev = match EventFd::new() {
+        Ok(ev) => ev,
+        Err(e) => {
+            log::warn!("{addr}: no eventfd for the device request IRQ: {e}");
+            return None;
+        }
+    };
+    match msix::set_irqs(
+        fd,
+        VFIO_PCI_REQ_IRQ_INDEX,
+        VFIO_IRQ_SET_DATA_EVENTFD,
+        0,
+        &[ev.raw_fd()],
+    ) {
+        Ok(()) => Some(ev),
+        Err(e) => {
+            log::warn!(
+                "{addr}: could not register the device request eventfd (VFIO_DEVICE_SET_IRQS): \
+                 {e}; removal is noticed by registers only"
+            );
+            None
+        }
     }
 }

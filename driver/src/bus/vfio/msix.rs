@@ -13,6 +13,7 @@
 //! between is not lost, at worst a poller wakes for nothing.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vfio_bindings::bindings::vfio::{
@@ -36,6 +37,8 @@ pub(crate) struct Msix {
     /// Enabled block: an entry per vector, `Some` for those handed out.
     table: Mutex<Vec<Option<Arc<EventFd>>>>,
     location: String,
+    /// Set once the device was released after its removal.
+    released: AtomicBool,
 }
 
 impl Msix {
@@ -45,6 +48,7 @@ impl Msix {
             available,
             table: Mutex::new(Vec::new()),
             location,
+            released: AtomicBool::new(false),
         }
     }
 
@@ -130,23 +134,45 @@ impl Msix {
     }
 
     fn set_irqs(&self, data: u32, start: u32, fds: &[RawFd]) -> std::io::Result<()> {
-        // struct vfio_irq_set { u32 argsz, flags, index, start, count; u8 data[]; }: five u32
-        // words, then one u32 (an fd) per vector.
-        let mut words: Vec<u32> = Vec::with_capacity(5 + fds.len());
-        words.push(((5 + fds.len()) * 4) as u32);
-        words.push(data | VFIO_IRQ_SET_ACTION_TRIGGER);
-        words.push(VFIO_PCI_MSIX_IRQ_INDEX);
-        words.push(start);
-        words.push(fds.len() as u32);
-        words.extend(fds.iter().map(|&f| f as u32));
-        // SAFETY: `words` is a complete vfio_irq_set of `argsz` bytes, readable for the whole
-        // call; the kernel only reads it. `fd` is the device fd, kept open by the bus.
-        let r = unsafe { libc::ioctl(self.fd, VFIO_DEVICE_SET_IRQS as _, words.as_ptr()) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
+        if self.released.load(Ordering::Acquire) {
+            return Ok(());
         }
-        Ok(())
+        set_irqs(self.fd, VFIO_PCI_MSIX_IRQ_INDEX, data, start, fds)
     }
+
+    /// The device was released after its removal: no more `SET_IRQS` (the kernel disabled
+    /// MSI-X when the device file closed).
+    pub(crate) fn release(&self) {
+        self.released.store(true, Ordering::Release);
+    }
+}
+
+/// `VFIO_DEVICE_SET_IRQS` on device fd `fd`, IRQ index `index` (MSI-X, REQ, ...): the
+/// eventfds `fds` (-1: none) for vectors `start..start + fds.len()` with
+/// `VFIO_IRQ_SET_DATA_EVENTFD`, or nothing with `VFIO_IRQ_SET_DATA_NONE` and no fds (disable).
+pub(crate) fn set_irqs(
+    fd: RawFd,
+    index: u32,
+    data: u32,
+    start: u32,
+    fds: &[RawFd],
+) -> std::io::Result<()> {
+    // struct vfio_irq_set { u32 argsz, flags, index, start, count; u8 data[]; }: five u32
+    // words, then one u32 (an fd) per vector.
+    let mut words: Vec<u32> = Vec::with_capacity(5 + fds.len());
+    words.push(((5 + fds.len()) * 4) as u32);
+    words.push(data | VFIO_IRQ_SET_ACTION_TRIGGER);
+    words.push(index);
+    words.push(start);
+    words.push(fds.len() as u32);
+    words.extend(fds.iter().map(|&f| f as u32));
+    // SAFETY: `words` is a complete vfio_irq_set of `argsz` bytes, readable for the whole
+    // call; the kernel only reads it. `fd` is the device fd, kept open by the bus.
+    let r = unsafe { libc::ioctl(fd, VFIO_DEVICE_SET_IRQS as _, words.as_ptr()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for Msix {
@@ -156,7 +182,7 @@ impl Drop for Msix {
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty();
-        if enabled {
+        if enabled && !self.released.load(Ordering::Acquire) {
             if let Err(e) = self.disable() {
                 log::warn!("{}: could not disable MSI-X: {e}", self.location);
             }

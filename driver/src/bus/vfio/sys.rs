@@ -95,6 +95,20 @@ pub fn dont_fork(ptr: NonNull<u8>, len: usize) -> io::Result<()> {
     cvt(unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_DONTFORK) }).map(drop)
 }
 
+/// Atomically replaces what descriptor `fd` refers to by `/dev/null` (`dup2`): the file it
+/// referred to is released, while the number stays valid (no other file can take it) until its
+/// owner closes it. Reads then return end of file, writes are discarded, ioctls fail.
+pub fn point_at_dev_null(fd: RawFd) -> io::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: both are open descriptors; dup2 closes the old file of `fd` and makes `fd` a
+    // duplicate of /dev/null; `null` itself is closed when dropped.
+    cvt(unsafe { libc::dup2(null.as_raw_fd(), fd) }).map(drop)
+}
+
 /// `VFIO_IOMMU_GET_INFO` = `_IO(VFIO_TYPE, VFIO_BASE + 12)`.
 const VFIO_IOMMU_GET_INFO: libc::c_ulong = ((b';' as libc::c_ulong) << 8) | (100 + 12);
 

@@ -183,6 +183,9 @@ impl<T> QueuePair<T> {
             return 0;
         }
         let now = Instant::now();
+        if self.shared.poll_removal(now) {
+            return self.die(DeadReason::DeviceGone, f);
+        }
         // A poll that consumed completion entries since the last look (one CQ doorbell each)
         // is a sign of life: the health check moves a whole interval away.
         if self.stats.cq_doorbells != self.health_mark {
