@@ -119,6 +119,16 @@ pub struct TgtArgs {
     /// hosts on the same CPU wait for)
     #[arg(long = "recv-skip-rounds", value_name = "N")]
     pub recv_skip_rounds: Option<String>,
+    /// Empty polls a poller with commands on the device makes before each further empty poll
+    /// yields the CPU (sched_yield) to the hosts and the kernel's work on a shared core
+    /// (0 to 1048576; 0: every empty poll yields). Default: 32
+    #[arg(long = "poller-io-yield", value_name = "N")]
+    pub poller_io_yield: Option<String>,
+    /// Scheduling of the target's threads: `normal`, `idle` (SCHED_IDLE: any other runnable
+    /// thread of the CPU, a host's fio or the kernel's network work, preempts the pollers at
+    /// once) or `nice:N` (-20 to 19). Default: normal
+    #[arg(long = "sched", value_name = "POLICY")]
+    pub sched: Option<String>,
     /// The built-in emulated controller's shape.
     #[command(flatten)]
     pub emulated: EmulatedArgs,
@@ -149,8 +159,67 @@ pub struct TgtConfig {
     pub poller_spin: u32,
     /// `--interrupt-mode`.
     pub interrupts: InterruptMode,
+    /// `--poller-io-yield`.
+    pub poller_io_yield: u32,
+    /// `--sched`.
+    pub sched: Sched,
     /// The emulated controller's shape.
     pub emulated: EmulatedShape,
+}
+
+/// `--sched`: how the target's threads are scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sched {
+    /// The default policy (SCHED_OTHER, nice 0).
+    Normal,
+    /// SCHED_IDLE: the pollers run only while nothing else on their CPU wants to.
+    Idle,
+    /// SCHED_OTHER with this nice value.
+    Nice(i32),
+}
+
+/// `--sched`: `normal`, `idle` or `nice:N`.
+fn sched(v: &str) -> Result<Sched, CliError> {
+    match v {
+        "normal" => Ok(Sched::Normal),
+        "idle" => Ok(Sched::Idle),
+        _ => match v.strip_prefix("nice:").map(str::parse::<i32>) {
+            Some(Ok(n)) if (-20..=19).contains(&n) => Ok(Sched::Nice(n)),
+            _ => err(format!(
+                "--sched is normal, idle or nice:N (N from -20 to 19), not '{v}'"
+            )),
+        },
+    }
+}
+
+/// Applies `--sched` to the calling thread; threads it starts afterwards (the pollers)
+/// inherit it.
+fn apply_sched(s: Sched) -> Result<(), String> {
+    match s {
+        Sched::Normal => Ok(()),
+        Sched::Idle => {
+            let p = libc::sched_param { sched_priority: 0 };
+            // SAFETY: `p` is a valid sched_param for the call's duration; pid 0 is this
+            // thread.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) } != 0 {
+                return Err(format!(
+                    "nvmf_tgt: cannot switch to SCHED_IDLE ({}); run without --sched idle",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(())
+        }
+        Sched::Nice(n) => {
+            // SAFETY: plain system call on this thread (who 0), no memory passed.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) } != 0 {
+                return Err(format!(
+                    "nvmf_tgt: cannot set nice {n} ({}); a negative value needs CAP_SYS_NICE",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(())
+        }
+    }
 }
 
 fn err<T>(msg: impl Into<String>) -> Result<T, CliError> {
@@ -159,6 +228,8 @@ fn err<T>(msg: impl Into<String>) -> Result<T, CliError> {
 
 /// `--interrupt-mode` when not given.
 pub const DEFAULT_INTERRUPT_MODE: InterruptMode = InterruptMode::Polled;
+/// `--poller-io-yield` when not given.
+pub const DEFAULT_POLLER_IO_YIELD: u32 = 32;
 
 /// `--interrupt-mode`: `polled`, `interrupt`, `adaptive` or `adaptive:US`.
 fn interrupt_mode(m: &str) -> Result<InterruptMode, CliError> {
@@ -323,6 +394,13 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
     .map_or(Duration::ZERO, Duration::from_micros);
     let poller_spin =
         number("--poller-spin", a.poller_spin.as_deref(), 1..=10_000_000)?.map_or(4, |n| n as u32);
+    let poller_io_yield = number(
+        "--poller-io-yield",
+        a.poller_io_yield.as_deref(),
+        0..=1 << 20,
+    )?
+    .map_or(DEFAULT_POLLER_IO_YIELD, |n| n as u32);
+    let sched = a.sched.as_deref().map_or(Ok(Sched::Normal), sched)?;
     let interrupts = match a.interrupt_mode.as_deref() {
         None => DEFAULT_INTERRUPT_MODE,
         Some(m) => interrupt_mode(m)?,
@@ -354,6 +432,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed<TgtConfig>
         poller_idle,
         poller_spin,
         interrupts,
+        poller_io_yield,
+        sched,
         emulated,
     }))
 }
@@ -449,6 +529,7 @@ fn open(cfg: &TgtConfig) -> Result<Vec<Opened>, String> {
 pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
     let signals = block_signals()?;
     let opened = open(cfg)?;
+    apply_sched(cfg.sched)?;
     let mut b = Dioxide::builder();
     for o in &opened {
         b = b.controller(o.ctrl.clone());
@@ -460,6 +541,7 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
     let dx = b
         .poller_idle(cfg.poller_idle)
         .poller_spin(cfg.poller_spin)
+        .poller_io_yield(cfg.poller_io_yield)
         .interrupt_mode(cfg.interrupts)
         .build()
         .map_err(|e| format!("nvmf_tgt: {e}"))?;
@@ -560,11 +642,11 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
     }
     let pollers = dx.poller_stats();
     for r in &reports {
-        let (sleeps, io_sleeps) = pollers
+        let (sleeps, io_sleeps, yields) = pollers
             .get(r.poller)
-            .map_or((0, 0), |p| (p.parks, p.io_sleeps));
+            .map_or((0, 0, 0), |p| (p.parks, p.io_sleeps, p.io_yields));
         println!(
-            "nvmf_tgt: poller {}: {} connection(s), {} command(s), {} error status(es), {} PDUs in, {} PDUs out; {} recv ({} empty), {} writev; {} sleeps idle, {} with I/O on the device",
+            "nvmf_tgt: poller {}: {} connection(s), {} command(s), {} error status(es), {} PDUs in, {} PDUs out; {} recv ({} empty), {} writev; {} sleeps idle, {} with I/O on the device, {} yields",
             r.poller,
             r.connections,
             r.stats.commands,
@@ -575,7 +657,8 @@ pub fn run(cfg: &TgtConfig) -> Result<bool, String> {
             r.stats.empty_reads,
             r.stats.socket_writes,
             sleeps,
-            io_sleeps
+            io_sleeps,
+            yields
         );
         if r.abandoned > 0 {
             println!(
@@ -685,6 +768,20 @@ mod tests {
             let e = cfg(&format!("--interrupt-mode {bad}")).unwrap_err();
             assert!(e.contains("--interrupt-mode"), "{e}");
         }
+        let y = cfg("--poller-io-yield 0 --sched idle").unwrap();
+        assert_eq!((y.poller_io_yield, y.sched), (0, Sched::Idle));
+        let d = cfg("").unwrap();
+        assert_eq!(
+            (d.poller_io_yield, d.sched),
+            (DEFAULT_POLLER_IO_YIELD, Sched::Normal)
+        );
+        assert_eq!(cfg("--sched nice:19").unwrap().sched, Sched::Nice(19));
+        assert_eq!(cfg("--sched nice:-5").unwrap().sched, Sched::Nice(-5));
+        for bad in ["fifo", "nice:20", "nice:x", "idle:1"] {
+            let e = cfg(&format!("--sched {bad}")).unwrap_err();
+            assert!(e.contains("--sched"), "{e}");
+        }
+        assert!(cfg("--poller-io-yield -1").is_err());
         let p = cfg("--poller-idle-us 50 --poller-spin 1000").unwrap();
         assert_eq!(
             (p.poller_idle, p.poller_spin),

@@ -387,3 +387,68 @@ fn serves_in_interrupt_mode() {
         .sum();
     assert!(io_sleeps > 0, "{out:#?}");
 }
+
+/// The scheduling policy (field 41 of `/proc/PID/task/TID/stat`) of each of `pid`'s threads
+/// whose name starts with `prefix`.
+fn thread_policies(pid: u32, prefix: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task list") {
+        let Ok(stat) = std::fs::read_to_string(e.expect("task").path().join("stat")) else {
+            continue; // the thread exited meanwhile
+        };
+        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        // Fields after the name start at field 3.
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        out.push(f[41 - 3].parse().expect("policy"));
+    }
+    out
+}
+
+/// `--sched idle --poller-io-yield 0` (the options for a target sharing one CPU with its
+/// hosts): the pollers run under SCHED_IDLE, yield after every empty round with commands on
+/// the (threaded, so slow) emulated device, and every command still completes with its data.
+#[test]
+fn serves_with_sched_idle_and_yielding_pollers() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    let t = Tgt::start(&[
+        "-m",
+        "0x3",
+        "--sched",
+        "idle",
+        "--poller-io-yield",
+        "0",
+        "--emulated-mode",
+        "threaded",
+        "--emulated-size",
+        "16m",
+    ]);
+    let policies = thread_policies(t.child.id(), "dioxide-poller");
+    assert_eq!(policies, [libc::SCHED_IDLE as u32; 2], "{policies:?}");
+    let mut c = t.connect(HOST_A, DIGESTS[0]);
+    let mut q = c.io_queue(64).expect("I/O queue");
+    for k in 0..64u64 {
+        let d = pattern(k + 700, 4096);
+        q.write(1, k * 8, d.clone(), 512).expect("write");
+        assert_eq!(q.read(1, k * 8, 8, 512).expect("read"), d);
+    }
+    drop(q);
+    c.shutdown().expect("disconnect");
+    let (code, out) = t.interrupt();
+    assert_eq!(code, Some(0), "{out:#?}");
+    let yields: u64 = out
+        .iter()
+        .filter(|l| l.starts_with("nvmf_tgt: poller "))
+        .map(|l| {
+            let head = l.strip_suffix(" yields").expect("yield count");
+            head.rsplit_once(", ")
+                .expect("a count")
+                .1
+                .parse::<u64>()
+                .expect("a number")
+        })
+        .sum();
+    assert!(yields > 0, "{out:#?}");
+}

@@ -279,6 +279,7 @@ pub struct Builder {
     ring: usize,
     spin: u32,
     idle: Duration,
+    io_yield: u32,
     wait_spin: Duration,
     queue: QueueOptions,
     cache_pages: usize,
@@ -296,6 +297,9 @@ enum Pending {
 /// The Keep Alive Timeout asked of remote controllers unless told otherwise (ms), the Linux
 /// host's default; a Keep Alive goes out every half of it.
 pub const DEFAULT_KATO_MS: u32 = 5_000;
+
+/// Default of [`Builder::poller_io_yield`].
+pub const DEFAULT_IO_YIELD: u32 = 32;
 
 impl Builder {
     /// Serve this controller (index = order of the calls, whatever the transport): a PCIe
@@ -411,6 +415,15 @@ impl Builder {
         self.spin = polls;
         self
     }
+    /// After how many empty polls a polled poller with requests on the device starts to yield
+    /// the CPU (`sched_yield`) after each further empty poll (default 32). A poller that
+    /// shares its core with its clients (an NVMe/TCP target on a one-CPU machine at low queue
+    /// depth) wants 0: every round that found nothing lets a runnable client go first, instead
+    /// of holding the core until the scheduler's tick.
+    pub fn poller_io_yield(mut self, polls: u32) -> Self {
+        self.io_yield = polls;
+        self
+    }
     /// How long a client thread waiting for its own request (a synchronous call, a page-cache
     /// fill) spins for the completion before it parks (default 20 µs). The poller wakes a
     /// parked client only if it really parked. `Duration::ZERO`: park at once.
@@ -493,6 +506,7 @@ impl Builder {
                 ring: self.ring,
                 spin: self.spin,
                 idle: self.idle,
+                io_yield: self.io_yield,
                 wait_spin: self.wait_spin,
                 queue: self
                     .queue
@@ -589,6 +603,7 @@ impl Dioxide {
             ring: 1024,
             spin: 2000,
             idle: Duration::from_millis(1),
+            io_yield: DEFAULT_IO_YIELD,
             wait_spin: Duration::from_micros(20),
             queue: QueueOptions::default(),
             cache_pages: 1024,

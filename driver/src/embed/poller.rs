@@ -687,6 +687,9 @@ pub struct PollerStats {
     /// Of those, the sleeps that ended at their time limit (10 ms while commands are on the
     /// device, or a task's timeout) with nothing ready: no interrupt came.
     pub io_sleep_timeouts: u64,
+    /// Times the poller yielded the CPU (`sched_yield`) after an empty round with requests on
+    /// the device or a busy task (see [`Builder::poller_io_yield`](crate::Builder::poller_io_yield)).
+    pub io_yields: u64,
     /// Times a submitter found the ring full and backed off.
     pub ring_full: u64,
     /// Tasks dropped because their `poll` panicked.
@@ -758,6 +761,7 @@ struct Counters {
     parks: AtomicU64,
     io_sleeps: AtomicU64,
     io_sleep_timeouts: AtomicU64,
+    io_yields: AtomicU64,
     task_panics: AtomicU64,
 }
 
@@ -817,6 +821,8 @@ pub(crate) struct PollerConfig {
     pub spin: u32,
     /// Minimum time an idle poller keeps polling before it parks.
     pub idle: Duration,
+    /// Empty polls with requests on the device after which each further one yields the CPU.
+    pub io_yield: u32,
     /// How long a client thread spins for its completion before it parks.
     pub wait_spin: Duration,
     pub queue: QueueOptions,
@@ -1066,6 +1072,7 @@ impl Pollers {
                 .collect();
             let p = Arc::clone(&pollers);
             let (tx, targets, spin) = (tx.clone(), targets.clone(), (cfg.spin, cfg.idle));
+            let io_yield = cfg.io_yield;
             let mode = cfg.interrupts;
             let t = std::thread::Builder::new()
                 .name(format!("dioxide-poller-{i}"))
@@ -1078,7 +1085,14 @@ impl Pollers {
                     }
                     let _ = tx.send(Ok(()));
                     drop(tx);
-                    p.run(i, qpairs, targets, admin, parker, (spin.0, spin.1, mode));
+                    p.run(
+                        i,
+                        qpairs,
+                        targets,
+                        admin,
+                        parker,
+                        (spin.0, spin.1, io_yield, mode),
+                    );
                 });
             match t {
                 Ok(t) => pollers.lock_threads().push(t),
@@ -1136,6 +1150,7 @@ impl Pollers {
             parks: s.counters.parks.load(Ordering::Relaxed),
             io_sleeps: s.counters.io_sleeps.load(Ordering::Relaxed),
             io_sleep_timeouts: s.counters.io_sleep_timeouts.load(Ordering::Relaxed),
+            io_yields: s.counters.io_yields.load(Ordering::Relaxed),
             ring_full: s.ring_full.load(Ordering::Relaxed),
             task_panics: s.counters.task_panics.load(Ordering::Relaxed),
         }
@@ -1289,7 +1304,7 @@ impl Pollers {
         targets: Targets,
         admin: Vec<EmbedCtrl>,
         parker: Parker,
-        (spin, idle_time, mode): (u32, Duration, InterruptMode),
+        (spin, idle_time, io_yield, mode): (u32, Duration, u32, InterruptMode),
     ) {
         ROLE.with(|r| r.on_poller.set(Some((self.id, index))));
         let s = &*self.shared[index];
@@ -1373,8 +1388,9 @@ impl Pollers {
             if io_busy || task_busy {
                 // Commands on the device or a busy task: keep polling, but let other threads
                 // (an emulated device, the clients) run on a small machine.
-                if idle > 32 {
+                if idle > io_yield {
                     std::thread::yield_now();
+                    bump(&s.counters.io_yields, 1);
                 }
                 if io_busy {
                     continue;
