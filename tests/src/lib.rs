@@ -33,6 +33,7 @@
 //! libtest captures what a passing test prints with `println!`; [`note`] writes straight to the
 //! process's stderr, so skipped parts and emulator-only tests are visible in every run.
 
+pub mod matrix;
 mod proxy;
 mod tcp;
 mod transport;

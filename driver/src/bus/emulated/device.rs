@@ -135,6 +135,9 @@ pub(crate) struct Device {
     /// Cached: enabled and RDY reached.
     ready: AtomicBool,
     pub fatal: AtomicBool,
+    /// CSTS.CFS was set by an [`Action::Fatal`] fault (kept outside `regs`: the fault fires
+    /// under an SQ's lock, and a reset takes `regs` before the SQ locks).
+    fatal_by_fault: AtomicBool,
     pub removed: AtomicBool,
     /// log2 of the memory page size selected by CC.MPS.
     pub page_shift: AtomicU32,
@@ -179,6 +182,7 @@ impl Device {
             ready_at_ns: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             fatal: AtomicBool::new(false),
+            fatal_by_fault: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             page_shift: AtomicU32::new(12),
             sqs: (0..n).map(|_| SqSlot::new()).collect(),
@@ -418,13 +422,19 @@ impl Device {
         *lock(&self.aer) = AsyncEvents::default();
         *lock(&self.features) = Features::defaults(self.props.max_io_queues);
         self.fatal.store(false, Ordering::Release);
+        self.fatal_by_fault.store(false, Ordering::Release);
         r.fatal_reason = None;
         self.set_rdy(r, false);
     }
 
     /// Why CSTS.CFS was set by an enable, if it was.
     pub(crate) fn fatal_reason(&self) -> Option<String> {
-        lock(&self.regs).fatal_reason.clone()
+        let reason = lock(&self.regs).fatal_reason.clone();
+        reason.or_else(|| {
+            self.fatal_by_fault
+                .load(Ordering::Acquire)
+                .then(|| "an injected Fatal fault fired".to_string())
+        })
     }
 
     pub(crate) fn set_fatal(&self, reason: &str) {
@@ -559,6 +569,7 @@ impl Device {
             self.tick_pending(true);
         }
         let mut delay = None;
+        let mut garbage = None;
         if let Some(action) = self.faults.check(qid, &sqe) {
             match action {
                 Action::Status(s) => {
@@ -579,6 +590,18 @@ impl Device {
                     });
                     return;
                 }
+                Action::Fatal => {
+                    // Not `set_fatal`: that takes `regs`, which a reset holds while it takes
+                    // the SQ lock held here.
+                    self.fatal_by_fault.store(true, Ordering::Release);
+                    self.fatal.store(true, Ordering::Release);
+                    return;
+                }
+                Action::SurpriseRemove => {
+                    self.removed.store(true, Ordering::Release);
+                    return;
+                }
+                Action::Garbage(g) => garbage = Some(g),
                 Action::Delay(d) => delay = Some(Release::At(Instant::now() + d)),
                 Action::DelayCommands(k) => delay = Some(Release::After(k)),
             }
@@ -591,6 +614,18 @@ impl Device {
         let Outcome::Done(status, dw0) = outcome else {
             return;
         };
+        if let Some(g) = garbage {
+            let (sqid, cid) = g.entry(qid, sqe.cid());
+            if !self.removed.load(Ordering::Acquire) {
+                self.cqs[sq.cqid as usize].post(Completion {
+                    dw0: super::faults::GARBAGE_DW0,
+                    sq_head: sq.head as u16,
+                    sqid,
+                    cid,
+                    status: Status::SUCCESS,
+                });
+            }
+        }
         match delay {
             None => self.finish(qid, sq.cqid, sq.head, &sqe, status, dw0),
             Some(release) => {

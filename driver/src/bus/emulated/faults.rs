@@ -19,6 +19,9 @@
 //! each doorbell write in inline mode, where nothing runs between doorbells), for `DelayCommands`
 //! until that many further commands have been fetched; `EmulatedController::release_delayed`
 //! releases every delayed completion at once.
+//!
+//! Failures of the whole controller at a chosen command: [`Action::Fatal`] (CSTS.CFS) and
+//! [`Action::SurpriseRemove`]; invalid completion entries: [`Action::Garbage`].
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -67,6 +70,45 @@ pub enum Action {
     DelayCommands(u64),
     /// Do not execute and never complete (until aborted, SQ deletion or reset).
     NeverComplete,
+    /// Controller fatal status: CSTS.CFS is set when the command is fetched, which is neither
+    /// executed nor completed; nothing more is processed until a controller reset (as
+    /// `EmulatedController::set_fatal`, at a chosen point of a run).
+    Fatal,
+    /// Surprise removal when the command is fetched: it is neither executed nor completed,
+    /// registers read all ones from then on and nothing more is posted (as
+    /// `EmulatedController::surprise_remove`, at a chosen point of a run). Permanent.
+    SurpriseRemove,
+    /// Execute the command and complete it normally, but post an invalid completion entry
+    /// just before its real one (see [`Garbage`]). The driver must reject the invalid entry
+    /// without completing any request with it.
+    Garbage(Garbage),
+}
+
+/// Completion dword 0 of every invalid entry an [`Action::Garbage`] fault posts (reads and
+/// writes complete with 0): a request that completes with it was completed by the invalid entry.
+pub const GARBAGE_DW0: u32 = 0x6761_7262;
+
+/// The invalid completion entry an [`Action::Garbage`] fault posts (with the current phase, so
+/// the host sees it as a new entry, and [`GARBAGE_DW0`] as dword 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Garbage {
+    /// An entry for command id 0xFFFF (which no host uses: the specification reserves it) on
+    /// the command's own SQ.
+    UnknownCid,
+    /// An entry carrying the command's own command id, but another SQ's id (the command's SQ id
+    /// with bit 15 flipped): a host that matched on the command id alone would complete the
+    /// command with it, before the command's real completion.
+    WrongSqId,
+}
+
+impl Garbage {
+    /// The entry posted for a command `cid` fetched from SQ `sqid`: (SQ id, command id).
+    pub(crate) fn entry(self, sqid: u16, cid: u16) -> (u16, u16) {
+        match self {
+            Garbage::UnknownCid => (sqid, 0xffff),
+            Garbage::WrongSqId => (sqid ^ 0x8000, cid),
+        }
+    }
 }
 
 /// A fault to inject.

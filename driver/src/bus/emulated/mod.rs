@@ -66,7 +66,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use chunks::{EmulatedChunkSource, GRANULE, GUARD, IOVA_BASE};
-pub use faults::{Action, Fault, FaultId, Trigger};
+pub use faults::{Action, Fault, FaultId, GARBAGE_DW0, Garbage, Trigger};
 pub use stats::Stats;
 
 use crate::bus::dma::DmaMemory;
