@@ -26,14 +26,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dioxide::emulated::{
-    Action, EmulatedConfig, EmulatedController, Fault, GARBAGE_DW0, Garbage, Mode,
-    NamespaceConfig, Trigger,
+    Action, EmulatedConfig, EmulatedController, Fault, GARBAGE_DW0, Garbage, Mode, NamespaceConfig,
+    Trigger,
 };
+use dioxide::spec::status::generic;
 use dioxide::{
     Controller, DeadReason, Dioxide, DmaBuffer, EmbedError, Error, FileOptions, IoDone, IoError,
     Lba, Namespace, QueueOptions, Request,
 };
-use dioxide::spec::status::generic;
 use dioxide_tests::matrix::Cell;
 use dioxide_tests::*;
 
@@ -108,7 +108,11 @@ impl Rig {
         }
     }
 
-    fn bring_up(path: &PathBuf, mode: Mode, mdts: u8) -> (Arc<EmulatedController>, Controller, Namespace) {
+    fn bring_up(
+        path: &PathBuf,
+        mode: Mode,
+        mdts: u8,
+    ) -> (Arc<EmulatedController>, Controller, Namespace) {
         let cfg = EmulatedConfig {
             mode,
             mdts,
@@ -292,7 +296,11 @@ fn sync(row: Row, mode: Mode, cell: &mut Cell) -> bool {
         }
     }
     if row == Row::Garbage {
-        assert_eq!(q.stats().protocol_errors, 4, "each invalid entry rejected once");
+        assert_eq!(
+            q.stats().protocol_errors,
+            4,
+            "each invalid entry rejected once"
+        );
     }
     drop(q);
     rig.recover();
@@ -374,7 +382,11 @@ fn batch(row: Row, mode: Mode, cell: &mut Cell) -> bool {
     // Anything more would be a second completion.
     let _ = q.poll(usize::MAX, |(_, t), _| counts[t as usize] += 1);
     if row == Row::Garbage {
-        assert_eq!(q.stats().protocol_errors, 4, "each invalid entry rejected once");
+        assert_eq!(
+            q.stats().protocol_errors,
+            4,
+            "each invalid entry rejected once"
+        );
         assert!(protocol >= 1, "the invalid entries were reported");
     }
     cell.completions(&counts);
@@ -436,7 +448,11 @@ fn split(row: Row, mode: Mode, cell: &mut Cell) -> bool {
         }
     }
     if row == Row::Garbage {
-        assert_eq!(q.stats().protocol_errors, 4, "each invalid entry rejected once");
+        assert_eq!(
+            q.stats().protocol_errors,
+            4,
+            "each invalid entry rejected once"
+        );
     }
     drop(q);
     rig.recover();

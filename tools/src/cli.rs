@@ -74,6 +74,65 @@ pub struct EmulatedShape {
     /// the emulator's 64).
     #[serde(default)]
     pub io_queues: Option<u16>,
+    /// `--emulated-fault KIND:N`: what happens to the controller after N I/O commands.
+    #[serde(default)]
+    pub fault: Option<EmulatedFault>,
+}
+
+/// What an `--emulated-fault` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultKind {
+    /// Controller fatal status (CSTS.CFS) at the next command, which is not executed.
+    Cfs,
+    /// An invalid completion entry before the real one of the next two commands: one for
+    /// command id 0xFFFF, then one with the command's own id and another SQ's id.
+    Garbage,
+    /// Surprise removal at the next command (registers read all ones, nothing more completes).
+    Remove,
+}
+
+impl FaultKind {
+    /// The name `--emulated-fault` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Cfs => "cfs",
+            FaultKind::Garbage => "garbage",
+            FaultKind::Remove => "remove",
+        }
+    }
+    /// What it does, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FaultKind::Cfs => "controller fatal status (CSTS.CFS)",
+            FaultKind::Garbage => {
+                "invalid completion entries (an unknown command id, a wrong SQ id)"
+            }
+            FaultKind::Remove => "surprise removal",
+        }
+    }
+}
+
+/// `--emulated-fault KIND:N`: the fault and the number of I/O commands executed before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EmulatedFault {
+    /// What happens.
+    pub kind: FaultKind,
+    /// I/O commands (every queue) executed normally before it.
+    pub after: u64,
+}
+
+impl std::fmt::Display for EmulatedFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{} ({} after {} I/O commands)",
+            self.kind.name(),
+            self.after,
+            self.kind.describe(),
+            self.after
+        )
+    }
 }
 
 /// Bytes as the largest binary unit that divides them exactly: `1 TiB`, `256 MiB`, `512 B`.
@@ -117,7 +176,11 @@ impl EmulatedShape {
             Some(n) => format!(", {n} I/O queues"),
             None => String::new(),
         };
-        format!("{mode}, {ns}, {} B blocks{md}{q}", self.block_size)
+        let fault = match self.fault {
+            Some(f) => format!(", fault {f}"),
+            None => String::new(),
+        };
+        format!("{mode}, {ns}, {} B blocks{md}{q}{fault}", self.block_size)
     }
 
     /// Blocks per namespace.
@@ -159,6 +222,11 @@ pub struct EmulatedArgs {
     /// small controller does.
     #[arg(long = "emulated-io-queues", value_name = "N")]
     pub io_queues: Option<String>,
+    /// Inject a fault after N I/O commands (to see how perf ends): cfs (controller fatal
+    /// status), garbage (invalid completion entries before two real ones) or remove (surprise
+    /// removal).
+    #[arg(long = "emulated-fault", value_name = "cfs|garbage|remove:N")]
+    pub fault: Option<String>,
 }
 
 impl EmulatedArgs {
@@ -172,6 +240,7 @@ impl EmulatedArgs {
             || self.fail_lba.is_some()
             || self.metadata_ns.is_some()
             || self.io_queues.is_some()
+            || self.fault.is_some()
     }
 
     /// The shape, with `verify` choosing memory backing by default.
@@ -264,7 +333,28 @@ impl EmulatedArgs {
                 }
             },
         };
+        let fault = match self.fault.as_deref() {
+            None => None,
+            Some(v) => {
+                let kind = match v.split_once(':') {
+                    Some(("cfs", _)) => Some(FaultKind::Cfs),
+                    Some(("garbage", _)) => Some(FaultKind::Garbage),
+                    Some(("remove", _)) => Some(FaultKind::Remove),
+                    _ => None,
+                };
+                let after = v.split_once(':').and_then(|(_, n)| n.parse::<u64>().ok());
+                match (kind, after) {
+                    (Some(kind), Some(after)) => Some(EmulatedFault { kind, after }),
+                    _ => {
+                        return err(format!(
+                            "--emulated-fault must be cfs:N, garbage:N or remove:N (N: I/O commands before the fault), not '{v}'"
+                        ));
+                    }
+                }
+            }
+        };
         Ok(EmulatedShape {
+            fault,
             io_queues,
             fail_lba,
             metadata_ns,

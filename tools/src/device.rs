@@ -2,12 +2,12 @@
 //! through VFIO, or an NVMe/TCP controller; and the adapter that runs [`crate::engine`] on the
 //! transport seam's queues ([`dioxide::TransportQueue`]: a PCIe queue pair or a TCP queue).
 
-use crate::cli::{Backing, EmuMode, EmulatedShape};
+use crate::cli::{Backing, EmuMode, EmulatedFault, EmulatedShape, FaultKind};
 use crate::engine::{IoBuf, IoQueue};
 use crate::report;
 use crate::trid::{Target, TransportId};
 use dioxide::emulated::{
-    Action, EmulatedConfig, EmulatedController, Fault, Mode, NamespaceConfig, Trigger,
+    Action, EmulatedConfig, EmulatedController, Fault, Garbage, Mode, NamespaceConfig, Trigger,
 };
 use dioxide::spec::{Sct, Status, status::media};
 use dioxide::vfio::{VfioBus, VfioOptions};
@@ -58,6 +58,31 @@ pub fn emulated_config(shape: &EmulatedShape) -> EmulatedConfig {
     }
 }
 
+/// Arms `--emulated-fault`: it fires on I/O command `after + 1` (counted over every I/O queue).
+fn inject_fault(emu: &EmulatedController, f: EmulatedFault) {
+    let at = |n: u64| Trigger::NthCommand {
+        qid: None,
+        opcode: None,
+        n,
+    };
+    let first = f.after.saturating_add(1);
+    match f.kind {
+        FaultKind::Cfs => {
+            emu.inject(Fault::once(at(first), Action::Fatal));
+        }
+        FaultKind::Remove => {
+            emu.inject(Fault::once(at(first), Action::SurpriseRemove));
+        }
+        FaultKind::Garbage => {
+            emu.inject(Fault::once(at(first), Action::Garbage(Garbage::UnknownCid)));
+            emu.inject(Fault::once(
+                at(first.saturating_add(1)),
+                Action::Garbage(Garbage::WrongSqId),
+            ));
+        }
+    }
+}
+
 /// Brings up the built-in emulated controller of `shape`.
 pub fn open_emulated(shape: &EmulatedShape) -> Result<Opened, String> {
     open_emulated_with(shape, &ControllerOptions::default())
@@ -81,6 +106,9 @@ pub fn open_emulated_with(
                 Action::Status(Status::new(Sct::Media, media::UNRECOVERED_READ_ERROR)),
             ));
         }
+    }
+    if let Some(f) = shape.fault {
+        inject_fault(&emu, f);
     }
     let bus: Arc<dyn Bus> = emu.clone();
     let pci = bus.pci_id();
@@ -302,6 +330,18 @@ impl IoQueue for DriverQueue {
     fn retire(e: &TransportIoError) -> bool {
         // After a PCIe timeout the device may still write the buffer.
         e.buffer_still_in_use()
+    }
+
+    fn survives(e: &dioxide::TransportError) -> bool {
+        // An invalid completion entry, rejected; the queue pair goes on.
+        matches!(
+            e,
+            dioxide::TransportError::Pcie(dioxide::Error::Protocol { .. })
+        )
+    }
+
+    fn rejected_entries(&self) -> Option<u64> {
+        self.qp.stats().map(|s| s.protocol_errors)
     }
 
     fn arm(&mut self) -> Option<std::os::fd::RawFd> {

@@ -78,6 +78,19 @@ pub trait IoQueue {
     /// write it, e.g. after a timeout).
     fn retire(e: &Self::IoErr) -> bool;
 
+    /// Whether the queue still works after `poll` returned this error (the device posted an
+    /// invalid completion entry, which was rejected: the requests are still tracked and complete
+    /// normally). False (the default): nothing more completes on the queue.
+    fn survives(_e: &Self::Error) -> bool {
+        false
+    }
+
+    /// Invalid completion entries the queue has rejected so far, if it counts them (one poll
+    /// may reject several and report one error).
+    fn rejected_entries(&self) -> Option<u64> {
+        None
+    }
+
     /// Interrupt mode: prepares to sleep until the device posts to this queue (dioxide's
     /// `QueuePair::arm_interrupt_edge`) and returns the descriptor to wait on, edge-triggered,
     /// if sleeping is safe; `None` if the queue must be polled first, or has no interrupts (the
@@ -198,6 +211,11 @@ pub struct Job<Q: IoQueue> {
     errors_logged: u64,
     /// Why the job failed, if it did (an I/O error without `-Q`, a queue failure).
     pub failure: Option<String>,
+    /// I/Os in flight that were never completed: on a queue that failed, or still in flight
+    /// when the drain gave up.
+    pub abandoned: u64,
+    /// Invalid completion entries the job's queues rejected, and the first one's error.
+    rejected: Option<(u64, String)>,
 }
 
 impl<Q: IoQueue> Job<Q> {
@@ -247,6 +265,8 @@ impl<Q: IoQueue> Job<Q> {
             generation: spec.seed.rotate_left(17) | 1,
             errors_logged: 0,
             failure: None,
+            abandoned: 0,
+            rejected: None,
             spec,
         }
     }
@@ -406,10 +426,18 @@ impl<Q: IoQueue> Job<Q> {
                 );
                 eprintln!("{msg}");
                 self.fail(msg);
-                // Nothing more will complete on a queue that failed.
+                // Nothing more will complete on a queue that failed (the driver has delivered
+                // every request it knew of before saying so: any left are counted, not hidden).
+                self.abandoned += self.inflight as u64;
                 self.inflight = 0;
                 self.done.clear();
                 return 0;
+            }
+            if let Some(r) = self.qps[q].rejected() {
+                // A device posting invalid completion entries: stop and drain (the queue still
+                // completes what is in flight), then fail naming them.
+                self.draining = true;
+                self.rejected = Some(r);
             }
         }
         let mut done = std::mem::take(&mut self.done);
@@ -692,9 +720,21 @@ pub fn run<Q: IoQueue>(
         if clock.now() > give_up {
             for j in jobs.iter_mut().filter(|j| j.inflight > 0) {
                 let msg = format!("{}: {} I/Os did not complete", j.spec.name, j.inflight);
+                j.abandoned += j.inflight as u64;
                 j.fail(msg);
             }
             break;
+        }
+    }
+    for j in jobs.iter_mut() {
+        if let Some((n, first)) = j.rejected.take() {
+            let msg = format!(
+                "{}: the device posted {n} invalid completion entr{} (rejected by the driver; \
+                 the job stopped and drained); the first: {first}",
+                j.spec.name,
+                if n == 1 { "y" } else { "ies" }
+            );
+            j.fail(msg);
         }
     }
     publish(jobs, progress);

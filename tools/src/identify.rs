@@ -856,6 +856,7 @@ mod tests {
 
     fn shape() -> EmulatedShape {
         EmulatedShape {
+            fault: None,
             io_queues: None,
             mode: EmuMode::Inline,
             block_size: 4096,

@@ -81,6 +81,8 @@ struct Outcome {
     stats: NsStats,
     verify: VerifyStats,
     failure: Option<String>,
+    /// I/Os never completed (on a queue that failed, or when the drain gave up).
+    abandoned: u64,
     /// (qid, entries) of the job's queue pairs.
     queues: QueueList,
     /// The poll loop's counters, summed over the job's queue pairs.
@@ -420,6 +422,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                             stats: j.stats.clone(),
                             verify: j.verify.clone(),
                             failure: j.failure.clone(),
+                            abandoned: j.abandoned,
                             queues,
                             counters: PollCounters::sum(per_qp),
                         },
@@ -682,6 +685,9 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
         eprintln!("{f}");
         ok = false;
     }
+    if let Some(f) = cfg.emulated.fault.filter(|_| cfg.uses_emulated()) {
+        eprintln!("{}", fault_summary(f, &ctrls, &outcomes));
+    }
     if let Some(v) = &verify {
         if let Some(m) = &v.first_mismatch {
             eprintln!(
@@ -695,6 +701,34 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
         eprintln!("perf: interrupted");
     }
     Ok(ok)
+}
+
+/// `--emulated-fault`'s line: whether it fired and what became of the I/Os, e.g.
+/// `perf: emulated fault cfs:100 (...): fired 1 time; I/Os submitted=108 completed=108
+/// failed=8 never-completed=0`.
+fn fault_summary(
+    f: crate::cli::EmulatedFault,
+    ctrls: &[Device],
+    outcomes: &[(usize, Outcome)],
+) -> String {
+    let fired: u64 = ctrls
+        .iter()
+        .filter_map(|c| c.emulated.as_ref())
+        .map(|e| e.stats().faults_fired)
+        .sum();
+    let sum = |g: fn(&Outcome) -> u64| outcomes.iter().map(|(_, o)| g(o)).sum::<u64>();
+    let fired = match fired {
+        0 => "did not fire (the run ended first)".to_string(),
+        1 => "fired 1 time".to_string(),
+        n => format!("fired {n} times"),
+    };
+    format!(
+        "perf: emulated fault {f}: {fired}; I/Os submitted={} completed={} failed={} never-completed={}",
+        sum(|o| o.stats.io_submitted),
+        sum(|o| o.stats.io_completed),
+        sum(|o| o.stats.io_errors),
+        sum(|o| o.abandoned),
+    )
 }
 
 /// The error for a discovery controller named for I/O: what it offers instead.

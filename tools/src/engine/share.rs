@@ -43,6 +43,9 @@ struct Inner<Q: IoQueue> {
     unrung: bool,
     /// Why the queue failed: every job on it sees the same error from then on.
     failed: Option<String>,
+    /// Invalid completion entries rejected (the queue still works), and the first one's
+    /// error.
+    rejected: Option<(u64, String)>,
     /// Shared with the sibling queues; dropped after `q` (declared after it).
     kept: Kept<Q>,
 }
@@ -72,6 +75,7 @@ impl<Q: IoQueue> SharedQueue<Q> {
                 mailboxes: Vec::new(),
                 unrung: false,
                 failed: None,
+                rejected: None,
                 kept,
             })),
         }
@@ -180,7 +184,13 @@ impl<Q: IoQueue> QueueHandle<Q> {
             }
         });
         if let Err(e) = r {
-            i.failed = Some(e.to_string());
+            if Q::survives(&e) {
+                let counted = i.q.rejected_entries();
+                let r = i.rejected.get_or_insert_with(|| (0, e.to_string()));
+                r.0 = counted.unwrap_or(r.0 + 1);
+            } else {
+                i.failed = Some(e.to_string());
+            }
         } else if let Some(tag) = stray {
             i.failed = Some(format!(
                 "completion with tag {tag:#x}, which no job on this queue submitted"
@@ -195,6 +205,12 @@ impl<Q: IoQueue> QueueHandle<Q> {
             (Some(why), 0) => Err(why.clone()),
             _ => Ok(n),
         }
+    }
+
+    /// Invalid completion entries the queue rejected so far (see [`IoQueue::survives`]), with
+    /// the first one's error.
+    pub fn rejected(&self) -> Option<(u64, String)> {
+        self.inner.borrow().rejected.clone()
     }
 
     /// Interrupt mode: arms the queue for a sleep (see [`IoQueue::arm`]); `None` if a job's
