@@ -20,7 +20,7 @@
 //! completion, unverified data, a request failing for another reason than the fault, a hang
 //! (the watchdog) or a panic.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -109,14 +109,14 @@ impl Rig {
     }
 
     fn bring_up(
-        path: &PathBuf,
+        path: &Path,
         mode: Mode,
         mdts: u8,
     ) -> (Arc<EmulatedController>, Controller, Namespace) {
         let cfg = EmulatedConfig {
             mode,
             mdts,
-            namespaces: vec![NamespaceConfig::file(path.clone(), BS as u32, BLOCKS)],
+            namespaces: vec![NamespaceConfig::file(path, BS as u32, BLOCKS)],
             ..EmulatedConfig::default()
         };
         let (ctrl, emu) = emulated(cfg);
@@ -198,6 +198,9 @@ impl Drop for Rig {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// How an asynchronous request ended: not yet, bytes done, or the error's message.
+type Outcome = Option<Result<usize, String>>;
 
 /// The data of write `i` of a cell (old data is zeroes: a fresh backing file).
 fn new_data(i: u64, len: usize) -> Vec<u8> {
@@ -349,12 +352,12 @@ fn batch(row: Row, mode: Mode, cell: &mut Cell) -> bool {
     }
     q.ring();
     let mut counts = vec![0u32; n as usize];
-    let mut written = vec![false; 16];
+    let mut written = [false; 16];
     let mut ok = true;
     let mut failed = 0;
     let mut protocol = 0;
     let deadline = Instant::now() + LIMIT;
-    while counts.iter().any(|&c| c == 0) && Instant::now() < deadline {
+    while counts.contains(&0) && Instant::now() < deadline {
         let r = q.poll(usize::MAX, |(b, t), r| {
             counts[t as usize] += 1;
             match r {
@@ -484,8 +487,7 @@ fn blockfile(row: Row, mode: Mode, cell: &mut Cell) -> bool {
     };
     let file = dx.open_file(0, rig.ns.nsid(), opts()).expect("file");
     let calls: Arc<Vec<AtomicU32>> = Arc::new((0..n).map(|_| AtomicU32::new(0)).collect());
-    let results: Arc<Mutex<Vec<Option<Result<usize, String>>>>> =
-        Arc::new(Mutex::new(vec![None; n as usize]));
+    let results: Arc<Mutex<Vec<Outcome>>> = Arc::new(Mutex::new(vec![None; n as usize]));
     // An error is the fault's when it says so: CSTS.CFS fails the requests in flight as
     // aborted (the queue's deletion), the removal as "device removed".
     let outcome = move |r: Result<usize, EmbedError>| match r {
