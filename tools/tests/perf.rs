@@ -493,6 +493,10 @@ fn bad_input_is_one_line_and_fails() {
             "--emulated-fail-lba must be START:COUNT",
         ),
         (
+            "-q 1 -o 4096 -w read -t 1 --emulated-fault stall:3",
+            "--emulated-fault must be cfs:N, garbage:N or remove:N",
+        ),
+        (
             "-q 1 -o 4096 -w read -t 1 --bogus",
             "unexpected argument '--bogus'",
         ),
