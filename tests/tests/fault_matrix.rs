@@ -467,7 +467,7 @@ fn split(row: Row, mode: Mode, cell: &mut Cell) -> bool {
 }
 
 /// The embedding API: 8 asynchronous writes of 3 pages and 100 bytes (the tail through the
-/// page cache), each callback counted; the fault at the 6th command; then every region read
+/// page cache), each callback counted; the fault at the 12th command; then every region read
 /// back through a `BlockFile` (after the recovery: the same one after a reset, a new one on
 /// the device plugged back).
 fn blockfile(row: Row, mode: Mode, cell: &mut Cell) -> bool {
@@ -504,7 +504,7 @@ fn blockfile(row: Row, mode: Mode, cell: &mut Cell) -> bool {
             Err(e.to_string())
         }
     };
-    rig.inject(6);
+    rig.inject(12);
     for i in 0..n {
         let mut b = file.alloc(len).unwrap();
         b.as_mut_slice().copy_from_slice(&new_data(i, len));
