@@ -799,6 +799,9 @@ pub(crate) mod mock {
         pub reads: u64,
         /// Fail every poll after this many.
         pub fail_poll_after: Option<u64>,
+        /// Report a rejected (invalid) completion entry from this poll, after delivering its
+        /// completions; the queue goes on working.
+        pub reject_on_poll: Option<u64>,
         pub polls: u64,
     }
 
@@ -814,6 +817,7 @@ pub(crate) mod mock {
                 ready: Vec::new(),
                 reads: 0,
                 fail_poll_after: None,
+                reject_on_poll: None,
                 polls: 0,
             }
         }
@@ -828,6 +832,9 @@ pub(crate) mod mock {
         }
         fn retire(_: &Status) -> bool {
             false
+        }
+        fn survives(e: &String) -> bool {
+            e.starts_with("rejected")
         }
         unsafe fn submit(
             &mut self,
@@ -893,6 +900,9 @@ pub(crate) mod mock {
             };
             for (tag, st) in self.ready.drain(..n) {
                 done(tag, st);
+            }
+            if self.reject_on_poll == Some(self.polls) {
+                return Err("rejected: an invalid completion entry".into());
             }
             Ok(n as u32)
         }
@@ -1195,7 +1205,42 @@ mod tests {
         for j in &jobs {
             let f = j.failure.as_deref().unwrap_or_default();
             assert!(f.contains("the mock queue died"), "{}: {f:?}", j.spec.name);
+            // The I/Os the queue still held are counted, not hidden.
+            assert_eq!(j.inflight(), 0);
+            assert_eq!(
+                j.stats.io_submitted,
+                j.stats.io_completed + j.abandoned,
+                "{}",
+                j.spec.name
+            );
         }
+        assert!(jobs.iter().map(|j| j.abandoned).sum::<u64>() > 0);
+    }
+
+    /// A rejected invalid completion entry (the queue still works) stops the job, which drains
+    /// every I/O in flight and then fails naming the entries; nothing is abandoned.
+    #[test]
+    fn a_rejected_completion_entry_stops_and_drains_the_job() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::RandRw, 8, 0);
+        let mut q = MockQueue::new(media.clone(), 512);
+        q.reject_on_poll = Some(5);
+        let mut jobs = [job(&s, vec![q], 1 << 20)];
+        let r = go(&mut jobs, &s);
+        assert!(r.elapsed_ticks < 10_000_000_000);
+        let j = &jobs[0];
+        let f = j.failure.as_deref().unwrap_or_default();
+        assert!(
+            f.contains(
+                "1 invalid completion entry (rejected by the driver; the job stopped and drained)"
+            ) && f.contains("rejected: an invalid completion entry"),
+            "{f:?}"
+        );
+        assert_eq!(j.abandoned, 0);
+        assert_eq!(j.inflight(), 0);
+        assert!(j.stats.io_submitted > 0);
+        assert_eq!(j.stats.io_submitted, j.stats.io_completed);
+        assert_eq!(j.stats.io_errors, 0);
     }
 
     /// A completion whose tag names no job on the queue fails the queue instead of being lost
