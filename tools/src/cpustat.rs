@@ -4,14 +4,20 @@
 //! its behalf that lands elsewhere (the interrupt handler of a completion, softirqs, the idle
 //! loop's wake-up, a kworker) is missing, which flatters a process that sleeps on interrupts.
 //! The first line of `/proc/stat` sums every CPU's time by state; the difference of two
-//! readings gives what the whole machine was busy with in between: user, nice, system, irq and
-//! softirq (guest and guest_nice are already inside user and nice). Idle, iowait and steal
-//! (time a hypervisor ran something else) are not busy.
+//! readings gives what the whole machine did in between.
+//!
+//! **Busy** is the CPUs' wall time minus idle, iowait and steal (time a hypervisor ran
+//! something else): everything that was not idle. The kernel measures idle time exactly
+//! (`NO_HZ`: from idle entry to the next interrupt's entry), but it only *samples* the busy
+//! states (user, nice, system, irq, softirq) with its tick: a hard interrupt that wakes an idle
+//! CPU is never under a tick (the tick is itself an interrupt, and stopped while idle), so the
+//! sampled states miss exactly the interrupt work of a process that sleeps on interrupts, and
+//! every tick a virtual CPU loses while its host runs something else. The sampled sum is
+//! reported too ([`CpuDelta::sampled_busy_s`]). Resolution: one clock tick (`USER_HZ`, 10 ms)
+//! per reading.
 //!
 //! On a machine where other programs run this counts them too: it is the honest measure only
-//! where nothing else runs (a dedicated guest). The kernel samples the busy states once per
-//! tick, so a short interval or a vCPU the host deschedules (ticks lost) makes it coarse; the
-//! busy fraction of the interval ([`CpuDelta::busy_fraction`]) shows how much was seen.
+//! where nothing else runs (a dedicated guest).
 
 use std::time::Duration;
 
@@ -114,12 +120,16 @@ impl CpuTimes {
     /// second (`USER_HZ`, see [`clock_ticks`]). A counter that went backwards counts 0.
     pub fn since(&self, earlier: &CpuTimes, interval: Duration, hz: u64) -> CpuDelta {
         let s = |a: u64, b: u64| a.saturating_sub(b) as f64 / hz.max(1) as f64;
+        let interval_s = interval.as_secs_f64();
+        let idle_s = s(self.idle_all(), earlier.idle_all());
+        let steal_s = s(self.steal, earlier.steal);
         CpuDelta {
-            busy_s: s(self.busy(), earlier.busy()),
+            busy_s: (interval_s * f64::from(self.cpus) - idle_s - steal_s).max(0.0),
+            sampled_busy_s: s(self.busy(), earlier.busy()),
             irq_s: s(self.irq + self.softirq, earlier.irq + earlier.softirq),
-            idle_s: s(self.idle_all(), earlier.idle_all()),
-            steal_s: s(self.steal, earlier.steal),
-            interval_s: interval.as_secs_f64(),
+            idle_s,
+            steal_s,
+            interval_s,
             cpus: self.cpus,
         }
     }
@@ -138,9 +148,12 @@ pub fn clock_ticks() -> Result<u64, CpuStatError> {
 /// The whole system's CPU time over an interval, seconds (all CPUs summed).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CpuDelta {
-    /// Busy: user, nice, system, irq, softirq.
+    /// Busy: the CPUs' wall time (`interval_s × cpus`) minus idle, iowait and steal.
     pub busy_s: f64,
-    /// The irq and softirq part of `busy_s`.
+    /// The states the tick samples: user, nice, system, irq, softirq (below `busy_s` by the
+    /// interrupt work on idle CPUs and the ticks a descheduled vCPU lost).
+    pub sampled_busy_s: f64,
+    /// The irq and softirq part of `sampled_busy_s`.
     pub irq_s: f64,
     /// Idle and iowait.
     pub idle_s: f64,
@@ -153,8 +166,8 @@ pub struct CpuDelta {
 }
 
 impl CpuDelta {
-    /// Busy time as a fraction of the CPUs' wall time (`busy_s / (interval_s × cpus)`): below
-    /// 1 − idle share when ticks were lost (a descheduled vCPU), 0 for an empty interval.
+    /// Busy time as a fraction of the CPUs' wall time (`busy_s / (interval_s × cpus)`), 0 for
+    /// an empty interval.
     pub fn busy_fraction(&self) -> f64 {
         let all = self.interval_s * f64::from(self.cpus);
         if all > 0.0 { self.busy_s / all } else { 0.0 }
@@ -245,24 +258,38 @@ ctxt 1990473
     fn delta_is_busy_idle_and_steal_in_seconds() {
         let a = CpuTimes::parse(GUEST_A).unwrap();
         let b = CpuTimes::parse(GUEST_B).unwrap();
-        let d = b.since(&a, Duration::from_secs(6), 100);
-        // user +50, system +345, irq +12, softirq +20: 427 ticks.
-        assert!((d.busy_s - 4.27).abs() < 1e-9, "{d:?}");
+        let d = b.since(&a, Duration::from_secs(7), 100);
+        // Sampled: user +50, system +345, irq +12, softirq +20: 427 ticks.
+        assert!((d.sampled_busy_s - 4.27).abs() < 1e-9, "{d:?}");
         assert!((d.irq_s - 0.32).abs() < 1e-9, "{d:?}");
         assert!((d.idle_s - 2.40).abs() < 1e-9, "{d:?}");
+        // Busy: 7 s of one CPU, 2.40 s idle: 4.60 s, of which the tick saw 4.27 s.
+        assert!((d.busy_s - 4.60).abs() < 1e-9, "{d:?}");
         assert_eq!(d.steal_s, 0.0);
         assert_eq!(d.cpus, 1);
-        assert!((d.busy_fraction() - 4.27 / 6.0).abs() < 1e-9);
+        assert!((d.busy_fraction() - 4.60 / 7.0).abs() < 1e-9);
         // Steal is not busy; guest time is inside user already.
         let mut c = b;
         c.steal += 250;
-        let d2 = c.since(&a, Duration::from_secs(6), 100);
-        assert_eq!(d2.busy_s, d.busy_s);
+        let d2 = c.since(&a, Duration::from_secs(7), 100);
+        assert_eq!(d2.sampled_busy_s, d.sampled_busy_s);
         assert!((d2.steal_s - 2.5).abs() < 1e-9);
-        // Backwards counters (a CPU taken offline) count 0, not a wrapped huge number.
+        assert!((d2.busy_s - 2.10).abs() < 1e-9, "{d2:?}");
+        // Two CPUs: twice the wall time.
+        let h = CpuTimes::parse(HOST).unwrap();
+        let mut h2 = h;
+        h2.idle += 150;
+        h2.user += 40;
+        let dh = h2.since(&h, Duration::from_secs(2), 100);
+        assert!((dh.busy_s - 2.5).abs() < 1e-9, "{dh:?}");
+        assert!((dh.busy_fraction() - 0.625).abs() < 1e-9, "{dh:?}");
+        // Backwards counters (a CPU taken offline) count 0, not a wrapped huge number; more
+        // idle than wall time (rounding) is no busy time, not a negative one.
         let back = a.since(&b, Duration::from_secs(1), 100);
-        assert_eq!(back.busy_s, 0.0);
+        assert_eq!(back.sampled_busy_s, 0.0);
         assert_eq!(back.idle_s, 0.0);
+        let over = b.since(&a, Duration::from_secs(2), 100);
+        assert_eq!(over.busy_s, 0.0);
         assert_eq!(
             CpuDelta {
                 interval_s: 0.0,

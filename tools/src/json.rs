@@ -48,10 +48,11 @@
 //!     "ios": 4000, "us_per_io": 2475.0, "sleeps": 0, "sleeps_per_io": 0.0,
 //!     "sleep_limit_hits": 0,                      // sleeps that ended at 10 ms, no interrupt
 //!     "system": null | {                          // /proc/stat over the same interval: every
-//!       "busy_s": 10.2, "irq_s": 0.3,             // CPU, every process, the kernel's irqs,
-//!       "idle_s": 9.8, "steal_s": 0.0,            // softirqs and wake-ups (noisy when other
-//!       "interval_s": 10.0, "cpus": 2,            // programs run)
-//!       "busy_fraction": 0.51, "us_per_io": 2550.0 } }
+//!       "busy_s": 10.2,                           // CPU, every process, the kernel's irqs,
+//!       "sampled_busy_s": 10.0, "irq_s": 0.3,     // softirqs and wake-ups (noisy when other
+//!       "idle_s": 9.8, "steal_s": 0.0,            // programs run); busy = wall x cpus -
+//!       "interval_s": 10.0, "cpus": 2,            // idle - iowait - steal; sampled = the
+//!       "busy_fraction": 0.51, "us_per_io": 2550.0 } }   // tick's user..softirq
 //! }
 //! ```
 //!
@@ -271,9 +272,14 @@ pub struct Cpu {
 /// and end; see the `cpustat` module).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SystemCpu {
-    /// Busy time of all CPUs (user, nice, system, irq, softirq), seconds.
+    /// Busy time of all CPUs: wall time × CPUs minus idle, iowait and steal, seconds.
     pub busy_s: f64,
-    /// The irq and softirq part of `busy_s`, seconds.
+    /// The busy states the kernel's tick samples (user, nice, system, irq, softirq), seconds:
+    /// below `busy_s` by the interrupt work that wakes an idle CPU (no tick ever lands in it)
+    /// and the ticks a descheduled vCPU lost.
+    #[serde(default)]
+    pub sampled_busy_s: f64,
+    /// The irq and softirq part of `sampled_busy_s`, seconds.
     pub irq_s: f64,
     /// Idle and iowait time of all CPUs, seconds.
     pub idle_s: f64,
@@ -283,8 +289,7 @@ pub struct SystemCpu {
     pub interval_s: f64,
     /// CPUs counted.
     pub cpus: u32,
-    /// `busy_s ÷ (interval_s × cpus)`: below the real busy share when the kernel lost ticks
-    /// (a vCPU its host descheduled).
+    /// `busy_s ÷ (interval_s × cpus)`.
     pub busy_fraction: f64,
     /// `busy_s` ÷ I/Os, µs: the whole system's CPU per I/O.
     pub us_per_io: f64,
@@ -295,6 +300,7 @@ impl SystemCpu {
     pub fn new(d: &crate::cpustat::CpuDelta, ios: u64) -> SystemCpu {
         SystemCpu {
             busy_s: d.busy_s,
+            sampled_busy_s: d.sampled_busy_s,
             irq_s: d.irq_s,
             idle_s: d.idle_s,
             steal_s: d.steal_s,
@@ -312,8 +318,9 @@ impl SystemCpu {
     /// The text report's line: `CPU time (whole system): ...`.
     pub fn line(&self) -> String {
         format!(
-            "CPU time (whole system): {:.2} s busy ({:.2} s irq+softirq), {:.2} s idle, {:.2} s steal, {} CPU{} x {:.2} s ({:.0}% busy), {:.2} us per I/O",
+            "CPU time (whole system): {:.2} s busy (not idle; {:.2} s in the tick's samples, {:.2} s irq+softirq), {:.2} s idle, {:.2} s steal, {} CPU{} x {:.2} s ({:.0}% busy), {:.2} us per I/O",
             self.busy_s,
+            self.sampled_busy_s,
             self.irq_s,
             self.idle_s,
             self.steal_s,
@@ -531,6 +538,7 @@ mod tests {
                 system: Some(SystemCpu::new(
                     &crate::cpustat::CpuDelta {
                         busy_s: 1.5,
+                        sampled_busy_s: 1.25,
                         irq_s: 0.25,
                         idle_s: 0.5,
                         steal_s: 0.0,
@@ -584,7 +592,7 @@ mod tests {
         let s = sample().cpu.unwrap().system.unwrap();
         assert_eq!(
             s.line(),
-            "CPU time (whole system): 1.50 s busy (0.25 s irq+softirq), 0.50 s idle, 0.00 s steal, 2 CPUs x 1.00 s (75% busy), 15000.00 us per I/O"
+            "CPU time (whole system): 1.50 s busy (not idle; 1.25 s in the tick's samples, 0.25 s irq+softirq), 0.50 s idle, 0.00 s steal, 2 CPUs x 1.00 s (75% busy), 15000.00 us per I/O"
         );
     }
 

@@ -707,7 +707,10 @@ fn interrupt_modes_sleep_on_the_queues_and_report_cpu_per_io() {
         // The whole system's CPU time over the same interval, from /proc/stat.
         let sys = cpu.system.as_ref().expect("whole-system cpu figures");
         assert!(sys.cpus >= 1 && sys.interval_s > 0.0, "{sys:?}");
-        assert!(sys.busy_s >= sys.irq_s && sys.idle_s >= 0.0, "{sys:?}");
+        assert!(
+            sys.sampled_busy_s >= sys.irq_s && sys.idle_s >= 0.0 && sys.busy_s >= 0.0,
+            "{sys:?}"
+        );
         assert!(
             (sys.us_per_io - sys.busy_s * 1e6 / 400.0).abs() < 1e-6,
             "{sys:?}"
