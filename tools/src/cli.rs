@@ -450,9 +450,9 @@ pub struct PerfArgs {
     )]
     pub continue_on_error: Option<String>,
     /// display core busy % (once a second on a terminal, and at the end) and the CPU time per
-    /// I/O: perf's own (getrusage) and the whole system's (/proc/stat busy time of every CPU:
-    /// the kernel's interrupt work included, but also any other program's, so it is honest only
-    /// on an otherwise idle machine)
+    /// I/O: perf's own (getrusage) and the whole system's (/proc/stat: the non-idle time of
+    /// every CPU, the kernel's interrupt work included, but also any other program's, so it is
+    /// honest only on an otherwise idle machine)
     #[arg(short = 'm', long = "cpu-usage")]
     pub cpu_usage: bool,
     /// enable the header digest of NVMe/TCP connections (trtype:TCP)
