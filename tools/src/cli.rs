@@ -539,7 +539,10 @@ pub struct PerfArgs {
         allow_negative_numbers = true
     )]
     pub continue_on_error: Option<String>,
-    /// display core busy % (once a second on a terminal, and at the end)
+    /// display core busy % (once a second on a terminal, and at the end) and the CPU time per
+    /// I/O: perf's own (getrusage) and the whole system's (/proc/stat: the non-idle time of
+    /// every CPU, the kernel's interrupt work included, but also any other program's, so it is
+    /// honest only on an otherwise idle machine)
     #[arg(short = 'm', long = "cpu-usage")]
     pub cpu_usage: bool,
     /// enable the header digest of NVMe/TCP connections (trtype:TCP)

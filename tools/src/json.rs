@@ -46,7 +46,13 @@
 //!   "cpu": {                                      // getrusage of the process, set-up excluded
 //!     "mode": "polled" | "interrupt" | "adaptive:20", "user_s": 9.8, "sys_s": 0.1,
 //!     "ios": 4000, "us_per_io": 2475.0, "sleeps": 0, "sleeps_per_io": 0.0,
-//!     "sleep_limit_hits": 0 }                     // sleeps that ended at 10 ms, no interrupt
+//!     "sleep_limit_hits": 0,                      // sleeps that ended at 10 ms, no interrupt
+//!     "system": null | {                          // /proc/stat over the same interval: every
+//!       "busy_s": 10.2,                           // CPU, every process, the kernel's irqs,
+//!       "sampled_busy_s": 10.0, "irq_s": 0.3,     // softirqs and wake-ups (noisy when other
+//!       "idle_s": 9.8, "steal_s": 0.0,            // programs run); busy = wall x cpus -
+//!       "interval_s": 10.0, "cpus": 2,            // idle - iowait - steal; sampled = the
+//!       "busy_fraction": 0.51, "us_per_io": 2550.0 } }   // tick's user..softirq
 //! }
 //! ```
 //!
@@ -254,6 +260,77 @@ pub struct Cpu {
     /// Sleeps that ended at the 10 ms limit with no interrupt.
     #[serde(default)]
     pub sleep_limit_hits: u64,
+    /// The whole system's CPU time over the same interval (`/proc/stat`, every CPU, every
+    /// process and the kernel's interrupts, softirqs and idle-loop wake-ups): the honest
+    /// measure on a machine where nothing else runs, inflated by any other load. `null` when
+    /// `/proc/stat` cannot be read.
+    #[serde(default)]
+    pub system: Option<SystemCpu>,
+}
+
+/// The whole system's CPU time over perf's measured interval (`/proc/stat` read at its start
+/// and end; see the `cpustat` module).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SystemCpu {
+    /// Busy time of all CPUs: wall time × CPUs minus idle, iowait and steal, seconds.
+    pub busy_s: f64,
+    /// The busy states the kernel's tick samples (user, nice, system, irq, softirq), seconds:
+    /// below `busy_s` by the interrupt work that wakes an idle CPU (no tick ever lands in it)
+    /// and the ticks a descheduled vCPU lost.
+    #[serde(default)]
+    pub sampled_busy_s: f64,
+    /// The irq and softirq part of `sampled_busy_s`, seconds.
+    pub irq_s: f64,
+    /// Idle and iowait time of all CPUs, seconds.
+    pub idle_s: f64,
+    /// Time stolen by a hypervisor, seconds (not busy).
+    pub steal_s: f64,
+    /// Wall time of the interval, seconds.
+    pub interval_s: f64,
+    /// CPUs counted.
+    pub cpus: u32,
+    /// `busy_s ÷ (interval_s × cpus)`.
+    pub busy_fraction: f64,
+    /// `busy_s` ÷ I/Os, µs: the whole system's CPU per I/O.
+    pub us_per_io: f64,
+}
+
+impl SystemCpu {
+    /// The figures of an interval in which `ios` I/Os completed.
+    pub fn new(d: &crate::cpustat::CpuDelta, ios: u64) -> SystemCpu {
+        SystemCpu {
+            busy_s: d.busy_s,
+            sampled_busy_s: d.sampled_busy_s,
+            irq_s: d.irq_s,
+            idle_s: d.idle_s,
+            steal_s: d.steal_s,
+            interval_s: d.interval_s,
+            cpus: d.cpus,
+            busy_fraction: d.busy_fraction(),
+            us_per_io: if ios == 0 {
+                0.0
+            } else {
+                d.busy_s * 1e6 / ios as f64
+            },
+        }
+    }
+
+    /// The text report's line: `CPU time (whole system): ...`.
+    pub fn line(&self) -> String {
+        format!(
+            "CPU time (whole system): {:.2} s busy (not idle; {:.2} s in the tick's samples, {:.2} s irq+softirq), {:.2} s idle, {:.2} s steal, {} CPU{} x {:.2} s ({:.0}% busy), {:.2} us per I/O",
+            self.busy_s,
+            self.sampled_busy_s,
+            self.irq_s,
+            self.idle_s,
+            self.steal_s,
+            self.cpus,
+            if self.cpus == 1 { "" } else { "s" },
+            self.interval_s,
+            self.busy_fraction * 100.0,
+            self.us_per_io
+        )
+    }
 }
 
 impl Cpu {
@@ -279,6 +356,7 @@ impl Cpu {
             sleeps,
             sleeps_per_io: per(sleeps as f64),
             sleep_limit_hits: 0,
+            system: None,
         }
     }
 }
@@ -456,13 +534,21 @@ mod tests {
                 empty_polls: 96,
                 ..Default::default()
             })),
-            cpu: Some(Cpu::new(
-                dioxide::InterruptMode::ADAPTIVE,
-                0.5,
-                0.25,
-                100,
-                40,
-            )),
+            cpu: Some(Cpu {
+                system: Some(SystemCpu::new(
+                    &crate::cpustat::CpuDelta {
+                        busy_s: 1.5,
+                        sampled_busy_s: 1.25,
+                        irq_s: 0.25,
+                        idle_s: 0.5,
+                        steal_s: 0.0,
+                        interval_s: 1.0,
+                        cpus: 2,
+                    },
+                    100,
+                )),
+                ..Cpu::new(dioxide::InterruptMode::ADAPTIVE, 0.5, 0.25, 100, 40)
+            }),
         }
     }
 
@@ -495,5 +581,26 @@ mod tests {
         assert_eq!(p[3]["percentile"], 50.0);
         assert_eq!(v["total"]["io_completed"], 100);
         assert_eq!(v["verify"]["first_mismatch"]["lba"], 7);
+        assert_eq!(v["cpu"]["us_per_io"], 7500.0);
+        assert_eq!(v["cpu"]["system"]["us_per_io"], 15000.0);
+        assert_eq!(v["cpu"]["system"]["busy_fraction"], 0.75);
+        assert_eq!(v["cpu"]["system"]["cpus"], 2);
+    }
+
+    #[test]
+    fn system_cpu_line() {
+        let s = sample().cpu.unwrap().system.unwrap();
+        assert_eq!(
+            s.line(),
+            "CPU time (whole system): 1.50 s busy (not idle; 1.25 s in the tick's samples, 0.25 s irq+softirq), 0.50 s idle, 0.00 s steal, 2 CPUs x 1.00 s (75% busy), 15000.00 us per I/O"
+        );
+    }
+
+    #[test]
+    fn a_report_without_system_cpu_still_parses() {
+        let mut v: serde_json::Value = serde_json::to_value(sample()).unwrap();
+        v["cpu"].as_object_mut().unwrap().remove("system");
+        let r: PerfReport = serde_json::from_value(v).unwrap();
+        assert_eq!(r.cpu.unwrap().system, None);
     }
 }

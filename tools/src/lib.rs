@@ -13,6 +13,7 @@
 //! - [`engine`]: the per-core worker loop (submit, ring once per batch, poll, resubmit).
 //! - [`verify`]: the `verify` workload's self-identifying block pattern.
 //! - [`json`]: the `--json` report, a documented schema.
+//! - [`cpustat`]: the whole system's CPU time from `/proc/stat` (perf's CPU per I/O).
 //! - [`plot`]: the `--plot FILE.svg` latency percentile chart.
 //! - [`nvmf_tgt`]: the NVMe/TCP target's options, start-up lines and signal handling.
 //! - [`logger`]: prints the driver's `log` warnings and errors on stderr.
@@ -21,6 +22,7 @@
 pub mod cli;
 pub mod clock;
 pub mod counters;
+pub mod cpustat;
 pub mod device;
 pub mod engine;
 pub mod identify;

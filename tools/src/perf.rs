@@ -4,6 +4,7 @@
 use crate::cli::{self, DoorbellMode, Parsed, PerfConfig};
 use crate::clock::{Clock, Source};
 use crate::counters::{self, PollCounters};
+use crate::cpustat;
 use crate::device::{self, Device, DriverBuf, DriverQueue};
 use crate::engine::{self, Job, JobSpec, Progress, Settings, SharedQueue, VerifyStats};
 use crate::json;
@@ -308,6 +309,8 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     // of the set-up (queue pairs and buffers made: every worker passed the barrier) to the end.
     let sleeps_ios: Mutex<(u64, u64, u64)> = Mutex::new((0, 0, 0));
     let cpu_before: Mutex<Option<(f64, f64)>> = Mutex::new(None);
+    // The whole system's CPU time (`/proc/stat`) over the same interval.
+    let system_before: Mutex<Option<cpustat::Sampler>> = Mutex::new(None);
     let setup_errors: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let setup_failed = AtomicBool::new(false);
     let tty = !cfg.json && report::stdout_is_tty();
@@ -324,8 +327,8 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 (&entries, &ctrls, &settings, &barrier, &progress[w]);
             let (outcomes, elapsed, setup_errors, setup_failed) =
                 (&outcomes, &elapsed, &setup_errors, &setup_failed);
-            let (core_counters, sleeps_ios, cpu_before) =
-                (&core_counters, &sleeps_ios, &cpu_before);
+            let (core_counters, sleeps_ios, cpu_before, system_before) =
+                (&core_counters, &sleeps_ios, &cpu_before, &system_before);
             let specs_e: Vec<usize> = my.iter().map(|(i, _)| specs[*i].0).collect();
             scope.spawn(move || {
                 if let Err(e) = pin_to(core) {
@@ -366,6 +369,13 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 }
                 if barrier.wait().is_leader() {
                     *cpu_before.lock().unwrap() = cpu_time();
+                    *system_before.lock().unwrap() = match cpustat::Sampler::start() {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            log::warn!("no whole-system CPU time: {e}");
+                            None
+                        }
+                    };
                 }
                 if setup_failed.load(Ordering::Relaxed) {
                     progress.finished.store(true, Ordering::Relaxed);
@@ -483,10 +493,21 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     let cpu = cpu_time()
         .zip(cpu_before.into_inner().unwrap())
         .map(|((u1, s1), (u0, s0))| (u1 - u0, s1 - s0));
+    let system = system_before
+        .into_inner()
+        .unwrap()
+        .and_then(|s| match s.finish() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                log::warn!("no whole-system CPU time: {e}");
+                None
+            }
+        });
     let (sleeps, all_ios, limit_hits) = sleeps_ios.into_inner().unwrap();
     let cpu = cpu.map(|(user_s, sys_s)| {
         let mut c = json::Cpu::new(cfg.interrupt, user_s, sys_s, all_ios, sleeps);
         c.sleep_limit_hits = limit_hits;
+        c.system = system.map(|d| json::SystemCpu::new(&d, all_ios));
         c
     });
     let errors = setup_errors.into_inner().unwrap();
@@ -632,6 +653,9 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 "CPU time ({}): {:.2} s user, {:.2} s system, {:.2} us per I/O; {:.3} sleeps per I/O, {} at the 10 ms limit",
                 c.mode, c.user_s, c.sys_s, c.us_per_io, c.sleeps_per_io, c.sleep_limit_hits
             );
+            if let Some(s) = &c.system {
+                println!("{}", s.line());
+            }
         }
         if cfg.cpu_usage {
             for &core in &workers {
@@ -751,7 +775,6 @@ fn discovery_refused(label: &str, t: &dioxide::TcpController) -> String {
     m
 }
 
-/// The I/O queue size: `--io-queue-size`, at most the controller's MQES + 1.
 /// The process's user and system CPU time so far, seconds (`getrusage(RUSAGE_SELF)`: every
 /// thread, the emulated controller's included).
 fn cpu_time() -> Option<(f64, f64)> {
@@ -765,6 +788,7 @@ fn cpu_time() -> Option<(f64, f64)> {
     Some((secs(r.ru_utime), secs(r.ru_stime)))
 }
 
+/// The I/O queue size: `--io-queue-size`, at most the controller's MQES + 1.
 fn queue_entries(cfg: &PerfConfig, c: &Device) -> u32 {
     let max = c.ctrl.cap().mqes() as u32 + 1;
     cfg.io_queue_size.map_or(max, |q| q.min(max)).min(65535)

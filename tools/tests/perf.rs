@@ -708,6 +708,22 @@ fn interrupt_modes_sleep_on_the_queues_and_report_cpu_per_io() {
         assert_eq!(cpu.ios, 400);
         assert!(cpu.user_s + cpu.sys_s > 0.0);
         assert!((cpu.us_per_io - (cpu.user_s + cpu.sys_s) * 1e6 / 400.0).abs() < 1e-6);
+        // The whole system's CPU time over the same interval, from /proc/stat.
+        let sys = cpu.system.as_ref().expect("whole-system cpu figures");
+        assert!(sys.cpus >= 1 && sys.interval_s > 0.0, "{sys:?}");
+        assert!(
+            sys.sampled_busy_s >= sys.irq_s && sys.idle_s >= 0.0 && sys.busy_s >= 0.0,
+            "{sys:?}"
+        );
+        assert!(
+            (sys.us_per_io - sys.busy_s * 1e6 / 400.0).abs() < 1e-6,
+            "{sys:?}"
+        );
+        let wall = sys.interval_s * f64::from(sys.cpus);
+        assert!(
+            (sys.busy_fraction - sys.busy_s / wall).abs() < 1e-9,
+            "{sys:?}"
+        );
         if mode == "polled" {
             assert_eq!(cpu.sleeps, 0);
         } else if mode != "adaptive:20" {
@@ -718,6 +734,19 @@ fn interrupt_modes_sleep_on_the_queues_and_report_cpu_per_io() {
         let arms = r.counters.unwrap().interrupt_arms;
         assert_eq!(arms, cpu.sleeps, "{flag}");
     }
+    // The text report prints both CPU lines.
+    let o = perf(&format!("{base} --interrupt-mode"));
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        out.lines().any(|l| l.starts_with("CPU time (interrupt): ")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("CPU time (whole system): ") && l.ends_with(" us per I/O")),
+        "{out}"
+    );
     let o = perf(&format!("{base} --interrupt-mode sometimes"));
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("--interrupt-mode must be polled, interrupt, adaptive"));

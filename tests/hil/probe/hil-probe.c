@@ -14,7 +14,9 @@
 //
 // Build: gcc -O2 -static -Wall -o hil-probe hil-probe.c
 // Usage: hil-probe [--undeclared-fault] [--no-fault-test] [--iova=ADDR] [BDF]   (BDF defaults to $NVME_PCI_ADDR)
-// Writes only when NVME_HIL_ALLOW_WRITE=1. Exit 0 on success, 1 on any failure.
+// Writes only when NVME_HIL_ALLOW_WRITE=1; only reads namespaces listed in HIL_NULL_NSIDS
+// (space-separated ids of drives that store nothing, QEMU's null-co). Exit 0 on success, 1 on
+// any failure.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -181,6 +183,18 @@ static int rw(struct queue *q, uint8_t opc, uint32_t nsid, uint64_t lba, uint32_
     return run_cmd(q, c, NULL);
 }
 
+// Whether `list` (space-separated decimal ids, may be NULL) names `id`.
+static int listed(const char *list, uint32_t id) {
+    for (const char *p = list; p && *p;) {
+        char *end;
+        unsigned long v = strtoul(p, &end, 10);
+        if (end == p) { p++; continue; }
+        if (v == id) return 1;
+        p = end;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     int declare_fault = 1, fault_test = 1;
@@ -305,7 +319,9 @@ int main(int argc, char **argv) {
         memcpy(&lbaf, id + 128 + 4 * (id[26] & 0xf), 4);
         unsigned bs = 1u << ((lbaf >> 16) & 0xff);
         printf("ns%u: %llu blocks of %u B\n", nsid, (unsigned long long)nsze, bs);
+        int writes = allow_write && !listed(getenv("HIL_NULL_NSIDS"), nsid);
         if (!allow_write) { printf("ns%u: NVME_HIL_ALLOW_WRITE!=1: read-only check\n", nsid); }
+        else if (!writes) { printf("ns%u: in HIL_NULL_NSIDS (stores nothing): read-only check\n", nsid); }
         struct { uint64_t lba; size_t len; } io_list[] = {
             { 0, 4096 }, { nsze - 4096 / bs, 4096 }, { nsze / 2, xfer },
         };
@@ -314,16 +330,16 @@ int main(int argc, char **argv) {
             size_t len = io_list[k].len;
             uint32_t nb = (uint32_t)(len / bs);
             for (size_t i = 0; i < len; i++) wbuf[i] = (uint8_t)(i * 31 + lba * 7 + nsid * 13 + k);
-            if (allow_write && rw(&io, 0x01, nsid, lba, nb, wbuf, len, prp_list))
+            if (writes && rw(&io, 0x01, nsid, lba, nb, wbuf, len, prp_list))
                 fail("ns%u WRITE lba %llu len %zu failed", nsid, (unsigned long long)lba, len);
             memset(rbuf, 0xee, len);
             if (rw(&io, 0x02, nsid, lba, nb, rbuf, len, prp_list))
                 fail("ns%u READ lba %llu len %zu failed", nsid, (unsigned long long)lba, len);
-            if (allow_write && memcmp(wbuf, rbuf, len)) {
+            if (writes && memcmp(wbuf, rbuf, len)) {
                 errno = EIO;
                 fail("ns%u lba %llu len %zu: read-back differs from what was written", nsid, (unsigned long long)lba, len);
             }
-            printf("ns%u: lba %llu len %zu %s\n", nsid, (unsigned long long)lba, len, allow_write ? "write+read-back ok" : "read ok");
+            printf("ns%u: lba %llu len %zu %s\n", nsid, (unsigned long long)lba, len, writes ? "write+read-back ok" : "read ok");
         }
         checked++;
     }
