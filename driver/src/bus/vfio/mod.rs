@@ -496,6 +496,21 @@ impl Bus for VfioBus {
         }
         false
     }
+    fn removal_notifier(&self) -> Option<std::os::fd::OwnedFd> {
+        let ev = self.request.as_ref()?;
+        // SAFETY: the eventfd is owned by `self.request`, open for this call.
+        match unsafe { BorrowedFd::borrow_raw(ev.raw_fd()) }.try_clone_to_owned() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!(
+                    "{}: could not duplicate the device request eventfd ({e}); an idle \
+                     controller notices its removal only at its next I/O",
+                    self.addr
+                );
+                None
+            }
+        }
+    }
     fn release_removed(&self) {
         self.removed.store(true, Ordering::Release);
         if self.released.swap(true, Ordering::AcqRel) {
