@@ -158,15 +158,50 @@ struct DeviceGuard {
 impl Drop for DeviceGuard {
     fn drop(&mut self) {
         if let Some(d) = self.device.take() {
-            // vfio-ioctls' Drop unwraps the sysfs lookup of the group, which fails if the device
-            // was hot-removed; a panic must not escape a destructor.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(d)));
-            if r.is_err() {
-                log::error!("vfio: closing the device panicked (device removed?)");
+            // vfio-ioctls' Drop unwraps the sysfs lookup of the group, which fails once the
+            // device was hot-removed. The panic is caught (a panic must not escape a
+            // destructor) and kept off stderr (`quiet_panics`): it is logged here instead. The
+            // unwinding still drops the device's fields; the group stays in the container's
+            // table and is closed with the container.
+            let r = quiet_panics(|| drop(d));
+            if let Err(p) = r {
+                let why = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                log::warn!(
+                    "vfio: vfio-ioctls could not look the removed device's group up while closing \
+                     it ({why}); the group file is closed with the container"
+                );
             }
         }
         self.detached.store(true, Ordering::Release);
     }
+}
+
+std::thread_local! {
+    /// Set while this thread runs code whose panics are caught and reported otherwise.
+    static QUIET_PANICS: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic without the panic hook's message on stderr (the caller reports
+/// it). The process's hook is wrapped once, on first use; it stays silent only on this thread
+/// and only during `f`, so every other panic is reported as before.
+fn quiet_panics<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(|q| q.get()) {
+                prev(info)
+            }
+        }));
+    });
+    let was = QUIET_PANICS.with(|q| q.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(was));
+    r
 }
 
 /// A controller opened through VFIO: BAR0 and DMA memory behind the IOMMU.
@@ -560,5 +595,19 @@ fn request_notifier(fd: std::os::fd::RawFd, count: u32, addr: &str) -> Option<Ev
             );
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quiet_panics;
+
+    #[test]
+    fn quiet_panics_catches_and_returns_the_panic() {
+        assert_eq!(quiet_panics(|| 7).unwrap(), 7);
+        let p = quiet_panics(|| -> u32 { panic!("group lookup failed") }).unwrap_err();
+        assert_eq!(p.downcast_ref::<&str>(), Some(&"group lookup failed"));
+        // Afterwards panics on this thread are reported again (the flag is restored).
+        assert!(!super::QUIET_PANICS.with(|q| q.get()));
     }
 }
