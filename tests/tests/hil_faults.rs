@@ -1066,7 +1066,10 @@ const UNPLUG_FILE: u64 = 65536;
 const UNPLUG_FILE_BLOCKS: u64 = 16384;
 /// The qdev id and root port of the scenario's controller (`tests/hil/run`).
 const CTRL_ID: &str = "nvme0";
-const PLUG: &str = "plug nvme id=nvme0 bus=rp0 serial=deadbeef drive=ns1";
+/// A new controller whose one namespace is the drive `ns1` (the `nvme` device's own `drive=`).
+/// `share-rw=on`: QEMU keeps the removed controller's `nvme-ns1` device, and with it its claim
+/// on the drive, after the controller is gone.
+const PLUG: &str = "plug nvme id=nvme0 bus=rp0 serial=deadbeef drive=ns1 share-rw=on";
 /// The guest's copy of the binding script (`tests/hil/guest/init` runs it at boot).
 const SETUP_SCRIPT: &str = "/hil/hugepage-setup.sh";
 
@@ -1146,7 +1149,8 @@ impl Client {
 /// How the clients learn to stop when the test itself fails (never in a passing run: they stop
 /// at their first "device removed").
 struct Run {
-    progress: AtomicU32,
+    /// Rounds (a write and its read back) done, per client.
+    progress: [AtomicU32; 4],
     abandon: std::sync::atomic::AtomicBool,
     stamps: std::sync::atomic::AtomicU64,
 }
@@ -1169,10 +1173,9 @@ impl Run {
 fn blocking_client(
     ctrl: Controller,
     ns: Namespace,
-    base: u64,
-    len: usize,
-    slots: u64,
+    (base, len, slots): (u64, usize, u64),
     run: &Run,
+    who: usize,
 ) -> Client {
     let bs = ns.block_size() as usize;
     let blocks = (len / bs) as u64;
@@ -1209,14 +1212,14 @@ fn blocking_client(
             break;
         }
         c.bad_reads += (r.as_slice() != w.as_slice()) as u32;
-        run.progress.fetch_add(1, Ordering::Relaxed);
+        run.progress[who].fetch_add(1, Ordering::Relaxed);
     }
     c
 }
 
 /// Batches of 16 single-page requests (writes, then reads of the same pages), rung once and
 /// polled together until every one ended; then a few more polls to catch a second delivery.
-fn async_client(ctrl: Controller, ns: Namespace, run: &Run) -> Client {
+fn async_client(ctrl: Controller, ns: Namespace, run: &Run, who: usize) -> Client {
     const N: usize = 16;
     let bs = ns.block_size() as usize;
     let page = 4096.max(bs);
@@ -1305,7 +1308,9 @@ fn async_client(ctrl: Controller, ns: Namespace, run: &Run) -> Client {
             if stop {
                 break 'run;
             }
-            run.progress.fetch_add(1, Ordering::Relaxed);
+            if !write {
+                run.progress[who].fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
     // Late or second deliveries: the queue is dead, nothing may come any more.
@@ -1323,6 +1328,7 @@ fn file_client(
     file: dioxide::BlockFile,
     bs: usize,
     run: &Run,
+    who: usize,
 ) -> (Client, std::sync::mpsc::Receiver<Callback>) {
     const SLOTS: u64 = 32;
     let page = 4096usize;
@@ -1388,7 +1394,7 @@ fn file_client(
                 break 'run;
             }
         }
-        run.progress.fetch_add(1, Ordering::Relaxed);
+        run.progress[who].fetch_add(1, Ordering::Relaxed);
     }
     // Callbacks that come later (a second one for a request) are counted by the caller once
     // the Dioxide instance is gone.
@@ -1543,7 +1549,7 @@ fn unplug_during_io_then_plug_a_new_controller() {
         )
         .unwrap();
     let run = Run {
-        progress: AtomicU32::new(0),
+        progress: Default::default(),
         abandon: false.into(),
         stamps: (1u64 << 32).into(),
     };
@@ -1560,33 +1566,37 @@ fn unplug_during_io_then_plug_a_new_controller() {
             (
                 "sync",
                 s.spawn(move || {
-                    (
-                        blocking_client(c1, n1, UNPLUG_SYNC, 4096.max(bs), 16, r),
-                        None,
-                    )
+                    let region = (UNPLUG_SYNC, 4096.max(bs), 16);
+                    (blocking_client(c1, n1, region, r, 0), None)
                 }),
             ),
-            ("async", s.spawn(move || (async_client(c2, n2, r), None))),
+            ("async", s.spawn(move || (async_client(c2, n2, r, 1), None))),
             (
                 "split-mdts",
-                s.spawn(move || (blocking_client(c3, n3, UNPLUG_SPLIT, 4 * mt, 4, r), None)),
+                s.spawn(move || {
+                    let region = (UNPLUG_SPLIT, 4 * mt, 4);
+                    (blocking_client(c3, n3, region, r, 2), None)
+                }),
             ),
             (
                 "blockfile",
                 s.spawn(move || {
-                    let (c, late) = file_client(f, bs, r);
+                    let (c, late) = file_client(f, bs, r, 3);
                     (c, Some(late))
                 }),
             ),
         ];
-        // Every client is under way before the host is asked.
+        // Every client has written and read back a few times before the host is asked (the
+        // removal then lands in the middle of whatever each is doing).
+        let rounds = || run.progress.each_ref().map(|p| p.load(Ordering::Relaxed));
         let until = std::time::Instant::now() + Duration::from_secs(60);
-        while run.progress.load(Ordering::Relaxed) < 16 && std::time::Instant::now() < until {
+        while rounds().iter().any(|&n| n < 3) && std::time::Instant::now() < until {
             std::thread::sleep(Duration::from_millis(10));
         }
         println!(
-            "hot-unplug: {} client rounds done; asking the host to remove {CTRL_ID}",
-            run.progress.load(Ordering::Relaxed)
+            "hot-unplug: rounds done by sync, async, split-mdts, blockfile: {:?}; asking the \
+             host to remove {CTRL_ID}",
+            rounds()
         );
         let unplugged = std::panic::catch_unwind(|| host(&format!("unplug {CTRL_ID}")));
         if unplugged.is_err() {
@@ -1701,10 +1711,14 @@ fn perf_unplugged(addr: &str) -> (Cell, bool) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("perf (the tools are in the guest's PATH)");
+    // Until the workers are launched (the controller open, its queues created): a removal
+    // during the open is another case (the open fails), not this one.
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut first = String::new();
-    stdout.read_line(&mut first).expect("perf's first line");
-    println!("perf: {}", first.trim_end());
+    while !first.contains("Launching workers") {
+        let n = stdout.read_line(&mut first).expect("perf's output");
+        assert!(n > 0, "perf ended before it launched its workers:\n{first}");
+    }
     let mut stderr = child.stderr.take().unwrap();
     let err_thread = std::thread::spawn(move || {
         let mut s = String::new();
