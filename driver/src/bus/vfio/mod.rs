@@ -223,8 +223,9 @@ pub struct VfioBus {
     request: Option<EventFd>,
     /// The kernel asked for the device back (or the controller layer found it gone).
     removed: AtomicBool,
-    /// The device file was let go ([`Bus::release_removed`]).
-    released: AtomicBool,
+    /// The device file was let go ([`Bus::release_removed`]); shared with the DMA memory,
+    /// whose unmaps may fail from then on.
+    released: Arc<AtomicBool>,
 }
 
 impl core::fmt::Debug for VfioBus {
@@ -408,6 +409,7 @@ impl VfioBus {
         let bar = bar::Bar0::map(own, dev.get_region_offset(i), size, &areas)
             .map_err(|e| io_err(&addr, "mmap BAR0", e))?;
 
+        let removed_flag = Arc::new(AtomicBool::new(false));
         let mem = memory::VfioMemory::new(
             container.clone(),
             allocator,
@@ -415,6 +417,7 @@ impl VfioBus {
             opts.chunk_bytes,
             iommu.min_page_size(),
             detached,
+            removed_flag.clone(),
             opts.roots.clone(),
         );
         let vectors = dev
@@ -440,7 +443,7 @@ impl VfioBus {
             hugepages: opts.hugepages,
             request,
             removed: AtomicBool::new(false),
-            released: AtomicBool::new(false),
+            released: removed_flag,
         }))
     }
 
