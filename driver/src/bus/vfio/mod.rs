@@ -51,13 +51,20 @@
 //!
 //! An orderly removal (`device_del`, sysfs `remove`, unbinding vfio-pci) first asks the user of
 //! the device to let it go: vfio-pci signals the device request eventfd
-//! (`VFIO_PCI_REQ_IRQ_INDEX`, registered at open) and waits until the device file is closed.
-//! The controller layer checks it on its health checks ([`Bus::removal_requested`]); the bus
-//! then reports the device removed and [`Bus::release_removed`] lets the file go while the
+//! (`VFIO_PCI_REQ_IRQ_INDEX`, registered at open) and waits until the device file is closed,
+//! signalling again every 10 s. The controller layer notices it from I/O (queue pairs with
+//! requests outstanding ask [`Bus::removal_requested`]) and, idle or not, from its removal watch
+//! thread asleep on a duplicate of the eventfd ([`Bus::removal_notifier`]); the bus then
+//! reports the device removed and [`Bus::release_removed`] lets the file go, once, while the
 //! `VfioBus` lives on: BAR mappings are replaced by all-ones memory and the device descriptors
 //! are pointed at `/dev/null` (`dup2`), so in-flight requests fail as "device removed" and the
-//! kernel completes the removal. DMA memory stays mapped until dropped (unmap errors then are
-//! logged, never fatal).
+//! kernel completes the removal (in the QEMU guest, `device_del` completes about 0.1–0.3 s after
+//! the request). DMA memory stays mapped until dropped (unmap failures after the removal are
+//! expected and logged at debug level). Dropping the bus then closes the device: vfio-ioctls
+//! panics there on a device whose sysfs entry is gone (it looks its group up again); the panic
+//! is caught, kept off stderr and logged as a warning, and the group file is closed with the
+//! container. A new controller plugged at the same address is opened with a new
+//! [`VfioBus::open`] once it is bound to vfio-pci again.
 
 mod bar;
 mod diag;
