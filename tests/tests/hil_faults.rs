@@ -1518,7 +1518,9 @@ fn join_all<T>(handles: Vec<(&'static str, std::thread::ScopedJoinHandle<'_, T>)
 /// "device removed" and lets the device go, so the removal completes (the host's ack is QEMU's
 /// DEVICE_DELETED). The host plugs a new controller on the same drive; hugepage-setup.sh binds
 /// it; a new `Controller` reads back what the clients wrote. Then `perf -Q` runs while the
-/// device is removed again, and the controller is plugged once more for what follows.
+/// device is removed again; on the controller plugged next, idle, once more (its removal watch
+/// lets the device go with no I/O running); and the controller is plugged again for what
+/// follows.
 #[test]
 #[ignore = "runs in the HIL fault scenario only: tests/hil/run --faults"]
 fn unplug_during_io_then_plug_a_new_controller() {
@@ -1668,7 +1670,26 @@ fn unplug_during_io_then_plug_a_new_controller() {
     let works = reads_back(&mut q, &dev.ctrl, &ns, UNPLUG_SYNC, w.as_slice());
     drop(q);
     drop(ns);
-    dev.finish();
+
+    // The idle case: the controller open, a queue pair, nobody polling. The host's ack comes
+    // only once the kernel completed the removal, which it can only do when this process lets
+    // the device go: the controller's removal watch does it with no I/O at all.
+    let idle_q = qpair::<()>(&dev.ctrl);
+    let t0 = std::time::Instant::now();
+    host(&format!("unplug {CTRL_ID}"));
+    println!(
+        "hot-unplug: an idle controller let its device go; the removal completed in {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        matches!(dev.ctrl.csts(), Err(Error::DeviceGone { .. })),
+        "the idle controller does not report its removal"
+    );
+    drop(idle_q);
+    drop(dev);
+    // Plugged again for what runs after this test.
+    host(PLUG);
+    rebind(&addr);
 
     for (cell, failed) in cells {
         assert!(failed >= 1, "{}: no request saw the removal", cell.column);
