@@ -55,6 +55,13 @@ pub(crate) struct VfioMemory {
     roots: SysRoots,
 }
 
+/// What the DMA memory must know of its device: closed and its group detached, or removed and
+/// released (see the fields of [`VfioMemory`]).
+pub(crate) struct DeviceFlags {
+    pub detached: Arc<AtomicBool>,
+    pub removed: Arc<AtomicBool>,
+}
+
 impl VfioMemory {
     pub fn new(
         container: Arc<VfioContainer>,
@@ -62,10 +69,10 @@ impl VfioMemory {
         hugepages: bool,
         granule: usize,
         iommu_page: u64,
-        detached: Arc<AtomicBool>,
-        removed: Arc<AtomicBool>,
+        device: DeviceFlags,
         roots: SysRoots,
     ) -> VfioMemory {
+        let DeviceFlags { detached, removed } = device;
         let page = if hugepages {
             HUGEPAGE
         } else {

@@ -423,8 +423,10 @@ impl VfioBus {
             opts.hugepages,
             opts.chunk_bytes,
             iommu.min_page_size(),
-            detached,
-            removed_flag.clone(),
+            memory::DeviceFlags {
+                detached,
+                removed: removed_flag.clone(),
+            },
             opts.roots.clone(),
         );
         let vectors = dev
