@@ -58,7 +58,7 @@
 //! reports the device removed and [`Bus::release_removed`] lets the file go, once, while the
 //! `VfioBus` lives on: BAR mappings are replaced by all-ones memory and the device descriptors
 //! are pointed at `/dev/null` (`dup2`), so in-flight requests fail as "device removed" and the
-//! kernel completes the removal (in the QEMU guest, `device_del` completes about 0.1–0.3 s after
+//! kernel completes the removal (in the QEMU guest, `device_del` completes within 0.3 s of
 //! the request). DMA memory stays mapped until dropped (unmap failures after the removal are
 //! expected and logged at debug level). Dropping the bus then closes the device: vfio-ioctls
 //! panics there on a device whose sysfs entry is gone (it looks its group up again); the panic
