@@ -1053,3 +1053,750 @@ fn smart_warning_raises_an_async_event() {
     smart_warning(0);
     dev.finish();
 }
+
+// ------------------------------------------------------------------------------ hot-unplug
+
+/// Where the hot-unplug row's clients write (namespace 1, in blocks of 512 bytes; each client
+/// has its own region, far from the other rows').
+const UNPLUG_SYNC: u64 = 8192;
+const UNPLUG_ASYNC: u64 = 16384;
+const UNPLUG_SPLIT: u64 = 32768;
+const UNPLUG_FILE: u64 = 65536;
+/// The `BlockFile`'s extent, in blocks.
+const UNPLUG_FILE_BLOCKS: u64 = 16384;
+/// The qdev id and root port of the scenario's controller (`tests/hil/run`).
+const CTRL_ID: &str = "nvme0";
+/// A new controller whose one namespace is the drive `ns1` (the `nvme` device's own `drive=`).
+/// `share-rw=on`: QEMU keeps the removed controller's `nvme-ns1` device, and with it its claim
+/// on the drive, after the controller is gone.
+const PLUG: &str = "plug nvme id=nvme0 bus=rp0 serial=deadbeef drive=ns1 share-rw=on";
+/// The guest's copy of the binding script (`tests/hil/guest/init` runs it at boot).
+const SETUP_SCRIPT: &str = "/hil/hugepage-setup.sh";
+
+/// Fills `buf` (whole blocks of `bs` bytes starting at `lba`) with the pattern of write `stamp`:
+/// each block's bytes depend on the stamp and its LBA, so a block read back names its writer.
+fn stamp_blocks(buf: &mut [u8], stamp: u64, lba: u64, bs: usize) {
+    for (i, b) in buf.chunks_mut(bs).enumerate() {
+        fill(b, stamp.wrapping_mul(0x1_0000_0001) ^ (lba + i as u64));
+    }
+}
+
+/// One place a client writes again and again: what it must hold after the removal.
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    lba: u64,
+    blocks: u64,
+    /// The stamp of the last write that completed successfully.
+    ok: Option<u64>,
+    /// Stamps of writes after it that failed with "device removed": each may or may not have
+    /// reached the medium, block by block.
+    maybe: Vec<u64>,
+}
+
+impl Slot {
+    fn done(&mut self, stamp: u64) {
+        self.ok = Some(stamp);
+        self.maybe.clear();
+    }
+}
+
+/// What one client of the hot-unplug row saw.
+#[derive(Default)]
+struct Client {
+    /// Completions per request (index: request number).
+    counts: Vec<u32>,
+    failed: u32,
+    /// Reads that completed with data other than what the client had just written.
+    bad_reads: u32,
+    /// Anything other than success or "device removed".
+    unexpected: Vec<String>,
+    slots: Vec<Slot>,
+}
+
+impl Client {
+    /// A request ended: `Ok`, or an error that must say the device was removed.
+    fn ended(&mut self, id: usize, r: Result<(), String>) -> bool {
+        self.counts[id] += 1;
+        self.outcome(r)
+    }
+    /// Classifies a request's result (its completions are counted elsewhere).
+    fn outcome(&mut self, r: Result<(), String>) -> bool {
+        match r {
+            Ok(()) => true,
+            Err(e) if e.contains("removed") => {
+                self.failed += 1;
+                false
+            }
+            Err(e) => {
+                self.unexpected.push(e);
+                false
+            }
+        }
+    }
+    fn issue(&mut self) -> usize {
+        self.counts.push(0);
+        self.counts.len() - 1
+    }
+    fn cell(&self, column: &'static str, verified: bool) -> Cell {
+        let mut c = Cell::new("hot-unplug", column);
+        c.completions(&self.counts);
+        c.failed = self.failed;
+        c.verified = verified && self.bad_reads == 0 && self.slots.iter().any(|s| s.ok.is_some());
+        c
+    }
+}
+
+/// How the clients learn to stop when the test itself fails (never in a passing run: they stop
+/// at their first "device removed").
+struct Run {
+    /// Rounds (a write and its read back) done, per client.
+    progress: [AtomicU32; 4],
+    abandon: std::sync::atomic::AtomicBool,
+    stamps: std::sync::atomic::AtomicU64,
+}
+
+impl Run {
+    fn stamp(&self) -> u64 {
+        self.stamps.fetch_add(1, Ordering::Relaxed)
+    }
+    fn go_on(&self, c: &mut Client) -> bool {
+        if self.abandon.load(Ordering::Relaxed) {
+            c.unexpected
+                .push("abandoned: the device was not removed in time".into());
+            return false;
+        }
+        true
+    }
+}
+
+/// Blocking calls of `len` bytes over `slots` places from `base`: write, then read back.
+fn blocking_client(
+    ctrl: Controller,
+    ns: Namespace,
+    (base, len, slots): (u64, usize, u64),
+    run: &Run,
+    who: usize,
+) -> Client {
+    let bs = ns.block_size() as usize;
+    let blocks = (len / bs) as u64;
+    let mut c = Client {
+        slots: (0..slots)
+            .map(|i| Slot {
+                lba: base + i * blocks,
+                blocks,
+                ..Slot::default()
+            })
+            .collect(),
+        ..Client::default()
+    };
+    let mut q = qpair::<()>(&ctrl);
+    let mut w = ctrl.alloc(len).unwrap();
+    let mut r = ctrl.alloc(len).unwrap();
+    for i in 0.. {
+        if !run.go_on(&mut c) {
+            break;
+        }
+        let k = i % slots as usize;
+        let (lba, stamp) = (c.slots[k].lba, run.stamp());
+        stamp_blocks(w.as_mut_slice(), stamp, lba, bs);
+        let id = c.issue();
+        let res = q.write_blocking(&ns, Lba(lba), w.as_slice());
+        if !c.ended(id, res.map(drop).map_err(|e| e.to_string())) {
+            c.slots[k].maybe.push(stamp);
+            break;
+        }
+        c.slots[k].done(stamp);
+        let id = c.issue();
+        let res = q.read_blocking(&ns, Lba(lba), r.as_mut_slice());
+        if !c.ended(id, res.map(drop).map_err(|e| e.to_string())) {
+            break;
+        }
+        c.bad_reads += (r.as_slice() != w.as_slice()) as u32;
+        run.progress[who].fetch_add(1, Ordering::Relaxed);
+    }
+    c
+}
+
+/// Batches of 16 single-page requests (writes, then reads of the same pages), rung once and
+/// polled together until every one ended; then a few more polls to catch a second delivery.
+fn async_client(ctrl: Controller, ns: Namespace, run: &Run, who: usize) -> Client {
+    const N: usize = 16;
+    let bs = ns.block_size() as usize;
+    let page = 4096.max(bs);
+    let blocks = (page / bs) as u64;
+    let mut c = Client {
+        slots: (0..N as u64)
+            .map(|i| Slot {
+                lba: UNPLUG_ASYNC + i * blocks,
+                blocks,
+                ..Slot::default()
+            })
+            .collect(),
+        ..Client::default()
+    };
+    let mut q = qpair::<u64>(&ctrl);
+    let mut w = ctrl.alloc(N * page).unwrap();
+    let r = ctrl.alloc(N * page).unwrap();
+    let mut ended = std::collections::HashMap::new();
+    'run: loop {
+        for write in [true, false] {
+            if !run.go_on(&mut c) {
+                break 'run;
+            }
+            let mut ids = Vec::with_capacity(N);
+            let mut stamps = Vec::with_capacity(N);
+            for k in 0..N {
+                let stamp = run.stamp();
+                stamps.push(stamp);
+                if write {
+                    let lba = c.slots[k].lba;
+                    stamp_blocks(&mut w.as_mut_slice()[k * page..][..page], stamp, lba, bs);
+                }
+            }
+            for k in 0..N {
+                let id = c.issue();
+                ids.push(id);
+                let lba = Lba(c.slots[k].lba);
+                let buf = if write { &w } else { &r };
+                let s = buf.slice(k * page, page).unwrap();
+                // SAFETY: the buffers outlive the queue pair (dropped after it, below) and are
+                // not touched while a command holds them: the batch is waited for before the
+                // next one fills `w` or reads `r`.
+                let sub = unsafe {
+                    if write {
+                        q.write_raw(&ns, lba, s, id as u64)
+                    } else {
+                        q.read_raw(&ns, lba, s, id as u64)
+                    }
+                };
+                if let Err(rej) = sub {
+                    // Refused at the call: it ended there, once.
+                    c.counts[id] += 1;
+                    ended.insert(id, Err(rej.error.to_string()));
+                }
+            }
+            q.ring();
+            let until = std::time::Instant::now() + LIMIT;
+            while ids.iter().any(|i| !ended.contains_key(i)) && std::time::Instant::now() < until {
+                let counts = &mut c.counts;
+                let _ = q.poll(usize::MAX, |t, res| {
+                    counts[t as usize] += 1;
+                    ended
+                        .entry(t as usize)
+                        .or_insert(res.map(drop).map_err(|e| e.to_string()));
+                });
+            }
+            let mut stop = false;
+            for (k, &id) in ids.iter().enumerate() {
+                let Some(res) = ended.remove(&id) else {
+                    stop = true; // lost: 0 completions
+                    continue;
+                };
+                let ok = c.outcome(res);
+                if write {
+                    if ok {
+                        c.slots[k].done(stamps[k]);
+                    } else {
+                        c.slots[k].maybe.push(stamps[k]);
+                    }
+                } else if ok {
+                    let got = &r.as_slice()[k * page..][..page];
+                    c.bad_reads += (got != &w.as_slice()[k * page..][..page]) as u32;
+                }
+                stop |= !ok;
+            }
+            if stop {
+                break 'run;
+            }
+            if !write {
+                run.progress[who].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    // Late or second deliveries: the queue is dead, nothing may come any more.
+    for _ in 0..4 {
+        let counts = &mut c.counts;
+        let _ = q.poll(usize::MAX, |t, _| counts[t as usize] += 1);
+    }
+    drop(q);
+    c
+}
+
+/// The embedding API: page writes then reads through `BlockFile::submit` (DMA buffers, the
+/// direct path), each callback counted; a request refused at submission ends there, once.
+fn file_client(
+    file: dioxide::BlockFile,
+    bs: usize,
+    run: &Run,
+    who: usize,
+) -> (Client, std::sync::mpsc::Receiver<Callback>) {
+    const SLOTS: u64 = 32;
+    let page = 4096usize;
+    let blocks = (page / bs) as u64;
+    let mut c = Client {
+        slots: (0..SLOTS)
+            .map(|i| Slot {
+                lba: UNPLUG_FILE + i * blocks,
+                blocks,
+                ..Slot::default()
+            })
+            .collect(),
+        ..Client::default()
+    };
+    let (tx, rx) = channel::<Callback>();
+    'run: for i in 0.. {
+        let k = i % SLOTS as usize;
+        let off = k as u64 * page as u64;
+        let stamp = run.stamp();
+        let mut want = vec![0u8; page];
+        stamp_blocks(&mut want, stamp, c.slots[k].lba, bs);
+        for write in [true, false] {
+            if !run.go_on(&mut c) {
+                break 'run;
+            }
+            let mut buf = file.alloc(page).unwrap();
+            if write {
+                buf.as_mut_slice().copy_from_slice(&want);
+            }
+            let id = c.issue();
+            let req = if write {
+                Request::write(off, buf)
+            } else {
+                Request::read(off, buf)
+            };
+            let t = tx.clone();
+            let sub = file.submit(req, move |done| {
+                let data = (!write).then(|| done.buf.as_slice().to_vec());
+                let _ = t.send((id, done.result.map(drop).map_err(|e| e.to_string()), data));
+            });
+            let (res, data) = match sub {
+                Err(refused) => (Err(refused.error.to_string()), None),
+                Ok(()) => loop {
+                    match rx.recv_timeout(LIMIT) {
+                        Ok((got, res, data)) if got == id => break (res, data),
+                        // A second callback of an earlier request.
+                        Ok((got, _, _)) => c.counts[got] += 1,
+                        Err(_) => break 'run, // lost: 0 completions
+                    }
+                },
+            };
+            let ok = c.ended(id, res);
+            if write {
+                if ok {
+                    c.slots[k].done(stamp);
+                } else {
+                    c.slots[k].maybe.push(stamp);
+                }
+            } else if ok {
+                c.bad_reads += (data.as_deref() != Some(&want[..])) as u32;
+            }
+            if !ok {
+                break 'run;
+            }
+        }
+        run.progress[who].fetch_add(1, Ordering::Relaxed);
+    }
+    // Callbacks that come later (a second one for a request) are counted by the caller once
+    // the Dioxide instance is gone.
+    (c, rx)
+}
+
+/// What a `BlockFile` callback reports: request number, result, the data of a read.
+type Callback = (usize, Result<(), String>, Option<Vec<u8>>);
+
+/// Reads every slot a client wrote on the (new) controller: each block holds the last
+/// successful write's data, or that of a later write that failed with "device removed".
+fn slots_verified(
+    q: &mut QueuePair<()>,
+    ctrl: &Controller,
+    ns: &Namespace,
+    slots: &[Slot],
+) -> bool {
+    let bs = ns.block_size() as usize;
+    let mut good = true;
+    for s in slots {
+        let Some(ok) = s.ok else { continue };
+        let len = s.blocks as usize * bs;
+        let mut r = ctrl.alloc(len).unwrap();
+        q.read_blocking(ns, Lba(s.lba), r.as_mut_slice())
+            .expect("read back on the new controller");
+        for (i, got) in r.as_slice().chunks(bs).enumerate() {
+            let lba = s.lba + i as u64;
+            let matches = |stamp: u64| {
+                let mut want = vec![0u8; bs];
+                stamp_blocks(&mut want, stamp, lba, bs);
+                want == got
+            };
+            if !matches(ok) && !s.maybe.iter().any(|&m| matches(m)) {
+                eprintln!(
+                    "hot-unplug: LBA {lba} holds neither write {ok} (completed) nor any of {:?} \
+                     (failed with the removal)",
+                    s.maybe
+                );
+                good = false;
+            }
+        }
+    }
+    good
+}
+
+/// After `plug`: waits for the new controller at `addr` and binds it to vfio-pci with
+/// hugepage-setup.sh, as the guest does at boot (the hugepage reservation kept as it is).
+fn rebind(addr: &str) {
+    let dev = format!("/sys/bus/pci/devices/{addr}");
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(format!("{dev}/class"))
+        .ok()
+        .as_deref()
+        .map(str::trim)
+        != Some("0x010802")
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "{addr}: no NVMe controller 60 s after the host plugged one (pciehp?)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let field = |name: &str| -> u64 {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mb = field("HugePages_Total:") * field("Hugepagesize:") / 1024;
+    let out = Command::new("sh")
+        .arg(SETUP_SCRIPT)
+        .arg("config")
+        .env("HUGEMEM", mb.max(2).to_string())
+        .env("PCI_ALLOWED", addr)
+        .output()
+        .unwrap_or_else(|e| panic!("{SETUP_SCRIPT}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "hugepage-setup.sh config failed:\n{text}"
+    );
+    let driver = std::fs::read_link(format!("{dev}/driver")).unwrap_or_default();
+    assert!(
+        driver.ends_with("vfio-pci"),
+        "{addr} is on {driver:?} after hugepage-setup.sh config:\n{text}"
+    );
+}
+
+/// Waits (bounded) for every client thread; a client that does not end is a hang.
+fn join_all<T>(handles: Vec<(&'static str, std::thread::ScopedJoinHandle<'_, T>)>) -> Vec<T> {
+    let until = std::time::Instant::now() + LIMIT;
+    while handles.iter().any(|(_, h)| !h.is_finished()) {
+        let hung: Vec<_> = handles
+            .iter()
+            .filter(|(_, h)| !h.is_finished())
+            .map(|(n, _)| *n)
+            .collect();
+        assert!(
+            std::time::Instant::now() < until,
+            "clients still running {LIMIT:?} after the device was removed: {hung:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    handles
+        .into_iter()
+        .map(|(n, h)| h.join().unwrap_or_else(|_| panic!("client {n} panicked")))
+        .collect()
+}
+
+/// The hot-unplug row: sync, async, split-over-MDTS and `BlockFile` clients run at once; the
+/// host removes the controller (`device_del` on its PCIe root port) in the middle. The guest
+/// kernel asks for the device back (vfio-pci's request), Dioxide fails every request once with
+/// "device removed" and lets the device go, so the removal completes (the host's ack is QEMU's
+/// DEVICE_DELETED). The host plugs a new controller on the same drive; hugepage-setup.sh binds
+/// it; a new `Controller` reads back what the clients wrote. Then `perf -Q` runs while the
+/// device is removed again; on the controller plugged next, idle, once more (its removal watch
+/// lets the device go with no I/O running); and the controller is plugged again for what
+/// follows.
+#[test]
+#[ignore = "runs in the HIL fault scenario only: tests/hil/run --faults"]
+fn unplug_during_io_then_plug_a_new_controller() {
+    let dev = device();
+    let addr = dev.pci_addr.clone().unwrap();
+    let ctrl = dev.ctrl.clone();
+    let ns = ctrl.namespace(dioxide::Nsid(1)).unwrap();
+    let bs = ns.block_size() as usize;
+    let mt = ctrl.max_transfer();
+    assert!(
+        ns.blocks() >= UNPLUG_FILE + UNPLUG_FILE_BLOCKS,
+        "the namespace is too small for the hot-unplug regions"
+    );
+    assert!(UNPLUG_SYNC + 16 * (4096 / bs as u64) <= UNPLUG_ASYNC);
+    assert!(UNPLUG_SPLIT + 4 * (4 * mt / bs) as u64 <= UNPLUG_FILE);
+    let dx = Dioxide::builder()
+        .controller(ctrl.clone())
+        .pollers([None])
+        .build()
+        .unwrap();
+    let file = dx
+        .open_file(
+            0,
+            dioxide::Nsid(1),
+            FileOptions::new(UNPLUG_FILE, UNPLUG_FILE_BLOCKS)
+                .writable(true)
+                .with_len(UNPLUG_FILE_BLOCKS * bs as u64),
+        )
+        .unwrap();
+    let run = Run {
+        progress: Default::default(),
+        abandon: false.into(),
+        stamps: (1u64 << 32).into(),
+    };
+    let (mut clients, late) = std::thread::scope(|s| {
+        let (c1, n1, c2, n2, c3) = (
+            ctrl.clone(),
+            ns.clone(),
+            ctrl.clone(),
+            ns.clone(),
+            ctrl.clone(),
+        );
+        let (n3, f, r) = (ns.clone(), file.clone(), &run);
+        let handles = vec![
+            (
+                "sync",
+                s.spawn(move || {
+                    let region = (UNPLUG_SYNC, 4096.max(bs), 16);
+                    (blocking_client(c1, n1, region, r, 0), None)
+                }),
+            ),
+            ("async", s.spawn(move || (async_client(c2, n2, r, 1), None))),
+            (
+                "split-mdts",
+                s.spawn(move || {
+                    let region = (UNPLUG_SPLIT, 4 * mt, 4);
+                    (blocking_client(c3, n3, region, r, 2), None)
+                }),
+            ),
+            (
+                "blockfile",
+                s.spawn(move || {
+                    let (c, late) = file_client(f, bs, r, 3);
+                    (c, Some(late))
+                }),
+            ),
+        ];
+        // Every client has written and read back a few times before the host is asked (the
+        // removal then lands in the middle of whatever each is doing).
+        let rounds = || run.progress.each_ref().map(|p| p.load(Ordering::Relaxed));
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while rounds().iter().any(|&n| n < 3) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        println!(
+            "hot-unplug: rounds done by sync, async, split-mdts, blockfile: {:?}; asking the \
+             host to remove {CTRL_ID}",
+            rounds()
+        );
+        let unplugged = std::panic::catch_unwind(|| host(&format!("unplug {CTRL_ID}")));
+        if unplugged.is_err() {
+            run.abandon.store(true, Ordering::Relaxed);
+        }
+        let out = join_all(handles);
+        if let Err(p) = unplugged {
+            std::panic::resume_unwind(p);
+        }
+        let mut late = None;
+        let clients: Vec<Client> = out
+            .into_iter()
+            .map(|(c, l)| {
+                if l.is_some() {
+                    late = l;
+                }
+                c
+            })
+            .collect();
+        (clients, late.unwrap())
+    });
+    // The appliance API reports the removal too, and nothing hangs on a removed device.
+    let mut b = vec![0u8; 4096];
+    let e = file.read_at(&mut b, 0).unwrap_err();
+    assert!(matches!(e, EmbedError::DeviceRemoved { .. }), "{e}");
+    assert!(matches!(ctrl.csts(), Err(Error::DeviceGone { .. })));
+    drop(file);
+    drop(dx);
+    drop(ctrl);
+    drop(ns);
+    drop(dev); // the VFIO files: released at the removal, closed now
+    for (id, _, _) in late.try_iter() {
+        clients[3].counts[id] += 1;
+    }
+    println!(
+        "hot-unplug: the process lives on; SIGBUS faults turned into all-ones reads: {}",
+        dioxide::vfio::VfioBus::sigbus_caught()
+    );
+
+    // A new controller on the same drive, bound as at boot; the data of every completed write.
+    host(PLUG);
+    rebind(&addr);
+    let dev = device();
+    let ns = dev.ctrl.namespace(dioxide::Nsid(1)).unwrap();
+    let mut q = qpair::<()>(&dev.ctrl);
+    let columns = ["sync", "async", "split-mdts", "blockfile"];
+    let mut unexpected = Vec::new();
+    let mut cells = Vec::new();
+    for (c, column) in clients.iter().zip(columns) {
+        let verified = slots_verified(&mut q, &dev.ctrl, &ns, &c.slots);
+        unexpected.extend(c.unexpected.iter().map(|e| format!("{column}: {e}")));
+        cells.push((c.cell(column, verified), c.failed));
+    }
+    drop(q);
+    drop(ns);
+    dev.finish();
+
+    // perf -Q on the new controller, removed under it.
+    let perf = perf_unplugged(&addr);
+    host(PLUG);
+    rebind(&addr);
+    let dev = device();
+    let ns = dev.ctrl.namespace(dioxide::Nsid(1)).unwrap();
+    let mut q = qpair::<()>(&dev.ctrl);
+    let mut w = dev.ctrl.alloc(4096).unwrap();
+    stamp_blocks(w.as_mut_slice(), 7, UNPLUG_SYNC, bs);
+    q.write_blocking(&ns, Lba(UNPLUG_SYNC), w.as_slice())
+        .unwrap();
+    let works = reads_back(&mut q, &dev.ctrl, &ns, UNPLUG_SYNC, w.as_slice());
+    drop(q);
+    drop(ns);
+
+    // The idle case: the controller open, a queue pair, nobody polling. The host's ack comes
+    // only once the kernel completed the removal, which it can only do when this process lets
+    // the device go: the controller's removal watch does it with no I/O at all.
+    let idle_q = qpair::<()>(&dev.ctrl);
+    let t0 = std::time::Instant::now();
+    host(&format!("unplug {CTRL_ID}"));
+    println!(
+        "hot-unplug: an idle controller let its device go; the removal completed in {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        matches!(dev.ctrl.csts(), Err(Error::DeviceGone { .. })),
+        "the idle controller does not report its removal"
+    );
+    drop(idle_q);
+    drop(dev);
+    // Plugged again for what runs after this test.
+    host(PLUG);
+    rebind(&addr);
+
+    for (cell, failed) in cells {
+        assert!(failed >= 1, "{}: no request saw the removal", cell.column);
+        cell.report_any();
+    }
+    let (mut cell, ok) = perf;
+    cell.verified &= works;
+    cell.report_any();
+    assert!(
+        ok,
+        "perf did not report the removal as it should (output above)"
+    );
+    assert!(
+        unexpected.is_empty(),
+        "errors other than \"device removed\": {unexpected:#?}"
+    );
+}
+
+/// The perf column: `perf -w verify -Q` on the controller; once it runs, the host removes the
+/// controller. perf must end by itself, saying "device removed", with its counts: every I/O it
+/// submitted completed (with an error after the removal), no verify mismatch before it.
+fn perf_unplugged(addr: &str) -> (Cell, bool) {
+    use std::io::BufRead as _;
+    let mut child = Command::new("perf")
+        .args([
+            "-r",
+            &format!("trtype:PCIe traddr:{addr} ns:1"),
+            "-q",
+            "8",
+            "-o",
+            "4096",
+            "-w",
+            "verify",
+            "-t",
+            "600",
+            "-Q",
+            "1000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("perf (the tools are in the guest's PATH)");
+    // Until the workers are launched (the controller open, its queues created): a removal
+    // during the open is another case (the open fails), not this one.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    while !first.contains("Launching workers") {
+        let n = stdout.read_line(&mut first).expect("perf's output");
+        assert!(n > 0, "perf ended before it launched its workers:\n{first}");
+    }
+    // perf says nothing while it runs: its workers create their queue pairs and start within
+    // milliseconds of that line, so two seconds later it is in the middle of its I/O (the
+    // counts it prints show it: issued > 0 is checked).
+    std::thread::sleep(Duration::from_secs(2));
+    let mut stderr = child.stderr.take().unwrap();
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let out_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    host(&format!("unplug {CTRL_ID}"));
+    let until = std::time::Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("perf still runs {LIMIT:?} after its device was removed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = out_thread.join().unwrap();
+    let err = err_thread.join().unwrap();
+    println!("{first}{text}{err}");
+    let counts = err
+        .lines()
+        .find_map(|l| l.strip_prefix("I/O counts: "))
+        .map(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .filter(|n| !n.is_empty())
+                .map(|n| n.parse::<u64>().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let mut cell = Cell::new("hot-unplug", "perf");
+    let ok = !status.success()
+        && counts.first().is_some_and(|&n| n > 0)
+        && err.contains("device removed")
+        && counts.len() == 4
+        && !err.contains("panicked");
+    if let [submitted, completed, errors, never] = counts[..] {
+        cell.issued = submitted as u32;
+        cell.once = completed as u32;
+        cell.lost = never as u32;
+        cell.failed = errors as u32;
+    }
+    let checked = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Verify: "))
+        .map(|l| l.contains(" blocks checked, 0 mismatched") && !l.starts_with("0 "));
+    cell.verified = checked == Some(true);
+    (cell, ok)
+}

@@ -171,3 +171,106 @@ fn pooled_pollers_report_device_removed_and_do_not_hang() {
         drop(dx); // shuts the pollers down without hanging
     }
 }
+
+/// Waits (bounded) until the driver has told the emulated bus to let the device go.
+fn wait_released(emu: &dioxide::emulated::EmulatedController, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while emu.releases() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: an announced removal of an idle controller was not noticed in 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn announced_removal_of_an_idle_controller_is_noticed_without_io() {
+    use dioxide::{Dioxide, EmbedError, FileOptions, Nsid};
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    emulator_only(
+        "unplug::announced_removal_of_an_idle_controller_is_noticed_without_io",
+        "removal is injected into the emulated controller",
+    );
+    for mode in MODES {
+        // The raw layer: a controller and an idle queue pair, nobody polling.
+        let (c, emu) = emulated(config(mode, &[NS]));
+        let ns = c.namespaces().remove(0);
+        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        let mut buf = c.alloc(512).unwrap();
+        buf.as_mut_slice().fill(0x11);
+        q.write_blocking(&ns, Lba(0), buf.as_slice()).unwrap();
+        emu.request_removal();
+        wait_released(&emu, "raw controller");
+        assert_eq!(emu.releases(), 1, "the device is released once");
+        assert!(matches!(c.csts(), Err(Error::DeviceGone { .. })));
+        // The idle queue pair learns it at its next poll: a request submitted now (the submit
+        // path reads no shared state) ends once, failed with "device removed".
+        let s = buf.slice(0, 512).unwrap();
+        // SAFETY: `buf` outlives the queue pair; the data is not read.
+        match unsafe { q.read_raw(&ns, Lba(0), s, 5) } {
+            Err(rej) => {
+                assert_eq!(rej.ctx, 5);
+                assert!(rej.error.to_string().contains("removed"), "{}", rej.error);
+            }
+            Ok(()) => {
+                q.ring();
+                let mut got = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while got.is_empty() {
+                    assert!(Instant::now() < deadline, "the request never ended");
+                    let _ = q.poll(8, |t, r| got.push((t, r)));
+                }
+                let _ = q.poll(8, |t, r| got.push((t, r)));
+                assert_eq!(got.len(), 1, "{got:?}");
+                let (t, r) = &got[0];
+                assert_eq!(*t, 5);
+                let msg = r.as_ref().unwrap_err().to_string();
+                assert!(msg.contains("device removed"), "{msg}");
+            }
+        }
+        let e = q
+            .read_blocking(&ns, Lba(0), buf.as_mut_slice())
+            .unwrap_err();
+        assert!(e.to_string().contains("removed"), "{e}");
+        drop(q);
+        drop(c);
+        assert_eq!(
+            emu.releases(),
+            1,
+            "dropping the controller releases nothing more"
+        );
+
+        // The embedding API: idle pollers, a file; every later request reports the removal.
+        let (ctrl, emu) = emulated(config(mode, &[(512, 1 << 14)]));
+        let dx = Dioxide::builder()
+            .controller(ctrl)
+            .pollers([None])
+            .build()
+            .unwrap();
+        let file = dx
+            .open_file(
+                0,
+                Nsid(1),
+                FileOptions::new(0, 2048).writable(true).with_len(1 << 20),
+            )
+            .unwrap();
+        let page = vec![0x44u8; 4096];
+        assert_eq!(file.write_at(&page, 0).unwrap(), page.len());
+        emu.request_removal();
+        wait_released(&emu, "Dioxide");
+        let mut back = vec![0u8; 4096];
+        let e = file.read_at(&mut back, 8192).unwrap_err();
+        assert!(matches!(e, EmbedError::DeviceRemoved { .. }), "{e}");
+        assert!(e.to_string().contains("device removed"), "{e}");
+        // A write may stay in the page cache until the flush: one of the two reports it.
+        let e = file
+            .write_at(&page, 16384)
+            .and_then(|_| file.flush())
+            .unwrap_err();
+        assert!(matches!(e, EmbedError::DeviceRemoved { .. }), "{e}");
+        drop(file);
+        drop(dx);
+        assert_eq!(emu.releases(), 1);
+    }
+}

@@ -712,6 +712,22 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     if let Some(f) = cfg.emulated.fault.filter(|_| cfg.uses_emulated()) {
         eprintln!("{}", fault_summary(f, &ctrls, &outcomes));
     }
+    if !failures.is_empty() {
+        // A run cut short (a failed queue, a removed device): how every I/O it started ended.
+        let (submitted, completed, errors) =
+            outcomes.iter().fold((0, 0, 0), |(s, c, e), (_, o)| {
+                (
+                    s + o.stats.io_submitted,
+                    c + o.stats.io_completed,
+                    e + o.stats.io_errors,
+                )
+            });
+        eprintln!(
+            "I/O counts: {submitted} submitted, {completed} completed ({errors} with an error), \
+             {} never completed",
+            submitted.saturating_sub(completed)
+        );
+    }
     if let Some(v) = &verify {
         if let Some(m) = &v.first_mismatch {
             eprintln!(

@@ -144,6 +144,15 @@ pub trait Bus: Send + Sync {
     /// as a sink (registers read all ones, writes are dropped; DMA memory stays valid until
     /// freed). Idempotent. The default: nothing to release.
     fn release_removed(&self) {}
+    /// A descriptor that becomes readable (`poll(2)`) when the platform announces the device's
+    /// removal (VFIO: a duplicate of the device request eventfd), so that a removal is noticed
+    /// while no I/O is running: the controller keeps one thread asleep on it (see
+    /// `Controller`'s removal watch). Readability only wakes the watcher, which then asks
+    /// [`removal_requested`](Self::removal_requested). The default: none (removal is noticed
+    /// by I/O only).
+    fn removal_notifier(&self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
 }
 
 /// Something that takes doorbell writes in software (the emulated controller).

@@ -10,13 +10,30 @@
 //! A [`Controller`] is a cheap handle (`Clone`, `Send`, `Sync`); the controller is shut down
 //! (CC.SHN normal, waiting for CSTS.SHST complete) when the last handle and the last queue pair
 //! are dropped.
+//!
+//! # Removal watch
+//! A removal the platform announces (vfio-pci's device request eventfd on `device_del` or an
+//! unbind) must be answered even when nobody polls: the kernel waits, re-signalling every 10 s,
+//! until the device file is closed, and `device_del` never completes before. Queue pairs with
+//! requests outstanding look for the announcement in their housekeeping (every
+//! [`REMOVAL_CHECK`]); for the idle case each controller whose bus offers a notifier
+//! ([`Bus::removal_notifier`]) keeps one thread (`nvme-removal`) asleep in `poll(2)` on it and
+//! on a stop eventfd: no wake-ups, no CPU while the device is healthy. When the notifier fires
+//! the thread marks the controller gone (every queue pair's next poll or submission fails its
+//! requests once with "device removed", new requests are refused with it) and the bus releases
+//! the device (exactly once: [`Bus::release_removed`] is idempotent, whoever notices first),
+//! then exits. The last handle's drop stops and joins it before the bus is closed. The thread
+//! holds only a weak reference, so it never keeps a controller alive.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::bus::Bus;
 use crate::bus::dma::{DmaBuffer, DmaMemory};
+use crate::bus::interrupt::EventFd;
 use crate::nvme::admin::AdminQueue;
 use crate::nvme::error::{DeadReason, Error, Result};
 use crate::nvme::namespace::Namespace;
@@ -128,6 +145,8 @@ pub(crate) struct Shared {
     born: Instant,
     /// Nanoseconds after `born` of the last [`Bus::removal_requested`] look from I/O.
     removal_checked: AtomicU64,
+    /// The removal watch thread, if the bus offers a notifier (see the module docs).
+    watch: Mutex<Option<RemovalWatch>>,
     /// Last: dropped after the admin queue, whose doorbells and DMA memory belong to it (a
     /// VFIO device whose BAR is still mapped cannot leave its container).
     pub(crate) bus: Arc<dyn Bus>,
@@ -190,15 +209,16 @@ impl Shared {
 
     /// The device was removed (registers read all ones, or the platform asked for it back):
     /// every queue pair's next health check or submission fails its requests with
-    /// [`DeadReason::DeviceGone`], and the bus lets the device go.
+    /// [`DeadReason::DeviceGone`], and the bus lets the device go: once, by whichever caller
+    /// (a queue pair, the removal watch, a register read) gets here first.
     pub(crate) fn mark_gone(&self) {
         if self.health.swap(GONE, Ordering::AcqRel) != GONE {
             log::error!(
                 "{}: device removed; every request fails with \"device removed\"",
                 self.location
             );
+            self.bus.release_removed();
         }
-        self.bus.release_removed();
     }
 
     /// From the housekeeping of a queue pair with requests outstanding, at most once per
@@ -575,8 +595,119 @@ impl Shared {
     }
 }
 
+/// The thread that waits for the bus's removal notifier (see the module docs).
+struct RemovalWatch {
+    stop: Arc<EventFd>,
+    thread: JoinHandle<()>,
+}
+
+impl RemovalWatch {
+    /// Starts the watch of `shared`'s bus, if the bus offers a notifier. Failures are logged:
+    /// removal is then noticed by I/O only.
+    fn start(shared: &Arc<Shared>) -> Option<RemovalWatch> {
+        let notifier = shared.bus.removal_notifier()?;
+        let stop = match EventFd::new() {
+            Ok(e) => Arc::new(e),
+            Err(e) => {
+                log::warn!(
+                    "{}: no removal watch (eventfd: {e}); an idle controller notices its \
+                     removal only at its next I/O",
+                    shared.location
+                );
+                return None;
+            }
+        };
+        let (weak, s) = (Arc::downgrade(shared), stop.clone());
+        match std::thread::Builder::new()
+            .name("nvme-removal".into())
+            .spawn(move || watch_removal(weak, notifier, s))
+        {
+            Ok(thread) => Some(RemovalWatch { stop, thread }),
+            Err(e) => {
+                log::warn!(
+                    "{}: no removal watch (thread: {e}); an idle controller notices its removal \
+                     only at its next I/O",
+                    shared.location
+                );
+                None
+            }
+        }
+    }
+
+    /// Stops the thread and waits for it (unless this is the thread itself, dropping the last
+    /// handle it had upgraded).
+    fn stop(self) {
+        self.stop.signal();
+        if self.thread.thread().id() != std::thread::current().id() {
+            let _ = self.thread.join();
+        }
+    }
+}
+
+/// The removal watch thread: sleeps until `notifier` or `stop` is readable. On the notifier it
+/// asks the bus, and marks the controller gone if the removal is announced.
+fn watch_removal(shared: Weak<Shared>, notifier: OwnedFd, stop: Arc<EventFd>) {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: notifier.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd whose descriptors are open (owned by
+        // `notifier` and `stop`) for the whole call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::warn!("removal watch: poll failed ({e}); removal is noticed by I/O only");
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            log::warn!("removal watch: the notifier failed; removal is noticed by I/O only");
+            return;
+        }
+        if fds[0].revents & libc::POLLIN == 0 {
+            continue;
+        }
+        let Some(sh) = shared.upgrade() else { return };
+        if sh.health.load(Ordering::Acquire) == GONE || sh.bus.removal_requested() {
+            log::warn!(
+                "{}: removal announced while idle or in I/O: failing every request with \
+                 \"device removed\" and releasing the device",
+                sh.location
+            );
+            sh.mark_gone();
+            return;
+        }
+        drop(sh);
+        // Readable without an announcement (someone else consumed it between the wake-up and
+        // the look, or a spurious signal): do not spin on a level that stays readable.
+        std::thread::sleep(REMOVAL_CHECK);
+    }
+}
+
 impl Drop for Shared {
     fn drop(&mut self) {
+        if let Some(w) = self
+            .watch
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            w.stop();
+        }
         // Errors cannot be returned from drop; a failed shutdown leaves the controller to the
         // next owner's reset, which is what an unclean shutdown means anyway.
         let _ = self.shutdown();
@@ -650,8 +781,10 @@ impl Controller {
             qids: Mutex::new(QidTable::default()),
             born: Instant::now(),
             removal_checked: AtomicU64::new(0),
+            watch: Mutex::new(None),
         });
         shared.initialize()?;
+        *shared.watch.lock().unwrap_or_else(|e| e.into_inner()) = RemovalWatch::start(&shared);
         Ok(Controller { shared })
     }
 

@@ -249,6 +249,9 @@ pub struct EmulatedController {
     removal_request: AtomicBool,
     /// Calls of [`Bus::release_removed`].
     releases: AtomicU64,
+    /// Signalled by [`EmulatedController::request_removal`], as vfio-pci signals the device
+    /// request eventfd; made on the first [`Bus::removal_notifier`] call.
+    removal_event: std::sync::OnceLock<Option<crate::bus::interrupt::EventFd>>,
 }
 
 impl core::fmt::Debug for EmulatedController {
@@ -343,6 +346,7 @@ impl EmulatedController {
             thread,
             removal_request: AtomicBool::new(false),
             releases: AtomicU64::new(0),
+            removal_event: std::sync::OnceLock::new(),
         }))
     }
 
@@ -378,6 +382,9 @@ impl EmulatedController {
     /// [`surprise_remove`](Self::surprise_remove). Until then it keeps working.
     pub fn request_removal(&self) {
         self.removal_request.store(true, Ordering::Release);
+        if let Some(Some(ev)) = self.removal_event.get() {
+            ev.signal();
+        }
     }
 
     /// How many times the driver called [`Bus::release_removed`].
@@ -485,6 +492,22 @@ impl Bus for EmulatedController {
     }
     fn removal_requested(&self) -> bool {
         self.removal_request.load(Ordering::Acquire)
+    }
+    fn removal_notifier(&self) -> Option<std::os::fd::OwnedFd> {
+        let ev = self.removal_event.get_or_init(|| {
+            crate::bus::interrupt::EventFd::new()
+                .inspect_err(|e| log::warn!("emulated: no eventfd for removal requests: {e}"))
+                .ok()
+        });
+        let ev = ev.as_ref()?;
+        if self.removal_request.load(Ordering::Acquire) {
+            ev.signal();
+        }
+        // SAFETY: the eventfd is owned by `self.removal_event`, open for this call.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(ev.raw_fd()) }
+            .try_clone_to_owned()
+            .inspect_err(|e| log::warn!("emulated: could not duplicate the removal eventfd: {e}"))
+            .ok()
     }
     fn release_removed(&self) {
         self.releases.fetch_add(1, Ordering::AcqRel);

@@ -46,7 +46,20 @@ pub(crate) struct VfioMemory {
     /// Set once the device is closed and its group left the container: the kernel has then
     /// dropped every IOMMU mapping itself, and `VFIO_IOMMU_UNMAP_DMA` would fail.
     detached: Arc<AtomicBool>,
+    /// Set when the device was removed and released ([`Bus::release_removed`]): the kernel may
+    /// refuse unmaps then (the container keeps the pinned memory until it is closed, which
+    /// the bus's drop does right after), so a failure is expected and not an error.
+    ///
+    /// [`Bus::release_removed`]: crate::bus::Bus::release_removed
+    removed: Arc<AtomicBool>,
     roots: SysRoots,
+}
+
+/// What the DMA memory must know of its device: closed and its group detached, or removed and
+/// released (see the fields of [`VfioMemory`]).
+pub(crate) struct DeviceFlags {
+    pub detached: Arc<AtomicBool>,
+    pub removed: Arc<AtomicBool>,
 }
 
 impl VfioMemory {
@@ -56,9 +69,10 @@ impl VfioMemory {
         hugepages: bool,
         granule: usize,
         iommu_page: u64,
-        detached: Arc<AtomicBool>,
+        device: DeviceFlags,
         roots: SysRoots,
     ) -> VfioMemory {
+        let DeviceFlags { detached, removed } = device;
         let page = if hugepages {
             HUGEPAGE
         } else {
@@ -75,6 +89,7 @@ impl VfioMemory {
             granule,
             align: (page as u64).max(iommu_page),
             detached,
+            removed,
             roots,
         }
     }
@@ -187,7 +202,13 @@ impl ChunkSource for VfioMemory {
         // First the IOMMU mapping (the device loses access), then the memory.
         if !self.detached.load(Ordering::Acquire) {
             if let Err(e) = self.container.vfio_dma_unmap(chunk.iova.0, chunk.len) {
-                log::error!(
+                let level = if self.removed.load(Ordering::Acquire) {
+                    log::Level::Debug
+                } else {
+                    log::Level::Error
+                };
+                log::log!(
+                    level,
                     "vfio: VFIO_IOMMU_UNMAP_DMA of iova {} ({} bytes) failed: {e}",
                     chunk.iova,
                     chunk.len

@@ -51,13 +51,20 @@
 //!
 //! An orderly removal (`device_del`, sysfs `remove`, unbinding vfio-pci) first asks the user of
 //! the device to let it go: vfio-pci signals the device request eventfd
-//! (`VFIO_PCI_REQ_IRQ_INDEX`, registered at open) and waits until the device file is closed.
-//! The controller layer checks it on its health checks ([`Bus::removal_requested`]); the bus
-//! then reports the device removed and [`Bus::release_removed`] lets the file go while the
+//! (`VFIO_PCI_REQ_IRQ_INDEX`, registered at open) and waits until the device file is closed,
+//! signalling again every 10 s. The controller layer notices it from I/O (queue pairs with
+//! requests outstanding ask [`Bus::removal_requested`]) and, idle or not, from its removal watch
+//! thread asleep on a duplicate of the eventfd ([`Bus::removal_notifier`]); the bus then
+//! reports the device removed and [`Bus::release_removed`] lets the file go, once, while the
 //! `VfioBus` lives on: BAR mappings are replaced by all-ones memory and the device descriptors
 //! are pointed at `/dev/null` (`dup2`), so in-flight requests fail as "device removed" and the
-//! kernel completes the removal. DMA memory stays mapped until dropped (unmap errors then are
-//! logged, never fatal).
+//! kernel completes the removal (in the QEMU guest, `device_del` completes within 0.3 s of
+//! the request). DMA memory stays mapped until dropped (unmap failures after the removal are
+//! expected and logged at debug level). Dropping the bus then closes the device: vfio-ioctls
+//! panics there on a device whose sysfs entry is gone (it looks its group up again); the panic
+//! is caught, kept off stderr and logged as a warning, and the group file is closed with the
+//! container. A new controller plugged at the same address is opened with a new
+//! [`VfioBus::open`] once it is bound to vfio-pci again.
 
 mod bar;
 mod diag;
@@ -158,15 +165,50 @@ struct DeviceGuard {
 impl Drop for DeviceGuard {
     fn drop(&mut self) {
         if let Some(d) = self.device.take() {
-            // vfio-ioctls' Drop unwraps the sysfs lookup of the group, which fails if the device
-            // was hot-removed; a panic must not escape a destructor.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(d)));
-            if r.is_err() {
-                log::error!("vfio: closing the device panicked (device removed?)");
+            // vfio-ioctls' Drop unwraps the sysfs lookup of the group, which fails once the
+            // device was hot-removed. The panic is caught (a panic must not escape a
+            // destructor) and kept off stderr (`quiet_panics`): it is logged here instead. The
+            // unwinding still drops the device's fields; the group stays in the container's
+            // table and is closed with the container.
+            let r = quiet_panics(|| drop(d));
+            if let Err(p) = r {
+                let why = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                log::warn!(
+                    "vfio: vfio-ioctls could not look the removed device's group up while closing \
+                     it ({why}); the group file is closed with the container"
+                );
             }
         }
         self.detached.store(true, Ordering::Release);
     }
+}
+
+std::thread_local! {
+    /// Set while this thread runs code whose panics are caught and reported otherwise.
+    static QUIET_PANICS: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic without the panic hook's message on stderr (the caller reports
+/// it). The process's hook is wrapped once, on first use; it stays silent only on this thread
+/// and only during `f`, so every other panic is reported as before.
+fn quiet_panics<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(|q| q.get()) {
+                prev(info)
+            }
+        }));
+    });
+    let was = QUIET_PANICS.with(|q| q.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(was));
+    r
 }
 
 /// A controller opened through VFIO: BAR0 and DMA memory behind the IOMMU.
@@ -188,8 +230,9 @@ pub struct VfioBus {
     request: Option<EventFd>,
     /// The kernel asked for the device back (or the controller layer found it gone).
     removed: AtomicBool,
-    /// The device file was let go ([`Bus::release_removed`]).
-    released: AtomicBool,
+    /// The device file was let go ([`Bus::release_removed`]); shared with the DMA memory,
+    /// whose unmaps may fail from then on.
+    released: Arc<AtomicBool>,
 }
 
 impl core::fmt::Debug for VfioBus {
@@ -373,13 +416,17 @@ impl VfioBus {
         let bar = bar::Bar0::map(own, dev.get_region_offset(i), size, &areas)
             .map_err(|e| io_err(&addr, "mmap BAR0", e))?;
 
+        let removed_flag = Arc::new(AtomicBool::new(false));
         let mem = memory::VfioMemory::new(
             container.clone(),
             allocator,
             opts.hugepages,
             opts.chunk_bytes,
             iommu.min_page_size(),
-            detached,
+            memory::DeviceFlags {
+                detached,
+                removed: removed_flag.clone(),
+            },
             opts.roots.clone(),
         );
         let vectors = dev
@@ -405,7 +452,7 @@ impl VfioBus {
             hugepages: opts.hugepages,
             request,
             removed: AtomicBool::new(false),
-            released: AtomicBool::new(false),
+            released: removed_flag,
         }))
     }
 
@@ -496,6 +543,21 @@ impl Bus for VfioBus {
         }
         false
     }
+    fn removal_notifier(&self) -> Option<std::os::fd::OwnedFd> {
+        let ev = self.request.as_ref()?;
+        // SAFETY: the eventfd is owned by `self.request`, open for this call.
+        match unsafe { BorrowedFd::borrow_raw(ev.raw_fd()) }.try_clone_to_owned() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!(
+                    "{}: could not duplicate the device request eventfd ({e}); an idle \
+                     controller notices its removal only at its next I/O",
+                    self.addr
+                );
+                None
+            }
+        }
+    }
     fn release_removed(&self) {
         self.removed.store(true, Ordering::Release);
         if self.released.swap(true, Ordering::AcqRel) {
@@ -545,5 +607,19 @@ fn request_notifier(fd: std::os::fd::RawFd, count: u32, addr: &str) -> Option<Ev
             );
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quiet_panics;
+
+    #[test]
+    fn quiet_panics_catches_and_returns_the_panic() {
+        assert_eq!(quiet_panics(|| 7).unwrap(), 7);
+        let p = quiet_panics(|| -> u32 { panic!("group lookup failed") }).unwrap_err();
+        assert_eq!(p.downcast_ref::<&str>(), Some(&"group lookup failed"));
+        // Afterwards panics on this thread are reported again (the flag is restored).
+        assert!(!super::QUIET_PANICS.with(|q| q.get()));
     }
 }
