@@ -92,8 +92,8 @@ pub mod sync;
 
 pub use crate::bio::{Bio, BioOp};
 pub use crate::completion::Completion;
-pub use crate::core::{Command, Config, DioCore, QueueFullPolicy, SyncOutcome};
-pub use crate::dio::{Deferred, RefCounting, Wait};
+pub use crate::core::{Command, Config, DioCore, QueueFullPolicy, Reserved, SyncOutcome};
+pub use crate::dio::{Deferred, RefCounting, Slot, Wait};
 pub use crate::error::{DeviceStatus, DioError, DioResult};
 pub use crate::hooks::{BioSink, Deferral, EndIo, Extent, Mapper, Poller, Rejected};
 pub use crate::ioctx::{File, IoCtx, SubmitErrorDelivery, Submitted};
