@@ -146,6 +146,12 @@ impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
         len: u64,
         outcome: Outcome<B>,
     ) -> Result<Submitted, (DioError, B)> {
+        if let Outcome::Queued = outcome {
+            // Nothing to drop: forgotten rather than dropped, which would be an out-of-line
+            // call of `Outcome`'s drop glue on every queued request (13 instructions).
+            std::mem::forget(outcome);
+            return Ok(Submitted::Queued);
+        }
         match outcome {
             Outcome::Queued => Ok(Submitted::Queued),
             Outcome::Done {
