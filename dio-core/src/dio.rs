@@ -183,6 +183,7 @@ impl<B: Send + 'static> DioShared<B> {
     /// When the submitter holds the only `Arc` (always for a request's first bio: the state
     /// is not shared yet), the count is changed through `&mut`, without the lock: nobody else
     /// can observe it. Otherwise it takes the lock.
+    #[inline(always)]
     pub fn get_ref(this: &mut Arc<Self>) -> u32 {
         match Arc::get_mut(this) {
             Some(d) => match &mut d.refs {

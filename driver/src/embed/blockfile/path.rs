@@ -570,6 +570,7 @@ impl Accounting {
         total: 0,
     };
 
+    #[inline(always)]
     fn result(&self, r: DioResult) -> EmbedResult<usize> {
         match r {
             Ok(m) if m == self.want => Ok(self.total as usize),
