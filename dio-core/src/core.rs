@@ -146,7 +146,7 @@ impl<B: IoBuf> DioCore<B> {
     /// the exclusive access that proved it idle.
     #[inline(always)]
     fn idle(&self, reuse: Option<(Dir, u64, u64)>) -> (Arc<DioShared<B>>, Slot) {
-        // The hot slot's state first, then (if a completer still held that one) the oldest.
+        // The hot stack's top state first, then (if a completer still held that one) another.
         for _ in 0..2 {
             let Some(mut dio) = self.pool.pop() else {
                 break;
