@@ -292,10 +292,12 @@ impl<B: Send + 'static> DioShared<B> {
                     payload.completion.complete_in(res, payload.buf, slot);
                 }
                 // The submitter has not dropped its clone yet (it is about to): nobody else
-                // uses the slot, the lock is uncontended.
+                // uses the slot, the lock is uncontended. The slot is moved out and back, so
+                // that the user's completion never runs under a dio-core lock (rule L3).
                 None => {
-                    let mut slot = crate::sync::lock_std(&dio.slot);
+                    let mut slot = std::mem::take(&mut *crate::sync::lock_std(&dio.slot));
                     payload.completion.complete_in(res, payload.buf, &mut slot);
+                    *crate::sync::lock_std(&dio.slot) = slot;
                 }
             }
             let pool = std::sync::Arc::clone(&dio.pool);
