@@ -3,10 +3,12 @@
 //! layer makes carry whatever per-request context it needs), which costs no allocation, and a
 //! boxed closure for callers that prefer one.
 
+use crate::dio::Slot;
 use crate::error::DioResult;
 
 enum Callback<B> {
     Fn(fn(DioResult, B)),
+    Slotted(fn(DioResult, B, Option<&mut Slot>)),
     Boxed(Box<dyn FnOnce(DioResult, B) + Send>),
 }
 
@@ -27,6 +29,15 @@ impl<B> Completion<B> {
         Completion(Some(Callback::Fn(f)))
     }
 
+    /// A plain function that is also lent the user slot of the request's pooled state
+    /// ([`DioCore::reserve`](crate::DioCore::reserve)) when dio-core completes a queued
+    /// request, before the state goes back to the pool: what the function puts there stays
+    /// with the state for its next request. `None` when the request finished on the
+    /// submitter's stack (its state was already given back).
+    pub fn from_slotted_fn(f: fn(DioResult, B, Option<&mut Slot>)) -> Self {
+        Completion(Some(Callback::Slotted(f)))
+    }
+
     /// A completion with nothing to run (the synchronous API). Dropping it is fine.
     pub fn noop() -> Self {
         Completion(None)
@@ -36,6 +47,24 @@ impl<B> Completion<B> {
     #[inline(always)]
     pub fn complete(mut self, result: DioResult, buf: B) {
         match self.0.take() {
+            Some(Callback::Fn(f)) => f(result, buf),
+            Some(Callback::Slotted(f)) => f(result, buf, None),
+            Some(Callback::Boxed(f)) => f(result, buf),
+            None => {}
+        }
+    }
+
+    /// Whether this completion wants the request state's user slot.
+    #[inline(always)]
+    pub(crate) fn wants_slot(&self) -> bool {
+        matches!(self.0, Some(Callback::Slotted(_)))
+    }
+
+    /// Run the callback, lending a slotted one the request state's user slot.
+    #[inline(always)]
+    pub(crate) fn complete_in(mut self, result: DioResult, buf: B, slot: &mut Slot) {
+        match self.0.take() {
+            Some(Callback::Slotted(f)) => f(result, buf, Some(slot)),
             Some(Callback::Fn(f)) => f(result, buf),
             Some(Callback::Boxed(f)) => f(result, buf),
             None => {}

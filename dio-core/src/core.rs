@@ -3,7 +3,7 @@
 
 use crate::bio::{Bio, BioOp};
 use crate::completion::Completion;
-use crate::dio::{Deferred, DioShared, Handoff, Payload, RefCounting, StatePool, Wait, Walk};
+use crate::dio::{Deferred, DioShared, Handoff, Payload, RefCounting, Slot, StatePool, Wait, Walk};
 use crate::error::{DioError, DioResult};
 use crate::hooks::{BioSink, Deferral, EndIo, Extent, Mapper, Rejected};
 use crate::pool::Pool;
@@ -138,27 +138,71 @@ impl<B: IoBuf> DioCore<B> {
     /// one (warm-up, or the pool is empty).
     #[inline(always)]
     fn state(&self, dir: Dir, offset: u64, i_size: u64) -> Arc<DioShared<B>> {
-        // The hot slot's state first, then (if a completer still held that one) the oldest.
+        self.idle(Some((dir, offset, i_size))).0
+    }
+
+    /// An idle state nobody else holds (from the pool, or new), set up for a request
+    /// `(dir, offset, i_size)` if given, else with what its user slot held taken out, through
+    /// the exclusive access that proved it idle.
+    #[inline(always)]
+    fn idle(&self, reuse: Option<(Dir, u64, u64)>) -> (Arc<DioShared<B>>, Slot) {
+        // The hot stack's top state first, then (if a completer still held that one) another.
         for _ in 0..2 {
             let Some(mut dio) = self.pool.pop() else {
                 break;
             };
             if let Some(d) = Arc::get_mut(&mut dio) {
-                d.reuse(dir, offset, i_size);
-                return dio;
+                let slot = match reuse {
+                    Some((dir, offset, i_size)) => {
+                        d.reuse(dir, offset, i_size);
+                        None
+                    }
+                    None => d.take_slot(),
+                };
+                return (dio, slot);
             }
             // A completer has dropped its count but not yet its `Arc`: keep the state for
             // later rather than wait.
             self.pool.push_cold(dio);
         }
+        (self.new_state(reuse), None)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn new_state(&self, reuse: Option<(Dir, u64, u64)>) -> Arc<DioShared<B>> {
         let mut d = DioShared::new(
             self.end_io.clone(),
             self.deferral.clone(),
             self.pool.clone(),
             self.cfg.refcount,
         );
+        let (dir, offset, i_size) = reuse.unwrap_or((Dir::Read, 0, 0));
         d.reuse(dir, offset, i_size);
         Arc::new(d)
+    }
+
+    /// Take a request state from the pool before submitting, with what the upper layer left
+    /// in its user slot (its previous request's, or `None` for a new state): the upper layer
+    /// keeps its per-request context there rather than in a pool of its own (one pool per
+    /// request, not two). Submit it with [`submit_reserved`](Self::submit_reserved), or give
+    /// it back with [`Reserved::release`].
+    #[inline(always)]
+    pub fn reserve(&self) -> (Reserved<B>, Slot) {
+        let (dio, slot) = self.idle(None);
+        (Reserved(dio), slot)
+    }
+
+    /// [`submit`](Self::submit) on a state taken by [`reserve`](Self::reserve).
+    #[inline(always)]
+    pub fn submit_reserved(
+        &self,
+        reserved: Reserved<B>,
+        req: DioRequest<B>,
+        i_size: u64,
+        completion: Completion<B>,
+    ) -> Outcome<B> {
+        self.submit_on(Some(reserved.0), req, i_size, completion)
     }
 
     /// Submit one request. `i_size` is the file size now (snapshot for the EOF clamp and the
@@ -166,6 +210,18 @@ impl<B: IoBuf> DioCore<B> {
     /// `Queued` (dio-core then runs it exactly once) and is handed back otherwise.
     #[inline(always)]
     pub fn submit(&self, req: DioRequest<B>, i_size: u64, completion: Completion<B>) -> Outcome<B> {
+        self.submit_on(None, req, i_size, completion)
+    }
+
+    /// [`submit`](Self::submit), on a reserved state if any.
+    #[inline(always)]
+    fn submit_on(
+        &self,
+        reserved: Option<Arc<DioShared<B>>>,
+        req: DioRequest<B>,
+        i_size: u64,
+        completion: Completion<B>,
+    ) -> Outcome<B> {
         let DioRequest {
             dir,
             offset,
@@ -175,7 +231,7 @@ impl<B: IoBuf> DioCore<B> {
             force_wait,
         } = req;
         // 1–5. Validate, take a state, walk.
-        let (dio, w) = match self.start(dir, offset, len, &mut buf, i_size) {
+        let (dio, w) = match self.start(reserved, dir, offset, len, &mut buf, i_size) {
             Start::Walked(dio, w) => (dio, w),
             Start::Done(result) => {
                 return Outcome::Done {
@@ -228,7 +284,7 @@ impl<B: IoBuf> DioCore<B> {
         buf: &mut B,
         i_size: u64,
     ) -> SyncOutcome {
-        let (dio, w) = match self.start(dir, offset, len, buf, i_size) {
+        let (dio, w) = match self.start(None, dir, offset, len, buf, i_size) {
             Start::Walked(dio, w) => (dio, w),
             Start::Done(result) => return SyncOutcome::Done(result),
         };
@@ -244,23 +300,50 @@ impl<B: IoBuf> DioCore<B> {
     /// §3.4 steps 1–5: validate, take a request state with the submitter's reference (a
     /// recycled one if possible), and walk the request in extents, submitting its bios.
     #[inline(always)]
-    fn start(&self, dir: Dir, offset: u64, len: u64, buf: &mut B, i_size: u64) -> Start<B> {
+    fn start(
+        &self,
+        reserved: Option<Arc<DioShared<B>>>,
+        dir: Dir,
+        offset: u64,
+        len: u64,
+        buf: &mut B,
+        i_size: u64,
+    ) -> Start<B> {
+        // A reserved state not used (the request ends before any state) goes back to the pool.
+        let unused = |r: Option<Arc<DioShared<B>>>| {
+            if let Some(d) = r {
+                DioShared::recycle(d, &self.pool);
+            }
+        };
         let align = self.cfg.align;
         // `align` is a power of two (checked in `new`): masks instead of divisions.
         let mask = align - 1;
         // 1. Validate before any state.
         let Some(end) = offset.checked_add(len) else {
+            unused(reserved);
             return Start::Done(Err(DioError::Invalid));
         };
         if offset & mask != 0 || len > buf.len() || (dir == Dir::Read && len & mask != 0) {
+            unused(reserved);
             return Start::Done(Err(DioError::Invalid));
         }
         // 2. Nothing to do.
         if len == 0 || (dir == Dir::Read && offset >= i_size) {
+            unused(reserved);
             return Start::Done(Ok(0));
         }
         // 4. The request, with the submitter's reference (a recycled state if possible).
-        let mut dio = self.state(dir, offset, i_size);
+        let mut dio = match reserved {
+            None => self.state(dir, offset, i_size),
+            Some(mut d) => match Arc::get_mut(&mut d) {
+                Some(s) => {
+                    s.reuse(dir, offset, i_size);
+                    d
+                }
+                // Not reached: a reserved state is never shared.
+                None => self.state(dir, offset, i_size),
+            },
+        };
         // 5. Walk. Reads stop at EOF; a write's unaligned tail is left to the buffered path.
         let walk_end = match dir {
             // The size rounded up to the alignment (saturating: `i_size` may be near `u64::MAX`).
@@ -439,6 +522,29 @@ impl<B: IoBuf> DioCore<B> {
             w.submit_err = Some(why);
             return false;
         }
+    }
+}
+
+/// A request state taken from a core's pool ahead of its submission
+/// ([`DioCore::reserve`]), for its user slot. Give it back unsubmitted with
+/// [`release`](Self::release); merely dropped, it is freed rather than pooled (no `Drop`: a
+/// submitted reservation is moved into the request without a drop check).
+pub struct Reserved<B: IoBuf>(Arc<DioShared<B>>);
+
+impl<B: IoBuf> Reserved<B> {
+    /// Give the state back to the pool unsubmitted, `slot` in its user slot.
+    pub fn release(mut self, slot: Slot) {
+        if let Some(d) = Arc::get_mut(&mut self.0) {
+            d.put_slot(slot);
+        }
+        let pool = std::sync::Arc::clone(&self.0.pool);
+        DioShared::recycle(self.0, &pool);
+    }
+}
+
+impl<B: IoBuf> std::fmt::Debug for Reserved<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reserved")
     }
 }
 

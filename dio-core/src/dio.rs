@@ -71,6 +71,12 @@ pub(crate) enum Refs<B> {
     Atomic(AtomicRefs<B>),
 }
 
+/// The upper layer's per-request slot in a pooled request state: whatever it keeps there
+/// (typically a box of its own request context) stays with the state from one request to the
+/// next, so that the upper layer needs no pool of its own (see
+/// [`DioCore::reserve`](crate::DioCore::reserve)). dio-core never looks inside.
+pub type Slot = Option<Box<dyn std::any::Any + Send>>;
+
 /// The free list of a core's request states.
 pub(crate) type StatePool<B> = Pool<Arc<DioShared<B>>>;
 
@@ -96,8 +102,13 @@ pub(crate) struct DioShared<B> {
     pub end_io: Option<std::sync::Arc<dyn EndIo>>,
     pub deferral: Option<std::sync::Arc<dyn Deferral>>,
     /// The pool this state returns to once its request is over.
-    pool: std::sync::Arc<StatePool<B>>,
+    pub(crate) pool: std::sync::Arc<StatePool<B>>,
     refs: Refs<B>,
+    /// The upper layer's slot: taken by [`DioCore::reserve`](crate::DioCore::reserve),
+    /// lent to a slotted completion by whoever finishes the request. A mutex only for the
+    /// rare case where the finisher is not yet the only `Arc` holder (the submitter drops its
+    /// clone just after its final decrement); otherwise reached through `Arc::get_mut`.
+    slot: std::sync::Mutex<Slot>,
     /// A deferred job's input (empty otherwise). Under loom the job is a closure instead.
     #[cfg(not(loom))]
     handoff: std::sync::Mutex<Option<Handoff<B>>>,
@@ -122,6 +133,7 @@ impl<B: Send + 'static> DioShared<B> {
             deferral,
             pool,
             refs,
+            slot: std::sync::Mutex::new(None),
             #[cfg(not(loom))]
             handoff: std::sync::Mutex::new(None),
         }
@@ -141,6 +153,23 @@ impl<B: Send + 'static> DioShared<B> {
         }
     }
 
+    /// Take the upper layer's slot (`&mut`: the state is not shared).
+    #[inline(always)]
+    pub fn take_slot(&mut self) -> Slot {
+        match self.slot.get_mut() {
+            Ok(s) => s.take(),
+            Err(p) => p.into_inner().take(),
+        }
+    }
+
+    /// Set the upper layer's slot (`&mut`: the state is not shared).
+    pub fn put_slot(&mut self, slot: Slot) {
+        match self.slot.get_mut() {
+            Ok(s) => *s = slot,
+            Err(p) => *p.into_inner() = slot,
+        }
+    }
+
     /// Give the state back to its pool, to be reused once nobody else holds it (a completer
     /// that dropped its reference count but not yet its `Arc` may still hold it for a moment:
     /// [`DioCore`](crate::DioCore) reuses a state only through `Arc::get_mut`).
@@ -154,6 +183,7 @@ impl<B: Send + 'static> DioShared<B> {
     /// When the submitter holds the only `Arc` (always for a request's first bio: the state
     /// is not shared yet), the count is changed through `&mut`, without the lock: nobody else
     /// can observe it. Otherwise it takes the lock.
+    #[inline(always)]
     pub fn get_ref(this: &mut Arc<Self>) -> u32 {
         match Arc::get_mut(this) {
             Some(d) => match &mut d.refs {
@@ -238,9 +268,10 @@ impl<B: Send + 'static> DioShared<B> {
     }
 
     /// Resolve if needed, recycle the state, then run the completion (after the recycling,
-    /// so that a completion that submits again finds the state in the pool).
+    /// so that a completion that submits again finds the state in the pool). A slotted
+    /// completion runs before the recycling instead, lent the state's slot.
     #[inline(always)]
-    pub(crate) fn finish(dio: Arc<Self>, h: Handoff<B>) {
+    pub(crate) fn finish(mut dio: Arc<Self>, h: Handoff<B>) {
         let (res, payload) = match h {
             Handoff::Resolve(fin) => {
                 let walk = Walk {
@@ -251,6 +282,28 @@ impl<B: Send + 'static> DioShared<B> {
             }
             Handoff::Ready(res, payload) => (res, payload),
         };
+        if payload.completion.wants_slot() {
+            match Arc::get_mut(&mut dio) {
+                Some(d) => {
+                    let slot = match d.slot.get_mut() {
+                        Ok(s) => s,
+                        Err(p) => p.into_inner(),
+                    };
+                    payload.completion.complete_in(res, payload.buf, slot);
+                }
+                // The submitter has not dropped its clone yet (it is about to): nobody else
+                // uses the slot, the lock is uncontended. The slot is moved out and back, so
+                // that the user's completion never runs under a dio-core lock (rule L3).
+                None => {
+                    let mut slot = std::mem::take(&mut *crate::sync::lock_std(&dio.slot));
+                    payload.completion.complete_in(res, payload.buf, &mut slot);
+                    *crate::sync::lock_std(&dio.slot) = slot;
+                }
+            }
+            let pool = std::sync::Arc::clone(&dio.pool);
+            Self::recycle(dio, &pool);
+            return;
+        }
         let pool = std::sync::Arc::clone(&dio.pool);
         Self::recycle(dio, &pool);
         drop(pool);

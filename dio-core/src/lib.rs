@@ -36,9 +36,9 @@
 //! ## Cost per request: pooled states, two callback shapes
 //!
 //! A [`DioCore`] recycles its request states (module `pool`): `submit` takes an idle one from
-//! a lock-free bounded free list, behind a one-state hot slot that a client submitting
-//! request after request reuses with one atomic exchange each way, and allocates only when
-//! both are empty ([`Config::pool`] bounds it). Whoever resolves a request (the submitter, or the last bio completer) hands its state
+//! a lock-free bounded free list, behind a hot stack of up to 32 states that a client with
+//! up to 32 requests in flight reuses most recent first, and allocates only when both are
+//! empty ([`Config::pool`] bounds it). Whoever resolves a request (the submitter, or the last bio completer) hands its state
 //! back after taking the result out. A state is reinitialised only through `Arc::get_mut`, so
 //! never while anyone else can reach it: a completer that has dropped its count but not yet
 //! its `Arc` merely delays the reuse. A request's first bio reference is taken through that
@@ -92,8 +92,8 @@ pub mod sync;
 
 pub use crate::bio::{Bio, BioOp};
 pub use crate::completion::Completion;
-pub use crate::core::{Command, Config, DioCore, QueueFullPolicy, SyncOutcome};
-pub use crate::dio::{Deferred, RefCounting, Wait};
+pub use crate::core::{Command, Config, DioCore, QueueFullPolicy, Reserved, SyncOutcome};
+pub use crate::dio::{Deferred, RefCounting, Slot, Wait};
 pub use crate::error::{DeviceStatus, DioError, DioResult};
 pub use crate::hooks::{BioSink, Deferral, EndIo, Extent, Mapper, Poller, Rejected};
 pub use crate::ioctx::{File, IoCtx, SubmitErrorDelivery, Submitted};

@@ -30,6 +30,15 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
+/// [`lock`] for a std mutex (the same under loom: the user slot, which loom need not model,
+/// its accesses being ordered by the request's reference count).
+pub(crate) fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 /// Internal invariant check, active in debug builds and under loom (loom tests run with
 /// `--release`, where `debug_assert!` would be compiled out).
 macro_rules! invariant {

@@ -12,7 +12,7 @@ use dio_core::result::{Errors, precedence, transferred};
 use dio_core::sync::Mutex;
 use dio_core::{
     Completion, Config, Deferral, Deferred, DeviceStatus, DioCore, DioError, DioRequest, DioResult,
-    Dir, IoCtx, Mode, Outcome, RefCounting, SubmitErrorDelivery, Submitted, Wait,
+    Dir, IoCtx, Mode, Outcome, RefCounting, Slot, SubmitErrorDelivery, Submitted, Wait,
 };
 
 struct Rig {
@@ -231,6 +231,47 @@ fn zero_length_and_read_at_eof_issue_nothing() {
         0
     );
     assert!(lock(&r.hook.calls).is_empty());
+}
+
+/// A reserved state's user slot: the slotted completion of a queued request is lent the slot
+/// of its own state, and what it leaves there is found by the next reservation (the pool's hot
+/// slot gives the same state back); a reservation dropped unsubmitted goes back to the pool
+/// with its slot; a request that finishes on the submitter's stack is lent no slot.
+#[test]
+fn the_user_slot_stays_with_its_pooled_state() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    fn queued(r: DioResult, _b: TBuf, slot: Option<&mut Slot>) {
+        assert_eq!(r, Ok(8));
+        let s = slot.expect("a queued request's completion is lent its state's slot");
+        assert!(s.is_none(), "the reservation took the slot");
+        *s = Some(Box::new(41u32));
+    }
+    fn at_eof(r: DioResult, _b: TBuf, slot: Option<&mut Slot>) {
+        assert_eq!(r, Ok(0));
+        assert!(
+            slot.is_none(),
+            "finished on the submitter's stack: no state to lend"
+        );
+    }
+    let kept = |s: Slot| s.and_then(|b| b.downcast::<u32>().ok()).map(|b| *b);
+    for counting in [RefCounting::Locked, RefCounting::Atomic] {
+        let (r, dio) = rig(vec![(4, Kind::Mapped); 4], 100, 4, counting);
+        let ctx = IoCtx::new(dio, r.file.clone());
+        let (res, slot) = ctx.core().reserve();
+        assert_eq!(kept(slot), None, "a new state's slot is empty");
+        let req = DioRequest::new(Dir::Read, 0, 8, buf(&r, 8), Mode::Async);
+        let sub = ctx.submit_async_reserved(res, req, queued);
+        assert_eq!(sub.map_err(|e| e.0), Ok(Submitted::Queued));
+        drain(&r);
+        let (res, slot) = ctx.core().reserve();
+        assert_eq!(kept(slot), Some(41), "{counting:?}");
+        res.release(Some(Box::new(42u32)));
+        let (res, slot) = ctx.core().reserve();
+        assert_eq!(kept(slot), Some(42), "{counting:?}");
+        let req = DioRequest::new(Dir::Read, 100, 8, buf(&r, 8), Mode::Async);
+        let sub = ctx.submit_async_reserved(res, req, at_eof);
+        assert_eq!(sub.map_err(|e| e.0), Ok(Submitted::Completed));
+    }
 }
 
 #[test]

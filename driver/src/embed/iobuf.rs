@@ -156,6 +156,7 @@ impl Window {
     }
 
     /// Attach an asynchronous request's context (at most one).
+    #[inline(always)]
     pub(crate) fn attach(&mut self, mut ctx: Box<Context>) {
         if let Some(old) = self.detach() {
             drop(old);
@@ -167,6 +168,7 @@ impl Window {
     }
 
     /// Take the attached context back.
+    #[inline(always)]
     pub(crate) fn detach(&mut self) -> Option<Box<Context>> {
         let c = self.context()?;
         // SAFETY: `c` is the pointer `Box::into_raw` gave in `attach` (its tag cleared, its
@@ -178,7 +180,7 @@ impl Window {
     }
 
     /// The buffer, the window consumed (an attached context is dropped).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn into_buf(mut self) -> IoBuffer {
         drop(self.detach());
         let this = std::mem::ManuallyDrop::new(self);
@@ -216,7 +218,7 @@ impl IoBuf for Window {
         (self.buf.len() - self.start()) as u64
     }
 
-    #[inline]
+    #[inline(always)]
     fn dma_map(&self, off: u64, len: u64, _dir: Dir) -> Result<Seg, DioError> {
         let IoBuffer::Dma(b) = &self.buf else {
             return Err(DioError::Fault);

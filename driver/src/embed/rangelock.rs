@@ -129,8 +129,10 @@ pub(crate) struct RangeGuard<'a> {
 
 impl RangeGuard<'_> {
     /// Detach the range from the guard: the caller gives it back with [`RangeLock::unlock`].
-    pub(crate) fn into_held(mut self) -> Option<Held> {
-        self.held.take()
+    pub(crate) fn into_held(self) -> Option<Held> {
+        // Not dropped: the emptied guard has nothing to give back, and its drop glue would be
+        // an out-of-line call per asynchronous request.
+        std::mem::ManuallyDrop::new(self).held.take()
     }
 }
 

@@ -18,34 +18,38 @@
 //!    file has no page cached.
 //! 5. **dio-core** ([`BlockFile::direct`]): a synchronous request waits in
 //!    `IoCtx::submit_sync`, its range guard on the stack; an asynchronous one goes through
-//!    `IoCtx::submit_async_fn` with a plain function (SPDK's `cb_fn`/`cb_arg` shape,
-//!    `dio-core/DESIGN.md §3.7`), its context ([`Context`]: the held range, the byte
-//!    accounting, what the error names, the user's callback stored inline) in a box from the
-//!    file's pool ([`Shared`]), whose pointer travels in the request's [`Window`], i.e. in
-//!    dio-core's pooled request state.
+//!    `IoCtx::submit_async_reserved` with a plain function (SPDK's `cb_fn`/`cb_arg` shape,
+//!    `dio-core/DESIGN.md §3.7`) on the dio-core request state it reserved when it entered.
+//!    Its context ([`Context`]: the held range, the byte accounting, what the error names, the
+//!    user's callback stored inline) is a box kept in that state's user slot between requests
+//!    (dio-core's `Slot`), whose pointer travels in the request's [`Window`].
 //! 6. **Completion** ([`direct_done`], where the request finished: the poller, or the
 //!    submitter's stack): unlock the range (it covers the I/O, not the callback); with
-//!    deferred completions, hand the rest to the deferral thread. Then ([`deliver`]) give the
-//!    context back to the pool, zero what a read clamped at the end of file left, compute the
-//!    result.
+//!    deferred completions, hand the rest to the deferral thread. Then ([`deliver_with`]) put
+//!    the context back into the state's slot (into the file's pool when there is no state to
+//!    lend: a request finished on its submitter's stack, or deferred), zero what a read
+//!    clamped at the end of file left, compute the result.
 //! 7. **User callback** ([`run_callback`]): run once, a panic caught and logged.
 //!
 //! # Costs
 //! In the steady state no step allocates on the direct path (a synchronous or asynchronous
 //! request with a DMA buffer, block aligned): the callback is stored inline unless it is large
-//! (see [`callback`](super::callback)), the context box is reused (allocated only while the
-//! pool warms up, or beyond [`CONTEXTS`] asynchronous requests in flight on one file). Why a
-//! pooled box rather than the context inline in the `Window`: dio-core moves the `Window` by
-//! value a dozen times per request, and the context (about 150 bytes) made each move a call to
-//! `memcpy`: measured, +470 instructions per synchronous read, more than the allocations it
-//! saved. For the same reason the box's pointer shares one word with the window's `start`
-//! (see [`Window`]): the window stays the size it had without a context.
+//! (see [`callback`](super::callback)), the context box is reused (allocated only while
+//! dio-core's state pool and the file's context pool warm up). Why a box rather than the
+//! context inline in the `Window`: dio-core moves the `Window` by value a dozen times per
+//! request, and the context (about 150 bytes) made each move a call to `memcpy`: measured, +470
+//! instructions per synchronous read, more than the allocations it saved. For the same reason
+//! the box's pointer shares one word with the window's `start` (see [`Window`]): the window
+//! stays the size it had without a context. Why in dio-core's state rather than in a pool of
+//! the file: an asynchronous request at QD32 passed two lock-free pools (dio-core's states and
+//! the file's contexts), each a compare-and-swap to take and one to give back; with the
+//! context kept in the state's slot it passes one.
 //!
 //! No step takes a lock shared by client threads when the request overlaps no other request
 //! and no cached page: the range lock is per-stripe atomics, the page cache is skipped
-//! when the file has nothing cached, and the context pool is a lock-free queue (per file). An
-//! asynchronous request does touch two per-file atomics besides its stripes: the pool's queue
-//! and the `Arc` count of [`Shared`] (the file may be dropped while the request is in flight).
+//! when the file has nothing cached, and dio-core's state pool is lock free. An asynchronous
+//! request does touch one more per-file atomic besides its stripes and dio-core's pool: the
+//! `Arc` count of [`Shared`] (the file may be dropped while the request is in flight).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -53,7 +57,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 
-use dio_core::{Completion, DioCore, DioError, DioRequest, DioResult, Dir, Mode, Submitted};
+use dio_core::{
+    Completion, DioCore, DioError, DioRequest, DioResult, Dir, Mode, Reserved, Slot, Submitted,
+};
 
 use super::callback::Callback;
 use super::maint::Spares;
@@ -71,9 +77,12 @@ use crate::embed::rangelock::{Held, LockWait, RangeGuard, RangeLock};
 pub(super) enum Reply {
     /// Returned to the caller.
     Sync,
-    /// Through the user's callback, written into the request's context (from the file's pool)
-    /// when the request entered: neither the callback nor the context is moved again (a
-    /// callback is up to 56 bytes; this variant is one pointer).
+    /// Through the user's callback, written into the request's context when the request
+    /// entered: neither the callback nor the context is moved again (a callback is up to 56
+    /// bytes; this variant is one pointer). The context comes from the user slot of the
+    /// dio-core request state reserved for the request (from the file's own pool only when
+    /// that slot is empty), holds that reservation until dio-core takes it, and goes back into
+    /// the state's slot when dio-core completes the request.
     Async(Box<Context>),
 }
 
@@ -150,10 +159,8 @@ impl BlockFile {
         req: Request,
         cb: impl FnOnce(Completed) + Send + 'static,
     ) -> Result<(), Box<Refused>> {
-        let reply = Reply::Async(Context::with_callback(
-            &self.inner.shared,
-            Callback::new(cb),
-        ));
+        let ctx = Context::with_callback(&self.inner.shared, self.inner.io.core(), cb);
+        let reply = Reply::Async(ctx);
         match self.run(req.op, req.offset, req.len, req.buf, reply, None) {
             None => Ok(()),
             Some((Err(error), buf)) => Err(Box::new(Refused { error, buf })),
@@ -563,6 +570,7 @@ impl Accounting {
         total: 0,
     };
 
+    #[inline(always)]
     fn result(&self, r: DioResult) -> EmbedResult<usize> {
         match r {
             Ok(m) if m == self.want => Ok(self.total as usize),
@@ -596,8 +604,12 @@ impl Accounting {
 /// its completion (the file may be dropped meanwhile).
 pub(crate) struct Shared {
     pub(super) locks: RangeLock,
-    /// Request contexts to reuse (a lock-free bounded queue: one compare-and-swap to take, one
-    /// to give back). Empty: a new one is allocated (the warm-up); full: one is freed.
+    /// Request contexts to reuse when the dio-core state a request reserved has none in its
+    /// user slot (a new state), and that went back elsewhere than to a state's slot (a
+    /// request that finished on its submitter's stack, or whose callback was deferred): a
+    /// lock-free bounded queue. Empty: a new one is allocated (the warm-up); full: one is
+    /// freed. In the steady state an asynchronous request touches no queue here: its context
+    /// stays in the user slot of its dio-core state.
     contexts: ArrayQueue<Box<Context>>,
     /// With deferred completions: a dio-core (with the user's deferral hook) used only to
     /// carry a finished request's callback to the deferral thread in a pooled state, without
@@ -655,6 +667,9 @@ pub(crate) struct Context {
     acct: Accounting,
     /// `None` once taken to run.
     cb: Option<Callback>,
+    /// The dio-core request state reserved for the request (whose user slot the context came
+    /// from and goes back to), until the request is submitted to dio-core.
+    reserved: Option<Reserved<Window>>,
 }
 
 impl Drop for Context {
@@ -688,25 +703,40 @@ impl Context {
     /// when the pool is empty). Filled field by field in place: the context is larger than a
     /// few words, and every move of it by value is a call to `memcpy`. The range and the
     /// accounting are set when the request reaches dio-core ([`BlockFile::direct`]).
-    #[inline]
-    fn with_callback(shared: &Arc<Shared>, cb: Callback) -> Box<Context> {
-        match shared.contexts.pop() {
-            Some(mut b) => {
-                b.cb = Some(cb);
-                b.shared = Some(Arc::clone(shared));
-                b
-            }
-            None => {
-                shared.fresh.fetch_add(1, Ordering::Relaxed);
-                Box::new(Context {
-                    start: 0,
-                    shared: Some(Arc::clone(shared)),
-                    held: None,
-                    acct: Accounting::NONE,
-                    cb: Some(cb),
-                })
-            }
-        }
+    #[inline(always)]
+    fn with_callback<F: FnOnce(Completed) + Send + 'static>(
+        shared: &Arc<Shared>,
+        core: &DioCore<Window>,
+        cb: F,
+    ) -> Box<Context> {
+        let (reserved, slot) = core.reserve();
+        let kept = match slot.map(|b| b.downcast::<Context>()) {
+            Some(Ok(b)) => Some(b),
+            _ => shared.contexts.pop(),
+        };
+        let mut b = match kept {
+            Some(b) => b,
+            None => Self::fresh(shared),
+        };
+        b.cb = Some(Callback::new(cb));
+        b.shared = Some(Arc::clone(shared));
+        b.reserved = Some(reserved);
+        b
+    }
+
+    /// A new context (the warm-up).
+    #[cold]
+    #[inline(never)]
+    fn fresh(shared: &Arc<Shared>) -> Box<Context> {
+        shared.fresh.fetch_add(1, Ordering::Relaxed);
+        Box::new(Context {
+            start: 0,
+            shared: None,
+            held: None,
+            acct: Accounting::NONE,
+            cb: None,
+            reserved: None,
+        })
     }
 
     /// Give the range back now (the range lock covers the I/O, not the callback).
@@ -732,19 +762,40 @@ impl Context {
         self.start = start;
     }
 
-    /// Give the range back, empty the context, return it to the pool of its file, and return
-    /// the accounting and the callback (`None` if the context was not held by a request).
-    #[inline(always)]
+    /// Give the range back, empty the context, and return the accounting and the callback
+    /// (`None` if the context was not held by a request). The context goes back into the slot
+    /// of the dio-core state it still holds (a request that did not reach dio-core), which
+    /// goes back to dio-core's pool; else to the pool of its file.
     fn recycle(mut self: Box<Self>) -> Option<Taken> {
+        match self.reserved.take() {
+            Some(reserved) => {
+                let mut slot = None;
+                let taken = self.recycle_into(Some(&mut slot));
+                reserved.release(slot);
+                taken
+            }
+            None => self.recycle_into(None),
+        }
+    }
+
+    /// [`recycle`](Self::recycle), keeping the context in `slot` (a dio-core request state's
+    /// user slot) if given, else in the file's pool.
+    #[inline(always)]
+    fn recycle_into(mut self: Box<Self>, slot: Option<&mut Slot>) -> Option<Taken> {
         let shared = self.shared.take()?;
         if let Some(h) = self.held.take() {
             shared.locks.unlock(h);
         }
         let taken = (self.acct, self.cb.take());
-        // Full: dropped (more requests were in flight than the pool keeps).
-        if let Err(extra) = shared.contexts.push(self) {
-            shared.freed.fetch_add(1, Ordering::Relaxed);
-            drop(extra);
+        match slot {
+            Some(s) => *s = Some(self),
+            // Full: dropped (more requests were in flight than the pool keeps).
+            None => {
+                if let Err(extra) = shared.contexts.push(self) {
+                    shared.freed.fetch_add(1, Ordering::Relaxed);
+                    drop(extra);
+                }
+            }
         }
         Some(taken)
     }
@@ -775,9 +826,16 @@ impl BlockFile {
             Reply::Async(mut ctx) => {
                 ctx.held = guard.into_held();
                 ctx.acct = acct;
+                let reserved = ctx.reserved.take();
                 w.attach(ctx);
                 let req = DioRequest::new(dir, at, acct.want, w, Mode::Async);
-                match self.inner.io.submit_async_fn(req, direct_done) {
+                let io = &self.inner.io;
+                let submitted = match reserved {
+                    Some(r) => io.submit_async_reserved(r, req, direct_done),
+                    // Not reached: every asynchronous context reserves a state.
+                    None => io.submit_async_fn(req, |r, w| direct_done(r, w, None)),
+                };
+                match submitted {
                     Ok(Submitted::Queued | Submitted::Completed) => None,
                     Err((e, mut w)) => {
                         // Refused: the range is given back and the callback dropped unrun.
@@ -833,7 +891,11 @@ impl BlockFile {
 /// that can only run after it returns (a deadlock of the deferral thread). Then, with deferred
 /// completions, the callback goes to the deferral thread in a pooled dio-core state
 /// ([`deliver`] runs there); otherwise it runs here.
-fn direct_done(r: DioResult, mut w: Window) {
+///
+/// `slot`: the user slot of the request's dio-core state, where the context stays for the
+/// state's next request (`None` when the request finished on the submitter's stack: the
+/// context goes back to the file's pool).
+fn direct_done(r: DioResult, mut w: Window, slot: Option<&mut Slot>) {
     let Some(mut ctx) = w.detach() else {
         log::error!("a direct request completed without its context; its callback is lost");
         return;
@@ -843,7 +905,7 @@ fn direct_done(r: DioResult, mut w: Window) {
         defer(shared, ctx, r, w);
         return;
     }
-    deliver_with(ctx, r, w);
+    deliver_with(ctx, r, w, slot);
 }
 
 /// Hand a finished request (its range given back) to the deferral thread, where [`deliver`]
@@ -865,13 +927,13 @@ fn deliver(r: DioResult, mut w: Window) {
         log::error!("a direct request completed without its context; its callback is lost");
         return;
     };
-    deliver_with(ctx, r, w);
+    deliver_with(ctx, r, w, None);
 }
 
 #[inline(always)]
-fn deliver_with(ctx: Box<Context>, r: DioResult, mut w: Window) {
-    // Give the context back to the pool first: the callback may submit again.
-    let Some((acct, cb)) = ctx.recycle() else {
+fn deliver_with(ctx: Box<Context>, r: DioResult, mut w: Window, slot: Option<&mut Slot>) {
+    // Give the context back first: the callback may submit again.
+    let Some((acct, cb)) = ctx.recycle_into(slot) else {
         log::error!("a direct request completed with a free context; its callback is lost");
         return;
     };
@@ -900,7 +962,8 @@ impl BlockFile {
         match reply {
             Reply::Sync => Some((result, buf)),
             Reply::Async(ctx) => {
-                // The context goes back to the pool; its callback runs here (or is deferred).
+                // The context goes back to its state's slot; its callback runs here (or is
+                // deferred).
                 let Some((_, Some(cb))) = ctx.recycle() else {
                     log::error!("a request's context lost its callback; the callback is lost");
                     return None;
@@ -962,7 +1025,9 @@ mod tests {
             let cb = Callback::new(move |_c: Completed| {
                 runs.fetch_add(1, Ordering::SeqCst);
             });
-            let mut ctx = Context::with_callback(shared, cb);
+            let mut ctx = Context::fresh(shared);
+            ctx.cb = Some(cb);
+            ctx.shared = Some(Arc::clone(shared));
             ctx.held = held;
             ctx.acct = acct;
             ctx
@@ -1133,10 +1198,12 @@ mod tests {
         thread.stop();
     }
 
-    /// More asynchronous direct requests in flight on one file than its pool of request
-    /// contexts keeps: the pool runs dry (a context is allocated per request beyond it), then
-    /// overflows (the extra contexts are freed); every request completes exactly once with its
-    /// own data, and a second round reuses the pool before it allocates again.
+    /// More asynchronous direct requests in flight on one file than its own pool of request
+    /// contexts keeps: the first round allocates a context per request (new dio-core states,
+    /// empty slots), and each context stays in its dio-core state's user slot when its
+    /// request completes (none goes to the file's pool, none is freed); every request
+    /// completes exactly once with its own data, and the second round finds every context in
+    /// the slots of the states it reserves (nothing allocated, nothing freed).
     #[test]
     fn more_requests_in_flight_than_the_context_pool_keeps() {
         let _w = test_watchdog::arm(test_watchdog::UNIT);
@@ -1187,8 +1254,8 @@ mod tests {
         let back = round(Op::Write, bufs);
         assert_eq!(
             shared.pool_misses(),
-            (N, N - CONTEXTS),
-            "dry, then overflowing"
+            (N, 0),
+            "one per request, kept in the states"
         );
         let back = back
             .into_iter()
@@ -1202,8 +1269,8 @@ mod tests {
         }
         assert_eq!(
             shared.pool_misses(),
-            (N + N - CONTEXTS, 2 * (N - CONTEXTS)),
-            "the second round took the pool's contexts first"
+            (N, 0),
+            "the second round reused the contexts kept in the states"
         );
         assert!(rx.try_recv().is_err(), "a callback ran twice");
     }
