@@ -1,4 +1,4 @@
-//! Zero heap allocations per request in the steady state (issue 9): after a warm-up, one-bio
+//! Zero heap allocations per request in the steady state: after a warm-up, one-bio
 //! requests through an [`IoCtx`] (sync, and async with SPDK's callback shape
 //! [`IoCtx::submit_async_fn`]) allocate nothing, whether the bios are completed on another
 //! thread (the submitter parks) or on the submitter's stack (polling in place), and with either
