@@ -7,6 +7,8 @@ use super::{
     DONE, F_CTX, F_LEAK, F_SYNC, IDLE_WEIGHT, IN_FLIGHT, IoDone, IoResult, NIL, QueuePair,
     Resubmit, STATUS_MASK, lba_of,
 };
+use core::sync::atomic::Ordering;
+
 use crate::nvme::error::{IoError, ProtocolError, Result};
 use crate::spec::Status;
 use crate::types::{Cid, Lba, Nsid};
@@ -32,9 +34,15 @@ impl<T> QueuePair<T> {
         if self.unrung != 0 {
             self.ring_sq();
         }
-        // The CQ position lives in registers while entries are consumed.
+        // The CQ position lives in registers while entries are consumed (`polling`: the CQ head
+        // doorbell waits for the end of the loop). At most `entries - 1` entries are taken: the
+        // most the device can have posted beyond the head it was told, so `cq_unrung` cannot
+        // pass them.
         let mut at = self.ring.cq_cursor();
+        let room = self.max_inflight as usize - self.cq_unrung as usize;
+        let max = max.min(room);
         let mut consumed = 0usize;
+        self.polling = true;
         while consumed < max {
             let Some(e) = at.peek() else {
                 break;
@@ -44,9 +52,14 @@ impl<T> QueuePair<T> {
             consumed += 1;
             delivered += self.complete(dw0, dw2, dw3, f);
         }
+        self.polling = false;
         if consumed != 0 {
-            self.ring.consumed(at);
-            self.stats.cq_doorbells += 1;
+            self.ring.advance_cq(at);
+            self.stats.busy_polls += 1;
+            self.cq_unrung += consumed as u16;
+            if self.cq_unrung >= self.cq_batch {
+                self.ring_cq();
+            }
             if self.wait_head != NIL {
                 self.issue_waiting();
             }
@@ -74,6 +87,17 @@ impl<T> QueuePair<T> {
             }
         }
         Ok(delivered)
+    }
+
+    /// Writes the CQ head doorbell: the entries consumed since the last write go back to the
+    /// device. Not on a queue the device no longer has (a controller reset since it was made).
+    #[inline]
+    pub(super) fn ring_cq(&mut self) {
+        if self.shared.generation.load(Ordering::Relaxed) == self.generation {
+            self.ring.ring_cq();
+            self.stats.cq_doorbells += 1;
+        }
+        self.cq_unrung = 0;
     }
 
     // ---------------------------------------------------------------------------------------

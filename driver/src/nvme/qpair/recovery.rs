@@ -65,6 +65,7 @@ impl<T> QueuePair<T> {
             },
             timeout: (self.tick != Duration::MAX).then(|| self.tick * 4),
             interrupts: self.interrupts(),
+            cq_head_batch: self.cq_batch,
         };
         // Nothing is outstanding: this pair no longer touches its doorbells, and the reset
         // deleted its queues. Hand its queue id back first so that the new pair can take the
@@ -176,6 +177,11 @@ impl<T> QueuePair<T> {
     ) -> usize {
         self.countdown = COUNTDOWN;
         self.stats.housekeeping += 1;
+        // Entries consumed since the CQ head doorbell was written stay with the driver only
+        // until the next housekeeping: an idle queue hands them back too.
+        if self.cq_unrung != 0 && !self.died {
+            self.ring_cq();
+        }
         if let Some(reason) = self.dead {
             return if self.died { 0 } else { self.die(reason, f) };
         }
@@ -188,8 +194,8 @@ impl<T> QueuePair<T> {
         }
         // A poll that consumed completion entries since the last look (one CQ doorbell each)
         // is a sign of life: the health check moves a whole interval away.
-        if self.stats.cq_doorbells != self.health_mark {
-            self.health_mark = self.stats.cq_doorbells;
+        if self.stats.busy_polls != self.health_mark {
+            self.health_mark = self.stats.busy_polls;
             self.next_health = now + HEALTH_INTERVAL;
         }
         let check_health = now >= self.next_health;
@@ -330,6 +336,11 @@ impl<T> QueuePair<T> {
     ) -> usize {
         self.dead = Some(reason);
         self.died = true;
+        if reason == DeadReason::Unrecoverable && self.cq_unrung != 0 {
+            // The queues are deleted next: hand the consumed entries back first, so that the
+            // device has room for whatever it still posts before it takes the deletion.
+            self.ring_cq();
+        }
         let stopped = self.stop_device(reason);
         self.stopped = stopped;
         let mut delivered = 0;
@@ -429,7 +440,13 @@ impl<T> Drop for QueuePair<T> {
         } else {
             match self.shared.dead_reason(self.generation).or(self.dead) {
                 Some(r) => self.stop_device(r),
-                None => self.delete_queues() || (issued && self.shared.disable().is_ok()),
+                None => {
+                    // As in `die`: the consumed entries go back before the deletion.
+                    if self.cq_unrung != 0 {
+                        self.ring_cq();
+                    }
+                    self.delete_queues() || (issued && self.shared.disable().is_ok())
+                }
             }
         };
         let safe = stopped || (!self.died && !issued);

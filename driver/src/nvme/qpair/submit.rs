@@ -38,9 +38,29 @@ impl<T> QueuePair<T> {
             self.countdown = 0; // fail the requests at the end of this poll
             return;
         }
+        // The device may complete every command on it once it sees the tail: it must have
+        // room for each, besides the entries consumed that it still counts as taken.
+        if self.cq_unrung as u32 + self.inflight as u32 > self.max_inflight as u32
+            && !self.make_cq_room()
+        {
+            return;
+        }
         self.ring.ring_sq();
         self.unrung = 0;
         self.stats.sq_doorbells += 1;
+    }
+
+    /// Hands the consumed CQ entries back to the device before commands that need their room
+    /// are rung. False inside a poll's consuming loop, whose position is not recorded yet:
+    /// the commands are rung by the poll once it has written the CQ head doorbell.
+    #[cold]
+    #[inline(never)]
+    fn make_cq_room(&mut self) -> bool {
+        if self.polling {
+            return false;
+        }
+        self.ring_cq();
+        true
     }
 
     // ---------------------------------------------------------------------------------------
