@@ -633,32 +633,35 @@ fn emulated_io_queues_is_checked() {
 fn poll_counters_at_depth() {
     let _w = test_watchdog::arm(test_watchdog::STRESS);
     // The inline emulated controller completes a batch as its doorbell is written, so each poll
-    // finds the whole batch: one SQ and one CQ doorbell per 32 I/Os, and no register read.
+    // finds the whole batch: one SQ doorbell per 32 I/Os, and no register read. The CQ head
+    // doorbell is written once per half queue of completions (the emulated controller's queues
+    // have 1024 entries: once per 512 I/Os).
     let r = perf_json("-q 32 -o 4096 -w randread -t 10 -d 3200");
     let c = r.counters.expect("counters");
     assert_eq!(c.ios, 3200, "{c:?}");
-    assert_eq!((c.sq_doorbells, c.cq_doorbells), (100, 100), "{c:?}");
+    assert_eq!((c.sq_doorbells, c.cq_doorbells), (100, 6), "{c:?}");
     assert_eq!(c.per_io.sq_doorbells, 1.0 / 32.0);
     assert_eq!(
         (c.register_reads, c.per_io.register_reads),
         (0, 0.0),
         "{c:?}"
     );
-    assert!(c.polls >= c.cq_doorbells && c.polls == c.cq_doorbells + c.empty_polls);
+    // Each of the 100 polls that found completions found a whole batch.
+    assert_eq!(c.polls - c.empty_polls, 100, "{c:?}");
     assert_eq!(r.devices[0].counters, Some(c));
     // The driver's count of doorbell writes is the device's (admin queue aside).
     let emu = r.emulated.unwrap();
-    assert!(emu.doorbell_writes >= 200, "{emu:?}");
+    assert!(emu.doorbell_writes >= c.sq_mmio + c.cq_mmio, "{emu:?}");
     // Shadow doorbells (the emulated controller offers them, as QEMU does): every update is a
     // shadow store, and the controller, idle at each update, asks for every register write.
-    assert_eq!((c.sq_shadow, c.cq_shadow), (100, 100), "{c:?}");
-    assert_eq!((c.sq_mmio, c.cq_mmio), (100, 100), "{c:?}");
+    assert_eq!((c.sq_shadow, c.cq_shadow), (100, 6), "{c:?}");
+    assert_eq!((c.sq_mmio, c.cq_mmio), (100, 6), "{c:?}");
     // Without them: no shadow store, every update a register write.
     let r = perf_json("-q 32 -o 4096 -w randread -t 10 -d 3200 --no-shadow-doorbells");
     assert!(!r.config.shadow_doorbells);
     let c = r.counters.unwrap();
     assert_eq!((c.sq_shadow, c.cq_shadow), (0, 0), "{c:?}");
-    assert_eq!((c.sq_mmio, c.cq_mmio), (100, 100), "{c:?}");
+    assert_eq!((c.sq_mmio, c.cq_mmio), (100, 6), "{c:?}");
     assert_eq!(c.per_io.sq_mmio, 1.0 / 32.0);
     // Per command: one SQ doorbell per I/O.
     let r = perf_json("-q 32 -o 4096 -w randread -t 10 -d 3200 --doorbell per-command");
@@ -680,8 +683,8 @@ fn poll_counters_at_depth() {
     assert_eq!(
         cols[cols.len() - 11..],
         [
-            "3200", "0.031", "0.000", "0.00000", "0.00000", "0.03125", "0.03125", "0.03125",
-            "0.03125", "0.03125", "0.03125"
+            "3200", "0.031", "0.000", "0.00000", "0.00000", "0.03125", "0.00187", "0.03125",
+            "0.00187", "0.03125", "0.00187"
         ],
         "{line}"
     );
