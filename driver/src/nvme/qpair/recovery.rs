@@ -440,13 +440,7 @@ impl<T> Drop for QueuePair<T> {
         } else {
             match self.shared.dead_reason(self.generation).or(self.dead) {
                 Some(r) => self.stop_device(r),
-                None => {
-                    // As in `die`: the consumed entries go back before the deletion.
-                    if self.cq_unrung != 0 {
-                        self.ring_cq();
-                    }
-                    self.delete_queues() || (issued && self.shared.disable().is_ok())
-                }
+                None => self.delete_queues() || (issued && self.shared.disable().is_ok()),
             }
         };
         let safe = stopped || (!self.died && !issued);
