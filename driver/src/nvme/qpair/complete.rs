@@ -35,12 +35,8 @@ impl<T> QueuePair<T> {
             self.ring_sq();
         }
         // The CQ position lives in registers while entries are consumed (`polling`: the CQ head
-        // doorbell waits for the end of the loop). At most `entries - 1` entries are taken: the
-        // most the device can have posted beyond the head it was told, so `cq_unrung` cannot
-        // pass them.
+        // doorbell waits for the end of the loop).
         let mut at = self.ring.cq_cursor();
-        let room = self.max_inflight as usize - self.cq_unrung as usize;
-        let max = max.min(room);
         let mut consumed = 0usize;
         self.polling = true;
         while consumed < max {
@@ -56,8 +52,10 @@ impl<T> QueuePair<T> {
         if consumed != 0 {
             self.ring.advance_cq(at);
             self.stats.busy_polls += 1;
-            self.cq_unrung += consumed as u16;
-            if self.cq_unrung >= self.cq_batch {
+            // Wrapping: only a device that posts more than it has room for takes `cq_room`
+            // below `-entries`, and then any value this low rings the CQ head below.
+            self.cq_room = self.cq_room.wrapping_sub(consumed as i32);
+            if self.cq_room <= self.cq_ring_at {
                 self.ring_cq();
             }
             if self.wait_head != NIL {
@@ -97,7 +95,13 @@ impl<T> QueuePair<T> {
             self.ring.ring_cq();
             self.stats.cq_doorbells += 1;
         }
-        self.cq_unrung = 0;
+        self.cq_room = self.max_inflight as i32;
+    }
+
+    /// CQ entries consumed since the CQ head doorbell was last written.
+    #[inline]
+    pub(super) fn cq_unrung(&self) -> u32 {
+        (self.max_inflight as i32).wrapping_sub(self.cq_room) as u32
     }
 
     // ---------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ impl<T> QueuePair<T> {
         }
         // Sleeping: the device gets back every consumed entry first (the CQ head doorbell is
         // otherwise written only every few polls).
-        if self.cq_unrung != 0 && !self.died {
+        if self.cq_unrung() != 0 && !self.died {
             self.ring_cq();
         }
         if self.done_head != NIL || self.died || self.dead.is_some() || self.protocol.is_some() {

@@ -449,13 +449,16 @@ pub struct QueuePair<T> {
     inflight: u16,
     max_inflight: u16,
     unrung: u16,
-    /// CQ entries consumed since the CQ head doorbell was last written (the device still
-    /// counts them as taken).
-    cq_unrung: u16,
-    /// `cq_unrung` at which a poll writes the CQ head doorbell.
-    cq_batch: u16,
-    /// A poll is consuming entries: the CQ position is in its registers, so `cq_unrung` and
-    /// the ring's head are behind and the CQ head doorbell cannot be written.
+    /// Commands the device may have on it (issued and rung) before the CQ head doorbell must
+    /// be written: `entries - 1` less the CQ entries consumed since it was last written, which
+    /// the device still counts as taken. Below 0 only after the device posted more than it
+    /// had room for.
+    cq_room: i32,
+    /// `cq_room` at or below which a poll writes the CQ head doorbell (`entries - 1` less the
+    /// batch of [`QueueOptions::cq_head_batch`]).
+    cq_ring_at: i32,
+    /// A poll is consuming entries: the CQ position is in its registers, so `cq_room` and the
+    /// ring's head are behind and the CQ head doorbell cannot be written.
     polling: bool,
     free_head: u16,
     free_count: u16,
@@ -657,8 +660,8 @@ impl<T> QueuePair<T> {
             inflight: 0,
             max_inflight: entries - 1,
             unrung: 0,
-            cq_unrung: 0,
-            cq_batch,
+            cq_room: entries as i32 - 1,
+            cq_ring_at: entries as i32 - 1 - cq_batch as i32,
             polling: false,
             free_head: 0,
             free_count: requests,

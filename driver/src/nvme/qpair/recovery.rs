@@ -65,7 +65,7 @@ impl<T> QueuePair<T> {
             },
             timeout: (self.tick != Duration::MAX).then(|| self.tick * 4),
             interrupts: self.interrupts(),
-            cq_head_batch: self.cq_batch,
+            cq_head_batch: (self.max_inflight as i32 - self.cq_ring_at) as u16,
         };
         // Nothing is outstanding: this pair no longer touches its doorbells, and the reset
         // deleted its queues. Hand its queue id back first so that the new pair can take the
@@ -179,7 +179,7 @@ impl<T> QueuePair<T> {
         self.stats.housekeeping += 1;
         // Entries consumed since the CQ head doorbell was written stay with the driver only
         // until the next housekeeping: an idle queue hands them back too.
-        if self.cq_unrung != 0 && !self.died {
+        if self.cq_unrung() != 0 && !self.died {
             self.ring_cq();
         }
         if let Some(reason) = self.dead {
@@ -336,7 +336,7 @@ impl<T> QueuePair<T> {
     ) -> usize {
         self.dead = Some(reason);
         self.died = true;
-        if reason == DeadReason::Unrecoverable && self.cq_unrung != 0 {
+        if reason == DeadReason::Unrecoverable && self.cq_unrung() != 0 {
             // The queues are deleted next: hand the consumed entries back first, so that the
             // device has room for whatever it still posts before it takes the deletion.
             self.ring_cq();

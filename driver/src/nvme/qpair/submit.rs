@@ -40,9 +40,7 @@ impl<T> QueuePair<T> {
         }
         // The device may complete every command on it once it sees the tail: it must have
         // room for each, besides the entries consumed that it still counts as taken.
-        if self.cq_unrung as u32 + self.inflight as u32 > self.max_inflight as u32
-            && !self.make_cq_room()
-        {
+        if self.inflight as i32 > self.cq_room && !self.make_cq_room() {
             return;
         }
         self.ring.ring_sq();

@@ -501,14 +501,14 @@ fn the_emulated_controller_flags_a_full_cq() {
     round(&mut q, 10);
     assert_eq!(drain(&mut q), 10);
     // 10 consumed, not handed back (fewer than the batch of 15): the device still counts them.
-    assert_eq!((q.cq_unrung, q.stats().cq_doorbells), (10, 0));
+    assert_eq!((q.cq_unrung(), q.stats().cq_doorbells), (10, 0));
     // An honest driver writes the head before the next 10 reach the device.
     round(&mut q, 10);
-    assert_eq!((q.cq_unrung, q.stats().cq_doorbells), (0, 1));
+    assert_eq!((q.cq_unrung(), q.stats().cq_doorbells), (0, 1));
     assert_eq!(drain(&mut q), 10);
     assert_eq!(emu.stats().io_cq_full, 0);
     // A driver that forgets them: 5 of the next 10 completions do not fit.
-    q.cq_unrung = 0;
+    q.cq_room = q.max_inflight as i32;
     round(&mut q, 10);
     assert_eq!(emu.stats().io_cq_full, 5);
     assert_eq!(drain(&mut q), 5);
