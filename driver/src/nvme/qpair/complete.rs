@@ -21,15 +21,20 @@ impl<T> QueuePair<T> {
         f: &mut F,
     ) -> Result<usize> {
         let mut delivered = 0;
-        if self.done_head != NIL && !self.defer {
-            delivered += self.deliver_done(f);
-        }
-        if self.died {
-            // The queue is gone on the device (or the device is): nothing it posts is trusted.
-            return match (delivered, self.dead) {
-                (0, Some(reason)) => Err(self.dead_error(reason)),
-                _ => Ok(delivered),
-            };
+        // One test for the unusual cases: results waiting in the done list, a dead queue, a
+        // protocol error to report.
+        if self.attention {
+            if self.done_head != NIL && !self.defer {
+                delivered += self.deliver_done(f);
+            }
+            if self.died {
+                // The queue is gone on the device (or the device is): nothing it posts is
+                // trusted.
+                return match (delivered, self.dead) {
+                    (0, Some(reason)) => Err(self.dead_error(reason)),
+                    _ => Ok(delivered),
+                };
+            }
         }
         if self.unrung != 0 {
             self.ring_sq();
@@ -76,15 +81,27 @@ impl<T> QueuePair<T> {
                 self.ring_sq();
             }
         }
-        if self.protocol.is_some() {
-            return Err(self.protocol_error());
-        }
-        if delivered == 0 && self.died {
-            if let Some(reason) = self.dead {
-                return Err(self.dead_error(reason));
-            }
+        if self.attention {
+            return self.poll_end_unusual(delivered);
         }
         Ok(delivered)
+    }
+
+    /// The end of a poll that found (or made) something unusual: a protocol error to report,
+    /// a queue that died with nothing delivered. Clears `attention` when nothing is left.
+    #[cold]
+    #[inline(never)]
+    fn poll_end_unusual(&mut self, delivered: usize) -> Result<usize> {
+        let out = if self.protocol.is_some() {
+            Err(self.protocol_error())
+        } else {
+            match (delivered, self.died, self.dead) {
+                (0, true, Some(reason)) => Err(self.dead_error(reason)),
+                _ => Ok(delivered),
+            }
+        };
+        self.attention = self.done_head != NIL || self.died || self.protocol.is_some();
+        out
     }
 
     /// Writes the CQ head doorbell: the entries consumed since the last write go back to the
@@ -244,6 +261,7 @@ impl<T> QueuePair<T> {
                 }
                 Err(e) => s.err = Some(e),
             }
+            self.attention = true;
             if self.done_tail == NIL {
                 self.done_head = idx;
             } else {

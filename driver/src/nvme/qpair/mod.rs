@@ -457,6 +457,10 @@ pub struct QueuePair<T> {
     /// `cq_room` at or below which a poll writes the CQ head doorbell (`entries - 1` less the
     /// batch of [`QueueOptions::cq_head_batch`]).
     cq_ring_at: i32,
+    /// Something the poll must look at besides the CQ: results in the done list, a dead queue
+    /// (`died`), a protocol error to report. Set with each; cleared by the poll that finds none
+    /// left.
+    attention: bool,
     /// A poll is consuming entries: the CQ position is in its registers, so `cq_room` and the
     /// ring's head are behind and the CQ head doorbell cannot be written.
     polling: bool,
@@ -663,6 +667,7 @@ impl<T> QueuePair<T> {
             cq_room: entries as i32 - 1,
             cq_ring_at: entries as i32 - 1 - cq_batch as i32,
             polling: false,
+            attention: false,
             free_head: 0,
             free_count: requests,
             wait_head: NIL,
@@ -1122,6 +1127,7 @@ impl<T> QueuePair<T> {
     #[cold]
     fn bad(&mut self, e: ProtocolError) {
         self.stats.protocol_errors += 1;
+        self.attention = true;
         self.protocol.get_or_insert(e);
     }
 

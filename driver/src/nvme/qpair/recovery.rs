@@ -336,6 +336,7 @@ impl<T> QueuePair<T> {
     ) -> usize {
         self.dead = Some(reason);
         self.died = true;
+        self.attention = true;
         if reason == DeadReason::Unrecoverable && self.cq_unrung() != 0 {
             // The queues are deleted next: hand the consumed entries back first, so that the
             // device has room for whatever it still posts before it takes the deletion.
