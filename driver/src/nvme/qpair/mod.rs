@@ -986,10 +986,13 @@ impl<T> QueuePair<T> {
                 len: 0,
             });
         }
-        self.dma.slice_of(ptr, len).ok_or(Error::NotDmaMemory {
-            ptr: ptr as usize,
-            len,
-        })
+        // `ok_or_else`: an error built eagerly is dropped on every call (drop glue of `Error`).
+        self.dma
+            .slice_of(ptr, len)
+            .ok_or_else(|| Error::NotDmaMemory {
+                ptr: ptr as usize,
+                len,
+            })
     }
 
     fn run_blocking(

@@ -192,7 +192,7 @@ impl<T> QueuePair<T> {
         if self.shared.poll_removal(now) {
             return self.die(DeadReason::DeviceGone, f);
         }
-        // A poll that consumed completion entries since the last look (one CQ doorbell each)
+        // A poll that consumed completion entries since the last look (`busy_polls`)
         // is a sign of life: the health check moves a whole interval away.
         if self.stats.busy_polls != self.health_mark {
             self.health_mark = self.stats.busy_polls;
