@@ -346,7 +346,9 @@ fn resubmitting_inside_the_poll_rings_once_per_poll() {
     assert_eq!(per_tag.iter().sum::<u64>(), 3200);
     let s = q.stats();
     assert!(s.sq_doorbells <= s.busy_polls + 1, "{s:?}");
-    assert!(s.cq_doorbells <= s.busy_polls, "{s:?}");
+    // Each CQ head doorbell hands back at least half the queue (32 entries), however many
+    // polls found nothing in between (the housekeeping of a busy queue writes none).
+    assert!(s.cq_doorbells <= 3200 / 32 + 1, "{s:?}");
     assert_eq!(s.completed, 3200);
 }
 
