@@ -223,6 +223,8 @@ mod tests {
             completed,
             sq_doorbells: sq,
             cq_doorbells: cq,
+            // One CQ head doorbell per poll that found completions (`--cq-head-batch 1`).
+            busy_polls: cq,
             // Shadow doorbells on: every update a shadow store, register writes when asked.
             sq_shadow_updates: sq,
             cq_shadow_updates: cq,

@@ -721,3 +721,38 @@ fn interrupt_modes_sleep_on_the_queues_and_report_cpu_per_io() {
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("--interrupt-mode must be polled, interrupt, adaptive"));
 }
+
+#[test]
+fn cq_head_batch_sets_when_the_cq_head_doorbell_is_written() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    // After every poll that found completions (the driver before the lazy CQ head doorbell):
+    // one per batch of 32 on the inline controller.
+    let r = perf_json("-q 32 -o 4096 -w randread -t 10 -d 3200 --cq-head-batch 1");
+    let c = r.counters.unwrap();
+    assert_eq!((c.sq_doorbells, c.cq_doorbells), (100, 100), "{c:?}");
+    // Every 64 consumed entries: every second poll.
+    let r = perf_json("-q 32 -o 4096 -w randread -t 10 -d 3200 --cq-head-batch 64");
+    let c = r.counters.unwrap();
+    assert_eq!((c.sq_doorbells, c.cq_doorbells), (100, 50), "{c:?}");
+    for bad in ["0", "x", "70000"] {
+        let o = perf(&format!(
+            "-q 1 -o 4096 -w randread -t 1 --cq-head-batch {bad}"
+        ));
+        assert!(!o.status.success(), "{bad}");
+        assert!(
+            text(&o.stderr).contains(&format!(
+                "--cq-head-batch must be 1 to 65535 (less than the I/O queue size), not '{bad}'"
+            )),
+            "{}",
+            text(&o.stderr)
+        );
+    }
+    // Not less than the queue: the driver refuses the queue pair and says why.
+    let o = perf("-q 1 -o 4096 -w randread -t 1 --io-queue-size 16 --cq-head-batch 16");
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("cq_head_batch"),
+        "{}",
+        text(&o.stderr)
+    );
+}
