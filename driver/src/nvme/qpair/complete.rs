@@ -39,11 +39,12 @@ impl<T> QueuePair<T> {
         if self.unrung != 0 {
             self.ring_sq();
         }
-        // The CQ position lives in registers while entries are consumed (`polling`: the CQ head
-        // doorbell waits for the end of the loop).
+        // The CQ position lives in registers while entries are consumed: `cq_room` and the
+        // ring's head catch up after the loop. (A CQ head doorbell written inside it, by a
+        // per-command submission of `poll_resubmit`, writes the head of the poll's start: the
+        // entries consumed in this poll all stay counted below.)
         let mut at = self.ring.cq_cursor();
         let mut consumed = 0usize;
-        self.polling = true;
         while consumed < max {
             let Some(e) = at.peek() else {
                 break;
@@ -53,7 +54,6 @@ impl<T> QueuePair<T> {
             consumed += 1;
             delivered += self.complete(dw0, dw2, dw3, f);
         }
-        self.polling = false;
         if consumed != 0 {
             self.ring.advance_cq(at);
             self.stats.busy_polls += 1;

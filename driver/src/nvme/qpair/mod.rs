@@ -134,7 +134,10 @@ pub struct QueueOptions {
     /// Completion entries consumed before a poll writes the CQ head doorbell (1..=entries - 1;
     /// 1: after every poll that consumed entries). The doorbell is also written earlier
     /// whenever the device could otherwise find the CQ full (see the module documentation).
-    /// Default (0) half the queue.
+    /// Default (0): half the queue, or 1 with [`DoorbellMode::PerCommand`], whose submissions
+    /// from inside [`QueuePair::poll_resubmit`] reach the device before the poll has counted
+    /// the entries it consumed (the device may then wait for room until the poll ends, as it
+    /// could before the CQ head doorbell was lazy).
     pub cq_head_batch: u16,
 }
 
@@ -461,9 +464,6 @@ pub struct QueuePair<T> {
     /// (`died`), a protocol error to report. Set with each; cleared by the poll that finds none
     /// left.
     attention: bool,
-    /// A poll is consuming entries: the CQ position is in its registers, so `cq_room` and the
-    /// ring's head are behind and the CQ head doorbell cannot be written.
-    polling: bool,
     free_head: u16,
     free_count: u16,
     wait_head: u16,
@@ -567,6 +567,7 @@ impl<T> QueuePair<T> {
             });
         }
         let cq_batch = match opts.cq_head_batch {
+            0 if opts.doorbell == DoorbellMode::PerCommand => 1,
             0 => (entries / 2).max(1),
             n => n,
         };
@@ -666,7 +667,6 @@ impl<T> QueuePair<T> {
             unrung: 0,
             cq_room: entries as i32 - 1,
             cq_ring_at: entries as i32 - 1 - cq_batch as i32,
-            polling: false,
             attention: false,
             free_head: 0,
             free_count: requests,

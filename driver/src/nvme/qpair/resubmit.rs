@@ -13,8 +13,7 @@ use crate::types::Lba;
 
 /// Submissions from inside [`QueuePair::poll_resubmit`]'s closure. What is submitted here is
 /// on the device after the poll's SQ doorbell write (at once with
-/// [`DoorbellMode::PerCommand`](super::DoorbellMode::PerCommand), unless the device first needs
-/// the CQ entries this poll is consuming handed back: then after the poll too).
+/// [`DoorbellMode::PerCommand`](super::DoorbellMode::PerCommand)).
 pub struct Resubmit<'a, T> {
     pub(super) qp: &'a mut QueuePair<T>,
 }

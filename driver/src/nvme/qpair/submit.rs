@@ -40,8 +40,8 @@ impl<T> QueuePair<T> {
         }
         // The device may complete every command on it once it sees the tail: it must have
         // room for each, besides the entries consumed that it still counts as taken.
-        if self.inflight as i32 > self.cq_room && !self.make_cq_room() {
-            return;
+        if self.inflight as i32 > self.cq_room {
+            self.make_cq_room();
         }
         self.ring.ring_sq();
         self.unrung = 0;
@@ -49,16 +49,11 @@ impl<T> QueuePair<T> {
     }
 
     /// Hands the consumed CQ entries back to the device before commands that need their room
-    /// are rung. False inside a poll's consuming loop, whose position is not recorded yet:
-    /// the commands are rung by the poll once it has written the CQ head doorbell.
+    /// are rung.
     #[cold]
     #[inline(never)]
-    fn make_cq_room(&mut self) -> bool {
-        if self.polling {
-            return false;
-        }
+    fn make_cq_room(&mut self) {
         self.ring_cq();
-        true
     }
 
     // ---------------------------------------------------------------------------------------
