@@ -34,10 +34,11 @@
 //! must never exceed `entries - 1`. Commands reach the device only with the SQ tail doorbell,
 //! so that is where it is checked: when commands were added and the sum would exceed the
 //! limit, the CQ head doorbell is written first. The head is also written before an interrupt
-//! arm, by the housekeeping (so an idle queue hands back everything), and before the queues of
-//! a queue pair whose device stopped answering are deleted. At queue
-//! depth 32 on a 256-entry queue that is one CQ head doorbell per 128 completions instead of
-//! one per poll; `cq_head_batch = 1` writes it after every poll that consumed entries.
+//! arm, by the housekeeping of a queue with nothing left on the device, and before the queues
+//! of a queue pair whose device stopped answering are deleted. At queue depth 32 on a
+//! 256-entry queue that is one CQ head doorbell per 128 completions instead of one per poll;
+//! `cq_head_batch = 1` writes it after every poll that consumed entries (the default of
+//! [`DoorbellMode::PerCommand`] queues).
 //!
 //! **Shadow doorbells.** When the controller took Doorbell Buffer Config at bring-up, each SQ
 //! tail and CQ head update is stored in the shadow doorbell page and written to the register
