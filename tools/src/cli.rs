@@ -574,6 +574,11 @@ pub struct PerfArgs {
     #[arg(long = "interrupt-mode", value_name = "MODE", num_args = 0..=1,
           default_missing_value = "interrupt")]
     pub interrupt_mode: Option<String>,
+    /// write the CQ head doorbell once N completion entries were consumed (and earlier when the
+    /// controller needs the room); 1: after every poll that found completions; default half
+    /// the I/O queue
+    #[arg(long = "cq-head-batch", value_name = "N")]
+    pub cq_head_batch: Option<String>,
     /// seed for the random offsets (default: from the clock)
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
@@ -629,6 +634,8 @@ pub struct PerfConfig {
     pub shadow_doorbells: bool,
     /// `--interrupt-mode`.
     pub interrupt: dioxide::InterruptMode,
+    /// `--cq-head-batch` (0: the driver's default, half the queue).
+    pub cq_head_batch: u16,
     /// `--seed`.
     pub seed: Option<u64>,
     /// The emulated controller's shape (used when no `-r` names a PCIe device).
@@ -861,6 +868,17 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
             }
         },
     };
+    let cq_head_batch = match a.cq_head_batch.as_deref() {
+        None => 0,
+        Some(v) => match v.parse::<u16>() {
+            Ok(n @ 1..) => n,
+            _ => {
+                return err(format!(
+                    "--cq-head-batch must be 1 to 65535 (less than the I/O queue size), not '{v}'"
+                ));
+            }
+        },
+    };
     if interrupt.sleeps() && trids.iter().any(|t| matches!(t.target, Target::Tcp(_))) {
         return err("--interrupt-mode applies to PCIe and emulated controllers, not trtype:TCP");
     }
@@ -894,6 +912,7 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
         doorbell,
         shadow_doorbells: !a.no_shadow_doorbells,
         interrupt,
+        cq_head_batch,
         seed: a.seed,
         emulated,
         warnings,

@@ -2,8 +2,9 @@
 //! often they found nothing, how often they read the clock (housekeeping) or a device register,
 //! and how many doorbells they wrote, in total and per I/O.
 //!
-//! A doorbell *update* (`sq_doorbells`, `cq_doorbells`: one per batch of submissions, one per
-//! poll that consumed completions) is a register (MMIO) write without shadow doorbells; with
+//! A doorbell *update* (`sq_doorbells`, `cq_doorbells`: one per batch of submissions; one per
+//! half queue of completions consumed, or earlier when the controller needs the room, see
+//! `QueueOptions::cq_head_batch`) is a register (MMIO) write without shadow doorbells; with
 //! them it is a store to the shadow doorbell page, followed by a register write only when the
 //! controller's event index asks for one. `sq_mmio`/`cq_mmio` count the register writes and
 //! `sq_shadow`/`cq_shadow` the shadow stores (0 without shadow doorbells).
@@ -222,6 +223,8 @@ mod tests {
             completed,
             sq_doorbells: sq,
             cq_doorbells: cq,
+            // One CQ head doorbell per poll that found completions (`--cq-head-batch 1`).
+            busy_polls: cq,
             // Shadow doorbells on: every update a shadow store, register writes when asked.
             sq_shadow_updates: sq,
             cq_shadow_updates: cq,

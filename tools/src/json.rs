@@ -531,6 +531,7 @@ mod tests {
                 completed: 100,
                 sq_doorbells: 4,
                 cq_doorbells: 4,
+                busy_polls: 4,
                 empty_polls: 96,
                 ..Default::default()
             })),

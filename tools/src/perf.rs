@@ -885,7 +885,8 @@ fn make_queues(
             .with_entries(qentries)
             .with_requests(requests)
             .with_doorbell(doorbell)
-            .with_interrupts(cfg.interrupt.sleeps());
+            .with_interrupts(cfg.interrupt.sleeps())
+            .with_cq_head_batch(cfg.cq_head_batch);
         let qp = c.ctrl.create_qpair::<u64>(opts).map_err(|e| {
             format!(
                 "ERROR: failed to create I/O queue pair {} of {} for {} on core {core}: {e}",

@@ -6,7 +6,10 @@
 //! when an entry may be written (the admin queue from the SQ head the device reports, an I/O
 //! queue pair from the commands it has in flight) and what a completion means. The completion
 //! side is a [`CqCursor`], a copy of the CQ position kept in registers while a poll consumes
-//! entries and handed back once with [`Ring::consumed`], which writes the CQ head doorbell.
+//! entries and handed back once with [`Ring::consumed`], which writes the CQ head doorbell (the
+//! admin queue), or with [`Ring::advance_cq`], which does not, and [`Ring::ring_cq`] when the
+//! owner decides the device needs the entries back (an I/O queue pair: see
+//! [`crate::nvme::qpair`]).
 //!
 //! With shadow doorbells (I/O queues of a controller that took Doorbell Buffer Config, see
 //! [`crate::nvme::shadow`]) both doorbells are stored in the shadow page and written to the
@@ -199,10 +202,24 @@ impl Ring {
     /// Records that the entries before `at` were consumed and writes the CQ head doorbell.
     #[inline(always)]
     pub(crate) fn consumed(&mut self, at: CqCursor) {
+        self.advance_cq(at);
+        self.ring_cq();
+    }
+
+    /// Records that the entries before `at` were consumed, without telling the device: their
+    /// slots stay taken for the device until [`ring_cq`](Self::ring_cq).
+    #[inline(always)]
+    pub(crate) fn advance_cq(&mut self, at: CqCursor) {
         self.cq_head = at.head;
         self.phase = at.phase;
+    }
+
+    /// Writes the CQ head doorbell with the current head (or its shadow, and the register if
+    /// the event index asks for it), handing the consumed entries back to the device.
+    #[inline(always)]
+    pub(crate) fn ring_cq(&mut self) {
         if self.cq_shadow.is_null() {
-            self.cq_db.ring(at.head as u32);
+            self.cq_db.ring(self.cq_head as u32);
         } else {
             self.consumed_shadowed();
         }

@@ -443,6 +443,7 @@ impl EmulatedController {
             s.doorbell_writes += n;
             if q != 0 {
                 s.io_doorbell_writes += n;
+                s.io_cq_full += slot.full.load(Ordering::Relaxed);
             }
         }
         s

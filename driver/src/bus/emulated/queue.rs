@@ -153,14 +153,15 @@ impl Cq {
         true
     }
 
-    /// Posts `c`, or queues it behind earlier completions if the queue is full. Returns true if
+    /// Posts `c`, or queues it behind earlier completions if the queue is full. Returns
+    /// whether `c` found the queue full (or behind completions that did), and whether
     /// completions remain queued.
-    pub(crate) fn post(&mut self, head: u32, c: Completion) -> bool {
+    pub(crate) fn post(&mut self, head: u32, c: Completion) -> (bool, bool) {
         if self.backlog.is_empty() && self.try_post(head, &c) {
-            return false;
+            return (false, false);
         }
         self.backlog.push_back(c);
-        self.flush(head)
+        (true, self.flush(head))
     }
 
     /// Posts queued completions while there is room. Returns true if some remain.
@@ -247,6 +248,10 @@ pub(crate) struct CqSlot {
     pub state: Mutex<Option<Cq>>,
     /// Completions are waiting for room.
     pub backlog: AtomicBool,
+    /// Completions that found the queue full (or behind ones that did) and had to wait for
+    /// the host to hand entries back with the head doorbell. A host that keeps room for every
+    /// command it lets the device see causes none.
+    pub full: AtomicU64,
     pub doorbells: AtomicU64,
     /// The shadow doorbell of the CQ head (Doorbell Buffer Config).
     pub shadow: Shadow,
@@ -259,6 +264,7 @@ impl CqSlot {
             size: AtomicU32::new(0),
             state: Mutex::new(None),
             backlog: AtomicBool::new(false),
+            full: AtomicU64::new(0),
             doorbells: AtomicU64::new(0),
             shadow: Shadow::new(),
         }
@@ -284,7 +290,11 @@ impl CqSlot {
         let mut g = lock(&self.state);
         if let Some(cq) = g.as_mut() {
             let head = self.head();
-            if cq.post(head, c) {
+            let (waited, left) = cq.post(head, c);
+            if waited {
+                self.full.fetch_add(1, Ordering::Relaxed);
+            }
+            if left {
                 self.backlog.store(true, Ordering::Release);
             }
         }

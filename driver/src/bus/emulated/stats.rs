@@ -21,6 +21,10 @@ pub struct Stats {
     pub held: usize,
     /// Times the threaded-mode device thread slept because it had been idle.
     pub idle_sleeps: u64,
+    /// Completions of the I/O queues that found their completion queue full and waited for
+    /// the host's head doorbell (a CQ overflow avoided by stalling the device). A host that
+    /// keeps room for every command it submitted causes none.
+    pub io_cq_full: u64,
 }
 
 impl Stats {

@@ -7,6 +7,8 @@ use super::{
     DONE, F_CTX, F_LEAK, F_SYNC, IDLE_WEIGHT, IN_FLIGHT, IoDone, IoResult, NIL, QueuePair,
     Resubmit, STATUS_MASK, lba_of,
 };
+use core::sync::atomic::Ordering;
+
 use crate::nvme::error::{IoError, ProtocolError, Result};
 use crate::spec::Status;
 use crate::types::{Cid, Lba, Nsid};
@@ -19,20 +21,28 @@ impl<T> QueuePair<T> {
         f: &mut F,
     ) -> Result<usize> {
         let mut delivered = 0;
-        if self.done_head != NIL && !self.defer {
-            delivered += self.deliver_done(f);
-        }
-        if self.died {
-            // The queue is gone on the device (or the device is): nothing it posts is trusted.
-            return match (delivered, self.dead) {
-                (0, Some(reason)) => Err(self.dead_error(reason)),
-                _ => Ok(delivered),
-            };
+        // One test for the unusual cases: results waiting in the done list, a dead queue, a
+        // protocol error to report.
+        if self.attention {
+            if self.done_head != NIL && !self.defer {
+                delivered += self.deliver_done(f);
+            }
+            if self.died {
+                // The queue is gone on the device (or the device is): nothing it posts is
+                // trusted.
+                return match (delivered, self.dead) {
+                    (0, Some(reason)) => Err(self.dead_error(reason)),
+                    _ => Ok(delivered),
+                };
+            }
         }
         if self.unrung != 0 {
             self.ring_sq();
         }
-        // The CQ position lives in registers while entries are consumed.
+        // The CQ position lives in registers while entries are consumed: `cq_room` and the
+        // ring's head catch up after the loop. (A CQ head doorbell written inside it, by a
+        // per-command submission of `poll_resubmit`, writes the head of the poll's start: the
+        // entries consumed in this poll all stay counted below.)
         let mut at = self.ring.cq_cursor();
         let mut consumed = 0usize;
         while consumed < max {
@@ -45,8 +55,14 @@ impl<T> QueuePair<T> {
             delivered += self.complete(dw0, dw2, dw3, f);
         }
         if consumed != 0 {
-            self.ring.consumed(at);
-            self.stats.cq_doorbells += 1;
+            self.ring.advance_cq(at);
+            self.stats.busy_polls += 1;
+            // Wrapping: only a device that posts more than it has room for takes `cq_room`
+            // below `-entries`, and then any value this low rings the CQ head below.
+            self.cq_room = self.cq_room.wrapping_sub(consumed as i32);
+            if self.cq_room <= self.cq_ring_at {
+                self.ring_cq();
+            }
             if self.wait_head != NIL {
                 self.issue_waiting();
             }
@@ -65,15 +81,44 @@ impl<T> QueuePair<T> {
                 self.ring_sq();
             }
         }
-        if self.protocol.is_some() {
-            return Err(self.protocol_error());
-        }
-        if delivered == 0 && self.died {
-            if let Some(reason) = self.dead {
-                return Err(self.dead_error(reason));
-            }
+        if self.attention {
+            return self.poll_end_unusual(delivered);
         }
         Ok(delivered)
+    }
+
+    /// The end of a poll that found (or made) something unusual: a protocol error to report,
+    /// a queue that died with nothing delivered. Clears `attention` when nothing is left.
+    #[cold]
+    #[inline(never)]
+    fn poll_end_unusual(&mut self, delivered: usize) -> Result<usize> {
+        let out = if self.protocol.is_some() {
+            Err(self.protocol_error())
+        } else {
+            match (delivered, self.died, self.dead) {
+                (0, true, Some(reason)) => Err(self.dead_error(reason)),
+                _ => Ok(delivered),
+            }
+        };
+        self.attention = self.done_head != NIL || self.died || self.protocol.is_some();
+        out
+    }
+
+    /// Writes the CQ head doorbell: the entries consumed since the last write go back to the
+    /// device. Not on a queue the device no longer has (a controller reset since it was made).
+    #[inline]
+    pub(super) fn ring_cq(&mut self) {
+        if self.shared.generation.load(Ordering::Relaxed) == self.generation {
+            self.ring.ring_cq();
+            self.stats.cq_doorbells += 1;
+        }
+        self.cq_room = self.max_inflight as i32;
+    }
+
+    /// CQ entries consumed since the CQ head doorbell was last written.
+    #[inline]
+    pub(super) fn cq_unrung(&self) -> u32 {
+        (self.max_inflight as i32).wrapping_sub(self.cq_room) as u32
     }
 
     // ---------------------------------------------------------------------------------------
@@ -216,6 +261,7 @@ impl<T> QueuePair<T> {
                 }
                 Err(e) => s.err = Some(e),
             }
+            self.attention = true;
             if self.done_tail == NIL {
                 self.done_head = idx;
             } else {

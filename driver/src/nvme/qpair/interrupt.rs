@@ -7,7 +7,8 @@
 //! mode and never touches the eventfd, so a busy queue costs no system call.
 //!
 //! **Sleeping without losing a wake-up.** The owner calls [`QueuePair::arm_interrupt`] when it
-//! wants to sleep. It rings commands not yet on the device, clears the eventfd, and *then* looks
+//! wants to sleep. It rings commands not yet on the device, writes the CQ head doorbell if
+//! entries were consumed since it was last written, clears the eventfd, and *then* looks
 //! at the CQ once more: a completion posted before the clear is found by that look, one posted
 //! after it signals the eventfd again. So if `arm_interrupt` returns true, sleeping in
 //! `poll(2)`/`epoll` on the descriptor ends as soon as there is a completion; if it returns
@@ -46,7 +47,8 @@ impl<T> QueuePair<T> {
     }
 
     /// Interrupt mode: prepares to sleep on [`completion_fd`](Self::completion_fd). Rings
-    /// commands not yet on the device, clears the eventfd, and looks at the CQ again; returns
+    /// commands not yet on the device and the CQ head, clears the eventfd, and looks at the CQ
+    /// again; returns
     /// true if sleeping is safe (nothing to deliver and no completion posted: the next one will
     /// make the descriptor readable), false if the owner must [`poll`](Self::poll) first. Also
     /// false in polled mode and on a dead queue pair (whose `poll` reports why).
@@ -71,6 +73,11 @@ impl<T> QueuePair<T> {
         }
         if self.unrung != 0 && !self.died {
             self.ring_sq();
+        }
+        // Sleeping: the device gets back every consumed entry first (the CQ head doorbell is
+        // otherwise written only every few polls).
+        if self.cq_unrung() != 0 && !self.died {
+            self.ring_cq();
         }
         if self.done_head != NIL || self.died || self.dead.is_some() || self.protocol.is_some() {
             return false;

@@ -23,8 +23,22 @@
 //!
 //! **Complete.** [`QueuePair::poll`] reads completion entries while their phase tag matches (an
 //! acquire load of the last dword, then the rest), checks the CID names a command in flight and
-//! the SQ id and head are sane, frees the slot and hands the context back with the result. One
-//! CQ head doorbell write per poll that consumed entries.
+//! the SQ id and head are sane, frees the slot and hands the context back with the result.
+//!
+//! **The CQ head doorbell is lazy.** Writing the CQ head only hands consumed entries back to
+//! the device, which needs them only to post completions. So a poll that consumed entries
+//! writes it only once [`QueueOptions::cq_head_batch`] entries (half the queue by default) were
+//! consumed since the last write, and earlier only when the device could otherwise run out of
+//! room: the device counts as taken every entry between the head it was last told and its
+//! tail, so the entries consumed but not handed back plus the commands it may still complete
+//! must never exceed `entries - 1`. Commands reach the device only with the SQ tail doorbell,
+//! so that is where it is checked: when commands were added and the sum would exceed the
+//! limit, the CQ head doorbell is written first. The head is also written before an interrupt
+//! arm, by the housekeeping of a queue with nothing left on the device, and before the queues
+//! of a queue pair whose device stopped answering are deleted. At queue depth 32 on a
+//! 256-entry queue that is one CQ head doorbell per 128 completions instead of one per poll;
+//! `cq_head_batch = 1` writes it after every poll that consumed entries (the default of
+//! [`DoorbellMode::PerCommand`] queues).
 //!
 //! **Shadow doorbells.** When the controller took Doorbell Buffer Config at bring-up, each SQ
 //! tail and CQ head update is stored in the shadow doorbell page and written to the register
@@ -118,6 +132,14 @@ pub struct QueueOptions {
     /// ([`QueuePair::completion_fd`], [`QueuePair::arm_interrupt`]). Off (polled) by default;
     /// polling costs the same either way.
     pub interrupts: bool,
+    /// Completion entries consumed before a poll writes the CQ head doorbell (1..=entries - 1;
+    /// 1: after every poll that consumed entries). The doorbell is also written earlier
+    /// whenever the device could otherwise find the CQ full (see the module documentation).
+    /// Default (0): half the queue, or 1 with [`DoorbellMode::PerCommand`], whose submissions
+    /// from inside [`QueuePair::poll_resubmit`] reach the device before the poll has counted
+    /// the entries it consumed (the device may then wait for room until the poll ends, as it
+    /// could before the CQ head doorbell was lazy).
+    pub cq_head_batch: u16,
 }
 
 impl Default for QueueOptions {
@@ -128,6 +150,7 @@ impl Default for QueueOptions {
             doorbell: DoorbellMode::PerBatch,
             timeout: Some(Duration::from_secs(30)),
             interrupts: false,
+            cq_head_batch: 0,
         }
     }
 }
@@ -156,6 +179,12 @@ impl QueueOptions {
     /// In interrupt mode (see [`QueueOptions::interrupts`]) or polled mode.
     pub fn with_interrupts(mut self, on: bool) -> Self {
         self.interrupts = on;
+        self
+    }
+    /// With the CQ head doorbell written after `n` consumed entries (see
+    /// [`QueueOptions::cq_head_batch`]).
+    pub fn with_cq_head_batch(mut self, n: u16) -> Self {
+        self.cq_head_batch = n;
         self
     }
 }
@@ -280,8 +309,9 @@ pub struct QueueStats {
     /// SQ tail doorbell updates: to the register, or with shadow doorbells to the shadow page
     /// (and to the register when the event index asks: [`sq_mmio_writes`](Self::sq_mmio_writes)).
     pub sq_doorbells: u64,
-    /// CQ head doorbell updates (one per poll that consumed completion entries), to the
-    /// register or the shadow page as for `sq_doorbells`.
+    /// CQ head doorbell updates (at most one per poll that consumed completion entries: one
+    /// per [`QueueOptions::cq_head_batch`] entries, or earlier when the device needs the room),
+    /// to the register or the shadow page as for `sq_doorbells`.
     pub cq_doorbells: u64,
     /// SQ tail doorbell register (MMIO) writes: `sq_doorbells` without shadow doorbells, those
     /// the event index asked for with them.
@@ -292,8 +322,10 @@ pub struct QueueStats {
     pub sq_shadow_updates: u64,
     /// CQ head updates stored in the shadow doorbell page.
     pub cq_shadow_updates: u64,
-    /// Polls that found no completion entry (polls that found some are `cq_doorbells`).
+    /// Polls that found no completion entry.
     pub empty_polls: u64,
+    /// Polls that consumed completion entries.
+    pub busy_polls: u64,
     /// Housekeeping runs (a clock read each, for timeouts and health checks): every 4096
     /// polls with completions, or every 256 empty polls.
     pub housekeeping: u64,
@@ -325,7 +357,7 @@ pub struct QueueStats {
 impl QueueStats {
     /// Polls that reached the CQ: those that consumed entries and those that found none.
     pub fn polls(&self) -> u64 {
-        self.cq_doorbells + self.empty_polls
+        self.busy_polls + self.empty_polls
     }
 }
 
@@ -421,6 +453,18 @@ pub struct QueuePair<T> {
     inflight: u16,
     max_inflight: u16,
     unrung: u16,
+    /// Commands the device may have on it (issued and rung) before the CQ head doorbell must
+    /// be written: `entries - 1` less the CQ entries consumed since it was last written, which
+    /// the device still counts as taken. Below 0 only after the device posted more than it
+    /// had room for.
+    cq_room: i32,
+    /// `cq_room` at or below which a poll writes the CQ head doorbell (`entries - 1` less the
+    /// batch of [`QueueOptions::cq_head_batch`]).
+    cq_ring_at: i32,
+    /// Something the poll must look at besides the CQ: results in the done list, a dead queue
+    /// (`died`), a protocol error to report. Set with each; cleared by the poll that finds none
+    /// left.
+    attention: bool,
     free_head: u16,
     free_count: u16,
     wait_head: u16,
@@ -455,7 +499,7 @@ pub struct QueuePair<T> {
     tick: Duration,
     tick_start: Instant,
     next_health: Instant,
-    /// `stats.cq_doorbells` when the health check was last put off: polls that consumed
+    /// `stats.busy_polls` when the health check was last put off: polls that consumed
     /// completions since then show the device alive.
     health_mark: u64,
     dma: DmaMemory,
@@ -513,6 +557,21 @@ impl<T> QueuePair<T> {
                 reason: format!("{requests} is not in 1..={MAX_REQUESTS}"),
             });
         }
+        if opts.cq_head_batch >= entries {
+            return Err(Error::InvalidOption {
+                name: "QueueOptions::cq_head_batch",
+                reason: format!(
+                    "{} is not in 1..={} (entries - 1; 0 for the default)",
+                    opts.cq_head_batch,
+                    entries - 1
+                ),
+            });
+        }
+        let cq_batch = match opts.cq_head_batch {
+            0 if opts.doorbell == DoorbellMode::PerCommand => 1,
+            0 => (entries / 2).max(1),
+            n => n,
+        };
         if opts.timeout == Some(Duration::ZERO) {
             return Err(Error::InvalidOption {
                 name: "QueueOptions::timeout",
@@ -607,6 +666,9 @@ impl<T> QueuePair<T> {
             inflight: 0,
             max_inflight: entries - 1,
             unrung: 0,
+            cq_room: entries as i32 - 1,
+            cq_ring_at: entries as i32 - 1 - cq_batch as i32,
+            attention: false,
             free_head: 0,
             free_count: requests,
             wait_head: NIL,
@@ -925,10 +987,13 @@ impl<T> QueuePair<T> {
                 len: 0,
             });
         }
-        self.dma.slice_of(ptr, len).ok_or(Error::NotDmaMemory {
-            ptr: ptr as usize,
-            len,
-        })
+        // `ok_or_else`: an error built eagerly is dropped on every call (drop glue of `Error`).
+        self.dma
+            .slice_of(ptr, len)
+            .ok_or_else(|| Error::NotDmaMemory {
+                ptr: ptr as usize,
+                len,
+            })
     }
 
     fn run_blocking(
@@ -1066,6 +1131,7 @@ impl<T> QueuePair<T> {
     #[cold]
     fn bad(&mut self, e: ProtocolError) {
         self.stats.protocol_errors += 1;
+        self.attention = true;
         self.protocol.get_or_insert(e);
     }
 

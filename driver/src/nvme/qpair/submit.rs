@@ -38,9 +38,22 @@ impl<T> QueuePair<T> {
             self.countdown = 0; // fail the requests at the end of this poll
             return;
         }
+        // The device may complete every command on it once it sees the tail: it must have
+        // room for each, besides the entries consumed that it still counts as taken.
+        if self.inflight as i32 > self.cq_room {
+            self.make_cq_room();
+        }
         self.ring.ring_sq();
         self.unrung = 0;
         self.stats.sq_doorbells += 1;
+    }
+
+    /// Hands the consumed CQ entries back to the device before commands that need their room
+    /// are rung.
+    #[cold]
+    #[inline(never)]
+    fn make_cq_room(&mut self) {
+        self.ring_cq();
     }
 
     // ---------------------------------------------------------------------------------------

@@ -255,7 +255,7 @@ fn poll_counters_and_the_health_check() {
     // and housekeeping reads no register.
     empty(&mut q, 600);
     let s = q.stats();
-    assert_eq!((s.empty_polls, s.polls(), s.cq_doorbells), (600, 600, 0));
+    assert_eq!((s.empty_polls, s.polls(), s.busy_polls), (600, 600, 0));
     assert_eq!((s.housekeeping, s.register_reads), (2, 0));
     // A request outstanding (a slot taken, nothing on the device) and no completion since the
     // health check was due: CSTS is read once, then not again before the interval is over.
@@ -268,7 +268,7 @@ fn poll_counters_and_the_health_check() {
     assert_eq!((q.stats().housekeeping, q.stats().register_reads), (4, 1));
     // Overdue, but a poll consumed completions since the last look: still no read.
     q.next_health = q.tick_start;
-    q.stats.cq_doorbells += 1;
+    q.stats.busy_polls += 1;
     empty(&mut q, 256);
     assert_eq!((q.stats().housekeeping, q.stats().register_reads), (5, 1));
     assert!(q.next_health > q.tick_start);
@@ -320,6 +320,16 @@ fn resubmitting_inside_the_poll_rings_once_per_poll() {
     let s = q.stats();
     assert_eq!((s.submitted, s.completed), (3200, 3200));
     assert_eq!((s.sq_doorbells, s.cq_doorbells), (100, 100), "{s:?}");
+    // 32 entries consumed per poll is the default batch of a 64-entry queue (half of it); with
+    // a batch of 128 on a 256-entry queue the CQ head is written once every 4 polls.
+    let (c, _emu, mut q) = setup(256, 256);
+    resubmit_loop(&c, &mut q, 3200);
+    let s = q.stats();
+    assert_eq!(
+        (s.sq_doorbells, s.busy_polls, s.cq_doorbells),
+        (100, 100, 25),
+        "{s:?}"
+    );
     // Threaded: completions trickle in, but never more than one SQ and one CQ doorbell per
     // poll that consumed entries (plus the first ring).
     let emu = EmulatedController::new(EmulatedConfig {
@@ -335,6 +345,177 @@ fn resubmitting_inside_the_poll_rings_once_per_poll() {
     let per_tag = resubmit_loop(&c, &mut q, 3200);
     assert_eq!(per_tag.iter().sum::<u64>(), 3200);
     let s = q.stats();
-    assert!(s.sq_doorbells <= s.cq_doorbells + 1, "{s:?}");
+    assert!(s.sq_doorbells <= s.busy_polls + 1, "{s:?}");
+    // Each CQ head doorbell hands back at least half the queue (32 entries), however many
+    // polls found nothing in between (the housekeeping of a busy queue writes none).
+    assert!(s.cq_doorbells <= 3200 / 32 + 1, "{s:?}");
     assert_eq!(s.completed, 3200);
+}
+
+/// Waits for the completion fd with no timeout: a lost wake-up hangs and the watchdog fails
+/// the test.
+fn sleep_on(fd: std::os::fd::RawFd) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one initialised pollfd, alive for the call.
+    let n = unsafe { libc::poll(&mut p, 1, -1) };
+    assert_eq!(n, 1, "poll(2): {}", std::io::Error::last_os_error());
+}
+
+/// Keeps a 16-entry queue pair full (15 commands on the device, 5 more waiting for room) for
+/// `n` completions, resubmitting from inside the poll; returns the queue's counters. Every
+/// tag must come back exactly as often as it was submitted, and the device must never have
+/// found the CQ full (it would stall waiting for a CQ head doorbell that a lazy driver might
+/// never write: the watchdog then fails the test).
+fn full_small_queue(
+    mode: crate::bus::emulated::Mode,
+    shadow: bool,
+    opts: QueueOptions,
+    n: u64,
+) -> QueueStats {
+    const TAGS: usize = 20;
+    let emu = EmulatedController::new(EmulatedConfig {
+        mode,
+        namespaces: vec![NamespaceConfig::memory(512, 1 << 16)],
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let copts = crate::nvme::controller::ControllerOptions::default().with_shadow_doorbells(shadow);
+    let c = Controller::with_options(emu.clone(), copts).unwrap();
+    assert_eq!(c.shadow_doorbells(), shadow);
+    let ns = c.namespaces().remove(0);
+    let interrupts = opts.interrupts;
+    let mut q = c
+        .create_qpair::<u64>(opts.with_entries(16).with_requests(TAGS as u16))
+        .unwrap();
+    let what = format!("{mode:?}, shadow {shadow}, {:?}", q.stats());
+    let bufs: Vec<_> = (0..TAGS).map(|_| c.alloc(512).unwrap()).collect();
+    let mut submitted = [0u64; TAGS];
+    let mut completed = [0u64; TAGS];
+    for (tag, b) in bufs.iter().enumerate() {
+        // SAFETY: the buffers outlive the loop, which drains every request.
+        unsafe { q.read_raw(&ns, Lba(tag as u64), b.as_dma_slice(), tag as u64) }.unwrap();
+        submitted[tag] += 1;
+    }
+    assert_eq!((q.in_flight(), q.outstanding()), (15, TAGS), "{what}");
+    let (mut done, mut issued) = (0u64, TAGS as u64);
+    while done < n {
+        let got = q
+            .poll_resubmit(usize::MAX, |r, tag, res| {
+                res.unwrap();
+                done += 1;
+                completed[tag as usize] += 1;
+                if issued < n {
+                    issued += 1;
+                    let b = bufs[tag as usize].as_dma_slice();
+                    // SAFETY: as above; the buffer's previous read has completed.
+                    unsafe { r.read_raw(&ns, Lba(issued % 1024), b, tag) }.unwrap();
+                    submitted[tag as usize] += 1;
+                }
+            })
+            .unwrap();
+        // On the device at all times: as many as the queue allows while requests remain.
+        assert!(q.in_flight() <= 15, "{what}");
+        if got == 0 && interrupts && q.arm_interrupt() {
+            sleep_on(q.completion_fd().unwrap());
+        }
+    }
+    assert_eq!(submitted, completed, "each request exactly once ({what})");
+    assert_eq!((q.in_flight(), q.outstanding()), (0, 0), "{what}");
+    let e = emu.stats();
+    assert_eq!(e.io_cq_full, 0, "the device found the CQ full ({what})");
+    assert_eq!(e.dma_faults + e.invalid_doorbell_writes, 0, "{what}");
+    q.stats()
+}
+
+/// A 16-entry queue pair kept full for a thousand wraps with the lazy CQ head doorbell, in
+/// every mode: inline and threaded device, shadow doorbells on and off, per-batch and
+/// per-command SQ doorbells, polled and interrupt mode, and the smallest and largest batch.
+#[test]
+fn a_full_small_queue_never_overflows_its_cq() {
+    use crate::bus::emulated::Mode;
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    for mode in [Mode::Inline, Mode::Threaded] {
+        for shadow in [true, false] {
+            for (doorbell, interrupts, batch) in [
+                (DoorbellMode::PerBatch, false, 0),
+                (DoorbellMode::PerCommand, false, 0),
+                (DoorbellMode::PerBatch, true, 0),
+                (DoorbellMode::PerBatch, false, 15),
+                (DoorbellMode::PerCommand, false, 15),
+                (DoorbellMode::PerBatch, false, 1),
+            ] {
+                let opts = QueueOptions::default()
+                    .with_doorbell(doorbell)
+                    .with_interrupts(interrupts)
+                    .with_cq_head_batch(batch);
+                let s = full_small_queue(mode, shadow, opts, 16_000);
+                let what = format!("{mode:?} shadow {shadow} {doorbell:?} {batch}: {s:?}");
+                assert_eq!(s.completed, 16_000, "{what}");
+                // Each write hands back entries of at least one poll (at full depth nearly
+                // every poll must: the device needs the room for the resubmitted commands).
+                assert!(
+                    s.cq_doorbells <= s.busy_polls && s.cq_doorbells > 0,
+                    "{what}"
+                );
+                if batch == 1 {
+                    assert_eq!(s.cq_doorbells, s.busy_polls, "{what}");
+                }
+            }
+        }
+    }
+}
+
+/// The check above can fail: a driver that forgets consumed entries (never hands them back)
+/// makes the emulated controller find the CQ full; it counts each completion that had to
+/// wait, and posts them once the head doorbell is written.
+#[test]
+fn the_emulated_controller_flags_a_full_cq() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let emu = EmulatedController::new(EmulatedConfig {
+        namespaces: vec![NamespaceConfig::memory(512, 1 << 16)],
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let c = Controller::new(emu.clone()).unwrap();
+    let ns = c.namespaces().remove(0);
+    let opts = QueueOptions::default()
+        .with_entries(16)
+        .with_cq_head_batch(15);
+    let mut q = c.create_qpair::<u64>(opts).unwrap();
+    let buf = c.alloc(512).unwrap();
+    let round = |q: &mut QueuePair<u64>, k: u64| {
+        for t in 0..k {
+            // SAFETY: `buf` outlives the reads, whose data is never looked at.
+            unsafe { q.read_raw(&ns, Lba(t), buf.as_dma_slice(), t) }.unwrap();
+        }
+        q.ring();
+    };
+    let drain = |q: &mut QueuePair<u64>| {
+        q.poll(usize::MAX, |_, r| {
+            r.unwrap();
+        })
+        .unwrap()
+    };
+    round(&mut q, 10);
+    assert_eq!(drain(&mut q), 10);
+    // 10 consumed, not handed back (fewer than the batch of 15): the device still counts them.
+    assert_eq!((q.cq_unrung(), q.stats().cq_doorbells), (10, 0));
+    // An honest driver writes the head before the next 10 reach the device.
+    round(&mut q, 10);
+    assert_eq!((q.cq_unrung(), q.stats().cq_doorbells), (0, 1));
+    assert_eq!(drain(&mut q), 10);
+    assert_eq!(emu.stats().io_cq_full, 0);
+    // A driver that forgets them: 5 of the next 10 completions do not fit.
+    q.cq_room = q.max_inflight as i32;
+    round(&mut q, 10);
+    assert_eq!(emu.stats().io_cq_full, 5);
+    assert_eq!(drain(&mut q), 5);
+    // Writing the head lets the device post the rest.
+    q.ring_cq();
+    assert_eq!(drain(&mut q), 5);
+    assert_eq!(q.in_flight(), 0);
 }
