@@ -15,12 +15,14 @@
 //! - [`json`]: the `--json` report, a documented schema.
 //! - [`plot`]: the `--plot FILE.svg` latency percentile chart.
 //! - [`nvmf_tgt`]: the NVMe/TCP target's options, start-up lines and signal handling.
+//! - [`ctxsw`]: thread vs process round trips over pipes (the cost of a change of address space).
 //! - [`logger`]: prints the driver's `log` warnings and errors on stderr.
 #![warn(missing_docs)]
 
 pub mod cli;
 pub mod clock;
 pub mod counters;
+pub mod ctxsw;
 pub mod device;
 pub mod engine;
 pub mod identify;
