@@ -16,6 +16,7 @@
 //! - [`cpustat`]: the whole system's CPU time from `/proc/stat` (perf's CPU per I/O).
 //! - [`plot`]: the `--plot FILE.svg` latency percentile chart.
 //! - [`nvmf_tgt`]: the NVMe/TCP target's options, start-up lines and signal handling.
+//! - [`ctxsw`]: thread vs process round trips over pipes (the cost of a change of address space).
 //! - [`logger`]: prints the driver's `log` warnings and errors on stderr.
 #![warn(missing_docs)]
 
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod clock;
 pub mod counters;
 pub mod cpustat;
+pub mod ctxsw;
 pub mod device;
 pub mod engine;
 pub mod identify;
