@@ -5,7 +5,11 @@
 //! an in-memory queue and runs on the driver's `QueuePair` through a thin adapter.
 //!
 //! Per namespace on a core (a [`Job`]): `-q` slots, each with its own data buffer allocated up
-//! front; a slot's index is its command's tag. Nothing is allocated while I/O runs: completions
+//! front; a command's tag is its slot's index, with the slot's I/O sequence number (16 bits)
+//! above it. A completion is matched to the I/O it names: one for a slot with no I/O in flight,
+//! or for an earlier I/O of the slot (a duplicate arriving after the slot was resubmitted), is
+//! a double completion: counted ([`Job::doubles`]), never taken for the slot's current I/O, and
+//! it fails the job. Nothing is allocated while I/O runs: completions
 //! are gathered into a vector of capacity `-q`, then each finished slot is resubmitted and the
 //! doorbell of every queue that got a command is rung once (`--doorbell per-batch`, the
 //! default) or after each command (`per-command`). Latency is the tick count from just before
@@ -178,7 +182,14 @@ struct Slot {
     /// verify: the next stripe offset (relative to `first_io`).
     next_io: u64,
     generation: u64,
+    /// An I/O of this slot is in flight.
+    in_flight: bool,
+    /// The sequence number of the slot's current (or last) I/O, carried in its tag.
+    seq: u16,
 }
+
+/// Where a slot's I/O sequence number sits in a tag (below it: the slot index).
+const SEQ_SHIFT: u32 = 32;
 
 /// One namespace on one core: its queues (shared with the core's other jobs on the same
 /// controller, see [`SharedQueue`]), buffers, slots and statistics.
@@ -214,6 +225,9 @@ pub struct Job<Q: IoQueue> {
     /// I/Os in flight that were never completed: on a queue that failed, or still in flight
     /// when the drain gave up.
     pub abandoned: u64,
+    /// Completions for an I/O not in flight (double completions), each counted once and never
+    /// taken for another I/O.
+    pub doubles: u64,
     /// Invalid completion entries the job's queues rejected, and the first one's error.
     rejected: Option<(u64, String)>,
 }
@@ -266,6 +280,7 @@ impl<Q: IoQueue> Job<Q> {
             errors_logged: 0,
             failure: None,
             abandoned: 0,
+            doubles: 0,
             rejected: None,
             spec,
         }
@@ -327,6 +342,8 @@ impl<Q: IoQueue> Job<Q> {
             self.next_qp = 0;
         }
         slot.submit_tick = clock.now();
+        slot.seq = slot.seq.wrapping_add(1);
+        let tag = k as u64 | (slot.seq as u64) << SEQ_SHIFT;
         let (read, lba) = (slot.read, slot.lba);
         // SAFETY: slot k's buffer is not touched again until its completion (tag k) is polled:
         // the slot is only resubmitted, and its buffer only filled or checked, from the
@@ -339,11 +356,12 @@ impl<Q: IoQueue> Job<Q> {
                 lba,
                 self.spec.io_blocks,
                 &self.bufs[k as usize],
-                k as u64,
+                tag,
             )
         };
         match r {
             Ok(()) => {
+                self.slots[k as usize].in_flight = true;
                 self.inflight += 1;
                 self.stats.io_submitted += 1;
                 if s.doorbell_per_command {
@@ -444,11 +462,26 @@ impl<Q: IoQueue> Job<Q> {
         let n = done.len();
         for (tag, st) in done.drain(..) {
             let now = clock.now();
-            let Some(slot) = self.slots.get_mut(tag as usize) else {
-                let msg = format!("{}: completion with unknown tag {tag}", self.spec.name);
+            let (k, seq) = (tag & ((1 << SEQ_SHIFT) - 1), (tag >> SEQ_SHIFT) as u16);
+            let Some(slot) = self.slots.get_mut(k as usize) else {
+                let msg = format!("{}: completion with unknown tag {tag:#x}", self.spec.name);
                 self.fail(msg);
                 continue;
             };
+            if !slot.in_flight || slot.seq != seq {
+                // Not the slot's I/O in flight: completed already (a duplicate), or never
+                // submitted. Counted, and never taken for the slot's current I/O.
+                self.doubles += 1;
+                let msg = format!(
+                    "{}: double completion: a completion for tag {tag:#x} (slot {k}), which has \
+                     no I/O in flight",
+                    self.spec.name
+                );
+                eprintln!("{msg}");
+                self.fail(msg);
+                continue;
+            }
+            slot.in_flight = false;
             self.stats.record(now.saturating_sub(slot.submit_tick));
             self.lifetime_completed += 1;
             self.inflight = self.inflight.saturating_sub(1);
@@ -461,7 +494,7 @@ impl<Q: IoQueue> Job<Q> {
                             slot.read_back = false;
                             let bs = self.spec.block_size as usize;
                             let (bad, first) =
-                                verify::check(self.bufs[tag as usize].bytes(), lba, bs, generation);
+                                verify::check(self.bufs[k as usize].bytes(), lba, bs, generation);
                             self.verify.blocks_checked += self.spec.io_blocks as u64;
                             if bad > 0 {
                                 self.verify.bad_blocks += bad;
@@ -499,7 +532,7 @@ impl<Q: IoQueue> Job<Q> {
                 }
             }
             if !self.draining {
-                self.submit_slot(tag as u32, s, clock);
+                self.submit_slot(k as u32, s, clock);
             }
         }
         self.done = done;
@@ -802,6 +835,8 @@ pub(crate) mod mock {
         /// Report a rejected (invalid) completion entry from this poll, after delivering its
         /// completions; the queue goes on working.
         pub reject_on_poll: Option<u64>,
+        /// Deliver this poll's first completion twice (a device posting a duplicate entry).
+        pub duplicate_on_poll: Option<u64>,
         pub polls: u64,
     }
 
@@ -818,6 +853,7 @@ pub(crate) mod mock {
                 reads: 0,
                 fail_poll_after: None,
                 reject_on_poll: None,
+                duplicate_on_poll: None,
                 polls: 0,
             }
         }
@@ -898,8 +934,16 @@ pub(crate) mod mock {
             } else {
                 self.ready.len().min(max as usize)
             };
+            let mut first = None;
             for (tag, st) in self.ready.drain(..n) {
+                first.get_or_insert((tag, st));
                 done(tag, st);
+            }
+            if self.duplicate_on_poll == Some(self.polls) {
+                if let Some((tag, st)) = first {
+                    done(tag, st);
+                    return Ok(n as u32 + 1);
+                }
             }
             if self.reject_on_poll == Some(self.polls) {
                 return Err("rejected: an invalid completion entry".into());
@@ -1241,6 +1285,32 @@ mod tests {
         assert!(j.stats.io_submitted > 0);
         assert_eq!(j.stats.io_submitted, j.stats.io_completed);
         assert_eq!(j.stats.io_errors, 0);
+    }
+
+    /// A duplicate completion (the device completes one command twice) is counted as a double,
+    /// never taken for the slot's next I/O, and fails the job naming it; every real I/O is
+    /// still accounted for.
+    #[test]
+    fn a_duplicate_completion_is_counted_and_fails_the_job() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::Verify, 4, 200);
+        let mut q = MockQueue::new(media.clone(), 512);
+        q.duplicate_on_poll = Some(5);
+        let mut jobs = [job(&s, vec![q], 50)];
+        let r = go(&mut jobs, &s);
+        assert!(r.elapsed_ticks < 10_000_000_000);
+        let j = &jobs[0];
+        let f = j.failure.as_deref().unwrap_or_default();
+        assert!(
+            f.contains("double completion") && f.contains("no I/O in flight"),
+            "{f:?}"
+        );
+        assert_eq!(j.doubles, 1);
+        assert_eq!(j.inflight(), 0);
+        assert_eq!(j.abandoned, 0);
+        assert_eq!(j.stats.io_submitted, j.stats.io_completed);
+        assert_eq!(j.stats.io_submitted, media.borrow().commands);
+        assert_eq!(j.verify.bad_blocks, 0, "{:?}", j.verify.first);
     }
 
     /// A completion whose tag names no job on the queue fails the queue instead of being lost
