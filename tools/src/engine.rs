@@ -186,6 +186,8 @@ struct Slot {
     in_flight: bool,
     /// The sequence number of the slot's current (or last) I/O, carried in its tag.
     seq: u16,
+    /// The job's queue (index into its queues) the I/O was submitted to.
+    qp: usize,
 }
 
 /// Where a slot's I/O sequence number sits in a tag (below it: the slot index).
@@ -216,6 +218,10 @@ pub struct Job<Q: IoQueue> {
     pub verify: VerifyStats,
     draining: bool,
     inflight: u32,
+    /// I/Os in flight per queue (`-P`): a queue that fails abandons its own only.
+    qp_inflight: Vec<u32>,
+    /// Queues that failed: nothing more completes on them, they are polled no more.
+    qp_failed: Vec<bool>,
     done: Vec<(u64, Result<(), Q::IoErr>)>,
     retry: Vec<u32>,
     generation: u64,
@@ -264,6 +270,8 @@ impl<Q: IoQueue> Job<Q> {
             offsets: Offsets::new(spec.ios, s.workload.is_random(), 0),
             rng: XorShift64::new(spec.seed),
             unrung: vec![false; qps.len()],
+            qp_inflight: vec![0; qps.len()],
+            qp_failed: vec![false; qps.len()],
             qps,
             next_qp: 0,
             bufs,
@@ -361,7 +369,10 @@ impl<Q: IoQueue> Job<Q> {
         };
         match r {
             Ok(()) => {
-                self.slots[k as usize].in_flight = true;
+                let slot = &mut self.slots[k as usize];
+                slot.in_flight = true;
+                slot.qp = q;
+                self.qp_inflight[q] += 1;
                 self.inflight += 1;
                 self.stats.io_submitted += 1;
                 if s.doorbell_per_command {
@@ -393,7 +404,12 @@ impl<Q: IoQueue> Job<Q> {
         if !self.retry.is_empty() {
             return false;
         }
-        for q in self.qps.iter_mut() {
+        for (q, _) in self
+            .qps
+            .iter_mut()
+            .zip(&self.qp_failed)
+            .filter(|(_, f)| !**f)
+        {
             let Some(fd) = q.arm() else {
                 return false;
             };
@@ -424,6 +440,19 @@ impl<Q: IoQueue> Job<Q> {
         self.ring_all();
     }
 
+    /// Counts the I/Os in flight on queue `q` (every queue: `None`) as never completed; their
+    /// slots are not resubmitted (the job is draining) and no completion is taken for them.
+    fn abandon(&mut self, q: Option<usize>) {
+        for slot in self.slots.iter_mut() {
+            if slot.in_flight && q.is_none_or(|q| q == slot.qp) {
+                slot.in_flight = false;
+                self.qp_inflight[slot.qp] -= 1;
+                self.inflight -= 1;
+                self.abandoned += 1;
+            }
+        }
+    }
+
     /// Polls every queue once, handles the completions and resubmits; returns how many
     /// completed.
     pub fn poll(&mut self, s: &Settings, clock: &Clock) -> u32 {
@@ -435,7 +464,11 @@ impl<Q: IoQueue> Job<Q> {
             }
             self.retry.drain(..n);
         }
+        let mut failed_now = false;
         for q in 0..self.qps.len() {
+            if self.qp_failed[q] {
+                continue;
+            }
             let done = &mut self.done;
             if let Err(e) = self.qps[q].poll(s.max_completions, |tag, st| done.push((tag, st))) {
                 let msg = format!(
@@ -444,12 +477,11 @@ impl<Q: IoQueue> Job<Q> {
                 );
                 eprintln!("{msg}");
                 self.fail(msg);
-                // Nothing more will complete on a queue that failed (the driver has delivered
-                // every request it knew of before saying so: any left are counted, not hidden).
-                self.abandoned += self.inflight as u64;
-                self.inflight = 0;
-                self.done.clear();
-                return 0;
+                // Nothing more will complete on this queue; the others go on (the job drains
+                // them), and what any queue delivered in this pass is handled below.
+                self.qp_failed[q] = true;
+                failed_now = true;
+                continue;
             }
             if let Some(r) = self.qps[q].rejected() {
                 // A device posting invalid completion entries: stop and drain (the queue still
@@ -482,9 +514,10 @@ impl<Q: IoQueue> Job<Q> {
                 continue;
             }
             slot.in_flight = false;
+            self.qp_inflight[slot.qp] -= 1;
+            self.inflight -= 1;
             self.stats.record(now.saturating_sub(slot.submit_tick));
             self.lifetime_completed += 1;
-            self.inflight = self.inflight.saturating_sub(1);
             let read = slot.read;
             match st {
                 Ok(()) => {
@@ -536,6 +569,15 @@ impl<Q: IoQueue> Job<Q> {
             }
         }
         self.done = done;
+        if failed_now {
+            // The driver delivered every request it knew of before saying the queue failed:
+            // the I/Os still in flight on a failed queue are counted, not hidden.
+            for q in 0..self.qps.len() {
+                if self.qp_failed[q] && self.qp_inflight[q] > 0 {
+                    self.abandon(Some(q));
+                }
+            }
+        }
         self.ring_all();
         n as u32
     }
@@ -753,7 +795,7 @@ pub fn run<Q: IoQueue>(
         if clock.now() > give_up {
             for j in jobs.iter_mut().filter(|j| j.inflight > 0) {
                 let msg = format!("{}: {} I/Os did not complete", j.spec.name, j.inflight);
-                j.abandoned += j.inflight as u64;
+                j.abandon(None);
                 j.fail(msg);
             }
             break;
@@ -1259,6 +1301,36 @@ mod tests {
             );
         }
         assert!(jobs.iter().map(|j| j.abandoned).sum::<u64>() > 0);
+    }
+
+    /// With several queue pairs per job (`-P 2`), a queue that fails abandons only the I/Os in
+    /// flight on it: the completions the healthy queue delivered in the same pass are counted,
+    /// and its I/Os in flight are drained, not abandoned.
+    #[test]
+    fn a_failed_queue_abandons_only_its_own_ios() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::RandRead, 8, 0);
+        let healthy = SharedQueue::new(MockQueue::new(media.clone(), 512));
+        let mut q = MockQueue::new(media.clone(), 512);
+        q.fail_poll_after = Some(5);
+        let failing = healthy.sibling(q);
+        let qps = vec![healthy.handle().unwrap(), failing.handle().unwrap()];
+        let mut jobs = [Job::new(spec(1, 0, 1 << 20), qps, bufs(8, 1024), &s, 1)];
+        let r = go(&mut jobs, &s);
+        assert!(r.elapsed_ticks < 10_000_000_000);
+        let j = &jobs[0];
+        let f = j.failure.as_deref().unwrap_or_default();
+        assert!(f.contains("the mock queue died"), "{f:?}");
+        assert_eq!(j.inflight(), 0);
+        assert_eq!(j.doubles, 0);
+        // Abandoned: exactly the commands the failed queue never completed.
+        let unanswered = |q: &MockQueue| (q.ready.len() + q.queued.len()) as u64;
+        assert_eq!(healthy.with(unanswered), 0);
+        let lost = failing.with(unanswered);
+        assert!(lost > 0 && lost < 8, "{lost} on the failed queue");
+        assert_eq!(j.abandoned, lost);
+        assert_eq!(j.stats.io_submitted, j.stats.io_completed + j.abandoned);
+        assert_eq!(j.stats.io_submitted, media.borrow().commands);
     }
 
     /// A rejected invalid completion entry (the queue still works) stops the job, which drains
