@@ -7,7 +7,9 @@
 //! tools' `tests/fault_matrix.rs` (it needs the perf binary).
 //!
 //! Every request is counted by how many times it completed (each callback or return counted;
-//! a second one is a double completion), after a bounded wait; then the controller recovers (a
+//! a second one is a double completion), after a bounded wait (a blocking call: after it
+//! returned, lost if the queue still holds its request, and a completion handed out by the
+//! queue afterwards is a second one); then the controller recovers (a
 //! reset after CSTS.CFS; after the removal, a new emulated controller on the same backing file,
 //! "plugged back") and every block written is read back: a write that succeeded holds its data,
 //! one that failed holds its old or its new data, and every read that succeeded returned what
@@ -32,7 +34,7 @@ use dioxide::emulated::{
 use dioxide::spec::status::generic;
 use dioxide::{
     Controller, DeadReason, Dioxide, DmaBuffer, EmbedError, Error, FileOptions, IoDone, IoError,
-    Lba, Namespace, QueueOptions, Request,
+    Lba, Namespace, QueueOptions, QueuePair, Request,
 };
 use dioxide_tests::matrix::Cell;
 use dioxide_tests::*;
@@ -256,6 +258,24 @@ fn check_done(row: Row, what: &str, d: IoDone) {
     );
 }
 
+/// Runs one blocking call on `q`, which holds no other request, and counts in `cell` what
+/// became of its request once the call has returned: not completed (0: lost) if the queue still
+/// holds it, else once, plus every completion `q` hands out afterwards (the queue holds no other
+/// request: each would be a second completion of this one).
+fn blocking(
+    cell: &mut Cell,
+    q: &mut QueuePair<()>,
+    call: impl FnOnce(&mut QueuePair<()>) -> dioxide::Result<IoDone>,
+) -> dioxide::Result<IoDone> {
+    assert_eq!(q.outstanding(), 0, "a blocking call on an idle queue");
+    let r = call(q);
+    let mut times = u32::from(q.outstanding() == 0);
+    // A dead queue's error here is the fault, already seen by the call.
+    let _ = q.poll(usize::MAX, |(), _| times += 1);
+    cell.completions(&[times]);
+    r
+}
+
 /// Blocking calls: write a block, read it back, 24 times; the fault at the 19th command (the
 /// 10th write).
 fn sync(row: Row, mode: Mode, cell: &mut Cell) -> bool {
@@ -271,8 +291,9 @@ fn sync(row: Row, mode: Mode, cell: &mut Cell) -> bool {
         let new = new_data(i, BS);
         let mut b = rig.ctrl.alloc(BS).unwrap();
         b.as_mut_slice().copy_from_slice(&new);
-        cell.completions(&[1]);
-        match q.write_blocking(&rig.ns, Lba(i), b.as_slice()) {
+        match blocking(cell, &mut q, |q| {
+            q.write_blocking(&rig.ns, Lba(i), b.as_slice())
+        }) {
             Ok(d) => {
                 check_done(row, "sync write", d);
                 writes.push((i, BS));
@@ -285,8 +306,9 @@ fn sync(row: Row, mode: Mode, cell: &mut Cell) -> bool {
             }
         }
         let mut r = rig.ctrl.alloc(BS).unwrap();
-        cell.completions(&[1]);
-        match q.read_blocking(&rig.ns, Lba(i), r.as_mut_slice()) {
+        match blocking(cell, &mut q, |q| {
+            q.read_blocking(&rig.ns, Lba(i), r.as_mut_slice())
+        }) {
             Ok(d) => {
                 check_done(row, "sync read", d);
                 ok &= r.as_slice() == new;
@@ -423,8 +445,8 @@ fn split(row: Row, mode: Mode, cell: &mut Cell) -> bool {
         let new = new_data(i, len);
         let mut b = rig.ctrl.alloc(len).unwrap();
         b.as_mut_slice().copy_from_slice(&new);
-        cell.completions(&[1]);
-        match q.write_blocking(&rig.ns, Lba(i * blocks), b.as_slice()) {
+        let w = |q: &mut QueuePair<()>| q.write_blocking(&rig.ns, Lba(i * blocks), b.as_slice());
+        match blocking(cell, &mut q, w) {
             Ok(d) => {
                 check_done(row, "split write", d);
                 writes.push((i, len));
@@ -437,8 +459,9 @@ fn split(row: Row, mode: Mode, cell: &mut Cell) -> bool {
             }
         }
         let mut r = rig.ctrl.alloc(len).unwrap();
-        cell.completions(&[1]);
-        match q.read_blocking(&rig.ns, Lba(i * blocks), r.as_mut_slice()) {
+        let rd =
+            |q: &mut QueuePair<()>| q.read_blocking(&rig.ns, Lba(i * blocks), r.as_mut_slice());
+        match blocking(cell, &mut q, rd) {
             Ok(d) => {
                 check_done(row, "split read", d);
                 ok &= r.as_slice() == new;

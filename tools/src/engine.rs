@@ -5,7 +5,11 @@
 //! an in-memory queue and runs on the driver's `QueuePair` through a thin adapter.
 //!
 //! Per namespace on a core (a [`Job`]): `-q` slots, each with its own data buffer allocated up
-//! front; a slot's index is its command's tag. Nothing is allocated while I/O runs: completions
+//! front; a command's tag is its slot's index, with the slot's I/O sequence number (16 bits)
+//! above it. A completion is matched to the I/O it names: one for a slot with no I/O in flight,
+//! or for an earlier I/O of the slot (a duplicate arriving after the slot was resubmitted), is
+//! a double completion: counted ([`Job::doubles`]), never taken for the slot's current I/O, and
+//! it fails the job. Nothing is allocated while I/O runs: completions
 //! are gathered into a vector of capacity `-q`, then each finished slot is resubmitted and the
 //! doorbell of every queue that got a command is rung once (`--doorbell per-batch`, the
 //! default) or after each command (`per-command`). Latency is the tick count from just before
@@ -178,7 +182,16 @@ struct Slot {
     /// verify: the next stripe offset (relative to `first_io`).
     next_io: u64,
     generation: u64,
+    /// An I/O of this slot is in flight.
+    in_flight: bool,
+    /// The sequence number of the slot's current (or last) I/O, carried in its tag.
+    seq: u16,
+    /// The job's queue (index into its queues) the I/O was submitted to.
+    qp: usize,
 }
+
+/// Where a slot's I/O sequence number sits in a tag (below it: the slot index).
+const SEQ_SHIFT: u32 = 32;
 
 /// One namespace on one core: its queues (shared with the core's other jobs on the same
 /// controller, see [`SharedQueue`]), buffers, slots and statistics.
@@ -205,6 +218,10 @@ pub struct Job<Q: IoQueue> {
     pub verify: VerifyStats,
     draining: bool,
     inflight: u32,
+    /// I/Os in flight per queue (`-P`): a queue that fails abandons its own only.
+    qp_inflight: Vec<u32>,
+    /// Queues that failed: nothing more completes on them, they are polled no more.
+    qp_failed: Vec<bool>,
     done: Vec<(u64, Result<(), Q::IoErr>)>,
     retry: Vec<u32>,
     generation: u64,
@@ -214,6 +231,9 @@ pub struct Job<Q: IoQueue> {
     /// I/Os in flight that were never completed: on a queue that failed, or still in flight
     /// when the drain gave up.
     pub abandoned: u64,
+    /// Completions for an I/O not in flight (double completions), each counted once and never
+    /// taken for another I/O.
+    pub doubles: u64,
     /// Invalid completion entries the job's queues rejected, and the first one's error.
     rejected: Option<(u64, String)>,
 }
@@ -250,6 +270,8 @@ impl<Q: IoQueue> Job<Q> {
             offsets: Offsets::new(spec.ios, s.workload.is_random(), 0),
             rng: XorShift64::new(spec.seed),
             unrung: vec![false; qps.len()],
+            qp_inflight: vec![0; qps.len()],
+            qp_failed: vec![false; qps.len()],
             qps,
             next_qp: 0,
             bufs,
@@ -266,6 +288,7 @@ impl<Q: IoQueue> Job<Q> {
             errors_logged: 0,
             failure: None,
             abandoned: 0,
+            doubles: 0,
             rejected: None,
             spec,
         }
@@ -327,6 +350,8 @@ impl<Q: IoQueue> Job<Q> {
             self.next_qp = 0;
         }
         slot.submit_tick = clock.now();
+        slot.seq = slot.seq.wrapping_add(1);
+        let tag = k as u64 | (slot.seq as u64) << SEQ_SHIFT;
         let (read, lba) = (slot.read, slot.lba);
         // SAFETY: slot k's buffer is not touched again until its completion (tag k) is polled:
         // the slot is only resubmitted, and its buffer only filled or checked, from the
@@ -339,11 +364,15 @@ impl<Q: IoQueue> Job<Q> {
                 lba,
                 self.spec.io_blocks,
                 &self.bufs[k as usize],
-                k as u64,
+                tag,
             )
         };
         match r {
             Ok(()) => {
+                let slot = &mut self.slots[k as usize];
+                slot.in_flight = true;
+                slot.qp = q;
+                self.qp_inflight[q] += 1;
                 self.inflight += 1;
                 self.stats.io_submitted += 1;
                 if s.doorbell_per_command {
@@ -375,7 +404,12 @@ impl<Q: IoQueue> Job<Q> {
         if !self.retry.is_empty() {
             return false;
         }
-        for q in self.qps.iter_mut() {
+        for (q, _) in self
+            .qps
+            .iter_mut()
+            .zip(&self.qp_failed)
+            .filter(|(_, f)| !**f)
+        {
             let Some(fd) = q.arm() else {
                 return false;
             };
@@ -406,6 +440,19 @@ impl<Q: IoQueue> Job<Q> {
         self.ring_all();
     }
 
+    /// Counts the I/Os in flight on queue `q` (every queue: `None`) as never completed; their
+    /// slots are not resubmitted (the job is draining) and no completion is taken for them.
+    fn abandon(&mut self, q: Option<usize>) {
+        for slot in self.slots.iter_mut() {
+            if slot.in_flight && q.is_none_or(|q| q == slot.qp) {
+                slot.in_flight = false;
+                self.qp_inflight[slot.qp] -= 1;
+                self.inflight -= 1;
+                self.abandoned += 1;
+            }
+        }
+    }
+
     /// Polls every queue once, handles the completions and resubmits; returns how many
     /// completed.
     pub fn poll(&mut self, s: &Settings, clock: &Clock) -> u32 {
@@ -417,7 +464,11 @@ impl<Q: IoQueue> Job<Q> {
             }
             self.retry.drain(..n);
         }
+        let mut failed_now = false;
         for q in 0..self.qps.len() {
+            if self.qp_failed[q] {
+                continue;
+            }
             let done = &mut self.done;
             if let Err(e) = self.qps[q].poll(s.max_completions, |tag, st| done.push((tag, st))) {
                 let msg = format!(
@@ -426,12 +477,11 @@ impl<Q: IoQueue> Job<Q> {
                 );
                 eprintln!("{msg}");
                 self.fail(msg);
-                // Nothing more will complete on a queue that failed (the driver has delivered
-                // every request it knew of before saying so: any left are counted, not hidden).
-                self.abandoned += self.inflight as u64;
-                self.inflight = 0;
-                self.done.clear();
-                return 0;
+                // Nothing more will complete on this queue; the others go on (the job drains
+                // them), and what any queue delivered in this pass is handled below.
+                self.qp_failed[q] = true;
+                failed_now = true;
+                continue;
             }
             if let Some(r) = self.qps[q].rejected() {
                 // A device posting invalid completion entries: stop and drain (the queue still
@@ -444,14 +494,30 @@ impl<Q: IoQueue> Job<Q> {
         let n = done.len();
         for (tag, st) in done.drain(..) {
             let now = clock.now();
-            let Some(slot) = self.slots.get_mut(tag as usize) else {
-                let msg = format!("{}: completion with unknown tag {tag}", self.spec.name);
+            let (k, seq) = (tag & ((1 << SEQ_SHIFT) - 1), (tag >> SEQ_SHIFT) as u16);
+            let Some(slot) = self.slots.get_mut(k as usize) else {
+                let msg = format!("{}: completion with unknown tag {tag:#x}", self.spec.name);
                 self.fail(msg);
                 continue;
             };
+            if !slot.in_flight || slot.seq != seq {
+                // Not the slot's I/O in flight: completed already (a duplicate), or never
+                // submitted. Counted, and never taken for the slot's current I/O.
+                self.doubles += 1;
+                let msg = format!(
+                    "{}: double completion: a completion for tag {tag:#x} (slot {k}), which has \
+                     no I/O in flight",
+                    self.spec.name
+                );
+                eprintln!("{msg}");
+                self.fail(msg);
+                continue;
+            }
+            slot.in_flight = false;
+            self.qp_inflight[slot.qp] -= 1;
+            self.inflight -= 1;
             self.stats.record(now.saturating_sub(slot.submit_tick));
             self.lifetime_completed += 1;
-            self.inflight = self.inflight.saturating_sub(1);
             let read = slot.read;
             match st {
                 Ok(()) => {
@@ -461,7 +527,7 @@ impl<Q: IoQueue> Job<Q> {
                             slot.read_back = false;
                             let bs = self.spec.block_size as usize;
                             let (bad, first) =
-                                verify::check(self.bufs[tag as usize].bytes(), lba, bs, generation);
+                                verify::check(self.bufs[k as usize].bytes(), lba, bs, generation);
                             self.verify.blocks_checked += self.spec.io_blocks as u64;
                             if bad > 0 {
                                 self.verify.bad_blocks += bad;
@@ -499,10 +565,19 @@ impl<Q: IoQueue> Job<Q> {
                 }
             }
             if !self.draining {
-                self.submit_slot(tag as u32, s, clock);
+                self.submit_slot(k as u32, s, clock);
             }
         }
         self.done = done;
+        if failed_now {
+            // The driver delivered every request it knew of before saying the queue failed:
+            // the I/Os still in flight on a failed queue are counted, not hidden.
+            for q in 0..self.qps.len() {
+                if self.qp_failed[q] && self.qp_inflight[q] > 0 {
+                    self.abandon(Some(q));
+                }
+            }
+        }
         self.ring_all();
         n as u32
     }
@@ -720,7 +795,7 @@ pub fn run<Q: IoQueue>(
         if clock.now() > give_up {
             for j in jobs.iter_mut().filter(|j| j.inflight > 0) {
                 let msg = format!("{}: {} I/Os did not complete", j.spec.name, j.inflight);
-                j.abandoned += j.inflight as u64;
+                j.abandon(None);
                 j.fail(msg);
             }
             break;
@@ -802,6 +877,8 @@ pub(crate) mod mock {
         /// Report a rejected (invalid) completion entry from this poll, after delivering its
         /// completions; the queue goes on working.
         pub reject_on_poll: Option<u64>,
+        /// Deliver this poll's first completion twice (a device posting a duplicate entry).
+        pub duplicate_on_poll: Option<u64>,
         pub polls: u64,
     }
 
@@ -818,6 +895,7 @@ pub(crate) mod mock {
                 reads: 0,
                 fail_poll_after: None,
                 reject_on_poll: None,
+                duplicate_on_poll: None,
                 polls: 0,
             }
         }
@@ -898,8 +976,16 @@ pub(crate) mod mock {
             } else {
                 self.ready.len().min(max as usize)
             };
+            let mut first = None;
             for (tag, st) in self.ready.drain(..n) {
+                first.get_or_insert((tag, st));
                 done(tag, st);
+            }
+            if self.duplicate_on_poll == Some(self.polls) {
+                if let Some((tag, st)) = first {
+                    done(tag, st);
+                    return Ok(n as u32 + 1);
+                }
             }
             if self.reject_on_poll == Some(self.polls) {
                 return Err("rejected: an invalid completion entry".into());
@@ -1217,6 +1303,36 @@ mod tests {
         assert!(jobs.iter().map(|j| j.abandoned).sum::<u64>() > 0);
     }
 
+    /// With several queue pairs per job (`-P 2`), a queue that fails abandons only the I/Os in
+    /// flight on it: the completions the healthy queue delivered in the same pass are counted,
+    /// and its I/Os in flight are drained, not abandoned.
+    #[test]
+    fn a_failed_queue_abandons_only_its_own_ios() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::RandRead, 8, 0);
+        let healthy = SharedQueue::new(MockQueue::new(media.clone(), 512));
+        let mut q = MockQueue::new(media.clone(), 512);
+        q.fail_poll_after = Some(5);
+        let failing = healthy.sibling(q);
+        let qps = vec![healthy.handle().unwrap(), failing.handle().unwrap()];
+        let mut jobs = [Job::new(spec(1, 0, 1 << 20), qps, bufs(8, 1024), &s, 1)];
+        let r = go(&mut jobs, &s);
+        assert!(r.elapsed_ticks < 10_000_000_000);
+        let j = &jobs[0];
+        let f = j.failure.as_deref().unwrap_or_default();
+        assert!(f.contains("the mock queue died"), "{f:?}");
+        assert_eq!(j.inflight(), 0);
+        assert_eq!(j.doubles, 0);
+        // Abandoned: exactly the commands the failed queue never completed.
+        let unanswered = |q: &MockQueue| (q.ready.len() + q.queued.len()) as u64;
+        assert_eq!(healthy.with(unanswered), 0);
+        let lost = failing.with(unanswered);
+        assert!(lost > 0 && lost < 8, "{lost} on the failed queue");
+        assert_eq!(j.abandoned, lost);
+        assert_eq!(j.stats.io_submitted, j.stats.io_completed + j.abandoned);
+        assert_eq!(j.stats.io_submitted, media.borrow().commands);
+    }
+
     /// A rejected invalid completion entry (the queue still works) stops the job, which drains
     /// every I/O in flight and then fails naming the entries; nothing is abandoned.
     #[test]
@@ -1241,6 +1357,32 @@ mod tests {
         assert!(j.stats.io_submitted > 0);
         assert_eq!(j.stats.io_submitted, j.stats.io_completed);
         assert_eq!(j.stats.io_errors, 0);
+    }
+
+    /// A duplicate completion (the device completes one command twice) is counted as a double,
+    /// never taken for the slot's next I/O, and fails the job naming it; every real I/O is
+    /// still accounted for.
+    #[test]
+    fn a_duplicate_completion_is_counted_and_fails_the_job() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::Verify, 4, 200);
+        let mut q = MockQueue::new(media.clone(), 512);
+        q.duplicate_on_poll = Some(5);
+        let mut jobs = [job(&s, vec![q], 50)];
+        let r = go(&mut jobs, &s);
+        assert!(r.elapsed_ticks < 10_000_000_000);
+        let j = &jobs[0];
+        let f = j.failure.as_deref().unwrap_or_default();
+        assert!(
+            f.contains("double completion") && f.contains("no I/O in flight"),
+            "{f:?}"
+        );
+        assert_eq!(j.doubles, 1);
+        assert_eq!(j.inflight(), 0);
+        assert_eq!(j.abandoned, 0);
+        assert_eq!(j.stats.io_submitted, j.stats.io_completed);
+        assert_eq!(j.stats.io_submitted, media.borrow().commands);
+        assert_eq!(j.verify.bad_blocks, 0, "{:?}", j.verify.first);
     }
 
     /// A completion whose tag names no job on the queue fails the queue instead of being lost

@@ -84,6 +84,8 @@ struct Outcome {
     failure: Option<String>,
     /// I/Os never completed (on a queue that failed, or when the drain gave up).
     abandoned: u64,
+    /// Completions for an I/O not in flight (double completions).
+    doubles: u64,
     /// (qid, entries) of the job's queue pairs.
     queues: QueueList,
     /// The poll loop's counters, summed over the job's queue pairs.
@@ -433,6 +435,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                             verify: j.verify.clone(),
                             failure: j.failure.clone(),
                             abandoned: j.abandoned,
+                            doubles: j.doubles,
                             queues,
                             counters: PollCounters::sum(per_qp),
                         },
@@ -745,7 +748,7 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
 
 /// `--emulated-fault`'s line: whether it fired and what became of the I/Os, e.g.
 /// `perf: emulated fault cfs:100 (...): fired 1 time; I/Os submitted=108 completed=108
-/// failed=8 never-completed=0`.
+/// failed=8 never-completed=0 double=0`.
 fn fault_summary(
     f: crate::cli::EmulatedFault,
     ctrls: &[Device],
@@ -763,11 +766,13 @@ fn fault_summary(
         n => format!("fired {n} times"),
     };
     format!(
-        "perf: emulated fault {f}: {fired}; I/Os submitted={} completed={} failed={} never-completed={}",
+        "perf: emulated fault {f}: {fired}; I/Os submitted={} completed={} failed={} never-completed={} \
+         double={}",
         sum(|o| o.stats.io_submitted),
         sum(|o| o.stats.io_completed),
         sum(|o| o.stats.io_errors),
         sum(|o| o.abandoned),
+        sum(|o| o.doubles),
     )
 }
 
