@@ -3,6 +3,7 @@
 use dio_core::{DeviceStatus, DioError};
 
 use crate::nvme::error::Error;
+use crate::spec::status::{Sct, Status, generic};
 use crate::types::Nsid;
 
 /// Result of the embedding API.
@@ -184,7 +185,10 @@ pub enum EmbedError {
         buf_len: usize,
     },
     /// The device completed a command of the request with an error status.
-    #[error("{op} of {len} bytes at offset {offset} failed on the device: {status}")]
+    #[error(
+        "{op} of {len} bytes at offset {offset} failed on the device: {}{status}",
+        Named(status)
+    )]
     Device {
         /// Operation.
         op: Op,
@@ -342,6 +346,25 @@ fn is_path_error(s: &DeviceStatus) -> bool {
     s.sct == HOST_PATH_ERROR.sct && s.sc == HOST_PATH_ERROR.sc
 }
 
+/// The specification's name of a device status, and what it means for the caller when the
+/// driver, not the device, ended the command (a torn-down queue); empty for an unnamed code.
+struct Named<'a>(&'a DeviceStatus);
+
+impl core::fmt::Display for Named<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let s = Status::from_field(u16::from(self.0.sct & 7) << 8 | u16::from(self.0.sc));
+        match s.name() {
+            Some(name) if s.sct == Sct::Generic && s.sc == generic::ABORTED_SQ_DELETION => write!(
+                f,
+                "{name} (the queue was torn down: controller reset, fatal status (CSTS.CFS) or \
+                 shutdown; reset the controller or build a new Dioxide): "
+            ),
+            Some(name) => write!(f, "{name}: "),
+            None => Ok(()),
+        }
+    }
+}
+
 impl EmbedError {
     /// The error of a request from dio-core's error.
     pub(crate) fn from_dio(e: DioError, op: Op, offset: u64, len: u64) -> EmbedError {
@@ -365,5 +388,41 @@ impl EmbedError {
                 source,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(sct: u8, sc: u8) -> String {
+        EmbedError::Device {
+            op: Op::Read,
+            offset: 4096,
+            len: 512,
+            status: DeviceStatus::new(sct, sc),
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn device_errors_name_their_status() {
+        let media = device(2, 0x81);
+        assert!(
+            media.contains("failed on the device: Unrecovered Read Error: status code type 0x2"),
+            "{media}"
+        );
+        let torn_down = device(0, 0x08);
+        assert!(
+            torn_down.contains("Command Aborted due to SQ Deletion (the queue was torn down")
+                && torn_down.contains("reset the controller or build a new Dioxide"),
+            "{torn_down}"
+        );
+        // A code the specification does not name: the numbers alone.
+        let unnamed = device(0, 0x7f);
+        assert!(
+            unnamed.contains("failed on the device: status code type 0x0, status code 0x7f"),
+            "{unnamed}"
+        );
     }
 }
