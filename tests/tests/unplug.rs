@@ -274,3 +274,90 @@ fn announced_removal_of_an_idle_controller_is_noticed_without_io() {
         assert_eq!(emu.releases(), 1);
     }
 }
+
+#[test]
+fn the_device_is_released_before_any_request_fails_with_device_removed() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    emulator_only(
+        "unplug::the_device_is_released_before_any_request_fails_with_device_removed",
+        "removal is injected into the emulated controller",
+    );
+    for mode in MODES {
+        let (c, emu) = emulated(config(mode, &[NS]));
+        let ns = c.namespaces().remove(0);
+        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        let buf = c.alloc(8 * 512).unwrap();
+        emu.inject(Fault::always(
+            Trigger::LbaRange {
+                nsid: ns.nsid().0,
+                start: 0,
+                end: 8,
+                opcode: None,
+            },
+            Action::NeverComplete,
+        ));
+        for t in 0..8u64 {
+            let s = buf.slice(t as usize * 512, 512).unwrap();
+            // SAFETY: `buf` outlives the queue pair; the data is not read.
+            unsafe { q.read_raw(&ns, Lba(t), s, t) }.unwrap();
+        }
+        q.ring();
+        let q = Arc::new(Mutex::new(q));
+        // Requests handed back failed, and how many of them before the bus let the device go
+        // (their buffers would be free while the device can still write to them).
+        let failed = Arc::new(AtomicU64::new(0));
+        let early = Arc::new(AtomicU64::new(0));
+        let poller = {
+            let (q, failed, early, emu) = (q.clone(), failed.clone(), early.clone(), emu.clone());
+            move || {
+                let mut q = q.lock().unwrap();
+                // Enough empty polls for the housekeeping (removal and health checks) to run
+                // many times.
+                for _ in 0..50_000 {
+                    let _ = q.poll(usize::MAX, |t, r| {
+                        assert!(r.is_err(), "tag {t}: {r:?}");
+                        failed.fetch_add(1, Ordering::AcqRel);
+                        if emu.releases() == 0 {
+                            early.fetch_add(1, Ordering::AcqRel);
+                        }
+                    });
+                }
+            }
+        };
+        let joined = Arc::new(Mutex::new(None));
+        let slot = joined.clone();
+        emu.on_release(move || {
+            // The release is under way (the device still works): another thread polls the
+            // queue pair meanwhile. It must hand nothing back now; it may wait for the release
+            // in the driver, so it is waited for a bounded time only.
+            let t = std::thread::spawn(poller);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            *slot.lock().unwrap() = Some(t);
+        });
+        emu.request_removal();
+        wait_released(&emu, "release ordering");
+        let t = joined.lock().unwrap().take().expect("the release hook ran");
+        t.join().expect("the polling thread");
+        assert_eq!(
+            early.load(Ordering::Acquire),
+            0,
+            "{mode:?}: requests were handed back failed before the device was released"
+        );
+        let mut q = q.lock().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while failed.load(Ordering::Acquire) < 8 {
+            assert!(Instant::now() < deadline, "the held requests never ended");
+            let _ = q.poll(usize::MAX, |t, r| {
+                assert!(r.is_err(), "tag {t}: {r:?}");
+                failed.fetch_add(1, Ordering::AcqRel);
+            });
+        }
+        assert_eq!(failed.load(Ordering::Acquire), 8);
+        assert_eq!(emu.releases(), 1);
+    }
+}

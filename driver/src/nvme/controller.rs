@@ -19,15 +19,16 @@
 //! [`REMOVAL_CHECK`]); for the idle case each controller whose bus offers a notifier
 //! ([`Bus::removal_notifier`]) keeps one thread (`nvme-removal`) asleep in `poll(2)` on it and
 //! on a stop eventfd: no wake-ups, no CPU while the device is healthy. When the notifier fires
-//! the thread marks the controller gone (every queue pair's next poll or submission fails its
-//! requests once with "device removed", new requests are refused with it) and the bus releases
-//! the device (exactly once: [`Bus::release_removed`] is idempotent, whoever notices first),
-//! then exits. The last handle's drop stops and joins it before the bus is closed. The thread
+//! the thread has the bus release the device (exactly once, by whoever notices first; others
+//! wait until it is done) and only then marks the controller gone: every queue pair's next poll
+//! or submission fails its requests once with "device removed" (new requests are refused with
+//! it), so a buffer is handed back only when the device can no longer write to it. Then the
+//! thread exits. The last handle's drop stops and joins it before the bus is closed. The thread
 //! holds only a weak reference, so it never keeps a controller alive.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Once, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -140,6 +141,9 @@ pub(crate) struct Shared {
     /// Abort commands sent (by timed-out queue pairs and [`Controller::abort`]).
     pub(crate) aborts_sent: AtomicU64,
     pub(crate) health: AtomicU8,
+    /// [`Bus::release_removed`] has run: [`Shared::mark_gone`] releases the device inside it
+    /// and publishes [`GONE`] only afterwards (see there).
+    released: Once,
     qids: Mutex<QidTable>,
     /// When the controller was opened: the time base of `removal_checked`.
     born: Instant,
@@ -208,17 +212,23 @@ impl Shared {
     }
 
     /// The device was removed (registers read all ones, or the platform asked for it back):
-    /// every queue pair's next health check or submission fails its requests with
-    /// [`DeadReason::DeviceGone`], and the bus lets the device go: once, by whichever caller
-    /// (a queue pair, the removal watch, a register read) gets here first.
+    /// the bus lets the device go: once, by whichever caller (a queue pair, the removal watch,
+    /// a register read) gets here first; then every queue pair's next health check or
+    /// submission fails its requests with [`DeadReason::DeviceGone`].
+    ///
+    /// Release first, publish after: a queue pair that sees [`GONE`] hands its in-flight
+    /// buffers back to the user, which is safe only once the device can no longer write to
+    /// them (an announced removal leaves the device working until the bus lets it go).
+    /// Callers arriving while another thread releases wait for it to finish.
     pub(crate) fn mark_gone(&self) {
-        if self.health.swap(GONE, Ordering::AcqRel) != GONE {
+        self.released.call_once(|| {
             log::error!(
                 "{}: device removed; every request fails with \"device removed\"",
                 self.location
             );
             self.bus.release_removed();
-        }
+        });
+        self.health.store(GONE, Ordering::Release);
     }
 
     /// From the housekeeping of a queue pair with requests outstanding, at most once per
@@ -778,6 +788,7 @@ impl Controller {
             generation: AtomicU64::new(0),
             aborts_sent: AtomicU64::new(0),
             health: AtomicU8::new(FAILED),
+            released: Once::new(),
             qids: Mutex::new(QidTable::default()),
             born: Instant::now(),
             removal_checked: AtomicU64::new(0),

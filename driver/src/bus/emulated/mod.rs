@@ -252,7 +252,12 @@ pub struct EmulatedController {
     /// Signalled by [`EmulatedController::request_removal`], as vfio-pci signals the device
     /// request eventfd; made on the first [`Bus::removal_notifier`] call.
     removal_event: std::sync::OnceLock<Option<crate::bus::interrupt::EventFd>>,
+    /// Run by [`Bus::release_removed`] before the device is let go
+    /// ([`EmulatedController::on_release`]).
+    release_hook: std::sync::Mutex<Option<ReleaseHook>>,
 }
+
+type ReleaseHook = Box<dyn FnOnce() + Send>;
 
 impl core::fmt::Debug for EmulatedController {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -347,6 +352,7 @@ impl EmulatedController {
             removal_request: AtomicBool::new(false),
             releases: AtomicU64::new(0),
             removal_event: std::sync::OnceLock::new(),
+            release_hook: std::sync::Mutex::new(None),
         }))
     }
 
@@ -387,7 +393,16 @@ impl EmulatedController {
         }
     }
 
-    /// How many times the driver called [`Bus::release_removed`].
+    /// Runs `f` in the next [`Bus::release_removed`] call, on the driver's thread, before the
+    /// device is let go and before [`releases`](Self::releases) counts it: a test looks at
+    /// what the driver does while a release is under way (the device still works then, as a
+    /// VFIO device does until its file is closed).
+    pub fn on_release(&self, f: impl FnOnce() + Send + 'static) {
+        *self.release_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// How many times the driver called [`Bus::release_removed`] (counted when the call has
+    /// let the device go).
     pub fn releases(&self) -> u64 {
         self.releases.load(Ordering::Acquire)
     }
@@ -510,7 +525,15 @@ impl Bus for EmulatedController {
             .ok()
     }
     fn release_removed(&self) {
-        self.releases.fetch_add(1, Ordering::AcqRel);
+        let hook = self
+            .release_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(f) = hook {
+            f();
+        }
         self.surprise_remove();
+        self.releases.fetch_add(1, Ordering::AcqRel);
     }
 }
