@@ -361,3 +361,80 @@ fn the_device_is_released_before_any_request_fails_with_device_removed() {
         assert_eq!(emu.releases(), 1);
     }
 }
+
+#[test]
+fn a_removed_controller_stays_removed_through_a_reset() {
+    use std::sync::{Arc, Mutex};
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    emulator_only(
+        "unplug::a_removed_controller_stays_removed_through_a_reset",
+        "removal is injected into the emulated controller",
+    );
+    for mode in MODES {
+        // A reset after the removal is refused, and the device is not released again.
+        let (c, emu) = emulated(config(mode, &[NS]));
+        let ns = c.namespaces().remove(0);
+        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        let mut buf = c.alloc(512).unwrap();
+        emu.request_removal();
+        wait_released(&emu, "reset after removal");
+        let e = c.reset().unwrap_err();
+        assert!(matches!(e, Error::DeviceGone { .. }), "{mode:?}: {e}");
+        assert_eq!(emu.releases(), 1, "{mode:?}: the device was released again");
+        let e = q
+            .read_blocking(&ns, Lba(0), buf.as_mut_slice())
+            .unwrap_err();
+        assert!(e.to_string().contains("device removed"), "{mode:?}: {e}");
+        assert!(matches!(
+            c.create_qpair::<u64>(QueueOptions::default()),
+            Err(Error::DeviceGone { .. })
+        ));
+        drop(q);
+        drop(c);
+        assert_eq!(emu.releases(), 1);
+
+        // A reset started while the device is being released: the removal wins (the
+        // controller ends up gone, released once), whether the reset finished first or waited
+        // for the release.
+        let (c, emu) = emulated(config(mode, &[NS]));
+        let ns = c.namespaces().remove(0);
+        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        let mut buf = c.alloc(512).unwrap();
+        let joined = Arc::new(Mutex::new(None));
+        let (slot, c2) = (joined.clone(), c.clone());
+        emu.on_release(move || {
+            let t = std::thread::spawn(move || {
+                let _ = c2.reset();
+            });
+            // The reset may wait for this release in the driver: bounded wait.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            *slot.lock().unwrap() = Some(t);
+        });
+        emu.request_removal();
+        wait_released(&emu, "reset during removal");
+        let t = joined.lock().unwrap().take().expect("the release hook ran");
+        t.join().expect("the resetting thread");
+        // The controller is known gone: refused without touching the device, and not
+        // released a second time (which a "live" state left by the reset would lead to).
+        let e = c.reset().unwrap_err();
+        assert!(matches!(e, Error::DeviceGone { .. }), "{mode:?}: {e}");
+        assert_eq!(
+            emu.releases(),
+            1,
+            "{mode:?}: the reset overwrote the removal (released again)"
+        );
+        assert!(matches!(
+            c.create_qpair::<u64>(QueueOptions::default()),
+            Err(Error::DeviceGone { .. })
+        ));
+        // A queue pair from before fails its requests (with the removal, or with the reset if
+        // the reset finished before the removal was published).
+        assert!(q.read_blocking(&ns, Lba(0), buf.as_mut_slice()).is_err());
+        drop(q);
+        drop(c);
+        assert_eq!(emu.releases(), 1);
+    }
+}

@@ -468,8 +468,15 @@ impl Shared {
             }
         }
         self.start_async_events(&mut admin);
-        self.health.store(LIVE, Ordering::Release);
-        Ok(())
+        // Only from FAILED: a removal noticed meanwhile (GONE, by the removal watch or a queue
+        // pair) or a shutdown must not be overwritten with LIVE.
+        match self
+            .health
+            .compare_exchange(FAILED, LIVE, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) | Err(LIVE) => Ok(()),
+            Err(_) => Err(self.not_ready().unwrap_or_else(|| self.gone())),
+        }
     }
 
     /// After bring-up: asynchronous events enabled and their requests outstanding (a separate
@@ -577,8 +584,14 @@ impl Shared {
     }
 
     fn shutdown(&self) -> Result<()> {
-        let prev = self.health.swap(SHUT_DOWN, Ordering::AcqRel);
-        if prev == SHUT_DOWN || prev == GONE {
+        // A removed controller stays GONE (its queue pairs keep reporting "device removed").
+        if self
+            .health
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h != SHUT_DOWN && h != GONE).then_some(SHUT_DOWN)
+            })
+            .is_err()
+        {
             return Ok(());
         }
         let csts = Csts(self.bus.read32(offset::CSTS));
@@ -803,10 +816,22 @@ impl Controller {
     /// admin queue, enable, identify, number of queues. Use it after CSTS.CFS or a timeout the
     /// device did not recover from. Queue pairs created before fail their requests with
     /// [`DeadReason::ControllerReset`] and refuse new ones; create new queue pairs.
+    ///
+    /// A removed controller cannot be reset: [`Error::DeviceGone`] (open the device again once
+    /// it is back). A removal noticed while the reset runs wins: the controller ends up gone.
     pub fn reset(&self) -> Result<()> {
-        self.shared.generation.fetch_add(1, Ordering::AcqRel);
-        self.shared.health.store(FAILED, Ordering::Release);
-        self.shared.initialize()
+        let sh = &self.shared;
+        if sh
+            .health
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h != GONE).then_some(FAILED)
+            })
+            .is_err()
+        {
+            return Err(sh.gone());
+        }
+        sh.generation.fetch_add(1, Ordering::AcqRel);
+        sh.initialize()
     }
 
     /// Shuts the controller down now (CC.SHN normal, waiting for CSTS.SHST complete). Queue
