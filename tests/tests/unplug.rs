@@ -438,3 +438,45 @@ fn a_removed_controller_stays_removed_through_a_reset() {
         assert_eq!(emu.releases(), 1);
     }
 }
+
+#[test]
+fn dropping_the_controller_during_a_release_closes_the_bus_before_returning() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, mpsc};
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    emulator_only(
+        "unplug::dropping_the_controller_during_a_release_closes_the_bus_before_returning",
+        "removal is injected into the emulated controller",
+    );
+    for mode in MODES {
+        let (c, emu) = emulated(config(mode, &[NS]));
+        let releasing = Arc::new(AtomicBool::new(false));
+        let (dropped_tx, dropped_rx) = mpsc::channel::<()>();
+        let r = releasing.clone();
+        emu.on_release(move || {
+            // On the removal watch thread: the release is under way while the user drops the
+            // controller. The drop may wait for this release: bounded wait for its signal.
+            r.store(true, Ordering::Release);
+            let _ = dropped_rx.recv_timeout(Duration::from_secs(2));
+        });
+        emu.request_removal();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !releasing.load(Ordering::Acquire) {
+            assert!(
+                Instant::now() < deadline,
+                "the removal watch never released"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(c);
+        // When the last handle's drop returns, nothing of the controller holds the bus any
+        // more (a VFIO device file is closed: its PCI address can be opened again).
+        let holders = Arc::strong_count(&emu);
+        let _ = dropped_tx.send(());
+        assert_eq!(
+            holders, 1,
+            "{mode:?}: the controller still held the bus after its last handle was dropped"
+        );
+        assert_eq!(emu.releases(), 1);
+    }
+}

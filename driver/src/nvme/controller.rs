@@ -23,12 +23,15 @@
 //! wait until it is done) and only then marks the controller gone: every queue pair's next poll
 //! or submission fails its requests once with "device removed" (new requests are refused with
 //! it), so a buffer is handed back only when the device can no longer write to it. Then the
-//! thread exits. The last handle's drop stops and joins it before the bus is closed. The thread
-//! holds only a weak reference, so it never keeps a controller alive.
+//! thread exits. The thread holds no reference to the controller (only the health state and
+//! the bus), so it never keeps a controller alive and the controller's last drop (the last
+//! handle or queue pair) always runs on the user's thread: it stops and joins the thread (waiting
+//! for a release under way) before the bus is closed, so when that drop returns the device file
+//! is closed and the PCI address can be opened again at once.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Once, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -140,10 +143,12 @@ pub(crate) struct Shared {
     pub(crate) generation: AtomicU64,
     /// Abort commands sent (by timed-out queue pairs and [`Controller::abort`]).
     pub(crate) aborts_sent: AtomicU64,
-    pub(crate) health: AtomicU8,
+    /// Shared with the removal watch, which holds no reference to `Shared` (see the module
+    /// docs).
+    pub(crate) health: Arc<AtomicU8>,
     /// [`Bus::release_removed`] has run: [`Shared::mark_gone`] releases the device inside it
-    /// and publishes [`GONE`] only afterwards (see there).
-    released: Once,
+    /// and publishes [`GONE`] only afterwards (see there). Shared with the removal watch.
+    released: Arc<Once>,
     qids: Mutex<QidTable>,
     /// When the controller was opened: the time base of `removal_checked`.
     born: Instant,
@@ -221,14 +226,7 @@ impl Shared {
     /// them (an announced removal leaves the device working until the bus lets it go).
     /// Callers arriving while another thread releases wait for it to finish.
     pub(crate) fn mark_gone(&self) {
-        self.released.call_once(|| {
-            log::error!(
-                "{}: device removed; every request fails with \"device removed\"",
-                self.location
-            );
-            self.bus.release_removed();
-        });
-        self.health.store(GONE, Ordering::Release);
+        mark_gone(&self.health, &self.released, &*self.bus, &self.location);
     }
 
     /// From the housekeeping of a queue pair with requests outstanding, at most once per
@@ -618,6 +616,25 @@ impl Shared {
     }
 }
 
+/// [`Shared::mark_gone`] on its parts (the removal watch has no `Shared`).
+fn mark_gone(health: &AtomicU8, released: &Once, bus: &dyn Bus, location: &str) {
+    released.call_once(|| {
+        log::error!("{location}: device removed; every request fails with \"device removed\"");
+        bus.release_removed();
+    });
+    health.store(GONE, Ordering::Release);
+}
+
+/// What the removal watch thread works with: the parts of [`Shared`] that marking the
+/// controller gone needs, never `Shared` itself, so that the last handle's drop (and with it
+/// the bus's close) always happens on the user's thread, after the watch has been joined.
+struct Watched {
+    health: Arc<AtomicU8>,
+    released: Arc<Once>,
+    bus: Arc<dyn Bus>,
+    location: String,
+}
+
 /// The thread that waits for the bus's removal notifier (see the module docs).
 struct RemovalWatch {
     stop: Arc<EventFd>,
@@ -640,10 +657,16 @@ impl RemovalWatch {
                 return None;
             }
         };
-        let (weak, s) = (Arc::downgrade(shared), stop.clone());
+        let watched = Watched {
+            health: shared.health.clone(),
+            released: shared.released.clone(),
+            bus: shared.bus.clone(),
+            location: shared.location.clone(),
+        };
+        let s = stop.clone();
         match std::thread::Builder::new()
             .name("nvme-removal".into())
-            .spawn(move || watch_removal(weak, notifier, s))
+            .spawn(move || watch_removal(watched, notifier, s))
         {
             Ok(thread) => Some(RemovalWatch { stop, thread }),
             Err(e) => {
@@ -657,19 +680,16 @@ impl RemovalWatch {
         }
     }
 
-    /// Stops the thread and waits for it (unless this is the thread itself, dropping the last
-    /// handle it had upgraded).
+    /// Stops the thread and waits for it (for a release it is doing, too).
     fn stop(self) {
         self.stop.signal();
-        if self.thread.thread().id() != std::thread::current().id() {
-            let _ = self.thread.join();
-        }
+        let _ = self.thread.join();
     }
 }
 
 /// The removal watch thread: sleeps until `notifier` or `stop` is readable. On the notifier it
 /// asks the bus, and marks the controller gone if the removal is announced.
-fn watch_removal(shared: Weak<Shared>, notifier: OwnedFd, stop: Arc<EventFd>) {
+fn watch_removal(w: Watched, notifier: OwnedFd, stop: Arc<EventFd>) {
     loop {
         let mut fds = [
             libc::pollfd {
@@ -704,17 +724,15 @@ fn watch_removal(shared: Weak<Shared>, notifier: OwnedFd, stop: Arc<EventFd>) {
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
         }
-        let Some(sh) = shared.upgrade() else { return };
-        if sh.health.load(Ordering::Acquire) == GONE || sh.bus.removal_requested() {
+        if w.health.load(Ordering::Acquire) == GONE || w.bus.removal_requested() {
             log::warn!(
                 "{}: removal announced while idle or in I/O: failing every request with \
                  \"device removed\" and releasing the device",
-                sh.location
+                w.location
             );
-            sh.mark_gone();
+            mark_gone(&w.health, &w.released, &*w.bus, &w.location);
             return;
         }
-        drop(sh);
         // Readable without an announcement (someone else consumed it between the wake-up and
         // the look, or a spurious signal): do not spin on a level that stays readable.
         std::thread::sleep(REMOVAL_CHECK);
@@ -800,8 +818,8 @@ impl Controller {
             }),
             generation: AtomicU64::new(0),
             aborts_sent: AtomicU64::new(0),
-            health: AtomicU8::new(FAILED),
-            released: Once::new(),
+            health: Arc::new(AtomicU8::new(FAILED)),
+            released: Arc::new(Once::new()),
             qids: Mutex::new(QidTable::default()),
             born: Instant::now(),
             removal_checked: AtomicU64::new(0),
