@@ -618,7 +618,9 @@ impl Shared {
 
 /// [`Shared::mark_gone`] on its parts (the removal watch has no `Shared`).
 fn mark_gone(health: &AtomicU8, released: &Once, bus: &dyn Bus, location: &str) {
-    released.call_once(|| {
+    // call_once_force: a release that panicked is tried again by the next caller rather than
+    // poisoning every later one.
+    released.call_once_force(|_| {
         log::error!("{location}: device removed; every request fails with \"device removed\"");
         bus.release_removed();
     });
