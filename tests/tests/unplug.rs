@@ -274,3 +274,209 @@ fn announced_removal_of_an_idle_controller_is_noticed_without_io() {
         assert_eq!(emu.releases(), 1);
     }
 }
+
+#[test]
+fn the_device_is_released_before_any_request_fails_with_device_removed() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    emulator_only(
+        "unplug::the_device_is_released_before_any_request_fails_with_device_removed",
+        "removal is injected into the emulated controller",
+    );
+    for mode in MODES {
+        let (c, emu) = emulated(config(mode, &[NS]));
+        let ns = c.namespaces().remove(0);
+        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        let buf = c.alloc(8 * 512).unwrap();
+        emu.inject(Fault::always(
+            Trigger::LbaRange {
+                nsid: ns.nsid().0,
+                start: 0,
+                end: 8,
+                opcode: None,
+            },
+            Action::NeverComplete,
+        ));
+        for t in 0..8u64 {
+            let s = buf.slice(t as usize * 512, 512).unwrap();
+            // SAFETY: `buf` outlives the queue pair; the data is not read.
+            unsafe { q.read_raw(&ns, Lba(t), s, t) }.unwrap();
+        }
+        q.ring();
+        let q = Arc::new(Mutex::new(q));
+        // Requests handed back failed, and how many of them before the bus let the device go
+        // (their buffers would be free while the device can still write to them).
+        let failed = Arc::new(AtomicU64::new(0));
+        let early = Arc::new(AtomicU64::new(0));
+        let poller = {
+            let (q, failed, early, emu) = (q.clone(), failed.clone(), early.clone(), emu.clone());
+            move || {
+                let mut q = q.lock().unwrap();
+                // Enough empty polls for the housekeeping (removal and health checks) to run
+                // many times.
+                for _ in 0..50_000 {
+                    let _ = q.poll(usize::MAX, |t, r| {
+                        assert!(r.is_err(), "tag {t}: {r:?}");
+                        failed.fetch_add(1, Ordering::AcqRel);
+                        if emu.releases() == 0 {
+                            early.fetch_add(1, Ordering::AcqRel);
+                        }
+                    });
+                }
+            }
+        };
+        let joined = Arc::new(Mutex::new(None));
+        let slot = joined.clone();
+        emu.on_release(move || {
+            // The release is under way (the device still works): another thread polls the
+            // queue pair meanwhile. It must hand nothing back now; it may wait for the release
+            // in the driver, so it is waited for a bounded time only.
+            let t = std::thread::spawn(poller);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            *slot.lock().unwrap() = Some(t);
+        });
+        emu.request_removal();
+        wait_released(&emu, "release ordering");
+        let t = joined.lock().unwrap().take().expect("the release hook ran");
+        t.join().expect("the polling thread");
+        assert_eq!(
+            early.load(Ordering::Acquire),
+            0,
+            "{mode:?}: requests were handed back failed before the device was released"
+        );
+        let mut q = q.lock().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while failed.load(Ordering::Acquire) < 8 {
+            assert!(Instant::now() < deadline, "the held requests never ended");
+            let _ = q.poll(usize::MAX, |t, r| {
+                assert!(r.is_err(), "tag {t}: {r:?}");
+                failed.fetch_add(1, Ordering::AcqRel);
+            });
+        }
+        assert_eq!(failed.load(Ordering::Acquire), 8);
+        assert_eq!(emu.releases(), 1);
+    }
+}
+
+#[test]
+fn a_removed_controller_stays_removed_through_a_reset() {
+    use std::sync::{Arc, Mutex};
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    emulator_only(
+        "unplug::a_removed_controller_stays_removed_through_a_reset",
+        "removal is injected into the emulated controller",
+    );
+    for mode in MODES {
+        // A reset after the removal is refused, and the device is not released again.
+        let (c, emu) = emulated(config(mode, &[NS]));
+        let ns = c.namespaces().remove(0);
+        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        let mut buf = c.alloc(512).unwrap();
+        emu.request_removal();
+        wait_released(&emu, "reset after removal");
+        let e = c.reset().unwrap_err();
+        assert!(matches!(e, Error::DeviceGone { .. }), "{mode:?}: {e}");
+        assert_eq!(emu.releases(), 1, "{mode:?}: the device was released again");
+        let e = q
+            .read_blocking(&ns, Lba(0), buf.as_mut_slice())
+            .unwrap_err();
+        assert!(e.to_string().contains("device removed"), "{mode:?}: {e}");
+        assert!(matches!(
+            c.create_qpair::<u64>(QueueOptions::default()),
+            Err(Error::DeviceGone { .. })
+        ));
+        drop(q);
+        drop(c);
+        assert_eq!(emu.releases(), 1);
+
+        // A reset started while the device is being released: the removal wins (the
+        // controller ends up gone, released once), whether the reset finished first or waited
+        // for the release.
+        let (c, emu) = emulated(config(mode, &[NS]));
+        let ns = c.namespaces().remove(0);
+        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        let mut buf = c.alloc(512).unwrap();
+        let joined = Arc::new(Mutex::new(None));
+        let (slot, c2) = (joined.clone(), c.clone());
+        emu.on_release(move || {
+            let t = std::thread::spawn(move || {
+                let _ = c2.reset();
+            });
+            // The reset may wait for this release in the driver: bounded wait.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            *slot.lock().unwrap() = Some(t);
+        });
+        emu.request_removal();
+        wait_released(&emu, "reset during removal");
+        let t = joined.lock().unwrap().take().expect("the release hook ran");
+        t.join().expect("the resetting thread");
+        // The controller is known gone: refused without touching the device, and not
+        // released a second time (which a "live" state left by the reset would lead to).
+        let e = c.reset().unwrap_err();
+        assert!(matches!(e, Error::DeviceGone { .. }), "{mode:?}: {e}");
+        assert_eq!(
+            emu.releases(),
+            1,
+            "{mode:?}: the reset overwrote the removal (released again)"
+        );
+        assert!(matches!(
+            c.create_qpair::<u64>(QueueOptions::default()),
+            Err(Error::DeviceGone { .. })
+        ));
+        // A queue pair from before fails its requests (with the removal, or with the reset if
+        // the reset finished before the removal was published).
+        assert!(q.read_blocking(&ns, Lba(0), buf.as_mut_slice()).is_err());
+        drop(q);
+        drop(c);
+        assert_eq!(emu.releases(), 1);
+    }
+}
+
+#[test]
+fn dropping_the_controller_during_a_release_closes_the_bus_before_returning() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, mpsc};
+    let _w = test_watchdog::arm(test_watchdog::INTEGRATION);
+    emulator_only(
+        "unplug::dropping_the_controller_during_a_release_closes_the_bus_before_returning",
+        "removal is injected into the emulated controller",
+    );
+    for mode in MODES {
+        let (c, emu) = emulated(config(mode, &[NS]));
+        let releasing = Arc::new(AtomicBool::new(false));
+        let (dropped_tx, dropped_rx) = mpsc::channel::<()>();
+        let r = releasing.clone();
+        emu.on_release(move || {
+            // On the removal watch thread: the release is under way while the user drops the
+            // controller. The drop may wait for this release: bounded wait for its signal.
+            r.store(true, Ordering::Release);
+            let _ = dropped_rx.recv_timeout(Duration::from_secs(2));
+        });
+        emu.request_removal();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !releasing.load(Ordering::Acquire) {
+            assert!(
+                Instant::now() < deadline,
+                "the removal watch never released"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(c);
+        // When the last handle's drop returns, nothing of the controller holds the bus any
+        // more (a VFIO device file is closed: its PCI address can be opened again).
+        let holders = Arc::strong_count(&emu);
+        let _ = dropped_tx.send(());
+        assert_eq!(
+            holders, 1,
+            "{mode:?}: the controller still held the bus after its last handle was dropped"
+        );
+        assert_eq!(emu.releases(), 1);
+    }
+}

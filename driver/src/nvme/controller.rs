@@ -19,15 +19,19 @@
 //! [`REMOVAL_CHECK`]); for the idle case each controller whose bus offers a notifier
 //! ([`Bus::removal_notifier`]) keeps one thread (`nvme-removal`) asleep in `poll(2)` on it and
 //! on a stop eventfd: no wake-ups, no CPU while the device is healthy. When the notifier fires
-//! the thread marks the controller gone (every queue pair's next poll or submission fails its
-//! requests once with "device removed", new requests are refused with it) and the bus releases
-//! the device (exactly once: [`Bus::release_removed`] is idempotent, whoever notices first),
-//! then exits. The last handle's drop stops and joins it before the bus is closed. The thread
-//! holds only a weak reference, so it never keeps a controller alive.
+//! the thread has the bus release the device (exactly once, by whoever notices first; others
+//! wait until it is done) and only then marks the controller gone: every queue pair's next poll
+//! or submission fails its requests once with "device removed" (new requests are refused with
+//! it), so a buffer is handed back only when the device can no longer write to it. Then the
+//! thread exits. The thread holds no reference to the controller (only the health state and
+//! the bus), so it never keeps a controller alive and the controller's last drop (the last
+//! handle or queue pair) always runs on the user's thread: it stops and joins the thread (waiting
+//! for a release under way) before the bus is closed, so when that drop returns the device file
+//! is closed and the PCI address can be opened again at once.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Once, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -139,7 +143,12 @@ pub(crate) struct Shared {
     pub(crate) generation: AtomicU64,
     /// Abort commands sent (by timed-out queue pairs and [`Controller::abort`]).
     pub(crate) aborts_sent: AtomicU64,
-    pub(crate) health: AtomicU8,
+    /// Shared with the removal watch, which holds no reference to `Shared` (see the module
+    /// docs).
+    pub(crate) health: Arc<AtomicU8>,
+    /// [`Bus::release_removed`] has run: [`Shared::mark_gone`] releases the device inside it
+    /// and publishes [`GONE`] only afterwards (see there). Shared with the removal watch.
+    released: Arc<Once>,
     qids: Mutex<QidTable>,
     /// When the controller was opened: the time base of `removal_checked`.
     born: Instant,
@@ -208,17 +217,16 @@ impl Shared {
     }
 
     /// The device was removed (registers read all ones, or the platform asked for it back):
-    /// every queue pair's next health check or submission fails its requests with
-    /// [`DeadReason::DeviceGone`], and the bus lets the device go: once, by whichever caller
-    /// (a queue pair, the removal watch, a register read) gets here first.
+    /// the bus lets the device go: once, by whichever caller (a queue pair, the removal watch,
+    /// a register read) gets here first; then every queue pair's next health check or
+    /// submission fails its requests with [`DeadReason::DeviceGone`].
+    ///
+    /// Release first, publish after: a queue pair that sees [`GONE`] hands its in-flight
+    /// buffers back to the user, which is safe only once the device can no longer write to
+    /// them (an announced removal leaves the device working until the bus lets it go).
+    /// Callers arriving while another thread releases wait for it to finish.
     pub(crate) fn mark_gone(&self) {
-        if self.health.swap(GONE, Ordering::AcqRel) != GONE {
-            log::error!(
-                "{}: device removed; every request fails with \"device removed\"",
-                self.location
-            );
-            self.bus.release_removed();
-        }
+        mark_gone(&self.health, &self.released, &*self.bus, &self.location);
     }
 
     /// From the housekeeping of a queue pair with requests outstanding, at most once per
@@ -458,8 +466,15 @@ impl Shared {
             }
         }
         self.start_async_events(&mut admin);
-        self.health.store(LIVE, Ordering::Release);
-        Ok(())
+        // Only from FAILED: a removal noticed meanwhile (GONE, by the removal watch or a queue
+        // pair) or a shutdown must not be overwritten with LIVE.
+        match self
+            .health
+            .compare_exchange(FAILED, LIVE, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) | Err(LIVE) => Ok(()),
+            Err(_) => Err(self.not_ready().unwrap_or_else(|| self.gone())),
+        }
     }
 
     /// After bring-up: asynchronous events enabled and their requests outstanding (a separate
@@ -567,8 +582,14 @@ impl Shared {
     }
 
     fn shutdown(&self) -> Result<()> {
-        let prev = self.health.swap(SHUT_DOWN, Ordering::AcqRel);
-        if prev == SHUT_DOWN || prev == GONE {
+        // A removed controller stays GONE (its queue pairs keep reporting "device removed").
+        if self
+            .health
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h != SHUT_DOWN && h != GONE).then_some(SHUT_DOWN)
+            })
+            .is_err()
+        {
             return Ok(());
         }
         let csts = Csts(self.bus.read32(offset::CSTS));
@@ -595,6 +616,27 @@ impl Shared {
     }
 }
 
+/// [`Shared::mark_gone`] on its parts (the removal watch has no `Shared`).
+fn mark_gone(health: &AtomicU8, released: &Once, bus: &dyn Bus, location: &str) {
+    // call_once_force: a release that panicked is tried again by the next caller rather than
+    // poisoning every later one.
+    released.call_once_force(|_| {
+        log::error!("{location}: device removed; every request fails with \"device removed\"");
+        bus.release_removed();
+    });
+    health.store(GONE, Ordering::Release);
+}
+
+/// What the removal watch thread works with: the parts of [`Shared`] that marking the
+/// controller gone needs, never `Shared` itself, so that the last handle's drop (and with it
+/// the bus's close) always happens on the user's thread, after the watch has been joined.
+struct Watched {
+    health: Arc<AtomicU8>,
+    released: Arc<Once>,
+    bus: Arc<dyn Bus>,
+    location: String,
+}
+
 /// The thread that waits for the bus's removal notifier (see the module docs).
 struct RemovalWatch {
     stop: Arc<EventFd>,
@@ -617,10 +659,16 @@ impl RemovalWatch {
                 return None;
             }
         };
-        let (weak, s) = (Arc::downgrade(shared), stop.clone());
+        let watched = Watched {
+            health: shared.health.clone(),
+            released: shared.released.clone(),
+            bus: shared.bus.clone(),
+            location: shared.location.clone(),
+        };
+        let s = stop.clone();
         match std::thread::Builder::new()
             .name("nvme-removal".into())
-            .spawn(move || watch_removal(weak, notifier, s))
+            .spawn(move || watch_removal(watched, notifier, s))
         {
             Ok(thread) => Some(RemovalWatch { stop, thread }),
             Err(e) => {
@@ -634,19 +682,16 @@ impl RemovalWatch {
         }
     }
 
-    /// Stops the thread and waits for it (unless this is the thread itself, dropping the last
-    /// handle it had upgraded).
+    /// Stops the thread and waits for it (for a release it is doing, too).
     fn stop(self) {
         self.stop.signal();
-        if self.thread.thread().id() != std::thread::current().id() {
-            let _ = self.thread.join();
-        }
+        let _ = self.thread.join();
     }
 }
 
 /// The removal watch thread: sleeps until `notifier` or `stop` is readable. On the notifier it
 /// asks the bus, and marks the controller gone if the removal is announced.
-fn watch_removal(shared: Weak<Shared>, notifier: OwnedFd, stop: Arc<EventFd>) {
+fn watch_removal(w: Watched, notifier: OwnedFd, stop: Arc<EventFd>) {
     loop {
         let mut fds = [
             libc::pollfd {
@@ -681,17 +726,15 @@ fn watch_removal(shared: Weak<Shared>, notifier: OwnedFd, stop: Arc<EventFd>) {
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
         }
-        let Some(sh) = shared.upgrade() else { return };
-        if sh.health.load(Ordering::Acquire) == GONE || sh.bus.removal_requested() {
+        if w.health.load(Ordering::Acquire) == GONE || w.bus.removal_requested() {
             log::warn!(
                 "{}: removal announced while idle or in I/O: failing every request with \
                  \"device removed\" and releasing the device",
-                sh.location
+                w.location
             );
-            sh.mark_gone();
+            mark_gone(&w.health, &w.released, &*w.bus, &w.location);
             return;
         }
-        drop(sh);
         // Readable without an announcement (someone else consumed it between the wake-up and
         // the look, or a spurious signal): do not spin on a level that stays readable.
         std::thread::sleep(REMOVAL_CHECK);
@@ -777,7 +820,8 @@ impl Controller {
             }),
             generation: AtomicU64::new(0),
             aborts_sent: AtomicU64::new(0),
-            health: AtomicU8::new(FAILED),
+            health: Arc::new(AtomicU8::new(FAILED)),
+            released: Arc::new(Once::new()),
             qids: Mutex::new(QidTable::default()),
             born: Instant::now(),
             removal_checked: AtomicU64::new(0),
@@ -792,10 +836,22 @@ impl Controller {
     /// admin queue, enable, identify, number of queues. Use it after CSTS.CFS or a timeout the
     /// device did not recover from. Queue pairs created before fail their requests with
     /// [`DeadReason::ControllerReset`] and refuse new ones; create new queue pairs.
+    ///
+    /// A removed controller cannot be reset: [`Error::DeviceGone`] (open the device again once
+    /// it is back). A removal noticed while the reset runs wins: the controller ends up gone.
     pub fn reset(&self) -> Result<()> {
-        self.shared.generation.fetch_add(1, Ordering::AcqRel);
-        self.shared.health.store(FAILED, Ordering::Release);
-        self.shared.initialize()
+        let sh = &self.shared;
+        if sh
+            .health
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h != GONE).then_some(FAILED)
+            })
+            .is_err()
+        {
+            return Err(sh.gone());
+        }
+        sh.generation.fetch_add(1, Ordering::AcqRel);
+        sh.initialize()
     }
 
     /// Shuts the controller down now (CC.SHN normal, waiting for CSTS.SHST complete). Queue

@@ -62,7 +62,7 @@ mod tests;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use chunks::{EmulatedChunkSource, GRANULE, GUARD, IOVA_BASE};
@@ -245,13 +245,29 @@ pub enum EmulatedError {
 pub struct EmulatedController {
     dev: Arc<Device>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// [`EmulatedController::request_removal`] was called.
-    removal_request: AtomicBool,
+    /// The removal request and its eventfd, under one lock (see [`RemovalRequest`]).
+    removal: std::sync::Mutex<RemovalRequest>,
     /// Calls of [`Bus::release_removed`].
     releases: AtomicU64,
+    /// Run by [`Bus::release_removed`] before the device is let go
+    /// ([`EmulatedController::on_release`]).
+    release_hook: std::sync::Mutex<Option<ReleaseHook>>,
+}
+
+type ReleaseHook = Box<dyn FnOnce() + Send>;
+
+/// An orderly removal request and the eventfd that announces it. One lock around both: a
+/// request made while the first [`Bus::removal_notifier`] call creates the eventfd is either
+/// seen by that call (which signals the new eventfd) or finds the eventfd and signals it, never
+/// neither.
+#[derive(Default)]
+struct RemovalRequest {
+    /// [`EmulatedController::request_removal`] was called.
+    requested: bool,
     /// Signalled by [`EmulatedController::request_removal`], as vfio-pci signals the device
-    /// request eventfd; made on the first [`Bus::removal_notifier`] call.
-    removal_event: std::sync::OnceLock<Option<crate::bus::interrupt::EventFd>>,
+    /// request eventfd; made on the first [`Bus::removal_notifier`] call (`Some(None)`: making
+    /// it failed).
+    event: Option<Option<crate::bus::interrupt::EventFd>>,
 }
 
 impl core::fmt::Debug for EmulatedController {
@@ -344,9 +360,9 @@ impl EmulatedController {
         Ok(Arc::new(EmulatedController {
             dev,
             thread,
-            removal_request: AtomicBool::new(false),
+            removal: std::sync::Mutex::new(RemovalRequest::default()),
             releases: AtomicU64::new(0),
-            removal_event: std::sync::OnceLock::new(),
+            release_hook: std::sync::Mutex::new(None),
         }))
     }
 
@@ -381,13 +397,27 @@ impl EmulatedController {
     /// device go ([`Bus::release_removed`]) the device is removed as by
     /// [`surprise_remove`](Self::surprise_remove). Until then it keeps working.
     pub fn request_removal(&self) {
-        self.removal_request.store(true, Ordering::Release);
-        if let Some(Some(ev)) = self.removal_event.get() {
+        let mut r = self.lock_removal();
+        r.requested = true;
+        if let Some(Some(ev)) = &r.event {
             ev.signal();
         }
     }
 
-    /// How many times the driver called [`Bus::release_removed`].
+    fn lock_removal(&self) -> std::sync::MutexGuard<'_, RemovalRequest> {
+        self.removal.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` in the next [`Bus::release_removed`] call, on the driver's thread, before the
+    /// device is let go and before [`releases`](Self::releases) counts it: a test looks at
+    /// what the driver does while a release is under way (the device still works then, as a
+    /// VFIO device does until its file is closed).
+    pub fn on_release(&self, f: impl FnOnce() + Send + 'static) {
+        *self.release_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// How many times the driver called [`Bus::release_removed`] (counted when the call has
+    /// let the device go).
     pub fn releases(&self) -> u64 {
         self.releases.load(Ordering::Acquire)
     }
@@ -492,26 +522,37 @@ impl Bus for EmulatedController {
         self.dev.vectors.get(vector)
     }
     fn removal_requested(&self) -> bool {
-        self.removal_request.load(Ordering::Acquire)
+        self.lock_removal().requested
     }
     fn removal_notifier(&self) -> Option<std::os::fd::OwnedFd> {
-        let ev = self.removal_event.get_or_init(|| {
+        let mut r = self.lock_removal();
+        let requested = r.requested;
+        let ev = r.event.get_or_insert_with(|| {
             crate::bus::interrupt::EventFd::new()
                 .inspect_err(|e| log::warn!("emulated: no eventfd for removal requests: {e}"))
                 .ok()
         });
         let ev = ev.as_ref()?;
-        if self.removal_request.load(Ordering::Acquire) {
+        if requested {
             ev.signal();
         }
-        // SAFETY: the eventfd is owned by `self.removal_event`, open for this call.
+        // SAFETY: the eventfd is owned by `self.removal`, whose lock `r` holds it open for this
+        // call.
         unsafe { std::os::fd::BorrowedFd::borrow_raw(ev.raw_fd()) }
             .try_clone_to_owned()
             .inspect_err(|e| log::warn!("emulated: could not duplicate the removal eventfd: {e}"))
             .ok()
     }
     fn release_removed(&self) {
-        self.releases.fetch_add(1, Ordering::AcqRel);
+        let hook = self
+            .release_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(f) = hook {
+            f();
+        }
         self.surprise_remove();
+        self.releases.fetch_add(1, Ordering::AcqRel);
     }
 }

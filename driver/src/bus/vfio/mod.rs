@@ -192,11 +192,16 @@ std::thread_local! {
     static QUIET_PANICS: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
 }
 
-/// Runs `f`, catching a panic without the panic hook's message on stderr (the caller reports
-/// it). The process's hook is wrapped once, on first use; it stays silent only on this thread
-/// and only during `f`, so every other panic is reported as before.
-fn quiet_panics<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+/// Wraps the process's panic hook, once: silent on a thread while it runs [`quiet_panics`],
+/// unchanged everywhere else. Called by [`VfioBus::open`], before any device can be closed:
+/// the hook cannot be changed from a panicking thread (`take_hook`/`set_hook` abort the process
+/// there), and a device may be closed by the unwinding of a panic. Skipped on a panicking
+/// thread (a later call installs it).
+fn install_quiet_hook() {
     static HOOK: std::sync::Once = std::sync::Once::new();
+    if std::thread::panicking() {
+        return;
+    }
     HOOK.call_once(|| {
         let prev = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
@@ -205,7 +210,18 @@ fn quiet_panics<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
             }
         }));
     });
-    let was = QUIET_PANICS.with(|q| q.replace(true));
+}
+
+/// Runs `f`, catching a panic without the panic hook's message on stderr (the caller reports
+/// it). Silent only on this thread and only during `f`, so every other panic is reported as
+/// before; on a thread that is already panicking (a device closed by unwinding) the hook is left
+/// alone and the message is printed.
+fn quiet_panics<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    let quiet = !std::thread::panicking();
+    if quiet {
+        install_quiet_hook();
+    }
+    let was = QUIET_PANICS.with(|q| q.replace(quiet));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     QUIET_PANICS.with(|q| q.set(was));
     r
@@ -325,6 +341,7 @@ impl VfioBus {
 
     /// [`VfioBus::open`] with injected host facts (tests, tools that know better).
     pub fn open_with(addr: &str, opts: VfioOptions, facts: &HostFacts<'_>) -> Result<Arc<VfioBus>> {
+        install_quiet_hook();
         let roots = &opts.roots;
         let pre = diag::preflight(roots, facts, addr, opts.dma_bytes, opts.hugepages)?;
         let addr = pre.addr.clone();
@@ -621,5 +638,44 @@ mod tests {
         assert_eq!(p.downcast_ref::<&str>(), Some(&"group lookup failed"));
         // Afterwards panics on this thread are reported again (the flag is restored).
         assert!(!super::QUIET_PANICS.with(|q| q.get()));
+    }
+
+    /// A device closed by the unwinding of a panic (its first close in the process) must not
+    /// abort the process: the hook cannot be changed from a panicking thread. Run in a child
+    /// process of this test binary, where no earlier close can have installed the hook.
+    #[test]
+    fn quiet_panics_during_unwinding_does_not_abort() {
+        const CHILD: &str = "DIOXIDE_QUIET_PANICS_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            struct CloseOnUnwind;
+            impl Drop for CloseOnUnwind {
+                fn drop(&mut self) {
+                    let r = quiet_panics(|| -> u32 { panic!("group lookup failed") });
+                    assert!(r.is_err());
+                }
+            }
+            let r = std::panic::catch_unwind(|| {
+                let _d = CloseOnUnwind;
+                panic!("the user's panic");
+            });
+            assert!(r.is_err());
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "bus::vfio::tests::quiet_panics_during_unwinding_does_not_abort",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "the child test failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
