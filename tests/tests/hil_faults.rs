@@ -21,7 +21,7 @@
 //! the per-command timeout fires once, an Abort is sent, the command id stays quarantined until
 //! the host releases the read and its late completion arrives, and the queue works meanwhile),
 //! **reset** (`Controller::reset` under load from three clients, the scenario shared with
-//! `reset_load.rs`) and **async-event** (the host sets QEMU's SMART critical warning bits; each
+//! `reset_load.rs`; then with two reads split at MDTS outstanding) and **async-event** (the host sets QEMU's SMART critical warning bits; each
 //! event is seen once and the request re-armed).
 
 mod reset_scenario;
@@ -962,8 +962,114 @@ fn reset_under_load() {
         &pattern(reset_scenario::REGION_BLOCKS as usize * bs, 66)
     ));
     drop(q);
+    reset_split(c, &ns);
     drop(ns);
     dev.finish();
+}
+
+/// Whether `e` is the reset's failure of a request.
+fn is_reset(e: &IoError) -> bool {
+    matches!(
+        e,
+        IoError::Aborted {
+            reason: dioxide::DeadReason::ControllerReset,
+            ..
+        }
+    )
+}
+
+/// Reset under load, split over MDTS: two reads of 4 x MDTS (4 commands each) on two queue
+/// pairs, one rung just before `Controller::reset` (its commands in the device, or done, when
+/// the reset runs) and one accepted but not rung (its commands still in the submission queue:
+/// it must fail with the reset). Each ends exactly once, with its data or `ControllerReset`;
+/// each queue pair is then renewed and reads the same region again, data verified.
+fn reset_split(c: &Controller, ns: &Namespace) {
+    let mut cell = Cell::new("reset", "split-mdts");
+    let bs = ns.block_size() as u64;
+    let mdts_blocks = c.max_transfer() as u64 / bs;
+    let blocks = 4 * mdts_blocks;
+    assert!(ns.blocks() > BASE + blocks, "namespace too small");
+    let len = (blocks * bs) as usize;
+    let seed = 68;
+    let mut q = qpair::<()>(c);
+    prefill(&mut q, c, ns, BASE, blocks, seed);
+    drop(q);
+    let want = pattern(len, seed);
+    let mut qs: Vec<QueuePair<(DmaBuffer, u64)>> = (0..2).map(|_| qpair(c)).collect();
+    for (i, q) in qs.iter_mut().enumerate() {
+        let b = c.alloc(len).unwrap();
+        if let Err(r) = q.read(ns, Lba(BASE), (b, i as u64)) {
+            panic!("reset split: request {i} refused: {}", r.error);
+        }
+    }
+    qs[0].ring();
+    c.reset()
+        .expect("Controller::reset with a split read in flight");
+    let mut counts = [0u32; 4];
+    let mut data_ok = true;
+    let mut reset_failed = [false; 2];
+    for (i, q) in qs.iter_mut().enumerate() {
+        let deadline = std::time::Instant::now() + LIMIT;
+        let mut on = |(b, t): (DmaBuffer, u64), r: dioxide::IoResult| {
+            counts[t as usize] += 1;
+            match r {
+                Ok(_) => data_ok &= b.as_slice() == &want[..],
+                Err(e) if is_reset(&e) => {
+                    reset_failed[t as usize % 2] = true;
+                    cell.failed += 1;
+                }
+                Err(e) => panic!("reset split: request {t}: {e}"),
+            }
+        };
+        while (q.outstanding() > 0 || q.is_stale()) && std::time::Instant::now() < deadline {
+            match q.renew() {
+                Ok(_) => {}
+                Err(Error::NotReady { .. }) => {}
+                Err(e) => panic!("reset split: renewing queue pair {i}: {e}"),
+            }
+            match q.poll(usize::MAX, &mut on) {
+                Ok(_) => {}
+                Err(Error::QueueDead {
+                    reason: dioxide::DeadReason::ControllerReset,
+                    ..
+                }) => {}
+                Err(e) => panic!("reset split: poll of queue pair {i}: {e}"),
+            }
+        }
+        assert!(
+            !q.is_stale() && q.outstanding() == 0,
+            "reset split: queue pair {i} not renewed in time ({} outstanding)",
+            q.outstanding()
+        );
+        // The renewed queue pair reads the region again.
+        let b = c.alloc(len).unwrap();
+        if let Err(r) = q.read(ns, Lba(BASE), (b, 2 + i as u64)) {
+            panic!(
+                "reset split: the read again on queue pair {i} refused: {}",
+                r.error
+            );
+        }
+        q.ring();
+        let deadline = std::time::Instant::now() + LIMIT;
+        while q.outstanding() > 0 && std::time::Instant::now() < deadline {
+            q.poll(usize::MAX, |(b, t), r| {
+                counts[t as usize] += 1;
+                match r {
+                    Ok(_) => data_ok &= b.as_slice() == &want[..],
+                    Err(e) => panic!("reset split: the read again ({t}): {e}"),
+                }
+            })
+            .expect("poll after the reset");
+        }
+    }
+    assert!(
+        reset_failed[1],
+        "reset split: the request held in the submission queue was not failed by the reset"
+    );
+    drop(qs);
+    cell.completions(&counts);
+    cell.verified = data_ok;
+    cell.report_any();
 }
 
 /// Asks the host to set QEMU's SMART critical warning bits (`qom-set` on the controller,
