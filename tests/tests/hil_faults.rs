@@ -38,7 +38,7 @@ use dioxide::spec::status::{generic, media};
 use dioxide::spec::{Sct, Status};
 use dioxide::{
     AsyncEvent, AsyncEventType, Controller, Dioxide, DmaBuffer, EmbedError, Error, FileOptions,
-    IoError, Lba, Namespace, QueueOptions, QueuePair, Request,
+    IoError, Lba, MaintOp, Namespace, QueueOptions, QueuePair, Request,
 };
 use dioxide_tests::*;
 
@@ -581,7 +581,140 @@ fn media_error_on_flush() {
     again.expect("the second flush");
     cell.verified = reads_back(&mut q, c, &ns, BASE, &pattern(8 * bs, 34));
     cell.report(1);
+
+    // Queued: a blocking write makes the drive node dirty, then a batch of 8 writes and 2
+    // flushes is rung together. The first flush to reach the drive fails (the rule fires once,
+    // and the node is dirty whatever the order the device takes them in); the other one and
+    // the writes complete; every block holds its new data.
+    {
+        let mut cell = Cell::new("media-error:flush", "async");
+        let n = 8u64;
+        let mut aq = qpair::<u64>(c);
+        let buf = pattern_buffer(c, (n as usize) * bs, 35);
+        host(&format!("blkdebug {} flush::once", node(&ns)));
+        let pre = pattern_buffer(c, bs, 36);
+        q.write_blocking(&ns, Lba(BASE + 8), pre.as_slice())
+            .expect("the write before the batch (only flushes fail)");
+        for i in 0..n {
+            let s = buf.slice(i as usize * bs, bs).unwrap();
+            // SAFETY: `buf` outlives `aq` (dropped first, below) and is only read until every
+            // request came back (no timeout: nothing is quarantined).
+            if let Err(r) = unsafe { aq.write_raw(&ns, Lba(BASE + i), s, i) } {
+                panic!("flush async: write {i} refused: {}", r.error);
+            }
+        }
+        for i in n..n + 2 {
+            if let Err(r) = aq.flush(&ns, i) {
+                panic!("flush async: flush {i} refused: {}", r.error);
+            }
+        }
+        aq.ring();
+        let mut counts = vec![0u32; n as usize + 2];
+        let mut results = vec![None; n as usize + 2];
+        poll_all(&mut aq, &mut counts, &mut results);
+        clear_node(&node(&ns));
+        for (i, r) in results.iter().enumerate() {
+            match r {
+                Some(Ok(_)) | None => {}
+                Some(Err(IoError::Status { status, .. }))
+                    if i as u64 >= n && is_eio(status, true) =>
+                {
+                    cell.failed += 1
+                }
+                Some(Err(e)) => panic!("flush async: request {i}: {e}"),
+            }
+        }
+        assert_eq!(aq.quarantined(), 0);
+        drop(aq);
+        cell.completions(&counts);
+        cell.verified = reads_back(&mut q, c, &ns, BASE, buf.as_slice())
+            && reads_back(&mut q, c, &ns, BASE + 8, &pattern(bs, 36));
+        drop(buf);
+        cell.report(1);
+    }
     drop(q);
+
+    // The embedding API: `BlockFile::submit_flush` after a write fails once (its callback runs
+    // once, with the device's Write Fault), then `BlockFile::flush` after another write fails
+    // once the same way; a flush of each kind then succeeds and the writes read back.
+    {
+        let mut cell = Cell::new("media-error:flush", "blockfile");
+        let dx = Dioxide::builder()
+            .controller(c.clone())
+            .pollers([None])
+            .build()
+            .expect("Dioxide");
+        let page = 4096usize.max(bs);
+        let file_blocks = (4 * page / bs) as u64;
+        let file = dx
+            .open_file(
+                0,
+                ns.nsid(),
+                FileOptions::new(BASE, file_blocks)
+                    .writable(true)
+                    .with_len(file_blocks * bs as u64),
+            )
+            .expect("file");
+        let is_write_fault = |r: &Result<(), EmbedError>| {
+            matches!(r, Err(EmbedError::Maint {
+                op: MaintOp::Flush,
+                source: dio_core::DioError::Io(status),
+                ..
+            }) if (status.sct, status.sc) == (2, media::WRITE_FAULT))
+        };
+        let submit_flush = || {
+            let (tx, rx) = channel();
+            let calls = Arc::new(AtomicU32::new(0));
+            let calls2 = calls.clone();
+            file.submit_flush(move |r| {
+                calls2.fetch_add(1, Ordering::SeqCst);
+                let _ = tx.send(r);
+            })
+            .expect("submit_flush accepted");
+            let r = rx.recv_timeout(LIMIT).expect("the flush never completed");
+            // A second call would show up by now (the poller runs callbacks one at a time).
+            std::thread::sleep(Duration::from_millis(50));
+            (r, calls.load(Ordering::SeqCst))
+        };
+        let first = pattern(page, 37);
+        let second = pattern(page, 38);
+        let mut counts = Vec::new();
+
+        host(&format!("blkdebug {} flush::once", node(&ns)));
+        assert_eq!(file.write_at(&first, 0).expect("write"), page);
+        let (r, calls) = submit_flush();
+        counts.extend([1, calls]);
+        if is_write_fault(&r) {
+            cell.failed += 1;
+        } else {
+            panic!("blockfile submit_flush: want the device's Write Fault, got {r:?}");
+        }
+        let (r, calls) = submit_flush();
+        counts.push(calls);
+        r.expect("submit_flush once the fault is gone");
+
+        host(&format!("blkdebug {} flush::once", node(&ns)));
+        assert_eq!(file.write_at(&second, page as u64).expect("write"), page);
+        let r = file.flush();
+        counts.extend([1, 1]);
+        if is_write_fault(&r) {
+            cell.failed += 1;
+        } else {
+            panic!("blockfile flush: want the device's Write Fault, got {r:?}");
+        }
+        let r = file.flush();
+        clear_node(&node(&ns));
+        counts.push(1);
+        r.expect("flush once the fault is gone");
+
+        let mut got = vec![0u8; 2 * page];
+        assert_eq!(file.read_at(&mut got, 0).expect("read back"), 2 * page);
+        cell.verified = got[..page] == first[..] && got[page..] == second[..];
+        cell.completions(&counts);
+        drop(file);
+        dx.shutdown();
+        cell.report(2);
+    }
     dev.finish();
 }
 
