@@ -19,10 +19,11 @@
 //!
 //! The other rows: **stall** (the host holds one read inside QEMU with a blkdebug breakpoint:
 //! the per-command timeout fires once, an Abort is sent, the command id stays quarantined until
-//! the host releases the read and its late completion arrives, and the queue works meanwhile),
-//! **reset** (`Controller::reset` under load from three clients, the scenario shared with
-//! `reset_load.rs`; then with two reads split at MDTS outstanding) and **async-event** (the host sets QEMU's SMART critical warning bits; each
-//! event is seen once and the request re-armed).
+//! the host releases the read and its late completion arrives, and the queue works meanwhile;
+//! `perf --io-timeout-ms` too), **reset** (`Controller::reset` under load from three clients,
+//! the scenario shared with `reset_load.rs`; then with two reads split at MDTS outstanding) and
+//! **async-event** (the host sets QEMU's SMART critical warning bits; each event is seen once
+//! and the request re-armed).
 
 mod reset_scenario;
 
@@ -1046,8 +1047,113 @@ fn stall_times_out_aborts_and_recovers() {
         dx.shutdown();
         cell.report(1);
     }
+    let addr = dev.pci_addr.clone().unwrap();
+    let (nsid, node_name) = (ns.nsid().0, node(&ns));
     drop(ns);
     dev.finish();
+    perf_stalled(&addr, nsid, &node_name);
+}
+
+/// The stall row's perf column: `perf -w verify -q 2 -Q 1 --io-timeout-ms 3000` while the host
+/// holds the first read it sends. perf logs that read's timeout (an Abort is sent, its buffer
+/// retired, the other slot goes on); only then does the host release the read (its late
+/// completion is dropped by the driver). perf ends by itself at `-t`, exit 0, with its counts:
+/// every I/O submitted completed once, 1 with an error, and no verify mismatch.
+fn perf_stalled(addr: &str, nsid: u32, node_name: &str) {
+    use std::io::BufRead as _;
+    host(&format!("stall {node_name} read perf"));
+    let mut child = Command::new("perf")
+        .args([
+            "-r",
+            &format!("trtype:PCIe traddr:{addr} ns:{nsid}"),
+            "-q",
+            "2",
+            "-o",
+            "4096",
+            "-w",
+            "verify",
+            "-t",
+            "12",
+            "-Q",
+            "1",
+            "--io-timeout-ms",
+            &STALL_TIMEOUT.as_millis().to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("perf (the tools are in the guest's PATH)");
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = channel();
+    let err_thread = std::thread::spawn(move || {
+        let mut all = String::new();
+        let mut told = false;
+        for line in stderr.lines() {
+            let Ok(line) = line else { break };
+            if !told && line.starts_with("Read ") {
+                told = true;
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let mut stdout = child.stdout.take().unwrap();
+    let out_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    // perf's timeout fires STALL_TIMEOUT after the read; perf logs it at once.
+    let timed_out = rx.recv_timeout(LIMIT).is_ok();
+    // Released in any case: a read left suspended would hang QEMU's teardown.
+    host(&format!("release {node_name} perf"));
+    let until = std::time::Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("perf still runs {LIMIT:?} after its -t");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = out_thread.join().unwrap();
+    let err = err_thread.join().unwrap();
+    println!("{text}{err}");
+    assert!(timed_out, "perf logged no failed read:\n{text}\n{err}");
+    assert!(status.success(), "perf -Q failed:\n{text}\n{err}");
+    let read_errors: Vec<&str> = err.lines().filter(|l| l.starts_with("Read ")).collect();
+    assert!(
+        read_errors.len() == 1 && read_errors[0].contains("timed out"),
+        "perf: want one read timed out, got {read_errors:?}"
+    );
+    let counts: Vec<u64> = err
+        .lines()
+        .find_map(|l| l.strip_prefix("I/O counts: "))
+        .map(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .filter(|n| !n.is_empty())
+                .map(|n| n.parse::<u64>().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    let [submitted, completed, errors, never] = counts[..] else {
+        panic!("perf did not print its I/O counts:\n{text}\n{err}");
+    };
+    let mut cell = Cell::new("stall:read", "perf");
+    cell.issued = submitted as u32;
+    cell.once = completed as u32;
+    cell.lost = never as u32;
+    cell.failed = errors as u32;
+    cell.verified = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Verify: "))
+        .is_some_and(|l| l.contains(" blocks checked, 0 mismatched") && !l.starts_with("0 "));
+    cell.report(1);
 }
 
 /// Reset under load on the real device: `Controller::reset` while a polled queue pair,

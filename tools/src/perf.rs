@@ -712,16 +712,16 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     if let Some(f) = cfg.emulated.fault.filter(|_| cfg.uses_emulated()) {
         eprintln!("{}", fault_summary(f, &ctrls, &outcomes));
     }
-    if !failures.is_empty() {
-        // A run cut short (a failed queue, a removed device): how every I/O it started ended.
-        let (submitted, completed, errors) =
-            outcomes.iter().fold((0, 0, 0), |(s, c, e), (_, o)| {
-                (
-                    s + o.stats.io_submitted,
-                    c + o.stats.io_completed,
-                    e + o.stats.io_errors,
-                )
-            });
+    // A run cut short (a failed queue, a removed device) or one that went on past errors (-Q):
+    // how every I/O it started ended.
+    let (submitted, completed, errors) = outcomes.iter().fold((0, 0, 0), |(s, c, e), (_, o)| {
+        (
+            s + o.stats.io_submitted,
+            c + o.stats.io_completed,
+            e + o.stats.io_errors,
+        )
+    });
+    if !failures.is_empty() || errors > 0 {
         eprintln!(
             "I/O counts: {submitted} submitted, {completed} completed ({errors} with an error), \
              {} never completed",
@@ -881,11 +881,14 @@ fn make_queues(
         .collect();
     let mut qs: Vec<SharedQueue<DriverQueue>> = Vec::new();
     for k in 0..cfg.qpairs_per_ns {
-        let opts = QueueOptions::default()
+        let mut opts = QueueOptions::default()
             .with_entries(qentries)
             .with_requests(requests)
             .with_doorbell(doorbell)
             .with_interrupts(cfg.interrupt.sleeps());
+        if let Some(t) = cfg.io_timeout {
+            opts = opts.with_timeout(t);
+        }
         let qp = c.ctrl.create_qpair::<u64>(opts).map_err(|e| {
             format!(
                 "ERROR: failed to create I/O queue pair {} of {} for {} on core {core}: {e}",
