@@ -1202,8 +1202,77 @@ fn reset_under_load() {
     ));
     drop(q);
     reset_split(c, &ns);
+    let addr = dev.pci_addr.clone().unwrap();
+    let nsid = ns.nsid().0;
     drop(ns);
     dev.finish();
+    perf_reset(&addr, nsid);
+}
+
+/// The reset row's perf column: `perf -w verify -q 8 -Q 1 --reset-after-ios 1000` (SPDK's
+/// `examples/nvme/reset`: the controller reset under I/O). The I/Os in flight fail with the
+/// reset, once each, the queue pairs renew themselves and perf goes on to its `-t`: exit 0,
+/// every I/O submitted completed, no verify mismatch.
+fn perf_reset(addr: &str, nsid: u32) {
+    let out = Command::new("perf")
+        .args([
+            "-r",
+            &format!("trtype:PCIe traddr:{addr} ns:{nsid}"),
+            "-q",
+            "8",
+            "-o",
+            "4096",
+            "-w",
+            "verify",
+            "-t",
+            "6",
+            "-Q",
+            "1",
+            "--reset-after-ios",
+            "1000",
+        ])
+        .output()
+        .expect("perf (the tools are in the guest's PATH)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    println!("{text}{err}");
+    assert!(
+        out.status.success(),
+        "perf --reset-after-ios failed:\n{text}\n{err}"
+    );
+    assert!(
+        err.contains("perf: the controller was reset once, under I/O"),
+        "perf: no reset:\n{err}"
+    );
+    let counts: Vec<u64> = err
+        .lines()
+        .find_map(|l| l.strip_prefix("I/O counts: "))
+        .map(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .filter(|n| !n.is_empty())
+                .map(|n| n.parse::<u64>().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    // No I/O counts line: no I/O was in flight at the reset (none failed).
+    let [submitted, completed, errors, never] = counts[..] else {
+        panic!("perf did not print its I/O counts (no I/O failed by the reset?):\n{text}\n{err}");
+    };
+    let logged = err
+        .lines()
+        .filter(|l| l.contains("the controller was reset; create a new queue pair"))
+        .count() as u64;
+    assert_eq!(logged, errors, "perf: every error is the reset's:\n{err}");
+    let mut cell = Cell::new("reset", "perf");
+    cell.issued = submitted as u32;
+    cell.once = completed as u32;
+    cell.lost = never as u32;
+    cell.failed = errors as u32;
+    cell.verified = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Verify: "))
+        .is_some_and(|l| l.contains(" blocks checked, 0 mismatched") && !l.starts_with("0 "));
+    cell.report_any();
 }
 
 /// Whether `e` is the reset's failure of a request.

@@ -544,6 +544,11 @@ pub struct PerfArgs {
     /// with -Q the run goes on); 0 disables it (default: the driver's, 30000)
     #[arg(long = "io-timeout-ms", value_name = "MS")]
     pub io_timeout_ms: Option<String>,
+    /// reset the controller once (Controller::reset, as SPDK's examples/nvme/reset does) after
+    /// N I/Os have completed on it; the I/Os the reset fails are errors (-Q lets the run go
+    /// on) and the queue pairs renew themselves (PCIe and emulated controllers)
+    #[arg(long = "reset-after-ios", value_name = "N")]
+    pub reset_after_ios: Option<String>,
     /// display core busy % (once a second on a terminal, and at the end) and the CPU time per
     /// I/O: perf's own (getrusage) and the whole system's (/proc/stat: the non-idle time of
     /// every CPU, the kernel's interrupt work included, but also any other program's, so it is
@@ -620,6 +625,8 @@ pub struct PerfConfig {
     pub continue_on_error: Option<u32>,
     /// `--io-timeout-ms` (`None`: the driver's default; `Some(None)`: no timeout).
     pub io_timeout: Option<Option<std::time::Duration>>,
+    /// `--reset-after-ios`.
+    pub reset_after_ios: Option<u64>,
     /// `-m`.
     pub cpu_usage: bool,
     /// `-H`, `-I`: header and data digests on NVMe/TCP connections.
@@ -793,6 +800,13 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
             ms => Some(Some(std::time::Duration::from_millis(ms))),
         },
     };
+    let reset_after_ios = match a.reset_after_ios.as_deref() {
+        None => None,
+        Some(v) => match int::<u64>("--reset-after-ios", v)? {
+            0 => return err("--reset-after-ios must be greater than 0"),
+            n => Some(n),
+        },
+    };
     let workload: Workload = w.parse().map_err(|e| CliError(format!("{e}")))?;
     let mix = match a.rwmixread.as_deref() {
         None => None,
@@ -875,6 +889,9 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
             }
         },
     };
+    if reset_after_ios.is_some() && trids.iter().any(|t| matches!(t.target, Target::Tcp(_))) {
+        return err("--reset-after-ios applies to PCIe and emulated controllers, not trtype:TCP");
+    }
     if interrupt.sleeps() && trids.iter().any(|t| matches!(t.target, Target::Tcp(_))) {
         return err("--interrupt-mode applies to PCIe and emulated controllers, not trtype:TCP");
     }
@@ -901,6 +918,7 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
         latency_level: a.latency.min(2),
         continue_on_error,
         io_timeout,
+        reset_after_ios,
         cpu_usage: a.cpu_usage,
         tcp_digests: (a.tcp_hdgst, a.tcp_ddgst),
         use_every_core: a.use_every_core,
@@ -1121,6 +1139,16 @@ mod tests {
         assert_eq!(
             perf_err("-q 1 -o 4096 -w read -t 1 --io-timeout-ms x"),
             "--io-timeout-ms: 'x' is not a valid number"
+        );
+        assert_eq!(
+            perf("-q 1 -o 4096 -w read -t 1 --reset-after-ios 500")
+                .unwrap()
+                .reset_after_ios,
+            Some(500)
+        );
+        assert_eq!(
+            perf_err("-q 1 -o 4096 -w read -t 1 --reset-after-ios 0"),
+            "--reset-after-ios must be greater than 0"
         );
     }
 

@@ -17,7 +17,7 @@ use dioxide::{ControllerOptions, Namespace, Nsid, QueueOptions};
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -315,6 +315,15 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     let setup_failed = AtomicBool::new(false);
     let tty = !cfg.json && report::stdout_is_tty();
 
+    // --reset-after-ios: one plan per controller, shared by its queue pairs on every core.
+    let plans: Vec<Option<Arc<device::ResetPlan>>> = ctrls
+        .iter()
+        .map(|c| {
+            let n = cfg.reset_after_ios?;
+            Some(Arc::new(device::ResetPlan::new(c.ctrl.pcie()?.clone(), n)))
+        })
+        .collect();
+    let plans = &plans;
     std::thread::scope(|scope| {
         for (w, &core) in workers.iter().enumerate() {
             let my: Vec<(usize, JobSpec)> = specs
@@ -348,7 +357,15 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                         None => {
                             let sharers =
                                 specs_e.iter().filter(|&&x| entries[x].ctrl == ci).count();
-                            match make_queues(cfg, &ctrls[ci], entries, ci, sharers, core) {
+                            match make_queues(
+                                cfg,
+                                &ctrls[ci],
+                                entries,
+                                ci,
+                                sharers,
+                                core,
+                                plans[ci].clone(),
+                            ) {
                                 Ok(qs) => shared.push((ci, qs)),
                                 Err(msg) => {
                                     setup_errors.lock().unwrap().push(msg);
@@ -728,6 +745,16 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
             submitted.saturating_sub(completed)
         );
     }
+    for p in plans.iter().flatten() {
+        match p.error.lock().unwrap().take() {
+            Some(e) => {
+                eprintln!("{e}");
+                ok = false;
+            }
+            None if p.fired() => eprintln!("perf: the controller was reset once, under I/O"),
+            None => eprintln!("perf: the controller reset did not fire (the run ended first)"),
+        }
+    }
     if let Some(v) = &verify {
         if let Some(m) = &v.first_mismatch {
             eprintln!(
@@ -865,6 +892,7 @@ fn make_queues(
     ci: usize,
     sharers: usize,
     core: u32,
+    reset: Option<Arc<device::ResetPlan>>,
 ) -> Result<Vec<SharedQueue<DriverQueue>>, String> {
     let qentries = queue_entries(cfg, c) as u16;
     // Any job may put all of its I/Os on one queue pair: room for every sharer's.
@@ -901,6 +929,7 @@ fn make_queues(
             qp,
             nss: nss.clone(),
             location: c.addr.clone(),
+            reset: reset.clone(),
         };
         // Siblings: a job's buffers (kept by its first queue pair) outlive all of them.
         let shared = match qs.first() {
