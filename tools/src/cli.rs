@@ -539,6 +539,16 @@ pub struct PerfArgs {
         allow_negative_numbers = true
     )]
     pub continue_on_error: Option<String>,
+    /// per-command timeout of the I/O queues in milliseconds: a command the device has not
+    /// completed by then fails with a timeout (an Abort is sent, its buffer is never reused;
+    /// with -Q the run goes on); 0 disables it (default: the driver's, 30000)
+    #[arg(long = "io-timeout-ms", value_name = "MS")]
+    pub io_timeout_ms: Option<String>,
+    /// reset the controller once (Controller::reset, as SPDK's examples/nvme/reset does) after
+    /// N I/Os have completed on it; the I/Os the reset fails are errors (-Q lets the run go
+    /// on) and the queue pairs renew themselves (PCIe and emulated controllers)
+    #[arg(long = "reset-after-ios", value_name = "N")]
+    pub reset_after_ios: Option<String>,
     /// display core busy % (once a second on a terminal, and at the end) and the CPU time per
     /// I/O: perf's own (getrusage) and the whole system's (/proc/stat: the non-idle time of
     /// every CPU, the kernel's interrupt work included, but also any other program's, so it is
@@ -618,6 +628,10 @@ pub struct PerfConfig {
     pub latency_level: u8,
     /// `-Q N`: continue on error, report every Nth.
     pub continue_on_error: Option<u32>,
+    /// `--io-timeout-ms` (`None`: the driver's default; `Some(None)`: no timeout).
+    pub io_timeout: Option<Option<std::time::Duration>>,
+    /// `--reset-after-ios`.
+    pub reset_after_ios: Option<u64>,
     /// `-m`.
     pub cpu_usage: bool,
     /// `-H`, `-I`: header and data digests on NVMe/TCP connections.
@@ -786,6 +800,20 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
             n => Some(n),
         },
     };
+    let io_timeout = match a.io_timeout_ms.as_deref() {
+        None => None,
+        Some(v) => match int::<u64>("--io-timeout-ms", v)? {
+            0 => Some(None),
+            ms => Some(Some(std::time::Duration::from_millis(ms))),
+        },
+    };
+    let reset_after_ios = match a.reset_after_ios.as_deref() {
+        None => None,
+        Some(v) => match int::<u64>("--reset-after-ios", v)? {
+            0 => return err("--reset-after-ios must be greater than 0"),
+            n => Some(n),
+        },
+    };
     let workload: Workload = w.parse().map_err(|e| CliError(format!("{e}")))?;
     let mix = match a.rwmixread.as_deref() {
         None => None,
@@ -879,6 +907,9 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
             }
         },
     };
+    if reset_after_ios.is_some() && trids.iter().any(|t| matches!(t.target, Target::Tcp(_))) {
+        return err("--reset-after-ios applies to PCIe and emulated controllers, not trtype:TCP");
+    }
     if interrupt.sleeps() && trids.iter().any(|t| matches!(t.target, Target::Tcp(_))) {
         return err("--interrupt-mode applies to PCIe and emulated controllers, not trtype:TCP");
     }
@@ -904,6 +935,8 @@ pub fn parse_perf(args: impl IntoIterator<Item = String>) -> Result<Parsed<PerfC
         number_ios,
         latency_level: a.latency.min(2),
         continue_on_error,
+        io_timeout,
+        reset_after_ios,
         cpu_usage: a.cpu_usage,
         tcp_digests: (a.tcp_hdgst, a.tcp_ddgst),
         use_every_core: a.use_every_core,
@@ -1106,6 +1139,35 @@ mod tests {
         assert_eq!(
             perf_err("-q 1 -o 4096 -w read"),
             "missing -t (--time) operand"
+        );
+    }
+
+    #[test]
+    fn io_timeout() {
+        let t = |a: &str| {
+            perf(&format!("-q 1 -o 4096 -w read -t 1 {a}"))
+                .unwrap()
+                .io_timeout
+        };
+        assert_eq!(t(""), None);
+        assert_eq!(t("--io-timeout-ms 0"), Some(None));
+        assert_eq!(
+            t("--io-timeout-ms 1500"),
+            Some(Some(std::time::Duration::from_millis(1500)))
+        );
+        assert_eq!(
+            perf_err("-q 1 -o 4096 -w read -t 1 --io-timeout-ms x"),
+            "--io-timeout-ms: 'x' is not a valid number"
+        );
+        assert_eq!(
+            perf("-q 1 -o 4096 -w read -t 1 --reset-after-ios 500")
+                .unwrap()
+                .reset_after_ios,
+            Some(500)
+        );
+        assert_eq!(
+            perf_err("-q 1 -o 4096 -w read -t 1 --reset-after-ios 0"),
+            "--reset-after-ios must be greater than 0"
         );
     }
 

@@ -275,6 +275,53 @@ pub struct DriverQueue {
     pub nss: Vec<Namespace>,
     /// The controller's location, for errors.
     pub location: String,
+    /// `perf --reset-after-ios`: the reset this queue's completions count towards.
+    pub reset: Option<Arc<ResetPlan>>,
+}
+
+/// `perf --reset-after-ios N`: once the queues of a controller have completed N I/Os between
+/// them, the worker whose poll crosses N resets the controller (`Controller::reset`, once), as
+/// SPDK's `examples/nvme/reset` does under I/O. The requests the reset fails end with
+/// `ControllerReset` (I/O errors: `-Q` lets the run go on); every queue pair renews itself on
+/// the re-initialised controller in its next poll.
+pub struct ResetPlan {
+    ctrl: dioxide::Controller,
+    after: u64,
+    completed: std::sync::atomic::AtomicU64,
+    fired: std::sync::atomic::AtomicBool,
+    /// The reset's error, if it failed.
+    pub error: std::sync::Mutex<Option<String>>,
+}
+
+impl ResetPlan {
+    /// A plan for `ctrl` (PCIe or emulated), firing after `after` completions.
+    pub fn new(ctrl: dioxide::Controller, after: u64) -> ResetPlan {
+        ResetPlan {
+            ctrl,
+            after,
+            completed: Default::default(),
+            fired: Default::default(),
+            error: Default::default(),
+        }
+    }
+
+    /// Whether the reset has run (or is running).
+    pub fn fired(&self) -> bool {
+        self.fired.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn count(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        if n == 0 || self.fired.load(Ordering::Relaxed) {
+            return;
+        }
+        let before = self.completed.fetch_add(n, Ordering::AcqRel);
+        if before + n >= self.after && !self.fired.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.ctrl.reset() {
+                *self.error.lock().unwrap() = Some(format!("controller reset failed: {e}"));
+            }
+        }
+    }
 }
 
 impl IoQueue for DriverQueue {
@@ -320,7 +367,32 @@ impl IoQueue for DriverQueue {
         done: F,
     ) -> Result<u32, dioxide::TransportError> {
         let max = if max == 0 { usize::MAX } else { max as usize };
-        self.qp.poll(max, done).map(|n| n as u32)
+        // After a reset: the old queue pair hands back what it held (failed by the reset),
+        // then is replaced by a new one on the re-initialised controller.
+        if let TransportQueue::Pcie(q) = &mut self.qp {
+            if q.is_stale() {
+                match q.renew() {
+                    Ok(_) | Err(dioxide::Error::NotReady { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if self.reset.is_none() {
+            return self.qp.poll(max, done).map(|n| n as u32);
+        }
+        let mut done = done;
+        let mut n = 0u64;
+        let r = self
+            .qp
+            .poll(max, |t, res| {
+                n += 1;
+                done(t, res)
+            })
+            .map(|n| n as u32);
+        if let Some(p) = &self.reset {
+            p.count(n);
+        }
+        r
     }
 
     fn status(e: &TransportIoError) -> Option<Status> {
@@ -334,9 +406,14 @@ impl IoQueue for DriverQueue {
 
     fn survives(e: &dioxide::TransportError) -> bool {
         // An invalid completion entry, rejected; the queue pair goes on.
+        // A queue pair the controller's reset killed: renewed by the next poll.
         matches!(
             e,
             dioxide::TransportError::Pcie(dioxide::Error::Protocol { .. })
+                | dioxide::TransportError::Pcie(dioxide::Error::QueueDead {
+                    reason: dioxide::DeadReason::ControllerReset,
+                    ..
+                })
         )
     }
 

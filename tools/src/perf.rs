@@ -17,7 +17,7 @@ use dioxide::{ControllerOptions, Namespace, Nsid, QueueOptions};
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -317,6 +317,15 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     let setup_failed = AtomicBool::new(false);
     let tty = !cfg.json && report::stdout_is_tty();
 
+    // --reset-after-ios: one plan per controller, shared by its queue pairs on every core.
+    let plans: Vec<Option<Arc<device::ResetPlan>>> = ctrls
+        .iter()
+        .map(|c| {
+            let n = cfg.reset_after_ios?;
+            Some(Arc::new(device::ResetPlan::new(c.ctrl.pcie()?.clone(), n)))
+        })
+        .collect();
+    let plans = &plans;
     std::thread::scope(|scope| {
         for (w, &core) in workers.iter().enumerate() {
             let my: Vec<(usize, JobSpec)> = specs
@@ -350,7 +359,15 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                         None => {
                             let sharers =
                                 specs_e.iter().filter(|&&x| entries[x].ctrl == ci).count();
-                            match make_queues(cfg, &ctrls[ci], entries, ci, sharers, core) {
+                            match make_queues(
+                                cfg,
+                                &ctrls[ci],
+                                entries,
+                                ci,
+                                sharers,
+                                core,
+                                plans[ci].clone(),
+                            ) {
                                 Ok(qs) => shared.push((ci, qs)),
                                 Err(msg) => {
                                     setup_errors.lock().unwrap().push(msg);
@@ -715,21 +732,31 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
     if let Some(f) = cfg.emulated.fault.filter(|_| cfg.uses_emulated()) {
         eprintln!("{}", fault_summary(f, &ctrls, &outcomes));
     }
-    if !failures.is_empty() {
-        // A run cut short (a failed queue, a removed device): how every I/O it started ended.
-        let (submitted, completed, errors) =
-            outcomes.iter().fold((0, 0, 0), |(s, c, e), (_, o)| {
-                (
-                    s + o.stats.io_submitted,
-                    c + o.stats.io_completed,
-                    e + o.stats.io_errors,
-                )
-            });
+    // A run cut short (a failed queue, a removed device) or one that went on past errors (-Q):
+    // how every I/O it started ended.
+    let (submitted, completed, errors) = outcomes.iter().fold((0, 0, 0), |(s, c, e), (_, o)| {
+        (
+            s + o.stats.io_submitted,
+            c + o.stats.io_completed,
+            e + o.stats.io_errors,
+        )
+    });
+    if !failures.is_empty() || errors > 0 {
         eprintln!(
             "I/O counts: {submitted} submitted, {completed} completed ({errors} with an error), \
              {} never completed",
             submitted.saturating_sub(completed)
         );
+    }
+    for p in plans.iter().flatten() {
+        match p.error.lock().unwrap().take() {
+            Some(e) => {
+                eprintln!("{e}");
+                ok = false;
+            }
+            None if p.fired() => eprintln!("perf: the controller was reset once, under I/O"),
+            None => eprintln!("perf: the controller reset did not fire (the run ended first)"),
+        }
     }
     if let Some(v) = &verify {
         if let Some(m) = &v.first_mismatch {
@@ -870,6 +897,7 @@ fn make_queues(
     ci: usize,
     sharers: usize,
     core: u32,
+    reset: Option<Arc<device::ResetPlan>>,
 ) -> Result<Vec<SharedQueue<DriverQueue>>, String> {
     let qentries = queue_entries(cfg, c) as u16;
     // Any job may put all of its I/Os on one queue pair: room for every sharer's.
@@ -886,12 +914,15 @@ fn make_queues(
         .collect();
     let mut qs: Vec<SharedQueue<DriverQueue>> = Vec::new();
     for k in 0..cfg.qpairs_per_ns {
-        let opts = QueueOptions::default()
+        let mut opts = QueueOptions::default()
             .with_entries(qentries)
             .with_requests(requests)
             .with_doorbell(doorbell)
             .with_interrupts(cfg.interrupt.sleeps())
             .with_cq_head_batch(cfg.cq_head_batch);
+        if let Some(t) = cfg.io_timeout {
+            opts = opts.with_timeout(t);
+        }
         let qp = c.ctrl.create_qpair::<u64>(opts).map_err(|e| {
             format!(
                 "ERROR: failed to create I/O queue pair {} of {} for {} on core {core}: {e}",
@@ -904,6 +935,7 @@ fn make_queues(
             qp,
             nss: nss.clone(),
             location: c.addr.clone(),
+            reset: reset.clone(),
         };
         // Siblings: a job's buffers (kept by its first queue pair) outlive all of them.
         let shared = match qs.first() {

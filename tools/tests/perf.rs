@@ -418,6 +418,47 @@ fn media_errors_fail_the_run_unless_continue_on_error() {
 }
 
 #[test]
+fn reset_after_ios_resets_once_and_goes_on() {
+    let _w = test_watchdog::arm(test_watchdog::STRESS);
+    let o = perf(
+        "-q 8 -o 4096 -w verify -t 10 -d 4000 --emulated-backing memory --emulated-size 16m \
+         -Q 1 --reset-after-ios 1000",
+    );
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(
+        err.contains("perf: the controller was reset once, under I/O"),
+        "{err}"
+    );
+    // The I/Os in flight at the reset failed, once each; the run went on to its 4000.
+    let counts = err
+        .lines()
+        .find_map(|l| l.strip_prefix("I/O counts: "))
+        .unwrap_or_else(|| panic!("no I/O counts:\n{err}"));
+    assert!(counts.ends_with(", 0 never completed"), "{counts}");
+    let failed = err
+        .lines()
+        .filter(|l| l.contains("the controller was reset; create a new queue pair"))
+        .count();
+    assert!(
+        (1..=8).contains(&failed),
+        "{failed} failed by the reset:\n{err}"
+    );
+    assert!(
+        counts.contains(&format!("({failed} with an error)")),
+        "{counts}"
+    );
+    assert!(out.contains(" blocks checked, 0 mismatched"), "{out}");
+
+    // Without -Q the first failed I/O stops the run, naming the reset.
+    let o = perf("-q 8 -o 4096 -w read -t 10 -d 4000 --reset-after-ios 1000");
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("the controller was reset"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn continue_on_error_rate_limits_the_log() {
     let _w = test_watchdog::arm(test_watchdog::STRESS);
     let o = perf(
