@@ -755,7 +755,14 @@ fn run(cfg: &PerfConfig) -> Result<bool, String> {
                 ok = false;
             }
             None if p.fired() => eprintln!("perf: the controller was reset once, under I/O"),
-            None => eprintln!("perf: the controller reset did not fire (the run ended first)"),
+            None => {
+                // Asked for and not done: the run did not test what it was asked to.
+                eprintln!(
+                    "perf: the controller reset did not fire (the run ended first); lower \
+                     --reset-after-ios or raise -t"
+                );
+                ok = false;
+            }
         }
     }
     if let Some(v) = &verify {
