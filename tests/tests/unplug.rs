@@ -22,24 +22,10 @@ fn announced_removal_fails_in_flight_requests_once_and_releases_the_device() {
     for mode in MODES {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
-        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
-        let buf = c.alloc(64 * 512).unwrap();
+        let buf = c.alloc(8 * 512).unwrap();
         // Held by the device: in flight when the removal is announced.
-        emu.inject(Fault::always(
-            Trigger::LbaRange {
-                nsid: ns.nsid().0,
-                start: 0,
-                end: 8,
-                opcode: None,
-            },
-            Action::NeverComplete,
-        ));
-        for t in 0..8u64 {
-            let s = buf.slice(t as usize * 512, 512).unwrap();
-            // SAFETY: `buf` outlives the queue pair; the data is not read.
-            unsafe { q.read_raw(&ns, Lba(t), s, t) }.unwrap();
-        }
-        q.ring();
+        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        held_reads(&mut q, &emu, &ns, &buf);
         emu.request_removal();
         let mut got: HashMap<u64, IoResult> = HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -172,6 +158,31 @@ fn pooled_pollers_report_device_removed_and_do_not_hang() {
     }
 }
 
+/// Eight one-block reads (LBAs 0-7, tags 0-7) into `buf`, rung on `q`, which the emulated
+/// controller holds for ever: in flight when the removal comes.
+fn held_reads(
+    q: &mut dioxide::QueuePair<u64>,
+    emu: &dioxide::emulated::EmulatedController,
+    ns: &dioxide::Namespace,
+    buf: &dioxide::DmaBuffer,
+) {
+    emu.inject(Fault::always(
+        Trigger::LbaRange {
+            nsid: ns.nsid().0,
+            start: 0,
+            end: 8,
+            opcode: None,
+        },
+        Action::NeverComplete,
+    ));
+    for t in 0..8u64 {
+        let s = buf.slice(t as usize * 512, 512).unwrap();
+        // SAFETY: the callers keep `buf` alive until the queue pair is gone; the data is not read.
+        unsafe { q.read_raw(ns, Lba(t), s, t) }.unwrap();
+    }
+    q.ring();
+}
+
 /// Waits (bounded) until the driver has told the emulated bus to let the device go.
 fn wait_released(emu: &dioxide::emulated::EmulatedController, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -287,23 +298,9 @@ fn the_device_is_released_before_any_request_fails_with_device_removed() {
     for mode in MODES {
         let (c, emu) = emulated(config(mode, &[NS]));
         let ns = c.namespaces().remove(0);
-        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
         let buf = c.alloc(8 * 512).unwrap();
-        emu.inject(Fault::always(
-            Trigger::LbaRange {
-                nsid: ns.nsid().0,
-                start: 0,
-                end: 8,
-                opcode: None,
-            },
-            Action::NeverComplete,
-        ));
-        for t in 0..8u64 {
-            let s = buf.slice(t as usize * 512, 512).unwrap();
-            // SAFETY: `buf` outlives the queue pair; the data is not read.
-            unsafe { q.read_raw(&ns, Lba(t), s, t) }.unwrap();
-        }
-        q.ring();
+        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        held_reads(&mut q, &emu, &ns, &buf);
         let q = Arc::new(Mutex::new(q));
         // Requests handed back failed, and how many of them before the bus let the device go
         // (their buffers would be free while the device can still write to them).
