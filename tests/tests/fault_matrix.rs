@@ -279,61 +279,7 @@ fn blocking(
 /// Blocking calls: write a block, read it back, 24 times; the fault at the 19th command (the
 /// 10th write).
 fn sync(row: Row, mode: Mode, cell: &mut Cell) -> bool {
-    let mut rig = Rig::open(row, "sync", mode, 5);
-    let mut q = rig
-        .ctrl
-        .create_qpair::<()>(QueueOptions::default())
-        .unwrap();
-    let mut writes = Vec::new();
-    let mut ok = true;
-    rig.inject(19);
-    for i in 0..24u64 {
-        let new = new_data(i, BS);
-        let mut b = rig.ctrl.alloc(BS).unwrap();
-        b.as_mut_slice().copy_from_slice(&new);
-        match blocking(cell, &mut q, |q| {
-            q.write_blocking(&rig.ns, Lba(i), b.as_slice())
-        }) {
-            Ok(d) => {
-                check_done(row, "sync write", d);
-                writes.push((i, BS));
-            }
-            Err(e) => {
-                expect_fault(row, "sync write", &e);
-                cell.failed += 1;
-                writes.push((i, 0));
-                break;
-            }
-        }
-        let mut r = rig.ctrl.alloc(BS).unwrap();
-        match blocking(cell, &mut q, |q| {
-            q.read_blocking(&rig.ns, Lba(i), r.as_mut_slice())
-        }) {
-            Ok(d) => {
-                check_done(row, "sync read", d);
-                ok &= r.as_slice() == new;
-            }
-            Err(e) => {
-                expect_fault(row, "sync read", &e);
-                cell.failed += 1;
-                break;
-            }
-        }
-    }
-    if row == Row::Garbage {
-        assert_eq!(
-            q.stats().protocol_errors,
-            4,
-            "each invalid entry rejected once"
-        );
-    }
-    drop(q);
-    rig.recover();
-    for (i, done) in writes {
-        let got = rig.read_back(i, BS);
-        ok &= after_write(&got, &vec![0; BS], &new_data(i, BS), done);
-    }
-    ok
+    write_read_back(row, mode, cell, "sync", 5, BS, 24, 19)
 }
 
 /// One batch of 32 queued requests (16 writes, then 16 reads of blocks written before), rung
@@ -430,9 +376,29 @@ fn batch(row: Row, mode: Mode, cell: &mut Cell) -> bool {
 /// write then read back, 6 times; the fault at the 36th command (the 4th command of the third
 /// write).
 fn split(row: Row, mode: Mode, cell: &mut Cell) -> bool {
-    let mut rig = Rig::open(row, "split-mdts", mode, 1);
-    let len = 64 << 10;
-    assert_eq!(rig.ctrl.max_transfer(), 8 << 10, "MDTS of the split column");
+    write_read_back(row, mode, cell, "split-mdts", 1, 64 << 10, 6, 36)
+}
+
+/// The blocking columns: `rounds` times, write `len` bytes and read them back, each call
+/// counted by [`blocking`]; the fault at command `fault_at`; then recovery, and every block
+/// written read back.
+#[allow(clippy::too_many_arguments)]
+fn write_read_back(
+    row: Row,
+    mode: Mode,
+    cell: &mut Cell,
+    column: &str,
+    mdts: u8,
+    len: usize,
+    rounds: u64,
+    fault_at: u64,
+) -> bool {
+    let mut rig = Rig::open(row, column, mode, mdts);
+    assert_eq!(
+        rig.ctrl.max_transfer(),
+        4096 << mdts,
+        "MDTS of the {column} column"
+    );
     let blocks = (len / BS) as u64;
     let mut q = rig
         .ctrl
@@ -440,19 +406,19 @@ fn split(row: Row, mode: Mode, cell: &mut Cell) -> bool {
         .unwrap();
     let mut writes = Vec::new();
     let mut ok = true;
-    rig.inject(36);
-    for i in 0..6u64 {
+    rig.inject(fault_at);
+    for i in 0..rounds {
         let new = new_data(i, len);
         let mut b = rig.ctrl.alloc(len).unwrap();
         b.as_mut_slice().copy_from_slice(&new);
         let w = |q: &mut QueuePair<()>| q.write_blocking(&rig.ns, Lba(i * blocks), b.as_slice());
         match blocking(cell, &mut q, w) {
             Ok(d) => {
-                check_done(row, "split write", d);
+                check_done(row, &format!("{column} write"), d);
                 writes.push((i, len));
             }
             Err(e) => {
-                expect_fault(row, "split write", &e);
+                expect_fault(row, &format!("{column} write"), &e);
                 cell.failed += 1;
                 writes.push((i, 0));
                 break;
@@ -463,11 +429,11 @@ fn split(row: Row, mode: Mode, cell: &mut Cell) -> bool {
             |q: &mut QueuePair<()>| q.read_blocking(&rig.ns, Lba(i * blocks), r.as_mut_slice());
         match blocking(cell, &mut q, rd) {
             Ok(d) => {
-                check_done(row, "split read", d);
+                check_done(row, &format!("{column} read"), d);
                 ok &= r.as_slice() == new;
             }
             Err(e) => {
-                expect_fault(row, "split read", &e);
+                expect_fault(row, &format!("{column} read"), &e);
                 cell.failed += 1;
                 break;
             }
