@@ -160,20 +160,6 @@ mod tests {
         (c, q)
     }
 
-    /// Waits for the descriptor with no timeout: a lost wake-up hangs (and the watchdog fails
-    /// the test) instead of being hidden by a timed sleep.
-    fn sleep_forever(fd: RawFd) {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one initialised pollfd, alive for the call.
-        let n = unsafe { libc::poll(&mut p, 1, -1) };
-        assert_eq!(n, 1, "poll(2): {}", std::io::Error::last_os_error());
-        assert_ne!(p.revents & libc::POLLIN, 0);
-    }
-
     fn readable(fd: RawFd) -> bool {
         let mut p = libc::pollfd {
             fd,
@@ -216,7 +202,7 @@ mod tests {
                     if got < depth && q.arm_interrupt() {
                         assert!(q.sleep_limit().is_some(), "commands are on the device");
                         parks += 1;
-                        sleep_forever(fd);
+                        super::super::tests::sleep_on(fd);
                     }
                 }
                 assert!((first..tag).all(|t| seen[t as usize] == 1));

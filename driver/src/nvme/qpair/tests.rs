@@ -353,8 +353,8 @@ fn resubmitting_inside_the_poll_rings_once_per_poll() {
 }
 
 /// Waits for the completion fd with no timeout: a lost wake-up hangs and the watchdog fails
-/// the test.
-fn sleep_on(fd: std::os::fd::RawFd) {
+/// the test, instead of being hidden by a timed sleep.
+pub(super) fn sleep_on(fd: std::os::fd::RawFd) {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -363,6 +363,7 @@ fn sleep_on(fd: std::os::fd::RawFd) {
     // SAFETY: one initialised pollfd, alive for the call.
     let n = unsafe { libc::poll(&mut p, 1, -1) };
     assert_eq!(n, 1, "poll(2): {}", std::io::Error::last_os_error());
+    assert_ne!(p.revents & libc::POLLIN, 0);
 }
 
 /// Keeps a 16-entry queue pair full (15 commands on the device, 5 more waiting for room) for
