@@ -3,7 +3,7 @@
 use dio_core::{DeviceStatus, DioError};
 
 use crate::nvme::error::Error;
-use crate::spec::status::{Sct, Status, generic};
+use crate::spec::status::{Sct, Status, generic, path};
 use crate::types::Nsid;
 
 /// Result of the embedding API.
@@ -332,15 +332,16 @@ fn hint(e: &DioError) -> &'static str {
 
 /// The status a request gets when its PCIe device was removed: NVMe "Controller Pathing
 /// Error" (SCT 3h SC 60h), which no device of ours reports by itself.
-pub(crate) const DEVICE_REMOVED: DeviceStatus = DeviceStatus::new(3, 0x60);
+pub(crate) const DEVICE_REMOVED: DeviceStatus =
+    DeviceStatus::new(3, path::CONTROLLER_PATHING_ERROR);
 
 fn is_removed(s: &DeviceStatus) -> bool {
     s.sct == DEVICE_REMOVED.sct && s.sc == DEVICE_REMOVED.sc
 }
 
 /// The status a request gets when its transport connection is lost (NVMe "Host Pathing
-/// Error", SCT 3h SC 71h, as Linux's host reports it for the same reason).
-pub(crate) const HOST_PATH_ERROR: DeviceStatus = DeviceStatus::new(3, 0x71);
+/// Error", SCT 3h SC 70h, as Linux's host reports it for the same reason).
+pub(crate) const HOST_PATH_ERROR: DeviceStatus = DeviceStatus::new(3, path::HOST_PATHING_ERROR);
 
 fn is_path_error(s: &DeviceStatus) -> bool {
     s.sct == HOST_PATH_ERROR.sct && s.sc == HOST_PATH_ERROR.sc
@@ -418,6 +419,13 @@ mod tests {
                 && torn_down.contains("reset the controller or build a new Dioxide"),
             "{torn_down}"
         );
+        // The statuses the driver itself gives requests are the specification's pathing errors,
+        // named as such (a host that lost its connection reports Host Pathing Error, 70h, as
+        // Linux's host does; 71h is Command Aborted By Host).
+        let lost = device(HOST_PATH_ERROR.sct, HOST_PATH_ERROR.sc);
+        assert!(lost.contains("Host Pathing Error: "), "{lost}");
+        let removed = device(DEVICE_REMOVED.sct, DEVICE_REMOVED.sc);
+        assert!(removed.contains("Controller Pathing Error: "), "{removed}");
         // A code the specification does not name: the numbers alone.
         let unnamed = device(0, 0x7f);
         assert!(

@@ -663,14 +663,14 @@ fn start(
     true
 }
 
-#[cfg(test)]
+/// Only in debug builds: the release build logs what the debug build stops at.
+#[cfg(all(test, debug_assertions))]
 mod tests {
     use super::*;
 
     /// A completion that does not fit is a bug the debug build stops at (and the release
     /// build logs, naming the command).
     #[test]
-    #[cfg(debug_assertions)]
     #[should_panic(expected = "the completion queue is full: slot 1 lost its completion")]
     fn a_completion_that_does_not_fit_is_not_dropped_silently() {
         let q: CompletionQueue = Arc::new(ArrayQueue::new(1));

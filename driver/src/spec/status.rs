@@ -126,6 +126,25 @@ pub mod media {
     pub const DEALLOCATED_OR_UNWRITTEN: u8 = 0x87;
 }
 
+/// Path related status codes (SCT 3).
+pub mod path {
+    /// Internal Path Error.
+    pub const INTERNAL_PATH_ERROR: u8 = 0x00;
+    /// Asymmetric Access Persistent Loss.
+    pub const ANA_PERSISTENT_LOSS: u8 = 0x01;
+    /// Asymmetric Access Inaccessible.
+    pub const ANA_INACCESSIBLE: u8 = 0x02;
+    /// Asymmetric Access Transition.
+    pub const ANA_TRANSITION: u8 = 0x03;
+    /// Controller Pathing Error: the controller cannot be reached (it was removed, say).
+    pub const CONTROLLER_PATHING_ERROR: u8 = 0x60;
+    /// Host Pathing Error: the host lost its path to the controller (a transport connection
+    /// ended); what Linux's host reports for the commands of a lost connection.
+    pub const HOST_PATHING_ERROR: u8 = 0x70;
+    /// Command Aborted By Host.
+    pub const ABORTED_BY_HOST: u8 = 0x71;
+}
+
 /// A decoded status field: type, code, and the More / Do Not Retry bits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Status {
@@ -259,7 +278,13 @@ impl Status {
             (Sct::Media, media::DEALLOCATED_OR_UNWRITTEN) => {
                 "Deallocated or Unwritten Logical Block"
             }
-            (Sct::Path, 0x00) => "Internal Path Error",
+            (Sct::Path, path::INTERNAL_PATH_ERROR) => "Internal Path Error",
+            (Sct::Path, path::ANA_PERSISTENT_LOSS) => "Asymmetric Access Persistent Loss",
+            (Sct::Path, path::ANA_INACCESSIBLE) => "Asymmetric Access Inaccessible",
+            (Sct::Path, path::ANA_TRANSITION) => "Asymmetric Access Transition",
+            (Sct::Path, path::CONTROLLER_PATHING_ERROR) => "Controller Pathing Error",
+            (Sct::Path, path::HOST_PATHING_ERROR) => "Host Pathing Error",
+            (Sct::Path, path::ABORTED_BY_HOST) => "Command Aborted By Host",
             _ => return None,
         })
     }
