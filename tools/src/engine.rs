@@ -5,7 +5,7 @@
 //! an in-memory queue and runs on the driver's `QueuePair` through a thin adapter.
 //!
 //! Per namespace on a core (a [`Job`]): `-q` slots, each with its own data buffer allocated up
-//! front; a command's tag is its slot's index, with the slot's I/O sequence number (16 bits)
+//! front; a command's tag is its slot's index, with the slot's I/O sequence number (32 bits)
 //! above it. A completion is matched to the I/O it names: one for a slot with no I/O in flight,
 //! or for an earlier I/O of the slot (a duplicate arriving after the slot was resubmitted), is
 //! a double completion: counted ([`Job::doubles`]), never taken for the slot's current I/O, and
@@ -184,14 +184,18 @@ struct Slot {
     generation: u64,
     /// An I/O of this slot is in flight.
     in_flight: bool,
-    /// The sequence number of the slot's current (or last) I/O, carried in its tag.
-    seq: u16,
+    /// The sequence number of the slot's current (or last) I/O, carried in its tag: 32 bits,
+    /// so that a stale duplicate matches the slot's current I/O only after 2^32 I/Os of the
+    /// slot (16 bits wrapped after 65 536, a few seconds of one slot at QD 1).
+    seq: u32,
     /// The job's queue (index into its queues) the I/O was submitted to.
     qp: usize,
 }
 
-/// Where a slot's I/O sequence number sits in a tag (below it: the slot index).
-const SEQ_SHIFT: u32 = 32;
+/// Where a slot's I/O sequence number sits in a tag: bits 16 to 47 (below it, the slot index:
+/// `-q` is at most 65 535; above it, bits 48 to 63 are the shared queue's job number, see
+/// `share`).
+const SEQ_SHIFT: u32 = 16;
 
 /// One namespace on one core: its queues (shared with the core's other jobs on the same
 /// controller, see [`SharedQueue`]), buffers, slots and statistics.
@@ -494,7 +498,8 @@ impl<Q: IoQueue> Job<Q> {
         let n = done.len();
         for (tag, st) in done.drain(..) {
             let now = clock.now();
-            let (k, seq) = (tag & ((1 << SEQ_SHIFT) - 1), (tag >> SEQ_SHIFT) as u16);
+            let (k, seq) = (tag & ((1 << SEQ_SHIFT) - 1), (tag >> SEQ_SHIFT) as u32);
+            debug_assert!(tag >> 48 == 0, "the job number is the shared queue's");
             let Some(slot) = self.slots.get_mut(k as usize) else {
                 let msg = format!("{}: completion with unknown tag {tag:#x}", self.spec.name);
                 self.fail(msg);
@@ -879,6 +884,12 @@ pub(crate) mod mock {
         pub reject_on_poll: Option<u64>,
         /// Deliver this poll's first completion twice (a device posting a duplicate entry).
         pub duplicate_on_poll: Option<u64>,
+        /// Deliver the first command's completion once more (with a media error), before the
+        /// others of the poll after the queue has taken this many more commands (a stale
+        /// duplicate).
+        pub replay_first_after: Option<u64>,
+        /// The first command's tag, for `replay_first_after`.
+        pub first_tag: Option<u64>,
         pub polls: u64,
     }
 
@@ -896,6 +907,8 @@ pub(crate) mod mock {
                 fail_poll_after: None,
                 reject_on_poll: None,
                 duplicate_on_poll: None,
+                replay_first_after: None,
+                first_tag: None,
                 polls: 0,
             }
         }
@@ -955,6 +968,7 @@ pub(crate) mod mock {
                         .insert(lba + b as u64, data[b * bs..(b + 1) * bs].to_vec());
                 }
             }
+            self.first_tag.get_or_insert(tag);
             self.queued.push((tag, Ok(())));
             Ok(())
         }
@@ -976,6 +990,16 @@ pub(crate) mod mock {
             } else {
                 self.ready.len().min(max as usize)
             };
+            let mut replayed = 0;
+            if let (Some(after), Some(tag)) = (self.replay_first_after, self.first_tag) {
+                if n > 0 && self.media.borrow().commands > after {
+                    self.replay_first_after = None;
+                    // With an error the first I/O never had: taken for the current I/O, it
+                    // would show as an I/O error.
+                    done(tag, Err(Status::new(dioxide::spec::Sct::Media, 0x81)));
+                    replayed = 1;
+                }
+            }
             let mut first = None;
             for (tag, st) in self.ready.drain(..n) {
                 first.get_or_insert((tag, st));
@@ -984,13 +1008,13 @@ pub(crate) mod mock {
             if self.duplicate_on_poll == Some(self.polls) {
                 if let Some((tag, st)) = first {
                     done(tag, st);
-                    return Ok(n as u32 + 1);
+                    return Ok(n as u32 + 1 + replayed);
                 }
             }
             if self.reject_on_poll == Some(self.polls) {
                 return Err("rejected: an invalid completion entry".into());
             }
-            Ok(n as u32)
+            Ok(n as u32 + replayed)
         }
     }
 }
@@ -1383,6 +1407,34 @@ mod tests {
         assert_eq!(j.stats.io_submitted, j.stats.io_completed);
         assert_eq!(j.stats.io_submitted, media.borrow().commands);
         assert_eq!(j.verify.bad_blocks, 0, "{:?}", j.verify.first);
+    }
+
+    /// A stale duplicate (the completion of a slot's first I/O, delivered again 65 536 I/Os of
+    /// that slot later, when a 16-bit sequence number has wrapped to the same value) is a double
+    /// completion, never taken for the slot's current I/O, which completes normally.
+    #[test]
+    fn a_stale_duplicate_is_not_taken_for_the_slot_current_io() {
+        let media = Rc::new(RefCell::new(Media::default()));
+        let s = settings(Workload::RandRead, 1, 65_536 + 8);
+        let mut q = MockQueue::new(media.clone(), 512);
+        q.null = true;
+        q.replay_first_after = Some(65_536);
+        let mut jobs = [job(&s, vec![q], 1 << 20)];
+        let r = go(&mut jobs, &s);
+        assert!(r.elapsed_ticks < 100_000_000_000);
+        let j = &jobs[0];
+        let f = j.failure.as_deref().unwrap_or_default();
+        // The first I/O's tag: slot 0, sequence number 1.
+        assert!(
+            f.contains("double completion: a completion for tag 0x10000 (slot 0)"),
+            "{f:?}"
+        );
+        assert_eq!(j.doubles, 1);
+        // The stale entry's error was not taken for the current I/O, which completed normally.
+        assert_eq!(j.stats.io_errors, 0);
+        assert_eq!(j.inflight(), 0);
+        assert_eq!(j.stats.io_submitted, j.stats.io_completed);
+        assert_eq!(j.stats.io_submitted, media.borrow().commands);
     }
 
     /// A completion whose tag names no job on the queue fails the queue instead of being lost
