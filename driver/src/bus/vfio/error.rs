@@ -158,6 +158,24 @@ pub enum VfioError {
         #[source]
         source: io::Error,
     },
+    /// The kernel kept answering the request for the device's file with EAGAIN: it could not
+    /// take the device's lock, which a hot-unplug, an unbind or a reset of the device holds
+    /// while it runs.
+    #[error(
+        "{addr} (IOMMU group {group}) is busy in the kernel: VFIO_GROUP_GET_DEVICE_FD answered \
+         EAGAIN for {waited:?} (a hot-unplug, an unbind or a reset of the device is under way); \
+         wait until it has finished and open the device again (`lspci -s {addr}` shows whether \
+         it is still there; a device that was removed must be plugged back and bound with \
+         `hugepage-setup.sh`)"
+    )]
+    KernelBusy {
+        /// The controller.
+        addr: String,
+        /// The group number.
+        group: u32,
+        /// How long the open kept asking.
+        waited: std::time::Duration,
+    },
     /// Another process has the group or the device open.
     #[error(
         "{addr} (IOMMU group {group}) is already in use: {what} failed with EBUSY; one process \

@@ -78,6 +78,7 @@ mod sys;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
@@ -278,6 +279,39 @@ fn io_err(addr: &str, step: impl Into<String>, source: std::io::Error) -> VfioEr
     }
 }
 
+/// How long [`VfioBus::open`] asks again while the kernel answers the request for the device's
+/// file with EAGAIN ([`kernel_busy`]), and how long it pauses between tries.
+const KERNEL_BUSY_LIMIT: Duration = Duration::from_secs(2);
+const KERNEL_BUSY_PAUSE: Duration = Duration::from_millis(20);
+
+/// `VFIO_GROUP_GET_DEVICE_FD` failed with EAGAIN: vfio-pci could not take the device's lock
+/// (held by a hot-unplug, an unbind or a reset of the device under way). Worth asking again.
+fn kernel_busy(e: &vfio_ioctls::VfioError) -> bool {
+    matches!(e, vfio_ioctls::VfioError::GroupGetDeviceFD(_))
+        && error::errno_of(e) == Some(libc::EAGAIN)
+}
+
+/// Runs `f` until it succeeds or fails with an error `busy` does not accept, pausing `pause`
+/// between tries, for up to `limit`; the last error comes with the time spent.
+fn retry_while<T, E>(
+    limit: Duration,
+    pause: Duration,
+    busy: impl Fn(&E) -> bool,
+    mut f: impl FnMut() -> core::result::Result<T, E>,
+) -> core::result::Result<T, (E, Duration)> {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(t) => return Ok(t),
+            Err(e) if busy(&e) && start.elapsed() < limit => {
+                log::debug!("VFIO: the device is busy in the kernel; trying again");
+                std::thread::sleep(pause);
+            }
+            Err(e) => return Err((e, start.elapsed())),
+        }
+    }
+}
+
 /// Maps vfio-ioctls' answer while opening container, group and device to our diagnosis.
 fn open_error(pre: &diag::Preflight, roots: &SysRoots, e: vfio_ioctls::VfioError) -> VfioError {
     use vfio_ioctls::VfioError as E;
@@ -346,10 +380,24 @@ impl VfioBus {
         let pre = diag::preflight(roots, facts, addr, opts.dma_bytes, opts.hugepages)?;
         let addr = pre.addr.clone();
 
-        let container = Arc::new(VfioContainer::new(None).map_err(|e| open_error(&pre, roots, e))?);
-        let ops: Arc<dyn VfioOps> = container.clone();
-        let device =
-            VfioDevice::new(&pre.sysfs_dir, ops, false).map_err(|e| open_error(&pre, roots, e))?;
+        // A fresh container for each try: a failed one is dropped as a failed open drops it.
+        let open = || -> core::result::Result<_, vfio_ioctls::VfioError> {
+            let container = Arc::new(VfioContainer::new(None)?);
+            let ops: Arc<dyn VfioOps> = container.clone();
+            let device = VfioDevice::new(&pre.sysfs_dir, ops, false)?;
+            Ok((container, device))
+        };
+        let (container, device) =
+            retry_while(KERNEL_BUSY_LIMIT, KERNEL_BUSY_PAUSE, kernel_busy, open).map_err(
+                |(e, waited)| match kernel_busy(&e) {
+                    true => VfioError::KernelBusy {
+                        addr: addr.clone(),
+                        group: pre.group,
+                        waited,
+                    },
+                    false => open_error(&pre, roots, e),
+                },
+            )?;
         let detached = Arc::new(AtomicBool::new(false));
         let device = DeviceGuard {
             device: Some(device),
@@ -630,6 +678,82 @@ fn request_notifier(fd: std::os::fd::RawFd, count: u32, addr: &str) -> Option<Ev
 #[cfg(test)]
 mod tests {
     use super::quiet_panics;
+    use super::{kernel_busy, retry_while};
+    use std::time::Duration;
+    use vfio_ioctls::VfioError as E;
+    use vmm_sys_util::errno::Error as SysError;
+
+    /// Only EAGAIN from the request for the device's file is the kernel being busy; EBUSY there
+    /// is another process owning the device (reported at once), and EAGAIN elsewhere is not
+    /// this case.
+    #[test]
+    fn only_eagain_from_get_device_fd_is_the_kernel_being_busy() {
+        assert!(kernel_busy(&E::GroupGetDeviceFD(SysError::new(
+            libc::EAGAIN
+        ))));
+        assert!(!kernel_busy(&E::GroupGetDeviceFD(SysError::new(
+            libc::EBUSY
+        ))));
+        assert!(!kernel_busy(&E::ContainerSetIOMMU(SysError::new(
+            libc::EAGAIN
+        ))));
+        assert!(!kernel_busy(&E::InvalidPath));
+    }
+
+    /// An open that finds the kernel busy asks again until it succeeds; one that keeps finding
+    /// it busy gives up after the limit with the time it waited; any other failure is reported
+    /// at once.
+    #[test]
+    fn a_busy_kernel_is_asked_again_within_a_limit() {
+        let busy = || Err::<u32, _>(E::GroupGetDeviceFD(SysError::new(libc::EAGAIN)));
+        let (limit, pause) = (Duration::from_millis(200), Duration::from_millis(5));
+        let mut tries = 0;
+        let r = retry_while(limit, pause, kernel_busy, || {
+            tries += 1;
+            if tries < 4 { busy() } else { Ok(7) }
+        });
+        assert_eq!(r.unwrap(), 7);
+        assert_eq!(tries, 4);
+
+        let mut tries = 0;
+        let (e, waited) = retry_while(limit, pause, kernel_busy, || {
+            tries += 1;
+            busy()
+        })
+        .unwrap_err();
+        assert!(kernel_busy(&e));
+        assert!(
+            waited >= limit && tries > 1,
+            "{waited:?} after {tries} tries"
+        );
+
+        let mut tries = 0;
+        let (e, _) = retry_while(limit, pause, kernel_busy, || {
+            tries += 1;
+            Err::<u32, _>(E::GroupGetDeviceFD(SysError::new(libc::EBUSY)))
+        })
+        .unwrap_err();
+        assert!(!kernel_busy(&e));
+        assert_eq!(tries, 1);
+    }
+
+    /// The error names the state, how long the open waited, and what to do.
+    #[test]
+    fn the_kernel_busy_error_says_what_to_do() {
+        let e = super::VfioError::KernelBusy {
+            addr: "0000:00:04.0".into(),
+            group: 7,
+            waited: Duration::from_secs(2),
+        }
+        .to_string();
+        assert!(
+            e.contains("0000:00:04.0 (IOMMU group 7) is busy in the kernel")
+                && e.contains("EAGAIN for 2s")
+                && e.contains("open the device again")
+                && e.contains("hugepage-setup.sh"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn quiet_panics_catches_and_returns_the_panic() {
