@@ -154,6 +154,8 @@ pub(crate) struct Device {
     pub stray_doorbells: AtomicU64,
     pub media_errors: AtomicU64,
     pub idle_sleeps: AtomicU64,
+    /// CC.EN 1 to 0 transitions processed.
+    pub controller_resets: AtomicU64,
     pub stop: AtomicBool,
     /// MSI-X vectors (eventfds) of completion queues created with IEN set.
     pub vectors: Vectors,
@@ -198,6 +200,7 @@ impl Device {
             stray_doorbells: AtomicU64::new(0),
             media_errors: AtomicU64::new(0),
             idle_sleeps: AtomicU64::new(0),
+            controller_resets: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             vectors: Vectors::new(n),
             props,
@@ -425,6 +428,7 @@ impl Device {
         self.fatal_by_fault.store(false, Ordering::Release);
         r.fatal_reason = None;
         self.set_rdy(r, false);
+        self.controller_resets.fetch_add(1, Ordering::Release);
     }
 
     /// Why CSTS.CFS was set by an enable, if it was.
