@@ -82,6 +82,8 @@ mod submit;
 
 use submit::SimpleData;
 #[cfg(all(test, feature = "emulated"))]
+mod reset_tests;
+#[cfg(all(test, feature = "emulated"))]
 mod tests;
 
 use core::marker::PhantomData;
@@ -349,6 +351,10 @@ pub struct QueueStats {
     pub protocol_errors: u64,
     /// Contexts never handed back because the device could not be stopped.
     pub leaked: u64,
+    /// Looks at a queue pair made dead by a controller reset (or disable) whose disable had not
+    /// yet seen the device stop (CC.EN cleared, CSTS.RDY = 0): its requests stay outstanding
+    /// until it has (or are leaked if it never does).
+    pub reset_waits: u64,
     /// Interrupt mode: [`QueuePair::arm_interrupt`] calls that found nothing to do and allowed
     /// the owner to sleep (each is at most one wake-up).
     pub interrupt_arms: u64,

@@ -13,6 +13,7 @@ use super::{
     lba_of,
 };
 use crate::nvme::admin::{AbortOutcome, abort_with};
+use crate::nvme::controller::StopState;
 use crate::nvme::error::{DeadReason, Error, IoError, ProtocolError};
 use crate::nvme::qpair::DoorbellMode;
 use crate::spec::Sqe;
@@ -329,6 +330,11 @@ impl<T> QueuePair<T> {
 
     /// Stops the queue: makes sure the device no longer uses its memory (or leaks what it may
     /// still use), and completes every request exactly once.
+    ///
+    /// After a controller reset, not before the reset's disable has settled: until then the
+    /// queue is dead (it refuses new requests and rings no doorbell) but its requests stay
+    /// outstanding (the device may still complete them, and they are delivered as usual), and
+    /// every poll looks again.
     #[cold]
     fn die<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
         &mut self,
@@ -336,14 +342,19 @@ impl<T> QueuePair<T> {
         f: &mut F,
     ) -> usize {
         self.dead = Some(reason);
-        self.died = true;
         self.attention = true;
         if reason == DeadReason::Unrecoverable && self.cq_unrung() != 0 {
             // The queues are deleted next: hand the consumed entries back first, so that the
             // device has room for whatever it still posts before it takes the deletion.
             self.ring_cq();
         }
-        let stopped = self.stop_device(reason);
+        let Some(stopped) = self.stop_device(reason) else {
+            self.stats.reset_waits += 1;
+            self.countdown = 0;
+            return 0;
+        };
+        let reason = self.dead.unwrap_or(reason);
+        self.died = true;
         self.stopped = stopped;
         let mut delivered = 0;
         let aborted = IoError::Aborted {
@@ -413,12 +424,59 @@ impl<T> QueuePair<T> {
         delivered
     }
 
-    /// Makes sure the device no longer touches this queue's memory. True if it is known to.
-    fn stop_device(&self, reason: DeadReason) -> bool {
+    /// Makes sure the device no longer touches this queue's memory. `Some(true)` if it is
+    /// known to, `Some(false)` if it may still (the memory is leaked), `None` while a reset or
+    /// disable of the controller is under way and has not yet seen the device stop (CC.EN
+    /// cleared, CSTS.RDY = 0): ask again later. A reset that ended without seeing the device
+    /// stop leaves it possibly working: `Some(false)`, unless a removal stopped the reset
+    /// (`None` until the device is released, then `Some(true)` with the reason
+    /// [`DeadReason::DeviceGone`]).
+    fn stop_device(&mut self, reason: DeadReason) -> Option<bool> {
         match reason {
-            DeadReason::DeviceGone | DeadReason::ControllerReset | DeadReason::ShutDown => true,
-            DeadReason::ControllerFatal => self.shared.disable().is_ok(),
-            DeadReason::Unrecoverable => self.delete_queues() || self.shared.disable().is_ok(),
+            DeadReason::DeviceGone | DeadReason::ShutDown => Some(true),
+            DeadReason::ControllerReset => {
+                match self.shared.stop_state(self.generation) {
+                    StopState::Stopped => return Some(true),
+                    StopState::Pending => return None,
+                    StopState::NotStopped => {}
+                }
+                // A reset stopped by a removal: GONE is published once the bus has let the
+                // device go (or failed to, see `mark_gone`); wait for it.
+                if self.shared.dead_reason(self.generation) == Some(DeadReason::DeviceGone) {
+                    self.dead = Some(DeadReason::DeviceGone);
+                    return Some(true);
+                }
+                if self.shared.removal_started() {
+                    return None;
+                }
+                Some(false)
+            }
+            DeadReason::ControllerFatal => Some(self.shared.disable().is_ok()),
+            DeadReason::Unrecoverable => {
+                Some(self.delete_queues() || self.shared.disable().is_ok())
+            }
+        }
+    }
+
+    /// [`stop_device`](Self::stop_device) for a queue pair being dropped, which cannot look
+    /// again later: waits (bounded by [`Shared::settle_limit`]) for a disable under way to
+    /// settle; if it does not, the memory is leaked.
+    fn stop_device_now(&mut self, reason: DeadReason) -> bool {
+        let deadline = Instant::now() + self.shared.settle_limit();
+        loop {
+            if let Some(stopped) = self.stop_device(reason) {
+                return stopped;
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "{}: queue pair {} dropped during a controller reset that has not stopped \
+                     the device: its memory is leaked",
+                    self.location,
+                    self.qid.0
+                );
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 
@@ -441,7 +499,7 @@ impl<T> Drop for QueuePair<T> {
             self.stopped
         } else {
             match self.shared.dead_reason(self.generation).or(self.dead) {
-                Some(r) => self.stop_device(r),
+                Some(r) => self.stop_device_now(r),
                 None => self.delete_queues() || (issued && self.shared.disable().is_ok()),
             }
         };

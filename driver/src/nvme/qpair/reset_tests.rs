@@ -1,0 +1,305 @@
+//! A controller reset on another thread, caught between starting a new generation and the
+//! device stopping (the emulated controller holds its CC.EN = 0 write back): a queue pair of
+//! the old generation hands nothing back before the device has stopped, and leaks what the
+//! device may still use when it never stops.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::bus::emulated::{
+    Action, EmulatedConfig, EmulatedController, Fault, NamespaceConfig, Trigger,
+};
+use crate::nvme::controller::{Controller, ControllerOptions, InitState};
+
+/// A request context that records, when it is dropped (handed back and dropped by the test, or
+/// dropped by the queue pair), how many controller resets the device had processed by then.
+struct Witness {
+    emu: Arc<EmulatedController>,
+    log: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        let resets = self.emu.stats().controller_resets;
+        self.log.lock().unwrap().push(resets);
+    }
+}
+
+struct Setup {
+    c: Controller,
+    emu: Arc<EmulatedController>,
+    q: QueuePair<Witness>,
+    log: Arc<Mutex<Vec<u64>>>,
+    /// Controller resets the device had processed when the reads were submitted.
+    resets: u64,
+    _buf: crate::bus::dma::DmaBuffer,
+}
+
+/// Eight one-block reads the device holds (never completes), in flight on a queue pair.
+/// CAP.TO 500 ms and a 200 ms admin timeout keep the driver's bounded waits short.
+fn eight_held_reads() -> Setup {
+    let emu = EmulatedController::new(EmulatedConfig {
+        namespaces: vec![NamespaceConfig::memory(512, 1 << 16)],
+        cap_to: 1,
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let opts = ControllerOptions {
+        admin_timeout: Duration::from_millis(200),
+        ..ControllerOptions::default()
+    };
+    let c = Controller::with_options(emu.clone(), opts).unwrap();
+    let ns = c.namespaces().remove(0);
+    let mut q = c.create_qpair::<Witness>(QueueOptions::default()).unwrap();
+    emu.inject(Fault::always(
+        Trigger::LbaRange {
+            nsid: 1,
+            start: 0,
+            end: 8,
+            opcode: None,
+        },
+        Action::NeverComplete,
+    ));
+    let buf = c.alloc(8 * 512).unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    for t in 0..8u64 {
+        let w = Witness {
+            emu: emu.clone(),
+            log: log.clone(),
+        };
+        let s = buf.slice(t as usize * 512, 512).unwrap();
+        // SAFETY: `buf` lives in `Setup` as long as the queue pair, and is leaked with the
+        // requests if they are (the tests forget it then); the data is not read.
+        let r = unsafe { q.read_raw(&ns, Lba(t), s, w) };
+        assert!(r.is_ok());
+    }
+    q.ring();
+    assert_eq!(q.in_flight(), 8);
+    let resets = emu.stats().controller_resets;
+    Setup {
+        c,
+        emu,
+        q,
+        log,
+        resets,
+        _buf: buf,
+    }
+}
+
+fn spawn_reset(c: &Controller) -> std::thread::JoinHandle<crate::nvme::error::Result<()>> {
+    let c = c.clone();
+    std::thread::spawn(move || c.reset())
+}
+
+/// The reset has started a new generation and is stuck clearing CC.EN: the old queue pair
+/// learns of it (renew, as a user would) and polls. It must hand nothing back while the device
+/// may still write the buffers; once the device has stopped, every request comes back once,
+/// failed by the reset.
+#[test]
+fn a_reset_hands_nothing_back_before_the_device_has_stopped() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        mut q,
+        log,
+        resets,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_disable();
+    let resetter = spawn_reset(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    assert!(q.is_stale());
+    assert!(!q.renew().unwrap(), "requests are outstanding");
+    let mut early = 0;
+    for _ in 0..2000 {
+        let _ = q.poll(usize::MAX, |w, _| {
+            drop(w);
+            early += 1;
+        });
+    }
+    assert_eq!(
+        (early, log.lock().unwrap().len()),
+        (0, 0),
+        "requests were handed back while the device was still enabled (a context dropped \
+         before the device processed the reset)"
+    );
+    assert_eq!(q.outstanding(), 8);
+    assert!(q.stats().reset_waits > 0, "{:?}", q.stats());
+    // Submissions are refused meanwhile.
+    let ns = c.namespaces().remove(0);
+    let w = Witness {
+        emu: emu.clone(),
+        log: log.clone(),
+    };
+    let extra = c.alloc(512).unwrap();
+    // SAFETY: refused before anything reaches the device (the queue is dead); `extra` outlives
+    // the call.
+    let rej = unsafe { q.read_raw(&ns, Lba(100), extra.as_dma_slice(), w) }.unwrap_err();
+    assert!(matches!(
+        rej.error,
+        Error::QueueDead {
+            reason: DeadReason::ControllerReset,
+            ..
+        }
+    ));
+    drop(rej);
+    log.lock().unwrap().clear();
+
+    hold.release();
+    resetter.join().unwrap().expect("the reset");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 8 {
+        assert!(Instant::now() < deadline, "the requests never came back");
+        let _ = q.poll(usize::MAX, |w, r| {
+            drop(w);
+            got.push(r);
+        });
+    }
+    for r in &got {
+        assert!(
+            matches!(
+                r,
+                Err(IoError::Aborted {
+                    reason: DeadReason::ControllerReset,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 8);
+    assert!(
+        log.iter().all(|&r| r > resets),
+        "handed back before the device reset: {log:?} (resets before: {resets})"
+    );
+    assert!(q.renew().unwrap());
+    assert_eq!(q.stats().leaked, 0);
+}
+
+/// A queue pair dropped while the reset is stuck clearing CC.EN waits (bounded) for the
+/// device to stop; as it does not within the bound, the contexts are leaked, never dropped.
+#[test]
+fn a_queue_pair_dropped_before_the_device_stopped_leaks_its_requests() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        q,
+        log,
+        resets,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_disable();
+    let resetter = spawn_reset(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    drop(q);
+    assert_eq!(
+        log.lock().unwrap().clone(),
+        Vec::<u64>::new(),
+        "contexts dropped while the device was still enabled (resets before: {resets})"
+    );
+    hold.release();
+    resetter.join().unwrap().expect("the reset");
+    assert!(log.lock().unwrap().is_empty(), "leaked for good");
+    // The buffer may have been given to the device: leaked with the requests.
+    core::mem::forget(_buf);
+}
+
+/// A queue pair dropped once the reset's disable has completed drops its contexts (the
+/// device stopped), after the device processed the reset.
+#[test]
+fn a_queue_pair_dropped_after_the_device_stopped_drops_its_requests() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu: _emu,
+        q,
+        log,
+        resets,
+        _buf,
+    } = eight_held_reads();
+    c.reset().unwrap();
+    drop(q);
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 8);
+    assert!(log.iter().all(|&r| r > resets), "{log:?}");
+}
+
+/// A reset whose disable never completes (the device keeps CC.EN and RDY at 1): the reset
+/// times out waiting for RDY = 0, and the old queue pair leaks its requests rather than hand
+/// back buffers the device may still write.
+#[test]
+fn a_reset_whose_disable_times_out_leaks_the_requests() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        mut q,
+        log,
+        resets,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_disable();
+    let resetter = spawn_reset(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    hold.discard();
+    let e = resetter.join().unwrap().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InitTimeout {
+                state: InitState::WaitForNotReady,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(
+        emu.stats().controller_resets,
+        resets,
+        "the device never reset"
+    );
+    assert!(!q.renew().unwrap());
+    let mut handed = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        assert!(Instant::now() < deadline, "the queue pair never died");
+        if let Err(e) = q.poll(usize::MAX, |w, _| {
+            drop(w);
+            handed += 1;
+        }) {
+            break e;
+        }
+    };
+    assert!(
+        matches!(
+            err,
+            Error::QueueDead {
+                reason: DeadReason::ControllerReset,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        handed, 0,
+        "requests handed back from a device that never stopped"
+    );
+    assert_eq!(q.stats().leaked, 8, "{:?}", q.stats());
+    drop(q);
+    assert!(log.lock().unwrap().is_empty(), "contexts dropped");
+    core::mem::forget(_buf);
+}
