@@ -5,7 +5,10 @@
 //! timeout names the state it happened in. The same machine re-initialises the controller in
 //! [`Controller::reset`] (after CSTS.CFS, for example): clearing CC.EN deletes every I/O queue
 //! on the device, so the driver never sends Delete SQ/CQ before a reset; queue pairs created
-//! before the reset notice it and fail their requests with [`DeadReason::ControllerReset`].
+//! before the reset notice it and fail their requests with [`DeadReason::ControllerReset`],
+//! but only once the reset has seen the device stop (CSTS.RDY = 0 after CC.EN was cleared):
+//! until then the device may still write their buffers. A reset whose disable times out
+//! leaves them leaked, never handed back (see [`Shared::stop_state`]).
 //!
 //! A [`Controller`] is a cheap handle (`Clone`, `Send`, `Sync`); the controller is shut down
 //! (CC.SHN normal, waiting for CSTS.SHST complete) when the last handle and the last queue pair
@@ -28,6 +31,10 @@
 //! handle or queue pair) always runs on the user's thread: it stops and joins the thread (waiting
 //! for a release under way) before the bus is closed, so when that drop returns the device file
 //! is closed and the PCI address can be opened again at once.
+//!
+//! A removal and a reset never overlap on the device: once a removal is noticed a reset is
+//! refused, one under way stops at its next step, and the release waits for it (see
+//! [`Removal`]). The controller is marked gone even if the release panics.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::AtomicBool;

@@ -303,3 +303,62 @@ fn a_reset_whose_disable_times_out_leaks_the_requests() {
     assert!(log.lock().unwrap().is_empty(), "contexts dropped");
     core::mem::forget(_buf);
 }
+
+/// The same for the disable a queue pair makes when it cannot reclaim a command otherwise
+/// (`Shared::disable`, on another thread): it starts a new generation before clearing CC.EN,
+/// and the other queue pairs hand back only once CSTS.RDY has read 0.
+#[test]
+fn a_disable_on_another_thread_hands_nothing_back_before_the_device_has_stopped() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        mut q,
+        log,
+        resets,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_disable();
+    let disabler = {
+        let shared = c.shared.clone();
+        std::thread::spawn(move || shared.disable())
+    };
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the disable never cleared CC.EN"
+    );
+    assert!(q.is_stale());
+    assert!(!q.renew().unwrap());
+    for _ in 0..2000 {
+        let _ = q.poll(usize::MAX, drop_both);
+    }
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "requests were handed back while the device was still enabled"
+    );
+    assert_eq!(q.outstanding(), 8);
+    hold.release();
+    disabler.join().unwrap().expect("the disable");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log.lock().unwrap().len() < 8 {
+        assert!(Instant::now() < deadline, "the requests never came back");
+        let _ = q.poll(usize::MAX, drop_both);
+    }
+    let log = log.lock().unwrap().clone();
+    assert!(log.iter().all(|&r| r > resets), "{log:?}");
+    assert_eq!(q.stats().leaked, 0);
+}
+
+fn drop_both(w: Witness, r: IoResult) {
+    assert!(
+        matches!(
+            r,
+            Err(IoError::Aborted {
+                reason: DeadReason::ControllerReset,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    drop(w);
+}
