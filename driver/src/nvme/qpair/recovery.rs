@@ -43,9 +43,10 @@ impl<T> QueuePair<T> {
     ///
     /// Nothing is lost or delivered twice: the replacement happens only once every request of
     /// the old queue pair has been handed back (each failed once with
-    /// [`DeadReason::ControllerReset`] by a poll). `Ok(false)`: nothing to do (not stale), or
-    /// not yet (requests still to deliver: the queue is marked dead so that the next
-    /// [`poll`](Self::poll) fails them; renew after it). An error is the creation's (the
+    /// [`DeadReason::ControllerReset`] by a poll, once the reset has seen the device stop:
+    /// until then polls hand back only what the device completes). `Ok(false)`: nothing to do
+    /// (not stale), or not yet (requests still to deliver: the queue is marked dead so that
+    /// the next [`poll`](Self::poll) fails them; renew after it). An error is the creation's (the
     /// controller not ready again yet, or failed): the old queue pair stays, dead.
     pub fn renew(&mut self) -> Result<bool, Error> {
         if !self.is_stale() {
