@@ -156,6 +156,8 @@ pub(crate) struct Device {
     pub idle_sleeps: AtomicU64,
     /// CC.EN 1 to 0 transitions processed.
     pub controller_resets: AtomicU64,
+    /// Shutdown notifications (CC.SHN set while clear) processed.
+    pub shutdowns: AtomicU64,
     pub stop: AtomicBool,
     /// MSI-X vectors (eventfds) of completion queues created with IEN set.
     pub vectors: Vectors,
@@ -201,6 +203,7 @@ impl Device {
             media_errors: AtomicU64::new(0),
             idle_sleeps: AtomicU64::new(0),
             controller_resets: AtomicU64::new(0),
+            shutdowns: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             vectors: Vectors::new(n),
             props,
@@ -304,6 +307,9 @@ impl Device {
     fn write_cc(&self, r: &mut Regs, new: Cc) {
         let old = r.cc;
         r.cc = new;
+        if new.shn() != shn::NONE && old.shn() == shn::NONE {
+            self.shutdowns.fetch_add(1, Ordering::Release);
+        }
         r.shst = if new.shn() != shn::NONE {
             shst::COMPLETE
         } else {

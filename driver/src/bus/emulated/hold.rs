@@ -1,5 +1,6 @@
-//! A controller reset (CC.EN 1 to 0) held back on its way to the device, for tests of what the
-//! driver does between deciding to reset and the device stopping.
+//! A controller reset (CC.EN 1 to 0) or a shutdown notification (CC.SHN set) held back on its
+//! way to the device, for tests of what the driver does between deciding to reset or shut down
+//! and the device stopping.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -7,9 +8,10 @@ use std::time::{Duration, Instant};
 /// What becomes of the held write.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Verdict {
-    /// Processed as usual: the controller resets.
+    /// Processed as usual: the controller resets (or shuts down).
     Release,
-    /// Dropped: CC.EN stays 1 and CSTS.RDY stays 1, as with a controller that never stops.
+    /// Dropped: CC.EN stays 1 and CSTS.RDY stays 1 (or CSTS.SHST never reports the shutdown
+    /// complete), as with a controller that never stops.
     Discard,
 }
 
@@ -50,7 +52,9 @@ impl Gate {
 }
 
 /// The next disable (a CC write clearing EN while it is set), held back by
-/// [`EmulatedController::hold_next_disable`](super::EmulatedController::hold_next_disable):
+/// [`EmulatedController::hold_next_disable`](super::EmulatedController::hold_next_disable), or
+/// the next shutdown notification (a CC write setting SHN while it is clear), held back by
+/// [`EmulatedController::hold_next_shutdown`](super::EmulatedController::hold_next_shutdown):
 /// the writing thread waits inside its register write (before the device sees it, with no
 /// device lock held) until [`release`](Self::release) or [`discard`](Self::discard). Dropping
 /// the hold releases the write.
@@ -84,12 +88,14 @@ impl DisableHold {
         self.gate.lock().arrived
     }
 
-    /// Lets the write through: the controller resets (CSTS.RDY follows after the ready delay).
+    /// Lets the write through: the controller resets (CSTS.RDY follows after the ready delay)
+    /// or shuts down (CSTS.SHST complete).
     pub fn release(self) {
         self.gate.decide(Verdict::Release);
     }
 
-    /// Drops the write: the controller stays enabled and ready, as one that never stops would.
+    /// Drops the write: the controller stays enabled and ready (a shutdown never completes), as
+    /// one that never stops would.
     pub fn discard(self) {
         self.gate.decide(Verdict::Discard);
     }

@@ -256,6 +256,9 @@ pub struct EmulatedController {
     release_hook: std::sync::Mutex<Option<ReleaseHook>>,
     /// The next disable to hold back ([`EmulatedController::hold_next_disable`]).
     disable_gate: std::sync::Mutex<Option<Arc<hold::Gate>>>,
+    /// The next shutdown notification to hold back
+    /// ([`EmulatedController::hold_next_shutdown`]).
+    shutdown_gate: std::sync::Mutex<Option<Arc<hold::Gate>>>,
 }
 
 type ReleaseHook = Box<dyn FnOnce() + Send>;
@@ -368,6 +371,7 @@ impl EmulatedController {
             releases: AtomicU64::new(0),
             release_hook: std::sync::Mutex::new(None),
             disable_gate: std::sync::Mutex::new(None),
+            shutdown_gate: std::sync::Mutex::new(None),
         }))
     }
 
@@ -431,6 +435,17 @@ impl EmulatedController {
         DisableHold { gate }
     }
 
+    /// Holds back the next shutdown notification: the next CC write that sets SHN while it is
+    /// clear waits in the writing thread, before the device sees it, until the returned hold
+    /// says what becomes of it: released, the device shuts down (CSTS.SHST complete);
+    /// discarded, CC.SHN stays clear and CSTS.SHST never reports the shutdown complete. A test
+    /// looks at what the driver does between deciding to shut down and the device stopping.
+    pub fn hold_next_shutdown(&self) -> DisableHold {
+        let gate = Arc::new(hold::Gate::default());
+        *self.shutdown_gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate.clone());
+        DisableHold { gate }
+    }
+
     /// How many times the driver called [`Bus::release_removed`] (counted when the call has
     /// let the device go).
     pub fn releases(&self) -> u64 {
@@ -468,6 +483,7 @@ impl EmulatedController {
             held: d.pending.len(),
             idle_sleeps: d.idle_sleeps.load(Ordering::Relaxed),
             controller_resets: d.controller_resets.load(Ordering::Relaxed),
+            shutdowns: d.shutdowns.load(Ordering::Relaxed),
             doorbell_writes: d.stray_doorbells.load(Ordering::Relaxed),
             ..Stats::default()
         };
@@ -525,12 +541,18 @@ impl Bus for EmulatedController {
     fn write32(&self, offset: u32, value: u32) {
         use crate::spec::Cc;
         use crate::spec::regs::offset::CC;
-        if offset == CC && !Cc(value).en() && Cc(self.dev.read32(CC)).en() {
-            let gate = self
-                .disable_gate
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
+        use crate::spec::regs::shn;
+        if offset == CC {
+            let old = Cc(self.dev.read32(CC));
+            let new = Cc(value);
+            let gate = if !new.en() && old.en() {
+                &self.disable_gate
+            } else if new.shn() != shn::NONE && old.shn() == shn::NONE {
+                &self.shutdown_gate
+            } else {
+                return self.dev.write32(offset, value);
+            };
+            let gate = gate.lock().unwrap_or_else(|e| e.into_inner()).take();
             if gate.is_some_and(|g| !g.pass()) {
                 return;
             }

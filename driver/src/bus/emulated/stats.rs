@@ -28,6 +28,8 @@ pub struct Stats {
     /// Controller resets (CC.EN 1 to 0) the device processed: each deleted every queue and
     /// dropped every command it held.
     pub controller_resets: u64,
+    /// Shutdown notifications (CC.SHN set while clear) the device processed.
+    pub shutdowns: u64,
 }
 
 impl Stats {
