@@ -8,7 +8,9 @@
 //! before the reset notice it and fail their requests with [`DeadReason::ControllerReset`],
 //! but only once the reset has seen the device stop (CSTS.RDY = 0 after CC.EN was cleared):
 //! until then the device may still write their buffers. A reset whose disable times out
-//! leaves them leaked, never handed back (see [`Shared::stop_state`]).
+//! leaves them leaked, never handed back (see [`Shared::stop_state`]). A shutdown
+//! ([`Controller::shutdown`]) follows the same rule: queue pairs hand their requests back once
+//! CSTS.SHST reads complete, and leak them if it never does.
 //!
 //! A [`Controller`] is a cheap handle (`Clone`, `Send`, `Sync`); the controller is shut down
 //! (CC.SHN normal, waiting for CSTS.SHST complete) when the last handle and the last queue pair
@@ -147,10 +149,17 @@ pub(crate) struct Shared {
     pub(crate) opts: ControllerOptions,
     pub(crate) admin: Mutex<Option<AdminQueue>>,
     pub(crate) data: RwLock<CtrlData>,
-    /// Bumped by every reset and disable, before CC.EN is cleared: queue pairs of an older
-    /// generation are dead (they submit nothing more), but the device may still be working on
-    /// their commands until [`stopped_generation`](Self::stopped_generation) says otherwise.
+    /// Bumped by every reset, disable and shutdown, before CC.EN is cleared (CC.SHN set): queue
+    /// pairs of an older generation are dead (they submit nothing more), but the device may
+    /// still be working on their commands until
+    /// [`stopped_generation`](Self::stopped_generation) says otherwise.
     pub(crate) generation: AtomicU64,
+    /// Orders the health and generation changes that must be seen together: a new generation
+    /// with the health that goes with it ([`Shared::begin_disable`]), a bring-up publishing
+    /// [`LIVE`] only if no newer generation started ([`Shared::publish_live`]), and a queue
+    /// pair creation reading both ([`Shared::live_generation`]). Never held across a register
+    /// wait or an admin command.
+    transition: Mutex<()>,
     /// The newest generation whose disable saw the device stop: CC.EN cleared and CSTS.RDY read
     /// 0 after `generation` had reached it. Every queue of an older generation was deleted then
     /// (see [`Shared::stop_state`]).
@@ -336,15 +345,65 @@ impl Drop for Settle<'_> {
 }
 
 impl Shared {
-    /// Starts a new generation before the device is disabled; the returned guard publishes how
-    /// the disable ended. Callers make the health [`FAILED`] (or leave it fatal or gone) first,
-    /// so a queue pair creation that still finds the controller live under the admin lock read
-    /// the generation before this bump.
-    fn begin_disable(&self) -> Settle<'_> {
+    fn lock_transition(&self) -> MutexGuard<'_, ()> {
+        self.transition.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a new generation before the device is disabled or shut down; the returned guard
+    /// publishes how that ended. `health` first moves the health away from [`LIVE`] (to
+    /// [`FAILED`] or [`SHUT_DOWN`], or leaves it fatal or gone) and says whether to go on;
+    /// both happen together under the transition lock, so a queue pair creation that finds the
+    /// controller live read the generation before this bump (and its queues are stale), and a
+    /// bring-up finishing meanwhile does not publish [`LIVE`] for an older generation.
+    fn begin_disable(&self, health: impl FnOnce(&AtomicU8) -> bool) -> Option<Settle<'_>> {
+        let _t = self.lock_transition();
+        if !health(&self.health) {
+            return None;
+        }
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        Settle {
+        Some(Settle {
             shared: self,
             generation,
+        })
+    }
+
+    /// The end of a bring-up of `generation`: the controller becomes [`LIVE`], unless a newer
+    /// generation started meanwhile (another reset waiting for the admin lock, or a disable:
+    /// the health stays [`FAILED`] and that one decides), or the controller was shut down or
+    /// removed.
+    fn publish_live(&self, generation: u64) -> Result<()> {
+        let _t = self.lock_transition();
+        match self.health.load(Ordering::Acquire) {
+            LIVE => Ok(()),
+            FAILED if self.generation.load(Ordering::Acquire) == generation => {
+                self.health.store(LIVE, Ordering::Release);
+                Ok(())
+            }
+            FAILED => {
+                log::info!(
+                    "{}: another reset or disable started during this reset: the controller is \
+                     ready once that one has brought it up",
+                    self.location
+                );
+                Err(Error::NotReady {
+                    location: self.location.clone(),
+                    state: "being reset again (another reset or disable started during this one)",
+                    hint: "wait for that reset, or call Controller::reset",
+                })
+            }
+            _ => Err(self.not_ready().unwrap_or_else(|| self.gone())),
+        }
+    }
+
+    /// For a queue pair creation, under the admin lock: the generation its queues belong to,
+    /// or why the controller cannot take new queues. Read with the health under the
+    /// transition lock: a generation whose disable is still to come is never returned with
+    /// [`LIVE`] (see [`Shared::begin_disable`]).
+    pub(crate) fn live_generation(&self) -> Result<u64> {
+        let _t = self.lock_transition();
+        match self.not_ready() {
+            Some(e) => Err(e),
+            None => Ok(self.generation.load(Ordering::Acquire)),
         }
     }
 
@@ -524,6 +583,9 @@ impl Shared {
     /// started, and stops at the next step when one starts.
     fn initialize(&self, settle: Option<Settle<'_>>) -> Result<()> {
         let mut admin = self.lock_admin();
+        let mine = settle
+            .as_ref()
+            .map_or_else(|| self.generation.load(Ordering::Acquire), |s| s.generation);
         let mut settle = settle;
         let resetting = match settle {
             Some(_) => match Resetting::begin(&self.removal) {
@@ -663,15 +725,12 @@ impl Shared {
         }
         drop(resetting);
         self.start_async_events(&mut admin);
-        // Only from FAILED: a removal noticed meanwhile (GONE, by the removal watch or a queue
-        // pair) or a shutdown must not be overwritten with LIVE.
-        match self
-            .health
-            .compare_exchange(FAILED, LIVE, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) | Err(LIVE) => Ok(()),
-            Err(_) => Err(self.not_ready().unwrap_or_else(|| self.gone())),
-        }
+        // Only from FAILED and only if no newer reset or disable started: a removal noticed
+        // meanwhile (GONE, by the removal watch or a queue pair) or a shutdown must not be
+        // overwritten with LIVE, and a reset waiting for the admin lock is about to delete
+        // every queue a creation would make now. Under the admin lock: a creation waiting for
+        // it reads the outcome.
+        self.publish_live(mine)
     }
 
     /// After bring-up: asynchronous events enabled and their requests outstanding (a separate
@@ -765,10 +824,12 @@ impl Shared {
     /// The queue pairs of older generations learn that the device stopped (or did not) only
     /// when CSTS.RDY has read 0 (or the wait ended otherwise): see [`Shared::stop_state`].
     pub(crate) fn disable(&self) -> Result<()> {
-        let _ = self
-            .health
-            .compare_exchange(LIVE, FAILED, Ordering::AcqRel, Ordering::Acquire);
-        let settle = self.begin_disable();
+        let settle = self
+            .begin_disable(|h| {
+                let _ = h.compare_exchange(LIVE, FAILED, Ordering::AcqRel, Ordering::Acquire);
+                true
+            })
+            .expect("a disable always starts");
         let cc = Cc(self.bus.read32(offset::CC));
         self.bus.write32(offset::CC, cc.with_en(false).0);
         self.wait_csts(
@@ -788,44 +849,61 @@ impl Shared {
         Duration::from_millis(self.cap.timeout_ms().max(500))
     }
 
-    /// How long a queue pair being dropped waits for a disable under way to settle (see
-    /// [`Shared::stop_state`]): a reset may first wait for the admin queue (one admin command)
-    /// and then for CSTS.RDY = 0, and every way out of it settles.
+    /// How long a queue pair being dropped waits for a disable or shutdown under way to settle
+    /// (see [`Shared::stop_state`]): a reset or shutdown may first wait for the admin queue
+    /// (one admin command) and then for CSTS.RDY = 0 (or CSTS.SHST complete), and every way
+    /// out of it settles.
     pub(crate) fn settle_limit(&self) -> Duration {
-        self.opts.admin_timeout + self.disable_limit() + Duration::from_secs(1)
+        self.opts.admin_timeout
+            + self.disable_limit().max(self.opts.shutdown_timeout)
+            + Duration::from_secs(1)
     }
 
+    /// The shutdown (CC.SHN normal, waiting for CSTS.SHST complete). Like a disable, it starts
+    /// a new generation and publishes that the device stopped only once CSTS.SHST reads
+    /// complete: queue pairs hand back their requests then, and leak them if the shutdown
+    /// times out or fails (see [`Shared::stop_state`]).
     fn shutdown(&self) -> Result<()> {
         // A removed controller stays GONE (its queue pairs keep reporting "device removed").
-        if self
-            .health
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+        let Some(settle) = self.begin_disable(|h| {
+            h.fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
                 (h != SHUT_DOWN && h != GONE).then_some(SHUT_DOWN)
             })
-            .is_err()
-        {
+            .is_ok()
+        }) else {
             return Ok(());
-        }
+        };
+        // Hold the admin lock so no admin command races the shutdown (and a reset bringing the
+        // controller up finishes first: it then finds it shut down).
+        let _admin = self.lock_admin();
         let csts = Csts(self.bus.read32(offset::CSTS));
         if csts.is_all_ones() {
             return Err(self.gone());
         }
         let cc = Cc(self.bus.read32(offset::CC));
         if !cc.en() {
+            // Disabled already: stopped if CSTS.RDY reads 0 (a disable that timed out leaves
+            // the device possibly working: not published, the queue pairs leak).
+            if !csts.rdy() {
+                settle.stopped();
+            }
             return Ok(());
         }
-        // Hold the admin lock so no admin command races the shutdown.
-        let _admin = self.lock_admin();
         self.bus.write32(offset::CC, cc.with_shn(shn::NORMAL).0);
         let limit = self.opts.shutdown_timeout;
         // The state only names an InitTimeout, which is turned into a ShutdownTimeout.
         let state = InitState::Disable;
         let done = |c: Csts| c.shst() == shst::COMPLETE;
         match self.wait_csts(state, Instant::now(), limit, done, false, false) {
+            Ok(()) => {
+                // The device finished its shutdown processing: it no longer uses the queues.
+                settle.stopped();
+                Ok(())
+            }
             Err(Error::InitTimeout {
                 location, waited, ..
             }) => Err(Error::ShutdownTimeout { location, waited }),
-            other => other,
+            Err(e) => Err(e),
         }
     }
 }
@@ -1053,6 +1131,7 @@ impl Controller {
                 shadow: None,
             }),
             generation: AtomicU64::new(0),
+            transition: Mutex::new(()),
             stopped_generation: AtomicU64::new(0),
             settled_generation: AtomicU64::new(0),
             aborts_sent: AtomicU64::new(0),
@@ -1081,6 +1160,12 @@ impl Controller {
     /// it is back). Nor can one whose removal is under way, and a removal noticed while the
     /// reset runs stops it at its next step: the controller ends up gone, and the device is
     /// never re-initialised while it is being released.
+    ///
+    /// Resets on several threads run one after the other (each holds the admin queue for its
+    /// whole bring-up). One that finishes while a newer one (or a disable) has already started
+    /// leaves the controller to it and returns [`Error::NotReady`]: the controller becomes
+    /// ready only when the newest reset has brought it up, so no queue pair is created on
+    /// queues that reset is about to delete.
     pub fn reset(&self) -> Result<()> {
         let sh = &self.shared;
         if sh.removal.started() {
@@ -1090,21 +1175,22 @@ impl Controller {
             sh.mark_gone();
             return Err(sh.gone());
         }
-        if sh
-            .health
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+        let Some(settle) = sh.begin_disable(|h| {
+            h.fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
                 (h != GONE).then_some(FAILED)
             })
-            .is_err()
-        {
+            .is_ok()
+        }) else {
             return Err(sh.gone());
-        }
-        let settle = sh.begin_disable();
+        };
         sh.initialize(Some(settle))
     }
 
     /// Shuts the controller down now (CC.SHN normal, waiting for CSTS.SHST complete). Queue
-    /// pairs fail afterwards. Dropping the last handle does this too.
+    /// pairs fail afterwards, with [`DeadReason::ShutDown`]: their requests are handed back only
+    /// once CSTS.SHST reads complete (the device has stopped); if the shutdown times out they
+    /// are never handed back (leaked, as the device may still write their memory). Dropping
+    /// the last handle does this too.
     pub fn shutdown(&self) -> Result<()> {
         self.shared.shutdown()
     }
@@ -1417,6 +1503,82 @@ mod tests {
             Err(Error::DeviceGone { .. })
         ));
         assert!(matches!(c.reset(), Err(Error::DeviceGone { .. })));
+    }
+
+    /// Two resets overlapping: the first is held in its CC.EN = 0 write (holding the admin
+    /// queue), the second starts its generation and waits for the admin queue. When the first
+    /// finishes its bring-up it must not make the controller ready: the second is about to
+    /// delete every queue, and a queue pair created in between would carry the new generation
+    /// on deleted queues. So while the second reset holds its own disable back, the controller
+    /// is not ready, the first reset says so, and a creation is refused at once; after the
+    /// second reset a queue pair works.
+    #[cfg(feature = "emulated")]
+    #[test]
+    fn a_reset_finishing_during_a_newer_one_leaves_the_controller_not_ready() {
+        use crate::bus::emulated::{EmulatedConfig, EmulatedController};
+        use crate::types::Lba;
+
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let emu = EmulatedController::new(EmulatedConfig::default()).unwrap();
+        let c = Controller::new(emu.clone()).unwrap();
+        let spawn_reset = |c: &Controller| {
+            let c = c.clone();
+            std::thread::spawn(move || c.reset())
+        };
+        let hold_first = emu.hold_next_disable();
+        let first = spawn_reset(&c);
+        assert!(
+            hold_first.wait_held(Duration::from_secs(20)),
+            "the first reset never cleared CC.EN"
+        );
+        let g = c.shared.generation.load(Ordering::Acquire);
+        let second = spawn_reset(&c);
+        wait_until("the second reset starts its generation", || {
+            c.shared.generation.load(Ordering::Acquire) == g + 1
+        });
+        let hold_second = emu.hold_next_disable();
+        hold_first.release();
+        assert!(
+            hold_second.wait_held(Duration::from_secs(20)),
+            "the second reset never cleared CC.EN"
+        );
+        // The first reset has let go of the admin queue: it finished.
+        let r = first.join().unwrap();
+        assert!(matches!(r, Err(Error::NotReady { .. })), "{r:?}");
+        assert!(
+            c.shared.not_ready().is_some(),
+            "the controller is ready while a reset is about to delete every queue"
+        );
+        let creator = {
+            let c = c.clone();
+            std::thread::spawn(move || c.create_qpair::<u64>(QueueOptions::default()).map(drop))
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !creator.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let refused_at_once = creator.is_finished();
+        hold_second.release();
+        second.join().unwrap().expect("the second reset");
+        let created = creator.join().unwrap();
+        assert!(
+            refused_at_once,
+            "a creation waited for the second reset's admin queue: {created:?}"
+        );
+        assert!(
+            matches!(created, Err(Error::NotReady { .. })),
+            "{created:?}"
+        );
+
+        let ns = c.namespaces().remove(0);
+        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        assert!(!q.is_stale());
+        let mut buf = c.alloc(ns.block_size() as usize).unwrap();
+        buf.as_mut_slice().fill(0x5a);
+        q.write_blocking(&ns, Lba(3), buf.as_slice()).unwrap();
+        buf.as_mut_slice().fill(0);
+        q.read_blocking(&ns, Lba(3), buf.as_mut_slice()).unwrap();
+        assert!(buf.as_slice().iter().all(|&b| b == 0x5a));
     }
 
     #[test]

@@ -332,8 +332,8 @@ impl<T> QueuePair<T> {
     /// Stops the queue: makes sure the device no longer uses its memory (or leaks what it may
     /// still use), and completes every request exactly once.
     ///
-    /// After a controller reset, not before the reset's disable has settled: until then the
-    /// queue is dead (it refuses new requests and rings no doorbell) but its requests stay
+    /// After a controller reset or shutdown, not before its disable (or shutdown) has settled:
+    /// until then the queue is dead (it refuses new requests and rings no doorbell) but its requests stay
     /// outstanding (the device may still complete them, and they are delivered as usual), and
     /// every poll looks again.
     #[cold]
@@ -426,16 +426,16 @@ impl<T> QueuePair<T> {
     }
 
     /// Makes sure the device no longer touches this queue's memory. `Some(true)` if it is
-    /// known to, `Some(false)` if it may still (the memory is leaked), `None` while a reset or
-    /// disable of the controller is under way and has not yet seen the device stop (CC.EN
-    /// cleared, CSTS.RDY = 0): ask again later. A reset that ended without seeing the device
-    /// stop leaves it possibly working: `Some(false)`, unless a removal stopped the reset
-    /// (`None` until the device is released, then `Some(true)` with the reason
-    /// [`DeadReason::DeviceGone`]).
+    /// known to, `Some(false)` if it may still (the memory is leaked), `None` while a reset,
+    /// disable or shutdown of the controller is under way and has not yet seen the device stop
+    /// (CC.EN cleared and CSTS.RDY = 0, or CSTS.SHST complete): ask again later. One that ended
+    /// without seeing the device stop leaves it possibly working: `Some(false)`, unless a
+    /// removal stopped it (`None` until the device is released, then `Some(true)` with the
+    /// reason [`DeadReason::DeviceGone`]).
     fn stop_device(&mut self, reason: DeadReason) -> Option<bool> {
         match reason {
-            DeadReason::DeviceGone | DeadReason::ShutDown => Some(true),
-            DeadReason::ControllerReset => {
+            DeadReason::DeviceGone => Some(true),
+            DeadReason::ControllerReset | DeadReason::ShutDown => {
                 match self.shared.stop_state(self.generation) {
                     StopState::Stopped => return Some(true),
                     StopState::Pending => return None,

@@ -1,7 +1,7 @@
-//! A controller reset on another thread, caught between starting a new generation and the
-//! device stopping (the emulated controller holds its CC.EN = 0 write back): a queue pair of
-//! the old generation hands nothing back before the device has stopped, and leaks what the
-//! device may still use when it never stops.
+//! A controller reset (or shutdown) on another thread, caught between starting a new
+//! generation and the device stopping (the emulated controller holds its CC.EN = 0, or CC.SHN,
+//! write back): a queue pair of the old generation hands nothing back before the device has
+//! stopped, and leaks what the device may still use when it never stops.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,16 +13,22 @@ use crate::bus::emulated::{
 use crate::nvme::controller::{Controller, ControllerOptions, InitState};
 
 /// A request context that records, when it is dropped (handed back and dropped by the test, or
-/// dropped by the queue pair), how many controller resets the device had processed by then.
+/// dropped by the queue pair), how many times the device had stopped by then (controller
+/// resets and shutdowns it processed).
 struct Witness {
     emu: Arc<EmulatedController>,
     log: Arc<Mutex<Vec<u64>>>,
 }
 
+fn stops(emu: &EmulatedController) -> u64 {
+    let s = emu.stats();
+    s.controller_resets + s.shutdowns
+}
+
 impl Drop for Witness {
     fn drop(&mut self) {
-        let resets = self.emu.stats().controller_resets;
-        self.log.lock().unwrap().push(resets);
+        let stops = stops(&self.emu);
+        self.log.lock().unwrap().push(stops);
     }
 }
 
@@ -31,13 +37,14 @@ struct Setup {
     emu: Arc<EmulatedController>,
     q: QueuePair<Witness>,
     log: Arc<Mutex<Vec<u64>>>,
-    /// Controller resets the device had processed when the reads were submitted.
+    /// Times the device had stopped (see [`stops`]) when the reads were submitted.
     resets: u64,
     _buf: crate::bus::dma::DmaBuffer,
 }
 
 /// Eight one-block reads the device holds (never completes), in flight on a queue pair.
-/// CAP.TO 500 ms and a 200 ms admin timeout keep the driver's bounded waits short.
+/// CAP.TO 500 ms, a 200 ms admin timeout and a 300 ms shutdown timeout keep the driver's
+/// bounded waits short.
 fn eight_held_reads() -> Setup {
     let emu = EmulatedController::new(EmulatedConfig {
         namespaces: vec![NamespaceConfig::memory(512, 1 << 16)],
@@ -47,6 +54,7 @@ fn eight_held_reads() -> Setup {
     .unwrap();
     let opts = ControllerOptions {
         admin_timeout: Duration::from_millis(200),
+        shutdown_timeout: Duration::from_millis(300),
         ..ControllerOptions::default()
     };
     let c = Controller::with_options(emu.clone(), opts).unwrap();
@@ -76,7 +84,7 @@ fn eight_held_reads() -> Setup {
     }
     q.ring();
     assert_eq!(q.in_flight(), 8);
-    let resets = emu.stats().controller_resets;
+    let resets = stops(&emu);
     Setup {
         c,
         emu,
@@ -361,4 +369,176 @@ fn drop_both(w: Witness, r: IoResult) {
         "{r:?}"
     );
     drop(w);
+}
+
+fn spawn_shutdown(c: &Controller) -> std::thread::JoinHandle<crate::nvme::error::Result<()>> {
+    let c = c.clone();
+    std::thread::spawn(move || c.shutdown())
+}
+
+/// Polls `q` for 100 ms (ten health intervals: it looks at the controller's state), handing
+/// back whatever comes; returns how many came back.
+fn poll_for_a_while(q: &mut QueuePair<Witness>) -> usize {
+    let mut handed = 0;
+    let until = Instant::now() + Duration::from_millis(100);
+    while Instant::now() < until {
+        let _ = q.poll(usize::MAX, |w, _| {
+            drop(w);
+            handed += 1;
+        });
+    }
+    handed
+}
+
+/// A shutdown on another thread, held in its CC.SHN write (the device has not started its
+/// shutdown processing): the queue pair learns that the controller is shut down but hands
+/// nothing back; once CSTS.SHST reads complete every request comes back once, failed by the
+/// shutdown.
+#[test]
+fn a_shutdown_hands_nothing_back_before_the_device_has_shut_down() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        mut q,
+        log,
+        resets: stopped_before,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_shutdown();
+    let shutter = spawn_shutdown(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the shutdown never set CC.SHN"
+    );
+    let early = poll_for_a_while(&mut q);
+    assert_eq!(
+        (early, log.lock().unwrap().len()),
+        (0, 0),
+        "requests were handed back before the device processed the shutdown"
+    );
+    assert_eq!(q.dead_reason(), Some(DeadReason::ShutDown));
+    assert_eq!(q.outstanding(), 8);
+    assert!(q.stats().reset_waits > 0, "{:?}", q.stats());
+
+    hold.release();
+    shutter.join().unwrap().expect("the shutdown");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 8 {
+        assert!(Instant::now() < deadline, "the requests never came back");
+        let _ = q.poll(usize::MAX, |w, r| {
+            drop(w);
+            got.push(r);
+        });
+    }
+    for r in &got {
+        assert!(
+            matches!(
+                r,
+                Err(IoError::Aborted {
+                    reason: DeadReason::ShutDown,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 8);
+    assert!(
+        log.iter().all(|&s| s > stopped_before),
+        "handed back before the device shut down: {log:?} (stops before: {stopped_before})"
+    );
+    assert_eq!(q.stats().leaked, 0);
+}
+
+/// A shutdown the device never completes (the CC.SHN write is dropped: CSTS.SHST never reads
+/// complete): the shutdown times out, and the queue pair leaks its requests rather than hand
+/// back buffers the device may still write; a queue pair dropped meanwhile leaks too.
+#[test]
+fn a_shutdown_that_never_completes_leaks_the_requests() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        mut q,
+        log,
+        resets: _,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_shutdown();
+    let shutter = spawn_shutdown(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the shutdown never set CC.SHN"
+    );
+    hold.discard();
+    let e = shutter.join().unwrap().unwrap_err();
+    assert!(matches!(e, Error::ShutdownTimeout { .. }), "{e:?}");
+    assert_eq!(emu.stats().shutdowns, 0, "the device never shut down");
+    let mut handed = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        assert!(Instant::now() < deadline, "the queue pair never died");
+        if let Err(e) = q.poll(usize::MAX, |w, _| {
+            drop(w);
+            handed += 1;
+        }) {
+            break e;
+        }
+    };
+    assert!(
+        matches!(
+            err,
+            Error::QueueDead {
+                reason: DeadReason::ShutDown,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        handed, 0,
+        "requests handed back from a device that never shut down"
+    );
+    assert_eq!(q.stats().leaked, 8, "{:?}", q.stats());
+    drop(q);
+    assert!(log.lock().unwrap().is_empty(), "contexts dropped");
+    core::mem::forget(_buf);
+}
+
+/// A queue pair dropped while the shutdown is held in its CC.SHN write waits (bounded) for the
+/// shutdown to complete; it does once the write goes through, and the contexts are dropped
+/// only after the device processed the shutdown.
+#[test]
+fn a_queue_pair_dropped_during_a_shutdown_waits_for_it() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        q,
+        log,
+        resets: stopped_before,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_shutdown();
+    let shutter = spawn_shutdown(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the shutdown never set CC.SHN"
+    );
+    let dropper = std::thread::spawn(move || drop(q));
+    // The drop waits for the shutdown (its bound is over a second): let it look a while.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "contexts dropped before the device processed the shutdown"
+    );
+    hold.release();
+    shutter.join().unwrap().expect("the shutdown");
+    dropper.join().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 8);
+    assert!(log.iter().all(|&s| s > stopped_before), "{log:?}");
 }
