@@ -367,12 +367,17 @@ impl IoQueue for DriverQueue {
         done: F,
     ) -> Result<u32, dioxide::TransportError> {
         let max = if max == 0 { usize::MAX } else { max as usize };
-        // After a reset: the old queue pair hands back what it held (failed by the reset),
-        // then is replaced by a new one on the re-initialised controller.
+        // After a reset: the old queue pair hands back what it held (failed by the reset, once
+        // the device has stopped), then is replaced by a new one on the re-initialised
+        // controller. With several worker cores the reset runs in another core's poll: until
+        // it has brought the controller up again, a queue pair with nothing left to hand back
+        // waits for it (polled again) rather than report itself dead.
         if let TransportQueue::Pcie(q) = &mut self.qp {
             if q.is_stale() {
                 match q.renew() {
-                    Ok(_) | Err(dioxide::Error::NotReady { .. }) => {}
+                    Ok(_) => {}
+                    Err(dioxide::Error::NotReady { .. }) if q.outstanding() == 0 => return Ok(0),
+                    Err(dioxide::Error::NotReady { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
             }

@@ -5,7 +5,12 @@
 //! timeout names the state it happened in. The same machine re-initialises the controller in
 //! [`Controller::reset`] (after CSTS.CFS, for example): clearing CC.EN deletes every I/O queue
 //! on the device, so the driver never sends Delete SQ/CQ before a reset; queue pairs created
-//! before the reset notice it and fail their requests with [`DeadReason::ControllerReset`].
+//! before the reset notice it and fail their requests with [`DeadReason::ControllerReset`],
+//! but only once the reset has seen the device stop (CSTS.RDY = 0 after CC.EN was cleared):
+//! until then the device may still write their buffers. A reset whose disable times out
+//! leaves them leaked, never handed back (see [`Shared::stop_state`]). A shutdown
+//! ([`Controller::shutdown`]) follows the same rule: queue pairs hand their requests back once
+//! CSTS.SHST reads complete, and leak them if it never does.
 //!
 //! A [`Controller`] is a cheap handle (`Clone`, `Send`, `Sync`); the controller is shut down
 //! (CC.SHN normal, waiting for CSTS.SHST complete) when the last handle and the last queue pair
@@ -28,11 +33,16 @@
 //! handle or queue pair) always runs on the user's thread: it stops and joins the thread (waiting
 //! for a release under way) before the bus is closed, so when that drop returns the device file
 //! is closed and the PCI address can be opened again at once.
+//!
+//! A removal and a reset never overlap on the device: once a removal is noticed a reset is
+//! refused, one under way stops at its next step, and the release waits for it (see
+//! [`Removal`]). The controller is marked gone even if the release panics.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once, RwLock};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use crate::bus::Bus;
@@ -139,16 +149,32 @@ pub(crate) struct Shared {
     pub(crate) opts: ControllerOptions,
     pub(crate) admin: Mutex<Option<AdminQueue>>,
     pub(crate) data: RwLock<CtrlData>,
-    /// Bumped by every reset: queue pairs of an older generation are dead.
+    /// Bumped by every reset, disable and shutdown, before CC.EN is cleared (CC.SHN set): queue
+    /// pairs of an older generation are dead (they submit nothing more), but the device may
+    /// still be working on their commands until
+    /// [`stopped_generation`](Self::stopped_generation) says otherwise.
     pub(crate) generation: AtomicU64,
+    /// Orders the health and generation changes that must be seen together: a new generation
+    /// with the health that goes with it ([`Shared::begin_disable`]), a bring-up publishing
+    /// [`LIVE`] only if no newer generation started ([`Shared::publish_live`]), and a queue
+    /// pair creation reading both ([`Shared::live_generation`]). Never held across a register
+    /// wait or an admin command.
+    transition: Mutex<()>,
+    /// The newest generation whose disable saw the device stop: CC.EN cleared and CSTS.RDY read
+    /// 0 after `generation` had reached it. Every queue of an older generation was deleted then
+    /// (see [`Shared::stop_state`]).
+    stopped_generation: AtomicU64,
+    /// The newest generation whose disable has finished, stopping the device or not (timed
+    /// out, device gone, a panic): published after `stopped_generation`.
+    settled_generation: AtomicU64,
     /// Abort commands sent (by timed-out queue pairs and [`Controller::abort`]).
     pub(crate) aborts_sent: AtomicU64,
     /// Shared with the removal watch, which holds no reference to `Shared` (see the module
     /// docs).
     pub(crate) health: Arc<AtomicU8>,
-    /// [`Bus::release_removed`] has run: [`Shared::mark_gone`] releases the device inside it
-    /// and publishes [`GONE`] only afterwards (see there). Shared with the removal watch.
-    released: Arc<Once>,
+    /// A removal under way or done, and the reset it must not overlap. Shared with the
+    /// removal watch.
+    removal: Arc<Removal>,
     qids: Mutex<QidTable>,
     /// When the controller was opened: the time base of `removal_checked`.
     born: Instant,
@@ -203,7 +229,206 @@ impl QidTable {
     }
 }
 
+/// A removal and the resets it keeps off the device.
+///
+/// [`mark_gone`] sets `started`, waits until no reset is touching the device (unless it runs
+/// on the resetting thread itself), releases the device and publishes [`GONE`]. A reset refuses
+/// to start once `started` is set, and its bring-up stops at the next step (or register wait)
+/// when it sees it; so the device is never re-initialised while the bus lets it go.
+pub(crate) struct Removal {
+    /// A removal was noticed: set before the device is released.
+    started: AtomicBool,
+    /// The thread whose reset is bringing the controller up (set and cleared under the admin
+    /// lock, so at most one).
+    resetting: Mutex<Option<ThreadId>>,
+    /// [`Bus::release_removed`] has run: released inside it, [`GONE`] published afterwards.
+    released: Once,
+    /// Times a removal found a reset under way on another thread and waited for it to stop.
+    reset_waits: AtomicU64,
+}
+
+impl Removal {
+    fn new() -> Removal {
+        Removal {
+            started: AtomicBool::new(false),
+            resetting: Mutex::new(None),
+            released: Once::new(),
+            reset_waits: AtomicU64::new(0),
+        }
+    }
+
+    fn started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
+    fn lock_resetting(&self) -> MutexGuard<'_, Option<ThreadId>> {
+        self.resetting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until no other thread's reset touches the device. `started` is set before: a
+    /// reset that registers after this look sees it (the lock orders the two).
+    fn wait_for_reset(&self, location: &str) {
+        let me = std::thread::current().id();
+        let mut waited = false;
+        loop {
+            match *self.lock_resetting() {
+                Some(t) if t != me => {}
+                _ => return,
+            }
+            if !waited {
+                waited = true;
+                let n = self.reset_waits.fetch_add(1, Ordering::AcqRel) + 1;
+                log::warn!(
+                    "{location}: removal: waiting for the reset under way to stop before \
+                     releasing the device ({n} such waits)"
+                );
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+/// A reset's hold on the device (see [`Removal`]): cleared when dropped.
+struct Resetting<'a>(&'a Removal);
+
+impl<'a> Resetting<'a> {
+    /// Registers the calling thread as the resetting one, unless a removal has started.
+    fn begin(removal: &'a Removal) -> Option<Resetting<'a>> {
+        *removal.lock_resetting() = Some(std::thread::current().id());
+        let r = Resetting(removal);
+        (!removal.started()).then_some(r)
+    }
+}
+
+impl Drop for Resetting<'_> {
+    fn drop(&mut self) {
+        *self.0.lock_resetting() = None;
+    }
+}
+
+/// Whether the device has stopped using the queues of a generation (see
+/// [`Shared::stop_state`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum StopState {
+    /// CC.EN was cleared and CSTS.RDY read 0 since: its queues no longer exist on the device.
+    Stopped,
+    /// A disable is under way (CC.EN may still be 1): nothing the device was given may be
+    /// reused yet; look again.
+    Pending,
+    /// Every disable since has finished without seeing the device stop (timed out, device
+    /// gone): the device may still use the memory for good.
+    NotStopped,
+}
+
+/// The disable of one generation: publishes its outcome when dropped (on every path: errors,
+/// early returns, panics), so that queue pairs waiting for it never wait for ever.
+struct Settle<'a> {
+    shared: &'a Shared,
+    generation: u64,
+}
+
+impl Settle<'_> {
+    /// CSTS.RDY read 0 after CC.EN was cleared: the device stopped. Published at once.
+    fn stopped(self) {
+        self.shared
+            .stopped_generation
+            .fetch_max(self.generation, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .settled_generation
+            .fetch_max(self.generation, Ordering::AcqRel);
+    }
+}
+
 impl Shared {
+    fn lock_transition(&self) -> MutexGuard<'_, ()> {
+        self.transition.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a new generation before the device is disabled or shut down; the returned guard
+    /// publishes how that ended. `health` first moves the health away from [`LIVE`] (to
+    /// [`FAILED`] or [`SHUT_DOWN`], or leaves it fatal or gone) and says whether to go on;
+    /// both happen together under the transition lock, so a queue pair creation that finds the
+    /// controller live read the generation before this bump (and its queues are stale), and a
+    /// bring-up finishing meanwhile does not publish [`LIVE`] for an older generation.
+    fn begin_disable(&self, health: impl FnOnce(&AtomicU8) -> bool) -> Option<Settle<'_>> {
+        let _t = self.lock_transition();
+        if !health(&self.health) {
+            return None;
+        }
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        Some(Settle {
+            shared: self,
+            generation,
+        })
+    }
+
+    /// The end of a bring-up of `generation`: the controller becomes [`LIVE`], unless a newer
+    /// generation started meanwhile (another reset waiting for the admin lock, or a disable:
+    /// the health stays [`FAILED`] and that one decides), or the controller was shut down or
+    /// removed.
+    fn publish_live(&self, generation: u64) -> Result<()> {
+        let _t = self.lock_transition();
+        match self.health.load(Ordering::Acquire) {
+            LIVE => Ok(()),
+            FAILED if self.generation.load(Ordering::Acquire) == generation => {
+                self.health.store(LIVE, Ordering::Release);
+                Ok(())
+            }
+            FAILED => {
+                log::info!(
+                    "{}: another reset or disable started during this reset: the controller is \
+                     ready once that one has brought it up",
+                    self.location
+                );
+                Err(Error::NotReady {
+                    location: self.location.clone(),
+                    state: "being reset again (another reset or disable started during this one)",
+                    hint: "wait for that reset, or call Controller::reset",
+                })
+            }
+            _ => Err(self.not_ready().unwrap_or_else(|| self.gone())),
+        }
+    }
+
+    /// For a queue pair creation, under the admin lock: the generation its queues belong to,
+    /// or why the controller cannot take new queues. Read with the health under the
+    /// transition lock: a generation whose disable is still to come is never returned with
+    /// [`LIVE`] (see [`Shared::begin_disable`]).
+    pub(crate) fn live_generation(&self) -> Result<u64> {
+        let _t = self.lock_transition();
+        match self.not_ready() {
+            Some(e) => Err(e),
+            None => Ok(self.generation.load(Ordering::Acquire)),
+        }
+    }
+
+    /// Whether the device has stopped using the queues of queue pairs of `generation`, which
+    /// learnt that a reset or disable made them dead: only [`StopState::Stopped`] lets them
+    /// hand back memory the device was given.
+    pub(crate) fn stop_state(&self, generation: u64) -> StopState {
+        let current = self.generation.load(Ordering::Acquire);
+        let settled = self.settled_generation.load(Ordering::Acquire);
+        // Read after `settled`: a disable that settled having stopped the device published
+        // `stopped_generation` first.
+        if self.stopped_generation.load(Ordering::Acquire) > generation {
+            StopState::Stopped
+        } else if generation < current && settled >= current {
+            StopState::NotStopped
+        } else {
+            StopState::Pending
+        }
+    }
+
+    /// A removal was noticed: the device is being released, or was ([`GONE`] follows).
+    pub(crate) fn removal_started(&self) -> bool {
+        self.removal.started()
+    }
+
     /// Allocates a zeroed DMA buffer of `len` bytes; `what` names it in the error.
     pub(crate) fn alloc(&self, len: usize, what: &'static str) -> Result<DmaBuffer> {
         self.bus
@@ -226,7 +451,7 @@ impl Shared {
     /// them (an announced removal leaves the device working until the bus lets it go).
     /// Callers arriving while another thread releases wait for it to finish.
     pub(crate) fn mark_gone(&self) {
-        mark_gone(&self.health, &self.released, &*self.bus, &self.location);
+        mark_gone(&self.health, &self.removal, &*self.bus, &self.location);
     }
 
     /// From the housekeeping of a queue pair with requests outstanding, at most once per
@@ -254,7 +479,7 @@ impl Shared {
     /// the platform announced ([`Bus::removal_requested`]) counts as all ones.
     pub(crate) fn check_csts(&self) -> Result<Csts> {
         let csts = Csts(self.bus.read32(offset::CSTS));
-        if csts.is_all_ones() || self.bus.removal_requested() {
+        if csts.is_all_ones() || self.removal.started() || self.bus.removal_requested() {
             self.mark_gone();
             return Err(self.gone());
         }
@@ -313,9 +538,13 @@ impl Shared {
         limit: Duration,
         done: impl Fn(Csts) -> bool,
         fail_on_cfs: bool,
+        stop_on_removal: bool,
     ) -> Result<()> {
         let mut spins = 0u32;
         loop {
+            if stop_on_removal && self.removal.started() {
+                return Err(self.gone());
+            }
             let csts = Csts(self.bus.read32(offset::CSTS));
             if csts.is_all_ones() {
                 self.mark_gone();
@@ -347,9 +576,26 @@ impl Shared {
     }
 
     /// Runs the bring-up state machine. Holds the admin lock throughout.
-    fn initialize(&self) -> Result<()> {
+    ///
+    /// For a reset, `settle` is the disable of the reset's generation: it publishes that the
+    /// device stopped as soon as CSTS.RDY reads 0 (or that it did not, on any other way out).
+    /// A reset also keeps off a removal (see [`Removal`]): it does not start once a removal has
+    /// started, and stops at the next step when one starts.
+    fn initialize(&self, settle: Option<Settle<'_>>) -> Result<()> {
         let mut admin = self.lock_admin();
-        let limit = Duration::from_millis(self.cap.timeout_ms().max(500));
+        let mine = settle
+            .as_ref()
+            .map_or_else(|| self.generation.load(Ordering::Acquire), |s| s.generation);
+        let mut settle = settle;
+        let resetting = match settle {
+            Some(_) => match Resetting::begin(&self.removal) {
+                Some(r) => Some(r),
+                None => return Err(self.gone()),
+            },
+            None => None,
+        };
+        let stop_on_removal = resetting.is_some();
+        let limit = self.disable_limit();
         let dstrd = self.cap.dstrd();
         let mut identify = None;
         let mut nsids = Vec::new();
@@ -357,6 +603,13 @@ impl Shared {
         let mut state = InitState::Disable;
         let mut entered = Instant::now();
         loop {
+            if stop_on_removal && self.removal.started() {
+                log::warn!(
+                    "{}: a removal started during the reset: the reset stops in state {state:?}",
+                    self.location
+                );
+                return Err(self.gone());
+            }
             let next = match state {
                 InitState::Disable => {
                     let cc = Cc(self.bus.read32(offset::CC));
@@ -371,7 +624,12 @@ impl Shared {
                 }
                 InitState::WaitForNotReady => {
                     // CFS may be set here; disabling is how we recover from it.
-                    self.wait_csts(state, entered, limit, |c| !c.rdy(), false)?;
+                    self.wait_csts(state, entered, limit, |c| !c.rdy(), false, stop_on_removal)?;
+                    // Every I/O queue is deleted: the queue pairs of older generations may
+                    // hand their memory back now.
+                    if let Some(s) = settle.take() {
+                        s.stopped();
+                    }
                     InitState::ConfigureAdminQueue
                 }
                 InitState::ConfigureAdminQueue => {
@@ -398,7 +656,7 @@ impl Shared {
                     InitState::WaitForReady
                 }
                 InitState::WaitForReady => {
-                    self.wait_csts(state, entered, limit, |c| c.rdy(), true)?;
+                    self.wait_csts(state, entered, limit, |c| c.rdy(), true, stop_on_removal)?;
                     InitState::IdentifyController
                 }
                 InitState::IdentifyController => {
@@ -465,16 +723,14 @@ impl Shared {
                 entered = Instant::now();
             }
         }
+        drop(resetting);
         self.start_async_events(&mut admin);
-        // Only from FAILED: a removal noticed meanwhile (GONE, by the removal watch or a queue
-        // pair) or a shutdown must not be overwritten with LIVE.
-        match self
-            .health
-            .compare_exchange(FAILED, LIVE, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) | Err(LIVE) => Ok(()),
-            Err(_) => Err(self.not_ready().unwrap_or_else(|| self.gone())),
-        }
+        // Only from FAILED and only if no newer reset or disable started: a removal noticed
+        // meanwhile (GONE, by the removal watch or a queue pair) or a shutdown must not be
+        // overwritten with LIVE, and a reset waiting for the admin lock is about to delete
+        // every queue a creation would make now. Under the admin lock: a creation waiting for
+        // it reads the outcome.
+        self.publish_live(mine)
     }
 
     /// After bring-up: asynchronous events enabled and their requests outstanding (a separate
@@ -564,67 +820,123 @@ impl Shared {
 
     /// Clears CC.EN and waits for RDY = 0: the device stops every command and forgets every
     /// queue. Used when a command cannot be reclaimed any other way. Queue pairs become dead.
+    ///
+    /// The queue pairs of older generations learn that the device stopped (or did not) only
+    /// when CSTS.RDY has read 0 (or the wait ended otherwise): see [`Shared::stop_state`].
     pub(crate) fn disable(&self) -> Result<()> {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        let _ = self
-            .health
-            .compare_exchange(LIVE, FAILED, Ordering::AcqRel, Ordering::Acquire);
+        let settle = self
+            .begin_disable(|h| {
+                let _ = h.compare_exchange(LIVE, FAILED, Ordering::AcqRel, Ordering::Acquire);
+                true
+            })
+            .expect("a disable always starts");
         let cc = Cc(self.bus.read32(offset::CC));
         self.bus.write32(offset::CC, cc.with_en(false).0);
-        let limit = Duration::from_millis(self.cap.timeout_ms().max(500));
         self.wait_csts(
             InitState::WaitForNotReady,
             Instant::now(),
-            limit,
+            self.disable_limit(),
             |c| !c.rdy(),
             false,
-        )
+            false,
+        )?;
+        settle.stopped();
+        Ok(())
     }
 
+    /// How long a disable may wait for CSTS.RDY = 0: CAP.TO, at least 500 ms.
+    fn disable_limit(&self) -> Duration {
+        Duration::from_millis(self.cap.timeout_ms().max(500))
+    }
+
+    /// How long a queue pair being dropped waits for a disable or shutdown under way to settle
+    /// (see [`Shared::stop_state`]): a reset or shutdown may first wait for the admin queue
+    /// (one admin command) and then for CSTS.RDY = 0 (or CSTS.SHST complete), and every way
+    /// out of it settles.
+    pub(crate) fn settle_limit(&self) -> Duration {
+        self.opts.admin_timeout
+            + self.disable_limit().max(self.opts.shutdown_timeout)
+            + Duration::from_secs(1)
+    }
+
+    /// The shutdown (CC.SHN normal, waiting for CSTS.SHST complete). Like a disable, it starts
+    /// a new generation and publishes that the device stopped only once CSTS.SHST reads
+    /// complete: queue pairs hand back their requests then, and leak them if the shutdown
+    /// times out or fails (see [`Shared::stop_state`]).
     fn shutdown(&self) -> Result<()> {
         // A removed controller stays GONE (its queue pairs keep reporting "device removed").
-        if self
-            .health
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+        let Some(settle) = self.begin_disable(|h| {
+            h.fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
                 (h != SHUT_DOWN && h != GONE).then_some(SHUT_DOWN)
             })
-            .is_err()
-        {
+            .is_ok()
+        }) else {
             return Ok(());
-        }
+        };
+        // Hold the admin lock so no admin command races the shutdown (and a reset bringing the
+        // controller up finishes first: it then finds it shut down).
+        let _admin = self.lock_admin();
         let csts = Csts(self.bus.read32(offset::CSTS));
         if csts.is_all_ones() {
             return Err(self.gone());
         }
         let cc = Cc(self.bus.read32(offset::CC));
         if !cc.en() {
+            // Disabled already: stopped if CSTS.RDY reads 0 (a disable that timed out leaves
+            // the device possibly working: not published, the queue pairs leak).
+            if !csts.rdy() {
+                settle.stopped();
+            }
             return Ok(());
         }
-        // Hold the admin lock so no admin command races the shutdown.
-        let _admin = self.lock_admin();
         self.bus.write32(offset::CC, cc.with_shn(shn::NORMAL).0);
         let limit = self.opts.shutdown_timeout;
         // The state only names an InitTimeout, which is turned into a ShutdownTimeout.
         let state = InitState::Disable;
         let done = |c: Csts| c.shst() == shst::COMPLETE;
-        match self.wait_csts(state, Instant::now(), limit, done, false) {
+        match self.wait_csts(state, Instant::now(), limit, done, false, false) {
+            Ok(()) => {
+                // The device finished its shutdown processing: it no longer uses the queues.
+                settle.stopped();
+                Ok(())
+            }
             Err(Error::InitTimeout {
                 location, waited, ..
             }) => Err(Error::ShutdownTimeout { location, waited }),
-            other => other,
+            Err(e) => Err(e),
         }
     }
 }
 
 /// [`Shared::mark_gone`] on its parts (the removal watch has no `Shared`).
-fn mark_gone(health: &AtomicU8, released: &Once, bus: &dyn Bus, location: &str) {
+///
+/// A reset bringing the controller up on another thread is waited for first: it sees the
+/// removal and stops at its next step (see [`Removal`]). [`GONE`] is published even if the
+/// release panics (the panic goes on): a controller whose removal was noticed never stays
+/// live, whichever thread noticed it.
+fn mark_gone(health: &AtomicU8, removal: &Removal, bus: &dyn Bus, location: &str) {
+    removal.started.store(true, Ordering::Release);
+    removal.wait_for_reset(location);
+    struct PublishGone<'a>(&'a AtomicU8, &'a str);
+    impl Drop for PublishGone<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                log::error!(
+                    "{}: releasing the removed device panicked; the controller is marked \
+                     removed anyway",
+                    self.1
+                );
+            }
+            self.0.store(GONE, Ordering::Release);
+        }
+    }
+    let _publish = PublishGone(health, location);
     // call_once_force: a release that panicked is tried again by the next caller rather than
     // poisoning every later one.
-    released.call_once_force(|_| {
+    removal.released.call_once_force(|_| {
         log::error!("{location}: device removed; every request fails with \"device removed\"");
         bus.release_removed();
     });
-    health.store(GONE, Ordering::Release);
 }
 
 /// What the removal watch thread works with: the parts of [`Shared`] that marking the
@@ -632,7 +944,7 @@ fn mark_gone(health: &AtomicU8, released: &Once, bus: &dyn Bus, location: &str) 
 /// the bus's close) always happens on the user's thread, after the watch has been joined.
 struct Watched {
     health: Arc<AtomicU8>,
-    released: Arc<Once>,
+    removal: Arc<Removal>,
     bus: Arc<dyn Bus>,
     location: String,
 }
@@ -661,7 +973,7 @@ impl RemovalWatch {
         };
         let watched = Watched {
             health: shared.health.clone(),
-            released: shared.released.clone(),
+            removal: shared.removal.clone(),
             bus: shared.bus.clone(),
             location: shared.location.clone(),
         };
@@ -732,7 +1044,7 @@ fn watch_removal(w: Watched, notifier: OwnedFd, stop: Arc<EventFd>) {
                  \"device removed\" and releasing the device",
                 w.location
             );
-            mark_gone(&w.health, &w.released, &*w.bus, &w.location);
+            mark_gone(&w.health, &w.removal, &*w.bus, &w.location);
             return;
         }
         // Readable without an announcement (someone else consumed it between the wake-up and
@@ -819,15 +1131,18 @@ impl Controller {
                 shadow: None,
             }),
             generation: AtomicU64::new(0),
+            transition: Mutex::new(()),
+            stopped_generation: AtomicU64::new(0),
+            settled_generation: AtomicU64::new(0),
             aborts_sent: AtomicU64::new(0),
             health: Arc::new(AtomicU8::new(FAILED)),
-            released: Arc::new(Once::new()),
+            removal: Arc::new(Removal::new()),
             qids: Mutex::new(QidTable::default()),
             born: Instant::now(),
             removal_checked: AtomicU64::new(0),
             watch: Mutex::new(None),
         });
-        shared.initialize()?;
+        shared.initialize(None)?;
         *shared.watch.lock().unwrap_or_else(|e| e.into_inner()) = RemovalWatch::start(&shared);
         Ok(Controller { shared })
     }
@@ -837,25 +1152,45 @@ impl Controller {
     /// device did not recover from. Queue pairs created before fail their requests with
     /// [`DeadReason::ControllerReset`] and refuse new ones; create new queue pairs.
     ///
+    /// Requests of the old queue pairs are handed back only once the device has stopped (CC.EN
+    /// cleared, CSTS.RDY read 0); if the disable times out they are never handed back (their
+    /// memory is leaked, as the device may still write it).
+    ///
     /// A removed controller cannot be reset: [`Error::DeviceGone`] (open the device again once
-    /// it is back). A removal noticed while the reset runs wins: the controller ends up gone.
+    /// it is back). Nor can one whose removal is under way, and a removal noticed while the
+    /// reset runs stops it at its next step: the controller ends up gone, and the device is
+    /// never re-initialised while it is being released.
+    ///
+    /// Resets on several threads run one after the other (each holds the admin queue for its
+    /// whole bring-up). One that finishes while a newer one (or a disable) has already started
+    /// leaves the controller to it and returns [`Error::NotReady`]: the controller becomes
+    /// ready only when the newest reset has brought it up, so no queue pair is created on
+    /// queues that reset is about to delete.
     pub fn reset(&self) -> Result<()> {
         let sh = &self.shared;
-        if sh
-            .health
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
-                (h != GONE).then_some(FAILED)
-            })
-            .is_err()
-        {
+        if sh.removal.started() {
             return Err(sh.gone());
         }
-        sh.generation.fetch_add(1, Ordering::AcqRel);
-        sh.initialize()
+        if sh.bus.removal_requested() {
+            sh.mark_gone();
+            return Err(sh.gone());
+        }
+        let Some(settle) = sh.begin_disable(|h| {
+            h.fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h != GONE).then_some(FAILED)
+            })
+            .is_ok()
+        }) else {
+            return Err(sh.gone());
+        };
+        sh.initialize(Some(settle))
     }
 
     /// Shuts the controller down now (CC.SHN normal, waiting for CSTS.SHST complete). Queue
-    /// pairs fail afterwards. Dropping the last handle does this too.
+    /// pairs fail afterwards, with [`DeadReason::ShutDown`]: their requests are handed back only
+    /// once CSTS.SHST reads complete (the device has stopped); if the shutdown times out they
+    /// are never handed back (leaked, as the device may still write their memory). Dropping
+    /// the last handle does this too.
     pub fn shutdown(&self) -> Result<()> {
         self.shared.shutdown()
     }
@@ -1030,6 +1365,220 @@ mod tests {
             }
             assert_eq!(emu.stats().commands_with(1, io::READ), 2);
         }
+    }
+
+    /// Polls `done` until it holds; panics naming `what` after 20 s.
+    #[cfg(feature = "emulated")]
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: not within 20 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A removal announced while a reset is stuck clearing CC.EN (the emulated controller holds
+    /// the write back): the removal watch waits for the reset to stop rather than release the
+    /// device under it, the reset stops at its next step with "device removed" (the device is
+    /// not brought up again: no Identify), and the controller ends up gone, released once.
+    #[cfg(feature = "emulated")]
+    #[test]
+    fn a_removal_during_a_reset_stops_the_reset_before_the_release() {
+        use crate::bus::emulated::{EmulatedConfig, EmulatedController};
+        use crate::spec::sqe::admin;
+        use std::sync::atomic::AtomicBool;
+
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let emu = EmulatedController::new(EmulatedConfig::default()).unwrap();
+        let c = Controller::new(emu.clone()).unwrap();
+        let identifies = emu.stats().commands_with(0, admin::IDENTIFY);
+        let hold = emu.hold_next_disable();
+        let resetter = {
+            let c = c.clone();
+            std::thread::spawn(move || c.reset())
+        };
+        assert!(
+            hold.wait_held(Duration::from_secs(20)),
+            "the reset never cleared CC.EN"
+        );
+        // Whether the reset was still held in its CC write when the bus let the device go.
+        let let_go = Arc::new(AtomicBool::new(false));
+        let during = Arc::new(Mutex::new(None));
+        {
+            let (let_go, during) = (let_go.clone(), during.clone());
+            emu.on_release(move || {
+                *during.lock().unwrap() = Some(!let_go.load(Ordering::Acquire));
+            });
+        }
+        emu.request_removal();
+        let removal = c.shared.removal.clone();
+        wait_until("the removal watch waits for the reset, or releases", || {
+            removal.reset_waits.load(Ordering::Acquire) > 0 || emu.releases() > 0
+        });
+        let_go.store(true, Ordering::Release);
+        hold.release();
+        let e = resetter.join().unwrap().unwrap_err();
+        assert!(matches!(e, Error::DeviceGone { .. }), "{e:?}");
+        wait_until("the release", || emu.releases() > 0);
+        assert_eq!(
+            *during.lock().unwrap(),
+            Some(false),
+            "the device was released while the reset was still touching it"
+        );
+        assert_eq!(
+            emu.stats().commands_with(0, admin::IDENTIFY),
+            identifies,
+            "the reset brought the device up again during its removal"
+        );
+        assert_eq!(c.shared.health.load(Ordering::Acquire), GONE);
+        assert!(matches!(c.reset(), Err(Error::DeviceGone { .. })));
+        assert_eq!(emu.releases(), 1);
+    }
+
+    /// A reset asked for while the device is being released is refused at once, touching
+    /// nothing (no controller reset reaches the device).
+    #[cfg(feature = "emulated")]
+    #[test]
+    fn a_reset_during_a_release_is_refused_without_touching_the_device() {
+        use crate::bus::emulated::{EmulatedConfig, EmulatedController};
+
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let emu = EmulatedController::new(EmulatedConfig::default()).unwrap();
+        let c = Controller::new(emu.clone()).unwrap();
+        let resets = emu.stats().controller_resets;
+        let outcome = Arc::new(Mutex::new(None));
+        {
+            let (c, outcome, emu2) = (c.clone(), outcome.clone(), emu.clone());
+            emu.on_release(move || {
+                let t = std::thread::spawn(move || c.reset());
+                // A reset that went on would wait for this release (bounded wait).
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while !t.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let resets_now = emu2.stats().controller_resets;
+                *outcome.lock().unwrap() = Some((t.is_finished(), resets_now, t));
+            });
+        }
+        emu.request_removal();
+        wait_until("the release", || emu.releases() > 0);
+        let (finished, resets_then, t) = outcome.lock().unwrap().take().expect("the hook ran");
+        let r = t.join().unwrap();
+        assert!(finished, "the reset waited for the release: {r:?}");
+        assert!(matches!(r, Err(Error::DeviceGone { .. })), "{r:?}");
+        assert_eq!(
+            resets_then, resets,
+            "the reset touched the device being released"
+        );
+        assert_eq!(c.shared.health.load(Ordering::Acquire), GONE);
+    }
+
+    /// A release that panics on the removal watch thread still leaves the controller gone: new
+    /// queue pairs are refused with "device removed" (rather than created on a device the
+    /// platform is taking back).
+    #[cfg(feature = "emulated")]
+    #[test]
+    fn a_panicking_release_on_the_watch_thread_leaves_the_controller_gone() {
+        use crate::bus::emulated::{EmulatedConfig, EmulatedController};
+
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let emu = EmulatedController::new(EmulatedConfig::default()).unwrap();
+        let c = Controller::new(emu.clone()).unwrap();
+        emu.on_release(|| panic!("the release failed (a test panic)"));
+        emu.request_removal();
+        let watch = c
+            .shared
+            .watch
+            .lock()
+            .unwrap()
+            .take()
+            .expect("a removal watch");
+        assert!(
+            watch.thread.join().is_err(),
+            "the release panicked on the watch thread"
+        );
+        assert_eq!(c.shared.health.load(Ordering::Acquire), GONE);
+        assert!(matches!(
+            c.create_qpair::<u64>(QueueOptions::default()),
+            Err(Error::DeviceGone { .. })
+        ));
+        assert!(matches!(c.reset(), Err(Error::DeviceGone { .. })));
+    }
+
+    /// Two resets overlapping: the first is held in its CC.EN = 0 write (holding the admin
+    /// queue), the second starts its generation and waits for the admin queue. When the first
+    /// finishes its bring-up it must not make the controller ready: the second is about to
+    /// delete every queue, and a queue pair created in between would carry the new generation
+    /// on deleted queues. So while the second reset holds its own disable back, the controller
+    /// is not ready, the first reset says so, and a creation is refused at once; after the
+    /// second reset a queue pair works.
+    #[cfg(feature = "emulated")]
+    #[test]
+    fn a_reset_finishing_during_a_newer_one_leaves_the_controller_not_ready() {
+        use crate::bus::emulated::{EmulatedConfig, EmulatedController};
+        use crate::types::Lba;
+
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let emu = EmulatedController::new(EmulatedConfig::default()).unwrap();
+        let c = Controller::new(emu.clone()).unwrap();
+        let spawn_reset = |c: &Controller| {
+            let c = c.clone();
+            std::thread::spawn(move || c.reset())
+        };
+        let hold_first = emu.hold_next_disable();
+        let first = spawn_reset(&c);
+        assert!(
+            hold_first.wait_held(Duration::from_secs(20)),
+            "the first reset never cleared CC.EN"
+        );
+        let g = c.shared.generation.load(Ordering::Acquire);
+        let second = spawn_reset(&c);
+        wait_until("the second reset starts its generation", || {
+            c.shared.generation.load(Ordering::Acquire) == g + 1
+        });
+        let hold_second = emu.hold_next_disable();
+        hold_first.release();
+        assert!(
+            hold_second.wait_held(Duration::from_secs(20)),
+            "the second reset never cleared CC.EN"
+        );
+        // The first reset has let go of the admin queue: it finished.
+        let r = first.join().unwrap();
+        assert!(matches!(r, Err(Error::NotReady { .. })), "{r:?}");
+        assert!(
+            c.shared.not_ready().is_some(),
+            "the controller is ready while a reset is about to delete every queue"
+        );
+        let creator = {
+            let c = c.clone();
+            std::thread::spawn(move || c.create_qpair::<u64>(QueueOptions::default()).map(drop))
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !creator.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let refused_at_once = creator.is_finished();
+        hold_second.release();
+        second.join().unwrap().expect("the second reset");
+        let created = creator.join().unwrap();
+        assert!(
+            refused_at_once,
+            "a creation waited for the second reset's admin queue: {created:?}"
+        );
+        assert!(
+            matches!(created, Err(Error::NotReady { .. })),
+            "{created:?}"
+        );
+
+        let ns = c.namespaces().remove(0);
+        let mut q = c.create_qpair::<u64>(QueueOptions::default()).unwrap();
+        assert!(!q.is_stale());
+        let mut buf = c.alloc(ns.block_size() as usize).unwrap();
+        buf.as_mut_slice().fill(0x5a);
+        q.write_blocking(&ns, Lba(3), buf.as_slice()).unwrap();
+        buf.as_mut_slice().fill(0);
+        q.read_blocking(&ns, Lba(3), buf.as_mut_slice()).unwrap();
+        assert!(buf.as_slice().iter().all(|&b| b == 0x5a));
     }
 
     #[test]

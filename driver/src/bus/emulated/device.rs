@@ -154,6 +154,10 @@ pub(crate) struct Device {
     pub stray_doorbells: AtomicU64,
     pub media_errors: AtomicU64,
     pub idle_sleeps: AtomicU64,
+    /// CC.EN 1 to 0 transitions processed.
+    pub controller_resets: AtomicU64,
+    /// Shutdown notifications (CC.SHN set while clear) processed.
+    pub shutdowns: AtomicU64,
     pub stop: AtomicBool,
     /// MSI-X vectors (eventfds) of completion queues created with IEN set.
     pub vectors: Vectors,
@@ -198,6 +202,8 @@ impl Device {
             stray_doorbells: AtomicU64::new(0),
             media_errors: AtomicU64::new(0),
             idle_sleeps: AtomicU64::new(0),
+            controller_resets: AtomicU64::new(0),
+            shutdowns: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             vectors: Vectors::new(n),
             props,
@@ -301,6 +307,9 @@ impl Device {
     fn write_cc(&self, r: &mut Regs, new: Cc) {
         let old = r.cc;
         r.cc = new;
+        if new.shn() != shn::NONE && old.shn() == shn::NONE {
+            self.shutdowns.fetch_add(1, Ordering::Release);
+        }
         r.shst = if new.shn() != shn::NONE {
             shst::COMPLETE
         } else {
@@ -425,6 +434,7 @@ impl Device {
         self.fatal_by_fault.store(false, Ordering::Release);
         r.fatal_reason = None;
         self.set_rdy(r, false);
+        self.controller_resets.fetch_add(1, Ordering::Release);
     }
 
     /// Why CSTS.CFS was set by an enable, if it was.

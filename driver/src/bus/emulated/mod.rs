@@ -51,6 +51,7 @@ mod chunks;
 mod dbbuf;
 mod device;
 mod faults;
+mod hold;
 mod io;
 mod irq;
 mod namespace;
@@ -67,6 +68,7 @@ use std::time::Duration;
 
 pub use chunks::{EmulatedChunkSource, GRANULE, GUARD, IOVA_BASE};
 pub use faults::{Action, Fault, FaultId, GARBAGE_DW0, Garbage, Trigger};
+pub use hold::DisableHold;
 pub use stats::Stats;
 
 use crate::bus::dma::DmaMemory;
@@ -252,6 +254,11 @@ pub struct EmulatedController {
     /// Run by [`Bus::release_removed`] before the device is let go
     /// ([`EmulatedController::on_release`]).
     release_hook: std::sync::Mutex<Option<ReleaseHook>>,
+    /// The next disable to hold back ([`EmulatedController::hold_next_disable`]).
+    disable_gate: std::sync::Mutex<Option<Arc<hold::Gate>>>,
+    /// The next shutdown notification to hold back
+    /// ([`EmulatedController::hold_next_shutdown`]).
+    shutdown_gate: std::sync::Mutex<Option<Arc<hold::Gate>>>,
 }
 
 type ReleaseHook = Box<dyn FnOnce() + Send>;
@@ -363,6 +370,8 @@ impl EmulatedController {
             removal: std::sync::Mutex::new(RemovalRequest::default()),
             releases: AtomicU64::new(0),
             release_hook: std::sync::Mutex::new(None),
+            disable_gate: std::sync::Mutex::new(None),
+            shutdown_gate: std::sync::Mutex::new(None),
         }))
     }
 
@@ -416,6 +425,27 @@ impl EmulatedController {
         *self.release_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
     }
 
+    /// Holds back the next disable: the next CC write that clears EN while it is set waits in
+    /// the writing thread, before the device sees it, until the returned hold says what becomes
+    /// of it (see [`DisableHold`]). A test looks at what the driver does while it has decided
+    /// to reset the controller but the device has not stopped yet.
+    pub fn hold_next_disable(&self) -> DisableHold {
+        let gate = Arc::new(hold::Gate::default());
+        *self.disable_gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate.clone());
+        DisableHold { gate }
+    }
+
+    /// Holds back the next shutdown notification: the next CC write that sets SHN while it is
+    /// clear waits in the writing thread, before the device sees it, until the returned hold
+    /// says what becomes of it: released, the device shuts down (CSTS.SHST complete);
+    /// discarded, CC.SHN stays clear and CSTS.SHST never reports the shutdown complete. A test
+    /// looks at what the driver does between deciding to shut down and the device stopping.
+    pub fn hold_next_shutdown(&self) -> DisableHold {
+        let gate = Arc::new(hold::Gate::default());
+        *self.shutdown_gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate.clone());
+        DisableHold { gate }
+    }
+
     /// How many times the driver called [`Bus::release_removed`] (counted when the call has
     /// let the device go).
     pub fn releases(&self) -> u64 {
@@ -452,6 +482,8 @@ impl EmulatedController {
             faults_fired: d.faults.fired.load(Ordering::Relaxed),
             held: d.pending.len(),
             idle_sleeps: d.idle_sleeps.load(Ordering::Relaxed),
+            controller_resets: d.controller_resets.load(Ordering::Relaxed),
+            shutdowns: d.shutdowns.load(Ordering::Relaxed),
             doorbell_writes: d.stray_doorbells.load(Ordering::Relaxed),
             ..Stats::default()
         };
@@ -507,6 +539,24 @@ impl Bus for EmulatedController {
         self.dev.read32(offset)
     }
     fn write32(&self, offset: u32, value: u32) {
+        use crate::spec::Cc;
+        use crate::spec::regs::offset::CC;
+        use crate::spec::regs::shn;
+        if offset == CC {
+            let old = Cc(self.dev.read32(CC));
+            let new = Cc(value);
+            let gate = if !new.en() && old.en() {
+                &self.disable_gate
+            } else if new.shn() != shn::NONE && old.shn() == shn::NONE {
+                &self.shutdown_gate
+            } else {
+                return self.dev.write32(offset, value);
+            };
+            let gate = gate.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if gate.is_some_and(|g| !g.pass()) {
+                return;
+            }
+        }
         self.dev.write32(offset, value);
     }
     fn doorbell(&self, offset: u32) -> Doorbell {

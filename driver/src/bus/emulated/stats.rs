@@ -25,6 +25,11 @@ pub struct Stats {
     /// the host's head doorbell (a CQ overflow avoided by stalling the device). A host that
     /// keeps room for every command it submitted causes none.
     pub io_cq_full: u64,
+    /// Controller resets (CC.EN 1 to 0) the device processed: each deleted every queue and
+    /// dropped every command it held.
+    pub controller_resets: u64,
+    /// Shutdown notifications (CC.SHN set while clear) the device processed.
+    pub shutdowns: u64,
 }
 
 impl Stats {

@@ -82,11 +82,12 @@ mod submit;
 
 use submit::SimpleData;
 #[cfg(all(test, feature = "emulated"))]
+mod reset_tests;
+#[cfg(all(test, feature = "emulated"))]
 mod tests;
 
 use core::marker::PhantomData;
 use core::mem::{ManuallyDrop, MaybeUninit};
-use core::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -349,6 +350,10 @@ pub struct QueueStats {
     pub protocol_errors: u64,
     /// Contexts never handed back because the device could not be stopped.
     pub leaked: u64,
+    /// Looks at a queue pair made dead by a controller reset (or disable) whose disable had not
+    /// yet seen the device stop (CC.EN cleared, CSTS.RDY = 0): its requests stay outstanding
+    /// until it has (or are leaked if it never does).
+    pub reset_waits: u64,
     /// Interrupt mode: [`QueuePair::arm_interrupt`] calls that found nothing to do and allowed
     /// the owner to sleep (each is at most one wake-up).
     pub interrupt_arms: u64,
@@ -578,7 +583,6 @@ impl<T> QueuePair<T> {
                 reason: "a zero timeout; use None to disable timeouts".into(),
             });
         }
-        let generation = shared.generation.load(Ordering::Acquire);
         let (max_transfer, abort_limit) = {
             let d = shared.data.read().unwrap_or_else(|e| e.into_inner());
             // ACL is 0's based: the controller takes ACL + 1 concurrent Aborts.
@@ -609,7 +613,7 @@ impl<T> QueuePair<T> {
         };
         let vector = irq.as_ref().map(|_| qid.0);
         let made = Self::create_queues(&shared, qid, entries, requests, vector);
-        let (sq_mem, cq_mem, prp_mem, shadow) = match made {
+        let (sq_mem, cq_mem, prp_mem, shadow, generation) = match made {
             Ok(m) => m,
             Err(e) => {
                 shared.free_qid(qid);
@@ -713,14 +717,16 @@ impl<T> QueuePair<T> {
         entries: u16,
         requests: u16,
         vector: Option<u16>,
-    ) -> Result<(DmaBuffer, DmaBuffer, DmaBuffer, Option<ShadowQueue>)> {
+    ) -> Result<(DmaBuffer, DmaBuffer, DmaBuffer, Option<ShadowQueue>, u64)> {
         let sq = shared.alloc(entries as usize * 64, "an I/O submission queue")?;
         let cq = shared.alloc(entries as usize * 16, "an I/O completion queue")?;
         let prps = shared.alloc(requests as usize * prp::PAGE as usize, "PRP list pages")?;
         let mut guard = shared.lock_admin();
-        if let Some(e) = shared.not_ready() {
-            return Err(e);
-        }
+        // The generation the queues belong to, read under the admin lock with the health: a
+        // reset that started a newer one (and is waiting for this lock to delete every queue)
+        // has made the controller not ready (see `Shared::live_generation`); one that starts
+        // later makes these queues stale.
+        let generation = shared.live_generation()?;
         let q = guard.as_mut().ok_or_else(|| shared.gone())?;
         // The shadow doorbell pages of this bring-up (read under the admin lock, which a reset
         // holds while it replaces them) and the queue's slots in them, set to 0 before the
@@ -750,7 +756,7 @@ impl<T> QueuePair<T> {
             );
             return Err(e);
         }
-        Ok((sq, cq, prps, shadow))
+        Ok((sq, cq, prps, shadow, generation))
     }
 
     // ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ use super::{
     lba_of,
 };
 use crate::nvme::admin::{AbortOutcome, abort_with};
+use crate::nvme::controller::StopState;
 use crate::nvme::error::{DeadReason, Error, IoError, ProtocolError};
 use crate::nvme::qpair::DoorbellMode;
 use crate::spec::Sqe;
@@ -42,9 +43,10 @@ impl<T> QueuePair<T> {
     ///
     /// Nothing is lost or delivered twice: the replacement happens only once every request of
     /// the old queue pair has been handed back (each failed once with
-    /// [`DeadReason::ControllerReset`] by a poll). `Ok(false)`: nothing to do (not stale), or
-    /// not yet (requests still to deliver: the queue is marked dead so that the next
-    /// [`poll`](Self::poll) fails them; renew after it). An error is the creation's (the
+    /// [`DeadReason::ControllerReset`] by a poll, once the reset has seen the device stop:
+    /// until then polls hand back only what the device completes). `Ok(false)`: nothing to do
+    /// (not stale), or not yet (requests still to deliver: the queue is marked dead so that
+    /// the next [`poll`](Self::poll) fails them; renew after it). An error is the creation's (the
     /// controller not ready again yet, or failed): the old queue pair stays, dead.
     pub fn renew(&mut self) -> Result<bool, Error> {
         if !self.is_stale() {
@@ -329,6 +331,11 @@ impl<T> QueuePair<T> {
 
     /// Stops the queue: makes sure the device no longer uses its memory (or leaks what it may
     /// still use), and completes every request exactly once.
+    ///
+    /// After a controller reset or shutdown, not before its disable (or shutdown) has settled:
+    /// until then the queue is dead (it refuses new requests and rings no doorbell) but its requests stay
+    /// outstanding (the device may still complete them, and they are delivered as usual), and
+    /// every poll looks again.
     #[cold]
     fn die<F: FnMut(&mut Resubmit<'_, T>, T, IoResult)>(
         &mut self,
@@ -336,14 +343,19 @@ impl<T> QueuePair<T> {
         f: &mut F,
     ) -> usize {
         self.dead = Some(reason);
-        self.died = true;
         self.attention = true;
         if reason == DeadReason::Unrecoverable && self.cq_unrung() != 0 {
             // The queues are deleted next: hand the consumed entries back first, so that the
             // device has room for whatever it still posts before it takes the deletion.
             self.ring_cq();
         }
-        let stopped = self.stop_device(reason);
+        let Some(stopped) = self.stop_device(reason) else {
+            self.stats.reset_waits += 1;
+            self.countdown = 0;
+            return 0;
+        };
+        let reason = self.dead.unwrap_or(reason);
+        self.died = true;
         self.stopped = stopped;
         let mut delivered = 0;
         let aborted = IoError::Aborted {
@@ -413,12 +425,59 @@ impl<T> QueuePair<T> {
         delivered
     }
 
-    /// Makes sure the device no longer touches this queue's memory. True if it is known to.
-    fn stop_device(&self, reason: DeadReason) -> bool {
+    /// Makes sure the device no longer touches this queue's memory. `Some(true)` if it is
+    /// known to, `Some(false)` if it may still (the memory is leaked), `None` while a reset,
+    /// disable or shutdown of the controller is under way and has not yet seen the device stop
+    /// (CC.EN cleared and CSTS.RDY = 0, or CSTS.SHST complete): ask again later. One that ended
+    /// without seeing the device stop leaves it possibly working: `Some(false)`, unless a
+    /// removal stopped it (`None` until the device is released, then `Some(true)` with the
+    /// reason [`DeadReason::DeviceGone`]).
+    fn stop_device(&mut self, reason: DeadReason) -> Option<bool> {
         match reason {
-            DeadReason::DeviceGone | DeadReason::ControllerReset | DeadReason::ShutDown => true,
-            DeadReason::ControllerFatal => self.shared.disable().is_ok(),
-            DeadReason::Unrecoverable => self.delete_queues() || self.shared.disable().is_ok(),
+            DeadReason::DeviceGone => Some(true),
+            DeadReason::ControllerReset | DeadReason::ShutDown => {
+                match self.shared.stop_state(self.generation) {
+                    StopState::Stopped => return Some(true),
+                    StopState::Pending => return None,
+                    StopState::NotStopped => {}
+                }
+                // A reset stopped by a removal: GONE is published once the bus has let the
+                // device go (or failed to, see `mark_gone`); wait for it.
+                if self.shared.dead_reason(self.generation) == Some(DeadReason::DeviceGone) {
+                    self.dead = Some(DeadReason::DeviceGone);
+                    return Some(true);
+                }
+                if self.shared.removal_started() {
+                    return None;
+                }
+                Some(false)
+            }
+            DeadReason::ControllerFatal => Some(self.shared.disable().is_ok()),
+            DeadReason::Unrecoverable => {
+                Some(self.delete_queues() || self.shared.disable().is_ok())
+            }
+        }
+    }
+
+    /// [`stop_device`](Self::stop_device) for a queue pair being dropped, which cannot look
+    /// again later: waits (bounded by [`Shared::settle_limit`]) for a disable under way to
+    /// settle; if it does not, the memory is leaked.
+    fn stop_device_now(&mut self, reason: DeadReason) -> bool {
+        let deadline = Instant::now() + self.shared.settle_limit();
+        loop {
+            if let Some(stopped) = self.stop_device(reason) {
+                return stopped;
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "{}: queue pair {} dropped during a controller reset that has not stopped \
+                     the device: its memory is leaked",
+                    self.location,
+                    self.qid.0
+                );
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 
@@ -441,7 +500,7 @@ impl<T> Drop for QueuePair<T> {
             self.stopped
         } else {
             match self.shared.dead_reason(self.generation).or(self.dead) {
-                Some(r) => self.stop_device(r),
+                Some(r) => self.stop_device_now(r),
                 None => self.delete_queues() || (issued && self.shared.disable().is_ok()),
             }
         };

@@ -1,0 +1,544 @@
+//! A controller reset (or shutdown) on another thread, caught between starting a new
+//! generation and the device stopping (the emulated controller holds its CC.EN = 0, or CC.SHN,
+//! write back): a queue pair of the old generation hands nothing back before the device has
+//! stopped, and leaks what the device may still use when it never stops.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::bus::emulated::{
+    Action, EmulatedConfig, EmulatedController, Fault, NamespaceConfig, Trigger,
+};
+use crate::nvme::controller::{Controller, ControllerOptions, InitState};
+
+/// A request context that records, when it is dropped (handed back and dropped by the test, or
+/// dropped by the queue pair), how many times the device had stopped by then (controller
+/// resets and shutdowns it processed).
+struct Witness {
+    emu: Arc<EmulatedController>,
+    log: Arc<Mutex<Vec<u64>>>,
+}
+
+fn stops(emu: &EmulatedController) -> u64 {
+    let s = emu.stats();
+    s.controller_resets + s.shutdowns
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        let stops = stops(&self.emu);
+        self.log.lock().unwrap().push(stops);
+    }
+}
+
+struct Setup {
+    c: Controller,
+    emu: Arc<EmulatedController>,
+    q: QueuePair<Witness>,
+    log: Arc<Mutex<Vec<u64>>>,
+    /// Times the device had stopped (see [`stops`]) when the reads were submitted.
+    resets: u64,
+    _buf: crate::bus::dma::DmaBuffer,
+}
+
+/// Eight one-block reads the device holds (never completes), in flight on a queue pair.
+/// CAP.TO 500 ms, a 200 ms admin timeout and a 300 ms shutdown timeout keep the driver's
+/// bounded waits short.
+fn eight_held_reads() -> Setup {
+    let emu = EmulatedController::new(EmulatedConfig {
+        namespaces: vec![NamespaceConfig::memory(512, 1 << 16)],
+        cap_to: 1,
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let opts = ControllerOptions {
+        admin_timeout: Duration::from_millis(200),
+        shutdown_timeout: Duration::from_millis(300),
+        ..ControllerOptions::default()
+    };
+    let c = Controller::with_options(emu.clone(), opts).unwrap();
+    let ns = c.namespaces().remove(0);
+    let mut q = c.create_qpair::<Witness>(QueueOptions::default()).unwrap();
+    emu.inject(Fault::always(
+        Trigger::LbaRange {
+            nsid: 1,
+            start: 0,
+            end: 8,
+            opcode: None,
+        },
+        Action::NeverComplete,
+    ));
+    let buf = c.alloc(8 * 512).unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    for t in 0..8u64 {
+        let w = Witness {
+            emu: emu.clone(),
+            log: log.clone(),
+        };
+        let s = buf.slice(t as usize * 512, 512).unwrap();
+        // SAFETY: `buf` lives in `Setup` as long as the queue pair, and is leaked with the
+        // requests if they are (the tests forget it then); the data is not read.
+        let r = unsafe { q.read_raw(&ns, Lba(t), s, w) };
+        assert!(r.is_ok());
+    }
+    q.ring();
+    assert_eq!(q.in_flight(), 8);
+    let resets = stops(&emu);
+    Setup {
+        c,
+        emu,
+        q,
+        log,
+        resets,
+        _buf: buf,
+    }
+}
+
+fn spawn_reset(c: &Controller) -> std::thread::JoinHandle<crate::nvme::error::Result<()>> {
+    let c = c.clone();
+    std::thread::spawn(move || c.reset())
+}
+
+/// The reset has started a new generation and is stuck clearing CC.EN: the old queue pair
+/// learns of it (renew, as a user would) and polls. It must hand nothing back while the device
+/// may still write the buffers; once the device has stopped, every request comes back once,
+/// failed by the reset.
+#[test]
+fn a_reset_hands_nothing_back_before_the_device_has_stopped() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        mut q,
+        log,
+        resets,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_disable();
+    let resetter = spawn_reset(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    assert!(q.is_stale());
+    assert!(!q.renew().unwrap(), "requests are outstanding");
+    let mut early = 0;
+    for _ in 0..2000 {
+        let _ = q.poll(usize::MAX, |w, _| {
+            drop(w);
+            early += 1;
+        });
+    }
+    assert_eq!(
+        (early, log.lock().unwrap().len()),
+        (0, 0),
+        "requests were handed back while the device was still enabled (a context dropped \
+         before the device processed the reset)"
+    );
+    assert_eq!(q.outstanding(), 8);
+    assert!(q.stats().reset_waits > 0, "{:?}", q.stats());
+    // Submissions are refused meanwhile.
+    let ns = c.namespaces().remove(0);
+    let w = Witness {
+        emu: emu.clone(),
+        log: log.clone(),
+    };
+    let extra = c.alloc(512).unwrap();
+    // SAFETY: refused before anything reaches the device (the queue is dead); `extra` outlives
+    // the call.
+    let rej = unsafe { q.read_raw(&ns, Lba(100), extra.as_dma_slice(), w) }.unwrap_err();
+    assert!(matches!(
+        rej.error,
+        Error::QueueDead {
+            reason: DeadReason::ControllerReset,
+            ..
+        }
+    ));
+    drop(rej);
+    log.lock().unwrap().clear();
+
+    hold.release();
+    resetter.join().unwrap().expect("the reset");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 8 {
+        assert!(Instant::now() < deadline, "the requests never came back");
+        let _ = q.poll(usize::MAX, |w, r| {
+            drop(w);
+            got.push(r);
+        });
+    }
+    for r in &got {
+        assert!(
+            matches!(
+                r,
+                Err(IoError::Aborted {
+                    reason: DeadReason::ControllerReset,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 8);
+    assert!(
+        log.iter().all(|&r| r > resets),
+        "handed back before the device reset: {log:?} (resets before: {resets})"
+    );
+    assert!(q.renew().unwrap());
+    assert_eq!(q.stats().leaked, 0);
+}
+
+/// A queue pair dropped while the reset is stuck clearing CC.EN waits (bounded) for the
+/// device to stop; as it does not within the bound, the contexts are leaked, never dropped.
+#[test]
+fn a_queue_pair_dropped_before_the_device_stopped_leaks_its_requests() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        q,
+        log,
+        resets,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_disable();
+    let resetter = spawn_reset(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    drop(q);
+    assert_eq!(
+        log.lock().unwrap().clone(),
+        Vec::<u64>::new(),
+        "contexts dropped while the device was still enabled (resets before: {resets})"
+    );
+    hold.release();
+    resetter.join().unwrap().expect("the reset");
+    assert!(log.lock().unwrap().is_empty(), "leaked for good");
+    // The buffer may have been given to the device: leaked with the requests.
+    core::mem::forget(_buf);
+}
+
+/// A queue pair dropped once the reset's disable has completed drops its contexts (the
+/// device stopped), after the device processed the reset.
+#[test]
+fn a_queue_pair_dropped_after_the_device_stopped_drops_its_requests() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu: _emu,
+        q,
+        log,
+        resets,
+        _buf,
+    } = eight_held_reads();
+    c.reset().unwrap();
+    drop(q);
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 8);
+    assert!(log.iter().all(|&r| r > resets), "{log:?}");
+}
+
+/// A reset whose disable never completes (the device keeps CC.EN and RDY at 1): the reset
+/// times out waiting for RDY = 0, and the old queue pair leaks its requests rather than hand
+/// back buffers the device may still write.
+#[test]
+fn a_reset_whose_disable_times_out_leaks_the_requests() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        mut q,
+        log,
+        resets,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_disable();
+    let resetter = spawn_reset(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    hold.discard();
+    let e = resetter.join().unwrap().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InitTimeout {
+                state: InitState::WaitForNotReady,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(
+        emu.stats().controller_resets,
+        resets,
+        "the device never reset"
+    );
+    assert!(!q.renew().unwrap());
+    let mut handed = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        assert!(Instant::now() < deadline, "the queue pair never died");
+        if let Err(e) = q.poll(usize::MAX, |w, _| {
+            drop(w);
+            handed += 1;
+        }) {
+            break e;
+        }
+    };
+    assert!(
+        matches!(
+            err,
+            Error::QueueDead {
+                reason: DeadReason::ControllerReset,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        handed, 0,
+        "requests handed back from a device that never stopped"
+    );
+    assert_eq!(q.stats().leaked, 8, "{:?}", q.stats());
+    drop(q);
+    assert!(log.lock().unwrap().is_empty(), "contexts dropped");
+    core::mem::forget(_buf);
+}
+
+/// The same for the disable a queue pair makes when it cannot reclaim a command otherwise
+/// (`Shared::disable`, on another thread): it starts a new generation before clearing CC.EN,
+/// and the other queue pairs hand back only once CSTS.RDY has read 0.
+#[test]
+fn a_disable_on_another_thread_hands_nothing_back_before_the_device_has_stopped() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        mut q,
+        log,
+        resets,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_disable();
+    let disabler = {
+        let shared = c.shared.clone();
+        std::thread::spawn(move || shared.disable())
+    };
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the disable never cleared CC.EN"
+    );
+    assert!(q.is_stale());
+    assert!(!q.renew().unwrap());
+    for _ in 0..2000 {
+        let _ = q.poll(usize::MAX, drop_both);
+    }
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "requests were handed back while the device was still enabled"
+    );
+    assert_eq!(q.outstanding(), 8);
+    hold.release();
+    disabler.join().unwrap().expect("the disable");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log.lock().unwrap().len() < 8 {
+        assert!(Instant::now() < deadline, "the requests never came back");
+        let _ = q.poll(usize::MAX, drop_both);
+    }
+    let log = log.lock().unwrap().clone();
+    assert!(log.iter().all(|&r| r > resets), "{log:?}");
+    assert_eq!(q.stats().leaked, 0);
+}
+
+fn drop_both(w: Witness, r: IoResult) {
+    assert!(
+        matches!(
+            r,
+            Err(IoError::Aborted {
+                reason: DeadReason::ControllerReset,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    drop(w);
+}
+
+fn spawn_shutdown(c: &Controller) -> std::thread::JoinHandle<crate::nvme::error::Result<()>> {
+    let c = c.clone();
+    std::thread::spawn(move || c.shutdown())
+}
+
+/// Polls `q` for 100 ms (ten health intervals: it looks at the controller's state), handing
+/// back whatever comes; returns how many came back.
+fn poll_for_a_while(q: &mut QueuePair<Witness>) -> usize {
+    let mut handed = 0;
+    let until = Instant::now() + Duration::from_millis(100);
+    while Instant::now() < until {
+        let _ = q.poll(usize::MAX, |w, _| {
+            drop(w);
+            handed += 1;
+        });
+    }
+    handed
+}
+
+/// A shutdown on another thread, held in its CC.SHN write (the device has not started its
+/// shutdown processing): the queue pair learns that the controller is shut down but hands
+/// nothing back; once CSTS.SHST reads complete every request comes back once, failed by the
+/// shutdown.
+#[test]
+fn a_shutdown_hands_nothing_back_before_the_device_has_shut_down() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        mut q,
+        log,
+        resets: stopped_before,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_shutdown();
+    let shutter = spawn_shutdown(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the shutdown never set CC.SHN"
+    );
+    let early = poll_for_a_while(&mut q);
+    assert_eq!(
+        (early, log.lock().unwrap().len()),
+        (0, 0),
+        "requests were handed back before the device processed the shutdown"
+    );
+    assert_eq!(q.dead_reason(), Some(DeadReason::ShutDown));
+    assert_eq!(q.outstanding(), 8);
+    assert!(q.stats().reset_waits > 0, "{:?}", q.stats());
+
+    hold.release();
+    shutter.join().unwrap().expect("the shutdown");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 8 {
+        assert!(Instant::now() < deadline, "the requests never came back");
+        let _ = q.poll(usize::MAX, |w, r| {
+            drop(w);
+            got.push(r);
+        });
+    }
+    for r in &got {
+        assert!(
+            matches!(
+                r,
+                Err(IoError::Aborted {
+                    reason: DeadReason::ShutDown,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 8);
+    assert!(
+        log.iter().all(|&s| s > stopped_before),
+        "handed back before the device shut down: {log:?} (stops before: {stopped_before})"
+    );
+    assert_eq!(q.stats().leaked, 0);
+}
+
+/// A shutdown the device never completes (the CC.SHN write is dropped: CSTS.SHST never reads
+/// complete): the shutdown times out, and the queue pair leaks its requests rather than hand
+/// back buffers the device may still write; a queue pair dropped meanwhile leaks too.
+#[test]
+fn a_shutdown_that_never_completes_leaks_the_requests() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        mut q,
+        log,
+        resets: _,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_shutdown();
+    let shutter = spawn_shutdown(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the shutdown never set CC.SHN"
+    );
+    hold.discard();
+    let e = shutter.join().unwrap().unwrap_err();
+    assert!(matches!(e, Error::ShutdownTimeout { .. }), "{e:?}");
+    assert_eq!(emu.stats().shutdowns, 0, "the device never shut down");
+    let mut handed = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        assert!(Instant::now() < deadline, "the queue pair never died");
+        if let Err(e) = q.poll(usize::MAX, |w, _| {
+            drop(w);
+            handed += 1;
+        }) {
+            break e;
+        }
+    };
+    assert!(
+        matches!(
+            err,
+            Error::QueueDead {
+                reason: DeadReason::ShutDown,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        handed, 0,
+        "requests handed back from a device that never shut down"
+    );
+    assert_eq!(q.stats().leaked, 8, "{:?}", q.stats());
+    drop(q);
+    assert!(log.lock().unwrap().is_empty(), "contexts dropped");
+    core::mem::forget(_buf);
+}
+
+/// A queue pair dropped while the shutdown is held in its CC.SHN write waits (bounded) for the
+/// shutdown to complete; it does once the write goes through, and the contexts are dropped
+/// only after the device processed the shutdown.
+#[test]
+fn a_queue_pair_dropped_during_a_shutdown_waits_for_it() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        q,
+        log,
+        resets: stopped_before,
+        _buf,
+    } = eight_held_reads();
+    let hold = emu.hold_next_shutdown();
+    let shutter = spawn_shutdown(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the shutdown never set CC.SHN"
+    );
+    let dropper = std::thread::spawn(move || drop(q));
+    // The drop waits for the shutdown (its bound is over a second): let it look a while.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "contexts dropped before the device processed the shutdown"
+    );
+    hold.release();
+    shutter.join().unwrap().expect("the shutdown");
+    dropper.join().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 8);
+    assert!(log.iter().all(|&s| s > stopped_before), "{log:?}");
+}
