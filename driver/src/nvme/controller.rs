@@ -169,6 +169,9 @@ pub(crate) struct Shared {
     settled_generation: AtomicU64,
     /// Abort commands sent (by timed-out queue pairs and [`Controller::abort`]).
     pub(crate) aborts_sent: AtomicU64,
+    /// Times a queue pair being dropped found a disable or shutdown under way that had not yet
+    /// settled, and waited for it (see [`Shared::settle_limit`]).
+    pub(crate) drop_waits: AtomicU64,
     /// Shared with the removal watch, which holds no reference to `Shared` (see the module
     /// docs).
     pub(crate) health: Arc<AtomicU8>,
@@ -1145,6 +1148,7 @@ impl Controller {
             stopped_generation: AtomicU64::new(0),
             settled_generation: AtomicU64::new(0),
             aborts_sent: AtomicU64::new(0),
+            drop_waits: AtomicU64::new(0),
             health: Arc::new(AtomicU8::new(FAILED)),
             removal: Arc::new(Removal::new()),
             qids: Mutex::new(QidTable::default()),

@@ -464,9 +464,14 @@ impl<T> QueuePair<T> {
     /// settle; if it does not, the memory is leaked.
     fn stop_device_now(&mut self, reason: DeadReason) -> bool {
         let deadline = Instant::now() + self.shared.settle_limit();
+        let mut counted = false;
         loop {
             if let Some(stopped) = self.stop_device(reason) {
                 return stopped;
+            }
+            if !counted {
+                counted = true;
+                self.shared.drop_waits.fetch_add(1, Ordering::AcqRel);
             }
             if Instant::now() >= deadline {
                 log::warn!(

@@ -3,6 +3,7 @@
 //! write back): a queue pair of the old generation hands nothing back before the device has
 //! stopped, and leaks what the device may still use when it never stops.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -376,12 +377,17 @@ fn spawn_shutdown(c: &Controller) -> std::thread::JoinHandle<crate::nvme::error:
     std::thread::spawn(move || c.shutdown())
 }
 
-/// Polls `q` for 100 ms (ten health intervals: it looks at the controller's state), handing
-/// back whatever comes; returns how many came back.
-fn poll_for_a_while(q: &mut QueuePair<Witness>) -> usize {
+/// Polls `q` until it has looked at the controller's state and found the device not yet
+/// stopped (a reset wait), handing back whatever comes; returns how many came back.
+fn poll_until_it_waits(q: &mut QueuePair<Witness>) -> usize {
     let mut handed = 0;
-    let until = Instant::now() + Duration::from_millis(100);
-    while Instant::now() < until {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while q.stats().reset_waits == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the queue pair never waited for the device to stop: {:?}",
+            q.stats()
+        );
         let _ = q.poll(usize::MAX, |w, _| {
             drop(w);
             handed += 1;
@@ -411,7 +417,7 @@ fn a_shutdown_hands_nothing_back_before_the_device_has_shut_down() {
         hold.wait_held(Duration::from_secs(20)),
         "the shutdown never set CC.SHN"
     );
-    let early = poll_for_a_while(&mut q);
+    let early = poll_until_it_waits(&mut q);
     assert_eq!(
         (early, log.lock().unwrap().len()),
         (0, 0),
@@ -419,7 +425,6 @@ fn a_shutdown_hands_nothing_back_before_the_device_has_shut_down() {
     );
     assert_eq!(q.dead_reason(), Some(DeadReason::ShutDown));
     assert_eq!(q.outstanding(), 8);
-    assert!(q.stats().reset_waits > 0, "{:?}", q.stats());
 
     hold.release();
     shutter.join().unwrap().expect("the shutdown");
@@ -529,8 +534,16 @@ fn a_queue_pair_dropped_during_a_shutdown_waits_for_it() {
         "the shutdown never set CC.SHN"
     );
     let dropper = std::thread::spawn(move || drop(q));
-    // The drop waits for the shutdown (its bound is over a second): let it look a while.
-    std::thread::sleep(Duration::from_millis(50));
+    // The drop waits for the shutdown (its bound is over a second): until it has looked.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.shared.drop_waits.load(Ordering::Acquire) == 0 {
+        assert!(
+            !dropper.is_finished(),
+            "the drop returned without waiting for the shutdown"
+        );
+        assert!(Instant::now() < deadline, "the drop never waited");
+        std::thread::yield_now();
+    }
     assert!(
         log.lock().unwrap().is_empty(),
         "contexts dropped before the device processed the shutdown"
