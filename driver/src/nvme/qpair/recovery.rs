@@ -211,10 +211,17 @@ impl<T> QueuePair<T> {
         if check_health && self.dead.is_none() {
             self.next_health = now + HEALTH_INTERVAL;
             self.stats.register_reads += 1;
-            let reason = match self.shared.check_csts() {
-                Err(Error::DeviceGone { .. }) => Some(DeadReason::DeviceGone),
-                Err(_) => Some(DeadReason::ControllerFatal),
-                Ok(_) => self.shared.dead_reason(self.generation),
+            // A stale queue pair reads no register: a newer generation's reset or disable
+            // covers its queues, and it must never disable the controller itself (that would
+            // start yet another generation in the middle of that reset).
+            let reason = if self.is_stale() {
+                self.shared.dead_reason(self.generation)
+            } else {
+                match self.shared.check_csts() {
+                    Err(Error::DeviceGone { .. }) => Some(DeadReason::DeviceGone),
+                    Err(_) => Some(DeadReason::ControllerFatal),
+                    Ok(_) => self.shared.dead_reason(self.generation),
+                }
             };
             if let Some(r) = reason {
                 delivered += self.die(r, f);
@@ -432,10 +439,22 @@ impl<T> QueuePair<T> {
     /// without seeing the device stop leaves it possibly working: `Some(false)`, unless a
     /// removal stopped it (`None` until the device is released, then `Some(true)` with the
     /// reason [`DeadReason::DeviceGone`]).
+    ///
+    /// A stale queue pair (see [`is_stale`](Self::is_stale)) never disables the controller or
+    /// deletes its queues, whatever the reason: the disable (or shutdown) of the newer
+    /// generation stops the device for its queues too, and it waits for that one.
     fn stop_device(&mut self, reason: DeadReason) -> Option<bool> {
+        let stale = self.is_stale();
         match reason {
             DeadReason::DeviceGone => Some(true),
-            DeadReason::ControllerReset | DeadReason::ShutDown => {
+            DeadReason::ControllerFatal if !stale => Some(self.shared.disable().is_ok()),
+            DeadReason::Unrecoverable if !stale => {
+                Some(self.delete_queues() || self.shared.disable().is_ok())
+            }
+            DeadReason::ControllerReset
+            | DeadReason::ShutDown
+            | DeadReason::ControllerFatal
+            | DeadReason::Unrecoverable => {
                 match self.shared.stop_state(self.generation) {
                     StopState::Stopped => return Some(true),
                     StopState::Pending => return None,
@@ -451,10 +470,6 @@ impl<T> QueuePair<T> {
                     return None;
                 }
                 Some(false)
-            }
-            DeadReason::ControllerFatal => Some(self.shared.disable().is_ok()),
-            DeadReason::Unrecoverable => {
-                Some(self.delete_queues() || self.shared.disable().is_ok())
             }
         }
     }

@@ -555,3 +555,52 @@ fn a_queue_pair_dropped_during_a_shutdown_waits_for_it() {
     assert_eq!(log.len(), 8);
     assert!(log.iter().all(|&s| s > stopped_before), "{log:?}");
 }
+
+/// A queue pair made stale by a reset whose CC.EN write is held, on a controller in fatal
+/// status: its health check must not disable the controller itself (that would start another
+/// generation in the middle of the reset, and the reset would end NotReady with nothing
+/// bringing the controller up). It waits for the reset's disable, and the reset succeeds.
+#[test]
+fn a_stale_queue_pair_never_disables_the_controller_during_a_reset() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        mut q,
+        log,
+        resets: _,
+        _buf,
+    } = eight_held_reads();
+    let before = c.shared.generation.load(Ordering::Acquire);
+    emu.set_fatal();
+    let hold = emu.hold_next_disable();
+    let resetter = spawn_reset(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    assert!(q.is_stale());
+    // Poll until the queue pair has run its health check and acted on it: it waits for the
+    // reset's disable (a reset wait), or (the bug) disabled the controller and failed its
+    // requests at once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while q.stats().reset_waits == 0 && q.outstanding() > 0 {
+        assert!(Instant::now() < deadline, "the queue pair never looked");
+        let _ = q.poll(usize::MAX, |w, _| drop(w));
+    }
+    assert_eq!(
+        c.shared.generation.load(Ordering::Acquire),
+        before + 1,
+        "the stale queue pair started a generation of its own (a disable) during the reset"
+    );
+    hold.release();
+    resetter.join().unwrap().expect("the reset");
+    assert_eq!(c.shared.generation.load(Ordering::Acquire), before + 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log.lock().unwrap().len() < 8 {
+        assert!(Instant::now() < deadline, "the requests never came back");
+        let _ = q.poll(usize::MAX, drop_both);
+    }
+    assert!(q.renew().unwrap(), "the controller is live again");
+    assert_eq!(q.stats().leaked, 0);
+}
