@@ -30,21 +30,27 @@ enum AbortSent {
 }
 
 impl<T> QueuePair<T> {
-    /// True when the controller was reset ([`Controller::reset`](crate::Controller::reset))
-    /// after this queue pair was created: its queues no longer exist on the device. One atomic
-    /// load.
+    /// True when a newer generation of the controller started after this queue pair was
+    /// created: a reset ([`Controller::reset`](crate::Controller::reset)), a shutdown
+    /// ([`Controller::shutdown`](crate::Controller::shutdown)) or a disable (after a fatal
+    /// status, or a command that could not be reclaimed). Its queues no longer exist on the
+    /// device, or soon will not: it is stale as soon as that reset, shutdown or disable
+    /// starts, before the device has stopped. One atomic load.
     #[inline]
     pub fn is_stale(&self) -> bool {
         self.shared.generation.load(Ordering::Acquire) != self.generation
     }
 
-    /// After a controller reset, replaces this queue pair by a new one with the same options on
-    /// the re-initialised controller (new queues, a new queue id), keeping its counters.
+    /// Once stale (see [`is_stale`](Self::is_stale)), replaces this queue pair by a new one
+    /// with the same options on the re-initialised controller (new queues, a new queue id),
+    /// keeping its counters.
     ///
     /// Nothing is lost or delivered twice: the replacement happens only once every request of
-    /// the old queue pair has been handed back (each failed once with
-    /// [`DeadReason::ControllerReset`] by a poll, once the reset has seen the device stop:
-    /// until then polls hand back only what the device completes). `Ok(false)`: nothing to do
+    /// the old queue pair has been handed back (each failed once by a poll, with the reason
+    /// the controller gives: [`DeadReason::ControllerReset`] after a reset or disable,
+    /// [`DeadReason::ShutDown`] after a shutdown; only once the device has been seen to stop:
+    /// until then polls hand back only what the device completes). After a shutdown the
+    /// creation fails (the controller is not ready). `Ok(false)`: nothing to do
     /// (not stale), or not yet (requests still to deliver: the queue is marked dead so that
     /// the next [`poll`](Self::poll) fails them; renew after it). An error is the creation's (the
     /// controller not ready again yet, or failed): the old queue pair stays, dead.
@@ -53,7 +59,11 @@ impl<T> QueuePair<T> {
             return Ok(false);
         }
         if !self.died && self.outstanding() > 0 {
-            self.dead.get_or_insert(DeadReason::ControllerReset);
+            let reason = self
+                .shared
+                .dead_reason(self.generation)
+                .unwrap_or(DeadReason::ControllerReset);
+            self.dead.get_or_insert(reason);
             self.countdown = 0;
             return Ok(false);
         }

@@ -604,3 +604,45 @@ fn a_stale_queue_pair_never_disables_the_controller_during_a_reset() {
     assert!(q.renew().unwrap(), "the controller is live again");
     assert_eq!(q.stats().leaked, 0);
 }
+
+/// After a shutdown, an idle queue pair that submits and rings learns that it is stale from
+/// the doorbell: the request fails with the controller's reason, ShutDown, not ControllerReset.
+#[test]
+fn a_request_after_a_shutdown_fails_with_shut_down() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let emu = EmulatedController::new(EmulatedConfig {
+        namespaces: vec![NamespaceConfig::memory(512, 1 << 16)],
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let c = Controller::new(emu.clone()).unwrap();
+    let ns = c.namespaces().remove(0);
+    let mut q = c.create_qpair::<u32>(QueueOptions::default()).unwrap();
+    let buf = c.alloc(512).unwrap();
+    c.shutdown().unwrap();
+    // SAFETY: `buf` outlives the queue pair's use of it (the request comes back below, and
+    // the device has shut down).
+    let r = unsafe { q.read_raw(&ns, Lba(0), buf.as_dma_slice(), 7) };
+    assert!(r.is_ok());
+    q.ring();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.is_empty() {
+        assert!(Instant::now() < deadline, "the request never came back");
+        let _ = q.poll(usize::MAX, |c, r| got.push((c, r)));
+    }
+    assert!(
+        matches!(
+            got[0],
+            (
+                7,
+                Err(IoError::Aborted {
+                    reason: DeadReason::ShutDown,
+                    ..
+                })
+            )
+        ),
+        "{got:?}"
+    );
+    assert_eq!(q.dead_reason(), Some(DeadReason::ShutDown));
+}

@@ -34,7 +34,11 @@ impl<T> QueuePair<T> {
         // dropped (so no new queue pair shares the doorbell), but a stale pair fails early
         // rather than ring a doorbell of a queue the device no longer has.
         if self.shared.generation.load(Ordering::Relaxed) != self.generation {
-            self.dead.get_or_insert(DeadReason::ControllerReset);
+            let reason = self
+                .shared
+                .dead_reason(self.generation)
+                .unwrap_or(DeadReason::ControllerReset);
+            self.dead.get_or_insert(reason);
             self.countdown = 0; // fail the requests at the end of this poll
             return;
         }
