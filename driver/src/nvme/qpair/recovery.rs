@@ -530,7 +530,9 @@ impl<T> Drop for QueuePair<T> {
             self.stopped
         } else {
             match self.shared.dead_reason(self.generation).or(self.dead) {
-                Some(r) => self.stop_device_now(r),
+                // Nothing was given to the device: nothing to wait for.
+                Some(r) if issued => self.stop_device_now(r),
+                Some(_) => false,
                 None => self.delete_queues() || (issued && self.shared.disable().is_ok()),
             }
         };

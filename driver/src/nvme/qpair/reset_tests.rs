@@ -646,3 +646,41 @@ fn a_request_after_a_shutdown_fails_with_shut_down() {
     );
     assert_eq!(q.dead_reason(), Some(DeadReason::ShutDown));
 }
+
+/// An idle queue pair made stale by a reset whose disable is held is dropped at once: it gave
+/// the device nothing, so it has nothing to wait for (it used to wait the whole settle limit).
+#[test]
+fn an_idle_stale_queue_pair_is_dropped_without_waiting() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        q: busy,
+        log: _,
+        resets: _,
+        _buf,
+    } = eight_held_reads();
+    let idle = c.create_qpair::<Witness>(QueueOptions::default()).unwrap();
+    let hold = emu.hold_next_disable();
+    let resetter = spawn_reset(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    assert!(idle.is_stale());
+    let start = Instant::now();
+    drop(idle);
+    let took = start.elapsed();
+    assert_eq!(
+        c.shared.drop_waits.load(Ordering::Acquire),
+        0,
+        "the idle queue pair waited for the reset (for {took:?})"
+    );
+    assert!(
+        took < c.shared.settle_limit() / 2,
+        "dropping an idle queue pair took {took:?}"
+    );
+    hold.release();
+    resetter.join().unwrap().expect("the reset");
+    drop(busy);
+}
