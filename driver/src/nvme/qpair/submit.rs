@@ -499,7 +499,9 @@ impl<T> QueuePair<T> {
     }
 
     pub(super) fn issue_waiting(&mut self) {
-        while self.wait_head != NIL && self.inflight < self.max_inflight {
+        // A dead queue (stale after a reset, for one) takes nothing more: the waiting requests
+        // are failed by the next poll.
+        while self.dead.is_none() && self.wait_head != NIL && self.inflight < self.max_inflight {
             let idx = self.wait_head;
             self.wait_head = self.slot(idx).next;
             if self.wait_head == NIL {
