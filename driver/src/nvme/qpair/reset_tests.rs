@@ -684,3 +684,99 @@ fn an_idle_stale_queue_pair_is_dropped_without_waiting() {
     resetter.join().unwrap().expect("the reset");
     drop(busy);
 }
+
+/// Requests waiting for room on a queue pair made stale by a reset: completions arriving
+/// meanwhile (from a device not yet stopped) must not move them into the stale SQ. They stay
+/// waiting, never reach the device, and come back failed even when the reset's disable never
+/// completes (where requests on the device are leaked).
+#[test]
+fn waiting_requests_stay_off_a_stale_queue() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let emu = EmulatedController::new(EmulatedConfig {
+        namespaces: vec![NamespaceConfig::memory(512, 1 << 16)],
+        cap_to: 1,
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let opts = ControllerOptions {
+        admin_timeout: Duration::from_millis(200),
+        ..ControllerOptions::default()
+    };
+    let c = Controller::with_options(emu.clone(), opts).unwrap();
+    let ns = c.namespaces().remove(0);
+    let mut q = c
+        .create_qpair::<u64>(QueueOptions {
+            entries: 4,
+            requests: 16,
+            ..QueueOptions::default()
+        })
+        .unwrap();
+    // The three reads that fit complete only when released, after the reset below started.
+    emu.inject(Fault::always(
+        Trigger::LbaRange {
+            nsid: 1,
+            start: 0,
+            end: 3,
+            opcode: None,
+        },
+        Action::Delay(Duration::from_secs(3600)),
+    ));
+    let buf = c.alloc(5 * 512).unwrap();
+    for t in 0..5u64 {
+        let s = buf.slice(t as usize * 512, 512).unwrap();
+        // SAFETY: `buf` outlives the queue pair (forgotten below if anything leaked).
+        let r = unsafe { q.read_raw(&ns, Lba(t), s, t) };
+        assert!(r.is_ok());
+    }
+    q.ring();
+    assert_eq!((q.in_flight(), q.outstanding()), (3, 5));
+    let hold = emu.hold_next_disable();
+    let resetter = spawn_reset(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    assert!(!q.renew().unwrap(), "requests are outstanding");
+    emu.release_delayed();
+    let mut done = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the delayed reads never completed"
+        );
+        let _ = q.poll(usize::MAX, |t, r| done.push((t, r)));
+    }
+    assert!(done.iter().all(|(t, r)| *t < 3 && r.is_ok()), "{done:?}");
+    assert_eq!(
+        q.in_flight(),
+        0,
+        "waiting requests were moved into the stale submission queue"
+    );
+    // The reset's disable never completes: the device may still use what it was given.
+    hold.discard();
+    assert!(resetter.join().unwrap().is_err());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while q.outstanding() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the waiting requests never came back"
+        );
+        let _ = q.poll(usize::MAX, |t, r| done.push((t, r)));
+    }
+    assert_eq!(done.len(), 5, "{done:?}");
+    for (t, r) in &done[3..] {
+        assert!(
+            *t >= 3
+                && matches!(
+                    r,
+                    Err(IoError::Aborted {
+                        reason: DeadReason::ControllerReset,
+                        ..
+                    })
+                ),
+            "{t}: {r:?}"
+        );
+    }
+    assert_eq!(q.stats().leaked, 0, "{:?}", q.stats());
+}
