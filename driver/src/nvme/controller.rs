@@ -169,6 +169,9 @@ pub(crate) struct Shared {
     settled_generation: AtomicU64,
     /// Abort commands sent (by timed-out queue pairs and [`Controller::abort`]).
     pub(crate) aborts_sent: AtomicU64,
+    /// Times a queue pair being dropped found a disable or shutdown under way that had not yet
+    /// settled, and waited for it (see [`Shared::settle_limit`]).
+    pub(crate) drop_waits: AtomicU64,
     /// Shared with the removal watch, which holds no reference to `Shared` (see the module
     /// docs).
     pub(crate) health: Arc<AtomicU8>,
@@ -382,13 +385,14 @@ impl Shared {
             FAILED => {
                 log::info!(
                     "{}: another reset or disable started during this reset: the controller is \
-                     ready once that one has brought it up",
+                     ready once a newer reset has brought it up (a disable alone does not)",
                     self.location
                 );
                 Err(Error::NotReady {
                     location: self.location.clone(),
                     state: "being reset again (another reset or disable started during this one)",
-                    hint: "wait for that reset, or call Controller::reset",
+                    hint: "if a reset follows, wait for it; otherwise call Controller::reset \
+                           again",
                 })
             }
             _ => Err(self.not_ready().unwrap_or_else(|| self.gone())),
@@ -723,8 +727,17 @@ impl Shared {
                 entered = Instant::now();
             }
         }
-        drop(resetting);
+        if stop_on_removal && self.removal.started() {
+            log::warn!(
+                "{}: a removal started during the reset: the reset stops before enabling \
+                 asynchronous events",
+                self.location
+            );
+            return Err(self.gone());
+        }
         self.start_async_events(&mut admin);
+        // Only now: starting asynchronous events sends admin commands to the device.
+        drop(resetting);
         // Only from FAILED and only if no newer reset or disable started: a removal noticed
         // meanwhile (GONE, by the removal watch or a queue pair) or a shutdown must not be
         // overwritten with LIVE, and a reset waiting for the admin lock is about to delete
@@ -1135,6 +1148,7 @@ impl Controller {
             stopped_generation: AtomicU64::new(0),
             settled_generation: AtomicU64::new(0),
             aborts_sent: AtomicU64::new(0),
+            drop_waits: AtomicU64::new(0),
             health: Arc::new(AtomicU8::new(FAILED)),
             removal: Arc::new(Removal::new()),
             qids: Mutex::new(QidTable::default()),

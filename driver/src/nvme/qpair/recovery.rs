@@ -30,21 +30,27 @@ enum AbortSent {
 }
 
 impl<T> QueuePair<T> {
-    /// True when the controller was reset ([`Controller::reset`](crate::Controller::reset))
-    /// after this queue pair was created: its queues no longer exist on the device. One atomic
-    /// load.
+    /// True when a newer generation of the controller started after this queue pair was
+    /// created: a reset ([`Controller::reset`](crate::Controller::reset)), a shutdown
+    /// ([`Controller::shutdown`](crate::Controller::shutdown)) or a disable (after a fatal
+    /// status, or a command that could not be reclaimed). Its queues no longer exist on the
+    /// device, or soon will not: it is stale as soon as that reset, shutdown or disable
+    /// starts, before the device has stopped. One atomic load.
     #[inline]
     pub fn is_stale(&self) -> bool {
         self.shared.generation.load(Ordering::Acquire) != self.generation
     }
 
-    /// After a controller reset, replaces this queue pair by a new one with the same options on
-    /// the re-initialised controller (new queues, a new queue id), keeping its counters.
+    /// Once stale (see [`is_stale`](Self::is_stale)), replaces this queue pair by a new one
+    /// with the same options on the re-initialised controller (new queues, a new queue id),
+    /// keeping its counters.
     ///
     /// Nothing is lost or delivered twice: the replacement happens only once every request of
-    /// the old queue pair has been handed back (each failed once with
-    /// [`DeadReason::ControllerReset`] by a poll, once the reset has seen the device stop:
-    /// until then polls hand back only what the device completes). `Ok(false)`: nothing to do
+    /// the old queue pair has been handed back (each failed once by a poll, with the reason
+    /// the controller gives: [`DeadReason::ControllerReset`] after a reset or disable,
+    /// [`DeadReason::ShutDown`] after a shutdown; only once the device has been seen to stop:
+    /// until then polls hand back only what the device completes). After a shutdown the
+    /// creation fails (the controller is not ready). `Ok(false)`: nothing to do
     /// (not stale), or not yet (requests still to deliver: the queue is marked dead so that
     /// the next [`poll`](Self::poll) fails them; renew after it). An error is the creation's (the
     /// controller not ready again yet, or failed): the old queue pair stays, dead.
@@ -53,7 +59,11 @@ impl<T> QueuePair<T> {
             return Ok(false);
         }
         if !self.died && self.outstanding() > 0 {
-            self.dead.get_or_insert(DeadReason::ControllerReset);
+            let reason = self
+                .shared
+                .dead_reason(self.generation)
+                .unwrap_or(DeadReason::ControllerReset);
+            self.dead.get_or_insert(reason);
             self.countdown = 0;
             return Ok(false);
         }
@@ -211,10 +221,17 @@ impl<T> QueuePair<T> {
         if check_health && self.dead.is_none() {
             self.next_health = now + HEALTH_INTERVAL;
             self.stats.register_reads += 1;
-            let reason = match self.shared.check_csts() {
-                Err(Error::DeviceGone { .. }) => Some(DeadReason::DeviceGone),
-                Err(_) => Some(DeadReason::ControllerFatal),
-                Ok(_) => self.shared.dead_reason(self.generation),
+            // A stale queue pair reads no register: a newer generation's reset or disable
+            // covers its queues, and it must never disable the controller itself (that would
+            // start yet another generation in the middle of that reset).
+            let reason = if self.is_stale() {
+                self.shared.dead_reason(self.generation)
+            } else {
+                match self.shared.check_csts() {
+                    Err(Error::DeviceGone { .. }) => Some(DeadReason::DeviceGone),
+                    Err(_) => Some(DeadReason::ControllerFatal),
+                    Ok(_) => self.shared.dead_reason(self.generation),
+                }
             };
             if let Some(r) = reason {
                 delivered += self.die(r, f);
@@ -432,10 +449,22 @@ impl<T> QueuePair<T> {
     /// without seeing the device stop leaves it possibly working: `Some(false)`, unless a
     /// removal stopped it (`None` until the device is released, then `Some(true)` with the
     /// reason [`DeadReason::DeviceGone`]).
+    ///
+    /// A stale queue pair (see [`is_stale`](Self::is_stale)) never disables the controller or
+    /// deletes its queues, whatever the reason: the disable (or shutdown) of the newer
+    /// generation stops the device for its queues too, and it waits for that one.
     fn stop_device(&mut self, reason: DeadReason) -> Option<bool> {
+        let stale = self.is_stale();
         match reason {
             DeadReason::DeviceGone => Some(true),
-            DeadReason::ControllerReset | DeadReason::ShutDown => {
+            DeadReason::ControllerFatal if !stale => Some(self.shared.disable().is_ok()),
+            DeadReason::Unrecoverable if !stale => {
+                Some(self.delete_queues() || self.shared.disable().is_ok())
+            }
+            DeadReason::ControllerReset
+            | DeadReason::ShutDown
+            | DeadReason::ControllerFatal
+            | DeadReason::Unrecoverable => {
                 match self.shared.stop_state(self.generation) {
                     StopState::Stopped => return Some(true),
                     StopState::Pending => return None,
@@ -452,10 +481,6 @@ impl<T> QueuePair<T> {
                 }
                 Some(false)
             }
-            DeadReason::ControllerFatal => Some(self.shared.disable().is_ok()),
-            DeadReason::Unrecoverable => {
-                Some(self.delete_queues() || self.shared.disable().is_ok())
-            }
         }
     }
 
@@ -464,9 +489,14 @@ impl<T> QueuePair<T> {
     /// settle; if it does not, the memory is leaked.
     fn stop_device_now(&mut self, reason: DeadReason) -> bool {
         let deadline = Instant::now() + self.shared.settle_limit();
+        let mut counted = false;
         loop {
             if let Some(stopped) = self.stop_device(reason) {
                 return stopped;
+            }
+            if !counted {
+                counted = true;
+                self.shared.drop_waits.fetch_add(1, Ordering::AcqRel);
             }
             if Instant::now() >= deadline {
                 log::warn!(
@@ -500,7 +530,9 @@ impl<T> Drop for QueuePair<T> {
             self.stopped
         } else {
             match self.shared.dead_reason(self.generation).or(self.dead) {
-                Some(r) => self.stop_device_now(r),
+                // Nothing was given to the device: nothing to wait for.
+                Some(r) if issued => self.stop_device_now(r),
+                Some(_) => false,
                 None => self.delete_queues() || (issued && self.shared.disable().is_ok()),
             }
         };

@@ -3,6 +3,7 @@
 //! write back): a queue pair of the old generation hands nothing back before the device has
 //! stopped, and leaks what the device may still use when it never stops.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -376,12 +377,17 @@ fn spawn_shutdown(c: &Controller) -> std::thread::JoinHandle<crate::nvme::error:
     std::thread::spawn(move || c.shutdown())
 }
 
-/// Polls `q` for 100 ms (ten health intervals: it looks at the controller's state), handing
-/// back whatever comes; returns how many came back.
-fn poll_for_a_while(q: &mut QueuePair<Witness>) -> usize {
+/// Polls `q` until it has looked at the controller's state and found the device not yet
+/// stopped (a reset wait), handing back whatever comes; returns how many came back.
+fn poll_until_it_waits(q: &mut QueuePair<Witness>) -> usize {
     let mut handed = 0;
-    let until = Instant::now() + Duration::from_millis(100);
-    while Instant::now() < until {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while q.stats().reset_waits == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the queue pair never waited for the device to stop: {:?}",
+            q.stats()
+        );
         let _ = q.poll(usize::MAX, |w, _| {
             drop(w);
             handed += 1;
@@ -411,7 +417,7 @@ fn a_shutdown_hands_nothing_back_before_the_device_has_shut_down() {
         hold.wait_held(Duration::from_secs(20)),
         "the shutdown never set CC.SHN"
     );
-    let early = poll_for_a_while(&mut q);
+    let early = poll_until_it_waits(&mut q);
     assert_eq!(
         (early, log.lock().unwrap().len()),
         (0, 0),
@@ -419,7 +425,6 @@ fn a_shutdown_hands_nothing_back_before_the_device_has_shut_down() {
     );
     assert_eq!(q.dead_reason(), Some(DeadReason::ShutDown));
     assert_eq!(q.outstanding(), 8);
-    assert!(q.stats().reset_waits > 0, "{:?}", q.stats());
 
     hold.release();
     shutter.join().unwrap().expect("the shutdown");
@@ -529,8 +534,16 @@ fn a_queue_pair_dropped_during_a_shutdown_waits_for_it() {
         "the shutdown never set CC.SHN"
     );
     let dropper = std::thread::spawn(move || drop(q));
-    // The drop waits for the shutdown (its bound is over a second): let it look a while.
-    std::thread::sleep(Duration::from_millis(50));
+    // The drop waits for the shutdown (its bound is over a second): until it has looked.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.shared.drop_waits.load(Ordering::Acquire) == 0 {
+        assert!(
+            !dropper.is_finished(),
+            "the drop returned without waiting for the shutdown"
+        );
+        assert!(Instant::now() < deadline, "the drop never waited");
+        std::thread::yield_now();
+    }
     assert!(
         log.lock().unwrap().is_empty(),
         "contexts dropped before the device processed the shutdown"
@@ -541,4 +554,229 @@ fn a_queue_pair_dropped_during_a_shutdown_waits_for_it() {
     let log = log.lock().unwrap().clone();
     assert_eq!(log.len(), 8);
     assert!(log.iter().all(|&s| s > stopped_before), "{log:?}");
+}
+
+/// A queue pair made stale by a reset whose CC.EN write is held, on a controller in fatal
+/// status: its health check must not disable the controller itself (that would start another
+/// generation in the middle of the reset, and the reset would end NotReady with nothing
+/// bringing the controller up). It waits for the reset's disable, and the reset succeeds.
+#[test]
+fn a_stale_queue_pair_never_disables_the_controller_during_a_reset() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        mut q,
+        log,
+        resets: _,
+        _buf,
+    } = eight_held_reads();
+    let before = c.shared.generation.load(Ordering::Acquire);
+    emu.set_fatal();
+    let hold = emu.hold_next_disable();
+    let resetter = spawn_reset(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    assert!(q.is_stale());
+    // Poll until the queue pair has run its health check and acted on it: it waits for the
+    // reset's disable (a reset wait), or (the bug) disabled the controller and failed its
+    // requests at once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while q.stats().reset_waits == 0 && q.outstanding() > 0 {
+        assert!(Instant::now() < deadline, "the queue pair never looked");
+        let _ = q.poll(usize::MAX, |w, _| drop(w));
+    }
+    assert_eq!(
+        c.shared.generation.load(Ordering::Acquire),
+        before + 1,
+        "the stale queue pair started a generation of its own (a disable) during the reset"
+    );
+    hold.release();
+    resetter.join().unwrap().expect("the reset");
+    assert_eq!(c.shared.generation.load(Ordering::Acquire), before + 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log.lock().unwrap().len() < 8 {
+        assert!(Instant::now() < deadline, "the requests never came back");
+        let _ = q.poll(usize::MAX, drop_both);
+    }
+    assert!(q.renew().unwrap(), "the controller is live again");
+    assert_eq!(q.stats().leaked, 0);
+}
+
+/// After a shutdown, an idle queue pair that submits and rings learns that it is stale from
+/// the doorbell: the request fails with the controller's reason, ShutDown, not ControllerReset.
+#[test]
+fn a_request_after_a_shutdown_fails_with_shut_down() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let emu = EmulatedController::new(EmulatedConfig {
+        namespaces: vec![NamespaceConfig::memory(512, 1 << 16)],
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let c = Controller::new(emu.clone()).unwrap();
+    let ns = c.namespaces().remove(0);
+    let mut q = c.create_qpair::<u32>(QueueOptions::default()).unwrap();
+    let buf = c.alloc(512).unwrap();
+    c.shutdown().unwrap();
+    // SAFETY: `buf` outlives the queue pair's use of it (the request comes back below, and
+    // the device has shut down).
+    let r = unsafe { q.read_raw(&ns, Lba(0), buf.as_dma_slice(), 7) };
+    assert!(r.is_ok());
+    q.ring();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.is_empty() {
+        assert!(Instant::now() < deadline, "the request never came back");
+        let _ = q.poll(usize::MAX, |c, r| got.push((c, r)));
+    }
+    assert!(
+        matches!(
+            got[0],
+            (
+                7,
+                Err(IoError::Aborted {
+                    reason: DeadReason::ShutDown,
+                    ..
+                })
+            )
+        ),
+        "{got:?}"
+    );
+    assert_eq!(q.dead_reason(), Some(DeadReason::ShutDown));
+}
+
+/// An idle queue pair made stale by a reset whose disable is held is dropped at once: it gave
+/// the device nothing, so it has nothing to wait for (it used to wait the whole settle limit).
+#[test]
+fn an_idle_stale_queue_pair_is_dropped_without_waiting() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let Setup {
+        c,
+        emu,
+        q: busy,
+        log: _,
+        resets: _,
+        _buf,
+    } = eight_held_reads();
+    let idle = c.create_qpair::<Witness>(QueueOptions::default()).unwrap();
+    let hold = emu.hold_next_disable();
+    let resetter = spawn_reset(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    assert!(idle.is_stale());
+    let start = Instant::now();
+    drop(idle);
+    let took = start.elapsed();
+    assert_eq!(
+        c.shared.drop_waits.load(Ordering::Acquire),
+        0,
+        "the idle queue pair waited for the reset (for {took:?})"
+    );
+    assert!(
+        took < c.shared.settle_limit() / 2,
+        "dropping an idle queue pair took {took:?}"
+    );
+    hold.release();
+    resetter.join().unwrap().expect("the reset");
+    drop(busy);
+}
+
+/// Requests waiting for room on a queue pair made stale by a reset: completions arriving
+/// meanwhile (from a device not yet stopped) must not move them into the stale SQ. They stay
+/// waiting, never reach the device, and come back failed even when the reset's disable never
+/// completes (where requests on the device are leaked).
+#[test]
+fn waiting_requests_stay_off_a_stale_queue() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let emu = EmulatedController::new(EmulatedConfig {
+        namespaces: vec![NamespaceConfig::memory(512, 1 << 16)],
+        cap_to: 1,
+        ..EmulatedConfig::default()
+    })
+    .unwrap();
+    let opts = ControllerOptions {
+        admin_timeout: Duration::from_millis(200),
+        ..ControllerOptions::default()
+    };
+    let c = Controller::with_options(emu.clone(), opts).unwrap();
+    let ns = c.namespaces().remove(0);
+    let mut q = c
+        .create_qpair::<u64>(QueueOptions {
+            entries: 4,
+            requests: 16,
+            ..QueueOptions::default()
+        })
+        .unwrap();
+    // The three reads that fit complete only when released, after the reset below started.
+    emu.inject(Fault::always(
+        Trigger::LbaRange {
+            nsid: 1,
+            start: 0,
+            end: 3,
+            opcode: None,
+        },
+        Action::Delay(Duration::from_secs(3600)),
+    ));
+    let buf = c.alloc(5 * 512).unwrap();
+    for t in 0..5u64 {
+        let s = buf.slice(t as usize * 512, 512).unwrap();
+        // SAFETY: `buf` outlives the queue pair (forgotten below if anything leaked).
+        let r = unsafe { q.read_raw(&ns, Lba(t), s, t) };
+        assert!(r.is_ok());
+    }
+    q.ring();
+    assert_eq!((q.in_flight(), q.outstanding()), (3, 5));
+    let hold = emu.hold_next_disable();
+    let resetter = spawn_reset(&c);
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    assert!(!q.renew().unwrap(), "requests are outstanding");
+    emu.release_delayed();
+    let mut done = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the delayed reads never completed"
+        );
+        let _ = q.poll(usize::MAX, |t, r| done.push((t, r)));
+    }
+    assert!(done.iter().all(|(t, r)| *t < 3 && r.is_ok()), "{done:?}");
+    assert_eq!(
+        q.in_flight(),
+        0,
+        "waiting requests were moved into the stale submission queue"
+    );
+    // The reset's disable never completes: the device may still use what it was given.
+    hold.discard();
+    assert!(resetter.join().unwrap().is_err());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while q.outstanding() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the waiting requests never came back"
+        );
+        let _ = q.poll(usize::MAX, |t, r| done.push((t, r)));
+    }
+    assert_eq!(done.len(), 5, "{done:?}");
+    for (t, r) in &done[3..] {
+        assert!(
+            *t >= 3
+                && matches!(
+                    r,
+                    Err(IoError::Aborted {
+                        reason: DeadReason::ControllerReset,
+                        ..
+                    })
+                ),
+            "{t}: {r:?}"
+        );
+    }
+    assert_eq!(q.stats().leaked, 0, "{:?}", q.stats());
 }

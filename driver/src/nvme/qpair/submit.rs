@@ -34,7 +34,11 @@ impl<T> QueuePair<T> {
         // dropped (so no new queue pair shares the doorbell), but a stale pair fails early
         // rather than ring a doorbell of a queue the device no longer has.
         if self.shared.generation.load(Ordering::Relaxed) != self.generation {
-            self.dead.get_or_insert(DeadReason::ControllerReset);
+            let reason = self
+                .shared
+                .dead_reason(self.generation)
+                .unwrap_or(DeadReason::ControllerReset);
+            self.dead.get_or_insert(reason);
             self.countdown = 0; // fail the requests at the end of this poll
             return;
         }
@@ -495,7 +499,9 @@ impl<T> QueuePair<T> {
     }
 
     pub(super) fn issue_waiting(&mut self) {
-        while self.wait_head != NIL && self.inflight < self.max_inflight {
+        // A dead queue (stale after a reset, for one) takes nothing more: the waiting requests
+        // are failed by the next poll.
+        while self.dead.is_none() && self.wait_head != NIL && self.inflight < self.max_inflight {
             let idx = self.wait_head;
             self.wait_head = self.slot(idx).next;
             if self.wait_head == NIL {
