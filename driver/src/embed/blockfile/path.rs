@@ -307,7 +307,7 @@ impl BlockFile {
                 Some("a synchronous call")
             } else if !buf.is_dma() {
                 Some("a heap buffer goes through the page cache")
-            } else if !buf.is_dma_of(inner.ctrl.dma()) {
+            } else if !buf.is_dma_of(&inner.dma) {
                 Some("a buffer of another controller's memory goes through the page cache")
             } else if rem(offset, bs) != 0 || rem(len64, bs) != 0 || len == 0 {
                 Some("an unaligned request goes through the page cache")
@@ -432,7 +432,7 @@ impl BlockFile {
         let (a, b) = (offset + h, b.max(offset + h));
         let direct = slice.is_none()
             && b > a
-            && buf.is_dma_of(inner.ctrl.dma())
+            && buf.is_dma_of(&inner.dma)
             && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
         debug_assert!(
             !direct || (rem(a, bs) == 0 && rem(b, bs) == 0),
@@ -509,7 +509,7 @@ impl BlockFile {
         };
         let direct = slice.is_none()
             && h < len
-            && buf.is_dma_of(inner.ctrl.dma())
+            && buf.is_dma_of(&inner.dma)
             && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
         if !direct {
             let data: &[u8] = match &slice {
