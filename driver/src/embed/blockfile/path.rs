@@ -25,11 +25,14 @@
 //!    (dio-core's `Slot`), whose pointer travels in the request's [`Window`].
 //! 6. **Completion** ([`direct_done`], where the request finished: the poller, or the
 //!    submitter's stack): unlock the range (it covers the I/O, not the callback); with
-//!    deferred completions, hand the rest to the deferral thread. Then ([`deliver_with`]) put
-//!    the context back into the state's slot (into the file's pool when there is no state to
-//!    lend: a request finished on its submitter's stack, or deferred), zero what a read
-//!    clamped at the end of file left, compute the result.
-//! 7. **User callback** ([`run_callback`]): run once, a panic caught and logged.
+//!    deferred completions, hand the rest to the deferral thread. Then ([`deliver_with`]) zero
+//!    what a read clamped at the end of file left, compute the result, and run the callback:
+//!    with a state's slot lent, in place in the context, which then goes back into the slot
+//!    (the state stays out of dio-core's pool until then); without one (a request finished on
+//!    its submitter's stack, or deferred), taken out, the context going back to the file's
+//!    pool first.
+//! 7. **User callback** ([`run_callback`], [`run_guarded`]): run once, a panic caught and
+//!    logged.
 //!
 //! # Costs
 //! In the steady state no step allocates on the direct path (a synchronous or asynchronous
