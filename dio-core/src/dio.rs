@@ -50,6 +50,10 @@ pub(crate) struct Walk {
     pub bios: u32,
     pub submit_err: Option<DioError>,
     pub deferred_err: Option<DioError>,
+    /// The reference of the request's first bio, taken with the state's exclusive access when
+    /// the request started ([`DioShared::start_request`]) and not yet used by a bio: the next
+    /// bio takes it over instead of taking one; a walk that submitted none gives it back.
+    pub first_ref: bool,
 }
 
 /// The buffer and the completion: taken only by the holder of the last reference.
@@ -153,6 +157,21 @@ impl<B: Send + 'static> DioShared<B> {
         }
     }
 
+    /// [`reuse`](Self::reuse), then, if `first_ref`, the reference of the request's first bio,
+    /// through the same exclusive access (no lock: nobody else can observe the count before
+    /// that bio is handed over). The caller either hands it to its first bio or gives it back
+    /// with [`undo_ref`](Self::undo_ref) (`Walk::first_ref`).
+    #[inline(always)]
+    pub fn start_request(&mut self, dir: Dir, offset: u64, i_size: u64, first_ref: bool) {
+        self.reuse(dir, offset, i_size);
+        if first_ref {
+            match &mut self.refs {
+                Refs::Locked(r) => r.get_ref_exclusive(),
+                Refs::Atomic(r) => r.get_ref(),
+            };
+        }
+    }
+
     /// Take the upper layer's slot (`&mut`: the state is not shared).
     #[inline(always)]
     pub fn take_slot(&mut self) -> Slot {
@@ -180,9 +199,10 @@ impl<B: Send + 'static> DioShared<B> {
     /// Take a reference for a bio about to be submitted (§3.4 step 5, before `submit`).
     /// Returns the bios that were in flight before it.
     ///
-    /// When the submitter holds the only `Arc` (always for a request's first bio: the state
-    /// is not shared yet), the count is changed through `&mut`, without the lock: nobody else
-    /// can observe it. Otherwise it takes the lock.
+    /// When the submitter holds the only `Arc` (every bio it submitted has completed and
+    /// dropped its clone), the count is changed through `&mut`, without the lock: nobody else
+    /// can observe it. Otherwise it takes the lock. (A request's first bio does not come here:
+    /// its reference was taken by [`start_request`](Self::start_request).)
     #[inline(always)]
     pub fn get_ref(this: &mut Arc<Self>) -> u32 {
         match Arc::get_mut(this) {
