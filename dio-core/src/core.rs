@@ -8,7 +8,7 @@ use crate::error::{DioError, DioResult};
 use crate::hooks::{BioSink, Deferral, EndIo, Extent, Mapper, Rejected};
 use crate::pool::Pool;
 use crate::request::{DioRequest, Dir, IoBuf, Mode, Outcome};
-use crate::sync::Arc;
+use crate::sync::{Arc, invariant};
 
 mod commands;
 
@@ -159,7 +159,12 @@ impl<B: IoBuf> DioCore<B> {
                         d.start_request(dir, offset, i_size, first_ref);
                         None
                     }
-                    None => d.take_slot(),
+                    // A reservation: its request starts here too, with its first bio's
+                    // reference; only its parameters wait for the submission.
+                    None => {
+                        d.start_request(Dir::Read, 0, 0, true);
+                        d.take_slot()
+                    }
                 };
                 return (dio, slot);
             }
@@ -179,7 +184,8 @@ impl<B: IoBuf> DioCore<B> {
             self.pool.clone(),
             self.cfg.refcount,
         );
-        let (dir, offset, i_size, first_ref) = reuse.unwrap_or((Dir::Read, 0, 0, false));
+        // `None`: a reservation (see `idle`).
+        let (dir, offset, i_size, first_ref) = reuse.unwrap_or((Dir::Read, 0, 0, true));
         d.start_request(dir, offset, i_size, first_ref);
         Arc::new(d)
     }
@@ -338,14 +344,17 @@ impl<B: IoBuf> DioCore<B> {
         // if possible).
         let mut dio = match reserved {
             None => self.state(dir, offset, i_size),
-            Some(mut d) => match Arc::get_mut(&mut d) {
-                Some(s) => {
-                    s.start_request(dir, offset, i_size, true);
-                    d
-                }
-                // Not reached: a reserved state is never shared.
-                None => self.state(dir, offset, i_size),
-            },
+            // Reinitialised, with its first bio's reference, when it was reserved, and the only
+            // `Arc` since (`Reserved` has no other): only the parameters are set, through
+            // `&self`, with no second uniqueness check.
+            Some(d) => {
+                invariant!(
+                    Arc::strong_count(&d) == 1,
+                    "a reserved request state is shared"
+                );
+                d.set_request(dir, offset, i_size);
+                d
+            }
         };
         // 5. Walk. Reads stop at EOF; a write's unaligned tail is left to the buffered path.
         let walk_end = match dir {
