@@ -61,7 +61,7 @@ impl<B: IoBuf> Bio<B> {
     }
     /// Direction of the request this bio belongs to.
     pub fn dir(&self) -> Dir {
-        self.dio.dir
+        self.dio.dir()
     }
 
     /// The device finished this command. Per-bio cleanup runs first, then the reference drop

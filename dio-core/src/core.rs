@@ -8,7 +8,7 @@ use crate::error::{DioError, DioResult};
 use crate::hooks::{BioSink, Deferral, EndIo, Extent, Mapper, Rejected};
 use crate::pool::Pool;
 use crate::request::{DioRequest, Dir, IoBuf, Mode, Outcome};
-use crate::sync::Arc;
+use crate::sync::{Arc, invariant};
 
 mod commands;
 
@@ -126,7 +126,7 @@ impl<B: IoBuf> DioCore<B> {
     pub fn defer_completion(&self, completion: Completion<B>, result: DioResult, buf: B) {
         match &self.deferral {
             Some(d) => {
-                let carrier = self.state(Dir::Read, 0, 0);
+                let carrier = self.idle(Some((Dir::Read, 0, 0, false))).0;
                 let h = Handoff::Ready(result, Payload { buf, completion });
                 d.defer_completion(Deferred::new(carrier, h));
             }
@@ -135,17 +135,19 @@ impl<B: IoBuf> DioCore<B> {
     }
 
     /// A request state: an idle one from the pool that nobody else holds any more, or a new
-    /// one (warm-up, or the pool is empty).
+    /// one (warm-up, or the pool is empty), with the reference of the request's first bio
+    /// already taken (see [`Walk::first_ref`]).
     #[inline(always)]
     fn state(&self, dir: Dir, offset: u64, i_size: u64) -> Arc<DioShared<B>> {
-        self.idle(Some((dir, offset, i_size))).0
+        self.idle(Some((dir, offset, i_size, true))).0
     }
 
     /// An idle state nobody else holds (from the pool, or new), set up for a request
-    /// `(dir, offset, i_size)` if given, else with what its user slot held taken out, through
-    /// the exclusive access that proved it idle.
+    /// `(dir, offset, i_size, first_ref)` if given (`first_ref`: with its first bio's
+    /// reference taken), else with what its user slot held taken out, through the exclusive
+    /// access that proved it idle.
     #[inline(always)]
-    fn idle(&self, reuse: Option<(Dir, u64, u64)>) -> (Arc<DioShared<B>>, Slot) {
+    fn idle(&self, reuse: Option<(Dir, u64, u64, bool)>) -> (Arc<DioShared<B>>, Slot) {
         // The hot stack's top state first, then (if a completer still held that one) another.
         for _ in 0..2 {
             let Some(mut dio) = self.pool.pop() else {
@@ -153,11 +155,16 @@ impl<B: IoBuf> DioCore<B> {
             };
             if let Some(d) = Arc::get_mut(&mut dio) {
                 let slot = match reuse {
-                    Some((dir, offset, i_size)) => {
-                        d.reuse(dir, offset, i_size);
+                    Some((dir, offset, i_size, first_ref)) => {
+                        d.start_request(dir, offset, i_size, first_ref);
                         None
                     }
-                    None => d.take_slot(),
+                    // A reservation: its request starts here too, with its first bio's
+                    // reference; only its parameters wait for the submission.
+                    None => {
+                        d.start_request(Dir::Read, 0, 0, true);
+                        d.take_slot()
+                    }
                 };
                 return (dio, slot);
             }
@@ -170,15 +177,16 @@ impl<B: IoBuf> DioCore<B> {
 
     #[cold]
     #[inline(never)]
-    fn new_state(&self, reuse: Option<(Dir, u64, u64)>) -> Arc<DioShared<B>> {
+    fn new_state(&self, reuse: Option<(Dir, u64, u64, bool)>) -> Arc<DioShared<B>> {
         let mut d = DioShared::new(
             self.end_io.clone(),
             self.deferral.clone(),
             self.pool.clone(),
             self.cfg.refcount,
         );
-        let (dir, offset, i_size) = reuse.unwrap_or((Dir::Read, 0, 0));
-        d.reuse(dir, offset, i_size);
+        // `None`: a reservation (see `idle`).
+        let (dir, offset, i_size, first_ref) = reuse.unwrap_or((Dir::Read, 0, 0, true));
+        d.start_request(dir, offset, i_size, first_ref);
         Arc::new(d)
     }
 
@@ -332,17 +340,21 @@ impl<B: IoBuf> DioCore<B> {
             unused(reserved);
             return Start::Done(Ok(0));
         }
-        // 4. The request, with the submitter's reference (a recycled state if possible).
+        // 4. The request, with the submitter's reference and its first bio's (a recycled state
+        // if possible).
         let mut dio = match reserved {
             None => self.state(dir, offset, i_size),
-            Some(mut d) => match Arc::get_mut(&mut d) {
-                Some(s) => {
-                    s.reuse(dir, offset, i_size);
-                    d
-                }
-                // Not reached: a reserved state is never shared.
-                None => self.state(dir, offset, i_size),
-            },
+            // Reinitialised, with its first bio's reference, when it was reserved, and the only
+            // `Arc` since (`Reserved` has no other): only the parameters are set, through
+            // `&self`, with no second uniqueness check.
+            Some(d) => {
+                invariant!(
+                    Arc::strong_count(&d) == 1,
+                    "a reserved request state is shared"
+                );
+                d.set_request(dir, offset, i_size);
+                d
+            }
         };
         // 5. Walk. Reads stop at EOF; a write's unaligned tail is left to the buffered path.
         let walk_end = match dir {
@@ -350,7 +362,10 @@ impl<B: IoBuf> DioCore<B> {
             Dir::Read => end.min(i_size.checked_add(mask).map_or(u64::MAX, |v| v & !mask)),
             Dir::Write => offset + (len & !mask),
         };
-        let mut w = Walk::default();
+        let mut w = Walk {
+            first_ref: true,
+            ..Walk::default()
+        };
         let mut pos = offset;
         while pos < walk_end && w.submit_err.is_none() {
             let want = walk_end - pos;
@@ -415,6 +430,7 @@ impl<B: IoBuf> DioCore<B> {
                 Extent::Hole { .. } | Extent::NeedBuffered => break,
             }
         }
+        Self::unused_first_ref(&dio, &mut w);
         Start::Walked(dio, w)
     }
 
@@ -453,13 +469,30 @@ impl<B: IoBuf> DioCore<B> {
         DioShared::recycle(dio, &self.pool);
         result
     }
+    /// Give back the first bio's reference if the walk submitted no bio (nothing mapped, an
+    /// error before the first one): the submitter's reference is then the only one. Once per
+    /// request, after its walk; the lock only on that rare path.
+    #[inline(always)]
+    fn unused_first_ref(dio: &Arc<DioShared<B>>, w: &mut Walk) {
+        if w.first_ref {
+            w.first_ref = false;
+            dio.undo_ref();
+        }
+    }
+
     /// Submit one bio, taking its reference first; throttle on `QueueFull` if allowed.
     /// Returns false (with `submit_err` set) if the device refused it for good.
     #[inline(always)]
     fn issue(&self, dio: &mut Arc<DioShared<B>>, bio: BioParts<B>, w: &mut Walk) -> bool {
-        // The reference before the bio's `Arc` clone, so that a request's first one is taken
-        // without the lock (the state is not shared yet).
-        let before = DioShared::get_ref(dio);
+        // The reference before the bio's `Arc` clone. A request's first one was taken with the
+        // state's exclusive access when the request started (the state is not shared until
+        // this bio is handed over).
+        let before = if w.first_ref {
+            w.first_ref = false;
+            0
+        } else {
+            DioShared::get_ref(dio)
+        };
         let (op, lba, file_offset, len, seg) = bio;
         let bio = Bio {
             dio: Arc::clone(dio),

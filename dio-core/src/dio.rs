@@ -11,6 +11,8 @@ use crate::pool::Pool;
 use crate::request::Dir;
 use crate::result::{self, Errors};
 use crate::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 /// Which reference-counting implementation a [`DioCore`](crate::DioCore) uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -50,6 +52,10 @@ pub(crate) struct Walk {
     pub bios: u32,
     pub submit_err: Option<DioError>,
     pub deferred_err: Option<DioError>,
+    /// The reference of the request's first bio, taken with the state's exclusive access when
+    /// the request started ([`DioShared::start_request`]) and not yet used by a bio: the next
+    /// bio takes it over instead of taking one; a walk that submitted none gives it back.
+    pub first_ref: bool,
 }
 
 /// The buffer and the completion: taken only by the holder of the last reference.
@@ -77,6 +83,17 @@ pub(crate) enum Refs<B> {
 /// [`DioCore::reserve`](crate::DioCore::reserve)). dio-core never looks inside.
 pub type Slot = Option<Box<dyn std::any::Any + Send>>;
 
+/// A request's parameters (set when it starts, read by its bios and its completer). Atomics
+/// only so that they can be set through `&self` on a reserved state ([`DioShared::set_request`]),
+/// relaxed, and std's even under loom (like the slot): every access is ordered by the
+/// request's reference count (its lock, or the bio hand-over), which loom does model.
+struct Params {
+    write: AtomicBool,
+    offset: AtomicU64,
+    /// Snapshot at submit start; the EOF clamp never uses a live size.
+    i_size: AtomicU64,
+}
+
 /// The free list of a core's request states.
 pub(crate) type StatePool<B> = Pool<Arc<DioShared<B>>>;
 
@@ -93,12 +110,12 @@ pub(crate) enum Handoff<B> {
 /// Pooled: a core reuses its request states (module `pool`). The per-core fields (`end_io`,
 /// `deferral`, `pool`) are set when a state is allocated; the per-request ones are set again by
 /// [`reuse`](Self::reuse), which needs `&mut` and so the only `Arc`: a state is never
-/// reinitialised while anyone else can still reach it.
+/// reinitialised while anyone else can still reach it. (A reserved state, reinitialised when
+/// it was reserved, has its request's parameters set at submission through `&self`, while it
+/// is still the only `Arc`: [`set_request`](Self::set_request).)
 pub(crate) struct DioShared<B> {
-    pub dir: Dir,
-    pub offset: u64,
-    /// Snapshot at submit start; the EOF clamp never uses a live size.
-    pub i_size: u64,
+    /// The request's direction, offset and size snapshot.
+    params: Params,
     pub end_io: Option<std::sync::Arc<dyn EndIo>>,
     pub deferral: Option<std::sync::Arc<dyn Deferral>>,
     /// The pool this state returns to once its request is over.
@@ -126,9 +143,11 @@ impl<B: Send + 'static> DioShared<B> {
             RefCounting::Atomic => Refs::Atomic(AtomicRefs::new()),
         };
         DioShared {
-            dir: Dir::Read,
-            offset: 0,
-            i_size: 0,
+            params: Params {
+                write: AtomicBool::new(false),
+                offset: AtomicU64::new(0),
+                i_size: AtomicU64::new(0),
+            },
             end_io,
             deferral,
             pool,
@@ -144,12 +163,44 @@ impl<B: Send + 'static> DioShared<B> {
     /// stores.
     #[inline(always)]
     pub fn reuse(&mut self, dir: Dir, offset: u64, i_size: u64) {
-        self.dir = dir;
-        self.offset = offset;
-        self.i_size = i_size;
+        self.set_request(dir, offset, i_size);
         match &mut self.refs {
             Refs::Locked(r) => r.reuse(),
             Refs::Atomic(r) => r.reuse(),
+        }
+    }
+
+    /// [`reuse`](Self::reuse), then, if `first_ref`, the reference of the request's first bio,
+    /// through the same exclusive access (no lock: nobody else can observe the count before
+    /// that bio is handed over). The caller either hands it to its first bio or gives it back
+    /// with [`undo_ref`](Self::undo_ref) (`Walk::first_ref`).
+    #[inline(always)]
+    pub fn start_request(&mut self, dir: Dir, offset: u64, i_size: u64, first_ref: bool) {
+        self.reuse(dir, offset, i_size);
+        if first_ref {
+            match &mut self.refs {
+                Refs::Locked(r) => r.get_ref_exclusive(),
+                Refs::Atomic(r) => r.get_ref(),
+            };
+        }
+    }
+
+    /// Set the request's parameters, on a state nobody else can reach yet (a reserved one,
+    /// about to be submitted): the stores are published to the bios and the completer by the
+    /// bio hand-over and the reference count's lock, like everything else the submitter set.
+    #[inline(always)]
+    pub fn set_request(&self, dir: Dir, offset: u64, i_size: u64) {
+        self.params.write.store(dir == Dir::Write, Relaxed);
+        self.params.offset.store(offset, Relaxed);
+        self.params.i_size.store(i_size, Relaxed);
+    }
+
+    /// The request's direction.
+    #[inline(always)]
+    pub fn dir(&self) -> Dir {
+        match self.params.write.load(Relaxed) {
+            true => Dir::Write,
+            false => Dir::Read,
         }
     }
 
@@ -180,9 +231,10 @@ impl<B: Send + 'static> DioShared<B> {
     /// Take a reference for a bio about to be submitted (§3.4 step 5, before `submit`).
     /// Returns the bios that were in flight before it.
     ///
-    /// When the submitter holds the only `Arc` (always for a request's first bio: the state
-    /// is not shared yet), the count is changed through `&mut`, without the lock: nobody else
-    /// can observe it. Otherwise it takes the lock.
+    /// When the submitter holds the only `Arc` (every bio it submitted has completed and
+    /// dropped its clone), the count is changed through `&mut`, without the lock: nobody else
+    /// can observe it. Otherwise it takes the lock. (A request's first bio does not come here:
+    /// its reference was taken by [`start_request`](Self::start_request).)
     #[inline(always)]
     pub fn get_ref(this: &mut Arc<Self>) -> u32 {
         match Arc::get_mut(this) {
@@ -313,7 +365,9 @@ impl<B: Send + 'static> DioShared<B> {
     /// `dio_complete`: EOF clamp, end-io hook (only if bytes were handled), precedence.
     #[inline(always)]
     pub fn resolve(&self, walk: &Walk, io_error: Option<DioError>) -> DioResult {
-        let transferred = result::transferred(self.dir, self.offset, self.i_size, walk.handled);
+        let offset = self.params.offset.load(Relaxed);
+        let i_size = self.params.i_size.load(Relaxed);
+        let transferred = result::transferred(self.dir(), offset, i_size, walk.handled);
         if self.end_io.is_none()
             && walk.submit_err.is_none()
             && walk.deferred_err.is_none()
@@ -328,7 +382,7 @@ impl<B: Send + 'static> DioShared<B> {
             io: io_error,
         };
         let hook = match &self.end_io {
-            Some(h) if walk.handled > 0 => h.end_io(self.offset, transferred, errs.first()).err(),
+            Some(h) if walk.handled > 0 => h.end_io(offset, transferred, errs.first()).err(),
             _ => None,
         };
         result::precedence(errs, hook, transferred)

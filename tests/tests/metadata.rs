@@ -10,7 +10,7 @@ use dioxide_tests::*;
 fn is_refusal(e: &EmbedError) -> bool {
     matches!(
         e,
-        EmbedError::Driver(Error::NamespaceHasMetadata {
+        EmbedError::Driver(e) if matches!(**e, Error::NamespaceHasMetadata {
             nsid: Nsid(2),
             metadata: 8,
             ..

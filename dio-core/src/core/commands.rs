@@ -47,7 +47,10 @@ impl<B: IoBuf> DioCore<B> {
         completion: Completion<B>,
     ) -> Outcome<B> {
         let mut dio = self.state(Dir::Write, offset, u64::MAX);
-        let mut w = Walk::default();
+        let mut w = Walk {
+            first_ref: true,
+            ..Walk::default()
+        };
         let mut issued = 0u64;
         for c in commands {
             let seg = match c.data {
@@ -66,6 +69,7 @@ impl<B: IoBuf> DioCore<B> {
             w.handled += c.len;
             issued += 1;
         }
+        Self::unused_first_ref(&dio, &mut w);
         if issued == 0 && w.submit_err.is_none() {
             w.submit_err = Some(DioError::Invalid);
         }

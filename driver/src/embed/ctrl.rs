@@ -85,7 +85,7 @@ impl EmbedCtrl {
         match &*self.0 {
             TransportController::Pcie(c) => Ok(TransportQueue::Pcie(c.create_qpair(opts.clone())?)),
             TransportController::Tcp(c) => Ok(TransportQueue::Tcp(
-                c.create_qpair(opts.clone()).map_err(EmbedError::Remote)?,
+                c.create_qpair(opts.clone()).map_err(EmbedError::from)?,
             )),
         }
     }

@@ -491,7 +491,7 @@ impl Builder {
                 PageCache::new(c.dma(), self.cache_pages)
                     .map(Arc::new)
                     .map_err(|source| {
-                        EmbedError::Driver(Error::Dma {
+                        EmbedError::from(Error::Dma {
                             what: "the page cache",
                             source,
                         })
@@ -557,7 +557,7 @@ fn connect(
     host.digests = digests;
     host.kato_ms = kato_ms;
     host.command_timeout = command_timeout;
-    let c = TcpController::connect(TcpOptions { addr, host }).map_err(EmbedError::Remote)?;
+    let c = TcpController::connect(TcpOptions { addr, host }).map_err(EmbedError::from)?;
     if c.is_discovery() {
         return Err(EmbedError::TransportId {
             trid: t.tcp_label().unwrap_or_default(),

