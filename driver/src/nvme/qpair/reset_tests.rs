@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::bus::emulated::{
-    Action, EmulatedConfig, EmulatedController, Fault, NamespaceConfig, Trigger,
+    Action, DisableHold, EmulatedConfig, EmulatedController, Fault, NamespaceConfig, Trigger,
 };
 use crate::nvme::controller::{Controller, ControllerOptions, InitState};
 
@@ -96,9 +96,57 @@ fn eight_held_reads() -> Setup {
     }
 }
 
-fn spawn_reset(c: &Controller) -> std::thread::JoinHandle<crate::nvme::error::Result<()>> {
-    let c = c.clone();
-    std::thread::spawn(move || c.reset())
+/// Polls `q`, whose device never stopped, until it dies with `reason`: nothing may come back,
+/// its 8 requests are leaked, and dropping it drops none of their contexts.
+fn leaks_all(mut q: QueuePair<Witness>, log: &Mutex<Vec<u64>>, reason: DeadReason) {
+    let mut handed = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        assert!(Instant::now() < deadline, "the queue pair never died");
+        if let Err(e) = q.poll(usize::MAX, |w, _| {
+            drop(w);
+            handed += 1;
+        }) {
+            break e;
+        }
+    };
+    assert!(
+        matches!(err, Error::QueueDead { reason: why, .. } if why == reason),
+        "{err:?}"
+    );
+    assert_eq!(
+        handed, 0,
+        "requests handed back from a device that never stopped"
+    );
+    assert_eq!(q.stats().leaked, 8, "{:?}", q.stats());
+    drop(q);
+    assert!(log.lock().unwrap().is_empty(), "contexts dropped");
+}
+
+type Spawned = std::thread::JoinHandle<crate::nvme::error::Result<()>>;
+
+/// A reset on another thread, held in its CC.EN = 0 write (the generation already started).
+fn held_reset(c: &Controller, emu: &EmulatedController) -> (DisableHold, Spawned) {
+    let hold = emu.hold_next_disable();
+    let c2 = c.clone();
+    let resetter = std::thread::spawn(move || c2.reset());
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the reset never cleared CC.EN"
+    );
+    (hold, resetter)
+}
+
+/// A shutdown on another thread, held in its CC.SHN write.
+fn held_shutdown(c: &Controller, emu: &EmulatedController) -> (DisableHold, Spawned) {
+    let hold = emu.hold_next_shutdown();
+    let c2 = c.clone();
+    let shutter = std::thread::spawn(move || c2.shutdown());
+    assert!(
+        hold.wait_held(Duration::from_secs(20)),
+        "the shutdown never set CC.SHN"
+    );
+    (hold, shutter)
 }
 
 /// The reset has started a new generation and is stuck clearing CC.EN: the old queue pair
@@ -116,12 +164,7 @@ fn a_reset_hands_nothing_back_before_the_device_has_stopped() {
         resets,
         _buf,
     } = eight_held_reads();
-    let hold = emu.hold_next_disable();
-    let resetter = spawn_reset(&c);
-    assert!(
-        hold.wait_held(Duration::from_secs(20)),
-        "the reset never cleared CC.EN"
-    );
+    let (hold, resetter) = held_reset(&c, &emu);
     assert!(q.is_stale());
     assert!(!q.renew().unwrap(), "requests are outstanding");
     let mut early = 0;
@@ -161,27 +204,7 @@ fn a_reset_hands_nothing_back_before_the_device_has_stopped() {
 
     hold.release();
     resetter.join().unwrap().expect("the reset");
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while got.len() < 8 {
-        assert!(Instant::now() < deadline, "the requests never came back");
-        let _ = q.poll(usize::MAX, |w, r| {
-            drop(w);
-            got.push(r);
-        });
-    }
-    for r in &got {
-        assert!(
-            matches!(
-                r,
-                Err(IoError::Aborted {
-                    reason: DeadReason::ControllerReset,
-                    ..
-                })
-            ),
-            "{r:?}"
-        );
-    }
+    collect_aborted(&mut q, 8, DeadReason::ControllerReset);
     let log = log.lock().unwrap().clone();
     assert_eq!(log.len(), 8);
     assert!(
@@ -205,12 +228,7 @@ fn a_queue_pair_dropped_before_the_device_stopped_leaks_its_requests() {
         resets,
         _buf,
     } = eight_held_reads();
-    let hold = emu.hold_next_disable();
-    let resetter = spawn_reset(&c);
-    assert!(
-        hold.wait_held(Duration::from_secs(20)),
-        "the reset never cleared CC.EN"
-    );
+    let (hold, resetter) = held_reset(&c, &emu);
     drop(q);
     assert_eq!(
         log.lock().unwrap().clone(),
@@ -258,12 +276,7 @@ fn a_reset_whose_disable_times_out_leaks_the_requests() {
         resets,
         _buf,
     } = eight_held_reads();
-    let hold = emu.hold_next_disable();
-    let resetter = spawn_reset(&c);
-    assert!(
-        hold.wait_held(Duration::from_secs(20)),
-        "the reset never cleared CC.EN"
-    );
+    let (hold, resetter) = held_reset(&c, &emu);
     hold.discard();
     let e = resetter.join().unwrap().unwrap_err();
     assert!(
@@ -282,34 +295,8 @@ fn a_reset_whose_disable_times_out_leaks_the_requests() {
         "the device never reset"
     );
     assert!(!q.renew().unwrap());
-    let mut handed = 0;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let err = loop {
-        assert!(Instant::now() < deadline, "the queue pair never died");
-        if let Err(e) = q.poll(usize::MAX, |w, _| {
-            drop(w);
-            handed += 1;
-        }) {
-            break e;
-        }
-    };
-    assert!(
-        matches!(
-            err,
-            Error::QueueDead {
-                reason: DeadReason::ControllerReset,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(
-        handed, 0,
-        "requests handed back from a device that never stopped"
-    );
-    assert_eq!(q.stats().leaked, 8, "{:?}", q.stats());
-    drop(q);
-    assert!(log.lock().unwrap().is_empty(), "contexts dropped");
+    leaks_all(q, &log, DeadReason::ControllerReset);
+    // The buffer may have been given to the device: leaked with the requests.
     core::mem::forget(_buf);
 }
 
@@ -348,11 +335,7 @@ fn a_disable_on_another_thread_hands_nothing_back_before_the_device_has_stopped(
     assert_eq!(q.outstanding(), 8);
     hold.release();
     disabler.join().unwrap().expect("the disable");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while log.lock().unwrap().len() < 8 {
-        assert!(Instant::now() < deadline, "the requests never came back");
-        let _ = q.poll(usize::MAX, drop_both);
-    }
+    collect_aborted(&mut q, 8, DeadReason::ControllerReset);
     let log = log.lock().unwrap().clone();
     assert!(log.iter().all(|&r| r > resets), "{log:?}");
     assert_eq!(q.stats().leaked, 0);
@@ -372,9 +355,25 @@ fn drop_both(w: Witness, r: IoResult) {
     drop(w);
 }
 
-fn spawn_shutdown(c: &Controller) -> std::thread::JoinHandle<crate::nvme::error::Result<()>> {
-    let c = c.clone();
-    std::thread::spawn(move || c.shutdown())
+/// Polls `q` until `n` requests came back (20 s at most), each failed with `reason`; their
+/// contexts are dropped as they come.
+fn collect_aborted(q: &mut QueuePair<Witness>, n: usize, reason: DeadReason) {
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got < n {
+        assert!(
+            Instant::now() < deadline,
+            "the requests never came back ({got} of {n})"
+        );
+        let _ = q.poll(usize::MAX, |w, r| {
+            drop(w);
+            assert!(
+                matches!(r, Err(IoError::Aborted { reason: why, .. }) if why == reason),
+                "{r:?}"
+            );
+            got += 1;
+        });
+    }
 }
 
 /// Polls `q` until it has looked at the controller's state and found the device not yet
@@ -411,12 +410,7 @@ fn a_shutdown_hands_nothing_back_before_the_device_has_shut_down() {
         resets: stopped_before,
         _buf,
     } = eight_held_reads();
-    let hold = emu.hold_next_shutdown();
-    let shutter = spawn_shutdown(&c);
-    assert!(
-        hold.wait_held(Duration::from_secs(20)),
-        "the shutdown never set CC.SHN"
-    );
+    let (hold, shutter) = held_shutdown(&c, &emu);
     let early = poll_until_it_waits(&mut q);
     assert_eq!(
         (early, log.lock().unwrap().len()),
@@ -428,27 +422,7 @@ fn a_shutdown_hands_nothing_back_before_the_device_has_shut_down() {
 
     hold.release();
     shutter.join().unwrap().expect("the shutdown");
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while got.len() < 8 {
-        assert!(Instant::now() < deadline, "the requests never came back");
-        let _ = q.poll(usize::MAX, |w, r| {
-            drop(w);
-            got.push(r);
-        });
-    }
-    for r in &got {
-        assert!(
-            matches!(
-                r,
-                Err(IoError::Aborted {
-                    reason: DeadReason::ShutDown,
-                    ..
-                })
-            ),
-            "{r:?}"
-        );
-    }
+    collect_aborted(&mut q, 8, DeadReason::ShutDown);
     let log = log.lock().unwrap().clone();
     assert_eq!(log.len(), 8);
     assert!(
@@ -467,49 +441,18 @@ fn a_shutdown_that_never_completes_leaks_the_requests() {
     let Setup {
         c,
         emu,
-        mut q,
+        q,
         log,
         resets: _,
         _buf,
     } = eight_held_reads();
-    let hold = emu.hold_next_shutdown();
-    let shutter = spawn_shutdown(&c);
-    assert!(
-        hold.wait_held(Duration::from_secs(20)),
-        "the shutdown never set CC.SHN"
-    );
+    let (hold, shutter) = held_shutdown(&c, &emu);
     hold.discard();
     let e = shutter.join().unwrap().unwrap_err();
     assert!(matches!(e, Error::ShutdownTimeout { .. }), "{e:?}");
     assert_eq!(emu.stats().shutdowns, 0, "the device never shut down");
-    let mut handed = 0;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let err = loop {
-        assert!(Instant::now() < deadline, "the queue pair never died");
-        if let Err(e) = q.poll(usize::MAX, |w, _| {
-            drop(w);
-            handed += 1;
-        }) {
-            break e;
-        }
-    };
-    assert!(
-        matches!(
-            err,
-            Error::QueueDead {
-                reason: DeadReason::ShutDown,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(
-        handed, 0,
-        "requests handed back from a device that never shut down"
-    );
-    assert_eq!(q.stats().leaked, 8, "{:?}", q.stats());
-    drop(q);
-    assert!(log.lock().unwrap().is_empty(), "contexts dropped");
+    leaks_all(q, &log, DeadReason::ShutDown);
+    // The buffer may have been given to the device: leaked with the requests.
     core::mem::forget(_buf);
 }
 
@@ -527,12 +470,7 @@ fn a_queue_pair_dropped_during_a_shutdown_waits_for_it() {
         resets: stopped_before,
         _buf,
     } = eight_held_reads();
-    let hold = emu.hold_next_shutdown();
-    let shutter = spawn_shutdown(&c);
-    assert!(
-        hold.wait_held(Duration::from_secs(20)),
-        "the shutdown never set CC.SHN"
-    );
+    let (hold, shutter) = held_shutdown(&c, &emu);
     let dropper = std::thread::spawn(move || drop(q));
     // The drop waits for the shutdown (its bound is over a second): until it has looked.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -567,18 +505,13 @@ fn a_stale_queue_pair_never_disables_the_controller_during_a_reset() {
         c,
         emu,
         mut q,
-        log,
+        log: _,
         resets: _,
         _buf,
     } = eight_held_reads();
     let before = c.shared.generation.load(Ordering::Acquire);
     emu.set_fatal();
-    let hold = emu.hold_next_disable();
-    let resetter = spawn_reset(&c);
-    assert!(
-        hold.wait_held(Duration::from_secs(20)),
-        "the reset never cleared CC.EN"
-    );
+    let (hold, resetter) = held_reset(&c, &emu);
     assert!(q.is_stale());
     // Poll until the queue pair has run its health check and acted on it: it waits for the
     // reset's disable (a reset wait), or (the bug) disabled the controller and failed its
@@ -596,11 +529,7 @@ fn a_stale_queue_pair_never_disables_the_controller_during_a_reset() {
     hold.release();
     resetter.join().unwrap().expect("the reset");
     assert_eq!(c.shared.generation.load(Ordering::Acquire), before + 1);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while log.lock().unwrap().len() < 8 {
-        assert!(Instant::now() < deadline, "the requests never came back");
-        let _ = q.poll(usize::MAX, drop_both);
-    }
+    collect_aborted(&mut q, 8, DeadReason::ControllerReset);
     assert!(q.renew().unwrap(), "the controller is live again");
     assert_eq!(q.stats().leaked, 0);
 }
@@ -661,12 +590,7 @@ fn an_idle_stale_queue_pair_is_dropped_without_waiting() {
         _buf,
     } = eight_held_reads();
     let idle = c.create_qpair::<Witness>(QueueOptions::default()).unwrap();
-    let hold = emu.hold_next_disable();
-    let resetter = spawn_reset(&c);
-    assert!(
-        hold.wait_held(Duration::from_secs(20)),
-        "the reset never cleared CC.EN"
-    );
+    let (hold, resetter) = held_reset(&c, &emu);
     assert!(idle.is_stale());
     let start = Instant::now();
     drop(idle);
@@ -730,12 +654,7 @@ fn waiting_requests_stay_off_a_stale_queue() {
     }
     q.ring();
     assert_eq!((q.in_flight(), q.outstanding()), (3, 5));
-    let hold = emu.hold_next_disable();
-    let resetter = spawn_reset(&c);
-    assert!(
-        hold.wait_held(Duration::from_secs(20)),
-        "the reset never cleared CC.EN"
-    );
+    let (hold, resetter) = held_reset(&c, &emu);
     assert!(!q.renew().unwrap(), "requests are outstanding");
     emu.release_delayed();
     let mut done = Vec::new();
