@@ -41,6 +41,14 @@ impl<T> QueuePair<T> {
         self.shared.generation.load(Ordering::Acquire) != self.generation
     }
 
+    /// Why a stale queue pair is dead: the controller's reason ([`DeadReason::ShutDown`] after
+    /// a shutdown, [`DeadReason::DeviceGone`] after a removal), else a reset or disable.
+    pub(super) fn stale_reason(&self) -> DeadReason {
+        self.shared
+            .dead_reason(self.generation)
+            .unwrap_or(DeadReason::ControllerReset)
+    }
+
     /// Once stale (see [`is_stale`](Self::is_stale)), replaces this queue pair by a new one
     /// with the same options on the re-initialised controller (new queues, a new queue id),
     /// keeping its counters.
@@ -59,11 +67,7 @@ impl<T> QueuePair<T> {
             return Ok(false);
         }
         if !self.died && self.outstanding() > 0 {
-            let reason = self
-                .shared
-                .dead_reason(self.generation)
-                .unwrap_or(DeadReason::ControllerReset);
-            self.dead.get_or_insert(reason);
+            self.dead.get_or_insert(self.stale_reason());
             self.countdown = 0;
             return Ok(false);
         }

@@ -8,7 +8,7 @@ use super::{
     Cmd, DmaOwner, F_CTX, F_HOLDS, F_SYNC, IN_FLIGHT, IoFlags, NIL, PARENT, QueuePair, Rejected,
     WAITING, rejected,
 };
-use crate::nvme::error::{DeadReason, Error};
+use crate::nvme::error::Error;
 use crate::nvme::namespace::Namespace;
 use crate::nvme::prp;
 use crate::spec::sqe::DSM_RANGE_LEN;
@@ -34,11 +34,7 @@ impl<T> QueuePair<T> {
         // dropped (so no new queue pair shares the doorbell), but a stale pair fails early
         // rather than ring a doorbell of a queue the device no longer has.
         if self.shared.generation.load(Ordering::Relaxed) != self.generation {
-            let reason = self
-                .shared
-                .dead_reason(self.generation)
-                .unwrap_or(DeadReason::ControllerReset);
-            self.dead.get_or_insert(reason);
+            self.dead.get_or_insert(self.stale_reason());
             self.countdown = 0; // fail the requests at the end of this poll
             return;
         }
