@@ -58,11 +58,11 @@ impl Gate {
 /// the writing thread waits inside its register write (before the device sees it, with no
 /// device lock held) until [`release`](Self::release) or [`discard`](Self::discard). Dropping
 /// the hold releases the write.
-pub struct DisableHold {
+pub struct CcWriteHold {
     pub(crate) gate: Arc<Gate>,
 }
 
-impl DisableHold {
+impl CcWriteHold {
     /// Waits until the write has arrived (a thread is waiting in it), at most `limit`. True if
     /// it has.
     pub fn wait_held(&self, limit: Duration) -> bool {
@@ -83,11 +83,6 @@ impl DisableHold {
         true
     }
 
-    /// True once the write has arrived.
-    pub fn is_held(&self) -> bool {
-        self.gate.lock().arrived
-    }
-
     /// Lets the write through: the controller resets (CSTS.RDY follows after the ready delay)
     /// or shuts down (CSTS.SHST complete).
     pub fn release(self) {
@@ -101,7 +96,7 @@ impl DisableHold {
     }
 }
 
-impl Drop for DisableHold {
+impl Drop for CcWriteHold {
     fn drop(&mut self) {
         self.gate.decide(Verdict::Release);
     }

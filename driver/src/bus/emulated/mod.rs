@@ -68,7 +68,7 @@ use std::time::Duration;
 
 pub use chunks::{EmulatedChunkSource, GRANULE, GUARD, IOVA_BASE};
 pub use faults::{Action, Fault, FaultId, GARBAGE_DW0, Garbage, Trigger};
-pub use hold::DisableHold;
+pub use hold::CcWriteHold;
 pub use stats::Stats;
 
 use crate::bus::dma::DmaMemory;
@@ -427,12 +427,12 @@ impl EmulatedController {
 
     /// Holds back the next disable: the next CC write that clears EN while it is set waits in
     /// the writing thread, before the device sees it, until the returned hold says what becomes
-    /// of it (see [`DisableHold`]). A test looks at what the driver does while it has decided
+    /// of it (see [`CcWriteHold`]). A test looks at what the driver does while it has decided
     /// to reset the controller but the device has not stopped yet.
-    pub fn hold_next_disable(&self) -> DisableHold {
+    pub fn hold_next_disable(&self) -> CcWriteHold {
         let gate = Arc::new(hold::Gate::default());
         *self.disable_gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate.clone());
-        DisableHold { gate }
+        CcWriteHold { gate }
     }
 
     /// Holds back the next shutdown notification: the next CC write that sets SHN while it is
@@ -440,10 +440,10 @@ impl EmulatedController {
     /// says what becomes of it: released, the device shuts down (CSTS.SHST complete);
     /// discarded, CC.SHN stays clear and CSTS.SHST never reports the shutdown complete. A test
     /// looks at what the driver does between deciding to shut down and the device stopping.
-    pub fn hold_next_shutdown(&self) -> DisableHold {
+    pub fn hold_next_shutdown(&self) -> CcWriteHold {
         let gate = Arc::new(hold::Gate::default());
         *self.shutdown_gate.lock().unwrap_or_else(|e| e.into_inner()) = Some(gate.clone());
-        DisableHold { gate }
+        CcWriteHold { gate }
     }
 
     /// How many times the driver called [`Bus::release_removed`] (counted when the call has

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::bus::emulated::{
-    Action, DisableHold, EmulatedConfig, EmulatedController, Fault, NamespaceConfig, Trigger,
+    Action, CcWriteHold, EmulatedConfig, EmulatedController, Fault, NamespaceConfig, Trigger,
 };
 use crate::nvme::controller::{Controller, ControllerOptions, InitState};
 
@@ -126,7 +126,7 @@ fn leaks_all(mut q: QueuePair<Witness>, log: &Mutex<Vec<u64>>, reason: DeadReaso
 type Spawned = std::thread::JoinHandle<crate::nvme::error::Result<()>>;
 
 /// A reset on another thread, held in its CC.EN = 0 write (the generation already started).
-fn held_reset(c: &Controller, emu: &EmulatedController) -> (DisableHold, Spawned) {
+fn held_reset(c: &Controller, emu: &EmulatedController) -> (CcWriteHold, Spawned) {
     let hold = emu.hold_next_disable();
     let c2 = c.clone();
     let resetter = std::thread::spawn(move || c2.reset());
@@ -138,7 +138,7 @@ fn held_reset(c: &Controller, emu: &EmulatedController) -> (DisableHold, Spawned
 }
 
 /// A shutdown on another thread, held in its CC.SHN write.
-fn held_shutdown(c: &Controller, emu: &EmulatedController) -> (DisableHold, Spawned) {
+fn held_shutdown(c: &Controller, emu: &EmulatedController) -> (CcWriteHold, Spawned) {
     let hold = emu.hold_next_shutdown();
     let c2 = c.clone();
     let shutter = std::thread::spawn(move || c2.shutdown());
