@@ -431,19 +431,7 @@ fn reset_after_ios_resets_once_and_goes_on() {
         "{err}"
     );
     // The I/Os in flight at the reset failed, once each; the run went on to its 4000.
-    let counts = err
-        .lines()
-        .find_map(|l| l.strip_prefix("I/O counts: "))
-        .unwrap_or_else(|| panic!("no I/O counts:\n{err}"));
-    assert!(counts.ends_with(", 0 never completed"), "{counts}");
-    let failed = err
-        .lines()
-        .filter(|l| l.contains("the controller was reset; create a new queue pair"))
-        .count();
-    assert!(
-        (1..=8).contains(&failed),
-        "{failed} failed by the reset:\n{err}"
-    );
+    let (counts, failed) = reset_failures(&err, 8);
     assert!(
         counts.contains(&format!("({failed} with an error)")),
         "{counts}"
@@ -470,45 +458,49 @@ fn reset_after_ios_with_two_worker_cores() {
             "-q 8 -o 4096 -w verify -t 20 -d 4000 -c 0x3 --emulated-mode {mode} \
              --emulated-backing memory --emulated-size 16m -Q 1 --reset-after-ios 1000"
         ));
-        two_core_reset_run(mode, &o);
+        let (out, err) = (text(&o.stdout), text(&o.stderr));
+        let err = format!("{mode}: {err}");
+        assert!(o.status.success(), "{out}\n{err}");
+        assert!(
+            err.contains("perf: the controller was reset once, under I/O"),
+            "{err}"
+        );
+        assert!(!err.contains("double completion"), "{err}");
+        assert!(!err.contains("process completion error"), "{err}");
+        // At most the two queue depths were in flight at the reset; submissions refused while
+        // it ran are retried (-Q), not counted as completions.
+        reset_failures(&err, 16);
+        assert!(out.contains(" blocks checked, 0 mismatched"), "{out}");
+        // Both cores' jobs ran (a result line each).
+        for core in [0, 1] {
+            let ran = out.lines().any(|l| {
+                l.split(':').next().is_some_and(|d| {
+                    d.contains("from core") && d.trim_end().ends_with(&format!(" {core}"))
+                })
+            });
+            assert!(ran, "{mode}: core {core}:\n{out}");
+        }
     }
 }
 
-fn two_core_reset_run(mode: &str, o: &Output) {
-    let (out, err) = (text(&o.stdout), text(&o.stderr));
-    let err = format!("{mode}: {err}");
-    assert!(o.status.success(), "{out}\n{err}");
-    assert!(
-        err.contains("perf: the controller was reset once, under I/O"),
-        "{err}"
-    );
-    assert!(!err.contains("double completion"), "{err}");
-    assert!(!err.contains("process completion error"), "{err}");
+/// From a `--reset-after-ios` run's stderr: its `I/O counts:` line, which must show nothing
+/// lost, and the I/Os the reset failed (one line each), at least one and at most `max` (the
+/// I/Os that can be in flight).
+fn reset_failures(err: &str, max: usize) -> (&str, usize) {
     let counts = err
         .lines()
         .find_map(|l| l.strip_prefix("I/O counts: "))
         .unwrap_or_else(|| panic!("no I/O counts:\n{err}"));
     assert!(counts.ends_with(", 0 never completed"), "{counts}");
-    // At most the two queue depths were in flight at the reset; submissions refused while it
-    // ran are retried (-Q), not counted as completions.
     let failed = err
         .lines()
         .filter(|l| l.contains("the controller was reset; create a new queue pair"))
         .count();
     assert!(
-        (1..=16).contains(&failed),
+        (1..=max).contains(&failed),
         "{failed} failed by the reset:\n{err}"
     );
-    assert!(out.contains(" blocks checked, 0 mismatched"), "{out}");
-    // Both cores' jobs ran (a result line each).
-    for core in [0, 1] {
-        let ran = out.lines().any(|l| {
-            l.split(':').next().is_some_and(|d| {
-                d.contains("from core") && d.trim_end().ends_with(&format!(" {core}"))
-            })
-        });
-        assert!(ran, "{mode}: core {core}:\n{out}");
-    }
+    (counts, failed)
 }
 
 #[test]
