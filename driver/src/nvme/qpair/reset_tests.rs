@@ -96,6 +96,18 @@ fn eight_held_reads() -> Setup {
     }
 }
 
+/// Every one of the 8 contexts was dropped (handed back), each after the device had stopped
+/// more often than the `before` times it had when the reads were submitted: never while the
+/// device could still write their buffers.
+fn all_handed_back_after(log: &Mutex<Vec<u64>>, before: u64) {
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 8, "{log:?}");
+    assert!(
+        log.iter().all(|&stops| stops > before),
+        "handed back before the device stopped: {log:?} (stops before: {before})"
+    );
+}
+
 /// Polls `q`, whose device never stopped, until it dies with `reason`: nothing may come back,
 /// its 8 requests are leaked, and dropping it drops none of their contexts.
 fn leaks_all(mut q: QueuePair<Witness>, log: &Mutex<Vec<u64>>, reason: DeadReason) {
@@ -205,12 +217,7 @@ fn a_reset_hands_nothing_back_before_the_device_has_stopped() {
     hold.release();
     resetter.join().unwrap().expect("the reset");
     collect_aborted(&mut q, 8, DeadReason::ControllerReset);
-    let log = log.lock().unwrap().clone();
-    assert_eq!(log.len(), 8);
-    assert!(
-        log.iter().all(|&r| r > resets),
-        "handed back before the device reset: {log:?} (resets before: {resets})"
-    );
+    all_handed_back_after(&log, resets);
     assert!(q.renew().unwrap());
     assert_eq!(q.stats().leaked, 0);
 }
@@ -257,9 +264,7 @@ fn a_queue_pair_dropped_after_the_device_stopped_drops_its_requests() {
     } = eight_held_reads();
     c.reset().unwrap();
     drop(q);
-    let log = log.lock().unwrap().clone();
-    assert_eq!(log.len(), 8);
-    assert!(log.iter().all(|&r| r > resets), "{log:?}");
+    all_handed_back_after(&log, resets);
 }
 
 /// A reset whose disable never completes (the device keeps CC.EN and RDY at 1): the reset
@@ -336,8 +341,7 @@ fn a_disable_on_another_thread_hands_nothing_back_before_the_device_has_stopped(
     hold.release();
     disabler.join().unwrap().expect("the disable");
     collect_aborted(&mut q, 8, DeadReason::ControllerReset);
-    let log = log.lock().unwrap().clone();
-    assert!(log.iter().all(|&r| r > resets), "{log:?}");
+    all_handed_back_after(&log, resets);
     assert_eq!(q.stats().leaked, 0);
 }
 
@@ -423,12 +427,7 @@ fn a_shutdown_hands_nothing_back_before_the_device_has_shut_down() {
     hold.release();
     shutter.join().unwrap().expect("the shutdown");
     collect_aborted(&mut q, 8, DeadReason::ShutDown);
-    let log = log.lock().unwrap().clone();
-    assert_eq!(log.len(), 8);
-    assert!(
-        log.iter().all(|&s| s > stopped_before),
-        "handed back before the device shut down: {log:?} (stops before: {stopped_before})"
-    );
+    all_handed_back_after(&log, stopped_before);
     assert_eq!(q.stats().leaked, 0);
 }
 
@@ -489,9 +488,7 @@ fn a_queue_pair_dropped_during_a_shutdown_waits_for_it() {
     hold.release();
     shutter.join().unwrap().expect("the shutdown");
     dropper.join().unwrap();
-    let log = log.lock().unwrap().clone();
-    assert_eq!(log.len(), 8);
-    assert!(log.iter().all(|&s| s > stopped_before), "{log:?}");
+    all_handed_back_after(&log, stopped_before);
 }
 
 /// A queue pair made stale by a reset whose CC.EN write is held, on a controller in fatal
