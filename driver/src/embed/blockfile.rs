@@ -29,9 +29,9 @@
 //! 5. **Completion**: [`BlockFile::submit`] returns `Ok` and the callback runs exactly once, or
 //!    returns the error and the callback never runs (`dio-core/DESIGN.md §3.7`). The range lock
 //!    is released just before the callback. An asynchronous direct request allocates nothing:
-//!    its context (held range, byte accounting, the user's callback stored inline) is a pooled
-//!    box whose pointer travels in its [`Window`] through dio-core's pooled request state to a
-//!    plain completion function.
+//!    its context (its buffer, held range, byte accounting, the user's callback stored inline)
+//!    is a pooled box whose pointer, one word, is its [`Window`] through dio-core's pooled
+//!    request state to a plain completion function.
 //!
 //! # "Latest data"
 //! Requests that touch a common 4 KiB page are serialised by the range lock in the order they
@@ -46,14 +46,12 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use dio_core::{
-    Completion, DioCore, DioError, DioRequest, DioResult, Dir, Extent, IoCtx, Mapper, Mode, Outcome,
-};
+use dio_core::{DioCore, DioError, DioResult, Dir, Extent, IoCtx, Mapper, Outcome, SyncOutcome};
 
 use crate::bus::dma::{DmaBuffer, DmaMemory};
 use crate::embed::cache::{CacheFile, PAGE, PageCache, PageIo};
 use crate::embed::error::{EmbedError, EmbedResult, Op};
-use crate::embed::iobuf::{IoBuffer, Window};
+use crate::embed::iobuf::{Frame, IoBuffer, Window};
 use crate::embed::poller::{Local, Pollers};
 
 mod callback;
@@ -269,15 +267,26 @@ impl Store {
         range: Range<usize>,
     ) -> (Result<(), DioError>, DmaBuffer) {
         let len = range.len() as u64;
-        let req = DioRequest::new(
-            dir,
-            off + range.start as u64,
-            len,
-            Window::new(IoBuffer::Dma(buf), range.start),
-            Mode::Sync,
-        );
-        let (r, w) = sync_outcome(self.core.submit(req, self.capacity, Completion::noop()));
-        let buf = w.into_buf().into_dma().expect("a cache page is DMA memory");
+        let at = off + range.start as u64;
+        // On this stack, lent to dio-core for the call. A `Fallback`, a direct write that
+        // stopped short, is `Invalid` here (see `sync_outcome`).
+        let mut frame = Frame {
+            buf: IoBuffer::Dma(buf),
+            start: range.start,
+        };
+        // SAFETY: the window is only lent by `&mut` to `submit_sync_mut`, which does not move
+        // it out and returns after every bio of the request completed (see `Frame::lend`), and
+        // it is given back right after.
+        let mut w = unsafe { frame.lend() };
+        let r = match self
+            .core
+            .submit_sync_mut(dir, at, len, &mut w, self.capacity)
+        {
+            SyncOutcome::Done(r) => r,
+            SyncOutcome::Fallback { .. } => Err(DioError::Invalid),
+        };
+        frame.end_lend(w);
+        let buf = frame.buf.into_dma().expect("a cache page is DMA memory");
         match r {
             Ok(n) if n == len => (Ok(()), buf),
             Ok(_) => (Err(DioError::Invalid), buf),

@@ -10,12 +10,16 @@
 //! * [`IoBuffer::Heap`]: any `Vec<u8>`. The device cannot reach it, so the whole request goes
 //!   through the page cache (the buffered path), which copies.
 //!
-//! dio-core sees a [`Window`]: the buffer plus the byte of it where the direct part starts (an
-//! unaligned head is done through the cache first), and, for an asynchronous request, a pointer
-//! to its pooled context (held range, byte accounting, the user's callback), which dio-core
-//! hands back to the completion function with the buffer (its `cb_arg`). [`IoBuf::dma_map`]
-//! answers `Fault` for a heap buffer or a segment whose address is not dword aligned (NVMe PRP
-//! rule).
+//! dio-core sees a [`Window`], one word: a pointer to a [`Frame`] (the buffer plus the byte of
+//! it where the direct part starts; an unaligned head is done through the cache first). For an
+//! asynchronous request the frame is the first field of the request's pooled context (held
+//! range, byte accounting, the user's callback), which the window then owns and dio-core hands
+//! back to the completion function (its `cb_arg`); for a synchronous one it is a frame on the
+//! submitter's stack, lent for the call ([`Frame::lend`]). [`IoBuf::dma_map`] answers `Fault`
+//! for a heap buffer or a segment whose address is not dword aligned (NVMe PRP rule).
+
+use std::num::NonZeroUsize;
+use std::ptr::NonNull;
 
 use dio_core::{DioError, Dir, DmaSegment, IoBuf};
 
@@ -96,28 +100,100 @@ impl From<Vec<u8>> for IoBuffer {
     }
 }
 
-/// The part of an [`IoBuffer`] a dio-core request covers: `buf[start..]`, and the context of
-/// an asynchronous request (dio-core's `cb_arg`).
-///
-/// dio-core moves the window by value a dozen times per request, so it is kept to the buffer
-/// and one word, a tagged pointer: without a context, an address-only pointer (no provenance)
-/// whose address is `start << 1`; while a context is attached, the pointer to that context (a
-/// pooled `Box<Context>`, which then holds `start`) with bit 0 of its address set. A
-/// `Box<Context>` is at least 2-aligned, so bit 0 of its address is free. The tag is set and
-/// cleared with the strict-provenance APIs (`map_addr`), so the pointer keeps the provenance
-/// of the box all the way (as Miri or a CHERI target require). The window owns an attached
-/// context: [`detach`](Window::detach) hands it back, dropping the window drops it.
+/// What a [`Window`] points at: the buffer and the byte of it where the request starts (an
+/// unaligned head is done through the cache first).
 #[derive(Debug)]
-pub struct Window {
+pub(crate) struct Frame {
     pub(crate) buf: IoBuffer,
-    tail: *mut Context,
+    pub(crate) start: usize,
 }
 
-// SAFETY: `buf` is an `IoBuffer`, itself `Send` and `Sync` (checked below). `tail` is either
-// an address without provenance (nothing is reached through it) or the pointer of a
-// `Box<Context>` that the window owns exclusively (as if it held the box): moving the window
-// to another thread moves that box, and a `&Window` only reads the context's `start`. Both are
-// sound because `Context` is `Send` and `Sync` (checked below).
+impl Frame {
+    /// A frame holding no buffer (an empty heap vector: nothing allocated, nothing to free).
+    pub(crate) fn empty() -> Frame {
+        Frame {
+            buf: IoBuffer::Heap(Vec::new()),
+            start: 0,
+        }
+    }
+
+    /// The buffer, an empty one left in its place.
+    #[inline(always)]
+    pub(crate) fn take_buf(&mut self) -> IoBuffer {
+        std::mem::replace(&mut self.buf, IoBuffer::Heap(Vec::new()))
+    }
+
+    /// A [`Window`] of this frame that does not own it: how a synchronous request hands its
+    /// buffer to dio-core's `submit_sync_mut`, which borrows the window for the call (its bios
+    /// only carry DMA segments of the buffer, and it returns only after every one of them
+    /// completed: `DioCore::submit_sync_mut` waits for them in `submitter_wait`), so the buffer
+    /// is never moved. Give the window back with [`end_lend`](Self::end_lend) before the frame
+    /// is used again.
+    ///
+    /// # Safety
+    /// The window must not be used (nor be reachable) after the frame is used again or goes
+    /// away: lend it only by `&mut` to code that does not move it out (dio-core's
+    /// `submit_sync_mut` only reads and writes through it: its `len`, `dma_map`, `zero_fill`,
+    /// and the file's `write_buffered`), then give it to `end_lend`.
+    #[inline(always)]
+    pub(crate) unsafe fn lend(&mut self) -> Window {
+        Window {
+            p: NonNull::from(&mut *self),
+        }
+    }
+
+    /// The end of a [`lend`](Self::lend): `w` must be the lent window (a different one means
+    /// the lent one was moved out and may outlive this frame: the process aborts).
+    #[inline(always)]
+    pub(crate) fn end_lend(&mut self, w: Window) {
+        if w.p != NonNull::from(&mut *self) {
+            lent_window_escaped();
+        }
+        // A lent window owns nothing: nothing to drop.
+        std::mem::forget(w);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn lent_window_escaped() -> ! {
+    log::error!("a window lent for a synchronous request was kept past the request: aborting");
+    std::process::abort()
+}
+
+/// The part of an [`IoBuffer`] a dio-core request covers (`buf[start..]` of a [`Frame`]), and
+/// the context of an asynchronous request (dio-core's `cb_arg`), in one word.
+///
+/// dio-core moves its buffer by value about a dozen times per asynchronous request, so the
+/// window is one tagged pointer to a [`Frame`]:
+/// * bit 0 set: the window owns a pooled `Box<Context>` (the context of an asynchronous
+///   request, or the carrier of a maintenance operation's buffer), whose first field is the
+///   frame (`Context` is `repr(C)`, checked below): the buffer moves into the context once at
+///   submission and out of it once at completion. Dropping the window drops the box.
+/// * bit 0 clear: the window borrows a frame on a synchronous submitter's stack
+///   ([`Frame::lend`]) and owns nothing.
+///
+/// A `Box<Context>` and a `Frame` are pointer aligned, so bit 0 of their address is free. The
+/// tag is set and cleared with the strict-provenance APIs (`map_addr`), so the pointer keeps
+/// the provenance of the box (or of the borrow) all the way (as Miri or a CHERI target
+/// require).
+pub struct Window {
+    p: NonNull<Frame>,
+}
+
+impl std::fmt::Debug for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Window")
+            .field("owns_context", &self.owns())
+            .field("frame", self.frame())
+            .finish()
+    }
+}
+
+// SAFETY: an owning window is as if it held its `Box<Context>`: moving it to another thread
+// moves that box, and a `&Window` only reads the context's frame; a lent window is as if it
+// held the `&mut Frame` it was made from (it never outlives the lend, see `Frame::lend`). Both
+// are sound because `Context` and `Frame` are `Send` and `Sync` (checked below).
 unsafe impl Send for Window {}
 // SAFETY: see `Send` above.
 unsafe impl Sync for Window {}
@@ -125,78 +201,96 @@ unsafe impl Sync for Window {}
 const _: () = {
     const fn send_sync<T: Send + Sync>() {}
     send_sync::<Context>();
-    send_sync::<IoBuffer>();
+    send_sync::<Frame>();
+    // The frame is the context's first field: a pointer to the context is one to its frame.
+    assert!(std::mem::offset_of!(Context, frame) == 0);
+    assert!(std::mem::align_of::<Context>() >= 2 && std::mem::align_of::<Frame>() >= 2);
 };
 
 impl Window {
-    pub(crate) fn new(buf: IoBuffer, start: usize) -> Self {
-        debug_assert!(start <= usize::MAX >> 1);
+    /// A window owning `ctx` (whose frame holds the buffer).
+    #[inline(always)]
+    pub(crate) fn owning(ctx: Box<Context>) -> Window {
+        let p = NonNull::from(Box::leak(ctx)).cast::<Frame>();
         Window {
-            buf,
-            tail: std::ptr::without_provenance_mut(start << 1),
+            p: p.map_addr(|a| a | 1),
         }
     }
 
-    /// The attached context, if any (its pointer, tag cleared, provenance kept).
+    /// The frame's pointer, tag cleared, provenance kept.
     #[inline(always)]
-    fn context(&self) -> Option<*mut Context> {
-        (self.tail.addr() & 1 == 1).then(|| self.tail.map_addr(|a| a & !1))
+    fn frame_ptr(&self) -> NonNull<Frame> {
+        // SAFETY: clearing bit 0 of an address that is at least 2 (a pointer-aligned, non-null
+        // one, possibly with bit 0 set) leaves it non-zero.
+        self.p
+            .map_addr(|a| unsafe { NonZeroUsize::new_unchecked(a.get() & !1) })
     }
 
-    /// The byte of the buffer where the request starts.
     #[inline(always)]
-    pub(crate) fn start(&self) -> usize {
-        match self.context() {
-            None => self.tail.addr() >> 1,
-            // SAFETY: bit 0 set: `tail` is the pointer of the box leaked by `attach`, which
-            // this window owns (only `detach` and `drop` free it, and both clear the tag
-            // first), so it is alive; we only read it.
-            Some(c) => unsafe { (*c).start() },
+    fn owns(&self) -> bool {
+        self.p.addr().get() & 1 == 1
+    }
+
+    /// The buffer and the byte where the request starts.
+    #[inline(always)]
+    pub(crate) fn frame(&self) -> &Frame {
+        // SAFETY: the pointer is that of a live frame: with bit 0 set, the first field of the
+        // box this window owns (freed only by `into_context` and `drop`, which consume the
+        // window); with bit 0 clear, the frame `Frame::lend` borrowed for longer than this
+        // window lives. No `&mut` to it exists meanwhile but through `&mut self`.
+        unsafe { self.frame_ptr().as_ref() }
+    }
+
+    /// [`frame`](Self::frame), mutably.
+    #[inline(always)]
+    pub(crate) fn frame_mut(&mut self) -> &mut Frame {
+        // SAFETY: as in `frame`; `&mut self` makes the access exclusive (the window is the
+        // only way to the frame while it lives).
+        unsafe { self.frame_ptr().as_mut() }
+    }
+
+    /// The context this window owns, the window consumed (`None` for a lent window).
+    #[inline(always)]
+    pub(crate) fn into_context(self) -> Option<Box<Context>> {
+        if !self.owns() {
+            return None;
         }
-    }
-
-    /// Attach an asynchronous request's context (at most one).
-    #[inline(always)]
-    pub(crate) fn attach(&mut self, mut ctx: Box<Context>) {
-        if let Some(old) = self.detach() {
-            drop(old);
-        }
-        ctx.set_start(self.tail.addr() >> 1);
-        let p = Box::into_raw(ctx);
-        debug_assert_eq!(p.addr() & 1, 0, "a Box<Context> is at least 2-aligned");
-        self.tail = p.map_addr(|a| a | 1);
-    }
-
-    /// Take the attached context back.
-    #[inline(always)]
-    pub(crate) fn detach(&mut self) -> Option<Box<Context>> {
-        let c = self.context()?;
-        // SAFETY: `c` is the pointer `Box::into_raw` gave in `attach` (its tag cleared, its
-        // provenance kept), owned by this window and not freed (the tag was still set); the
-        // tag is cleared right below, so it is turned back into a box exactly once.
-        let ctx = unsafe { Box::from_raw(c) };
-        self.tail = std::ptr::without_provenance_mut(ctx.start() << 1);
-        Some(ctx)
-    }
-
-    /// The buffer, the window consumed (an attached context is dropped).
-    #[inline(always)]
-    pub(crate) fn into_buf(mut self) -> IoBuffer {
-        drop(self.detach());
         let this = std::mem::ManuallyDrop::new(self);
-        // SAFETY: `this` is never used nor dropped again, so its buffer is moved out exactly
-        // once; nothing else of the window needs dropping (the context was detached above).
-        unsafe { std::ptr::read(&this.buf) }
+        // SAFETY: the window owns its context (checked above) and is never used nor dropped
+        // again (`ManuallyDrop`).
+        Some(unsafe { this.take_box() })
     }
 
+    /// The owned context as a box again.
+    ///
+    /// # Safety
+    /// The window must own its context (bit 0 set), and must never be used again afterwards
+    /// (neither read nor dropped): the box is freed by whoever holds it.
+    #[inline(always)]
+    unsafe fn take_box(&self) -> Box<Context> {
+        debug_assert!(self.owns());
+        // SAFETY: bit 0 set (the caller's contract): the pointer (tag cleared, provenance
+        // kept) is the one `Box::leak` gave in `owning`, cast from `Context` to its first
+        // field and back, and not freed yet (only `into_context` and `drop` free it, each
+        // once, as the window's last use): turned back into a box exactly once.
+        unsafe { Box::from_raw(self.frame_ptr().cast::<Context>().as_ptr()) }
+    }
+
+    /// The bytes of the request.
     pub(crate) fn bytes(&self) -> &[u8] {
-        &self.buf.as_slice()[self.start()..]
+        let f = self.frame();
+        &f.buf.as_slice()[f.start..]
     }
 }
 
 impl Drop for Window {
+    #[inline(always)]
     fn drop(&mut self) {
-        drop(self.detach());
+        if self.owns() {
+            // SAFETY: the window owns its context (checked above) and is being dropped: this
+            // is its last use.
+            drop(unsafe { self.take_box() });
+        }
     }
 }
 
@@ -215,15 +309,17 @@ impl IoBuf for Window {
 
     #[inline]
     fn len(&self) -> u64 {
-        (self.buf.len() - self.start()) as u64
+        let f = self.frame();
+        (f.buf.len() - f.start) as u64
     }
 
     #[inline(always)]
     fn dma_map(&self, off: u64, len: u64, _dir: Dir) -> Result<Seg, DioError> {
-        let IoBuffer::Dma(b) = &self.buf else {
+        let f = self.frame();
+        let IoBuffer::Dma(b) = &f.buf else {
             return Err(DioError::Fault);
         };
-        let at = self.start() + off as usize;
+        let at = f.start + off as usize;
         match b.slice(at, len as usize) {
             Some(s) if (b.as_ptr() as usize + at) % 4 == 0 => Ok(Seg(s)),
             _ => Err(DioError::Fault),
@@ -231,8 +327,9 @@ impl IoBuf for Window {
     }
 
     fn zero_fill(&mut self, off: u64, len: u64) {
-        let at = self.start() + off as usize;
-        self.buf.as_mut_slice()[at..at + len as usize].fill(0);
+        let f = self.frame_mut();
+        let at = f.start + off as usize;
+        f.buf.as_mut_slice()[at..at + len as usize].fill(0);
     }
 }
 
@@ -242,9 +339,28 @@ mod tests {
 
     #[test]
     fn heap_windows_are_not_dma_mappable() {
-        let w = Window::new(IoBuffer::Heap(vec![1; 4096]), 100);
+        let mut f = Frame {
+            buf: IoBuffer::Heap(vec![1; 4096]),
+            start: 100,
+        };
+        // SAFETY: the window is only used here, and given back before `f` is used again.
+        let mut w = unsafe { f.lend() };
         assert_eq!(w.len(), 3996);
         assert_eq!(w.dma_map(0, 512, Dir::Read).unwrap_err(), DioError::Fault);
         assert_eq!(w.bytes()[0], 1);
+        w.zero_fill(1, 2);
+        f.end_lend(w);
+        assert_eq!(f.buf.as_slice()[100..104], [1, 0, 0, 1]);
+    }
+
+    /// The window is one word (what dio-core moves a dozen times per request), and so is an
+    /// `Option` of it.
+    #[test]
+    fn a_window_is_one_word() {
+        assert_eq!(std::mem::size_of::<Window>(), std::mem::size_of::<usize>());
+        assert_eq!(
+            std::mem::size_of::<Option<Window>>(),
+            std::mem::size_of::<usize>()
+        );
     }
 }

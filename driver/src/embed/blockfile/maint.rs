@@ -40,8 +40,10 @@
 //! a write). No operation allocates DMA memory on its calling thread in the steady state: the
 //! buffers the device reads (the zeroed buffer, a page of ranges) are the file's spares
 //! ([`Spares`]), allocated when it was opened, and the commands are produced one by one
-//! ([`Cmds`]), never listed. The synchronous forms allocate nothing at all; the asynchronous
-//! ones box their callback (these are not the per-I/O path).
+//! ([`Cmds`]), never listed. The buffer goes to dio-core in a request context of the file's
+//! pool (a one-word `Window`, as for a read or a write), back in the pool when the operation is
+//! over. The synchronous forms allocate nothing at all; the asynchronous ones box their
+//! callback (these are not the per-I/O path).
 
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -192,8 +194,8 @@ impl Spares {
     }
 
     /// Give a buffer of `kind` back (freed if the pool is full, or if it is not a DMA buffer).
-    fn give(&self, kind: Spare, w: Window) {
-        if let Some(b) = w.into_buf().into_dma() {
+    fn give(&self, kind: Spare, buf: IoBuffer) {
+        if let Some(b) = buf.into_dma() {
             let pool = match kind {
                 Spare::Zeroes => &self.zeroes,
                 Spare::Ranges => &self.ranges,
@@ -282,7 +284,7 @@ impl Maint {
 struct Maintenance {
     at: u64,
     cmds: Cmds,
-    buf: Window,
+    buf: IoBuffer,
     spare: Option<Spare>,
 }
 
@@ -646,12 +648,16 @@ impl BlockFile {
     /// Zero the unaligned ends of a write zeroes through the cache, drop the cached pages the
     /// device commands cover, and give those commands with the buffer they read from (and,
     /// if that buffer is one of the file's spares, its kind, to give it back).
-    fn commands(&self, job: Job<'_>, m: Maint) -> Result<(Cmds, Window, Option<Spare>), DioError> {
+    fn commands(
+        &self,
+        job: Job<'_>,
+        m: Maint,
+    ) -> Result<(Cmds, IoBuffer, Option<Spare>), DioError> {
         let inner = &*self.inner;
         let state = inner.state();
         let (file, cache, store) = (&state.cfile, &state.cache, &state.store);
         let spares = &inner.shared.spares;
-        let empty = || Window::new(IoBuffer::Heap(Vec::new()), 0);
+        let empty = || IoBuffer::Heap(Vec::new());
         match job {
             Job::Flush => {
                 let c = Command {
@@ -690,7 +696,7 @@ impl BlockFile {
                     Ok((cmds, empty(), None))
                 } else if a < b {
                     let z = spares.take(&inner.ctrl, Spare::Zeroes)?;
-                    let w = Window::new(IoBuffer::Dma(z), 0);
+                    let w = IoBuffer::Dma(z);
                     Ok((steps(BioOp::Write, m.zero_chunk), w, Some(Spare::Zeroes)))
                 } else {
                     Ok((Cmds::One(None), empty(), None))
@@ -731,7 +737,7 @@ impl BlockFile {
                         len,
                         data: Some((0, (count * DSM_RANGE_LEN) as u64)),
                     };
-                    let w = Window::new(IoBuffer::Dma(page), 0);
+                    let w = IoBuffer::Dma(page);
                     return Ok((Cmds::One(Some(c)), w, Some(Spare::Ranges)));
                 }
                 // More than one page of ranges (never from one NVMe/TCP command): its own list.
@@ -756,7 +762,7 @@ impl BlockFile {
                         data: Some((base as u64, (chunk.len() * DSM_RANGE_LEN) as u64)),
                     });
                 }
-                let w = Window::new(IoBuffer::Dma(dma), 0);
+                let w = IoBuffer::Dma(dma);
                 Ok((Cmds::Many(cmds.into_iter()), w, None))
             }
         }
@@ -777,12 +783,18 @@ impl BlockFile {
         let Maintenance {
             at,
             cmds,
-            mut buf,
+            buf,
             spare,
         } = req;
-        let give = move |shared: &Shared, w: Window| match spare {
-            Some(k) => shared.spares.give(k, w),
-            None => drop(w),
+        // The buffer goes to dio-core in a context of the file's pool (a one-word window),
+        // which goes back there when the operation is over.
+        let mut buf = inner.shared.carry(buf);
+        let give = move |shared: &Shared, w: Window| {
+            let buf = shared.unload(w);
+            match spare {
+                Some(k) => shared.spares.give(k, buf),
+                None => drop(buf),
+            }
         };
         match reply {
             Reply::Sync => loop {
