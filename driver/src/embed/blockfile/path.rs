@@ -881,7 +881,12 @@ impl BlockFile {
             Reply::Async(mut ctx) => {
                 ctx.held = guard.into_held();
                 ctx.acct = acct;
-                ctx.frame = Frame { buf, start };
+                // The context's frame holds an empty buffer between requests (its buffer is taken
+                // out at completion): forgotten rather than dropped, which was an out-of-line
+                // call of `Frame`'s drop glue (measured, QD32: 2077 -> 2054 instructions per
+                // read); an empty heap vector owns nothing, so nothing leaks.
+                debug_assert!(matches!(&ctx.frame.buf, IoBuffer::Heap(v) if v.capacity() == 0));
+                std::mem::forget(std::mem::replace(&mut ctx.frame, Frame { buf, start }));
                 let reserved = ctx.reserved.take();
                 let w = Window::owning(ctx);
                 let req = DioRequest::new(dir, at, acct.want, w, Mode::Async);
