@@ -752,9 +752,20 @@ impl Context {
         cb: F,
     ) -> Box<Context> {
         let (reserved, slot) = core.reserve();
-        let kept = match slot.map(|b| b.downcast::<Context>()) {
-            Some(Ok(b)) => Some(b),
-            _ => shared.contexts.pop(),
+        let kept = match slot {
+            Some(b) => {
+                debug_assert!(b.is::<Context>(), "a state's slot holds a request context");
+                // Not `downcast`, a call through the `Any` vtable per request (measured, QD32:
+                // 2030 -> 2016 instructions per read).
+                // SAFETY: `core` is the file's own dio-core (`Inner::io`), and only this module
+                // fills the user slots of its request states, each time with a `Box<Context>`
+                // (`direct_done`, `Context::recycle`; dio-core never looks inside a slot, and
+                // the other users of that core, the maintenance operations, lend no slot): this
+                // box is a `Box<Context>` coerced to `dyn Any`, and casting its pointer back
+                // (dropping the vtable) gives the same allocation with its own type and layout.
+                Some(unsafe { Box::from_raw(Box::into_raw(b).cast::<Context>()) })
+            }
+            None => shared.contexts.pop(),
         };
         let mut b = match kept {
             Some(b) => b,
