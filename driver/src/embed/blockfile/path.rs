@@ -1116,7 +1116,7 @@ mod tests {
     /// `into_context` gives the context back with its buffer, and a window dropped owning its
     /// context gives the range back and drops the callback unrun.
     #[test]
-    fn a_window_owns_its_attached_context() {
+    fn a_window_owns_its_context() {
         let shared = Arc::new(Shared::new(64 * PAGE, None, Spares::empty()));
         let runs = Arc::new(AtomicUsize::new(0));
         let pending = |shared: &Arc<Shared>, runs: &Arc<AtomicUsize>| {
