@@ -1162,7 +1162,7 @@ mod tests {
         assert_eq!(ctx.frame.buf.len(), 0, "an empty buffer left in its place");
         drop(ctx.recycle());
         assert!(shared.locks.try_lock(0..1, false).is_some(), "given back");
-        // Dropped while owned (a context taken from the pool this time).
+        // Dropped while owned.
         let mut ctx = pending(&shared, &runs);
         ctx.frame.buf = IoBuffer::Heap(vec![7; 300]);
         ctx.frame.start = 3;
