@@ -20,7 +20,9 @@ struct State<B> {
     io_error: Option<DioError>,
     /// Published by the submitter in the critical section of its final decrement (only a
     /// queued request publishes, and it has no submission error: `handled` is all it found).
-    published: Option<(u64, Payload<B>)>,
+    /// Already in the shape the last completer returns (its `io_error` is filled in then), so
+    /// that the hand-over moves the payload once each way.
+    published: Option<Final<B>>,
     /// Poison flag: `refs` reached 0.
     released: bool,
 }
@@ -159,7 +161,11 @@ impl<B> LockedRefs<B> {
                 payload,
             });
         }
-        g.published = Some((handled, payload));
+        g.published = Some(Final {
+            handled,
+            io_error: None,
+            payload,
+        });
         None
     }
 
@@ -182,15 +188,15 @@ impl<B> LockedRefs<B> {
             return None;
         }
         g.released = true;
-        let Some((handled, payload)) = g.published.take() else {
-            panic!("the last reference was a bio's but the submitter published nothing (I-CB-5)");
-        };
         let io_error = g.io_error;
-        drop(g);
-        Some(Final {
-            handled,
-            io_error,
-            payload,
-        })
+        match g.published.take() {
+            Some(mut fin) => {
+                fin.io_error = io_error;
+                Some(fin)
+            }
+            None => panic!(
+                "the last reference was a bio's but the submitter published nothing (I-CB-5)"
+            ),
+        }
     }
 }
