@@ -234,19 +234,22 @@ impl<B: IoBuf> DioCore<B> {
             dir,
             offset,
             len,
-            mut buf,
+            buf,
             mode,
             force_wait,
         } = req;
+        // The buffer and the completion travel together from here (one aggregate, not
+        // repacked on the way to the state: each repacking is a copy of the buffer).
+        let mut p = Payload { buf, completion };
         // 1–5. Validate, take a state, walk.
         let mut w = Walk::default();
-        let dio = match self.start(reserved, dir, offset, len, &mut buf, i_size, &mut w) {
+        let dio = match self.start(reserved, dir, offset, len, &mut p.buf, i_size, &mut w) {
             Ok(dio) => dio,
             Err(result) => {
                 return Outcome::Done {
                     result,
-                    buf,
-                    completion,
+                    buf: p.buf,
+                    completion: p.completion,
                 };
             }
         };
@@ -261,7 +264,7 @@ impl<B: IoBuf> DioCore<B> {
             && w.handled > 0
             && (dir == Dir::Read || w.handled == len);
         // 7–8. Drain unless queued; final drop.
-        let Some((result, buf, completion)) = self.drain(dio, &w, queued, buf, completion) else {
+        let Some((result, buf, completion)) = self.drain(dio, &w, queued, p) else {
             return Outcome::Queued;
         };
         if dir == Dir::Write && result.is_ok() && w.handled < len {
@@ -453,17 +456,15 @@ impl<B: IoBuf> DioCore<B> {
         dio: Arc<DioShared<B>>,
         w: &Walk,
         queued: bool,
-        buf: B,
-        completion: Completion<B>,
+        p: Payload<B>,
     ) -> Option<(DioResult, B, Completion<B>)> {
         let (dio, io_error, buf, completion) = if queued {
-            let payload = Payload { buf, completion };
-            let (dio, fin) = DioShared::submitter_queue(dio, w.handled, payload)?;
+            let (dio, fin) = DioShared::submitter_queue(dio, w.handled, p)?;
             // Every bio completed before the drop: the submitter owns the request again.
             (dio, fin.io_error, fin.payload.buf, fin.payload.completion)
         } else {
             let io_error = dio.submitter_wait(&self.cfg.wait, w.bios);
-            (dio, io_error, buf, completion)
+            (dio, io_error, p.buf, p.completion)
         };
         Some((self.settle(dio, w, io_error), buf, completion))
     }

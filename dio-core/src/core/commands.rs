@@ -13,7 +13,7 @@
 use super::DioCore;
 use crate::bio::BioOp;
 use crate::completion::Completion;
-use crate::dio::Walk;
+use crate::dio::{Payload, Walk};
 use crate::error::DioError;
 use crate::request::{Dir, IoBuf, Mode, Outcome};
 
@@ -74,7 +74,7 @@ impl<B: IoBuf> DioCore<B> {
             w.submit_err = Some(DioError::Invalid);
         }
         let queued = mode == Mode::Async && w.submit_err.is_none() && issued > 0;
-        match self.drain(dio, &w, queued, buf, completion) {
+        match self.drain(dio, &w, queued, Payload { buf, completion }) {
             None => Outcome::Queued,
             Some((result, buf, completion)) => Outcome::Done {
                 result,
