@@ -363,22 +363,22 @@ impl<B: Send + 'static> DioShared<B> {
     /// that submits again finds the state in the pool). A slotted completion runs before the
     /// recycling instead, lent the state's slot.
     #[inline(always)]
-    fn complete(mut dio: Arc<Self>, res: DioResult, buf: B, completion: Completion<B>) {
-        if completion.wants_slot() {
+    fn complete(mut dio: Arc<Self>, res: DioResult, buf: B, mut completion: Completion<B>) {
+        if let Some(f) = completion.take_slotted() {
             match Arc::get_mut(&mut dio) {
                 Some(d) => {
                     let slot = match d.slot.get_mut() {
                         Ok(s) => s,
                         Err(p) => p.into_inner(),
                     };
-                    completion.complete_in(res, buf, slot);
+                    f(res, buf, Some(slot));
                 }
                 // The submitter has not dropped its clone yet (it is about to): nobody else
                 // uses the slot, the lock is uncontended. The slot is moved out and back, so
                 // that the user's completion never runs under a dio-core lock (rule L3).
                 None => {
                     let mut slot = std::mem::take(&mut *crate::sync::lock_std(&dio.slot));
-                    completion.complete_in(res, buf, &mut slot);
+                    f(res, buf, Some(&mut slot));
                     *crate::sync::lock_std(&dio.slot) = slot;
                 }
             }
