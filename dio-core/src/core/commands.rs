@@ -15,6 +15,7 @@ use crate::bio::BioOp;
 use crate::completion::Completion;
 use crate::dio::{Payload, Walk};
 use crate::error::DioError;
+use crate::hooks::Mapper;
 use crate::request::{Dir, IoBuf, Mode, Outcome};
 
 /// One device command of a [`DioCore::submit_commands`] request.
@@ -32,7 +33,7 @@ pub struct Command {
     pub data: Option<(u64, u64)>,
 }
 
-impl<B: IoBuf> DioCore<B> {
+impl<B: IoBuf, M: Mapper + ?Sized> DioCore<B, M> {
     /// Submit one request made of `commands` (at least one). `offset` is the file offset the
     /// request is known by. In [`Mode::Async`] the request is `Queued` once every command was
     /// accepted; otherwise (sync, or a command refused or not mappable) the submitter waits
