@@ -18,7 +18,8 @@
 
 use crate::dio::{Final, Payload, Wait};
 use crate::error::DioError;
-use crate::sync::{AtomicBool, AtomicU32, Mutex, MutexGuard, Ordering, invariant, lock, thread};
+use crate::sync::bio_lock::{self, Guard, Mutex};
+use crate::sync::{AtomicBool, AtomicU32, Ordering, invariant, thread};
 
 enum Fin<B> {
     /// The submitter has not dropped its reference yet.
@@ -60,8 +61,9 @@ impl<B> AtomicRefs<B> {
         *self = AtomicRefs::new();
     }
 
-    fn slots(&self) -> MutexGuard<'_, Slots<B>> {
-        let g = lock(&self.slots);
+    #[inline(always)]
+    fn slots(&self) -> Guard<'_, Slots<B>> {
+        let g = bio_lock::lock(&self.slots);
         invariant!(!g.released, "touched a released Dio");
         g
     }

@@ -54,20 +54,17 @@ impl<B> Completion<B> {
         }
     }
 
-    /// Whether this completion wants the request state's user slot.
+    /// The function of a slotted completion, taken out (the completion is then spent), so that
+    /// the caller calls it directly with the buffer: not through a further by-value call,
+    /// which is one more copy of the buffer. `None` (and nothing taken) for the other shapes.
     #[inline(always)]
-    pub(crate) fn wants_slot(&self) -> bool {
-        matches!(self.0, Some(Callback::Slotted(_)))
-    }
-
-    /// Run the callback, lending a slotted one the request state's user slot.
-    #[inline(always)]
-    pub(crate) fn complete_in(mut self, result: DioResult, buf: B, slot: &mut Slot) {
-        match self.0.take() {
-            Some(Callback::Slotted(f)) => f(result, buf, Some(slot)),
-            Some(Callback::Fn(f)) => f(result, buf),
-            Some(Callback::Boxed(f)) => f(result, buf),
-            None => {}
+    pub(crate) fn take_slotted(&mut self) -> Option<fn(DioResult, B, Option<&mut Slot>)> {
+        match self.0 {
+            Some(Callback::Slotted(f)) => {
+                self.0 = None;
+                Some(f)
+            }
+            _ => None,
         }
     }
 

@@ -315,40 +315,70 @@ impl<B: Send + 'static> DioShared<B> {
     fn complete_queued(dio: Arc<Self>, fin: Final<B>) {
         match dio.deferral.clone() {
             Some(d) => d.defer_completion(Deferred::new(dio, Handoff::Resolve(fin))),
-            None => Self::finish(dio, Handoff::Resolve(fin)),
+            None => {
+                // Taken apart here, not through a `Handoff`: every aggregate the payload
+                // passes through on its way to the callback is one more copy of it.
+                let Final {
+                    handled,
+                    io_error,
+                    payload: Payload { buf, completion },
+                } = fin;
+                let res = dio.resolve_queued(handled, io_error);
+                Self::complete(dio, res, buf, completion);
+            }
         }
     }
 
-    /// Resolve if needed, recycle the state, then run the completion (after the recycling,
-    /// so that a completion that submits again finds the state in the pool). A slotted
-    /// completion runs before the recycling instead, lent the state's slot.
+    /// Resolve if needed, recycle the state, then run the completion (see
+    /// [`complete`](Self::complete)).
     #[inline(always)]
-    pub(crate) fn finish(mut dio: Arc<Self>, h: Handoff<B>) {
-        let (res, payload) = match h {
-            Handoff::Resolve(fin) => {
-                let walk = Walk {
-                    handled: fin.handled,
-                    ..Walk::default()
-                };
-                (dio.resolve(&walk, fin.io_error), fin.payload)
+    pub(crate) fn finish(dio: Arc<Self>, h: Handoff<B>) {
+        match h {
+            Handoff::Resolve(Final {
+                handled,
+                io_error,
+                payload: Payload { buf, completion },
+            }) => {
+                let res = dio.resolve_queued(handled, io_error);
+                Self::complete(dio, res, buf, completion);
             }
-            Handoff::Ready(res, payload) => (res, payload),
+            Handoff::Ready(res, Payload { buf, completion }) => {
+                Self::complete(dio, res, buf, completion)
+            }
+        }
+    }
+
+    /// [`resolve`](Self::resolve) for a queued request: no submission or deferred error,
+    /// `handled` is its walk.
+    #[inline(always)]
+    fn resolve_queued(&self, handled: u64, io_error: Option<DioError>) -> DioResult {
+        let walk = Walk {
+            handled,
+            ..Walk::default()
         };
-        if payload.completion.wants_slot() {
+        self.resolve(&walk, io_error)
+    }
+
+    /// Recycle the state, then run the completion (after the recycling, so that a completion
+    /// that submits again finds the state in the pool). A slotted completion runs before the
+    /// recycling instead, lent the state's slot.
+    #[inline(always)]
+    fn complete(mut dio: Arc<Self>, res: DioResult, buf: B, mut completion: Completion<B>) {
+        if let Some(f) = completion.take_slotted() {
             match Arc::get_mut(&mut dio) {
                 Some(d) => {
                     let slot = match d.slot.get_mut() {
                         Ok(s) => s,
                         Err(p) => p.into_inner(),
                     };
-                    payload.completion.complete_in(res, payload.buf, slot);
+                    f(res, buf, Some(slot));
                 }
                 // The submitter has not dropped its clone yet (it is about to): nobody else
                 // uses the slot, the lock is uncontended. The slot is moved out and back, so
                 // that the user's completion never runs under a dio-core lock (rule L3).
                 None => {
                     let mut slot = std::mem::take(&mut *crate::sync::lock_std(&dio.slot));
-                    payload.completion.complete_in(res, payload.buf, &mut slot);
+                    f(res, buf, Some(&mut slot));
                     *crate::sync::lock_std(&dio.slot) = slot;
                 }
             }
@@ -359,7 +389,7 @@ impl<B: Send + 'static> DioShared<B> {
         let pool = std::sync::Arc::clone(&dio.pool);
         Self::recycle(dio, &pool);
         drop(pool);
-        payload.completion.complete(res, payload.buf);
+        completion.complete(res, buf);
     }
 
     /// `dio_complete`: EOF clamp, end-io hook (only if bytes were handled), precedence.

@@ -8,6 +8,7 @@ use crate::completion::Completion;
 use crate::core::{DioCore, Reserved, SyncOutcome};
 use crate::dio::Slot;
 use crate::error::{DioError, DioResult};
+use crate::hooks::Mapper;
 use crate::request::{DioRequest, Dir, IoBuf, Outcome};
 
 /// The file as the upper layer needs it. Implemented by the driver integration (and by test
@@ -43,15 +44,15 @@ pub enum Submitted {
 }
 
 /// The user-facing API over a [`DioCore`] and a [`File`].
-pub struct IoCtx<B: IoBuf, F: File<B>> {
-    core: DioCore<B>,
+pub struct IoCtx<B: IoBuf, F: File<B>, M: Mapper + ?Sized = dyn Mapper> {
+    core: DioCore<B, M>,
     file: F,
     delivery: SubmitErrorDelivery,
 }
 
-impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
+impl<B: IoBuf, F: File<B>, M: Mapper + ?Sized> IoCtx<B, F, M> {
     /// A context with [`SubmitErrorDelivery::Return`].
-    pub fn new(core: DioCore<B>, file: F) -> Self {
+    pub fn new(core: DioCore<B, M>, file: F) -> Self {
         IoCtx {
             core,
             file,
@@ -71,7 +72,7 @@ impl<B: IoBuf, F: File<B>> IoCtx<B, F> {
     }
 
     /// The core.
-    pub fn core(&self) -> &DioCore<B> {
+    pub fn core(&self) -> &DioCore<B, M> {
         &self.core
     }
 

@@ -8,7 +8,8 @@
 
 use crate::dio::{Final, Payload, Wait};
 use crate::error::DioError;
-use crate::sync::{Condvar, Mutex, MutexGuard, invariant, lock};
+use crate::sync::bio_lock::{self, Condvar, Guard, Mutex};
+use crate::sync::invariant;
 
 struct State<B> {
     /// 1 (the submitter, until its final drop) + accepted bios not yet completed.
@@ -19,7 +20,9 @@ struct State<B> {
     io_error: Option<DioError>,
     /// Published by the submitter in the critical section of its final decrement (only a
     /// queued request publishes, and it has no submission error: `handled` is all it found).
-    published: Option<(u64, Payload<B>)>,
+    /// Already in the shape the last completer returns (its `io_error` is filled in then), so
+    /// that the hand-over moves the payload once each way.
+    published: Option<Final<B>>,
     /// Poison flag: `refs` reached 0.
     released: bool,
 }
@@ -47,10 +50,7 @@ impl<B> LockedRefs<B> {
     /// reach the state (`Arc::get_mut` proved it), so no lock is taken.
     #[inline(always)]
     pub fn reuse(&mut self) {
-        let s = match self.st.get_mut() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let s = bio_lock::get_mut(&mut self.st);
         s.refs = 1;
         s.waiter = None;
         s.io_error = None;
@@ -61,18 +61,16 @@ impl<B> LockedRefs<B> {
     /// `get_ref` when the submitter holds the only `Arc` (a request's first bio): no other
     /// thread can observe the count, so it is changed without the lock.
     pub fn get_ref_exclusive(&mut self) -> u32 {
-        let s = match self.st.get_mut() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let s = bio_lock::get_mut(&mut self.st);
         invariant!(!s.released, "touched a released Dio");
         s.refs += 1;
         s.refs - 2
     }
 
     /// Every acquisition checks the poison flag (I-LT-1).
-    fn lock(&self) -> MutexGuard<'_, State<B>> {
-        let g = lock(&self.st);
+    #[inline(always)]
+    fn lock(&self) -> Guard<'_, State<B>> {
+        let g = bio_lock::lock(&self.st);
         invariant!(!g.released, "touched a released Dio");
         g
     }
@@ -103,7 +101,7 @@ impl<B> LockedRefs<B> {
     /// with [`Wait::PollInPlace`], poll before the first check (the submitter has bios in
     /// flight, so a first check before any poll would most likely be a wasted lock round trip).
     #[inline(always)]
-    fn wait_locked(&self, target: u32, wait: &Wait, poll_first: bool) -> MutexGuard<'_, State<B>> {
+    fn wait_locked(&self, target: u32, wait: &Wait, poll_first: bool) -> Guard<'_, State<B>> {
         if let (true, Wait::PollInPlace(poller)) = (poll_first, wait) {
             // Never with the lock held (L3).
             poller.poll_once();
@@ -113,10 +111,7 @@ impl<B> LockedRefs<B> {
                 let mut g = self.lock();
                 while g.refs > target {
                     g.waiter = Some(target);
-                    g = match self.cv.wait(g) {
-                        Ok(g) => g,
-                        Err(p) => p.into_inner(),
-                    };
+                    g = bio_lock::wait(&self.cv, g);
                     invariant!(!g.released, "touched a released Dio");
                 }
                 g.waiter = None;
@@ -166,7 +161,11 @@ impl<B> LockedRefs<B> {
                 payload,
             });
         }
-        g.published = Some((handled, payload));
+        g.published = Some(Final {
+            handled,
+            io_error: None,
+            payload,
+        });
         None
     }
 
@@ -189,15 +188,15 @@ impl<B> LockedRefs<B> {
             return None;
         }
         g.released = true;
-        let Some((handled, payload)) = g.published.take() else {
-            panic!("the last reference was a bio's but the submitter published nothing (I-CB-5)");
-        };
         let io_error = g.io_error;
-        drop(g);
-        Some(Final {
-            handled,
-            io_error,
-            payload,
-        })
+        match g.published.take() {
+            Some(mut fin) => {
+                fin.io_error = io_error;
+                Some(fin)
+            }
+            None => panic!(
+                "the last reference was a bio's but the submitter published nothing (I-CB-5)"
+            ),
+        }
     }
 }

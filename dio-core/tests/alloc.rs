@@ -231,7 +231,9 @@ fn scenario(counting: RefCounting, poll_in_place: bool) -> usize {
         refcount: counting,
         ..Config::default()
     };
-    let core = DioCore::new(dev.clone(), Arc::new(Identity), cfg);
+    // The trait-object mapper (the default); the unit tests use a concrete one.
+    let mapper: Arc<dyn Mapper> = Arc::new(Identity);
+    let core = DioCore::new(dev.clone(), mapper, cfg);
     let ctx = IoCtx::new(core, Fixed(1 << 30));
     // Warm-up: fills the request-state pool and every lazily allocated thread-local.
     requests(&ctx, &dev, poll_in_place, 64);

@@ -27,7 +27,7 @@ fn rig(
     i_size: u64,
     align: u64,
     counting: RefCounting,
-) -> (Rig, DioCore<TBuf>) {
+) -> (Rig, DioCore<TBuf, LayoutMapper>) {
     let probe = Probe::new();
     let core = Arc::new(DevCore::new(vec![], vec![], probe.clone()));
     let dev = Arc::new(QueueDev::new(core, 64));

@@ -13,8 +13,9 @@
 use super::DioCore;
 use crate::bio::BioOp;
 use crate::completion::Completion;
-use crate::dio::Walk;
+use crate::dio::{Payload, Walk};
 use crate::error::DioError;
+use crate::hooks::Mapper;
 use crate::request::{Dir, IoBuf, Mode, Outcome};
 
 /// One device command of a [`DioCore::submit_commands`] request.
@@ -32,7 +33,7 @@ pub struct Command {
     pub data: Option<(u64, u64)>,
 }
 
-impl<B: IoBuf> DioCore<B> {
+impl<B: IoBuf, M: Mapper + ?Sized> DioCore<B, M> {
     /// Submit one request made of `commands` (at least one). `offset` is the file offset the
     /// request is known by. In [`Mode::Async`] the request is `Queued` once every command was
     /// accepted; otherwise (sync, or a command refused or not mappable) the submitter waits
@@ -74,7 +75,7 @@ impl<B: IoBuf> DioCore<B> {
             w.submit_err = Some(DioError::Invalid);
         }
         let queued = mode == Mode::Async && w.submit_err.is_none() && issued > 0;
-        match self.drain(dio, &w, queued, buf, completion) {
+        match self.drain(dio, &w, queued, Payload { buf, completion }) {
             None => Outcome::Queued,
             Some((result, buf, completion)) => Outcome::Done {
                 result,

@@ -253,7 +253,7 @@ pub(crate) fn sync_outcome(o: Outcome<Window>) -> (DioResult, Window) {
 /// Device access of the page cache: a dio-core used synchronously, with the EOF at the capacity
 /// (a cache page is read whole, whatever `len` is).
 pub(crate) struct Store {
-    core: DioCore<Window>,
+    core: DioCore<Window, ExtentMapper>,
     capacity: u64,
     block: u64,
 }
@@ -349,7 +349,7 @@ impl dio_core::File<Window> for FileState {
 }
 
 struct Inner {
-    io: IoCtx<Window, FileState>,
+    io: IoCtx<Window, FileState, ExtentMapper>,
     shared: Arc<path::Shared>,
     engine: EngineRef,
     deferral: Option<Arc<dyn dio_core::Deferral>>,

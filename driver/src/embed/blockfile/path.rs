@@ -23,7 +23,9 @@
 //!    `dio-core/DESIGN.md §3.7`) on the dio-core request state it reserved when it entered.
 //!    Its context ([`Context`]: the buffer, the held range, the byte accounting, what the
 //!    error names, the user's callback stored inline) is a box kept in that state's user slot
-//!    between requests (dio-core's `Slot`), whose pointer is the request's [`Window`].
+//!    between requests (dio-core's `Slot`), whose pointer is the request's [`Window`]. The
+//!    file's dio-cores are typed with its concrete block map (`DioCore<Window, ExtentMapper>`),
+//!    so that the map of each bio is inlined into dio-core's walk rather than a virtual call.
 //! 6. **Completion** ([`direct_done`], where the request finished: the poller, or the
 //!    submitter's stack): unlock the range (it covers the I/O, not the callback); with
 //!    deferred completions, hand the rest to the deferral thread. Then ([`deliver_with`]) zero
@@ -72,7 +74,7 @@ use dio_core::{
 
 use super::callback::Callback;
 use super::maint::Spares;
-use super::{BlockFile, Completed, EngineRef, Refused, Request};
+use super::{BlockFile, Completed, EngineRef, ExtentMapper, Refused, Request};
 use crate::embed::cache::PAGE;
 use crate::embed::error::{EmbedError, EmbedResult, Op};
 use crate::embed::iobuf::{Frame, IoBuffer, Window};
@@ -626,7 +628,7 @@ pub(crate) struct Shared {
     /// allocating ([`DioCore::defer_completion`]). The file's own dio-core has no deferral:
     /// [`direct_done`] runs where the request finished, gives the range back there, and only
     /// then defers the callback (see [`direct_done`]).
-    defer: Option<DioCore<Window>>,
+    defer: Option<DioCore<Window, ExtentMapper>>,
     /// The DMA buffers of the maintenance operations (module `maint`).
     pub(super) spares: Spares,
     /// Contexts allocated because the pool was empty, and freed because it was full (cold
@@ -641,7 +643,11 @@ const CONTEXTS: usize = 256;
 
 impl Shared {
     /// `defer`: see [`Shared::defer`]; `spares`: see [`Shared::spares`].
-    pub(super) fn new(capacity: u64, defer: Option<DioCore<Window>>, spares: Spares) -> Shared {
+    pub(super) fn new(
+        capacity: u64,
+        defer: Option<DioCore<Window, ExtentMapper>>,
+        spares: Spares,
+    ) -> Shared {
         Shared {
             locks: RangeLock::new(capacity),
             contexts: ArrayQueue::new(CONTEXTS),
@@ -748,7 +754,7 @@ impl Context {
     #[inline(always)]
     fn with_callback<F: FnOnce(Completed) + Send + 'static>(
         shared: &Arc<Shared>,
-        core: &DioCore<Window>,
+        core: &DioCore<Window, ExtentMapper>,
         cb: F,
     ) -> Box<Context> {
         let (reserved, slot) = core.reserve();
