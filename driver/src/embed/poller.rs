@@ -92,6 +92,17 @@
 //! keep their capacity; run to completion reuses its list of reaped bios); what dio-core and the
 //! file layer allocate per request is theirs.
 //!
+//! *What a queue pair keeps per command* ([`BioCtx`], three words). A bio is split at
+//! submission ([`Bio::split`]: the `Window`'s segment has nothing to unmap): the queue pair
+//! gets the command's memory as a slice (`QueuePair::submit_held`, which checks it as the
+//! owned-buffer calls do and, like them, hands the context back only once the device has let
+//! go of the memory) and keeps only the completion handle, which owns the bio's reference on
+//! the request (so the request's buffer stays), the submitter's waiter and the first block
+//! (named by an NVMe/TCP error status). A command the queue pair refuses for want of requests
+//! is rejoined with its handle into the bio it was. Measured (`count` profile, QD32
+//! asynchronous 4 KiB reads on the emulated device): 2158 -> 2147 instructions per read; QD1
+//! synchronous: 2101 -> 2065; the raw queue pair unchanged.
+//!
 //! **Run to completion** ([`Local`]): the caller's thread owns the queue pairs, kept in a slot of
 //! a thread-local table whose index the engine keeps (O(1) access, no search), and polls them
 //! itself while it waits: dio-core's `Wait::PollInPlace`.
@@ -123,16 +134,16 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::sync::{Parker, Unparker};
 use crossbeam_utils::{Backoff, CachePadded};
-use dio_core::{Bio, BioOp, BioSink, DeviceStatus, DioError, Poller, Rejected};
+use dio_core::{Bio, BioCmd, BioHandle, BioOp, BioSink, DeviceStatus, DioError, Poller, Rejected};
 
 use crate::bus::dma::DmaSlice;
 use crate::embed::ctrl::EmbedCtrl;
 use crate::embed::error::{DEVICE_REMOVED, EmbedError, HOST_PATH_ERROR};
-use crate::embed::iobuf::Window;
+use crate::embed::iobuf::{Seg, Window};
 use crate::embed::sleep::{InterruptMode, PollerWait, WakeFd, arm_queue};
 use crate::nvme::error::{DeadReason, Error, IoError};
 use crate::nvme::namespace::Namespace;
-use crate::nvme::qpair::{DmaOwner, IoFlags, IoResult, QueueOptions, QueuePair};
+use crate::nvme::qpair::{IoFlags, IoOp, IoResult, QueueOptions, QueuePair};
 use crate::nvmf::HostError;
 use crate::spec::Sqe;
 use crate::spec::sqe::{DSM_RANGE_LEN, io};
@@ -140,9 +151,15 @@ use crate::spec::status::generic;
 use crate::transport::{TcpQueue, TransportError, TransportIoError, TransportQueue};
 use crate::types::{Iova, Lba};
 
-/// The context of one bio on a queue pair: the bio, and the waiter of the thread that
-/// submitted it (pooled mode), woken once the bio has been completed into dio-core.
-pub(crate) struct BioCtx(Bio<Window>, Option<&'static Waiter>);
+/// The context of one bio on a queue pair: the bio's completion handle (its reference on the
+/// request; the command itself was split off at submission, [`Bio::split`]), the waiter of the
+/// thread that submitted it (pooled mode), woken once the bio has been completed into dio-core,
+/// and the bio's first block (the status of an NVMe/TCP error names it). Three words.
+pub(crate) struct BioCtx {
+    done: BioHandle<Window>,
+    waiter: Option<&'static Waiter>,
+    lba: u64,
+}
 
 impl BioCtx {
     /// Complete the bio into dio-core (its reference drop, and the request's completion if it
@@ -150,33 +167,24 @@ impl BioCtx {
     /// is never freed, not part of the request, so touching it after the drop is fine.
     #[inline(always)]
     fn complete(self, status: Result<(), DeviceStatus>) {
-        let BioCtx(bio, waiter) = self;
-        bio.complete(status);
+        let BioCtx { done, waiter, .. } = self;
+        done.complete(status);
         if let Some(w) = waiter {
             w.wake();
         }
     }
 }
 
-// SAFETY: the slice is the DMA segment dio-core mapped from the request's `Window`, i.e. a
-// sub-range of a `DmaBuffer` (`IoBuffer::Dma`) that lies in this controller's DMA memory (the
-// queue pair re-checks the IOVA). That buffer is owned by the request (dio-core keeps it in the
-// request's payload, which is taken only when the last reference goes, after this bio has been
-// completed), and its pages never move. While bios are in flight nobody else touches the
-// buffer: the submitter handed it to dio-core by value, dio-core only zero-fills read holes
-// (which the mapper of this crate never reports), and the user gets it back only after the
-// last bio completed. The queue pair hands a `BioCtx` back only once the device has let go of
-// the memory (owned-buffer API, `F_HOLDS`). The same bio returns the same slice every time.
-unsafe impl DmaOwner for BioCtx {
-    fn dma_slice(&self) -> DmaSlice {
-        match self.0.segment() {
-            Some(s) => s.0,
-            None => DmaSlice {
-                ptr: core::ptr::NonNull::dangling(),
-                iova: Iova(0),
-                len: 0,
-            },
-        }
+/// The DMA memory of a bio's command: its segment, or nothing (an empty slice).
+#[inline(always)]
+fn data_of(cmd: &BioCmd<Seg>) -> DmaSlice {
+    match cmd.segment() {
+        Some(s) => s.0,
+        None => DmaSlice {
+            ptr: core::ptr::NonNull::dangling(),
+            iova: Iova(0),
+            len: 0,
+        },
     }
 }
 
@@ -243,13 +251,17 @@ fn submit_one(
         bio,
         waiter,
     } = w;
-    submit_ctx(qpairs, targets, target, BioCtx(bio, waiter), failed).map_err(
-        |BioCtx(bio, waiter)| Work {
-            target,
-            bio,
-            waiter,
-        },
-    )
+    let (cmd, done) = bio.split();
+    let ctx = BioCtx {
+        done,
+        waiter,
+        lba: cmd.lba(),
+    };
+    submit_cmd(qpairs, targets, target, &cmd, ctx, failed).map_err(|ctx| Work {
+        target,
+        bio: ctx.done.rejoin(cmd),
+        waiter: ctx.waiter,
+    })
 }
 
 /// A queue pair whose controller was reset: a new one once its requests were failed (each once,
@@ -266,12 +278,15 @@ fn renew(q: &mut QueuePair<BioCtx>) {
     }
 }
 
-/// [`submit_one`] on a context already built: `Err(ctx)` when the request pool is exhausted.
+/// [`submit_one`] on a bio split into its command and its context (the completion handle):
+/// the queue pair gets the command's memory at submission and keeps only the small context.
+/// `Err(ctx)` when the request pool is exhausted: the caller rejoins it with its command.
 #[inline(always)]
-fn submit_ctx(
+fn submit_cmd(
     qpairs: &mut [TransportQueue<BioCtx>],
     targets: &Targets,
     target: u32,
+    cmd: &BioCmd<Seg>,
     ctx: BioCtx,
     failed: &mut Vec<(BioCtx, DeviceStatus)>,
 ) -> Result<(), BioCtx> {
@@ -284,7 +299,7 @@ fn submit_ctx(
             q
         }
         TransportQueue::Tcp(q) => {
-            return match tcp_submit(q, ns, ctx) {
+            return match tcp_submit(q, ns, cmd, ctx) {
                 Ok(()) => Ok(()),
                 Err((ctx, None)) => Err(ctx),
                 Err((ctx, Some(st))) => {
@@ -294,17 +309,35 @@ fn submit_ctx(
             };
         }
     };
-    let lba = Lba(ctx.0.lba());
-    let r = match ctx.0.op() {
-        BioOp::Read => q.read(ns, lba, ctx),
-        BioOp::Write => q.write(ns, lba, ctx),
+    let lba = Lba(cmd.lba());
+    // Why the `*_held` calls below are sound: the slice is the DMA segment dio-core mapped from the
+    // request's `Window`, i.e. a sub-range of a `DmaBuffer` (`IoBuffer::Dma`) that lies in this
+    // controller's DMA memory (the queue pair re-checks it: `check_owned`). The context owns
+    // the bio's reference on the request, and the buffer is the request's: dio-core keeps it
+    // in the request's payload, which is taken only when the last reference goes, so not
+    // before this context has been completed (or, if it never is, never), and its pages never
+    // move. While bios are in flight nobody else touches the buffer: the submitter handed it
+    // to dio-core by value, dio-core only zero-fills read holes (which the mapper of this
+    // crate never reports), and the user gets it back only after the last bio completed. The
+    // queue pair hands the context back only once the device has let go of the memory.
+    let r = match cmd.op() {
+        // SAFETY: the segment is the request's memory, owned through `ctx` (see above).
+        BioOp::Read => unsafe {
+            q.submit_held(IoOp::Read, ns, lba, data_of(cmd), IoFlags::NONE, ctx)
+        },
+        // SAFETY: as for a read; the device only reads the memory.
+        BioOp::Write => unsafe {
+            q.submit_held(IoOp::Write, ns, lba, data_of(cmd), IoFlags::NONE, ctx)
+        },
         BioOp::WriteZeroes => {
-            let blocks = (ctx.0.len() >> ns.block_shift()) as u32;
+            let blocks = (cmd.len() >> ns.block_shift()) as u32;
             q.write_zeroes(ns, lba, blocks, IoFlags::NONE, ctx)
         }
         // The maintenance commands of `BlockFile` (module `blockfile::maint`).
         BioOp::Flush => q.flush(ns, ctx),
-        BioOp::Deallocate => q.deallocate_list(ns, ctx),
+        // SAFETY: the segment is the range list, the request's memory, owned through `ctx`
+        // (see above).
+        BioOp::Deallocate => unsafe { q.deallocate_list_held(ns, data_of(cmd), ctx) },
     };
     match r {
         Ok(()) => Ok(()),
@@ -326,10 +359,11 @@ pub(crate) const ADMIN_TICK: Duration = Duration::from_millis(100);
 fn tcp_submit(
     q: &mut TcpQueue<BioCtx>,
     ns: &Namespace,
+    cmd: &BioCmd<Seg>,
     ctx: BioCtx,
 ) -> Result<(), (BioCtx, Option<DeviceStatus>)> {
-    let data = ctx.dma_slice();
-    let lba = ctx.0.lba();
+    let data = data_of(cmd);
+    let lba = cmd.lba();
     let nsid = ns.nsid().0;
     let range = |blocks: u64| {
         lba.checked_add(blocks)
@@ -337,7 +371,7 @@ fn tcp_submit(
     };
     let bad = |sc| Some(DeviceStatus::new(0, sc));
     let bs = ns.block_size() as usize;
-    let (sqe, len, out) = match ctx.0.op() {
+    let (sqe, len, out) = match cmd.op() {
         op @ (BioOp::Read | BioOp::Write) => {
             let blocks = (data.len / bs) as u64;
             if data.len == 0 || data.len % bs != 0 || blocks > 65536 {
@@ -353,7 +387,7 @@ fn tcp_submit(
             (Sqe::rw(opc, nsid, lba, blocks as u32, false), data.len, out)
         }
         BioOp::WriteZeroes => {
-            let blocks = ctx.0.len() >> ns.block_shift();
+            let blocks = cmd.len() >> ns.block_shift();
             if blocks == 0 || blocks > 65536 {
                 return Err((ctx, bad(generic::INVALID_FIELD)));
             }
@@ -369,8 +403,8 @@ fn tcp_submit(
                 return Err((ctx, bad(generic::INVALID_FIELD)));
             }
             for i in 0..n {
-                // SAFETY: the context owns the `n * 16`-byte list (DmaOwner's contract) and
-                // nothing writes it while the bio is ours; range `i` lies inside it.
+                // SAFETY: the bio's segment is the `n * 16`-byte list, owned by the request while
+                // the bio is ours, and nothing writes it meanwhile; range `i` lies inside it.
                 let r = unsafe {
                     data.ptr
                         .as_ptr()
@@ -389,9 +423,9 @@ fn tcp_submit(
         }
     };
     // SAFETY: the memory is the bio's segment (or the range list) in the controller's host
-    // memory, owned by the request until this context comes back from the queue's poll
-    // (DmaOwner's contract, as for PCIe); a context is handed back only once the host queue
-    // has let go of the memory (completed, or its connection ended).
+    // memory, owned by the request until this context, which holds the bio's reference, comes
+    // back from the queue's poll (as for PCIe, see `submit_bio`); a context is handed back
+    // only once the host queue has let go of the memory (completed, or its connection ended).
     match unsafe { q.submit_sqe(sqe, data.ptr, len, out, ctx) } {
         Ok(()) => Ok(()),
         Err(rej) if rej.error.is_queue_full() => Err((rej.tag, None)),
@@ -418,7 +452,7 @@ fn tcp_status(ctx: &BioCtx, r: Result<(), TransportIoError>) -> Result<(), Devic
             Some(st) => DeviceStatus {
                 sct: st.sct.bits(),
                 sc: st.sc,
-                lba: Some(ctx.0.lba()),
+                lba: Some(ctx.lba),
             },
             None => HOST_PATH_ERROR,
         }),
@@ -1700,31 +1734,45 @@ pub(crate) struct LocalSink {
 
 impl BioSink<Window> for LocalSink {
     fn submit(&self, bio: Bio<Window>) -> Result<(), Rejected<Window>> {
-        // Only the owner thread's table holds this engine's id: elsewhere `with` finds nothing.
-        let mut slot = Some(bio);
-        let r = self.local.with(|st| {
-            let bio = slot.take().expect("taken once");
-            let LocalState {
-                qpairs,
-                targets,
-                failed,
-                ..
-            } = st;
-            submit_ctx(qpairs, targets, self.target, BioCtx(bio, None), failed)
-                .map_err(|BioCtx(bio, _)| bio)
+        // Split first: only the small context moves into the look-up's closure, the command
+        // is borrowed, and a refused context is rejoined with it afterwards.
+        let (cmd, done) = bio.split();
+        let ctx = BioCtx {
+            done,
+            waiter: None,
+            lba: cmd.lba(),
+        };
+        // Only the owner thread's table holds this engine's id: elsewhere (or while the state
+        // is borrowed) the bio is refused.
+        let (local, target, cmd_ref) = (&*self.local, self.target, &cmd);
+        let r = LOCAL.with(move |l| {
+            let mut l = match l.try_borrow_mut() {
+                Ok(l) => l,
+                Err(_) => return Err((ctx, DioError::Fault)),
+            };
+            match l.get_mut(local.slot).and_then(Option::as_mut) {
+                Some(st) if st.id == local.id => {
+                    let LocalState {
+                        qpairs,
+                        targets,
+                        failed,
+                        ..
+                    } = st;
+                    submit_cmd(qpairs, targets, target, cmd_ref, ctx, failed)
+                        .map_err(|ctx| (ctx, DioError::QueueFull))
+                }
+                _ => Err((ctx, DioError::Fault)),
+            }
         });
-        match r {
-            Some(Ok(())) => Ok(()),
-            Some(Err(bio)) => Err(Rejected {
-                bio,
-                why: DioError::QueueFull,
-            }),
-            None => Err(Rejected {
-                bio: slot.expect("not taken"),
-                why: DioError::Fault,
-            }),
-        }
+        r.map_err(|(ctx, why)| refused(ctx.done.rejoin(cmd), why))
     }
+}
+
+/// A bio the engine refused: its pool is exhausted (`QueueFull`), or it was submitted off the
+/// engine's owner thread or while its state was borrowed (`Fault`).
+#[cold]
+fn refused(bio: Bio<Window>, why: DioError) -> Rejected<Window> {
+    Rejected { bio, why }
 }
 
 /// The in-place poller handed to dio-core (`Wait::PollInPlace`).
