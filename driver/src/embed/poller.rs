@@ -92,22 +92,24 @@
 //! keep their capacity; run to completion reuses its list of reaped bios); what dio-core and the
 //! file layer allocate per request is theirs.
 //!
-//! *What a queue pair keeps per command* ([`BioCtx`], three words). A bio is split at
+//! *What a queue pair keeps per command* ([`BioCtx`], two words). A bio is split at
 //! submission ([`Bio::split`]: the `Window`'s segment has nothing to unmap): the queue pair
 //! gets the command's memory as a slice (`QueuePair::submit_held`, which checks it as the
 //! owned-buffer calls do and, like them, hands the context back only once the device has let
 //! go of the memory) and keeps only the completion handle, which owns the bio's reference on
-//! the request (so the request's buffer stays), the submitter's waiter and the first block
-//! (named by an NVMe/TCP error status). A command the queue pair refuses for want of requests
-//! is rejoined with its handle into the bio it was. Measured (`count` profile, QD32
-//! asynchronous 4 KiB reads on the emulated device): 2158 -> 2145 instructions per read; QD1
-//! synchronous: 2101 -> 2063; the raw queue pair unchanged.
+//! the request (so the request's buffer stays), and the submitter's waiter. An NVMe/TCP queue
+//! also keeps the bio's first block ([`TcpCtx`]), which its error status names. A command the
+//! queue pair refuses for want of requests is rejoined with its handle into the bio it was.
+//! Measured (`count` profile, 4 KiB reads on the emulated device, instructions per read): QD32
+//! asynchronous 2158 -> 2147, QD1 synchronous 2101 -> 2035; the raw queue pair unchanged. Two
+//! words rather than three (the first block in the PCIe context too) is worth 28 at QD1, where
+//! the context travels in registers, and costs 2 at QD32.
 //!
 //! **Run to completion** ([`Local`]): the caller's thread owns the queue pairs, kept in a slot of
 //! a thread-local table whose index the engine keeps (O(1) access, no search), and polls them
 //! itself while it waits: dio-core's `Wait::PollInPlace`.
 //!
-//! **Transports.** A poller's queues are [`TransportQueue`]s: a PCIe queue pair (its arm of
+//! **Transports.** A poller's queues are [`IoQueue`]s: a PCIe queue pair (its arm of
 //! each `match` is the queue pair's own inlined call, as before) or an NVMe/TCP connection
 //! (`tcp_submit`, `tcp_status`: the same bios, whose data lies in the controller's host
 //! memory, sent and received by the host queue without blocking). Poller 0 also drives the
@@ -151,14 +153,43 @@ use crate::spec::status::generic;
 use crate::transport::{TcpQueue, TransportError, TransportIoError, TransportQueue};
 use crate::types::{Iova, Lba};
 
-/// The context of one bio on a queue pair: the bio's completion handle (its reference on the
-/// request; the command itself was split off at submission, [`Bio::split`]), the waiter of the
-/// thread that submitted it (pooled mode), woken once the bio has been completed into dio-core,
-/// and the bio's first block (the status of an NVMe/TCP error names it). Three words.
+/// The context of one bio on a PCIe queue pair: the bio's completion handle (its reference on
+/// the request; the command itself was split off at submission, [`Bio::split`]) and the waiter
+/// of the thread that submitted it (pooled mode), woken once the bio has been completed into
+/// dio-core. Two words, so it travels in registers.
 pub(crate) struct BioCtx {
     done: BioHandle<Window>,
     waiter: Option<&'static Waiter>,
+}
+
+/// The context of one bio on an NVMe/TCP queue: also its first block, which the status of an
+/// error names (a PCIe error carries it itself).
+pub(crate) struct TcpCtx {
+    ctx: BioCtx,
     lba: u64,
+}
+
+/// A queue of a poller (or of a run-to-completion engine), on either transport. Not a
+/// [`TransportQueue`], whose two transports share one context type: each keeps its own.
+pub(crate) enum IoQueue {
+    /// A PCIe queue pair.
+    Pcie(QueuePair<BioCtx>),
+    /// An NVMe/TCP I/O queue.
+    Tcp(TcpQueue<TcpCtx>),
+}
+
+/// A new queue on `c`, of its transport.
+fn create_queue(c: &EmbedCtrl, opts: &QueueOptions) -> Result<IoQueue, EmbedError> {
+    if c.tcp().is_some() {
+        if let TransportQueue::Tcp(q) = c.create_queue::<TcpCtx>(opts)? {
+            return Ok(IoQueue::Tcp(q));
+        }
+    } else if let TransportQueue::Pcie(q) = c.create_queue::<BioCtx>(opts)? {
+        return Ok(IoQueue::Pcie(q));
+    }
+    Err(EmbedError::Config(
+        "internal: a controller's queue is not of its transport",
+    ))
 }
 
 impl BioCtx {
@@ -262,7 +293,7 @@ pub(crate) fn status_of(r: IoResult) -> Result<(), DeviceStatus> {
 /// a poll. Other refusals go to `failed`, completed by the next poll.
 #[inline(always)]
 fn submit_one(
-    qpairs: &mut [TransportQueue<BioCtx>],
+    qpairs: &mut [IoQueue],
     targets: &Targets,
     w: Work,
     failed: &mut Vec<(BioCtx, DeviceStatus)>,
@@ -274,11 +305,7 @@ fn submit_one(
     } = w;
     let dev = DevCmd::of(&bio);
     let (cmd, done) = bio.split();
-    let ctx = BioCtx {
-        done,
-        waiter,
-        lba: dev.lba,
-    };
+    let ctx = BioCtx { done, waiter };
     submit_cmd(qpairs, targets, target, &dev, ctx, failed).map_err(|ctx| Work {
         target,
         bio: ctx.done.rejoin(cmd),
@@ -306,7 +333,7 @@ fn renew(q: &mut QueuePair<BioCtx>) {
 /// command.
 #[inline(always)]
 fn submit_cmd(
-    qpairs: &mut [TransportQueue<BioCtx>],
+    qpairs: &mut [IoQueue],
     targets: &Targets,
     target: u32,
     cmd: &DevCmd,
@@ -315,13 +342,13 @@ fn submit_cmd(
 ) -> Result<(), BioCtx> {
     let (qi, ns) = &targets[target as usize];
     let q = match &mut qpairs[*qi] {
-        TransportQueue::Pcie(q) => {
+        IoQueue::Pcie(q) => {
             if q.is_stale() {
                 renew(q);
             }
             q
         }
-        TransportQueue::Tcp(q) => {
+        IoQueue::Tcp(q) => {
             return match tcp_submit(q, ns, cmd, ctx) {
                 Ok(()) => Ok(()),
                 Err((ctx, None)) => Err(ctx),
@@ -378,7 +405,7 @@ pub(crate) const ADMIN_TICK: Duration = Duration::from_millis(100);
 /// retry after a poll; `Err((ctx, Some(status)))`: refused, complete it with `status`.
 #[inline(never)]
 fn tcp_submit(
-    q: &mut TcpQueue<BioCtx>,
+    q: &mut TcpQueue<TcpCtx>,
     ns: &Namespace,
     cmd: &DevCmd,
     ctx: BioCtx,
@@ -443,13 +470,14 @@ fn tcp_submit(
             (Sqe::dsm_deallocate(nsid, n as u32, 0), data.len, true)
         }
     };
+    let ctx = TcpCtx { ctx, lba };
     // SAFETY: the memory is the bio's segment (or the range list) in the controller's host
     // memory, owned by the request until this context, which holds the bio's reference, comes
-    // back from the queue's poll (as for PCIe, see `submit_bio`); a context is handed back
+    // back from the queue's poll (as for PCIe, see `submit_cmd`); a context is handed back
     // only once the host queue has let go of the memory (completed, or its connection ended).
     match unsafe { q.submit_sqe(sqe, data.ptr, len, out, ctx) } {
         Ok(()) => Ok(()),
-        Err(rej) if rej.error.is_queue_full() => Err((rej.tag, None)),
+        Err(rej) if rej.error.is_queue_full() => Err((rej.tag.ctx, None)),
         Err(rej) => {
             log::debug!("nvmf host: a bio was refused: {}", rej.error);
             // Only a lost connection is the pathing error (ControllerLost); anything else the
@@ -458,7 +486,7 @@ fn tcp_submit(
                 TransportError::Tcp(HostError::Lost(_)) => HOST_PATH_ERROR,
                 _ => DeviceStatus::new(0, generic::INVALID_FIELD),
             };
-            Err((rej.tag, Some(st)))
+            Err((rej.tag.ctx, Some(st)))
         }
     }
 }
@@ -466,14 +494,14 @@ fn tcp_submit(
 /// The dio-core status of an NVMe/TCP completion: the controller's status, or the host
 /// pathing error for a connection that ended (or a command that timed out and ended it).
 #[inline]
-fn tcp_status(ctx: &BioCtx, r: Result<(), TransportIoError>) -> Result<(), DeviceStatus> {
+fn tcp_status(lba: u64, r: Result<(), TransportIoError>) -> Result<(), DeviceStatus> {
     match r {
         Ok(()) => Ok(()),
         Err(e) => Err(match e.status() {
             Some(st) => DeviceStatus {
                 sct: st.sct.bits(),
                 sc: st.sc,
-                lba: Some(ctx.lba),
+                lba: Some(lba),
             },
             None => HOST_PATH_ERROR,
         }),
@@ -483,12 +511,9 @@ fn tcp_status(ctx: &BioCtx, r: Result<(), TransportIoError>) -> Result<(), Devic
 /// Poll one queue, completing each bio with `done`; returns how many. A TCP queue whose
 /// connection ends here is logged once.
 #[inline(always)]
-fn poll_queue(
-    q: &mut TransportQueue<BioCtx>,
-    mut done: impl FnMut(BioCtx, Result<(), DeviceStatus>),
-) -> usize {
+fn poll_queue(q: &mut IoQueue, mut done: impl FnMut(BioCtx, Result<(), DeviceStatus>)) -> usize {
     match q {
-        TransportQueue::Pcie(q) => {
+        IoQueue::Pcie(q) => {
             let n = q
                 .poll(usize::MAX, |ctx, r| done(ctx, status_of(r)))
                 .unwrap_or(0);
@@ -497,19 +522,19 @@ fn poll_queue(
             }
             n
         }
-        TransportQueue::Tcp(q) => poll_tcp(q, &mut done),
+        IoQueue::Tcp(q) => poll_tcp(q, &mut done),
     }
 }
 
 #[inline(never)]
 fn poll_tcp(
-    q: &mut TcpQueue<BioCtx>,
+    q: &mut TcpQueue<TcpCtx>,
     done: &mut impl FnMut(BioCtx, Result<(), DeviceStatus>),
 ) -> usize {
     let was_alive = q.lost().is_none();
     let (mut n, mut failed) = (0, 0);
-    let r = q.poll(0, |ctx, r| {
-        let st = tcp_status(&ctx, r);
+    let r = q.poll(0, |TcpCtx { ctx, lba }, r| {
+        let st = tcp_status(lba, r);
         n += 1;
         failed += usize::from(st.is_err());
         done(ctx, st);
@@ -544,26 +569,26 @@ fn process_admin(admin: &[EmbedCtrl], next: &mut Instant) {
 }
 
 /// Whether a queue still has commands to wait for (a dead one completes nothing more).
-fn queue_busy(q: &TransportQueue<BioCtx>) -> bool {
+fn queue_busy(q: &IoQueue) -> bool {
     match q {
-        TransportQueue::Pcie(q) => q.outstanding() > 0,
-        TransportQueue::Tcp(q) => q.outstanding() > 0,
+        IoQueue::Pcie(q) => q.outstanding() > 0,
+        IoQueue::Tcp(q) => q.outstanding() > 0,
     }
 }
 
-fn queue_live_and_busy(q: &TransportQueue<BioCtx>) -> bool {
+fn queue_live_and_busy(q: &IoQueue) -> bool {
     match q {
-        TransportQueue::Pcie(q) => q.outstanding() > 0 && q.dead_reason().is_none(),
-        TransportQueue::Tcp(q) => q.outstanding() > 0,
+        IoQueue::Pcie(q) => q.outstanding() > 0 && q.dead_reason().is_none(),
+        IoQueue::Tcp(q) => q.outstanding() > 0,
     }
 }
 
 /// [`arm_queue`] on every queue before a poller sleeps with requests outstanding. An NVMe/TCP
 /// queue has no interrupt: one with requests outstanding keeps the poller polling.
-fn arm_transport(qpairs: &mut [TransportQueue<BioCtx>], wait: &mut PollerWait) -> bool {
+fn arm_transport(qpairs: &mut [IoQueue], wait: &mut PollerWait) -> bool {
     qpairs.iter_mut().all(|q| match q {
-        TransportQueue::Pcie(q) => arm_queue(q, wait),
-        TransportQueue::Tcp(q) => q.outstanding() == 0,
+        IoQueue::Pcie(q) => arm_queue(q, wait),
+        IoQueue::Tcp(q) => q.outstanding() == 0,
     })
 }
 
@@ -1082,10 +1107,7 @@ impl Pollers {
             let parker = Parker::new();
             let mut qpairs = Vec::new();
             for c in ctrls {
-                qpairs.push(
-                    c.create_queue::<BioCtx>(&cfg.queue)
-                        .map_err(StartError::Queue)?,
-                );
+                qpairs.push(create_queue(c, &cfg.queue).map_err(StartError::Queue)?);
             }
             shared.push(CachePadded::new(PollerShared {
                 ring: ArrayQueue::new(cfg.ring.max(1)),
@@ -1355,7 +1377,7 @@ impl Pollers {
     fn run(
         &self,
         index: usize,
-        mut qpairs: Vec<TransportQueue<BioCtx>>,
+        mut qpairs: Vec<IoQueue>,
         targets: Targets,
         admin: Vec<EmbedCtrl>,
         parker: Parker,
@@ -1528,12 +1550,7 @@ impl Pollers {
     /// protocol is the idle park's (announce with `in_poll` and `sleeping`, fence, re-check the
     /// ring and the inbox); the queue pairs are armed last (`arm_transport`), so a completion
     /// posted before the sleep cancels it and one posted after makes its eventfd readable.
-    fn sleep_on_io(
-        &self,
-        s: &PollerShared,
-        tasks: &mut Tasks,
-        qpairs: &mut [TransportQueue<BioCtx>],
-    ) {
+    fn sleep_on_io(&self, s: &PollerShared, tasks: &mut Tasks, qpairs: &mut [IoQueue]) {
         s.in_poll.store(true, Ordering::Relaxed);
         s.sleeping.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
@@ -1567,7 +1584,7 @@ impl BioSink<Window> for PollerSink {
 
 struct LocalState {
     id: u64,
-    qpairs: Vec<TransportQueue<BioCtx>>,
+    qpairs: Vec<IoQueue>,
     /// The NVMe/TCP controllers, for their Keep Alive, and when it is next checked.
     admin: Vec<EmbedCtrl>,
     next_admin: Instant,
@@ -1615,7 +1632,7 @@ impl Local {
         let id = NEXT_ENGINE.fetch_add(1, Ordering::Relaxed);
         let mut qpairs = Vec::new();
         for c in ctrls {
-            qpairs.push(c.create_queue::<BioCtx>(queue)?);
+            qpairs.push(create_queue(c, queue)?);
         }
         let st = LocalState {
             id,
@@ -1759,11 +1776,7 @@ impl BioSink<Window> for LocalSink {
         // needs is borrowed, and a refused context is rejoined with its command afterwards.
         let dev = DevCmd::of(&bio);
         let (cmd, done) = bio.split();
-        let ctx = BioCtx {
-            done,
-            waiter: None,
-            lba: dev.lba,
-        };
+        let ctx = BioCtx { done, waiter: None };
         // Only the owner thread's table holds this engine's id: elsewhere (or while the state
         // is borrowed) the bio is refused.
         let (local, target, cmd_ref) = (&*self.local, self.target, &dev);
