@@ -91,6 +91,29 @@ impl<B: IoBuf> Bio<B> {
     /// checked at compile time): the handle does not keep the segment, so nothing is left to
     /// clean up at completion. A device that refuses the command gives the bio back whole
     /// with [`BioHandle::rejoin`].
+    ///
+    /// A segment that did not declare its `unmap` a no-op cannot be split (the build fails):
+    ///
+    /// ```compile_fail
+    /// use dio_core::{Bio, DioError, Dir, DmaSegment, IoBuf};
+    /// struct Seg;
+    /// impl DmaSegment for Seg {
+    ///     // `NOOP_UNMAP` left at false: this cleanup must run.
+    ///     fn unmap(self) {}
+    /// }
+    /// struct Buf;
+    /// impl IoBuf for Buf {
+    ///     type Seg = Seg;
+    ///     fn len(&self) -> u64 { 0 }
+    ///     fn dma_map(&self, _: u64, _: u64, _: Dir) -> Result<Seg, DioError> { Ok(Seg) }
+    ///     fn zero_fill(&mut self, _: u64, _: u64) {}
+    /// }
+    /// fn device(bio: Bio<Buf>) {
+    ///     let (_cmd, handle) = bio.split();
+    ///     handle.complete(Ok(()));
+    /// }
+    /// let _used: fn(Bio<Buf>) = device;
+    /// ```
     #[inline]
     pub fn split(self) -> (BioCmd<B::Seg>, BioHandle<B>) {
         const {
