@@ -90,7 +90,7 @@ pub mod result;
 #[doc(hidden)]
 pub mod sync;
 
-pub use crate::bio::{Bio, BioOp};
+pub use crate::bio::{Bio, BioCmd, BioHandle, BioOp};
 pub use crate::completion::Completion;
 pub use crate::core::{Command, Config, DioCore, QueueFullPolicy, Reserved, SyncOutcome};
 pub use crate::dio::{Deferred, RefCounting, Slot, Wait};

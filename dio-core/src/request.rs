@@ -23,8 +23,15 @@ pub enum Mode {
 
 /// A DMA-mapped part of a request's buffer, carried by one [`Bio`](crate::Bio).
 pub trait DmaSegment: Send + 'static {
+    /// True when [`unmap`](Self::unmap) does nothing (the segment only names memory that stays
+    /// mapped for the buffer's life). Only a bio of such a segment may be split into its
+    /// command and a small completion handle ([`Bio::split`](crate::Bio::split)): the handle
+    /// does not keep the segment, so dio-core does not call `unmap` for it. Default: false.
+    const NOOP_UNMAP: bool = false;
+
     /// Per-bio cleanup (DMA unmap, read post-processing). dio-core calls it exactly once per
-    /// mapped segment, before the bio's reference on the request is dropped (I-LT-4).
+    /// mapped segment, before the bio's reference on the request is dropped (I-LT-4), except
+    /// for a split bio, whose segment declared it a no-op ([`NOOP_UNMAP`](Self::NOOP_UNMAP)).
     fn unmap(self);
 }
 

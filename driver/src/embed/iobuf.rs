@@ -299,6 +299,7 @@ impl Drop for Window {
 pub struct Seg(pub(crate) DmaSlice);
 
 impl DmaSegment for Seg {
+    const NOOP_UNMAP: bool = true;
     fn unmap(self) {
         // Nothing to undo: the memory was registered with the device once, at allocation.
     }

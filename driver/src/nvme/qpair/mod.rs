@@ -1201,6 +1201,47 @@ impl<T: DmaOwner> QueuePair<T> {
     }
 }
 
+/// The owned-buffer API for a context that does not name its memory itself (a small handle):
+/// the memory is passed at submission, checked as the owned calls check it, and the context is
+/// handed back, as by them, only once the device has let go of the memory.
+impl<T> QueuePair<T> {
+    /// Submits a read or write of `buf` with flags, as [`submit`](QueuePair::submit) does for
+    /// a [`DmaOwner`]: `buf` must lie in this controller's DMA memory at the IOVA it claims
+    /// (checked), and after a timeout `ctx` comes back only once the device has let go of it.
+    ///
+    /// # Safety
+    /// `buf` must describe memory that `ctx` owns exclusively, as [`DmaOwner`]'s contract says
+    /// of its `dma_slice`: nothing else reads or writes it (a write's source may be read) and
+    /// it stays allocated at the same address until the queue pair hands `ctx` back (or, if it
+    /// never does, for ever).
+    #[inline]
+    pub unsafe fn submit_held(
+        &mut self,
+        op: IoOp,
+        ns: &Namespace,
+        lba: Lba,
+        buf: DmaSlice,
+        flags: IoFlags,
+        ctx: T,
+    ) -> core::result::Result<(), Rejected<T>> {
+        if let Err(error) = self.check_owned(&buf) {
+            return Err(Rejected { error, ctx });
+        }
+        let cdw12 = flags.cdw12();
+        self.submit_data(
+            op.opcode(),
+            ns,
+            lba,
+            buf.iova,
+            buf.len,
+            cdw12,
+            F_HOLDS,
+            Some(ctx),
+        )
+        .map_err(rejected)
+    }
+}
+
 #[inline]
 fn rejected<T>((error, ctx): (Error, Option<T>)) -> Rejected<T> {
     Rejected {

@@ -532,6 +532,26 @@ impl<T: DmaOwner> QueuePair<T> {
         ctx: T,
     ) -> core::result::Result<(), Rejected<T>> {
         let list = ctx.dma_slice();
+        // SAFETY: `DmaOwner`'s contract: the context owns the list, which stays where it is
+        // while the context exists.
+        unsafe { self.deallocate_list_held(ns, list, ctx) }
+    }
+}
+
+impl<T> QueuePair<T> {
+    /// [`deallocate_list`](QueuePair::deallocate_list) for a context that does not name its
+    /// memory itself: the range list is `list`, checked to lie in this controller's DMA memory,
+    /// and `ctx` is handed back only once the device has let go of it.
+    ///
+    /// # Safety
+    /// As for [`submit_held`](QueuePair::submit_held): `ctx` owns the memory of `list`, which
+    /// nothing writes and which stays allocated at the same address until `ctx` comes back.
+    pub unsafe fn deallocate_list_held(
+        &mut self,
+        ns: &Namespace,
+        list: crate::bus::dma::DmaSlice,
+        ctx: T,
+    ) -> core::result::Result<(), Rejected<T>> {
         if let Err(error) = self.check_owned(&list) {
             return Err(Rejected { error, ctx });
         }

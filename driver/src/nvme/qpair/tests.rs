@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::*;
 use crate::bus::emulated::{EmulatedConfig, EmulatedController, NamespaceConfig};
 use crate::nvme::controller::Controller;
-use crate::types::Cid;
+use crate::types::{Cid, Iova};
 
 fn setup(entries: u16, requests: u16) -> (Controller, Arc<EmulatedController>, QueuePair<u64>) {
     let emu = EmulatedController::new(EmulatedConfig {
@@ -519,4 +519,88 @@ fn the_emulated_controller_flags_a_full_cq() {
     q.ring_cq();
     assert_eq!(drain(&mut q), 5);
     assert_eq!(q.in_flight(), 0);
+}
+
+/// The owned-buffer calls for a context that does not name its memory (`submit_held`,
+/// `deallocate_list_held`): memory outside this controller's DMA memory, or at another IOVA
+/// than the one claimed, is refused with the context handed back, as the owned calls refuse
+/// it; memory that is the controller's is written and read back.
+#[test]
+fn held_submissions_check_the_memory_they_are_given() {
+    let _w = test_watchdog::arm(test_watchdog::UNIT);
+    let (c, _emu, mut q) = setup(4, 4);
+    let ns = c.namespaces().remove(0);
+    let mut out = c.alloc(4096).unwrap();
+    out.as_mut_slice()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i % 251) as u8);
+    let back = c.alloc(4096).unwrap();
+    let mut heap = vec![0u8; 4096];
+    let not_dma = DmaSlice {
+        ptr: core::ptr::NonNull::new(heap.as_mut_ptr()).unwrap(),
+        iova: out.as_dma_slice().iova,
+        len: 4096,
+    };
+    let wrong_iova = DmaSlice {
+        iova: Iova(back.as_dma_slice().iova.0 + 4096),
+        ..back.as_dma_slice()
+    };
+    for (what, s) in [("heap memory", not_dma), ("another IOVA", wrong_iova)] {
+        for op in [IoOp::Read, IoOp::Write] {
+            // SAFETY: refused before the device sees it (the point of the test).
+            let rej = unsafe { q.submit_held(op, &ns, Lba(0), s, IoFlags::NONE, 9) }.unwrap_err();
+            assert_eq!(rej.ctx, 9, "{what}: the context comes back");
+            assert!(
+                matches!(rej.error, Error::NotDmaMemory { .. }),
+                "{what} {op:?}: {}",
+                rej.error
+            );
+        }
+        let list = DmaSlice { len: 16, ..s };
+        // SAFETY: as above.
+        let rej = unsafe { q.deallocate_list_held(&ns, list, 10) }.unwrap_err();
+        assert_eq!(rej.ctx, 10);
+        assert!(
+            matches!(rej.error, Error::NotDmaMemory { .. }),
+            "{what} (range list): {}",
+            rej.error
+        );
+    }
+    assert_eq!(q.outstanding(), 0, "nothing refused was queued");
+    let wait = |q: &mut QueuePair<u64>, tag: u64| {
+        let mut got = None;
+        while got.is_none() {
+            q.poll(8, |t, r| got = Some((t, r.is_ok()))).unwrap();
+        }
+        assert_eq!(got, Some((tag, true)));
+    };
+    // SAFETY: `out` and `back` outlive their commands, each waited for below.
+    unsafe {
+        q.submit_held(
+            IoOp::Write,
+            &ns,
+            Lba(8),
+            out.as_dma_slice(),
+            IoFlags::NONE,
+            1,
+        )
+    }
+    .unwrap();
+    wait(&mut q, 1);
+    // SAFETY: as above.
+    unsafe {
+        q.submit_held(
+            IoOp::Read,
+            &ns,
+            Lba(8),
+            back.as_dma_slice(),
+            IoFlags::NONE,
+            2,
+        )
+    }
+    .unwrap();
+    wait(&mut q, 2);
+    assert_eq!(back.as_slice(), out.as_slice());
+    drop(heap);
 }
