@@ -4,7 +4,9 @@
 //! anonymous memory for the emulated controller) through [`ChunkSource`]; [`DmaMemory`]
 //! sub-allocates them in 4 KiB pages. Allocation and freeing take a lock, and happen when queues
 //! and buffers are created, never per I/O. Translation (address to IOVA, IOVA to address) reads an
-//! append-only chunk table without a lock.
+//! append-only chunk table without a lock, through a hint per 2 MiB granule of the address (the
+//! chunk that last held one of its addresses): one range check for every chunk seen before,
+//! whatever the number of chunks, and a scan of the table only when the hint does not hold.
 //!
 //! Ownership of data buffers: a [`DmaBuffer`] belongs to the CPU while no command uses it, and
 //! may then be read and written as an ordinary slice; while a command is in flight the device
@@ -14,7 +16,7 @@
 //! volatile or atomic operations by the code that owns it.
 
 use core::ptr::NonNull;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::spec::PAGE_SIZE;
@@ -22,6 +24,19 @@ use crate::types::Iova;
 
 /// Most chunks one [`DmaMemory`] can hold.
 pub const MAX_CHUNKS: usize = 1024;
+
+/// Slots of each translation hint table (a power of two).
+const HINT_SLOTS: usize = 64;
+/// Addresses in one 2 MiB granule share a hint slot.
+const HINT_GRANULE_SHIFT: u32 = 21;
+
+/// The hint slot of an address (IOVA or process address): its 2 MiB granule, hashed so that
+/// granules spaced at any power of two spread over the slots.
+#[inline(always)]
+fn hint_slot(addr: u64) -> usize {
+    ((addr >> HINT_GRANULE_SHIFT).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        >> (64 - HINT_SLOTS.trailing_zeros())) as usize
+}
 
 /// Errors from DMA memory.
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +111,17 @@ struct ChunkState {
 
 struct Inner {
     source: Box<dyn ChunkSource>,
-    table: Box<[OnceLock<DmaChunk>]>,
+    /// A fixed-size array, so that a hinted index masked to its size needs no bounds check.
+    table: Box<[OnceLock<DmaChunk>; MAX_CHUNKS]>,
     count: AtomicUsize,
+    /// Translation hints, by [`hint_slot`] of an IOVA: the index of the chunk that last held an
+    /// IOVA of that slot. Only a hint: a lookup checks the chunk's range and scans the table
+    /// when it does not match (a slot shared by two chunks, or never filled), then stores what
+    /// it found. So a lookup costs one slot and one range check for every chunk once seen,
+    /// not a scan of the table.
+    by_iova: [AtomicU16; HINT_SLOTS],
+    /// The same, by [`hint_slot`] of a process address.
+    by_addr: [AtomicU16; HINT_SLOTS],
     state: Mutex<Vec<ChunkState>>,
 }
 
@@ -137,8 +161,10 @@ impl DmaMemory {
         DmaMemory {
             inner: Arc::new(Inner {
                 source,
-                table: (0..MAX_CHUNKS).map(|_| OnceLock::new()).collect(),
+                table: Box::new([const { OnceLock::new() }; MAX_CHUNKS]),
                 count: AtomicUsize::new(0),
+                by_iova: [const { AtomicU16::new(0) }; HINT_SLOTS],
+                by_addr: [const { AtomicU16::new(0) }; HINT_SLOTS],
                 state: Mutex::new(Vec::new()),
             }),
         }
@@ -237,9 +263,22 @@ impl DmaMemory {
         self.inner.table.get(i)?.get()
     }
 
-    fn chunks(&self) -> impl Iterator<Item = &DmaChunk> {
+    /// The chunk a translation hint names, if it is mapped (whether it holds the range is the
+    /// caller's check).
+    #[inline(always)]
+    fn hinted(&self, hint: &AtomicU16) -> Option<&DmaChunk> {
+        const { assert!(MAX_CHUNKS.is_power_of_two() && MAX_CHUNKS <= 1 << 16) };
+        // Masked: a hint is always a table index, and the mask spares the bounds check.
+        self.inner.table[hint.load(Ordering::Relaxed) as usize & (MAX_CHUNKS - 1)].get()
+    }
+
+    /// The chunks mapped so far with their index in the table.
+    fn indexed_chunks(&self) -> impl Iterator<Item = (usize, &DmaChunk)> {
         let n = self.inner.count.load(Ordering::Acquire);
-        self.inner.table[..n].iter().filter_map(OnceLock::get)
+        self.inner.table[..n]
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| Some((i, slot.get()?)))
     }
 
     /// Number of chunks mapped so far.
@@ -251,15 +290,45 @@ impl DmaMemory {
     pub fn translate(&self, ptr: *const u8, len: usize) -> Option<Iova> {
         let a = ptr as usize;
         let end = a.checked_add(len)?;
-        self.chunks().find_map(|c| {
+        let (base, c) = self.chunk_of_addr(a, end)?;
+        Some(Iova(c.iova.0 + (a - base) as u64))
+    }
+
+    /// The chunk holding the process addresses `[a, end)`, and its base address: the hinted one
+    /// if it does, else found by a scan (which updates the hint).
+    #[inline(always)]
+    fn chunk_of_addr(&self, a: usize, end: usize) -> Option<(usize, &DmaChunk)> {
+        let hint = &self.inner.by_addr[hint_slot(a as u64)];
+        if let Some(c) = self.hinted(hint) {
             let base = c.vaddr.as_ptr() as usize;
-            (a >= base && end <= base + c.len).then(|| Iova(c.iova.0 + (a - base) as u64))
-        })
+            if a >= base && end <= base + c.len {
+                return Some((base, c));
+            }
+        }
+        self.chunk_of_addr_scan(hint, a, end)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn chunk_of_addr_scan(
+        &self,
+        hint: &AtomicU16,
+        a: usize,
+        end: usize,
+    ) -> Option<(usize, &DmaChunk)> {
+        let (i, c) = self.indexed_chunks().find(|(_, c)| {
+            let base = c.vaddr.as_ptr() as usize;
+            a >= base && end <= base + c.len
+        })?;
+        // `i < MAX_CHUNKS`, which fits in a u16.
+        hint.store(i as u16, Ordering::Relaxed);
+        Some((c.vaddr.as_ptr() as usize, c))
     }
 
     /// [`translate`](Self::translate) that looks in the chunk `cache` remembers first, and
-    /// remembers the chunk it found otherwise: no table scan while ranges come from one chunk.
-    /// `cache` must only ever be used with this memory (chunks stay mapped as long as it lives).
+    /// remembers the chunk it found otherwise: not even a hint lookup while ranges come from
+    /// one chunk. `cache` must only ever be used with this memory (chunks stay mapped as long as
+    /// it lives).
     #[inline]
     pub(crate) fn translate_cached(
         &self,
@@ -278,11 +347,7 @@ impl DmaMemory {
     #[cold]
     #[inline(never)]
     fn translate_miss(&self, cache: &mut ChunkCache, a: usize, end: usize) -> Option<Iova> {
-        let c = self.chunks().find(|c| {
-            let base = c.vaddr.as_ptr() as usize;
-            a >= base && end <= base + c.len
-        })?;
-        let base = c.vaddr.as_ptr() as usize;
+        let (base, c) = self.chunk_of_addr(a, end)?;
         *cache = ChunkCache {
             base,
             end: base + c.len,
@@ -294,17 +359,55 @@ impl DmaMemory {
     /// The process address of `[iova, iova + len)` if the whole range lies in one chunk.
     ///
     /// This is how the emulated controller reaches host memory, like an IOMMU translating a
-    /// device's request. A range outside every chunk is a DMA fault.
+    /// device's request. A range outside every chunk is a DMA fault. The chunk is looked up
+    /// through a hint by the IOVA's 2 MiB granule (one range check for a chunk seen before),
+    /// and the table is scanned only when the hint does not hold the range.
+    #[inline]
     pub fn ptr_of(&self, iova: Iova, len: usize) -> Option<NonNull<u8>> {
+        match self.ptr_of_hinted(iova, len) {
+            Some(p) => Some(p),
+            None => self.ptr_of_scanned(iova, len),
+        }
+    }
+
+    /// [`ptr_of`](Self::ptr_of) if the chunk the IOVA's hint names holds the range; `None`
+    /// otherwise (not a fault: ask [`ptr_of_scanned`](Self::ptr_of_scanned)). For a caller
+    /// that keeps the rare scan out of line whole, so its own fast path saves no registers
+    /// for a call.
+    #[inline(always)]
+    pub(crate) fn ptr_of_hinted(&self, iova: Iova, len: usize) -> Option<NonNull<u8>> {
         let end = iova.0.checked_add(len as u64)?;
-        self.chunks().find_map(|c| {
-            (iova.0 >= c.iova.0 && end <= c.iova.0 + c.len as u64).then(|| {
-                // SAFETY: the offset is within the chunk, so the result is in bounds and non-null.
-                unsafe {
-                    NonNull::new_unchecked(c.vaddr.as_ptr().add((iova.0 - c.iova.0) as usize))
-                }
+        let c = self.hinted(&self.inner.by_iova[hint_slot(iova.0)])?;
+        if iova.0 >= c.iova.0 && end <= c.iova.0 + c.len as u64 {
+            // SAFETY: the offset is within the chunk, so the result is in bounds and non-null.
+            Some(unsafe {
+                NonNull::new_unchecked(c.vaddr.as_ptr().add((iova.0 - c.iova.0) as usize))
             })
-        })
+        } else {
+            None
+        }
+    }
+
+    /// [`ptr_of`](Self::ptr_of) by a scan of the table, which makes the chunk found the hint of
+    /// the IOVA's slot.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn ptr_of_scanned(&self, iova: Iova, len: usize) -> Option<NonNull<u8>> {
+        let end = iova.0.checked_add(len as u64)?;
+        let hint = &self.inner.by_iova[hint_slot(iova.0)];
+        let c = self.chunk_of_iova_scan(hint, iova.0, end)?;
+        // SAFETY: the offset is within the chunk, so the result is in bounds and non-null.
+        Some(unsafe { NonNull::new_unchecked(c.vaddr.as_ptr().add((iova.0 - c.iova.0) as usize)) })
+    }
+
+    #[inline(always)]
+    fn chunk_of_iova_scan(&self, hint: &AtomicU16, iova: u64, end: u64) -> Option<&DmaChunk> {
+        let (i, c) = self
+            .indexed_chunks()
+            .find(|(_, c)| iova >= c.iova.0 && end <= c.iova.0 + c.len as u64)?;
+        // `i < MAX_CHUNKS`, which fits in a u16.
+        hint.store(i as u16, Ordering::Relaxed);
+        Some(c)
     }
 
     /// A raw slice descriptor for `[ptr, ptr + len)` if it lies in DMA memory.
@@ -656,6 +759,75 @@ mod tests {
         let p = unsafe { heap.as_ptr().add(8) };
         assert_eq!(m.translate_cached(&mut cache, p, 8), Some(Iova(0x4008)));
         assert_eq!(cache, fake);
+    }
+
+    #[test]
+    fn hinted_lookups_agree_with_a_scan_for_every_chunk_and_remember_the_chunk() {
+        let m = mem(Arc::new(AtomicUsize::new(0)));
+        // More chunks than hint slots, so slots are shared and a hint is often another chunk's.
+        let n = 3 * HINT_SLOTS;
+        let bufs: Vec<_> = (0..n).map(|_| m.alloc(64 * 1024).unwrap()).collect();
+        assert_eq!(m.chunk_count(), n);
+        let scan_iova = |iova: u64, len: usize| {
+            m.indexed_chunks().find_map(|(i, c)| {
+                (iova >= c.iova.0 && iova + len as u64 <= c.iova.0 + c.len as u64).then_some(i)
+            })
+        };
+        let scan_addr = |a: usize, len: usize| {
+            m.indexed_chunks().find_map(|(i, c)| {
+                let base = c.vaddr.as_ptr() as usize;
+                (a >= base && a + len <= base + c.len).then_some(i)
+            })
+        };
+        // Visit the chunks in an order that is not the table's, twice: the first visits fill
+        // the hints, the second find them (or another chunk's, where slots are shared).
+        for round in 0..2 {
+            for k in 0..n {
+                let i = (k * 7 + round) % n;
+                let b = &bufs[i];
+                for (off, len) in [(0, 512), (4096, 4096), (65535, 1), (0, 65536)] {
+                    let iova = b.iova().0 + off as u64;
+                    // SAFETY: `off < 64 KiB`, inside the buffer.
+                    let p = unsafe { b.as_ptr().add(off) };
+                    assert_eq!(scan_iova(iova, len), Some(i));
+                    assert_eq!(
+                        m.ptr_of(Iova(iova), len).map(NonNull::as_ptr),
+                        Some(p),
+                        "chunk {i} +{off}"
+                    );
+                    assert_eq!(
+                        m.inner.by_iova[hint_slot(iova)].load(Ordering::Relaxed) as usize,
+                        i,
+                        "a found chunk is the IOVA's hint"
+                    );
+                    assert_eq!(scan_addr(p as usize, len), Some(i));
+                    assert_eq!(m.translate(p, len), Some(Iova(iova)), "chunk {i} +{off}");
+                    assert_eq!(
+                        m.inner.by_addr[hint_slot(p as u64)].load(Ordering::Relaxed) as usize,
+                        i,
+                        "a found chunk is the address's hint"
+                    );
+                    // A range running past the chunk is in none, whatever the hint says.
+                    assert_eq!(m.ptr_of(Iova(iova), 65537 - off), None);
+                    assert_eq!(m.translate(p, 65537 - off), None);
+                }
+            }
+        }
+        // A stale hint (another chunk's, or past the table) is checked, not believed; a miss
+        // leaves it alone.
+        let b = &bufs[5];
+        let slot = hint_slot(b.iova().0);
+        for stale in [6, n, MAX_CHUNKS - 1] {
+            m.inner.by_iova[slot].store(stale as u16, Ordering::Relaxed);
+            assert_eq!(m.ptr_of(b.iova(), 8).map(NonNull::as_ptr), Some(b.as_ptr()));
+            assert_eq!(m.inner.by_iova[slot].load(Ordering::Relaxed), 5);
+        }
+        let before = m.inner.by_iova[hint_slot(0x10)].load(Ordering::Relaxed);
+        assert_eq!(m.ptr_of(Iova(0x10), 1), None);
+        assert_eq!(
+            m.inner.by_iova[hint_slot(0x10)].load(Ordering::Relaxed),
+            before
+        );
     }
 
     #[test]

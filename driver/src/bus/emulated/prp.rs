@@ -98,16 +98,43 @@ pub(crate) fn map(
     }
 }
 
+/// Translates `[iova, iova + len)` and appends it to `out`. The IOVA's chunk is looked up by
+/// its hint ([`DmaMemory::ptr_of_hinted`]); the rare scan, with its append, is a tail call
+/// ([`push_scanned`]), so that this path saves no registers for a call.
+#[inline]
 fn push(dma: &DmaMemory, out: &mut Vec<Seg>, iova: u64, len: usize) -> Result<(), PrpError> {
-    let ptr = dma.ptr_of(Iova(iova), len).ok_or(PrpError::Fault)?;
+    match dma.ptr_of_hinted(Iova(iova), len) {
+        Some(ptr) => {
+            append(out, ptr, len);
+            Ok(())
+        }
+        None => push_scanned(dma, out, iova, len),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn push_scanned(
+    dma: &DmaMemory,
+    out: &mut Vec<Seg>,
+    iova: u64,
+    len: usize,
+) -> Result<(), PrpError> {
+    let ptr = dma.ptr_of_scanned(Iova(iova), len).ok_or(PrpError::Fault)?;
+    append(out, ptr, len);
+    Ok(())
+}
+
+/// Appends a segment, merged into the last one when it continues it.
+#[inline(always)]
+fn append(out: &mut Vec<Seg>, ptr: NonNull<u8>, len: usize) {
     if let Some(last) = out.last_mut() {
         if last.ptr.as_ptr().wrapping_add(last.len) == ptr.as_ptr() {
             last.len += len;
-            return Ok(());
+            return;
         }
     }
     out.push(Seg { ptr, len });
-    Ok(())
 }
 
 /// A position in a list of segments, for streaming bytes to or from host memory.

@@ -984,7 +984,7 @@ impl<T> QueuePair<T> {
         self.run_blocking(|q| q.submit_deallocate(ns, ranges, None, F_SYNC))
     }
 
-    fn dma_slice_of(&self, ptr: *mut u8, len: usize) -> Result<DmaSlice> {
+    fn dma_slice_of(&mut self, ptr: *mut u8, len: usize) -> Result<DmaSlice> {
         if len == 0 {
             // Reported with the namespace by the range check; any address will do here.
             return Ok(DmaSlice {
@@ -994,12 +994,17 @@ impl<T> QueuePair<T> {
             });
         }
         // `ok_or_else`: an error built eagerly is dropped on every call (drop glue of `Error`).
-        self.dma
-            .slice_of(ptr, len)
-            .ok_or_else(|| Error::NotDmaMemory {
-                ptr: ptr as usize,
-                len,
-            })
+        // Through the queue's chunk cache, like a held context's memory (`check_owned`).
+        let not_dma = || Error::NotDmaMemory {
+            ptr: ptr as usize,
+            len,
+        };
+        let nn = core::ptr::NonNull::new(ptr).ok_or_else(not_dma)?;
+        let iova = self
+            .dma
+            .translate_cached(&mut self.chunk_cache, ptr, len)
+            .ok_or_else(not_dma)?;
+        Ok(DmaSlice { ptr: nn, iova, len })
     }
 
     fn run_blocking(
