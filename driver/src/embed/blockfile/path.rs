@@ -52,7 +52,9 @@
 //! QD32 2158 -> 2077, QD1 synchronous 2101 -> 2080. Why in dio-core's state rather than in a
 //! pool of the file: an asynchronous request at QD32 passed two lock-free pools (dio-core's
 //! states and the file's contexts), each a compare-and-swap to take and one to give back; with
-//! the context kept in the state's slot it passes one.
+//! the context kept in the state's slot it passes one. The fields of a context that are empty
+//! between requests (the callback, the reservation, the state's slot it goes back to) are
+//! written without dropping the `None` they replace (measured, QD32: 1829.8 -> 1818.8).
 //!
 //! No step takes a lock shared by client threads when the request overlaps no other request
 //! and no cached page: the range lock is per-stripe atomics, the page cache is skipped
@@ -777,7 +779,13 @@ impl Context {
             Some(b) => b,
             None => Self::fresh(shared),
         };
-        b.cb = Some(Callback::new(cb));
+        // Written without dropping what they replace: a context given back holds neither a
+        // callback nor a reservation (`recycle_into` takes the callback, `direct` the
+        // reservation), and an assignment would test the old `Option` for drop glue per
+        // request. Forgetting a `None` is nothing; a `Some` (not reached) leaks, never frees
+        // twice.
+        debug_assert!(b.cb.is_none() && b.reserved.is_none());
+        std::mem::forget(b.cb.replace(Callback::new(cb)));
         if b.shared.is_none() {
             // Only a context from the file's pool or a new one: one kept in a state's slot
             // still has it (the same file's: the state is of the file's own dio-core).
@@ -785,7 +793,7 @@ impl Context {
         }
         debug_assert!(b.shared.as_ref().is_some_and(|s| Arc::ptr_eq(s, shared)));
         b.busy = true;
-        b.reserved = Some(reserved);
+        std::mem::forget(b.reserved.replace(reserved));
         b
     }
 
@@ -1041,7 +1049,10 @@ fn deliver_with(mut ctx: Box<Context>, r: DioResult, slot: Option<&mut Slot>) {
             // used again (nor dropped: `ManuallyDrop`), whether the callback returns or panics.
             let run = || unsafe { Callback::call_in(&mut ctx.cb, &mut c) };
             run_guarded(run, op, offset, len);
-            *s = Some(ctx);
+            // The slot is empty while its state runs a request (`with_callback` took the
+            // context out): written without testing it for drop glue, as there.
+            debug_assert!(s.is_none());
+            std::mem::forget(s.replace(ctx));
         }
         // Into the file's pool first: the callback may submit again.
         None => {
