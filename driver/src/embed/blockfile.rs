@@ -275,9 +275,9 @@ impl Store {
             start: range.start,
         };
         // SAFETY: the window is only lent by `&mut` to `submit_sync_mut`, which does not move
-        // it out and returns after every bio of the request completed (see `Frame::lend`), and
-        // it is given back right after.
-        let mut w = unsafe { frame.lend() };
+        // it out and returns normally only after every bio of the request completed (see
+        // `Frame::lend`); it is given back right after; the guard is declared after the frame.
+        let (mut w, lent) = unsafe { frame.lend() };
         let r = match self
             .core
             .submit_sync_mut(dir, at, len, &mut w, self.capacity)
@@ -285,7 +285,7 @@ impl Store {
             SyncOutcome::Done(r) => r,
             SyncOutcome::Fallback { .. } => Err(DioError::Invalid),
         };
-        frame.end_lend(w);
+        frame.end_lend(w, lent);
         let buf = frame.buf.into_dma().expect("a cache page is DMA memory");
         match r {
             Ok(n) if n == len => (Ok(()), buf),

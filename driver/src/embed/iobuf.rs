@@ -125,32 +125,61 @@ impl Frame {
 
     /// A [`Window`] of this frame that does not own it: how a synchronous request hands its
     /// buffer to dio-core's `submit_sync_mut`, which borrows the window for the call (its bios
-    /// only carry DMA segments of the buffer, and it returns only after every one of them
-    /// completed: `DioCore::submit_sync_mut` waits for them in `submitter_wait`), so the buffer
-    /// is never moved. Give the window back with [`end_lend`](Self::end_lend) before the frame
-    /// is used again.
+    /// only carry DMA segments of the buffer, and it returns normally only after every one of
+    /// them completed: `DioCore::submit_sync_mut` waits for them in `submitter_wait`), so the
+    /// buffer is never moved. Give the window and the [`Lent`] guard back with
+    /// [`end_lend`](Self::end_lend) before the frame is used again.
+    ///
+    /// The guard covers the other way out: a panic unwinding out of the synchronous request
+    /// (a broken invariant in dio-core, a panicking poll) may leave bios on the device, which
+    /// can still write the buffer. Dropped there, the guard leaks the frame's buffer instead of
+    /// letting the frame free it under the device.
     ///
     /// # Safety
     /// The window must not be used (nor be reachable) after the frame is used again or goes
     /// away: lend it only by `&mut` to code that does not move it out (dio-core's
     /// `submit_sync_mut` only reads and writes through it: its `len`, `dma_map`, `zero_fill`,
-    /// and the file's `write_buffered`), then give it to `end_lend`.
+    /// and the file's `write_buffered`), then give it to `end_lend`. The guard must be dropped
+    /// (if not given to `end_lend`) before the frame: declared after it, in the same scope.
     #[inline(always)]
-    pub(crate) unsafe fn lend(&mut self) -> Window {
-        Window {
-            p: NonNull::from(&mut *self),
-        }
+    pub(crate) unsafe fn lend(&mut self) -> (Window, Lent) {
+        let p = NonNull::from(&mut *self);
+        (Window { p }, Lent { frame: p })
     }
 
     /// The end of a [`lend`](Self::lend): `w` must be the lent window (a different one means
     /// the lent one was moved out and may outlive this frame: the process aborts).
     #[inline(always)]
-    pub(crate) fn end_lend(&mut self, w: Window) {
-        if w.p != NonNull::from(&mut *self) {
+    pub(crate) fn end_lend(&mut self, w: Window, lent: Lent) {
+        if w.p != NonNull::from(&mut *self) || lent.frame != w.p {
             lent_window_escaped();
         }
-        // A lent window owns nothing: nothing to drop.
+        // A lent window owns nothing: nothing to drop; the guard's work is for an unwind only.
         std::mem::forget(w);
+        std::mem::forget(lent);
+    }
+}
+
+/// Armed while a [`Frame`] is lent to a synchronous request ([`Frame::lend`]); disarmed by
+/// [`Frame::end_lend`]. Dropped, it was not disarmed: a panic is unwinding out of the request,
+/// whose bios may still be on the device, so the frame's buffer is leaked (the device may
+/// still write it: it must stay allocated) rather than freed with the frame.
+pub(crate) struct Lent {
+    frame: NonNull<Frame>,
+}
+
+impl Drop for Lent {
+    #[cold]
+    fn drop(&mut self) {
+        log::error!(
+            "a synchronous request unwound with its buffer lent to the device: the buffer is \
+             leaked, not freed, so the device cannot write freed memory"
+        );
+        // SAFETY: `lend`'s contract: the guard is dropped before the frame it points at (it is
+        // declared after it in the same scope), so the frame is alive; nothing else uses it
+        // during the unwind (the lent window is only borrowed by the frames being unwound).
+        let frame = unsafe { &mut *self.frame.as_ptr() };
+        std::mem::forget(frame.take_buf());
     }
 }
 
@@ -345,13 +374,32 @@ mod tests {
             start: 100,
         };
         // SAFETY: the window is only used here, and given back before `f` is used again.
-        let mut w = unsafe { f.lend() };
+        let (mut w, lent) = unsafe { f.lend() };
         assert_eq!(w.len(), 3996);
         assert_eq!(w.dma_map(0, 512, Dir::Read).unwrap_err(), DioError::Fault);
         assert_eq!(w.bytes()[0], 1);
         w.zero_fill(1, 2);
-        f.end_lend(w);
+        f.end_lend(w, lent);
         assert_eq!(f.buf.as_slice()[100..104], [1, 0, 0, 1]);
+    }
+
+    /// A panic unwinding out of a synchronous request while its frame is lent (bios possibly
+    /// still on the device) leaks the buffer rather than leaving it to be freed with the frame.
+    #[test]
+    fn an_unwind_while_lent_leaks_the_buffer() {
+        let mut f = Frame {
+            buf: IoBuffer::Heap(vec![7; 4096]),
+            start: 0,
+        };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: the window is only used here; the guard is declared after the frame
+            // (which outlives this closure).
+            let (w, _lent) = unsafe { f.lend() };
+            assert_eq!(w.len(), 4096);
+            panic!("a broken invariant while the request is on the device");
+        }));
+        assert!(r.is_err());
+        assert_eq!(f.buf.len(), 0, "the lent buffer was left to the frame to free");
     }
 
     /// The window is one word (what dio-core moves a dozen times per request), and so is an

@@ -894,11 +894,12 @@ impl BlockFile {
                 // On this stack, lent to dio-core for the call.
                 let mut frame = Frame { buf, start };
                 // SAFETY: the window is only lent by `&mut` to `submit_sync_mut` (through
-                // `dio_sync`), which does not move it out and returns after every bio of the
-                // request completed (see `Frame::lend`), and it is given back right after.
-                let mut w = unsafe { frame.lend() };
+                // `dio_sync`), which does not move it out and returns normally only after every
+                // bio of the request completed (see `Frame::lend`); it is given back right
+                // after; the guard is declared after the frame.
+                let (mut w, lent) = unsafe { frame.lend() };
                 let r = self.dio_sync(dir, at, acct.want, &mut w);
-                frame.end_lend(w);
+                frame.end_lend(w, lent);
                 drop(guard);
                 acct.zero_short_read(&r, &mut frame.buf);
                 Some((acct.result(r), frame.buf))
