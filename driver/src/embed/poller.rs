@@ -1772,15 +1772,17 @@ pub(crate) struct LocalSink {
 
 impl BioSink<Window> for LocalSink {
     fn submit(&self, bio: Bio<Window>) -> Result<(), Rejected<Window>> {
-        // Split first: only the small context moves into the look-up's closure, what the device
-        // needs is borrowed, and a refused context is rejoined with its command afterwards.
+        // Split first: only the completion handle moves into the look-up's closure (the context
+        // is built there: one instruction per I/O less than moving it in, QD1 and QD32), what
+        // the device needs is borrowed, and a refused context is rejoined with its command
+        // afterwards.
         let dev = DevCmd::of(&bio);
         let (cmd, done) = bio.split();
-        let ctx = BioCtx { done, waiter: None };
         // Only the owner thread's table holds this engine's id: elsewhere (or while the state
         // is borrowed) the bio is refused.
         let (local, target, cmd_ref) = (&*self.local, self.target, &dev);
         let r = LOCAL.with(move |l| {
+            let ctx = BioCtx { done, waiter: None };
             let mut l = match l.try_borrow_mut() {
                 Ok(l) => l,
                 Err(_) => return Err((ctx, DioError::Fault)),
