@@ -88,13 +88,14 @@ impl<B: IoBuf> Bio<B> {
     /// Split an accepted bio into what the device needs to issue its command ([`BioCmd`]) and
     /// the small handle that completes it ([`BioHandle`]: the reference on the request, one
     /// pointer). For segments whose `unmap` is a no-op only ([`DmaSegment::NOOP_UNMAP`],
-    /// checked at compile time): the handle does not keep the segment, so nothing is left to
+    /// checked when the code is built, after monomorphization: `cargo build` fails, `cargo
+    /// check` does not see it): the handle does not keep the segment, so nothing is left to
     /// clean up at completion. A device that refuses the command gives the bio back whole
     /// with [`BioHandle::rejoin`].
     ///
     /// A segment that did not declare its `unmap` a no-op cannot be split (the build fails):
     ///
-    /// ```compile_fail
+    /// ```compile_fail,E0080
     /// use dio_core::{Bio, DioError, Dir, DmaSegment, IoBuf};
     /// struct Seg;
     /// impl DmaSegment for Seg {

@@ -43,7 +43,7 @@
 //! Queue memory (SQ, CQ, PRP list pages) is shared with the device for the queue's whole life
 //! and accessed only with volatile or atomic operations. Data buffers come from
 //! [`DmaMemory::alloc`] ([`Controller::alloc`]); a buffer belongs to the CPU while no command uses
-//! it and to the device while one does. The API enforces this three ways:
+//! it and to the device while one does. The API enforces this four ways:
 //! * **blocking** calls ([`QueuePair::read_blocking`], ...) borrow a slice of DMA memory for the
 //!   duration of the call, and return only once the device has let go of it (even after a
 //!   timeout);
@@ -51,7 +51,11 @@
 //!   buffer ([`DmaOwner`]: a [`DmaBuffer`], or `(DmaBuffer, C)`) and hand it back with the
 //!   result;
 //! * **raw** calls ([`QueuePair::read_raw`], ...) take a [`DmaSlice`] under an `unsafe`
-//!   contract: perf's submit-N / ring-once / poll-all path with a `u64` tag.
+//!   contract: perf's submit-N / ring-once / poll-all path with a `u64` tag;
+//! * **held** calls ([`QueuePair::submit_held`], [`QueuePair::deallocate_list_held`]) take a
+//!   [`DmaSlice`] and a small context under an `unsafe` contract (the memory stays allocated
+//!   and untouched until the context is handed back, which happens only once the device has let
+//!   go of it): the embedding layer's path, whose context is a two-word completion handle.
 //!
 //! # Trusting nothing
 //! Registers that read all ones mean the device is gone; CSTS.CFS means it failed; a completion

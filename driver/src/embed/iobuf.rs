@@ -399,7 +399,11 @@ mod tests {
             panic!("a broken invariant while the request is on the device");
         }));
         assert!(r.is_err());
-        assert_eq!(f.buf.len(), 0, "the lent buffer was left to the frame to free");
+        assert_eq!(
+            f.buf.len(),
+            0,
+            "the lent buffer was left to the frame to free"
+        );
     }
 
     /// The window is one word (what dio-core moves a dozen times per request), and so is an

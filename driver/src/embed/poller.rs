@@ -198,7 +198,7 @@ impl BioCtx {
     /// is never freed, not part of the request, so touching it after the drop is fine.
     #[inline(always)]
     fn complete(self, status: Result<(), DeviceStatus>) {
-        let BioCtx { done, waiter, .. } = self;
+        let BioCtx { done, waiter } = self;
         done.complete(status);
         if let Some(w) = waiter {
             w.wake();
@@ -783,6 +783,9 @@ pub struct PollerStats {
     pub io_yields: u64,
     /// Times a submitter found the ring full and backed off.
     pub ring_full: u64,
+    /// Times a queue pair had no free request for a handed-over bio: the bio was kept and
+    /// submitted again after the next poll.
+    pub stalls: u64,
     /// Tasks dropped because their `poll` panicked.
     pub task_panics: u64,
 }
@@ -854,6 +857,7 @@ struct Counters {
     io_sleep_timeouts: AtomicU64,
     io_yields: AtomicU64,
     task_panics: AtomicU64,
+    stalls: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -1240,6 +1244,7 @@ impl Pollers {
             io_sleep_timeouts: s.counters.io_sleep_timeouts.load(Ordering::Relaxed),
             io_yields: s.counters.io_yields.load(Ordering::Relaxed),
             ring_full: s.ring_full.load(Ordering::Relaxed),
+            stalls: s.counters.stalls.load(Ordering::Relaxed),
             task_panics: s.counters.task_panics.load(Ordering::Relaxed),
         }
     }
@@ -1426,6 +1431,7 @@ impl Pollers {
                 match submit_one(&mut qpairs, &targets, w, &mut failed) {
                     Ok(()) => progress += 1,
                     Err(w) => {
+                        bump(&s.counters.stalls, 1);
                         stalled = Some(w);
                         break;
                     }

@@ -42,8 +42,9 @@
 //! ([`Spares`]), allocated when it was opened, and the commands are produced one by one
 //! ([`Cmds`]), never listed. The buffer goes to dio-core in a request context of the file's
 //! pool (a one-word `Window`, as for a read or a write), back in the pool when the operation is
-//! over. The synchronous forms allocate nothing at all; the asynchronous ones box their
-//! callback (these are not the per-I/O path).
+//! over. The synchronous forms allocate nothing in the steady state (the first operation on a
+//! file whose context pool is empty allocates one context, kept in the pool afterwards); the
+//! asynchronous ones box their callback (these are not the per-I/O path).
 
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};

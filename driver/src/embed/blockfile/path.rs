@@ -17,8 +17,9 @@
 //!    invalidates the cached pages it overlaps, without the cache's directory lock when the
 //!    file has no page cached.
 //! 5. **dio-core** ([`BlockFile::direct`]): a synchronous request waits in
-//!    `IoCtx::submit_sync_mut`, its range guard and its buffer on the stack (the [`Window`]
-//!    dio-core borrows points at them: [`Frame::lend`]); an asynchronous one goes through
+//!    `IoCtx::submit_sync_mut`, its range guard and its buffer's [`Frame`] on the stack (the
+//!    [`Window`] dio-core borrows points at that frame: [`Frame::lend`]); an asynchronous one
+//!    goes through
 //!    `IoCtx::submit_async_reserved` with a plain function (SPDK's `cb_fn`/`cb_arg` shape,
 //!    `dio-core/DESIGN.md §3.7`) on the dio-core request state it reserved when it entered.
 //!    Its context ([`Context`]: the buffer, the held range, the byte accounting, what the
@@ -76,7 +77,7 @@ use dio_core::{
 
 use super::callback::Callback;
 use super::maint::Spares;
-use super::{BlockFile, Completed, EngineRef, ExtentMapper, Refused, Request};
+use super::{BlockFile, Completed, EngineRef, ExtentMapper, Inner, Refused, Request};
 use crate::embed::cache::PAGE;
 use crate::embed::error::{EmbedError, EmbedResult, Op};
 use crate::embed::iobuf::{Frame, IoBuffer, Window};
@@ -172,7 +173,7 @@ impl BlockFile {
         req: Request,
         cb: impl FnOnce(Completed) + Send + 'static,
     ) -> Result<(), Box<Refused>> {
-        let ctx = Context::with_callback(&self.inner.shared, self.inner.io.core(), cb);
+        let ctx = Context::with_callback(&self.inner, cb);
         let reply = Reply::Async(ctx);
         match self.run(req.op, req.offset, req.len, req.buf, reply, None) {
             None => Ok(()),
@@ -673,7 +674,10 @@ impl Shared {
     /// (dropped if the pool is full).
     pub(super) fn unload(&self, w: Window) -> IoBuffer {
         let Some(mut ctx) = w.into_context() else {
-            // Not reached: a lent window's buffer stays in its frame.
+            // Not reached: `carry` made an owning window (a lent window's buffer stays in its
+            // frame).
+            debug_assert!(false, "a carried window owns no context");
+            log::error!("a maintenance operation's window lost its buffer");
             return IoBuffer::Heap(Vec::new());
         };
         let buf = ctx.frame.take_buf();
@@ -754,18 +758,18 @@ impl Context {
     /// few words, and every move of it by value is a call to `memcpy`. The range and the
     /// accounting are set when the request reaches dio-core ([`BlockFile::direct`]).
     #[inline(always)]
-    fn with_callback<F: FnOnce(Completed) + Send + 'static>(
-        shared: &Arc<Shared>,
-        core: &DioCore<Window, ExtentMapper>,
-        cb: F,
-    ) -> Box<Context> {
+    fn with_callback<F: FnOnce(Completed) + Send + 'static>(inner: &Inner, cb: F) -> Box<Context> {
+        // The file's own dio-core, whose states' slots hold only this file's contexts (the
+        // cast below relies on it: hence no core as an argument).
+        let (shared, core) = (&inner.shared, inner.io.core());
         let (reserved, slot) = core.reserve();
         let kept = match slot {
             Some(b) => {
                 debug_assert!(b.is::<Context>(), "a state's slot holds a request context");
                 // Not `downcast`, a call through the `Any` vtable per request (measured, QD32:
                 // 2030 -> 2016 instructions per read).
-                // SAFETY: `core` is the file's own dio-core (`Inner::io`), and only this module
+                // SAFETY: `core` is the file's own dio-core (`Inner::io`, taken above from the
+                // file, not given by the caller), and only this module
                 // fills the user slots of its request states, each time with a `Box<Context>`
                 // (`direct_done`, `Context::recycle`; dio-core never looks inside a slot, and
                 // the other users of that core, the maintenance operations, lend no slot): this
@@ -927,9 +931,12 @@ impl BlockFile {
                     Err((e, w)) => {
                         // Refused: the range is given back and the callback dropped unrun.
                         let Some(mut ctx) = w.into_context() else {
-                            // Not reached: the window owns the context it was made with.
+                            // Not reached: the window owns the context it was made with. Should
+                            // it happen, the request is still answered (refused) here: `None`
+                            // would promise a callback that never runs.
+                            debug_assert!(false, "a refused window owns no context");
                             log::error!("a refused request lost its context and its buffer");
-                            return None;
+                            return Some((Err(acct.error(e)), IoBuffer::Heap(Vec::new())));
                         };
                         let buf = ctx.frame.take_buf();
                         drop(ctx.recycle());

@@ -1215,10 +1215,10 @@ impl<T> QueuePair<T> {
     /// (checked), and after a timeout `ctx` comes back only once the device has let go of it.
     ///
     /// # Safety
-    /// `buf` must describe memory that `ctx` owns exclusively, as [`DmaOwner`]'s contract says
-    /// of its `dma_slice`: nothing else reads or writes it (a write's source may be read) and
-    /// it stays allocated at the same address until the queue pair hands `ctx` back (or, if it
-    /// never does, for ever).
+    /// `buf` must describe memory that nobody else reads or writes (a write's source may be
+    /// read) and that stays allocated at the same address until the queue pair hands `ctx`
+    /// back (or, if it never does, for ever). `ctx` need not own the memory: the embedding
+    /// layer's context is a reference on the request that does.
     #[inline]
     pub unsafe fn submit_held(
         &mut self,

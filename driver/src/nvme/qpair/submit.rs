@@ -544,8 +544,9 @@ impl<T> QueuePair<T> {
     /// and `ctx` is handed back only once the device has let go of it.
     ///
     /// # Safety
-    /// As for [`submit_held`](QueuePair::submit_held): `ctx` owns the memory of `list`, which
-    /// nothing writes and which stays allocated at the same address until `ctx` comes back.
+    /// As for [`submit_held`](QueuePair::submit_held): nothing writes the memory of `list`, and
+    /// it stays allocated at the same address until `ctx` comes back (for ever if it never
+    /// does); `ctx` need not own it.
     pub unsafe fn deallocate_list_held(
         &mut self,
         ns: &Namespace,
