@@ -508,7 +508,7 @@ fn refused_bios_are_rejoined_and_retried_unchanged() {
                 end: (2 * PAGE / 512) as u64,
                 opcode: None,
             };
-            let hold = Action::Delay(Duration::from_millis(100));
+            let hold = Action::Delay(Duration::from_millis(250));
             emu.inject(Fault::always(first_two_pages, hold));
         }
         let b = Dioxide::builder()
@@ -562,17 +562,6 @@ fn refused_bios_are_rejoined_and_retried_unchanged() {
                 }
             }
         }
-        // Run to completion: refusals came back to the caller. Pooled: the poller kept the
-        // refused bios and submitted them again (counted as stalls).
-        let stalls = if pooled {
-            dx.poller_stats()[0].stalls
-        } else {
-            0
-        };
-        assert!(
-            refused > 0 || stalls > 0,
-            "the queue pair never ran out of requests (pooled: {pooled})"
-        );
         let mut seen = [false; N];
         for _ in 0..N {
             let (i, c) = loop {
@@ -591,6 +580,18 @@ fn refused_bios_are_rejoined_and_retried_unchanged() {
                 "{i} completed twice"
             );
         }
+        // Run to completion: refusals came back to the caller. Pooled: the poller kept the
+        // refused bios and submitted them again (counted as stalls; read once every request
+        // completed: the poller meets the full queue pair after the hand-over).
+        let stalls = if pooled {
+            dx.poller_stats()[0].stalls
+        } else {
+            0
+        };
+        assert!(
+            refused > 0 || stalls > 0,
+            "the queue pair never ran out of requests (pooled: {pooled})"
+        );
         for i in 0..N {
             let (r, back) = f.read(
                 IoBuffer::Dma(f.alloc(PAGE).unwrap()),
