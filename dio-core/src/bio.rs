@@ -24,41 +24,22 @@ pub enum BioOp {
 }
 
 /// One device command. Owns a reference on its request; [`Bio::complete`] consumes it, so an
-/// accepted bio is completed at most once.
+/// accepted bio is completed at most once. Its command ([`BioCmd`]: operation, LBA, file
+/// offset, length, segment) is read through `Deref` (`bio.op()`, `bio.lba()`, ...).
 pub struct Bio<B: IoBuf> {
     pub(crate) dio: Arc<DioShared<B>>,
-    pub(crate) op: BioOp,
-    pub(crate) lba: u64,
-    pub(crate) file_offset: u64,
-    pub(crate) len: u64,
-    pub(crate) seg: Option<B::Seg>,
+    pub(crate) cmd: BioCmd<B::Seg>,
+}
+
+impl<B: IoBuf> std::ops::Deref for Bio<B> {
+    type Target = BioCmd<B::Seg>;
+
+    fn deref(&self) -> &BioCmd<B::Seg> {
+        &self.cmd
+    }
 }
 
 impl<B: IoBuf> Bio<B> {
-    /// Operation.
-    pub fn op(&self) -> BioOp {
-        self.op
-    }
-    /// First logical block.
-    pub fn lba(&self) -> u64 {
-        self.lba
-    }
-    /// File offset of the first byte.
-    pub fn file_offset(&self) -> u64 {
-        self.file_offset
-    }
-    /// Length in bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-    /// True for a zero-length bio (built by dio-core only for a Flush).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// The DMA segment (`None` for `WriteZeroes`).
-    pub fn segment(&self) -> Option<&B::Seg> {
-        self.seg.as_ref()
-    }
     /// Direction of the request this bio belongs to.
     pub fn dir(&self) -> Dir {
         self.dio.dir()
@@ -68,8 +49,8 @@ impl<B: IoBuf> Bio<B> {
     /// (decrement, error record and wake-up in one critical section). If that was the last
     /// reference, the request's completion runs here (or is deferred).
     pub fn complete(self, status: Result<(), DeviceStatus>) {
-        let Bio { dio, seg, .. } = self;
-        if let Some(seg) = seg {
+        let Bio { dio, cmd } = self;
+        if let Some(seg) = cmd.seg {
             seg.unmap();
         }
         DioShared::bio_done(dio, status);
@@ -78,7 +59,7 @@ impl<B: IoBuf> Bio<B> {
     /// A bio the device refused and that will not be retried: clean up its segment. The
     /// reference it counted was already given back by the submitter.
     pub(crate) fn abandon(self) {
-        if let Some(seg) = self.seg {
+        if let Some(seg) = self.cmd.seg {
             seg.unmap();
         }
     }
@@ -123,35 +104,20 @@ impl<B: IoBuf> Bio<B> {
                 "Bio::split needs a segment whose unmap is a no-op (DmaSegment::NOOP_UNMAP)"
             )
         };
-        let Bio {
-            dio,
-            op,
-            lba,
-            file_offset,
-            len,
-            seg,
-        } = self;
-        (
-            BioCmd {
-                op,
-                lba,
-                file_offset,
-                len,
-                seg,
-            },
-            BioHandle { dio },
-        )
+        let Bio { dio, cmd } = self;
+        (cmd, BioHandle { dio })
     }
 }
 
-/// The command half of a split bio ([`Bio::split`]): what the device needs at submission.
-/// The memory its segment names stays the request's until the bio's [`BioHandle`] completes.
+/// A bio's command: what the device needs at submission (read through a [`Bio`], or the
+/// command half of a split bio, [`Bio::split`]). The memory its segment names stays the
+/// request's until the bio (or its [`BioHandle`]) completes.
 pub struct BioCmd<S> {
-    op: BioOp,
-    lba: u64,
-    file_offset: u64,
-    len: u64,
-    seg: Option<S>,
+    pub(crate) op: BioOp,
+    pub(crate) lba: u64,
+    pub(crate) file_offset: u64,
+    pub(crate) len: u64,
+    pub(crate) seg: Option<S>,
 }
 
 impl<S> BioCmd<S> {
@@ -171,7 +137,7 @@ impl<S> BioCmd<S> {
     pub fn len(&self) -> u64 {
         self.len
     }
-    /// True for a zero-length command (a Flush).
+    /// True for a zero-length command (built by dio-core only for a Flush).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -213,21 +179,7 @@ impl<B: IoBuf> BioHandle<B> {
     /// [`Rejected`](crate::Rejected). `cmd` must be the command split from this handle's bio.
     #[inline]
     pub fn rejoin(self, cmd: BioCmd<B::Seg>) -> Bio<B> {
-        let BioCmd {
-            op,
-            lba,
-            file_offset,
-            len,
-            seg,
-        } = cmd;
-        Bio {
-            dio: self.dio,
-            op,
-            lba,
-            file_offset,
-            len,
-            seg,
-        }
+        Bio { dio: self.dio, cmd }
     }
 
     /// Direction of the request this bio belongs to.
@@ -244,11 +196,6 @@ impl<B: IoBuf> std::fmt::Debug for BioHandle<B> {
 
 impl<B: IoBuf> std::fmt::Debug for Bio<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bio")
-            .field("op", &self.op)
-            .field("lba", &self.lba)
-            .field("file_offset", &self.file_offset)
-            .field("len", &self.len)
-            .finish_non_exhaustive()
+        f.debug_tuple("Bio").field(&self.cmd).finish()
     }
 }

@@ -1,7 +1,7 @@
 //! `DioCore::submit`: validate, walk the request in extents, submit bios, and decide, in one
 //! place, between `Queued` and waiting (§3.4).
 
-use crate::bio::{Bio, BioOp};
+use crate::bio::{Bio, BioCmd, BioOp};
 use crate::completion::Completion;
 use crate::dio::{Deferred, DioShared, Handoff, Payload, RefCounting, Slot, StatePool, Wait, Walk};
 use crate::error::{DioError, DioResult};
@@ -507,11 +507,13 @@ impl<B: IoBuf, M: Mapper + ?Sized> DioCore<B, M> {
         let (op, lba, file_offset, len, seg) = bio;
         let bio = Bio {
             dio: Arc::clone(dio),
-            op,
-            lba,
-            file_offset,
-            len,
-            seg,
+            cmd: BioCmd {
+                op,
+                lba,
+                file_offset,
+                len,
+                seg,
+            },
         };
         match self.sink.submit(bio) {
             Ok(()) => {
